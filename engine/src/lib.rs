@@ -1,0 +1,14 @@
+//! vkv-engine: everything between a request and the device.
+//!
+//! This crate will own the model (configuration from GGUF metadata or HF `config.json`, the Llama
+//! family, named presets with seeded random weights), weights (own GGUF reader, safetensors), the
+//! tokenizer, the two KV managers behind one `kv` trait (`PagedKv`: block allocator and block
+//! tables as in vLLM; `VmmKv`: a [`vkv_vmm::KvSpace`] and its [`vkv_vmm::Mapper`] as in vAttention),
+//! the continuous-batching scheduler (Orca's iteration-level scheduling, Sarathi-Serve's chunked
+//! prefill, preemption by recompute), the sampler, the engine thread that owns device, model, KV
+//! and scheduler and is reached over channels, request-length workloads and metrics. Everything
+//! above this crate is the same code in both KV modes. It is an empty shell until the model and
+//! engine issues land; the dependency arrows (`engine → {kernels, vmm}`) are already in place.
+
+pub use vkv_kernels::KvAddressing;
+pub use vkv_vmm::{KvLayout, KvSpace};

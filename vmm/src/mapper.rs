@@ -1,0 +1,251 @@
+//! `Mapper`: a background thread that maps KV pages ahead of need.
+//!
+//! vAttention hides the latency of the driver's mapping calls by mapping the pages a request will
+//! need next while the GPU computes the current step (mapping calls neither wait for nor slow a
+//! running kernel; see docs/benchmarks.md). Here the engine sends "slot S will hold T tokens" with
+//! [`Mapper::map_ahead`] over a crossbeam channel; the thread maps the missing pages a few at a
+//! time, taking the [`KvSpace`] lock only briefly so the engine is never stalled behind a long
+//! batch, and tops the page pool up (creating pages is the slow call) whenever the queue is empty.
+//! Before a step the engine calls [`Mapper::ensure`]: if the pages are already there it returns
+//! at once; otherwise it maps them itself and the call counts as a **wait** — the number that
+//! must stay at zero when prediction works.
+//!
+//! Ownership: the `KvSpace` sits behind a mutex shared by the engine thread and this thread; all
+//! other state (counters) is atomics. Dropping the `Mapper` stops and joins the thread.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::{KvSpace, Result, SlotId, VmmError};
+
+/// Tuning of the [`Mapper`] thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapperOptions {
+    /// Keep at least this many pages created and free in the pool (0: never create ahead).
+    pub pool_low_water: usize,
+    /// Pages mapped per lock hold; smaller keeps the engine's lock waits short.
+    pub pages_per_lock: usize,
+}
+
+impl Default for MapperOptions {
+    fn default() -> Self {
+        MapperOptions {
+            pool_low_water: 64,
+            pages_per_lock: 8,
+        }
+    }
+}
+
+/// Counters of a [`Mapper`] since it started.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct MapperStats {
+    /// Map-ahead requests handled by the thread.
+    pub requests: u64,
+    /// Pages the thread mapped ahead of need.
+    pub pages_mapped_ahead: u64,
+    /// Seconds the thread spent mapping (lock held).
+    pub map_seconds: f64,
+    /// Pages the thread created into the pool ahead of need.
+    pub pages_created_ahead: u64,
+    /// `ensure` calls that found pages missing and had to map them (should be 0).
+    pub waits: u64,
+    /// Pages mapped inside those waiting calls.
+    pub pages_mapped_on_wait: u64,
+    /// Seconds callers spent in waiting `ensure` calls.
+    pub wait_seconds: f64,
+    /// Map-ahead requests that failed (slot released meanwhile, pool exhausted).
+    pub ahead_errors: u64,
+}
+
+impl MapperStats {
+    /// Pages per second the thread maps while mapping (0 when it has mapped nothing).
+    pub fn pages_per_second(&self) -> f64 {
+        if self.map_seconds > 0.0 {
+            self.pages_mapped_ahead as f64 / self.map_seconds
+        } else {
+            0.0
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    requests: AtomicU64,
+    pages_mapped_ahead: AtomicU64,
+    map_nanos: AtomicU64,
+    pages_created_ahead: AtomicU64,
+    waits: AtomicU64,
+    pages_mapped_on_wait: AtomicU64,
+    wait_nanos: AtomicU64,
+    ahead_errors: AtomicU64,
+}
+
+enum Request {
+    Ahead { slot: SlotId, tokens: usize },
+    Sync(Sender<()>),
+    Stop,
+}
+
+/// The map-ahead thread and the shared [`KvSpace`] (see the module docs).
+#[derive(Debug)]
+pub struct Mapper {
+    space: Arc<Mutex<KvSpace>>,
+    tx: Sender<Request>,
+    counters: Arc<Counters>,
+    thread: Option<JoinHandle<()>>,
+}
+
+fn lock(space: &Mutex<KvSpace>) -> MutexGuard<'_, KvSpace> {
+    // Every KvSpace method leaves it consistent before returning an error, so a panic elsewhere
+    // while the lock was held does not make it unusable.
+    space.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn nanos(since: Instant) -> u64 {
+    since.elapsed().as_nanos() as u64
+}
+
+impl Mapper {
+    /// Start the thread; it owns nothing but a handle to `space`.
+    pub fn spawn(space: KvSpace, options: MapperOptions) -> Result<Self> {
+        let space = Arc::new(Mutex::new(space));
+        let counters = Arc::new(Counters::default());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let thread = std::thread::Builder::new()
+            .name("vkv-mapper".into())
+            .spawn({
+                let space = space.clone();
+                let counters = counters.clone();
+                move || run(&space, &counters, &rx, options)
+            })
+            .map_err(|e| VmmError::Backend {
+                backend: "mapper",
+                call: "spawn",
+                detail: e.to_string(),
+            })?;
+        Ok(Mapper {
+            space,
+            tx,
+            counters,
+            thread: Some(thread),
+        })
+    }
+
+    /// The space, locked: acquire, release, share, views, statistics.
+    pub fn space(&self) -> MutexGuard<'_, KvSpace> {
+        lock(&self.space)
+    }
+
+    /// Ask the thread to back `slot` for `tokens` tokens soon; returns at once.
+    pub fn map_ahead(&self, slot: SlotId, tokens: usize) -> Result<()> {
+        self.tx
+            .send(Request::Ahead { slot, tokens })
+            .map_err(|_| VmmError::MapperStopped)
+    }
+
+    /// Back `slot` for `tokens` tokens now and record its length (as [`KvSpace::ensure`]).
+    /// Returns whether the caller had to wait for pages the thread had not mapped yet.
+    pub fn ensure(&self, slot: SlotId, tokens: usize) -> Result<bool> {
+        let start = Instant::now();
+        let mut space = lock(&self.space);
+        let ready = space.is_backed(slot, tokens);
+        let mapped = space.ensure(slot, tokens)?;
+        drop(space);
+        if !ready {
+            let c = &self.counters;
+            c.waits.fetch_add(1, Ordering::Relaxed);
+            c.pages_mapped_on_wait
+                .fetch_add(mapped as u64, Ordering::Relaxed);
+            c.wait_nanos.fetch_add(nanos(start), Ordering::Relaxed);
+        }
+        Ok(!ready)
+    }
+
+    /// Block until every request sent before this call has been handled.
+    pub fn sync(&self) -> Result<()> {
+        let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+        self.tx
+            .send(Request::Sync(done_tx))
+            .map_err(|_| VmmError::MapperStopped)?;
+        done_rx.recv().map_err(|_| VmmError::MapperStopped)
+    }
+
+    pub fn stats(&self) -> MapperStats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        MapperStats {
+            requests: get(&c.requests),
+            pages_mapped_ahead: get(&c.pages_mapped_ahead),
+            map_seconds: get(&c.map_nanos) as f64 * 1e-9,
+            pages_created_ahead: get(&c.pages_created_ahead),
+            waits: get(&c.waits),
+            pages_mapped_on_wait: get(&c.pages_mapped_on_wait),
+            wait_seconds: get(&c.wait_nanos) as f64 * 1e-9,
+            ahead_errors: get(&c.ahead_errors),
+        }
+    }
+}
+
+impl Drop for Mapper {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Request::Stop);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run(space: &Mutex<KvSpace>, c: &Counters, rx: &Receiver<Request>, options: MapperOptions) {
+    let per_lock = options.pages_per_lock.max(1);
+    loop {
+        // With nothing queued, top the pool up one page at a time, checking for work in between.
+        let request = match rx.try_recv() {
+            Ok(r) => r,
+            Err(crossbeam_channel::TryRecvError::Disconnected) => return,
+            Err(crossbeam_channel::TryRecvError::Empty) => {
+                let mut s = lock(space);
+                let free = s.pool_free();
+                let can_grow = s.pool_available() > free;
+                if free < options.pool_low_water && can_grow {
+                    if let Ok(n) = s.create_ahead(free + 1) {
+                        c.pages_created_ahead.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    continue;
+                }
+                drop(s);
+                match rx.recv() {
+                    Ok(r) => r,
+                    Err(_) => return,
+                }
+            }
+        };
+        match request {
+            Request::Stop => return,
+            Request::Sync(done) => {
+                let _ = done.send(());
+            }
+            Request::Ahead { slot, tokens } => {
+                c.requests.fetch_add(1, Ordering::Relaxed);
+                loop {
+                    let start = Instant::now();
+                    let result = lock(space).prefetch(slot, tokens, per_lock);
+                    c.map_nanos.fetch_add(nanos(start), Ordering::Relaxed);
+                    match result {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            c.pages_mapped_ahead.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(_) => {
+                            c.ahead_errors.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

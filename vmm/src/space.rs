@@ -1,0 +1,842 @@
+//! `KvSpace`: the KV cache of `max_slots` requests × `max_tokens` tokens as contiguous virtual
+//! ranges, backed by physical pages only as far as tokens have arrived (vAttention, Prabhu et al.
+//! 2024).
+//!
+//! Two layouts ([`KvLayout`]):
+//! - `per-layer` (vAttention's default): for every layer one K and one V *region*, each
+//!   `[slot][token][kv_head][head_dim]`; a slot grows by one page in each of the `2 · layers`
+//!   regions at a time, so a 2 MiB page holds `2 MiB / (kv_heads · head_dim · dtype)` tokens of one
+//!   layer (1024 for Llama-3-8B) and the granularity of growth is large.
+//! - `token-major` (vAttention's "megacache", vLLM PR #6102): one region
+//!   `[slot][token][layer][K|V][kv_head][head_dim]`; one page holds all layers of a few tokens
+//!   (16 for Llama-3-8B at 2 MiB) — block-16 granularity without a block table.
+//!
+//! A region reserves `max_slots × slot_stride` bytes of address space, `slot_stride` being
+//! `max_tokens` tokens rounded up to whole pages; page `i` of slot `s` in region `r` lives at
+//! `base[r] + s · slot_stride + i · page_size`. Kernels get [`LayerView`]s: base pointers and
+//! element strides, nothing else.
+//!
+//! Life of a slot: [`acquire`](KvSpace::acquire) → [`ensure`](KvSpace::ensure) as tokens arrive →
+//! [`release`](KvSpace::release). Release is *deferred reclamation*: the slot's pages stay mapped and
+//! the next `acquire` prefers a slot that still has pages, so a new request often needs no mapping
+//! call at all; [`reclaim`](KvSpace::reclaim) (also called by `ensure` when the pool runs dry)
+//! unmaps pages of released slots and returns them to the pool.
+//!
+//! Prefix sharing ([`share_prefix`](KvSpace::share_prefix)): the pages that hold only prefix bytes
+//! are mapped a second time into the destination slot (one physical page at several addresses,
+//! refcounted); the page holding the end of the prefix is copied, because both slots go on writing
+//! into it. The invariant that makes this safe: **a slot only writes at or after its length, and
+//! every page covering bytes at or after its length is exclusive to it** (reference count 1).
+//! `share_prefix` and `release` keep it; `ensure` never shrinks a length.
+//!
+//! Invariants checked by [`audit`](KvSpace::audit) and the property tests: a page is either free
+//! in the pool or mapped, with a reference count equal to the number of places it is mapped; no
+//! address holds two pages; `created = free + distinct mapped pages`.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use crate::{PagePool, PhysicalMemory, PhysicalPage, Result, VmmError};
+
+/// How a [`KvSpace`] lays K and V out in virtual memory (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KvLayout {
+    /// Per layer, a K and a V region `[slot][token][kv_head][head_dim]`.
+    PerLayer,
+    /// One region `[slot][token][layer][K|V][kv_head][head_dim]`.
+    TokenMajor,
+}
+
+impl KvLayout {
+    pub const ALL: [KvLayout; 2] = [KvLayout::PerLayer, KvLayout::TokenMajor];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvLayout::PerLayer => "per-layer",
+            KvLayout::TokenMajor => "token-major",
+        }
+    }
+}
+
+impl fmt::Display for KvLayout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for KvLayout {
+    type Err = VmmError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "per-layer" => Ok(KvLayout::PerLayer),
+            "token-major" => Ok(KvLayout::TokenMajor),
+            other => Err(VmmError::InvalidConfig(format!(
+                "unknown KV layout {other:?}: expected per-layer or token-major"
+            ))),
+        }
+    }
+}
+
+/// Keys or values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KvPart {
+    K = 0,
+    V = 1,
+}
+
+/// Shape and budget of a [`KvSpace`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KvSpaceConfig {
+    pub layout: KvLayout,
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Bytes per element (2 for bf16/f16, 4 for f32).
+    pub dtype_bytes: usize,
+    pub max_slots: usize,
+    pub max_tokens: usize,
+    /// Bytes per physical page: a positive multiple of the backend's granularity.
+    pub page_size: usize,
+    /// Physical budget: at most this many pages exist at once.
+    pub max_pages: usize,
+}
+
+impl KvSpaceConfig {
+    /// Bytes of K (or of V) of one token in one layer.
+    pub fn head_bytes(&self) -> usize {
+        self.num_kv_heads * self.head_dim * self.dtype_bytes
+    }
+
+    /// Bytes of K and V of one token over all layers.
+    pub fn bytes_per_token(&self) -> usize {
+        2 * self.num_layers * self.head_bytes()
+    }
+
+    /// Number of regions (separately reserved tensors): `2 · layers` or 1.
+    pub fn num_regions(&self) -> usize {
+        match self.layout {
+            KvLayout::PerLayer => 2 * self.num_layers,
+            KvLayout::TokenMajor => 1,
+        }
+    }
+
+    /// Bytes one token takes in one region.
+    pub fn region_bytes_per_token(&self) -> usize {
+        match self.layout {
+            KvLayout::PerLayer => self.head_bytes(),
+            KvLayout::TokenMajor => self.bytes_per_token(),
+        }
+    }
+
+    /// Bytes of one slot's range in one region: `max_tokens` tokens rounded up to whole pages.
+    pub fn slot_stride(&self) -> usize {
+        (self.max_tokens * self.region_bytes_per_token()).next_multiple_of(self.page_size.max(1))
+    }
+
+    /// Physical pages a slot needs in *each* region to hold `tokens` tokens.
+    pub fn pages_for(&self, tokens: usize) -> usize {
+        (tokens * self.region_bytes_per_token()).div_ceil(self.page_size)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let fields = [
+            ("num_layers", self.num_layers),
+            ("num_kv_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("dtype_bytes", self.dtype_bytes),
+            ("max_slots", self.max_slots),
+            ("max_tokens", self.max_tokens),
+            ("page_size", self.page_size),
+        ];
+        if let Some((name, _)) = fields.iter().find(|(_, v)| *v == 0) {
+            return Err(VmmError::InvalidConfig(format!("{name} must be > 0")));
+        }
+        let reserved =
+            (self.max_tokens as u128) * (self.bytes_per_token() as u128) * (self.max_slots as u128);
+        if reserved > (1u128 << 47) {
+            return Err(VmmError::InvalidConfig(format!(
+                "{} slots × {} tokens × {} B/token = {reserved} B of address space, over the 128 TiB limit",
+                self.max_slots,
+                self.max_tokens,
+                self.bytes_per_token()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Index of a request slot in a [`KvSpace`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotId(pub usize);
+
+impl fmt::Display for SlotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// What a strided kernel needs to address one layer's K and V: the element at
+/// `(slot, token, head, d)` is at `k + (slot·slot_stride + token·token_stride + head·head_stride + d)
+/// · dtype_bytes` (likewise `v`). Strides are in elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerView {
+    pub k: u64,
+    pub v: u64,
+    pub slot_stride: usize,
+    pub token_stride: usize,
+    pub head_stride: usize,
+    pub dtype_bytes: usize,
+}
+
+/// A snapshot of a [`KvSpace`]'s memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KvStats {
+    pub page_size: usize,
+    /// Pages in existence (free in the pool + mapped).
+    pub pages_created: usize,
+    /// Pages waiting in the pool.
+    pub pages_free: usize,
+    /// Distinct physical pages mapped somewhere.
+    pub pages_mapped: usize,
+    /// Page-table entries: a page shared by two slots counts twice.
+    pub mappings: usize,
+    /// Pages mapped at more than one address.
+    pub pages_shared: usize,
+    /// Pages still mapped in released slots (deferred reclamation).
+    pub pages_cached: usize,
+    /// Physical bytes mapped: `pages_mapped · page_size`.
+    pub bytes_backed: usize,
+    /// Bytes of K and V of the tokens active slots hold (a shared prefix counts once per slot).
+    pub bytes_holding_tokens: usize,
+    pub active_slots: usize,
+    /// Virtual address space reserved.
+    pub bytes_reserved: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Slot {
+    active: bool,
+    /// Tokens the slot holds (written or about to be written this step).
+    len: usize,
+    /// `pages[region][i]`: the page mapped at page `i` of this slot's range in `region`.
+    pages: Vec<Vec<Option<PhysicalPage>>>,
+    mapped: usize,
+}
+
+/// The virtual-memory KV cache (see the module docs).
+#[derive(Debug)]
+pub struct KvSpace {
+    config: KvSpaceConfig,
+    backend: Arc<dyn PhysicalMemory>,
+    pool: PagePool,
+    bases: Vec<u64>,
+    slot_stride: usize,
+    slots: Vec<Slot>,
+    /// Reference count (number of addresses mapped) of every mapped page, by handle.
+    refs: HashMap<u64, u32>,
+}
+
+impl KvSpace {
+    /// Reserve the address space of `config` on `backend`; no page is created yet (see
+    /// [`create_ahead`](Self::create_ahead)).
+    pub fn new(config: KvSpaceConfig, backend: Arc<dyn PhysicalMemory>) -> Result<Self> {
+        config.validate()?;
+        let pool = PagePool::new(backend.clone(), config.page_size, config.max_pages)?;
+        let slot_stride = config.slot_stride();
+        let region_bytes = slot_stride
+            .checked_mul(config.max_slots)
+            .ok_or_else(|| VmmError::InvalidConfig("slot_stride × max_slots overflows".into()))?;
+        let mut bases = Vec::with_capacity(config.num_regions());
+        for _ in 0..config.num_regions() {
+            match backend.reserve(region_bytes, config.page_size) {
+                Ok(base) => bases.push(base),
+                Err(e) => {
+                    for &base in &bases {
+                        let _ = backend.free_reservation(base, region_bytes);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let pages_per_slot = slot_stride / config.page_size;
+        let slot = Slot {
+            active: false,
+            len: 0,
+            pages: vec![vec![None; pages_per_slot]; config.num_regions()],
+            mapped: 0,
+        };
+        Ok(KvSpace {
+            slots: vec![slot; config.max_slots],
+            config,
+            backend,
+            pool,
+            bases,
+            slot_stride,
+            refs: HashMap::new(),
+        })
+    }
+
+    pub fn config(&self) -> &KvSpaceConfig {
+        &self.config
+    }
+
+    pub fn backend(&self) -> &Arc<dyn PhysicalMemory> {
+        &self.backend
+    }
+
+    /// Create pages into the pool until `free` are waiting (bounded by the budget).
+    pub fn create_ahead(&mut self, free: usize) -> Result<usize> {
+        self.pool.create_ahead(free)
+    }
+
+    /// Pages waiting in the pool.
+    pub fn pool_free(&self) -> usize {
+        self.pool.free()
+    }
+
+    /// Pages that could still be handed out without reclaiming (free + creatable).
+    pub fn pool_available(&self) -> usize {
+        self.pool.available()
+    }
+
+    /// Take a free slot, preferring one that still has pages mapped from an earlier request.
+    pub fn acquire(&mut self) -> Result<SlotId> {
+        let best = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.active)
+            .max_by_key(|(i, s)| (s.mapped, std::cmp::Reverse(*i)))
+            .map(|(i, _)| i);
+        let Some(i) = best else {
+            return Err(VmmError::NoFreeSlot {
+                max_slots: self.config.max_slots,
+            });
+        };
+        let slot = &mut self.slots[i];
+        slot.active = true;
+        slot.len = 0;
+        Ok(SlotId(i))
+    }
+
+    /// End a request. Its exclusive pages stay mapped for the next request in this slot (deferred
+    /// reclamation); pages it shares with other slots are unmapped from it.
+    pub fn release(&mut self, slot: SlotId) -> Result<()> {
+        self.active_slot(slot)?;
+        for region in 0..self.bases.len() {
+            for i in 0..self.slots[slot.0].pages[region].len() {
+                if self.slots[slot.0].pages[region][i].is_some_and(|p| self.refs[&p.handle] > 1) {
+                    self.unmap_page(slot, region, i)?;
+                }
+            }
+        }
+        let s = &mut self.slots[slot.0];
+        s.active = false;
+        s.len = 0;
+        Ok(())
+    }
+
+    /// Whether `slot` is currently acquired.
+    pub fn is_active(&self, slot: SlotId) -> bool {
+        self.slots.get(slot.0).is_some_and(|s| s.active)
+    }
+
+    /// Tokens `slot` holds.
+    pub fn len(&self, slot: SlotId) -> usize {
+        self.slots.get(slot.0).map_or(0, |s| s.len)
+    }
+
+    /// Whether `slot`'s pages cover `tokens` tokens in every region.
+    pub fn is_backed(&self, slot: SlotId, tokens: usize) -> bool {
+        let need = self.config.pages_for(tokens.min(self.config.max_tokens));
+        self.slots.get(slot.0).is_some_and(|s| {
+            s.pages
+                .iter()
+                .all(|region| region[..need].iter().all(Option::is_some))
+        })
+    }
+
+    /// Back `slot` up to `tokens` tokens and record that it holds them (lengths only grow).
+    /// Returns the number of pages mapped by this call. When the pool cannot supply the pages,
+    /// pages of released slots are reclaimed; if that is not enough the call fails with
+    /// [`VmmError::PoolExhausted`] having changed nothing.
+    pub fn ensure(&mut self, slot: SlotId, tokens: usize) -> Result<usize> {
+        let mapped = self.back(slot, tokens, usize::MAX)?;
+        let s = &mut self.slots[slot.0];
+        s.len = s.len.max(tokens);
+        Ok(mapped)
+    }
+
+    /// Map at most `max_new_pages` of the pages `slot` needs for `tokens` tokens, without changing
+    /// its length (the [`crate::Mapper`]'s map-ahead). Returns the pages mapped.
+    pub fn prefetch(&mut self, slot: SlotId, tokens: usize, max_new_pages: usize) -> Result<usize> {
+        self.back(slot, tokens, max_new_pages)
+    }
+
+    fn back(&mut self, slot: SlotId, tokens: usize, max_new_pages: usize) -> Result<usize> {
+        self.active_slot(slot)?;
+        if tokens > self.config.max_tokens {
+            return Err(VmmError::TooManyTokens {
+                slot: slot.0,
+                requested: tokens,
+                max_tokens: self.config.max_tokens,
+            });
+        }
+        let need = self.config.pages_for(tokens);
+        let missing: usize = self.slots[slot.0]
+            .pages
+            .iter()
+            .map(|region| region[..need].iter().filter(|p| p.is_none()).count())
+            .sum();
+        let todo = missing.min(max_new_pages);
+        self.make_available(todo)?;
+        let mut mapped = 0;
+        'regions: for region in 0..self.bases.len() {
+            for i in 0..need {
+                if mapped == todo {
+                    break 'regions;
+                }
+                if self.slots[slot.0].pages[region][i].is_none() {
+                    let page = self.pool.take()?;
+                    self.map_page(slot, region, i, page)?;
+                    mapped += 1;
+                }
+            }
+        }
+        Ok(mapped)
+    }
+
+    /// Make `pages` pages available in the pool, reclaiming from released slots if needed.
+    fn make_available(&mut self, pages: usize) -> Result<()> {
+        let available = self.pool.available();
+        if available < pages {
+            self.reclaim(pages - available)?;
+        }
+        if self.pool.available() < pages {
+            return Err(self.pool.exhausted(pages));
+        }
+        Ok(())
+    }
+
+    /// Unmap up to `pages` pages from released slots and return them to the pool (memory
+    /// pressure). Returns how many pages went back.
+    pub fn reclaim(&mut self, pages: usize) -> Result<usize> {
+        let mut returned = 0;
+        for s in 0..self.slots.len() {
+            if self.slots[s].active || self.slots[s].mapped == 0 {
+                continue;
+            }
+            for region in 0..self.bases.len() {
+                for i in (0..self.slots[s].pages[region].len()).rev() {
+                    if returned == pages {
+                        return Ok(returned);
+                    }
+                    if self.slots[s].pages[region][i].is_some()
+                        && self.unmap_page(SlotId(s), region, i)?
+                    {
+                        returned += 1;
+                    }
+                }
+            }
+        }
+        Ok(returned)
+    }
+
+    /// Reclaim every page of every released slot; returns how many went back to the pool.
+    pub fn reclaim_all(&mut self) -> Result<usize> {
+        self.reclaim(usize::MAX)
+    }
+
+    /// Give the pool's free pages back to the backend (releasing physical memory); returns how
+    /// many were released.
+    pub fn trim_pool(&mut self) -> Result<usize> {
+        self.pool.shrink(usize::MAX)
+    }
+
+    /// Make the first `tokens` tokens of `dst` the same as those of `src`: pages holding only
+    /// prefix bytes are mapped into `dst` (shared, refcounted); the page holding the end of the
+    /// prefix is copied. `dst`'s length becomes `tokens`; what it held past that is dropped.
+    /// `tokens` must not exceed the length of `src`.
+    pub fn share_prefix(&mut self, src: SlotId, dst: SlotId, tokens: usize) -> Result<()> {
+        self.active_slot(src)?;
+        self.active_slot(dst)?;
+        if src == dst {
+            return Err(VmmError::ShareIntoSelf { slot: src.0 });
+        }
+        let held = self.slots[src.0].len;
+        if tokens > held {
+            return Err(VmmError::ShareBeyondSource {
+                src: src.0,
+                tokens,
+                backed: held,
+            });
+        }
+        let bytes = tokens * self.config.region_bytes_per_token();
+        let (full, rem) = (bytes / self.config.page_size, bytes % self.config.page_size);
+        // Fresh pages needed: one per region for the copied partial page, unless dst already
+        // has an exclusive page there.
+        let fresh = if rem == 0 {
+            0
+        } else {
+            (0..self.bases.len())
+                .filter(|&r| !self.is_exclusive(dst, r, full))
+                .count()
+        };
+        self.make_available(fresh)?;
+        for region in 0..self.bases.len() {
+            for i in 0..full {
+                let page = self.slots[src.0].pages[region][i].expect("src holds its prefix");
+                if self.slots[dst.0].pages[region][i] == Some(page) {
+                    continue;
+                }
+                if self.slots[dst.0].pages[region][i].is_some() {
+                    self.unmap_page(dst, region, i)?;
+                }
+                self.map_page(dst, region, i, page)?;
+            }
+            // Every page dst will write into from now on must be exclusive to it.
+            for i in full..self.slots[dst.0].pages[region].len() {
+                if self.slots[dst.0].pages[region][i].is_some()
+                    && !self.is_exclusive(dst, region, i)
+                {
+                    self.unmap_page(dst, region, i)?;
+                }
+            }
+            if rem > 0 {
+                if self.slots[dst.0].pages[region][full].is_none() {
+                    let page = self.pool.take()?;
+                    self.map_page(dst, region, full, page)?;
+                }
+                if self.backend.holds_bytes() {
+                    let at = |s: SlotId| self.page_addr(s, region, full);
+                    // SAFETY: both pages are mapped (src holds its prefix; dst's was just
+                    // ensured) and distinct (dst's page at `full` is exclusive).
+                    unsafe { self.backend.copy(at(dst), at(src), rem)? };
+                }
+            }
+        }
+        self.slots[dst.0].len = tokens;
+        Ok(())
+    }
+
+    /// Base pointers and element strides of `layer`'s K and V, for strided kernels.
+    pub fn layer_view(&self, layer: usize) -> LayerView {
+        let c = &self.config;
+        let elems = |bytes: usize| bytes / c.dtype_bytes;
+        let (k, v, token_stride) = match c.layout {
+            KvLayout::PerLayer => (
+                self.bases[2 * layer],
+                self.bases[2 * layer + 1],
+                c.head_bytes(),
+            ),
+            KvLayout::TokenMajor => {
+                let base = self.bases[0] + (2 * layer * c.head_bytes()) as u64;
+                (base, base + c.head_bytes() as u64, c.bytes_per_token())
+            }
+        };
+        LayerView {
+            k,
+            v,
+            slot_stride: elems(self.slot_stride),
+            token_stride: elems(token_stride),
+            head_stride: c.head_dim,
+            dtype_bytes: c.dtype_bytes,
+        }
+    }
+
+    /// Region and byte offset (within a slot's range) of one token's K or V in one layer.
+    pub fn locate(&self, layer: usize, part: KvPart, token: usize) -> (usize, usize) {
+        let c = &self.config;
+        match c.layout {
+            KvLayout::PerLayer => (2 * layer + part as usize, token * c.head_bytes()),
+            KvLayout::TokenMajor => (
+                0,
+                token * c.bytes_per_token() + (2 * layer + part as usize) * c.head_bytes(),
+            ),
+        }
+    }
+
+    /// Write one token's K or V of one layer (`num_kv_heads · head_dim · dtype_bytes` bytes).
+    pub fn write_token(
+        &self,
+        slot: SlotId,
+        layer: usize,
+        part: KvPart,
+        token: usize,
+        data: &[u8],
+    ) -> Result<()> {
+        self.check_token(layer, token, data.len())?;
+        let (region, offset) = self.locate(layer, part, token);
+        self.write_bytes(slot, region, offset, data)
+    }
+
+    /// Read one token's K or V of one layer into `out`.
+    pub fn read_token(
+        &self,
+        slot: SlotId,
+        layer: usize,
+        part: KvPart,
+        token: usize,
+        out: &mut [u8],
+    ) -> Result<()> {
+        self.check_token(layer, token, out.len())?;
+        let (region, offset) = self.locate(layer, part, token);
+        self.read_bytes(slot, region, offset, out)
+    }
+
+    /// Write raw bytes at `offset` of `slot`'s range in `region`; fails unless mapped.
+    pub fn write_bytes(
+        &self,
+        slot: SlotId,
+        region: usize,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<()> {
+        let addr = self.checked_addr(slot, region, offset, data.len())?;
+        // SAFETY: checked_addr verified that every page under the range is mapped.
+        unsafe { self.backend.write(addr, data) }
+    }
+
+    /// Read raw bytes at `offset` of `slot`'s range in `region`; fails unless mapped.
+    pub fn read_bytes(
+        &self,
+        slot: SlotId,
+        region: usize,
+        offset: usize,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let addr = self.checked_addr(slot, region, offset, out.len())?;
+        // SAFETY: checked_addr verified that every page under the range is mapped.
+        unsafe { self.backend.read(addr, out) }
+    }
+
+    /// Virtual address of byte `offset` of `slot`'s range in `region` (mapped or not).
+    pub fn addr(&self, slot: SlotId, region: usize, offset: usize) -> u64 {
+        self.bases[region] + (slot.0 * self.slot_stride + offset) as u64
+    }
+
+    pub fn stats(&self) -> KvStats {
+        let c = &self.config;
+        let mappings: usize = self.slots.iter().map(|s| s.mapped).sum();
+        let pages_cached = self
+            .slots
+            .iter()
+            .filter(|s| !s.active)
+            .map(|s| s.mapped)
+            .sum();
+        let active: Vec<&Slot> = self.slots.iter().filter(|s| s.active).collect();
+        KvStats {
+            page_size: c.page_size,
+            pages_created: self.pool.created(),
+            pages_free: self.pool.free(),
+            pages_mapped: self.refs.len(),
+            mappings,
+            pages_shared: self.refs.values().filter(|&&r| r > 1).count(),
+            pages_cached,
+            bytes_backed: self.refs.len() * c.page_size,
+            bytes_holding_tokens: active.iter().map(|s| s.len).sum::<usize>() * c.bytes_per_token(),
+            active_slots: active.len(),
+            bytes_reserved: self.bases.len() * self.slot_stride * c.max_slots,
+        }
+    }
+
+    /// Check the internal invariants (see the module docs); `Err` describes the first violation.
+    pub fn audit(&self) -> std::result::Result<(), String> {
+        let mut counted: HashMap<u64, u32> = HashMap::new();
+        let mut mapped_total = 0;
+        for (s, slot) in self.slots.iter().enumerate() {
+            let mut n = 0;
+            for region in &slot.pages {
+                for page in region.iter().flatten() {
+                    *counted.entry(page.handle).or_default() += 1;
+                    n += 1;
+                }
+            }
+            if n != slot.mapped {
+                return Err(format!(
+                    "slot {s}: {n} pages in its table, {} counted",
+                    slot.mapped
+                ));
+            }
+            if !slot.active && slot.len != 0 {
+                return Err(format!("released slot {s} has length {}", slot.len));
+            }
+            if slot.active {
+                let first = slot.len * self.config.region_bytes_per_token() / self.config.page_size;
+                for (r, region) in slot.pages.iter().enumerate() {
+                    for (i, page) in region.iter().enumerate().skip(first) {
+                        if page.is_some_and(|p| self.refs.get(&p.handle) != Some(&1)) {
+                            return Err(format!(
+                                "slot {s} region {r} page {i} at/after its length is shared"
+                            ));
+                        }
+                    }
+                }
+            } else if let Some(p) = slot
+                .pages
+                .iter()
+                .flatten()
+                .flatten()
+                .find(|p| self.refs[&p.handle] != 1)
+            {
+                return Err(format!(
+                    "released slot {s} still maps shared page {}",
+                    p.handle
+                ));
+            }
+            mapped_total += n;
+        }
+        if counted != self.refs {
+            return Err(format!(
+                "reference counts {:?} differ from page tables {counted:?}",
+                self.refs
+            ));
+        }
+        let _ = mapped_total;
+        if self.pool.created() != self.pool.free() + self.refs.len() {
+            return Err(format!(
+                "{} pages created but {} free + {} mapped",
+                self.pool.created(),
+                self.pool.free(),
+                self.refs.len()
+            ));
+        }
+        Ok(())
+    }
+
+    fn active_slot(&self, slot: SlotId) -> Result<()> {
+        match self.slots.get(slot.0) {
+            None => Err(VmmError::UnknownSlot {
+                slot: slot.0,
+                max_slots: self.config.max_slots,
+            }),
+            Some(s) if !s.active => Err(VmmError::SlotNotActive { slot: slot.0 }),
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn check_token(&self, layer: usize, token: usize, len: usize) -> Result<()> {
+        let c = &self.config;
+        if layer >= c.num_layers || token >= c.max_tokens || len != c.head_bytes() {
+            return Err(VmmError::InvalidConfig(format!(
+                "token access: layer {layer} (of {}), token {token} (of {}), {len} bytes (expected {})",
+                c.num_layers,
+                c.max_tokens,
+                c.head_bytes()
+            )));
+        }
+        Ok(())
+    }
+
+    fn checked_addr(&self, slot: SlotId, region: usize, offset: usize, len: usize) -> Result<u64> {
+        self.active_slot(slot)?;
+        let end = offset + len;
+        let not_backed = VmmError::NotBacked {
+            slot: slot.0,
+            region,
+            offset,
+            end,
+        };
+        if region >= self.bases.len() || end > self.slot_stride {
+            return Err(not_backed);
+        }
+        if len > 0 {
+            let pages = &self.slots[slot.0].pages[region];
+            let (first, last) = (
+                offset / self.config.page_size,
+                (end - 1) / self.config.page_size,
+            );
+            if pages[first..=last].iter().any(Option::is_none) {
+                return Err(not_backed);
+            }
+        }
+        Ok(self.addr(slot, region, offset))
+    }
+
+    fn page_addr(&self, slot: SlotId, region: usize, index: usize) -> u64 {
+        self.addr(slot, region, index * self.config.page_size)
+    }
+
+    fn is_exclusive(&self, slot: SlotId, region: usize, index: usize) -> bool {
+        self.slots[slot.0].pages[region]
+            .get(index)
+            .copied()
+            .flatten()
+            .is_some_and(|p| self.refs[&p.handle] == 1)
+    }
+
+    /// Map `page` at page `index` of `slot` in `region` and enable access. On failure the page
+    /// goes back to the pool if nothing else maps it.
+    fn map_page(
+        &mut self,
+        slot: SlotId,
+        region: usize,
+        index: usize,
+        page: PhysicalPage,
+    ) -> Result<()> {
+        let addr = self.page_addr(slot, region, index);
+        let result = self.backend.map(page, addr).and_then(|()| {
+            self.backend.set_access(addr, page.size).inspect_err(|_| {
+                let _ = self.backend.unmap(addr, page.size);
+            })
+        });
+        if let Err(e) = result {
+            if !self.refs.contains_key(&page.handle) {
+                self.pool.put(page);
+            }
+            return Err(e);
+        }
+        *self.refs.entry(page.handle).or_default() += 1;
+        let s = &mut self.slots[slot.0];
+        s.pages[region][index] = Some(page);
+        s.mapped += 1;
+        Ok(())
+    }
+
+    /// Unmap page `index` of `slot` in `region`; returns true if it went back to the pool (no
+    /// other address maps it).
+    fn unmap_page(&mut self, slot: SlotId, region: usize, index: usize) -> Result<bool> {
+        let Some(page) = self.slots[slot.0].pages[region][index] else {
+            return Ok(false);
+        };
+        self.backend
+            .unmap(self.page_addr(slot, region, index), page.size)?;
+        let s = &mut self.slots[slot.0];
+        s.pages[region][index] = None;
+        s.mapped -= 1;
+        let refs = self
+            .refs
+            .get_mut(&page.handle)
+            .expect("mapped page has a count");
+        *refs -= 1;
+        if *refs == 0 {
+            self.refs.remove(&page.handle);
+            self.pool.put(page);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
+
+impl Drop for KvSpace {
+    fn drop(&mut self) {
+        for s in 0..self.slots.len() {
+            for region in 0..self.bases.len() {
+                for i in 0..self.slots[s].pages[region].len() {
+                    let _ = self.unmap_page(SlotId(s), region, i);
+                }
+            }
+        }
+        let bytes = self.slot_stride * self.config.max_slots;
+        for &base in &self.bases {
+            let _ = self.backend.free_reservation(base, bytes);
+        }
+        // The pool releases its (now all free) pages when it drops.
+    }
+}
+
+#[cfg(test)]
+#[path = "space_tests.rs"]
+mod tests;

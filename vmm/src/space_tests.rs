@@ -1,0 +1,570 @@
+//! Tests of `KvSpace` on real memory (`HostVmm`) and on the strict accounting backend.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::{AccountingVmm, HostVmm};
+
+const LAYERS: usize = 2;
+
+/// A small model: 2 layers, 2 KV heads of dim 16 in bf16 → 64 B per head-row; with 4 KiB pages a
+/// per-layer page holds 64 tokens and a token-major page 16.
+fn config(layout: KvLayout, max_pages: usize) -> KvSpaceConfig {
+    KvSpaceConfig {
+        layout,
+        num_layers: LAYERS,
+        num_kv_heads: 2,
+        head_dim: 16,
+        dtype_bytes: 2,
+        max_slots: 4,
+        max_tokens: 256,
+        page_size: 4096,
+        max_pages,
+    }
+}
+
+fn host_space(layout: KvLayout, max_pages: usize) -> KvSpace {
+    KvSpace::new(config(layout, max_pages), Arc::new(HostVmm::new().unwrap())).unwrap()
+}
+
+/// The bytes of one token's K or V, unique per (tag, layer, part, token).
+fn pattern(tag: u32, layer: usize, part: KvPart, token: usize, len: usize) -> Vec<u8> {
+    let seed = tag
+        .wrapping_mul(2654435761)
+        .wrapping_add((layer * 2 + part as usize) as u32 * 7919 + token as u32 * 104729);
+    (0..len)
+        .map(|i| (seed.wrapping_add(i as u32 * 31) >> 3) as u8)
+        .collect()
+}
+
+fn write_tokens(space: &KvSpace, slot: SlotId, tokens: std::ops::Range<usize>, tag: u32) {
+    let len = space.config().head_bytes();
+    for t in tokens {
+        for layer in 0..space.config().num_layers {
+            for part in [KvPart::K, KvPart::V] {
+                space
+                    .write_token(slot, layer, part, t, &pattern(tag, layer, part, t, len))
+                    .unwrap();
+            }
+        }
+    }
+}
+
+fn read_token(space: &KvSpace, slot: SlotId, layer: usize, part: KvPart, t: usize) -> Vec<u8> {
+    let mut out = vec![0u8; space.config().head_bytes()];
+    space.read_token(slot, layer, part, t, &mut out).unwrap();
+    out
+}
+
+fn tokens_match(space: &KvSpace, slot: SlotId, tokens: std::ops::Range<usize>, tag: u32) -> bool {
+    let len = space.config().head_bytes();
+    tokens.into_iter().all(|t| {
+        (0..space.config().num_layers).all(|layer| {
+            [KvPart::K, KvPart::V].into_iter().all(|part| {
+                read_token(space, slot, layer, part, t) == pattern(tag, layer, part, t, len)
+            })
+        })
+    })
+}
+
+#[test]
+fn bytes_written_through_a_slot_read_back_through_its_layer_view() {
+    for layout in KvLayout::ALL {
+        let mut space = host_space(layout, 64);
+        let a = space.acquire().unwrap();
+        let b = space.acquire().unwrap();
+        assert_ne!(a, b);
+        space.ensure(a, 100).unwrap();
+        space.ensure(b, 100).unwrap();
+        write_tokens(&space, a, 0..100, 1);
+        write_tokens(&space, b, 0..100, 2);
+        assert!(tokens_match(&space, a, 0..100, 1), "{layout}");
+        assert!(tokens_match(&space, b, 0..100, 2), "{layout}");
+        // A kernel's view of the same memory: element (slot, token, head, d) by strides.
+        let c = space.config().clone();
+        for layer in 0..LAYERS {
+            let view = space.layer_view(layer);
+            for (slot, tag) in [(a, 1), (b, 2)] {
+                for t in [0, 63, 64, 99] {
+                    for (base, part) in [(view.k, KvPart::K), (view.v, KvPart::V)] {
+                        let expect = pattern(tag, layer, part, t, c.head_bytes());
+                        for head in 0..c.num_kv_heads {
+                            let elem = slot.0 * view.slot_stride
+                                + t * view.token_stride
+                                + head * view.head_stride;
+                            let addr = base + (elem * view.dtype_bytes) as u64;
+                            let n = c.head_dim * c.dtype_bytes;
+                            // SAFETY: the slot is backed for 100 tokens (ensured above).
+                            let got = unsafe { std::slice::from_raw_parts(addr as *const u8, n) };
+                            assert_eq!(
+                                got,
+                                &expect[head * n..(head + 1) * n],
+                                "{layout} layer {layer} t {t}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        space.audit().unwrap();
+    }
+}
+
+#[test]
+fn shared_prefix_pages_are_one_page_and_the_copied_partial_page_is_private() {
+    for layout in KvLayout::ALL {
+        let mut space = host_space(layout, 64);
+        let tpp = space.config().page_size / space.config().region_bytes_per_token();
+        let src = space.acquire().unwrap();
+        space.ensure(src, 3 * tpp).unwrap();
+        write_tokens(&space, src, 0..3 * tpp, 7);
+        let dst = space.acquire().unwrap();
+        let prefix = tpp + tpp / 2; // one full page and half of the next
+        let before = space.stats();
+        space.share_prefix(src, dst, prefix).unwrap();
+        let after = space.stats();
+        let regions = space.config().num_regions();
+        assert_eq!(
+            after.pages_shared, regions,
+            "{layout}: the full page of each region is shared"
+        );
+        assert_eq!(
+            after.pages_mapped - before.pages_mapped,
+            regions,
+            "{layout}: one copied page per region"
+        );
+        assert_eq!(space.len(dst), prefix);
+        assert!(
+            tokens_match(&space, dst, 0..prefix, 7),
+            "{layout}: dst reads src's prefix"
+        );
+
+        // The shared page is one physical page: a write through src shows through dst.
+        // (Engines never write below a slot's length; this test does, to see the mapping.)
+        let len = space.config().head_bytes();
+        let probe = vec![0xAB; len];
+        space.write_token(src, 0, KvPart::K, 3, &probe).unwrap();
+        assert_eq!(read_token(&space, dst, 0, KvPart::K, 3), probe);
+        space
+            .write_token(src, 0, KvPart::K, 3, &pattern(7, 0, KvPart::K, 3, len))
+            .unwrap();
+
+        // The partial page was copied: dst writing after its prefix leaves src alone, and src
+        // writing there leaves dst's copy alone.
+        space.ensure(dst, prefix + 4).unwrap();
+        write_tokens(&space, dst, prefix..prefix + 4, 99);
+        assert!(
+            tokens_match(&space, src, 0..3 * tpp, 7),
+            "{layout}: src unchanged"
+        );
+        assert!(tokens_match(&space, dst, prefix..prefix + 4, 99));
+        write_tokens(&space, src, tpp..tpp + 2, 55);
+        assert!(
+            tokens_match(&space, dst, tpp..tpp + 2, 7),
+            "{layout}: dst's copy unchanged"
+        );
+        space.audit().unwrap();
+
+        // Releasing the source leaves dst's prefix intact and un-shares the page.
+        space.release(src).unwrap();
+        assert!(tokens_match(&space, dst, 0..tpp, 7));
+        assert_eq!(space.stats().pages_shared, 0);
+        space.audit().unwrap();
+    }
+}
+
+#[test]
+fn resharing_a_shorter_prefix_unshares_the_pages_past_it() {
+    for layout in KvLayout::ALL {
+        let mut space = host_space(layout, 64);
+        let tpp = space.config().page_size / space.config().region_bytes_per_token();
+        let src = space.acquire().unwrap();
+        space.ensure(src, 3 * tpp).unwrap();
+        write_tokens(&space, src, 0..3 * tpp, 5);
+        let dst = space.acquire().unwrap();
+        space.share_prefix(src, dst, 2 * tpp + 1).unwrap();
+        space.share_prefix(src, dst, tpp / 2).unwrap();
+        space.audit().unwrap();
+        // dst now writes from tpp/2 on, across what were shared pages: src must not see it.
+        space.ensure(dst, 3 * tpp).unwrap();
+        write_tokens(&space, dst, tpp / 2..3 * tpp, 6);
+        assert!(tokens_match(&space, src, 0..3 * tpp, 5), "{layout}");
+        assert!(tokens_match(&space, dst, 0..tpp / 2, 5), "{layout}");
+        assert_eq!(space.stats().pages_shared, 0);
+    }
+}
+
+#[test]
+fn release_then_reuse_keeps_pages_mapped_and_reclaim_returns_them() {
+    for layout in KvLayout::ALL {
+        let mut space = host_space(layout, 64);
+        let a = space.acquire().unwrap();
+        let mapped = space.ensure(a, 200).unwrap();
+        assert_eq!(
+            mapped,
+            space.config().pages_for(200) * space.config().num_regions()
+        );
+        write_tokens(&space, a, 0..200, 3);
+        space.release(a).unwrap();
+        let s = space.stats();
+        assert_eq!(
+            (s.pages_cached, s.active_slots, s.bytes_holding_tokens),
+            (mapped, 0, 0)
+        );
+
+        // The next request gets the slot that still has pages, and needs no mapping call.
+        let again = space.acquire().unwrap();
+        assert_eq!(again, a);
+        assert_eq!(space.ensure(again, 200).unwrap(), 0, "{layout}");
+        assert!(
+            tokens_match(&space, again, 0..200, 3),
+            "same physical pages"
+        );
+        space.release(again).unwrap();
+
+        assert_eq!(space.reclaim_all().unwrap(), mapped);
+        let s = space.stats();
+        assert_eq!(
+            (s.pages_mapped, s.mappings, s.pages_free),
+            (0, 0, s.pages_created)
+        );
+        assert_eq!(space.trim_pool().unwrap(), s.pages_created);
+        space.audit().unwrap();
+    }
+}
+
+#[test]
+fn ensure_under_pressure_reclaims_released_slots() {
+    let mut space = host_space(KvLayout::TokenMajor, 10);
+    let a = space.acquire().unwrap();
+    space.ensure(a, 10 * 16).unwrap(); // all 10 pages
+    let b = space.acquire().unwrap();
+    assert!(matches!(
+        space.ensure(b, 16),
+        Err(VmmError::PoolExhausted { .. })
+    ));
+    space.release(a).unwrap();
+    assert_eq!(space.ensure(b, 4 * 16).unwrap(), 4);
+    let s = space.stats();
+    assert_eq!(
+        (s.pages_created, s.pages_mapped, s.pages_cached),
+        (10, 10, 6)
+    );
+    space.audit().unwrap();
+}
+
+#[test]
+fn default_two_mib_pages_on_the_host() {
+    let mut cfg = config(KvLayout::TokenMajor, 4);
+    cfg.page_size = crate::DEFAULT_PAGE_SIZE;
+    cfg.num_layers = 32;
+    cfg.num_kv_heads = 8;
+    cfg.head_dim = 128; // Llama-3-8B: 128 KiB per token, 16 tokens per 2 MiB page
+    cfg.max_tokens = 64;
+    let mut space = KvSpace::new(cfg, Arc::new(HostVmm::new().unwrap())).unwrap();
+    let a = space.acquire().unwrap();
+    assert_eq!(space.ensure(a, 17).unwrap(), 2);
+    write_tokens(&space, a, 0..17, 11);
+    assert!(tokens_match(&space, a, 0..17, 11));
+    assert_eq!(space.stats().bytes_backed, 4 << 20);
+}
+
+#[test]
+fn bad_input_is_a_typed_error_and_changes_nothing() {
+    for layout in KvLayout::ALL {
+        let mut space = host_space(layout, 8);
+        let a = space.acquire().unwrap();
+        let before = space.stats();
+        assert!(matches!(
+            space.ensure(a, 257),
+            Err(VmmError::TooManyTokens {
+                requested: 257,
+                max_tokens: 256,
+                ..
+            })
+        ));
+        // 8 pages are not enough for 256 tokens in either layout: nothing may be mapped.
+        assert!(matches!(
+            space.ensure(a, 256),
+            Err(VmmError::PoolExhausted { .. })
+        ));
+        assert_eq!(
+            space.stats(),
+            before,
+            "{layout}: a failed ensure maps nothing"
+        );
+        for _ in 1..4 {
+            space.acquire().unwrap();
+        }
+        assert!(matches!(
+            space.acquire(),
+            Err(VmmError::NoFreeSlot { max_slots: 4 })
+        ));
+        assert!(matches!(
+            space.ensure(SlotId(9), 1),
+            Err(VmmError::UnknownSlot { slot: 9, .. })
+        ));
+        let b = SlotId(1);
+        space.release(b).unwrap();
+        assert!(matches!(
+            space.ensure(b, 1),
+            Err(VmmError::SlotNotActive { slot: 1 })
+        ));
+        assert!(matches!(
+            space.release(b),
+            Err(VmmError::SlotNotActive { .. })
+        ));
+        space.ensure(a, 4).unwrap();
+        let c = space.acquire().unwrap();
+        assert!(matches!(
+            space.share_prefix(a, c, 5),
+            Err(VmmError::ShareBeyondSource { .. })
+        ));
+        assert!(matches!(
+            space.share_prefix(a, a, 1),
+            Err(VmmError::ShareIntoSelf { .. })
+        ));
+        let mut buf = vec![0u8; space.config().head_bytes()];
+        assert!(matches!(
+            space.read_token(c, 0, KvPart::K, 0, &mut buf),
+            Err(VmmError::NotBacked { .. })
+        ));
+        assert!(space.read_token(a, 0, KvPart::K, 0, &mut buf[1..]).is_err());
+        space.audit().unwrap();
+    }
+}
+
+#[test]
+fn page_size_not_a_multiple_of_the_granularity_is_rejected() {
+    let mut cfg = config(KvLayout::PerLayer, 8);
+    cfg.page_size = 6000;
+    let err = KvSpace::new(cfg.clone(), Arc::new(HostVmm::new().unwrap())).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            VmmError::PageSizeNotAligned {
+                page_size: 6000,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    cfg.page_size = 64 << 10;
+    let err = KvSpace::new(cfg, Arc::new(AccountingVmm::new(2 << 20).unwrap())).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            VmmError::PageSizeNotAligned {
+                granularity: 0x200000,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let mut cfg = config(KvLayout::PerLayer, 8);
+    cfg.head_dim = 0;
+    assert!(matches!(
+        KvSpace::new(cfg, Arc::new(HostVmm::new().unwrap())),
+        Err(VmmError::InvalidConfig(_))
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Property tests: random sequences of operations against a model of what each slot holds.
+
+#[derive(Debug, Clone)]
+enum Op {
+    Acquire,
+    Ensure {
+        slot: usize,
+        tokens: usize,
+    },
+    Share {
+        src: usize,
+        dst: usize,
+        tokens: usize,
+    },
+    Release {
+        slot: usize,
+    },
+    Reclaim {
+        pages: usize,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        2 => Just(Op::Acquire),
+        4 => (0..8usize, 0..300usize).prop_map(|(slot, tokens)| Op::Ensure { slot, tokens }),
+        2 => (0..8usize, 0..8usize, 0..300usize).prop_map(|(src, dst, tokens)| Op::Share { src, dst, tokens }),
+        2 => (0..8usize).prop_map(|slot| Op::Release { slot }),
+        1 => (0..20usize).prop_map(|pages| Op::Reclaim { pages }),
+    ]
+}
+
+/// What every active slot holds: the tag each token's bytes were written with.
+type Model = HashMap<SlotId, Vec<u32>>;
+
+/// Apply `ops`; check the invariants after each, the bytes (when the backend holds bytes) and
+/// that releasing and reclaiming everything returns every page to the pool.
+fn run_ops(
+    space: &mut KvSpace,
+    ops: &[Op],
+    accounting: Option<&AccountingVmm>,
+) -> Result<(), TestCaseError> {
+    let mut model: Model = HashMap::new();
+    let mut next_tag = 1u32;
+    let bytes = space.backend().holds_bytes();
+    let pick = |model: &Model, i: usize| {
+        let mut ids: Vec<SlotId> = model.keys().copied().collect();
+        ids.sort();
+        (!ids.is_empty()).then(|| ids[i % ids.len()])
+    };
+    for op in ops {
+        match *op {
+            Op::Acquire => match space.acquire() {
+                Ok(s) => {
+                    prop_assert!(
+                        model.insert(s, Vec::new()).is_none(),
+                        "slot {s} handed out twice"
+                    );
+                }
+                Err(VmmError::NoFreeSlot { .. }) => {
+                    prop_assert_eq!(model.len(), space.config().max_slots)
+                }
+                Err(e) => return Err(TestCaseError::fail(e.to_string())),
+            },
+            Op::Ensure { slot, tokens } => {
+                let Some(s) = pick(&model, slot) else {
+                    continue;
+                };
+                let before = space.stats();
+                match space.ensure(s, tokens) {
+                    Ok(_) => {
+                        let held = model.get_mut(&s).unwrap();
+                        let old = held.len();
+                        if tokens > old {
+                            let tag = next_tag;
+                            next_tag += 1;
+                            held.resize(tokens, tag);
+                            if bytes {
+                                write_tokens(space, s, old..tokens, tag);
+                            }
+                        }
+                    }
+                    Err(VmmError::TooManyTokens { .. }) => {
+                        prop_assert!(tokens > space.config().max_tokens)
+                    }
+                    Err(VmmError::PoolExhausted { .. }) => {
+                        // Nothing mapped into the slot; released slots may have been reclaimed.
+                        prop_assert!(space.stats().mappings <= before.mappings);
+                    }
+                    Err(e) => return Err(TestCaseError::fail(e.to_string())),
+                }
+            }
+            Op::Share { src, dst, tokens } => {
+                let (Some(a), Some(b)) = (pick(&model, src), pick(&model, dst)) else {
+                    continue;
+                };
+                match space.share_prefix(a, b, tokens) {
+                    Ok(()) => {
+                        let prefix = model[&a][..tokens].to_vec();
+                        model.insert(b, prefix);
+                    }
+                    Err(VmmError::ShareIntoSelf { .. }) => prop_assert_eq!(a, b),
+                    Err(VmmError::ShareBeyondSource { .. }) => {
+                        prop_assert!(tokens > model[&a].len())
+                    }
+                    Err(VmmError::PoolExhausted { .. }) => {}
+                    Err(e) => return Err(TestCaseError::fail(e.to_string())),
+                }
+            }
+            Op::Release { slot } => {
+                let Some(s) = pick(&model, slot) else {
+                    continue;
+                };
+                space
+                    .release(s)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                model.remove(&s);
+            }
+            Op::Reclaim { pages } => {
+                let cached = space.stats().pages_cached;
+                let got = space
+                    .reclaim(pages)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(got, pages.min(cached));
+            }
+        }
+        space.audit().map_err(TestCaseError::fail)?;
+        let stats = space.stats();
+        prop_assert!(stats.pages_created <= space.config().max_pages);
+        for (s, held) in &model {
+            prop_assert_eq!(space.len(*s), held.len());
+            prop_assert!(space.is_backed(*s, held.len()));
+        }
+        if let Some(acc) = accounting {
+            // The backend's own books agree: pages alive, and one mapping per page-table entry.
+            prop_assert_eq!(acc.live_pages(), stats.pages_created);
+            let per_page = space.config().page_size / acc.granularity();
+            prop_assert_eq!(acc.mapped_granules(), stats.mappings * per_page);
+        }
+    }
+    if bytes {
+        for (s, held) in &model {
+            for (t, &tag) in held.iter().enumerate() {
+                prop_assert!(
+                    tokens_match(space, *s, t..t + 1, tag),
+                    "slot {} token {}",
+                    s,
+                    t
+                );
+            }
+        }
+    }
+    for s in model.keys() {
+        space
+            .release(*s)
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    }
+    space
+        .reclaim_all()
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let stats = space.stats();
+    prop_assert_eq!(
+        stats.pages_free,
+        stats.pages_created,
+        "every page back in the pool"
+    );
+    prop_assert_eq!((stats.pages_mapped, stats.mappings), (0, 0));
+    space.audit().map_err(TestCaseError::fail)?;
+    Ok(())
+}
+
+fn layout() -> impl Strategy<Value = KvLayout> {
+    prop_oneof![Just(KvLayout::PerLayer), Just(KvLayout::TokenMajor)]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn random_operations_on_real_host_memory(layout in layout(), max_pages in 4..40usize,
+                                              ops in proptest::collection::vec(op(), 1..60)) {
+        let mut space = host_space(layout, max_pages);
+        run_ops(&mut space, &ops, None)?;
+    }
+
+    #[test]
+    fn random_operations_on_the_accounting_backend(layout in layout(), max_pages in 4..40usize,
+                                                   ops in proptest::collection::vec(op(), 1..80)) {
+        let backend = Arc::new(AccountingVmm::new(1024).unwrap());
+        let mut space = KvSpace::new(config(layout, max_pages), backend.clone()).unwrap();
+        run_ops(&mut space, &ops, Some(&backend))?;
+        drop(space);
+        prop_assert_eq!(backend.live_pages(), 0, "dropping the space releases every page");
+    }
+}
