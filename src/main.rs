@@ -1,1 +1,55 @@
-fn main() {}
+//! `vkv`: the command line. Parsing (clap) and dispatch to the crates only; what a command does
+//! lives in the crate that owns it (see docs/architecture.md).
+
+mod bench_vmm;
+mod units;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "vkv", version, about = "LLM serving with a virtual-memory KV cache (vAttention) beside PagedAttention")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Benchmarks: `vkv bench vmm` (others arrive with the engine and kernels).
+    Bench {
+        #[command(subcommand)]
+        which: Bench,
+    },
+    /// Say which devices vkv can use here.
+    Devices,
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Costs of the virtual-memory KV machinery: per-page driver calls, KvSpace operations per
+    /// layout and page size, and whether the Mapper keeps ahead of a decode loop.
+    Vmm(bench_vmm::Args),
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        // The cause chain, one line; no backtrace for a user's mistake.
+        eprintln!("vkv: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Bench { which: Bench::Vmm(args) } => bench_vmm::run(args),
+        Command::Devices => {
+            match vkv_vmm::probe_cuda() {
+                Ok(p) => println!("cuda: {} device(s), device 0 = {}, driver {}", p.devices, p.name, p.driver),
+                Err(e) => println!("cuda: unavailable ({e})"),
+            }
+            println!("cpu: {} thread(s)", std::thread::available_parallelism().map_or(1, |n| n.get()));
+            Ok(())
+        }
+    }
+}

@@ -10,5 +10,7 @@
 //! above this crate is the same code in both KV modes. It is an empty shell until the model and
 //! engine issues land; the dependency arrows (`engine → {kernels, vmm}`) are already in place.
 
+pub mod presets;
+
 pub use vkv_kernels::KvAddressing;
 pub use vkv_vmm::{KvLayout, KvSpace};

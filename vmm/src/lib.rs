@@ -26,6 +26,8 @@
 //! once every slot is released and reclaimed the pool holds every page it created.
 
 mod accounting;
+pub mod bench;
+pub mod conformance;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod error;
@@ -44,6 +46,10 @@ pub use mapper::{Mapper, MapperOptions, MapperStats};
 pub use physical::{probe_cuda, CudaProbe, PhysicalMemory, PhysicalPage};
 pub use pool::PagePool;
 pub use space::{KvLayout, KvPart, KvSpace, KvSpaceConfig, KvStats, LayerView, SlotId};
+
+/// cudarc, as this crate uses it (for tests and tools that launch kernels on `CudaVmm` memory).
+#[cfg(feature = "cuda")]
+pub use cudarc;
 
 /// 2 MiB: the CUDA VMM granularity on current NVIDIA GPUs and the default page size everywhere.
 pub const DEFAULT_PAGE_SIZE: usize = 2 << 20;

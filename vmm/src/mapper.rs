@@ -249,3 +249,116 @@ fn run(space: &Mutex<KvSpace>, c: &Counters, rx: &Receiver<Request>, options: Ma
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{HostVmm, KvLayout, KvSpaceConfig};
+
+    fn space(max_pages: usize) -> KvSpace {
+        let config = KvSpaceConfig {
+            layout: KvLayout::PerLayer,
+            num_layers: 2,
+            num_kv_heads: 2,
+            head_dim: 16,
+            dtype_bytes: 2,
+            max_slots: 8,
+            max_tokens: 512,
+            page_size: 4096, // 64 tokens per page and region; 4 regions
+            max_pages,
+        };
+        KvSpace::new(config, Arc::new(HostVmm::new().unwrap())).unwrap()
+    }
+
+    fn no_top_up() -> MapperOptions {
+        MapperOptions {
+            pool_low_water: 0,
+            pages_per_lock: 3,
+        }
+    }
+
+    #[test]
+    fn mapping_ahead_means_no_wait() {
+        let mapper = Mapper::spawn(space(64), no_top_up()).unwrap();
+        let slot = mapper.space().acquire().unwrap();
+        mapper.map_ahead(slot, 130).unwrap();
+        mapper.sync().unwrap();
+        assert!(!mapper.ensure(slot, 130).unwrap());
+        let stats = mapper.stats();
+        assert_eq!((stats.requests, stats.pages_mapped_ahead, stats.waits), (1, 12, 0));
+        assert_eq!(mapper.space().len(slot), 130);
+    }
+
+    #[test]
+    fn a_miss_is_counted_as_a_wait() {
+        let mapper = Mapper::spawn(space(64), no_top_up()).unwrap();
+        let slot = mapper.space().acquire().unwrap();
+        assert!(mapper.ensure(slot, 65).unwrap());
+        assert!(!mapper.ensure(slot, 100).unwrap(), "already backed up to 128 tokens");
+        let stats = mapper.stats();
+        assert_eq!((stats.waits, stats.pages_mapped_on_wait), (1, 8));
+        assert!(stats.wait_seconds > 0.0);
+    }
+
+    #[test]
+    fn stale_or_impossible_requests_do_not_stop_the_thread() {
+        let mapper = Mapper::spawn(space(4), no_top_up()).unwrap();
+        let other = mapper.space().acquire().unwrap();
+        let slot = mapper.space().acquire().unwrap();
+        mapper.space().release(slot).unwrap();
+        mapper.map_ahead(slot, 10).unwrap(); // released meanwhile
+        mapper.map_ahead(other, 512).unwrap(); // needs 32 pages, budget 4
+        mapper.sync().unwrap();
+        assert_eq!(mapper.stats().ahead_errors, 2);
+        mapper.map_ahead(other, 64).unwrap();
+        mapper.sync().unwrap();
+        assert!(!mapper.ensure(other, 64).unwrap());
+        assert!(mapper.ensure(other, 512).is_err());
+        mapper.space().audit().unwrap();
+    }
+
+    #[test]
+    fn the_pool_is_topped_up_in_the_background() {
+        let options = MapperOptions {
+            pool_low_water: 10,
+            pages_per_lock: 8,
+        };
+        let mapper = Mapper::spawn(space(64), options).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while mapper.space().pool_free() < 10 {
+            assert!(Instant::now() < deadline, "pool never reached its low-water mark");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(mapper.stats().pages_created_ahead, 10);
+    }
+
+    #[test]
+    fn decode_loop_with_the_engine_and_the_mapper_racing() {
+        let mapper = Mapper::spawn(space(256), MapperOptions::default()).unwrap();
+        let slots: Vec<SlotId> = (0..8).map(|_| mapper.space().acquire().unwrap()).collect();
+        let mut ensures = 0;
+        for step in 1..=300 {
+            for &s in &slots {
+                mapper.map_ahead(s, (step + 64).min(512)).unwrap();
+            }
+            for &s in &slots {
+                mapper.ensure(s, step).unwrap();
+                ensures += 1;
+            }
+            if step % 100 == 0 {
+                mapper.space().release(slots[step / 100]).unwrap();
+                let again = mapper.space().acquire().unwrap();
+                assert_eq!(again, slots[step / 100], "deferred reuse of the same slot");
+                mapper.ensure(again, step).unwrap();
+            }
+        }
+        mapper.sync().unwrap();
+        let stats = mapper.stats();
+        assert!(stats.waits <= ensures);
+        let space = mapper.space();
+        space.audit().unwrap();
+        assert!(slots.iter().all(|&s| space.len(s) == 300 && space.is_backed(s, 300)));
+    }
+}

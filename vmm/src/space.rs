@@ -390,13 +390,17 @@ impl KvSpace {
             .iter()
             .map(|region| region[..need].iter().filter(|p| p.is_none()).count())
             .sum();
+        // Check the whole request can be met before mapping any of it, so an impossible request
+        // (also a map-ahead done a few pages at a time) takes no pages.
+        self.make_available(missing)?;
         let todo = missing.min(max_new_pages);
-        self.make_available(todo)?;
         let mut mapped = 0;
-        'regions: for region in 0..self.bases.len() {
-            for i in 0..need {
+        // Page by page across regions, so that a partial (map-ahead) call backs the soonest
+        // tokens in every layer first.
+        'pages: for i in 0..need {
+            for region in 0..self.bases.len() {
                 if mapped == todo {
-                    break 'regions;
+                    break 'pages;
                 }
                 if self.slots[slot.0].pages[region][i].is_none() {
                     let page = self.pool.take()?;

@@ -30,149 +30,34 @@ fn host_space(layout: KvLayout, max_pages: usize) -> KvSpace {
     KvSpace::new(config(layout, max_pages), Arc::new(HostVmm::new().unwrap())).unwrap()
 }
 
-/// The bytes of one token's K or V, unique per (tag, layer, part, token).
-fn pattern(tag: u32, layer: usize, part: KvPart, token: usize, len: usize) -> Vec<u8> {
-    let seed = tag
-        .wrapping_mul(2654435761)
-        .wrapping_add((layer * 2 + part as usize) as u32 * 7919 + token as u32 * 104729);
-    (0..len)
-        .map(|i| (seed.wrapping_add(i as u32 * 31) >> 3) as u8)
-        .collect()
+use crate::conformance::{self, tokens_match, write_tokens};
+
+fn host() -> Arc<dyn PhysicalMemory> {
+    Arc::new(HostVmm::new().unwrap())
 }
 
-fn write_tokens(space: &KvSpace, slot: SlotId, tokens: std::ops::Range<usize>, tag: u32) {
-    let len = space.config().head_bytes();
-    for t in tokens {
-        for layer in 0..space.config().num_layers {
-            for part in [KvPart::K, KvPart::V] {
-                space
-                    .write_token(slot, layer, part, t, &pattern(tag, layer, part, t, len))
-                    .unwrap();
-            }
+#[test]
+fn host_bytes_round_trip() {
+    for layout in KvLayout::ALL {
+        for page in [4096, 64 << 10] {
+            conformance::bytes_round_trip(host(), layout, page);
         }
     }
 }
 
-fn read_token(space: &KvSpace, slot: SlotId, layer: usize, part: KvPart, t: usize) -> Vec<u8> {
-    let mut out = vec![0u8; space.config().head_bytes()];
-    space.read_token(slot, layer, part, t, &mut out).unwrap();
-    out
-}
-
-fn tokens_match(space: &KvSpace, slot: SlotId, tokens: std::ops::Range<usize>, tag: u32) -> bool {
-    let len = space.config().head_bytes();
-    tokens.into_iter().all(|t| {
-        (0..space.config().num_layers).all(|layer| {
-            [KvPart::K, KvPart::V].into_iter().all(|part| {
-                read_token(space, slot, layer, part, t) == pattern(tag, layer, part, t, len)
-            })
-        })
-    })
-}
-
 #[test]
-fn bytes_written_through_a_slot_read_back_through_its_layer_view() {
+fn host_shared_prefix() {
     for layout in KvLayout::ALL {
-        let mut space = host_space(layout, 64);
-        let a = space.acquire().unwrap();
-        let b = space.acquire().unwrap();
-        assert_ne!(a, b);
-        space.ensure(a, 100).unwrap();
-        space.ensure(b, 100).unwrap();
-        write_tokens(&space, a, 0..100, 1);
-        write_tokens(&space, b, 0..100, 2);
-        assert!(tokens_match(&space, a, 0..100, 1), "{layout}");
-        assert!(tokens_match(&space, b, 0..100, 2), "{layout}");
-        // A kernel's view of the same memory: element (slot, token, head, d) by strides.
-        let c = space.config().clone();
-        for layer in 0..LAYERS {
-            let view = space.layer_view(layer);
-            for (slot, tag) in [(a, 1), (b, 2)] {
-                for t in [0, 63, 64, 99] {
-                    for (base, part) in [(view.k, KvPart::K), (view.v, KvPart::V)] {
-                        let expect = pattern(tag, layer, part, t, c.head_bytes());
-                        for head in 0..c.num_kv_heads {
-                            let elem = slot.0 * view.slot_stride
-                                + t * view.token_stride
-                                + head * view.head_stride;
-                            let addr = base + (elem * view.dtype_bytes) as u64;
-                            let n = c.head_dim * c.dtype_bytes;
-                            // SAFETY: the slot is backed for 100 tokens (ensured above).
-                            let got = unsafe { std::slice::from_raw_parts(addr as *const u8, n) };
-                            assert_eq!(
-                                got,
-                                &expect[head * n..(head + 1) * n],
-                                "{layout} layer {layer} t {t}"
-                            );
-                        }
-                    }
-                }
-            }
+        for page in [4096, 64 << 10] {
+            conformance::shared_prefix(host(), layout, page);
         }
-        space.audit().unwrap();
     }
 }
 
 #[test]
-fn shared_prefix_pages_are_one_page_and_the_copied_partial_page_is_private() {
+fn host_reuse_and_reclaim() {
     for layout in KvLayout::ALL {
-        let mut space = host_space(layout, 64);
-        let tpp = space.config().page_size / space.config().region_bytes_per_token();
-        let src = space.acquire().unwrap();
-        space.ensure(src, 3 * tpp).unwrap();
-        write_tokens(&space, src, 0..3 * tpp, 7);
-        let dst = space.acquire().unwrap();
-        let prefix = tpp + tpp / 2; // one full page and half of the next
-        let before = space.stats();
-        space.share_prefix(src, dst, prefix).unwrap();
-        let after = space.stats();
-        let regions = space.config().num_regions();
-        assert_eq!(
-            after.pages_shared, regions,
-            "{layout}: the full page of each region is shared"
-        );
-        assert_eq!(
-            after.pages_mapped - before.pages_mapped,
-            regions,
-            "{layout}: one copied page per region"
-        );
-        assert_eq!(space.len(dst), prefix);
-        assert!(
-            tokens_match(&space, dst, 0..prefix, 7),
-            "{layout}: dst reads src's prefix"
-        );
-
-        // The shared page is one physical page: a write through src shows through dst.
-        // (Engines never write below a slot's length; this test does, to see the mapping.)
-        let len = space.config().head_bytes();
-        let probe = vec![0xAB; len];
-        space.write_token(src, 0, KvPart::K, 3, &probe).unwrap();
-        assert_eq!(read_token(&space, dst, 0, KvPart::K, 3), probe);
-        space
-            .write_token(src, 0, KvPart::K, 3, &pattern(7, 0, KvPart::K, 3, len))
-            .unwrap();
-
-        // The partial page was copied: dst writing after its prefix leaves src alone, and src
-        // writing there leaves dst's copy alone.
-        space.ensure(dst, prefix + 4).unwrap();
-        write_tokens(&space, dst, prefix..prefix + 4, 99);
-        assert!(
-            tokens_match(&space, src, 0..3 * tpp, 7),
-            "{layout}: src unchanged"
-        );
-        assert!(tokens_match(&space, dst, prefix..prefix + 4, 99));
-        write_tokens(&space, src, tpp..tpp + 2, 55);
-        assert!(
-            tokens_match(&space, dst, tpp..tpp + 2, 7),
-            "{layout}: dst's copy unchanged"
-        );
-        space.audit().unwrap();
-
-        // Releasing the source leaves dst's prefix intact and un-shares the page.
-        space.release(src).unwrap();
-        assert!(tokens_match(&space, dst, 0..tpp, 7));
-        assert_eq!(space.stats().pages_shared, 0);
-        space.audit().unwrap();
+        conformance::reuse_and_reclaim(host(), layout, 4096);
     }
 }
 
@@ -198,45 +83,6 @@ fn resharing_a_shorter_prefix_unshares_the_pages_past_it() {
 }
 
 #[test]
-fn release_then_reuse_keeps_pages_mapped_and_reclaim_returns_them() {
-    for layout in KvLayout::ALL {
-        let mut space = host_space(layout, 64);
-        let a = space.acquire().unwrap();
-        let mapped = space.ensure(a, 200).unwrap();
-        assert_eq!(
-            mapped,
-            space.config().pages_for(200) * space.config().num_regions()
-        );
-        write_tokens(&space, a, 0..200, 3);
-        space.release(a).unwrap();
-        let s = space.stats();
-        assert_eq!(
-            (s.pages_cached, s.active_slots, s.bytes_holding_tokens),
-            (mapped, 0, 0)
-        );
-
-        // The next request gets the slot that still has pages, and needs no mapping call.
-        let again = space.acquire().unwrap();
-        assert_eq!(again, a);
-        assert_eq!(space.ensure(again, 200).unwrap(), 0, "{layout}");
-        assert!(
-            tokens_match(&space, again, 0..200, 3),
-            "same physical pages"
-        );
-        space.release(again).unwrap();
-
-        assert_eq!(space.reclaim_all().unwrap(), mapped);
-        let s = space.stats();
-        assert_eq!(
-            (s.pages_mapped, s.mappings, s.pages_free),
-            (0, 0, s.pages_created)
-        );
-        assert_eq!(space.trim_pool().unwrap(), s.pages_created);
-        space.audit().unwrap();
-    }
-}
-
-#[test]
 fn ensure_under_pressure_reclaims_released_slots() {
     let mut space = host_space(KvLayout::TokenMajor, 10);
     let a = space.acquire().unwrap();
@@ -257,7 +103,7 @@ fn ensure_under_pressure_reclaims_released_slots() {
 }
 
 #[test]
-fn default_two_mib_pages_on_the_host() {
+fn llama_shaped_two_mib_pages_on_the_host() {
     let mut cfg = config(KvLayout::TokenMajor, 4);
     cfg.page_size = crate::DEFAULT_PAGE_SIZE;
     cfg.num_layers = 32;
