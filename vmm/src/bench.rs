@@ -325,20 +325,27 @@ fn mapper(
     space.create_ahead(config.max_pages)?;
     let mapper = Mapper::spawn(space, MapperOptions { pool_low_water: 0, pages_per_lock: 8 })?;
     let slots: Vec<SlotId> = (0..o.slots).map(|_| mapper.space().acquire()).collect::<Result<_>>()?;
-    // Admission backs the prompt (here one token) before decoding starts: not a prediction miss.
-    for &s in &slots {
-        mapper.space().ensure(s, 1)?;
+    // Admission backs each prompt before decoding starts (not a prediction miss). Prompt lengths
+    // are staggered so that every slot crosses a page boundary during the run, at its own step.
+    let tpp = (page_size / config.region_bytes_per_token()).max(1);
+    let steps = o.steps.min(o.tokens - 1);
+    let span = steps.min(tpp);
+    let mut lens: Vec<usize> = (0..o.slots)
+        .map(|i| (tpp - 1 - (i * span) / o.slots).clamp(1, o.tokens - steps))
+        .collect();
+    for (&s, &len) in slots.iter().zip(&lens) {
+        mapper.space().ensure(s, len)?;
     }
-    let steps = o.steps.min(o.tokens);
-    for step in 2..=steps {
+    for _ in 0..steps {
         if lookahead > 0 {
-            for &s in &slots {
-                mapper.map_ahead(s, (step + lookahead).min(o.tokens))?;
+            for (&s, &len) in slots.iter().zip(&lens) {
+                mapper.map_ahead(s, (len + 1 + lookahead).min(o.tokens))?;
             }
         }
         std::thread::sleep(Duration::from_micros(o.step_us));
-        for &s in &slots {
-            mapper.ensure(s, step)?;
+        for (&s, len) in slots.iter().zip(lens.iter_mut()) {
+            *len += 1;
+            mapper.ensure(s, *len)?;
         }
     }
     mapper.sync()?;
@@ -349,7 +356,7 @@ fn mapper(
         lookahead_tokens: lookahead,
         steps,
         slots: o.slots,
-        ensures: ((steps - 1) * o.slots) as u64,
+        ensures: (steps * o.slots) as u64,
         waits: stats.waits,
         wait_ms_total: stats.wait_seconds * 1e3,
         pages_mapped_ahead: stats.pages_mapped_ahead,
@@ -389,7 +396,8 @@ mod tests {
             assert!(s.shared_pages > 0, "{}", s.layout);
         }
         let [no_ahead, ahead] = &report.mappers[..2] else { panic!() };
-        assert!(no_ahead.waits > 0 && no_ahead.pages_mapped_ahead == 0);
+        // Every slot crosses a page boundary: without look-ahead each crossing is a wait.
+        assert!(no_ahead.waits >= options.slots as u64 && no_ahead.pages_mapped_ahead == 0);
         assert!(report.spaces.iter().all(|s| s.share_us > 0.0));
         assert!(ahead.pages_mapped_ahead > 0);
     }
