@@ -32,15 +32,18 @@ fn ensure(c: &mut Criterion) {
             b.iter(|| s.ensure(slot, std::hint::black_box(1000)).unwrap())
         });
         let other = s.acquire().unwrap();
-        c.bench_function(&format!("map + reclaim one token's pages ({layout})"), |b| {
-            b.iter(|| {
-                s.ensure(other, 1).unwrap();
-                s.release(other).unwrap();
-                s.reclaim_all().unwrap();
-                let again = s.acquire().unwrap();
-                assert_eq!(again, other);
-            })
-        });
+        c.bench_function(
+            &format!("map + reclaim one token's pages ({layout})"),
+            |b| {
+                b.iter(|| {
+                    s.ensure(other, 1).unwrap();
+                    s.release(other).unwrap();
+                    s.reclaim_all().unwrap();
+                    let again = s.acquire().unwrap();
+                    assert_eq!(again, other);
+                })
+            },
+        );
     }
 }
 

@@ -62,7 +62,10 @@ pub struct Args {
 fn backend(device: Device) -> Result<(Arc<dyn PhysicalMemory>, String)> {
     let cpu = || -> Result<(Arc<dyn PhysicalMemory>, String)> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Ok((Arc::new(HostVmm::new()?), format!("cpu ({threads} threads)")))
+        Ok((
+            Arc::new(HostVmm::new()?),
+            format!("cpu ({threads} threads)"),
+        ))
     };
     match device {
         Device::Cpu => cpu(),
@@ -81,7 +84,10 @@ fn backend(device: Device) -> Result<(Arc<dyn PhysicalMemory>, String)> {
 fn cuda() -> Result<(Arc<dyn PhysicalMemory>, String)> {
     let probe = vkv_vmm::probe_cuda().context("--device cuda")?;
     let vmm = vkv_vmm::CudaVmm::new(0).context("opening CUDA device 0")?;
-    Ok((Arc::new(vmm), format!("{} (driver {})", probe.name, probe.driver)))
+    Ok((
+        Arc::new(vmm),
+        format!("{} (driver {})", probe.name, probe.driver),
+    ))
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -92,7 +98,12 @@ fn cuda() -> Result<(Arc<dyn PhysicalMemory>, String)> {
 pub fn run(args: Args) -> Result<()> {
     let shape = vkv_engine::presets::kv_shape(&args.model).map_err(anyhow::Error::msg)?;
     if args.tokens == 0 || args.slots < 2 || args.pages == 0 {
-        bail!("--tokens and --pages must be > 0 and --slots at least 2 (found {}, {}, {})", args.tokens, args.pages, args.slots);
+        bail!(
+            "--tokens and --pages must be > 0 and --slots at least 2 (found {}, {}, {})",
+            args.tokens,
+            args.pages,
+            args.slots
+        );
     }
     let (backend, device) = backend(args.device)?;
     let page_sizes = if !args.page_sizes.is_empty() {
@@ -120,9 +131,16 @@ pub fn run(args: Args) -> Result<()> {
         steps: args.steps,
         step_us: args.step_us,
     };
-    eprintln!("vkv bench vmm: {} backend on {device}, model {} ({} per token)", backend.name(), shape.name, format_bytes(shape.bytes_per_token()));
-    let mut report = bench::run(backend, device, &options, |what| eprintln!("  running {what} ..."))
-        .context("benchmark failed")?;
+    eprintln!(
+        "vkv bench vmm: {} backend on {device}, model {} ({} per token)",
+        backend.name(),
+        shape.name,
+        format_bytes(shape.bytes_per_token())
+    );
+    let mut report = bench::run(backend, device, &options, |what| {
+        eprintln!("  running {what} ...")
+    })
+    .context("benchmark failed")?;
     report.model = format!("{} ({})", shape.name, report.model);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -133,22 +151,46 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 fn print_tables(r: &VmmBenchReport) {
-    println!("backend {} (granularity {}) on {}; model {}", r.backend, format_bytes(r.granularity), r.device, r.model);
+    println!(
+        "backend {} (granularity {}) on {}; model {}",
+        r.backend,
+        format_bytes(r.granularity),
+        r.device,
+        r.model
+    );
     println!();
     println!("Per-page backend calls, µs (median / p99):");
-    println!("{:>8} {:>15} {:>15} {:>15} {:>15} {:>15} {:>12}", "page", "create", "map", "set-access", "unmap", "release", "map+acc/s");
+    println!(
+        "{:>8} {:>15} {:>15} {:>15} {:>15} {:>15} {:>12}",
+        "page", "create", "map", "set-access", "unmap", "release", "map+acc/s"
+    );
     for p in &r.primitives {
         let l = |x: &bench::Latency| format!("{:.1} / {:.1}", x.median_us, x.p99_us);
         println!(
             "{:>8} {:>15} {:>15} {:>15} {:>15} {:>15} {:>12.0}",
-            format_bytes(p.page_size), l(&p.create), l(&p.map), l(&p.set_access), l(&p.unmap), l(&p.release), p.map_pages_per_s
+            format_bytes(p.page_size),
+            l(&p.create),
+            l(&p.map),
+            l(&p.set_access),
+            l(&p.unmap),
+            l(&p.release),
+            p.map_pages_per_s
         );
     }
     println!();
     println!("KvSpace operations (µs per page mapped; decode ensure µs per call median / p99):");
     println!(
         "{:>11} {:>8} {:>8} {:>10} {:>16} {:>10} {:>10} {:>12} {:>10} {:>10}",
-        "layout", "page", "tok/page", "create", "decode ensure", "decode", "prefill", "reuse pages", "share µs", "reclaim"
+        "layout",
+        "page",
+        "tok/page",
+        "create",
+        "decode ensure",
+        "decode",
+        "prefill",
+        "reuse pages",
+        "share µs",
+        "reclaim"
     );
     for s in &r.spaces {
         println!(
@@ -157,7 +199,10 @@ fn print_tables(r: &VmmBenchReport) {
             format_bytes(s.page_size),
             s.tokens_per_page,
             s.create_ahead.us_per_page,
-            format!("{:.2} / {:.1}", s.decode_ensure.median_us, s.decode_ensure.p99_us),
+            format!(
+                "{:.2} / {:.1}",
+                s.decode_ensure.median_us, s.decode_ensure.p99_us
+            ),
             s.decode.us_per_page,
             s.prefill.us_per_page,
             s.reuse.pages,
@@ -169,7 +214,15 @@ fn print_tables(r: &VmmBenchReport) {
     println!("Mapper in a decode loop:");
     println!(
         "{:>11} {:>8} {:>10} {:>8} {:>8} {:>12} {:>12} {:>12} {:>14}",
-        "layout", "page", "ahead tok", "ensures", "waits", "wait ms", "mapped ahead", "on wait", "mapper pages/s"
+        "layout",
+        "page",
+        "ahead tok",
+        "ensures",
+        "waits",
+        "wait ms",
+        "mapped ahead",
+        "on wait",
+        "mapper pages/s"
     );
     for m in &r.mappers {
         println!(

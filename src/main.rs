@@ -8,7 +8,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "vkv", version, about = "LLM serving with a virtual-memory KV cache (vAttention) beside PagedAttention")]
+#[command(
+    name = "vkv",
+    version,
+    about = "LLM serving with a virtual-memory KV cache (vAttention) beside PagedAttention"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -42,13 +46,21 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Bench { which: Bench::Vmm(args) } => bench_vmm::run(args),
+        Command::Bench {
+            which: Bench::Vmm(args),
+        } => bench_vmm::run(args),
         Command::Devices => {
             match vkv_vmm::probe_cuda() {
-                Ok(p) => println!("cuda: {} device(s), device 0 = {}, driver {}", p.devices, p.name, p.driver),
+                Ok(p) => println!(
+                    "cuda: {} device(s), device 0 = {}, driver {}",
+                    p.devices, p.name, p.driver
+                ),
                 Err(e) => println!("cuda: unavailable ({e})"),
             }
-            println!("cpu: {} thread(s)", std::thread::available_parallelism().map_or(1, |n| n.get()));
+            println!(
+                "cpu: {} thread(s)",
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            );
             Ok(())
         }
     }

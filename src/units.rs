@@ -4,7 +4,9 @@
 /// suffix; `K`/`M`/`G`/`T` alone are binary.
 pub fn parse_bytes(text: &str) -> Result<usize, String> {
     let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
     let number: f64 = number
         .parse()
@@ -19,7 +21,9 @@ pub fn parse_bytes(text: &str) -> Result<usize, String> {
         "mb" => 1e6,
         "gb" => 1e9,
         "tb" => 1e12,
-        other => return Err(format!("unknown size unit {other:?} in {text:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")),
+        other => return Err(format!(
+            "unknown size unit {other:?} in {text:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+        )),
     };
     let bytes = number * scale;
     if !bytes.is_finite() || bytes < 0.0 || bytes > usize::MAX as f64 || bytes.fract() != 0.0 {
@@ -49,7 +53,9 @@ mod tests {
         assert_eq!(parse_bytes("40GiB"), Ok(40 << 30));
         assert_eq!(parse_bytes("1.5GB"), Ok(1_500_000_000));
         assert_eq!(parse_bytes("4096"), Ok(4096));
-        assert!(parse_bytes("2 parsecs").unwrap_err().contains("unknown size unit"));
+        assert!(parse_bytes("2 parsecs")
+            .unwrap_err()
+            .contains("unknown size unit"));
         assert!(parse_bytes("MiB").is_err());
         assert!(parse_bytes("0.5B").is_err());
         assert_eq!(format_bytes(2 << 20), "2 MiB");

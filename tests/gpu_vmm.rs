@@ -10,7 +10,8 @@ use std::sync::Arc;
 use vkv_vmm::cudarc::driver::{LaunchConfig, PushKernelArg};
 use vkv_vmm::cudarc::nvrtc::compile_ptx;
 use vkv_vmm::{
-    conformance, probe_cuda, CudaVmm, KvLayout, KvPart, KvSpace, Mapper, MapperOptions, PhysicalMemory, VmmError,
+    conformance, probe_cuda, CudaVmm, KvLayout, KvPart, KvSpace, Mapper, MapperOptions,
+    PhysicalMemory, VmmError,
 };
 
 const PAGE: usize = 2 << 20;
@@ -57,7 +58,8 @@ extern "C" __global__ void fill_kv(unsigned short* base, unsigned long long slot
 "#;
 
 fn kv_value(seed: u32, t: u32, h: u32, d: u32) -> u16 {
-    ((seed ^ t.wrapping_mul(73856093) ^ h.wrapping_mul(19349663) ^ d.wrapping_mul(83492791)) & 0xffff) as u16
+    ((seed ^ t.wrapping_mul(73856093) ^ h.wrapping_mul(19349663) ^ d.wrapping_mul(83492791))
+        & 0xffff) as u16
 }
 
 struct Kernels {
@@ -81,17 +83,33 @@ fn gpu_granularity_comes_from_the_device_and_bad_sizes_are_typed_errors() {
     let Some(vmm) = gpu() else { return };
     let g = vmm.granularity();
     eprintln!("granularity {g} B");
-    assert!(g > 0 && PAGE % g == 0, "2 MiB pages must be allowed (granularity {g})");
+    assert!(
+        g > 0 && PAGE % g == 0,
+        "2 MiB pages must be allowed (granularity {g})"
+    );
     if g > 1 {
-        assert!(matches!(vmm.create_page(g / 2), Err(VmmError::PageSizeNotAligned { .. })));
+        assert!(matches!(
+            vmm.create_page(g / 2),
+            Err(VmmError::PageSizeNotAligned { .. })
+        ));
     }
     let space = conformance::small_space(vmm.clone(), KvLayout::TokenMajor, PAGE, 64, 2);
     let mut space = space;
     let a = space.acquire().unwrap();
     let max = space.config().max_tokens;
-    assert!(matches!(space.ensure(a, max + 1), Err(VmmError::TooManyTokens { .. })));
-    assert!(matches!(space.ensure(a, max), Err(VmmError::PoolExhausted { .. })), "4 pages needed, budget 2");
-    assert_eq!(space.stats().pages_mapped, 0, "a failed ensure maps nothing");
+    assert!(matches!(
+        space.ensure(a, max + 1),
+        Err(VmmError::TooManyTokens { .. })
+    ));
+    assert!(
+        matches!(space.ensure(a, max), Err(VmmError::PoolExhausted { .. })),
+        "4 pages needed, budget 2"
+    );
+    assert_eq!(
+        space.stats().pages_mapped,
+        0,
+        "a failed ensure maps nothing"
+    );
     for _ in 1..4 {
         space.acquire().unwrap();
     }
@@ -107,7 +125,10 @@ fn gpu_kernel_writes_through_one_mapping_and_the_host_reads_through_another() {
     let a = vmm.reserve(bytes, PAGE).unwrap();
     let b = vmm.reserve(bytes, PAGE).unwrap();
     // Map the two pages in opposite order at the second range: b + 0 shows a's second page.
-    let pages = [vmm.create_page(PAGE).unwrap(), vmm.create_page(PAGE).unwrap()];
+    let pages = [
+        vmm.create_page(PAGE).unwrap(),
+        vmm.create_page(PAGE).unwrap(),
+    ];
     for (i, &p) in pages.iter().enumerate() {
         vmm.map(p, a + (i * PAGE) as u64).unwrap();
         vmm.map(p, b + ((1 - i) * PAGE) as u64).unwrap();
@@ -124,12 +145,19 @@ fn gpu_kernel_writes_through_one_mapping_and_the_host_reads_through_another() {
     k.stream.synchronize().expect("fill_u32 ran");
     let mut back = vec![0u8; bytes];
     unsafe { vmm.read(b, &mut back).unwrap() };
-    let words: Vec<u32> = back.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
+    let words: Vec<u32> = back
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     let per_page = PAGE / 4;
     for (j, &w) in words.iter().enumerate() {
         // Word j of range b lives in page 1 - j / per_page, which is word i of range a.
         let i = ((1 - j / per_page) * per_page + j % per_page) as u64;
-        assert_eq!(w, (i.wrapping_mul(2654435761) as u32) ^ seed, "word {j} of b");
+        assert_eq!(
+            w,
+            (i.wrapping_mul(2654435761) as u32) ^ seed,
+            "word {j} of b"
+        );
     }
     for (i, &p) in pages.iter().enumerate() {
         vmm.unmap(a + (i * PAGE) as u64, PAGE).unwrap();
@@ -155,13 +183,27 @@ fn gpu_kernel_writes_kv_through_layer_views_and_a_shared_prefix_reads_it_back() 
             let view = space.layer_view(layer);
             for (part, base) in [(0u32, view.k), (1, view.v)] {
                 let seed = 1000 + 2 * layer as u32 + part;
-                let (slot, n, heads, dim) = (src.0 as i32, ntok as i32, c.num_kv_heads as i32, c.head_dim as i32);
-                let strides = [view.slot_stride as u64, view.token_stride as u64, view.head_stride as u64];
+                let (slot, n, heads, dim) = (
+                    src.0 as i32,
+                    ntok as i32,
+                    c.num_kv_heads as i32,
+                    c.head_dim as i32,
+                );
+                let strides = [
+                    view.slot_stride as u64,
+                    view.token_stride as u64,
+                    view.head_stride as u64,
+                ];
                 let mut launch = k.stream.launch_builder(&k.fill_kv);
-                launch.arg(&base).arg(&strides[0]).arg(&strides[1]).arg(&strides[2]);
+                launch
+                    .arg(&base)
+                    .arg(&strides[0])
+                    .arg(&strides[1])
+                    .arg(&strides[2]);
                 launch.arg(&slot).arg(&n).arg(&heads).arg(&dim).arg(&seed);
                 let total = (ntok * c.num_kv_heads * c.head_dim) as u32;
-                unsafe { launch.launch(LaunchConfig::for_num_elems(total)) }.expect("launch fill_kv");
+                unsafe { launch.launch(LaunchConfig::for_num_elems(total)) }
+                    .expect("launch fill_kv");
             }
         }
         k.stream.synchronize().expect("fill_kv ran");
@@ -178,9 +220,14 @@ fn gpu_kernel_writes_kv_through_layer_views_and_a_shared_prefix_reads_it_back() 
                         let got = conformance::read_token(&space, slot, layer, part, t);
                         let expect: Vec<u8> = (0..c.num_kv_heads)
                             .flat_map(|h| (0..c.head_dim).map(move |d| (h, d)))
-                            .flat_map(|(h, d)| kv_value(seed, t as u32, h as u32, d as u32).to_le_bytes())
+                            .flat_map(|(h, d)| {
+                                kv_value(seed, t as u32, h as u32, d as u32).to_le_bytes()
+                            })
                             .collect();
-                        assert_eq!(got, expect, "{layout} slot {slot} layer {layer} part {part_id} token {t}");
+                        assert_eq!(
+                            got, expect,
+                            "{layout} slot {slot} layer {layer} part {part_id} token {t}"
+                        );
                     }
                 }
             }
@@ -218,11 +265,21 @@ fn gpu_mapper_maps_ahead_from_its_own_thread() {
     let Some(vmm) = gpu() else { return };
     let space = conformance::small_space(vmm.clone(), KvLayout::PerLayer, PAGE, 64, 64);
     let tpp = conformance::tokens_per_page(&space);
-    let mapper = Mapper::spawn(space, MapperOptions { pool_low_water: 4, pages_per_lock: 2 }).unwrap();
+    let mapper = Mapper::spawn(
+        space,
+        MapperOptions {
+            pool_low_water: 4,
+            pages_per_lock: 2,
+        },
+    )
+    .unwrap();
     let slot = mapper.space().acquire().unwrap();
     mapper.map_ahead(slot, 2 * tpp).unwrap();
     mapper.sync().unwrap();
-    assert!(!mapper.ensure(slot, 2 * tpp).unwrap(), "pages were mapped ahead: no wait");
+    assert!(
+        !mapper.ensure(slot, 2 * tpp).unwrap(),
+        "pages were mapped ahead: no wait"
+    );
     assert!(mapper.ensure(slot, 3 * tpp).unwrap(), "a miss is a wait");
     let stats = mapper.stats();
     eprintln!("{stats:?}");

@@ -23,7 +23,12 @@ impl KvShape {
     }
 }
 
-const fn shape(name: &'static str, num_layers: usize, num_kv_heads: usize, head_dim: usize) -> KvShape {
+const fn shape(
+    name: &'static str,
+    num_layers: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+) -> KvShape {
     KvShape {
         name,
         num_layers,
@@ -46,10 +51,14 @@ pub const KV_SHAPES: &[KvShape] = &[
 
 /// The preset called `name`, or an error listing the known ones.
 pub fn kv_shape(name: &str) -> Result<KvShape, String> {
-    KV_SHAPES.iter().find(|s| s.name == name).copied().ok_or_else(|| {
-        let known: Vec<&str> = KV_SHAPES.iter().map(|s| s.name).collect();
-        format!("unknown model preset {name:?}; known: {}", known.join(", "))
-    })
+    KV_SHAPES
+        .iter()
+        .find(|s| s.name == name)
+        .copied()
+        .ok_or_else(|| {
+            let known: Vec<&str> = KV_SHAPES.iter().map(|s| s.name).collect();
+            format!("unknown model preset {name:?}; known: {}", known.join(", "))
+        })
 }
 
 #[cfg(test)]

@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::{KvLayout, KvSpace, KvSpaceConfig, Mapper, MapperOptions, PhysicalMemory, Result, SlotId};
+use crate::{
+    KvLayout, KvSpace, KvSpaceConfig, Mapper, MapperOptions, PhysicalMemory, Result, SlotId,
+};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -54,7 +56,12 @@ pub struct Latency {
 impl Latency {
     fn of(mut samples: Vec<f64>) -> Self {
         if samples.is_empty() {
-            return Latency { calls: 0, median_us: 0.0, p99_us: 0.0, mean_us: 0.0 };
+            return Latency {
+                calls: 0,
+                median_us: 0.0,
+                p99_us: 0.0,
+                mean_us: 0.0,
+            };
         }
         samples.sort_by(f64::total_cmp);
         let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
@@ -92,7 +99,15 @@ pub struct Throughput {
 impl Throughput {
     fn of(elapsed: Duration, pages: usize) -> Self {
         let seconds = elapsed.as_secs_f64();
-        Throughput { seconds, pages, us_per_page: if pages > 0 { seconds * 1e6 / pages as f64 } else { 0.0 } }
+        Throughput {
+            seconds,
+            pages,
+            us_per_page: if pages > 0 {
+                seconds * 1e6 / pages as f64
+            } else {
+                0.0
+            },
+        }
     }
 }
 
@@ -171,19 +186,43 @@ pub fn run(
         mappers: Vec::new(),
     };
     let granularity = backend.granularity();
-    if let Some(&bad) = options.page_sizes.iter().find(|&&p| p == 0 || p % granularity != 0) {
-        return Err(crate::VmmError::PageSizeNotAligned { backend: backend.name(), page_size: bad, granularity });
+    if let Some(&bad) = options
+        .page_sizes
+        .iter()
+        .find(|&&p| p == 0 || p % granularity != 0)
+    {
+        return Err(crate::VmmError::PageSizeNotAligned {
+            backend: backend.name(),
+            page_size: bad,
+            granularity,
+        });
     }
     for &page_size in &options.page_sizes {
-        let size = if page_size % (1 << 20) == 0 { format!("{} MiB", page_size >> 20) } else { format!("{} KiB", page_size >> 10) };
+        let size = if page_size % (1 << 20) == 0 {
+            format!("{} MiB", page_size >> 20)
+        } else {
+            format!("{} KiB", page_size >> 10)
+        };
         progress(&format!("primitives, {size} pages"));
-        report.primitives.push(primitives(backend.as_ref(), page_size, options.pages)?);
+        report
+            .primitives
+            .push(primitives(backend.as_ref(), page_size, options.pages)?);
         for &layout in &options.layouts {
             progress(&format!("space, {layout}, {size} pages"));
-            report.spaces.push(space(backend.clone(), layout, page_size, options)?);
+            report
+                .spaces
+                .push(space(backend.clone(), layout, page_size, options)?);
             for ahead_pages in [0, 1] {
-                progress(&format!("mapper, {layout}, {size} pages, {ahead_pages} page(s) ahead"));
-                report.mappers.push(mapper(backend.clone(), layout, page_size, ahead_pages, options)?);
+                progress(&format!(
+                    "mapper, {layout}, {size} pages, {ahead_pages} page(s) ahead"
+                ));
+                report.mappers.push(mapper(
+                    backend.clone(),
+                    layout,
+                    page_size,
+                    ahead_pages,
+                    options,
+                )?);
             }
         }
     }
@@ -233,7 +272,12 @@ fn primitives(backend: &dyn PhysicalMemory, page_size: usize, n: usize) -> Resul
     })
 }
 
-fn space_config(layout: KvLayout, page_size: usize, o: &VmmBenchOptions, slots: usize) -> KvSpaceConfig {
+fn space_config(
+    layout: KvLayout,
+    page_size: usize,
+    o: &VmmBenchOptions,
+    slots: usize,
+) -> KvSpaceConfig {
     let mut config = KvSpaceConfig {
         layout,
         num_layers: o.num_layers,
@@ -249,7 +293,12 @@ fn space_config(layout: KvLayout, page_size: usize, o: &VmmBenchOptions, slots: 
     config
 }
 
-fn space(backend: Arc<dyn PhysicalMemory>, layout: KvLayout, page_size: usize, o: &VmmBenchOptions) -> Result<SpaceReport> {
+fn space(
+    backend: Arc<dyn PhysicalMemory>,
+    layout: KvLayout,
+    page_size: usize,
+    o: &VmmBenchOptions,
+) -> Result<SpaceReport> {
     // One slot more than the decode load, for the prefill and the share.
     let config = space_config(layout, page_size, o, o.slots + 1);
     let tokens_per_page = page_size as f64 / config.region_bytes_per_token() as f64;
@@ -258,7 +307,9 @@ fn space(backend: Arc<dyn PhysicalMemory>, layout: KvLayout, page_size: usize, o
     let created = space.create_ahead(config.max_pages)?;
     let create_ahead = Throughput::of(start.elapsed(), created);
 
-    let slots: Vec<SlotId> = (0..o.slots).map(|_| space.acquire()).collect::<Result<_>>()?;
+    let slots: Vec<SlotId> = (0..o.slots)
+        .map(|_| space.acquire())
+        .collect::<Result<_>>()?;
     let mut per_call = Vec::with_capacity(o.slots * o.tokens);
     let mut mapped = 0;
     let start = Instant::now();
@@ -323,8 +374,16 @@ fn mapper(
     let lookahead = ahead_pages * (page_size / config.region_bytes_per_token()).max(1);
     let mut space = KvSpace::new(config.clone(), backend)?;
     space.create_ahead(config.max_pages)?;
-    let mapper = Mapper::spawn(space, MapperOptions { pool_low_water: 0, pages_per_lock: 8 })?;
-    let slots: Vec<SlotId> = (0..o.slots).map(|_| mapper.space().acquire()).collect::<Result<_>>()?;
+    let mapper = Mapper::spawn(
+        space,
+        MapperOptions {
+            pool_low_water: 0,
+            pages_per_lock: 8,
+        },
+    )?;
+    let slots: Vec<SlotId> = (0..o.slots)
+        .map(|_| mapper.space().acquire())
+        .collect::<Result<_>>()?;
     // Admission backs each prompt before decoding starts (not a prediction miss). Prompt lengths
     // are staggered so that every slot crosses a page boundary during the run, at its own step.
     let tpp = (page_size / config.region_bytes_per_token()).max(1);
@@ -392,10 +451,16 @@ mod tests {
         for s in &report.spaces {
             assert!(s.decode.pages > 0 && s.prefill.pages > 0);
             assert_eq!(s.reuse.pages, 0, "a reused slot keeps its pages");
-            assert!(s.reclaim.pages > 0 && s.reclaim.pages <= s.create_ahead.pages, "{}", s.layout);
+            assert!(
+                s.reclaim.pages > 0 && s.reclaim.pages <= s.create_ahead.pages,
+                "{}",
+                s.layout
+            );
             assert!(s.shared_pages > 0, "{}", s.layout);
         }
-        let [no_ahead, ahead] = &report.mappers[..2] else { panic!() };
+        let [no_ahead, ahead] = &report.mappers[..2] else {
+            panic!()
+        };
         // Every slot crosses a page boundary: without look-ahead each crossing is a wait.
         assert!(no_ahead.waits >= options.slots as u64 && no_ahead.pages_mapped_ahead == 0);
         assert!(report.spaces.iter().all(|s| s.share_us > 0.0));

@@ -15,7 +15,13 @@ use crate::{KvLayout, KvPart, KvSpace, KvSpaceConfig, PhysicalMemory, SlotId};
 
 /// A space of 2 layers × 2 KV heads × `head_dim` in 2-byte elements; `max_tokens` is chosen
 /// so each slot spans at least four pages in either layout.
-pub fn small_space(backend: Arc<dyn PhysicalMemory>, layout: KvLayout, page_size: usize, head_dim: usize, max_pages: usize) -> KvSpace {
+pub fn small_space(
+    backend: Arc<dyn PhysicalMemory>,
+    layout: KvLayout,
+    page_size: usize,
+    head_dim: usize,
+    max_pages: usize,
+) -> KvSpace {
     let mut config = KvSpaceConfig {
         layout,
         num_layers: 2,
@@ -41,7 +47,9 @@ pub fn pattern(tag: u32, layer: usize, part: KvPart, token: usize, len: usize) -
     let seed = tag
         .wrapping_mul(2654435761)
         .wrapping_add((layer * 2 + part as usize) as u32 * 7919 + token as u32 * 104729);
-    (0..len).map(|i| (seed.wrapping_add(i as u32 * 31) >> 3) as u8).collect()
+    (0..len)
+        .map(|i| (seed.wrapping_add(i as u32 * 31) >> 3) as u8)
+        .collect()
 }
 
 /// Write `pattern(tag, ..)` into every layer's K and V of `tokens` of `slot`.
@@ -61,18 +69,25 @@ pub fn write_tokens(space: &KvSpace, slot: SlotId, tokens: std::ops::Range<usize
 /// One token's K or V of one layer.
 pub fn read_token(space: &KvSpace, slot: SlotId, layer: usize, part: KvPart, t: usize) -> Vec<u8> {
     let mut out = vec![0u8; space.config().head_bytes()];
-    space.read_token(slot, layer, part, t, &mut out).expect("read_token");
+    space
+        .read_token(slot, layer, part, t, &mut out)
+        .expect("read_token");
     out
 }
 
 /// Whether `tokens` of `slot` hold `pattern(tag, ..)` in every layer's K and V.
-pub fn tokens_match(space: &KvSpace, slot: SlotId, tokens: std::ops::Range<usize>, tag: u32) -> bool {
+pub fn tokens_match(
+    space: &KvSpace,
+    slot: SlotId,
+    tokens: std::ops::Range<usize>,
+    tag: u32,
+) -> bool {
     let len = space.config().head_bytes();
     tokens.into_iter().all(|t| {
         (0..space.config().num_layers).all(|layer| {
-            [KvPart::K, KvPart::V]
-                .into_iter()
-                .all(|part| read_token(space, slot, layer, part, t) == pattern(tag, layer, part, t, len))
+            [KvPart::K, KvPart::V].into_iter().all(|part| {
+                read_token(space, slot, layer, part, t) == pattern(tag, layer, part, t, len)
+            })
         })
     })
 }
@@ -100,11 +115,21 @@ pub fn bytes_round_trip(backend: Arc<dyn PhysicalMemory>, layout: KvLayout, page
                 for (base, part) in [(view.k, KvPart::K), (view.v, KvPart::V)] {
                     let expect = pattern(tag, layer, part, t, c.head_bytes());
                     for head in 0..c.num_kv_heads {
-                        let elem = slot.0 * view.slot_stride + t * view.token_stride + head * view.head_stride;
+                        let elem = slot.0 * view.slot_stride
+                            + t * view.token_stride
+                            + head * view.head_stride;
                         let mut got = vec![0u8; row];
                         // SAFETY: the slot is backed for n > t tokens.
-                        unsafe { backend.read(base + (elem * view.dtype_bytes) as u64, &mut got).unwrap() };
-                        assert_eq!(got, expect[head * row..(head + 1) * row], "{layout} layer {layer} token {t} head {head}");
+                        unsafe {
+                            backend
+                                .read(base + (elem * view.dtype_bytes) as u64, &mut got)
+                                .unwrap()
+                        };
+                        assert_eq!(
+                            got,
+                            expect[head * row..(head + 1) * row],
+                            "{layout} layer {layer} token {t} head {head}"
+                        );
                     }
                 }
             }
@@ -126,31 +151,56 @@ pub fn shared_prefix(backend: Arc<dyn PhysicalMemory>, layout: KvLayout, page_si
     space.share_prefix(src, dst, prefix).unwrap();
     let after = space.stats();
     let regions = space.config().num_regions();
-    assert_eq!(after.pages_shared, regions, "{layout}: the full page of each region is shared");
-    assert_eq!(after.pages_mapped - before.pages_mapped, regions, "{layout}: one copied page per region");
+    assert_eq!(
+        after.pages_shared, regions,
+        "{layout}: the full page of each region is shared"
+    );
+    assert_eq!(
+        after.pages_mapped - before.pages_mapped,
+        regions,
+        "{layout}: one copied page per region"
+    );
     assert_eq!(space.len(dst), prefix);
-    assert!(tokens_match(&space, dst, 0..prefix, 7), "{layout}: dst reads src's prefix");
+    assert!(
+        tokens_match(&space, dst, 0..prefix, 7),
+        "{layout}: dst reads src's prefix"
+    );
 
     // One physical page: a write through src shows through dst. (Engines never write below a
     // slot's length; this check does, to see the mapping itself.)
     let len = space.config().head_bytes();
     let probe = vec![0xAB; len];
     space.write_token(src, 0, KvPart::K, 3, &probe).unwrap();
-    assert_eq!(read_token(&space, dst, 0, KvPart::K, 3), probe, "{layout}: shared page");
-    space.write_token(src, 0, KvPart::K, 3, &pattern(7, 0, KvPart::K, 3, len)).unwrap();
+    assert_eq!(
+        read_token(&space, dst, 0, KvPart::K, 3),
+        probe,
+        "{layout}: shared page"
+    );
+    space
+        .write_token(src, 0, KvPart::K, 3, &pattern(7, 0, KvPart::K, 3, len))
+        .unwrap();
 
     // The partial page was copied: writes after the prefix in one slot leave the other alone.
     space.ensure(dst, prefix + 4).unwrap();
     write_tokens(&space, dst, prefix..prefix + 4, 99);
-    assert!(tokens_match(&space, src, 0..3 * tpp, 7), "{layout}: src unchanged by dst");
+    assert!(
+        tokens_match(&space, src, 0..3 * tpp, 7),
+        "{layout}: src unchanged by dst"
+    );
     assert!(tokens_match(&space, dst, prefix..prefix + 4, 99));
     write_tokens(&space, src, tpp..tpp + 2, 55);
-    assert!(tokens_match(&space, dst, tpp..tpp + 2, 7), "{layout}: dst's copy unchanged by src");
+    assert!(
+        tokens_match(&space, dst, tpp..tpp + 2, 7),
+        "{layout}: dst's copy unchanged by src"
+    );
     space.audit().unwrap();
 
     // Releasing the source leaves dst's prefix intact and un-shares the page.
     space.release(src).unwrap();
-    assert!(tokens_match(&space, dst, 0..tpp, 7), "{layout}: prefix survives the source");
+    assert!(
+        tokens_match(&space, dst, 0..tpp, 7),
+        "{layout}: prefix survives the source"
+    );
     assert_eq!(space.stats().pages_shared, 0);
     space.audit().unwrap();
 }
@@ -161,21 +211,40 @@ pub fn reuse_and_reclaim(backend: Arc<dyn PhysicalMemory>, layout: KvLayout, pag
     let n = 3 * tokens_per_page(&space);
     let a = space.acquire().unwrap();
     let mapped = space.ensure(a, n).unwrap();
-    assert_eq!(mapped, space.config().pages_for(n) * space.config().num_regions());
+    assert_eq!(
+        mapped,
+        space.config().pages_for(n) * space.config().num_regions()
+    );
     write_tokens(&space, a, 0..n, 3);
     space.release(a).unwrap();
     let s = space.stats();
-    assert_eq!((s.pages_cached, s.active_slots, s.bytes_holding_tokens), (mapped, 0, 0));
+    assert_eq!(
+        (s.pages_cached, s.active_slots, s.bytes_holding_tokens),
+        (mapped, 0, 0)
+    );
 
     let again = space.acquire().unwrap();
-    assert_eq!(again, a, "{layout}: the slot that still has pages is preferred");
-    assert_eq!(space.ensure(again, n).unwrap(), 0, "{layout}: no mapping call on reuse");
-    assert!(tokens_match(&space, again, 0..n, 3), "{layout}: same physical pages");
+    assert_eq!(
+        again, a,
+        "{layout}: the slot that still has pages is preferred"
+    );
+    assert_eq!(
+        space.ensure(again, n).unwrap(),
+        0,
+        "{layout}: no mapping call on reuse"
+    );
+    assert!(
+        tokens_match(&space, again, 0..n, 3),
+        "{layout}: same physical pages"
+    );
     space.release(again).unwrap();
 
     assert_eq!(space.reclaim_all().unwrap(), mapped);
     let s = space.stats();
-    assert_eq!((s.pages_mapped, s.mappings, s.pages_free), (0, 0, s.pages_created));
+    assert_eq!(
+        (s.pages_mapped, s.mappings, s.pages_free),
+        (0, 0, s.pages_created)
+    );
     assert_eq!(space.trim_pool().unwrap(), s.pages_created);
     space.audit().unwrap();
 }

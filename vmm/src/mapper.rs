@@ -287,7 +287,10 @@ mod tests {
         mapper.sync().unwrap();
         assert!(!mapper.ensure(slot, 130).unwrap());
         let stats = mapper.stats();
-        assert_eq!((stats.requests, stats.pages_mapped_ahead, stats.waits), (1, 12, 0));
+        assert_eq!(
+            (stats.requests, stats.pages_mapped_ahead, stats.waits),
+            (1, 12, 0)
+        );
         assert_eq!(mapper.space().len(slot), 130);
     }
 
@@ -296,7 +299,10 @@ mod tests {
         let mapper = Mapper::spawn(space(64), no_top_up()).unwrap();
         let slot = mapper.space().acquire().unwrap();
         assert!(mapper.ensure(slot, 65).unwrap());
-        assert!(!mapper.ensure(slot, 100).unwrap(), "already backed up to 128 tokens");
+        assert!(
+            !mapper.ensure(slot, 100).unwrap(),
+            "already backed up to 128 tokens"
+        );
         let stats = mapper.stats();
         assert_eq!((stats.waits, stats.pages_mapped_on_wait), (1, 8));
         assert!(stats.wait_seconds > 0.0);
@@ -328,7 +334,10 @@ mod tests {
         let mapper = Mapper::spawn(space(64), options).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         while mapper.space().pool_free() < 10 {
-            assert!(Instant::now() < deadline, "pool never reached its low-water mark");
+            assert!(
+                Instant::now() < deadline,
+                "pool never reached its low-water mark"
+            );
             std::thread::sleep(Duration::from_millis(1));
         }
         assert_eq!(mapper.stats().pages_created_ahead, 10);
@@ -359,6 +368,8 @@ mod tests {
         assert!(stats.waits <= ensures);
         let space = mapper.space();
         space.audit().unwrap();
-        assert!(slots.iter().all(|&s| space.len(s) == 300 && space.is_backed(s, 300)));
+        assert!(slots
+            .iter()
+            .all(|&s| space.len(s) == 300 && space.is_backed(s, 300)));
     }
 }
