@@ -21,15 +21,17 @@ pub fn parse_bytes(text: &str) -> Result<usize, String> {
         "mb" => 1e6,
         "gb" => 1e9,
         "tb" => 1e12,
-        other => return Err(format!(
-            "unknown size unit {other:?} in {text:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
-        )),
+        other => return Err(unknown_unit(other, text)),
     };
     let bytes = number * scale;
     if !bytes.is_finite() || bytes < 0.0 || bytes > usize::MAX as f64 || bytes.fract() != 0.0 {
         return Err(format!("{text:?} is not a whole number of bytes"));
     }
     Ok(bytes as usize)
+}
+
+fn unknown_unit(unit: &str, text: &str) -> String {
+    format!("unknown size unit {unit:?} in {text:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")
 }
 
 /// `2 MiB`, `64 KiB`, `512 B`: the largest binary unit that divides evenly.
