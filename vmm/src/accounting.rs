@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
+use crate::physical::{check_page_size, Reservations};
 use crate::{PhysicalMemory, PhysicalPage, Result, VmmError};
 
 const NAME: &str = "accounting";
@@ -24,7 +25,7 @@ pub struct AccountingVmm {
 struct Books {
     next_addr: u64,
     next_handle: u64,
-    reservations: BTreeMap<u64, usize>,
+    reservations: Reservations,
     /// Live pages: handle → number of addresses it is mapped at.
     pages: HashMap<u64, usize>,
     /// Mapped granules: address → the mapping that covers it.
@@ -71,12 +72,7 @@ impl AccountingVmm {
 
     fn check(&self, books: &Books, call: &'static str, addr: u64, bytes: usize) -> Result<()> {
         let g = self.granularity as u64;
-        let inside = books
-            .reservations
-            .range(..=addr)
-            .next_back()
-            .is_some_and(|(&base, &len)| addr + bytes as u64 <= base + len as u64);
-        if bytes == 0 || addr % g != 0 || bytes as u64 % g != 0 || !inside {
+        if addr % g != 0 || bytes as u64 % g != 0 || !books.reservations.contains(addr, bytes) {
             return Err(VmmError::Backend {
                 backend: NAME,
                 call,
@@ -124,7 +120,7 @@ impl PhysicalMemory for AccountingVmm {
 
     fn free_reservation(&self, addr: u64, bytes: usize) -> Result<()> {
         let mut books = self.books();
-        if books.reservations.get(&addr) != Some(&bytes) {
+        if !books.reservations.is_exactly(addr, bytes) {
             return Err(VmmError::OutsideReservation {
                 backend: NAME,
                 addr,
@@ -143,18 +139,12 @@ impl PhysicalMemory for AccountingVmm {
                 detail: format!("reservation {addr:#x} still has mapped pages"),
             });
         }
-        books.reservations.remove(&addr);
+        books.reservations.remove(addr);
         Ok(())
     }
 
     fn create_page(&self, size: usize) -> Result<PhysicalPage> {
-        if size == 0 || size % self.granularity != 0 {
-            return Err(VmmError::PageSizeNotAligned {
-                backend: NAME,
-                page_size: size,
-                granularity: self.granularity,
-            });
-        }
+        check_page_size(NAME, size, self.granularity)?;
         let mut books = self.books();
         let handle = books.next_handle;
         books.next_handle += 1;

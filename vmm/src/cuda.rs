@@ -16,6 +16,7 @@ use std::sync::Arc;
 use cudarc::driver::sys;
 use cudarc::driver::CudaContext;
 
+use crate::physical::check_page_size;
 use crate::{CudaProbe, PhysicalMemory, PhysicalPage, Result, VmmError};
 
 const NAME: &str = "cuda";
@@ -166,13 +167,7 @@ impl PhysicalMemory for CudaVmm {
     }
 
     fn create_page(&self, size: usize) -> Result<PhysicalPage> {
-        if size == 0 || size % self.granularity != 0 {
-            return Err(VmmError::PageSizeNotAligned {
-                backend: NAME,
-                page_size: size,
-                granularity: self.granularity,
-            });
-        }
+        check_page_size(NAME, size, self.granularity)?;
         self.bind()?;
         let prop = self.alloc_prop();
         let mut handle: sys::CUmemGenericAllocationHandle = 0;

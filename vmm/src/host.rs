@@ -15,10 +15,11 @@
 //! Every map, unmap and set-access is checked to lie inside one of this backend's reservations and
 //! to be aligned to the OS page size (its granularity), so no call can clobber other memory.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Mutex;
 
+use crate::physical::{check_page_size, Reservations};
 use crate::{PhysicalMemory, PhysicalPage, Result, VmmError};
 
 const NAME: &str = "host";
@@ -37,8 +38,7 @@ struct HostState {
     file_len: u64,
     /// Released page offsets, by page size, ready for reuse.
     free_offsets: HashMap<usize, Vec<u64>>,
-    /// Live reservations: base address → length.
-    reservations: BTreeMap<u64, usize>,
+    reservations: Reservations,
 }
 
 impl HostVmm {
@@ -86,13 +86,7 @@ impl HostVmm {
     fn check_range(&self, call: &'static str, addr: u64, bytes: usize) -> Result<()> {
         self.check_aligned(call, addr)?;
         self.check_aligned(call, bytes as u64)?;
-        let state = self.state();
-        let inside = state
-            .reservations
-            .range(..=addr)
-            .next_back()
-            .is_some_and(|(&base, &len)| addr + bytes as u64 <= base + len as u64);
-        if bytes == 0 || !inside {
+        if !self.state().reservations.contains(addr, bytes) {
             return Err(VmmError::OutsideReservation {
                 backend: NAME,
                 addr,
@@ -160,32 +154,23 @@ impl PhysicalMemory for HostVmm {
 
     fn free_reservation(&self, addr: u64, bytes: usize) -> Result<()> {
         let mut state = self.state();
-        match state.reservations.get(&addr) {
-            Some(&len) if len == bytes => {}
-            _ => {
-                return Err(VmmError::OutsideReservation {
-                    backend: NAME,
-                    addr,
-                    bytes,
-                })
-            }
+        if !state.reservations.is_exactly(addr, bytes) {
+            return Err(VmmError::OutsideReservation {
+                backend: NAME,
+                addr,
+                bytes,
+            });
         }
         // SAFETY: the range is exactly one reservation of ours.
         if unsafe { libc::munmap(addr as *mut libc::c_void, bytes) } != 0 {
             return Err(VmmError::os(NAME, "munmap"));
         }
-        state.reservations.remove(&addr);
+        state.reservations.remove(addr);
         Ok(())
     }
 
     fn create_page(&self, size: usize) -> Result<PhysicalPage> {
-        if size == 0 || size % self.granularity != 0 {
-            return Err(VmmError::PageSizeNotAligned {
-                backend: NAME,
-                page_size: size,
-                granularity: self.granularity,
-            });
-        }
+        check_page_size(NAME, size, self.granularity)?;
         let mut state = self.state();
         if let Some(offset) = state.free_offsets.get_mut(&size).and_then(Vec::pop) {
             return Ok(PhysicalPage {
@@ -306,7 +291,7 @@ impl PhysicalMemory for HostVmm {
 impl Drop for HostVmm {
     fn drop(&mut self) {
         let state = self.state();
-        for (&base, &len) in &state.reservations {
+        for (base, len) in state.reservations.iter() {
             // SAFETY: each is a reservation of ours that nobody else can use after drop.
             unsafe { libc::munmap(base as *mut libc::c_void, len) };
         }

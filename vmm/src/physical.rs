@@ -104,3 +104,53 @@ pub fn probe_cuda() -> Result<CudaProbe> {
         ))
     }
 }
+
+/// Check that `page_size` is a positive multiple of `granularity` (every backend's rule).
+pub(crate) fn check_page_size(
+    backend: &'static str,
+    page_size: usize,
+    granularity: usize,
+) -> Result<()> {
+    if page_size == 0 || page_size % granularity != 0 {
+        return Err(crate::VmmError::PageSizeNotAligned {
+            backend,
+            page_size,
+            granularity,
+        });
+    }
+    Ok(())
+}
+
+/// The virtual ranges a backend has reserved (base → length), for backends that must check
+/// themselves that a call stays inside its own reservations (the host and accounting ones).
+#[derive(Debug, Default)]
+pub(crate) struct Reservations(std::collections::BTreeMap<u64, usize>);
+
+impl Reservations {
+    pub(crate) fn insert(&mut self, base: u64, bytes: usize) {
+        self.0.insert(base, bytes);
+    }
+
+    /// Whether `[addr, addr + bytes)` is non-empty and lies inside one reservation.
+    pub(crate) fn contains(&self, addr: u64, bytes: usize) -> bool {
+        bytes > 0
+            && self
+                .0
+                .range(..=addr)
+                .next_back()
+                .is_some_and(|(&base, &len)| addr + bytes as u64 <= base + len as u64)
+    }
+
+    /// Whether exactly this reservation exists.
+    pub(crate) fn is_exactly(&self, base: u64, bytes: usize) -> bool {
+        self.0.get(&base) == Some(&bytes)
+    }
+
+    pub(crate) fn remove(&mut self, base: u64) {
+        self.0.remove(&base);
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, usize)> + '_ {
+        self.0.iter().map(|(&b, &l)| (b, l))
+    }
+}

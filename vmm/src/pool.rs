@@ -30,14 +30,7 @@ impl PagePool {
         page_size: usize,
         max_pages: usize,
     ) -> Result<Self> {
-        let granularity = backend.granularity();
-        if page_size == 0 || page_size % granularity != 0 {
-            return Err(VmmError::PageSizeNotAligned {
-                backend: backend.name(),
-                page_size,
-                granularity,
-            });
-        }
+        crate::physical::check_page_size(backend.name(), page_size, backend.granularity())?;
         Ok(PagePool {
             backend,
             page_size,
