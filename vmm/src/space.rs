@@ -220,9 +220,12 @@ struct Slot {
     active: bool,
     /// Tokens the slot holds (written or about to be written this step).
     len: usize,
-    /// `pages[region][i]`: the page mapped at page `i` of this slot's range in `region`.
+    /// `pages[region][i]`: the page mapped at page `i` of this slot's range in `region`. Grown on
+    /// demand: an index past the end is unmapped.
     pages: Vec<Vec<Option<PhysicalPage>>>,
     mapped: usize,
+    /// Pages `0..backed` are mapped in every region (a lower bound; the fast path of `ensure`).
+    backed: usize,
 }
 
 /// The virtual-memory KV cache (see the module docs).
@@ -260,12 +263,12 @@ impl KvSpace {
                 }
             }
         }
-        let pages_per_slot = slot_stride / config.page_size;
         let slot = Slot {
             active: false,
             len: 0,
-            pages: vec![vec![None; pages_per_slot]; config.num_regions()],
+            pages: vec![Vec::new(); config.num_regions()],
             mapped: 0,
+            backed: 0,
         };
         Ok(KvSpace {
             slots: vec![slot; config.max_slots],
@@ -327,7 +330,10 @@ impl KvSpace {
         self.active_slot(slot)?;
         for region in 0..self.bases.len() {
             for i in 0..self.slots[slot.0].pages[region].len() {
-                if self.slots[slot.0].pages[region][i].is_some_and(|p| self.refs[&p.handle] > 1) {
+                if self
+                    .page(slot, region, i)
+                    .is_some_and(|p| self.refs[&p.handle] > 1)
+                {
                     self.unmap_page(slot, region, i)?;
                 }
             }
@@ -352,9 +358,8 @@ impl KvSpace {
     pub fn is_backed(&self, slot: SlotId, tokens: usize) -> bool {
         let need = self.config.pages_for(tokens.min(self.config.max_tokens));
         self.slots.get(slot.0).is_some_and(|s| {
-            s.pages
-                .iter()
-                .all(|region| region[..need].iter().all(Option::is_some))
+            need <= s.backed
+                || (0..s.pages.len()).all(|r| (0..need).all(|i| self.page(slot, r, i).is_some()))
         })
     }
 
@@ -385,10 +390,15 @@ impl KvSpace {
             });
         }
         let need = self.config.pages_for(tokens);
-        let missing: usize = self.slots[slot.0]
-            .pages
-            .iter()
-            .map(|region| region[..need].iter().filter(|p| p.is_none()).count())
+        if need <= self.slots[slot.0].backed {
+            return Ok(0);
+        }
+        let missing: usize = (0..self.bases.len())
+            .map(|r| {
+                (0..need)
+                    .filter(|&i| self.page(slot, r, i).is_none())
+                    .count()
+            })
             .sum();
         // Check the whole request can be met before mapping any of it, so an impossible request
         // (also a map-ahead done a few pages at a time) takes no pages.
@@ -402,12 +412,16 @@ impl KvSpace {
                 if mapped == todo {
                     break 'pages;
                 }
-                if self.slots[slot.0].pages[region][i].is_none() {
+                if self.page(slot, region, i).is_none() {
                     let page = self.pool.take()?;
                     self.map_page(slot, region, i, page)?;
                     mapped += 1;
                 }
             }
+        }
+        if mapped == missing {
+            let s = &mut self.slots[slot.0];
+            s.backed = s.backed.max(need);
         }
         Ok(mapped)
     }
@@ -437,7 +451,7 @@ impl KvSpace {
                     if returned == pages {
                         return Ok(returned);
                     }
-                    if self.slots[s].pages[region][i].is_some()
+                    if self.page(SlotId(s), region, i).is_some()
                         && self.unmap_page(SlotId(s), region, i)?
                     {
                         returned += 1;
@@ -491,25 +505,23 @@ impl KvSpace {
         self.make_available(fresh)?;
         for region in 0..self.bases.len() {
             for i in 0..full {
-                let page = self.slots[src.0].pages[region][i].expect("src holds its prefix");
-                if self.slots[dst.0].pages[region][i] == Some(page) {
+                let page = self.page(src, region, i).expect("src holds its prefix");
+                if self.page(dst, region, i) == Some(page) {
                     continue;
                 }
-                if self.slots[dst.0].pages[region][i].is_some() {
+                if self.page(dst, region, i).is_some() {
                     self.unmap_page(dst, region, i)?;
                 }
                 self.map_page(dst, region, i, page)?;
             }
             // Every page dst will write into from now on must be exclusive to it.
             for i in full..self.slots[dst.0].pages[region].len() {
-                if self.slots[dst.0].pages[region][i].is_some()
-                    && !self.is_exclusive(dst, region, i)
-                {
+                if self.page(dst, region, i).is_some() && !self.is_exclusive(dst, region, i) {
                     self.unmap_page(dst, region, i)?;
                 }
             }
             if rem > 0 {
-                if self.slots[dst.0].pages[region][full].is_none() {
+                if self.page(dst, region, full).is_none() {
                     let page = self.pool.take()?;
                     self.map_page(dst, region, full, page)?;
                 }
@@ -521,7 +533,12 @@ impl KvSpace {
                 }
             }
         }
-        self.slots[dst.0].len = tokens;
+        let backed = (0..)
+            .take_while(|&i| (0..self.bases.len()).all(|r| self.page(dst, r, i).is_some()))
+            .count();
+        let d = &mut self.slots[dst.0];
+        d.len = tokens;
+        d.backed = backed;
         Ok(())
     }
 
@@ -658,6 +675,14 @@ impl KvSpace {
                     n += 1;
                 }
             }
+            if let Some(r) = (0..slot.pages.len())
+                .find(|&r| (0..slot.backed).any(|i| self.page(SlotId(s), r, i).is_none()))
+            {
+                return Err(format!(
+                    "slot {s}: region {r} has a hole below backed = {}",
+                    slot.backed
+                ));
+            }
             if n != slot.mapped {
                 return Err(format!(
                     "slot {s}: {n} pages in its table, {} counted",
@@ -747,12 +772,11 @@ impl KvSpace {
             return Err(not_backed);
         }
         if len > 0 {
-            let pages = &self.slots[slot.0].pages[region];
             let (first, last) = (
                 offset / self.config.page_size,
                 (end - 1) / self.config.page_size,
             );
-            if pages[first..=last].iter().any(Option::is_none) {
+            if (first..=last).any(|i| self.page(slot, region, i).is_none()) {
                 return Err(not_backed);
             }
         }
@@ -763,11 +787,16 @@ impl KvSpace {
         self.addr(slot, region, index * self.config.page_size)
     }
 
-    fn is_exclusive(&self, slot: SlotId, region: usize, index: usize) -> bool {
+    /// The page mapped at page `index` of `slot` in `region`, if any.
+    fn page(&self, slot: SlotId, region: usize, index: usize) -> Option<PhysicalPage> {
         self.slots[slot.0].pages[region]
             .get(index)
             .copied()
             .flatten()
+    }
+
+    fn is_exclusive(&self, slot: SlotId, region: usize, index: usize) -> bool {
+        self.page(slot, region, index)
             .is_some_and(|p| self.refs[&p.handle] == 1)
     }
 
@@ -794,7 +823,11 @@ impl KvSpace {
         }
         *self.refs.entry(page.handle).or_default() += 1;
         let s = &mut self.slots[slot.0];
-        s.pages[region][index] = Some(page);
+        let table = &mut s.pages[region];
+        if table.len() <= index {
+            table.resize(index + 1, None);
+        }
+        table[index] = Some(page);
         s.mapped += 1;
         Ok(())
     }
@@ -802,7 +835,7 @@ impl KvSpace {
     /// Unmap page `index` of `slot` in `region`; returns true if it went back to the pool (no
     /// other address maps it).
     fn unmap_page(&mut self, slot: SlotId, region: usize, index: usize) -> Result<bool> {
-        let Some(page) = self.slots[slot.0].pages[region][index] else {
+        let Some(page) = self.page(slot, region, index) else {
             return Ok(false);
         };
         self.backend
@@ -810,6 +843,7 @@ impl KvSpace {
         let s = &mut self.slots[slot.0];
         s.pages[region][index] = None;
         s.mapped -= 1;
+        s.backed = s.backed.min(index);
         let refs = self
             .refs
             .get_mut(&page.handle)
