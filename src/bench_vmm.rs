@@ -134,7 +134,7 @@ pub fn run(args: Args) -> Result<()> {
     eprintln!(
         "vkv bench vmm: {} backend on {device}, model {} ({} per token)",
         backend.name(),
-        shape.name,
+        &shape.name,
         format_bytes(shape.bytes_per_token())
     );
     let mut report = bench::run(backend, device, &options, |what| {

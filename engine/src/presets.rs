@@ -3,17 +3,21 @@
 //! `vkv bench vmm` today, `vkv frag` and the random-weight presets later.
 //!
 //! Figures are from each model's published `config.json`: `num_hidden_layers`,
-//! `num_key_value_heads` (or `num_attention_heads` without GQA), `hidden_size / num_attention_heads`.
+//! `num_key_value_heads` (or `num_attention_heads` without GQA), `hidden_size / num_attention_heads`,
+//! `max_position_embeddings`. [`kv_shape_from_hf_config`] reads the same fields from any HF
+//! `config.json`.
 
 /// The KV-relevant shape of a model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvShape {
-    pub name: &'static str,
+    pub name: String,
     pub num_layers: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
     /// Bytes per KV element (2: fp16/bf16).
     pub dtype_bytes: usize,
+    /// The model's context length (`max_position_embeddings`).
+    pub max_len: usize,
 }
 
 impl KvShape {
@@ -23,47 +27,109 @@ impl KvShape {
     }
 }
 
-const fn shape(
-    name: &'static str,
-    num_layers: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
-) -> KvShape {
-    KvShape {
-        name,
+/// Every preset: name, layers, KV heads, head dim, context length (all bf16/fp16).
+const PRESETS: &[(&str, usize, usize, usize, usize)] = &[
+    ("llama-3-8b", 32, 8, 128, 8192),
+    ("llama-2-7b", 32, 32, 128, 4096),
+    ("mistral-7b", 32, 8, 128, 32768),
+    ("yi-6b", 32, 4, 128, 4096),
+    ("yi-34b", 60, 8, 128, 4096),
+    ("opt-13b", 40, 40, 128, 2048),
+    ("smollm2-135m", 30, 3, 64, 8192),
+];
+
+/// Names of the presets.
+pub fn preset_names() -> Vec<&'static str> {
+    PRESETS.iter().map(|p| p.0).collect()
+}
+
+/// The preset called `name`, or an error listing the known ones.
+pub fn kv_shape(name: &str) -> Result<KvShape, String> {
+    let &(name, num_layers, num_kv_heads, head_dim, max_len) =
+        PRESETS.iter().find(|p| p.0 == name).ok_or_else(|| {
+            format!(
+                "unknown model preset {name:?}; known: {}",
+                preset_names().join(", ")
+            )
+        })?;
+    Ok(KvShape {
+        name: name.to_string(),
         num_layers,
         num_kv_heads,
         head_dim,
         dtype_bytes: 2,
-    }
+        max_len,
+    })
 }
 
-/// Every preset, by name.
-pub const KV_SHAPES: &[KvShape] = &[
-    shape("llama-3-8b", 32, 8, 128),
-    shape("llama-2-7b", 32, 32, 128),
-    shape("mistral-7b", 32, 8, 128),
-    shape("yi-6b", 32, 4, 128),
-    shape("yi-34b", 60, 8, 128),
-    shape("opt-13b", 40, 40, 128),
-    shape("smollm2-135m", 30, 3, 64),
-];
-
-/// The preset called `name`, or an error listing the known ones.
-pub fn kv_shape(name: &str) -> Result<KvShape, String> {
-    KV_SHAPES
-        .iter()
-        .find(|s| s.name == name)
-        .copied()
-        .ok_or_else(|| {
-            let known: Vec<&str> = KV_SHAPES.iter().map(|s| s.name).collect();
-            format!("unknown model preset {name:?}; known: {}", known.join(", "))
-        })
+/// The KV shape of an HF model from its `config.json` text: `num_hidden_layers`,
+/// `num_key_value_heads` (default `num_attention_heads`), `head_dim` (default `hidden_size /
+/// num_attention_heads`), `max_position_embeddings` (default 4096) and `torch_dtype` (4 bytes for
+/// float32, else 2). `name` labels the result.
+pub fn kv_shape_from_hf_config(name: &str, json: &str) -> Result<KvShape, String> {
+    let v: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| format!("{name}: config.json is not valid JSON: {e}"))?;
+    let field = |key: &str| {
+        v.get(key)
+            .and_then(serde_json::Value::as_u64)
+            .map(|x| x as usize)
+    };
+    let need = |key: &str| {
+        field(key)
+            .filter(|&x| x > 0)
+            .ok_or_else(|| format!("{name}: config.json has no positive integer `{key}`"))
+    };
+    let num_layers = need("num_hidden_layers")?;
+    let heads = need("num_attention_heads")?;
+    let num_kv_heads = field("num_key_value_heads")
+        .filter(|&x| x > 0)
+        .unwrap_or(heads);
+    let head_dim = match field("head_dim").filter(|&x| x > 0) {
+        Some(d) => d,
+        None => {
+            let hidden = need("hidden_size")?;
+            if hidden % heads != 0 {
+                return Err(format!(
+                    "{name}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
+                ));
+            }
+            hidden / heads
+        }
+    };
+    let dtype_bytes = match v.get("torch_dtype").and_then(serde_json::Value::as_str) {
+        Some("float32") => 4,
+        _ => 2,
+    };
+    Ok(KvShape {
+        name: name.to_string(),
+        num_layers,
+        num_kv_heads,
+        head_dim,
+        dtype_bytes,
+        max_len: field("max_position_embeddings")
+            .filter(|&x| x > 0)
+            .unwrap_or(4096),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hf_config_fields_give_the_shape() {
+        let json = r#"{"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                       "hidden_size": 576, "max_position_embeddings": 8192, "torch_dtype": "bfloat16"}"#;
+        let s = kv_shape_from_hf_config("smollm2", json).unwrap();
+        let preset = kv_shape("smollm2-135m").unwrap();
+        assert_eq!(s.bytes_per_token(), preset.bytes_per_token());
+        assert_eq!(s.max_len, 8192);
+        let err = kv_shape_from_hf_config("x", r#"{"num_attention_heads": 8}"#).unwrap_err();
+        assert!(err.contains("num_hidden_layers"), "{err}");
+        assert!(kv_shape_from_hf_config("x", "{oops")
+            .unwrap_err()
+            .contains("not valid JSON"));
+    }
 
     #[test]
     fn llama_3_8b_holds_128_kib_per_token() {

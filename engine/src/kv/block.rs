@@ -1,0 +1,236 @@
+//! The paged KV allocator: a pool of `num_blocks` blocks of `block_size` tokens, handed out one
+//! at a time and reference-counted, and per-sequence block tables (vLLM's `BlockAllocator` and
+//! `BlockSpaceManager`; mistral.rs's `paged_attention/block_pool.rs` follows the same scheme).
+//!
+//! Invariants (property-tested below): every block is either free or held with a reference count
+//! equal to the number of tables that hold it; a table holding `n` tokens holds exactly
+//! `ceil(n / block_size)` blocks; a failed grow allocates nothing.
+
+use super::KvError;
+
+/// Index of a physical KV block.
+pub type BlockId = u32;
+
+/// A pool of fixed-size KV blocks (see the module docs).
+#[derive(Debug, Clone)]
+pub struct BlockAllocator {
+    block_size: usize,
+    free: Vec<BlockId>,
+    refs: Vec<u32>,
+}
+
+impl BlockAllocator {
+    /// `num_blocks` blocks of `block_size` tokens, all free.
+    pub fn new(num_blocks: usize, block_size: usize) -> Result<Self, KvError> {
+        if block_size == 0 || num_blocks > u32::MAX as usize {
+            return Err(KvError::InvalidConfig(format!(
+                "block_size must be > 0 and num_blocks < 2^32, found {block_size} and {num_blocks}"
+            )));
+        }
+        Ok(BlockAllocator {
+            block_size,
+            // Pop from the end: hand out low block numbers first.
+            free: (0..num_blocks as BlockId).rev().collect(),
+            refs: vec![0; num_blocks],
+        })
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.refs.len()
+    }
+
+    pub fn num_free(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Blocks needed to hold `tokens` tokens.
+    pub fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.block_size)
+    }
+
+    /// Take a free block (reference count 1).
+    pub fn allocate(&mut self) -> Result<BlockId, KvError> {
+        let block = self.free.pop().ok_or(KvError::OutOfBlocks {
+            needed: 1,
+            free: 0,
+            total: self.num_blocks(),
+        })?;
+        self.refs[block as usize] = 1;
+        Ok(block)
+    }
+
+    /// Add a holder to an allocated block (a second sequence sharing it).
+    pub fn retain(&mut self, block: BlockId) -> Result<(), KvError> {
+        match self.refs.get_mut(block as usize) {
+            Some(r) if *r > 0 => {
+                *r += 1;
+                Ok(())
+            }
+            _ => Err(KvError::NotAllocated {
+                what: format!("block {block}"),
+            }),
+        }
+    }
+
+    /// Drop a holder; the block is free again when none is left.
+    pub fn release(&mut self, block: BlockId) -> Result<(), KvError> {
+        match self.refs.get_mut(block as usize) {
+            Some(r) if *r > 0 => {
+                *r -= 1;
+                if *r == 0 {
+                    self.free.push(block);
+                }
+                Ok(())
+            }
+            _ => Err(KvError::NotAllocated {
+                what: format!("block {block}"),
+            }),
+        }
+    }
+
+    /// Holders of `block` (0 when free).
+    pub fn ref_count(&self, block: BlockId) -> u32 {
+        self.refs.get(block as usize).copied().unwrap_or(0)
+    }
+}
+
+/// One sequence's blocks, in logical order, and the tokens they hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BlockTable {
+    blocks: Vec<BlockId>,
+    tokens: usize,
+}
+
+impl BlockTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn blocks(&self) -> &[BlockId] {
+        &self.blocks
+    }
+
+    /// Tokens the table holds.
+    pub fn len(&self) -> usize {
+        self.tokens
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens == 0
+    }
+
+    /// Hold `tokens` tokens (never fewer than now), allocating the blocks that needs. Either all
+    /// needed blocks are allocated or none (and `OutOfBlocks` says how many were missing).
+    /// Returns the number of blocks allocated.
+    pub fn grow_to(&mut self, tokens: usize, alloc: &mut BlockAllocator) -> Result<usize, KvError> {
+        let tokens = tokens.max(self.tokens);
+        let needed = alloc.blocks_for(tokens).saturating_sub(self.blocks.len());
+        if needed > alloc.num_free() {
+            return Err(KvError::OutOfBlocks {
+                needed,
+                free: alloc.num_free(),
+                total: alloc.num_blocks(),
+            });
+        }
+        for _ in 0..needed {
+            self.blocks.push(alloc.allocate()?);
+        }
+        self.tokens = tokens;
+        Ok(needed)
+    }
+
+    /// Give every block back; the table is empty afterwards.
+    pub fn release(&mut self, alloc: &mut BlockAllocator) -> Result<(), KvError> {
+        for block in self.blocks.drain(..) {
+            alloc.release(block)?;
+        }
+        self.tokens = 0;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[test]
+    fn blocks_are_allocated_as_tokens_arrive() {
+        let mut alloc = BlockAllocator::new(4, 16).unwrap();
+        let mut t = BlockTable::new();
+        assert_eq!(t.grow_to(1, &mut alloc).unwrap(), 1);
+        assert_eq!(t.grow_to(16, &mut alloc).unwrap(), 0);
+        assert_eq!(t.grow_to(17, &mut alloc).unwrap(), 1);
+        assert_eq!(t.grow_to(5, &mut alloc).unwrap(), 0, "never shrinks");
+        assert_eq!((t.len(), t.blocks().len(), alloc.num_free()), (17, 2, 2));
+        let err = t.grow_to(100, &mut alloc).unwrap_err();
+        assert_eq!(
+            err,
+            KvError::OutOfBlocks {
+                needed: 5,
+                free: 2,
+                total: 4
+            }
+        );
+        assert_eq!(alloc.num_free(), 2, "a failed grow allocates nothing");
+        t.release(&mut alloc).unwrap();
+        assert_eq!(alloc.num_free(), 4);
+        assert!(alloc.release(0).is_err(), "double free is an error");
+        assert!(BlockAllocator::new(4, 0).is_err());
+    }
+
+    #[test]
+    fn shared_blocks_are_freed_by_their_last_holder() {
+        let mut alloc = BlockAllocator::new(2, 16).unwrap();
+        let b = alloc.allocate().unwrap();
+        alloc.retain(b).unwrap();
+        alloc.release(b).unwrap();
+        assert_eq!((alloc.ref_count(b), alloc.num_free()), (1, 1));
+        alloc.release(b).unwrap();
+        assert_eq!((alloc.ref_count(b), alloc.num_free()), (0, 2));
+        assert!(alloc.retain(b).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn random_grows_and_releases_keep_every_block_accounted(
+            num_blocks in 1..64usize,
+            block_size in 1..33usize,
+            ops in proptest::collection::vec((0..6usize, 0..400usize, any::<bool>()), 1..200),
+        ) {
+            let mut alloc = BlockAllocator::new(num_blocks, block_size).unwrap();
+            let mut tables = vec![BlockTable::new(); 6];
+            for (i, tokens, release) in ops {
+                let before = (tables[i].clone(), alloc.num_free());
+                if release {
+                    tables[i].release(&mut alloc).unwrap();
+                } else if tables[i].grow_to(tokens, &mut alloc).is_err() {
+                    prop_assert_eq!((tables[i].clone(), alloc.num_free()), before);
+                }
+                let mut holders: HashMap<BlockId, u32> = HashMap::new();
+                for t in &tables {
+                    prop_assert_eq!(t.blocks().len(), t.len().div_ceil(block_size));
+                    for &b in t.blocks() {
+                        *holders.entry(b).or_default() += 1;
+                    }
+                }
+                for (&b, &n) in &holders {
+                    prop_assert_eq!(n, 1, "block {} in two tables", b);
+                    prop_assert_eq!(alloc.ref_count(b), 1);
+                }
+                prop_assert_eq!(alloc.num_free() + holders.len(), num_blocks);
+            }
+            for t in &mut tables {
+                t.release(&mut alloc).unwrap();
+            }
+            prop_assert_eq!(alloc.num_free(), num_blocks);
+        }
+    }
+}

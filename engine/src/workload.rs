@@ -1,0 +1,867 @@
+//! Request-length workloads: named prompt/output length distributions, fixed and uniform shapes,
+//! and JSONL traces. This module owns parsing a workload spec (`sharegpt`, `fixed:P,O`,
+//! `uniform:PMIN-PMAX,OMIN-OMAX`, `trace.jsonl`, `trace:PATH`), reading traces, and drawing a
+//! seeded, reproducible list of [`RequestShape`]s from any of them. It is used by the KV-memory
+//! fragmentation study (`vkv frag`) and by benchmarks; it knows nothing about tokens themselves.
+//!
+//! Where each named distribution comes from. In every case the *shape* of the distribution
+//! (log-normal or uniform, and any sigma not stated below as derived) is our assumption; only the
+//! quoted summary statistics come from the cited work. Prompt and output lengths are drawn
+//! independently (also an assumption: real datasets correlate them somewhat), rounded to the
+//! nearest integer and clamped to at least 1 token.
+//!
+//! - `sharegpt`: mean prompt 161.31 and mean output 337.99 tokens, from the vLLM paper (Kwon et
+//!   al., SOSP 2023, §6.1 / Fig. 11: ShareGPT has 8.4× longer inputs and 5.8× longer outputs than
+//!   Alpaca, in their tokenization). Assumed: log-normal with sigma 1.0 for both, mu chosen so the
+//!   *mean* matches (`mean = exp(mu + sigma²/2)`).
+//! - `alpaca`: mean prompt 19.31 and mean output 58.45 tokens, from the same paper and figure.
+//!   Assumed: log-normal with sigma 0.6 for both, mean-matched as above.
+//! - `arxiv-summarization`: prompt median ≈ 2.7k and p90 ≈ 3.7k tokens, output median ≈ 170
+//!   tokens: the figures our issue tracker quotes for the arXiv-summarization workload of the
+//!   long-prompt evaluations in vAttention (Prabhu et al.) and Sarathi-Serve (Agrawal et al., OSDI
+//!   2024); they have not been re-checked against those papers here. Assumed: log-normal prompt with median 2700
+//!   and sigma `ln(3700/2700) / 1.2816` (derived so that the p90 is 3700, 1.2816 being the
+//!   standard normal's 90th percentile); log-normal output with median 170 and sigma 0.5 (the
+//!   sigma is our assumption).
+//! - `longbench`: prompts of roughly 1.9k–2k tokens (LongBench-style long-context inputs as
+//!   truncated in serving evaluations). Assumed: prompt uniform over the integers 1900..=2000;
+//!   output log-normal with median 64 and sigma 0.5 (LongBench tasks mostly have short answers).
+//! - `humaneval`: no published token statistics are used; both parts are our assumptions, derived
+//!   from HumanEval's roughly 450-character prompts (function signature plus docstring) and short
+//!   function bodies: prompt log-normal with median 130 and sigma 0.4, output log-normal with
+//!   median 120 and sigma 0.5.
+//!
+//! Sampling uses `rand`'s `StdRng` seeded with `seed_from_u64`, so a given seed gives the same
+//! requests with the same `rand` version. Traces and fixed shapes ignore the seed.
+
+use std::path::{Path, PathBuf};
+
+use rand::rngs::StdRng;
+use rand::{Rng, RngExt, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+
+/// One request's length: prompt tokens and output (generated) tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RequestShape {
+    pub prompt_len: usize,
+    pub output_len: usize,
+}
+
+impl RequestShape {
+    /// Prompt plus output tokens: the request's final KV length (saturating, never overflows).
+    pub fn total_len(&self) -> usize {
+        self.prompt_len.saturating_add(self.output_len)
+    }
+}
+
+/// A source of request lengths. See the module documentation for where each named distribution's
+/// parameters come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Workload {
+    /// ShareGPT conversations (`sharegpt`).
+    ShareGpt,
+    /// Alpaca instructions (`alpaca`).
+    Alpaca,
+    /// Long-prompt arXiv summarization (`arxiv-summarization`).
+    ArxivSummarization,
+    /// LongBench-style long-context prompts with short answers (`longbench`).
+    LongBench,
+    /// HumanEval code completion (`humaneval`).
+    HumanEval,
+    /// Every request has exactly this shape (`fixed:P,O`).
+    Fixed(RequestShape),
+    /// Prompt and output lengths drawn uniformly from inclusive integer ranges
+    /// (`uniform:PMIN-PMAX,OMIN-OMAX`).
+    Uniform {
+        prompt_min: usize,
+        prompt_max: usize,
+        output_min: usize,
+        output_max: usize,
+    },
+    /// Recorded request shapes, replayed in order (cycling). `path` is the file they were read
+    /// from, if any (`None` for text given to [`Workload::from_jsonl`]).
+    Trace {
+        path: Option<PathBuf>,
+        requests: Vec<RequestShape>,
+    },
+}
+
+/// Why a workload spec or trace could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkloadError {
+    /// The spec is not a known name, `fixed:`, `uniform:`, `trace:` or a `.jsonl` path.
+    #[error(
+        "unknown workload `{name}`: expected one of {}, `fixed:P,O`, `uniform:PMIN-PMAX,OMIN-OMAX`, \
+         a `.jsonl` trace path or `trace:PATH`",
+        Workload::NAMED.join(", ")
+    )]
+    UnknownName { name: String },
+    /// A `fixed:`, `uniform:` or `trace:` spec with bad syntax or values.
+    #[error("bad workload spec `{spec}`: expected {expected}, found {found}")]
+    BadSpec {
+        spec: String,
+        expected: String,
+        found: String,
+    },
+    /// The trace file could not be read.
+    #[error("cannot read trace file `{}`: {error}", path.display())]
+    TraceIo {
+        path: PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
+    /// One line of a JSONL trace is not a valid request. `line` is 1-based.
+    #[error("{origin}, line {line}: {reason}")]
+    BadTraceLine {
+        origin: String,
+        line: usize,
+        reason: String,
+    },
+    /// The trace holds no requests.
+    #[error(
+        "{origin} is empty: expected at least one line like {{\"prompt_len\": N, \"output_len\": M}}, \
+         found no requests"
+    )]
+    EmptyTrace { origin: String },
+}
+
+/// A one-dimensional length distribution (tokens), before rounding.
+#[derive(Debug, Clone, Copy)]
+enum LengthDist {
+    /// `exp(mu + sigma * z)`, `z` standard normal.
+    LogNormal { mu: f64, sigma: f64 },
+    /// Uniform over the inclusive integer range.
+    UniformInt { min: usize, max: usize },
+}
+
+impl LengthDist {
+    /// Log-normal whose mean is `mean`.
+    fn log_normal_with_mean(mean: f64, sigma: f64) -> LengthDist {
+        LengthDist::LogNormal {
+            mu: mean.ln() - sigma * sigma / 2.0,
+            sigma,
+        }
+    }
+
+    /// Log-normal whose median is `median`.
+    fn log_normal_with_median(median: f64, sigma: f64) -> LengthDist {
+        LengthDist::LogNormal {
+            mu: median.ln(),
+            sigma,
+        }
+    }
+
+    /// One length, rounded to the nearest integer and at least 1.
+    fn sample<R: Rng + ?Sized>(&self, rng: &mut R) -> usize {
+        match *self {
+            LengthDist::LogNormal { mu, sigma } => {
+                let z: f64 = StandardNormal.sample(rng);
+                round_len((mu + sigma * z).exp())
+            }
+            LengthDist::UniformInt { min, max } => {
+                let low = min.min(max).max(1);
+                let high = min.max(max).max(1);
+                rng.random_range(low..=high)
+            }
+        }
+    }
+}
+
+/// Rounds a sampled length to the nearest integer, at least 1 (`as` saturates; NaN becomes 0).
+fn round_len(value: f64) -> usize {
+    (value.round() as usize).max(1)
+}
+
+/// Both lengths at least 1; with `max_len = Some(limit)`, the prompt is clamped to `limit - 1`
+/// first, then the output to what is left. Both stay >= 1 even if `limit < 2`.
+fn clamp_shape(shape: RequestShape, max_len: Option<usize>) -> RequestShape {
+    let mut prompt_len = shape.prompt_len.max(1);
+    let mut output_len = shape.output_len.max(1);
+    if let Some(limit) = max_len {
+        prompt_len = prompt_len.min(limit.saturating_sub(1)).max(1);
+        output_len = output_len.min(limit.saturating_sub(prompt_len)).max(1);
+    }
+    RequestShape {
+        prompt_len,
+        output_len,
+    }
+}
+
+/// The 90th percentile of the standard normal distribution.
+const STANDARD_NORMAL_P90: f64 = 1.2816;
+
+impl Workload {
+    /// The named distributions, as accepted by [`Workload::parse`].
+    pub const NAMED: &'static [&'static str] = &[
+        "sharegpt",
+        "alpaca",
+        "arxiv-summarization",
+        "longbench",
+        "humaneval",
+    ];
+
+    /// Parse a workload spec: "sharegpt", "alpaca", "arxiv-summarization", "longbench",
+    /// "humaneval", "fixed:P,O" (every request P prompt and O output tokens),
+    /// "uniform:PMIN-PMAX,OMIN-OMAX" (inclusive integer ranges), or a path to a JSONL trace file
+    /// (any spec ending in ".jsonl", or "trace:PATH"). Surrounding whitespace is ignored.
+    pub fn parse(spec: &str) -> Result<Workload, WorkloadError> {
+        let spec = spec.trim();
+        if let Some(path) = spec.strip_prefix("trace:") {
+            let path = path.trim();
+            if path.is_empty() {
+                return Err(bad_spec(spec, "`trace:PATH` with a file path", "no path"));
+            }
+            return Workload::from_jsonl_file(Path::new(path));
+        }
+        if let Some(rest) = spec.strip_prefix("fixed:") {
+            return parse_fixed(spec, rest);
+        }
+        if let Some(rest) = spec.strip_prefix("uniform:") {
+            return parse_uniform(spec, rest);
+        }
+        if spec.ends_with(".jsonl") {
+            return Workload::from_jsonl_file(Path::new(spec));
+        }
+        match spec {
+            "sharegpt" => Ok(Workload::ShareGpt),
+            "alpaca" => Ok(Workload::Alpaca),
+            "arxiv-summarization" => Ok(Workload::ArxivSummarization),
+            "longbench" => Ok(Workload::LongBench),
+            "humaneval" => Ok(Workload::HumanEval),
+            _ => Err(WorkloadError::UnknownName {
+                name: spec.to_string(),
+            }),
+        }
+    }
+
+    /// Parse JSONL trace text: one object per line {"prompt_len": N, "output_len": M} (extra
+    /// fields ignored; blank lines skipped). Errors name the line number and what was wrong:
+    /// malformed JSON, missing field, a zero output_len or prompt_len, and an empty trace.
+    pub fn from_jsonl(text: &str) -> Result<Workload, WorkloadError> {
+        let requests = parse_jsonl(text, "trace")?;
+        Ok(Workload::Trace {
+            path: None,
+            requests,
+        })
+    }
+
+    /// Read and parse a JSONL trace file (see [`Workload::from_jsonl`]); errors name the path.
+    fn from_jsonl_file(path: &Path) -> Result<Workload, WorkloadError> {
+        let text = std::fs::read_to_string(path).map_err(|error| WorkloadError::TraceIo {
+            path: path.to_path_buf(),
+            error,
+        })?;
+        let origin = format!("trace file `{}`", path.display());
+        let requests = parse_jsonl(&text, &origin)?;
+        Ok(Workload::Trace {
+            path: Some(path.to_path_buf()),
+            requests,
+        })
+    }
+
+    /// `n` requests, deterministic for a given seed. Traces: the first n (cycling if n > len; an
+    /// empty trace gives no requests). Every sampled prompt_len and output_len is >= 1. If
+    /// `max_len` is Some(L), each request is clamped so prompt_len + output_len <= L (the prompt
+    /// to at most L-1 first, then the output), always keeping both >= 1 (so for L < 2 the
+    /// request is 1 + 1 tokens).
+    pub fn sample(&self, n: usize, seed: u64, max_len: Option<usize>) -> Vec<RequestShape> {
+        let raw: Vec<RequestShape> = match self {
+            Workload::Fixed(shape) => vec![*shape; n],
+            Workload::Trace { requests, .. } => requests.iter().cycle().take(n).copied().collect(),
+            _ => {
+                let (prompt_dist, output_dist) = self.length_distributions();
+                let mut rng = StdRng::seed_from_u64(seed);
+                (0..n)
+                    .map(|_| {
+                        let prompt_len = prompt_dist.sample(&mut rng);
+                        let output_len = output_dist.sample(&mut rng);
+                        RequestShape {
+                            prompt_len,
+                            output_len,
+                        }
+                    })
+                    .collect()
+            }
+        };
+        raw.into_iter()
+            .map(|shape| clamp_shape(shape, max_len))
+            .collect()
+    }
+
+    /// Prompt and output distributions of the sampled workloads. Fixed shapes and traces are
+    /// handled by [`Workload::sample`] directly; for them this returns their degenerate ranges.
+    fn length_distributions(&self) -> (LengthDist, LengthDist) {
+        match self {
+            Workload::ShareGpt => (
+                LengthDist::log_normal_with_mean(161.31, 1.0),
+                LengthDist::log_normal_with_mean(337.99, 1.0),
+            ),
+            Workload::Alpaca => (
+                LengthDist::log_normal_with_mean(19.31, 0.6),
+                LengthDist::log_normal_with_mean(58.45, 0.6),
+            ),
+            Workload::ArxivSummarization => (
+                LengthDist::log_normal_with_median(
+                    2700.0,
+                    (3700.0_f64 / 2700.0).ln() / STANDARD_NORMAL_P90,
+                ),
+                LengthDist::log_normal_with_median(170.0, 0.5),
+            ),
+            Workload::LongBench => (
+                LengthDist::UniformInt {
+                    min: 1900,
+                    max: 2000,
+                },
+                LengthDist::log_normal_with_median(64.0, 0.5),
+            ),
+            Workload::HumanEval => (
+                LengthDist::log_normal_with_median(130.0, 0.4),
+                LengthDist::log_normal_with_median(120.0, 0.5),
+            ),
+            Workload::Uniform {
+                prompt_min,
+                prompt_max,
+                output_min,
+                output_max,
+            } => (
+                LengthDist::UniformInt {
+                    min: *prompt_min,
+                    max: *prompt_max,
+                },
+                LengthDist::UniformInt {
+                    min: *output_min,
+                    max: *output_max,
+                },
+            ),
+            Workload::Fixed(shape) => (
+                LengthDist::UniformInt {
+                    min: shape.prompt_len,
+                    max: shape.prompt_len,
+                },
+                LengthDist::UniformInt {
+                    min: shape.output_len,
+                    max: shape.output_len,
+                },
+            ),
+            Workload::Trace { .. } => (
+                LengthDist::UniformInt { min: 1, max: 1 },
+                LengthDist::UniformInt { min: 1, max: 1 },
+            ),
+        }
+    }
+
+    /// Short name for reports ("sharegpt", "fixed:128,256", "uniform:1-10,5-20",
+    /// "trace:PATH", or "trace:inline" for a trace parsed from text). Named, fixed, uniform and
+    /// file-trace names parse back to the same workload.
+    pub fn name(&self) -> String {
+        match self {
+            Workload::ShareGpt => "sharegpt".to_string(),
+            Workload::Alpaca => "alpaca".to_string(),
+            Workload::ArxivSummarization => "arxiv-summarization".to_string(),
+            Workload::LongBench => "longbench".to_string(),
+            Workload::HumanEval => "humaneval".to_string(),
+            Workload::Fixed(shape) => format!("fixed:{},{}", shape.prompt_len, shape.output_len),
+            Workload::Uniform {
+                prompt_min,
+                prompt_max,
+                output_min,
+                output_max,
+            } => format!("uniform:{prompt_min}-{prompt_max},{output_min}-{output_max}"),
+            Workload::Trace {
+                path: Some(path), ..
+            } => format!("trace:{}", path.display()),
+            Workload::Trace { path: None, .. } => "trace:inline".to_string(),
+        }
+    }
+}
+
+fn bad_spec(spec: &str, expected: impl Into<String>, found: impl Into<String>) -> WorkloadError {
+    WorkloadError::BadSpec {
+        spec: spec.to_string(),
+        expected: expected.into(),
+        found: found.into(),
+    }
+}
+
+/// A token count >= 1; `what` names it in errors ("prompt length", ...).
+fn parse_len(spec: &str, what: &str, text: &str) -> Result<usize, WorkloadError> {
+    let text = text.trim();
+    let value: usize = text.parse().map_err(|_| {
+        bad_spec(
+            spec,
+            format!("the {what} as a positive integer"),
+            format!("`{text}`"),
+        )
+    })?;
+    if value == 0 {
+        return Err(bad_spec(spec, format!("a {what} >= 1"), "0"));
+    }
+    Ok(value)
+}
+
+/// `MIN-MAX`, both >= 1 and MIN <= MAX.
+fn parse_range(spec: &str, what: &str, text: &str) -> Result<(usize, usize), WorkloadError> {
+    let Some((min_text, max_text)) = text.split_once('-') else {
+        return Err(bad_spec(
+            spec,
+            format!("the {what} range as MIN-MAX"),
+            format!("`{}`", text.trim()),
+        ));
+    };
+    let min = parse_len(spec, &format!("minimum {what}"), min_text)?;
+    let max = parse_len(spec, &format!("maximum {what}"), max_text)?;
+    if min > max {
+        return Err(bad_spec(
+            spec,
+            format!("a {what} range with MIN <= MAX"),
+            format!("{min} > {max}"),
+        ));
+    }
+    Ok((min, max))
+}
+
+/// Splits `P,O`-style text into exactly two parts.
+fn split_pair<'a>(
+    spec: &str,
+    syntax: &str,
+    text: &'a str,
+) -> Result<(&'a str, &'a str), WorkloadError> {
+    let parts: Vec<&str> = text.split(',').collect();
+    match parts.as_slice() {
+        [first, second] => Ok((first, second)),
+        _ => Err(bad_spec(
+            spec,
+            format!("`{syntax}` with two comma-separated parts (prompt, output)"),
+            format!("{} part(s) in `{text}`", parts.len()),
+        )),
+    }
+}
+
+fn parse_fixed(spec: &str, rest: &str) -> Result<Workload, WorkloadError> {
+    let (prompt_text, output_text) = split_pair(spec, "fixed:P,O", rest)?;
+    Ok(Workload::Fixed(RequestShape {
+        prompt_len: parse_len(spec, "prompt length", prompt_text)?,
+        output_len: parse_len(spec, "output length", output_text)?,
+    }))
+}
+
+fn parse_uniform(spec: &str, rest: &str) -> Result<Workload, WorkloadError> {
+    let (prompt_text, output_text) = split_pair(spec, "uniform:PMIN-PMAX,OMIN-OMAX", rest)?;
+    let (prompt_min, prompt_max) = parse_range(spec, "prompt length", prompt_text)?;
+    let (output_min, output_max) = parse_range(spec, "output length", output_text)?;
+    Ok(Workload::Uniform {
+        prompt_min,
+        prompt_max,
+        output_min,
+        output_max,
+    })
+}
+
+/// Parses JSONL trace text; `origin` names the trace in errors.
+fn parse_jsonl(text: &str, origin: &str) -> Result<Vec<RequestShape>, WorkloadError> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut requests = Vec::new();
+    for (index, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let shape = parse_trace_line(line).map_err(|reason| WorkloadError::BadTraceLine {
+            origin: origin.to_string(),
+            line: index + 1,
+            reason,
+        })?;
+        requests.push(shape);
+    }
+    if requests.is_empty() {
+        return Err(WorkloadError::EmptyTrace {
+            origin: origin.to_string(),
+        });
+    }
+    Ok(requests)
+}
+
+const TRACE_LINE_FORMAT: &str = "{\"prompt_len\": N, \"output_len\": M}";
+
+/// One non-blank trace line; the error is the reason, without the line number.
+fn parse_trace_line(line: &str) -> Result<RequestShape, String> {
+    let value: serde_json::Value = serde_json::from_str(line).map_err(|error| {
+        // serde_json appends "at line 1 column C" (line within this one line); keep the column.
+        let message = error.to_string();
+        let position = format!(" at line {} column {}", error.line(), error.column());
+        let message = message.strip_suffix(&position).unwrap_or(&message);
+        format!(
+            "expected a JSON object like {TRACE_LINE_FORMAT}, found malformed JSON \
+             ({message} at column {})",
+            error.column()
+        )
+    })?;
+    let Some(object) = value.as_object() else {
+        return Err(format!(
+            "expected a JSON object like {TRACE_LINE_FORMAT}, found {}",
+            json_kind(&value)
+        ));
+    };
+    let field = |name: &str| -> Result<usize, String> {
+        let Some(field_value) = object.get(name) else {
+            return Err(format!(
+                "missing field `{name}`: expected an object like {TRACE_LINE_FORMAT}"
+            ));
+        };
+        let Some(number) = field_value.as_u64() else {
+            return Err(format!(
+                "field `{name}`: expected a positive integer, found {field_value}"
+            ));
+        };
+        if number == 0 {
+            return Err(format!("field `{name}`: expected a length >= 1, found 0"));
+        }
+        usize::try_from(number).map_err(|_| {
+            format!(
+                "field `{name}`: expected at most {}, found {number}",
+                usize::MAX
+            )
+        })
+    };
+    Ok(RequestShape {
+        prompt_len: field("prompt_len")?,
+        output_len: field("output_len")?,
+    })
+}
+
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mean(values: impl Iterator<Item = usize>) -> f64 {
+        let values: Vec<usize> = values.collect();
+        values.iter().sum::<usize>() as f64 / values.len() as f64
+    }
+
+    /// The `fraction` quantile (nearest rank, lower) of the values.
+    fn quantile(values: impl Iterator<Item = usize>, fraction: f64) -> f64 {
+        let mut values: Vec<usize> = values.collect();
+        values.sort_unstable();
+        let index = ((values.len() as f64 * fraction) as usize).min(values.len() - 1);
+        values[index] as f64
+    }
+
+    fn within(actual: f64, expected: f64, tolerance: f64) -> bool {
+        (actual - expected).abs() <= expected * tolerance
+    }
+
+    fn unique_temp_path(tag: &str) -> PathBuf {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_nanos())
+            .unwrap_or(0);
+        std::env::temp_dir().join(format!(
+            "vkv-workload-{tag}-{}-{nanos}.jsonl",
+            std::process::id()
+        ))
+    }
+
+    #[test]
+    fn parses_every_named_workload() {
+        let expected = [
+            Workload::ShareGpt,
+            Workload::Alpaca,
+            Workload::ArxivSummarization,
+            Workload::LongBench,
+            Workload::HumanEval,
+        ];
+        assert_eq!(Workload::NAMED.len(), expected.len());
+        for (name, workload) in Workload::NAMED.iter().zip(expected) {
+            let parsed = Workload::parse(name).unwrap();
+            assert_eq!(parsed, workload);
+            assert_eq!(parsed.name(), *name);
+        }
+    }
+
+    #[test]
+    fn parses_fixed_and_uniform() {
+        let fixed = Workload::parse("fixed:128,256").unwrap();
+        assert_eq!(
+            fixed,
+            Workload::Fixed(RequestShape {
+                prompt_len: 128,
+                output_len: 256
+            })
+        );
+        assert_eq!(fixed.name(), "fixed:128,256");
+
+        let uniform = Workload::parse("uniform:1-10,5-20").unwrap();
+        assert_eq!(
+            uniform,
+            Workload::Uniform {
+                prompt_min: 1,
+                prompt_max: 10,
+                output_min: 5,
+                output_max: 20
+            }
+        );
+        assert_eq!(uniform.name(), "uniform:1-10,5-20");
+        assert_eq!(Workload::parse(&uniform.name()).unwrap(), uniform);
+        for shape in uniform.sample(1000, 3, None) {
+            assert!((1..=10).contains(&shape.prompt_len));
+            assert!((5..=20).contains(&shape.output_len));
+        }
+    }
+
+    #[test]
+    fn unknown_name_lists_known_workloads() {
+        let error = Workload::parse("sharegtp").unwrap_err();
+        assert!(matches!(error, WorkloadError::UnknownName { .. }));
+        let message = error.to_string();
+        assert!(message.contains("sharegtp"), "{message}");
+        assert!(message.contains("sharegpt"), "{message}");
+        assert!(message.contains("arxiv-summarization"), "{message}");
+    }
+
+    #[test]
+    fn bad_fixed_and_uniform_specs_are_errors() {
+        for spec in ["fixed:10", "fixed:a,b", "uniform:5-1,1-2", "fixed:0,5"] {
+            let error = Workload::parse(spec).unwrap_err();
+            assert!(
+                matches!(error, WorkloadError::BadSpec { .. }),
+                "{spec}: {error:?}"
+            );
+            assert!(error.to_string().contains(spec), "{error}");
+        }
+        let missing = Workload::parse("fixed:10").unwrap_err().to_string();
+        assert!(missing.contains("two comma-separated parts"), "{missing}");
+        let not_number = Workload::parse("fixed:a,b").unwrap_err().to_string();
+        assert!(not_number.contains("`a`"), "{not_number}");
+        let reversed = Workload::parse("uniform:5-1,1-2").unwrap_err().to_string();
+        assert!(reversed.contains("5 > 1"), "{reversed}");
+        let zero = Workload::parse("fixed:0,5").unwrap_err().to_string();
+        assert!(zero.contains(">= 1") && zero.contains("found 0"), "{zero}");
+        assert!(Workload::parse("trace:").is_err());
+    }
+
+    #[test]
+    fn sample_is_deterministic_per_seed() {
+        for name in Workload::NAMED {
+            let workload = Workload::parse(name).unwrap();
+            let first = workload.sample(500, 42, None);
+            assert_eq!(first.len(), 500);
+            assert_eq!(first, workload.sample(500, 42, None), "{name}");
+            assert_ne!(first, workload.sample(500, 43, None), "{name}");
+            assert!(
+                first.iter().all(|s| s.prompt_len >= 1 && s.output_len >= 1),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn sharegpt_and_alpaca_means_match_the_paper() {
+        let sharegpt = Workload::ShareGpt.sample(20_000, 7, None);
+        let prompt = mean(sharegpt.iter().map(|s| s.prompt_len));
+        let output = mean(sharegpt.iter().map(|s| s.output_len));
+        assert!(within(prompt, 161.0, 0.05), "sharegpt prompt mean {prompt}");
+        assert!(within(output, 338.0, 0.05), "sharegpt output mean {output}");
+
+        let alpaca = Workload::Alpaca.sample(20_000, 7, None);
+        let prompt = mean(alpaca.iter().map(|s| s.prompt_len));
+        let output = mean(alpaca.iter().map(|s| s.output_len));
+        assert!(within(prompt, 19.31, 0.05), "alpaca prompt mean {prompt}");
+        assert!(within(output, 58.45, 0.05), "alpaca output mean {output}");
+    }
+
+    #[test]
+    fn arxiv_prompt_median_and_p90() {
+        let requests = Workload::ArxivSummarization.sample(20_000, 11, None);
+        let median = quantile(requests.iter().map(|s| s.prompt_len), 0.5);
+        let p90 = quantile(requests.iter().map(|s| s.prompt_len), 0.9);
+        assert!(within(median, 2700.0, 0.03), "arxiv prompt median {median}");
+        assert!(within(p90, 3700.0, 0.05), "arxiv prompt p90 {p90}");
+        let output_median = quantile(requests.iter().map(|s| s.output_len), 0.5);
+        assert!(within(output_median, 170.0, 0.05), "{output_median}");
+    }
+
+    #[test]
+    fn longbench_prompts_stay_in_range() {
+        let requests = Workload::LongBench.sample(5_000, 5, None);
+        assert!(requests
+            .iter()
+            .all(|s| (1900..=2000).contains(&s.prompt_len)));
+    }
+
+    #[test]
+    fn fixed_returns_the_fixed_shape() {
+        let shape = RequestShape {
+            prompt_len: 128,
+            output_len: 256,
+        };
+        let requests = Workload::Fixed(shape).sample(100, 9, None);
+        assert_eq!(requests, vec![shape; 100]);
+        assert_eq!(shape.total_len(), 384);
+    }
+
+    #[test]
+    fn max_len_clamps_every_request() {
+        let mut workloads: Vec<Workload> = Workload::NAMED
+            .iter()
+            .map(|name| Workload::parse(name).unwrap())
+            .collect();
+        workloads.push(Workload::parse("fixed:500,500").unwrap());
+        workloads.push(Workload::parse("uniform:1-300,1-300").unwrap());
+        for workload in &workloads {
+            for shape in workload.sample(2_000, 1, Some(100)) {
+                assert!(shape.total_len() <= 100, "{}: {shape:?}", workload.name());
+                assert!(shape.prompt_len >= 1 && shape.output_len >= 1);
+            }
+        }
+        let clamped = Workload::parse("fixed:500,500")
+            .unwrap()
+            .sample(1, 0, Some(100));
+        assert_eq!(
+            clamped[0],
+            RequestShape {
+                prompt_len: 99,
+                output_len: 1
+            }
+        );
+        // A limit below 2 cannot hold two tokens; both lengths still stay at 1.
+        let tiny = Workload::ShareGpt.sample(10, 0, Some(0));
+        assert!(tiny.iter().all(|s| s.prompt_len == 1 && s.output_len == 1));
+    }
+
+    #[test]
+    fn jsonl_trace_parses_and_cycles() {
+        let text = "{\"prompt_len\": 10, \"output_len\": 20}\n\n  \n\
+                    {\"prompt_len\": 3, \"output_len\": 4, \"id\": \"x\"}\n";
+        let workload = Workload::from_jsonl(text).unwrap();
+        let first = RequestShape {
+            prompt_len: 10,
+            output_len: 20,
+        };
+        let second = RequestShape {
+            prompt_len: 3,
+            output_len: 4,
+        };
+        assert_eq!(
+            workload,
+            Workload::Trace {
+                path: None,
+                requests: vec![first, second]
+            }
+        );
+        assert_eq!(workload.name(), "trace:inline");
+        assert_eq!(workload.sample(1, 0, None), vec![first]);
+        assert_eq!(
+            workload.sample(5, 0, None),
+            vec![first, second, first, second, first]
+        );
+    }
+
+    #[test]
+    fn jsonl_errors_name_line_and_reason() {
+        let malformed = "{\"prompt_len\": 1, \"output_len\": 2}\n{\"prompt_len\": 1,\n";
+        let error = Workload::from_jsonl(malformed).unwrap_err();
+        assert!(
+            matches!(error, WorkloadError::BadTraceLine { line: 2, .. }),
+            "{error:?}"
+        );
+        let message = error.to_string();
+        assert!(message.contains("line 2"), "{message}");
+        assert!(message.contains("malformed JSON"), "{message}");
+
+        let missing = Workload::from_jsonl("{\"prompt_len\": 5}").unwrap_err();
+        let message = missing.to_string();
+        assert!(message.contains("line 1"), "{message}");
+        assert!(message.contains("output_len"), "{message}");
+        assert!(message.contains("missing field"), "{message}");
+
+        let zero = Workload::from_jsonl("{\"prompt_len\": 5, \"output_len\": 0}")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            zero.contains("output_len") && zero.contains("found 0"),
+            "{zero}"
+        );
+
+        let not_object = Workload::from_jsonl("[1, 2]").unwrap_err().to_string();
+        assert!(not_object.contains("an array"), "{not_object}");
+
+        let negative = Workload::from_jsonl("{\"prompt_len\": -5, \"output_len\": 1}")
+            .unwrap_err()
+            .to_string();
+        assert!(negative.contains("found -5"), "{negative}");
+
+        for empty in ["", "\n  \n"] {
+            let error = Workload::from_jsonl(empty).unwrap_err();
+            assert!(
+                matches!(error, WorkloadError::EmptyTrace { .. }),
+                "{error:?}"
+            );
+            assert!(error.to_string().contains("empty"));
+        }
+    }
+
+    #[test]
+    fn trace_files_load_by_path_and_trace_prefix() {
+        let path = unique_temp_path("good");
+        std::fs::write(
+            &path,
+            "{\"prompt_len\": 7, \"output_len\": 8}\n{\"prompt_len\": 9, \"output_len\": 1}\n",
+        )
+        .unwrap();
+        let spec = path.to_str().unwrap().to_string();
+        let by_path = Workload::parse(&spec);
+        let by_prefix = Workload::parse(&format!("trace:{spec}"));
+        let _ = std::fs::remove_file(&path);
+
+        let by_path = by_path.unwrap();
+        assert_eq!(by_path, by_prefix.unwrap());
+        assert_eq!(by_path.name(), format!("trace:{spec}"));
+        assert_eq!(
+            by_path.sample(2, 0, None),
+            vec![
+                RequestShape {
+                    prompt_len: 7,
+                    output_len: 8
+                },
+                RequestShape {
+                    prompt_len: 9,
+                    output_len: 1
+                }
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_trace_file_error_names_the_path() {
+        let path = unique_temp_path("missing");
+        let spec = path.to_str().unwrap().to_string();
+        let error = Workload::parse(&spec).unwrap_err();
+        assert!(matches!(error, WorkloadError::TraceIo { .. }), "{error:?}");
+        assert!(error.to_string().contains(&spec), "{error}");
+    }
+
+    #[test]
+    fn bad_trace_file_error_names_the_file() {
+        let path = unique_temp_path("bad");
+        std::fs::write(&path, "{\"prompt_len\": 7, \"output_len\": 8}\nnot json\n").unwrap();
+        let spec = path.to_str().unwrap().to_string();
+        let error = Workload::parse(&spec);
+        let _ = std::fs::remove_file(&path);
+        let message = error.unwrap_err().to_string();
+        assert!(
+            message.contains(&spec) && message.contains("line 2"),
+            "{message}"
+        );
+    }
+}
