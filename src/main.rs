@@ -2,6 +2,7 @@
 //! lives in the crate that owns it (see docs/architecture.md).
 
 mod bench_vmm;
+mod frag;
 mod units;
 
 use anyhow::Result;
@@ -25,6 +26,9 @@ enum Command {
         #[command(subcommand)]
         which: Bench,
     },
+    /// KV-memory fragmentation study: how much memory each allocation policy wastes and how many
+    /// requests it holds at once, replayed through the real allocators.
+    Frag(frag::Args),
     /// Say which devices vkv can use here.
     Devices,
 }
@@ -49,6 +53,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench {
             which: Bench::Vmm(args),
         } => bench_vmm::run(args),
+        Command::Frag(args) => frag::run(args),
         Command::Devices => {
             match vkv_vmm::probe_cuda() {
                 Ok(p) => println!(

@@ -206,6 +206,8 @@ pub struct KvStats {
     pub pages_shared: usize,
     /// Pages still mapped in released slots (deferred reclamation).
     pub pages_cached: usize,
+    /// Pages mapped in active slots past their length (a reused slot's surplus, map-ahead).
+    pub pages_surplus: usize,
     /// Physical bytes mapped: `pages_mapped · page_size`.
     pub bytes_backed: usize,
     /// Bytes of K and V of the tokens active slots hold (a shared prefix counts once per slot).
@@ -402,7 +404,7 @@ impl KvSpace {
             .sum();
         // Check the whole request can be met before mapping any of it, so an impossible request
         // (also a map-ahead done a few pages at a time) takes no pages.
-        self.make_available(missing)?;
+        self.make_available(missing, slot)?;
         let todo = missing.min(max_new_pages);
         let mut mapped = 0;
         // Page by page across regions, so that a partial (map-ahead) call backs the soonest
@@ -426,35 +428,66 @@ impl KvSpace {
         Ok(mapped)
     }
 
-    /// Make `pages` pages available in the pool, reclaiming from released slots if needed.
-    fn make_available(&mut self, pages: usize) -> Result<()> {
+    /// Make `pages` pages available in the pool for `slot`, reclaiming from other slots if needed
+    /// — or fail having reclaimed nothing.
+    fn make_available(&mut self, pages: usize, slot: SlotId) -> Result<()> {
         let available = self.pool.available();
-        if available < pages {
-            self.reclaim(pages - available)?;
+        if available >= pages {
+            return Ok(());
         }
-        if self.pool.available() < pages {
+        let reclaimable = (0..self.slots.len())
+            .filter(|&s| s != slot.0)
+            .map(|s| self.reclaimable_pages(SlotId(s)))
+            .sum::<usize>();
+        if available + reclaimable < pages {
             return Err(self.pool.exhausted(pages));
         }
+        self.reclaim_from(pages - available, Some(slot))?;
         Ok(())
     }
 
-    /// Unmap up to `pages` pages from released slots and return them to the pool (memory
-    /// pressure). Returns how many pages went back.
+    /// Pages of `slot` that hold no token: all of a released slot's, and an active slot's past
+    /// its length (a reused slot's surplus, or pages mapped ahead). An active slot is backed
+    /// exactly up to its length (`ensure` and `share_prefix` back it; only pages past it are
+    /// ever reclaimed), so this is a count, not a scan.
+    fn reclaimable_pages(&self, slot: SlotId) -> usize {
+        let s = &self.slots[slot.0];
+        if !s.active {
+            return s.mapped;
+        }
+        s.mapped - self.config.pages_for(s.len) * self.bases.len()
+    }
+
+    /// Unmap up to `pages` pages that hold no token and return them to the pool (memory
+    /// pressure): first those of released slots (deferred reclamation), then those of active
+    /// slots past their length. Returns how many pages went back.
     pub fn reclaim(&mut self, pages: usize) -> Result<usize> {
+        self.reclaim_from(pages, None)
+    }
+
+    fn reclaim_from(&mut self, pages: usize, keep: Option<SlotId>) -> Result<usize> {
         let mut returned = 0;
-        for s in 0..self.slots.len() {
-            if self.slots[s].active || self.slots[s].mapped == 0 {
-                continue;
-            }
-            for region in 0..self.bases.len() {
-                for i in (0..self.slots[s].pages[region].len()).rev() {
-                    if returned == pages {
-                        return Ok(returned);
-                    }
-                    if self.page(SlotId(s), region, i).is_some()
-                        && self.unmap_page(SlotId(s), region, i)?
-                    {
-                        returned += 1;
+        for active in [false, true] {
+            for s in 0..self.slots.len() {
+                let slot = &self.slots[s];
+                if slot.active != active || slot.mapped == 0 || keep == Some(SlotId(s)) {
+                    continue;
+                }
+                let first = if active {
+                    self.config.pages_for(slot.len)
+                } else {
+                    0
+                };
+                for region in 0..self.bases.len() {
+                    for i in (first..self.slots[s].pages[region].len()).rev() {
+                        if returned == pages {
+                            return Ok(returned);
+                        }
+                        if self.page(SlotId(s), region, i).is_some()
+                            && self.unmap_page(SlotId(s), region, i)?
+                        {
+                            returned += 1;
+                        }
                     }
                 }
             }
@@ -462,7 +495,7 @@ impl KvSpace {
         Ok(returned)
     }
 
-    /// Reclaim every page of every released slot; returns how many went back to the pool.
+    /// Reclaim every page that holds no token; returns how many went back to the pool.
     pub fn reclaim_all(&mut self) -> Result<usize> {
         self.reclaim(usize::MAX)
     }
@@ -502,7 +535,7 @@ impl KvSpace {
                 .filter(|&r| !self.is_exclusive(dst, r, full))
                 .count()
         };
-        self.make_available(fresh)?;
+        self.make_available(fresh, dst)?;
         for region in 0..self.bases.len() {
             for i in 0..full {
                 let page = self.page(src, region, i).expect("src holds its prefix");
@@ -656,6 +689,10 @@ impl KvSpace {
             mappings,
             pages_shared: self.refs.values().filter(|&&r| r > 1).count(),
             pages_cached,
+            pages_surplus: (0..self.slots.len())
+                .filter(|&s| self.slots[s].active)
+                .map(|s| self.reclaimable_pages(SlotId(s)))
+                .sum(),
             bytes_backed: self.refs.len() * c.page_size,
             bytes_holding_tokens: active.iter().map(|s| s.len).sum::<usize>() * c.bytes_per_token(),
             active_slots: active.len(),
@@ -687,6 +724,12 @@ impl KvSpace {
                 return Err(format!(
                     "slot {s}: {n} pages in its table, {} counted",
                     slot.mapped
+                ));
+            }
+            if slot.active && !self.is_backed(SlotId(s), slot.len) {
+                return Err(format!(
+                    "active slot {s} is not backed up to its length {}",
+                    slot.len
                 ));
             }
             if !slot.active && slot.len != 0 {

@@ -103,6 +103,37 @@ fn ensure_under_pressure_reclaims_released_slots() {
 }
 
 #[test]
+fn surplus_pages_of_an_active_slot_are_reclaimed_under_pressure() {
+    let mut space = host_space(KvLayout::TokenMajor, 10); // 16 tokens per page
+    let a = space.acquire().unwrap();
+    space.ensure(a, 160).unwrap(); // all 10 pages
+    space.release(a).unwrap();
+    let reused = space.acquire().unwrap();
+    assert_eq!(
+        space.ensure(reused, 16).unwrap(),
+        0,
+        "the reused slot keeps its 10 pages"
+    );
+    assert_eq!(space.stats().pages_surplus, 9);
+    let b = space.acquire().unwrap();
+    assert_eq!(
+        space.ensure(b, 5 * 16).unwrap(),
+        5,
+        "taken from the surplus"
+    );
+    assert!(space.is_backed(reused, 16));
+    assert_eq!(space.stats().pages_surplus, 4);
+    // More than the surplus can give: fails, and takes nothing.
+    let before = space.stats();
+    assert!(matches!(
+        space.ensure(b, 10 * 16),
+        Err(VmmError::PoolExhausted { .. })
+    ));
+    assert_eq!(space.stats(), before);
+    space.audit().unwrap();
+}
+
+#[test]
 fn llama_shaped_two_mib_pages_on_the_host() {
     let mut cfg = config(KvLayout::TokenMajor, 4);
     cfg.page_size = crate::DEFAULT_PAGE_SIZE;
@@ -338,11 +369,15 @@ fn run_ops(
                 model.remove(&s);
             }
             Op::Reclaim { pages } => {
-                let cached = space.stats().pages_cached;
+                let before = space.stats();
                 let got = space
                     .reclaim(pages)
                     .map_err(|e| TestCaseError::fail(e.to_string()))?;
-                prop_assert_eq!(got, pages.min(cached));
+                prop_assert_eq!(got, pages.min(before.pages_cached + before.pages_surplus));
+                // Only pages holding no token went: every active slot is still backed.
+                for (s, held) in &model {
+                    prop_assert!(space.is_backed(*s, held.len()));
+                }
             }
         }
         space.audit().map_err(TestCaseError::fail)?;

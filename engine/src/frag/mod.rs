@@ -11,8 +11,11 @@
 //! queue keeping its progress, vLLM's recompute), until the growth succeeds.
 //!
 //! At every step the policy reports where the KV memory is ([`Composition`]); the report gives
-//! the time averages over the steps that had a request running, the share of allocated memory that
-//! holds token states, peak and mean running requests, preemptions, and a timeline.
+//! time averages — over the steps that had a request running (`busy`) and over those that ended
+//! with a request still waiting (`saturated`: memory, not demand, limits the batch; the regime
+//! the papers' figures describe) — of the memory composition, the share of allocated memory that
+//! holds token states and the running requests, plus peak running requests, preemptions and a
+//! timeline.
 
 mod policy;
 
@@ -111,6 +114,50 @@ pub struct TimelinePoint {
     pub external: f64,
 }
 
+/// Time averages over a set of steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Averages {
+    /// Steps averaged over.
+    pub steps: usize,
+    pub mean_running: f64,
+    /// Mean of (token bytes / allocated bytes).
+    pub token_share_of_allocated: f64,
+    pub mean: MeanComposition,
+}
+
+impl Averages {
+    fn add(&mut self, running: usize, c: &Composition) {
+        self.steps += 1;
+        self.mean_running += running as f64;
+        if c.allocated() > 0 {
+            self.token_share_of_allocated += c.token_bytes as f64 / c.allocated() as f64;
+        }
+        let m = &mut self.mean;
+        m.token_bytes += c.token_bytes as f64;
+        m.reserved_bytes += c.reserved_bytes as f64;
+        m.internal_bytes += c.internal_bytes as f64;
+        m.external_bytes += c.external_bytes as f64;
+        m.free_bytes += c.free_bytes as f64;
+    }
+
+    fn finish(mut self) -> Self {
+        let n = self.steps.max(1) as f64;
+        self.mean_running /= n;
+        self.token_share_of_allocated /= n;
+        let m = &mut self.mean;
+        for x in [
+            &mut m.token_bytes,
+            &mut m.reserved_bytes,
+            &mut m.internal_bytes,
+            &mut m.external_bytes,
+            &mut m.free_bytes,
+        ] {
+            *x /= n;
+        }
+        self
+    }
+}
+
 /// What one policy did with the workload.
 #[derive(Debug, Clone, Serialize)]
 pub struct PolicyReport {
@@ -121,11 +168,22 @@ pub struct PolicyReport {
     pub finished: usize,
     pub preemptions: usize,
     pub peak_running: usize,
-    pub mean_running: f64,
-    /// Time average of (token bytes / allocated bytes) over steps with a request running.
-    pub token_share_of_allocated: f64,
-    pub mean: MeanComposition,
+    /// Over every step with a request running.
+    pub busy: Averages,
+    /// Over the steps that ended with a request still waiting: memory is what limits the batch.
+    pub saturated: Averages,
     pub timeline: Vec<TimelinePoint>,
+}
+
+impl PolicyReport {
+    /// The saturated averages when there were saturated steps, else the busy ones.
+    pub fn under_load(&self) -> &Averages {
+        if self.saturated.steps > 0 {
+            &self.saturated
+        } else {
+            &self.busy
+        }
+    }
 }
 
 /// The whole study: its inputs and one report per policy.
@@ -242,8 +300,7 @@ pub fn replay(config: &FragConfig, policy: Policy) -> Result<PolicyReport, FragE
     let mut queue: VecDeque<usize> = VecDeque::new();
     let mut running: Vec<Running> = Vec::new();
     let (mut next, mut finished, mut preemptions, mut peak) = (0, 0, 0, 0);
-    let mut sum = MeanComposition::default();
-    let (mut busy_steps, mut running_sum, mut share_sum) = (0usize, 0f64, 0f64);
+    let (mut busy, mut saturated) = (Averages::default(), Averages::default());
     let mut points: Vec<TimelinePoint> = Vec::new();
     let mut step = 0;
     let mut idle_since_progress = 0;
@@ -292,15 +349,9 @@ pub fn replay(config: &FragConfig, policy: Policy) -> Result<PolicyReport, FragE
             let live: Vec<(usize, usize)> =
                 running.iter().map(|r| (r.tokens, r.final_len)).collect();
             let c = kv.composition(&live);
-            busy_steps += 1;
-            running_sum += running.len() as f64;
-            sum.token_bytes += c.token_bytes as f64;
-            sum.reserved_bytes += c.reserved_bytes as f64;
-            sum.internal_bytes += c.internal_bytes as f64;
-            sum.external_bytes += c.external_bytes as f64;
-            sum.free_bytes += c.free_bytes as f64;
-            if c.allocated() > 0 {
-                share_sum += c.token_bytes as f64 / c.allocated() as f64;
+            busy.add(running.len(), &c);
+            if !queue.is_empty() {
+                saturated.add(running.len(), &c);
             }
             let budget = config.kv_memory as f64;
             points.push(TimelinePoint {
@@ -337,7 +388,6 @@ pub fn replay(config: &FragConfig, policy: Policy) -> Result<PolicyReport, FragE
             left.allocated()
         )));
     }
-    let busy = busy_steps.max(1) as f64;
     let stride = points.len().div_ceil(config.timeline_points.max(1)).max(1);
     Ok(PolicyReport {
         policy: name,
@@ -346,15 +396,8 @@ pub fn replay(config: &FragConfig, policy: Policy) -> Result<PolicyReport, FragE
         finished,
         preemptions,
         peak_running: peak,
-        mean_running: running_sum / busy,
-        token_share_of_allocated: share_sum / busy,
-        mean: MeanComposition {
-            token_bytes: sum.token_bytes / busy,
-            reserved_bytes: sum.reserved_bytes / busy,
-            internal_bytes: sum.internal_bytes / busy,
-            external_bytes: sum.external_bytes / busy,
-            free_bytes: sum.free_bytes / busy,
-        },
+        busy: busy.finish(),
+        saturated: saturated.finish(),
         timeline: points.into_iter().step_by(stride).collect(),
     })
 }

@@ -81,34 +81,34 @@ fn one_request_known_lengths_known_waste() {
             "{policy}"
         );
         assert!(
-            approx(r.mean.token_bytes, 12.0 * bpt),
+            approx(r.busy.mean.token_bytes, 12.0 * bpt),
             "{policy}: {:?}",
-            r.mean
+            r.busy.mean
         );
         assert!(
-            approx(r.mean.reserved_bytes, reserved * bpt),
+            approx(r.busy.mean.reserved_bytes, reserved * bpt),
             "{policy}: {:?}",
-            r.mean
+            r.busy.mean
         );
         if !matches!(policy, Policy::Paged { block_size: 8 }) {
             assert!(
-                approx(r.mean.internal_bytes, internal * bpt),
+                approx(r.busy.mean.internal_bytes, internal * bpt),
                 "{policy}: {:?}",
-                r.mean
+                r.busy.mean
             );
         }
         if !matches!(policy, Policy::Paged { .. }) {
             // The request holds `held` tokens' worth throughout: share = mean(t / held).
             assert!(
-                approx(r.token_share_of_allocated, 12.0 / held),
+                approx(r.busy.token_share_of_allocated, 12.0 / held),
                 "{policy}: {}",
-                r.token_share_of_allocated
+                r.busy.token_share_of_allocated
             );
         }
     }
     // paged-8: 2 blocks at 10..14 tokens (16 held), so the same waste as paged-16 here.
     let r = replay(&c, Policy::Paged { block_size: 8 }).unwrap();
-    assert!(approx(r.token_share_of_allocated, 12.0 / 16.0));
+    assert!(approx(r.busy.token_share_of_allocated, 12.0 / 16.0));
 }
 
 #[test]
@@ -258,8 +258,50 @@ fn token_major_two_mib_pages_match_paged_16_for_an_8b_model() {
         (tm.steps, tm.peak_running, tm.preemptions),
         (paged.steps, paged.peak_running, paged.preemptions)
     );
+    for (a, b) in [(&tm.busy, &paged.busy), (&tm.saturated, &paged.saturated)] {
+        assert!(approx(
+            a.token_share_of_allocated,
+            b.token_share_of_allocated
+        ));
+    }
+}
+
+#[test]
+fn reused_vmm_slots_give_their_surplus_back_under_load() {
+    // Long requests then short ones through the same slots: with deferred reclamation a short
+    // request inherits a long one's pages; under load that surplus must be reclaimed, so token-
+    // major 4 KiB pages (16 tokens) waste exactly what paged-16 wastes.
+    let mut requests = vec![
+        RequestShape {
+            prompt_len: 60,
+            output_len: 30
+        };
+        6
+    ];
+    requests.extend(vec![
+        RequestShape {
+            prompt_len: 3,
+            output_len: 2
+        };
+        40
+    ]);
+    let c = config(requests, 24 * 16 * 256, 100);
+    let paged = replay(&c, Policy::Paged { block_size: 16 }).unwrap();
+    let tm = replay(
+        &c,
+        Policy::Vmm {
+            layout: KvLayout::TokenMajor,
+            page_size: 4096,
+        },
+    )
+    .unwrap();
+    assert!(paged.saturated.steps > 0);
+    assert_eq!(
+        (tm.steps, tm.peak_running),
+        (paged.steps, paged.peak_running)
+    );
     assert!(approx(
-        tm.token_share_of_allocated,
-        paged.token_share_of_allocated
+        tm.saturated.token_share_of_allocated,
+        paged.saturated.token_share_of_allocated
     ));
 }
