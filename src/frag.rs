@@ -42,6 +42,9 @@ pub struct Args {
     /// Print the report as JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also write the JSON report to this file.
+    #[arg(long = "json-out")]
+    json_out: Option<PathBuf>,
     /// Write composition.svg and batch.svg into this directory.
     #[arg(long = "plot-dir")]
     plot_dir: Option<PathBuf>,
@@ -111,10 +114,14 @@ pub fn run(args: Args) -> Result<()> {
         policies.len()
     );
     let report = frag::run(&config, &policies)?;
+    let mut value = serde_json::to_value(&report)?;
+    value["workload"] = workload.name().into();
+    let json = serde_json::to_string_pretty(&value)?;
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
+    }
     if args.json {
-        let mut value = serde_json::to_value(&report)?;
-        value["workload"] = workload.name().into();
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        println!("{json}");
     } else {
         print_table(&report, &workload.name());
     }

@@ -1,6 +1,6 @@
 //! The KV allocation policies of the fragmentation study, each a thin driver over the allocator
 //! the engine itself uses — [`ContiguousArena`] for the Orca-style reservations, [`BlockAllocator`]
-//! + [`BlockTable`] for paged, [`KvSpace`] on [`AccountingVmm`] for vmm — so what the study
+//! and [`BlockTable`] for paged, [`KvSpace`] on [`AccountingVmm`] for vmm — so what the study
 //! measures is what those allocators do.
 //!
 //! Waste categories (as in Fig. 2 of the vLLM paper): **reserved** — memory set aside for tokens
