@@ -160,8 +160,9 @@ fn print_table(r: &FragReport, workload: &str) {
     );
     println!("memory columns are % of the KV budget.");
     println!(
-        "{:>22} {:>9} {:>10} {:>7} {:>9} {:>9} {:>9} {:>7} {:>6} {:>8} {:>8} {:>7}",
+        "{:>22} {:>5} {:>9} {:>10} {:>7} {:>9} {:>9} {:>9} {:>7} {:>6} {:>8} {:>8} {:>7}",
         "policy",
+        "avg",
         "tok/unit",
         "tok/alloc",
         "token",
@@ -178,8 +179,9 @@ fn print_table(r: &FragReport, workload: &str) {
     for p in &r.policies {
         let a = p.under_load();
         println!(
-            "{:>22} {:>9} {:>9.1}% {:>6.1}% {:>8.1}% {:>8.1}% {:>8.1}% {:>6.1}% {:>6} {:>8.1} {:>8} {:>7}",
+            "{:>22} {:>5} {:>9} {:>9.1}% {:>6.1}% {:>8.1}% {:>8.1}% {:>8.1}% {:>6.1}% {:>6} {:>8.1} {:>8} {:>7}",
             p.policy,
+            if p.saturated.steps > 0 { "sat" } else { "busy" },
             p.granule_tokens.map_or("-".to_string(), |g| format!("{g:.1}")),
             100.0 * a.token_share_of_allocated,
             pct(a.mean.token_bytes),

@@ -160,7 +160,7 @@ pub struct Composition {
     pub reserved_bytes: usize,
     pub internal_bytes: usize,
     pub external_bytes: usize,
-    /// Usable free memory (including pages cached in released vmm slots, which are reclaimable).
+    /// Usable free memory (including vmm pages that hold no token and are reclaimed on demand).
     pub free_bytes: usize,
 }
 
@@ -406,9 +406,12 @@ impl KvPolicy for Vmm {
     }
 
     fn composition(&self, _live: &[(usize, usize)]) -> Composition {
+        // Pages cached in released slots and surplus pages of active slots (past their length)
+        // hold no token and are reclaimed on demand: they count as free, not as waste.
         let s = self.space.stats();
-        let held = s.bytes_backed - s.pages_cached * s.page_size;
-        let free = (s.pages_cached + self.space.pool_available()) * s.page_size;
+        let reclaimable = s.pages_cached + s.pages_surplus;
+        let held = s.bytes_backed - reclaimable * s.page_size;
+        let free = (reclaimable + self.space.pool_available()) * s.page_size;
         Composition {
             token_bytes: s.bytes_holding_tokens,
             reserved_bytes: 0,
