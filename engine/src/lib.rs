@@ -10,9 +10,12 @@
 //! above this crate is the same code in both KV modes. It is an empty shell until the model and
 //! engine issues land; the dependency arrows (`engine → {kernels, vmm}`) are already in place.
 
+pub mod fetch;
 pub mod frag;
 pub mod kv;
 pub mod presets;
+pub mod tokenizer;
+pub mod weights;
 pub mod workload;
 
 pub use vkv_kernels::KvAddressing;

@@ -1,0 +1,1 @@
+//! Model fetch (being written).
