@@ -3,6 +3,7 @@
 
 mod bench_vmm;
 mod frag;
+mod generate;
 mod units;
 
 use anyhow::Result;
@@ -29,6 +30,8 @@ enum Command {
     /// KV-memory fragmentation study: how much memory each allocation policy wastes and how many
     /// requests it holds at once, replayed through the real allocators.
     Frag(frag::Args),
+    /// Generate text for one prompt on the CPU, streaming it as it is produced.
+    Generate(generate::Args),
     /// Say which devices vkv can use here.
     Devices,
 }
@@ -54,6 +57,7 @@ fn run(cli: Cli) -> Result<()> {
             which: Bench::Vmm(args),
         } => bench_vmm::run(args),
         Command::Frag(args) => frag::run(args),
+        Command::Generate(args) => generate::run(args),
         Command::Devices => {
             match vkv_vmm::probe_cuda() {
                 Ok(p) => println!(

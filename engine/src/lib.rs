@@ -7,13 +7,18 @@
 //! the continuous-batching scheduler (Orca's iteration-level scheduling, Sarathi-Serve's chunked
 //! prefill, preemption by recompute), the sampler, the engine thread that owns device, model, KV
 //! and scheduler and is reached over channels, request-length workloads and metrics. Everything
-//! above this crate is the same code in both KV modes. It is an empty shell until the model and
-//! engine issues land; the dependency arrows (`engine → {kernels, vmm}`) are already in place.
+//! above this crate is the same code in both KV modes. Here so far: model presets and workloads,
+//! the KV caches (`kv`), the GGUF reader (`weights`), the tokenizer, the Llama forward pass on
+//! the CPU (`model`), sampling, single-prompt generation, model fetching and the `frag` study;
+//! the scheduler and engine loop come with the engine issue.
 
 pub mod fetch;
 pub mod frag;
+pub mod generate;
 pub mod kv;
+pub mod model;
 pub mod presets;
+pub mod sampler;
 pub mod tokenizer;
 pub mod weights;
 pub mod workload;

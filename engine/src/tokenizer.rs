@@ -1,1 +1,1547 @@
-//! Tokenizer (being written).
+//! Tokenizers, chat templates and streaming detokenization for Llama-family models.
+//!
+//! This module owns the text side of a model: a [`Tokenizer`] built either from the vocabulary a
+//! GGUF file carries ([`GgufVocab`]: the `tokenizer.ggml.*` keys) or from a Hugging Face
+//! `tokenizer.json` (plus `tokenizer_config.json`); chat templates rendered with `minijinja`; and a
+//! [`StreamDecoder`] that turns generated token ids into text incrementally without ever emitting
+//! half a UTF-8 character. Only gpt2-style byte-level BPE vocabularies are accepted from GGUF, which
+//! covers Llama 3, Qwen2, SmolLM and the other `tokenizer.ggml.model = "gpt2"` families; the
+//! SentencePiece (`"llama"`) vocabularies of Llama 1/2 are rejected with a clear error.
+//!
+//! Where the ideas come from: building the BPE from GGUF tokens, merges and the `tokenizer.ggml.pre`
+//! name follows llama.cpp's gpt2/BPE vocabulary handling (`llama-vocab.cpp`: merges split at the
+//! first space after the first byte, per-`pre` regex lists, control and user-defined tokens matched
+//! as a whole before pre-tokenization); the tokenizer itself is HF `tokenizers`' ByteLevel BPE
+//! (GPT-2's byte-to-unicode alphabet, `Split` pre-tokenizers, ByteLevel decoder); chat templates are
+//! HF chat templates (Jinja with `trim_blocks`/`lstrip_blocks`, the `messages` /
+//! `add_generation_prompt` / `bos_token` / `eos_token` variables, `raise_exception`, a few Python
+//! string and dict methods); the streaming decoder is the prefix-window scheme of HF's
+//! `DecodeStream` and vLLM's incremental detokenizer.
+
+use std::fmt;
+use std::path::Path;
+
+use minijinja::value::{from_args, Kwargs, ValueKind};
+use minijinja::{Environment, ErrorKind, State, Value};
+use serde::{Deserialize, Serialize};
+use tokenizers::decoders::byte_level::ByteLevel;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+
+/// The GPT-2 pre-tokenizer pattern (also HF ByteLevel's built-in regex).
+pub const GPT2_PATTERN: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+
+/// The Llama-3 pre-tokenizer pattern, with llama.cpp's spelled-out case-insensitive contractions.
+pub const LLAMA3_PATTERN: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The Qwen2 pre-tokenizer pattern: as Llama 3, but digits one at a time.
+pub const QWEN2_PATTERN: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Token texts that end generation when present in the vocabulary (besides the eos id).
+const STOP_TOKENS: [&str; 5] = [
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "</s>",
+    "<|endoftext|>",
+];
+
+/// GGUF `tokenizer.ggml.token_type` values (llama.cpp's `llama_token_type`).
+const TOKEN_TYPE_CONTROL: i64 = 3;
+const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+
+const CHAT_TEMPLATE_NAME: &str = "chat_template";
+
+/// Everything that can go wrong building or using a [`Tokenizer`].
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    /// The GGUF vocabulary is not a gpt2-style BPE.
+    #[error("unsupported tokenizer model \"{model}\" ({kind}): only gpt2-style BPE is supported")]
+    UnsupportedModel { model: String, kind: &'static str },
+    /// `tokenizer.ggml.tokens` is empty.
+    #[error("empty vocabulary: expected at least one token in tokenizer.ggml.tokens, found none")]
+    EmptyVocab,
+    /// `tokenizer.ggml.token_type` does not have one entry per token.
+    #[error(
+        "tokenizer.ggml.token_type has {found} entries: expected one per token in \
+         tokenizer.ggml.tokens ({expected})"
+    )]
+    TokenTypeCount { expected: usize, found: usize },
+    /// Two ids carry the same token text (llama.cpp refuses these vocabularies too).
+    #[error("token {id} {token:?} repeats token {first}: expected every token text to be unique")]
+    DuplicateToken { token: String, first: u32, id: u32 },
+    /// A special token id (bos, eos, ...) is not a vocabulary id.
+    #[error("{which} token id {id} is out of range: expected an id below the vocabulary size {vocab_size}")]
+    SpecialIdOutOfRange {
+        which: &'static str,
+        id: u32,
+        vocab_size: usize,
+    },
+    /// A merge is not two tokens separated by a space.
+    #[error("merge {index} {merge:?}: expected two tokens separated by a space")]
+    MalformedMerge { index: usize, merge: String },
+    /// A merge names a token (or produces one) that is not in the vocabulary.
+    #[error("merge {index} {merge:?}: expected {token:?} in the vocabulary, found no such token")]
+    MergeUnknownToken {
+        index: usize,
+        merge: String,
+        token: String,
+    },
+    /// HF `tokenizers` refused the model or a pre-tokenizer.
+    #[error("could not build the tokenizer: {0}")]
+    Build(String),
+    /// A file could not be read or parsed.
+    #[error("could not load {path}: {message}")]
+    Load { path: String, message: String },
+    /// An id passed to decode is not in the vocabulary.
+    #[error(
+        "token id {id} is out of range: expected an id in the vocabulary of {vocab_size} tokens"
+    )]
+    IdOutOfRange { id: u32, vocab_size: usize },
+    /// HF `tokenizers` failed to encode.
+    #[error("could not encode text: {0}")]
+    Encode(String),
+    /// HF `tokenizers` failed to decode.
+    #[error("could not decode ids: {0}")]
+    Decode(String),
+    /// [`Tokenizer::apply_chat_template`] on a tokenizer without one.
+    #[error(
+        "no chat template: expected tokenizer.chat_template (GGUF) or chat_template \
+         (tokenizer_config.json), found none"
+    )]
+    NoChatTemplate,
+    /// The chat template failed to compile or render, or called `raise_exception`.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    /// The streaming decoder saw earlier text change (only possible with decoders that are not
+    /// prefix-stable; never with byte-level BPE).
+    #[error("streaming decode: expected the text to start with {expected:?}, found {found:?}")]
+    StreamPrefix { expected: String, found: String },
+}
+
+/// What a GGUF file says about its vocabulary (`tokenizer.ggml.*` keys and `tokenizer.chat_template`).
+///
+/// Serde support (every field defaulted) lets tests and tools keep a vocabulary as JSON.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GgufVocab {
+    /// `tokenizer.ggml.model`, e.g. "gpt2".
+    pub model: String,
+    /// `tokenizer.ggml.pre`, e.g. "smollm", "llama-bpe", "qwen2".
+    pub pre: Option<String>,
+    /// `tokenizer.ggml.tokens` (byte-level BPE strings, e.g. "Ġthe").
+    pub tokens: Vec<String>,
+    /// `tokenizer.ggml.token_type`: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+    /// Empty means "all normal" (llama.cpp treats a missing array the same way).
+    pub token_types: Vec<i64>,
+    /// `tokenizer.ggml.merges`, "a b" per entry, highest priority first.
+    pub merges: Vec<String>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+    pub unknown_token_id: Option<u32>,
+    pub padding_token_id: Option<u32>,
+    /// `tokenizer.ggml.add_bos_token` (false when absent).
+    pub add_bos_token: bool,
+    /// `tokenizer.chat_template`.
+    pub chat_template: Option<String>,
+}
+
+/// One chat turn, as chat templates see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// The compiled chat template, or why it would not compile (reported when it is used, so that a
+/// model with a template minijinja cannot parse still serves plain completions).
+enum ChatTemplate {
+    None,
+    Ready(Box<Environment<'static>>),
+    Broken(String),
+}
+
+/// A text tokenizer: HF `tokenizers` underneath, plus the special ids, BOS policy and chat
+/// template of the model.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    vocab_size: usize,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    add_bos: bool,
+    stop_ids: Vec<u32>,
+    bos_text: String,
+    eos_text: String,
+    chat: ChatTemplate,
+}
+
+impl fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.vocab_size)
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .field("add_bos", &self.add_bos)
+            .field("stop_ids", &self.stop_ids)
+            .field("has_chat_template", &self.has_chat_template())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What kind of tokenizer a non-gpt2 `tokenizer.ggml.model` names (for the error message).
+fn model_kind(model: &str) -> &'static str {
+    match model {
+        "llama" => "SentencePiece",
+        "bert" => "WordPiece",
+        "t5" => "Unigram",
+        "rwkv" => "RWKV",
+        "plamo2" => "PLaMo-2",
+        "no_vocab" | "none" => "no vocabulary",
+        "" => "tokenizer.ggml.model missing",
+        _ => "unknown",
+    }
+}
+
+/// The pre-tokenizer regexes for a `tokenizer.ggml.pre` value, applied in order (each one splits
+/// the pieces the previous one left, keeping matches and non-matches: `Split(.., Isolated)`), and
+/// whether BPE should take a whole piece that is itself a token before merging (`ignore_merges`).
+///
+/// Follows llama.cpp's table for the families it knows:
+/// * "llama-bpe", "llama3", "llama-v3", "falcon3", "pixtral", "dbrx", "smaug-bpe": the Llama-3
+///   pattern, with `ignore_merges` (as Llama 3's tokenizer.json and llama.cpp);
+/// * "qwen2", "deepseek-r1-qwen", "stablelm2", "megrez": the Qwen2 pattern;
+/// * "smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b": `\p{N}`
+///   (digits one at a time, HF's `Digits(individual_digits)`) and then the GPT-2 pattern;
+/// * "gpt2", "gpt-2", "mpt", "olmo", "jais", "phi-2": the GPT-2 pattern.
+///
+/// Any other value, and a missing `pre`, also gets the plain GPT-2 pattern. llama.cpp would use
+/// its own "default" regex list there instead; GPT-2's is the byte-level BPE baseline, and a model
+/// whose `pre` is unknown here may tokenize slightly differently from its reference tokenizer.
+fn pre_tokenizer_patterns(pre: Option<&str>) -> (&'static [&'static str], bool) {
+    match pre.unwrap_or("") {
+        "llama-bpe" | "llama3" | "llama-v3" | "falcon3" | "pixtral" | "dbrx" | "smaug-bpe" => {
+            (&[LLAMA3_PATTERN], true)
+        }
+        "qwen2" | "deepseek-r1-qwen" | "stablelm2" | "megrez" => (&[QWEN2_PATTERN], false),
+        "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone" | "minerva-7b" => {
+            (&[r"\p{N}", GPT2_PATTERN], false)
+        }
+        _ => (&[GPT2_PATTERN], false),
+    }
+}
+
+/// Split a GGUF merge "a b" at the first space after the first character (llama.cpp looks from
+/// byte 1 so that a merge of a leading-space token would still split; byte-level tokens never
+/// contain a literal space).
+fn split_merge(merge: &str) -> Option<(&str, &str)> {
+    let (pos, _) = merge.char_indices().skip(1).find(|&(_, c)| c == ' ')?;
+    let (a, b) = (&merge[..pos], &merge[pos + 1..]);
+    (!a.is_empty() && !b.is_empty()).then_some((a, b))
+}
+
+/// A string or `{"content": "..."}` from tokenizer_config.json.
+fn config_token(value: Option<&serde_json::Value>) -> Option<String> {
+    match value? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_owned),
+        _ => None,
+    }
+}
+
+/// tokenizer_config.json's `chat_template`: a string, or a list of `{name, template}` from which
+/// "default" (else the first) is taken.
+fn config_chat_template(value: Option<&serde_json::Value>) -> Option<String> {
+    match value? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(list) => {
+            let named = |want: Option<&str>| {
+                list.iter().find_map(|t| {
+                    let name = t.get("name").and_then(|n| n.as_str());
+                    if want.is_none() || name == want {
+                        t.get("template")?.as_str().map(str::to_owned)
+                    } else {
+                        None
+                    }
+                })
+            };
+            named(Some("default")).or_else(|| named(None))
+        }
+        _ => None,
+    }
+}
+
+fn load_error(path: &Path, message: impl fmt::Display) -> TokenizerError {
+    TokenizerError::Load {
+        path: path.display().to_string(),
+        message: message.to_string(),
+    }
+}
+
+fn template_error(e: minijinja::Error) -> TokenizerError {
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    TokenizerError::ChatTemplate(message)
+}
+
+impl Tokenizer {
+    /// Build a byte-level BPE tokenizer from GGUF vocabulary metadata, as llama.cpp does for
+    /// `tokenizer.ggml.model = "gpt2"`: BPE over `tokens` (text → id) and `merges` (rank = index),
+    /// pre-tokenized by the regexes of `pre` and then ByteLevel (no prefix space, no regex of its
+    /// own), decoded by ByteLevel. Control (3) and user-defined (4) tokens are added tokens,
+    /// matched as a whole in text; control tokens are special (dropped by
+    /// `decode(.., skip_special = true)`).
+    ///
+    /// `pre` → regexes (llama.cpp's table for these families): "llama-bpe", "llama3", "llama-v3",
+    /// "falcon3", "pixtral", "dbrx", "smaug-bpe" → [`LLAMA3_PATTERN`] with `ignore_merges`;
+    /// "qwen2", "deepseek-r1-qwen", "stablelm2", "megrez" → [`QWEN2_PATTERN`]; "smollm",
+    /// "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b" → `\p{N}` (single
+    /// digits) then [`GPT2_PATTERN`]; "gpt2" and anything else, including a missing `pre` →
+    /// [`GPT2_PATTERN`] (for unknown values llama.cpp would use its own "default" list instead).
+    pub fn from_gguf_vocab(vocab: GgufVocab) -> Result<Tokenizer, TokenizerError> {
+        if vocab.model != "gpt2" {
+            return Err(TokenizerError::UnsupportedModel {
+                kind: model_kind(&vocab.model),
+                model: vocab.model,
+            });
+        }
+        let n = vocab.tokens.len();
+        if n == 0 {
+            return Err(TokenizerError::EmptyVocab);
+        }
+        if !vocab.token_types.is_empty() && vocab.token_types.len() != n {
+            return Err(TokenizerError::TokenTypeCount {
+                expected: n,
+                found: vocab.token_types.len(),
+            });
+        }
+        if u32::try_from(n).is_err() {
+            return Err(TokenizerError::Build(format!(
+                "{n} tokens: expected at most {} ids",
+                u32::MAX
+            )));
+        }
+        for (which, id) in [
+            ("bos", vocab.bos_token_id),
+            ("eos", vocab.eos_token_id),
+            ("unknown", vocab.unknown_token_id),
+            ("padding", vocab.padding_token_id),
+        ] {
+            if let Some(id) = id.filter(|&id| id as usize >= n) {
+                return Err(TokenizerError::SpecialIdOutOfRange {
+                    which,
+                    id,
+                    vocab_size: n,
+                });
+            }
+        }
+
+        // llama.cpp names empty tokens "[EMPTY_<id>]" so that every id has a distinct text.
+        let tokens: Vec<String> = vocab
+            .tokens
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                if t.is_empty() {
+                    format!("[EMPTY_{i}]")
+                } else {
+                    t
+                }
+            })
+            .collect();
+        let mut ids = Vocab::default();
+        ids.reserve(n);
+        for (i, t) in tokens.iter().enumerate() {
+            let id = i as u32;
+            if let Some(first) = ids.insert(t.clone(), id) {
+                return Err(TokenizerError::DuplicateToken {
+                    token: t.clone(),
+                    first,
+                    id,
+                });
+            }
+        }
+
+        let mut merges = Vec::with_capacity(vocab.merges.len());
+        for (index, merge) in vocab.merges.iter().enumerate() {
+            let (a, b) = split_merge(merge).ok_or_else(|| TokenizerError::MalformedMerge {
+                index,
+                merge: merge.clone(),
+            })?;
+            for token in [a.to_owned(), b.to_owned(), format!("{a}{b}")] {
+                if !ids.contains_key(&token) {
+                    return Err(TokenizerError::MergeUnknownToken {
+                        index,
+                        merge: merge.clone(),
+                        token,
+                    });
+                }
+            }
+            merges.push((a.to_owned(), b.to_owned()));
+        }
+
+        let (patterns, ignore_merges) = pre_tokenizer_patterns(vocab.pre.as_deref());
+        let mut builder = BPE::builder()
+            .vocab_and_merges(ids, merges)
+            .ignore_merges(ignore_merges);
+        if let Some(unk) = vocab.unknown_token_id {
+            builder = builder.unk_token(tokens[unk as usize].clone());
+        }
+        let bpe = builder
+            .build()
+            .map_err(|e| TokenizerError::Build(format!("BPE model: {e}")))?;
+
+        let mut steps = Vec::with_capacity(patterns.len() + 1);
+        for p in patterns {
+            let split = Split::new(
+                SplitPattern::Regex((*p).to_owned()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| TokenizerError::Build(format!("pre-tokenizer regex {p:?}: {e}")))?;
+            steps.push(PreTokenizerWrapper::Split(split));
+        }
+        steps.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
+            false, true, false,
+        )));
+
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner
+            .with_pre_tokenizer(Some(Sequence::new(steps)))
+            .with_decoder(Some(ByteLevel::default()));
+        let added: Vec<AddedToken> = vocab
+            .token_types
+            .iter()
+            .zip(&tokens)
+            .filter_map(|(&ty, t)| match ty {
+                TOKEN_TYPE_CONTROL => Some(AddedToken::from(t.clone(), true)),
+                TOKEN_TYPE_USER_DEFINED => {
+                    Some(AddedToken::from(t.clone(), false).normalized(false))
+                }
+                _ => None,
+            })
+            .collect();
+        if !added.is_empty() {
+            inner.add_special_tokens(&added);
+        }
+
+        let text_of = |id: Option<u32>| id.map(|i| tokens[i as usize].clone()).unwrap_or_default();
+        let bos_text = text_of(vocab.bos_token_id);
+        let eos_text = text_of(vocab.eos_token_id);
+        Ok(Self::assemble(
+            inner,
+            n,
+            vocab.bos_token_id,
+            vocab.eos_token_id,
+            vocab.add_bos_token,
+            bos_text,
+            eos_text,
+            vocab.chat_template,
+        ))
+    }
+
+    /// An HF tokenizer.json (and, if given, tokenizer_config.json for bos/eos/chat_template/add_bos).
+    ///
+    /// From the config: `bos_token` and `eos_token` (strings or `{"content": ..}`), `add_bos_token`
+    /// and `chat_template` (a string, or a list of named templates of which "default" is taken);
+    /// a `chat_template.jinja` next to the config is used when the config has none. Without
+    /// `add_bos_token`, BOS is added when the tokenizer.json's own post-processor adds the BOS
+    /// token (as Llama 3's does). Without a config, the token that post-processor puts first, if
+    /// any, is BOS, and there is no eos id or chat template.
+    pub fn from_files(
+        tokenizer_json: &Path,
+        tokenizer_config: Option<&Path>,
+    ) -> Result<Tokenizer, TokenizerError> {
+        let mut inner = tokenizers::Tokenizer::from_file(tokenizer_json)
+            .map_err(|e| load_error(tokenizer_json, e))?;
+        // A tokenizer.json may carry truncation or padding settings for training; a server must
+        // never cut or pad a prompt behind the caller's back.
+        inner
+            .with_truncation(None)
+            .map_err(|e| load_error(tokenizer_json, e))?
+            .with_padding(None);
+        let vocab_size = inner
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&m| m as usize + 1);
+        let post_ids = inner
+            .encode("", true)
+            .map(|e| e.get_ids().to_vec())
+            .unwrap_or_default();
+
+        let mut bos = None;
+        let mut eos = None;
+        let mut add_bos = None;
+        let mut chat_template = None;
+        if let Some(path) = tokenizer_config {
+            let text = std::fs::read_to_string(path).map_err(|e| load_error(path, e))?;
+            let config: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| load_error(path, e))?;
+            if !config.is_object() {
+                return Err(load_error(path, "expected a JSON object"));
+            }
+            bos = config_token(config.get("bos_token"));
+            eos = config_token(config.get("eos_token"));
+            add_bos = config.get("add_bos_token").and_then(|v| v.as_bool());
+            chat_template = config_chat_template(config.get("chat_template"));
+            if chat_template.is_none() {
+                let jinja = path.with_file_name("chat_template.jinja");
+                if jinja.is_file() {
+                    chat_template =
+                        Some(std::fs::read_to_string(&jinja).map_err(|e| load_error(&jinja, e))?);
+                }
+            }
+        } else if let Some(&first) = post_ids.first() {
+            bos = inner.id_to_token(first);
+        }
+
+        let bos_id = bos.as_deref().and_then(|t| inner.token_to_id(t));
+        let eos_id = eos.as_deref().and_then(|t| inner.token_to_id(t));
+        let add_bos =
+            add_bos.unwrap_or_else(|| bos_id.is_some() && post_ids.first() == bos_id.as_ref());
+        Ok(Self::assemble(
+            inner,
+            vocab_size,
+            bos_id,
+            eos_id,
+            add_bos,
+            bos.unwrap_or_default(),
+            eos.unwrap_or_default(),
+            chat_template,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        inner: tokenizers::Tokenizer,
+        vocab_size: usize,
+        bos: Option<u32>,
+        eos: Option<u32>,
+        add_bos: bool,
+        bos_text: String,
+        eos_text: String,
+        chat_template: Option<String>,
+    ) -> Tokenizer {
+        let mut stop_ids: Vec<u32> = eos.into_iter().collect();
+        for t in STOP_TOKENS {
+            if let Some(id) = inner.token_to_id(t) {
+                if !stop_ids.contains(&id) {
+                    stop_ids.push(id);
+                }
+            }
+        }
+        let chat = match chat_template {
+            None => ChatTemplate::None,
+            Some(source) => match compile_chat_template(source) {
+                Ok(env) => ChatTemplate::Ready(Box::new(env)),
+                Err(e) => ChatTemplate::Broken(e),
+            },
+        };
+        Tokenizer {
+            inner,
+            vocab_size,
+            bos,
+            eos,
+            add_bos,
+            stop_ids,
+            bos_text,
+            eos_text,
+            chat,
+        }
+    }
+
+    /// Encode; adds BOS only when `add_special_tokens` and the vocab says add_bos. Special/control
+    /// tokens written in the text (e.g. "<|im_start|>") are recognized as single tokens.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
+        let encoding = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let body = encoding.get_ids();
+        let bos = self.bos.filter(|_| add_special_tokens && self.add_bos);
+        let mut ids = Vec::with_capacity(body.len() + usize::from(bos.is_some()));
+        ids.extend(bos);
+        ids.extend_from_slice(body);
+        Ok(ids)
+    }
+
+    /// Decode, skipping nothing (special tokens are rendered as their text) unless `skip_special`.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
+        if let Some(&id) = ids.iter().find(|&&id| self.inner.id_to_token(id).is_none()) {
+            return Err(TokenizerError::IdOutOfRange {
+                id,
+                vocab_size: self.vocab_size,
+            });
+        }
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| TokenizerError::Decode(e.to_string()))
+    }
+
+    /// Number of token ids (one past the largest id).
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    pub fn bos_token_id(&self) -> Option<u32> {
+        self.bos
+    }
+
+    pub fn eos_token_id(&self) -> Option<u32> {
+        self.eos
+    }
+
+    /// Token ids that end generation: eos, plus "<|im_end|>", "<|eot_id|>", "<|end_of_text|>",
+    /// "</s>", "<|endoftext|>" when present in the vocab.
+    pub fn stop_token_ids(&self) -> &[u32] {
+        &self.stop_ids
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn has_chat_template(&self) -> bool {
+        !matches!(self.chat, ChatTemplate::None)
+    }
+
+    /// Render the chat template with minijinja: variables messages, add_generation_prompt,
+    /// bos_token, eos_token. Supports what HF templates use: loop.first/loop.last,
+    /// `raise_exception(msg)` (→ error), `.strip()` and other common str/dict methods, `|trim`,
+    /// `|tojson`; blocks are trimmed as HF does (`trim_blocks`, `lstrip_blocks`).
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
+        let env = match &self.chat {
+            ChatTemplate::None => return Err(TokenizerError::NoChatTemplate),
+            ChatTemplate::Broken(e) => return Err(TokenizerError::ChatTemplate(e.clone())),
+            ChatTemplate::Ready(env) => env,
+        };
+        let template = env
+            .get_template(CHAT_TEMPLATE_NAME)
+            .map_err(template_error)?;
+        template
+            .render(minijinja::context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => &self.bos_text,
+                eos_token => &self.eos_text,
+            })
+            .map_err(template_error)
+    }
+
+    /// A streaming decoder over this tokenizer.
+    pub fn stream(&self) -> StreamDecoder<'_> {
+        StreamDecoder {
+            tokenizer: self,
+            ids: Vec::new(),
+            prefix: String::new(),
+            prefix_len: 0,
+        }
+    }
+}
+
+/// A minijinja environment set up like HF's chat-template sandbox, holding one template; the error
+/// is the compile error's message.
+fn compile_chat_template(source: String) -> Result<Environment<'static>, String> {
+    let mut env = Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_keep_trailing_newline(false);
+    env.add_function(
+        "raise_exception",
+        |message: String| -> Result<Value, minijinja::Error> {
+            Err(minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                format!("raise_exception: {message}"),
+            ))
+        },
+    );
+    env.add_filter("tojson", tojson);
+    env.set_formatter(python_formatter);
+    env.set_unknown_method_callback(python_method);
+    match env.add_template_owned(CHAT_TEMPLATE_NAME, source) {
+        Ok(()) => Ok(env),
+        Err(e) => match template_error(e) {
+            TokenizerError::ChatTemplate(message) => Err(message),
+            other => Err(other.to_string()),
+        },
+    }
+}
+
+/// Print values as Jinja2 does (`True`, `False`, `None`), everything else as minijinja does.
+fn python_formatter(
+    out: &mut minijinja::Output,
+    state: &State,
+    value: &Value,
+) -> Result<(), minijinja::Error> {
+    let word = match value.kind() {
+        ValueKind::Bool if value.is_true() => "True",
+        ValueKind::Bool => "False",
+        ValueKind::None => "None",
+        _ => return minijinja::escape_formatter(out, state, value),
+    };
+    out.write_str(word).map_err(minijinja::Error::from)
+}
+
+/// serde_json output with Python's `json.dumps` default separators (", " and ": ").
+struct PythonJson;
+
+impl serde_json::ser::Formatter for PythonJson {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            writer.write_all(b", ")
+        }
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+    ) -> std::io::Result<()> {
+        writer.write_all(b": ")
+    }
+}
+
+/// `|tojson` as HF chat templates define it: `json.dumps(x, ensure_ascii=False, indent=indent)`
+/// (no HTML escaping, Python's separators). Key order is minijinja's: field order for messages,
+/// which is what Python gives too.
+fn tojson(value: Value, kwargs: Kwargs) -> Result<Value, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let fail =
+        |e: serde_json::Error| minijinja::Error::new(ErrorKind::BadSerialization, e.to_string());
+    let mut out = Vec::new();
+    match indent {
+        None => {
+            let mut ser = serde_json::Serializer::with_formatter(&mut out, PythonJson);
+            value.serialize(&mut ser).map_err(fail)?;
+        }
+        Some(n) => {
+            let pad = " ".repeat(n);
+            let formatter = serde_json::ser::PrettyFormatter::with_indent(pad.as_bytes());
+            let mut ser = serde_json::Serializer::with_formatter(&mut out, formatter);
+            value.serialize(&mut ser).map_err(fail)?;
+        }
+    }
+    Ok(Value::from_safe_string(
+        String::from_utf8(out).expect("serde_json writes UTF-8"),
+    ))
+}
+
+/// The Python `str` and `dict` methods HF chat templates call (`content.strip()`,
+/// `message.get('x')`, `tools.items()`, ...), which minijinja does not have natively.
+fn python_method(
+    state: &State,
+    value: &Value,
+    method: &str,
+    args: &[Value],
+) -> Result<Value, minijinja::Error> {
+    if let Some(s) = value.as_str() {
+        return string_method(s, method, args);
+    }
+    if value.kind() == ValueKind::Map {
+        match method {
+            "items" => {
+                let _: () = from_args(args)?;
+                return state.apply_filter("items", std::slice::from_ref(value));
+            }
+            "keys" => {
+                let _: () = from_args(args)?;
+                return Ok(Value::from(value.try_iter()?.collect::<Vec<_>>()));
+            }
+            "values" => {
+                let _: () = from_args(args)?;
+                let values = value
+                    .try_iter()?
+                    .map(|k| value.get_item(&k))
+                    .collect::<Result<Vec<_>, _>>()?;
+                return Ok(Value::from(values));
+            }
+            "get" => {
+                let (key, default): (Value, Option<Value>) = from_args(args)?;
+                let found = value.get_item(&key)?;
+                return Ok(if found.is_undefined() {
+                    default.unwrap_or(Value::from(()))
+                } else {
+                    found
+                });
+            }
+            _ => {}
+        }
+    }
+    Err(minijinja::Error::new(
+        ErrorKind::UnknownMethod,
+        format!("{} has no method named {method}", value.kind()),
+    ))
+}
+
+fn string_method(s: &str, method: &str, args: &[Value]) -> Result<Value, minijinja::Error> {
+    let strip_set = |chars: Option<&str>| {
+        let chars = chars.map(|c| c.chars().collect::<Vec<_>>());
+        move |c: char| match &chars {
+            Some(set) => set.contains(&c),
+            None => c.is_whitespace(),
+        }
+    };
+    Ok(match method {
+        "strip" => {
+            let (chars,): (Option<&str>,) = from_args(args)?;
+            Value::from(s.trim_matches(strip_set(chars)))
+        }
+        "lstrip" => {
+            let (chars,): (Option<&str>,) = from_args(args)?;
+            Value::from(s.trim_start_matches(strip_set(chars)))
+        }
+        "rstrip" => {
+            let (chars,): (Option<&str>,) = from_args(args)?;
+            Value::from(s.trim_end_matches(strip_set(chars)))
+        }
+        "startswith" => {
+            let (prefix,): (&str,) = from_args(args)?;
+            Value::from(s.starts_with(prefix))
+        }
+        "endswith" => {
+            let (suffix,): (&str,) = from_args(args)?;
+            Value::from(s.ends_with(suffix))
+        }
+        "upper" => {
+            let _: () = from_args(args)?;
+            Value::from(s.to_uppercase())
+        }
+        "lower" => {
+            let _: () = from_args(args)?;
+            Value::from(s.to_lowercase())
+        }
+        "capitalize" => {
+            let _: () = from_args(args)?;
+            let mut chars = s.chars();
+            Value::from(match chars.next() {
+                Some(first) => first
+                    .to_uppercase()
+                    .chain(chars.as_str().to_lowercase().chars())
+                    .collect(),
+                None => String::new(),
+            })
+        }
+        "title" => {
+            let _: () = from_args(args)?;
+            let mut out = String::with_capacity(s.len());
+            let mut word_start = true;
+            for c in s.chars() {
+                if word_start {
+                    out.extend(c.to_uppercase());
+                } else {
+                    out.extend(c.to_lowercase());
+                }
+                word_start = !c.is_alphanumeric();
+            }
+            Value::from(out)
+        }
+        "replace" => {
+            let (from, to, count): (&str, &str, Option<i64>) = from_args(args)?;
+            Value::from(match count {
+                Some(n) if n >= 0 => s.replacen(from, to, n as usize),
+                _ => s.replace(from, to),
+            })
+        }
+        "split" => {
+            let (sep, maxsplit): (Option<&str>, Option<i64>) = from_args(args)?;
+            let limit = maxsplit.filter(|&n| n >= 0).map(|n| n as usize + 1);
+            let parts: Vec<Value> = match (sep, limit) {
+                (Some(sep), Some(n)) => s.splitn(n, sep).map(Value::from).collect(),
+                (Some(sep), None) => s.split(sep).map(Value::from).collect(),
+                (None, limit) => {
+                    let words = s.split_whitespace().map(Value::from);
+                    match limit {
+                        Some(n) => words.take(n).collect(),
+                        None => words.collect(),
+                    }
+                }
+            };
+            Value::from(parts)
+        }
+        "find" => {
+            let (needle,): (&str,) = from_args(args)?;
+            Value::from(
+                s.find(needle)
+                    .map_or(-1, |byte| s[..byte].chars().count() as i64),
+            )
+        }
+        "count" => {
+            let (needle,): (&str,) = from_args(args)?;
+            Value::from(s.matches(needle).count())
+        }
+        _ => {
+            return Err(minijinja::Error::new(
+                ErrorKind::UnknownMethod,
+                format!("string has no method named {method}"),
+            ))
+        }
+    })
+}
+
+/// Turns generated ids into text one token at a time.
+///
+/// It keeps a window of ids: the ids of the text it last emitted (context, so that decoders that
+/// look at neighbours render the same way) followed by ids not emitted yet. Each push decodes the
+/// window; while the result ends in U+FFFD (a UTF-8 sequence still incomplete) or adds nothing,
+/// nothing is emitted; otherwise the text after the context is emitted and the window moves on.
+/// A replacement character that no later byte can complete is emitted with the text after it, or
+/// by [`StreamDecoder::finish`].
+pub struct StreamDecoder<'a> {
+    tokenizer: &'a Tokenizer,
+    ids: Vec<u32>,
+    /// `decode(ids[..prefix_len])`, the context already emitted.
+    prefix: String,
+    prefix_len: usize,
+}
+
+impl fmt::Debug for StreamDecoder<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamDecoder")
+            .field("ids", &self.ids)
+            .field("prefix", &self.prefix)
+            .field("prefix_len", &self.prefix_len)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StreamDecoder<'_> {
+    /// Add one generated token; returns the new text that is now final (possibly empty): never half
+    /// a UTF-8 character and never text that a later token could still change. Concatenating every
+    /// returned piece plus `finish()` equals `decode(all ids, skip_special=false)`.
+    pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
+        self.ids.push(id);
+        let text = match self.tokenizer.decode(&self.ids, false) {
+            Ok(text) => text,
+            Err(e) => {
+                self.ids.pop();
+                return Err(e);
+            }
+        };
+        if text.len() <= self.prefix.len() || text.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        let fresh = self.after_prefix(text)?;
+        self.ids.drain(..self.prefix_len);
+        self.prefix_len = self.ids.len();
+        self.prefix = self.tokenizer.decode(&self.ids, false)?;
+        Ok(fresh)
+    }
+
+    /// The text still held back (an incomplete UTF-8 sequence at the end decodes to U+FFFD here).
+    pub fn finish(self) -> Result<String, TokenizerError> {
+        if self.ids.len() == self.prefix_len {
+            return Ok(String::new());
+        }
+        let text = self.tokenizer.decode(&self.ids, false)?;
+        self.after_prefix(text)
+    }
+
+    fn after_prefix(&self, text: String) -> Result<String, TokenizerError> {
+        match text.strip_prefix(self.prefix.as_str()) {
+            Some(rest) => Ok(rest.to_owned()),
+            None => Err(TokenizerError::StreamPrefix {
+                expected: self.prefix.clone(),
+                found: text,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// GPT-2's byte → printable char table (bytes_to_unicode in openai/gpt-2's encoder.py).
+    fn byte_chars() -> [char; 256] {
+        let mut table = ['\0'; 256];
+        let mut extra = 0u32;
+        for b in 0..=255u8 {
+            let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+            table[b as usize] = if printable {
+                char::from(b)
+            } else {
+                extra += 1;
+                char::from_u32(255 + extra).unwrap()
+            };
+        }
+        table
+    }
+
+    fn byte_level(s: &str) -> String {
+        let table = byte_chars();
+        s.bytes().map(|b| table[b as usize]).collect()
+    }
+
+    const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
+    /// A tiny byte-level vocab: the 256 byte tokens (id = byte), a few merges, the ChatML specials
+    /// (control) and one user-defined token.
+    fn synthetic_vocab() -> GgufVocab {
+        let mut tokens: Vec<String> = byte_chars().iter().map(|c| c.to_string()).collect();
+        let mut token_types = vec![1i64; 256];
+        // (left, right) in byte-level text; each merge's result is appended as a token.
+        let merge_pairs: Vec<(String, String)> = [
+            ("Ġ", "t"),
+            ("h", "e"),
+            ("Ġt", "he"),
+            ("l", "l"),
+            ("he", "ll"),
+            ("hell", "o"),
+            // é = C3 A9
+            (
+                byte_level("\u{e9}")
+                    .chars()
+                    .next()
+                    .unwrap()
+                    .to_string()
+                    .as_str(),
+                "©",
+            ),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        let mut merges = Vec::new();
+        for (a, b) in &merge_pairs {
+            merges.push(format!("{a} {b}"));
+            tokens.push(format!("{a}{b}"));
+            token_types.push(1);
+        }
+        // 你 = E4 BD A0: two merges building it from bytes.
+        let ni = byte_level("你");
+        let ni: Vec<char> = ni.chars().collect();
+        merges.push(format!("{} {}", ni[0], ni[1]));
+        tokens.push(format!("{}{}", ni[0], ni[1]));
+        merges.push(format!("{}{} {}", ni[0], ni[1], ni[2]));
+        tokens.push(ni.iter().collect());
+        token_types.extend([1, 1]);
+        for s in SPECIALS {
+            tokens.push(s.to_owned());
+            token_types.push(TOKEN_TYPE_CONTROL);
+        }
+        tokens.push("<custom>".to_owned());
+        token_types.push(TOKEN_TYPE_USER_DEFINED);
+        let id = |t: &str| tokens.iter().position(|x| x == t).unwrap() as u32;
+        GgufVocab {
+            model: "gpt2".into(),
+            pre: Some("gpt2".into()),
+            bos_token_id: Some(id("<|im_start|>")),
+            eos_token_id: Some(id("<|im_end|>")),
+            unknown_token_id: None,
+            padding_token_id: Some(id("<|endoftext|>")),
+            add_bos_token: false,
+            chat_template: None,
+            tokens,
+            token_types,
+            merges,
+        }
+    }
+
+    #[test]
+    fn tokenizer_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Tokenizer>();
+        check::<TokenizerError>();
+    }
+
+    fn synthetic() -> Tokenizer {
+        Tokenizer::from_gguf_vocab(synthetic_vocab()).unwrap()
+    }
+
+    const SAMPLES: [&str; 10] = [
+        "hello world",
+        " the theme of the hello",
+        "caf\u{e9} na\u{ef}ve \u{c5}ngstr\u{f6}m \u{e9}\u{e9}",
+        "\u{4f60}\u{597d}\u{4e16}\u{754c}\u{ff0c}\u{4f60}",
+        "emoji \u{1f600}\u{1f44d}\u{1f3fd}\u{1f1fa}\u{1f1f8} \u{2764}\u{fe0f}",
+        "  spaces  \n\ttab\r\n",
+        "digits 12345 and 3.14",
+        "",
+        "<|im_start|>user\nhi<|im_end|>\n",
+        "x<custom>y",
+    ];
+
+    #[test]
+    fn synthetic_round_trips() {
+        let tok = synthetic();
+        for text in SAMPLES {
+            let ids = tok.encode(text, false).unwrap();
+            assert_eq!(tok.decode(&ids, false).unwrap(), text, "ids {ids:?}");
+        }
+        // merges apply: " the" is one token, "é" is one token, "你" is one token
+        let id = |t: &str| tok.token_to_id(t).unwrap();
+        assert_eq!(tok.encode(" the", false).unwrap(), vec![id("Ġthe")]);
+        assert_eq!(tok.encode("hello", false).unwrap(), vec![id("hello")]);
+        assert_eq!(
+            tok.encode("\u{e9}", false).unwrap(),
+            vec![id(&byte_level("\u{e9}"))]
+        );
+        assert_eq!(
+            tok.encode("\u{4f60}", false).unwrap(),
+            vec![id(&byte_level("\u{4f60}"))]
+        );
+        // an emoji with no merges is its four byte tokens
+        let smile = tok.encode("\u{1f600}", false).unwrap();
+        assert_eq!(smile, vec![0xF0, 0x9F, 0x98, 0x80]);
+        assert_eq!(tok.vocab_size(), synthetic_vocab().tokens.len());
+    }
+
+    #[test]
+    fn synthetic_special_tokens_match_whole() {
+        let tok = synthetic();
+        let start = tok.token_to_id("<|im_start|>").unwrap();
+        let end = tok.token_to_id("<|im_end|>").unwrap();
+        let ids = tok.encode("<|im_start|>user\nhi<|im_end|>", false).unwrap();
+        assert_eq!(ids.first(), Some(&start));
+        assert_eq!(ids.last(), Some(&end));
+        assert_eq!(ids.iter().filter(|&&i| i == start || i == end).count(), 2);
+        assert_eq!(tok.decode(&ids, true).unwrap(), "user\nhi");
+        let custom = tok.token_to_id("<custom>").unwrap();
+        let ids = tok.encode("a<custom>b", false).unwrap();
+        assert_eq!(ids, vec![b'a' as u32, custom, b'b' as u32]);
+        // user-defined tokens are not special: skip_special keeps them
+        assert_eq!(tok.decode(&ids, true).unwrap(), "a<custom>b");
+        // stop ids: eos first, then the known names present
+        let eot = tok.token_to_id("<|endoftext|>").unwrap();
+        assert_eq!(tok.stop_token_ids(), &[end, eot]);
+    }
+
+    #[test]
+    fn synthetic_bos_only_when_asked_and_configured() {
+        let tok = synthetic();
+        let plain = tok.encode("hi", false).unwrap();
+        assert_eq!(
+            tok.encode("hi", true).unwrap(),
+            plain,
+            "add_bos_token is false"
+        );
+        let tok = Tokenizer::from_gguf_vocab(GgufVocab {
+            add_bos_token: true,
+            ..synthetic_vocab()
+        })
+        .unwrap();
+        let bos = tok.bos_token_id().unwrap();
+        assert_eq!(
+            tok.encode("hi", true).unwrap(),
+            [&[bos][..], &plain].concat()
+        );
+        assert_eq!(tok.encode("hi", false).unwrap(), plain);
+        assert_eq!(tok.encode("", true).unwrap(), vec![bos]);
+    }
+
+    #[test]
+    fn synthetic_vocab_errors() {
+        let err = |v: GgufVocab| Tokenizer::from_gguf_vocab(v).unwrap_err().to_string();
+        let e = err(GgufVocab {
+            model: "llama".into(),
+            ..synthetic_vocab()
+        });
+        assert_eq!(
+            e,
+            "unsupported tokenizer model \"llama\" (SentencePiece): only gpt2-style BPE is supported"
+        );
+
+        let mut v = synthetic_vocab();
+        v.merges.push("Ġ zzz".into());
+        let e = err(v);
+        assert!(
+            e.contains("\"Ġ zzz\"") && e.contains("expected \"zzz\" in the vocabulary"),
+            "{e}"
+        );
+
+        let mut v = synthetic_vocab();
+        v.merges.push("a b".into()); // both tokens exist, "ab" does not
+        let e = err(v);
+        assert!(e.contains("expected \"ab\" in the vocabulary"), "{e}");
+
+        let mut v = synthetic_vocab();
+        v.merges.push("nospace".into());
+        assert!(err(v).contains("expected two tokens separated by a space"));
+
+        let mut v = synthetic_vocab();
+        let n = v.tokens.len();
+        v.token_types.pop();
+        assert_eq!(
+            err(v),
+            format!(
+                "tokenizer.ggml.token_type has {} entries: expected one per token in \
+                 tokenizer.ggml.tokens ({n})",
+                n - 1
+            )
+        );
+
+        let e = err(GgufVocab {
+            eos_token_id: Some(100_000),
+            ..synthetic_vocab()
+        });
+        assert!(e.starts_with("eos token id 100000 is out of range"), "{e}");
+
+        let mut v = synthetic_vocab();
+        v.tokens.push("hello".into());
+        v.token_types.push(1);
+        assert!(err(v).contains("repeats token"));
+
+        assert!(err(GgufVocab {
+            tokens: vec![],
+            token_types: vec![],
+            merges: vec![],
+            bos_token_id: None,
+            eos_token_id: None,
+            padding_token_id: None,
+            ..synthetic_vocab()
+        })
+        .starts_with("empty vocabulary"));
+
+        let tok = synthetic();
+        let bad = tok.vocab_size() as u32;
+        assert!(matches!(
+            tok.decode(&[1, bad], false),
+            Err(TokenizerError::IdOutOfRange { id, .. }) if id == bad
+        ));
+        assert!(matches!(
+            tok.apply_chat_template(&[], true),
+            Err(TokenizerError::NoChatTemplate)
+        ));
+    }
+
+    /// Push every id; check no piece holds U+FFFD (for valid text) and the pieces add up.
+    fn stream_all(tok: &Tokenizer, ids: &[u32]) -> (Vec<String>, String) {
+        let mut stream = tok.stream();
+        let mut pieces: Vec<String> = ids.iter().map(|&id| stream.push(id).unwrap()).collect();
+        pieces.push(stream.finish().unwrap());
+        let whole = pieces.concat();
+        (pieces, whole)
+    }
+
+    #[test]
+    fn stream_never_splits_characters() {
+        let tok = synthetic();
+        // "é" as its two byte tokens, an emoji as four, and a mix
+        let e_acute: Vec<u32> = "\u{e9}".bytes().map(u32::from).collect();
+        let (pieces, whole) = stream_all(&tok, &e_acute);
+        assert_eq!(pieces, vec!["", "\u{e9}", ""]);
+        assert_eq!(whole, "\u{e9}");
+
+        let emoji: Vec<u32> = "a\u{1f980}b".bytes().map(u32::from).collect();
+        let (pieces, whole) = stream_all(&tok, &emoji);
+        assert_eq!(whole, "a\u{1f980}b");
+        assert_eq!(pieces, vec!["a", "", "", "", "\u{1f980}", "b", ""]);
+
+        for text in SAMPLES {
+            for ids in [
+                tok.encode(text, false).unwrap(),
+                text.bytes().map(u32::from).collect::<Vec<_>>(),
+            ] {
+                let (pieces, whole) = stream_all(&tok, &ids);
+                assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
+                assert_eq!(whole, tok.decode(&ids, false).unwrap());
+                assert_eq!(whole, text);
+            }
+        }
+    }
+
+    #[test]
+    fn stream_matches_decode_on_invalid_bytes() {
+        let tok = synthetic();
+        // a truncated 3-byte sequence then ASCII; a lone continuation byte; a truncated tail
+        for bytes in [
+            &[0xE2u8, 0x82, b'A', b'B'][..],
+            &[b'x', 0x80, b'y'][..],
+            &[b'o', b'k', 0xF0, 0x9F][..],
+        ] {
+            let ids: Vec<u32> = bytes.iter().map(|&b| u32::from(b)).collect();
+            let (_, whole) = stream_all(&tok, &ids);
+            assert_eq!(whole, tok.decode(&ids, false).unwrap());
+            assert_eq!(whole, String::from_utf8_lossy(bytes));
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            cases: 128,
+            failure_persistence: None,
+            ..proptest::test_runner::Config::default()
+        })]
+        #[test]
+        fn stream_property(text in "\\PC{0,24}", split_bytes in proptest::bool::ANY) {
+            let tok = synthetic();
+            let ids = if split_bytes {
+                text.bytes().map(u32::from).collect()
+            } else {
+                tok.encode(&text, false).unwrap()
+            };
+            let (pieces, whole) = stream_all(&tok, &ids);
+            // U+FFFD only where the text itself has one (then the pieces add up to the text)
+            let clean = pieces.iter().all(|p| !p.contains(char::REPLACEMENT_CHARACTER));
+            proptest::prop_assert!(clean || text.contains(char::REPLACEMENT_CHARACTER), "{:?}", pieces);
+            proptest::prop_assert_eq!(&whole, &text);
+            proptest::prop_assert_eq!(tok.decode(&ids, false).unwrap(), text);
+        }
+    }
+
+    fn fixture(name: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tokenizer")
+            .join(name);
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn smollm2_vocab() -> GgufVocab {
+        serde_json::from_str(&fixture("smollm2_vocab.json")).unwrap()
+    }
+
+    #[derive(Deserialize)]
+    struct Encodings {
+        cases: Vec<EncodingCase>,
+    }
+
+    #[derive(Deserialize)]
+    struct EncodingCase {
+        text: String,
+        ids: Vec<u32>,
+    }
+
+    const SMOLLM2_PROMPT: &str =
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, \
+        trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n";
+
+    fn check_smollm2(tok: &Tokenizer) {
+        let cases: Encodings = serde_json::from_str(&fixture("smollm2_encodings.json")).unwrap();
+        assert!(cases.cases.len() >= 12);
+        for case in &cases.cases {
+            let ids = tok.encode(&case.text, false).unwrap();
+            assert_eq!(ids, case.ids, "encoding {:?}", case.text);
+            assert_eq!(
+                tok.encode(&case.text, true).unwrap(),
+                case.ids,
+                "add_bos is false"
+            );
+            assert_eq!(tok.decode(&ids, false).unwrap(), case.text);
+            let (pieces, whole) = stream_all(tok, &ids);
+            assert!(pieces.iter().all(|p| !p.contains('\u{FFFD}')), "{pieces:?}");
+            assert_eq!(whole, case.text);
+        }
+        assert_eq!(tok.token_to_id("<|im_start|>"), Some(1));
+        assert_eq!(tok.token_to_id("<|im_end|>"), Some(2));
+        assert_eq!(tok.bos_token_id(), Some(1));
+        assert!(tok.stop_token_ids().contains(&2));
+        assert_eq!(tok.stop_token_ids()[0], 2);
+        assert!(tok.stop_token_ids().contains(&0), "<|endoftext|>");
+        assert_eq!(tok.vocab_size(), 49152);
+
+        assert!(tok.has_chat_template());
+        let user = ChatMessage::new("user", "Hi");
+        let out = tok
+            .apply_chat_template(std::slice::from_ref(&user), true)
+            .unwrap();
+        assert_eq!(out, SMOLLM2_PROMPT);
+        let system = ChatMessage::new(
+            "system",
+            "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+        );
+        let out = tok
+            .apply_chat_template(&[system, user.clone()], true)
+            .unwrap();
+        assert_eq!(out, SMOLLM2_PROMPT);
+        let out = tok.apply_chat_template(&[user], false).unwrap();
+        assert_eq!(
+            out,
+            SMOLLM2_PROMPT
+                .strip_suffix("<|im_start|>assistant\n")
+                .unwrap()
+        );
+        // the rendered prompt tokenizes with the markers as single tokens
+        let ids = tok.encode(SMOLLM2_PROMPT, true).unwrap();
+        assert_eq!(ids.iter().filter(|&&i| i == 1).count(), 3);
+        assert_eq!(ids.iter().filter(|&&i| i == 2).count(), 2);
+    }
+
+    #[test]
+    fn smollm2_fixture_encodings_and_template() {
+        let vocab = smollm2_vocab();
+        assert_eq!(vocab.model, "gpt2");
+        assert_eq!(vocab.pre.as_deref(), Some("smollm"));
+        let tok = Tokenizer::from_gguf_vocab(vocab).unwrap();
+        check_smollm2(&tok);
+    }
+
+    #[test]
+    fn smollm2_from_files_matches_gguf() {
+        let vocab = smollm2_vocab();
+        let template = vocab.chat_template.clone().unwrap();
+        let from_gguf = Tokenizer::from_gguf_vocab(vocab).unwrap();
+        let dir = std::env::temp_dir().join(format!("vkv-tokenizer-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let json = dir.join("tokenizer.json");
+        from_gguf.inner.save(&json, false).unwrap();
+        let config = dir.join("tokenizer_config.json");
+        let config_json = serde_json::json!({
+            "bos_token": "<|im_start|>",
+            "eos_token": {"content": "<|im_end|>", "special": true},
+            "add_bos_token": false,
+            "chat_template": template,
+        });
+        std::fs::write(&config, config_json.to_string()).unwrap();
+        let tok = Tokenizer::from_files(&json, Some(&config)).unwrap();
+        let bare = Tokenizer::from_files(&json, None).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        check_smollm2(&tok);
+        assert!(!bare.has_chat_template());
+        assert_eq!(bare.bos_token_id(), None);
+        assert_eq!(
+            bare.encode("Hi", true).unwrap(),
+            tok.encode("Hi", false).unwrap()
+        );
+        let missing = Tokenizer::from_files(Path::new("/nonexistent/tokenizer.json"), None);
+        assert!(missing
+            .unwrap_err()
+            .to_string()
+            .starts_with("could not load /nonexistent/tokenizer.json"));
+    }
+
+    fn with_template(template: &str) -> Tokenizer {
+        Tokenizer::from_gguf_vocab(GgufVocab {
+            chat_template: Some(template.into()),
+            ..synthetic_vocab()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn chat_template_features() {
+        let tok = with_template(
+            "{% if messages[0]['role'] != 'system' %}{{ raise_exception('Conversation must start \
+             with a system message') }}{% endif %}\
+             {% for m in messages %}{{ bos_token }}{{ m.role | upper }}:{{ m['content'].strip() }}|\
+             {{ m.content | trim }}{% if not loop.last %}{{ '\\n' }}{% endif %}{% if loop.first %}[first]{% endif %}\
+             {% endfor %}{% if add_generation_prompt %}{{ eos_token }}{% endif %}",
+        );
+        let msgs = [
+            ChatMessage::new("system", "  be brief \n"),
+            ChatMessage::new("user", "\thi "),
+        ];
+        let out = tok.apply_chat_template(&msgs, true).unwrap();
+        assert_eq!(
+            out,
+            "<|im_start|>SYSTEM:be brief|be brief\n[first]<|im_start|>USER:hi|hi<|im_end|>"
+        );
+        let e = tok
+            .apply_chat_template(&msgs[1..], false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("chat template: ")
+                && e.contains("Conversation must start with a system message"),
+            "{e}"
+        );
+
+        // trim_blocks / lstrip_blocks as HF: block tags do not leave their newline and indent
+        let tok = with_template(
+            "{% for m in messages %}\n    {% if m.role == 'user' %}\n{{ m.content }}\n    {% endif %}\n{% endfor %}",
+        );
+        let out = tok.apply_chat_template(&msgs, false).unwrap();
+        assert_eq!(out, "\thi \n");
+
+        // python methods and tojson
+        let tok = with_template(
+            "{{ messages[0].content.startswith('  be') }},{{ 'a-b-c'.split('-') | join('+') }},\
+             {{ 'x'.replace('x', 'y') }},{{ {'k': 1}.get('k') }},{{ {'k': 1}.get('z', 7) }},\
+             {{ messages[1] | tojson }},{{ 'hello world'.title() }}",
+        );
+        let out = tok.apply_chat_template(&msgs, false).unwrap();
+        assert_eq!(
+            out,
+            "True,a+b+c,y,1,7,{\"role\": \"user\", \"content\": \"\\thi \"},Hello World"
+        );
+
+        // a template that does not compile is reported when used
+        let tok = with_template("{% for m in messages %}");
+        assert!(tok.has_chat_template());
+        let e = tok.apply_chat_template(&msgs, false).unwrap_err();
+        assert!(matches!(e, TokenizerError::ChatTemplate(_)), "{e}");
+        let e = e.to_string();
+        assert!(
+            e.starts_with("chat template: ") && !e.contains("chat template: chat template"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn pre_tokenizer_families() {
+        // llama3: digits in groups of three; smollm: one at a time; gpt2: a run
+        let mut v = synthetic_vocab();
+        for (a, b) in [("Ġ", "1"), ("Ġ1", "2"), ("1", "2"), ("12", "3")] {
+            v.merges.push(format!("{a} {b}"));
+            v.tokens.push(format!("{a}{b}"));
+            v.token_types.push(1);
+        }
+        let build = |pre: &str| {
+            Tokenizer::from_gguf_vocab(GgufVocab {
+                pre: Some(pre.into()),
+                ..v.clone()
+            })
+            .unwrap()
+        };
+        let id = |tok: &Tokenizer, t: &str| tok.token_to_id(t).unwrap();
+        let gpt2 = build("gpt2");
+        assert_eq!(gpt2.encode(" 12", false).unwrap(), vec![id(&gpt2, "Ġ12")]);
+        let smollm = build("smollm");
+        assert_eq!(
+            smollm.encode(" 12", false).unwrap(),
+            vec![id(&smollm, "Ġ"), b'1' as u32, b'2' as u32]
+        );
+        let llama3 = build("llama-bpe");
+        assert_eq!(
+            llama3.encode("1231", false).unwrap(),
+            vec![id(&llama3, "123"), b'1' as u32]
+        );
+        let unknown = build("no-such-pre");
+        assert_eq!(
+            unknown.encode(" 12", false).unwrap(),
+            gpt2.encode(" 12", false).unwrap()
+        );
+    }
+}

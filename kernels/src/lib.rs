@@ -7,8 +7,10 @@
 //! GPU test. Attention comes in two addressing modes: **strided** (base pointer + slot, token and
 //! head strides: the contiguous kernel that serves both vmm layouts and plain tensors, as in
 //! vAttention) and **paged** (a block table, as in vLLM's PagedAttention). It knows nothing about
-//! KV modes beyond those two addressing modes. Nothing is implemented yet: the attention-kernel
-//! issue fills it.
+//! KV modes beyond those two addressing modes. The CPU ops are in [`cpu`]; the CUDA kernels come
+//! with the attention-kernel issue.
+
+pub mod cpu;
 
 /// Names of the two ways a kernel can address the KV cache; the engine picks one per KV mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,9 +13,11 @@
 
 mod arena;
 mod block;
+mod cache;
 
 pub use arena::ContiguousArena;
 pub use block::{BlockAllocator, BlockId, BlockTable};
+pub use cache::{KvCache, KvDims, KvMode, KvUsage, PagedKv, SeqId, VmmKv};
 
 /// Errors of the KV managers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,4 +38,8 @@ pub enum KvError {
     NotAllocated { what: String },
     #[error("invalid KV configuration: {0}")]
     InvalidConfig(String),
+    #[error("out of KV memory: {detail}")]
+    OutOfMemory { detail: String },
+    #[error("vmm: {0}")]
+    Vmm(String),
 }

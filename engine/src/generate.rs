@@ -1,0 +1,208 @@
+//! Loading a model with its tokenizer, and generating text for one prompt — what
+//! `vkv generate` runs. (Serving many requests at once is the engine loop's job; this is the
+//! single-sequence path, on the same forward pass and KV caches.)
+
+use std::path::Path;
+use std::time::Instant;
+
+use crate::kv::KvCache;
+use crate::model::{Llama, ModelError, SeqChunk};
+use crate::sampler::{Sampler, SamplingParams};
+use crate::tokenizer::{GgufVocab, Tokenizer, TokenizerError};
+use crate::weights::gguf::GgufFile;
+
+/// A model ready to run: weights, tokenizer and a name for messages.
+pub struct LoadedModel {
+    pub name: String,
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+}
+
+/// Errors of loading or generating.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("tokenizer: {0}")]
+    Tokenizer(#[from] TokenizerError),
+    #[error("{0}")]
+    Input(String),
+}
+
+/// The `tokenizer.ggml.*` metadata of a GGUF file.
+pub fn gguf_vocab(g: &GgufFile) -> Result<GgufVocab, ModelError> {
+    let id = |k: &str| g.get_u64(k).ok().map(|v| v as u32);
+    Ok(GgufVocab {
+        model: g.get_str("tokenizer.ggml.model")?.to_string(),
+        pre: g.get_str("tokenizer.ggml.pre").ok().map(str::to_string),
+        tokens: g.get_string_array("tokenizer.ggml.tokens")?,
+        token_types: g
+            .get_i64_array("tokenizer.ggml.token_type")
+            .unwrap_or_default(),
+        merges: g
+            .get_string_array("tokenizer.ggml.merges")
+            .unwrap_or_default(),
+        bos_token_id: id("tokenizer.ggml.bos_token_id"),
+        eos_token_id: id("tokenizer.ggml.eos_token_id"),
+        unknown_token_id: id("tokenizer.ggml.unknown_token_id"),
+        padding_token_id: id("tokenizer.ggml.padding_token_id"),
+        add_bos_token: g
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false),
+        chat_template: g
+            .get_str("tokenizer.chat_template")
+            .ok()
+            .map(str::to_string),
+    })
+}
+
+/// Load a GGUF file, or an HF directory (config.json, *.safetensors, tokenizer.json).
+pub fn load_model(path: &Path) -> Result<LoadedModel, GenerateError> {
+    let name = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    if path.is_dir() {
+        let model = Llama::from_hf_dir(path)?;
+        let config = path.join("tokenizer_config.json");
+        let tokenizer = Tokenizer::from_files(
+            &path.join("tokenizer.json"),
+            config.exists().then_some(config.as_path()),
+        )?;
+        return Ok(LoadedModel {
+            name,
+            model,
+            tokenizer,
+        });
+    }
+    let g = GgufFile::open(path).map_err(ModelError::from)?;
+    let model = Llama::from_gguf(&g)?;
+    let tokenizer = Tokenizer::from_gguf_vocab(gguf_vocab(&g)?)?;
+    Ok(LoadedModel {
+        name,
+        model,
+        tokenizer,
+    })
+}
+
+/// Why generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token was produced.
+    Stop,
+    /// `max_tokens` were produced, or the context is full.
+    Length,
+}
+
+/// What one generation did.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub finish: FinishReason,
+    pub prompt_tokens: usize,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+}
+
+/// Generate up to `max_tokens` after `prompt` for sequence 0 of `kv`, streaming text pieces to
+/// `on_text` as they become final. The sequence is freed at the end, also on error.
+pub fn generate(
+    m: &LoadedModel,
+    kv: &mut dyn KvCache,
+    prompt: &[u32],
+    max_tokens: usize,
+    params: SamplingParams,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation, GenerateError> {
+    const SEQ: u64 = 0;
+    params.validate().map_err(GenerateError::Input)?;
+    let limit = m.model.config.max_position_embeddings;
+    if prompt.is_empty() || prompt.len() >= limit {
+        return Err(GenerateError::Input(format!(
+            "the prompt has {} tokens: it must have at least 1 and fewer than the context length {limit}",
+            prompt.len()
+        )));
+    }
+    let result = run(
+        m,
+        kv,
+        SEQ,
+        prompt,
+        max_tokens.min(limit - prompt.len()),
+        params,
+        on_text,
+    );
+    let _ = kv.free(SEQ);
+    result
+}
+
+fn run(
+    m: &LoadedModel,
+    kv: &mut dyn KvCache,
+    seq: u64,
+    prompt: &[u32],
+    max_tokens: usize,
+    params: SamplingParams,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation, GenerateError> {
+    let mut sampler = Sampler::new(params);
+    let mut stream = m.tokenizer.stream();
+    let stops = m.tokenizer.stop_token_ids().to_vec();
+    let mut tokens = Vec::new();
+    let mut text = String::new();
+    let start = Instant::now();
+    let logits = m.model.forward(
+        &[SeqChunk {
+            seq,
+            tokens: prompt,
+            start: 0,
+            all_logits: false,
+        }],
+        kv,
+    )?;
+    let prefill_seconds = start.elapsed().as_secs_f64();
+    let mut next = sampler.sample(&logits[0]);
+    let start = Instant::now();
+    let mut finish = FinishReason::Length;
+    while tokens.len() < max_tokens {
+        if stops.contains(&next) {
+            finish = FinishReason::Stop;
+            break;
+        }
+        tokens.push(next);
+        let piece = stream.push(next)?;
+        if !piece.is_empty() {
+            on_text(&piece);
+            text.push_str(&piece);
+        }
+        if tokens.len() == max_tokens {
+            break;
+        }
+        let pos = prompt.len() + tokens.len() - 1;
+        let logits = m.model.forward(
+            &[SeqChunk {
+                seq,
+                tokens: &[next],
+                start: pos,
+                all_logits: false,
+            }],
+            kv,
+        )?;
+        next = sampler.sample(&logits[0]);
+    }
+    let rest = stream.finish()?;
+    if !rest.is_empty() {
+        on_text(&rest);
+        text.push_str(&rest);
+    }
+    Ok(Generation {
+        tokens,
+        text,
+        finish,
+        prompt_tokens: prompt.len(),
+        prefill_seconds,
+        decode_seconds: start.elapsed().as_secs_f64(),
+    })
+}

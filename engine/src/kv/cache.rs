@@ -1,0 +1,448 @@
+//! `KvCache`: the one interface the forward pass uses to store and read K and V, with its two
+//! implementations — [`PagedKv`] (a preallocated pool of blocks and a block table per sequence,
+//! vLLM's PagedAttention) and [`VmmKv`] (a [`KvSpace`]: one contiguous virtual range per
+//! sequence, backed page by page, vAttention) — so the model code is the same in both modes and a
+//! difference between them is the KV design's.
+//!
+//! Both hand out [`KvRef`]s, the addressing the attention ops take: `Paged` (block table) or
+//! `Strided` (base pointer and strides into the sequence's slot, for either vmm layout). Elements
+//! are f32 on the CPU device.
+
+use std::cell::UnsafeCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use vkv_kernels::cpu::KvRef;
+use vkv_vmm::{HostVmm, KvLayout, KvSpace, KvSpaceConfig, SlotId, VmmError};
+
+use super::{BlockAllocator, BlockTable, KvError};
+
+/// A sequence's id in a KV cache.
+pub type SeqId = u64;
+
+/// What every layer stores per token: `num_kv_heads × head_dim` f32 for K and as many for V.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvDims {
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvDims {
+    /// Bytes of K and V of one token over all layers (f32).
+    pub fn bytes_per_token(&self) -> usize {
+        2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
+    }
+}
+
+/// Memory use of a KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KvUsage {
+    /// Bytes set aside for sequences (blocks held, pages mapped).
+    pub bytes_allocated: usize,
+    /// Bytes of the tokens the sequences hold.
+    pub bytes_holding_tokens: usize,
+    pub sequences: usize,
+}
+
+/// Storage of K and V for the forward pass (see the module docs).
+pub trait KvCache: Send {
+    fn dims(&self) -> KvDims;
+    /// `paged-16`, `vmm-token-major-2MiB`, ...
+    fn name(&self) -> String;
+    /// Tokens the whole cache can hold.
+    fn capacity_tokens(&self) -> usize;
+    /// Back `seq` for `len` tokens (creating it if new). All or nothing: on
+    /// [`KvError::OutOfMemory`] the sequence is unchanged (a new one is not created).
+    fn reserve(&mut self, seq: SeqId, len: usize) -> Result<(), KvError>;
+    /// Forget `seq` and free its memory.
+    fn free(&mut self, seq: SeqId) -> Result<(), KvError>;
+    /// Tokens `seq` is backed for.
+    fn reserved(&self, seq: SeqId) -> Option<usize>;
+    /// Where `seq`'s K and V of `layer` live; valid until the next `reserve` or `free`.
+    fn layer(&self, seq: SeqId, layer: usize) -> Result<KvRef<'_>, KvError>;
+    fn usage(&self) -> KvUsage;
+}
+
+fn unknown(seq: SeqId) -> KvError {
+    KvError::NotAllocated {
+        what: format!("sequence {seq}"),
+    }
+}
+
+/// f32 storage that attention writes through raw pointers while the cache is shared.
+struct Pool(Box<[UnsafeCell<f32>]>);
+
+impl Pool {
+    fn new(len: usize) -> Self {
+        Pool((0..len).map(|_| UnsafeCell::new(0.0)).collect())
+    }
+
+    fn ptr(&self) -> *mut f32 {
+        // UnsafeCell<f32> is repr(transparent): writing through this pointer is allowed.
+        self.0.as_ptr() as *mut f32
+    }
+}
+
+// SAFETY: the pool is plain f32 memory; concurrent access is coordinated by the forward pass
+// (each token's K/V is written by one thread before any thread reads it).
+unsafe impl Sync for Pool {}
+
+/// The paged KV cache: per layer a K and a V pool of `num_blocks × block_size` tokens.
+pub struct PagedKv {
+    dims: KvDims,
+    alloc: BlockAllocator,
+    tables: HashMap<SeqId, BlockTable>,
+    k: Vec<Pool>,
+    v: Vec<Pool>,
+}
+
+impl PagedKv {
+    pub fn new(dims: KvDims, num_blocks: usize, block_size: usize) -> Result<Self, KvError> {
+        let alloc = BlockAllocator::new(num_blocks, block_size)?;
+        let pool = num_blocks * block_size * dims.num_kv_heads * dims.head_dim;
+        Ok(PagedKv {
+            dims,
+            alloc,
+            tables: HashMap::new(),
+            k: (0..dims.num_layers).map(|_| Pool::new(pool)).collect(),
+            v: (0..dims.num_layers).map(|_| Pool::new(pool)).collect(),
+        })
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.alloc.num_free()
+    }
+}
+
+impl KvCache for PagedKv {
+    fn dims(&self) -> KvDims {
+        self.dims
+    }
+
+    fn name(&self) -> String {
+        format!("paged-{}", self.alloc.block_size())
+    }
+
+    fn capacity_tokens(&self) -> usize {
+        self.alloc.num_blocks() * self.alloc.block_size()
+    }
+
+    fn reserve(&mut self, seq: SeqId, len: usize) -> Result<(), KvError> {
+        let mut table = self.tables.remove(&seq).unwrap_or_default();
+        let result = table.grow_to(len, &mut self.alloc);
+        if !table.is_empty() || result.is_ok() {
+            self.tables.insert(seq, table);
+        }
+        match result {
+            Ok(_) => Ok(()),
+            Err(KvError::OutOfBlocks {
+                needed,
+                free,
+                total,
+            }) => Err(KvError::OutOfMemory {
+                detail: format!("{needed} blocks needed, {free} free of {total}"),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn free(&mut self, seq: SeqId) -> Result<(), KvError> {
+        let mut table = self.tables.remove(&seq).ok_or_else(|| unknown(seq))?;
+        table.release(&mut self.alloc)
+    }
+
+    fn reserved(&self, seq: SeqId) -> Option<usize> {
+        self.tables.get(&seq).map(BlockTable::len)
+    }
+
+    fn layer(&self, seq: SeqId, layer: usize) -> Result<KvRef<'_>, KvError> {
+        let table = self.tables.get(&seq).ok_or_else(|| unknown(seq))?;
+        let token_stride = self.dims.num_kv_heads * self.dims.head_dim;
+        Ok(KvRef::Paged {
+            k_pool: self.k[layer].ptr(),
+            v_pool: self.v[layer].ptr(),
+            blocks: table.blocks(),
+            block_size: self.alloc.block_size(),
+            block_stride: self.alloc.block_size() * token_stride,
+            token_stride,
+            head_stride: self.dims.head_dim,
+        })
+    }
+
+    fn usage(&self) -> KvUsage {
+        let block_bytes = self.alloc.block_size() * self.dims.bytes_per_token();
+        KvUsage {
+            bytes_allocated: (self.alloc.num_blocks() - self.alloc.num_free()) * block_bytes,
+            bytes_holding_tokens: self.tables.values().map(BlockTable::len).sum::<usize>()
+                * self.dims.bytes_per_token(),
+            sequences: self.tables.len(),
+        }
+    }
+}
+
+/// The vmm KV cache: a [`KvSpace`] on real host memory, one slot per sequence.
+pub struct VmmKv {
+    space: KvSpace,
+    slots: HashMap<SeqId, SlotId>,
+}
+
+impl VmmKv {
+    /// `max_seqs` slots of `max_tokens` tokens, at most `max_pages` pages of `page_size` bytes.
+    pub fn new(
+        dims: KvDims,
+        layout: KvLayout,
+        max_seqs: usize,
+        max_tokens: usize,
+        page_size: usize,
+        max_pages: usize,
+    ) -> Result<Self, KvError> {
+        let config = KvSpaceConfig {
+            layout,
+            num_layers: dims.num_layers,
+            num_kv_heads: dims.num_kv_heads,
+            head_dim: dims.head_dim,
+            dtype_bytes: 4,
+            max_slots: max_seqs,
+            max_tokens,
+            page_size,
+            max_pages,
+        };
+        let backend = Arc::new(HostVmm::new().map_err(vmm_error)?);
+        Ok(VmmKv {
+            space: KvSpace::new(config, backend).map_err(vmm_error)?,
+            slots: HashMap::new(),
+        })
+    }
+
+    pub fn space(&self) -> &KvSpace {
+        &self.space
+    }
+}
+
+fn vmm_error(e: VmmError) -> KvError {
+    match e {
+        VmmError::PoolExhausted { .. }
+        | VmmError::NoFreeSlot { .. }
+        | VmmError::TooManyTokens { .. } => KvError::OutOfMemory {
+            detail: e.to_string(),
+        },
+        other => KvError::Vmm(other.to_string()),
+    }
+}
+
+impl KvCache for VmmKv {
+    fn dims(&self) -> KvDims {
+        let c = self.space.config();
+        KvDims {
+            num_layers: c.num_layers,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        }
+    }
+
+    fn name(&self) -> String {
+        let c = self.space.config();
+        let size = if c.page_size % (1 << 20) == 0 {
+            format!("{}MiB", c.page_size >> 20)
+        } else {
+            format!("{}KiB", c.page_size >> 10)
+        };
+        format!("vmm-{}-{size}", c.layout)
+    }
+
+    fn capacity_tokens(&self) -> usize {
+        let c = self.space.config();
+        let pages_per_token =
+            c.num_regions() as f64 * c.region_bytes_per_token() as f64 / c.page_size as f64;
+        (c.max_pages as f64 / pages_per_token) as usize
+    }
+
+    fn reserve(&mut self, seq: SeqId, len: usize) -> Result<(), KvError> {
+        let (slot, new) = match self.slots.get(&seq) {
+            Some(&slot) => (slot, false),
+            None => (self.space.acquire().map_err(vmm_error)?, true),
+        };
+        match self.space.ensure(slot, len) {
+            Ok(_) => {
+                self.slots.insert(seq, slot);
+                Ok(())
+            }
+            Err(e) => {
+                if new {
+                    self.space.release(slot).map_err(vmm_error)?;
+                }
+                Err(vmm_error(e))
+            }
+        }
+    }
+
+    fn free(&mut self, seq: SeqId) -> Result<(), KvError> {
+        let slot = self.slots.remove(&seq).ok_or_else(|| unknown(seq))?;
+        self.space.release(slot).map_err(vmm_error)
+    }
+
+    fn reserved(&self, seq: SeqId) -> Option<usize> {
+        self.slots.get(&seq).map(|&s| self.space.len(s))
+    }
+
+    fn layer(&self, seq: SeqId, layer: usize) -> Result<KvRef<'_>, KvError> {
+        let slot = *self.slots.get(&seq).ok_or_else(|| unknown(seq))?;
+        let view = self.space.layer_view(layer);
+        let at = slot.0 * view.slot_stride;
+        Ok(KvRef::Strided {
+            // The slot's range is mapped up to its reserved length (ensure), in every region.
+            k: (view.k as *mut f32).wrapping_add(at),
+            v: (view.v as *mut f32).wrapping_add(at),
+            token_stride: view.token_stride,
+            head_stride: view.head_stride,
+        })
+    }
+
+    fn usage(&self) -> KvUsage {
+        let s = self.space.stats();
+        KvUsage {
+            bytes_allocated: s.bytes_backed - (s.pages_cached + s.pages_surplus) * s.page_size,
+            bytes_holding_tokens: s.bytes_holding_tokens,
+            sequences: self.slots.len(),
+        }
+    }
+}
+
+/// Which KV cache to build: the command line's `--kv-mode`, `--block-size`, `--vmm-layout`,
+/// `--page-size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvMode {
+    Paged { block_size: usize },
+    Vmm { layout: KvLayout, page_size: usize },
+}
+
+impl KvMode {
+    /// A cache for `max_seqs` sequences of up to `max_tokens` tokens in `kv_bytes` of memory.
+    pub fn build(
+        self,
+        dims: KvDims,
+        max_seqs: usize,
+        max_tokens: usize,
+        kv_bytes: usize,
+    ) -> Result<Box<dyn KvCache>, KvError> {
+        Ok(match self {
+            KvMode::Paged { block_size } => {
+                let blocks = kv_bytes / (block_size * dims.bytes_per_token()).max(1);
+                Box::new(PagedKv::new(dims, blocks, block_size)?)
+            }
+            KvMode::Vmm { layout, page_size } => Box::new(VmmKv::new(
+                dims,
+                layout,
+                max_seqs,
+                max_tokens,
+                page_size,
+                kv_bytes / page_size.max(1),
+            )?),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+    use vkv_kernels::cpu::{attention, kv_append, Heads};
+
+    use super::*;
+
+    const DIMS: KvDims = KvDims {
+        num_layers: 2,
+        num_kv_heads: 2,
+        head_dim: 16,
+    };
+
+    fn caches() -> Vec<Box<dyn KvCache>> {
+        vec![
+            Box::new(PagedKv::new(DIMS, 64, 16).unwrap()),
+            Box::new(VmmKv::new(DIMS, KvLayout::PerLayer, 4, 512, 4096, 64).unwrap()),
+            Box::new(VmmKv::new(DIMS, KvLayout::TokenMajor, 4, 512, 4096, 64).unwrap()),
+        ]
+    }
+
+    #[test]
+    fn every_cache_stores_and_attends_the_same() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let width = DIMS.num_kv_heads * DIMS.head_dim;
+        let tokens: Vec<(Vec<f32>, Vec<f32>)> = (0..100)
+            .map(|_| {
+                let r =
+                    |rng: &mut StdRng| (0..width).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                (r(&mut rng), r(&mut rng))
+            })
+            .collect();
+        let q: Vec<f32> = (0..4 * DIMS.head_dim)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        let mut outputs = Vec::new();
+        for mut cache in caches() {
+            // Two sequences interleaved, so blocks and pages of both alternate.
+            for seq in [7, 9] {
+                cache.reserve(seq, 1).unwrap();
+            }
+            for (t, (k, v)) in tokens.iter().enumerate() {
+                for seq in [7, 9] {
+                    cache.reserve(seq, t + 1).unwrap();
+                    for layer in 0..DIMS.num_layers {
+                        let r = cache.layer(seq, layer).unwrap();
+                        let k: Vec<f32> = k.iter().map(|x| x + seq as f32 + layer as f32).collect();
+                        unsafe { kv_append(&r, t, &k, v, DIMS.num_kv_heads, DIMS.head_dim) };
+                    }
+                }
+            }
+            let mut out = vec![0f32; 4 * DIMS.head_dim];
+            let r = cache.layer(9, 1).unwrap();
+            unsafe {
+                attention(
+                    &q,
+                    &r,
+                    100,
+                    Heads {
+                        n_heads: 4,
+                        n_kv_heads: 2,
+                        head_dim: DIMS.head_dim,
+                    },
+                    0.25,
+                    &mut out,
+                )
+            };
+            outputs.push((cache.name(), out));
+            let usage = cache.usage();
+            assert_eq!(
+                usage.bytes_holding_tokens,
+                200 * DIMS.bytes_per_token(),
+                "{}",
+                cache.name()
+            );
+            assert!(usage.bytes_allocated >= usage.bytes_holding_tokens);
+            cache.free(7).unwrap();
+            cache.free(9).unwrap();
+            assert!(cache.free(9).is_err());
+            assert_eq!(cache.usage().bytes_allocated, 0, "{}", cache.name());
+        }
+        for (name, out) in &outputs[1..] {
+            assert_eq!(out, &outputs[0].1, "{name} differs from {}", outputs[0].0);
+        }
+    }
+
+    #[test]
+    fn running_out_is_out_of_memory_and_changes_nothing() {
+        for mut cache in caches() {
+            let cap = cache.capacity_tokens();
+            cache.reserve(1, 10).unwrap();
+            let err = cache.reserve(2, cap + 1).unwrap_err();
+            assert!(
+                matches!(err, KvError::OutOfMemory { .. }),
+                "{}: {err}",
+                cache.name()
+            );
+            assert_eq!(cache.reserved(2), None, "{}", cache.name());
+            assert_eq!(cache.reserved(1), Some(10));
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! `LlamaConfig`: the hyper-parameters of a Llama-family model, read from GGUF metadata
+//! (`{arch}.block_count`, `{arch}.attention.head_count`, ...) or from an HF `config.json`.
+//! Llama 2 and 3, Mistral and SmolLM2 all load as `llama`; other architectures are refused
+//! with a message naming them.
+
+use vkv_kernels::cpu::{Llama3RopeScaling, RopeStyle};
+
+use super::ModelError;
+use crate::weights::gguf::GgufFile;
+
+/// Hyper-parameters of a Llama-family model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_theta: f32,
+    pub rope_scaling: Option<Llama3RopeScaling>,
+    pub rope_style: RopeStyle,
+    pub rms_norm_eps: f32,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+}
+
+impl LlamaConfig {
+    fn check(self) -> Result<Self, ModelError> {
+        let bad = |what: String| Err(ModelError::Config(what));
+        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0
+        {
+            return bad(format!(
+                "attention heads {} must be a positive multiple of KV heads {}",
+                self.num_heads, self.num_kv_heads
+            ));
+        }
+        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+            return bad(format!(
+                "head_dim must be even and positive, found {}",
+                self.head_dim
+            ));
+        }
+        if [
+            self.vocab_size,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_layers,
+        ]
+        .contains(&0)
+        {
+            return bad(format!("zero-sized dimension in {self:?}"));
+        }
+        Ok(self)
+    }
+
+    /// From GGUF metadata. Only `general.architecture = llama` is supported.
+    pub fn from_gguf(g: &GgufFile) -> Result<Self, ModelError> {
+        let arch = g.get_str("general.architecture")?;
+        if arch != "llama" {
+            return Err(ModelError::UnsupportedArchitecture(arch.to_string()));
+        }
+        let key = |k: &str| format!("{arch}.{k}");
+        let int = |k: &str| g.get_u64(&key(k)).map(|v| v as usize);
+        let num_heads = int("attention.head_count")?;
+        let hidden_size = int("embedding_length")?;
+        let vocab_size = match int("vocab_size") {
+            Ok(v) => v,
+            Err(_) => g.get_string_array("tokenizer.ggml.tokens")?.len(),
+        };
+        LlamaConfig {
+            vocab_size,
+            hidden_size,
+            intermediate_size: int("feed_forward_length")?,
+            num_layers: int("block_count")?,
+            num_heads,
+            num_kv_heads: int("attention.head_count_kv").unwrap_or(num_heads),
+            head_dim: int("rope.dimension_count").unwrap_or(hidden_size / num_heads.max(1)),
+            rope_theta: g.get_f64(&key("rope.freq_base")).unwrap_or(10000.0) as f32,
+            // Llama-3.1-style scaling travels in GGUF as a `rope_freqs.weight` tensor (applied by
+            // the model loader), not as metadata.
+            rope_scaling: None,
+            // The GGUF converter permutes Q/K rows for llama.cpp's adjacent-pair RoPE.
+            rope_style: RopeStyle::Interleaved,
+            rms_norm_eps: g
+                .get_f64(&key("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-5) as f32,
+            max_position_embeddings: int("context_length").unwrap_or(4096),
+            tie_word_embeddings: g.tensor("output.weight").is_none(),
+        }
+        .check()
+    }
+
+    /// From the text of an HF `config.json` (`LlamaForCausalLM`, `MistralForCausalLM`).
+    pub fn from_hf_json(text: &str) -> Result<Self, ModelError> {
+        let v: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| ModelError::Config(format!("config.json is not valid JSON: {e}")))?;
+        let model_type = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
+        if !matches!(model_type, "llama" | "mistral") {
+            return Err(ModelError::UnsupportedArchitecture(format!(
+                "model_type {model_type:?}"
+            )));
+        }
+        let int = |k: &str| {
+            v.get(k)
+                .and_then(|x| x.as_u64())
+                .map(|x| x as usize)
+                .ok_or_else(|| ModelError::Config(format!("config.json has no integer `{k}`")))
+        };
+        let float =
+            |k: &str, default: f64| v.get(k).and_then(|x| x.as_f64()).unwrap_or(default) as f32;
+        let num_heads = int("num_attention_heads")?;
+        let hidden_size = int("hidden_size")?;
+        let rope_scaling = match v.get("rope_scaling") {
+            Some(s) if !s.is_null() => {
+                let kind = s
+                    .get("rope_type")
+                    .or_else(|| s.get("type"))
+                    .and_then(|t| t.as_str());
+                if kind != Some("llama3") {
+                    return Err(ModelError::Config(format!(
+                        "unsupported rope_scaling {s}: only llama3 is"
+                    )));
+                }
+                let f = |k: &str| {
+                    s.get(k)
+                        .and_then(|x| x.as_f64())
+                        .map(|x| x as f32)
+                        .ok_or_else(|| ModelError::Config(format!("rope_scaling has no `{k}`")))
+                };
+                Some(Llama3RopeScaling {
+                    factor: f("factor")?,
+                    low_freq_factor: f("low_freq_factor")?,
+                    high_freq_factor: f("high_freq_factor")?,
+                    original_max_position_embeddings: f("original_max_position_embeddings")?,
+                })
+            }
+            _ => None,
+        };
+        LlamaConfig {
+            vocab_size: int("vocab_size")?,
+            hidden_size,
+            intermediate_size: int("intermediate_size")?,
+            num_layers: int("num_hidden_layers")?,
+            num_heads,
+            num_kv_heads: int("num_key_value_heads").unwrap_or(num_heads),
+            head_dim: int("head_dim").unwrap_or(hidden_size / num_heads.max(1)),
+            rope_theta: float("rope_theta", 10000.0),
+            rope_scaling,
+            rope_style: RopeStyle::Half,
+            rms_norm_eps: float("rms_norm_eps", 1e-6),
+            max_position_embeddings: int("max_position_embeddings").unwrap_or(4096),
+            tie_word_embeddings: v
+                .get("tie_word_embeddings")
+                .and_then(|t| t.as_bool())
+                .unwrap_or(false),
+        }
+        .check()
+    }
+}

@@ -1,0 +1,444 @@
+//! The Llama forward pass on the CPU: one call runs a flattened batch of sequence chunks — prefill
+//! chunks and decode tokens mixed, each at its own position — writing their K and V into a
+//! [`KvCache`] and attending over it, so the same code serves the paged and the vmm KV modes.
+//!
+//! Per layer: RMSNorm → Q, K, V projections → RoPE → KV append → causal GQA attention per token
+//! over its sequence's cache → output projection + residual → RMSNorm → SwiGLU MLP + residual.
+//! Weights are kept in f32 (dequantized at load); matrix products go through `gemm`
+//! ([`vkv_kernels::cpu::matmul_t`]), the rest through the CPU ops of the kernels crate.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rayon::prelude::*;
+use vkv_kernels::cpu::{self, KvRef};
+
+use super::{LlamaConfig, ModelError};
+use crate::kv::{KvCache, SeqId};
+use crate::weights::gguf::GgufFile;
+
+/// One sequence's part of a batch: `tokens` at positions `start..start + tokens.len()`.
+#[derive(Debug, Clone, Copy)]
+pub struct SeqChunk<'a> {
+    pub seq: SeqId,
+    pub tokens: &'a [u32],
+    pub start: usize,
+    /// Return logits for every token of the chunk, not only the last.
+    pub all_logits: bool,
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Vec<f32>,
+    wk: Vec<f32>,
+    wv: Vec<f32>,
+    wo: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    w_gate: Vec<f32>,
+    w_up: Vec<f32>,
+    w_down: Vec<f32>,
+}
+
+/// A Llama-family model with f32 weights (see the module docs).
+pub struct Llama {
+    pub config: LlamaConfig,
+    embed: Vec<f32>,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    lm_head: Option<Vec<f32>>,
+    inv_freq: Vec<f32>,
+}
+
+/// Names of a layer's tensors in GGUF and in HF checkpoints, in `Layer` field order.
+const GGUF_LAYER: [&str; 9] = [
+    "attn_norm",
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_norm",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+];
+const HF_LAYER: [&str; 9] = [
+    "input_layernorm",
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "post_attention_layernorm",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
+impl Llama {
+    /// Assemble a model from a configuration and a source of named f32 tensors, checking every
+    /// tensor's element count.
+    fn build(
+        config: LlamaConfig,
+        mut get: impl FnMut(&str) -> Result<Option<Vec<f32>>, ModelError>,
+        names: &dyn Fn(usize, usize) -> String,
+        globals: [&str; 4],
+        rope_factors: Option<Vec<f32>>,
+    ) -> Result<Self, ModelError> {
+        let c = &config;
+        let (h, i, q, kv) = (
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_heads * c.head_dim,
+            c.num_kv_heads * c.head_dim,
+        );
+        let mut need = |name: &str, len: usize| -> Result<Vec<f32>, ModelError> {
+            let t = get(name)?.ok_or_else(|| ModelError::Tensor {
+                name: name.into(),
+                detail: "missing".into(),
+            })?;
+            if t.len() != len {
+                return Err(ModelError::Tensor {
+                    name: name.into(),
+                    detail: format!("expected {len} elements, found {}", t.len()),
+                });
+            }
+            Ok(t)
+        };
+        let embed = need(globals[0], c.vocab_size * h)?;
+        let sizes = [h, q * h, kv * h, kv * h, h * q, h, i * h, i * h, h * i];
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let mut t: Vec<Vec<f32>> = Vec::with_capacity(9);
+            for (j, &len) in sizes.iter().enumerate() {
+                t.push(need(&names(l, j), len)?);
+            }
+            let mut t = t.into_iter();
+            let mut next = || t.next().expect("nine tensors");
+            layers.push(Layer {
+                attn_norm: next(),
+                wq: next(),
+                wk: next(),
+                wv: next(),
+                wo: next(),
+                ffn_norm: next(),
+                w_gate: next(),
+                w_up: next(),
+                w_down: next(),
+            });
+        }
+        let norm = need(globals[1], h)?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(need(globals[2], c.vocab_size * h)?)
+        };
+        let mut inv_freq = cpu::rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling);
+        if let Some(factors) = rope_factors {
+            if factors.len() != inv_freq.len() {
+                return Err(ModelError::Tensor {
+                    name: globals[3].into(),
+                    detail: format!(
+                        "expected {} factors, found {}",
+                        inv_freq.len(),
+                        factors.len()
+                    ),
+                });
+            }
+            for (f, s) in inv_freq.iter_mut().zip(factors) {
+                *f /= s;
+            }
+        }
+        Ok(Llama {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
+    }
+
+    /// Load a GGUF file (any quantization the reader dequantizes).
+    pub fn from_gguf(g: &GgufFile) -> Result<Self, ModelError> {
+        let config = LlamaConfig::from_gguf(g)?;
+        let get = |name: &str| -> Result<Option<Vec<f32>>, ModelError> {
+            match g.tensor(name) {
+                None => Ok(None),
+                Some(_) => Ok(Some(g.dequantize(name)?)),
+            }
+        };
+        let rope_factors = get("rope_freqs.weight")?;
+        let names = |l: usize, j: usize| format!("blk.{l}.{}.weight", GGUF_LAYER[j]);
+        Llama::build(
+            config,
+            get,
+            &names,
+            [
+                "token_embd.weight",
+                "output_norm.weight",
+                "output.weight",
+                "rope_freqs.weight",
+            ],
+            rope_factors,
+        )
+    }
+
+    /// Load an HF directory: `config.json` and `*.safetensors` (F32, F16 or BF16 tensors).
+    pub fn from_hf_dir(dir: &Path) -> Result<Self, ModelError> {
+        let io = |path: &Path, e: &dyn std::fmt::Display| ModelError::Io {
+            path: path.display().to_string(),
+            detail: e.to_string(),
+        };
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| io(&config_path, &e))?;
+        let config = LlamaConfig::from_hf_json(&text)?;
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| io(dir, &e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(io(dir, &"no *.safetensors file"));
+        }
+        let mut maps = Vec::new();
+        for path in &files {
+            let file = std::fs::File::open(path).map_err(|e| io(path, &e))?;
+            // SAFETY: the file is only read; vkv does not write model files while running.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io(path, &e))?;
+            maps.push((path.clone(), map));
+        }
+        let mut tensors: HashMap<
+            String,
+            (
+                usize,
+                safetensors::Dtype,
+                Vec<usize>,
+                std::ops::Range<usize>,
+            ),
+        > = HashMap::new();
+        for (i, (path, map)) in maps.iter().enumerate() {
+            let st = safetensors::SafeTensors::deserialize(map).map_err(|e| io(path, &e))?;
+            for (name, view) in st.tensors() {
+                let base = view.data().as_ptr() as usize - map.as_ptr() as usize;
+                tensors.insert(
+                    name,
+                    (
+                        i,
+                        view.dtype(),
+                        view.shape().to_vec(),
+                        base..base + view.data().len(),
+                    ),
+                );
+            }
+        }
+        let get = |name: &str| -> Result<Option<Vec<f32>>, ModelError> {
+            let Some((i, dtype, _, range)) = tensors.get(name) else {
+                return Ok(None);
+            };
+            let bytes = &maps[*i].1[range.clone()];
+            let bad = |d: String| ModelError::Tensor {
+                name: name.into(),
+                detail: d,
+            };
+            Ok(Some(match dtype {
+                safetensors::Dtype::F32 => bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
+                safetensors::Dtype::F16 => bytes
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                safetensors::Dtype::BF16 => bytes
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                other => {
+                    return Err(bad(format!(
+                        "unsupported dtype {other:?}: expected F32, F16 or BF16"
+                    )))
+                }
+            }))
+        };
+        let names = |l: usize, j: usize| format!("model.layers.{l}.{}.weight", HF_LAYER[j]);
+        Llama::build(
+            config,
+            get,
+            &names,
+            [
+                "model.embed_tokens.weight",
+                "model.norm.weight",
+                "lm_head.weight",
+                "-",
+            ],
+            None,
+        )
+    }
+
+    /// Run one batch. Reserves each chunk's tokens in `kv` first (an out-of-memory error leaves
+    /// earlier chunks reserved; the caller frees or preempts). Returns, per chunk, the logits of
+    /// its last token (`vocab_size` values) or of all its tokens when `all_logits`.
+    pub fn forward(
+        &self,
+        batch: &[SeqChunk<'_>],
+        kv: &mut dyn KvCache,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let c = &self.config;
+        let (h, nh, nkv, hd) = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim);
+        let dims = kv.dims();
+        if (dims.num_layers, dims.num_kv_heads, dims.head_dim) != (c.num_layers, nkv, hd) {
+            return Err(ModelError::Batch(format!(
+                "KV cache shaped {dims:?} does not fit the model"
+            )));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for chunk in batch {
+            if chunk.tokens.is_empty() || !seen.insert(chunk.seq) {
+                return Err(ModelError::Batch(format!(
+                    "sequence {}: empty or repeated chunk",
+                    chunk.seq
+                )));
+            }
+            if let Some(&t) = chunk.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(ModelError::Batch(format!(
+                    "token id {t} is outside the vocabulary of {}",
+                    c.vocab_size
+                )));
+            }
+            let end = chunk.start + chunk.tokens.len();
+            if end > c.max_position_embeddings {
+                return Err(ModelError::Batch(format!(
+                    "sequence {} would reach {end} tokens, over the context length {}",
+                    chunk.seq, c.max_position_embeddings
+                )));
+            }
+            if kv.reserved(chunk.seq).unwrap_or(0) < chunk.start {
+                return Err(ModelError::Batch(format!(
+                    "sequence {} starts at {} but its cache holds {} tokens",
+                    chunk.seq,
+                    chunk.start,
+                    kv.reserved(chunk.seq).unwrap_or(0)
+                )));
+            }
+        }
+        for chunk in batch {
+            kv.reserve(chunk.seq, chunk.start + chunk.tokens.len())?;
+        }
+        let kv: &dyn KvCache = kv;
+        // Flatten: row r is token `tokens[r]` of chunk `owner[r]` at `positions[r]`.
+        let mut tokens = Vec::new();
+        let mut positions = Vec::new();
+        let mut owner = Vec::new();
+        for (ci, chunk) in batch.iter().enumerate() {
+            for (j, &t) in chunk.tokens.iter().enumerate() {
+                tokens.push(t as usize);
+                positions.push(chunk.start + j);
+                owner.push(ci);
+            }
+        }
+        let rows = tokens.len();
+        let mut x = vec![0f32; rows * h];
+        for (r, &t) in tokens.iter().enumerate() {
+            x[r * h..(r + 1) * h].copy_from_slice(&self.embed[t * h..(t + 1) * h]);
+        }
+        let (qw, kvw, iw) = (nh * hd, nkv * hd, c.intermediate_size);
+        let mut xn = vec![0f32; rows * h];
+        let (mut q, mut k, mut v) = (
+            vec![0f32; rows * qw],
+            vec![0f32; rows * kvw],
+            vec![0f32; rows * kvw],
+        );
+        let mut attn = vec![0f32; rows * qw];
+        let mut o = vec![0f32; rows * h];
+        let (mut gate, mut up) = (vec![0f32; rows * iw], vec![0f32; rows * iw]);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let heads = cpu::Heads {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+        };
+        for (l, layer) in self.layers.iter().enumerate() {
+            cpu::rms_norm(&x, &layer.attn_norm, c.rms_norm_eps, &mut xn);
+            cpu::matmul_t(&xn, rows, h, &layer.wq, qw, &mut q);
+            cpu::matmul_t(&xn, rows, h, &layer.wk, kvw, &mut k);
+            cpu::matmul_t(&xn, rows, h, &layer.wv, kvw, &mut v);
+            cpu::rope(&mut q, &positions, nh, hd, &self.inv_freq, c.rope_style);
+            cpu::rope(&mut k, &positions, nkv, hd, &self.inv_freq, c.rope_style);
+            let refs: Vec<KvRef<'_>> = batch
+                .iter()
+                .map(|ch| kv.layer(ch.seq, l))
+                .collect::<Result<_, _>>()?;
+            for r in 0..rows {
+                // SAFETY: every chunk was reserved for its tokens above; rows write distinct tokens.
+                unsafe {
+                    cpu::kv_append(
+                        &refs[owner[r]],
+                        positions[r],
+                        &k[r * kvw..(r + 1) * kvw],
+                        &v[r * kvw..(r + 1) * kvw],
+                        nkv,
+                        hd,
+                    )
+                };
+            }
+            attn.par_chunks_mut(qw).enumerate().for_each(|(r, out)| {
+                // SAFETY: every token up to this row's position was written above or earlier.
+                unsafe {
+                    cpu::attention(
+                        &q[r * qw..(r + 1) * qw],
+                        &refs[owner[r]],
+                        positions[r] + 1,
+                        heads,
+                        scale,
+                        out,
+                    )
+                };
+            });
+            cpu::matmul_t(&attn, rows, qw, &layer.wo, h, &mut o);
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+            cpu::rms_norm(&x, &layer.ffn_norm, c.rms_norm_eps, &mut xn);
+            cpu::matmul_t(&xn, rows, h, &layer.w_gate, iw, &mut gate);
+            cpu::matmul_t(&xn, rows, h, &layer.w_up, iw, &mut up);
+            cpu::silu_mul(&mut gate, &up);
+            cpu::matmul_t(&gate, rows, iw, &layer.w_down, h, &mut o);
+            x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
+        }
+        // Logits for the rows asked for.
+        let mut wanted = Vec::new();
+        let mut row = 0;
+        for chunk in batch {
+            let n = chunk.tokens.len();
+            if chunk.all_logits {
+                wanted.extend(row..row + n);
+            } else {
+                wanted.push(row + n - 1);
+            }
+            row += n;
+        }
+        let mut sel = vec![0f32; wanted.len() * h];
+        for (i, &r) in wanted.iter().enumerate() {
+            sel[i * h..(i + 1) * h].copy_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        let mut normed = vec![0f32; sel.len()];
+        cpu::rms_norm(&sel, &self.norm, c.rms_norm_eps, &mut normed);
+        let head = self.lm_head.as_deref().unwrap_or(&self.embed);
+        let mut logits = vec![0f32; wanted.len() * c.vocab_size];
+        cpu::matmul_t(&normed, wanted.len(), h, head, c.vocab_size, &mut logits);
+        let mut out = Vec::with_capacity(batch.len());
+        let mut at = 0;
+        for chunk in batch {
+            let n = if chunk.all_logits {
+                chunk.tokens.len()
+            } else {
+                1
+            };
+            out.push(logits[at * c.vocab_size..(at + n) * c.vocab_size].to_vec());
+            at += n;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+#[path = "llama_tests.rs"]
+mod tests;

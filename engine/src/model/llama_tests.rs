@@ -1,0 +1,371 @@
+//! The forward pass against a naive dense implementation written here (no KV cache, no shared
+//! ops), on a tiny seeded random model saved as an HF directory (config.json + safetensors).
+
+use std::path::PathBuf;
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use vkv_vmm::KvLayout;
+
+use super::*;
+use crate::kv::{KvDims, PagedKv, VmmKv};
+
+const CONFIG: &str = r#"{
+  "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+  "vocab_size": 97, "hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 3,
+  "num_attention_heads": 6, "num_key_value_heads": 2, "max_position_embeddings": 256,
+  "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false
+}"#;
+
+/// A random tensor, rounded to bf16 precision so that BF16 storage loses nothing.
+fn random(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| half::bf16::from_f32(rng.random_range(-scale..scale)).to_f32())
+        .collect()
+}
+
+struct Tiny {
+    dir: PathBuf,
+    tensors: std::collections::HashMap<String, Vec<f32>>,
+}
+
+/// Write the tiny model: MLP weights as BF16, everything else F32.
+fn tiny_model(name: &str) -> Tiny {
+    let dir = std::env::temp_dir().join(format!("vkv-tiny-llama-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.json"), CONFIG).unwrap();
+    let mut rng = StdRng::seed_from_u64(42);
+    let (v, h, i, q, kv) = (97, 48, 80, 48, 16);
+    let mut shapes: Vec<(String, Vec<usize>)> =
+        vec![("model.embed_tokens.weight".into(), vec![v, h])];
+    for l in 0..3 {
+        let p = format!("model.layers.{l}");
+        shapes.extend([
+            (format!("{p}.input_layernorm.weight"), vec![h]),
+            (format!("{p}.self_attn.q_proj.weight"), vec![q, h]),
+            (format!("{p}.self_attn.k_proj.weight"), vec![kv, h]),
+            (format!("{p}.self_attn.v_proj.weight"), vec![kv, h]),
+            (format!("{p}.self_attn.o_proj.weight"), vec![h, q]),
+            (format!("{p}.post_attention_layernorm.weight"), vec![h]),
+            (format!("{p}.mlp.gate_proj.weight"), vec![i, h]),
+            (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
+            (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
+        ]);
+    }
+    shapes.push(("model.norm.weight".into(), vec![h]));
+    shapes.push(("lm_head.weight".into(), vec![v, h]));
+    let mut tensors = std::collections::HashMap::new();
+    let mut bytes: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, shape) in shapes {
+        let n: usize = shape.iter().product();
+        let values = if name.ends_with("norm.weight") {
+            random(&mut rng, n, 0.5)
+                .iter()
+                .map(|x| 1.0 + x)
+                .map(|x| half::bf16::from_f32(x).to_f32())
+                .collect()
+        } else {
+            random(&mut rng, n, 0.3)
+        };
+        let (dtype, data) = if name.contains("mlp.") {
+            (
+                safetensors::Dtype::BF16,
+                values
+                    .iter()
+                    .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                    .collect(),
+            )
+        } else {
+            (
+                safetensors::Dtype::F32,
+                values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            )
+        };
+        bytes.push((name.clone(), dtype, shape, data));
+        tensors.insert(name, values);
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    let file = safetensors::serialize(views, &None).unwrap();
+    std::fs::write(dir.join("model.safetensors"), file).unwrap();
+    Tiny { dir, tensors }
+}
+
+/// The dense reference: logits of every position of `tokens`, computed from scratch.
+fn reference(t: &Tiny, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let w = |n: &str| &t.tensors[n];
+    let (h, nh, nkv, hd, iw, vocab) = (48, 6, 2, 8, 80, 97);
+    let lin = |x: &[f32], w: &[f32], out: usize| -> Vec<f32> {
+        let k = x.len();
+        (0..out)
+            .map(|o| (0..k).map(|j| x[j] * w[o * k + j]).sum())
+            .collect()
+    };
+    let norm = |x: &[f32], g: &[f32]| -> Vec<f32> {
+        let r = 1.0 / (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32 + 1e-5).sqrt();
+        x.iter().zip(g).map(|(a, b)| a * r * b).collect()
+    };
+    let rope = |x: &mut [f32], pos: usize| {
+        for head in x.chunks_mut(hd) {
+            for i in 0..hd / 2 {
+                let f = 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32);
+                let (s, c) = (pos as f32 * f).sin_cos();
+                let (a, b) = (head[i], head[i + hd / 2]);
+                head[i] = a * c - b * s;
+                head[i + hd / 2] = a * s + b * c;
+            }
+        }
+    };
+    let mut xs: Vec<Vec<f32>> = tokens
+        .iter()
+        .map(|&tok| w("model.embed_tokens.weight")[tok as usize * h..][..h].to_vec())
+        .collect();
+    for l in 0..3 {
+        let p = |s: &str| format!("model.layers.{l}.{s}.weight");
+        let mut ks = Vec::new();
+        let mut vs = Vec::new();
+        let mut qs = Vec::new();
+        for (pos, x) in xs.iter().enumerate() {
+            let n = norm(x, w(&p("input_layernorm")));
+            let mut q = lin(&n, w(&p("self_attn.q_proj")), nh * hd);
+            let mut k = lin(&n, w(&p("self_attn.k_proj")), nkv * hd);
+            rope(&mut q, pos);
+            rope(&mut k, pos);
+            qs.push(q);
+            ks.push(k);
+            vs.push(lin(&n, w(&p("self_attn.v_proj")), nkv * hd));
+        }
+        for pos in 0..xs.len() {
+            let mut att = vec![0f32; nh * hd];
+            for head in 0..nh {
+                let g = head / (nh / nkv);
+                let scores: Vec<f32> = (0..=pos)
+                    .map(|t| {
+                        (0..hd)
+                            .map(|d| qs[pos][head * hd + d] * ks[t][g * hd + d])
+                            .sum::<f32>()
+                            / (hd as f32).sqrt()
+                    })
+                    .collect();
+                let m = scores.iter().copied().fold(f32::MIN, f32::max);
+                let e: Vec<f32> = scores.iter().map(|s| (s - m).exp()).collect();
+                let z: f32 = e.iter().sum();
+                for d in 0..hd {
+                    att[head * hd + d] = (0..=pos).map(|t| e[t] / z * vs[t][g * hd + d]).sum();
+                }
+            }
+            let o = lin(&att, w(&p("self_attn.o_proj")), h);
+            xs[pos].iter_mut().zip(o).for_each(|(x, o)| *x += o);
+            let n = norm(&xs[pos], w(&p("post_attention_layernorm")));
+            let g = lin(&n, w(&p("mlp.gate_proj")), iw);
+            let u = lin(&n, w(&p("mlp.up_proj")), iw);
+            let a: Vec<f32> = g
+                .iter()
+                .zip(&u)
+                .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                .collect();
+            let d = lin(&a, w(&p("mlp.down_proj")), h);
+            xs[pos].iter_mut().zip(d).for_each(|(x, d)| *x += d);
+        }
+    }
+    xs.iter()
+        .map(|x| lin(&norm(x, w("model.norm.weight")), w("lm_head.weight"), vocab))
+        .collect()
+}
+
+fn dims() -> KvDims {
+    KvDims {
+        num_layers: 3,
+        num_kv_heads: 2,
+        head_dim: 8,
+    }
+}
+
+fn caches() -> Vec<Box<dyn KvCache>> {
+    vec![
+        Box::new(PagedKv::new(dims(), 64, 16).unwrap()),
+        Box::new(VmmKv::new(dims(), KvLayout::PerLayer, 8, 256, 4096, 256).unwrap()),
+        Box::new(VmmKv::new(dims(), KvLayout::TokenMajor, 8, 256, 4096, 256).unwrap()),
+    ]
+}
+
+fn close(a: &[f32], b: &[f32], what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    let err = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(err < 1e-4, "{what}: max abs error {err}");
+}
+
+fn prompt(seed: u64, n: usize) -> Vec<u32> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(0..97u32)).collect()
+}
+
+#[test]
+fn prefill_logits_match_the_dense_reference_in_every_kv_mode() {
+    let tiny = tiny_model("prefill");
+    let model = Llama::from_hf_dir(&tiny.dir).unwrap();
+    let tokens = prompt(1, 40); // crosses 16-token blocks and 4 KiB pages (64 tokens of 64 B)
+    let want = reference(&tiny, &tokens);
+    for mut kv in caches() {
+        let out = model
+            .forward(
+                &[SeqChunk {
+                    seq: 1,
+                    tokens: &tokens,
+                    start: 0,
+                    all_logits: true,
+                }],
+                kv.as_mut(),
+            )
+            .unwrap();
+        for (pos, want) in want.iter().enumerate() {
+            close(
+                &out[0][pos * 97..(pos + 1) * 97],
+                want,
+                &format!("{} position {pos}", kv.name()),
+            );
+        }
+    }
+}
+
+#[test]
+fn chunked_prefill_and_decode_match_one_pass_and_batches_are_invariant() {
+    let tiny = tiny_model("batch");
+    let model = Llama::from_hf_dir(&tiny.dir).unwrap();
+    let seqs: Vec<Vec<u32>> = (0..4)
+        .map(|s| prompt(10 + s, [5, 33, 70, 18][s as usize]))
+        .collect();
+    let want: Vec<Vec<Vec<f32>>> = seqs.iter().map(|t| reference(&tiny, t)).collect();
+    for mut kv in caches() {
+        // Step 1: prefill the first 3 tokens of every sequence, in one batch.
+        // Then each step: sequence 0 decodes one token, the others prefill chunks of 7.
+        let mut done = [0usize; 4];
+        let mut step = 0;
+        while done.iter().zip(&seqs).any(|(d, s)| d < &s.len()) {
+            let chunks: Vec<SeqChunk<'_>> = (0..4)
+                .filter(|&s| done[s] < seqs[s].len())
+                .map(|s| {
+                    let n = if step == 0 {
+                        3
+                    } else if s == 0 {
+                        1
+                    } else {
+                        7
+                    };
+                    let end = (done[s] + n).min(seqs[s].len());
+                    SeqChunk {
+                        seq: s as u64,
+                        tokens: &seqs[s][done[s]..end],
+                        start: done[s],
+                        all_logits: true,
+                    }
+                })
+                .collect();
+            let out = model.forward(&chunks, kv.as_mut()).unwrap();
+            for (chunk, logits) in chunks.iter().zip(&out) {
+                let s = chunk.seq as usize;
+                for j in 0..chunk.tokens.len() {
+                    let pos = chunk.start + j;
+                    close(
+                        &logits[j * 97..(j + 1) * 97],
+                        &want[s][pos],
+                        &format!("{} seq {s} pos {pos}", kv.name()),
+                    );
+                }
+                done[s] += chunk.tokens.len();
+            }
+            step += 1;
+        }
+        for s in 0..4 {
+            kv.free(s).unwrap();
+        }
+        assert_eq!(kv.usage().bytes_allocated, 0);
+    }
+}
+
+#[test]
+fn bad_batches_and_configs_are_errors() {
+    let tiny = tiny_model("errors");
+    let model = Llama::from_hf_dir(&tiny.dir).unwrap();
+    let mut kv = PagedKv::new(dims(), 4, 16).unwrap();
+    let err = |r: Result<Vec<Vec<f32>>, ModelError>| r.unwrap_err().to_string();
+    let t = [1u32, 2, 3];
+    assert!(err(model.forward(
+        &[SeqChunk {
+            seq: 1,
+            tokens: &[200],
+            start: 0,
+            all_logits: false
+        }],
+        &mut kv
+    ))
+    .contains("outside the vocabulary"));
+    assert!(err(model.forward(
+        &[SeqChunk {
+            seq: 1,
+            tokens: &t,
+            start: 5,
+            all_logits: false
+        }],
+        &mut kv
+    ))
+    .contains("starts at 5"));
+    let twice = [SeqChunk {
+        seq: 1,
+        tokens: &t,
+        start: 0,
+        all_logits: false,
+    }; 2];
+    assert!(err(model.forward(&twice, &mut kv)).contains("repeated"));
+    let long = vec![1u32; 65];
+    assert!(err(model.forward(
+        &[SeqChunk {
+            seq: 1,
+            tokens: &long,
+            start: 0,
+            all_logits: false
+        }],
+        &mut kv
+    ))
+    .contains("out of KV memory"));
+    assert_eq!(kv.free_blocks(), 4, "nothing held after the failures");
+    let mut wrong = PagedKv::new(
+        KvDims {
+            num_layers: 2,
+            num_kv_heads: 2,
+            head_dim: 8,
+        },
+        4,
+        16,
+    )
+    .unwrap();
+    assert!(err(model.forward(
+        &[SeqChunk {
+            seq: 1,
+            tokens: &t,
+            start: 0,
+            all_logits: false
+        }],
+        &mut wrong
+    ))
+    .contains("does not fit"));
+
+    let e = LlamaConfig::from_hf_json(&CONFIG.replace("\"llama\"", "\"gpt_neox\"")).unwrap_err();
+    assert!(e.to_string().contains("gpt_neox"), "{e}");
+    let e = LlamaConfig::from_hf_json("{not json").unwrap_err();
+    assert!(e.to_string().contains("not valid JSON"), "{e}");
+    let missing = std::env::temp_dir().join("vkv-no-such-model-dir");
+    let e = Llama::from_hf_dir(&missing).err().unwrap();
+    assert!(e.to_string().contains("vkv-no-such-model-dir"), "{e}");
+}

@@ -1,0 +1,30 @@
+//! Models: the Llama family (Llama 2/3, Mistral, SmolLM2) on the CPU device — configuration
+//! (`config`), weights from GGUF or safetensors, and the batched forward pass (`llama`).
+
+mod config;
+mod llama;
+
+pub use config::LlamaConfig;
+pub use llama::{Llama, SeqChunk};
+
+use crate::kv::KvError;
+use crate::weights::gguf::GgufError;
+
+/// Errors of loading or running a model; each names what was expected and what was found.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("unsupported architecture {0}: vkv runs the Llama family (llama, mistral)")]
+    UnsupportedArchitecture(String),
+    #[error("model configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("tensor {name}: {detail}")]
+    Tensor { name: String, detail: String },
+    #[error("reading {path}: {detail}")]
+    Io { path: String, detail: String },
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error("batch: {0}")]
+    Batch(String),
+}

@@ -1,0 +1,194 @@
+//! Sampling the next token from logits: greedy, or temperature with top-k and top-p (nucleus)
+//! filtering, from a seeded generator so a request with a seed is reproducible. The order of the
+//! filters is vLLM's and HF's: temperature, then top-k, then top-p over what remains.
+
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+/// How to pick tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Keep the `top_k` most likely tokens (0: all).
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches `top_p` (1: all).
+    pub top_p: f32,
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    /// Check the ranges OpenAI and vLLM accept; the error names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(0.0..=2.0).contains(&self.temperature) {
+            return Err(format!(
+                "temperature must be in [0, 2], found {}",
+                self.temperature
+            ));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], found {}", self.top_p));
+        }
+        Ok(())
+    }
+}
+
+/// A sampler with its own random generator (one per request).
+#[derive(Debug)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+/// Index of the largest value (the first one on ties).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_rng(&mut rand::rng()),
+        };
+        Sampler { params, rng }
+    }
+
+    /// The next token.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let p = self.params;
+        if p.temperature == 0.0 || p.top_k == 1 {
+            return argmax(logits);
+        }
+        let mut cands: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l / p.temperature))
+            .collect();
+        cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        if p.top_k > 0 {
+            cands.truncate(p.top_k);
+        }
+        let max = cands[0].1;
+        let mut total = 0.0f64;
+        for c in cands.iter_mut() {
+            c.1 = (c.1 - max).exp();
+            total += c.1 as f64;
+        }
+        if p.top_p < 1.0 {
+            let mut acc = 0.0f64;
+            let keep = cands
+                .iter()
+                .position(|c| {
+                    acc += c.1 as f64 / total;
+                    acc >= p.top_p as f64
+                })
+                .map_or(cands.len(), |i| i + 1);
+            cands.truncate(keep);
+            total = cands.iter().map(|c| c.1 as f64).sum();
+        }
+        let mut r = self.rng.random_range(0.0..total);
+        for &(id, w) in &cands {
+            r -= w as f64;
+            if r < 0.0 {
+                return id;
+            }
+        }
+        cands.last().map_or(0, |c| c.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_and_top_k_1_take_the_argmax() {
+        let logits = [0.1, 2.0, -1.0, 2.0, 0.5];
+        assert_eq!(Sampler::new(SamplingParams::default()).sample(&logits), 1);
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 1,
+            ..Default::default()
+        };
+        assert_eq!(Sampler::new(p).sample(&logits), 1);
+    }
+
+    #[test]
+    fn seeded_sampling_repeats_and_follows_the_distribution() {
+        let logits = [0f32, (3f32).ln(), f32::NEG_INFINITY]; // probabilities 1/4, 3/4, 0
+        let p = SamplingParams {
+            temperature: 1.0,
+            seed: Some(9),
+            ..Default::default()
+        };
+        let a: Vec<u32> = {
+            let mut s = Sampler::new(p);
+            (0..50).map(|_| s.sample(&logits)).collect()
+        };
+        let b: Vec<u32> = {
+            let mut s = Sampler::new(p);
+            (0..50).map(|_| s.sample(&logits)).collect()
+        };
+        assert_eq!(a, b);
+        let mut s = Sampler::new(p);
+        let ones = (0..4000).filter(|_| s.sample(&logits) == 1).count();
+        assert!(
+            (2850..3150).contains(&ones),
+            "{ones} of 4000, expected ~3000"
+        );
+        assert!((0..1000).all(|_| s.sample(&logits) != 2));
+    }
+
+    #[test]
+    fn top_p_keeps_the_nucleus() {
+        // Probabilities ≈ 0.64, 0.24, 0.09, 0.03: top_p 0.8 keeps the first two only.
+        let logits = [3.0f32, 2.0, 1.0, 0.0];
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_p: 0.8,
+            seed: Some(1),
+            ..Default::default()
+        });
+        let seen: std::collections::HashSet<u32> = (0..2000).map(|_| s.sample(&logits)).collect();
+        assert_eq!(seen, [0, 1].into_iter().collect());
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            top_k: 3,
+            seed: Some(2),
+            ..Default::default()
+        });
+        assert!((0..2000).all(|_| s.sample(&logits) != 3));
+    }
+
+    #[test]
+    fn out_of_range_parameters_are_named() {
+        let bad = SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("temperature"));
+        let bad = SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("top_p"));
+    }
+}

@@ -1,0 +1,175 @@
+//! `vkv generate`: load a model (the default one is fetched on first use), tokenize the prompt
+//! (through the chat template with `--chat`), stream the generated text, and end with token counts
+//! and speeds. The work is [`vkv_engine::generate`]'s.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args as ClapArgs, ValueEnum};
+use vkv_engine::fetch;
+use vkv_engine::generate::{generate, load_model, FinishReason};
+use vkv_engine::kv::{KvDims, KvMode};
+use vkv_engine::sampler::SamplingParams;
+use vkv_engine::tokenizer::ChatMessage;
+use vkv_vmm::KvLayout;
+
+use crate::units::parse_bytes;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvModeArg {
+    Paged,
+    Vmm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LayoutArg {
+    TokenMajor,
+    PerLayer,
+}
+
+/// KV-cache options shared by the commands that run a model.
+#[derive(Debug, ClapArgs)]
+pub struct KvArgs {
+    #[arg(long = "kv-mode", value_enum, default_value_t = KvModeArg::Vmm)]
+    pub kv_mode: KvModeArg,
+    #[arg(long = "vmm-layout", value_enum, default_value_t = LayoutArg::TokenMajor)]
+    pub vmm_layout: LayoutArg,
+    /// vmm page size (a multiple of the OS page on the CPU).
+    #[arg(long = "page-size", default_value = "2MiB", value_parser = parse_bytes)]
+    pub page_size: usize,
+    /// Paged block size in tokens.
+    #[arg(long = "block-size", default_value_t = 16)]
+    pub block_size: usize,
+    /// KV memory budget.
+    #[arg(long = "kv-memory", default_value = "1GiB", value_parser = parse_bytes)]
+    pub kv_memory: usize,
+}
+
+impl KvArgs {
+    pub fn mode(&self) -> KvMode {
+        match self.kv_mode {
+            KvModeArg::Paged => KvMode::Paged {
+                block_size: self.block_size,
+            },
+            KvModeArg::Vmm => KvMode::Vmm {
+                layout: match self.vmm_layout {
+                    LayoutArg::TokenMajor => KvLayout::TokenMajor,
+                    LayoutArg::PerLayer => KvLayout::PerLayer,
+                },
+                page_size: self.page_size,
+            },
+        }
+    }
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct Args {
+    /// A GGUF file or an HF directory (default: SmolLM2-135M-Instruct, fetched on first use).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long = "max-tokens", default_value_t = 128)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long = "top-k", default_value_t = 0)]
+    top_k: usize,
+    #[arg(long = "top-p", default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[command(flatten)]
+    kv: KvArgs,
+}
+
+/// The model path: `--model`, or the default model from the cache (fetching it if needed).
+pub fn model_path(model: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(path) = model {
+        if !path.exists() {
+            bail!(
+                "model {} does not exist (give a GGUF file or an HF directory)",
+                path.display()
+            );
+        }
+        return Ok(path);
+    }
+    fetch::ensure_model(&fetch::DEFAULT_MODEL, &mut |line| eprintln!("vkv: {line}"))
+        .context("fetching the default model")
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let path = model_path(args.model)?;
+    let loaded = load_model(&path).with_context(|| format!("loading {}", path.display()))?;
+    let c = &loaded.model.config;
+    let text = if args.chat {
+        loaded
+            .tokenizer
+            .apply_chat_template(&[ChatMessage::new("user", args.prompt.clone())], true)?
+    } else {
+        args.prompt.clone()
+    };
+    let prompt = loaded.tokenizer.encode(&text, true)?;
+    let dims = KvDims {
+        num_layers: c.num_layers,
+        num_kv_heads: c.num_kv_heads,
+        head_dim: c.head_dim,
+    };
+    let mut kv = args
+        .kv
+        .mode()
+        .build(dims, 1, c.max_position_embeddings, args.kv.kv_memory)?;
+    eprintln!(
+        "vkv: {} ({} layers, {} heads / {} KV heads), KV {} on the CPU, {} threads",
+        loaded.name,
+        c.num_layers,
+        c.num_heads,
+        c.num_kv_heads,
+        kv.name(),
+        rayon_threads()
+    );
+    let params = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    let mut out = std::io::stdout();
+    let g = generate(
+        &loaded,
+        kv.as_mut(),
+        &prompt,
+        args.max_tokens,
+        params,
+        &mut |piece| {
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        },
+    )?;
+    println!();
+    let decode_tps = if g.tokens.len() > 1 {
+        (g.tokens.len() - 1) as f64 / g.decode_seconds
+    } else {
+        0.0
+    };
+    eprintln!(
+        "vkv: prompt {} tokens ({:.1} tokens/s), generated {} tokens ({:.1} tokens/s), stopped by {}",
+        g.prompt_tokens,
+        g.prompt_tokens as f64 / g.prefill_seconds,
+        g.tokens.len(),
+        decode_tps,
+        match g.finish {
+            FinishReason::Stop => "a stop token",
+            FinishReason::Length => "max tokens",
+        }
+    );
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
