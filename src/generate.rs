@@ -104,7 +104,7 @@ pub fn model_path(model: Option<PathBuf>) -> Result<PathBuf> {
 
 pub fn run(args: Args) -> Result<()> {
     let path = model_path(args.model)?;
-    let loaded = load_model(&path).with_context(|| format!("loading {}", path.display()))?;
+    let loaded = load_model(&path).context("loading the model")?;
     let c = &loaded.model.config;
     let text = if args.chat {
         loaded

@@ -41,10 +41,10 @@ pub enum GgufError {
         source: std::io::Error,
     },
     /// An error in a file opened with [`GgufFile::open`], naming the file.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     InFile {
         path: PathBuf,
-        source: Box<GgufError>,
+        error: Box<GgufError>,
     },
     #[error("not a GGUF file: expected magic \"GGUF\", found \"{found}\"")]
     BadMagic { found: String },
@@ -910,7 +910,7 @@ impl GgufFile {
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
         Self::from_parts(Bytes::Mmap(mmap)).map_err(|e| GgufError::InFile {
             path: path.to_path_buf(),
-            source: Box::new(e),
+            error: Box::new(e),
         })
     }
 
