@@ -1,6 +1,7 @@
 //! `vkv`: the command line. Parsing (clap) and dispatch to the crates only; what a command does
 //! lives in the crate that owns it (see docs/architecture.md).
 
+mod bench_generate;
 mod bench_vmm;
 mod frag;
 mod generate;
@@ -41,6 +42,8 @@ enum Bench {
     /// Costs of the virtual-memory KV machinery: per-page driver calls, KvSpace operations per
     /// layout and page size, and whether the Mapper keeps ahead of a decode loop.
     Vmm(bench_vmm::Args),
+    /// CPU prefill and decode throughput of a model: one sequence, and a batch decoding together.
+    Generate(bench_generate::Args),
 }
 
 fn main() {
@@ -53,9 +56,10 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Bench {
-            which: Bench::Vmm(args),
-        } => bench_vmm::run(args),
+        Command::Bench { which } => match which {
+            Bench::Vmm(args) => bench_vmm::run(args),
+            Bench::Generate(args) => bench_generate::run(args),
+        },
         Command::Frag(args) => frag::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Devices => {

@@ -27,6 +27,8 @@ pub enum GenerateError {
     Tokenizer(#[from] TokenizerError),
     #[error("{0}")]
     Input(String),
+    #[error(transparent)]
+    Kv(#[from] crate::kv::KvError),
 }
 
 /// The `tokenizer.ggml.*` metadata of a GGUF file.
@@ -204,5 +206,121 @@ fn run(
         prompt_tokens: prompt.len(),
         prefill_seconds,
         decode_seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// CPU throughput of a model: prefill of one prompt, decode of one sequence, and decode of
+/// `batch` sequences stepping together (`vkv bench generate`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Throughput {
+    pub kv: String,
+    pub threads: usize,
+    pub prompt_tokens: usize,
+    pub decode_tokens: usize,
+    pub batch: usize,
+    /// Prompt tokens per second, median of 3 prefills.
+    pub prefill_tokens_per_s: f64,
+    /// One sequence, tokens per second.
+    pub decode_tokens_per_s: f64,
+    /// `batch` sequences decoding together, total tokens per second.
+    pub batch_decode_tokens_per_s: f64,
+}
+
+/// Measure [`Throughput`]: prompts are seeded random ids from the vocabulary; decoding is
+/// greedy (the sampler is not what is measured).
+pub fn measure_throughput(
+    m: &LoadedModel,
+    mode: crate::kv::KvMode,
+    kv_bytes: usize,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+    batch: usize,
+) -> Result<Throughput, GenerateError> {
+    use rand::{RngExt, SeedableRng};
+    let c = &m.model.config;
+    if prompt_tokens == 0 || batch == 0 || prompt_tokens + decode_tokens > c.max_position_embeddings
+    {
+        return Err(GenerateError::Input(format!(
+            "prompt ({prompt_tokens}) + decode ({decode_tokens}) tokens must fit the context length {} and batch must be > 0",
+            c.max_position_embeddings
+        )));
+    }
+    let dims = crate::kv::KvDims {
+        num_layers: c.num_layers,
+        num_kv_heads: c.num_kv_heads,
+        head_dim: c.head_dim,
+    };
+    let mut kv = mode.build(dims, batch.max(3), prompt_tokens + decode_tokens, kv_bytes)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let prompts: Vec<Vec<u32>> = (0..batch.max(3))
+        .map(|_| {
+            (0..prompt_tokens)
+                .map(|_| rng.random_range(256..c.vocab_size as u32))
+                .collect()
+        })
+        .collect();
+    let mut prefill = Vec::new();
+    for (s, p) in prompts.iter().take(3).enumerate() {
+        let t = Instant::now();
+        m.model.forward(
+            &[SeqChunk {
+                seq: s as u64,
+                tokens: p,
+                start: 0,
+                all_logits: false,
+            }],
+            kv.as_mut(),
+        )?;
+        prefill.push(prompt_tokens as f64 / t.elapsed().as_secs_f64());
+        kv.free(s as u64)?;
+    }
+    prefill.sort_by(f64::total_cmp);
+    let decode = |kv: &mut dyn KvCache, seqs: usize| -> Result<f64, GenerateError> {
+        let mut next = Vec::with_capacity(seqs);
+        for (s, p) in prompts.iter().take(seqs).enumerate() {
+            let logits = m.model.forward(
+                &[SeqChunk {
+                    seq: s as u64,
+                    tokens: p,
+                    start: 0,
+                    all_logits: false,
+                }],
+                kv,
+            )?;
+            next.push(crate::sampler::argmax(&logits[0]));
+        }
+        let t = Instant::now();
+        for step in 0..decode_tokens {
+            let tokens: Vec<[u32; 1]> = next.iter().map(|&n| [n]).collect();
+            let chunks: Vec<SeqChunk<'_>> = tokens
+                .iter()
+                .enumerate()
+                .map(|(s, tok)| SeqChunk {
+                    seq: s as u64,
+                    tokens: tok,
+                    start: prompt_tokens + step,
+                    all_logits: false,
+                })
+                .collect();
+            let logits = m.model.forward(&chunks, kv)?;
+            next = logits.iter().map(|l| crate::sampler::argmax(l)).collect();
+        }
+        let rate = (seqs * decode_tokens) as f64 / t.elapsed().as_secs_f64();
+        for s in 0..seqs {
+            kv.free(s as u64)?;
+        }
+        Ok(rate)
+    };
+    let single = decode(kv.as_mut(), 1)?;
+    let batched = decode(kv.as_mut(), batch)?;
+    Ok(Throughput {
+        kv: kv.name(),
+        threads: rayon::current_num_threads(),
+        prompt_tokens,
+        decode_tokens,
+        batch,
+        prefill_tokens_per_s: prefill[1],
+        decode_tokens_per_s: single,
+        batch_decode_tokens_per_s: batched,
     })
 }

@@ -1,0 +1,60 @@
+//! `vkv bench generate`: CPU prefill and decode throughput of a model, one sequence and a batch
+//! decoding together, around [`vkv_engine::generate::measure_throughput`]. Its peer for the same
+//! measurements with llama.cpp is `benches/peers/llamacpp_cpu.py`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args as ClapArgs;
+use vkv_engine::generate::{load_model, measure_throughput};
+
+use crate::generate::{model_path, KvArgs};
+
+#[derive(Debug, ClapArgs)]
+pub struct Args {
+    /// A GGUF file or HF directory (default: SmolLM2-135M-Instruct).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long = "prompt-tokens", default_value_t = 128)]
+    prompt_tokens: usize,
+    #[arg(long = "decode-tokens", default_value_t = 64)]
+    decode_tokens: usize,
+    /// Sequences decoding together in the batched measurement.
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[command(flatten)]
+    kv: KvArgs,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let path = model_path(args.model)?;
+    let m = load_model(&path).context("loading the model")?;
+    let t = measure_throughput(
+        &m,
+        args.kv.mode(),
+        args.kv.kv_memory,
+        args.prompt_tokens,
+        args.decode_tokens,
+        args.batch,
+    )?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&t)?);
+    } else {
+        println!("{} on the CPU ({} threads), KV {}", m.name, t.threads, t.kv);
+        println!(
+            "prefill ({} tokens):           {:>8.1} tokens/s",
+            t.prompt_tokens, t.prefill_tokens_per_s
+        );
+        println!(
+            "decode, 1 sequence:            {:>8.1} tokens/s",
+            t.decode_tokens_per_s
+        );
+        println!(
+            "decode, {} sequences together: {:>8.1} tokens/s",
+            t.batch, t.batch_decode_tokens_per_s
+        );
+    }
+    Ok(())
+}
