@@ -4,18 +4,20 @@
 //!
 //! Per layer: RMSNorm → Q, K, V projections → RoPE → KV append → causal GQA attention per token
 //! over its sequence's cache → output projection + residual → RMSNorm → SwiGLU MLP + residual.
-//! Weights are kept in f32 (dequantized at load); matrix products go through `gemm`
-//! ([`vkv_kernels::cpu::matmul_t`]), the rest through the CPU ops of the kernels crate.
+//! Matrices stay in their GGUF format when the CPU multiplies it directly (Q4_1, Q8_0: decode
+//! reads ~6× fewer bytes) and are dequantized to f32 otherwise; products go through
+//! [`vkv_kernels::cpu::matmul_w`] (the quantized kernels, or `gemm` for f32), the rest through
+//! the CPU ops of the kernels crate.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use rayon::prelude::*;
-use vkv_kernels::cpu::{self, KvRef};
+use vkv_kernels::cpu::{self, KvRef, Weight};
 
 use super::{LlamaConfig, ModelError};
 use crate::kv::{KvCache, SeqId};
-use crate::weights::gguf::GgufFile;
+use crate::weights::gguf::{GgmlType, GgufFile};
 
 /// One sequence's part of a batch: `tokens` at positions `start..start + tokens.len()`.
 #[derive(Debug, Clone, Copy)]
@@ -29,23 +31,23 @@ pub struct SeqChunk<'a> {
 
 struct Layer {
     attn_norm: Vec<f32>,
-    wq: Vec<f32>,
-    wk: Vec<f32>,
-    wv: Vec<f32>,
-    wo: Vec<f32>,
+    wq: Weight,
+    wk: Weight,
+    wv: Weight,
+    wo: Weight,
     ffn_norm: Vec<f32>,
-    w_gate: Vec<f32>,
-    w_up: Vec<f32>,
-    w_down: Vec<f32>,
+    w_gate: Weight,
+    w_up: Weight,
+    w_down: Weight,
 }
 
 /// A Llama-family model with f32 weights (see the module docs).
 pub struct Llama {
     pub config: LlamaConfig,
-    embed: Vec<f32>,
+    embed: Weight,
     layers: Vec<Layer>,
     norm: Vec<f32>,
-    lm_head: Option<Vec<f32>>,
+    lm_head: Option<Weight>,
     inv_freq: Vec<f32>,
 }
 
@@ -73,12 +75,24 @@ const HF_LAYER: [&str; 9] = [
     "mlp.down_proj",
 ];
 
+/// A vector parameter (a norm's weight) as plain f32.
+fn to_f32(w: Weight, len: usize) -> Vec<f32> {
+    match w {
+        Weight::F32(v) => v,
+        other => {
+            let mut v = vec![0f32; len];
+            other.row(0, len, &mut v);
+            v
+        }
+    }
+}
+
 impl Llama {
     /// Assemble a model from a configuration and a source of named f32 tensors, checking every
     /// tensor's element count.
     fn build(
         config: LlamaConfig,
-        mut get: impl FnMut(&str) -> Result<Option<Vec<f32>>, ModelError>,
+        mut get: impl FnMut(&str) -> Result<Option<Weight>, ModelError>,
         names: &dyn Fn(usize, usize) -> String,
         globals: [&str; 4],
         rope_factors: Option<Vec<f32>>,
@@ -90,7 +104,7 @@ impl Llama {
             c.num_heads * c.head_dim,
             c.num_kv_heads * c.head_dim,
         );
-        let mut need = |name: &str, len: usize| -> Result<Vec<f32>, ModelError> {
+        let mut need = |name: &str, len: usize| -> Result<Weight, ModelError> {
             let t = get(name)?.ok_or_else(|| ModelError::Tensor {
                 name: name.into(),
                 detail: "missing".into(),
@@ -107,25 +121,25 @@ impl Llama {
         let sizes = [h, q * h, kv * h, kv * h, h * q, h, i * h, i * h, h * i];
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
-            let mut t: Vec<Vec<f32>> = Vec::with_capacity(9);
+            let mut t: Vec<Weight> = Vec::with_capacity(9);
             for (j, &len) in sizes.iter().enumerate() {
                 t.push(need(&names(l, j), len)?);
             }
             let mut t = t.into_iter();
             let mut next = || t.next().expect("nine tensors");
             layers.push(Layer {
-                attn_norm: next(),
+                attn_norm: to_f32(next(), h),
                 wq: next(),
                 wk: next(),
                 wv: next(),
                 wo: next(),
-                ffn_norm: next(),
+                ffn_norm: to_f32(next(), h),
                 w_gate: next(),
                 w_up: next(),
                 w_down: next(),
             });
         }
-        let norm = need(globals[1], h)?;
+        let norm = to_f32(need(globals[1], h)?, h);
         let lm_head = if c.tie_word_embeddings {
             None
         } else {
@@ -160,13 +174,22 @@ impl Llama {
     /// Load a GGUF file (any quantization the reader dequantizes).
     pub fn from_gguf(g: &GgufFile) -> Result<Self, ModelError> {
         let config = LlamaConfig::from_gguf(g)?;
-        let get = |name: &str| -> Result<Option<Vec<f32>>, ModelError> {
-            match g.tensor(name) {
-                None => Ok(None),
-                Some(_) => Ok(Some(g.dequantize(name)?)),
-            }
+        // Q4_1 and Q8_0 matrices stay quantized (their rows must be whole blocks).
+        let get = |name: &str| -> Result<Option<Weight>, ModelError> {
+            let Some(t) = g.tensor(name) else {
+                return Ok(None);
+            };
+            let whole_blocks = t.dims.len() == 2 && t.dims[0] % cpu::BLOCK as u64 == 0;
+            Ok(Some(match t.dtype {
+                GgmlType::Q4_1 if whole_blocks => Weight::from_q4_1(g.tensor_bytes(name)?),
+                GgmlType::Q8_0 if whole_blocks => Weight::from_q8_0(g.tensor_bytes(name)?),
+                _ => Weight::F32(g.dequantize(name)?),
+            }))
         };
-        let rope_factors = get("rope_freqs.weight")?;
+        let rope_factors = match g.tensor("rope_freqs.weight") {
+            Some(_) => Some(g.dequantize("rope_freqs.weight")?),
+            None => None,
+        };
         let names = |l: usize, j: usize| format!("blk.{l}.{}.weight", GGUF_LAYER[j]);
         Llama::build(
             config,
@@ -231,7 +254,7 @@ impl Llama {
                 );
             }
         }
-        let get = |name: &str| -> Result<Option<Vec<f32>>, ModelError> {
+        let get = |name: &str| -> Result<Option<Weight>, ModelError> {
             let Some((i, dtype, _, range)) = tensors.get(name) else {
                 return Ok(None);
             };
@@ -240,7 +263,7 @@ impl Llama {
                 name: name.into(),
                 detail: d,
             };
-            Ok(Some(match dtype {
+            Ok(Some(Weight::F32(match dtype {
                 safetensors::Dtype::F32 => bytes
                     .chunks_exact(4)
                     .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
@@ -258,7 +281,7 @@ impl Llama {
                         "unsupported dtype {other:?}: expected F32, F16 or BF16"
                     )))
                 }
-            }))
+            })))
         };
         let names = |l: usize, j: usize| format!("model.layers.{l}.{}.weight", HF_LAYER[j]);
         Llama::build(
@@ -339,7 +362,7 @@ impl Llama {
         let rows = tokens.len();
         let mut x = vec![0f32; rows * h];
         for (r, &t) in tokens.iter().enumerate() {
-            x[r * h..(r + 1) * h].copy_from_slice(&self.embed[t * h..(t + 1) * h]);
+            self.embed.row(t, h, &mut x[r * h..(r + 1) * h]);
         }
         let (qw, kvw, iw) = (nh * hd, nkv * hd, c.intermediate_size);
         let mut xn = vec![0f32; rows * h];
@@ -359,9 +382,9 @@ impl Llama {
         };
         for (l, layer) in self.layers.iter().enumerate() {
             cpu::rms_norm(&x, &layer.attn_norm, c.rms_norm_eps, &mut xn);
-            cpu::matmul_t(&xn, rows, h, &layer.wq, qw, &mut q);
-            cpu::matmul_t(&xn, rows, h, &layer.wk, kvw, &mut k);
-            cpu::matmul_t(&xn, rows, h, &layer.wv, kvw, &mut v);
+            cpu::matmul_w(&xn, rows, h, &layer.wq, qw, &mut q);
+            cpu::matmul_w(&xn, rows, h, &layer.wk, kvw, &mut k);
+            cpu::matmul_w(&xn, rows, h, &layer.wv, kvw, &mut v);
             cpu::rope(&mut q, &positions, nh, hd, &self.inv_freq, c.rope_style);
             cpu::rope(&mut k, &positions, nkv, hd, &self.inv_freq, c.rope_style);
             let refs: Vec<KvRef<'_>> = batch
@@ -394,13 +417,13 @@ impl Llama {
                     )
                 };
             });
-            cpu::matmul_t(&attn, rows, qw, &layer.wo, h, &mut o);
+            cpu::matmul_w(&attn, rows, qw, &layer.wo, h, &mut o);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             cpu::rms_norm(&x, &layer.ffn_norm, c.rms_norm_eps, &mut xn);
-            cpu::matmul_t(&xn, rows, h, &layer.w_gate, iw, &mut gate);
-            cpu::matmul_t(&xn, rows, h, &layer.w_up, iw, &mut up);
+            cpu::matmul_w(&xn, rows, h, &layer.w_gate, iw, &mut gate);
+            cpu::matmul_w(&xn, rows, h, &layer.w_up, iw, &mut up);
             cpu::silu_mul(&mut gate, &up);
-            cpu::matmul_t(&gate, rows, iw, &layer.w_down, h, &mut o);
+            cpu::matmul_w(&gate, rows, iw, &layer.w_down, h, &mut o);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
         }
         // Logits for the rows asked for.
@@ -421,9 +444,9 @@ impl Llama {
         }
         let mut normed = vec![0f32; sel.len()];
         cpu::rms_norm(&sel, &self.norm, c.rms_norm_eps, &mut normed);
-        let head = self.lm_head.as_deref().unwrap_or(&self.embed);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0f32; wanted.len() * c.vocab_size];
-        cpu::matmul_t(&normed, wanted.len(), h, head, c.vocab_size, &mut logits);
+        cpu::matmul_w(&normed, wanted.len(), h, head, c.vocab_size, &mut logits);
         let mut out = Vec::with_capacity(batch.len());
         let mut at = 0;
         for chunk in batch {

@@ -11,6 +11,10 @@
 
 use rayon::prelude::*;
 
+mod quant;
+
+pub use quant::{matmul_w, Weight, BLOCK};
+
 /// How RoPE pairs the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RopeStyle {
@@ -103,6 +107,37 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
 /// `out[m][n] = Σ_k x[m][k] · w[n][k]` — activations times a transposed `[out][in]` weight —
 /// through the `gemm` crate (SIMD picked at run time, threads by rayon).
 pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+    let threads = rayon::current_num_threads();
+    let parallel = m * n * k >= 1 << 16 && threads > 1;
+    gemm_t(
+        x,
+        m,
+        k,
+        w,
+        n,
+        out,
+        if parallel {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
+        },
+    );
+}
+
+/// [`matmul_t`] on the calling thread only (for use inside parallel tasks).
+pub fn matmul_t_serial(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+    gemm_t(x, m, k, w, n, out, gemm::Parallelism::None);
+}
+
+fn gemm_t(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    out: &mut [f32],
+    parallelism: gemm::Parallelism,
+) {
     assert!(
         x.len() >= m * k && w.len() >= n * k && out.len() >= m * n,
         "matmul_t shapes"
@@ -110,12 +145,6 @@ pub fn matmul_t(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f
     if m == 0 || n == 0 {
         return;
     }
-    let threads = rayon::current_num_threads();
-    let parallelism = if m * n * k >= 1 << 16 && threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     // SAFETY: the shapes were checked above; strides describe row-major x [m,k], w^T [k,n]
     // (element (kk, j) at w[j·k + kk]) and row-major out [m,n].
     unsafe {
