@@ -1,14 +1,9 @@
 //! `vkv bench vmm` as a user runs it: the real binary on the host backend, its JSON report, and
 //! its errors for bad arguments.
 
-use std::process::Command;
+mod common;
 
-fn vkv(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_vkv"))
-        .args(args)
-        .output()
-        .expect("run vkv")
-}
+use common::{assert_one_line_error, vkv};
 
 #[test]
 fn bench_vmm_on_the_cpu_reports_every_part_as_json() {
@@ -113,13 +108,6 @@ fn bad_arguments_are_one_line_errors() {
             "bench", "vmm", "--device", "cpu", "--pages", "2", "--steps", "1",
         ];
         full.extend(args.iter());
-        let out = vkv(&full);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?} should fail");
-        assert!(err.contains(needle), "{args:?}: {err}");
-        assert!(
-            !err.contains("panicked") && !err.contains("backtrace"),
-            "{err}"
-        );
+        assert_one_line_error(&vkv(&full), needle, &format!("{args:?}"));
     }
 }

@@ -1,20 +1,8 @@
 //! `vkv frag` as a user runs it: the real binary, its JSON and plots, and its errors.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+mod common;
 
-fn vkv(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vkv"))
-        .args(args)
-        .output()
-        .expect("run vkv")
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vkv-cli-frag-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+use common::{assert_one_line_error, scratch, vkv};
 
 #[test]
 fn a_small_study_reports_every_policy_and_draws_its_plots() {
@@ -129,10 +117,6 @@ fn bad_input_is_a_one_line_error_naming_the_problem() {
     for (args, needle) in cases {
         let mut full = vec!["frag", "--num-requests", "5"];
         full.extend(args.iter().copied());
-        let out = vkv(&full);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{args:?} should fail");
-        assert!(err.contains(needle), "{args:?}: {err}");
-        assert!(!err.contains("panicked"), "{err}");
+        assert_one_line_error(&vkv(&full), needle, &format!("{args:?}"));
     }
 }

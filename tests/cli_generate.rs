@@ -3,19 +3,13 @@
 //! the model, which that test already does.)
 
 use std::path::PathBuf;
-use std::process::{Command, Output};
 
-fn vkv(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vkv"))
-        .args(args)
-        .output()
-        .expect("run vkv")
-}
+mod common;
+
+use common::vkv;
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vkv-cli-generate-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+    common::scratch("generate").join(name)
 }
 
 /// A minimal GGUF v3 file: string metadata, and optionally one tensor header + data.
