@@ -19,6 +19,7 @@ pub mod kv;
 pub mod model;
 pub mod presets;
 pub mod sampler;
+pub mod scheduler;
 pub mod tokenizer;
 pub mod weights;
 pub mod workload;

@@ -1,0 +1,334 @@
+//! The continuous-batching scheduler: which tokens of which sequences the next forward pass
+//! computes.
+//!
+//! Iteration-level scheduling (Orca) with chunked prefill (Sarathi-Serve, vLLM v1). Each step:
+//! 1. Running sequences first, oldest first. A sequence waiting to decode (one pending token)
+//!    goes before one still prefilling, which gets a chunk of what the budget leaves.
+//! 2. Then admissions in arrival order (preempted sequences at the head), while there is token
+//!    budget (`max_num_batched_tokens`), a free place (`max_num_seqs`) and KV memory for the
+//!    first chunk.
+//!
+//! KV memory is reserved here, through the same [`KvCache`] the forward pass uses. When a
+//! running sequence cannot grow, the newest running sequence is preempted, by recompute: its KV
+//! is freed, its tokens (prompt and generated) are kept, and it goes back to the head of the
+//! queue to be prefilled again — possibly the sequence itself, if it is the newest. Requests that
+//! could never fit (prompt + max_tokens over the cache's capacity) are refused at `add`.
+//!
+//! Invariants, property-tested below: a step never exceeds the token budget or `max_num_seqs`;
+//! a chunk starts where its sequence's KV ends; the cache never holds a sequence that is not
+//! running; every request finishes; once all finish, the cache is empty.
+
+use std::collections::VecDeque;
+
+use crate::kv::{KvCache, KvError, SeqId};
+
+/// Limits of one step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Running sequences at most.
+    pub max_num_seqs: usize,
+    /// Tokens computed in one forward pass at most (prefill chunks + decodes).
+    pub max_num_batched_tokens: usize,
+}
+
+/// A sequence to run: its prompt and how many tokens it may generate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqRequest {
+    pub id: SeqId,
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+}
+
+/// One chunk of the next forward pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledChunk {
+    pub seq: SeqId,
+    /// Position of the first token.
+    pub start: usize,
+    pub tokens: Vec<u32>,
+    /// The chunk reaches the sequence's last known token: sample the next one from its logits.
+    pub samples: bool,
+}
+
+/// What the next forward pass computes, and who was preempted to make room.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Step {
+    pub chunks: Vec<ScheduledChunk>,
+    pub preempted: Vec<SeqId>,
+}
+
+/// Errors a caller can provoke.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SchedulerError {
+    #[error("sequence {0} is already scheduled")]
+    Duplicate(SeqId),
+    #[error("sequence {id}: empty prompt or max_tokens 0")]
+    Empty { id: SeqId },
+    #[error("sequence {id} needs {needed} tokens of KV (prompt {prompt} + max_tokens {max_tokens}), more than the cache holds ({capacity})")]
+    TooLong {
+        id: SeqId,
+        needed: usize,
+        prompt: usize,
+        max_tokens: usize,
+        capacity: usize,
+    },
+    #[error(transparent)]
+    Kv(#[from] KvError),
+}
+
+#[derive(Debug, Clone)]
+struct Seq {
+    id: SeqId,
+    /// Prompt then generated tokens.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    max_tokens: usize,
+    /// Tokens whose K/V are in the cache.
+    computed: usize,
+}
+
+impl Seq {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+}
+
+/// The scheduler (see the module docs).
+#[derive(Debug)]
+pub struct Scheduler {
+    config: SchedulerConfig,
+    waiting: VecDeque<Seq>,
+    /// In admission order: the last is the newest (the first to be preempted).
+    running: Vec<Seq>,
+    preemptions: u64,
+}
+
+impl Scheduler {
+    pub fn new(config: SchedulerConfig) -> Self {
+        Scheduler {
+            config,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            preemptions: 0,
+        }
+    }
+
+    /// Queue a sequence. Refused if it could never fit the cache alone.
+    pub fn add(&mut self, req: SeqRequest, kv: &dyn KvCache) -> Result<(), SchedulerError> {
+        if req.prompt.is_empty() || req.max_tokens == 0 {
+            return Err(SchedulerError::Empty { id: req.id });
+        }
+        if self.contains(req.id) {
+            return Err(SchedulerError::Duplicate(req.id));
+        }
+        let needed = req.prompt.len() + req.max_tokens;
+        let capacity = kv.capacity_tokens();
+        if needed > capacity {
+            return Err(SchedulerError::TooLong {
+                id: req.id,
+                needed,
+                prompt: req.prompt.len(),
+                max_tokens: req.max_tokens,
+                capacity,
+            });
+        }
+        self.waiting.push_back(Seq {
+            id: req.id,
+            prompt_len: req.prompt.len(),
+            tokens: req.prompt,
+            max_tokens: req.max_tokens,
+            computed: 0,
+        });
+        Ok(())
+    }
+
+    fn contains(&self, id: SeqId) -> bool {
+        self.waiting.iter().chain(&self.running).any(|s| s.id == id)
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Whether nothing is waiting or running.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    /// Preemptions so far.
+    pub fn preemptions(&self) -> u64 {
+        self.preemptions
+    }
+
+    /// Plan the next forward pass, reserving its KV in `kv`.
+    pub fn schedule(&mut self, kv: &mut dyn KvCache) -> Result<Step, SchedulerError> {
+        let mut step = Step::default();
+        let mut budget = self.config.max_num_batched_tokens;
+        // Decodes (one pending token) before prefill chunks, oldest first within each.
+        let mut order: Vec<SeqId> = self
+            .running
+            .iter()
+            .filter(|s| s.tokens.len() - s.computed == 1)
+            .map(|s| s.id)
+            .collect();
+        order.extend(
+            self.running
+                .iter()
+                .filter(|s| s.tokens.len() - s.computed > 1)
+                .map(|s| s.id),
+        );
+        for id in order {
+            if budget == 0 {
+                break;
+            }
+            // The sequence may have been preempted to make room for an earlier one.
+            let Some(i) = self.running.iter().position(|s| s.id == id) else {
+                continue;
+            };
+            let pending = self.running[i].tokens.len() - self.running[i].computed;
+            let n = pending.min(budget);
+            if self.grow(i, n, kv, &mut step)? {
+                budget -= n;
+            }
+        }
+        while budget > 0 && self.running.len() < self.config.max_num_seqs {
+            let Some(seq) = self.waiting.front() else {
+                break;
+            };
+            let n = (seq.tokens.len() - seq.computed).min(budget);
+            match kv.reserve(seq.id, seq.computed + n) {
+                Ok(()) => {}
+                Err(KvError::OutOfMemory { .. }) => break,
+                Err(e) => return Err(e.into()),
+            }
+            let seq = self.waiting.pop_front().expect("front exists");
+            step.chunks.push(chunk(&seq, n));
+            self.running.push(seq);
+            budget -= n;
+        }
+        Ok(step)
+    }
+
+    /// Reserve `n` more tokens for running sequence `i`, preempting the newest running
+    /// sequences until it fits. Returns false if `i` itself, being the newest, was preempted.
+    fn grow(
+        &mut self,
+        i: usize,
+        n: usize,
+        kv: &mut dyn KvCache,
+        step: &mut Step,
+    ) -> Result<bool, SchedulerError> {
+        loop {
+            let seq = &self.running[i];
+            match kv.reserve(seq.id, seq.computed + n) {
+                Ok(()) => {
+                    step.chunks.push(chunk(seq, n));
+                    return Ok(true);
+                }
+                Err(KvError::OutOfMemory { .. }) => {
+                    // Victims are the newest, so they come after `i` until `i` is the newest.
+                    let was_i = i + 1 == self.running.len();
+                    let victim = self.running.pop().expect("sequence i is running");
+                    self.preempt(victim, kv, step)?;
+                    if was_i {
+                        return Ok(false);
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn preempt(
+        &mut self,
+        mut victim: Seq,
+        kv: &mut dyn KvCache,
+        step: &mut Step,
+    ) -> Result<(), SchedulerError> {
+        if kv.reserved(victim.id).is_some() {
+            kv.free(victim.id)?;
+        }
+        // A chunk already planned for it this step is dropped.
+        step.chunks.retain(|c| c.seq != victim.id);
+        victim.computed = 0;
+        step.preempted.push(victim.id);
+        self.preemptions += 1;
+        self.waiting.push_front(victim);
+        Ok(())
+    }
+
+    /// Record a finished forward pass: every chunk's tokens are now in the cache, and `sampled`
+    /// holds the new token of every chunk that `samples`. Returns the sequences that reached
+    /// `max_tokens` (their KV is freed and they leave the scheduler).
+    pub fn update(
+        &mut self,
+        step: &Step,
+        sampled: &[(SeqId, u32)],
+        kv: &mut dyn KvCache,
+    ) -> Result<Vec<SeqId>, SchedulerError> {
+        for c in &step.chunks {
+            if let Some(s) = self.running.iter_mut().find(|s| s.id == c.seq) {
+                s.computed = c.start + c.tokens.len();
+            }
+        }
+        for &(id, token) in sampled {
+            if let Some(s) = self.running.iter_mut().find(|s| s.id == id) {
+                s.tokens.push(token);
+            }
+        }
+        let done: Vec<SeqId> = self
+            .running
+            .iter()
+            .filter(|s| s.generated() >= s.max_tokens)
+            .map(|s| s.id)
+            .collect();
+        for &id in &done {
+            self.finish(id, kv)?;
+        }
+        Ok(done)
+    }
+
+    /// Remove a sequence (finished by a stop token or string, or aborted) wherever it is, and
+    /// free its KV. Returns whether it was known.
+    pub fn finish(&mut self, id: SeqId, kv: &mut dyn KvCache) -> Result<bool, SchedulerError> {
+        let known = if let Some(i) = self.running.iter().position(|s| s.id == id) {
+            self.running.remove(i);
+            true
+        } else if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
+            self.waiting.remove(i);
+            true
+        } else {
+            false
+        };
+        if kv.reserved(id).is_some() {
+            kv.free(id)?;
+        }
+        Ok(known)
+    }
+
+    /// The tokens generated so far for `id`.
+    pub fn generated(&self, id: SeqId) -> Option<&[u32]> {
+        self.running
+            .iter()
+            .chain(&self.waiting)
+            .find(|s| s.id == id)
+            .map(|s| &s.tokens[s.prompt_len..])
+    }
+}
+
+fn chunk(seq: &Seq, n: usize) -> ScheduledChunk {
+    ScheduledChunk {
+        seq: seq.id,
+        start: seq.computed,
+        tokens: seq.tokens[seq.computed..seq.computed + n].to_vec(),
+        samples: seq.computed + n == seq.tokens.len(),
+    }
+}
+
+#[cfg(test)]
+#[path = "scheduler_tests.rs"]
+mod tests;

@@ -1,0 +1,259 @@
+//! The scheduler over real KV caches, with a stand-in for the model: the token sampled after
+//! position `p` of sequence `s` is a fixed function of `(s, p)`, so a sequence's output does not
+//! depend on how it was batched, chunked or preempted — and must come out the same.
+
+use std::collections::{HashMap, HashSet};
+
+use proptest::prelude::*;
+use vkv_vmm::KvLayout;
+
+use super::*;
+use crate::kv::{KvDims, PagedKv, VmmKv};
+
+const DIMS: KvDims = KvDims {
+    num_layers: 1,
+    num_kv_heads: 1,
+    head_dim: 8,
+};
+
+fn token_after(seq: SeqId, pos: usize) -> u32 {
+    ((seq as usize * 7919 + pos * 104729) % 50_000) as u32
+}
+
+fn req(id: SeqId, prompt: usize, max_tokens: usize) -> SeqRequest {
+    SeqRequest {
+        id,
+        prompt: (0..prompt as u32).map(|t| t + id as u32).collect(),
+        max_tokens,
+    }
+}
+
+/// Run one step: schedule, "compute", update. Returns the step.
+fn step(s: &mut Scheduler, kv: &mut dyn KvCache) -> (Step, Vec<SeqId>) {
+    let step = s.schedule(kv).unwrap();
+    let sampled: Vec<(SeqId, u32)> = step
+        .chunks
+        .iter()
+        .filter(|c| c.samples)
+        .map(|c| (c.seq, token_after(c.seq, c.start + c.tokens.len() - 1)))
+        .collect();
+    let done = s.update(&step, &sampled, kv).unwrap();
+    (step, done)
+}
+
+fn expected_output(id: SeqId, prompt: usize, max_tokens: usize) -> Vec<u32> {
+    (0..max_tokens)
+        .map(|i| token_after(id, prompt + i - 1))
+        .collect()
+}
+
+#[test]
+fn decodes_go_first_and_prefills_are_chunked_to_the_budget() {
+    let mut kv = PagedKv::new(DIMS, 64, 4).unwrap();
+    let mut s = Scheduler::new(SchedulerConfig {
+        max_num_seqs: 4,
+        max_num_batched_tokens: 8,
+    });
+    s.add(req(1, 5, 3), &kv).unwrap();
+    s.add(req(2, 12, 3), &kv).unwrap();
+    let (a, _) = step(&mut s, &mut kv);
+    let shape = |st: &Step| {
+        st.chunks
+            .iter()
+            .map(|c| (c.seq, c.start, c.tokens.len(), c.samples))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(shape(&a), vec![(1, 0, 5, true), (2, 0, 3, false)]);
+    let (b, _) = step(&mut s, &mut kv);
+    assert_eq!(
+        shape(&b),
+        vec![(1, 5, 1, true), (2, 3, 7, false)],
+        "the decode first, then 7 of 9 prefill tokens"
+    );
+    let (c, done) = step(&mut s, &mut kv);
+    assert_eq!(shape(&c), vec![(1, 6, 1, true), (2, 10, 2, true)]);
+    assert_eq!(
+        done,
+        vec![1],
+        "request 1 has its 3 tokens: one from each step"
+    );
+    assert_eq!(kv.reserved(1), None);
+    assert_eq!(s.generated(2).unwrap(), &[token_after(2, 11)]);
+}
+
+#[test]
+fn running_out_of_kv_preempts_the_newest_and_outputs_stay_the_same() {
+    // 6 blocks of 4 tokens = 24 tokens for two requests of 8 + 8: someone must be preempted.
+    let mut kv = PagedKv::new(DIMS, 6, 4).unwrap();
+    let mut s = Scheduler::new(SchedulerConfig {
+        max_num_seqs: 4,
+        max_num_batched_tokens: 64,
+    });
+    s.add(req(1, 8, 8), &kv).unwrap();
+    s.add(req(2, 8, 8), &kv).unwrap();
+    let mut outputs: HashMap<SeqId, Vec<u32>> = HashMap::new();
+    for _ in 0..100 {
+        if s.is_idle() {
+            break;
+        }
+        for id in [1, 2] {
+            if let Some(g) = s.generated(id) {
+                outputs.insert(id, g.to_vec());
+            }
+        }
+        step(&mut s, &mut kv);
+    }
+    assert!(s.is_idle());
+    assert!(s.preemptions() > 0);
+    for id in [1, 2] {
+        assert_eq!(outputs[&id].len(), 7, "seen one step before the last token");
+        assert_eq!(outputs[&id], expected_output(id, 8, 8)[..7]);
+    }
+    assert_eq!(kv.usage().bytes_allocated, 0, "no block left behind");
+}
+
+#[test]
+fn bad_requests_are_refused() {
+    let kv = PagedKv::new(DIMS, 4, 4).unwrap();
+    let mut s = Scheduler::new(SchedulerConfig {
+        max_num_seqs: 4,
+        max_num_batched_tokens: 64,
+    });
+    assert_eq!(
+        s.add(req(1, 0, 3), &kv),
+        Err(SchedulerError::Empty { id: 1 })
+    );
+    assert!(matches!(
+        s.add(req(1, 10, 7), &kv),
+        Err(SchedulerError::TooLong {
+            needed: 17,
+            capacity: 16,
+            ..
+        })
+    ));
+    s.add(req(1, 10, 6), &kv).unwrap();
+    assert_eq!(s.add(req(1, 2, 2), &kv), Err(SchedulerError::Duplicate(1)));
+}
+
+#[test]
+fn aborting_frees_the_memory_at_once() {
+    let mut kv = PagedKv::new(DIMS, 64, 4).unwrap();
+    let mut s = Scheduler::new(SchedulerConfig {
+        max_num_seqs: 4,
+        max_num_batched_tokens: 6,
+    });
+    s.add(req(1, 20, 5), &kv).unwrap(); // mid-prefill after one step
+    s.add(req(2, 3, 5), &kv).unwrap();
+    step(&mut s, &mut kv);
+    assert!(kv.usage().bytes_allocated > 0);
+    assert!(s.finish(1, &mut kv).unwrap());
+    assert_eq!(kv.reserved(1), None);
+    step(&mut s, &mut kv);
+    step(&mut s, &mut kv);
+    assert!(s.finish(2, &mut kv).unwrap(), "mid-decode");
+    assert!(!s.finish(2, &mut kv).unwrap());
+    assert!(s.is_idle());
+    assert_eq!(kv.usage().bytes_allocated, 0);
+}
+
+#[derive(Debug, Clone)]
+struct Arrival {
+    at: usize,
+    prompt: usize,
+    max_tokens: usize,
+    abort_at: Option<usize>,
+}
+
+fn arrival() -> impl Strategy<Value = Arrival> {
+    (
+        0..30usize,
+        1..40usize,
+        1..25usize,
+        proptest::option::weighted(0.15, 0..60usize),
+    )
+        .prop_map(|(at, prompt, max_tokens, abort_at)| Arrival {
+            at,
+            prompt,
+            max_tokens,
+            abort_at,
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    #[test]
+    fn budgets_hold_nothing_starves_and_everything_drains(
+        arrivals in proptest::collection::vec(arrival(), 1..24),
+        max_num_seqs in 1..6usize,
+        max_num_batched_tokens in 1..48usize,
+        blocks in 6..40usize,
+        vmm in any::<bool>(),
+    ) {
+        let mut kv: Box<dyn KvCache> = if vmm {
+            // 64 B per token: a 4 KiB page holds 64 tokens of a token-major slot.
+            Box::new(VmmKv::new(DIMS, KvLayout::TokenMajor, 8, 256, 4096, blocks / 4 + 1).unwrap())
+        } else {
+            Box::new(PagedKv::new(DIMS, blocks, 4).unwrap())
+        };
+        let config = SchedulerConfig { max_num_seqs, max_num_batched_tokens };
+        let mut s = Scheduler::new(config);
+        let mut accepted: HashMap<SeqId, (usize, usize)> = HashMap::new();
+        let mut aborted: HashSet<SeqId> = HashSet::new();
+        let mut finished: HashMap<SeqId, Vec<u32>> = HashMap::new();
+        let mut last_seen: HashMap<SeqId, Vec<u32>> = HashMap::new();
+        let total: usize = arrivals.iter().map(|a| a.prompt + a.max_tokens).sum();
+        let limit = 40 + 4 * total * (1 + total / max_num_batched_tokens);
+        let mut t = 0;
+        loop {
+            for (i, a) in arrivals.iter().enumerate() {
+                let id = i as SeqId;
+                if a.at == t && s.add(req(id, a.prompt, a.max_tokens), kv.as_ref()).is_ok() {
+                    accepted.insert(id, (a.prompt, a.max_tokens));
+                }
+                if a.abort_at == Some(t) && accepted.contains_key(&id) && !finished.contains_key(&id) && s.finish(id, kv.as_mut()).unwrap() {
+                    aborted.insert(id);
+                    prop_assert_eq!(kv.reserved(id), None, "aborted sequence still holds KV");
+                }
+            }
+            for &id in accepted.keys() {
+                if let Some(g) = s.generated(id) {
+                    last_seen.insert(id, g.to_vec());
+                }
+            }
+            if s.is_idle() && t > 30 {
+                break;
+            }
+            prop_assert!(t < limit, "did not drain in {} steps: {} running, {} waiting", limit, s.num_running(), s.num_waiting());
+            let planned = s.schedule(kv.as_mut()).unwrap();
+            let tokens: usize = planned.chunks.iter().map(|c| c.tokens.len()).sum();
+            prop_assert!(tokens <= max_num_batched_tokens);
+            prop_assert!(s.num_running() <= max_num_seqs);
+            let ids: HashSet<SeqId> = planned.chunks.iter().map(|c| c.seq).collect();
+            prop_assert_eq!(ids.len(), planned.chunks.len(), "a sequence twice in one step");
+            for c in &planned.chunks {
+                prop_assert!(!c.tokens.is_empty());
+                prop_assert!(kv.reserved(c.seq).unwrap_or(0) >= c.start + c.tokens.len(), "chunk not backed");
+            }
+            let sampled: Vec<(SeqId, u32)> = planned.chunks.iter().filter(|c| c.samples)
+                .map(|c| (c.seq, token_after(c.seq, c.start + c.tokens.len() - 1))).collect();
+            for id in s.update(&planned, &sampled, kv.as_mut()).unwrap() {
+                let (prompt, max_tokens) = accepted[&id];
+                finished.insert(id, expected_output(id, prompt, max_tokens));
+                prop_assert_eq!(kv.reserved(id), None);
+            }
+            t += 1;
+        }
+        for (&id, &(prompt, max_tokens)) in &accepted {
+            if aborted.contains(&id) {
+                continue;
+            }
+            prop_assert!(finished.contains_key(&id), "request {} never finished", id);
+            // What it generated before its last step is a prefix of the only right answer.
+            if let Some(seen) = last_seen.get(&id) {
+                prop_assert_eq!(&seen[..], &expected_output(id, prompt, max_tokens)[..seen.len()]);
+            }
+        }
+        prop_assert_eq!(kv.usage().bytes_allocated, 0, "KV left allocated after draining");
+    }
+}
