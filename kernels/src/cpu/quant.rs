@@ -171,7 +171,7 @@ pub fn matmul_w(x: &[f32], m: usize, k: usize, w: &Weight, n: usize, out: &mut [
 }
 
 /// Up to this many activation rows, decode weights in registers; beyond, dequantize tiles + gemm.
-const SMALL_M: usize = 8;
+const SMALL_M: usize = 16;
 /// Activation rows handled together: each weight block is decoded once for all of them.
 const ROWS: usize = 8;
 /// Output rows per parallel task.
