@@ -375,11 +375,6 @@ impl Llama {
         let mut o = vec![0f32; rows * h];
         let (mut gate, mut up) = (vec![0f32; rows * iw], vec![0f32; rows * iw]);
         let scale = 1.0 / (hd as f32).sqrt();
-        let heads = cpu::Heads {
-            n_heads: nh,
-            n_kv_heads: nkv,
-            head_dim: hd,
-        };
         for (l, layer) in self.layers.iter().enumerate() {
             cpu::rms_norm(&x, &layer.attn_norm, c.rms_norm_eps, &mut xn);
             cpu::matmul_w(&xn, rows, h, &layer.wq, qw, &mut q);
@@ -404,19 +399,25 @@ impl Llama {
                     )
                 };
             }
-            attn.par_chunks_mut(qw).enumerate().for_each(|(r, out)| {
-                // SAFETY: every token up to this row's position was written above or earlier.
-                unsafe {
-                    cpu::attention(
-                        &q[r * qw..(r + 1) * qw],
-                        &refs[owner[r]],
-                        positions[r] + 1,
-                        heads,
-                        scale,
-                        out,
-                    )
-                };
-            });
+            attn.par_chunks_mut(hd)
+                .enumerate()
+                .for_each_init(Vec::new, |scores, (i, out)| {
+                    let (r, head) = (i / nh, i % nh);
+                    let qh = &q[r * qw + head * hd..r * qw + (head + 1) * hd];
+                    // SAFETY: every token up to this row's position was written above or earlier.
+                    unsafe {
+                        cpu::attention_head(
+                            qh,
+                            &refs[owner[r]],
+                            positions[r] + 1,
+                            head / (nh / nkv),
+                            hd,
+                            scale,
+                            out,
+                            scores,
+                        )
+                    };
+                });
             cpu::matmul_w(&attn, rows, qw, &layer.wo, h, &mut o);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             cpu::rms_norm(&x, &layer.ffn_norm, c.rms_norm_eps, &mut xn);

@@ -288,35 +288,87 @@ pub unsafe fn attention(
         n_kv_heads,
         head_dim,
     } = heads;
-    let group = n_heads / n_kv_heads;
-    let (kb, vb, hs) = kv.bases();
-    let mut scores = vec![0f32; context];
+    let mut scores = Vec::new();
     for h in 0..n_heads {
-        let g = h / group;
-        let qh = &q[h * head_dim..(h + 1) * head_dim];
-        let mut max = f32::NEG_INFINITY;
-        for (t, s) in scores.iter_mut().enumerate() {
-            // SAFETY: t < context, which the caller guarantees is written.
-            let kt = unsafe { std::slice::from_raw_parts(kb.add(kv.offset(t) + g * hs), head_dim) };
-            *s = qh.iter().zip(kt).map(|(a, b)| a * b).sum::<f32>() * scale;
-            max = max.max(*s);
-        }
-        let mut sum = 0.0;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let oh = &mut out[h * head_dim..(h + 1) * head_dim];
-        oh.fill(0.0);
-        for (t, s) in scores.iter().enumerate() {
-            // SAFETY: as above.
-            let vt = unsafe { std::slice::from_raw_parts(vb.add(kv.offset(t) + g * hs), head_dim) };
-            let p = s / sum;
-            for (o, v) in oh.iter_mut().zip(vt) {
-                *o += p * v;
-            }
+        let range = h * head_dim..(h + 1) * head_dim;
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            attention_head(
+                &q[range.clone()],
+                kv,
+                context,
+                h / (n_heads / n_kv_heads),
+                head_dim,
+                scale,
+                &mut out[range],
+                &mut scores,
+            )
+        };
+    }
+}
+
+/// One query head of [`attention`], reading KV head `kv_head`; `scores` is scratch space. The
+/// forward pass runs heads of all tokens in parallel through this.
+///
+/// # Safety
+/// As for [`attention`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn attention_head(
+    qh: &[f32],
+    kv: &KvRef<'_>,
+    context: usize,
+    kv_head: usize,
+    head_dim: usize,
+    scale: f32,
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    let (kb, vb, hs) = kv.bases();
+    scores.clear();
+    scores.resize(context, 0.0);
+    let mut max = f32::NEG_INFINITY;
+    for (t, s) in scores.iter_mut().enumerate() {
+        // SAFETY: t < context, which the caller guarantees is written.
+        let kt =
+            unsafe { std::slice::from_raw_parts(kb.add(kv.offset(t) + kv_head * hs), head_dim) };
+        *s = dot(qh, kt) * scale;
+        max = max.max(*s);
+    }
+    let mut sum = 0.0;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    out.fill(0.0);
+    let inv = 1.0 / sum;
+    for (t, s) in scores.iter().enumerate() {
+        // SAFETY: as above.
+        let vt =
+            unsafe { std::slice::from_raw_parts(vb.add(kv.offset(t) + kv_head * hs), head_dim) };
+        let p = s * inv;
+        for (o, v) in out.iter_mut().zip(vt) {
+            *o += p * v;
         }
     }
+}
+
+/// Dot product with eight independent partial sums, so the compiler can keep them in SIMD lanes
+/// (a single running sum is a dependency chain it may not reorder).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// Row-wise log-sum-exp-stable softmax in place.
