@@ -217,6 +217,19 @@ pub struct KvStats {
     pub bytes_reserved: usize,
 }
 
+impl KvStats {
+    /// Pages that hold no token — cached in released slots or past an active slot's length —
+    /// and are reclaimed on demand.
+    pub fn pages_reclaimable(&self) -> usize {
+        self.pages_cached + self.pages_surplus
+    }
+
+    /// Physical bytes active slots hold for their tokens: backed minus reclaimable.
+    pub fn bytes_in_use(&self) -> usize {
+        self.bytes_backed - self.pages_reclaimable() * self.page_size
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Slot {
     active: bool,

@@ -406,12 +406,11 @@ impl KvPolicy for Vmm {
     }
 
     fn composition(&self, _live: &[(usize, usize)]) -> Composition {
-        // Pages cached in released slots and surplus pages of active slots (past their length)
-        // hold no token and are reclaimed on demand: they count as free, not as waste.
+        // Pages that hold no token (cached in released slots, past an active slot's length) are
+        // reclaimed on demand: they count as free, not as waste.
         let s = self.space.stats();
-        let reclaimable = s.pages_cached + s.pages_surplus;
-        let held = s.bytes_backed - reclaimable * s.page_size;
-        let free = (reclaimable + self.space.pool_available()) * s.page_size;
+        let held = s.bytes_in_use();
+        let free = (s.pages_reclaimable() + self.space.pool_available()) * s.page_size;
         Composition {
             token_bytes: s.bytes_holding_tokens,
             reserved_bytes: 0,

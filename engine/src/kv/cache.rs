@@ -129,22 +129,28 @@ impl KvCache for PagedKv {
     }
 
     fn reserve(&mut self, seq: SeqId, len: usize) -> Result<(), KvError> {
-        let mut table = self.tables.remove(&seq).unwrap_or_default();
-        let result = table.grow_to(len, &mut self.alloc);
-        if !table.is_empty() || result.is_ok() {
-            self.tables.insert(seq, table);
-        }
-        match result {
-            Ok(_) => Ok(()),
-            Err(KvError::OutOfBlocks {
+        // The common case, every decode step: the sequence exists and grows in place.
+        let result = match self.tables.get_mut(&seq) {
+            Some(table) => table.grow_to(len, &mut self.alloc).map(drop),
+            None => {
+                let mut table = BlockTable::new();
+                let grown = table.grow_to(len, &mut self.alloc).map(drop);
+                if grown.is_ok() {
+                    self.tables.insert(seq, table);
+                }
+                grown
+            }
+        };
+        result.map_err(|e| match e {
+            KvError::OutOfBlocks {
                 needed,
                 free,
                 total,
-            }) => Err(KvError::OutOfMemory {
+            } => KvError::OutOfMemory {
                 detail: format!("{needed} blocks needed, {free} free of {total}"),
-            }),
-            Err(e) => Err(e),
-        }
+            },
+            other => other,
+        })
     }
 
     fn free(&mut self, seq: SeqId) -> Result<(), KvError> {
@@ -302,7 +308,7 @@ impl KvCache for VmmKv {
     fn usage(&self) -> KvUsage {
         let s = self.space.stats();
         KvUsage {
-            bytes_allocated: s.bytes_backed - (s.pages_cached + s.pages_surplus) * s.page_size,
+            bytes_allocated: s.bytes_in_use(),
             bytes_holding_tokens: s.bytes_holding_tokens,
             sequences: self.slots.len(),
         }

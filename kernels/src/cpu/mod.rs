@@ -493,32 +493,15 @@ mod tests {
             }
         }
         let scale = 1.0 / (hd as f32).sqrt();
+        let heads = Heads {
+            n_heads,
+            n_kv_heads: n_kv,
+            head_dim: hd,
+        };
         let (mut a, mut b) = (vec![f32::NAN; n_heads * hd], vec![f32::NAN; n_heads * hd]);
         unsafe {
-            attention(
-                &q,
-                &strided,
-                ctx,
-                Heads {
-                    n_heads,
-                    n_kv_heads: n_kv,
-                    head_dim: hd,
-                },
-                scale,
-                &mut a,
-            );
-            attention(
-                &q,
-                &paged,
-                ctx,
-                Heads {
-                    n_heads,
-                    n_kv_heads: n_kv,
-                    head_dim: hd,
-                },
-                scale,
-                &mut b,
-            );
+            attention(&q, &strided, ctx, heads, scale, &mut a);
+            attention(&q, &paged, ctx, heads, scale, &mut b);
         }
         for h in 0..n_heads {
             let g = h / (n_heads / n_kv);
