@@ -165,6 +165,7 @@ pub fn run(args: Args) -> Result<()> {
         match g.finish {
             FinishReason::Stop => "a stop token",
             FinishReason::Length => "max tokens",
+            FinishReason::Abort => "an abort",
         }
     );
     Ok(())

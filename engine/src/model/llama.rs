@@ -49,6 +49,9 @@ pub struct Llama {
     norm: Vec<f32>,
     lm_head: Option<Weight>,
     inv_freq: Vec<f32>,
+    /// Every product row-wise ([`cpu::matmul_w_rowwise`]): a sequence's logits do not depend on
+    /// what else is in the batch. Off by default (prefill is slower).
+    batch_invariant: bool,
 }
 
 /// Names of a layer's tensors in GGUF and in HF checkpoints, in `Layer` field order.
@@ -168,6 +171,7 @@ impl Llama {
             norm,
             lm_head,
             inv_freq,
+            batch_invariant: false,
         })
     }
 
@@ -298,6 +302,23 @@ impl Llama {
         )
     }
 
+    /// Make every sequence's results independent of the batch it runs in (see the field).
+    pub fn set_batch_invariant(&mut self, on: bool) {
+        self.batch_invariant = on;
+    }
+
+    pub fn batch_invariant(&self) -> bool {
+        self.batch_invariant
+    }
+
+    fn matmul(&self, x: &[f32], m: usize, k: usize, w: &Weight, n: usize, out: &mut [f32]) {
+        if self.batch_invariant {
+            cpu::matmul_w_rowwise(x, m, k, w, n, out)
+        } else {
+            cpu::matmul_w(x, m, k, w, n, out)
+        }
+    }
+
     /// Run one batch. Reserves each chunk's tokens in `kv` first (an out-of-memory error leaves
     /// earlier chunks reserved; the caller frees or preempts). Returns, per chunk, the logits of
     /// its last token (`vocab_size` values) or of all its tokens when `all_logits`.
@@ -377,9 +398,9 @@ impl Llama {
         let scale = 1.0 / (hd as f32).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
             cpu::rms_norm(&x, &layer.attn_norm, c.rms_norm_eps, &mut xn);
-            cpu::matmul_w(&xn, rows, h, &layer.wq, qw, &mut q);
-            cpu::matmul_w(&xn, rows, h, &layer.wk, kvw, &mut k);
-            cpu::matmul_w(&xn, rows, h, &layer.wv, kvw, &mut v);
+            self.matmul(&xn, rows, h, &layer.wq, qw, &mut q);
+            self.matmul(&xn, rows, h, &layer.wk, kvw, &mut k);
+            self.matmul(&xn, rows, h, &layer.wv, kvw, &mut v);
             cpu::rope(&mut q, &positions, nh, hd, &self.inv_freq, c.rope_style);
             cpu::rope(&mut k, &positions, nkv, hd, &self.inv_freq, c.rope_style);
             let refs: Vec<KvRef<'_>> = batch
@@ -418,13 +439,13 @@ impl Llama {
                         )
                     };
                 });
-            cpu::matmul_w(&attn, rows, qw, &layer.wo, h, &mut o);
+            self.matmul(&attn, rows, qw, &layer.wo, h, &mut o);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             cpu::rms_norm(&x, &layer.ffn_norm, c.rms_norm_eps, &mut xn);
-            cpu::matmul_w(&xn, rows, h, &layer.w_gate, iw, &mut gate);
-            cpu::matmul_w(&xn, rows, h, &layer.w_up, iw, &mut up);
+            self.matmul(&xn, rows, h, &layer.w_gate, iw, &mut gate);
+            self.matmul(&xn, rows, h, &layer.w_up, iw, &mut up);
             cpu::silu_mul(&mut gate, &up);
-            cpu::matmul_w(&gate, rows, iw, &layer.w_down, h, &mut o);
+            self.matmul(&gate, rows, iw, &layer.w_down, h, &mut o);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
         }
         // Logits for the rows asked for.
@@ -447,7 +468,7 @@ impl Llama {
         cpu::rms_norm(&sel, &self.norm, c.rms_norm_eps, &mut normed);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0f32; wanted.len() * c.vocab_size];
-        cpu::matmul_w(&normed, wanted.len(), h, head, c.vocab_size, &mut logits);
+        self.matmul(&normed, wanted.len(), h, head, c.vocab_size, &mut logits);
         let mut out = Vec::with_capacity(batch.len());
         let mut at = 0;
         for chunk in batch {

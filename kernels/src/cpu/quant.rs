@@ -106,18 +106,77 @@ impl Weight {
     }
 }
 
-/// `out[m][n] = Σ_k x[m][k] · w[n][k]` for any [`Weight`] format.
+/// `out[m][n] = Σ_k x[m][k] · w[n][k]` for any [`Weight`] format, the fastest way for `m`: rows
+/// in registers when few, tiles through `gemm` when many. A row's result can depend on `m` (gemm
+/// sums in another order), so it can change with what else is in the batch; see
+/// [`matmul_w_rowwise`].
 pub fn matmul_w(x: &[f32], m: usize, k: usize, w: &Weight, n: usize, out: &mut [f32]) {
     if let Weight::F32(v) = w {
         return super::matmul_t(x, m, k, v, n, out);
     }
+    matmul_quantized(x, m, k, w, n, out, m > SMALL_M);
+}
+
+/// [`matmul_w`] where every output row is computed by the same instructions in the same order
+/// whatever `m` and the other rows are: **batch invariance** (a sequence's logits are bit-for-bit
+/// the same alone or batched with others; vLLM's `VLLM_BATCH_INVARIANT` and Thinking Machines'
+/// "Defeating Nondeterminism in LLM Inference" make the same trade). Quantized weights always take
+/// the register kernel; f32 weights a dot product per output. Slower for large `m` (prefill).
+pub fn matmul_w_rowwise(x: &[f32], m: usize, k: usize, w: &Weight, n: usize, out: &mut [f32]) {
+    match w {
+        Weight::F32(v) => matmul_f32_rowwise(x, m, k, v, n, out),
+        _ => matmul_quantized(x, m, k, w, n, out, false),
+    }
+}
+
+fn matmul_f32_rowwise(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+    assert!(
+        w.len() >= n * k && x.len() >= m * k && out.len() >= m * n,
+        "matmul_w_rowwise shapes"
+    );
+    let mut out_t = vec![0f32; n * m];
+    out_t
+        .par_chunks_mut(TASK * m.max(1))
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            for (jj, dst) in chunk.chunks_mut(m).enumerate() {
+                let wj = &w[(task * TASK + jj) * k..][..k];
+                for (r, d) in dst.iter_mut().enumerate() {
+                    *d = super::dot(&x[r * k..(r + 1) * k], wj);
+                }
+            }
+        });
+    transpose_into(&out_t, m, n, out);
+}
+
+fn transpose_into(out_t: &[f32], m: usize, n: usize, out: &mut [f32]) {
+    for j in 0..n {
+        for r in 0..m {
+            out[r * n + j] = out_t[j * m + r];
+        }
+    }
+}
+
+/// Quantized product: dequantized tiles through gemm (`tiles`) or weights decoded in registers.
+fn matmul_quantized(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &Weight,
+    n: usize,
+    out: &mut [f32],
+    tiles: bool,
+) {
     assert!(
         k % BLOCK == 0 && w.len() >= n * k && x.len() >= m * k && out.len() >= m * n,
         "matmul_w shapes"
     );
+    if m == 0 {
+        return;
+    }
     // Transposed result [n][m], so each task owns a contiguous piece.
     let mut out_t = vec![0f32; n * m];
-    if m > SMALL_M {
+    if tiles {
         // Many activation rows (prefill): dequantize a tile of weight rows once and let gemm
         // do the arithmetic.
         out_t
@@ -163,11 +222,7 @@ pub fn matmul_w(x: &[f32], m: usize, k: usize, w: &Weight, n: usize, out: &mut [
                 }
             });
     }
-    for j in 0..n {
-        for r in 0..m {
-            out[r * n + j] = out_t[j * m + r];
-        }
-    }
+    transpose_into(&out_t, m, n, out);
 }
 
 /// Up to this many activation rows, decode weights in registers; beyond, dequantize tiles + gemm.
@@ -387,6 +442,29 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn rowwise_products_do_not_depend_on_the_other_rows() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let (k, n) = (128, 48);
+        let dense: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        for w in [
+            random_weight(&mut rng, n, k, true),
+            random_weight(&mut rng, n, k, false),
+            Weight::F32(dense),
+        ] {
+            let row: Vec<f32> = (0..k).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+            let mut alone = vec![0f32; n];
+            matmul_w_rowwise(&row, 1, k, &w, n, &mut alone);
+            for (m, at) in [(2, 1), (17, 9), (40, 39)] {
+                let mut x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+                x[at * k..(at + 1) * k].copy_from_slice(&row);
+                let mut out = vec![f32::NAN; m * n];
+                matmul_w_rowwise(&x, m, k, &w, n, &mut out);
+                assert_eq!(&out[at * n..(at + 1) * n], &alone[..], "m = {m}");
             }
         }
     }
