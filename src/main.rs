@@ -2,7 +2,9 @@
 //! lives in the crate that owns it (see docs/architecture.md).
 
 mod bench_generate;
+mod bench_offline;
 mod bench_vmm;
+mod engine_args;
 mod frag;
 mod generate;
 mod units;
@@ -23,7 +25,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Benchmarks: `vkv bench vmm` (others arrive with the engine and kernels).
+    /// Benchmarks: `vkv bench vmm`, `vkv bench generate`, `vkv bench offline`.
     Bench {
         #[command(subcommand)]
         which: Bench,
@@ -44,6 +46,9 @@ enum Bench {
     Vmm(bench_vmm::Args),
     /// CPU prefill and decode throughput of a model: one sequence, and a batch decoding together.
     Generate(bench_generate::Args),
+    /// Serving throughput and latency of a workload submitted to the engine in process (all at
+    /// once or at a request rate), in one KV mode or both, interleaved, with their ratio.
+    Offline(bench_offline::Args),
 }
 
 fn main() {
@@ -59,6 +64,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { which } => match which {
             Bench::Vmm(args) => bench_vmm::run(args),
             Bench::Generate(args) => bench_generate::run(args),
+            Bench::Offline(args) => bench_offline::run(args),
         },
         Command::Frag(args) => frag::run(args),
         Command::Generate(args) => generate::run(args),

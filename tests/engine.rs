@@ -183,7 +183,7 @@ fn concurrent_requests_get_exactly_what_they_get_alone() {
 #[test]
 fn preemption_under_a_tiny_kv_budget_changes_no_output_and_leaks_nothing() {
     // Each budget holds about 170-190 tokens; 10 requests need about 60 each.
-    let budgets = [170 * 46_080, 120 * 64 << 10, 4 * (2 << 20)];
+    let budgets = [170 * 46_080, 120 * (64 << 10), 4 * (2 << 20)];
     for (mode, kv_memory) in MODES.into_iter().zip(budgets) {
         let e = engine(mode, kv_memory, 2048);
         let name = e.metrics().kv_name;

@@ -18,6 +18,7 @@ pub mod frag;
 pub mod generate;
 pub mod kv;
 pub mod model;
+pub mod offline;
 pub mod presets;
 pub mod sampler;
 pub mod scheduler;

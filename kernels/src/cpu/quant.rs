@@ -308,9 +308,34 @@ mod simd {
         g: usize,
         acc: &mut [f32; ROWS],
     ) {
+        // A row count known at compile time keeps the accumulators in registers. Every row is
+        // summed in the same order whatever `g` is (batch invariance, see `matmul_w_rowwise`).
+        match g {
+            1 => rows::<1>(w, j, xs, sums, k, acc),
+            2 => rows::<2>(w, j, xs, sums, k, acc),
+            3 => rows::<3>(w, j, xs, sums, k, acc),
+            4 => rows::<4>(w, j, xs, sums, k, acc),
+            5 => rows::<5>(w, j, xs, sums, k, acc),
+            6 => rows::<6>(w, j, xs, sums, k, acc),
+            7 => rows::<7>(w, j, xs, sums, k, acc),
+            _ => rows::<8>(w, j, xs, sums, k, acc),
+        }
+    }
+
+    /// [`dot_rows`] for `G` rows, two accumulators per row (even and odd halves of each block).
+    /// Each block's weights are decoded once and scaled once, then used by every row.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows<const G: usize>(
+        w: &Weight,
+        j: usize,
+        xs: &[f32],
+        sums: &[f32],
+        k: usize,
+        acc: &mut [f32; ROWS],
+    ) {
         let blocks = k / BLOCK;
-        let mut vacc = [_mm256_setzero_ps(); ROWS];
-        let mut offset = [0f32; ROWS];
+        let mut vacc = [[_mm256_setzero_ps(); 2]; G];
+        let mut offset = [0f32; G];
         let mask = _mm_set1_epi8(0x0F);
         for b in 0..blocks {
             let at = j * blocks + b;
@@ -348,18 +373,24 @@ mod simd {
                 Weight::F32(_) => unreachable!("f32 weights go through gemm"),
             };
             let dv = _mm256_set1_ps(d);
-            for r in 0..g {
+            let ws = [
+                _mm256_mul_ps(wv[0], dv),
+                _mm256_mul_ps(wv[1], dv),
+                _mm256_mul_ps(wv[2], dv),
+                _mm256_mul_ps(wv[3], dv),
+            ];
+            for r in 0..G {
                 let x = xs.as_ptr().add(r * k + b * BLOCK);
-                let mut s = _mm256_mul_ps(wv[0], _mm256_loadu_ps(x));
-                s = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(x.add(8)), s);
-                s = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(x.add(16)), s);
-                s = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(x.add(24)), s);
-                vacc[r] = _mm256_fmadd_ps(dv, s, vacc[r]);
+                let v = &mut vacc[r];
+                v[0] = _mm256_fmadd_ps(ws[0], _mm256_loadu_ps(x), v[0]);
+                v[0] = _mm256_fmadd_ps(ws[1], _mm256_loadu_ps(x.add(8)), v[0]);
+                v[1] = _mm256_fmadd_ps(ws[2], _mm256_loadu_ps(x.add(16)), v[1]);
+                v[1] = _mm256_fmadd_ps(ws[3], _mm256_loadu_ps(x.add(24)), v[1]);
                 offset[r] += mo * *sums.get_unchecked(r * blocks + b);
             }
         }
-        for r in 0..g {
-            acc[r] = hsum(vacc[r]) + offset[r];
+        for r in 0..G {
+            acc[r] = hsum(_mm256_add_ps(vacc[r][0], vacc[r][1])) + offset[r];
         }
     }
 }
