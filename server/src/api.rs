@@ -286,7 +286,6 @@ impl AppState {
                 }
                 EventKind::Failed(why) => {
                     guard.armed = false;
-                    self.metrics.failed();
                     return Err(ApiError::internal(format!("the engine failed: {why}")));
                 }
             }
@@ -380,7 +379,6 @@ impl EventStream {
                 }
                 EventKind::Failed(why) => {
                     self.guard.armed = false;
-                    self.state.metrics.failed();
                     self.phase = Phase::Done;
                     let e = ApiError::internal(format!("the engine failed: {why}"));
                     return Poll::Ready(Some(sse(&e.body())));

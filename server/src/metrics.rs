@@ -4,10 +4,10 @@
 //!
 //! The latency histograms are filled here, from the timings in each request's `Finished` event
 //! (TTFT, TPOT = mean gap after the first token, every inter-token gap, E2E, queue time), so the
-//! engine stays free of any exporter. Requests that were aborted are counted by reason but kept out
-//! of the latency histograms (their times measure the client, not the server). Engine-side
-//! numbers (running / waiting, KV bytes, preemptions, map waits) are read from
-//! [`EngineMetrics`] when scraped.
+//! engine stays free of any exporter. Aborted requests are kept out of the latency histograms
+//! (their times measure the client, not the server). Counts by finish reason, running / waiting,
+//! KV bytes, preemptions and map waits are the engine's ([`EngineMetrics`], read when scraped):
+//! the engine sees the end of a request whose client went away, the server does not.
 //!
 //! Invariants: histogram buckets are cumulative and end with `+Inf` equal to `_count`; every
 //! metric has one `# HELP` and one `# TYPE` line before its samples.
@@ -84,9 +84,6 @@ fn single(out: &mut String, name: &str, help: &str, kind: &str, value: impl std:
 struct Books {
     /// (route, status) → responses.
     http: BTreeMap<(&'static str, u16), u64>,
-    /// finish reason → requests.
-    finished: BTreeMap<&'static str, u64>,
-    failed: u64,
     prompt_tokens: u64,
     generation_tokens: u64,
     ttft: Histogram,
@@ -106,8 +103,6 @@ impl Default for ServerMetrics {
         ServerMetrics {
             books: Mutex::new(Books {
                 http: BTreeMap::new(),
-                finished: BTreeMap::new(),
-                failed: 0,
                 prompt_tokens: 0,
                 generation_tokens: 0,
                 ttft: Histogram::new(TTFT_BUCKETS),
@@ -130,10 +125,9 @@ impl ServerMetrics {
         *self.books().http.entry((route, status)).or_default() += 1;
     }
 
-    /// A request's final event.
+    /// A request's final event (its latencies; the counts by reason are the engine's).
     pub fn finished(&self, f: &Finished) {
         let mut b = self.books();
-        *b.finished.entry(f.reason.as_str()).or_default() += 1;
         b.prompt_tokens += f.usage.prompt_tokens as u64;
         b.generation_tokens += f.usage.completion_tokens as u64;
         if f.reason == FinishReason::Abort {
@@ -151,11 +145,6 @@ impl ServerMetrics {
         }
         b.e2e.observe(t.e2e);
         b.queue.observe(t.queue);
-    }
-
-    /// A request the engine could not run.
-    pub fn failed(&self) {
-        self.books().failed += 1;
     }
 
     /// The exposition text: these counters and `engine`'s snapshot.
@@ -182,11 +171,14 @@ impl ServerMetrics {
         header(
             &mut out,
             "vkv_request_success_total",
-            "Generation requests that ended, by finish reason (stop, length, abort).",
+            "Generation requests that ended, by finish reason (abort: the client went away, or shutdown).",
             "counter",
         );
-        for reason in ["stop", "length", "abort"] {
-            let n = b.finished.get(reason).copied().unwrap_or(0);
+        for (reason, n) in [
+            ("stop", engine.finished_stop),
+            ("length", engine.finished_length),
+            ("abort", engine.finished_abort),
+        ] {
             let _ = writeln!(
                 out,
                 "vkv_request_success_total{{finished_reason=\"{reason}\"}} {n}"
@@ -197,7 +189,7 @@ impl ServerMetrics {
             "vkv_request_failure_total",
             "Generation requests the engine accepted but could not run.",
             "counter",
-            b.failed,
+            engine.failed,
         );
         single(
             &mut out,
@@ -380,7 +372,11 @@ mod tests {
             },
             preemptions: 0,
         });
-        let text = m.render(&EngineMetrics::default(), true, 1);
+        let engine = EngineMetrics {
+            finished_length: 1,
+            ..EngineMetrics::default()
+        };
+        let text = m.render(&engine, true, 1);
         assert!(text.contains("vkv_time_to_first_token_seconds_bucket{le=\"0.001\"} 0"));
         assert!(text.contains("vkv_time_to_first_token_seconds_bucket{le=\"0.005\"} 1"));
         assert!(text.contains("vkv_time_to_first_token_seconds_bucket{le=\"+Inf\"} 1"));
