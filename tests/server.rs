@@ -483,7 +483,9 @@ fn client_mistakes_get_openai_errors() {
             }
         };
         let ok = |p: Value| p;
-        let cases: Vec<(&str, &str, Value, Option<&str>, &[&str])> = vec![
+        // What, where, body, the field the error must name, words its message must contain.
+        type Case<'a> = (&'a str, &'a str, Value, Option<&'a str>, &'a [&'a str]);
+        let cases: Vec<Case> = vec![
             ("wrong type", &completions, ok(json!({"prompt": "a", "temperature": "hot"})), Some("temperature"), &["temperature"]),
             ("unknown field", &completions, ok(json!({"prompt": "a", "frobnicate": true})), Some("frobnicate"), &["frobnicate"]),
             ("empty prompt", &completions, ok(json!({"prompt": ""})), Some("prompt"), &["empty"]),

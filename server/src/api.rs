@@ -218,7 +218,17 @@ impl AppState {
         }
         let engine = &self.engine;
         let limit = engine.max_model_len().min(engine.kv_capacity_tokens());
-        let generation = request.to_generation(&engine.model().tokenizer, limit)?;
+        // Tokenizing (and the chat template) is CPU work: off the async workers.
+        let (request, generation) = tokio::task::spawn_blocking({
+            let engine = engine.clone();
+            move || {
+                let generation = request.to_generation(&engine.model().tokenizer, limit);
+                (request, generation)
+            }
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?;
+        let generation = generation?;
         let (tx, rx) = event_channel();
         let id = engine.submit(generation, tx).map_err(|e| {
             ApiError::from_engine(e, endpoint.prompt_field(), request.max_tokens_field)

@@ -399,7 +399,7 @@ pub async fn run(
             "--num-prompts must be at least 1".into(),
         ));
     }
-    if !(config.request_rate > 0.0) {
+    if config.request_rate.is_nan() || config.request_rate <= 0.0 {
         return Err(BenchError::Config(format!(
             "--request-rate must be positive (inf: all at once), found {}",
             config.request_rate

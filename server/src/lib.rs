@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
@@ -120,7 +120,10 @@ pub async fn serve(
             let state = state.clone();
             async move { Ok::<_, std::convert::Infallible>(state.handle(req).await) }
         });
-        let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+        // The timer enables hyper's 30 s limit on reading request headers (slow clients).
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             // A client that resets or times out is its own business.

@@ -307,7 +307,7 @@ impl ServerMetrics {
         single(
             &mut out,
             "vkv_map_waits_total",
-            "vmm: steps that had to map KV pages on the critical path (0 in paged mode).",
+            "vmm: KV reserves that mapped pages themselves, on the critical path (admissions of fresh slots included; 0 in paged mode).",
             "counter",
             map.waits,
         );
