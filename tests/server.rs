@@ -642,3 +642,84 @@ fn sigterm_finishes_requests_in_flight_and_exits() {
         "still listening"
     );
 }
+
+/// `vkv bench serve` against `vkv serve`: every request completes with exactly its length, and
+/// the report's numbers hang together.
+#[test]
+fn bench_serve_measures_a_server() {
+    let s = Server::start(&[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_vkv"))
+        .args([
+            "bench",
+            "serve",
+            "--url",
+            &s.url("/v1"),
+            "--workload",
+            "fixed:16,8",
+        ])
+        .args([
+            "--num-prompts",
+            "10",
+            "--request-rate",
+            "20",
+            "--burstiness",
+            "0.5",
+        ])
+        .args([
+            "--max-concurrency",
+            "4",
+            "--goodput",
+            "ttft:60000",
+            "tpot:60000",
+            "--json",
+        ])
+        .output()
+        .expect("run vkv bench serve");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        (r["completed"].as_u64(), r["failed"].as_u64()),
+        (Some(10), Some(0)),
+        "{r}"
+    );
+    assert_eq!(r["total_input_tokens"], 160);
+    assert_eq!(
+        r["total_output_tokens"], 80,
+        "ignore_eos makes lengths exact"
+    );
+    assert_eq!(r["model"], s.model.as_str());
+    assert_eq!(r["server_kv"], "vmm-token-major-2MiB");
+    assert_eq!(r["server_preemptions"], 0.0);
+    let duration = r["duration_s"].as_f64().unwrap();
+    assert!((r["request_throughput"].as_f64().unwrap() - 10.0 / duration).abs() < 1e-9);
+    assert!(
+        (r["request_goodput"].as_f64().unwrap() - 10.0 / duration).abs() < 1e-9,
+        "every request meets a 60 s SLO"
+    );
+    let ttft = r["ttft_ms"]["median"].as_f64().unwrap();
+    let e2e = r["e2el_ms"]["median"].as_f64().unwrap();
+    let tpot = r["tpot_ms"]["median"].as_f64().unwrap();
+    assert!(ttft > 0.0 && tpot > 0.0 && e2e > ttft, "{r}");
+    assert!(e2e / 1e3 <= duration, "{r}");
+    // A wrong URL is one readable line, not a panic.
+    let out = Command::new(env!("CARGO_BIN_EXE_vkv"))
+        .args([
+            "bench",
+            "serve",
+            "--url",
+            "http://127.0.0.1:1",
+            "--num-prompts",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("vkv: error:") && !err.contains("panicked"),
+        "{err}"
+    );
+}
