@@ -1,0 +1,603 @@
+//! Launchers of the CUDA attention kernels (`kernels/cuda/attention.cu`): decode and KV append,
+//! each in the two addressing modes of [`KvAddress`].
+//!
+//! Decode is flash-decoding (Dao et al., 2023, "Flash-Decoding for long-context inference"): one
+//! CTA per (KV head, sequence, split) reads each K and V row once for every query head of its GQA
+//! group (up to 8; larger groups take several CTAs per KV head, each with 8 heads), with an online
+//! softmax (FlashAttention); when the batch and head count give too few CTAs to fill the GPU, the
+//! context is split and `decode_reduce_*` combines the partial results by their log-sum-exp.
+//! Strided addressing is vAttention's point: one contiguous kernel serves a vmm `KvSpace` in either
+//! layout and a plain tensor; paged addressing is vLLM's PagedAttention block table.
+//!
+//! Every launcher checks what the host can check — head dim, GQA ratio, block size, 16-byte
+//! alignment of pointers and strides, grid limits, workspace size — and returns a
+//! [`KernelError`]; it never panics. What only the device holds (context lengths, slot indices,
+//! block-table entries) is the caller's promise, which is why the launchers are `unsafe`; the
+//! kernels still clamp each length to `max_context` and to the block table's capacity.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+
+use super::buffer::DeviceBuffer;
+use super::compile::{compile_module, CacheOutcome};
+use super::error::{driver, KernelError, Result};
+
+/// The CUDA source of the attention kernels.
+pub const ATTENTION_SOURCE: &str = include_str!("../../cuda/attention.cu");
+
+/// Query heads one CTA serves at most (the kernels' largest GMAX).
+pub const MAX_GROUP_PER_CTA: usize = 8;
+const THREADS: u32 = 128;
+
+/// Element type of Q, K, V and the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    Bf16,
+    F16,
+}
+
+impl Dtype {
+    fn name(self) -> &'static str {
+        match self {
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+        }
+    }
+}
+
+/// Where the KV of a batch lives. Strides are in elements; element `(token t, head h, dim d)` of
+/// sequence `b` is at:
+/// - strided: `k + slots[b]·slot_stride + t·token_stride + h·head_stride + d`;
+/// - paged: `k + table[b·max_blocks + t / block_size]·block_stride + (t % block_size)·token_stride
+///   + h·head_stride + d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvAddress {
+    Strided {
+        k: u64,
+        v: u64,
+        /// Device `u32[batch]`: the slot of each sequence.
+        slots: u64,
+        slot_stride: u64,
+        token_stride: u64,
+        head_stride: u64,
+    },
+    Paged {
+        k: u64,
+        v: u64,
+        /// Device `u32[batch][max_blocks]`.
+        block_table: u64,
+        max_blocks: u32,
+        /// 16 or 32.
+        block_size: u32,
+        block_stride: u64,
+        token_stride: u64,
+        head_stride: u64,
+    },
+}
+
+impl KvAddress {
+    fn parts(&self) -> (u64, u64, u64, u64, u64, u64, u32, &'static str) {
+        match *self {
+            KvAddress::Strided {
+                k,
+                v,
+                slots,
+                slot_stride,
+                token_stride,
+                head_stride,
+            } => (
+                k,
+                v,
+                slots,
+                slot_stride,
+                token_stride,
+                head_stride,
+                0,
+                "strided",
+            ),
+            KvAddress::Paged {
+                k,
+                v,
+                block_table,
+                max_blocks,
+                block_size,
+                block_stride,
+                token_stride,
+                head_stride,
+            } => (
+                k,
+                v,
+                block_table,
+                block_stride,
+                token_stride,
+                head_stride,
+                max_blocks,
+                if block_size == 32 {
+                    "paged32"
+                } else {
+                    "paged16"
+                },
+            ),
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        let (k, v, index, outer, token, head, _, _) = self.parts();
+        aligned("K base pointer", k, 16)?;
+        aligned("V base pointer", v, 16)?;
+        aligned("slot / block-table pointer", index, 4)?;
+        aligned("slot / block stride (elements)", outer, 8)?;
+        aligned("token stride (elements)", token, 8)?;
+        aligned("head stride (elements)", head, 8)?;
+        if let KvAddress::Paged {
+            block_size,
+            max_blocks,
+            ..
+        } = *self
+        {
+            if block_size != 16 && block_size != 32 {
+                return Err(KernelError::Shape(format!(
+                    "block size {block_size}: the paged kernels take 16 or 32"
+                )));
+            }
+            if max_blocks == 0 {
+                return Err(KernelError::Shape("a block table of 0 columns".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn aligned(what: &'static str, value: u64, align: u64) -> Result<()> {
+    if value % align != 0 {
+        return Err(KernelError::Misaligned { what, value, align });
+    }
+    Ok(())
+}
+
+/// Shape of one decode launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeShape {
+    pub batch: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Upper bound of the context lengths in the batch (the split size is derived from it).
+    pub max_context: usize,
+}
+
+/// Device buffers of one decode launch. `q` and `out` are `[batch][n_heads][head_dim]`; `lens` is
+/// `u32[batch]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeArgs {
+    pub q: u64,
+    pub out: u64,
+    pub lens: u64,
+}
+
+/// How a decode launch was (or would be) run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodePlan {
+    pub splits: usize,
+    pub split_tokens: usize,
+    pub head_chunks: usize,
+    pub ctas: usize,
+    /// Query heads per CTA the chosen kernel is built for (1, 2, 4 or 8).
+    pub gmax: usize,
+}
+
+/// Scratch space for split-KV decode: partial outputs and their (max, sum), f32.
+#[derive(Debug)]
+pub struct DecodeWorkspace {
+    part_o: DeviceBuffer,
+    part_ml: DeviceBuffer,
+    rows: usize,
+    head_dim: usize,
+    max_splits: usize,
+}
+
+impl DecodeWorkspace {
+    /// Room for `rows = batch · n_heads` query rows of `head_dim` with up to `max_splits` splits.
+    pub fn new(
+        ctx: &Arc<CudaContext>,
+        rows: usize,
+        head_dim: usize,
+        max_splits: usize,
+    ) -> Result<Self> {
+        let n = rows
+            .checked_mul(max_splits.max(1))
+            .ok_or_else(|| KernelError::Shape("workspace size overflows".into()))?;
+        Ok(DecodeWorkspace {
+            part_o: DeviceBuffer::new(ctx, n * head_dim * 4)?,
+            part_ml: DeviceBuffer::new(ctx, n * 2 * 4)?,
+            rows,
+            head_dim,
+            max_splits: max_splits.max(1),
+        })
+    }
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct DecodeParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    out: u64,
+    part_o: u64,
+    part_ml: u64,
+    lens: u64,
+    index: u64,
+    outer_stride: u64,
+    token_stride: u64,
+    head_stride: u64,
+    batch: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    group: u32,
+    splits: u32,
+    split_tokens: u32,
+    max_blocks: u32,
+    max_context: u32,
+    scale_log2: f32,
+    head_chunks: u32,
+}
+// SAFETY: plain old data laid out as the C struct `DecodeParams` of attention.cu.
+unsafe impl DeviceRepr for DecodeParams {}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct AppendParams {
+    k_new: u64,
+    v_new: u64,
+    k: u64,
+    v: u64,
+    seq: u64,
+    pos: u64,
+    index: u64,
+    outer_stride: u64,
+    token_stride: u64,
+    head_stride: u64,
+    n_tokens: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    max_blocks: u32,
+}
+// SAFETY: plain old data laid out as the C struct `AppendParams` of attention.cu.
+unsafe impl DeviceRepr for AppendParams {}
+
+/// Device buffers of one append: `k_new` and `v_new` are `[n_tokens][n_kv_heads][head_dim]`;
+/// `seq` and `pos` are `u32[n_tokens]` (the sequence — slot index or block-table row — and the
+/// position of each new token).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendArgs {
+    pub k_new: u64,
+    pub v_new: u64,
+    pub seq: u64,
+    pub pos: u64,
+    pub n_tokens: usize,
+}
+
+/// The compiled attention kernels of one device.
+#[derive(Debug)]
+pub struct Attention {
+    ctx: Arc<CudaContext>,
+    functions: HashMap<String, CudaFunction>,
+    sms: usize,
+    /// Whether the module came from the disk cache.
+    pub outcome: CacheOutcome,
+    /// The architecture compiled for (`sm_90a` on H100).
+    pub arch: String,
+}
+
+impl Attention {
+    /// Compile (or load from the cache) the attention kernels for `ctx`'s device.
+    pub fn new(ctx: &Arc<CudaContext>) -> Result<Self> {
+        let compiled = compile_module(ctx, "attention", ATTENTION_SOURCE, &[])?;
+        let mut names = vec![
+            "append_strided".to_string(),
+            "append_paged16".to_string(),
+            "append_paged32".to_string(),
+        ];
+        for t in ["bf16", "f16"] {
+            for d in [64, 128] {
+                names.push(format!("decode_reduce_{t}_d{d}"));
+                for g in [1, 2, 4, 8] {
+                    for a in ["strided", "paged16", "paged32"] {
+                        names.push(format!("decode_{t}_d{d}_g{g}_{a}"));
+                    }
+                }
+            }
+        }
+        let mut functions = HashMap::new();
+        for n in names {
+            let f = compiled
+                .module
+                .load_function(&n)
+                .map_err(driver("cuModuleGetFunction"))?;
+            functions.insert(n, f);
+        }
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver("cuDeviceGetAttribute(multiprocessors)"))?
+            .max(1) as usize;
+        Ok(Attention {
+            ctx: ctx.clone(),
+            functions,
+            sms,
+            outcome: compiled.outcome,
+            arch: compiled.arch,
+        })
+    }
+
+    /// The context the kernels were loaded in.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Multiprocessors of the device.
+    pub fn multiprocessors(&self) -> usize {
+        self.sms
+    }
+
+    fn function(&self, name: &str) -> Result<&CudaFunction> {
+        self.functions
+            .get(name)
+            .ok_or_else(|| KernelError::Shape(format!("no kernel named {name}")))
+    }
+
+    /// The split plan for a shape: as many splits as it takes to give the GPU about four CTAs per
+    /// multiprocessor (what fits at once with 4 query heads per CTA), with at least 256 tokens per
+    /// split; `splits` forces a number instead.
+    pub fn plan(&self, shape: &DecodeShape, splits: Option<usize>) -> Result<DecodePlan> {
+        check_shape(shape)?;
+        let group = shape.n_heads / shape.n_kv_heads;
+        let gmax = [1, 2, 4, 8]
+            .into_iter()
+            .find(|&g| g >= group)
+            .unwrap_or(MAX_GROUP_PER_CTA);
+        let head_chunks = group.div_ceil(gmax);
+        let base = shape.batch * shape.n_kv_heads * head_chunks;
+        let max_ctx = shape.max_context.max(1);
+        let splits = match splits {
+            Some(s) => s.clamp(1, max_ctx),
+            None => (4 * self.sms)
+                .div_ceil(base)
+                .clamp(1, max_ctx.div_ceil(256)),
+        };
+        if splits > 65535 {
+            return Err(KernelError::Shape(format!(
+                "{splits} splits: at most 65535"
+            )));
+        }
+        let split_tokens = max_ctx.div_ceil(splits).next_multiple_of(32);
+        let splits = max_ctx.div_ceil(split_tokens);
+        Ok(DecodePlan {
+            splits,
+            split_tokens,
+            head_chunks,
+            ctas: base * splits,
+            gmax,
+        })
+    }
+
+    /// Decode attention: for each sequence `b` and query head `h`, `out[b][h] = softmax(scale ·
+    /// q[b][h] · K[b][g]ᵀ) · V[b][g]` over the first `lens[b]` tokens, `g = h / (n_heads /
+    /// n_kv_heads)`. Asynchronous on `stream`. `workspace` is needed when the plan has more than one
+    /// split (see [`Attention::plan`]; `splits` forces a count).
+    ///
+    /// # Safety
+    /// All pointers must be device memory of this context, valid for the launch: `q`, `out` of
+    /// `batch · n_heads · head_dim` elements, `lens` of `batch` u32 each ≤ `max_context`, the slot
+    /// indices / block-table rows must address backed KV memory holding `lens[b]` written tokens,
+    /// and nothing else may write `out` or read the workspace concurrently.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn decode(
+        &self,
+        stream: &CudaStream,
+        dtype: Dtype,
+        shape: &DecodeShape,
+        args: &DecodeArgs,
+        kv: &KvAddress,
+        scale: f32,
+        splits: Option<usize>,
+        workspace: Option<&DecodeWorkspace>,
+    ) -> Result<DecodePlan> {
+        let plan = self.plan(shape, splits)?;
+        kv.check()?;
+        aligned("q pointer", args.q, 16)?;
+        aligned("out pointer", args.out, 16)?;
+        aligned("lens pointer", args.lens, 4)?;
+        if !scale.is_finite() {
+            return Err(KernelError::Shape(format!("softmax scale {scale}")));
+        }
+        if let KvAddress::Paged {
+            max_blocks,
+            block_size,
+            ..
+        } = *kv
+        {
+            let cap = max_blocks as usize * block_size as usize;
+            if shape.max_context > cap {
+                return Err(KernelError::Shape(format!(
+                    "max_context {} exceeds the block table's {max_blocks} blocks × {block_size} tokens",
+                    shape.max_context
+                )));
+            }
+        }
+        let rows = shape.batch * shape.n_heads;
+        let (part_o, part_ml) = if plan.splits > 1 {
+            let ws = workspace.ok_or(KernelError::TooSmall {
+                what: "decode workspace (none given)",
+                needed: plan.splits,
+                available: 0,
+            })?;
+            if ws.rows < rows || ws.head_dim != shape.head_dim || ws.max_splits < plan.splits {
+                return Err(KernelError::TooSmall {
+                    what: "decode workspace (rows × splits)",
+                    needed: rows * plan.splits,
+                    available: ws.rows * ws.max_splits,
+                });
+            }
+            (ws.part_o.ptr(), ws.part_ml.ptr())
+        } else {
+            (0, 0)
+        };
+        let (k, v, index, outer, token, head, max_blocks, addr) = kv.parts();
+        let params = DecodeParams {
+            q: args.q,
+            k,
+            v,
+            out: args.out,
+            part_o,
+            part_ml,
+            lens: args.lens,
+            index,
+            outer_stride: outer,
+            token_stride: token,
+            head_stride: head,
+            batch: shape.batch as u32,
+            n_heads: shape.n_heads as u32,
+            n_kv_heads: shape.n_kv_heads as u32,
+            group: (shape.n_heads / shape.n_kv_heads) as u32,
+            splits: plan.splits as u32,
+            split_tokens: plan.split_tokens as u32,
+            max_blocks,
+            max_context: shape.max_context as u32,
+            scale_log2: scale * std::f32::consts::LOG2_E,
+            head_chunks: plan.head_chunks as u32,
+        };
+        let name = format!(
+            "decode_{}_d{}_g{}_{addr}",
+            dtype.name(),
+            shape.head_dim,
+            plan.gmax
+        );
+        let f = self.function(&name)?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (shape.n_kv_heads * plan.head_chunks) as u32,
+                shape.batch as u32,
+                plan.splits as u32,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = stream.launch_builder(f);
+        launch.arg(&params);
+        // SAFETY: the caller guarantees the memory; the shape was checked above.
+        unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(decode)"))?;
+        if plan.splits > 1 {
+            let name = format!("decode_reduce_{}_d{}", dtype.name(), shape.head_dim);
+            let f = self.function(&name)?;
+            let cfg = LaunchConfig {
+                grid_dim: (shape.n_heads as u32, shape.batch as u32, 1),
+                block_dim: (shape.head_dim as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut launch = stream.launch_builder(f);
+            launch.arg(&params);
+            // SAFETY: as above; the workspace holds rows × splits partials (checked).
+            unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(decode_reduce)"))?;
+        }
+        Ok(plan)
+    }
+
+    /// KV append: write each new token's K and V (`[n_kv_heads][head_dim]`, any 2-byte dtype) at
+    /// its sequence's position. Asynchronous on `stream`.
+    ///
+    /// # Safety
+    /// `k_new`, `v_new` must hold `n_tokens · n_kv_heads · head_dim` elements, `seq` and `pos`
+    /// `n_tokens` u32 each; every `(seq, pos)` must address backed KV memory (a backed slot token,
+    /// or a block-table row whose block at `pos / block_size` is allocated) that nothing reads or
+    /// writes concurrently, and no two new tokens may share a `(seq, pos)`.
+    pub unsafe fn append(
+        &self,
+        stream: &CudaStream,
+        args: &AppendArgs,
+        kv: &KvAddress,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        kv.check()?;
+        if head_dim == 0 || head_dim % 8 != 0 || n_kv_heads == 0 {
+            return Err(KernelError::Shape(format!(
+                "append of {n_kv_heads} KV heads × {head_dim}: head dim must be a positive multiple of 8"
+            )));
+        }
+        aligned("k_new pointer", args.k_new, 16)?;
+        aligned("v_new pointer", args.v_new, 16)?;
+        aligned("seq pointer", args.seq, 4)?;
+        aligned("pos pointer", args.pos, 4)?;
+        if args.n_tokens == 0 {
+            return Ok(());
+        }
+        let n_tokens = u32::try_from(args.n_tokens)
+            .map_err(|_| KernelError::Shape(format!("{} tokens in one append", args.n_tokens)))?;
+        let (k, v, index, outer, token, head, max_blocks, addr) = kv.parts();
+        let params = AppendParams {
+            k_new: args.k_new,
+            v_new: args.v_new,
+            k,
+            v,
+            seq: args.seq,
+            pos: args.pos,
+            index,
+            outer_stride: outer,
+            token_stride: token,
+            head_stride: head,
+            n_tokens,
+            n_kv_heads: n_kv_heads as u32,
+            head_dim: head_dim as u32,
+            max_blocks,
+        };
+        let total = args.n_tokens as u64 * n_kv_heads as u64 * (head_dim as u64 / 8);
+        let blocks = total.div_ceil(256).clamp(1, 32 * self.sms as u64) as u32;
+        let f = self.function(&format!("append_{addr}"))?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = stream.launch_builder(f);
+        launch.arg(&params);
+        // SAFETY: the caller guarantees the memory; sizes were checked above.
+        unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(append)"))?;
+        Ok(())
+    }
+}
+
+fn check_shape(s: &DecodeShape) -> Result<()> {
+    if s.head_dim != 64 && s.head_dim != 128 {
+        return Err(KernelError::Shape(format!(
+            "head dim {}: the decode kernels take 64 or 128",
+            s.head_dim
+        )));
+    }
+    if s.n_kv_heads == 0 || s.n_heads == 0 || s.n_heads % s.n_kv_heads != 0 {
+        return Err(KernelError::Shape(format!(
+            "{} query heads over {} KV heads: need a positive whole ratio",
+            s.n_heads, s.n_kv_heads
+        )));
+    }
+    if s.batch == 0 || s.batch > 65535 {
+        return Err(KernelError::Shape(format!(
+            "batch {}: 1 to 65535 sequences per launch",
+            s.batch
+        )));
+    }
+    if s.max_context > u32::MAX as usize / 2 {
+        return Err(KernelError::Shape(format!(
+            "max_context {} too large",
+            s.max_context
+        )));
+    }
+    if s.n_heads.checked_mul(s.batch).is_none() || s.n_kv_heads * s.n_heads > (1 << 30) {
+        return Err(KernelError::Shape("too many heads".into()));
+    }
+    Ok(())
+}
