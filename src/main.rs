@@ -2,6 +2,7 @@
 //! lives in the crate that owns it (see docs/architecture.md).
 
 mod bench_generate;
+mod bench_kernels;
 mod bench_vmm;
 mod frag;
 mod generate;
@@ -23,7 +24,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Benchmarks: `vkv bench vmm` (others arrive with the engine and kernels).
+    /// Benchmarks: `vkv bench vmm`, `vkv bench generate`, `vkv bench kernels`.
     Bench {
         #[command(subcommand)]
         which: Bench,
@@ -44,6 +45,9 @@ enum Bench {
     Vmm(bench_vmm::Args),
     /// CPU prefill and decode throughput of a model: one sequence, and a batch decoding together.
     Generate(bench_generate::Args),
+    /// CUDA decode attention in every KV addressing mode (vmm strided, plain strided, paged) over a
+    /// grid of batch × context × heads × head dim, against the device's copy bandwidth.
+    Kernels(bench_kernels::Args),
 }
 
 fn main() {
@@ -59,6 +63,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { which } => match which {
             Bench::Vmm(args) => bench_vmm::run(args),
             Bench::Generate(args) => bench_generate::run(args),
+            Bench::Kernels(args) => bench_kernels::run(args),
         },
         Command::Frag(args) => frag::run(args),
         Command::Generate(args) => generate::run(args),

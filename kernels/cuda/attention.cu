@@ -339,3 +339,18 @@ __device__ __forceinline__ void append_body(const AppendParams& p) {
 extern "C" __global__ void append_strided(const AppendParams p) { append_body<Strided>(p); }
 extern "C" __global__ void append_paged16(const AppendParams p) { append_body<Paged<16>>(p); }
 extern "C" __global__ void append_paged32(const AppendParams p) { append_body<Paged<32>>(p); }
+
+// ---- test and benchmark data -----------------------------------------------------------------
+
+// Fill n 2-byte elements with hashed values uniform in [-1, 1) (bf16 or f16), never NaN, never 0
+// everywhere: benchmarks must not run on zeros.
+extern "C" __global__ void fill_uniform(u64 ptr, u64 n, u32 seed, u32 is_f16) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        u64 z = i * 0x9e3779b97f4a7c15ull + seed;
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        z ^= z >> 31;
+        const float f = (float)(z >> 40) * (2.0f / 16777216.0f) - 1.0f;
+        ((u16*)ptr)[i] = is_f16 ? F16::from_float(f) : Bf16::from_float(f);
+    }
+}

@@ -302,6 +302,7 @@ impl Attention {
             "append_strided".to_string(),
             "append_paged16".to_string(),
             "append_paged32".to_string(),
+            "fill_uniform".to_string(),
         ];
         for t in ["bf16", "f16"] {
             for d in [64, 128] {
@@ -567,6 +568,40 @@ impl Attention {
         launch.arg(&params);
         // SAFETY: the caller guarantees the memory; sizes were checked above.
         unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(append)"))?;
+        Ok(())
+    }
+}
+
+impl Attention {
+    /// Fill `n` elements at `ptr` with pseudo-random values uniform in [-1, 1) of `dtype`
+    /// (benchmark and test data: never zeros). Asynchronous on `stream`.
+    ///
+    /// # Safety
+    /// `ptr .. ptr + 2n` must be writable device memory of this context.
+    pub unsafe fn fill_uniform(
+        &self,
+        stream: &CudaStream,
+        ptr: u64,
+        n: usize,
+        dtype: Dtype,
+        seed: u32,
+    ) -> Result<()> {
+        aligned("fill pointer", ptr, 2)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let f = self.function("fill_uniform")?;
+        let blocks = (n as u64).div_ceil(256).clamp(1, 64 * self.sms as u64) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n, is_f16) = (n as u64, u32::from(dtype == Dtype::F16));
+        let mut launch = stream.launch_builder(f);
+        launch.arg(&ptr).arg(&n).arg(&seed).arg(&is_f16);
+        // SAFETY: the caller guarantees the range.
+        unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(fill_uniform)"))?;
         Ok(())
     }
 }
