@@ -5,7 +5,8 @@
 //! bytes read per second and the ratio to the device-to-device copy bandwidth measured in the
 //! same run (bytes read + written, GPU.md's convention).
 //!
-//! Method (../shared/GPU.md): CUDA events around each launch, warm-up first, median of many runs;
+//! Method (../shared/GPU.md): CUDA events around each launch, warm-up first, median of many runs,
+//! the timed launches queued behind a spinning kernel (so host launch overhead is not timed);
 //! when one batch's KV is smaller than 256 MiB, several copies of it (other slots / block tables)
 //! are used in turn so that timings are not L2 hits. KV holds random values (never zeros).
 
@@ -178,26 +179,29 @@ mod gpu {
     }
 
     /// Median and minimum of `iters` event-timed runs of `f(i)` after `warm` untimed ones (µs).
+    /// The timed runs are queued behind a spinning kernel, so the device runs them back to back
+    /// and the events time the device, not the host's launch overhead.
     fn time<F: FnMut(usize) -> Result<()>>(
-        ctx: &Arc<CudaContext>,
+        att: &Attention,
         stream: &Arc<CudaStream>,
         warm: usize,
         iters: usize,
         mut f: F,
     ) -> Result<(f64, f64)> {
+        let ctx = att.context();
         for i in 0..warm {
             f(i)?;
         }
         stream.synchronize()?;
         let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let mut events = Vec::with_capacity(iters);
-        for i in 0..iters {
-            let a = ctx.new_event(flags)?;
-            let b = ctx.new_event(flags)?;
+        let events: Vec<_> = (0..iters)
+            .map(|_| Ok((ctx.new_event(flags)?, ctx.new_event(flags)?)))
+            .collect::<Result<_>>()?;
+        att.spin(stream, 2000 + 100 * iters as u64)?;
+        for (i, (a, b)) in events.iter().enumerate() {
             a.record(stream)?;
             f(warm + i)?;
             b.record(stream)?;
-            events.push((a, b));
         }
         stream.synchronize()?;
         let mut t: Vec<f64> = events
@@ -379,12 +383,16 @@ mod gpu {
         }
     }
 
-    fn copy_bandwidth(ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>) -> Result<(u64, f64)> {
+    fn copy_bandwidth(
+        att: &Attention,
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+    ) -> Result<(u64, f64)> {
         let bytes = 1usize << 30;
         let a = DeviceBuffer::new(ctx, bytes)?;
         let b = DeviceBuffer::new(ctx, bytes)?;
         a.fill_bytes(0x3c)?;
-        let (med, _) = time(ctx, stream, 3, 20, |_| {
+        let (med, _) = time(att, stream, 3, 20, |_| {
             // SAFETY: two live allocations of `bytes` bytes.
             unsafe { result::memcpy_dtod_async(b.ptr(), a.ptr(), bytes, stream.cu_stream()) }?;
             Ok(())
@@ -398,7 +406,7 @@ mod gpu {
         let ctx = vmm.context().clone();
         let stream = ctx.default_stream();
         let att = Attention::new(&ctx).context("compiling the attention kernels")?;
-        let (copy_bytes, copy_us) = copy_bandwidth(&ctx, &stream)?;
+        let (copy_bytes, copy_us) = copy_bandwidth(&att, &ctx, &stream)?;
         let copy_tbps = 2.0 * copy_bytes as f64 / (copy_us * 1e-6) / 1e12;
         let modes = if args.modes.is_empty() {
             vec![
@@ -466,7 +474,7 @@ mod gpu {
                             for &sp in &splits {
                                 let plan = att.plan(&shape, sp)?;
                                 let scale = 1.0 / (d as f32).sqrt();
-                                let (med, min) = time(&ctx, &stream, 5, args.iters.max(1), |i| {
+                                let (med, min) = time(&att, &stream, 5, args.iters.max(1), |i| {
                                     let a = &kv.addrs[i % kv.addrs.len()];
                                     unsafe {
                                         att.decode(

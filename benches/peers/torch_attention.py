@@ -6,7 +6,8 @@ Decode of one query token per sequence with GQA is run in the form FlashAttentio
 path uses: the G query heads sharing a KV head become G query rows over that head
 (q [B, Hkv, G, D], k/v [B, Hkv, ctx, D], non-causal), so each back end reads K and V once, as
 vkv's kernel does. The native GQA call (q [B, Hq, 1, D], enable_gqa=True) is timed too where the
-back end accepts it. Timing: CUDA events around each call, warm-up first, median of --iters runs,
+back end accepts it. Timing: CUDA events around each call, warm-up first, median of --iters runs
+queued behind a sleeping kernel (so Python's launch overhead is not timed),
 several copies of the KV in turn when one is under 256 MiB (L2 is 50 MB). The device-to-device copy
 bandwidth (read + write) is measured in the same run. Prints a table (JSON with --json; --json-out FILE writes it too).
 """
@@ -26,6 +27,9 @@ def timed(fn, iters, warm=5):
         fn(i)
     torch.cuda.synchronize()
     ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    # Queue the timed calls behind a sleeping kernel (as vkv's bench does), so the events time the
+    # device and not Python's launch overhead.
+    torch.cuda._sleep(int((2000 + 300 * iters) * 2000))
     for i, (a, b) in enumerate(ev):
         a.record()
         fn(warm + i)
