@@ -54,6 +54,7 @@ def main():
     ap.add_argument("--heads", default="32/8")
     ap.add_argument("--head-dim", default="128")
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--flex", action="store_true", help="also FlexAttention (dense) at batch 64 x context 2048")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ap.add_argument("--json-out", help="also write the JSON report to this file")
     a = ap.parse_args()
@@ -88,6 +89,21 @@ def main():
                             except Exception as e:  # a back end that refuses a shape is reported, not fatal
                                 rows.append(dict(backend=name, form=form, batch=bsz, context=ctx, n_heads=hq,
                                                  n_kv_heads=hk, head_dim=d, error=str(e).splitlines()[0][:160]))
+                    if a.flex and (bsz, ctx) == (64, 2048):
+                        # FlexAttention (compiled once, at the headline shape only: each shape is a
+                        # compile), dense KV with native GQA. The paged form is not measured here.
+                        try:
+                            from torch.nn.attention.flex_attention import flex_attention
+                            flex = torch.compile(flex_attention, dynamic=False)
+                            fn = lambda i: flex(q_native, ks[i % copies], vs[i % copies], scale=scale, enable_gqa=True)
+                            med, mn = timed(fn, a.iters)
+                            tbps = kv_bytes / (med * 1e-6) / 1e12
+                            rows.append(dict(backend="flex", form="native-gqa", batch=bsz, context=ctx, n_heads=hq,
+                                             n_kv_heads=hk, head_dim=d, copies=copies, median_us=med, min_us=mn,
+                                             kv_bytes=kv_bytes, kv_tb_per_s=tbps, ratio_to_copy=tbps / copy_tbps))
+                        except Exception as e:
+                            rows.append(dict(backend="flex", form="native-gqa", batch=bsz, context=ctx, n_heads=hq,
+                                             n_kv_heads=hk, head_dim=d, error=str(e).splitlines()[0][:160]))
                     del ks, vs
                     torch.cuda.empty_cache()
     report = dict(device=dev, torch=torch.__version__, copy_bytes=nbytes, copy_median_us=copy_us,
