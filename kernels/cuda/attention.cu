@@ -104,9 +104,7 @@ struct Strided {
     u64 token_stride;
     __device__ __forceinline__ Strided(const u32* index, u64 outer, u64 ts, u32 b, u32)
         : seq_base((u64)index[b] * outer), token_stride(ts) {}
-    __device__ __forceinline__ u32 pre(u32) const { return 0; }
-    __device__ __forceinline__ u64 at(u32, u32 t) const { return seq_base + (u64)t * token_stride; }
-    __device__ __forceinline__ u64 at(u32 t) const { return at(0, t); }
+    __device__ __forceinline__ u64 at(u32 t) const { return seq_base + (u64)t * token_stride; }
     static __device__ __forceinline__ u32 capacity(u32 max_blocks) { return 0xffffffffu; }
 };
 
@@ -116,12 +114,9 @@ struct Paged {
     u64 block_stride, token_stride;
     __device__ __forceinline__ Paged(const u32* index, u64 outer, u64 ts, u32 b, u32 max_blocks)
         : row(index + (u64)b * max_blocks), block_stride(outer), token_stride(ts) {}
-    // The block-table read, issued ahead of the K / V loads that depend on it.
-    __device__ __forceinline__ u32 pre(u32 t) const { return __ldg(row + t / BS); }
-    __device__ __forceinline__ u64 at(u32 blk, u32 t) const {
-        return (u64)blk * block_stride + (u64)(t % BS) * token_stride;
+    __device__ __forceinline__ u64 at(u32 t) const {
+        return (u64)__ldg(row + t / BS) * block_stride + (u64)(t % BS) * token_stride;
     }
-    __device__ __forceinline__ u64 at(u32 t) const { return at(pre(t), t); }
     static __device__ __forceinline__ u32 capacity(u32 max_blocks) { return max_blocks * BS; }
 };
 
@@ -186,17 +181,8 @@ __device__ __forceinline__ void decode_body(const DecodeParams& p) {
     const u16* kb = (const u16*)p.k + (u64)kvh * p.head_stride + dl * 8;
     const u16* vb = (const u16*)p.v + (u64)kvh * p.head_stride + dl * 8;
 
-    // Block-table entries (paged) of the first iteration; later ones are read one iteration
-    // ahead, so that the K / V loads never wait for the table read they depend on.
-    u32 pre[U];
-    const u32 base0 = t_begin + warp * TPW;
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-        const u32 t = base0 + sub + u * NG;
-        pre[u] = t < t_end ? addr.pre(t) : 0;
-    }
     // The loop bound is uniform over the warp (shuffles below need every lane).
-    for (u32 base = base0; base < t_end; base += STEP) {
+    for (u32 base = t_begin + warp * TPW; base < t_end; base += STEP) {
         uint4 kr[U], vr[U];
         bool valid[U];
 #pragma unroll
@@ -204,18 +190,13 @@ __device__ __forceinline__ void decode_body(const DecodeParams& p) {
             const u32 t = base + sub + u * NG;
             valid[u] = t < t_end;
             if (valid[u]) {
-                const u64 off = addr.at(pre[u], t);
+                const u64 off = addr.at(t);
                 kr[u] = load_stream(kb + off);
                 vr[u] = load_stream(vb + off);
             } else {
                 kr[u] = make_uint4(0, 0, 0, 0);
                 vr[u] = make_uint4(0, 0, 0, 0);
             }
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const u32 t = base + STEP + sub + u * NG;
-            pre[u] = t < t_end ? addr.pre(t) : 0;
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {

@@ -354,9 +354,10 @@ impl Attention {
 
     /// The split plan for a shape: no split when the (KV head, sequence) CTAs already fill 90 % of
     /// what the GPU holds at once (multiprocessors × the kernel's occupancy); otherwise as many
-    /// splits as it takes to fill it, with at least 256 tokens per split. (Measured on H100 at
-    /// batch 64 × context 2048, 32/8 heads: 1 split 185 µs, 2 splits 191 µs; at batch 8, 8 splits
-    /// 34 µs, 1 split 97 µs.) `splits` forces a number instead.
+    /// splits as fit in that one wave, with at least 256 tokens per split. (Measured on H100, 32/8
+    /// heads: batch 64 × context 2048, 1 split 185 µs, 2 splits 191 µs; batch 8 × 16384, 8 splits
+    /// (one wave) 189 µs, 9 splits (a second, partial wave) 255 µs, 1 split 727 µs.) `splits`
+    /// forces a number instead.
     pub fn plan(&self, shape: &DecodeShape, splits: Option<usize>) -> Result<DecodePlan> {
         check_shape(shape)?;
         let group = shape.n_heads / shape.n_kv_heads;
@@ -369,9 +370,21 @@ impl Attention {
         let max_ctx = shape.max_context.max(1);
         let splits = match splits {
             Some(s) => s.clamp(1, max_ctx),
-            None => (4 * self.sms)
-                .div_ceil(base)
-                .clamp(1, max_ctx.div_ceil(256)),
+            None => {
+                let name = format!("decode_bf16_d{}_g{gmax}_strided", shape.head_dim);
+                let per_sm = self
+                    .function(&name)?
+                    .occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)
+                    .map_err(driver("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?
+                    .max(1) as usize;
+                let resident = self.sms * per_sm;
+                if base * 10 >= resident * 9 {
+                    1
+                } else {
+                    // Round down: a second, partial wave costs more than a few idle slots.
+                    (resident / base).clamp(1, max_ctx.div_ceil(256))
+                }
+            }
         };
         if splits > 65535 {
             return Err(KernelError::Shape(format!(
