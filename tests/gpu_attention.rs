@@ -1,12 +1,14 @@
 //! The CUDA attention kernels against the CPU reference (`vkv_kernels::cpu::attention`), on a GPU.
 //!
-//! Every decode kernel × addressing mode (plain strided tensor, a `KvSpace` on `CudaVmm` with real
-//! 2 MiB pages in both layouts, paged with blocks of 16 and 32 scattered at random) × dtype (bf16,
-//! f16) × head dim (64, 128), with GQA ratios 1, 2, 4, 6 and 16, ragged context lengths that cross
-//! page and block boundaries, and split counts 1, automatic and 5. The KV is written by the append
-//! kernel (checked bit for bit by reading the memory back), outputs are poisoned with NaN before
-//! each launch, inputs are fresh random numbers each run (seed printed; `VKV_SEED` repeats one), and
-//! each sequence's output must be within 1e-2 relative error (L2) of the f32 reference, NaN-free.
+//! Every decode and prefill kernel × addressing mode (plain strided tensor, a `KvSpace` on
+//! `CudaVmm` with real 2 MiB pages in both layouts, paged with blocks of 16 and 32 scattered at
+//! random) × dtype (bf16, f16) × head dim (64, 128), with GQA ratios 1, 2, 4, 6 and 16, ragged
+//! context lengths that cross page and block boundaries, decode split counts 1, automatic and 5,
+//! and prefill over ragged chunks (whole short prompts, and chunks at the end of long cached
+//! prefixes). The KV is written by the append kernel (checked bit for bit by reading the memory
+//! back), outputs are poisoned with NaN before each launch, inputs are fresh random numbers each
+//! run (seed printed; `VKV_SEED` repeats one), and each sequence's output must be within 1e-2
+//! relative error (L2) of the f32 reference, NaN-free.
 //!
 //! `VKV_ATTENTION_SMALL=1` keeps only contexts up to 1100 tokens (for `compute-sanitizer`).
 //!
@@ -18,7 +20,7 @@ use std::sync::Arc;
 use vkv_kernels::cpu::{attention, Heads, KvRef};
 use vkv_kernels::cuda::{
     compile_module_in, AppendArgs, Attention, CacheOutcome, DecodeArgs, DecodeShape,
-    DecodeWorkspace, DeviceBuffer, Dtype, KernelError, KvAddress,
+    DecodeWorkspace, DeviceBuffer, Dtype, KernelError, KvAddress, PrefillArgs, PrefillShape,
 };
 use vkv_kernels::half::{bf16, f16};
 use vkv_vmm::{probe_cuda, CudaVmm, KvLayout, KvSpace, KvSpaceConfig, PhysicalMemory};
@@ -459,6 +461,121 @@ fn run_case(vmm: &Arc<CudaVmm>, att: &Attention, rng: &mut Rng, c: &Case) -> f32
                 c.mode
             );
         }
+    }
+    let prefill_worst = check_prefill(vmm, att, rng, c, &p, &kv_host, scale, heads);
+    worst.max(prefill_worst)
+}
+
+/// Prefill: each sequence's last `q_len` tokens are a chunk whose prefix is cached; compare every
+/// query row with the CPU reference over positions `0 ..= its own`.
+#[allow(clippy::too_many_arguments)]
+fn check_prefill(
+    vmm: &Arc<CudaVmm>,
+    att: &Attention,
+    rng: &mut Rng,
+    c: &Case,
+    p: &Placement,
+    kv_host: &[HostKv],
+    scale: f32,
+    heads: Heads,
+) -> f32 {
+    let ctx = vmm.context();
+    let stream = ctx.default_stream();
+    let (b, d, hq, hk) = (c.lens.len(), c.head_dim, c.n_heads, c.n_kv);
+    let row = hk * d;
+    // Chunk lengths: whole prompts for short sequences, 1..=cap otherwise (the CPU reference
+    // costs q_len × context).
+    let q_lens: Vec<usize> = c
+        .lens
+        .iter()
+        .map(|&l| match l {
+            0..=150 => l,
+            151..=2000 => 1 + rng.below(150),
+            _ => 1 + rng.below(40),
+        })
+        .collect();
+    let mut q_start = vec![0u32];
+    for &n in &q_lens {
+        q_start.push(q_start.last().unwrap() + n as u32);
+    }
+    let total = *q_start.last().unwrap() as usize;
+    let (q_bits, q) = random_values(rng, c.dtype, total * hq * d, 2.0);
+    // Reference, one thread per sequence.
+    let mut reference = vec![0f32; total * hq * d];
+    std::thread::scope(|scope| {
+        let mut rest = reference.as_mut_slice();
+        for s in 0..b {
+            let (mine, tail) = rest.split_at_mut(q_lens[s] * hq * d);
+            rest = tail;
+            let (q, kvh, l, n, q0) = (&q, &kv_host[s], c.lens[s], q_lens[s], q_start[s] as usize);
+            scope.spawn(move || {
+                let (mut k, mut v) = (kvh.0 .1.clone(), kvh.1 .1.clone());
+                let kr = KvRef::Strided {
+                    k: k.as_mut_ptr(),
+                    v: v.as_mut_ptr(),
+                    token_stride: row,
+                    head_stride: d,
+                };
+                for i in 0..n {
+                    let pos = l - n + i;
+                    let qr = &q[(q0 + i) * hq * d..(q0 + i + 1) * hq * d];
+                    let out = &mut mine[i * hq * d..(i + 1) * hq * d];
+                    unsafe { attention(qr, &kr, pos + 1, heads, scale, out) };
+                }
+            });
+        }
+    });
+    let shape = PrefillShape {
+        batch: b,
+        n_heads: hq,
+        n_kv_heads: hk,
+        head_dim: d,
+        max_q_len: *q_lens.iter().max().unwrap(),
+        max_context: *c.lens.iter().max().unwrap(),
+    };
+    let qd = DeviceBuffer::from_slice(ctx, &q_bits).unwrap();
+    let out = DeviceBuffer::new(ctx, total * hq * d * 2).unwrap();
+    out.fill_bytes(0xFF).unwrap();
+    let qs = DeviceBuffer::from_slice(ctx, &q_start).unwrap();
+    let lens: Vec<u32> = c.lens.iter().map(|&l| l as u32).collect();
+    let lens_d = DeviceBuffer::from_slice(ctx, &lens).unwrap();
+    let args = PrefillArgs {
+        q: qd.ptr(),
+        out: out.ptr(),
+        q_start: qs.ptr(),
+        lens: lens_d.ptr(),
+    };
+    unsafe { att.prefill(&stream, c.dtype, &shape, &args, &p.kv, scale) }.expect("prefill launch");
+    stream.synchronize().expect("prefill ran");
+    let mut got = vec![0u16; total * hq * d];
+    out.download(0, &mut got).unwrap();
+    let mut worst = 0f32;
+    for s in 0..b {
+        let range = q_start[s] as usize * hq * d..q_start[s + 1] as usize * hq * d;
+        let (mut num, mut den) = (0f64, 0f64);
+        for i in range {
+            let g = from_bits(c.dtype, got[i]);
+            assert!(
+                g.is_finite(),
+                "prefill {:?} {:?} d{d} {hq}/{hk}: NaN/inf at seq {s} (len {}, chunk {}) elem {i}",
+                c.dtype,
+                c.mode,
+                c.lens[s],
+                q_lens[s]
+            );
+            num += ((g - reference[i]) as f64).powi(2);
+            den += (reference[i] as f64).powi(2);
+        }
+        let rel = (num / den.max(1e-30)).sqrt() as f32;
+        worst = worst.max(rel);
+        assert!(
+            rel <= 1e-2,
+            "prefill {:?} {:?} d{d} {hq}/{hk}: seq {s} (len {}, chunk {}) relative error {rel}",
+            c.dtype,
+            c.mode,
+            c.lens[s],
+            q_lens[s]
+        );
     }
     worst
 }

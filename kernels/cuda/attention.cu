@@ -313,6 +313,221 @@ DECODE_A(bf16, Bf16, 128)
 DECODE_A(f16, F16, 64)
 DECODE_A(f16, F16, 128)
 
+// ---- prefill ---------------------------------------------------------------------------------
+//
+// Causal attention of a ragged batch of query chunks whose K / V (prefix and the chunk itself) are
+// already in the cache (chunked prefill). FlashAttention-2's schedule (Dao, 2023): a CTA of 4 warps
+// owns 64 query rows of one query head (16 rows a warp, so no communication between warps), walks
+// the keys in tiles of 64 staged in shared memory, computes S = Q·Kᵀ and O += P·V with tensor-core
+// mma.sync.m16n8k16 (f32 accumulation), and keeps the online softmax in registers; P is rounded to
+// the input type for the second product, as FlashAttention does. Tiles are loaded synchronously
+// (no cp.async / TMA pipeline yet) and each query head reads its KV head's tiles itself.
+
+struct PrefillParams {
+    u64 q;            // [total_q][n_heads][D], sequences packed one after another
+    u64 k, v;
+    u64 out;          // like q
+    u64 q_start;      // u32 [batch + 1]: first query row of each sequence
+    u64 lens;         // u32 [batch]: context length including the chunk
+    u64 index;
+    u64 outer_stride, token_stride, head_stride;
+    u32 batch, n_heads, n_kv_heads, group;
+    u32 max_blocks, max_context;
+    float scale_log2;
+    u32 pad;
+};
+
+template <typename T> struct Mma;
+template <> struct Mma<Bf16> {
+    static __device__ __forceinline__ void run(float* c, const u32* a, u32 b0, u32 b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+template <> struct Mma<F16> {
+    static __device__ __forceinline__ void run(float* c, const u32* a, u32 b0, u32 b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+            "{%8,%9}, {%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+
+template <typename T>
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    return (u32)T::from_float(lo) | ((u32)T::from_float(hi) << 16);
+}
+
+template <typename T, int D, typename Addr>
+__device__ __forceinline__ void prefill_body(const PrefillParams& p) {
+    constexpr int BM = 64, BN = 64, LD = D + 8;  // +8 elements: conflict-free fragment reads
+    __shared__ __align__(16) u16 ks[BN][LD];
+    __shared__ __align__(16) u16 vs[BN][LD];
+
+    const u32 b = blockIdx.z, h = blockIdx.y, tile = blockIdx.x;
+    const u32 qs = ((const u32*)p.q_start)[b];
+    const int qlen = (int)(((const u32*)p.q_start)[b + 1] - qs);
+    if ((int)(tile * BM) >= qlen) return;  // uniform over the CTA
+    u32 ctxu = min(((const u32*)p.lens)[b], p.max_context);
+    ctxu = min(ctxu, Addr::capacity(p.max_blocks));
+    const int ctx = (int)ctxu;
+    const int pos0 = ctx - qlen;  // position of the chunk's first query
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+    const int row0 = tile * BM + warp * 16;
+    const u64 qrow = (u64)p.n_heads * D;
+    const u16* qp = (const u16*)p.q + (u64)qs * qrow + (u64)h * D;
+
+    // Q fragments (A operand, row-major 16 x 16 per k-step).
+    u32 qa[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int i = row0 + g + 8 * r;
+            const bool ok = i < qlen;
+            const u16* src = qp + (u64)(ok ? i : 0) * qrow + kk * 16 + 2 * t4;
+            qa[kk][r] = ok ? *(const u32*)src : 0u;
+            qa[kk][r + 2] = ok ? *(const u32*)(src + 8) : 0u;
+        }
+    }
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[j][e] = 0.f;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
+    const int pos_row[2] = {pos0 + row0 + g, pos0 + row0 + g + 8};
+    const int kv_end = min(ctx, pos0 + (int)(tile * BM + BM));  // keys any row of the CTA needs
+    const int warp_last = pos0 + row0 + 15;                      // last position of this warp
+    const u32 kvh = h / p.group;
+    const Addr addr((const u32*)p.index, p.outer_stride, p.token_stride, b, p.max_blocks);
+    const u16* kb = (const u16*)p.k + (u64)kvh * p.head_stride;
+    const u16* vb = (const u16*)p.v + (u64)kvh * p.head_stride;
+
+    for (int n0 = 0; n0 < kv_end; n0 += BN) {
+        __syncthreads();
+        for (int c = tid; c < BN * D / 8; c += NWARPS * 32) {
+            const int r = c / (D / 8), cc = c % (D / 8);
+            const int tok = n0 + r;
+            uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
+            if (tok < kv_end) {
+                const u64 off = addr.at((u32)tok) + cc * 8;
+                kv4 = *(const uint4*)(kb + off);
+                vv4 = *(const uint4*)(vb + off);
+            }
+            *(uint4*)&ks[r][cc * 8] = kv4;
+            *(uint4*)&vs[r][cc * 8] = vv4;
+        }
+        __syncthreads();
+        if (n0 > warp_last) continue;  // every row of this warp is before this tile
+
+        float s[BN / 8][4];
+#pragma unroll
+        for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j) {
+                const u32 b0 = *(const u32*)&ks[j * 8 + g][kk * 16 + 2 * t4];
+                const u32 b1 = *(const u32*)&ks[j * 8 + g][kk * 16 + 8 + 2 * t4];
+                Mma<T>::run(s[j], qa[kk], b0, b1);
+            }
+        }
+        // Scale, causal mask, online softmax (each row lives in the 4 lanes of one quad).
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int col = n0 + j * 8 + 2 * t4 + e;
+                    float v = s[j][2 * r + e] * p.scale_log2;
+                    if (col > pos_row[r] || col >= kv_end) v = NEG_INF;
+                    s[j][2 * r + e] = v;
+                    mx = fmaxf(mx, v);
+                }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m[r], mx);
+            const float corr = m_new == NEG_INF ? 1.f : exp2f(m[r] - m_new);
+            m[r] = m_new;
+            l[r] *= corr;
+#pragma unroll
+            for (int j = 0; j < D / 8; ++j) {
+                o[j][2 * r] *= corr;
+                o[j][2 * r + 1] *= corr;
+            }
+            float sum = 0.f;
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float pe = m_new == NEG_INF ? 0.f : exp2f(s[j][2 * r + e] - m_new);
+                    s[j][2 * r + e] = pe;
+                    sum += pe;
+                }
+            l[r] += sum;
+        }
+        // O += P · V: P from the S accumulators (C layout = A layout), V as the col-major B operand.
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            u32 a[4];
+            a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+            a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+            a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            const int tk = kk * 16 + 2 * t4;
+#pragma unroll
+            for (int j = 0; j < D / 8; ++j) {
+                const int col = j * 8 + g;
+                const u32 b0 = (u32)vs[tk][col] | ((u32)vs[tk + 1][col] << 16);
+                const u32 b1 = (u32)vs[tk + 8][col] | ((u32)vs[tk + 9][col] << 16);
+                Mma<T>::run(o[j], a, b0, b1);
+            }
+        }
+    }
+
+    u16* op = (u16*)p.out + (u64)qs * qrow + (u64)h * D;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float L = l[r];
+        L += __shfl_xor_sync(0xffffffffu, L, 1);
+        L += __shfl_xor_sync(0xffffffffu, L, 2);
+        const float inv = L > 0.f ? 1.f / L : 0.f;
+        const int i = row0 + g + 8 * r;
+        if (i < qlen) {
+#pragma unroll
+            for (int j = 0; j < D / 8; ++j)
+                *(u32*)(op + (u64)i * qrow + j * 8 + 2 * t4) =
+                    pack2<T>(o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
+        }
+    }
+}
+
+#define PREFILL(TN, T, D, AN, A)                                                        \
+    extern "C" __global__ void __launch_bounds__(NWARPS * 32)                           \
+        prefill_##TN##_d##D##_##AN(const PrefillParams p) {                             \
+        prefill_body<T, D, A>(p);                                                       \
+    }
+#define PREFILL_A(TN, T, D)                \
+    PREFILL(TN, T, D, strided, Strided)    \
+    PREFILL(TN, T, D, paged16, Paged<16>)  \
+    PREFILL(TN, T, D, paged32, Paged<32>)
+
+PREFILL_A(bf16, Bf16, 64)
+PREFILL_A(bf16, Bf16, 128)
+PREFILL_A(f16, F16, 64)
+PREFILL_A(f16, F16, 128)
+
 // ---- KV append -------------------------------------------------------------------------------
 
 // One thread per 16 bytes of the new tokens' K (and the same of V); element type does not matter.

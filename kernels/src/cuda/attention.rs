@@ -270,6 +270,57 @@ struct AppendParams {
 // SAFETY: plain old data laid out as the C struct `AppendParams` of attention.cu.
 unsafe impl DeviceRepr for AppendParams {}
 
+/// Shape of one prefill launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefillShape {
+    pub batch: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Upper bound of the chunk lengths (query rows per sequence).
+    pub max_q_len: usize,
+    /// Upper bound of the context lengths (prefix + chunk).
+    pub max_context: usize,
+}
+
+/// Device buffers of one prefill launch. `q` and `out` are `[total_q][n_heads][head_dim]` with
+/// the chunks of the sequences one after another; `q_start` is `u32[batch + 1]` (sequence `b`'s
+/// rows are `q_start[b] .. q_start[b + 1]`); `lens` is `u32[batch]`, each sequence's context
+/// length counting its chunk, whose K and V must already be appended: query row `i` of sequence
+/// `b` is at position `lens[b] − chunk_len + i` and attends to positions `0 ..= that`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefillArgs {
+    pub q: u64,
+    pub out: u64,
+    pub q_start: u64,
+    pub lens: u64,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct PrefillParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    out: u64,
+    q_start: u64,
+    lens: u64,
+    index: u64,
+    outer_stride: u64,
+    token_stride: u64,
+    head_stride: u64,
+    batch: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    group: u32,
+    max_blocks: u32,
+    max_context: u32,
+    scale_log2: f32,
+    pad: u32,
+}
+// SAFETY: plain old data laid out as the C struct `PrefillParams` of attention.cu.
+unsafe impl DeviceRepr for PrefillParams {}
+
 /// Device buffers of one append: `k_new` and `v_new` are `[n_tokens][n_kv_heads][head_dim]`;
 /// `seq` and `pos` are `u32[n_tokens]` (the sequence — slot index or block-table row — and the
 /// position of each new token).
@@ -307,6 +358,9 @@ impl Attention {
         ];
         for t in ["bf16", "f16"] {
             for d in [64, 128] {
+                for a in ["strided", "paged16", "paged32"] {
+                    names.push(format!("prefill_{t}_d{d}_{a}"));
+                }
                 names.push(format!("decode_reduce_{t}_d{d}"));
                 for g in [1, 2, 4, 8] {
                     for a in ["strided", "paged16", "paged32"] {
@@ -623,6 +677,102 @@ impl Attention {
 }
 
 impl Attention {
+    /// Causal prefill attention of a ragged batch of query chunks over their cached prefix and
+    /// themselves (see [`PrefillArgs`]), FlashAttention-2 style on tensor cores. Asynchronous on
+    /// `stream`.
+    ///
+    /// # Safety
+    /// All pointers must be device memory of this context, valid for the launch: `q` and `out` of
+    /// `q_start[batch] · n_heads · head_dim` elements, chunk lengths ≤ `max_q_len` and ≤ `lens[b]`,
+    /// `lens[b]` ≤ `max_context`, and the KV addressed for every sequence must hold `lens[b]`
+    /// written tokens.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn prefill(
+        &self,
+        stream: &CudaStream,
+        dtype: Dtype,
+        shape: &PrefillShape,
+        args: &PrefillArgs,
+        kv: &KvAddress,
+        scale: f32,
+    ) -> Result<()> {
+        check_shape(&DecodeShape {
+            batch: shape.batch,
+            n_heads: shape.n_heads,
+            n_kv_heads: shape.n_kv_heads,
+            head_dim: shape.head_dim,
+            max_context: shape.max_context,
+        })?;
+        kv.check()?;
+        aligned("q pointer", args.q, 16)?;
+        aligned("out pointer", args.out, 16)?;
+        aligned("q_start pointer", args.q_start, 4)?;
+        aligned("lens pointer", args.lens, 4)?;
+        if !scale.is_finite() {
+            return Err(KernelError::Shape(format!("softmax scale {scale}")));
+        }
+        if shape.max_q_len == 0 {
+            return Ok(());
+        }
+        let tiles = shape.max_q_len.div_ceil(64);
+        if tiles > i32::MAX as usize || shape.n_heads > 65535 {
+            return Err(KernelError::Shape(format!(
+                "{tiles} query tiles × {} heads: over the grid limits",
+                shape.n_heads
+            )));
+        }
+        if let KvAddress::Paged {
+            max_blocks,
+            block_size,
+            ..
+        } = *kv
+        {
+            let cap = max_blocks as usize * block_size as usize;
+            if shape.max_context > cap {
+                return Err(KernelError::Shape(format!(
+                    "max_context {} exceeds the block table's {max_blocks} blocks × {block_size} tokens",
+                    shape.max_context
+                )));
+            }
+        }
+        let (k, v, index, outer, token, head, max_blocks, addr) = kv.parts();
+        let params = PrefillParams {
+            q: args.q,
+            k,
+            v,
+            out: args.out,
+            q_start: args.q_start,
+            lens: args.lens,
+            index,
+            outer_stride: outer,
+            token_stride: token,
+            head_stride: head,
+            batch: shape.batch as u32,
+            n_heads: shape.n_heads as u32,
+            n_kv_heads: shape.n_kv_heads as u32,
+            group: (shape.n_heads / shape.n_kv_heads) as u32,
+            max_blocks,
+            max_context: shape.max_context as u32,
+            scale_log2: scale * std::f32::consts::LOG2_E,
+            pad: 0,
+        };
+        let f = self.function(&format!(
+            "prefill_{}_d{}_{addr}",
+            dtype.name(),
+            shape.head_dim
+        ))?;
+        let cfg = LaunchConfig {
+            grid_dim: (tiles as u32, shape.n_heads as u32, shape.batch as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = stream.launch_builder(f);
+        launch.arg(&params);
+        // SAFETY: the caller guarantees the memory; the shape was checked above.
+        unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(prefill)"))?;
+        Ok(())
+    }
+
     /// Keep `stream` busy for about `micros` µs (a benchmark queues its timed launches behind
     /// this, so that events time the device and not the host's launch overhead).
     pub fn spin(&self, stream: &CudaStream, micros: u64) -> Result<()> {

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 pub use attention::{
     AppendArgs, Attention, DecodeArgs, DecodePlan, DecodeShape, DecodeWorkspace, Dtype, KvAddress,
+    PrefillArgs, PrefillShape,
 };
 pub use buffer::DeviceBuffer;
 pub use compile::{compile_cubin, compile_module, compile_module_in, CacheOutcome, Compiled};
