@@ -1,4 +1,5 @@
-//! `vkv bench kernels`: the CUDA decode-attention kernel over a grid of (batch, context, heads,
+//! `vkv bench kernels`: the CUDA decode-attention kernel (and the prefill kernel, in TFLOP/s of
+//! the causal (query, key) pairs) over a grid of (batch, context, heads,
 //! head dim), in every addressing mode — strided on a `CudaVmm` `KvSpace` (per-layer and
 //! token-major, real 2 MiB pages), strided on a plain allocation, paged with blocks of 16 and 32
 //! scattered at random over the pool (as after hours of serving) — reporting the median time, KV
@@ -55,9 +56,38 @@ pub struct Args {
     /// Timed launches per point (the median is reported).
     #[arg(long, default_value_t = 50)]
     iters: usize,
+    /// Prefill: batch sizes (each sequence one causal chunk), comma-separated; empty skips prefill.
+    #[arg(long = "prefill-batch", value_delimiter = ',', default_value = "1,4")]
+    prefill_batch: Vec<usize>,
+    /// Prefill: context lengths, comma-separated.
+    #[arg(
+        long = "prefill-context",
+        value_delimiter = ',',
+        default_value = "1024,4096"
+    )]
+    prefill_context: Vec<usize>,
+    /// Prefill: chunk lengths (query tokens at the end of each context; 0 = the whole context).
+    #[arg(long = "prefill-chunk", value_delimiter = ',', default_value = "0,512")]
+    prefill_chunk: Vec<usize>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct PrefillRow {
+    mode: ModeChoice,
+    batch: usize,
+    context: usize,
+    chunk: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    median_us: f64,
+    min_us: f64,
+    /// 4 · head_dim · n_heads · (query, key) pairs under the causal mask.
+    flops: f64,
+    tflop_per_s: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -88,6 +118,7 @@ struct Report {
     /// Device-to-device copy: (bytes read + bytes written) / median time.
     copy_tb_per_s: f64,
     rows: Vec<Row>,
+    prefill: Vec<PrefillRow>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -148,6 +179,25 @@ fn print_table(r: &Report) {
             100.0 * x.ratio_to_copy
         );
     }
+    if !r.prefill.is_empty() {
+        println!(
+            "{:<16} {:>5} {:>7} {:>6} {:>6} {:>4} {:>10} {:>9}",
+            "prefill mode", "batch", "context", "chunk", "heads", "dim", "median us", "TFLOP/s"
+        );
+    }
+    for x in &r.prefill {
+        println!(
+            "{:<16} {:>5} {:>7} {:>6} {:>6} {:>4} {:>10.1} {:>9.1}",
+            format!("{:?}", x.mode),
+            x.batch,
+            x.context,
+            x.chunk,
+            format!("{}/{}", x.n_heads, x.n_kv_heads),
+            x.head_dim,
+            x.median_us,
+            x.tflop_per_s
+        );
+    }
 }
 
 fn parse_heads(s: &str) -> Result<(usize, usize)> {
@@ -165,10 +215,11 @@ mod gpu {
     use vkv_kernels::cuda::cudarc::driver::{result, sys, CudaContext, CudaStream};
     use vkv_kernels::cuda::{
         Attention, DecodeArgs, DecodeShape, DecodeWorkspace, DeviceBuffer, Dtype, KvAddress,
+        PrefillArgs, PrefillShape,
     };
     use vkv_vmm::{CudaVmm, KvLayout, KvSpace, KvSpaceConfig};
 
-    use super::{parse_heads, Args, ModeChoice, Report, Row};
+    use super::{parse_heads, Args, ModeChoice, PrefillRow, Report, Row};
 
     /// Bytes of KV one timed launch should not fit under (L2 is 50 MB on H100).
     const ROTATE_BYTES: u64 = 256 << 20;
@@ -519,7 +570,106 @@ mod gpu {
                 }
             }
         }
-        if rows.is_empty() {
+        let mut prefill = Vec::new();
+        for h in &args.heads {
+            let (hq, hk) = parse_heads(h)?;
+            for &d in &args.head_dim {
+                for &batch in &args.prefill_batch {
+                    for &context in &args.prefill_context {
+                        for &chunk in &args.prefill_chunk {
+                            let q_len = if chunk == 0 {
+                                context
+                            } else {
+                                chunk.min(context)
+                            };
+                            if chunk > context {
+                                continue;
+                            }
+                            let total = batch * q_len;
+                            let q = DeviceBuffer::new(&ctx, total * hq * d * 2)?;
+                            unsafe {
+                                att.fill_uniform(&stream, q.ptr(), total * hq * d, Dtype::Bf16, 9)
+                            }?;
+                            let out = DeviceBuffer::new(&ctx, total * hq * d * 2)?;
+                            let starts: Vec<u32> =
+                                (0..=batch).map(|b| (b * q_len) as u32).collect();
+                            let q_start = DeviceBuffer::from_slice(&ctx, &starts)?;
+                            let lens =
+                                DeviceBuffer::from_slice(&ctx, &vec![context as u32; batch])?;
+                            let shape = PrefillShape {
+                                batch,
+                                n_heads: hq,
+                                n_kv_heads: hk,
+                                head_dim: d,
+                                max_q_len: q_len,
+                                max_context: context,
+                            };
+                            let pargs = PrefillArgs {
+                                q: q.ptr(),
+                                out: out.ptr(),
+                                q_start: q_start.ptr(),
+                                lens: lens.ptr(),
+                            };
+                            // Causal (query, key) pairs: query i of the chunk sees context − q_len + i + 1 keys.
+                            let pairs: f64 = (0..q_len)
+                                .map(|i| (context - q_len + i + 1) as f64)
+                                .sum::<f64>()
+                                * batch as f64;
+                            let flops = 4.0 * d as f64 * hq as f64 * pairs;
+                            for &mode in &modes {
+                                let kv = build(
+                                    &vmm,
+                                    &att,
+                                    &stream,
+                                    mode,
+                                    1,
+                                    batch,
+                                    context,
+                                    hk,
+                                    d,
+                                    args.token_major_layers,
+                                    &mut seed,
+                                )?;
+                                stream.synchronize()?;
+                                let scale = 1.0 / (d as f32).sqrt();
+                                let (med, min) =
+                                    time(&att, &stream, 3, args.iters.clamp(1, 20), |_| {
+                                        unsafe {
+                                            att.prefill(
+                                                &stream,
+                                                Dtype::Bf16,
+                                                &shape,
+                                                &pargs,
+                                                &kv.addrs[0],
+                                                scale,
+                                            )
+                                        }?;
+                                        Ok(())
+                                    })?;
+                                let tflops = flops / (med * 1e-6) / 1e12;
+                                eprintln!(
+                                    "prefill {mode:?} b{batch} ctx{context} chunk{q_len} {hq}/{hk} d{d}: {med:.1} us, {tflops:.1} TFLOP/s"
+                                );
+                                prefill.push(PrefillRow {
+                                    mode,
+                                    batch,
+                                    context,
+                                    chunk: q_len,
+                                    n_heads: hq,
+                                    n_kv_heads: hk,
+                                    head_dim: d,
+                                    median_us: med,
+                                    min_us: min,
+                                    flops,
+                                    tflop_per_s: tflops,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if rows.is_empty() && prefill.is_empty() {
             bail!("empty grid");
         }
         Ok(Report {
@@ -530,6 +680,7 @@ mod gpu {
             copy_median_us: copy_us,
             copy_tb_per_s: copy_tbps,
             rows,
+            prefill,
         })
     }
 }

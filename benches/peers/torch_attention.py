@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch peer of `vkv bench kernels`: decode attention over the same grid through SDPA's flash
-and cuDNN back ends, on the GPU machine (python3 there has PyTorch).
+and cuDNN back ends (and dense FlexAttention with --flex), plus causal prefill of whole prompts
+(TFLOP/s counting the causal pairs only), on the GPU machine (python3 there has PyTorch).
 
 Decode of one query token per sequence with GQA is run in the form FlashAttention's own decode
 path uses: the G query heads sharing a KV head become G query rows over that head
@@ -54,6 +55,8 @@ def main():
     ap.add_argument("--heads", default="32/8")
     ap.add_argument("--head-dim", default="128")
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--prefill-batch", default="1,4")
+    ap.add_argument("--prefill-context", default="1024,4096")
     ap.add_argument("--flex", action="store_true", help="also FlexAttention (dense) at batch 64 x context 2048")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ap.add_argument("--json-out", help="also write the JSON report to this file")
@@ -106,8 +109,30 @@ def main():
                                              n_kv_heads=hk, head_dim=d, error=str(e).splitlines()[0][:160]))
                     del ks, vs
                     torch.cuda.empty_cache()
+    prefill = []
+    for heads in a.heads.split(","):
+        hq, hk = (int(x) for x in heads.split("/"))
+        for d in (int(x) for x in a.head_dim.split(",")):
+            for bsz in (int(x) for x in a.prefill_batch.split(",") if x):
+                for n in (int(x) for x in a.prefill_context.split(",") if x):
+                    q = torch.rand(bsz, hq, n, d, device="cuda", dtype=torch.bfloat16) * 2 - 1
+                    k = torch.rand(bsz, hk, n, d, device="cuda", dtype=torch.bfloat16) * 2 - 1
+                    v = torch.rand(bsz, hk, n, d, device="cuda", dtype=torch.bfloat16) * 2 - 1
+                    flops = 4.0 * d * hq * bsz * n * (n + 1) / 2
+                    for name, be in backends:
+                        try:
+                            with sdpa_kernel([be]):
+                                fn = lambda i: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+                                med, mn = timed(fn, min(a.iters, 20), warm=3)
+                            prefill.append(dict(backend=name, batch=bsz, context=n, n_heads=hq, n_kv_heads=hk,
+                                                head_dim=d, median_us=med, min_us=mn, flops=flops,
+                                                tflop_per_s=flops / (med * 1e-6) / 1e12))
+                        except Exception as e:
+                            prefill.append(dict(backend=name, batch=bsz, context=n, n_heads=hq, n_kv_heads=hk,
+                                                head_dim=d, error=str(e).splitlines()[0][:160]))
+                    del q, k, v
     report = dict(device=dev, torch=torch.__version__, copy_bytes=nbytes, copy_median_us=copy_us,
-                  copy_tb_per_s=copy_tbps, rows=rows)
+                  copy_tb_per_s=copy_tbps, rows=rows, prefill=prefill)
     if a.json_out:
         with open(a.json_out, "w") as f:
             json.dump(report, f, indent=1)
@@ -122,6 +147,13 @@ def main():
         else:
             print(f"{r['backend']:<8} {r['form']:<11} {r['batch']:>5} {r['context']:>7} {r['n_heads']:>3}/{r['n_kv_heads']:<2} {r['head_dim']:>4} "
                   f"{r['median_us']:>10.1f} {r['kv_tb_per_s']:>8.3f} {100 * r['ratio_to_copy']:>7.1f}%")
+    print(f"causal prefill: {'backend':<8} {'batch':>5} {'context':>7} {'heads':>6} {'dim':>4} {'median us':>10} {'TFLOP/s':>8}")
+    for r in prefill:
+        if "error" in r:
+            print(f"causal prefill: {r['backend']:<8} {r['batch']:>5} {r['context']:>7}  unsupported: {r['error']}")
+        else:
+            print(f"causal prefill: {r['backend']:<8} {r['batch']:>5} {r['context']:>7} {r['n_heads']:>3}/{r['n_kv_heads']:<2} "
+                  f"{r['head_dim']:>4} {r['median_us']:>10.1f} {r['tflop_per_s']:>8.1f}")
 
 
 if __name__ == "__main__":
