@@ -319,9 +319,10 @@ DECODE_A(f16, F16, 128)
 // already in the cache (chunked prefill). FlashAttention-2's schedule (Dao, 2023): a CTA of 4 warps
 // owns 64 query rows of one query head (16 rows a warp, so no communication between warps), walks
 // the keys in tiles of 64 staged in shared memory, computes S = Q·Kᵀ and O += P·V with tensor-core
-// mma.sync.m16n8k16 (f32 accumulation), and keeps the online softmax in registers; P is rounded to
-// the input type for the second product, as FlashAttention does. Tiles are loaded synchronously
-// (no cp.async / TMA pipeline yet) and each query head reads its KV head's tiles itself.
+// mma.sync.m16n8k16 (f32 accumulation; fragments through ldmatrix, V with .trans), and keeps the
+// online softmax in registers; P is rounded to the input type for the second product, as
+// FlashAttention does. K / V tiles are double-buffered with cp.async (the next tile loads while
+// this one is computed); each query head reads its KV head's tiles itself (from L2 after the first).
 
 struct PrefillParams {
     u64 q;            // [total_q][n_heads][D], sequences packed one after another
@@ -362,11 +363,40 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
     return (u32)T::from_float(lo) | ((u32)T::from_float(hi) << 16);
 }
 
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    return (u32)__cvta_generic_to_shared(p);
+}
+
+// 16-byte asynchronous copy global -> shared; `valid` false writes 16 zero bytes instead.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;"); }
+
+// Four 8x8 b16 matrices from shared memory; lanes 8i..8i+7 give the row addresses of matrix i.
+__device__ __forceinline__ void ldsm4(u32* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldsm4t(u32* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
+// Dynamic shared memory of a prefill CTA: 2 stages × (K, V) × 64 rows × (D + 8) × 2 bytes
+// (the launcher computes the same).
 template <typename T, int D, typename Addr>
 __device__ __forceinline__ void prefill_body(const PrefillParams& p) {
-    constexpr int BM = 64, BN = 64, LD = D + 8;  // +8 elements: conflict-free fragment reads
-    __shared__ __align__(16) u16 ks[BN][LD];
-    __shared__ __align__(16) u16 vs[BN][LD];
+    constexpr int BM = 64, BN = 64, LD = D + 8;  // +8 elements: conflict-free ldmatrix rows
+    // Two stages of K and V tiles (dynamic shared memory): [stage][K|V][BN][LD].
+    extern __shared__ __align__(16) u16 smem[];
+    auto tile_ptr = [&](int stage, int kv, int r, int c) -> u16* {
+        return smem + ((stage * 2 + kv) * BN + r) * LD + c;
+    };
 
     const u32 b = blockIdx.z, h = blockIdx.y, tile = blockIdx.x;
     const u32 qs = ((const u32*)p.q_start)[b];
@@ -410,90 +440,101 @@ __device__ __forceinline__ void prefill_body(const PrefillParams& p) {
     const u16* kb = (const u16*)p.k + (u64)kvh * p.head_stride;
     const u16* vb = (const u16*)p.v + (u64)kvh * p.head_stride;
 
-    for (int n0 = 0; n0 < kv_end; n0 += BN) {
-        __syncthreads();
+    auto load_tile = [&](int stage, int n0) {
         for (int c = tid; c < BN * D / 8; c += NWARPS * 32) {
             const int r = c / (D / 8), cc = c % (D / 8);
             const int tok = n0 + r;
-            uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
-            if (tok < kv_end) {
-                const u64 off = addr.at((u32)tok) + cc * 8;
-                kv4 = *(const uint4*)(kb + off);
-                vv4 = *(const uint4*)(vb + off);
-            }
-            *(uint4*)&ks[r][cc * 8] = kv4;
-            *(uint4*)&vs[r][cc * 8] = vv4;
+            const bool ok = tok < kv_end;
+            const u64 off = ok ? addr.at((u32)tok) + cc * 8 : 0;
+            cp_async16(tile_ptr(stage, 0, r, cc * 8), kb + off, ok);
+            cp_async16(tile_ptr(stage, 1, r, cc * 8), vb + off, ok);
         }
-        __syncthreads();
-        if (n0 > warp_last) continue;  // every row of this warp is before this tile
+        cp_async_commit();
+    };
 
-        float s[BN / 8][4];
-#pragma unroll
-        for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-            for (int j = 0; j < BN / 8; ++j) {
-                const u32 b0 = *(const u32*)&ks[j * 8 + g][kk * 16 + 2 * t4];
-                const u32 b1 = *(const u32*)&ks[j * 8 + g][kk * 16 + 8 + 2 * t4];
-                Mma<T>::run(s[j], qa[kk], b0, b1);
-            }
+    // ldmatrix lane roles: matrix mi = lane / 8, row lr = lane % 8.
+    const int mi = lane / 8, lr = lane % 8;
+    if (kv_end > 0) load_tile(0, 0);
+    int it = 0;
+    for (int n0 = 0; n0 < kv_end; n0 += BN, ++it) {
+        const int stage = it & 1;
+        if (n0 + BN < kv_end) {
+            load_tile(stage ^ 1, n0 + BN);
+        } else {
+            cp_async_commit();  // an empty group keeps "all but the newest" meaning this tile
         }
-        // Scale, causal mask, online softmax (each row lives in the 4 lanes of one quad).
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mx = NEG_INF;
+        cp_async_wait1();
+        __syncthreads();
+        if (n0 <= warp_last) {
+            float s[BN / 8][4];
 #pragma unroll
             for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int col = n0 + j * 8 + 2 * t4 + e;
-                    float v = s[j][2 * r + e] * p.scale_log2;
-                    if (col > pos_row[r] || col >= kv_end) v = NEG_INF;
-                    s[j][2 * r + e] = v;
-                    mx = fmaxf(mx, v);
+                for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+                for (int j = 0; j < BN / 8; j += 2) {
+                    u32 kf[4];  // b0, b1 of n-tile j, then of n-tile j + 1
+                    ldsm4(kf, tile_ptr(stage, 0, (j + mi / 2) * 8 + lr, kk * 16 + (mi % 2) * 8));
+                    Mma<T>::run(s[j], qa[kk], kf[0], kf[1]);
+                    Mma<T>::run(s[j + 1], qa[kk], kf[2], kf[3]);
                 }
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m[r], mx);
-            const float corr = m_new == NEG_INF ? 1.f : exp2f(m[r] - m_new);
-            m[r] = m_new;
-            l[r] *= corr;
-#pragma unroll
-            for (int j = 0; j < D / 8; ++j) {
-                o[j][2 * r] *= corr;
-                o[j][2 * r + 1] *= corr;
             }
-            float sum = 0.f;
+            // Scale, causal mask, online softmax (each row lives in the 4 lanes of one quad).
 #pragma unroll
-            for (int j = 0; j < BN / 8; ++j)
+            for (int r = 0; r < 2; ++r) {
+                float mx = NEG_INF;
 #pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const float pe = m_new == NEG_INF ? 0.f : exp2f(s[j][2 * r + e] - m_new);
-                    s[j][2 * r + e] = pe;
-                    sum += pe;
+                for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const int col = n0 + j * 8 + 2 * t4 + e;
+                        float v = s[j][2 * r + e] * p.scale_log2;
+                        if (col > pos_row[r] || col >= kv_end) v = NEG_INF;
+                        s[j][2 * r + e] = v;
+                        mx = fmaxf(mx, v);
+                    }
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(m[r], mx);
+                const float corr = m_new == NEG_INF ? 1.f : exp2f(m[r] - m_new);
+                m[r] = m_new;
+                l[r] *= corr;
+#pragma unroll
+                for (int j = 0; j < D / 8; ++j) {
+                    o[j][2 * r] *= corr;
+                    o[j][2 * r + 1] *= corr;
                 }
-            l[r] += sum;
-        }
-        // O += P · V: P from the S accumulators (C layout = A layout), V as the col-major B operand.
+                float sum = 0.f;
 #pragma unroll
-        for (int kk = 0; kk < BN / 16; ++kk) {
-            u32 a[4];
-            a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-            a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-            a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-            const int tk = kk * 16 + 2 * t4;
+                for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
-            for (int j = 0; j < D / 8; ++j) {
-                const int col = j * 8 + g;
-                const u32 b0 = (u32)vs[tk][col] | ((u32)vs[tk + 1][col] << 16);
-                const u32 b1 = (u32)vs[tk + 8][col] | ((u32)vs[tk + 9][col] << 16);
-                Mma<T>::run(o[j], a, b0, b1);
+                    for (int e = 0; e < 2; ++e) {
+                        const float pe = m_new == NEG_INF ? 0.f : exp2f(s[j][2 * r + e] - m_new);
+                        s[j][2 * r + e] = pe;
+                        sum += pe;
+                    }
+                l[r] += sum;
+            }
+            // O += P · V: P from the S accumulators (C layout = A layout), V through ldmatrix.trans.
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; ++kk) {
+                u32 a[4];
+                a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+                a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+                a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+                for (int j = 0; j < D / 8; j += 2) {
+                    u32 vf[4];  // b0, b1 of d-tile j, then of d-tile j + 1
+                    ldsm4t(vf, tile_ptr(stage, 1, kk * 16 + (mi % 2) * 8 + lr, (j + mi / 2) * 8));
+                    Mma<T>::run(o[j], a, vf[0], vf[1]);
+                    Mma<T>::run(o[j + 1], a, vf[2], vf[3]);
+                }
             }
         }
+        __syncthreads();  // this stage is overwritten by the load issued next iteration
     }
 
     u16* op = (u16*)p.out + (u64)qs * qrow + (u64)h * D;
