@@ -358,9 +358,17 @@ template <> struct Mma<F16> {
     }
 };
 
-template <typename T>
-__device__ __forceinline__ u32 pack2(float lo, float hi) {
-    return (u32)T::from_float(lo) | ((u32)T::from_float(hi) << 16);
+// Two floats to a packed pair (lo in the low half), one cvt instruction each way.
+template <typename T> __device__ __forceinline__ u32 pack2(float lo, float hi);
+template <> __device__ __forceinline__ u32 pack2<Bf16>(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+template <> __device__ __forceinline__ u32 pack2<F16>(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
 }
 
 __device__ __forceinline__ u32 smem_addr(const void* p) {
@@ -481,7 +489,9 @@ __device__ __forceinline__ void prefill_body(const PrefillParams& p) {
                     Mma<T>::run(s[j + 1], qa[kk], kf[2], kf[3]);
                 }
             }
-            // Scale, causal mask, online softmax (each row lives in the 4 lanes of one quad).
+            // Scale, causal mask, online softmax (each row lives in the 4 lanes of one quad). The
+            // mask is needed only on tiles that reach past the warp's first row or the context.
+            const bool masked = n0 + BN - 1 > pos0 + row0 || n0 + BN > kv_end;
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 float mx = NEG_INF;
@@ -489,9 +499,11 @@ __device__ __forceinline__ void prefill_body(const PrefillParams& p) {
                 for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        const int col = n0 + j * 8 + 2 * t4 + e;
                         float v = s[j][2 * r + e] * p.scale_log2;
-                        if (col > pos_row[r] || col >= kv_end) v = NEG_INF;
+                        if (masked) {
+                            const int col = n0 + j * 8 + 2 * t4 + e;
+                            if (col > pos_row[r] || col >= kv_end) v = NEG_INF;
+                        }
                         s[j][2 * r + e] = v;
                         mx = fmaxf(mx, v);
                     }
