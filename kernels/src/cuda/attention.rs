@@ -339,6 +339,8 @@ pub struct Attention {
     ctx: Arc<CudaContext>,
     functions: HashMap<String, CudaFunction>,
     sms: usize,
+    /// CTAs of the decode kernel per multiprocessor, by (head dim, query heads per CTA).
+    occupancy: HashMap<(usize, usize), usize>,
     /// Whether the module came from the disk cache.
     pub outcome: CacheOutcome,
     /// The architecture compiled for (`sm_90a` on H100).
@@ -396,10 +398,21 @@ impl Attention {
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(driver("cuDeviceGetAttribute(multiprocessors)"))?
             .max(1) as usize;
+        let mut occupancy = HashMap::new();
+        for d in [64, 128] {
+            for g in [1, 2, 4, 8] {
+                let f = &functions[&format!("decode_bf16_d{d}_g{g}_strided")];
+                let per_sm = f
+                    .occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)
+                    .map_err(driver("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;
+                occupancy.insert((d, g), per_sm.max(1) as usize);
+            }
+        }
         Ok(Attention {
             ctx: ctx.clone(),
             functions,
             sms,
+            occupancy,
             outcome: compiled.outcome,
             arch: compiled.arch,
         })
@@ -429,46 +442,13 @@ impl Attention {
     /// forces a number instead.
     pub fn plan(&self, shape: &DecodeShape, splits: Option<usize>) -> Result<DecodePlan> {
         check_shape(shape)?;
-        let group = shape.n_heads / shape.n_kv_heads;
-        let gmax = [1, 2, 4, 8]
-            .into_iter()
-            .find(|&g| g >= group)
-            .unwrap_or(MAX_GROUP_PER_CTA);
-        let head_chunks = group.div_ceil(gmax);
-        let base = shape.batch * shape.n_kv_heads * head_chunks;
-        let max_ctx = shape.max_context.max(1);
-        let splits = match splits {
-            Some(s) => s.clamp(1, max_ctx),
-            None => {
-                let name = format!("decode_bf16_d{}_g{gmax}_strided", shape.head_dim);
-                let per_sm = self
-                    .function(&name)?
-                    .occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)
-                    .map_err(driver("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?
-                    .max(1) as usize;
-                let resident = self.sms * per_sm;
-                if base * 10 >= resident * 9 {
-                    1
-                } else {
-                    // Round down: a second, partial wave costs more than a few idle slots.
-                    (resident / base).clamp(1, max_ctx.div_ceil(64))
-                }
-            }
-        };
-        if splits > 65535 {
-            return Err(KernelError::Shape(format!(
-                "{splits} splits: at most 65535"
-            )));
-        }
-        let split_tokens = max_ctx.div_ceil(splits).next_multiple_of(32);
-        let splits = max_ctx.div_ceil(split_tokens);
-        Ok(DecodePlan {
-            splits,
-            split_tokens,
-            head_chunks,
-            ctas: base * splits,
-            gmax,
-        })
+        let gmax = gmax_for(shape.n_heads / shape.n_kv_heads);
+        let per_sm = self
+            .occupancy
+            .get(&(shape.head_dim, gmax))
+            .copied()
+            .unwrap_or(1);
+        split_plan(shape, self.sms * per_sm, splits)
     }
 
     /// Decode attention: for each sequence `b` and query head `h`, `out[b][h] = softmax(scale ·
@@ -806,6 +786,43 @@ impl Attention {
     }
 }
 
+/// Query heads per CTA of the kernel that serves a GQA group of `group` heads.
+fn gmax_for(group: usize) -> usize {
+    [1, 2, 4, 8]
+        .into_iter()
+        .find(|&g| g >= group)
+        .unwrap_or(MAX_GROUP_PER_CTA)
+}
+
+/// The split plan of [`Attention::plan`] for a device that holds `resident` decode CTAs at once.
+fn split_plan(shape: &DecodeShape, resident: usize, splits: Option<usize>) -> Result<DecodePlan> {
+    let group = shape.n_heads / shape.n_kv_heads;
+    let gmax = gmax_for(group);
+    let head_chunks = group.div_ceil(gmax);
+    let base = shape.batch * shape.n_kv_heads * head_chunks;
+    let max_ctx = shape.max_context.max(1);
+    let splits = match splits {
+        Some(s) => s.clamp(1, max_ctx),
+        // Round down: a second, partial wave costs more than a few idle slots.
+        None if base * 10 < resident * 9 => (resident / base).clamp(1, max_ctx.div_ceil(64)),
+        None => 1,
+    };
+    let split_tokens = max_ctx.div_ceil(splits).next_multiple_of(32);
+    let splits = max_ctx.div_ceil(split_tokens);
+    if splits > 65535 {
+        return Err(KernelError::Shape(format!(
+            "{splits} splits: at most 65535"
+        )));
+    }
+    Ok(DecodePlan {
+        splits,
+        split_tokens,
+        head_chunks,
+        ctas: base * splits,
+        gmax,
+    })
+}
+
 /// Dynamic shared memory of one prefill CTA: 2 stages × (K, V) × 64 tokens × (head_dim + 8)
 /// elements of 2 bytes (as attention.cu lays it out).
 fn prefill_smem_bytes(head_dim: usize) -> usize {
@@ -841,4 +858,56 @@ fn check_shape(s: &DecodeShape) -> Result<()> {
         return Err(KernelError::Shape("too many heads".into()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(batch: usize, n_heads: usize, n_kv_heads: usize, max_context: usize) -> DecodeShape {
+        DecodeShape {
+            batch,
+            n_heads,
+            n_kv_heads,
+            head_dim: 128,
+            max_context,
+        }
+    }
+
+    /// H100: 132 SMs × 4 CTAs of the 4-heads-per-CTA kernel.
+    const RESIDENT: usize = 528;
+
+    #[test]
+    fn a_full_batch_is_not_split_and_a_small_one_fills_one_wave() {
+        let p = split_plan(&shape(64, 32, 8, 2048), RESIDENT, None).unwrap();
+        assert_eq!((p.splits, p.ctas, p.gmax, p.head_chunks), (1, 512, 4, 1));
+        let p = split_plan(&shape(8, 32, 8, 16384), RESIDENT, None).unwrap();
+        assert_eq!(
+            p.splits, 8,
+            "one wave of 512 CTAs, not 9 splits in two waves"
+        );
+        assert!(p.ctas <= RESIDENT);
+        let p = split_plan(&shape(1, 32, 8, 512), RESIDENT, None).unwrap();
+        assert_eq!(p.splits, 8, "at least 64 tokens per split");
+        assert!(p.split_tokens * p.splits >= 512 && p.split_tokens % 32 == 0);
+    }
+
+    #[test]
+    fn forced_splits_cover_the_context_and_large_groups_take_several_ctas() {
+        let p = split_plan(&shape(3, 32, 2, 1000), RESIDENT, Some(7)).unwrap();
+        assert_eq!(p.head_chunks, 2, "16 heads per KV head: two CTAs of 8");
+        assert!(p.splits <= 7 && p.splits * p.split_tokens >= 1000);
+        assert!(
+            (p.splits - 1) * p.split_tokens < 1000,
+            "no empty trailing split"
+        );
+        let p = split_plan(&shape(1, 6, 3, 10), RESIDENT, Some(100)).unwrap();
+        assert_eq!(
+            p.splits, 1,
+            "never more splits than 32-token pieces of the context"
+        );
+        assert_eq!(gmax_for(6), 8);
+        assert_eq!(gmax_for(1), 1);
+        assert_eq!(gmax_for(3), 4);
+    }
 }
