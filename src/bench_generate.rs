@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
 use vkv_engine::generate::{load_model, measure_throughput};
 
-use crate::generate::{model_path, KvArgs};
+use crate::engine_args::{model_path, KvArgs};
 
 #[derive(Debug, ClapArgs)]
 pub struct Args {
@@ -33,7 +33,7 @@ pub fn run(args: Args) -> Result<()> {
     let m = load_model(&path).context("loading the model")?;
     let t = measure_throughput(
         &m,
-        args.kv.mode(),
+        args.kv.mode()?,
         args.kv.kv_memory,
         args.prompt_tokens,
         args.decode_tokens,

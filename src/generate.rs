@@ -5,63 +5,14 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
-use clap::{Args as ClapArgs, ValueEnum};
-use vkv_engine::fetch;
+use anyhow::{Context, Result};
+use clap::Args as ClapArgs;
 use vkv_engine::generate::{generate, load_model, FinishReason};
-use vkv_engine::kv::{KvDims, KvMode};
+use vkv_engine::kv::KvDims;
 use vkv_engine::sampler::SamplingParams;
 use vkv_engine::tokenizer::ChatMessage;
-use vkv_vmm::KvLayout;
 
-use crate::units::parse_bytes;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum KvModeArg {
-    Paged,
-    Vmm,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LayoutArg {
-    TokenMajor,
-    PerLayer,
-}
-
-/// KV-cache options shared by the commands that run a model.
-#[derive(Debug, ClapArgs)]
-pub struct KvArgs {
-    #[arg(long = "kv-mode", value_enum, default_value_t = KvModeArg::Vmm)]
-    pub kv_mode: KvModeArg,
-    #[arg(long = "vmm-layout", value_enum, default_value_t = LayoutArg::TokenMajor)]
-    pub vmm_layout: LayoutArg,
-    /// vmm page size (a multiple of the OS page on the CPU).
-    #[arg(long = "page-size", default_value = "2MiB", value_parser = parse_bytes)]
-    pub page_size: usize,
-    /// Paged block size in tokens.
-    #[arg(long = "block-size", default_value_t = 16)]
-    pub block_size: usize,
-    /// KV memory budget.
-    #[arg(long = "kv-memory", default_value = "1GiB", value_parser = parse_bytes)]
-    pub kv_memory: usize,
-}
-
-impl KvArgs {
-    pub fn mode(&self) -> KvMode {
-        match self.kv_mode {
-            KvModeArg::Paged => KvMode::Paged {
-                block_size: self.block_size,
-            },
-            KvModeArg::Vmm => KvMode::Vmm {
-                layout: match self.vmm_layout {
-                    LayoutArg::TokenMajor => KvLayout::TokenMajor,
-                    LayoutArg::PerLayer => KvLayout::PerLayer,
-                },
-                page_size: self.page_size,
-            },
-        }
-    }
-}
+use crate::engine_args::{model_path, KvArgs};
 
 #[derive(Debug, ClapArgs)]
 pub struct Args {
@@ -87,21 +38,6 @@ pub struct Args {
     kv: KvArgs,
 }
 
-/// The model path: `--model`, or the default model from the cache (fetching it if needed).
-pub fn model_path(model: Option<PathBuf>) -> Result<PathBuf> {
-    if let Some(path) = model {
-        if !path.exists() {
-            bail!(
-                "model {} does not exist (give a GGUF file or an HF directory)",
-                path.display()
-            );
-        }
-        return Ok(path);
-    }
-    fetch::ensure_model(&fetch::DEFAULT_MODEL, &mut |line| eprintln!("vkv: {line}"))
-        .context("fetching the default model")
-}
-
 pub fn run(args: Args) -> Result<()> {
     let path = model_path(args.model)?;
     let loaded = load_model(&path).context("loading the model")?;
@@ -121,7 +57,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let mut kv = args
         .kv
-        .mode()
+        .mode()?
         .build(dims, 1, c.max_position_embeddings, args.kv.kv_memory)?;
     eprintln!(
         "vkv: {} ({} layers, {} heads / {} KV heads), KV {} on the CPU, {} threads",
@@ -165,6 +101,7 @@ pub fn run(args: Args) -> Result<()> {
         match g.finish {
             FinishReason::Stop => "a stop token",
             FinishReason::Length => "max tokens",
+            FinishReason::Abort => "an abort",
         }
     );
     Ok(())

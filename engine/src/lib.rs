@@ -9,14 +9,16 @@
 //! and scheduler and is reached over channels, request-length workloads and metrics. Everything
 //! above this crate is the same code in both KV modes. Here so far: model presets and workloads,
 //! the KV caches (`kv`), the GGUF reader (`weights`), the tokenizer, the Llama forward pass on
-//! the CPU (`model`), sampling, single-prompt generation, model fetching and the `frag` study;
-//! the scheduler and engine loop come with the engine issue.
+//! the CPU (`model`), sampling, single-prompt generation, model fetching, the `frag` study, the
+//! continuous-batching `scheduler` and the `engine` thread that serves requests with them.
 
+pub mod engine;
 pub mod fetch;
 pub mod frag;
 pub mod generate;
 pub mod kv;
 pub mod model;
+pub mod offline;
 pub mod presets;
 pub mod sampler;
 pub mod scheduler;

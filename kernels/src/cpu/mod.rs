@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 mod quant;
 
-pub use quant::{matmul_w, Weight, BLOCK};
+pub use quant::{matmul_w, matmul_w_rowwise, Weight, BLOCK};
 
 /// How RoPE pairs the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -75,6 +75,34 @@ impl Weight {
         }
     }
 
+    /// One matrix with the rows of `parts` one after the other (Q, K and V projections as one
+    /// product), if they all have the same format; else the parts back, unchanged.
+    pub fn stack_rows(parts: Vec<Weight>) -> Result<Weight, Vec<Weight>> {
+        let same = parts
+            .windows(2)
+            .all(|w| std::mem::discriminant(&w[0]) == std::mem::discriminant(&w[1]));
+        if parts.is_empty() || !same {
+            return Err(parts);
+        }
+        let mut parts = parts.into_iter();
+        let mut out = parts.next().expect("not empty");
+        for p in parts {
+            match (&mut out, p) {
+                (Weight::F32(a), Weight::F32(b)) => a.extend(b),
+                (Weight::Q4_1 { scales, qs }, Weight::Q4_1 { scales: s, qs: q }) => {
+                    scales.extend(s);
+                    qs.extend(q);
+                }
+                (Weight::Q8_0 { scales, qs }, Weight::Q8_0 { scales: s, qs: q }) => {
+                    scales.extend(s);
+                    qs.extend(q);
+                }
+                _ => unreachable!("formats checked above"),
+            }
+        }
+        Ok(out)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -106,18 +134,77 @@ impl Weight {
     }
 }
 
-/// `out[m][n] = Σ_k x[m][k] · w[n][k]` for any [`Weight`] format.
+/// `out[m][n] = Σ_k x[m][k] · w[n][k]` for any [`Weight`] format, the fastest way for `m`: rows
+/// in registers when few, tiles through `gemm` when many. A row's result can depend on `m` (gemm
+/// sums in another order), so it can change with what else is in the batch; see
+/// [`matmul_w_rowwise`].
 pub fn matmul_w(x: &[f32], m: usize, k: usize, w: &Weight, n: usize, out: &mut [f32]) {
     if let Weight::F32(v) = w {
         return super::matmul_t(x, m, k, v, n, out);
     }
+    matmul_quantized(x, m, k, w, n, out, m > SMALL_M);
+}
+
+/// [`matmul_w`] where every output row is computed by the same instructions in the same order
+/// whatever `m` and the other rows are: **batch invariance** (a sequence's logits are bit-for-bit
+/// the same alone or batched with others; vLLM's `VLLM_BATCH_INVARIANT` and Thinking Machines'
+/// "Defeating Nondeterminism in LLM Inference" make the same trade). Quantized weights always take
+/// the register kernel; f32 weights a dot product per output. Slower for large `m` (prefill).
+pub fn matmul_w_rowwise(x: &[f32], m: usize, k: usize, w: &Weight, n: usize, out: &mut [f32]) {
+    match w {
+        Weight::F32(v) => matmul_f32_rowwise(x, m, k, v, n, out),
+        _ => matmul_quantized(x, m, k, w, n, out, false),
+    }
+}
+
+fn matmul_f32_rowwise(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+    assert!(
+        w.len() >= n * k && x.len() >= m * k && out.len() >= m * n,
+        "matmul_w_rowwise shapes"
+    );
+    let mut out_t = vec![0f32; n * m];
+    out_t
+        .par_chunks_mut(TASK * m.max(1))
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            for (jj, dst) in chunk.chunks_mut(m).enumerate() {
+                let wj = &w[(task * TASK + jj) * k..][..k];
+                for (r, d) in dst.iter_mut().enumerate() {
+                    *d = super::dot(&x[r * k..(r + 1) * k], wj);
+                }
+            }
+        });
+    transpose_into(&out_t, m, n, out);
+}
+
+fn transpose_into(out_t: &[f32], m: usize, n: usize, out: &mut [f32]) {
+    for j in 0..n {
+        for r in 0..m {
+            out[r * n + j] = out_t[j * m + r];
+        }
+    }
+}
+
+/// Quantized product: dequantized tiles through gemm (`tiles`) or weights decoded in registers.
+fn matmul_quantized(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &Weight,
+    n: usize,
+    out: &mut [f32],
+    tiles: bool,
+) {
     assert!(
         k % BLOCK == 0 && w.len() >= n * k && x.len() >= m * k && out.len() >= m * n,
         "matmul_w shapes"
     );
+    if m == 0 {
+        return;
+    }
     // Transposed result [n][m], so each task owns a contiguous piece.
     let mut out_t = vec![0f32; n * m];
-    if m > SMALL_M {
+    if tiles {
         // Many activation rows (prefill): dequantize a tile of weight rows once and let gemm
         // do the arithmetic.
         out_t
@@ -163,11 +250,7 @@ pub fn matmul_w(x: &[f32], m: usize, k: usize, w: &Weight, n: usize, out: &mut [
                 }
             });
     }
-    for j in 0..n {
-        for r in 0..m {
-            out[r * n + j] = out_t[j * m + r];
-        }
-    }
+    transpose_into(&out_t, m, n, out);
 }
 
 /// Up to this many activation rows, decode weights in registers; beyond, dequantize tiles + gemm.
@@ -253,9 +336,34 @@ mod simd {
         g: usize,
         acc: &mut [f32; ROWS],
     ) {
+        // A row count known at compile time keeps the accumulators in registers. Every row is
+        // summed in the same order whatever `g` is (batch invariance, see `matmul_w_rowwise`).
+        match g {
+            1 => rows::<1>(w, j, xs, sums, k, acc),
+            2 => rows::<2>(w, j, xs, sums, k, acc),
+            3 => rows::<3>(w, j, xs, sums, k, acc),
+            4 => rows::<4>(w, j, xs, sums, k, acc),
+            5 => rows::<5>(w, j, xs, sums, k, acc),
+            6 => rows::<6>(w, j, xs, sums, k, acc),
+            7 => rows::<7>(w, j, xs, sums, k, acc),
+            _ => rows::<8>(w, j, xs, sums, k, acc),
+        }
+    }
+
+    /// [`dot_rows`] for `G` rows, two accumulators per row (even and odd halves of each block).
+    /// Each block's weights are decoded once and scaled once, then used by every row.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn rows<const G: usize>(
+        w: &Weight,
+        j: usize,
+        xs: &[f32],
+        sums: &[f32],
+        k: usize,
+        acc: &mut [f32; ROWS],
+    ) {
         let blocks = k / BLOCK;
-        let mut vacc = [_mm256_setzero_ps(); ROWS];
-        let mut offset = [0f32; ROWS];
+        let mut vacc = [[_mm256_setzero_ps(); 2]; G];
+        let mut offset = [0f32; G];
         let mask = _mm_set1_epi8(0x0F);
         for b in 0..blocks {
             let at = j * blocks + b;
@@ -293,18 +401,24 @@ mod simd {
                 Weight::F32(_) => unreachable!("f32 weights go through gemm"),
             };
             let dv = _mm256_set1_ps(d);
-            for r in 0..g {
+            let ws = [
+                _mm256_mul_ps(wv[0], dv),
+                _mm256_mul_ps(wv[1], dv),
+                _mm256_mul_ps(wv[2], dv),
+                _mm256_mul_ps(wv[3], dv),
+            ];
+            for r in 0..G {
                 let x = xs.as_ptr().add(r * k + b * BLOCK);
-                let mut s = _mm256_mul_ps(wv[0], _mm256_loadu_ps(x));
-                s = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(x.add(8)), s);
-                s = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(x.add(16)), s);
-                s = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(x.add(24)), s);
-                vacc[r] = _mm256_fmadd_ps(dv, s, vacc[r]);
+                let v = &mut vacc[r];
+                v[0] = _mm256_fmadd_ps(ws[0], _mm256_loadu_ps(x), v[0]);
+                v[0] = _mm256_fmadd_ps(ws[1], _mm256_loadu_ps(x.add(8)), v[0]);
+                v[1] = _mm256_fmadd_ps(ws[2], _mm256_loadu_ps(x.add(16)), v[1]);
+                v[1] = _mm256_fmadd_ps(ws[3], _mm256_loadu_ps(x.add(24)), v[1]);
                 offset[r] += mo * *sums.get_unchecked(r * blocks + b);
             }
         }
-        for r in 0..g {
-            acc[r] = hsum(vacc[r]) + offset[r];
+        for r in 0..G {
+            acc[r] = hsum(_mm256_add_ps(vacc[r][0], vacc[r][1])) + offset[r];
         }
     }
 }
@@ -389,5 +503,65 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn rowwise_products_do_not_depend_on_the_other_rows() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let (k, n) = (128, 48);
+        let dense: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        for w in [
+            random_weight(&mut rng, n, k, true),
+            random_weight(&mut rng, n, k, false),
+            Weight::F32(dense),
+        ] {
+            let row: Vec<f32> = (0..k).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+            let mut alone = vec![0f32; n];
+            matmul_w_rowwise(&row, 1, k, &w, n, &mut alone);
+            for (m, at) in [(2, 1), (17, 9), (40, 39)] {
+                let mut x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+                x[at * k..(at + 1) * k].copy_from_slice(&row);
+                let mut out = vec![f32::NAN; m * n];
+                matmul_w_rowwise(&x, m, k, &w, n, &mut out);
+                assert_eq!(&out[at * n..(at + 1) * n], &alone[..], "m = {m}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_stacked_product_is_the_products_of_its_parts() {
+        let mut rng = StdRng::seed_from_u64(12);
+        let (m, k) = (3, 64);
+        let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        for q4 in [true, false] {
+            let parts = vec![
+                random_weight(&mut rng, 8, k, q4),
+                random_weight(&mut rng, 40, k, q4),
+            ];
+            let apart: Vec<Vec<f32>> = parts
+                .iter()
+                .map(|w| {
+                    let n = w.len() / k;
+                    let mut out = vec![0f32; m * n];
+                    matmul_w(&x, m, k, w, n, &mut out);
+                    out
+                })
+                .collect();
+            let stacked = Weight::stack_rows(parts).unwrap();
+            let mut out = vec![0f32; m * 48];
+            matmul_w(&x, m, k, &stacked, 48, &mut out);
+            for r in 0..m {
+                assert_eq!(&out[r * 48..r * 48 + 8], &apart[0][r * 8..(r + 1) * 8]);
+                assert_eq!(
+                    &out[r * 48 + 8..(r + 1) * 48],
+                    &apart[1][r * 40..(r + 1) * 40]
+                );
+            }
+        }
+        let mixed = vec![
+            random_weight(&mut rng, 8, k, true),
+            random_weight(&mut rng, 8, k, false),
+        ];
+        assert_eq!(Weight::stack_rows(mixed).unwrap_err().len(), 2);
     }
 }

@@ -1,0 +1,888 @@
+//! The engine: one thread that owns the model, the KV cache and the [`Scheduler`], and runs the
+//! serving loop — take requests, plan a step, run one batched forward pass, sample, stream what
+//! was generated, repeat — reached only through channels (vLLM's `EngineCore` busy loop; TGI's
+//! queue and batching task are actors the same way).
+//!
+//! - In: [`Engine::submit`] checks a request against the model and the cache (so a client's
+//!   mistake is an error at once, never a failure later) and queues it; [`Engine::abort`] cancels
+//!   one; [`Engine::shutdown`] drains or aborts everything and stops the thread.
+//! - Out: each request's [`EngineEvent`]s go to the sender it came with: `Delta`s (new token ids
+//!   and the text that became final with them; text that could still turn out to be the start of
+//!   a stop string is held back, as vLLM's detokenizer does), then exactly one `Finished` (reason,
+//!   usage, timings) or `Failed`. When the receiving side is gone (a client disconnected) the
+//!   request is aborted within the step, and its KV memory freed.
+//! - Stop conditions: the model's end-of-sequence tokens (unless `ignore_eos`), extra stop token
+//!   ids, and stop strings (the output is cut before the string, OpenAI's behaviour); `max_tokens`.
+//!   The stop token counts as a completion token, as in vLLM.
+//! - In vmm mode, before each forward pass the engine tells the cache what every scheduled
+//!   sequence will need next ([`KvCache::map_ahead`]): the `Mapper` thread maps those pages while
+//!   the step computes, so the next step's `reserve` finds them (map waits stay at 0).
+//! - [`Engine::metrics`] is a snapshot the loop refreshes after every step and every command.
+//!
+//! Invariants: every submitted request gets exactly one final event; a finished, aborted or
+//! failed request holds no KV memory; the thread never panics on a request's content.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+
+use crate::generate::{FinishReason, LoadedModel};
+use crate::kv::{KvCache, KvDims, KvMode, KvUsage, SeqId};
+use crate::model::SeqChunk;
+use crate::sampler::{Sampler, SamplingParams};
+use crate::scheduler::{Scheduler, SchedulerConfig, SeqRequest, Step};
+use crate::tokenizer::StreamDecoder;
+
+/// A request's id, unique within one engine.
+pub type RequestId = SeqId;
+
+/// How the engine is set up (the command line's engine options).
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub kv_mode: KvMode,
+    /// Bytes of KV memory (host memory on the CPU device).
+    pub kv_memory: usize,
+    /// Sequences running at once at most.
+    pub max_num_seqs: usize,
+    /// Tokens in one forward pass at most (prefill chunks + decodes).
+    pub max_num_batched_tokens: usize,
+    /// Longest prompt + output; default and upper bound: the model's context length.
+    pub max_model_len: Option<usize>,
+    /// Results of a request independent of what else runs (see `Llama::set_batch_invariant`).
+    pub batch_invariant: bool,
+    /// vmm: tokens beyond the next one that the Mapper backs ahead of a decoding sequence.
+    pub map_ahead_tokens: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            kv_mode: KvMode::Vmm {
+                layout: vkv_vmm::KvLayout::TokenMajor,
+                page_size: 2 << 20,
+            },
+            kv_memory: 1 << 30,
+            max_num_seqs: 64,
+            max_num_batched_tokens: 2048,
+            max_model_len: None,
+            batch_invariant: false,
+            map_ahead_tokens: 16,
+        }
+    }
+}
+
+/// When to stop besides `max_tokens`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StopConditions {
+    /// Stop strings: the output ends just before the first one that appears.
+    pub stop: Vec<String>,
+    /// Token ids that end the output besides the model's end-of-sequence tokens.
+    pub stop_token_ids: Vec<u32>,
+    /// Keep going past the model's end-of-sequence tokens.
+    pub ignore_eos: bool,
+}
+
+/// One request: prompt token ids and how to continue them.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: StopConditions,
+}
+
+/// Token counts of a finished request (OpenAI's `usage`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// Where a request's time went, in seconds from its arrival at [`Engine::submit`].
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct Timings {
+    /// Arrival to the first step that computed any of it.
+    pub queue: f64,
+    /// Arrival to the first generated token (TTFT); 0 if none was generated.
+    pub ttft: f64,
+    /// Arrival to the end.
+    pub e2e: f64,
+    /// When each generated token was sampled.
+    pub token_times: Vec<f64>,
+}
+
+impl Timings {
+    /// Time per output token after the first ((last − first) / (n − 1)), if there were two.
+    pub fn tpot(&self) -> Option<f64> {
+        match self.token_times.as_slice() {
+            [first, .., last] => Some((last - first) / (self.token_times.len() - 1) as f64),
+            _ => None,
+        }
+    }
+}
+
+/// The last event of a request that ran to an end.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finished {
+    pub reason: FinishReason,
+    pub usage: Usage,
+    pub timings: Timings,
+    /// Times the request was preempted (and recomputed).
+    pub preemptions: u32,
+}
+
+/// What happened to a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventKind {
+    /// New tokens and the text that became final with them (possibly empty).
+    Delta { token_ids: Vec<u32>, text: String },
+    /// The end; nothing follows.
+    Finished(Finished),
+    /// The engine could not run the request; nothing follows.
+    Failed(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineEvent {
+    pub id: RequestId,
+    pub kind: EventKind,
+}
+
+/// Where a request's events go: one channel per request (the server) or one for many (a
+/// benchmark). Usable from async code (`recv().await`) and blocking code (`blocking_recv`).
+pub type EventSender = UnboundedSender<EngineEvent>;
+pub type EventReceiver = UnboundedReceiver<EngineEvent>;
+
+/// A channel for [`Engine::submit`]'s events.
+pub fn event_channel() -> (EventSender, EventReceiver) {
+    tokio::sync::mpsc::unbounded_channel()
+}
+
+/// Why a request was refused, or the engine could not start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// A parameter out of range; the message names it.
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("the prompt has {prompt} tokens and max_tokens is {max_tokens}: {} in all, more than the context length of {limit} tokens", prompt + max_tokens)]
+    ContextLength {
+        prompt: usize,
+        max_tokens: usize,
+        limit: usize,
+    },
+    #[error("the prompt has {prompt} tokens and max_tokens is {max_tokens}: {} in all, more than the KV cache holds ({capacity} tokens); raise --kv-memory", prompt + max_tokens)]
+    KvCapacity {
+        prompt: usize,
+        max_tokens: usize,
+        capacity: usize,
+    },
+    #[error("the engine is shutting down and takes no new requests")]
+    ShuttingDown,
+    #[error("the engine thread has stopped")]
+    Stopped,
+    #[error("the engine could not start: {0}")]
+    Start(String),
+}
+
+/// The vmm Mapper's counters, where there is one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct MapMetrics {
+    /// `reserve`s that found pages missing and mapped them on the critical path (target 0).
+    pub waits: u64,
+    pub wait_seconds: f64,
+    pub pages_mapped_ahead: u64,
+    pub pages_mapped_on_wait: u64,
+}
+
+/// A snapshot of the engine (see [`Engine::metrics`]).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct EngineMetrics {
+    pub running: usize,
+    pub waiting: usize,
+    /// Most requests running at once so far.
+    pub peak_running: usize,
+    pub kv_name: String,
+    pub kv_capacity_tokens: usize,
+    pub kv: KvUsage,
+    pub map: Option<MapMetrics>,
+    pub steps: u64,
+    /// Seconds spent in steps (scheduling, forward pass, sampling).
+    pub busy_seconds: f64,
+    /// Prompt tokens computed, recomputation after preemption included.
+    pub prefill_tokens: u64,
+    pub generated_tokens: u64,
+    pub preemptions: u64,
+    pub finished_stop: u64,
+    pub finished_length: u64,
+    pub finished_abort: u64,
+    pub failed: u64,
+}
+
+enum Command {
+    Add {
+        id: RequestId,
+        request: GenerationRequest,
+        events: EventSender,
+        arrival: Instant,
+    },
+    Abort(RequestId),
+    Audit(Sender<Result<KvUsage, String>>),
+    Shutdown {
+        abort: bool,
+    },
+}
+
+struct Shared {
+    metrics: Mutex<EngineMetrics>,
+    accepting: AtomicBool,
+}
+
+/// The handle to the engine thread (see the module docs). Dropping it aborts what is in flight
+/// and joins the thread.
+pub struct Engine {
+    tx: Sender<Command>,
+    shared: Arc<Shared>,
+    model: Arc<LoadedModel>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    next_id: AtomicU64,
+    max_model_len: usize,
+    kv_capacity: usize,
+}
+
+impl Engine {
+    /// Build the KV cache and start the engine thread.
+    pub fn start(mut model: LoadedModel, config: EngineConfig) -> Result<Engine, EngineError> {
+        let c = &model.model.config;
+        let max_model_len = config
+            .max_model_len
+            .unwrap_or(c.max_position_embeddings)
+            .min(c.max_position_embeddings);
+        if max_model_len < 2 || config.max_num_seqs == 0 || config.max_num_batched_tokens == 0 {
+            return Err(EngineError::Start(format!(
+                "max-model-len ({max_model_len}) must be at least 2, max-num-seqs ({}) and max-num-batched-tokens ({}) at least 1",
+                config.max_num_seqs, config.max_num_batched_tokens
+            )));
+        }
+        let dims = KvDims {
+            num_layers: c.num_layers,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        };
+        let kv = config
+            .kv_mode
+            .build(dims, config.max_num_seqs, max_model_len, config.kv_memory)
+            .map_err(|e| EngineError::Start(format!("KV cache: {e}")))?;
+        let kv_capacity = kv.capacity_tokens();
+        if kv_capacity == 0 {
+            return Err(EngineError::Start(format!(
+                "{} bytes of KV memory hold no token of this model ({} bytes per token)",
+                config.kv_memory,
+                dims.bytes_per_token()
+            )));
+        }
+        model.model.set_batch_invariant(config.batch_invariant);
+        let model = Arc::new(model);
+        let shared = Arc::new(Shared {
+            metrics: Mutex::new(EngineMetrics {
+                kv_name: kv.name(),
+                kv_capacity_tokens: kv_capacity,
+                ..EngineMetrics::default()
+            }),
+            accepting: AtomicBool::new(true),
+        });
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let thread = std::thread::Builder::new()
+            .name("vkv-engine".into())
+            .spawn({
+                let model = model.clone();
+                let shared = shared.clone();
+                move || EngineLoop::new(&model, kv, &config, &shared).run(&rx)
+            })
+            .map_err(|e| EngineError::Start(format!("spawning the engine thread: {e}")))?;
+        Ok(Engine {
+            tx,
+            shared,
+            model,
+            thread: Mutex::new(Some(thread)),
+            next_id: AtomicU64::new(0),
+            max_model_len,
+            kv_capacity,
+        })
+    }
+
+    /// The model and its tokenizer (shared with the engine thread).
+    pub fn model(&self) -> &LoadedModel {
+        &self.model
+    }
+
+    /// Longest prompt + max_tokens a request may have.
+    pub fn max_model_len(&self) -> usize {
+        self.max_model_len
+    }
+
+    /// Tokens the KV cache holds in all.
+    pub fn kv_capacity_tokens(&self) -> usize {
+        self.kv_capacity
+    }
+
+    /// Check and queue a request; its events go to `events`.
+    pub fn submit(
+        &self,
+        request: GenerationRequest,
+        events: EventSender,
+    ) -> Result<RequestId, EngineError> {
+        let arrival = Instant::now();
+        self.check(&request)?;
+        if !self.shared.accepting.load(Ordering::Acquire) {
+            return Err(EngineError::ShuttingDown);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.tx
+            .send(Command::Add {
+                id,
+                request,
+                events,
+                arrival,
+            })
+            .map_err(|_| EngineError::Stopped)?;
+        Ok(id)
+    }
+
+    fn check(&self, r: &GenerationRequest) -> Result<(), EngineError> {
+        let invalid = |m: String| Err(EngineError::InvalidRequest(m));
+        let vocab = self.model.model.config.vocab_size;
+        if r.prompt.is_empty() {
+            return invalid("the prompt is empty: it must have at least one token".into());
+        }
+        if let Some(&t) = r.prompt.iter().find(|&&t| t as usize >= vocab) {
+            return invalid(format!(
+                "prompt token id {t} is outside the vocabulary of {vocab} tokens"
+            ));
+        }
+        if r.max_tokens == 0 {
+            return invalid("max_tokens must be at least 1, found 0".into());
+        }
+        r.sampling.validate().map_err(EngineError::InvalidRequest)?;
+        if r.stop.stop.iter().any(String::is_empty) {
+            return invalid("stop strings must not be empty".into());
+        }
+        let (prompt, max_tokens) = (r.prompt.len(), r.max_tokens);
+        if prompt.saturating_add(max_tokens) > self.max_model_len {
+            return Err(EngineError::ContextLength {
+                prompt,
+                max_tokens,
+                limit: self.max_model_len,
+            });
+        }
+        if prompt + max_tokens > self.kv_capacity {
+            return Err(EngineError::KvCapacity {
+                prompt,
+                max_tokens,
+                capacity: self.kv_capacity,
+            });
+        }
+        Ok(())
+    }
+
+    /// Cancel a request wherever it is; its memory is freed before its `Finished` (reason
+    /// `abort`) is sent. Unknown or finished ids are ignored.
+    pub fn abort(&self, id: RequestId) {
+        let _ = self.tx.send(Command::Abort(id));
+    }
+
+    /// The latest snapshot of the engine's state and counters.
+    pub fn metrics(&self) -> EngineMetrics {
+        lock(&self.shared.metrics).clone()
+    }
+
+    /// Check the KV cache's books (no leaked block or page, see `KvCache::audit`) between two
+    /// steps, and return its usage.
+    pub fn audit_kv(&self) -> Result<KvUsage, String> {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        self.tx
+            .send(Command::Audit(reply))
+            .map_err(|_| EngineError::Stopped.to_string())?;
+        answer
+            .recv()
+            .map_err(|_| EngineError::Stopped.to_string())?
+    }
+
+    /// Whether the engine thread is still running.
+    pub fn is_alive(&self) -> bool {
+        lock(&self.thread)
+            .as_ref()
+            .is_some_and(|t| !t.is_finished())
+    }
+
+    /// Stop taking requests, then either finish those in flight (`abort: false`) or abort them,
+    /// and wait for the thread to end.
+    pub fn shutdown(&self, abort: bool) {
+        self.shared.accepting.store(false, Ordering::Release);
+        let _ = self.tx.send(Command::Shutdown { abort });
+        if let Some(thread) = lock(&self.thread).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown(true);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A request inside the loop.
+struct Active<'m> {
+    events: EventSender,
+    sampler: Sampler,
+    /// `None` once flushed at the end.
+    stream: Option<StreamDecoder<'m>>,
+    stop: StopConditions,
+    /// Bytes of the longest stop string minus one: output text that must wait for more.
+    hold: usize,
+    prompt_len: usize,
+    generated: usize,
+    /// The output text so far (cut at a stop string once found).
+    text: String,
+    /// Bytes of `text` already sent.
+    sent: usize,
+    /// Token ids not sent yet (the last one, when it ends the request).
+    unsent_ids: Vec<u32>,
+    arrival: Instant,
+    first_scheduled: Option<Instant>,
+    token_times: Vec<f64>,
+    preemptions: u32,
+}
+
+impl Active<'_> {
+    fn finished(&self, reason: FinishReason) -> Finished {
+        let token_times = self.token_times.clone();
+        Finished {
+            reason,
+            usage: Usage {
+                prompt_tokens: self.prompt_len,
+                completion_tokens: self.generated,
+            },
+            timings: Timings {
+                queue: self
+                    .first_scheduled
+                    .map_or(0.0, |t| (t - self.arrival).as_secs_f64()),
+                ttft: token_times.first().copied().unwrap_or(0.0),
+                e2e: self.arrival.elapsed().as_secs_f64(),
+                token_times,
+            },
+            preemptions: self.preemptions,
+        }
+    }
+
+    /// Add decoded text; returns true if a stop string now appears (the text is cut before it).
+    fn push_text(&mut self, piece: &str) -> bool {
+        if piece.is_empty() {
+            return false;
+        }
+        // A stop string ending in the new piece starts at most `hold` bytes before it.
+        let mut from = self.text.len().saturating_sub(self.hold);
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
+        self.text.push_str(piece);
+        let hit = self
+            .stop
+            .stop
+            .iter()
+            .filter_map(|s| self.text[from..].find(s.as_str()))
+            .min();
+        if let Some(at) = hit {
+            self.text.truncate(from + at);
+            return true;
+        }
+        false
+    }
+
+    /// The text that can be sent now: all of it at the end, else all but the held-back tail.
+    fn take_sendable(&mut self, all: bool) -> String {
+        let mut end = if all {
+            self.text.len()
+        } else {
+            self.text.len().saturating_sub(self.hold)
+        };
+        while !self.text.is_char_boundary(end) {
+            end -= 1;
+        }
+        if end <= self.sent {
+            return String::new();
+        }
+        let out = self.text[self.sent..end].to_string();
+        self.sent = end;
+        out
+    }
+}
+
+/// The loop's state, owned by the engine thread.
+struct EngineLoop<'m> {
+    model: &'m LoadedModel,
+    kv: Box<dyn KvCache>,
+    config: &'m EngineConfig,
+    shared: &'m Shared,
+    scheduler: Scheduler,
+    active: HashMap<RequestId, Active<'m>>,
+    eos: Vec<u32>,
+    metrics: EngineMetrics,
+}
+
+impl<'m> EngineLoop<'m> {
+    fn new(
+        model: &'m LoadedModel,
+        kv: Box<dyn KvCache>,
+        config: &'m EngineConfig,
+        shared: &'m Shared,
+    ) -> Self {
+        let metrics = lock(&shared.metrics).clone();
+        EngineLoop {
+            model,
+            kv,
+            config,
+            shared,
+            scheduler: Scheduler::new(SchedulerConfig {
+                max_num_seqs: config.max_num_seqs,
+                max_num_batched_tokens: config.max_num_batched_tokens,
+            }),
+            active: HashMap::new(),
+            eos: model.tokenizer.stop_token_ids().to_vec(),
+            metrics,
+        }
+    }
+
+    fn run(mut self, rx: &Receiver<Command>) {
+        let mut draining = false;
+        loop {
+            // Block for work only when there is nothing to run.
+            if self.scheduler.is_idle() {
+                if draining {
+                    break;
+                }
+                match rx.recv() {
+                    Ok(cmd) => draining |= self.command(cmd),
+                    Err(_) => break,
+                }
+            }
+            while let Ok(cmd) = rx.try_recv() {
+                draining |= self.command(cmd);
+            }
+            if !self.scheduler.is_idle() {
+                self.step();
+            }
+            self.publish();
+        }
+        // The handle is gone or shut down: nothing may be left without its final event.
+        let ids: Vec<RequestId> = self.active.keys().copied().collect();
+        for id in ids {
+            self.end(id, FinishReason::Abort);
+        }
+        self.publish();
+    }
+
+    /// Handle one command; returns true on a shutdown.
+    fn command(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Add {
+                id,
+                request,
+                events,
+                arrival,
+            } => self.add(id, request, events, arrival),
+            Command::Abort(id) => {
+                if self.active.contains_key(&id) {
+                    self.end(id, FinishReason::Abort);
+                }
+            }
+            Command::Audit(reply) => {
+                let _ = reply.send(self.kv.audit().map(|()| self.kv.usage()));
+            }
+            Command::Shutdown { abort } => {
+                if abort {
+                    let ids: Vec<RequestId> = self.active.keys().copied().collect();
+                    for id in ids {
+                        self.end(id, FinishReason::Abort);
+                    }
+                }
+                return true;
+            }
+        }
+        false
+    }
+
+    fn add(
+        &mut self,
+        id: RequestId,
+        request: GenerationRequest,
+        events: EventSender,
+        arrival: Instant,
+    ) {
+        let seq = SeqRequest {
+            id,
+            prompt: request.prompt,
+            max_tokens: request.max_tokens,
+        };
+        let prompt_len = seq.prompt.len();
+        if let Err(e) = self.scheduler.add(seq, self.kv.as_ref()) {
+            self.metrics.failed += 1;
+            let _ = events.send(EngineEvent {
+                id,
+                kind: EventKind::Failed(e.to_string()),
+            });
+            return;
+        }
+        let hold = request
+            .stop
+            .stop
+            .iter()
+            .map(|s| s.len().saturating_sub(1))
+            .max()
+            .unwrap_or(0);
+        self.active.insert(
+            id,
+            Active {
+                events,
+                sampler: Sampler::new(request.sampling),
+                stream: Some(self.model.tokenizer.stream()),
+                stop: request.stop,
+                hold,
+                prompt_len,
+                generated: 0,
+                text: String::new(),
+                sent: 0,
+                unsent_ids: Vec::new(),
+                arrival,
+                first_scheduled: None,
+                token_times: Vec::new(),
+                preemptions: 0,
+            },
+        );
+    }
+
+    /// Remove a request, free its KV, send what text is left and its final event.
+    fn end(&mut self, id: RequestId, reason: FinishReason) {
+        let Some(mut a) = self.active.remove(&id) else {
+            return;
+        };
+        // The scheduler frees the KV memory (it errs only on a sequence the cache never had).
+        let _ = self.scheduler.finish(id, self.kv.as_mut());
+        if reason != FinishReason::Abort {
+            if let Some(stream) = a.stream.take() {
+                if let Ok(rest) = stream.finish() {
+                    a.push_text(&rest);
+                }
+            }
+            let text = a.take_sendable(true);
+            let token_ids = std::mem::take(&mut a.unsent_ids);
+            if !text.is_empty() || !token_ids.is_empty() {
+                let _ = a.events.send(EngineEvent {
+                    id,
+                    kind: EventKind::Delta { token_ids, text },
+                });
+            }
+        }
+        match reason {
+            FinishReason::Stop => self.metrics.finished_stop += 1,
+            FinishReason::Length => self.metrics.finished_length += 1,
+            FinishReason::Abort => self.metrics.finished_abort += 1,
+        }
+        // Whoever sees the final event sees the memory already free.
+        self.publish();
+        let _ = a.events.send(EngineEvent {
+            id,
+            kind: EventKind::Finished(a.finished(reason)),
+        });
+    }
+
+    /// Fail every request of a step (the forward pass or the scheduler broke).
+    fn fail(&mut self, ids: &[RequestId], why: &str) {
+        for &id in ids {
+            if let Some(a) = self.active.remove(&id) {
+                let _ = self.scheduler.finish(id, self.kv.as_mut());
+                self.metrics.failed += 1;
+                let _ = a.events.send(EngineEvent {
+                    id,
+                    kind: EventKind::Failed(why.to_string()),
+                });
+            }
+        }
+    }
+
+    fn step(&mut self) {
+        let start = Instant::now();
+        let step = match self.scheduler.schedule(self.kv.as_mut()) {
+            Ok(step) => step,
+            Err(e) => {
+                let ids: Vec<RequestId> = self.active.keys().copied().collect();
+                self.fail(&ids, &format!("scheduling failed: {e}"));
+                return;
+            }
+        };
+        for id in &step.preempted {
+            if let Some(a) = self.active.get_mut(id) {
+                a.preemptions += 1;
+            }
+        }
+        if step.chunks.is_empty() {
+            // Nothing fits yet (cannot happen while the scheduler admits the queue's head into
+            // an empty cache); do not spin.
+            std::thread::yield_now();
+            return;
+        }
+        self.map_ahead(&step);
+        let batch: Vec<SeqChunk<'_>> = step
+            .chunks
+            .iter()
+            .map(|c| SeqChunk {
+                seq: c.seq,
+                tokens: &c.tokens,
+                start: c.start,
+                all_logits: false,
+            })
+            .collect();
+        let logits = match self.model.model.forward(&batch, self.kv.as_mut()) {
+            Ok(logits) => logits,
+            Err(e) => {
+                let ids: Vec<RequestId> = step.chunks.iter().map(|c| c.seq).collect();
+                self.fail(&ids, &format!("forward pass failed: {e}"));
+                return;
+            }
+        };
+        let now = Instant::now();
+        let mut sampled = Vec::new();
+        for (c, logits) in step.chunks.iter().zip(&logits) {
+            let Some(a) = self.active.get_mut(&c.seq) else {
+                continue;
+            };
+            a.first_scheduled.get_or_insert(start);
+            if c.samples {
+                sampled.push((c.seq, a.sampler.sample(logits)));
+            }
+            let decode = a.generated > 0 && c.start + 1 == a.prompt_len + a.generated;
+            if !decode {
+                self.metrics.prefill_tokens += c.tokens.len() as u64;
+            }
+        }
+        let at_length = match self.scheduler.update(&step, &sampled, self.kv.as_mut()) {
+            Ok(done) => done,
+            Err(e) => {
+                let ids: Vec<RequestId> = step.chunks.iter().map(|c| c.seq).collect();
+                self.fail(&ids, &format!("scheduler update failed: {e}"));
+                return;
+            }
+        };
+        self.metrics.generated_tokens += sampled.len() as u64;
+        for (id, token) in sampled {
+            self.emit(id, token, at_length.contains(&id), now);
+        }
+        self.metrics.steps += 1;
+        self.metrics.busy_seconds += start.elapsed().as_secs_f64();
+    }
+
+    /// Tell the cache what each scheduled sequence needs next: one more token after a sampling
+    /// chunk (plus look-ahead), the next prefill chunk otherwise.
+    fn map_ahead(&self, step: &Step) {
+        for c in &step.chunks {
+            let Some(a) = self.active.get(&c.seq) else {
+                continue;
+            };
+            let end = c.start + c.tokens.len();
+            let next = if c.samples {
+                end + 1 + self.config.map_ahead_tokens
+            } else {
+                let known = a.prompt_len + a.generated;
+                end + (known - end).min(self.config.max_num_batched_tokens)
+            };
+            self.kv.map_ahead(c.seq, next);
+        }
+    }
+
+    /// Deliver one sampled token: stop checks, text, events.
+    fn emit(&mut self, id: RequestId, token: u32, at_length: bool, now: Instant) {
+        let Some(a) = self.active.get_mut(&id) else {
+            return;
+        };
+        a.generated += 1;
+        a.token_times.push((now - a.arrival).as_secs_f64());
+        let stop_token = (!a.stop.ignore_eos && self.eos.contains(&token))
+            || a.stop.stop_token_ids.contains(&token);
+        let mut stopped = stop_token;
+        if !stop_token {
+            let piece = match a.stream.as_mut().map(|s| s.push(token)) {
+                Some(Ok(piece)) => piece,
+                Some(Err(e)) => {
+                    let why = format!("detokenizing token {token}: {e}");
+                    self.fail(&[id], &why);
+                    return;
+                }
+                None => String::new(),
+            };
+            stopped = a.push_text(&piece);
+        }
+        if stopped || at_length {
+            // `end` sends the token with the rest of the text.
+            a.unsent_ids.push(token);
+            let reason = if stopped {
+                FinishReason::Stop
+            } else {
+                FinishReason::Length
+            };
+            self.end(id, reason);
+            return;
+        }
+        let text = a.take_sendable(false);
+        let delta = EngineEvent {
+            id,
+            kind: EventKind::Delta {
+                token_ids: vec![token],
+                text,
+            },
+        };
+        if a.events.send(delta).is_err() {
+            // The receiver is gone: the client disconnected.
+            self.end(id, FinishReason::Abort);
+        }
+    }
+
+    fn publish(&mut self) {
+        let m = &mut self.metrics;
+        m.running = self.scheduler.num_running();
+        m.waiting = self.scheduler.num_waiting();
+        m.peak_running = m.peak_running.max(m.running);
+        m.kv = self.kv.usage();
+        m.preemptions = self.scheduler.preemptions();
+        m.map = self.kv.mapper_stats().map(|s| MapMetrics {
+            waits: s.waits,
+            wait_seconds: s.wait_seconds,
+            pages_mapped_ahead: s.pages_mapped_ahead,
+            pages_mapped_on_wait: s.pages_mapped_on_wait,
+        });
+        *lock(&self.shared.metrics) = m.clone();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tpot_is_the_mean_gap_after_the_first_token() {
+        let t = Timings {
+            token_times: vec![1.0, 1.5, 2.5],
+            ..Timings::default()
+        };
+        assert_eq!(t.tpot(), Some(0.75));
+        assert_eq!(Timings::default().tpot(), None);
+    }
+}

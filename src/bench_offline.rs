@@ -1,0 +1,195 @@
+//! `vkv bench offline`: a workload of request lengths served by the engine in process, in one KV
+//! mode or both (interleaved runs, so drift of a noisy machine hits both), with throughput,
+//! TTFT/TPOT/E2E, preemptions, map waits and KV use per mode and their ratio. The measurement is
+//! [`vkv_engine::offline`]'s; this file parses, repeats, and prints.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args as ClapArgs;
+use indicatif::{ProgressBar, ProgressStyle};
+use vkv_engine::engine::Engine;
+use vkv_engine::generate::load_model;
+use vkv_engine::offline::{random_requests, run_offline, Arrivals, OfflineReport, Summary};
+use vkv_engine::workload::Workload;
+
+use crate::engine_args::{model_path, EngineArgs};
+
+#[derive(Debug, ClapArgs)]
+pub struct Args {
+    /// A GGUF file or HF directory (default: SmolLM2-135M-Instruct).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Request lengths: sharegpt, alpaca, arxiv-summarization, longbench, humaneval,
+    /// fixed:P,O, uniform:PMIN-PMAX,OMIN-OMAX, or a JSONL trace.
+    #[arg(long, default_value = "sharegpt")]
+    workload: String,
+    #[arg(long = "num-prompts", default_value_t = 100)]
+    num_prompts: usize,
+    /// Requests per second (Poisson arrivals); default: all at once.
+    #[arg(long = "request-rate")]
+    request_rate: Option<f64>,
+    /// Runs per mode; with `--kv-mode both` they alternate paged, vmm, paged, vmm, ...
+    #[arg(long, default_value_t = 1)]
+    repeats: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// Print JSON (every run, the median run of each mode, and the ratios).
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.num_prompts == 0 || args.repeats == 0 {
+        bail!(
+            "--num-prompts and --repeats must be at least 1 (found {} and {})",
+            args.num_prompts,
+            args.repeats
+        );
+    }
+    let arrivals = match args.request_rate {
+        None => Arrivals::AllAtOnce,
+        Some(rate) if rate > 0.0 && rate.is_finite() => Arrivals::Poisson { rate },
+        Some(rate) => {
+            bail!("--request-rate must be a positive number of requests per second, found {rate}")
+        }
+    };
+    let workload = Workload::parse(&args.workload)?;
+    let path = model_path(args.model.clone())?;
+    let modes = args.engine.kv.modes();
+    let mut runs: Vec<OfflineReport> = Vec::new();
+    let mut model_name = String::new();
+    let mut shapes_info = (0.0, 0.0);
+    for round in 0..args.repeats {
+        for &mode in &modes {
+            let model = load_model(&path).context("loading the model")?;
+            model_name.clone_from(&model.name);
+            let engine = Engine::start(model, args.engine.config(mode))?;
+            let c = &engine.model().model.config;
+            let shapes = workload.sample(args.num_prompts, args.seed, Some(engine.max_model_len()));
+            shapes_info = (
+                shapes.iter().map(|s| s.prompt_len).sum::<usize>() as f64 / shapes.len() as f64,
+                shapes.iter().map(|s| s.output_len).sum::<usize>() as f64 / shapes.len() as f64,
+            );
+            let requests = random_requests(&shapes, c.vocab_size, args.seed);
+            let bar = ProgressBar::new(requests.len() as u64).with_style(
+                ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} requests {elapsed}")
+                    .expect("a valid template")
+                    .progress_chars("=> "),
+            );
+            bar.set_message(format!(
+                "{} ({}/{})",
+                engine.metrics().kv_name,
+                round + 1,
+                args.repeats
+            ));
+            let report = run_offline(&engine, requests, arrivals, args.seed, &mut |done| {
+                bar.set_position(done as u64)
+            })?;
+            bar.finish_and_clear();
+            if report.failed > 0 {
+                eprintln!(
+                    "vkv: {} of {} requests failed",
+                    report.failed, report.requests
+                );
+            }
+            runs.push(report);
+        }
+    }
+    // Per mode, the run with the median output throughput.
+    let medians: Vec<OfflineReport> = (0..modes.len())
+        .map(|m| {
+            let mut mine: Vec<&OfflineReport> = runs.iter().skip(m).step_by(modes.len()).collect();
+            mine.sort_by(|a, b| a.output_tokens_per_s.total_cmp(&b.output_tokens_per_s));
+            mine[mine.len() / 2].clone()
+        })
+        .collect();
+    let ratio = (medians.len() == 2).then(|| {
+        let (p, v) = (&medians[0], &medians[1]);
+        serde_json::json!({
+            "output_tokens_per_s": v.output_tokens_per_s / p.output_tokens_per_s,
+            "requests_per_s": v.requests_per_s / p.requests_per_s,
+            "ttft_median": v.ttft_ms.median / p.ttft_ms.median,
+            "tpot_median": v.tpot_ms.median / p.tpot_ms.median,
+        })
+    });
+    if args.json {
+        let value = serde_json::json!({
+            "model": model_name,
+            "workload": workload.name(),
+            "num_prompts": args.num_prompts,
+            "request_rate": args.request_rate,
+            "threads": rayon_threads(),
+            "runs": runs,
+            "median": medians,
+            "ratio_vmm_over_paged": ratio,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    println!(
+        "{model_name}, {} requests of {} (mean prompt {:.0}, output {:.0} tokens), {}, CPU {} threads, {} run(s) per mode (median shown)",
+        args.num_prompts,
+        workload.name(),
+        shapes_info.0,
+        shapes_info.1,
+        args.request_rate
+            .map_or("all at once".to_string(), |r| format!("{r} requests/s")),
+        rayon_threads(),
+        args.repeats
+    );
+    print_table(&medians);
+    Ok(())
+}
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn print_table(reports: &[OfflineReport]) {
+    let mut header = format!("{:<24}", "");
+    for r in reports {
+        header.push_str(&format!("{:>24}", r.kv));
+    }
+    if reports.len() == 2 {
+        header.push_str(&format!("{:>12}", "vmm/paged"));
+    }
+    println!("{header}");
+    let row = |name: &str, value: &dyn Fn(&OfflineReport) -> f64, digits: usize| {
+        let mut line = format!("{name:<24}");
+        for r in reports {
+            line.push_str(&format!("{:>24.digits$}", value(r)));
+        }
+        if let [p, v] = reports {
+            let (a, b) = (value(p), value(v));
+            if a != 0.0 {
+                line.push_str(&format!("{:>12.3}", b / a));
+            }
+        }
+        println!("{line}");
+    };
+    row("requests/s", &|r| r.requests_per_s, 3);
+    row("output tokens/s", &|r| r.output_tokens_per_s, 1);
+    row("total tokens/s", &|r| r.total_tokens_per_s, 1);
+    let summary = |name: &str, s: &dyn Fn(&OfflineReport) -> Summary| {
+        row(&format!("{name} mean ms"), &|r| s(r).mean, 1);
+        row(&format!("{name} median ms"), &|r| s(r).median, 1);
+        row(&format!("{name} p99 ms"), &|r| s(r).p99, 1);
+    };
+    summary("TTFT", &|r| r.ttft_ms);
+    summary("TPOT", &|r| r.tpot_ms);
+    summary("E2E", &|r| r.e2e_ms);
+    row("preemptions", &|r| r.preemptions as f64, 0);
+    row(
+        "map waits",
+        &|r| r.map_waits.map_or(f64::NAN, |w| w as f64),
+        0,
+    );
+    row("peak running", &|r| r.peak_running as f64, 0);
+    row("KV used mean %", &|r| 100.0 * r.kv_used_mean, 1);
+    row("KV used peak %", &|r| 100.0 * r.kv_used_peak, 1);
+    row("KV token share %", &|r| 100.0 * r.kv_token_share_mean, 1);
+    row("duration s", &|r| r.duration_s, 1);
+}

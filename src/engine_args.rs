@@ -1,0 +1,125 @@
+//! Options shared by the commands that run a model: which model (`--model`, else the default one,
+//! fetched on first use), its KV cache (`--kv-mode`, `--vmm-layout`, `--page-size`,
+//! `--block-size`, `--kv-memory`) and the engine's limits (`--max-num-seqs`,
+//! `--max-num-batched-tokens`, `--max-model-len`, `--batch-invariant`).
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args as ClapArgs, ValueEnum};
+use vkv_engine::engine::EngineConfig;
+use vkv_engine::fetch;
+use vkv_engine::kv::KvMode;
+use vkv_vmm::KvLayout;
+
+use crate::units::parse_bytes;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvModeArg {
+    Paged,
+    Vmm,
+    /// Both, one after the other (only for benchmarks that compare them).
+    Both,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LayoutArg {
+    TokenMajor,
+    PerLayer,
+}
+
+/// KV-cache options shared by the commands that run a model.
+#[derive(Debug, ClapArgs)]
+pub struct KvArgs {
+    #[arg(long = "kv-mode", value_enum, default_value_t = KvModeArg::Vmm)]
+    pub kv_mode: KvModeArg,
+    #[arg(long = "vmm-layout", value_enum, default_value_t = LayoutArg::TokenMajor)]
+    pub vmm_layout: LayoutArg,
+    /// vmm page size (a multiple of the OS page on the CPU).
+    #[arg(long = "page-size", default_value = "2MiB", value_parser = parse_bytes)]
+    pub page_size: usize,
+    /// Paged block size in tokens.
+    #[arg(long = "block-size", default_value_t = 16)]
+    pub block_size: usize,
+    /// KV memory budget.
+    #[arg(long = "kv-memory", default_value = "1GiB", value_parser = parse_bytes)]
+    pub kv_memory: usize,
+}
+
+impl KvArgs {
+    /// The one mode asked for; `both` is an error here.
+    pub fn mode(&self) -> Result<KvMode> {
+        match self.modes().as_slice() {
+            [one] => Ok(*one),
+            _ => bail!("--kv-mode both compares the two modes: only `vkv bench offline` takes it"),
+        }
+    }
+
+    /// The modes asked for: one, or paged then vmm for `both`.
+    pub fn modes(&self) -> Vec<KvMode> {
+        let paged = KvMode::Paged {
+            block_size: self.block_size,
+        };
+        let vmm = KvMode::Vmm {
+            layout: match self.vmm_layout {
+                LayoutArg::TokenMajor => KvLayout::TokenMajor,
+                LayoutArg::PerLayer => KvLayout::PerLayer,
+            },
+            page_size: self.page_size,
+        };
+        match self.kv_mode {
+            KvModeArg::Paged => vec![paged],
+            KvModeArg::Vmm => vec![vmm],
+            KvModeArg::Both => vec![paged, vmm],
+        }
+    }
+}
+
+/// The model path: `--model`, or the default model from the cache (fetching it if needed).
+pub fn model_path(model: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(path) = model {
+        if !path.exists() {
+            bail!(
+                "model {} does not exist (give a GGUF file or an HF directory)",
+                path.display()
+            );
+        }
+        return Ok(path);
+    }
+    fetch::ensure_model(&fetch::DEFAULT_MODEL, &mut |line| eprintln!("vkv: {line}"))
+        .context("fetching the default model")
+}
+
+/// The engine's options (the KV cache's included).
+#[derive(Debug, ClapArgs)]
+pub struct EngineArgs {
+    #[command(flatten)]
+    pub kv: KvArgs,
+    /// Sequences running at once at most.
+    #[arg(long = "max-num-seqs", default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// Tokens in one forward pass at most (prefill chunks + decodes).
+    #[arg(long = "max-num-batched-tokens", default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
+    /// Longest prompt + output (default: the model's context length).
+    #[arg(long = "max-model-len")]
+    pub max_model_len: Option<usize>,
+    /// Make each request's output independent of what else runs (slower prefill).
+    #[arg(long = "batch-invariant")]
+    pub batch_invariant: bool,
+}
+
+impl EngineArgs {
+    /// The engine configuration for one KV mode.
+    pub fn config(&self, kv_mode: KvMode) -> EngineConfig {
+        EngineConfig {
+            kv_mode,
+            kv_memory: self.kv.kv_memory,
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            max_model_len: self.max_model_len,
+            batch_invariant: self.batch_invariant,
+            ..EngineConfig::default()
+        }
+    }
+}

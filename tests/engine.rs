@@ -1,0 +1,359 @@
+//! The engine thread serving the real SmolLM2 on the CPU: continuous batching gives each request
+//! exactly what it gets alone (batch invariance), preemption under a tiny KV budget changes no
+//! output and leaks nothing, aborts and disconnects free memory at once, stop strings cut the
+//! output, and bad requests are refused with a message.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use vkv_engine::engine::{
+    event_channel, Engine, EngineConfig, EngineError, EventKind, EventReceiver, Finished,
+    GenerationRequest, RequestId, StopConditions,
+};
+use vkv_engine::generate::FinishReason;
+use vkv_engine::kv::KvMode;
+use vkv_engine::sampler::SamplingParams;
+use vkv_vmm::KvLayout;
+
+const MODES: [KvMode; 3] = [
+    KvMode::Paged { block_size: 16 },
+    KvMode::Vmm {
+        layout: KvLayout::PerLayer,
+        page_size: 64 << 10,
+    },
+    KvMode::Vmm {
+        layout: KvLayout::TokenMajor,
+        page_size: 2 << 20,
+    },
+];
+
+fn engine(mode: KvMode, kv_memory: usize, max_num_batched_tokens: usize) -> Engine {
+    Engine::start(
+        common::smollm2(),
+        EngineConfig {
+            kv_mode: mode,
+            kv_memory,
+            max_num_seqs: 64,
+            max_num_batched_tokens,
+            max_model_len: Some(2048),
+            batch_invariant: true,
+            map_ahead_tokens: 16,
+        },
+    )
+    .expect("start the engine")
+}
+
+/// Prompts of different lengths and content, tokenized.
+fn prompts(e: &Engine, n: usize) -> Vec<Vec<u32>> {
+    let topics = [
+        "the history of Paris",
+        "how bees make honey",
+        "why the sky is blue",
+        "a recipe for bread",
+        "the rules of chess",
+        "how a compiler works",
+        "the water cycle",
+        "a short poem about autumn",
+    ];
+    (0..n)
+        .map(|i| {
+            let mut text = format!("Write about {}.", topics[i % topics.len()]);
+            for _ in 0..i % 5 {
+                text.push_str(" Please be precise and give one example of it.");
+            }
+            e.model().tokenizer.encode(&text, false).unwrap()
+        })
+        .collect()
+}
+
+fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
+    GenerationRequest {
+        prompt,
+        max_tokens,
+        sampling: SamplingParams::default(),
+        stop: StopConditions {
+            ignore_eos: true,
+            ..StopConditions::default()
+        },
+    }
+}
+
+/// What a request produced, assembled from its events.
+#[derive(Debug, Default)]
+struct Output {
+    tokens: Vec<u32>,
+    text: String,
+    finished: Option<Finished>,
+    failed: Option<String>,
+}
+
+/// Read events until every one of `n` requests has its final event.
+fn collect(rx: &mut EventReceiver, n: usize) -> HashMap<RequestId, Output> {
+    let mut out: HashMap<RequestId, Output> = HashMap::new();
+    let mut done = 0;
+    while done < n {
+        let ev = rx.blocking_recv().expect("the engine is alive");
+        let o = out.entry(ev.id).or_default();
+        assert!(
+            o.finished.is_none() && o.failed.is_none(),
+            "event after the end"
+        );
+        match ev.kind {
+            EventKind::Delta { token_ids, text } => {
+                o.tokens.extend(token_ids);
+                o.text.push_str(&text);
+            }
+            EventKind::Finished(f) => {
+                o.finished = Some(f);
+                done += 1;
+            }
+            EventKind::Failed(why) => {
+                o.failed = Some(why);
+                done += 1;
+            }
+        }
+    }
+    out
+}
+
+fn run_one(e: &Engine, req: GenerationRequest) -> Output {
+    let (tx, mut rx) = event_channel();
+    let id = e.submit(req, tx).unwrap();
+    collect(&mut rx, 1).remove(&id).unwrap()
+}
+
+fn assert_empty(e: &Engine, what: &str) {
+    let usage = e
+        .audit_kv()
+        .unwrap_or_else(|err| panic!("{what}: audit: {err}"));
+    assert_eq!(
+        (
+            usage.sequences,
+            usage.bytes_allocated,
+            usage.bytes_holding_tokens
+        ),
+        (0, 0, 0),
+        "{what}: KV memory left behind"
+    );
+}
+
+#[test]
+fn concurrent_requests_get_exactly_what_they_get_alone() {
+    for mode in MODES {
+        // A small step budget, so prompts are split into chunks and batches mix prefill and
+        // decode in ways the one-at-a-time runs never see.
+        let e = engine(mode, 256 << 20, 96);
+        let name = e.metrics().kv_name;
+        let prompts = prompts(&e, 32);
+        let alone: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| run_one(&e, greedy(p.clone(), 12)).tokens)
+            .collect();
+        let (tx, mut rx) = event_channel();
+        let ids: Vec<RequestId> = prompts
+            .iter()
+            .map(|p| e.submit(greedy(p.clone(), 12), tx.clone()).unwrap())
+            .collect();
+        let together = collect(&mut rx, ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            let o = &together[id];
+            let f = o.finished.as_ref().expect("finished");
+            assert_eq!(f.reason, FinishReason::Length, "{name}");
+            assert_eq!(
+                o.tokens, alone[i],
+                "{name}: request {i} differs when batched"
+            );
+            assert_eq!(f.usage.completion_tokens, 12);
+            assert_eq!(f.usage.prompt_tokens, prompts[i].len());
+            assert_eq!(f.timings.token_times.len(), 12);
+            assert!(f.timings.ttft > 0.0 && f.timings.e2e >= f.timings.ttft);
+        }
+        let m = e.metrics();
+        assert!(
+            m.peak_running > 8,
+            "{name}: peak running {}",
+            m.peak_running
+        );
+        assert_empty(&e, &name);
+    }
+}
+
+#[test]
+fn preemption_under_a_tiny_kv_budget_changes_no_output_and_leaks_nothing() {
+    // Each budget holds about 170-190 tokens; 10 requests need about 60 each.
+    let budgets = [170 * 46_080, 120 * (64 << 10), 4 * (2 << 20)];
+    for (mode, kv_memory) in MODES.into_iter().zip(budgets) {
+        let e = engine(mode, kv_memory, 2048);
+        let name = e.metrics().kv_name;
+        let prompts = prompts(&e, 10);
+        let alone: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| run_one(&e, greedy(p.clone(), 40)).tokens)
+            .collect();
+        let (tx, mut rx) = event_channel();
+        let ids: Vec<RequestId> = prompts
+            .iter()
+            .map(|p| e.submit(greedy(p.clone(), 40), tx.clone()).unwrap())
+            .collect();
+        let out = collect(&mut rx, ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(out[id].tokens, alone[i], "{name}: request {i}");
+        }
+        let m = e.metrics();
+        assert!(m.preemptions > 0, "{name}: no preemption");
+        let preempted: u32 = out
+            .values()
+            .map(|o| o.finished.as_ref().unwrap().preemptions)
+            .sum();
+        assert_eq!(preempted as u64, m.preemptions, "{name}");
+        assert_empty(&e, &name);
+    }
+}
+
+#[test]
+fn in_vmm_mode_decode_pages_are_mapped_ahead_without_waiting() {
+    for mode in &MODES[1..] {
+        let e = engine(*mode, 256 << 20, 2048);
+        let name = e.metrics().kv_name;
+        // 150 tokens cross page boundaries in both layouts (85 and 45 tokens a page).
+        let prompt = prompts(&e, 1).remove(0);
+        run_one(&e, greedy(prompt, 150));
+        let map = e.metrics().map.expect("vmm has a mapper");
+        assert!(map.pages_mapped_ahead > 0, "{name}: {map:?}");
+        // The one wait is the admission: a fresh slot's first page is mapped when the request
+        // is scheduled. Every page after it was mapped ahead.
+        assert_eq!(map.waits, 1, "{name}: {map:?}");
+        assert_empty(&e, &name);
+    }
+}
+
+/// Poll the metrics until `cond` holds (the engine publishes them after every step).
+fn wait_for(e: &Engine, what: &str, cond: impl Fn(&vkv_engine::engine::EngineMetrics) -> bool) {
+    let start = Instant::now();
+    while !cond(&e.metrics()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn aborts_and_disconnects_free_memory_at_once() {
+    for mode in MODES {
+        // 64 tokens a step: a 600-token prompt takes ten steps to prefill.
+        let e = engine(mode, 256 << 20, 64);
+        let name = e.metrics().kv_name;
+        let long: Vec<u32> = prompts(&e, 5).concat().repeat(8)[..600].to_vec();
+
+        // Mid-prefill.
+        let (tx, mut rx) = event_channel();
+        let id = e.submit(greedy(long.clone(), 10), tx).unwrap();
+        wait_for(&e, "prefill to start", |m| m.kv.bytes_holding_tokens > 0);
+        e.abort(id);
+        let out = collect(&mut rx, 1).remove(&id).unwrap();
+        let f = out.finished.unwrap();
+        assert_eq!(f.reason, FinishReason::Abort, "{name}");
+        assert!(out.tokens.is_empty(), "{name}: aborted during prefill");
+        assert_eq!(e.metrics().kv.bytes_allocated, 0, "{name}: after abort");
+
+        // Mid-decode.
+        let (tx, mut rx) = event_channel();
+        let id = e.submit(greedy(long[..50].to_vec(), 500), tx).unwrap();
+        for _ in 0..3 {
+            rx.blocking_recv().unwrap();
+        }
+        e.abort(id);
+        let out = collect(&mut rx, 1).remove(&id).unwrap();
+        assert_eq!(out.finished.unwrap().reason, FinishReason::Abort);
+        assert_eq!(e.metrics().kv.bytes_allocated, 0, "{name}: after abort");
+
+        // A receiver dropped mid-stream is a client gone: aborted at its next token.
+        let (tx, mut rx) = event_channel();
+        e.submit(greedy(long[..50].to_vec(), 500), tx).unwrap();
+        rx.blocking_recv().unwrap();
+        drop(rx);
+        wait_for(&e, "the disconnect", |m| {
+            m.finished_abort == 3 && m.running == 0
+        });
+        assert_empty(&e, &name);
+    }
+}
+
+#[test]
+fn stop_strings_cut_the_output_and_stop_tokens_end_it() {
+    let e = engine(MODES[0], 64 << 20, 2048);
+    let prompt = e
+        .model()
+        .tokenizer
+        .apply_chat_template(
+            &[vkv_engine::tokenizer::ChatMessage::new(
+                "user",
+                "What is the capital of France?",
+            )],
+            true,
+        )
+        .unwrap();
+    let prompt = e.model().tokenizer.encode(&prompt, false).unwrap();
+    let full = run_one(&e, greedy(prompt.clone(), 30));
+    assert!(full.text.len() > 20, "{:?}", full.text);
+    // A stop string from the middle of the greedy text.
+    let stop = full.text[10..16].to_string();
+    let cut = &full.text[..full.text.find(&stop).unwrap()];
+    let mut req = greedy(prompt.clone(), 30);
+    req.stop.stop = vec!["never appears".into(), stop.clone()];
+    let out = run_one(&e, req);
+    assert_eq!(out.text, cut, "stop {stop:?}");
+    assert_eq!(out.finished.unwrap().reason, FinishReason::Stop);
+
+    // The model's end-of-sequence token ends a chat answer unless ignored.
+    let mut req = greedy(prompt.clone(), 200);
+    req.stop.ignore_eos = false;
+    let out = run_one(&e, req);
+    let f = out.finished.unwrap();
+    assert_eq!(f.reason, FinishReason::Stop, "{:?}", out.text);
+    assert!(out.text.contains("Paris"), "{:?}", out.text);
+    assert_eq!(f.usage.completion_tokens, out.tokens.len());
+    // And an extra stop token id ends it at that token.
+    let mut req = greedy(prompt, 30);
+    req.stop.stop_token_ids = vec![full.tokens[3]];
+    let out = run_one(&e, req);
+    assert_eq!(out.tokens, full.tokens[..4].to_vec());
+    assert_empty(&e, "after the stop tests");
+}
+
+#[test]
+fn bad_requests_are_refused_with_a_message_and_the_engine_keeps_serving() {
+    let e = engine(MODES[1], 64 << 20, 2048);
+    let (tx, _rx) = event_channel();
+    let refuse = |req: GenerationRequest| e.submit(req, tx.clone()).unwrap_err();
+    assert!(refuse(greedy(vec![], 5)).to_string().contains("empty"));
+    assert!(refuse(greedy(vec![1, 999_999], 5))
+        .to_string()
+        .contains("999999"));
+    assert!(refuse(greedy(vec![1], 0))
+        .to_string()
+        .contains("max_tokens"));
+    let mut hot = greedy(vec![1, 2], 5);
+    hot.sampling.temperature = 3.0;
+    assert!(refuse(hot).to_string().contains("temperature"));
+    match refuse(greedy(vec![1; 2000], 100)) {
+        EngineError::ContextLength {
+            prompt: 2000,
+            max_tokens: 100,
+            limit: 2048,
+        } => {}
+        other => panic!("{other}"),
+    }
+    let out = run_one(&e, greedy(vec![1, 2, 3], 3));
+    assert_eq!(out.tokens.len(), 3);
+    e.shutdown(false);
+    assert!(!e.is_alive());
+    assert_eq!(
+        e.submit(greedy(vec![1], 1), tx.clone()).unwrap_err(),
+        EngineError::ShuttingDown
+    );
+}
