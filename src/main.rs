@@ -2,6 +2,7 @@
 //! lives in the crate that owns it (see docs/architecture.md).
 
 mod bench_generate;
+mod bench_kernels;
 mod bench_offline;
 mod bench_serve;
 mod bench_vmm;
@@ -29,7 +30,8 @@ struct Cli {
 enum Command {
     /// Serve the OpenAI-compatible HTTP API (completions, chat completions, streaming, metrics).
     Serve(serve::Args),
-    /// Benchmarks: `vkv bench vmm`, `vkv bench generate`, `vkv bench offline`, `vkv bench serve`.
+    /// Benchmarks: `vkv bench vmm`, `vkv bench generate`, `vkv bench offline`, `vkv bench serve`,
+    /// `vkv bench kernels`.
     Bench {
         #[command(subcommand)]
         which: Bench,
@@ -56,6 +58,9 @@ enum Bench {
     /// Load a running OpenAI-compatible server (vLLM's `bench serve`): Gamma arrivals, streamed
     /// responses, TTFT / TPOT / ITL / E2E latency, throughput and goodput.
     Serve(bench_serve::Args),
+    /// CUDA decode attention in every KV addressing mode (vmm strided, plain strided, paged) over a
+    /// grid of batch × context × heads × head dim, against the device's copy bandwidth.
+    Kernels(bench_kernels::Args),
 }
 
 fn main() {
@@ -73,6 +78,7 @@ fn run(cli: Cli) -> Result<()> {
             Bench::Generate(args) => bench_generate::run(args),
             Bench::Offline(args) => bench_offline::run(args),
             Bench::Serve(args) => bench_serve::run(args),
+            Bench::Kernels(args) => bench_kernels::run(args),
         },
         Command::Frag(args) => frag::run(args),
         Command::Generate(args) => generate::run(args),

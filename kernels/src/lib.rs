@@ -7,10 +7,16 @@
 //! GPU test. Attention comes in two addressing modes: **strided** (base pointer + slot, token and
 //! head strides: the contiguous kernel that serves both vmm layouts and plain tensors, as in
 //! vAttention) and **paged** (a block table, as in vLLM's PagedAttention). It knows nothing about
-//! KV modes beyond those two addressing modes. The CPU ops are in [`cpu`]; the CUDA kernels come
-//! with the attention-kernel issue.
+//! KV modes beyond those two addressing modes. The CPU ops are in [`cpu`]; the CUDA kernels (NVRTC
+//! build and cache, decode attention and KV append in both addressing modes) are in [`cuda`], behind
+//! the `cuda` feature.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+/// half, as this crate uses it (bf16 / f16 host values for tests and benchmarks).
+pub use half;
 
 /// Names of the two ways a kernel can address the KV cache; the engine picks one per KV mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

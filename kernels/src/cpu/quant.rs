@@ -75,6 +75,34 @@ impl Weight {
         }
     }
 
+    /// One matrix with the rows of `parts` one after the other (Q, K and V projections as one
+    /// product), if they all have the same format; else the parts back, unchanged.
+    pub fn stack_rows(parts: Vec<Weight>) -> Result<Weight, Vec<Weight>> {
+        let same = parts
+            .windows(2)
+            .all(|w| std::mem::discriminant(&w[0]) == std::mem::discriminant(&w[1]));
+        if parts.is_empty() || !same {
+            return Err(parts);
+        }
+        let mut parts = parts.into_iter();
+        let mut out = parts.next().expect("not empty");
+        for p in parts {
+            match (&mut out, p) {
+                (Weight::F32(a), Weight::F32(b)) => a.extend(b),
+                (Weight::Q4_1 { scales, qs }, Weight::Q4_1 { scales: s, qs: q }) => {
+                    scales.extend(s);
+                    qs.extend(q);
+                }
+                (Weight::Q8_0 { scales, qs }, Weight::Q8_0 { scales: s, qs: q }) => {
+                    scales.extend(s);
+                    qs.extend(q);
+                }
+                _ => unreachable!("formats checked above"),
+            }
+        }
+        Ok(out)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -498,5 +526,42 @@ mod tests {
                 assert_eq!(&out[at * n..(at + 1) * n], &alone[..], "m = {m}");
             }
         }
+    }
+
+    #[test]
+    fn a_stacked_product_is_the_products_of_its_parts() {
+        let mut rng = StdRng::seed_from_u64(12);
+        let (m, k) = (3, 64);
+        let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        for q4 in [true, false] {
+            let parts = vec![
+                random_weight(&mut rng, 8, k, q4),
+                random_weight(&mut rng, 40, k, q4),
+            ];
+            let apart: Vec<Vec<f32>> = parts
+                .iter()
+                .map(|w| {
+                    let n = w.len() / k;
+                    let mut out = vec![0f32; m * n];
+                    matmul_w(&x, m, k, w, n, &mut out);
+                    out
+                })
+                .collect();
+            let stacked = Weight::stack_rows(parts).unwrap();
+            let mut out = vec![0f32; m * 48];
+            matmul_w(&x, m, k, &stacked, 48, &mut out);
+            for r in 0..m {
+                assert_eq!(&out[r * 48..r * 48 + 8], &apart[0][r * 8..(r + 1) * 8]);
+                assert_eq!(
+                    &out[r * 48 + 8..(r + 1) * 48],
+                    &apart[1][r * 40..(r + 1) * 40]
+                );
+            }
+        }
+        let mixed = vec![
+            random_weight(&mut rng, 8, k, true),
+            random_weight(&mut rng, 8, k, false),
+        ];
+        assert_eq!(Weight::stack_rows(mixed).unwrap_err().len(), 2);
     }
 }

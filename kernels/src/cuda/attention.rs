@@ -1,0 +1,913 @@
+//! Launchers of the CUDA attention kernels (`kernels/cuda/attention.cu`): decode and KV append,
+//! each in the two addressing modes of [`KvAddress`].
+//!
+//! Decode is flash-decoding (Dao et al., 2023, "Flash-Decoding for long-context inference"): one
+//! CTA per (KV head, sequence, split) reads each K and V row once for every query head of its GQA
+//! group (up to 8; larger groups take several CTAs per KV head, each with 8 heads), with an online
+//! softmax (FlashAttention); when the batch and head count give too few CTAs to fill the GPU, the
+//! context is split and `decode_reduce_*` combines the partial results by their log-sum-exp.
+//! Strided addressing is vAttention's point: one contiguous kernel serves a vmm `KvSpace` in either
+//! layout and a plain tensor; paged addressing is vLLM's PagedAttention block table.
+//!
+//! Every launcher checks what the host can check — head dim, GQA ratio, block size, 16-byte
+//! alignment of pointers and strides, grid limits, workspace size — and returns a
+//! [`KernelError`]; it never panics. What only the device holds (context lengths, slot indices,
+//! block-table entries) is the caller's promise, which is why the launchers are `unsafe`; the
+//! kernels still clamp each length to `max_context` and to the block table's capacity.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::{
+    sys, CudaContext, CudaFunction, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+
+use super::buffer::DeviceBuffer;
+use super::compile::{compile_module, CacheOutcome};
+use super::error::{driver, KernelError, Result};
+
+/// The CUDA source of the attention kernels.
+pub const ATTENTION_SOURCE: &str = include_str!("../../cuda/attention.cu");
+
+/// Query heads one CTA serves at most (the kernels' largest GMAX).
+pub const MAX_GROUP_PER_CTA: usize = 8;
+const THREADS: u32 = 128;
+
+/// Element type of Q, K, V and the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    Bf16,
+    F16,
+}
+
+impl Dtype {
+    fn name(self) -> &'static str {
+        match self {
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+        }
+    }
+}
+
+/// Where the KV of a batch lives. Strides are in elements; element `(token t, head h, dim d)` of
+/// sequence `b` is at:
+/// - strided: `k + slots[b]·slot_stride + t·token_stride + h·head_stride + d`;
+/// - paged: `k + table[b·max_blocks + t / block_size]·block_stride + (t % block_size)·token_stride
+///   + h·head_stride + d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvAddress {
+    Strided {
+        k: u64,
+        v: u64,
+        /// Device `u32[batch]`: the slot of each sequence.
+        slots: u64,
+        slot_stride: u64,
+        token_stride: u64,
+        head_stride: u64,
+    },
+    Paged {
+        k: u64,
+        v: u64,
+        /// Device `u32[batch][max_blocks]`.
+        block_table: u64,
+        max_blocks: u32,
+        /// 16 or 32.
+        block_size: u32,
+        block_stride: u64,
+        token_stride: u64,
+        head_stride: u64,
+    },
+}
+
+impl KvAddress {
+    fn parts(&self) -> (u64, u64, u64, u64, u64, u64, u32, &'static str) {
+        match *self {
+            KvAddress::Strided {
+                k,
+                v,
+                slots,
+                slot_stride,
+                token_stride,
+                head_stride,
+            } => (
+                k,
+                v,
+                slots,
+                slot_stride,
+                token_stride,
+                head_stride,
+                0,
+                "strided",
+            ),
+            KvAddress::Paged {
+                k,
+                v,
+                block_table,
+                max_blocks,
+                block_size,
+                block_stride,
+                token_stride,
+                head_stride,
+            } => (
+                k,
+                v,
+                block_table,
+                block_stride,
+                token_stride,
+                head_stride,
+                max_blocks,
+                if block_size == 32 {
+                    "paged32"
+                } else {
+                    "paged16"
+                },
+            ),
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        let (k, v, index, outer, token, head, _, _) = self.parts();
+        aligned("K base pointer", k, 16)?;
+        aligned("V base pointer", v, 16)?;
+        aligned("slot / block-table pointer", index, 4)?;
+        aligned("slot / block stride (elements)", outer, 8)?;
+        aligned("token stride (elements)", token, 8)?;
+        aligned("head stride (elements)", head, 8)?;
+        if let KvAddress::Paged {
+            block_size,
+            max_blocks,
+            ..
+        } = *self
+        {
+            if block_size != 16 && block_size != 32 {
+                return Err(KernelError::Shape(format!(
+                    "block size {block_size}: the paged kernels take 16 or 32"
+                )));
+            }
+            if max_blocks == 0 {
+                return Err(KernelError::Shape("a block table of 0 columns".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn aligned(what: &'static str, value: u64, align: u64) -> Result<()> {
+    if value % align != 0 {
+        return Err(KernelError::Misaligned { what, value, align });
+    }
+    Ok(())
+}
+
+/// Shape of one decode launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeShape {
+    pub batch: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Upper bound of the context lengths in the batch (the split size is derived from it).
+    pub max_context: usize,
+}
+
+/// Device buffers of one decode launch. `q` and `out` are `[batch][n_heads][head_dim]`; `lens` is
+/// `u32[batch]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeArgs {
+    pub q: u64,
+    pub out: u64,
+    pub lens: u64,
+}
+
+/// How a decode launch was (or would be) run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodePlan {
+    pub splits: usize,
+    pub split_tokens: usize,
+    pub head_chunks: usize,
+    pub ctas: usize,
+    /// Query heads per CTA the chosen kernel is built for (1, 2, 4 or 8).
+    pub gmax: usize,
+}
+
+/// Scratch space for split-KV decode: partial outputs and their (max, sum), f32.
+#[derive(Debug)]
+pub struct DecodeWorkspace {
+    part_o: DeviceBuffer,
+    part_ml: DeviceBuffer,
+    rows: usize,
+    head_dim: usize,
+    max_splits: usize,
+}
+
+impl DecodeWorkspace {
+    /// Room for `rows = batch · n_heads` query rows of `head_dim` with up to `max_splits` splits.
+    pub fn new(
+        ctx: &Arc<CudaContext>,
+        rows: usize,
+        head_dim: usize,
+        max_splits: usize,
+    ) -> Result<Self> {
+        let n = rows
+            .checked_mul(max_splits.max(1))
+            .ok_or_else(|| KernelError::Shape("workspace size overflows".into()))?;
+        Ok(DecodeWorkspace {
+            part_o: DeviceBuffer::new(ctx, n * head_dim * 4)?,
+            part_ml: DeviceBuffer::new(ctx, n * 2 * 4)?,
+            rows,
+            head_dim,
+            max_splits: max_splits.max(1),
+        })
+    }
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct DecodeParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    out: u64,
+    part_o: u64,
+    part_ml: u64,
+    lens: u64,
+    index: u64,
+    outer_stride: u64,
+    token_stride: u64,
+    head_stride: u64,
+    batch: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    group: u32,
+    splits: u32,
+    split_tokens: u32,
+    max_blocks: u32,
+    max_context: u32,
+    scale_log2: f32,
+    head_chunks: u32,
+}
+// SAFETY: plain old data laid out as the C struct `DecodeParams` of attention.cu.
+unsafe impl DeviceRepr for DecodeParams {}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct AppendParams {
+    k_new: u64,
+    v_new: u64,
+    k: u64,
+    v: u64,
+    seq: u64,
+    pos: u64,
+    index: u64,
+    outer_stride: u64,
+    token_stride: u64,
+    head_stride: u64,
+    n_tokens: u32,
+    n_kv_heads: u32,
+    head_dim: u32,
+    max_blocks: u32,
+}
+// SAFETY: plain old data laid out as the C struct `AppendParams` of attention.cu.
+unsafe impl DeviceRepr for AppendParams {}
+
+/// Shape of one prefill launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefillShape {
+    pub batch: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Upper bound of the chunk lengths (query rows per sequence).
+    pub max_q_len: usize,
+    /// Upper bound of the context lengths (prefix + chunk).
+    pub max_context: usize,
+}
+
+/// Device buffers of one prefill launch. `q` and `out` are `[total_q][n_heads][head_dim]` with
+/// the chunks of the sequences one after another; `q_start` is `u32[batch + 1]` (sequence `b`'s
+/// rows are `q_start[b] .. q_start[b + 1]`); `lens` is `u32[batch]`, each sequence's context
+/// length counting its chunk, whose K and V must already be appended: query row `i` of sequence
+/// `b` is at position `lens[b] − chunk_len + i` and attends to positions `0 ..= that`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefillArgs {
+    pub q: u64,
+    pub out: u64,
+    pub q_start: u64,
+    pub lens: u64,
+}
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct PrefillParams {
+    q: u64,
+    k: u64,
+    v: u64,
+    out: u64,
+    q_start: u64,
+    lens: u64,
+    index: u64,
+    outer_stride: u64,
+    token_stride: u64,
+    head_stride: u64,
+    batch: u32,
+    n_heads: u32,
+    n_kv_heads: u32,
+    group: u32,
+    max_blocks: u32,
+    max_context: u32,
+    scale_log2: f32,
+    pad: u32,
+}
+// SAFETY: plain old data laid out as the C struct `PrefillParams` of attention.cu.
+unsafe impl DeviceRepr for PrefillParams {}
+
+/// Device buffers of one append: `k_new` and `v_new` are `[n_tokens][n_kv_heads][head_dim]`;
+/// `seq` and `pos` are `u32[n_tokens]` (the sequence — slot index or block-table row — and the
+/// position of each new token).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendArgs {
+    pub k_new: u64,
+    pub v_new: u64,
+    pub seq: u64,
+    pub pos: u64,
+    pub n_tokens: usize,
+}
+
+/// The compiled attention kernels of one device.
+#[derive(Debug)]
+pub struct Attention {
+    ctx: Arc<CudaContext>,
+    functions: HashMap<String, CudaFunction>,
+    sms: usize,
+    /// CTAs of the decode kernel per multiprocessor, by (head dim, query heads per CTA).
+    occupancy: HashMap<(usize, usize), usize>,
+    /// Whether the module came from the disk cache.
+    pub outcome: CacheOutcome,
+    /// The architecture compiled for (`sm_90a` on H100).
+    pub arch: String,
+}
+
+impl Attention {
+    /// Compile (or load from the cache) the attention kernels for `ctx`'s device.
+    pub fn new(ctx: &Arc<CudaContext>) -> Result<Self> {
+        let compiled = compile_module(ctx, "attention", ATTENTION_SOURCE, &[])?;
+        let mut names = vec![
+            "append_strided".to_string(),
+            "append_paged16".to_string(),
+            "append_paged32".to_string(),
+            "fill_uniform".to_string(),
+            "spin".to_string(),
+        ];
+        for t in ["bf16", "f16"] {
+            for d in [64, 128] {
+                for a in ["strided", "paged16", "paged32"] {
+                    names.push(format!("prefill_{t}_d{d}_{a}"));
+                }
+                names.push(format!("decode_reduce_{t}_d{d}"));
+                for g in [1, 2, 4, 8] {
+                    for a in ["strided", "paged16", "paged32"] {
+                        names.push(format!("decode_{t}_d{d}_g{g}_{a}"));
+                    }
+                }
+            }
+        }
+        let mut functions = HashMap::new();
+        for n in names {
+            let f = compiled
+                .module
+                .load_function(&n)
+                .map_err(driver("cuModuleGetFunction"))?;
+            functions.insert(n, f);
+        }
+        // Prefill's double-buffered tiles are over the 48 KiB a kernel gets without asking.
+        for (name, f) in &functions {
+            if let Some(d) = name
+                .strip_prefix("prefill_")
+                .and_then(|n| n.split('_').nth(1))
+                .and_then(|d| d.strip_prefix('d'))
+                .and_then(|d| d.parse::<usize>().ok())
+            {
+                f.set_attribute(
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    prefill_smem_bytes(d) as i32,
+                )
+                .map_err(driver("cuFuncSetAttribute(max dynamic shared memory)"))?;
+            }
+        }
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver("cuDeviceGetAttribute(multiprocessors)"))?
+            .max(1) as usize;
+        let mut occupancy = HashMap::new();
+        for d in [64, 128] {
+            for g in [1, 2, 4, 8] {
+                let f = &functions[&format!("decode_bf16_d{d}_g{g}_strided")];
+                let per_sm = f
+                    .occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)
+                    .map_err(driver("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;
+                occupancy.insert((d, g), per_sm.max(1) as usize);
+            }
+        }
+        Ok(Attention {
+            ctx: ctx.clone(),
+            functions,
+            sms,
+            occupancy,
+            outcome: compiled.outcome,
+            arch: compiled.arch,
+        })
+    }
+
+    /// The context the kernels were loaded in.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Multiprocessors of the device.
+    pub fn multiprocessors(&self) -> usize {
+        self.sms
+    }
+
+    fn function(&self, name: &str) -> Result<&CudaFunction> {
+        self.functions
+            .get(name)
+            .ok_or_else(|| KernelError::Shape(format!("no kernel named {name}")))
+    }
+
+    /// The split plan for a shape: no split when the (KV head, sequence) CTAs already fill 90 % of
+    /// what the GPU holds at once (multiprocessors × the kernel's occupancy); otherwise as many
+    /// splits as fit in that one wave, with at least 64 tokens per split. (Measured on H100, 32/8
+    /// heads: batch 64 × context 2048, 1 split 185 µs, 2 splits 191 µs; batch 8 × 16384, 8 splits
+    /// (one wave) 189 µs, 9 splits (a second, partial wave) 255 µs, 1 split 727 µs.) `splits`
+    /// forces a number instead.
+    pub fn plan(&self, shape: &DecodeShape, splits: Option<usize>) -> Result<DecodePlan> {
+        check_shape(shape)?;
+        let gmax = gmax_for(shape.n_heads / shape.n_kv_heads);
+        let per_sm = self
+            .occupancy
+            .get(&(shape.head_dim, gmax))
+            .copied()
+            .unwrap_or(1);
+        split_plan(shape, self.sms * per_sm, splits)
+    }
+
+    /// Decode attention: for each sequence `b` and query head `h`, `out[b][h] = softmax(scale ·
+    /// q[b][h] · K[b][g]ᵀ) · V[b][g]` over the first `lens[b]` tokens, `g = h / (n_heads /
+    /// n_kv_heads)`. Asynchronous on `stream`. `workspace` is needed when the plan has more than one
+    /// split (see [`Attention::plan`]; `splits` forces a count).
+    ///
+    /// # Safety
+    /// All pointers must be device memory of this context, valid for the launch: `q`, `out` of
+    /// `batch · n_heads · head_dim` elements, `lens` of `batch` u32 each ≤ `max_context`, the slot
+    /// indices / block-table rows must address backed KV memory holding `lens[b]` written tokens,
+    /// and nothing else may write `out` or read the workspace concurrently.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn decode(
+        &self,
+        stream: &CudaStream,
+        dtype: Dtype,
+        shape: &DecodeShape,
+        args: &DecodeArgs,
+        kv: &KvAddress,
+        scale: f32,
+        splits: Option<usize>,
+        workspace: Option<&DecodeWorkspace>,
+    ) -> Result<DecodePlan> {
+        let plan = self.plan(shape, splits)?;
+        kv.check()?;
+        aligned("q pointer", args.q, 16)?;
+        aligned("out pointer", args.out, 16)?;
+        aligned("lens pointer", args.lens, 4)?;
+        if !scale.is_finite() {
+            return Err(KernelError::Shape(format!("softmax scale {scale}")));
+        }
+        if let KvAddress::Paged {
+            max_blocks,
+            block_size,
+            ..
+        } = *kv
+        {
+            let cap = max_blocks as usize * block_size as usize;
+            if shape.max_context > cap {
+                return Err(KernelError::Shape(format!(
+                    "max_context {} exceeds the block table's {max_blocks} blocks × {block_size} tokens",
+                    shape.max_context
+                )));
+            }
+        }
+        let rows = shape.batch * shape.n_heads;
+        let (part_o, part_ml) = if plan.splits > 1 {
+            let ws = workspace.ok_or(KernelError::TooSmall {
+                what: "decode workspace (none given)",
+                needed: plan.splits,
+                available: 0,
+            })?;
+            if ws.rows < rows || ws.head_dim != shape.head_dim || ws.max_splits < plan.splits {
+                return Err(KernelError::TooSmall {
+                    what: "decode workspace (rows × splits)",
+                    needed: rows * plan.splits,
+                    available: ws.rows * ws.max_splits,
+                });
+            }
+            (ws.part_o.ptr(), ws.part_ml.ptr())
+        } else {
+            (0, 0)
+        };
+        let (k, v, index, outer, token, head, max_blocks, addr) = kv.parts();
+        let params = DecodeParams {
+            q: args.q,
+            k,
+            v,
+            out: args.out,
+            part_o,
+            part_ml,
+            lens: args.lens,
+            index,
+            outer_stride: outer,
+            token_stride: token,
+            head_stride: head,
+            batch: shape.batch as u32,
+            n_heads: shape.n_heads as u32,
+            n_kv_heads: shape.n_kv_heads as u32,
+            group: (shape.n_heads / shape.n_kv_heads) as u32,
+            splits: plan.splits as u32,
+            split_tokens: plan.split_tokens as u32,
+            max_blocks,
+            max_context: shape.max_context as u32,
+            scale_log2: scale * std::f32::consts::LOG2_E,
+            head_chunks: plan.head_chunks as u32,
+        };
+        let name = format!(
+            "decode_{}_d{}_g{}_{addr}",
+            dtype.name(),
+            shape.head_dim,
+            plan.gmax
+        );
+        let f = self.function(&name)?;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (shape.n_kv_heads * plan.head_chunks) as u32,
+                shape.batch as u32,
+                plan.splits as u32,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = stream.launch_builder(f);
+        launch.arg(&params);
+        // SAFETY: the caller guarantees the memory; the shape was checked above.
+        unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(decode)"))?;
+        if plan.splits > 1 {
+            let name = format!("decode_reduce_{}_d{}", dtype.name(), shape.head_dim);
+            let f = self.function(&name)?;
+            let cfg = LaunchConfig {
+                grid_dim: (shape.n_heads as u32, shape.batch as u32, 1),
+                block_dim: (shape.head_dim as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut launch = stream.launch_builder(f);
+            launch.arg(&params);
+            // SAFETY: as above; the workspace holds rows × splits partials (checked).
+            unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(decode_reduce)"))?;
+        }
+        Ok(plan)
+    }
+
+    /// KV append: write each new token's K and V (`[n_kv_heads][head_dim]`, any 2-byte dtype) at
+    /// its sequence's position. Asynchronous on `stream`.
+    ///
+    /// # Safety
+    /// `k_new`, `v_new` must hold `n_tokens · n_kv_heads · head_dim` elements, `seq` and `pos`
+    /// `n_tokens` u32 each; every `(seq, pos)` must address backed KV memory (a backed slot token,
+    /// or a block-table row whose block at `pos / block_size` is allocated) that nothing reads or
+    /// writes concurrently, and no two new tokens may share a `(seq, pos)`.
+    pub unsafe fn append(
+        &self,
+        stream: &CudaStream,
+        args: &AppendArgs,
+        kv: &KvAddress,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        kv.check()?;
+        if head_dim == 0 || head_dim % 8 != 0 || n_kv_heads == 0 {
+            return Err(KernelError::Shape(format!(
+                "append of {n_kv_heads} KV heads × {head_dim}: head dim must be a positive multiple of 8"
+            )));
+        }
+        aligned("k_new pointer", args.k_new, 16)?;
+        aligned("v_new pointer", args.v_new, 16)?;
+        aligned("seq pointer", args.seq, 4)?;
+        aligned("pos pointer", args.pos, 4)?;
+        if args.n_tokens == 0 {
+            return Ok(());
+        }
+        let n_tokens = u32::try_from(args.n_tokens)
+            .map_err(|_| KernelError::Shape(format!("{} tokens in one append", args.n_tokens)))?;
+        let (k, v, index, outer, token, head, max_blocks, addr) = kv.parts();
+        let params = AppendParams {
+            k_new: args.k_new,
+            v_new: args.v_new,
+            k,
+            v,
+            seq: args.seq,
+            pos: args.pos,
+            index,
+            outer_stride: outer,
+            token_stride: token,
+            head_stride: head,
+            n_tokens,
+            n_kv_heads: n_kv_heads as u32,
+            head_dim: head_dim as u32,
+            max_blocks,
+        };
+        let total = args.n_tokens as u64 * n_kv_heads as u64 * (head_dim as u64 / 8);
+        let blocks = total.div_ceil(256).clamp(1, 32 * self.sms as u64) as u32;
+        let f = self.function(&format!("append_{addr}"))?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = stream.launch_builder(f);
+        launch.arg(&params);
+        // SAFETY: the caller guarantees the memory; sizes were checked above.
+        unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(append)"))?;
+        Ok(())
+    }
+}
+
+impl Attention {
+    /// Fill `n` elements at `ptr` with pseudo-random values uniform in [-1, 1) of `dtype`
+    /// (benchmark and test data: never zeros). Asynchronous on `stream`.
+    ///
+    /// # Safety
+    /// `ptr .. ptr + 2n` must be writable device memory of this context.
+    pub unsafe fn fill_uniform(
+        &self,
+        stream: &CudaStream,
+        ptr: u64,
+        n: usize,
+        dtype: Dtype,
+        seed: u32,
+    ) -> Result<()> {
+        aligned("fill pointer", ptr, 2)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let f = self.function("fill_uniform")?;
+        let blocks = (n as u64).div_ceil(256).clamp(1, 64 * self.sms as u64) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n, is_f16) = (n as u64, u32::from(dtype == Dtype::F16));
+        let mut launch = stream.launch_builder(f);
+        launch.arg(&ptr).arg(&n).arg(&seed).arg(&is_f16);
+        // SAFETY: the caller guarantees the range.
+        unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(fill_uniform)"))?;
+        Ok(())
+    }
+}
+
+impl Attention {
+    /// Causal prefill attention of a ragged batch of query chunks over their cached prefix and
+    /// themselves (see [`PrefillArgs`]), FlashAttention-2 style on tensor cores. Asynchronous on
+    /// `stream`.
+    ///
+    /// # Safety
+    /// All pointers must be device memory of this context, valid for the launch: `q` and `out` of
+    /// `q_start[batch] · n_heads · head_dim` elements, chunk lengths ≤ `max_q_len` and ≤ `lens[b]`,
+    /// `lens[b]` ≤ `max_context`, and the KV addressed for every sequence must hold `lens[b]`
+    /// written tokens.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn prefill(
+        &self,
+        stream: &CudaStream,
+        dtype: Dtype,
+        shape: &PrefillShape,
+        args: &PrefillArgs,
+        kv: &KvAddress,
+        scale: f32,
+    ) -> Result<()> {
+        check_shape(&DecodeShape {
+            batch: shape.batch,
+            n_heads: shape.n_heads,
+            n_kv_heads: shape.n_kv_heads,
+            head_dim: shape.head_dim,
+            max_context: shape.max_context,
+        })?;
+        kv.check()?;
+        aligned("q pointer", args.q, 16)?;
+        aligned("out pointer", args.out, 16)?;
+        aligned("q_start pointer", args.q_start, 4)?;
+        aligned("lens pointer", args.lens, 4)?;
+        if !scale.is_finite() {
+            return Err(KernelError::Shape(format!("softmax scale {scale}")));
+        }
+        if shape.max_q_len == 0 {
+            return Ok(());
+        }
+        let tiles = shape.max_q_len.div_ceil(64);
+        if tiles > i32::MAX as usize || shape.n_heads > 65535 {
+            return Err(KernelError::Shape(format!(
+                "{tiles} query tiles × {} heads: over the grid limits",
+                shape.n_heads
+            )));
+        }
+        if let KvAddress::Paged {
+            max_blocks,
+            block_size,
+            ..
+        } = *kv
+        {
+            let cap = max_blocks as usize * block_size as usize;
+            if shape.max_context > cap {
+                return Err(KernelError::Shape(format!(
+                    "max_context {} exceeds the block table's {max_blocks} blocks × {block_size} tokens",
+                    shape.max_context
+                )));
+            }
+        }
+        let (k, v, index, outer, token, head, max_blocks, addr) = kv.parts();
+        let params = PrefillParams {
+            q: args.q,
+            k,
+            v,
+            out: args.out,
+            q_start: args.q_start,
+            lens: args.lens,
+            index,
+            outer_stride: outer,
+            token_stride: token,
+            head_stride: head,
+            batch: shape.batch as u32,
+            n_heads: shape.n_heads as u32,
+            n_kv_heads: shape.n_kv_heads as u32,
+            group: (shape.n_heads / shape.n_kv_heads) as u32,
+            max_blocks,
+            max_context: shape.max_context as u32,
+            scale_log2: scale * std::f32::consts::LOG2_E,
+            pad: 0,
+        };
+        let f = self.function(&format!(
+            "prefill_{}_d{}_{addr}",
+            dtype.name(),
+            shape.head_dim
+        ))?;
+        let cfg = LaunchConfig {
+            grid_dim: (tiles as u32, shape.n_heads as u32, shape.batch as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: prefill_smem_bytes(shape.head_dim) as u32,
+        };
+        let mut launch = stream.launch_builder(f);
+        launch.arg(&params);
+        // SAFETY: the caller guarantees the memory; the shape was checked above.
+        unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(prefill)"))?;
+        Ok(())
+    }
+
+    /// Keep `stream` busy for about `micros` µs (a benchmark queues its timed launches behind
+    /// this, so that events time the device and not the host's launch overhead).
+    pub fn spin(&self, stream: &CudaStream, micros: u64) -> Result<()> {
+        let f = self.function("spin")?;
+        let ns = micros.saturating_mul(1000);
+        let cfg = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = stream.launch_builder(f);
+        launch.arg(&ns);
+        // SAFETY: the kernel touches no memory.
+        unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(spin)"))?;
+        Ok(())
+    }
+}
+
+/// Query heads per CTA of the kernel that serves a GQA group of `group` heads.
+fn gmax_for(group: usize) -> usize {
+    [1, 2, 4, 8]
+        .into_iter()
+        .find(|&g| g >= group)
+        .unwrap_or(MAX_GROUP_PER_CTA)
+}
+
+/// The split plan of [`Attention::plan`] for a device that holds `resident` decode CTAs at once.
+fn split_plan(shape: &DecodeShape, resident: usize, splits: Option<usize>) -> Result<DecodePlan> {
+    let group = shape.n_heads / shape.n_kv_heads;
+    let gmax = gmax_for(group);
+    let head_chunks = group.div_ceil(gmax);
+    let base = shape.batch * shape.n_kv_heads * head_chunks;
+    let max_ctx = shape.max_context.max(1);
+    let splits = match splits {
+        Some(s) => s.clamp(1, max_ctx),
+        // Round down: a second, partial wave costs more than a few idle slots.
+        None if base * 10 < resident * 9 => (resident / base).clamp(1, max_ctx.div_ceil(64)),
+        None => 1,
+    };
+    let split_tokens = max_ctx.div_ceil(splits).next_multiple_of(32);
+    let splits = max_ctx.div_ceil(split_tokens);
+    if splits > 65535 {
+        return Err(KernelError::Shape(format!(
+            "{splits} splits: at most 65535"
+        )));
+    }
+    Ok(DecodePlan {
+        splits,
+        split_tokens,
+        head_chunks,
+        ctas: base * splits,
+        gmax,
+    })
+}
+
+/// Dynamic shared memory of one prefill CTA: 2 stages × (K, V) × 64 tokens × (head_dim + 8)
+/// elements of 2 bytes (as attention.cu lays it out).
+fn prefill_smem_bytes(head_dim: usize) -> usize {
+    2 * 2 * 64 * (head_dim + 8) * 2
+}
+
+fn check_shape(s: &DecodeShape) -> Result<()> {
+    if s.head_dim != 64 && s.head_dim != 128 {
+        return Err(KernelError::Shape(format!(
+            "head dim {}: the decode kernels take 64 or 128",
+            s.head_dim
+        )));
+    }
+    if s.n_kv_heads == 0 || s.n_heads == 0 || s.n_heads % s.n_kv_heads != 0 {
+        return Err(KernelError::Shape(format!(
+            "{} query heads over {} KV heads: need a positive whole ratio",
+            s.n_heads, s.n_kv_heads
+        )));
+    }
+    if s.batch == 0 || s.batch > 65535 {
+        return Err(KernelError::Shape(format!(
+            "batch {}: 1 to 65535 sequences per launch",
+            s.batch
+        )));
+    }
+    if s.max_context > u32::MAX as usize / 2 {
+        return Err(KernelError::Shape(format!(
+            "max_context {} too large",
+            s.max_context
+        )));
+    }
+    if s.n_heads.checked_mul(s.batch).is_none() || s.n_kv_heads * s.n_heads > (1 << 30) {
+        return Err(KernelError::Shape("too many heads".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(batch: usize, n_heads: usize, n_kv_heads: usize, max_context: usize) -> DecodeShape {
+        DecodeShape {
+            batch,
+            n_heads,
+            n_kv_heads,
+            head_dim: 128,
+            max_context,
+        }
+    }
+
+    /// H100: 132 SMs × 4 CTAs of the 4-heads-per-CTA kernel.
+    const RESIDENT: usize = 528;
+
+    #[test]
+    fn a_full_batch_is_not_split_and_a_small_one_fills_one_wave() {
+        let p = split_plan(&shape(64, 32, 8, 2048), RESIDENT, None).unwrap();
+        assert_eq!((p.splits, p.ctas, p.gmax, p.head_chunks), (1, 512, 4, 1));
+        let p = split_plan(&shape(8, 32, 8, 16384), RESIDENT, None).unwrap();
+        assert_eq!(
+            p.splits, 8,
+            "one wave of 512 CTAs, not 9 splits in two waves"
+        );
+        assert!(p.ctas <= RESIDENT);
+        let p = split_plan(&shape(1, 32, 8, 512), RESIDENT, None).unwrap();
+        assert_eq!(p.splits, 8, "at least 64 tokens per split");
+        assert!(p.split_tokens * p.splits >= 512 && p.split_tokens % 32 == 0);
+    }
+
+    #[test]
+    fn forced_splits_cover_the_context_and_large_groups_take_several_ctas() {
+        let p = split_plan(&shape(3, 32, 2, 1000), RESIDENT, Some(7)).unwrap();
+        assert_eq!(p.head_chunks, 2, "16 heads per KV head: two CTAs of 8");
+        assert!(p.splits <= 7 && p.splits * p.split_tokens >= 1000);
+        assert!(
+            (p.splits - 1) * p.split_tokens < 1000,
+            "no empty trailing split"
+        );
+        let p = split_plan(&shape(1, 6, 3, 10), RESIDENT, Some(100)).unwrap();
+        assert_eq!(
+            p.splits, 1,
+            "never more splits than 32-token pieces of the context"
+        );
+        assert_eq!(gmax_for(6), 8);
+        assert_eq!(gmax_for(1), 1);
+        assert_eq!(gmax_for(3), 4);
+    }
+}

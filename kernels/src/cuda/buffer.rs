@@ -1,0 +1,102 @@
+//! `DeviceBuffer`: a plain device allocation (`cuMemAlloc`) addressed by raw pointer.
+//!
+//! The attention launchers take raw device addresses because the KV cache they read may be a
+//! `CudaVmm` reservation (vkv-vmm), a pool of blocks, or an ordinary tensor; this type owns the
+//! ordinary allocations (queries, outputs, block tables, workspaces) of launchers, tests and
+//! benchmarks. Copies are synchronous and checked; the memory is freed on drop.
+
+use std::sync::Arc;
+
+use cudarc::driver::{result, CudaContext, DeviceRepr};
+
+use super::error::{driver, KernelError, Result};
+
+/// An owned device allocation of `bytes` bytes.
+#[derive(Debug)]
+pub struct DeviceBuffer {
+    ctx: Arc<CudaContext>,
+    ptr: u64,
+    bytes: usize,
+}
+
+impl DeviceBuffer {
+    /// Allocate `bytes` (at least 1) bytes; the contents are undefined.
+    pub fn new(ctx: &Arc<CudaContext>, bytes: usize) -> Result<Self> {
+        ctx.bind_to_thread().map_err(driver("cuCtxSetCurrent"))?;
+        // SAFETY: the context is current; the pointer is owned by the returned value.
+        let ptr = unsafe { result::malloc_sync(bytes.max(1)) }.map_err(driver("cuMemAlloc"))?;
+        Ok(DeviceBuffer {
+            ctx: ctx.clone(),
+            ptr,
+            bytes,
+        })
+    }
+
+    /// Allocate and copy `data` in.
+    pub fn from_slice<T: DeviceRepr>(ctx: &Arc<CudaContext>, data: &[T]) -> Result<Self> {
+        let b = DeviceBuffer::new(ctx, std::mem::size_of_val(data))?;
+        b.upload(0, data)?;
+        Ok(b)
+    }
+
+    /// The device address.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn check(&self, offset: usize, bytes: usize) -> Result<()> {
+        if offset.checked_add(bytes).is_none_or(|end| end > self.bytes) {
+            return Err(KernelError::TooSmall {
+                what: "device buffer",
+                needed: offset.saturating_add(bytes),
+                available: self.bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Copy `data` to byte `offset` (synchronous).
+    pub fn upload<T: DeviceRepr>(&self, offset: usize, data: &[T]) -> Result<()> {
+        self.check(offset, std::mem::size_of_val(data))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("cuCtxSetCurrent"))?;
+        // SAFETY: the destination range is inside this allocation (checked).
+        unsafe { result::memcpy_htod_sync(self.ptr + offset as u64, data) }
+            .map_err(driver("cuMemcpyHtoD"))
+    }
+
+    /// Copy from byte `offset` into `out` (synchronous).
+    pub fn download<T: DeviceRepr>(&self, offset: usize, out: &mut [T]) -> Result<()> {
+        self.check(offset, std::mem::size_of_val(out))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("cuCtxSetCurrent"))?;
+        // SAFETY: the source range is inside this allocation (checked).
+        unsafe { result::memcpy_dtoh_sync(out, self.ptr + offset as u64) }
+            .map_err(driver("cuMemcpyDtoH"))
+    }
+
+    /// Set every byte to `value` (synchronous).
+    pub fn fill_bytes(&self, value: u8) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("cuCtxSetCurrent"))?;
+        // SAFETY: the whole allocation.
+        unsafe { result::memset_d8_sync(self.ptr, value, self.bytes) }.map_err(driver("cuMemsetD8"))
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // SAFETY: allocated by cuMemAlloc in this context and freed once.
+            let _ = unsafe { result::free_sync(self.ptr) };
+        }
+    }
+}
