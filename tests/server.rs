@@ -404,15 +404,20 @@ fn completions_and_chat_whole_and_streamed() {
         assert_eq!(status, StatusCode::OK, "{ids}");
         assert_eq!(ids["usage"], json!({"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}));
 
-        // Stop strings cut the text and finish with `stop`.
-        let (_, greedy) = post(&c, &url, &json!({"prompt": "1, 2, 3, 4,", "max_tokens": 16, "temperature": 0}), None).await;
-        let greedy_text = greedy["choices"][0]["text"].as_str().unwrap();
-        if let Some(cut) = greedy_text.get(3..).and_then(|t| t.find(',')).map(|i| i + 3) {
-            let (_, stopped) = post(&c, &url, &json!({"prompt": "1, 2, 3, 4,", "max_tokens": 16, "temperature": 0, "stop": [","]}), None).await;
-            let stopped_text = stopped["choices"][0]["text"].as_str().unwrap();
-            assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
-            assert!(greedy_text.starts_with(stopped_text) && !stopped_text.contains(','), "{stopped_text:?} of {greedy_text:?} (cut at {cut})");
-        }
+        // Stop strings cut the text before them and finish with `stop`: greedy, so the same
+        // text as without the stop string, up to its first occurrence.
+        let greedy = json!({"prompt": "1, 2, 3, 4,", "max_tokens": 16, "temperature": 0, "ignore_eos": true});
+        let (_, whole) = post(&c, &url, &greedy, None).await;
+        let greedy_text = whole["choices"][0]["text"].as_str().unwrap();
+        let chars: Vec<char> = greedy_text.chars().collect();
+        assert!(chars.len() >= 4, "{greedy_text:?}");
+        let stop: String = chars[2..4].iter().collect();
+        let expected = &greedy_text[..greedy_text.find(&stop).unwrap()];
+        let mut with_stop = greedy.clone();
+        with_stop["stop"] = json!([stop]);
+        let (_, stopped) = post(&c, &url, &with_stop, None).await;
+        assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+        assert_eq!(stopped["choices"][0]["text"], expected, "stop {stop:?} in {greedy_text:?}");
 
         // Chat, whole and streamed, with the same seed.
         let url = s.url("/v1/chat/completions");
