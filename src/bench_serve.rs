@@ -33,13 +33,19 @@ pub struct Args {
     /// Service-level objectives for goodput, in ms: `--goodput ttft:500 tpot:50` (also e2el).
     #[arg(long, num_args = 1..)]
     goodput: Vec<Slo>,
+    /// Seed of the request lengths, the prompts' token ids and the arrival times.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Sent as `Authorization: Bearer KEY`.
     #[arg(long = "api-key")]
     api_key: Option<String>,
     /// The model to ask for (default: the server's first).
     #[arg(long)]
     model: Option<String>,
+    /// Prompt token ids are drawn below this (default: the server's `vocab_size` in /v1/models,
+    /// which vkv gives).
+    #[arg(long = "vocab-size")]
+    vocab_size: Option<usize>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -57,6 +63,7 @@ pub fn run(args: Args) -> Result<()> {
         seed: args.seed,
         api_key: args.api_key.clone(),
         model: args.model.clone(),
+        vocab_size: args.vocab_size,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

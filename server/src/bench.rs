@@ -16,8 +16,8 @@
 //!   ([`Summary`], shared with `vkv bench offline`). When the server is vkv, its preemptions, map
 //!   waits and KV kind are read from `/metrics` before and after.
 //!
-//! The server's model length and vocabulary come from `/v1/models` (`max_model_len`, and the
-//! `vocab_size` vkv adds there).
+//! The server's model length and vocabulary come from `/v1/models` (`max_model_len`, as vLLM
+//! gives it, and the `vocab_size` vkv adds there; `vocab_size` can be given for other servers).
 
 use std::str::FromStr;
 use std::time::{Duration, Instant};
@@ -101,6 +101,9 @@ pub struct BenchConfig {
     pub api_key: Option<String>,
     /// Default: the first model of `/v1/models`.
     pub model: Option<String>,
+    /// Token ids of the prompts are drawn below this; default: `vocab_size` from `/v1/models`
+    /// (vkv gives it; other servers need it said).
+    pub vocab_size: Option<usize>,
 }
 
 /// Why the benchmark could not run.
@@ -445,11 +448,20 @@ pub async fn run(
             .to_string(),
     };
     let max_model_len = card["max_model_len"].as_u64().map(|n| n as usize);
-    let vocab_size = card["vocab_size"].as_u64().ok_or_else(|| {
-        BenchError::Config(
-            "/v1/models does not give `vocab_size`, which the token-id prompts need (vkv serve gives it)".into(),
-        )
-    })? as usize;
+    let vocab_size = match (config.vocab_size, card["vocab_size"].as_u64()) {
+        (Some(v), _) => v,
+        (None, Some(v)) => v as usize,
+        (None, None) => {
+            return Err(BenchError::Config(
+                "/v1/models does not give `vocab_size`, which the token-id prompts need: pass --vocab-size".into(),
+            ))
+        }
+    };
+    if vocab_size < 2 {
+        return Err(BenchError::Config(format!(
+            "a vocabulary of {vocab_size} tokens is too small for random prompts"
+        )));
+    }
 
     let shapes = config
         .workload
@@ -632,6 +644,7 @@ mod tests {
             seed: 0,
             api_key: None,
             model: None,
+            vocab_size: None,
         };
         let r = report(
             &config,
