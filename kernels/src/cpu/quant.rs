@@ -142,7 +142,12 @@ pub fn matmul_w(x: &[f32], m: usize, k: usize, w: &Weight, n: usize, out: &mut [
     if let Weight::F32(v) = w {
         return super::matmul_t(x, m, k, v, n, out);
     }
-    matmul_quantized(x, m, k, w, n, out, m > SMALL_M);
+    let schedule = if m > SMALL_M {
+        Schedule::Tiles
+    } else {
+        Schedule::Registers
+    };
+    matmul_quantized(x, m, k, w, n, out, schedule);
 }
 
 /// [`matmul_w`] where every output row is computed by the same instructions in the same order
@@ -153,7 +158,7 @@ pub fn matmul_w(x: &[f32], m: usize, k: usize, w: &Weight, n: usize, out: &mut [
 pub fn matmul_w_rowwise(x: &[f32], m: usize, k: usize, w: &Weight, n: usize, out: &mut [f32]) {
     match w {
         Weight::F32(v) => matmul_f32_rowwise(x, m, k, v, n, out),
-        _ => matmul_quantized(x, m, k, w, n, out, false),
+        _ => matmul_quantized(x, m, k, w, n, out, Schedule::RowWise),
     }
 }
 
@@ -185,7 +190,18 @@ fn transpose_into(out_t: &[f32], m: usize, n: usize, out: &mut [f32]) {
     }
 }
 
-/// Quantized product: dequantized tiles through gemm (`tiles`) or weights decoded in registers.
+/// How a quantized product is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Schedule {
+    /// Dequantized tiles through gemm (many rows).
+    Tiles,
+    /// Weights decoded in registers, the fastest way for the group's row count.
+    Registers,
+    /// Weights decoded in registers, every row summed the same way whatever the group's size.
+    RowWise,
+}
+
+/// Quantized product, computed as `schedule` says.
 fn matmul_quantized(
     x: &[f32],
     m: usize,
@@ -193,7 +209,7 @@ fn matmul_quantized(
     w: &Weight,
     n: usize,
     out: &mut [f32],
-    tiles: bool,
+    schedule: Schedule,
 ) {
     assert!(
         k % BLOCK == 0 && w.len() >= n * k && x.len() >= m * k && out.len() >= m * n,
@@ -204,7 +220,7 @@ fn matmul_quantized(
     }
     // Transposed result [n][m], so each task owns a contiguous piece.
     let mut out_t = vec![0f32; n * m];
-    if tiles {
+    if schedule == Schedule::Tiles {
         // Many activation rows (prefill): dequantize a tile of weight rows once and let gemm
         // do the arithmetic.
         out_t
@@ -235,7 +251,15 @@ fn matmul_quantized(
                             // SAFETY: AVX2 and FMA were detected at run time.
                             #[cfg(target_arch = "x86_64")]
                             unsafe {
-                                simd::dot_rows(w, j, xs, k, g, &mut acc)
+                                simd::dot_rows(
+                                    w,
+                                    j,
+                                    xs,
+                                    k,
+                                    g,
+                                    schedule == Schedule::RowWise,
+                                    &mut acc,
+                                )
                             };
                         } else {
                             scalar_dot_rows(w, j, xs, k, g, &mut acc);
@@ -320,26 +344,33 @@ mod simd {
         xs: &[f32],
         k: usize,
         g: usize,
+        rowwise: bool,
         acc: &mut [f32; ROWS],
     ) {
-        // A row count known at compile time keeps the accumulators in registers. Every row is
-        // summed in the same order whatever `g` is (batch invariance, see `matmul_w_rowwise`).
-        match g {
-            1 => rows::<1>(w, j, xs, k, acc),
-            2 => rows::<2>(w, j, xs, k, acc),
-            3 => rows::<3>(w, j, xs, k, acc),
-            4 => rows::<4>(w, j, xs, k, acc),
-            5 => rows::<5>(w, j, xs, k, acc),
-            6 => rows::<6>(w, j, xs, k, acc),
-            7 => rows::<7>(w, j, xs, k, acc),
-            _ => rows::<8>(w, j, xs, k, acc),
+        // A row count known at compile time keeps the accumulators in registers. Few rows get
+        // two accumulators each (shorter chains of dependent FMAs); many get one (sixteen would
+        // not fit the sixteen registers). `rowwise` keeps one for every `g`, so each row is
+        // summed the same way whatever the batch (see `matmul_w_rowwise`).
+        match (g, rowwise) {
+            (1, false) => rows::<1, 2>(w, j, xs, k, acc),
+            (2, false) => rows::<2, 2>(w, j, xs, k, acc),
+            (3, false) => rows::<3, 2>(w, j, xs, k, acc),
+            (4, false) => rows::<4, 2>(w, j, xs, k, acc),
+            (1, true) => rows::<1, 1>(w, j, xs, k, acc),
+            (2, true) => rows::<2, 1>(w, j, xs, k, acc),
+            (3, true) => rows::<3, 1>(w, j, xs, k, acc),
+            (4, true) => rows::<4, 1>(w, j, xs, k, acc),
+            (5, _) => rows::<5, 1>(w, j, xs, k, acc),
+            (6, _) => rows::<6, 1>(w, j, xs, k, acc),
+            (7, _) => rows::<7, 1>(w, j, xs, k, acc),
+            _ => rows::<8, 1>(w, j, xs, k, acc),
         }
     }
 
-    /// [`dot_rows`] for `G` rows, two accumulators per row (even and odd halves of each block).
-    /// Each block's weights are decoded once and scaled once, then used by every row.
+    /// [`dot_rows`] for `G` rows and `A` accumulators per row (1, or 2 for the two halves of
+    /// each block). Each block's weights are decoded once, then used by every row.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows<const G: usize>(
+    unsafe fn rows<const G: usize, const A: usize>(
         w: &Weight,
         j: usize,
         xs: &[f32],
@@ -395,8 +426,8 @@ mod simd {
                 let x = xs.as_ptr().add(r * k + b * BLOCK);
                 v[0] = _mm256_fmadd_ps(ws[0], _mm256_loadu_ps(x), v[0]);
                 v[0] = _mm256_fmadd_ps(ws[1], _mm256_loadu_ps(x.add(8)), v[0]);
-                v[1] = _mm256_fmadd_ps(ws[2], _mm256_loadu_ps(x.add(16)), v[1]);
-                v[1] = _mm256_fmadd_ps(ws[3], _mm256_loadu_ps(x.add(24)), v[1]);
+                v[A - 1] = _mm256_fmadd_ps(ws[2], _mm256_loadu_ps(x.add(16)), v[A - 1]);
+                v[A - 1] = _mm256_fmadd_ps(ws[3], _mm256_loadu_ps(x.add(24)), v[A - 1]);
             }
         }
         for r in 0..G {
