@@ -1,7 +1,8 @@
 //! `LlamaConfig`: the hyper-parameters of a Llama-family model, read from GGUF metadata
 //! (`{arch}.block_count`, `{arch}.attention.head_count`, ...) or from an HF `config.json`.
 //! Llama 2 and 3, Mistral and SmolLM2 all load as `llama`; other architectures are refused
-//! with a message naming them.
+//! with a message naming them. [`LlamaConfig::preset`] gives the shapes of named models (from
+//! their published `config.json`) for random-weight benchmarks.
 
 use vkv_kernels::cpu::{Llama3RopeScaling, RopeStyle};
 
@@ -26,7 +27,144 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
 }
 
+/// Named model shapes, from each model's published `config.json`: (name, vocab, hidden,
+/// intermediate, layers, heads, KV heads, rope theta, context length, tied embeddings).
+const PRESETS: &[(
+    &str,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    usize,
+    f32,
+    usize,
+    bool,
+)] = &[
+    // meta-llama/Meta-Llama-3-8B
+    (
+        "llama-3-8b",
+        128256,
+        4096,
+        14336,
+        32,
+        32,
+        8,
+        500000.0,
+        8192,
+        false,
+    ),
+    // meta-llama/Llama-2-7b-hf
+    (
+        "llama-2-7b",
+        32000,
+        4096,
+        11008,
+        32,
+        32,
+        32,
+        10000.0,
+        4096,
+        false,
+    ),
+    // mistralai/Mistral-7B-v0.3
+    (
+        "mistral-7b",
+        32768,
+        4096,
+        14336,
+        32,
+        32,
+        8,
+        1000000.0,
+        32768,
+        false,
+    ),
+    // 01-ai/Yi-6B
+    (
+        "yi-6b", 64000, 4096, 11008, 32, 32, 4, 5000000.0, 4096, false,
+    ),
+    // HuggingFaceTB/SmolLM2-135M
+    (
+        "smollm2-135m",
+        49152,
+        576,
+        1536,
+        30,
+        9,
+        3,
+        100000.0,
+        8192,
+        true,
+    ),
+];
+
 impl LlamaConfig {
+    /// Names of the model presets [`LlamaConfig::preset`] knows.
+    pub fn preset_names() -> Vec<&'static str> {
+        PRESETS.iter().map(|p| p.0).collect()
+    }
+
+    /// The configuration of a named model (`llama-3-8b`, `yi-6b`, ...: see
+    /// [`LlamaConfig::preset_names`]), HF conventions (half-split RoPE, RMSNorm eps 1e-5).
+    pub fn preset(name: &str) -> Result<Self, ModelError> {
+        let &(
+            _,
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            rope_theta,
+            max_position_embeddings,
+            tie_word_embeddings,
+        ) = PRESETS.iter().find(|p| p.0 == name).ok_or_else(|| {
+            ModelError::Config(format!(
+                "unknown model preset {name:?}; known: {}",
+                Self::preset_names().join(", ")
+            ))
+        })?;
+        LlamaConfig {
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim: hidden_size / num_heads,
+            rope_theta,
+            rope_scaling: None,
+            rope_style: RopeStyle::Half,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings,
+            tie_word_embeddings,
+        }
+        .check()
+    }
+
+    /// Parameters of the model (embedding, layers, final norm, output head unless tied).
+    pub fn num_parameters(&self) -> usize {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let (q, kv) = (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        );
+        let layer = 2 * h + q * h + 2 * kv * h + h * q + 3 * i * h;
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * h
+        };
+        self.vocab_size * h + self.num_layers * layer + h + head
+    }
+
+    /// Checked construction (used by the loaders and presets; public for tests and tools that
+    /// build a configuration by hand).
+    pub fn checked(self) -> Result<Self, ModelError> {
+        self.check()
+    }
+
     fn check(self) -> Result<Self, ModelError> {
         let bad = |what: String| Err(ModelError::Config(what));
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0

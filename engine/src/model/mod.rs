@@ -5,7 +5,7 @@ mod config;
 mod llama;
 
 pub use config::LlamaConfig;
-pub use llama::{Llama, SeqChunk};
+pub use llama::{DenseLayer, Llama, SeqChunk};
 
 use crate::kv::KvError;
 use crate::weights::gguf::GgufError;
