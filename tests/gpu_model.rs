@@ -1,0 +1,304 @@
+//! The bf16 CUDA forward pass (`vkv_engine::model::cuda`) against the f32 CPU forward pass of the
+//! same seeded random weights (bf16-exact, so only activation rounding differs), on a GPU.
+//!
+//! Two small GQA models (hidden 256, 4 heads of 64, 2 KV heads): one with HF's half-split RoPE
+//! and an output head, one with GGUF's interleaved RoPE, Llama-3 frequency scaling and tied
+//! embeddings. Each runs in three KV modes — paged (blocks of 16), and a `KvSpace` on `CudaVmm`
+//! (2 MiB pages) per-layer and token-major — through the same schedule on both devices: chunked
+//! prefill of three prompts (one chunk with logits for every token), a mixed step (a prefill chunk
+//! beside decode tokens), then greedy decode steps where each device feeds back its own argmax.
+//! Every returned logit row must be within 3e-2 relative L2 error of the CPU's, NaN-free, and the
+//! greedy tokens must be identical. Also: the device argmax equals the host argmax of the
+//! downloaded logits, and bad batches / a full paged pool are typed errors.
+//!
+//! Skips (printing why) without a GPU; fails instead when `VKV_REQUIRE_GPU=1` (../shared/GPU.md).
+#![cfg(feature = "cuda")]
+
+use std::sync::Arc;
+
+use vkv_engine::kv::{KvDims, PagedKv};
+use vkv_engine::model::cuda::{CudaLlama, CudaModelError, GpuKv, GpuKvDims};
+use vkv_engine::model::{Llama, LlamaConfig, SeqChunk};
+use vkv_kernels::cpu::{Llama3RopeScaling, RopeStyle};
+use vkv_vmm::{probe_cuda, CudaVmm, KvLayout};
+
+const PAGE: usize = 2 << 20;
+
+fn gpu() -> Option<Arc<CudaVmm>> {
+    match probe_cuda() {
+        Ok(p) => {
+            eprintln!("GPU: {} (driver {})", p.name, p.driver);
+            Some(Arc::new(CudaVmm::new(0).expect("open CUDA device 0")))
+        }
+        Err(e) => {
+            if std::env::var("VKV_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("VKV_REQUIRE_GPU=1 but there is no usable GPU: {e}");
+            }
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
+
+fn config(style: RopeStyle, tied: bool) -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 1000,
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_layers: 3,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        rope_theta: 10000.0,
+        rope_scaling: (style == RopeStyle::Interleaved).then_some(Llama3RopeScaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64.0,
+        }),
+        rope_style: style,
+        rms_norm_eps: 1e-5,
+        max_position_embeddings: 512,
+        tie_word_embeddings: tied,
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    Paged,
+    Vmm(KvLayout),
+}
+
+fn gpu_kv(vmm: &Arc<CudaVmm>, c: &LlamaConfig, mode: Mode) -> GpuKv {
+    let dims = GpuKvDims::of(c);
+    match mode {
+        Mode::Paged => GpuKv::paged(vmm.context(), dims, 64, 16).unwrap(),
+        Mode::Vmm(layout) => GpuKv::vmm(vmm.clone(), dims, layout, 6, 512, PAGE, 64).unwrap(),
+    }
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    assert!(
+        a.iter().all(|x| x.is_finite()),
+        "GPU logits hold NaN or inf"
+    );
+    let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let den: f32 = b.iter().map(|y| y * y).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, x) in v.iter().enumerate() {
+        if *x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Pseudo-random prompt tokens.
+fn prompt(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
+    (0..n as u64)
+        .map(|i| ((seed * 7919 + i * 104729 + i * i * 31) % vocab as u64) as u32)
+        .collect()
+}
+
+fn chunks(v: &[(u64, Vec<u32>, usize)]) -> Vec<SeqChunk<'_>> {
+    v.iter()
+        .map(|(s, t, start)| SeqChunk {
+            seq: *s,
+            tokens: t,
+            start: *start,
+            all_logits: false,
+        })
+        .collect()
+}
+
+fn decode_chunks<'a>(t: &'a [[u32; 1]], at: &[usize; 3]) -> Vec<SeqChunk<'a>> {
+    (0..3)
+        .map(|i| SeqChunk {
+            seq: i as u64,
+            tokens: &t[i][..],
+            start: at[i],
+            all_logits: false,
+        })
+        .collect()
+}
+
+/// Run the schedule on both devices; returns the worst relative error.
+fn compare(vmm: &Arc<CudaVmm>, cpu: &Llama, gpu: &mut CudaLlama, mode: Mode) -> f32 {
+    let c = &cpu.config;
+    let mut ckv = PagedKv::new(
+        KvDims {
+            num_layers: c.num_layers,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        },
+        64,
+        16,
+    )
+    .unwrap();
+    let mut gkv = gpu_kv(vmm, c, mode);
+    let prompts = [
+        prompt(1, 37, c.vocab_size),
+        prompt(2, 70, c.vocab_size),
+        prompt(3, 5, c.vocab_size),
+    ];
+    let mut worst = 0f32;
+    let mut check = |cl: &[Vec<f32>], gl: &[Vec<f32>], what: &str| {
+        assert_eq!(cl.len(), gl.len());
+        for (i, (a, b)) in gl.iter().zip(cl).enumerate() {
+            assert_eq!(a.len(), b.len(), "{what}: chunk {i}");
+            for (r, (ra, rb)) in a
+                .chunks(c.vocab_size)
+                .zip(b.chunks(c.vocab_size))
+                .enumerate()
+            {
+                let e = rel_err(ra, rb);
+                assert!(e < 3e-2, "{mode:?} {what}: chunk {i} row {r}: error {e}");
+                worst = worst.max(e);
+            }
+        }
+    };
+    // Step 1: prefill chunks (seq 0 whole with every logit, seq 1 its first 40, seq 2 whole).
+    let step1 = [
+        SeqChunk {
+            seq: 0,
+            tokens: &prompts[0],
+            start: 0,
+            all_logits: true,
+        },
+        SeqChunk {
+            seq: 1,
+            tokens: &prompts[1][..40],
+            start: 0,
+            all_logits: false,
+        },
+        SeqChunk {
+            seq: 2,
+            tokens: &prompts[2],
+            start: 0,
+            all_logits: false,
+        },
+    ];
+    let cl = cpu.forward(&step1, &mut ckv).unwrap();
+    let gl = gpu.forward(&step1, &mut gkv).unwrap();
+    check(&cl, &gl, "prefill");
+    assert_eq!(gl[0].len(), 37 * c.vocab_size);
+    let mut cpu_next = [argmax(&cl[0][36 * c.vocab_size..]), 0, argmax(&cl[2])];
+    let mut gpu_next = [argmax(&gl[0][36 * c.vocab_size..]), 0, argmax(&gl[2])];
+    assert_eq!(cpu_next, gpu_next, "{mode:?}: greedy tokens after prefill");
+    // Step 2 (mixed): seq 1's last 30 prompt tokens beside decode tokens of seqs 0 and 2.
+    let mixed = |next: &[u32; 3]| -> Vec<(u64, Vec<u32>, usize)> {
+        vec![
+            (0, vec![next[0]], 37),
+            (1, prompts[1][40..].to_vec(), 40),
+            (2, vec![next[2]], 5),
+        ]
+    };
+    let cm = mixed(&cpu_next);
+    let gm = mixed(&gpu_next);
+    let cl = cpu.forward(&chunks(&cm), &mut ckv).unwrap();
+    let gl = gpu.forward(&chunks(&gm), &mut gkv).unwrap();
+    check(&cl, &gl, "mixed");
+    for i in 0..3 {
+        cpu_next[i] = argmax(&cl[i]);
+        gpu_next[i] = argmax(&gl[i]);
+    }
+    assert_eq!(
+        cpu_next, gpu_next,
+        "{mode:?}: greedy tokens after the mixed step"
+    );
+    let mut at = [38usize, 70, 6];
+    let mut cpu_tokens = vec![cpu_next];
+    let mut gpu_tokens = vec![gpu_next];
+    // Decode steps: every chunk one token (the decode kernel), each device on its own tokens.
+    for step in 0..12 {
+        let ct: Vec<[u32; 1]> = cpu_next.iter().map(|&t| [t]).collect();
+        let gt: Vec<[u32; 1]> = gpu_next.iter().map(|&t| [t]).collect();
+        let cl = cpu.forward(&decode_chunks(&ct, &at), &mut ckv).unwrap();
+        if step % 2 == 0 {
+            let gl = gpu.forward(&decode_chunks(&gt, &at), &mut gkv).unwrap();
+            check(&cl, &gl, "decode");
+            for i in 0..3 {
+                gpu_next[i] = argmax(&gl[i]);
+            }
+        } else {
+            // The device argmax path.
+            let ids = gpu
+                .forward_greedy(&decode_chunks(&gt, &at), &mut gkv)
+                .unwrap();
+            gpu_next.copy_from_slice(&ids);
+        }
+        for i in 0..3 {
+            cpu_next[i] = argmax(&cl[i]);
+            at[i] += 1;
+        }
+        cpu_tokens.push(cpu_next);
+        gpu_tokens.push(gpu_next);
+    }
+    assert_eq!(
+        cpu_tokens, gpu_tokens,
+        "{mode:?}: greedy tokens differ between CPU and GPU"
+    );
+    eprintln!("{mode:?}: worst relative error {worst:.2e}; greedy tokens {gpu_tokens:?}");
+    for s in 0..3 {
+        gkv.free(s).unwrap();
+    }
+    worst
+}
+
+#[test]
+fn gpu_llama_matches_the_cpu_forward_in_every_kv_mode() {
+    let Some(vmm) = gpu() else { return };
+    for (style, tied) in [(RopeStyle::Half, false), (RopeStyle::Interleaved, true)] {
+        let cpu = Llama::random(config(style, tied), 11).unwrap();
+        let mut gpu = CudaLlama::from_cpu(vmm.context(), &cpu).unwrap();
+        for mode in [
+            Mode::Paged,
+            Mode::Vmm(KvLayout::PerLayer),
+            Mode::Vmm(KvLayout::TokenMajor),
+        ] {
+            let worst = compare(&vmm, &cpu, &mut gpu, mode);
+            eprintln!("{style:?} tied={tied} {mode:?}: worst {worst:.2e}");
+        }
+    }
+}
+
+#[test]
+fn gpu_llama_refuses_bad_batches_and_a_full_pool_with_errors() {
+    let Some(vmm) = gpu() else { return };
+    let cpu = Llama::random(config(RopeStyle::Half, false), 3).unwrap();
+    let mut gpu = CudaLlama::from_cpu(vmm.context(), &cpu).unwrap();
+    let mut kv = GpuKv::paged(vmm.context(), GpuKvDims::of(&cpu.config), 2, 16).unwrap();
+    let chunk = |seq, tokens: &'static [u32], start| SeqChunk {
+        seq,
+        tokens,
+        start,
+        all_logits: false,
+    };
+    let e = gpu.forward(&[chunk(0, &[1000], 0)], &mut kv).unwrap_err();
+    assert!(matches!(e, CudaModelError::Batch(_)), "{e}");
+    let e = gpu.forward(&[chunk(0, &[1], 5)], &mut kv).unwrap_err();
+    assert!(e.to_string().contains("starts at 5"), "{e}");
+    let long: &'static [u32] = Box::leak(vec![7u32; 40].into_boxed_slice());
+    let e = gpu.forward(&[chunk(0, long, 0)], &mut kv).unwrap_err();
+    assert!(matches!(e, CudaModelError::OutOfBlocks { .. }), "{e}");
+    assert_eq!(
+        kv.len(0),
+        None,
+        "a failed reserve must not leave the sequence behind"
+    );
+    // The pool still serves what fits.
+    let ok: &'static [u32] = Box::leak(vec![7u32; 32].into_boxed_slice());
+    let out = gpu.forward(&[chunk(0, ok, 0)], &mut kv).unwrap();
+    assert!(out[0].iter().all(|x| x.is_finite()));
+    // Wrong-shaped cache.
+    let mut dims = GpuKvDims::of(&cpu.config);
+    dims.num_layers += 1;
+    let mut wrong = GpuKv::paged(vmm.context(), dims, 4, 16).unwrap();
+    let e = gpu.forward(&[chunk(1, &[1], 0)], &mut wrong).unwrap_err();
+    assert!(e.to_string().contains("does not fit"), "{e}");
+}
