@@ -6,10 +6,12 @@
 //! embeddings. Each runs in three KV modes — paged (blocks of 16), and a `KvSpace` on `CudaVmm`
 //! (2 MiB pages) per-layer and token-major — through the same schedule on both devices: chunked
 //! prefill of three prompts (one chunk with logits for every token), a mixed step (a prefill chunk
-//! beside decode tokens), then greedy decode steps where each device feeds back its own argmax.
+//! beside decode tokens), then 12 greedy decode steps (the decode kernel).
 //! Every returned logit row must be within 3e-2 relative L2 error of the CPU's, NaN-free, and the
-//! greedy tokens must be identical. Also: the device argmax equals the host argmax of the
-//! downloaded logits, and bad batches / a full paged pool are typed errors.
+//! GPU's greedy token must be the CPU's (both fed the CPU's tokens), a near-tie (the CPU's top two
+//! within 0.02) excused at most twice per run. Every other decode step takes the device argmax
+//! (`forward_greedy`) instead of downloading logits. Also: bad batches and a full paged pool are
+//! typed errors.
 //!
 //! Skips (printing why) without a GPU; fails instead when `VKV_REQUIRE_GPU=1` (../shared/GPU.md).
 #![cfg(feature = "cuda")]
@@ -23,6 +25,8 @@ use vkv_kernels::cpu::{Llama3RopeScaling, RopeStyle};
 use vkv_vmm::{probe_cuda, CudaVmm, KvLayout};
 
 const PAGE: usize = 2 << 20;
+/// Logit gap under which bf16 rounding may flip a greedy choice.
+const NEAR_TIE: f32 = 0.02;
 
 fn gpu() -> Option<Arc<CudaVmm>> {
     match probe_cuda() {
@@ -187,63 +191,71 @@ fn compare(vmm: &Arc<CudaVmm>, cpu: &Llama, gpu: &mut CudaLlama, mode: Mode) -> 
     let gl = gpu.forward(&step1, &mut gkv).unwrap();
     check(&cl, &gl, "prefill");
     assert_eq!(gl[0].len(), 37 * c.vocab_size);
-    let mut cpu_next = [argmax(&cl[0][36 * c.vocab_size..]), 0, argmax(&cl[2])];
-    let mut gpu_next = [argmax(&gl[0][36 * c.vocab_size..]), 0, argmax(&gl[2])];
-    assert_eq!(cpu_next, gpu_next, "{mode:?}: greedy tokens after prefill");
-    // Step 2 (mixed): seq 1's last 30 prompt tokens beside decode tokens of seqs 0 and 2.
-    let mixed = |next: &[u32; 3]| -> Vec<(u64, Vec<u32>, usize)> {
-        vec![
-            (0, vec![next[0]], 37),
-            (1, prompts[1][40..].to_vec(), 40),
-            (2, vec![next[2]], 5),
-        ]
+    // Greedy tokens: the GPU's argmax must be the CPU's, unless the CPU's own top two are within
+    // NEAR_TIE (then bf16 rounding may pick either; counted and printed). Both devices are fed the
+    // CPU's tokens, so one near-tie cannot make the rest of the run incomparable.
+    let mut near_ties = 0;
+    let mut agree = |cpu_row: &[f32], gpu_token: u32, what: &str| {
+        let top = argmax(cpu_row);
+        if top != gpu_token {
+            let gap = cpu_row[top as usize] - cpu_row[gpu_token as usize];
+            assert!(
+                gap <= NEAR_TIE,
+                "{mode:?} {what}: GPU picked {gpu_token}, CPU {top}, {gap} apart"
+            );
+            near_ties += 1;
+        }
+        top
     };
-    let cm = mixed(&cpu_next);
-    let gm = mixed(&gpu_next);
-    let cl = cpu.forward(&chunks(&cm), &mut ckv).unwrap();
-    let gl = gpu.forward(&chunks(&gm), &mut gkv).unwrap();
+    let mut next = [
+        agree(
+            &cl[0][36 * c.vocab_size..],
+            argmax(&gl[0][36 * c.vocab_size..]),
+            "prefill",
+        ),
+        0,
+        agree(&cl[2], argmax(&gl[2]), "prefill"),
+    ];
+    // Step 2 (mixed): seq 1's last 30 prompt tokens beside decode tokens of seqs 0 and 2.
+    let m = vec![
+        (0, vec![next[0]], 37),
+        (1, prompts[1][40..].to_vec(), 40),
+        (2, vec![next[2]], 5),
+    ];
+    let cl = cpu.forward(&chunks(&m), &mut ckv).unwrap();
+    let gl = gpu.forward(&chunks(&m), &mut gkv).unwrap();
     check(&cl, &gl, "mixed");
     for i in 0..3 {
-        cpu_next[i] = argmax(&cl[i]);
-        gpu_next[i] = argmax(&gl[i]);
+        next[i] = agree(&cl[i], argmax(&gl[i]), "mixed");
     }
-    assert_eq!(
-        cpu_next, gpu_next,
-        "{mode:?}: greedy tokens after the mixed step"
-    );
     let mut at = [38usize, 70, 6];
-    let mut cpu_tokens = vec![cpu_next];
-    let mut gpu_tokens = vec![gpu_next];
-    // Decode steps: every chunk one token (the decode kernel), each device on its own tokens.
+    let mut tokens = vec![next];
+    // Decode steps: every chunk one token (the decode kernel).
     for step in 0..12 {
-        let ct: Vec<[u32; 1]> = cpu_next.iter().map(|&t| [t]).collect();
-        let gt: Vec<[u32; 1]> = gpu_next.iter().map(|&t| [t]).collect();
-        let cl = cpu.forward(&decode_chunks(&ct, &at), &mut ckv).unwrap();
-        if step % 2 == 0 {
-            let gl = gpu.forward(&decode_chunks(&gt, &at), &mut gkv).unwrap();
+        let t: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+        let cl = cpu.forward(&decode_chunks(&t, &at), &mut ckv).unwrap();
+        let gpu_tokens: Vec<u32> = if step % 2 == 0 {
+            let gl = gpu.forward(&decode_chunks(&t, &at), &mut gkv).unwrap();
             check(&cl, &gl, "decode");
-            for i in 0..3 {
-                gpu_next[i] = argmax(&gl[i]);
-            }
+            gl.iter().map(|r| argmax(r)).collect()
         } else {
             // The device argmax path.
-            let ids = gpu
-                .forward_greedy(&decode_chunks(&gt, &at), &mut gkv)
-                .unwrap();
-            gpu_next.copy_from_slice(&ids);
-        }
+            gpu.forward_greedy(&decode_chunks(&t, &at), &mut gkv)
+                .unwrap()
+        };
         for i in 0..3 {
-            cpu_next[i] = argmax(&cl[i]);
+            next[i] = agree(&cl[i], gpu_tokens[i], "decode");
             at[i] += 1;
         }
-        cpu_tokens.push(cpu_next);
-        gpu_tokens.push(gpu_next);
+        tokens.push(next);
     }
-    assert_eq!(
-        cpu_tokens, gpu_tokens,
-        "{mode:?}: greedy tokens differ between CPU and GPU"
+    eprintln!(
+        "{mode:?}: worst relative error {worst:.2e}; {near_ties} near-ties; greedy tokens {tokens:?}"
     );
-    eprintln!("{mode:?}: worst relative error {worst:.2e}; greedy tokens {gpu_tokens:?}");
+    assert!(
+        near_ties <= 2,
+        "{mode:?}: {near_ties} near-ties in 42 tokens"
+    );
     for s in 0..3 {
         gkv.free(s).unwrap();
     }
@@ -301,4 +313,152 @@ fn gpu_llama_refuses_bad_batches_and_a_full_pool_with_errors() {
     let mut wrong = GpuKv::paged(vmm.context(), dims, 4, 16).unwrap();
     let e = gpu.forward(&[chunk(1, &[1], 0)], &mut wrong).unwrap_err();
     assert!(e.to_string().contains("does not fit"), "{e}");
+}
+
+/// Write `tensors` (name, shape, f32 values stored as BF16) as a safetensors file.
+fn write_safetensors(path: &std::path::Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, shape, values) in tensors {
+        let start = data.len();
+        for x in values {
+            data.extend(vkv_kernels::half::bf16::from_f32(*x).to_le_bytes());
+        }
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [start, data.len()]}),
+        );
+    }
+    let mut h = serde_json::Value::Object(header).to_string().into_bytes();
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend(h);
+    out.extend(data);
+    std::fs::write(path, out).unwrap();
+}
+
+/// With `VKV_HF_DUMP=DIR`: write the half-split random model as an HF directory, the prompt, and
+/// vkv's CUDA logits for every prompt position, for `scripts/compare_hf.py` (transformers).
+#[test]
+fn gpu_llama_dump_for_transformers() {
+    let Ok(dir) = std::env::var("VKV_HF_DUMP") else {
+        eprintln!("skipped: VKV_HF_DUMP is not set");
+        return;
+    };
+    let Some(vmm) = gpu() else { return };
+    let dir = std::path::PathBuf::from(dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let c = config(RopeStyle::Half, false);
+    let cpu = Llama::random(c.clone(), 5).unwrap();
+    let (h, i) = (c.hidden_size, c.intermediate_size);
+    let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    let mut t = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![c.vocab_size, h],
+        cpu.dense_embedding(),
+    )];
+    for l in 0..c.num_layers {
+        let d = cpu.dense_layer(l).unwrap();
+        let p = format!("model.layers.{l}");
+        t.push((format!("{p}.input_layernorm.weight"), vec![h], d.attn_norm));
+        t.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![q, h],
+            d.qkv[..q * h].to_vec(),
+        ));
+        t.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![kv, h],
+            d.qkv[q * h..(q + kv) * h].to_vec(),
+        ));
+        t.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![kv, h],
+            d.qkv[(q + kv) * h..].to_vec(),
+        ));
+        t.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q], d.wo));
+        t.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            d.ffn_norm,
+        ));
+        t.push((
+            format!("{p}.mlp.gate_proj.weight"),
+            vec![i, h],
+            d.gate_up[..i * h].to_vec(),
+        ));
+        t.push((
+            format!("{p}.mlp.up_proj.weight"),
+            vec![i, h],
+            d.gate_up[i * h..].to_vec(),
+        ));
+        t.push((format!("{p}.mlp.down_proj.weight"), vec![h, i], d.w_down));
+    }
+    t.push((
+        "model.norm.weight".into(),
+        vec![h],
+        cpu.final_norm().to_vec(),
+    ));
+    t.push((
+        "lm_head.weight".into(),
+        vec![c.vocab_size, h],
+        cpu.dense_lm_head().unwrap(),
+    ));
+    write_safetensors(&dir.join("model.safetensors"), &t);
+    let config_json = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": c.vocab_size, "hidden_size": h, "intermediate_size": i,
+        "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+        "num_key_value_heads": c.num_kv_heads, "head_dim": c.head_dim,
+        "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta, "hidden_act": "silu", "tie_word_embeddings": false,
+        "attention_bias": false, "mlp_bias": false, "torch_dtype": "bfloat16"
+    });
+    std::fs::write(dir.join("config.json"), config_json.to_string()).unwrap();
+    // The HF loader must read back what was written (checks the file against vkv's own reader).
+    let back = Llama::from_hf_dir(&dir).unwrap();
+    assert_eq!(
+        back.dense_layer(1).unwrap().qkv,
+        cpu.dense_layer(1).unwrap().qkv
+    );
+    let tokens = prompt(9, 100, c.vocab_size);
+    let mut gpu = CudaLlama::from_cpu(vmm.context(), &cpu).unwrap();
+    let mut kv = gpu_kv(&vmm, &c, Mode::Vmm(KvLayout::TokenMajor));
+    // Two chunks (60 + 40), every logit.
+    let a = gpu
+        .forward(
+            &[SeqChunk {
+                seq: 0,
+                tokens: &tokens[..60],
+                start: 0,
+                all_logits: true,
+            }],
+            &mut kv,
+        )
+        .unwrap();
+    let b = gpu
+        .forward(
+            &[SeqChunk {
+                seq: 0,
+                tokens: &tokens[60..],
+                start: 60,
+                all_logits: true,
+            }],
+            &mut kv,
+        )
+        .unwrap();
+    let logits: Vec<u8> = a[0]
+        .iter()
+        .chain(&b[0])
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    std::fs::write(dir.join("vkv_logits.f32"), logits).unwrap();
+    std::fs::write(
+        dir.join("tokens.json"),
+        serde_json::to_string(&tokens).unwrap(),
+    )
+    .unwrap();
+    eprintln!("wrote {}", dir.display());
 }
