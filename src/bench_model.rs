@@ -3,7 +3,9 @@
 //! tokens (tokens/s), then the median decode step (every sequence one token, greedy on the
 //! device, host uploads and the id download included) — in the paged and vmm KV modes, against
 //! the roofline of a decode step: (weight bytes + KV bytes read) / the device-to-device copy
-//! bandwidth measured in the same run (bytes read + written, GPU.md's convention).
+//! bandwidth measured in the same run (bytes read + written, GPU.md's convention). It also times
+//! the step's GEMMs alone (cuBLAS, same shapes) against their weight-bytes floor, to say where
+//! the gap is. Host clock around a synchronized step; 3 warm-up steps; median.
 
 // Without the cuda feature only `run` (which says so) is reachable.
 #![cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -55,6 +57,9 @@ pub struct Row {
     decode_step_ms_min: f64,
     roofline_ms: f64,
     ratio: f64,
+    /// The step's GEMMs alone (median), and their weight-bytes floor.
+    gemm_ms: f64,
+    weights_floor_ms: f64,
     weight_bytes: usize,
     kv_bytes_read: usize,
 }
@@ -91,7 +96,7 @@ pub fn run(args: Args) -> Result<()> {
             );
             for r in &report.rows {
                 println!(
-                    "{:>6} {:>6} {:>8} {:>14.0} {:>10.3} {:>10.3} {:>12.3} {:>7.2}",
+                    "{:>6} {:>6} {:>8} {:>14.0} {:>10.3} {:>10.3} {:>12.3} {:>7.2} {:>9.3} {:>10.3}",
                     r.kv_mode,
                     r.batch,
                     r.context,
@@ -99,7 +104,9 @@ pub fn run(args: Args) -> Result<()> {
                     r.decode_step_ms,
                     r.decode_step_ms_min,
                     r.roofline_ms,
-                    r.ratio
+                    r.ratio,
+                    r.gemm_ms,
+                    r.weights_floor_ms
                 );
             }
         }
@@ -253,6 +260,17 @@ mod gpu {
                 }
                 let min = times.iter().copied().fold(f64::INFINITY, f64::min);
                 let med = median(&mut times);
+                let mut gt = Vec::new();
+                for i in 0..13 {
+                    model.synchronize()?;
+                    let t = Instant::now();
+                    model.gemms_only(batch)?;
+                    model.synchronize()?;
+                    if i >= 3 {
+                        gt.push(t.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
+                let gemm_ms = median(&mut gt);
                 let kv_read = batch * (args.context + 3 + args.steps / 2) * token_bytes;
                 let roof = (model.weight_bytes() + kv_read) as f64 / copy * 1e3;
                 rows.push(Row {
@@ -264,6 +282,8 @@ mod gpu {
                     decode_step_ms_min: min,
                     roofline_ms: roof,
                     ratio: med / roof,
+                    gemm_ms,
+                    weights_floor_ms: model.weight_bytes() as f64 / copy * 1e3,
                     weight_bytes: model.weight_bytes(),
                     kv_bytes_read: kv_read,
                 });

@@ -616,6 +616,45 @@ impl CudaLlama {
         Ok(out)
     }
 
+    /// Only the matrix products of one forward pass over `rows` tokens (every layer's four GEMMs
+    /// and the output head for `rows` rows), on random activations, queued on the stream: how much
+    /// of a step cuBLAS takes (benchmarks).
+    pub fn gemms_only(&mut self, rows: usize) -> Result<()> {
+        let c = self.config.clone();
+        let (h, inter) = (c.hidden_size, c.intermediate_size);
+        let (qw, kvw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let ctx = self.ctx.clone();
+        let b = &mut self.buf;
+        let xn = b.xn.get(&ctx, rows * h * BF16)?;
+        let qkv = b.qkv.get(&ctx, rows * (qw + 2 * kvw) * BF16)?;
+        let attn = b.attn.get(&ctx, rows * qw * BF16)?;
+        let o = b.o.get(&ctx, rows * h * BF16)?;
+        let gu = b.gu.get(&ctx, rows * 2 * inter * BF16)?;
+        let act = b.act.get(&ctx, rows * inter * BF16)?;
+        let logits = b.logits.get(&ctx, rows * c.vocab_size * 4)?;
+        let s = &self.stream;
+        // SAFETY: every buffer is sized above for `rows`.
+        unsafe {
+            self.ops.fill_bf16(s, xn, rows * h, 1, 1.0)?;
+            self.ops.fill_bf16(s, attn, rows * qw, 2, 1.0)?;
+            self.ops.fill_bf16(s, act, rows * inter, 3, 1.0)?;
+            for layer in &self.layers {
+                self.gemm
+                    .matmul_t(xn, layer.qkv.ptr(), qkv, rows, qw + 2 * kvw, h, false)?;
+                self.gemm
+                    .matmul_t(attn, layer.wo.ptr(), o, rows, h, qw, false)?;
+                self.gemm
+                    .matmul_t(xn, layer.gate_up.ptr(), gu, rows, 2 * inter, h, false)?;
+                self.gemm
+                    .matmul_t(act, layer.w_down.ptr(), o, rows, h, inter, false)?;
+            }
+            let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+            self.gemm
+                .matmul_t(xn, head.ptr(), logits, rows, c.vocab_size, h, true)?;
+        }
+        Ok(())
+    }
+
     /// Check the batch against the model and the cache; reserve its tokens.
     fn admit(&self, batch: &[SeqChunk<'_>], kv: &mut GpuKv) -> Result<()> {
         let c = &self.config;
