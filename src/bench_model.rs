@@ -84,7 +84,7 @@ pub fn run(args: Args) -> Result<()> {
                 report.device, report.preset, report.copy_tb_per_s
             );
             println!(
-                "{:>6} {:>6} {:>8} {:>14} {:>10} {:>10} {:>12} {:>7}",
+                "{:>6} {:>6} {:>8} {:>14} {:>10} {:>10} {:>12} {:>7} {:>9} {:>10}",
                 "kv",
                 "batch",
                 "context",
@@ -92,7 +92,9 @@ pub fn run(args: Args) -> Result<()> {
                 "step ms",
                 "min ms",
                 "roofline ms",
-                "ratio"
+                "ratio",
+                "gemm ms",
+                "w floor ms"
             );
             for r in &report.rows {
                 println!(

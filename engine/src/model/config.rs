@@ -27,104 +27,70 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
 }
 
-/// Named model shapes, from each model's published `config.json`: (name, vocab, hidden,
-/// intermediate, layers, heads, KV heads, rope theta, context length, tied embeddings).
-const PRESETS: &[(
-    &str,
-    usize,
-    usize,
-    usize,
-    usize,
-    usize,
-    usize,
-    f32,
-    usize,
-    bool,
-)] = &[
+/// A named model shape, from the model's published `config.json`.
+struct Preset {
+    name: &'static str,
+    /// [vocab, hidden, intermediate, layers, heads, KV heads, context length].
+    dims: [usize; 7],
+    rope_theta: f32,
+    tied: bool,
+}
+
+const PRESETS: &[Preset] = &[
     // meta-llama/Meta-Llama-3-8B
-    (
-        "llama-3-8b",
-        128256,
-        4096,
-        14336,
-        32,
-        32,
-        8,
-        500000.0,
-        8192,
-        false,
-    ),
+    Preset {
+        name: "llama-3-8b",
+        dims: [128256, 4096, 14336, 32, 32, 8, 8192],
+        rope_theta: 500000.0,
+        tied: false,
+    },
     // meta-llama/Llama-2-7b-hf
-    (
-        "llama-2-7b",
-        32000,
-        4096,
-        11008,
-        32,
-        32,
-        32,
-        10000.0,
-        4096,
-        false,
-    ),
+    Preset {
+        name: "llama-2-7b",
+        dims: [32000, 4096, 11008, 32, 32, 32, 4096],
+        rope_theta: 10000.0,
+        tied: false,
+    },
     // mistralai/Mistral-7B-v0.3
-    (
-        "mistral-7b",
-        32768,
-        4096,
-        14336,
-        32,
-        32,
-        8,
-        1000000.0,
-        32768,
-        false,
-    ),
+    Preset {
+        name: "mistral-7b",
+        dims: [32768, 4096, 14336, 32, 32, 8, 32768],
+        rope_theta: 1000000.0,
+        tied: false,
+    },
     // 01-ai/Yi-6B
-    (
-        "yi-6b", 64000, 4096, 11008, 32, 32, 4, 5000000.0, 4096, false,
-    ),
+    Preset {
+        name: "yi-6b",
+        dims: [64000, 4096, 11008, 32, 32, 4, 4096],
+        rope_theta: 5000000.0,
+        tied: false,
+    },
     // HuggingFaceTB/SmolLM2-135M
-    (
-        "smollm2-135m",
-        49152,
-        576,
-        1536,
-        30,
-        9,
-        3,
-        100000.0,
-        8192,
-        true,
-    ),
+    Preset {
+        name: "smollm2-135m",
+        dims: [49152, 576, 1536, 30, 9, 3, 8192],
+        rope_theta: 100000.0,
+        tied: true,
+    },
 ];
 
 impl LlamaConfig {
     /// Names of the model presets [`LlamaConfig::preset`] knows.
     pub fn preset_names() -> Vec<&'static str> {
-        PRESETS.iter().map(|p| p.0).collect()
+        PRESETS.iter().map(|p| p.name).collect()
     }
 
     /// The configuration of a named model (`llama-3-8b`, `yi-6b`, ...: see
     /// [`LlamaConfig::preset_names`]), HF conventions (half-split RoPE, RMSNorm eps 1e-5).
     pub fn preset(name: &str) -> Result<Self, ModelError> {
-        let &(
-            _,
-            vocab_size,
-            hidden_size,
-            intermediate_size,
-            num_layers,
-            num_heads,
-            num_kv_heads,
-            rope_theta,
-            max_position_embeddings,
-            tie_word_embeddings,
-        ) = PRESETS.iter().find(|p| p.0 == name).ok_or_else(|| {
+        let p = PRESETS.iter().find(|p| p.name == name).ok_or_else(|| {
             ModelError::Config(format!(
                 "unknown model preset {name:?}; known: {}",
                 Self::preset_names().join(", ")
             ))
         })?;
+        let [vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, max_position_embeddings] =
+            p.dims;
         LlamaConfig {
             vocab_size,
             hidden_size,
@@ -133,12 +99,12 @@ impl LlamaConfig {
             num_heads,
             num_kv_heads,
             head_dim: hidden_size / num_heads,
-            rope_theta,
+            rope_theta: p.rope_theta,
             rope_scaling: None,
             rope_style: RopeStyle::Half,
             rms_norm_eps: 1e-5,
             max_position_embeddings,
-            tie_word_embeddings,
+            tie_word_embeddings: p.tied,
         }
         .check()
     }
