@@ -2,9 +2,9 @@
 //! 0.625 bytes per Q4_1 weight (1.06 for Q8_0) instead of 4 for f32 — decode on the CPU is bound
 //! by the bytes of weights it reads per token.
 //!
-//! Activations stay f32 and every block is dequantized in registers: for Q4_1,
-//! `dot(x, w) = Σ_blocks d · Σ_i q_i·x_i + m · Σ_i x_i` (the second sum is computed once per
-//! activation row and block); for Q8_0, `d · Σ_i q_i·x_i`. This is the same function as the f32
+//! Activations stay f32 and every block is dequantized in registers — `w_i = d·q_i + m` for Q4_1,
+//! `d·q_i` for Q8_0 — once per block for all the activation rows that use it, so a row costs
+//! only its multiply-adds. This is the same function as the f32
 //! product of the dequantized weights up to summation order — unlike llama.cpp, which also
 //! quantizes the activations to 8 bits. An AVX2 + FMA path is picked at run time (the binary is
 //! built for any x86-64); elsewhere a scalar path computes the same sums.
@@ -142,7 +142,12 @@ pub fn matmul_w(x: &[f32], m: usize, k: usize, w: &Weight, n: usize, out: &mut [
     if let Weight::F32(v) = w {
         return super::matmul_t(x, m, k, v, n, out);
     }
-    matmul_quantized(x, m, k, w, n, out, m > SMALL_M);
+    let schedule = if m > SMALL_M {
+        Schedule::Tiles
+    } else {
+        Schedule::Registers
+    };
+    matmul_quantized(x, m, k, w, n, out, schedule);
 }
 
 /// [`matmul_w`] where every output row is computed by the same instructions in the same order
@@ -153,7 +158,7 @@ pub fn matmul_w(x: &[f32], m: usize, k: usize, w: &Weight, n: usize, out: &mut [
 pub fn matmul_w_rowwise(x: &[f32], m: usize, k: usize, w: &Weight, n: usize, out: &mut [f32]) {
     match w {
         Weight::F32(v) => matmul_f32_rowwise(x, m, k, v, n, out),
-        _ => matmul_quantized(x, m, k, w, n, out, false),
+        _ => matmul_quantized(x, m, k, w, n, out, Schedule::RowWise),
     }
 }
 
@@ -185,7 +190,18 @@ fn transpose_into(out_t: &[f32], m: usize, n: usize, out: &mut [f32]) {
     }
 }
 
-/// Quantized product: dequantized tiles through gemm (`tiles`) or weights decoded in registers.
+/// How a quantized product is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Schedule {
+    /// Dequantized tiles through gemm (many rows).
+    Tiles,
+    /// Weights decoded in registers, the fastest way for the group's row count.
+    Registers,
+    /// Weights decoded in registers, every row summed the same way whatever the group's size.
+    RowWise,
+}
+
+/// Quantized product, computed as `schedule` says.
 fn matmul_quantized(
     x: &[f32],
     m: usize,
@@ -193,7 +209,7 @@ fn matmul_quantized(
     w: &Weight,
     n: usize,
     out: &mut [f32],
-    tiles: bool,
+    schedule: Schedule,
 ) {
     assert!(
         k % BLOCK == 0 && w.len() >= n * k && x.len() >= m * k && out.len() >= m * n,
@@ -204,7 +220,7 @@ fn matmul_quantized(
     }
     // Transposed result [n][m], so each task owns a contiguous piece.
     let mut out_t = vec![0f32; n * m];
-    if tiles {
+    if schedule == Schedule::Tiles {
         // Many activation rows (prefill): dequantize a tile of weight rows once and let gemm
         // do the arithmetic.
         out_t
@@ -220,10 +236,6 @@ fn matmul_quantized(
                 super::matmul_t_serial(&tile, rows, k, x, m, chunk);
             });
     } else {
-        let xsum: Vec<f32> = x[..m * k]
-            .chunks_exact(BLOCK)
-            .map(|b| b.iter().sum())
-            .collect();
         let avx2 = simd_available();
         out_t
             .par_chunks_mut(TASK * m)
@@ -235,15 +247,22 @@ fn matmul_quantized(
                         let g = ROWS.min(m - r0);
                         let mut acc = [0f32; ROWS];
                         let xs = &x[r0 * k..(r0 + g) * k];
-                        let sums = &xsum[r0 * k / BLOCK..(r0 + g) * k / BLOCK];
                         if avx2 {
                             // SAFETY: AVX2 and FMA were detected at run time.
                             #[cfg(target_arch = "x86_64")]
                             unsafe {
-                                simd::dot_rows(w, j, xs, sums, k, g, &mut acc)
+                                simd::dot_rows(
+                                    w,
+                                    j,
+                                    xs,
+                                    k,
+                                    g,
+                                    schedule == Schedule::RowWise,
+                                    &mut acc,
+                                )
                             };
                         } else {
-                            scalar_dot_rows(w, j, xs, sums, k, g, &mut acc);
+                            scalar_dot_rows(w, j, xs, k, g, &mut acc);
                         }
                         dst[r0..r0 + g].copy_from_slice(&acc[..g]);
                     }
@@ -271,40 +290,32 @@ fn simd_available() -> bool {
 }
 
 /// `acc[r] = dot(w[j], xs[r])` for `g ≤ ROWS` activation rows, in plain Rust.
-fn scalar_dot_rows(
-    w: &Weight,
-    j: usize,
-    xs: &[f32],
-    sums: &[f32],
-    k: usize,
-    g: usize,
-    acc: &mut [f32; ROWS],
-) {
+fn scalar_dot_rows(w: &Weight, j: usize, xs: &[f32], k: usize, g: usize, acc: &mut [f32; ROWS]) {
     let blocks = k / BLOCK;
     let mut q = [0f32; BLOCK];
     for b in 0..blocks {
         let at = j * blocks + b;
-        let (d, mo) = match w {
+        // The block's weights, dequantized once for all rows.
+        match w {
             Weight::Q4_1 { scales, qs } => {
+                let (d, m) = (scales[2 * at], scales[2 * at + 1]);
                 let nib = &qs[16 * at..16 * at + 16];
                 for i in 0..16 {
-                    q[i] = (nib[i] & 0xF) as f32;
-                    q[i + 16] = (nib[i] >> 4) as f32;
+                    q[i] = (nib[i] & 0xF) as f32 * d + m;
+                    q[i + 16] = (nib[i] >> 4) as f32 * d + m;
                 }
-                (scales[2 * at], scales[2 * at + 1])
             }
             Weight::Q8_0 { scales, qs } => {
                 for (q, &v) in q.iter_mut().zip(&qs[32 * at..32 * at + 32]) {
-                    *q = v as f32;
+                    *q = v as f32 * scales[at];
                 }
-                (scales[at], 0.0)
             }
             Weight::F32(_) => unreachable!("f32 weights go through gemm"),
-        };
+        }
         for r in 0..g {
             let x = &xs[r * k + b * BLOCK..][..BLOCK];
             let s: f32 = q.iter().zip(x).map(|(q, x)| q * x).sum();
-            acc[r] += d * s + mo * sums[r * blocks + b];
+            acc[r] += s;
         }
     }
 }
@@ -331,39 +342,43 @@ mod simd {
         w: &Weight,
         j: usize,
         xs: &[f32],
-        sums: &[f32],
         k: usize,
         g: usize,
+        rowwise: bool,
         acc: &mut [f32; ROWS],
     ) {
-        // A row count known at compile time keeps the accumulators in registers. Every row is
-        // summed in the same order whatever `g` is (batch invariance, see `matmul_w_rowwise`).
-        match g {
-            1 => rows::<1>(w, j, xs, sums, k, acc),
-            2 => rows::<2>(w, j, xs, sums, k, acc),
-            3 => rows::<3>(w, j, xs, sums, k, acc),
-            4 => rows::<4>(w, j, xs, sums, k, acc),
-            5 => rows::<5>(w, j, xs, sums, k, acc),
-            6 => rows::<6>(w, j, xs, sums, k, acc),
-            7 => rows::<7>(w, j, xs, sums, k, acc),
-            _ => rows::<8>(w, j, xs, sums, k, acc),
+        // A row count known at compile time keeps the accumulators in registers. Few rows get
+        // two accumulators each (shorter chains of dependent FMAs); many get one (sixteen would
+        // not fit the sixteen registers). `rowwise` keeps one for every `g`, so each row is
+        // summed the same way whatever the batch (see `matmul_w_rowwise`).
+        match (g, rowwise) {
+            (1, false) => rows::<1, 2>(w, j, xs, k, acc),
+            (2, false) => rows::<2, 2>(w, j, xs, k, acc),
+            (3, false) => rows::<3, 2>(w, j, xs, k, acc),
+            (4, false) => rows::<4, 2>(w, j, xs, k, acc),
+            (1, true) => rows::<1, 1>(w, j, xs, k, acc),
+            (2, true) => rows::<2, 1>(w, j, xs, k, acc),
+            (3, true) => rows::<3, 1>(w, j, xs, k, acc),
+            (4, true) => rows::<4, 1>(w, j, xs, k, acc),
+            (5, _) => rows::<5, 1>(w, j, xs, k, acc),
+            (6, _) => rows::<6, 1>(w, j, xs, k, acc),
+            (7, _) => rows::<7, 1>(w, j, xs, k, acc),
+            _ => rows::<8, 1>(w, j, xs, k, acc),
         }
     }
 
-    /// [`dot_rows`] for `G` rows, two accumulators per row (even and odd halves of each block).
-    /// Each block's weights are decoded once and scaled once, then used by every row.
+    /// [`dot_rows`] for `G` rows and `A` accumulators per row (1, or 2 for the two halves of
+    /// each block). Each block's weights are decoded once, then used by every row.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn rows<const G: usize>(
+    unsafe fn rows<const G: usize, const A: usize>(
         w: &Weight,
         j: usize,
         xs: &[f32],
-        sums: &[f32],
         k: usize,
         acc: &mut [f32; ROWS],
     ) {
         let blocks = k / BLOCK;
         let mut vacc = [[_mm256_setzero_ps(); 2]; G];
-        let mut offset = [0f32; G];
         let mask = _mm_set1_epi8(0x0F);
         for b in 0..blocks {
             let at = j * blocks + b;
@@ -400,25 +415,23 @@ mod simd {
                 }
                 Weight::F32(_) => unreachable!("f32 weights go through gemm"),
             };
-            let dv = _mm256_set1_ps(d);
+            let (dv, mv) = (_mm256_set1_ps(d), _mm256_set1_ps(mo));
             let ws = [
-                _mm256_mul_ps(wv[0], dv),
-                _mm256_mul_ps(wv[1], dv),
-                _mm256_mul_ps(wv[2], dv),
-                _mm256_mul_ps(wv[3], dv),
+                _mm256_fmadd_ps(wv[0], dv, mv),
+                _mm256_fmadd_ps(wv[1], dv, mv),
+                _mm256_fmadd_ps(wv[2], dv, mv),
+                _mm256_fmadd_ps(wv[3], dv, mv),
             ];
-            for r in 0..G {
+            for (r, v) in vacc.iter_mut().enumerate() {
                 let x = xs.as_ptr().add(r * k + b * BLOCK);
-                let v = &mut vacc[r];
                 v[0] = _mm256_fmadd_ps(ws[0], _mm256_loadu_ps(x), v[0]);
                 v[0] = _mm256_fmadd_ps(ws[1], _mm256_loadu_ps(x.add(8)), v[0]);
-                v[1] = _mm256_fmadd_ps(ws[2], _mm256_loadu_ps(x.add(16)), v[1]);
-                v[1] = _mm256_fmadd_ps(ws[3], _mm256_loadu_ps(x.add(24)), v[1]);
-                offset[r] += mo * *sums.get_unchecked(r * blocks + b);
+                v[A - 1] = _mm256_fmadd_ps(ws[2], _mm256_loadu_ps(x.add(16)), v[A - 1]);
+                v[A - 1] = _mm256_fmadd_ps(ws[3], _mm256_loadu_ps(x.add(24)), v[A - 1]);
             }
         }
         for r in 0..G {
-            acc[r] = hsum(_mm256_add_ps(vacc[r][0], vacc[r][1])) + offset[r];
+            acc[r] = hsum(_mm256_add_ps(vacc[r][0], vacc[r][1]));
         }
     }
 }
@@ -471,20 +484,11 @@ mod tests {
                 super::super::matmul_t(&x, m, k, &dense, n, &mut want);
                 let mut got = vec![f32::NAN; m * n];
                 matmul_w(&x, m, k, &w, n, &mut got);
-                let xsum: Vec<f32> = x.chunks_exact(BLOCK).map(|b| b.iter().sum()).collect();
                 for j in 0..n {
                     for r0 in (0..m).step_by(ROWS) {
                         let g = ROWS.min(m - r0);
                         let mut scalar = [0f32; ROWS];
-                        scalar_dot_rows(
-                            &w,
-                            j,
-                            &x[r0 * k..(r0 + g) * k],
-                            &xsum[r0 * k / BLOCK..(r0 + g) * k / BLOCK],
-                            k,
-                            g,
-                            &mut scalar,
-                        );
+                        scalar_dot_rows(&w, j, &x[r0 * k..(r0 + g) * k], k, g, &mut scalar);
                         for (r, s) in scalar.iter().enumerate().take(g) {
                             let i = (r0 + r) * n + j;
                             let tol = 1e-4 * (1.0 + want[i].abs());
