@@ -5,10 +5,12 @@ mod bench_generate;
 mod bench_kernels;
 mod bench_model;
 mod bench_offline;
+mod bench_serve;
 mod bench_vmm;
 mod engine_args;
 mod frag;
 mod generate;
+mod serve;
 mod units;
 
 use anyhow::Result;
@@ -27,7 +29,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Benchmarks: `vkv bench vmm`, `vkv bench generate`, `vkv bench offline`, `vkv bench kernels`.
+    /// Serve the OpenAI-compatible HTTP API (completions, chat completions, streaming, metrics).
+    Serve(serve::Args),
+    /// Benchmarks: `vkv bench vmm`, `vkv bench generate`, `vkv bench offline`, `vkv bench serve`,
+    /// `vkv bench kernels`.
     Bench {
         #[command(subcommand)]
         which: Bench,
@@ -51,6 +56,9 @@ enum Bench {
     /// Serving throughput and latency of a workload submitted to the engine in process (all at
     /// once or at a request rate), in one KV mode or both, interleaved, with their ratio.
     Offline(bench_offline::Args),
+    /// Load a running OpenAI-compatible server (vLLM's `bench serve`): Gamma arrivals, streamed
+    /// responses, TTFT / TPOT / ITL / E2E latency, throughput and goodput.
+    Serve(bench_serve::Args),
     /// CUDA decode attention in every KV addressing mode (vmm strided, plain strided, paged) over a
     /// grid of batch × context × heads × head dim, against the device's copy bandwidth.
     Kernels(bench_kernels::Args),
@@ -73,11 +81,13 @@ fn run(cli: Cli) -> Result<()> {
             Bench::Vmm(args) => bench_vmm::run(args),
             Bench::Generate(args) => bench_generate::run(args),
             Bench::Offline(args) => bench_offline::run(args),
+            Bench::Serve(args) => bench_serve::run(args),
             Bench::Kernels(args) => bench_kernels::run(args),
             Bench::Model(args) => bench_model::run(args),
         },
         Command::Frag(args) => frag::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Devices => {
             match vkv_vmm::probe_cuda() {
                 Ok(p) => println!(

@@ -1,11 +1,166 @@
-//! vkv-server: the HTTP face of vkv.
+//! vkv-server: the HTTP face of vkv, and the load generator that measures it.
 //!
-//! This crate will own the OpenAI-compatible API on hyper 1.x + tokio (`POST /v1/completions`,
-//! `POST /v1/chat/completions` with SSE streaming ending in `data: [DONE]`, `GET /v1/models`,
-//! `GET /health`, `GET /metrics` in Prometheus text, `GET /openapi.json`), OpenAI-shaped errors
-//! with 4xx statuses for client mistakes, abort-on-disconnect, and the `vkv bench serve` load
-//! generator (vLLM's `bench serve` method: Poisson/Gamma arrivals, TTFT, TPOT, ITL, goodput). It
-//! talks to the model only through the engine crate's request channel. Empty until the server
-//! issue lands.
+//! - [`serve`]: hyper 1.x (HTTP/1.1) on tokio, one task per connection, answering the
+//!   OpenAI-compatible API ([`api`]: completions and chat completions, whole or streamed as SSE
+//!   ending in `data: [DONE]`; models; health; Prometheus [`metrics`]; the [`openapi`] document).
+//!   Errors are OpenAI-shaped with a 4xx status for the client's mistakes ([`error`]); requests
+//!   are read and checked field by field ([`openai`]). It talks to the model only through the
+//!   engine's request channel: one event channel per HTTP request, aborted when the client goes.
+//! - Shutdown (SIGINT / SIGTERM through [`shutdown_signal`], or any future): stop accepting,
+//!   let requests in flight finish for up to `shutdown_timeout` (a second signal cuts it short),
+//!   abort the rest, close the connections, return.
+//! - [`bench`]: `vkv bench serve`, vLLM's `bench serve` method against any OpenAI-compatible
+//!   server.
+
+pub mod api;
+pub mod bench;
+pub mod error;
+pub mod metrics;
+pub mod openai;
+pub mod openapi;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
 
 pub use vkv_engine as engine;
+use vkv_engine::engine::Engine;
+
+use crate::api::AppState;
+
+/// How the server answers (the engine's options are the engine's).
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Required as `Authorization: Bearer KEY` on `/v1/*` when set.
+    pub api_key: Option<String>,
+    /// The `model` clients name (and `/v1/models` lists).
+    pub served_model_name: String,
+    /// Larger request bodies get 413.
+    pub max_body_bytes: usize,
+    /// How long requests in flight may run on after a shutdown signal before they are aborted.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            api_key: None,
+            served_model_name: "vkv".into(),
+            max_body_bytes: 4 << 20,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why serving stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("accepting connections: {0}")]
+    Accept(#[source] std::io::Error),
+    #[error("installing the signal handler: {0}")]
+    Signal(#[source] std::io::Error),
+}
+
+/// What happened at shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Requests in flight when the signal came finished without being aborted.
+    pub drained: bool,
+    /// Connections still open when the server gave up waiting for them.
+    pub connections_left: bool,
+}
+
+/// Resolves at the first SIGINT or SIGTERM.
+pub async fn shutdown_signal() -> Result<(), ServerError> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(ServerError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ServerError::Signal)?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// Serve `engine` on `listener` until `shutdown` resolves, then shut down as the module docs say
+/// (`hurry` resolving during the drain aborts what is left at once).
+pub async fn serve(
+    engine: Arc<Engine>,
+    config: ServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    hurry: impl Future<Output = ()>,
+) -> Result<ShutdownReport, ServerError> {
+    let timeout = config.shutdown_timeout;
+    let state = Arc::new(AppState::new(engine.clone(), config));
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                // Out of file descriptors and the like: wait a little rather than spin or die.
+                Err(e) if is_transient(&e) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                Err(e) => return Err(ServerError::Accept(e)),
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let service = service_fn(move |req| {
+            let state = state.clone();
+            async move { Ok::<_, std::convert::Infallible>(state.handle(req).await) }
+        });
+        // The timer enables hyper's 30 s limit on reading request headers (slow clients).
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            // A client that resets or times out is its own business.
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+
+    // Finish what is in flight (new requests get 503 from now on), within the timeout.
+    let draining = tokio::task::spawn_blocking({
+        let engine = engine.clone();
+        move || engine.shutdown(false)
+    });
+    let drained = tokio::select! {
+        _ = draining => true,
+        () = tokio::time::sleep(timeout) => false,
+        () = hurry => false,
+    };
+    if !drained {
+        let engine = engine.clone();
+        let _ = tokio::task::spawn_blocking(move || engine.shutdown(true)).await;
+    }
+    // Every request has its final event now; let the connections write it and close.
+    let connections_left = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown())
+        .await
+        .is_err();
+    Ok(ShutdownReport {
+        drained,
+        connections_left,
+    })
+}
+
+fn is_transient(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionReset | Interrupted | WouldBlock
+    ) || e.raw_os_error() == Some(24) // EMFILE
+        || e.raw_os_error() == Some(23) // ENFILE
+}

@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""The official `openai` Python client against `vkv serve`, unchanged: models, completions and chat
+completions, whole and streamed (same seed, same text), usage, vLLM's extras through `extra_body`,
+and errors raised as the client's own exception classes.
+
+Either against a running server:
+
+    python3 scripts/openai_client.py --url http://127.0.0.1:8000 [--api-key KEY]
+
+or starting one (on a free port, with an API key) and stopping it with SIGTERM at the end:
+
+    python3 scripts/openai_client.py --vkv target/debug/vkv [-- extra vkv serve options]
+
+Needs `pip install openai`. Exits non-zero on the first check that fails.
+"""
+
+import argparse
+import signal
+import subprocess
+import sys
+
+import openai
+
+
+def check(condition, what):
+    if not condition:
+        raise AssertionError(what)
+    print(f"ok: {what}")
+
+
+def run_checks(base_url, api_key):
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key or "none", max_retries=0)
+
+    models = client.models.list()
+    model = models.data[0].id
+    check(models.data[0].object == "model", f"models.list() names the served model {model!r}")
+
+    # Completions, whole and streamed, with the same seed.
+    kwargs = dict(model=model, prompt="The capital of France is", max_tokens=12,
+                  temperature=0.8, seed=5, extra_body={"ignore_eos": True, "top_k": 40})
+    whole = client.completions.create(**kwargs)
+    text = whole.choices[0].text
+    check(whole.object == "text_completion" and whole.choices[0].finish_reason == "length",
+          "completions.create: a text_completion that ran to max_tokens")
+    check(whole.usage.completion_tokens == 12
+          and whole.usage.total_tokens == whole.usage.prompt_tokens + 12,
+          f"completion usage {whole.usage}")
+    chunks = list(client.completions.create(**kwargs, stream=True,
+                                            stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    check(streamed == text, f"streamed completion == whole completion ({text!r})")
+    check(chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12,
+          "the stream's last chunk carries usage")
+
+    # Chat, whole and streamed.
+    messages = [{"role": "system", "content": "You are brief."},
+                {"role": "user", "content": "Name a primary colour."}]
+    chat = client.chat.completions.create(model=model, messages=messages,
+                                          max_completion_tokens=16, temperature=0.7, seed=3)
+    answer = chat.choices[0].message.content
+    check(chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+          and answer, f"chat.completions.create answers {answer!r}")
+    stream = client.chat.completions.create(model=model, messages=messages,
+                                            max_completion_tokens=16, temperature=0.7, seed=3,
+                                            stream=True)
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    check("".join(pieces) == answer, "streamed chat == whole chat")
+
+    # Mistakes are the client's exceptions, with the field named.
+    try:
+        client.completions.create(model=model, prompt="a", temperature=5)
+        check(False, "temperature=5 is refused")
+    except openai.BadRequestError as e:
+        check(e.status_code == 400 and e.body.get("param") == "temperature",
+              f"temperature=5 -> BadRequestError naming the field: {e.body.get('message')}")
+    try:
+        client.completions.create(model="no-such-model", prompt="a", max_tokens=1)
+        check(False, "an unknown model is refused")
+    except openai.BadRequestError as e:
+        check(e.body.get("param") == "model", "unknown model -> BadRequestError (param model)")
+    try:
+        client.completions.create(model=model, prompt="a", max_tokens=10**6)
+        check(False, "max_tokens over the context is refused")
+    except openai.BadRequestError as e:
+        check(e.body.get("code") == "context_length_exceeded",
+              f"over the context -> {e.body.get('message')}")
+    if api_key:
+        wrong = openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong", max_retries=0)
+        try:
+            wrong.models.list()
+            check(False, "a wrong key is refused")
+        except openai.AuthenticationError:
+            check(True, "wrong API key -> AuthenticationError")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--api-key")
+    p.add_argument("--vkv", help="start this vkv binary (serve --port 0) and stop it at the end")
+    p.add_argument("serve_args", nargs="*", help="more `vkv serve` options (after --)")
+    args = p.parse_args()
+    if bool(args.url) == bool(args.vkv):
+        p.error("give --url or --vkv")
+    if args.url:
+        run_checks(args.url.rstrip("/"), args.api_key)
+        return
+    key = args.api_key or "sk-vkv-ci"
+    server = subprocess.Popen([args.vkv, "serve", "--port", "0", "--api-key", key, *args.serve_args],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        print(line.strip())
+        if "http://" not in line:
+            sys.exit(f"vkv serve did not start: {line!r}")
+        url = line.split("http://", 1)[1].split()[0]
+        run_checks(f"http://{url}", key)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(timeout=60)
+    check(code == 0, "vkv serve exits 0 on SIGTERM")
+
+
+if __name__ == "__main__":
+    main()

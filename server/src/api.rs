@@ -1,0 +1,452 @@
+//! The routes: one hyper service over the shared [`AppState`] (the engine handle, the
+//! configuration, the metrics), answering `POST /v1/completions`, `POST /v1/chat/completions`,
+//! `GET /v1/models`, `GET /health`, `GET /metrics` and `GET /openapi.json`.
+//!
+//! A generation request goes: API key → body (at most `max_body_bytes`, else 413) → fields
+//! ([`ApiRequest::parse`], 400 naming the field) → model name → tokens ([`ApiRequest::to_generation`])
+//! → [`Engine::submit`] with a channel of its own. Then either the whole answer is collected, or the
+//! channel becomes the response body ([`EventStream`], SSE). Either way an [`AbortOnDrop`] guard
+//! holds the request id: if the client goes away (hyper drops the handler's future or the body),
+//! the guard aborts the request in the engine at once, which frees its KV memory within a step.
+//! (vLLM does the same with `request.is_disconnected()`; here it is a drop guard.)
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::json;
+use vkv_engine::engine::{event_channel, Engine, EventKind, EventReceiver, Finished, RequestId};
+use vkv_engine::generate::FinishReason;
+use vkv_engine::kv::KvDims;
+
+use crate::error::ApiError;
+use crate::metrics::ServerMetrics;
+use crate::openai::{ApiRequest, Endpoint, ResponseHead};
+use crate::ServerConfig;
+
+/// What every connection shares.
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub config: ServerConfig,
+    pub metrics: ServerMetrics,
+    /// Unix seconds at start (the model's `created`).
+    started: u64,
+    next_id: AtomicU64,
+    kv_bytes_per_token: usize,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl AppState {
+    pub fn new(engine: Arc<Engine>, config: ServerConfig) -> AppState {
+        let c = &engine.model().model.config;
+        let kv_bytes_per_token = KvDims {
+            num_layers: c.num_layers,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        }
+        .bytes_per_token();
+        AppState {
+            engine,
+            config,
+            metrics: ServerMetrics::default(),
+            started: unix_now(),
+            next_id: AtomicU64::new(0),
+            kv_bytes_per_token,
+        }
+    }
+
+    /// Answer one HTTP request (never fails: errors are OpenAI-shaped responses).
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ApiBody> {
+        let (route, result) = self.route(req).await;
+        let response = result.unwrap_or_else(|e| error_response(&e));
+        self.metrics.response(route, response.status().as_u16());
+        response
+    }
+
+    async fn route(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+    ) -> (&'static str, Result<Response<ApiBody>, ApiError>) {
+        let path = req.uri().path().to_string();
+        let method = req.method().clone();
+        let (route, allowed): (&'static str, Method) = match path.as_str() {
+            "/v1/completions" => ("/v1/completions", Method::POST),
+            "/v1/chat/completions" => ("/v1/chat/completions", Method::POST),
+            "/v1/models" => ("/v1/models", Method::GET),
+            "/health" => ("/health", Method::GET),
+            "/metrics" => ("/metrics", Method::GET),
+            "/openapi.json" => ("/openapi.json", Method::GET),
+            _ => return ("other", Err(ApiError::not_found(&path))),
+        };
+        if method != allowed {
+            let e = ApiError::method_not_allowed(method.as_str(), &path, allowed.as_str());
+            return (route, Err(e));
+        }
+        let result = match route {
+            "/health" => Ok(self.health()),
+            "/metrics" => Ok(self.metrics_text()),
+            "/openapi.json" => Ok(json_response(StatusCode::OK, &crate::openapi::document())),
+            _ => match self.check_key(&req) {
+                Err(e) => Err(e),
+                Ok(()) => match route {
+                    "/v1/models" => Ok(json_response(StatusCode::OK, &self.models())),
+                    "/v1/completions" => self.generate(req, Endpoint::Completions).await,
+                    _ => self.generate(req, Endpoint::ChatCompletions).await,
+                },
+            },
+        };
+        (route, result)
+    }
+
+    fn health(&self) -> Response<ApiBody> {
+        if self.engine.is_alive() {
+            json_response(StatusCode::OK, &json!({"status": "ok"}))
+        } else {
+            error_response(&ApiError::unavailable("the engine thread has stopped"))
+        }
+    }
+
+    fn metrics_text(&self) -> Response<ApiBody> {
+        let text = self.metrics.render(
+            &self.engine.metrics(),
+            self.engine.is_alive(),
+            self.kv_bytes_per_token,
+        );
+        let mut r = Response::new(ApiBody::full(text));
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        r
+    }
+
+    fn models(&self) -> serde_json::Value {
+        let c = &self.engine.model().model.config;
+        json!({
+            "object": "list",
+            "data": [{
+                "id": self.config.served_model_name,
+                "object": "model",
+                "created": self.started,
+                "owned_by": "vkv",
+                // vLLM's extra; and vkv's, so a load generator can make token-id prompts.
+                "max_model_len": self.engine.max_model_len(),
+                "vocab_size": c.vocab_size,
+            }],
+        })
+    }
+
+    /// `Authorization: Bearer KEY` when the server has a key (compared in constant time).
+    fn check_key(&self, req: &Request<Incoming>) -> Result<(), ApiError> {
+        let Some(key) = &self.config.api_key else {
+            return Ok(());
+        };
+        let Some(given) = req.headers().get(AUTHORIZATION) else {
+            return Err(ApiError::unauthorized(
+                "no API key: send the header `Authorization: Bearer YOUR_KEY`",
+            ));
+        };
+        let given = given.as_bytes();
+        let token = given.strip_prefix(b"Bearer ").unwrap_or(given);
+        let same = token.len() == key.len()
+            && token
+                .iter()
+                .zip(key.as_bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if same {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized("incorrect API key"))
+        }
+    }
+
+    async fn read_body(&self, req: Request<Incoming>) -> Result<Bytes, ApiError> {
+        let limit = self.config.max_body_bytes;
+        let declared = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(ApiError::too_large(limit));
+        }
+        match Limited::new(req.into_body(), limit).collect().await {
+            Ok(body) => Ok(body.to_bytes()),
+            Err(e)
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some() =>
+            {
+                Err(ApiError::too_large(limit))
+            }
+            Err(e) => Err(ApiError::invalid(
+                None,
+                format!("reading the request body: {e}"),
+            )),
+        }
+    }
+
+    async fn generate(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        endpoint: Endpoint,
+    ) -> Result<Response<ApiBody>, ApiError> {
+        let body = self.read_body(req).await?;
+        let request = ApiRequest::parse(&body, endpoint)?;
+        let name = &self.config.served_model_name;
+        if let Some(model) = &request.model {
+            if model != name {
+                return Err(ApiError::field(
+                    "model",
+                    format!("The model `{model}` does not exist: this server serves `{name}`"),
+                )
+                .with_code("model_not_found"));
+            }
+        }
+        let engine = &self.engine;
+        let limit = engine.max_model_len().min(engine.kv_capacity_tokens());
+        // Tokenizing (and the chat template) is CPU work: off the async workers.
+        let (request, generation) = tokio::task::spawn_blocking({
+            let engine = engine.clone();
+            move || {
+                let generation = request.to_generation(&engine.model().tokenizer, limit);
+                (request, generation)
+            }
+        })
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?;
+        let generation = generation?;
+        let (tx, rx) = event_channel();
+        let id = engine.submit(generation, tx).map_err(|e| {
+            ApiError::from_engine(e, endpoint.prompt_field(), request.max_tokens_field)
+        })?;
+        let guard = AbortOnDrop {
+            engine: engine.clone(),
+            id,
+            armed: true,
+        };
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let head = ResponseHead {
+            endpoint,
+            id: match endpoint {
+                Endpoint::Completions => format!("cmpl-{:x}{n:08x}", self.started),
+                Endpoint::ChatCompletions => format!("chatcmpl-{:x}{n:08x}", self.started),
+            },
+            created: unix_now(),
+            model: name.clone(),
+        };
+        if request.stream {
+            let stream = EventStream {
+                rx,
+                guard,
+                head,
+                include_usage: request.include_usage,
+                role_sent: endpoint == Endpoint::Completions,
+                phase: Phase::Open,
+                state: self.clone(),
+            };
+            let mut r = Response::new(ApiBody::Stream(Box::new(stream)));
+            let h = r.headers_mut();
+            h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+            h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            return Ok(r);
+        }
+        self.collect(rx, guard, head).await
+    }
+
+    /// Wait for the whole answer (dropped with the connection if the client goes away).
+    async fn collect(
+        &self,
+        mut rx: EventReceiver,
+        mut guard: AbortOnDrop,
+        head: ResponseHead,
+    ) -> Result<Response<ApiBody>, ApiError> {
+        let mut text = String::new();
+        loop {
+            let Some(event) = rx.recv().await else {
+                return Err(ApiError::unavailable(
+                    "the engine stopped before the request ended",
+                ));
+            };
+            match event.kind {
+                EventKind::Delta { text: t, .. } => text.push_str(&t),
+                EventKind::Finished(f) => {
+                    guard.armed = false;
+                    self.metrics.finished(&f);
+                    if f.reason == FinishReason::Abort {
+                        return Err(ApiError::unavailable(
+                            "the request was aborted: the server is shutting down",
+                        ));
+                    }
+                    let body = head.response(&text, f.reason, f.usage);
+                    return Ok(json_response(StatusCode::OK, &body));
+                }
+                EventKind::Failed(why) => {
+                    guard.armed = false;
+                    return Err(ApiError::internal(format!("the engine failed: {why}")));
+                }
+            }
+        }
+    }
+}
+
+/// Aborts its request in the engine when dropped while armed: the client went away.
+struct AbortOnDrop {
+    engine: Arc<Engine>,
+    id: RequestId,
+    armed: bool,
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            self.engine.abort(self.id);
+        }
+    }
+}
+
+/// Where a stream is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Open,
+    /// The last chunk is out; `data: [DONE]` is next.
+    Done,
+    Closed,
+}
+
+/// A streamed response: the request's events as SSE `data:` lines, then `data: [DONE]`.
+pub struct EventStream {
+    rx: EventReceiver,
+    guard: AbortOnDrop,
+    head: ResponseHead,
+    include_usage: bool,
+    /// Chat: the first chunk carries `role: assistant` (sent at once, as OpenAI does).
+    role_sent: bool,
+    phase: Phase,
+    state: Arc<AppState>,
+}
+
+fn sse(value: &serde_json::Value) -> String {
+    format!("data: {value}\n\n")
+}
+
+impl EventStream {
+    fn finish(&mut self, f: &Finished, text: &str) -> String {
+        self.guard.armed = false;
+        self.state.metrics.finished(f);
+        let mut out =
+            sse(&self
+                .head
+                .chunk(text, !self.role_sent, Some(f.reason), self.include_usage));
+        if self.include_usage {
+            out.push_str(&sse(&self.head.usage_chunk(f.usage)));
+        }
+        out
+    }
+
+    fn next_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<String>> {
+        loop {
+            match self.phase {
+                Phase::Closed => return Poll::Ready(None),
+                Phase::Done => {
+                    self.phase = Phase::Closed;
+                    return Poll::Ready(Some("data: [DONE]\n\n".to_string()));
+                }
+                Phase::Open => {}
+            }
+            if !self.role_sent {
+                self.role_sent = true;
+                let chunk = self.head.chunk("", true, None, self.include_usage);
+                return Poll::Ready(Some(sse(&chunk)));
+            }
+            let Some(event) = std::task::ready!(self.rx.poll_recv(cx)) else {
+                self.phase = Phase::Done;
+                let e = ApiError::unavailable("the engine stopped before the request ended");
+                return Poll::Ready(Some(sse(&e.body())));
+            };
+            match event.kind {
+                EventKind::Delta { text, .. } if text.is_empty() => continue,
+                EventKind::Delta { text, .. } => {
+                    let chunk = self.head.chunk(&text, false, None, self.include_usage);
+                    return Poll::Ready(Some(sse(&chunk)));
+                }
+                EventKind::Finished(f) => {
+                    self.phase = Phase::Done;
+                    return Poll::Ready(Some(self.finish(&f, "")));
+                }
+                EventKind::Failed(why) => {
+                    self.guard.armed = false;
+                    self.phase = Phase::Done;
+                    let e = ApiError::internal(format!("the engine failed: {why}"));
+                    return Poll::Ready(Some(sse(&e.body())));
+                }
+            }
+        }
+    }
+}
+
+/// Every response body: whole, or a stream of events.
+pub enum ApiBody {
+    Full(Option<Bytes>),
+    Stream(Box<EventStream>),
+}
+
+impl ApiBody {
+    fn full(text: impl Into<Bytes>) -> ApiBody {
+        ApiBody::Full(Some(text.into()))
+    }
+}
+
+impl Body for ApiBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            ApiBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ApiBody::Stream(s) => s
+                .next_frame(cx)
+                .map(|text| text.map(|t| Ok(Frame::data(Bytes::from(t))))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, ApiBody::Full(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ApiBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            ApiBody::Full(None) => SizeHint::with_exact(0),
+            ApiBody::Stream(_) => SizeHint::default(),
+        }
+    }
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<ApiBody> {
+    let mut r = Response::new(ApiBody::full(value.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error_response(e: &ApiError) -> Response<ApiBody> {
+    json_response(e.status, &e.body())
+}

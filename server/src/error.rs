@@ -1,0 +1,178 @@
+//! OpenAI-shaped errors: `{"error": {"message", "type", "param", "code"}}` with the HTTP status
+//! that says whose mistake it was (OpenAI's API reference, "Error codes"; vLLM's `ErrorResponse`).
+//!
+//! Invariant: a client's mistake is a 4xx naming the field (`param`) and, where there are numbers,
+//! the numbers; 5xx is kept for the server's own failures (the engine thread gone, a forward pass
+//! that failed), never for something a client sent.
+
+use hyper::StatusCode;
+use serde_json::json;
+use vkv_engine::engine::EngineError;
+
+/// One error response.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{status}: {message}")]
+pub struct ApiError {
+    pub status: StatusCode,
+    /// OpenAI's `type`: `invalid_request_error`, `authentication_error`, `server_error`, ...
+    pub kind: &'static str,
+    pub message: String,
+    /// The request field at fault, if one is.
+    pub param: Option<String>,
+    /// A machine-readable code: `context_length_exceeded`, `invalid_api_key`, ...
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    /// 400, the client's request is wrong in `param`.
+    pub fn invalid(param: impl Into<Option<String>>, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            message: message.into(),
+            param: param.into(),
+            code: None,
+        }
+    }
+
+    /// 400 naming a field by its name.
+    pub fn field(param: &str, message: impl Into<String>) -> ApiError {
+        ApiError::invalid(Some(param.to_string()), message)
+    }
+
+    pub fn with_code(mut self, code: &'static str) -> ApiError {
+        self.code = Some(code);
+        self
+    }
+
+    pub fn unauthorized(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            kind: "authentication_error",
+            message: message.into(),
+            param: None,
+            code: Some("invalid_api_key"),
+        }
+    }
+
+    pub fn too_large(limit: usize) -> ApiError {
+        ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            kind: "invalid_request_error",
+            message: format!("the request body is larger than the limit of {limit} bytes"),
+            param: None,
+            code: Some("request_too_large"),
+        }
+    }
+
+    pub fn not_found(path: &str) -> ApiError {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            kind: "invalid_request_error",
+            message: format!("no route for {path}"),
+            param: None,
+            code: Some("not_found"),
+        }
+    }
+
+    pub fn method_not_allowed(method: &str, path: &str, allowed: &str) -> ApiError {
+        ApiError {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            kind: "invalid_request_error",
+            message: format!("{path} takes {allowed}, not {method}"),
+            param: None,
+            code: Some("method_not_allowed"),
+        }
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            kind: "server_error",
+            message: message.into(),
+            param: None,
+            code: Some("service_unavailable"),
+        }
+    }
+
+    pub fn internal(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            kind: "server_error",
+            message: message.into(),
+            param: None,
+            code: None,
+        }
+    }
+
+    /// The engine refused a request; `prompt_field` is `prompt` or `messages`, `max_tokens_field`
+    /// the name the client used for the output limit.
+    pub fn from_engine(e: EngineError, prompt_field: &str, max_tokens_field: &str) -> ApiError {
+        match e {
+            EngineError::InvalidRequest(m) => {
+                let param = if m.starts_with("prompt") || m.starts_with("the prompt") {
+                    Some(prompt_field.to_string())
+                } else if m.starts_with("max_tokens") {
+                    Some(max_tokens_field.to_string())
+                } else {
+                    ["temperature", "top_p", "top_k", "stop", "seed"]
+                        .into_iter()
+                        .find(|f| m.starts_with(f))
+                        .map(str::to_string)
+                };
+                ApiError::invalid(param, m)
+            }
+            e @ (EngineError::ContextLength { .. } | EngineError::KvCapacity { .. }) => {
+                ApiError::field(max_tokens_field, e.to_string())
+                    .with_code("context_length_exceeded")
+            }
+            e @ (EngineError::ShuttingDown | EngineError::Stopped) => {
+                ApiError::unavailable(e.to_string())
+            }
+            e @ EngineError::Start(_) => ApiError::internal(e.to_string()),
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> serde_json::Value {
+        json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_errors_name_the_field_and_both_numbers() {
+        let e = ApiError::from_engine(
+            EngineError::ContextLength {
+                prompt: 10,
+                max_tokens: 9000,
+                limit: 8192,
+            },
+            "prompt",
+            "max_completion_tokens",
+        );
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert_eq!(e.param.as_deref(), Some("max_completion_tokens"));
+        let body = e.body();
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("10") && message.contains("9000") && message.contains("8192"));
+        assert_eq!(body["error"]["code"], "context_length_exceeded");
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+    }
+
+    #[test]
+    fn an_engine_that_stopped_is_the_servers_problem() {
+        let e = ApiError::from_engine(EngineError::Stopped, "prompt", "max_tokens");
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+}

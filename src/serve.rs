@@ -1,0 +1,128 @@
+//! `vkv serve`: load the model, start the engine, bind, print one startup line (model, address,
+//! device, KV mode and capacity), and serve the OpenAI-compatible API until SIGINT or SIGTERM (a
+//! second signal aborts what is still running). The server is [`vkv_server::serve`]'s.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args as ClapArgs;
+use vkv_engine::engine::Engine;
+use vkv_engine::generate::load_model;
+use vkv_server::ServerConfig;
+
+use crate::engine_args::{model_path, EngineArgs};
+use crate::units::parse_bytes;
+
+#[derive(Debug, ClapArgs)]
+pub struct Args {
+    /// A GGUF file or an HF directory (default: SmolLM2-135M-Instruct, fetched on first use).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Address to listen on (0.0.0.0 for every interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on; 0 picks a free one (the startup line says which).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on /v1/*.
+    #[arg(long = "api-key")]
+    api_key: Option<String>,
+    /// The model name clients use (default: the model file's name without `.gguf`).
+    #[arg(long = "served-model-name")]
+    served_model_name: Option<String>,
+    /// Larger request bodies are refused with 413.
+    #[arg(long = "max-body-size", default_value = "4MiB", value_parser = parse_bytes)]
+    max_body_size: usize,
+    /// Seconds requests in flight may run on after SIGINT/SIGTERM before they are aborted.
+    #[arg(long = "shutdown-timeout", default_value_t = 30.0)]
+    shutdown_timeout: f64,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if !(args.shutdown_timeout >= 0.0 && args.shutdown_timeout.is_finite()) {
+        bail!(
+            "--shutdown-timeout must be a number of seconds ≥ 0, found {}",
+            args.shutdown_timeout
+        );
+    }
+    let mode = args.engine.kv.mode()?;
+    let path = model_path(args.model.clone())?;
+    let model = load_model(&path).context("loading the model")?;
+    let served_model_name = args.served_model_name.clone().unwrap_or_else(|| {
+        model
+            .name
+            .strip_suffix(".gguf")
+            .unwrap_or(&model.name)
+            .to_string()
+    });
+    let engine =
+        Arc::new(Engine::start(model, args.engine.config(mode)).context("starting the engine")?);
+    let metrics = engine.metrics();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+            .await
+            .with_context(|| format!("binding {}:{}", args.host, args.port))?;
+        let addr = listener.local_addr().context("reading the bound address")?;
+        println!(
+            "vkv serve: {served_model_name} on http://{addr} (device cpu, KV {}, capacity {} tokens, max model len {}, max num seqs {})",
+            metrics.kv_name,
+            engine.kv_capacity_tokens(),
+            engine.max_model_len(),
+            args.engine.max_num_seqs,
+        );
+        std::io::stdout().flush().ok();
+        // The first signal starts the shutdown; a second one aborts what is left.
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+        let (second_tx, second_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut signals = tokio::spawn(async move {
+            vkv_server::shutdown_signal().await?;
+            let _ = first_tx.send(());
+            vkv_server::shutdown_signal().await?;
+            let _ = second_tx.send(());
+            Ok::<_, vkv_server::ServerError>(())
+        });
+        let config = ServerConfig {
+            api_key: args.api_key.clone(),
+            served_model_name,
+            max_body_bytes: args.max_body_size,
+            shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout),
+        };
+        let serving = vkv_server::serve(
+            engine.clone(),
+            config,
+            listener,
+            async {
+                let _ = first_rx.await;
+                eprintln!("vkv serve: shutting down (a second signal aborts requests in flight)");
+            },
+            async {
+                let _ = second_rx.await;
+            },
+        );
+        let report = tokio::select! {
+            report = serving => report?,
+            // The signal handler could not be installed: nothing could stop the server cleanly.
+            Ok(Err(e)) = &mut signals => return Err(e.into()),
+        };
+        signals.abort();
+        eprintln!(
+            "vkv serve: stopped ({})",
+            if report.drained {
+                "every request in flight finished"
+            } else {
+                "requests still in flight were aborted"
+            }
+        );
+        Ok(())
+    })
+}

