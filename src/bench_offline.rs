@@ -17,7 +17,9 @@ use crate::engine_args::{model_path, EngineArgs};
 
 #[derive(Debug, ClapArgs)]
 pub struct Args {
-    /// A GGUF file or HF directory (default: SmolLM2-135M-Instruct).
+    /// A GGUF file, an HF directory or preset:NAME with random weights (llama-3-8b, llama-2-7b,
+    /// mistral-7b, yi-6b, smollm2-135m; the CPU takes up to 2 B parameters). Default:
+    /// SmolLM2-135M-Instruct.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Request lengths: sharegpt, alpaca, arxiv-summarization, longbench, humaneval,

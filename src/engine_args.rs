@@ -78,9 +78,12 @@ impl KvArgs {
 /// The model path: `--model`, or the default model from the cache (fetching it if needed).
 pub fn model_path(model: Option<PathBuf>) -> Result<PathBuf> {
     if let Some(path) = model {
+        if path.to_str().is_some_and(|p| p.starts_with("preset:")) {
+            return Ok(path);
+        }
         if !path.exists() {
             bail!(
-                "model {} does not exist (give a GGUF file or an HF directory)",
+                "model {} does not exist (give a GGUF file, an HF directory or preset:NAME)",
                 path.display()
             );
         }

@@ -16,7 +16,9 @@ use crate::engine_args::{model_path, KvArgs};
 
 #[derive(Debug, ClapArgs)]
 pub struct Args {
-    /// A GGUF file or an HF directory (default: SmolLM2-135M-Instruct, fetched on first use).
+    /// A GGUF file, an HF directory or preset:NAME with random weights (llama-3-8b, llama-2-7b,
+    /// mistral-7b, yi-6b, smollm2-135m; the CPU takes up to 2 B parameters). Default:
+    /// SmolLM2-135M-Instruct, fetched on first use.
     #[arg(long)]
     model: Option<PathBuf>,
     #[arg(long)]

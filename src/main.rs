@@ -3,6 +3,7 @@
 
 mod bench_generate;
 mod bench_kernels;
+mod bench_model;
 mod bench_offline;
 mod bench_serve;
 mod bench_vmm;
@@ -61,6 +62,9 @@ enum Bench {
     /// CUDA decode attention in every KV addressing mode (vmm strided, plain strided, paged) over a
     /// grid of batch × context × heads × head dim, against the device's copy bandwidth.
     Kernels(bench_kernels::Args),
+    /// The bf16 CUDA forward pass of a model preset (random weights): prefill tokens/s and the
+    /// decode step time in both KV modes, against the weight + KV bytes / copy bandwidth roofline.
+    Model(bench_model::Args),
 }
 
 fn main() {
@@ -79,6 +83,7 @@ fn run(cli: Cli) -> Result<()> {
             Bench::Offline(args) => bench_offline::run(args),
             Bench::Serve(args) => bench_serve::run(args),
             Bench::Kernels(args) => bench_kernels::run(args),
+            Bench::Model(args) => bench_model::run(args),
         },
         Command::Frag(args) => frag::run(args),
         Command::Generate(args) => generate::run(args),

@@ -59,8 +59,58 @@ pub fn gguf_vocab(g: &GgufFile) -> Result<GgufVocab, ModelError> {
     })
 }
 
-/// Load a GGUF file, or an HF directory (config.json, *.safetensors, tokenizer.json).
+/// Parameters above which [`load_model`] refuses a `preset:` on the CPU (its f32 weights would
+/// take 4 bytes each: 32 GB for llama-3-8b).
+pub const CPU_PRESET_MAX_PARAMS: usize = 2_000_000_000;
+
+/// A model preset with seeded random weights ([`Llama::random`], seed 0) and a byte-level
+/// tokenizer made up for it: the 256 byte tokens of GPT-2's byte-level alphabet, then
+/// placeholder tokens `<|tN|>` up to the preset's vocabulary, no merges (so text encodes one
+/// token per byte) and no EOS. For benchmarks and smoke tests that need shapes, not knowledge.
+pub fn load_preset(name: &str) -> Result<LoadedModel, GenerateError> {
+    let config = crate::model::LlamaConfig::preset(name)?;
+    if config.num_parameters() > CPU_PRESET_MAX_PARAMS {
+        return Err(GenerateError::Input(format!(
+            "preset {name} has {:.1} B parameters: the CPU device loads presets up to {:.0} B \
+             (run it on the GPU: vkv bench model --preset {name})",
+            config.num_parameters() as f64 / 1e9,
+            CPU_PRESET_MAX_PARAMS as f64 / 1e9
+        )));
+    }
+    let vocab_size = config.vocab_size;
+    let model = Llama::random(config, 0)?;
+    // GPT-2's bytes_to_unicode: printable bytes stand for themselves, the rest map to U+0100...
+    let mut tokens = Vec::with_capacity(vocab_size);
+    let mut next = 256u32;
+    for b in 0u32..256 {
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+        let c = if printable {
+            b
+        } else {
+            next += 1;
+            next - 1
+        };
+        tokens.push(char::from_u32(c).unwrap_or('?').to_string());
+    }
+    tokens.extend((256..vocab_size).map(|i| format!("<|t{i}|>")));
+    let tokenizer = Tokenizer::from_gguf_vocab(GgufVocab {
+        model: "gpt2".into(),
+        tokens,
+        ..GgufVocab::default()
+    })?;
+    Ok(LoadedModel {
+        name: format!("preset:{name}"),
+        model,
+        tokenizer,
+    })
+}
+
+/// Load a GGUF file, an HF directory (config.json, *.safetensors, tokenizer.json), or
+/// `preset:NAME` ([`load_preset`]).
 pub fn load_model(path: &Path) -> Result<LoadedModel, GenerateError> {
+    if let Some(name) = path.to_str().and_then(|p| p.strip_prefix("preset:")) {
+        return load_preset(name);
+    }
     let name = path.file_name().map_or_else(
         || path.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
@@ -336,4 +386,34 @@ pub fn measure_throughput(
         decode_tokens_per_s: single,
         batch_decode_tokens_per_s: batched,
     })
+}
+
+#[cfg(test)]
+mod preset_tests {
+    use super::*;
+
+    #[test]
+    fn a_preset_loads_with_a_byte_level_tokenizer_and_big_ones_are_refused_on_the_cpu() {
+        let m = load_model(Path::new("preset:smollm2-135m")).unwrap();
+        assert_eq!(m.name, "preset:smollm2-135m");
+        assert_eq!(m.tokenizer.vocab_size(), m.model.config.vocab_size);
+        let text = "Hello, wörld! 42";
+        let ids = m.tokenizer.encode(text, false).unwrap();
+        assert_eq!(ids.len(), text.len(), "one token per byte");
+        assert!(ids.iter().all(|&i| i < 256));
+        assert_eq!(m.tokenizer.decode(&ids, false).unwrap(), text);
+        let e = load_model(Path::new("preset:llama-3-8b"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("8.0 B parameters") && e.contains("bench model"),
+            "{e}"
+        );
+        let e = load_model(Path::new("preset:gpt-5"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("unknown model preset"), "{e}");
+    }
 }

@@ -1,7 +1,8 @@
 //! `LlamaConfig`: the hyper-parameters of a Llama-family model, read from GGUF metadata
 //! (`{arch}.block_count`, `{arch}.attention.head_count`, ...) or from an HF `config.json`.
 //! Llama 2 and 3, Mistral and SmolLM2 all load as `llama`; other architectures are refused
-//! with a message naming them.
+//! with a message naming them. [`LlamaConfig::preset`] gives the shapes of named models (from
+//! their published `config.json`) for random-weight benchmarks.
 
 use vkv_kernels::cpu::{Llama3RopeScaling, RopeStyle};
 
@@ -26,7 +27,110 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
 }
 
+/// A named model shape, from the model's published `config.json`.
+struct Preset {
+    name: &'static str,
+    /// [vocab, hidden, intermediate, layers, heads, KV heads, context length].
+    dims: [usize; 7],
+    rope_theta: f32,
+    tied: bool,
+}
+
+const PRESETS: &[Preset] = &[
+    // meta-llama/Meta-Llama-3-8B
+    Preset {
+        name: "llama-3-8b",
+        dims: [128256, 4096, 14336, 32, 32, 8, 8192],
+        rope_theta: 500000.0,
+        tied: false,
+    },
+    // meta-llama/Llama-2-7b-hf
+    Preset {
+        name: "llama-2-7b",
+        dims: [32000, 4096, 11008, 32, 32, 32, 4096],
+        rope_theta: 10000.0,
+        tied: false,
+    },
+    // mistralai/Mistral-7B-v0.3
+    Preset {
+        name: "mistral-7b",
+        dims: [32768, 4096, 14336, 32, 32, 8, 32768],
+        rope_theta: 1000000.0,
+        tied: false,
+    },
+    // 01-ai/Yi-6B
+    Preset {
+        name: "yi-6b",
+        dims: [64000, 4096, 11008, 32, 32, 4, 4096],
+        rope_theta: 5000000.0,
+        tied: false,
+    },
+    // HuggingFaceTB/SmolLM2-135M
+    Preset {
+        name: "smollm2-135m",
+        dims: [49152, 576, 1536, 30, 9, 3, 8192],
+        rope_theta: 100000.0,
+        tied: true,
+    },
+];
+
 impl LlamaConfig {
+    /// Names of the model presets [`LlamaConfig::preset`] knows.
+    pub fn preset_names() -> Vec<&'static str> {
+        PRESETS.iter().map(|p| p.name).collect()
+    }
+
+    /// The configuration of a named model (`llama-3-8b`, `yi-6b`, ...: see
+    /// [`LlamaConfig::preset_names`]), HF conventions (half-split RoPE, RMSNorm eps 1e-5).
+    pub fn preset(name: &str) -> Result<Self, ModelError> {
+        let p = PRESETS.iter().find(|p| p.name == name).ok_or_else(|| {
+            ModelError::Config(format!(
+                "unknown model preset {name:?}; known: {}",
+                Self::preset_names().join(", ")
+            ))
+        })?;
+        let [vocab_size, hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads, max_position_embeddings] =
+            p.dims;
+        LlamaConfig {
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim: hidden_size / num_heads,
+            rope_theta: p.rope_theta,
+            rope_scaling: None,
+            rope_style: RopeStyle::Half,
+            rms_norm_eps: 1e-5,
+            max_position_embeddings,
+            tie_word_embeddings: p.tied,
+        }
+        .check()
+    }
+
+    /// Parameters of the model (embedding, layers, final norm, output head unless tied).
+    pub fn num_parameters(&self) -> usize {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let (q, kv) = (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        );
+        let layer = 2 * h + q * h + 2 * kv * h + h * q + 3 * i * h;
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * h
+        };
+        self.vocab_size * h + self.num_layers * layer + h + head
+    }
+
+    /// Checked construction (used by the loaders and presets; public for tests and tools that
+    /// build a configuration by hand).
+    pub fn checked(self) -> Result<Self, ModelError> {
+        self.check()
+    }
+
     fn check(self) -> Result<Self, ModelError> {
         let bad = |what: String| Err(ModelError::Config(what));
         if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0

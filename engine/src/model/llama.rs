@@ -106,6 +106,65 @@ fn to_f32(w: Weight, len: usize) -> Vec<f32> {
     }
 }
 
+/// One layer's weights as f32 row-major `[out][in]` matrices, for uploading to another device.
+#[derive(Debug, Clone)]
+pub struct DenseLayer {
+    pub attn_norm: Vec<f32>,
+    /// Q, K and V projections stacked: `[(heads + 2·kv_heads)·head_dim][hidden]`.
+    pub qkv: Vec<f32>,
+    pub wo: Vec<f32>,
+    pub ffn_norm: Vec<f32>,
+    /// Gate and up projections stacked: `[2·intermediate][hidden]`.
+    pub gate_up: Vec<f32>,
+    pub w_down: Vec<f32>,
+}
+
+fn dense(w: &Weight, rows: usize, cols: usize) -> Vec<f32> {
+    if let Weight::F32(v) = w {
+        return v.clone();
+    }
+    let mut out = vec![0f32; rows * cols];
+    out.par_chunks_mut(cols)
+        .enumerate()
+        .for_each(|(r, o)| w.row(r, cols, o));
+    out
+}
+
+fn dense_projections(p: &Projections, rows: &[usize], cols: usize) -> Vec<f32> {
+    match p {
+        Projections::Stacked(w) => dense(w, rows.iter().sum(), cols),
+        Projections::Apart(parts) => parts
+            .iter()
+            .zip(rows)
+            .flat_map(|(w, &r)| dense(w, r, cols))
+            .collect(),
+    }
+}
+
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// `n` values `offset + uniform(-scale, scale)`, rounded to bf16; value `i` depends only on
+/// `(seed, i)` (splitmix64), so the fill runs in parallel and is the same on every machine.
+fn random_values(seed: u64, n: usize, scale: f32, offset: f32) -> Vec<f32> {
+    let mut v = vec![0f32; n];
+    v.par_chunks_mut(1 << 16).enumerate().for_each(|(c, out)| {
+        for (j, o) in out.iter_mut().enumerate() {
+            let i = (c << 16) + j;
+            let mut z = seed.wrapping_add((i as u64 + 1).wrapping_mul(0x9e3779b97f4a7c15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+            z ^= z >> 31;
+            let u = (z >> 40) as f32 * (2.0 / 16777216.0) - 1.0;
+            *o = half::bf16::from_f32(offset + scale * u).to_f32();
+        }
+    });
+    v
+}
+
 impl Llama {
     /// Assemble a model from a configuration and a source of named f32 tensors, checking every
     /// tensor's element count.
@@ -318,6 +377,93 @@ impl Llama {
             ],
             None,
         )
+    }
+
+    /// A model of `config`'s shape with seeded random weights, for benchmarks and tests that need
+    /// shapes, not knowledge: matrices uniform in ±√(3 / fan-in) (unit-variance products), the
+    /// embedding uniform in ±1, norms 1 ± 0.1; every value rounded to bf16, so a bf16 copy of the
+    /// weights (the GPU's) is exact. The same `(config, seed)` gives the same weights on any
+    /// machine and thread count. Memory: 4 bytes per parameter (f32) — small presets only.
+    pub fn random(config: LlamaConfig, seed: u64) -> Result<Self, ModelError> {
+        let config = config.checked()?;
+        let c = config.clone();
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let q = c.num_heads * c.head_dim;
+        let layer_fan_in = |j: usize| match j {
+            4 => q,
+            8 => i,
+            _ => h,
+        };
+        let get = |name: &str| -> Result<Option<Weight>, ModelError> {
+            let (n, scale, offset) = if name == "embed" {
+                (c.vocab_size * h, 1.0, 0.0)
+            } else if name == "head" {
+                (c.vocab_size * h, (3.0 / h as f32).sqrt(), 0.0)
+            } else if name == "norm" {
+                (h, 0.1, 1.0)
+            } else {
+                let (_, j) = name.split_once('.').unwrap_or(("", "0"));
+                let j: usize = j.parse().unwrap_or(0);
+                let n = match j {
+                    0 | 5 => h,
+                    1 => q * h,
+                    2 | 3 => c.num_kv_heads * c.head_dim * h,
+                    4 => h * q,
+                    _ => i * h,
+                };
+                if j == 0 || j == 5 {
+                    (n, 0.1, 1.0)
+                } else {
+                    (n, (3.0 / layer_fan_in(j) as f32).sqrt(), 0.0)
+                }
+            };
+            Ok(Some(Weight::F32(random_values(
+                seed ^ fnv1a(name),
+                n,
+                scale,
+                offset,
+            ))))
+        };
+        let names = |l: usize, j: usize| format!("{l}.{j}");
+        Llama::build(config, get, &names, ["embed", "norm", "head", "-"], None)
+    }
+
+    /// The embedding table as f32 `[vocab][hidden]` (dequantized), for another device.
+    pub fn dense_embedding(&self) -> Vec<f32> {
+        dense(&self.embed, self.config.vocab_size, self.config.hidden_size)
+    }
+
+    /// The output head as f32 `[vocab][hidden]`, or `None` when it is the embedding (tied).
+    pub fn dense_lm_head(&self) -> Option<Vec<f32>> {
+        self.lm_head
+            .as_ref()
+            .map(|w| dense(w, self.config.vocab_size, self.config.hidden_size))
+    }
+
+    /// The final norm's weight.
+    pub fn final_norm(&self) -> &[f32] {
+        &self.norm
+    }
+
+    /// RoPE inverse frequencies (`head_dim / 2`, scaling and GGUF rope factors applied).
+    pub fn rope_inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
+    /// Layer `l`'s weights as f32 row-major matrices (dequantized), or `None` past the last layer.
+    pub fn dense_layer(&self, l: usize) -> Option<DenseLayer> {
+        let c = &self.config;
+        let layer = self.layers.get(l)?;
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        Some(DenseLayer {
+            attn_norm: layer.attn_norm.clone(),
+            qkv: dense_projections(&layer.qkv, &[q, kv, kv], h),
+            wo: dense(&layer.wo, h, q),
+            ffn_norm: layer.ffn_norm.clone(),
+            gate_up: dense_projections(&layer.gate_up, &[i, i], h),
+            w_down: dense(&layer.w_down, h, i),
+        })
     }
 
     /// Make every sequence's results independent of the batch it runs in (see the field).

@@ -369,3 +369,113 @@ fn bad_batches_and_configs_are_errors() {
     let e = Llama::from_hf_dir(&missing).err().unwrap();
     assert!(e.to_string().contains("vkv-no-such-model-dir"), "{e}");
 }
+
+#[test]
+fn presets_have_the_published_shapes_and_unknown_names_are_refused() {
+    let l3 = LlamaConfig::preset("llama-3-8b").unwrap();
+    assert_eq!((l3.num_layers, l3.num_kv_heads, l3.head_dim), (32, 8, 128));
+    // Meta-Llama-3-8B has 8.03 B parameters.
+    assert_eq!(l3.num_parameters(), 8_030_261_248);
+    let smol = LlamaConfig::preset("smollm2-135m").unwrap();
+    assert!(smol.tie_word_embeddings);
+    // SmolLM2-135M: 134.5 M parameters (tied embeddings).
+    assert_eq!(smol.num_parameters(), 134_515_008);
+    for name in LlamaConfig::preset_names() {
+        let c = LlamaConfig::preset(name).unwrap();
+        let kv = crate::presets::kv_shape(name).unwrap();
+        assert_eq!(
+            (
+                c.num_layers,
+                c.num_kv_heads,
+                c.head_dim,
+                c.max_position_embeddings
+            ),
+            (kv.num_layers, kv.num_kv_heads, kv.head_dim, kv.max_len),
+            "{name}: the model preset and the KV-shape preset disagree"
+        );
+    }
+    let err = LlamaConfig::preset("llama-9").unwrap_err().to_string();
+    assert!(err.contains("llama-9") && err.contains("yi-6b"), "{err}");
+}
+
+/// A small config of the preset conventions (half-split RoPE), for fast tests.
+fn small_config() -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 211,
+        hidden_size: 64,
+        intermediate_size: 96,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 16,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        rope_style: vkv_kernels::cpu::RopeStyle::Half,
+        rms_norm_eps: 1e-5,
+        max_position_embeddings: 512,
+        tie_word_embeddings: false,
+    }
+}
+
+#[test]
+fn random_weights_are_seeded_bf16_exact_and_dense_export_matches_them() {
+    let a = Llama::random(small_config(), 7).unwrap();
+    let b = Llama::random(small_config(), 7).unwrap();
+    let c = Llama::random(small_config(), 8).unwrap();
+    let (la, lb, lc) = (
+        a.dense_layer(1).unwrap(),
+        b.dense_layer(1).unwrap(),
+        c.dense_layer(1).unwrap(),
+    );
+    assert_eq!(la.qkv, lb.qkv);
+    assert_ne!(la.qkv, lc.qkv);
+    assert_eq!(la.qkv.len(), (4 + 2 * 2) * 16 * 64);
+    assert_eq!(la.gate_up.len(), 2 * 96 * 64);
+    assert_eq!(la.w_down.len(), 64 * 96);
+    assert!(a.dense_layer(2).is_none());
+    let e = a.dense_embedding();
+    assert_eq!(e.len(), 211 * 64);
+    for x in e.iter().chain(&la.qkv).chain(&la.attn_norm) {
+        assert_eq!(half::bf16::from_f32(*x).to_f32(), *x, "not bf16-exact");
+        assert!(x.is_finite());
+    }
+    // Scales: the embedding spans ±1, a projection ±√(3/64), norms 1 ± 0.1.
+    let max = |v: &[f32]| v.iter().fold(0f32, |m, x| m.max(x.abs()));
+    assert!(max(&e) > 0.9 && max(&e) <= 1.0);
+    assert!(max(&la.qkv) > 0.18 && max(&la.qkv) <= (3.0f32 / 64.0).sqrt() + 1e-3);
+    assert!(la.attn_norm.iter().all(|x| (0.89..=1.11).contains(x)));
+    assert_ne!(a.dense_lm_head().unwrap(), e);
+}
+
+#[test]
+fn a_random_preset_model_runs_on_the_cpu_and_is_deterministic() {
+    let run = || {
+        let model = Llama::random(LlamaConfig::preset("smollm2-135m").unwrap(), 1).unwrap();
+        let c = &model.config;
+        let dims = KvDims {
+            num_layers: c.num_layers,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        };
+        let mut kv = PagedKv::new(dims, 4, 16).unwrap();
+        let out = model
+            .forward(
+                &[SeqChunk {
+                    seq: 0,
+                    tokens: &[1, 2, 3, 4, 5],
+                    start: 0,
+                    all_logits: false,
+                }],
+                &mut kv,
+            )
+            .unwrap();
+        out.into_iter().next().unwrap()
+    };
+    let (a, b) = (run(), run());
+    assert_eq!(a.len(), 49152);
+    assert!(a.iter().all(|x| x.is_finite()));
+    assert_eq!(a, b);
+    let mean = a.iter().sum::<f32>() / a.len() as f32;
+    let var = a.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / a.len() as f32;
+    assert!(var > 1e-3, "logits nearly constant: variance {var}");
+}

@@ -1,11 +1,15 @@
-//! Models: the Llama family (Llama 2/3, Mistral, SmolLM2) on the CPU device — configuration
-//! (`config`), weights from GGUF or safetensors, and the batched forward pass (`llama`).
+//! Models: the Llama family (Llama 2/3, Mistral, SmolLM2) — configuration and named presets
+//! (`config`), weights from GGUF or safetensors or seeded random, the batched CPU forward pass
+//! (`llama`) and, with the `cuda` feature, the bf16 GPU forward pass with its own KV cache
+//! (`cuda`).
 
 mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod llama;
 
 pub use config::LlamaConfig;
-pub use llama::{Llama, SeqChunk};
+pub use llama::{DenseLayer, Llama, SeqChunk};
 
 use crate::kv::KvError;
 use crate::weights::gguf::GgufError;

@@ -1,5 +1,6 @@
 //! The CUDA side of the kernels crate: NVRTC compilation with an on-disk cache ([`compile`]),
-//! plain device buffers ([`buffer`]) and the attention launchers ([`attention`]).
+//! plain device buffers ([`buffer`]), the attention launchers ([`attention`]) and the model's other
+//! kernels plus cuBLAS GEMMs ([`ops`]).
 //!
 //! CUDA is reached through cudarc with dynamic loading: nothing CUDA is needed to build, and
 //! [`open_device`] checks for the driver library before cudarc's loader (which panics when it is
@@ -9,6 +10,7 @@ pub mod attention;
 pub mod buffer;
 pub mod compile;
 mod error;
+pub mod ops;
 
 use std::sync::Arc;
 
@@ -21,6 +23,7 @@ pub use compile::{compile_cubin, compile_module, compile_module_in, CacheOutcome
 /// cudarc, as this crate uses it.
 pub use cudarc;
 pub use error::{KernelError, Result};
+pub use ops::{Gemm, ModelOps};
 
 /// The primary context of device `ordinal`, or [`KernelError::NoCuda`] (never a panic) when there
 /// is no driver or device.

@@ -1,0 +1,929 @@
+//! The Llama forward pass on a CUDA GPU, in bf16: [`CudaLlama`] runs the same flattened batches of
+//! [`SeqChunk`]s as the CPU [`Llama::forward`] (prefill chunks and decode tokens mixed, each at its
+//! own position) against a [`GpuKv`], the device-side KV cache in either mode:
+//!
+//! - **paged** (vLLM's PagedAttention): one preallocated device pool per layer's K and V of blocks
+//!   of `block_size` tokens, a free list, a block table per sequence uploaded each step;
+//! - **vmm** (vAttention): a [`KvSpace`] on [`CudaVmm`] (2 MiB pages, `per-layer` or
+//!   `token-major`), one slot per sequence, pages mapped on demand by `ensure`; the attention
+//!   kernels read it through plain strides.
+//!
+//! The CPU `KvCache` trait hands out f32 host pointers, so the GPU has this small cache of its own.
+//!
+//! Per step: the batch's tokens, positions, chunk bounds and KV addressing are uploaded once;
+//! then per layer: RMSNorm (residual add fused) → one QKV GEMM (cuBLAS, bf16 in, f32 accumulate)
+//! → RoPE fused with the split into Q, K, V → KV append → attention (the decode kernel when every
+//! chunk is one token, else the ragged prefill kernel, which also serves mixed batches) → output
+//! GEMM → RMSNorm (+ residual) → gate/up GEMM → SiLU·mul → down GEMM. The residual stream is
+//! f32; every matrix and activation crossing a GEMM is bf16 (as vLLM and HF run bf16 models).
+//! Logits are f32 (the GEMM writes f32). Everything is on the context's one (legacy default)
+//! stream; host copies are synchronous and therefore ordered with it.
+//!
+//! Invariants: a sequence's cached length only grows until [`GpuKv::free`]; a chunk must start at
+//! or before its sequence's cached length (as on the CPU); a failed `reserve` changes nothing
+//! for the sequence it failed on. Errors are [`CudaModelError`]s, never panics.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use vkv_kernels::cpu::RopeStyle;
+use vkv_kernels::cuda::cudarc::driver::{CudaContext, CudaStream};
+use vkv_kernels::cuda::{
+    AppendArgs, Attention, DecodeArgs, DecodeShape, DecodeWorkspace, DeviceBuffer, Dtype, Gemm,
+    KernelError, KvAddress, ModelOps, PrefillArgs, PrefillShape,
+};
+use vkv_vmm::{CudaVmm, KvLayout, KvSpace, KvSpaceConfig, PhysicalMemory, SlotId, VmmError};
+
+use super::{Llama, LlamaConfig, SeqChunk};
+use crate::kv::SeqId;
+
+/// Errors of the CUDA model and its KV cache.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaModelError {
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    #[error("batch: {0}")]
+    Batch(String),
+    #[error("model: {0}")]
+    Config(String),
+    #[error("out of KV memory: sequence {seq} needs {needed} more blocks, {free} free")]
+    OutOfBlocks {
+        seq: SeqId,
+        needed: usize,
+        free: usize,
+    },
+}
+
+type Result<T, E = CudaModelError> = std::result::Result<T, E>;
+
+/// Shape of the KV a model needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuKvDims {
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl GpuKvDims {
+    pub fn of(c: &LlamaConfig) -> Self {
+        GpuKvDims {
+            num_layers: c.num_layers,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        }
+    }
+}
+
+enum Store {
+    Paged {
+        /// `[layer][K|V][block][token][kv_head][head_dim]` bf16.
+        pool: DeviceBuffer,
+        block_size: usize,
+        num_blocks: usize,
+        free: Vec<u32>,
+    },
+    Vmm {
+        space: KvSpace,
+    },
+}
+
+#[derive(Debug, Default)]
+struct SeqKv {
+    len: usize,
+    blocks: Vec<u32>,
+    slot: Option<SlotId>,
+}
+
+/// The device-side KV cache (see the module docs).
+pub struct GpuKv {
+    dims: GpuKvDims,
+    store: Store,
+    seqs: HashMap<SeqId, SeqKv>,
+}
+
+const BF16: usize = 2;
+
+impl GpuKv {
+    /// A paged cache: `num_blocks` blocks of `block_size` (16 or 32) tokens, all layers.
+    pub fn paged(
+        ctx: &Arc<CudaContext>,
+        dims: GpuKvDims,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self> {
+        if block_size != 16 && block_size != 32 {
+            return Err(CudaModelError::Config(format!(
+                "block size {block_size}: the paged kernels take 16 or 32"
+            )));
+        }
+        if num_blocks == 0 || num_blocks > u32::MAX as usize {
+            return Err(CudaModelError::Config(format!("{num_blocks} blocks")));
+        }
+        let bytes = 2 * dims.num_layers * num_blocks * block_size * Self::row(&dims) * BF16;
+        let pool = DeviceBuffer::new(ctx, bytes)?;
+        Ok(GpuKv {
+            dims,
+            store: Store::Paged {
+                pool,
+                block_size,
+                num_blocks,
+                free: (0..num_blocks as u32).rev().collect(),
+            },
+            seqs: HashMap::new(),
+        })
+    }
+
+    /// A vmm cache: a [`KvSpace`] on `vmm` of `max_seqs` slots × `max_tokens`, `page_size` pages,
+    /// at most `max_pages` of them (the physical budget).
+    pub fn vmm(
+        vmm: Arc<CudaVmm>,
+        dims: GpuKvDims,
+        layout: KvLayout,
+        max_seqs: usize,
+        max_tokens: usize,
+        page_size: usize,
+        max_pages: usize,
+    ) -> Result<Self> {
+        let config = KvSpaceConfig {
+            layout,
+            num_layers: dims.num_layers,
+            num_kv_heads: dims.num_kv_heads,
+            head_dim: dims.head_dim,
+            dtype_bytes: BF16,
+            max_slots: max_seqs,
+            max_tokens,
+            page_size,
+            max_pages,
+        };
+        let backend: Arc<dyn PhysicalMemory> = vmm;
+        Ok(GpuKv {
+            dims,
+            store: Store::Vmm {
+                space: KvSpace::new(config, backend)?,
+            },
+            seqs: HashMap::new(),
+        })
+    }
+
+    fn row(dims: &GpuKvDims) -> usize {
+        dims.num_kv_heads * dims.head_dim
+    }
+
+    pub fn dims(&self) -> GpuKvDims {
+        self.dims
+    }
+
+    /// Tokens cached for `seq` (`None`: unknown sequence).
+    pub fn len(&self, seq: SeqId) -> Option<usize> {
+        self.seqs.get(&seq).map(|s| s.len)
+    }
+
+    /// Back `seq` up to `tokens` tokens (lengths only grow). On failure nothing changes for `seq`
+    /// beyond what it already held.
+    pub fn reserve(&mut self, seq: SeqId, tokens: usize) -> Result<()> {
+        let entry = self.seqs.entry(seq).or_default();
+        if tokens <= entry.len {
+            return Ok(());
+        }
+        match &mut self.store {
+            Store::Paged {
+                block_size, free, ..
+            } => {
+                let need = tokens
+                    .div_ceil(*block_size)
+                    .saturating_sub(entry.blocks.len());
+                if need > free.len() {
+                    let free = free.len();
+                    if entry.len == 0 && entry.blocks.is_empty() {
+                        self.seqs.remove(&seq);
+                    }
+                    return Err(CudaModelError::OutOfBlocks {
+                        seq,
+                        needed: need,
+                        free,
+                    });
+                }
+                for _ in 0..need {
+                    entry.blocks.push(free.pop().expect("counted above"));
+                }
+            }
+            Store::Vmm { space } => {
+                let slot = match entry.slot {
+                    Some(s) => s,
+                    None => match space.acquire() {
+                        Ok(s) => {
+                            entry.slot = Some(s);
+                            s
+                        }
+                        Err(e) => {
+                            self.seqs.remove(&seq);
+                            return Err(e.into());
+                        }
+                    },
+                };
+                if let Err(e) = space.ensure(slot, tokens) {
+                    if entry.len == 0 {
+                        let _ = space.release(slot);
+                        self.seqs.remove(&seq);
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        entry.len = tokens;
+        Ok(())
+    }
+
+    /// Forget `seq` and give its memory back (vmm: deferred reclamation, the slot keeps its pages).
+    pub fn free(&mut self, seq: SeqId) -> Result<()> {
+        let Some(s) = self.seqs.remove(&seq) else {
+            return Ok(());
+        };
+        match &mut self.store {
+            Store::Paged { free, .. } => free.extend(s.blocks),
+            Store::Vmm { space } => {
+                if let Some(slot) = s.slot {
+                    space.release(slot)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The host side of one batch's addressing: per sequence its slot (vmm) or its block-table
+    /// row (paged), and the table's width.
+    fn index_for(&self, seqs: &[SeqId]) -> (Vec<u32>, usize) {
+        match &self.store {
+            Store::Paged { .. } => {
+                let width = seqs
+                    .iter()
+                    .map(|s| self.seqs.get(s).map_or(0, |s| s.blocks.len()))
+                    .max()
+                    .unwrap_or(1)
+                    .max(1);
+                // Unused entries point past the pool: a read of one would fault, not mislead.
+                let mut table = vec![u32::MAX; seqs.len() * width];
+                for (b, s) in seqs.iter().enumerate() {
+                    if let Some(s) = self.seqs.get(s) {
+                        table[b * width..b * width + s.blocks.len()].copy_from_slice(&s.blocks);
+                    }
+                }
+                (table, width)
+            }
+            Store::Vmm { .. } => (
+                seqs.iter()
+                    .map(|s| {
+                        self.seqs
+                            .get(s)
+                            .and_then(|s| s.slot)
+                            .map_or(u32::MAX, |s| s.0 as u32)
+                    })
+                    .collect(),
+                0,
+            ),
+        }
+    }
+
+    /// Layer `l`'s addressing, given the uploaded index (`u32` slots or block table).
+    fn address(&self, l: usize, index: u64, width: usize) -> KvAddress {
+        let row = Self::row(&self.dims);
+        match &self.store {
+            Store::Paged {
+                pool,
+                block_size,
+                num_blocks,
+                ..
+            } => {
+                let layer_bytes = (num_blocks * block_size * row * BF16) as u64;
+                let k = pool.ptr() + 2 * l as u64 * layer_bytes;
+                KvAddress::Paged {
+                    k,
+                    v: k + layer_bytes,
+                    block_table: index,
+                    max_blocks: width as u32,
+                    block_size: *block_size as u32,
+                    block_stride: (block_size * row) as u64,
+                    token_stride: row as u64,
+                    head_stride: self.dims.head_dim as u64,
+                }
+            }
+            Store::Vmm { space } => {
+                let v = space.layer_view(l);
+                KvAddress::Strided {
+                    k: v.k,
+                    v: v.v,
+                    slots: index,
+                    slot_stride: v.slot_stride as u64,
+                    token_stride: v.token_stride as u64,
+                    head_stride: v.head_stride as u64,
+                }
+            }
+        }
+    }
+
+    /// Capacity of the paged table for `width` columns (vmm: unbounded).
+    fn capacity(&self, width: usize) -> usize {
+        match &self.store {
+            Store::Paged { block_size, .. } => width * block_size,
+            Store::Vmm { space } => space.config().max_tokens,
+        }
+    }
+}
+
+struct GpuLayer {
+    attn_norm: DeviceBuffer,
+    qkv: DeviceBuffer,
+    wo: DeviceBuffer,
+    ffn_norm: DeviceBuffer,
+    gate_up: DeviceBuffer,
+    w_down: DeviceBuffer,
+}
+
+/// A grow-only device buffer.
+#[derive(Default)]
+struct Scratch(Option<DeviceBuffer>);
+
+impl Scratch {
+    fn get(&mut self, ctx: &Arc<CudaContext>, bytes: usize) -> Result<u64> {
+        if self.0.as_ref().is_none_or(|b| b.bytes() < bytes) {
+            self.0 = None;
+            self.0 = Some(DeviceBuffer::new(ctx, bytes.max(256))?);
+        }
+        Ok(self.0.as_ref().expect("set above").ptr())
+    }
+
+    fn upload(&mut self, ctx: &Arc<CudaContext>, data: &[u32]) -> Result<u64> {
+        let p = self.get(ctx, data.len() * 4)?;
+        self.0.as_ref().expect("set above").upload(0, data)?;
+        Ok(p)
+    }
+}
+
+#[derive(Default)]
+struct Buffers {
+    x: Scratch,
+    xn: Scratch,
+    qkv: Scratch,
+    q: Scratch,
+    k: Scratch,
+    v: Scratch,
+    attn: Scratch,
+    o: Scratch,
+    gu: Scratch,
+    act: Scratch,
+    sel: Scratch,
+    logits: Scratch,
+    ids: Scratch,
+    tokens: Scratch,
+    pos: Scratch,
+    row_seq: Scratch,
+    q_start: Scratch,
+    lens: Scratch,
+    index: Scratch,
+    wanted: Scratch,
+    workspace: Option<(usize, usize, DecodeWorkspace)>,
+}
+
+/// A Llama-family model on a CUDA GPU (see the module docs).
+pub struct CudaLlama {
+    pub config: LlamaConfig,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    att: Attention,
+    ops: ModelOps,
+    gemm: Gemm,
+    embed: DeviceBuffer,
+    lm_head: Option<DeviceBuffer>,
+    norm: DeviceBuffer,
+    inv_freq: DeviceBuffer,
+    layers: Vec<GpuLayer>,
+    buf: Buffers,
+}
+
+fn bf16_bits(v: &[f32]) -> Vec<u16> {
+    v.iter()
+        .map(|x| half::bf16::from_f32(*x).to_bits())
+        .collect()
+}
+
+impl CudaLlama {
+    fn with_weights(
+        ctx: &Arc<CudaContext>,
+        config: LlamaConfig,
+        inv_freq: &[f32],
+        mut upload: impl FnMut(&CudaLlamaParts) -> Result<GpuWeights>,
+    ) -> Result<Self> {
+        let stream = ctx.default_stream();
+        let att = Attention::new(ctx)?;
+        let ops = ModelOps::new(ctx)?;
+        let gemm = Gemm::new(stream.clone())?;
+        let parts = CudaLlamaParts {
+            ctx: ctx.clone(),
+            stream: stream.clone(),
+        };
+        let w = upload(&parts)?;
+        Ok(CudaLlama {
+            inv_freq: DeviceBuffer::from_slice(ctx, inv_freq)?,
+            config,
+            ctx: ctx.clone(),
+            stream,
+            att,
+            ops,
+            gemm,
+            embed: w.embed,
+            lm_head: w.lm_head,
+            norm: w.norm,
+            layers: w.layers,
+            buf: Buffers::default(),
+        })
+    }
+
+    /// Upload a CPU model's weights (dequantized, rounded to bf16).
+    pub fn from_cpu(ctx: &Arc<CudaContext>, model: &Llama) -> Result<Self> {
+        check_config(&model.config)?;
+        let c = model.config.clone();
+        Self::with_weights(ctx, c.clone(), model.rope_inv_freq(), |p| {
+            let mut layers = Vec::with_capacity(c.num_layers);
+            for l in 0..c.num_layers {
+                let d = model
+                    .dense_layer(l)
+                    .ok_or_else(|| CudaModelError::Config(format!("no layer {l}")))?;
+                layers.push(GpuLayer {
+                    attn_norm: DeviceBuffer::from_slice(&p.ctx, &d.attn_norm)?,
+                    qkv: DeviceBuffer::from_slice(&p.ctx, &bf16_bits(&d.qkv))?,
+                    wo: DeviceBuffer::from_slice(&p.ctx, &bf16_bits(&d.wo))?,
+                    ffn_norm: DeviceBuffer::from_slice(&p.ctx, &d.ffn_norm)?,
+                    gate_up: DeviceBuffer::from_slice(&p.ctx, &bf16_bits(&d.gate_up))?,
+                    w_down: DeviceBuffer::from_slice(&p.ctx, &bf16_bits(&d.w_down))?,
+                });
+            }
+            Ok(GpuWeights {
+                embed: DeviceBuffer::from_slice(&p.ctx, &bf16_bits(&model.dense_embedding()))?,
+                lm_head: match model.dense_lm_head() {
+                    Some(h) => Some(DeviceBuffer::from_slice(&p.ctx, &bf16_bits(&h))?),
+                    None => None,
+                },
+                norm: DeviceBuffer::from_slice(&p.ctx, model.final_norm())?,
+                layers,
+            })
+        })
+    }
+
+    /// Random weights made on the device (no host copy: for benchmarks at real shapes), with the
+    /// scales of [`Llama::random`] (not the same values). Norm weights are 1.
+    pub fn random_on_device(
+        ctx: &Arc<CudaContext>,
+        config: LlamaConfig,
+        seed: u64,
+    ) -> Result<Self> {
+        check_config(&config)?;
+        let c = config.clone();
+        let inv = vkv_kernels::cpu::rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling);
+        let ops = ModelOps::new(ctx)?;
+        Self::with_weights(ctx, config, &inv, |p| {
+            let (h, i) = (c.hidden_size, c.intermediate_size);
+            let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+            let mut n = 0u64;
+            let mut fill = |len: usize, fan_in: usize| -> Result<DeviceBuffer> {
+                let b = DeviceBuffer::new(&p.ctx, len * BF16)?;
+                n += 1;
+                let scale = if fan_in == 0 {
+                    1.0
+                } else {
+                    (3.0 / fan_in as f32).sqrt()
+                };
+                // SAFETY: b holds len bf16 values.
+                unsafe { ops.fill_bf16(&p.stream, b.ptr(), len, seed.wrapping_add(n), scale)? };
+                Ok(b)
+            };
+            let ones = vec![1f32; h];
+            let mut layers = Vec::with_capacity(c.num_layers);
+            for _ in 0..c.num_layers {
+                layers.push(GpuLayer {
+                    attn_norm: DeviceBuffer::from_slice(&p.ctx, &ones)?,
+                    qkv: fill((q + 2 * kv) * h, h)?,
+                    wo: fill(h * q, q)?,
+                    ffn_norm: DeviceBuffer::from_slice(&p.ctx, &ones)?,
+                    gate_up: fill(2 * i * h, h)?,
+                    w_down: fill(h * i, i)?,
+                });
+            }
+            let embed = fill(c.vocab_size * h, 0)?;
+            let lm_head = if c.tie_word_embeddings {
+                None
+            } else {
+                Some(fill(c.vocab_size * h, h)?)
+            };
+            p.stream.synchronize().map_err(|e| KernelError::Driver {
+                call: "cuStreamSynchronize",
+                detail: e.to_string(),
+            })?;
+            Ok(GpuWeights {
+                embed,
+                lm_head,
+                norm: DeviceBuffer::from_slice(&p.ctx, &ones)?,
+                layers,
+            })
+        })
+    }
+
+    /// Bytes of weights on the device.
+    pub fn weight_bytes(&self) -> usize {
+        let layer: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [
+                    &l.attn_norm,
+                    &l.qkv,
+                    &l.wo,
+                    &l.ffn_norm,
+                    &l.gate_up,
+                    &l.w_down,
+                ]
+                .iter()
+                .map(|b| b.bytes())
+                .sum::<usize>()
+            })
+            .sum();
+        layer
+            + self.embed.bytes()
+            + self.lm_head.as_ref().map_or(0, |b| b.bytes())
+            + self.norm.bytes()
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Wait for the stream.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| {
+            KernelError::Driver {
+                call: "cuStreamSynchronize",
+                detail: e.to_string(),
+            }
+            .into()
+        })
+    }
+
+    /// Run one batch (see [`Llama::forward`]): per chunk, the f32 logits of its last token
+    /// (`vocab_size` values) or of all its tokens when `all_logits`.
+    pub fn forward(&mut self, batch: &[SeqChunk<'_>], kv: &mut GpuKv) -> Result<Vec<Vec<f32>>> {
+        let wanted = self.run(batch, kv)?;
+        let vocab = self.config.vocab_size;
+        let mut logits = vec![0f32; wanted * vocab];
+        self.buf
+            .logits
+            .0
+            .as_ref()
+            .expect("written by run")
+            .download(0, &mut logits)?;
+        let mut out = Vec::with_capacity(batch.len());
+        let mut at = 0;
+        for chunk in batch {
+            let n = if chunk.all_logits {
+                chunk.tokens.len()
+            } else {
+                1
+            };
+            out.push(logits[at * vocab..(at + n) * vocab].to_vec());
+            at += n;
+        }
+        Ok(out)
+    }
+
+    /// Run one batch and return the greedy token (argmax, on the device) of every row that
+    /// [`CudaLlama::forward`] would return logits for; only the ids cross to the host.
+    pub fn forward_greedy(&mut self, batch: &[SeqChunk<'_>], kv: &mut GpuKv) -> Result<Vec<u32>> {
+        let wanted = self.run(batch, kv)?;
+        let logits = self.buf.logits.get(&self.ctx, 0)?;
+        let ids = self.buf.ids.get(&self.ctx, wanted * 4)?;
+        // SAFETY: logits holds [wanted][vocab] f32 written by run; ids holds wanted u32.
+        unsafe {
+            self.ops
+                .argmax_rows(&self.stream, logits, ids, wanted, self.config.vocab_size)?
+        };
+        let mut out = vec![0u32; wanted];
+        self.buf
+            .ids
+            .0
+            .as_ref()
+            .expect("set above")
+            .download(0, &mut out)?;
+        Ok(out)
+    }
+
+    /// Only the matrix products of one forward pass over `rows` tokens (every layer's four GEMMs
+    /// and the output head for `rows` rows), on random activations, queued on the stream: how much
+    /// of a step cuBLAS takes (benchmarks).
+    pub fn gemms_only(&mut self, rows: usize) -> Result<()> {
+        let c = self.config.clone();
+        let (h, inter) = (c.hidden_size, c.intermediate_size);
+        let (qw, kvw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let ctx = self.ctx.clone();
+        let b = &mut self.buf;
+        let xn = b.xn.get(&ctx, rows * h * BF16)?;
+        let qkv = b.qkv.get(&ctx, rows * (qw + 2 * kvw) * BF16)?;
+        let attn = b.attn.get(&ctx, rows * qw * BF16)?;
+        let o = b.o.get(&ctx, rows * h * BF16)?;
+        let gu = b.gu.get(&ctx, rows * 2 * inter * BF16)?;
+        let act = b.act.get(&ctx, rows * inter * BF16)?;
+        let logits = b.logits.get(&ctx, rows * c.vocab_size * 4)?;
+        let s = &self.stream;
+        // SAFETY: every buffer is sized above for `rows`.
+        unsafe {
+            self.ops.fill_bf16(s, xn, rows * h, 1, 1.0)?;
+            self.ops.fill_bf16(s, attn, rows * qw, 2, 1.0)?;
+            self.ops.fill_bf16(s, act, rows * inter, 3, 1.0)?;
+            for layer in &self.layers {
+                self.gemm
+                    .matmul_t(xn, layer.qkv.ptr(), qkv, rows, qw + 2 * kvw, h, false)?;
+                self.gemm
+                    .matmul_t(attn, layer.wo.ptr(), o, rows, h, qw, false)?;
+                self.gemm
+                    .matmul_t(xn, layer.gate_up.ptr(), gu, rows, 2 * inter, h, false)?;
+                self.gemm
+                    .matmul_t(act, layer.w_down.ptr(), o, rows, h, inter, false)?;
+            }
+            let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+            self.gemm
+                .matmul_t(xn, head.ptr(), logits, rows, c.vocab_size, h, true)?;
+        }
+        Ok(())
+    }
+
+    /// Check the batch against the model and the cache; reserve its tokens.
+    fn admit(&self, batch: &[SeqChunk<'_>], kv: &mut GpuKv) -> Result<()> {
+        let c = &self.config;
+        if kv.dims() != GpuKvDims::of(c) {
+            return Err(CudaModelError::Batch(format!(
+                "KV cache shaped {:?} does not fit the model",
+                kv.dims()
+            )));
+        }
+        if batch.is_empty() {
+            return Err(CudaModelError::Batch("an empty batch".into()));
+        }
+        let mut seen = HashSet::new();
+        for ch in batch {
+            if ch.tokens.is_empty() || !seen.insert(ch.seq) {
+                return Err(CudaModelError::Batch(format!(
+                    "sequence {}: empty or repeated chunk",
+                    ch.seq
+                )));
+            }
+            if let Some(&t) = ch.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                return Err(CudaModelError::Batch(format!(
+                    "token id {t} is outside the vocabulary of {}",
+                    c.vocab_size
+                )));
+            }
+            let end = ch.start + ch.tokens.len();
+            if end > c.max_position_embeddings {
+                return Err(CudaModelError::Batch(format!(
+                    "sequence {} would reach {end} tokens, over the context length {}",
+                    ch.seq, c.max_position_embeddings
+                )));
+            }
+            let held = kv.len(ch.seq).unwrap_or(0);
+            if held < ch.start {
+                return Err(CudaModelError::Batch(format!(
+                    "sequence {} starts at {} but its cache holds {held} tokens",
+                    ch.seq, ch.start
+                )));
+            }
+        }
+        for ch in batch {
+            kv.reserve(ch.seq, ch.start + ch.tokens.len())?;
+        }
+        Ok(())
+    }
+
+    /// The forward pass up to the logits (left in `buf.logits`); returns how many rows.
+    fn run(&mut self, batch: &[SeqChunk<'_>], kv: &mut GpuKv) -> Result<usize> {
+        self.admit(batch, kv)?;
+        let c = self.config.clone();
+        let (h, nh, nkv, hd, inter) = (
+            c.hidden_size,
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim,
+            c.intermediate_size,
+        );
+        let (qw, kvw) = (nh * hd, nkv * hd);
+        // Host side of the batch.
+        let mut tokens = Vec::new();
+        let mut pos = Vec::new();
+        let mut row_seq = Vec::new();
+        let mut q_start = vec![0u32];
+        let mut lens = Vec::new();
+        let mut wanted = Vec::new();
+        for (b, ch) in batch.iter().enumerate() {
+            let first = tokens.len() as u32;
+            for (j, &t) in ch.tokens.iter().enumerate() {
+                tokens.push(t);
+                pos.push((ch.start + j) as u32);
+                row_seq.push(b as u32);
+            }
+            let n = ch.tokens.len() as u32;
+            if ch.all_logits {
+                wanted.extend(first..first + n);
+            } else {
+                wanted.push(first + n - 1);
+            }
+            q_start.push(tokens.len() as u32);
+            lens.push((ch.start + ch.tokens.len()) as u32);
+        }
+        let rows = tokens.len();
+        let seqs: Vec<SeqId> = batch.iter().map(|ch| ch.seq).collect();
+        let (index, width) = kv.index_for(&seqs);
+        let max_context = *lens.iter().max().expect("non-empty") as usize;
+        let max_q = batch.iter().map(|ch| ch.tokens.len()).max().unwrap_or(1);
+        if max_context > kv.capacity(width) {
+            return Err(CudaModelError::Batch(format!(
+                "context {max_context} over the cache's capacity {}",
+                kv.capacity(width)
+            )));
+        }
+        let ctx = self.ctx.clone();
+        let b = &mut self.buf;
+        let d_tokens = b.tokens.upload(&ctx, &tokens)?;
+        let d_pos = b.pos.upload(&ctx, &pos)?;
+        let d_row_seq = b.row_seq.upload(&ctx, &row_seq)?;
+        let d_q_start = b.q_start.upload(&ctx, &q_start)?;
+        let d_lens = b.lens.upload(&ctx, &lens)?;
+        let d_index = b.index.upload(&ctx, &index)?;
+        let d_wanted = b.wanted.upload(&ctx, &wanted)?;
+        let x = b.x.get(&ctx, rows * h * 4)?;
+        let xn = b.xn.get(&ctx, rows * h * BF16)?;
+        let qkv = b.qkv.get(&ctx, rows * (qw + 2 * kvw) * BF16)?;
+        let q = b.q.get(&ctx, rows * qw * BF16)?;
+        let k = b.k.get(&ctx, rows * kvw * BF16)?;
+        let v = b.v.get(&ctx, rows * kvw * BF16)?;
+        let attn = b.attn.get(&ctx, rows * qw * BF16)?;
+        let o = b.o.get(&ctx, rows * h * BF16)?;
+        let gu = b.gu.get(&ctx, rows * 2 * inter * BF16)?;
+        let act = b.act.get(&ctx, rows * inter * BF16)?;
+        let sel = b.sel.get(&ctx, wanted.len() * h * BF16)?;
+        let logits = b.logits.get(&ctx, wanted.len() * c.vocab_size * 4)?;
+        let decode = batch.iter().all(|ch| ch.tokens.len() == 1);
+        let dshape = DecodeShape {
+            batch: batch.len(),
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            max_context,
+        };
+        if decode {
+            let splits = self.att.plan(&dshape, None)?.splits;
+            let fits =
+                matches!(&b.workspace, Some((r, s, _)) if *r >= batch.len() * nh && *s >= splits);
+            if splits > 1 && !fits {
+                b.workspace = None;
+                b.workspace = Some((
+                    batch.len() * nh,
+                    splits,
+                    DecodeWorkspace::new(&ctx, batch.len() * nh, hd, splits)?,
+                ));
+            }
+        }
+        let s = &self.stream;
+        let ops = &self.ops;
+        let scale = 1.0 / (hd as f32).sqrt();
+        // SAFETY: every pointer below is a live buffer sized above for this batch; token ids,
+        // positions, slots and block-table entries were checked or built on the host (each
+        // sequence is reserved through its last position).
+        unsafe {
+            ops.gather_rows(
+                s,
+                self.embed.ptr(),
+                d_tokens,
+                x,
+                rows,
+                h,
+                c.vocab_size,
+                true,
+            )?;
+            for (l, layer) in self.layers.iter().enumerate() {
+                let delta = if l == 0 { 0 } else { o };
+                ops.add_rms_norm(
+                    s,
+                    x,
+                    delta,
+                    layer.attn_norm.ptr(),
+                    xn,
+                    rows,
+                    h,
+                    c.rms_norm_eps,
+                )?;
+                self.gemm
+                    .matmul_t(xn, layer.qkv.ptr(), qkv, rows, qw + 2 * kvw, h, false)?;
+                ops.rope_split(
+                    s,
+                    qkv,
+                    q,
+                    k,
+                    v,
+                    d_pos,
+                    self.inv_freq.ptr(),
+                    rows,
+                    nh,
+                    nkv,
+                    hd,
+                    c.rope_style == RopeStyle::Half,
+                )?;
+                let addr = kv.address(l, d_index, width);
+                self.att.append(
+                    s,
+                    &AppendArgs {
+                        k_new: k,
+                        v_new: v,
+                        seq: d_row_seq,
+                        pos: d_pos,
+                        n_tokens: rows,
+                    },
+                    &addr,
+                    nkv,
+                    hd,
+                )?;
+                if decode {
+                    self.att.decode(
+                        s,
+                        Dtype::Bf16,
+                        &dshape,
+                        &DecodeArgs {
+                            q,
+                            out: attn,
+                            lens: d_lens,
+                        },
+                        &addr,
+                        scale,
+                        None,
+                        b.workspace.as_ref().map(|w| &w.2),
+                    )?;
+                } else {
+                    self.att.prefill(
+                        s,
+                        Dtype::Bf16,
+                        &PrefillShape {
+                            batch: batch.len(),
+                            n_heads: nh,
+                            n_kv_heads: nkv,
+                            head_dim: hd,
+                            max_q_len: max_q,
+                            max_context,
+                        },
+                        &PrefillArgs {
+                            q,
+                            out: attn,
+                            q_start: d_q_start,
+                            lens: d_lens,
+                        },
+                        &addr,
+                        scale,
+                    )?;
+                }
+                self.gemm
+                    .matmul_t(attn, layer.wo.ptr(), o, rows, h, qw, false)?;
+                ops.add_rms_norm(s, x, o, layer.ffn_norm.ptr(), xn, rows, h, c.rms_norm_eps)?;
+                self.gemm
+                    .matmul_t(xn, layer.gate_up.ptr(), gu, rows, 2 * inter, h, false)?;
+                ops.silu_mul(s, gu, act, rows, inter)?;
+                self.gemm
+                    .matmul_t(act, layer.w_down.ptr(), o, rows, h, inter, false)?;
+            }
+            ops.add_rms_norm(s, x, o, self.norm.ptr(), xn, rows, h, c.rms_norm_eps)?;
+            ops.gather_rows(s, xn, d_wanted, sel, wanted.len(), h, rows, false)?;
+            let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+            self.gemm
+                .matmul_t(sel, head.ptr(), logits, wanted.len(), c.vocab_size, h, true)?;
+        }
+        Ok(wanted.len())
+    }
+}
+
+/// What weight uploaders get.
+struct CudaLlamaParts {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+}
+
+struct GpuWeights {
+    embed: DeviceBuffer,
+    lm_head: Option<DeviceBuffer>,
+    norm: DeviceBuffer,
+    layers: Vec<GpuLayer>,
+}
+
+fn check_config(c: &LlamaConfig) -> Result<()> {
+    if c.head_dim != 64 && c.head_dim != 128 {
+        return Err(CudaModelError::Config(format!(
+            "head dim {}: the CUDA attention kernels take 64 or 128",
+            c.head_dim
+        )));
+    }
+    Ok(())
+}
