@@ -15,33 +15,20 @@
 //! Skips (printing why) without a GPU; fails instead when `VKV_REQUIRE_GPU=1` (see ../shared/GPU.md).
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use std::sync::Arc;
 
+use common::gpu;
 use vkv_kernels::cpu::{attention, Heads, KvRef};
 use vkv_kernels::cuda::{
     compile_module_in, AppendArgs, Attention, CacheOutcome, DecodeArgs, DecodeShape,
     DecodeWorkspace, DeviceBuffer, Dtype, KernelError, KvAddress, PrefillArgs, PrefillShape,
 };
 use vkv_kernels::half::{bf16, f16};
-use vkv_vmm::{probe_cuda, CudaVmm, KvLayout, KvSpace, KvSpaceConfig, PhysicalMemory};
+use vkv_vmm::{CudaVmm, KvLayout, KvSpace, KvSpaceConfig, PhysicalMemory};
 
 const PAGE: usize = 2 << 20;
-
-fn gpu() -> Option<Arc<CudaVmm>> {
-    match probe_cuda() {
-        Ok(p) => {
-            eprintln!("GPU: {} (driver {})", p.name, p.driver);
-            Some(Arc::new(CudaVmm::new(0).expect("open CUDA device 0")))
-        }
-        Err(e) => {
-            if std::env::var("VKV_REQUIRE_GPU").as_deref() == Ok("1") {
-                panic!("VKV_REQUIRE_GPU=1 but there is no usable GPU: {e}");
-            }
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
-}
 
 /// splitmix64: small, seedable, good enough for test data.
 struct Rng(u64);

@@ -16,33 +16,20 @@
 //! Skips (printing why) without a GPU; fails instead when `VKV_REQUIRE_GPU=1` (../shared/GPU.md).
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use std::sync::Arc;
 
+use common::gpu;
 use vkv_engine::kv::{KvDims, PagedKv};
 use vkv_engine::model::cuda::{CudaLlama, CudaModelError, GpuKv, GpuKvDims};
 use vkv_engine::model::{Llama, LlamaConfig, SeqChunk};
 use vkv_kernels::cpu::{Llama3RopeScaling, RopeStyle};
-use vkv_vmm::{probe_cuda, CudaVmm, KvLayout};
+use vkv_vmm::{CudaVmm, KvLayout};
 
 const PAGE: usize = 2 << 20;
 /// Logit gap under which bf16 rounding may flip a greedy choice.
 const NEAR_TIE: f32 = 0.02;
-
-fn gpu() -> Option<Arc<CudaVmm>> {
-    match probe_cuda() {
-        Ok(p) => {
-            eprintln!("GPU: {} (driver {})", p.name, p.driver);
-            Some(Arc::new(CudaVmm::new(0).expect("open CUDA device 0")))
-        }
-        Err(e) => {
-            if std::env::var("VKV_REQUIRE_GPU").as_deref() == Ok("1") {
-                panic!("VKV_REQUIRE_GPU=1 but there is no usable GPU: {e}");
-            }
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
-}
 
 fn config(style: RopeStyle, tied: bool) -> LlamaConfig {
     LlamaConfig {

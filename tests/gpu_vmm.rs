@@ -5,33 +5,19 @@
 //! sets on the GPU machine (see ../shared/GPU.md).
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use std::sync::Arc;
 
+use common::gpu;
 use vkv_vmm::cudarc::driver::{LaunchConfig, PushKernelArg};
 use vkv_vmm::cudarc::nvrtc::compile_ptx;
 use vkv_vmm::{
-    conformance, probe_cuda, CudaVmm, KvLayout, KvPart, KvSpace, Mapper, MapperOptions,
-    PhysicalMemory, VmmError,
+    conformance, CudaVmm, KvLayout, KvPart, KvSpace, Mapper, MapperOptions, PhysicalMemory,
+    VmmError,
 };
 
 const PAGE: usize = 2 << 20;
-
-/// Device 0's VMM backend, or `None` (test skipped) when there is no GPU and none is required.
-fn gpu() -> Option<Arc<CudaVmm>> {
-    match probe_cuda() {
-        Ok(p) => {
-            eprintln!("GPU: {} (driver {})", p.name, p.driver);
-            Some(Arc::new(CudaVmm::new(0).expect("open CUDA device 0")))
-        }
-        Err(e) => {
-            if std::env::var("VKV_REQUIRE_GPU").as_deref() == Ok("1") {
-                panic!("VKV_REQUIRE_GPU=1 but there is no usable GPU: {e}");
-            }
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
-}
 
 const KERNELS: &str = r#"
 extern "C" __global__ void fill_u32(unsigned int* out, unsigned long long n, unsigned int seed) {

@@ -46,3 +46,25 @@ pub fn smollm2() -> vkv_engine::generate::LoadedModel {
     };
     vkv_engine::generate::load_model(&path).expect("load SmolLM2")
 }
+
+/// Device 0's VMM backend, or `None` (the GPU test is skipped, saying why) when there is no GPU
+/// and `VKV_REQUIRE_GPU=1` does not demand one.
+#[cfg(feature = "cuda")]
+#[allow(dead_code)]
+pub fn gpu() -> Option<std::sync::Arc<vkv_vmm::CudaVmm>> {
+    match vkv_vmm::probe_cuda() {
+        Ok(p) => {
+            eprintln!("GPU: {} (driver {})", p.name, p.driver);
+            Some(std::sync::Arc::new(
+                vkv_vmm::CudaVmm::new(0).expect("open CUDA device 0"),
+            ))
+        }
+        Err(e) => {
+            if std::env::var("VKV_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("VKV_REQUIRE_GPU=1 but there is no usable GPU: {e}");
+            }
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
