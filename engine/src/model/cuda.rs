@@ -23,7 +23,7 @@
 //! or before its sequence's cached length (as on the CPU); a failed `reserve` changes nothing
 //! for the sequence it failed on. Errors are [`CudaModelError`]s, never panics.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use vkv_kernels::cpu::RopeStyle;
@@ -34,6 +34,7 @@ use vkv_kernels::cuda::{
 };
 use vkv_vmm::{CudaVmm, KvLayout, KvSpace, KvSpaceConfig, PhysicalMemory, SlotId, VmmError};
 
+use super::llama::check_batch;
 use super::{Llama, LlamaConfig, SeqChunk};
 use crate::kv::SeqId;
 
@@ -667,35 +668,7 @@ impl CudaLlama {
         if batch.is_empty() {
             return Err(CudaModelError::Batch("an empty batch".into()));
         }
-        let mut seen = HashSet::new();
-        for ch in batch {
-            if ch.tokens.is_empty() || !seen.insert(ch.seq) {
-                return Err(CudaModelError::Batch(format!(
-                    "sequence {}: empty or repeated chunk",
-                    ch.seq
-                )));
-            }
-            if let Some(&t) = ch.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-                return Err(CudaModelError::Batch(format!(
-                    "token id {t} is outside the vocabulary of {}",
-                    c.vocab_size
-                )));
-            }
-            let end = ch.start + ch.tokens.len();
-            if end > c.max_position_embeddings {
-                return Err(CudaModelError::Batch(format!(
-                    "sequence {} would reach {end} tokens, over the context length {}",
-                    ch.seq, c.max_position_embeddings
-                )));
-            }
-            let held = kv.len(ch.seq).unwrap_or(0);
-            if held < ch.start {
-                return Err(CudaModelError::Batch(format!(
-                    "sequence {} starts at {} but its cache holds {held} tokens",
-                    ch.seq, ch.start
-                )));
-            }
-        }
+        check_batch(batch, c, |seq| kv.len(seq).unwrap_or(0)).map_err(CudaModelError::Batch)?;
         for ch in batch {
             kv.reserve(ch.seq, ch.start + ch.tokens.len())?;
         }

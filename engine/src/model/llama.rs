@@ -29,6 +29,43 @@ pub struct SeqChunk<'a> {
     pub all_logits: bool,
 }
 
+/// The checks both forward passes make before touching memory: every chunk non-empty, one per
+/// sequence, its token ids in the vocabulary, its end within the context length, and its start
+/// no further than what `held(seq)` says its KV cache holds. The error says which and why.
+pub(crate) fn check_batch(
+    batch: &[SeqChunk<'_>],
+    c: &LlamaConfig,
+    held: impl Fn(SeqId) -> usize,
+) -> Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    for chunk in batch {
+        if chunk.tokens.is_empty() || !seen.insert(chunk.seq) {
+            return Err(format!("sequence {}: empty or repeated chunk", chunk.seq));
+        }
+        if let Some(&t) = chunk.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(format!(
+                "token id {t} is outside the vocabulary of {}",
+                c.vocab_size
+            ));
+        }
+        let end = chunk.start + chunk.tokens.len();
+        if end > c.max_position_embeddings {
+            return Err(format!(
+                "sequence {} would reach {end} tokens, over the context length {}",
+                chunk.seq, c.max_position_embeddings
+            ));
+        }
+        let held = held(chunk.seq);
+        if held < chunk.start {
+            return Err(format!(
+                "sequence {} starts at {} but its cache holds {held} tokens",
+                chunk.seq, chunk.start
+            ));
+        }
+    }
+    Ok(())
+}
+
 struct Layer {
     attn_norm: Vec<f32>,
     /// Q, K, V projections.
@@ -543,36 +580,7 @@ impl Llama {
                 "KV cache shaped {dims:?} does not fit the model"
             )));
         }
-        let mut seen = std::collections::HashSet::new();
-        for chunk in batch {
-            if chunk.tokens.is_empty() || !seen.insert(chunk.seq) {
-                return Err(ModelError::Batch(format!(
-                    "sequence {}: empty or repeated chunk",
-                    chunk.seq
-                )));
-            }
-            if let Some(&t) = chunk.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-                return Err(ModelError::Batch(format!(
-                    "token id {t} is outside the vocabulary of {}",
-                    c.vocab_size
-                )));
-            }
-            let end = chunk.start + chunk.tokens.len();
-            if end > c.max_position_embeddings {
-                return Err(ModelError::Batch(format!(
-                    "sequence {} would reach {end} tokens, over the context length {}",
-                    chunk.seq, c.max_position_embeddings
-                )));
-            }
-            if kv.reserved(chunk.seq).unwrap_or(0) < chunk.start {
-                return Err(ModelError::Batch(format!(
-                    "sequence {} starts at {} but its cache holds {} tokens",
-                    chunk.seq,
-                    chunk.start,
-                    kv.reserved(chunk.seq).unwrap_or(0)
-                )));
-            }
-        }
+        check_batch(batch, c, |seq| kv.reserved(seq).unwrap_or(0)).map_err(ModelError::Batch)?;
         for chunk in batch {
             kv.reserve(chunk.seq, chunk.start + chunk.tokens.len())?;
         }
