@@ -80,6 +80,24 @@ pub enum KvAddress {
 }
 
 impl KvAddress {
+    /// A paged cache's block table must cover `max_context` tokens (strided ones always do).
+    fn check_context(&self, max_context: usize) -> Result<()> {
+        if let KvAddress::Paged {
+            max_blocks,
+            block_size,
+            ..
+        } = *self
+        {
+            let cap = max_blocks as usize * block_size as usize;
+            if max_context > cap {
+                return Err(KernelError::Shape(format!(
+                    "max_context {max_context} exceeds the block table's {max_blocks} blocks × {block_size} tokens"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     fn parts(&self) -> (u64, u64, u64, u64, u64, u64, u32, &'static str) {
         match *self {
             KvAddress::Strided {
@@ -481,20 +499,7 @@ impl Attention {
         if !scale.is_finite() {
             return Err(KernelError::Shape(format!("softmax scale {scale}")));
         }
-        if let KvAddress::Paged {
-            max_blocks,
-            block_size,
-            ..
-        } = *kv
-        {
-            let cap = max_blocks as usize * block_size as usize;
-            if shape.max_context > cap {
-                return Err(KernelError::Shape(format!(
-                    "max_context {} exceeds the block table's {max_blocks} blocks × {block_size} tokens",
-                    shape.max_context
-                )));
-            }
-        }
+        kv.check_context(shape.max_context)?;
         let rows = shape.batch * shape.n_heads;
         let (part_o, part_ml) = if plan.splits > 1 {
             let ws = workspace.ok_or(KernelError::TooSmall {
@@ -716,20 +721,7 @@ impl Attention {
                 shape.n_heads
             )));
         }
-        if let KvAddress::Paged {
-            max_blocks,
-            block_size,
-            ..
-        } = *kv
-        {
-            let cap = max_blocks as usize * block_size as usize;
-            if shape.max_context > cap {
-                return Err(KernelError::Shape(format!(
-                    "max_context {} exceeds the block table's {max_blocks} blocks × {block_size} tokens",
-                    shape.max_context
-                )));
-            }
-        }
+        kv.check_context(shape.max_context)?;
         let (k, v, index, outer, token, head, max_blocks, addr) = kv.parts();
         let params = PrefillParams {
             q: args.q,
