@@ -45,6 +45,15 @@ def prompts():
     return out
 
 
+def load(d, dtype):
+    # transformers 5 renamed `torch_dtype` to `dtype`; 4.x knows only the old name.
+    kw = {"attn_implementation": "eager"}
+    try:
+        return LlamaForCausalLM.from_pretrained(d, dtype=dtype, **kw)
+    except TypeError:
+        return LlamaForCausalLM.from_pretrained(d, torch_dtype=dtype, **kw)
+
+
 def make(name, out_dir, scaling, tied, dtype):
     torch.manual_seed(1234)
     cfg = LlamaConfig(
@@ -91,7 +100,11 @@ def make(name, out_dir, scaling, tied, dtype):
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(p.to(torch.bfloat16).float())
-    model.to(dtype).save_pretrained(d, safe_serialization=True)
+    try:
+        model.to(dtype).save_pretrained(d, safe_serialization=True)
+    except TypeError:  # a transformers without the argument writes safetensors anyway
+        model.to(dtype).save_pretrained(d)
+    assert os.path.exists(os.path.join(d, "model.safetensors")), os.listdir(d)
     model.float()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -105,10 +118,9 @@ def make(name, out_dir, scaling, tied, dtype):
         "device": torch.cuda.get_device_name(),
         "greedy_f32": [],
     }
-    f32 = LlamaForCausalLM.from_pretrained(d, torch_dtype=torch.float32, attn_implementation="eager")
-    f32 = f32.to("cuda").eval()
-    bf16 = LlamaForCausalLM.from_pretrained(d, torch_dtype=torch.bfloat16, attn_implementation="eager")
-    bf16 = bf16.to("cuda").eval()
+    f32 = load(d, torch.float32).to("cuda").eval()
+    bf16 = load(d, torch.bfloat16).to("cuda").eval()
+    assert f32.dtype == torch.float32 and bf16.dtype == torch.bfloat16, (f32.dtype, bf16.dtype)
     with torch.no_grad():
         for i, p in enumerate(ps):
             ids = torch.tensor([p], device="cuda")

@@ -282,7 +282,7 @@ mod tests {
         for (name, b, needle) in cases {
             let p = dir.join(format!("{name}.safetensors"));
             std::fs::write(&p, b).unwrap();
-            let e = Checkpoint::open(&[p.clone()]).err().unwrap();
+            let e = Checkpoint::open(std::slice::from_ref(&p)).err().unwrap();
             let s = e.to_string();
             assert!(s.contains(needle) && s.contains(name), "{name}: {s}");
         }
