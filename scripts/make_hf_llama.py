@@ -49,9 +49,12 @@ def load(d, dtype):
     # transformers 5 renamed `torch_dtype` to `dtype`; 4.x knows only the old name.
     kw = {"attn_implementation": "eager"}
     try:
-        return LlamaForCausalLM.from_pretrained(d, dtype=dtype, **kw)
+        m = LlamaForCausalLM.from_pretrained(d, dtype=dtype, **kw)
+        if m.dtype == dtype:
+            return m
     except TypeError:
-        return LlamaForCausalLM.from_pretrained(d, torch_dtype=dtype, **kw)
+        pass
+    return LlamaForCausalLM.from_pretrained(d, torch_dtype=dtype, **kw)
 
 
 def make(name, out_dir, scaling, tied, dtype):
