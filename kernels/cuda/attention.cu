@@ -382,13 +382,14 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
 }
 
 // Dynamic shared memory of a prefill CTA: (PF_BM query rows + 2 stages × (K, V) × PF_BN rows) ×
-// (D + 8) elements × 2 bytes (the launcher computes the same).
+// (D + 8) elements × 2 bytes, + PF_RING_BYTES (the launcher computes the same).
 constexpr int PF_BM = 128, PF_BN = 64, PF_WARPS = 4;
+// Bytes after the K / V stages: two slots of up to 8 block-table entries (PF_BN / 16 = 4 used).
+constexpr int PF_RING_BYTES = 64;
 // Growth of a row's maximum (log2 units) that prefill tolerates before rescaling O.
 constexpr float RESCALE_LOG2 = 8.f;
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;"); }
 
 // 16-byte asynchronous copy global -> shared address `dst`; `valid` false writes 16 zero bytes.
@@ -408,6 +409,40 @@ __device__ __forceinline__ void ldsm4t(u32* r, u32 addr) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(addr));
 }
+// 4-byte asynchronous copy (block-table entries); `valid` false writes zeros.
+__device__ __forceinline__ void cp_async4(u32 dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src),
+                 "r"(valid ? 4 : 0));
+}
+
+// Where the K / V rows of a prefill key tile are. Strided addressing computes them; paged
+// addressing reads the tile's block-table entries from a shared-memory ring, into which they were
+// copied (cp.async) one tile ahead, so no global-memory latency stands in front of the tile's
+// K / V copies. `row(…, rr, k)` is the offset of tile row rr + k, for rr < RSTEP (the copy's row
+// step, which divides 16) and k a multiple of RSTEP (a constant once the copy loop is unrolled).
+template <typename Addr> struct TileRows;
+template <> struct TileRows<Strided> {
+    static __device__ __forceinline__ void fetch(const Strided&, u32, int, int, int) {}
+    static __device__ __forceinline__ u64 row(const Strided& a, const u32*, int n0, int rr, int k) {
+        return a.at((u32)(n0 + rr + k));
+    }
+};
+template <int BS> struct TileRows<Paged<BS>> {
+    static constexpr int ENTRIES = PF_BN / BS;
+    static __device__ __forceinline__ void fetch(const Paged<BS>& a, u32 dst, int n0, int kv_end,
+                                                 int tid) {
+        if (tid < ENTRIES) {
+            const int blk = n0 / BS + tid;
+            const bool ok = blk * BS < kv_end;
+            cp_async4(dst + tid * 4, a.row + (ok ? blk : 0), ok);
+        }
+    }
+    static __device__ __forceinline__ u64 row(const Paged<BS>& a, const u32* ent, int, int rr,
+                                              int k) {
+        return (u64)ent[k / BS] * a.block_stride + (u64)(rr + k % BS) * a.token_stride;
+    }
+};
+
 // 2^x on the SFU; flushes subnormal results to zero (they are below bf16 / f16 resolution of P).
 __device__ __forceinline__ float ex2(float x) {
     float y;
@@ -422,10 +457,14 @@ __device__ __forceinline__ void prefill_body(const PrefillParams& p) {
     constexpr int RSTEP = PF_WARPS * 32 / CPR;  // rows one pass of the CTA's threads copies
     constexpr u32 TILE_BYTES = BN * LD * 2;
     constexpr u32 STAGE_BYTES = 2 * TILE_BYTES;
-    // [Q: BM][LD], then 2 stages of [K: BN][LD], [V: BN][LD].
+    // [Q: BM][LD], then 2 stages of [K: BN][LD], [V: BN][LD], then the block-table ring.
     extern __shared__ __align__(16) u16 smem[];
     const u32 sq = smem_addr(smem);
     const u32 skv = sq + BM * LD * 2;
+    const u32* ring = (const u32*)(smem + (BM + 4 * BN) * LD);
+    const u32 sring = smem_addr(ring);
+    static_assert(CPR * RSTEP == PF_WARPS * 32 && (BN % 32 == 0) && (16 % RSTEP == 0), "copy roles");
+    static_assert(2 * 8 * 4 == PF_RING_BYTES && BN / 16 <= 8, "two ring slots of 8 entries");
 
     const u32 h = blockIdx.x % p.n_heads, b = blockIdx.x / p.n_heads;
     const u32 qs = ((const u32*)p.q_start)[b];
@@ -458,19 +497,33 @@ __device__ __forceinline__ void prefill_body(const PrefillParams& p) {
         cp_async16(sq + ((rr + i * RSTEP) * LD + cc * 8) * 2,
                       qp + (ok ? (u64)qi * qrow + cc * 8 : 0), ok);
     }
-    auto load_tile = [&](int stage, int n0) {
-        const u32 dst = skv + stage * STAGE_BYTES + (rr * LD + cc * 8) * 2;
+    // Copy key tile `t` (keys n0 = t · BN ..) into stage t % 2, and the block-table entries of
+    // tile t + 1 into ring slot (t + 1) % 2; the entries of tile t must have landed.
+    using TR = TileRows<Addr>;
+    auto load_tile = [&](int t) {
+        const int n0 = t * BN;
+        const u32 dst = skv + (t & 1) * STAGE_BYTES + (rr * LD + cc * 8) * 2;
+        const u32* ent = ring + (t & 1) * 8;
 #pragma unroll
         for (int i = 0; i < BN / RSTEP; ++i) {
             const int tok = n0 + rr + i * RSTEP;
             const bool ok = tok < kv_end;
-            const u64 off = ok ? addr.at((u32)tok) + cc * 8 : 0;
+            // The ring's entries are always readable (zero-filled past the end): the offset is
+            // computed unconditionally, only the source pointer depends on `ok`.
+            const u64 row = TR::row(addr, ent, n0, rr, i * RSTEP) + cc * 8;
+            const u64 off = ok ? row : 0;
             cp_async16(dst + i * RSTEP * LD * 2, kb + off, ok);
             cp_async16(dst + TILE_BYTES + i * RSTEP * LD * 2, vb + off, ok);
         }
+        TR::fetch(addr, sring + ((t + 1) & 1) * 32, n0 + BN, kv_end, tid);
         cp_async_commit();
     };
-    if (kv_end > 0) load_tile(0, 0);  // Q travels in the first tile's group
+    // Tile 0's entries first (with Q), then tile 0 itself.
+    TR::fetch(addr, sring, 0, kv_end, tid);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+    if (kv_end > 0) load_tile(0);
 
     // ldmatrix lane addresses. A (Q): row lane % 16, column 8 · (lane / 16) of each 16 x 16 block.
     // B (K, V): matrix mi = lane / 8, row lr = lane % 8.
@@ -525,17 +578,23 @@ __device__ __forceinline__ void prefill_body(const PrefillParams& p) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 const int pos_row = pos0 + row0 + mt * 16 + g + 8 * r;
-                float x = NEG_INF;
+                float t[BN / 8];  // a tree, not a chain: short dependencies with 2 warps a scheduler
 #pragma unroll
-                for (int j = 0; j < BN / 8; ++j)
+                for (int j = 0; j < BN / 8; ++j) {
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
                         if (MASKED) {
                             const int col = n0 + j * 8 + 2 * t4 + e;
                             if (col > pos_row || col >= kv_end) s[mt][j][2 * r + e] = NEG_INF;
                         }
-                        x = fmaxf(x, s[mt][j][2 * r + e]);
                     }
+                    t[j] = fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]);
+                }
+#pragma unroll
+                for (int w = BN / 16; w >= 1; w /= 2)
+#pragma unroll
+                    for (int j = 0; j < w; ++j) t[j] = fmaxf(t[j], t[j + w]);
+                float x = t[0];
                 x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
                 x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
                 mx[mt][r] = x;
@@ -570,16 +629,19 @@ __device__ __forceinline__ void prefill_body(const PrefillParams& p) {
             for (int r = 0; r < 2; ++r) {
                 // A row with no key yet keeps offset 0 (its P is all zero).
                 const float ms = m[mt][r] == NEG_INF ? 0.f : m[mt][r] * sc;
-                float sum = 0.f;
+                float t[BN / 8];
 #pragma unroll
-                for (int j = 0; j < BN / 8; ++j)
+                for (int j = 0; j < BN / 8; ++j) {
 #pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const float pe = ex2(fmaf(s[mt][j][2 * r + e], sc, -ms));
-                        s[mt][j][2 * r + e] = pe;
-                        sum += pe;
-                    }
-                l[mt][r] += sum;
+                    for (int e = 0; e < 2; ++e)
+                        s[mt][j][2 * r + e] = ex2(fmaf(s[mt][j][2 * r + e], sc, -ms));
+                    t[j] = s[mt][j][2 * r] + s[mt][j][2 * r + 1];
+                }
+#pragma unroll
+                for (int w = BN / 16; w >= 1; w /= 2)
+#pragma unroll
+                    for (int j = 0; j < w; ++j) t[j] += t[j + w];
+                l[mt][r] += t[0];
             }
         }
         // O += P · V: P from the S accumulators (C layout = A layout), V through ldmatrix.trans.
@@ -606,22 +668,19 @@ __device__ __forceinline__ void prefill_body(const PrefillParams& p) {
         }
     };
 
+    // One barrier a tile: after it, tile `it` (and the entries of tile it + 1) have landed for
+    // every thread, and every warp is done with tile it − 1, whose stage the next copy reuses.
     int it = 0;
     for (int n0 = 0; n0 < kv_end; n0 += BN, ++it) {
-        const u32 so = (it & 1) * STAGE_BYTES;
-        if (n0 + BN < kv_end) {
-            load_tile((it & 1) ^ 1, n0 + BN);
-        } else {
-            cp_async_commit();  // an empty group keeps "all but the newest" meaning this tile
-        }
-        cp_async_wait1();
+        cp_async_wait_all();
         __syncthreads();
+        if (n0 + BN < kv_end) load_tile(it + 1);
+        const u32 so = (it & 1) * STAGE_BYTES;
         if (n0 + BN - 1 > pos0 + row0 || n0 + BN > kv_end) {
             if (n0 <= warp_last) tile_step(true, so, n0);
         } else {
             tile_step(false, so, n0);
         }
-        __syncthreads();  // this stage is overwritten by the load issued next iteration
     }
     cp_async_wait_all();  // nothing may be in flight into shared memory at exit
 

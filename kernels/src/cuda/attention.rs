@@ -834,11 +834,14 @@ const PREFILL_ROWS: usize = 128;
 /// Keys of one prefill K / V tile (`PF_BN` in attention.cu).
 const PREFILL_KEYS: usize = 64;
 
+/// Bytes of the prefill CTA's block-table ring (`PF_RING_BYTES` in attention.cu).
+const PREFILL_RING_BYTES: usize = 64;
+
 /// Dynamic shared memory of one prefill CTA: (128 query rows + 2 stages × (K, V) × 64 keys) ×
-/// (head_dim + 8) elements of 2 bytes (as attention.cu lays it out): 102 KiB at head dim 128, so
-/// two CTAs fit an H100 multiprocessor.
+/// (head_dim + 8) elements of 2 bytes, then the block-table ring (as attention.cu lays it out):
+/// 102 KiB at head dim 128, so two CTAs fit an H100 multiprocessor.
 fn prefill_smem_bytes(head_dim: usize) -> usize {
-    (PREFILL_ROWS + 2 * 2 * PREFILL_KEYS) * (head_dim + 8) * 2
+    (PREFILL_ROWS + 2 * 2 * PREFILL_KEYS) * (head_dim + 8) * 2 + PREFILL_RING_BYTES
 }
 
 fn check_shape(s: &DecodeShape) -> Result<()> {
