@@ -477,7 +477,7 @@ fn check_prefill(
         .iter()
         .map(|&l| match l {
             0..=150 => l,
-            151..=2000 => 1 + rng.below(300),
+            151..=2000 => 1 + rng.below(300.min(l)),
             _ => 1 + rng.below(40),
         })
         .collect();
