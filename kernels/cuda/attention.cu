@@ -1,6 +1,7 @@
-// vkv attention kernels: decode (one query token per sequence) and KV append, in two addressing
-// modes: strided (base + slot / token / head strides: a vmm KvSpace in either layout, or a plain
-// tensor) and paged (a block table over a pool of blocks of 16 or 32 tokens).
+// vkv attention kernels: decode (one query token per sequence), prefill (ragged query chunks over
+// their cached prefix; see the prefill section) and KV append, in two addressing modes: strided
+// (base + slot / token / head strides: a vmm KvSpace in either layout, or a plain tensor) and
+// paged (a block table over a pool of blocks of 16 or 32 tokens).
 //
 // Decode follows flash-decoding (Dao et al., 2023): a CTA owns one KV head of one sequence (and
 // one split of its context when the grid would otherwise be too small to fill the GPU); it reads
@@ -321,14 +322,17 @@ DECODE_A(f16, F16, 128)
 // a warp as two m16 tiles, so every K and V fragment read from shared memory feeds two mma.sync
 // instructions per warp (with 16 rows a warp, ldmatrix traffic — 128 B/clock/SM — was the limit).
 // Q is staged once in shared memory and read per k-step with ldmatrix; keys are walked in tiles of
-// 64 staged in shared memory and double-buffered with cp.async; S = Q·Kᵀ and O += P·V run on
+// 64 staged in shared memory and double-buffered with cp.async (one barrier a tile: the copy of
+// tile n + 1 is issued after it, into the stage tile n − 1 used); S = Q·Kᵀ and O += P·V run on
 // mma.sync.m16n8k16 (f32 accumulation; V through ldmatrix.trans); the online softmax stays in
 // registers with raw scores, the log2(e)-folded scale applied in one FFMA before ex2.approx; P is
-// rounded to the input type for the second product, as FlashAttention does. The causal mask is
-// applied only on tiles that cross a warp's diagonal or the context end. CTAs are numbered so the
-// longest tiles (last query rows, most keys) of every (sequence, head) start first, which keeps the
-// causal tail short; CTAs of one KV head's query heads are adjacent, so their K / V tiles are read
-// from L2 after the first.
+// rounded to the input type for the second product, as FlashAttention does; O is rescaled only
+// when a row's maximum grows by more than 2^8 (FlashAttention-4's conditional rescaling). The
+// causal mask exists only in the inlined copy of the tile step (MASKED = true) that runs on tiles
+// crossing a warp's diagonal or the context end. CTAs are numbered so the longest tiles (last
+// query rows, most keys) of every (sequence, head) start first, which keeps the causal tail short;
+// CTAs of one KV head's query heads are adjacent, so their K / V tiles are read from L2 after the
+// first.
 
 struct PrefillParams {
     u64 q;            // [total_q][n_heads][D], sequences packed one after another
@@ -544,8 +548,9 @@ __device__ __forceinline__ void prefill_body(const PrefillParams& p) {
     float m[2][2] = {{NEG_INF, NEG_INF}, {NEG_INF, NEG_INF}}, l[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
     const float sc = p.scale_log2;
 
-    // One key tile of this warp's 32 rows; MASKED (tiles crossing the warp's diagonal or the
-    // context end) is a separate instantiation, so the other tiles carry no mask arithmetic.
+    // One key tile of this warp's 32 rows. Both call sites pass a constant MASKED (tiles crossing
+    // the warp's diagonal or the context end) and the step is inlined at each, so the copy for the
+    // other tiles carries no mask arithmetic.
     auto tile_step = [&](const bool MASKED, u32 so, int n0) {
         float s[2][BN / 8][4];
 #pragma unroll
