@@ -422,31 +422,17 @@ __device__ __forceinline__ void cp_async4(u32 dst, const void* src, bool valid) 
 // Where the K / V rows of a prefill key tile are. Strided addressing computes them; paged
 // addressing reads the tile's block-table entries from a shared-memory ring, into which they were
 // copied (cp.async) one tile ahead, so no global-memory latency stands in front of the tile's
-// K / V copies. `Entries::read` takes a tile's entries into registers before any of its copies is
-// issued (a shared-memory load cannot move past a cp.async, which writes shared memory: read
-// between them, each entry would cost one load latency in series). `row(e, n0, rr, k)` is the
-// offset of tile row rr + k, for rr < RSTEP (the copy's row step, which divides 16) and k a
-// multiple of RSTEP (a constant once the copy loop is unrolled).
+// K / V copies. `row(…, rr, k)` is the offset of tile row rr + k, for rr < RSTEP (the copy's row
+// step, which divides 16) and k a multiple of RSTEP (a constant once the copy loop is unrolled).
 template <typename Addr> struct TileRows;
 template <> struct TileRows<Strided> {
-    struct Entries {
-        __device__ __forceinline__ void read(const u32*) {}
-    };
     static __device__ __forceinline__ void fetch(const Strided&, u32, int, int, int) {}
-    static __device__ __forceinline__ u64 row(const Strided& a, const Entries&, int n0, int rr,
-                                              int k) {
+    static __device__ __forceinline__ u64 row(const Strided& a, const u32*, int n0, int rr, int k) {
         return a.at((u32)(n0 + rr + k));
     }
 };
 template <int BS> struct TileRows<Paged<BS>> {
     static constexpr int ENTRIES = PF_BN / BS;
-    struct Entries {
-        u32 e[ENTRIES];
-        __device__ __forceinline__ void read(const u32* slot) {
-#pragma unroll
-            for (int i = 0; i < ENTRIES; ++i) e[i] = slot[i];
-        }
-    };
     static __device__ __forceinline__ void fetch(const Paged<BS>& a, u32 dst, int n0, int kv_end,
                                                  int tid) {
         if (tid < ENTRIES) {
@@ -455,9 +441,9 @@ template <int BS> struct TileRows<Paged<BS>> {
             cp_async4(dst + tid * 4, a.row + (ok ? blk : 0), ok);
         }
     }
-    static __device__ __forceinline__ u64 row(const Paged<BS>& a, const Entries& en, int, int rr,
+    static __device__ __forceinline__ u64 row(const Paged<BS>& a, const u32* ent, int, int rr,
                                               int k) {
-        return (u64)en.e[k / BS] * a.block_stride + (u64)(rr + k % BS) * a.token_stride;
+        return (u64)ent[k / BS] * a.block_stride + (u64)(rr + k % BS) * a.token_stride;
     }
 };
 
@@ -521,8 +507,7 @@ __device__ __forceinline__ void prefill_body(const PrefillParams& p) {
     auto load_tile = [&](int t) {
         const int n0 = t * BN;
         const u32 dst = skv + (t & 1) * STAGE_BYTES + (rr * LD + cc * 8) * 2;
-        typename TR::Entries ent;
-        ent.read(ring + (t & 1) * 8);
+        const u32* ent = ring + (t & 1) * 8;
 #pragma unroll
         for (int i = 0; i < BN / RSTEP; ++i) {
             const int tok = n0 + rr + i * RSTEP;
