@@ -1,6 +1,7 @@
-// vkv attention kernels: decode (one query token per sequence) and KV append, in two addressing
-// modes: strided (base + slot / token / head strides: a vmm KvSpace in either layout, or a plain
-// tensor) and paged (a block table over a pool of blocks of 16 or 32 tokens).
+// vkv attention kernels: decode (one query token per sequence), prefill (ragged query chunks over
+// their cached prefix; see the prefill section) and KV append, in two addressing modes: strided
+// (base + slot / token / head strides: a vmm KvSpace in either layout, or a plain tensor) and
+// paged (a block table over a pool of blocks of 16 or 32 tokens).
 //
 // Decode follows flash-decoding (Dao et al., 2023): a CTA owns one KV head of one sequence (and
 // one split of its context when the grid would otherwise be too small to fill the GPU); it reads
@@ -316,13 +317,22 @@ DECODE_A(f16, F16, 128)
 // ---- prefill ---------------------------------------------------------------------------------
 //
 // Causal attention of a ragged batch of query chunks whose K / V (prefix and the chunk itself) are
-// already in the cache (chunked prefill). FlashAttention-2's schedule (Dao, 2023): a CTA of 4 warps
-// owns 64 query rows of one query head (16 rows a warp, so no communication between warps), walks
-// the keys in tiles of 64 staged in shared memory, computes S = Q·Kᵀ and O += P·V with tensor-core
-// mma.sync.m16n8k16 (f32 accumulation; fragments through ldmatrix, V with .trans), and keeps the
-// online softmax in registers; P is rounded to the input type for the second product, as
-// FlashAttention does. K / V tiles are double-buffered with cp.async (the next tile loads while
-// this one is computed); each query head reads its KV head's tiles itself (from L2 after the first).
+// already in the cache (chunked prefill). FlashAttention-2's schedule and tiling (Dao, 2023; its
+// hdim-128 forward configuration): a CTA of 4 warps owns 128 query rows of one query head, 32 rows
+// a warp as two m16 tiles, so every K and V fragment read from shared memory feeds two mma.sync
+// instructions per warp (with 16 rows a warp, ldmatrix traffic — 128 B/clock/SM — was the limit).
+// Q is staged once in shared memory and read per k-step with ldmatrix; keys are walked in tiles of
+// 64 staged in shared memory and double-buffered with cp.async (one barrier a tile: the copy of
+// tile n + 1 is issued after it, into the stage tile n − 1 used); S = Q·Kᵀ and O += P·V run on
+// mma.sync.m16n8k16 (f32 accumulation; V through ldmatrix.trans); the online softmax stays in
+// registers with raw scores, the log2(e)-folded scale applied in one FFMA before ex2.approx; P is
+// rounded to the input type for the second product, as FlashAttention does; O is rescaled only
+// when a row's maximum grows by more than 2^8 (FlashAttention-4's conditional rescaling). The
+// causal mask exists only in the inlined copy of the tile step (MASKED = true) that runs on tiles
+// crossing a warp's diagonal or the context end. CTAs are numbered so the longest tiles (last
+// query rows, most keys) of every (sequence, head) start first, which keeps the causal tail short;
+// CTAs of one KV head's query heads are adjacent, so their K / V tiles are read from L2 after the
+// first.
 
 struct PrefillParams {
     u64 q;            // [total_q][n_heads][D], sequences packed one after another
@@ -375,199 +385,332 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
     return (u32)__cvta_generic_to_shared(p);
 }
 
-// 16-byte asynchronous copy global -> shared; `valid` false writes 16 zero bytes instead.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
+// Dynamic shared memory of a prefill CTA: (PF_BM query rows + 2 stages × (K, V) × PF_BN rows) ×
+// (D + 8) elements × 2 bytes, + PF_RING_BYTES (the launcher computes the same).
+constexpr int PF_BM = 128, PF_BN = 64, PF_WARPS = 4;
+// Bytes after the K / V stages: two slots of up to 8 block-table entries (PF_BN / 16 = 4 used).
+constexpr int PF_RING_BYTES = 64;
+// Growth of a row's maximum (log2 units) that prefill tolerates before rescaling O.
+constexpr float RESCALE_LOG2 = 8.f;
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;"); }
+
+// 16-byte asynchronous copy global -> shared address `dst`; `valid` false writes 16 zero bytes.
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src),
                  "r"(valid ? 16 : 0));
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-__device__ __forceinline__ void cp_async_wait1() { asm volatile("cp.async.wait_group 1;"); }
 
 // Four 8x8 b16 matrices from shared memory; lanes 8i..8i+7 give the row addresses of matrix i.
-__device__ __forceinline__ void ldsm4(u32* r, const void* p) {
+__device__ __forceinline__ void ldsm4(u32* r, u32 addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
+                 : "r"(addr));
 }
-__device__ __forceinline__ void ldsm4t(u32* r, const void* p) {
+__device__ __forceinline__ void ldsm4t(u32* r, u32 addr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
+                 : "r"(addr));
+}
+// 4-byte asynchronous copy (block-table entries); `valid` false writes zeros.
+__device__ __forceinline__ void cp_async4(u32 dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src),
+                 "r"(valid ? 4 : 0));
 }
 
-// Dynamic shared memory of a prefill CTA: 2 stages × (K, V) × 64 rows × (D + 8) × 2 bytes
-// (the launcher computes the same).
+// Where the K / V rows of a prefill key tile are. Strided addressing computes them; paged
+// addressing reads the tile's block-table entries from a shared-memory ring, into which they were
+// copied (cp.async) one tile ahead, so no global-memory latency stands in front of the tile's
+// K / V copies. `row(…, rr, k)` is the offset of tile row rr + k, for rr < RSTEP (the copy's row
+// step, which divides 16) and k a multiple of RSTEP (a constant once the copy loop is unrolled).
+template <typename Addr> struct TileRows;
+template <> struct TileRows<Strided> {
+    static __device__ __forceinline__ void fetch(const Strided&, u32, int, int, int) {}
+    static __device__ __forceinline__ u64 row(const Strided& a, const u32*, int n0, int rr, int k) {
+        return a.at((u32)(n0 + rr + k));
+    }
+};
+template <int BS> struct TileRows<Paged<BS>> {
+    static constexpr int ENTRIES = PF_BN / BS;
+    static __device__ __forceinline__ void fetch(const Paged<BS>& a, u32 dst, int n0, int kv_end,
+                                                 int tid) {
+        if (tid < ENTRIES) {
+            const int blk = n0 / BS + tid;
+            const bool ok = blk * BS < kv_end;
+            cp_async4(dst + tid * 4, a.row + (ok ? blk : 0), ok);
+        }
+    }
+    static __device__ __forceinline__ u64 row(const Paged<BS>& a, const u32* ent, int, int rr,
+                                              int k) {
+        return (u64)ent[k / BS] * a.block_stride + (u64)(rr + k % BS) * a.token_stride;
+    }
+};
+
+// 2^x on the SFU; flushes subnormal results to zero (they are below bf16 / f16 resolution of P).
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 template <typename T, int D, typename Addr>
 __device__ __forceinline__ void prefill_body(const PrefillParams& p) {
-    constexpr int BM = 64, BN = 64, LD = D + 8;  // +8 elements: conflict-free ldmatrix rows
-    // Two stages of K and V tiles (dynamic shared memory): [stage][K|V][BN][LD].
+    constexpr int BM = PF_BM, BN = PF_BN, LD = D + 8;  // +8 elements: conflict-free ldmatrix rows
+    constexpr int CPR = D / 8;                // 16-byte chunks per row
+    constexpr int RSTEP = PF_WARPS * 32 / CPR;  // rows one pass of the CTA's threads copies
+    constexpr u32 TILE_BYTES = BN * LD * 2;
+    constexpr u32 STAGE_BYTES = 2 * TILE_BYTES;
+    // [Q: BM][LD], then 2 stages of [K: BN][LD], [V: BN][LD], then the block-table ring.
     extern __shared__ __align__(16) u16 smem[];
-    auto tile_ptr = [&](int stage, int kv, int r, int c) -> u16* {
-        return smem + ((stage * 2 + kv) * BN + r) * LD + c;
-    };
+    const u32 sq = smem_addr(smem);
+    const u32 skv = sq + BM * LD * 2;
+    const u32* ring = (const u32*)(smem + (BM + 4 * BN) * LD);
+    const u32 sring = smem_addr(ring);
+    static_assert(CPR * RSTEP == PF_WARPS * 32 && (BN % 32 == 0) && (16 % RSTEP == 0), "copy roles");
+    static_assert(2 * 8 * 4 == PF_RING_BYTES && BN / 16 <= 8, "two ring slots of 8 entries");
 
-    const u32 b = blockIdx.z, h = blockIdx.y, tile = blockIdx.x;
+    const u32 h = blockIdx.x % p.n_heads, b = blockIdx.x / p.n_heads;
     const u32 qs = ((const u32*)p.q_start)[b];
     const int qlen = (int)(((const u32*)p.q_start)[b + 1] - qs);
-    if ((int)(tile * BM) >= qlen) return;  // uniform over the CTA
+    const int tiles = (qlen + BM - 1) / BM;
+    if ((int)blockIdx.y >= tiles) return;  // uniform over the CTA
+    const int tile = tiles - 1 - (int)blockIdx.y;  // the longest tiles first
     u32 ctxu = min(((const u32*)p.lens)[b], p.max_context);
     ctxu = min(ctxu, Addr::capacity(p.max_blocks));
     const int ctx = (int)ctxu;
     const int pos0 = ctx - qlen;  // position of the chunk's first query
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
-    const int row0 = tile * BM + warp * 16;
+    const int row0 = tile * BM + warp * 32;  // first query row (of the chunk) of this warp
     const u64 qrow = (u64)p.n_heads * D;
     const u16* qp = (const u16*)p.q + (u64)qs * qrow + (u64)h * D;
-
-    // Q fragments (A operand, row-major 16 x 16 per k-step).
-    u32 qa[D / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int i = row0 + g + 8 * r;
-            const bool ok = i < qlen;
-            const u16* src = qp + (u64)(ok ? i : 0) * qrow + kk * 16 + 2 * t4;
-            qa[kk][r] = ok ? *(const u32*)src : 0u;
-            qa[kk][r + 2] = ok ? *(const u32*)(src + 8) : 0u;
-        }
-    }
-
-    float o[D / 8][4];
-#pragma unroll
-    for (int j = 0; j < D / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) o[j][e] = 0.f;
-    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.f, 0.f};
-    const int pos_row[2] = {pos0 + row0 + g, pos0 + row0 + g + 8};
-    const int kv_end = min(ctx, pos0 + (int)(tile * BM + BM));  // keys any row of the CTA needs
-    const int warp_last = pos0 + row0 + 15;                      // last position of this warp
+    const int kv_end = min(ctx, pos0 + (tile + 1) * BM);  // keys any row of the CTA needs
+    const int warp_last = pos0 + row0 + 31;                // last position of this warp
     const u32 kvh = h / p.group;
     const Addr addr((const u32*)p.index, p.outer_stride, p.token_stride, b, p.max_blocks);
     const u16* kb = (const u16*)p.k + (u64)kvh * p.head_stride;
     const u16* vb = (const u16*)p.v + (u64)kvh * p.head_stride;
 
-    auto load_tile = [&](int stage, int n0) {
-        for (int c = tid; c < BN * D / 8; c += NWARPS * 32) {
-            const int r = c / (D / 8), cc = c % (D / 8);
-            const int tok = n0 + r;
+    // Copy roles: this thread copies 16-byte chunk cc of rows rr, rr + RSTEP, ...
+    const int cc = tid % CPR, rr = tid / CPR;
+#pragma unroll
+    for (int i = 0; i < BM / RSTEP; ++i) {
+        const int qi = tile * BM + rr + i * RSTEP;
+        const bool ok = qi < qlen;
+        cp_async16(sq + ((rr + i * RSTEP) * LD + cc * 8) * 2,
+                      qp + (ok ? (u64)qi * qrow + cc * 8 : 0), ok);
+    }
+    // Copy key tile `t` (keys n0 = t · BN ..) into stage t % 2, and the block-table entries of
+    // tile t + 1 into ring slot (t + 1) % 2; the entries of tile t must have landed.
+    using TR = TileRows<Addr>;
+    auto load_tile = [&](int t) {
+        const int n0 = t * BN;
+        const u32 dst = skv + (t & 1) * STAGE_BYTES + (rr * LD + cc * 8) * 2;
+        const u32* ent = ring + (t & 1) * 8;
+#pragma unroll
+        for (int i = 0; i < BN / RSTEP; ++i) {
+            const int tok = n0 + rr + i * RSTEP;
             const bool ok = tok < kv_end;
-            const u64 off = ok ? addr.at((u32)tok) + cc * 8 : 0;
-            cp_async16(tile_ptr(stage, 0, r, cc * 8), kb + off, ok);
-            cp_async16(tile_ptr(stage, 1, r, cc * 8), vb + off, ok);
+            // The ring's entries are always readable (zero-filled past the end): the offset is
+            // computed unconditionally, only the source pointer depends on `ok`.
+            const u64 row = TR::row(addr, ent, n0, rr, i * RSTEP) + cc * 8;
+            const u64 off = ok ? row : 0;
+            cp_async16(dst + i * RSTEP * LD * 2, kb + off, ok);
+            cp_async16(dst + TILE_BYTES + i * RSTEP * LD * 2, vb + off, ok);
         }
+        TR::fetch(addr, sring + ((t + 1) & 1) * 32, n0 + BN, kv_end, tid);
         cp_async_commit();
     };
+    // Tile 0's entries first (with Q), then tile 0 itself.
+    TR::fetch(addr, sring, 0, kv_end, tid);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+    if (kv_end > 0) load_tile(0);
 
-    // ldmatrix lane roles: matrix mi = lane / 8, row lr = lane % 8.
+    // ldmatrix lane addresses. A (Q): row lane % 16, column 8 · (lane / 16) of each 16 x 16 block.
+    // B (K, V): matrix mi = lane / 8, row lr = lane % 8.
     const int mi = lane / 8, lr = lane % 8;
-    if (kv_end > 0) load_tile(0, 0);
-    int it = 0;
-    for (int n0 = 0; n0 < kv_end; n0 += BN, ++it) {
-        const int stage = it & 1;
-        if (n0 + BN < kv_end) {
-            load_tile(stage ^ 1, n0 + BN);
-        } else {
-            cp_async_commit();  // an empty group keeps "all but the newest" meaning this tile
-        }
-        cp_async_wait1();
-        __syncthreads();
-        if (n0 <= warp_last) {
-            float s[BN / 8][4];
+    const u32 q_ld = sq + ((warp * 32 + lane % 16) * LD + (lane / 16) * 8) * 2;
+    const u32 k_ld = skv + (((mi / 2) * 8 + lr) * LD + (mi % 2) * 8) * 2;
+    const u32 v_ld = skv + TILE_BYTES + (((mi % 2) * 8 + lr) * LD + (mi / 2) * 8) * 2;
+
+    float o[2][D / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) o[mt][j][e] = 0.f;
+    // Exponent offset of each row (raw score units, before the scale) and this thread's part of
+    // the row sum, for rows g and g + 8 of m-tile mt.
+    float m[2][2] = {{NEG_INF, NEG_INF}, {NEG_INF, NEG_INF}}, l[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+    const float sc = p.scale_log2;
+
+    // One key tile of this warp's 32 rows. Both call sites pass a constant MASKED (tiles crossing
+    // the warp's diagonal or the context end) and the step is inlined at each, so the copy for the
+    // other tiles carries no mask arithmetic.
+    auto tile_step = [&](const bool MASKED, u32 so, int n0) {
+        float s[2][BN / 8][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
             for (int j = 0; j < BN / 8; ++j)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+                for (int e = 0; e < 4; ++e) s[mt][j][e] = 0.f;
 #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
+        for (int kk = 0; kk < D / 16; ++kk) {
+            u32 qa[2][4];
+            ldsm4(qa[0], q_ld + kk * 32);
+            ldsm4(qa[1], q_ld + 16 * LD * 2 + kk * 32);
 #pragma unroll
-                for (int j = 0; j < BN / 8; j += 2) {
-                    u32 kf[4];  // b0, b1 of n-tile j, then of n-tile j + 1
-                    ldsm4(kf, tile_ptr(stage, 0, (j + mi / 2) * 8 + lr, kk * 16 + (mi % 2) * 8));
-                    Mma<T>::run(s[j], qa[kk], kf[0], kf[1]);
-                    Mma<T>::run(s[j + 1], qa[kk], kf[2], kf[3]);
-                }
-            }
-            // Scale, causal mask, online softmax (each row lives in the 4 lanes of one quad). The
-            // mask is needed only on tiles that reach past the warp's first row or the context.
-            const bool masked = n0 + BN - 1 > pos0 + row0 || n0 + BN > kv_end;
+            for (int j = 0; j < BN / 8; j += 2) {
+                u32 kf[4];  // b0, b1 of n-tile j, then of n-tile j + 1
+                ldsm4(kf, k_ld + so + (j * 8 * LD + kk * 16) * 2);
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                float mx = NEG_INF;
-#pragma unroll
-                for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        float v = s[j][2 * r + e] * p.scale_log2;
-                        if (masked) {
-                            const int col = n0 + j * 8 + 2 * t4 + e;
-                            if (col > pos_row[r] || col >= kv_end) v = NEG_INF;
-                        }
-                        s[j][2 * r + e] = v;
-                        mx = fmaxf(mx, v);
-                    }
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(m[r], mx);
-                const float corr = m_new == NEG_INF ? 1.f : exp2f(m[r] - m_new);
-                m[r] = m_new;
-                l[r] *= corr;
-#pragma unroll
-                for (int j = 0; j < D / 8; ++j) {
-                    o[j][2 * r] *= corr;
-                    o[j][2 * r + 1] *= corr;
-                }
-                float sum = 0.f;
-#pragma unroll
-                for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e) {
-                        const float pe = m_new == NEG_INF ? 0.f : exp2f(s[j][2 * r + e] - m_new);
-                        s[j][2 * r + e] = pe;
-                        sum += pe;
-                    }
-                l[r] += sum;
-            }
-            // O += P · V: P from the S accumulators (C layout = A layout), V through ldmatrix.trans.
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; ++kk) {
-                u32 a[4];
-                a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-                a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-                a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-                for (int j = 0; j < D / 8; j += 2) {
-                    u32 vf[4];  // b0, b1 of d-tile j, then of d-tile j + 1
-                    ldsm4t(vf, tile_ptr(stage, 1, kk * 16 + (mi % 2) * 8 + lr, (j + mi / 2) * 8));
-                    Mma<T>::run(o[j], a, vf[0], vf[1]);
-                    Mma<T>::run(o[j + 1], a, vf[2], vf[3]);
+                for (int mt = 0; mt < 2; ++mt) {
+                    Mma<T>::run(s[mt][j], qa[mt], kf[0], kf[1]);
+                    Mma<T>::run(s[mt][j + 1], qa[mt], kf[2], kf[3]);
                 }
             }
         }
-        __syncthreads();  // this stage is overwritten by the load issued next iteration
+        // Row maxima of the tile (each row lives in the 4 lanes of one quad), masked first.
+        float mx[2][2];
+        bool grow = false;
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int pos_row = pos0 + row0 + mt * 16 + g + 8 * r;
+                float t[BN / 8];  // a tree, not a chain: short dependencies with 2 warps a scheduler
+#pragma unroll
+                for (int j = 0; j < BN / 8; ++j) {
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        if (MASKED) {
+                            const int col = n0 + j * 8 + 2 * t4 + e;
+                            if (col > pos_row || col >= kv_end) s[mt][j][2 * r + e] = NEG_INF;
+                        }
+                    }
+                    t[j] = fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]);
+                }
+#pragma unroll
+                for (int w = BN / 16; w >= 1; w /= 2)
+#pragma unroll
+                    for (int j = 0; j < w; ++j) t[j] = fmaxf(t[j], t[j + w]);
+                float x = t[0];
+                x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+                x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+                mx[mt][r] = x;
+                grow |= x * sc > fmaf(m[mt][r], sc, RESCALE_LOG2);
+            }
+        }
+        // Conditional rescaling (FlashAttention-4): the offsets move, and O and the sums are
+        // rescaled, only when some row of the warp has outgrown its offset by more than
+        // 2^RESCALE_LOG2; otherwise P may reach 2^8, which f32 sums and bf16 / f16 P carry
+        // at the same relative precision. The first tile always moves them (from −∞).
+        if (__any_sync(0xffffffffu, grow)) {
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    const float m_new = fmaxf(m[mt][r], mx[mt][r]);
+                    const float ms = m_new == NEG_INF ? 0.f : m_new * sc;
+                    const float corr = ex2(fmaf(m[mt][r], sc, -ms));  // 0 from −∞
+                    m[mt][r] = m_new;
+                    l[mt][r] *= corr;
+#pragma unroll
+                    for (int j = 0; j < D / 8; ++j) {
+                        o[mt][j][2 * r] *= corr;
+                        o[mt][j][2 * r + 1] *= corr;
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                // A row with no key yet keeps offset 0 (its P is all zero).
+                const float ms = m[mt][r] == NEG_INF ? 0.f : m[mt][r] * sc;
+                float t[BN / 8];
+#pragma unroll
+                for (int j = 0; j < BN / 8; ++j) {
+#pragma unroll
+                    for (int e = 0; e < 2; ++e)
+                        s[mt][j][2 * r + e] = ex2(fmaf(s[mt][j][2 * r + e], sc, -ms));
+                    t[j] = s[mt][j][2 * r] + s[mt][j][2 * r + 1];
+                }
+#pragma unroll
+                for (int w = BN / 16; w >= 1; w /= 2)
+#pragma unroll
+                    for (int j = 0; j < w; ++j) t[j] += t[j + w];
+                l[mt][r] += t[0];
+            }
+        }
+        // O += P · V: P from the S accumulators (C layout = A layout), V through ldmatrix.trans.
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            u32 a[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+                a[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                a[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                a[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                a[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
+#pragma unroll
+            for (int j = 0; j < D / 8; j += 2) {
+                u32 vf[4];  // b0, b1 of d-tile j, then of d-tile j + 1
+                ldsm4t(vf, v_ld + so + (kk * 16 * LD + j * 8) * 2);
+#pragma unroll
+                for (int mt = 0; mt < 2; ++mt) {
+                    Mma<T>::run(o[mt][j], a[mt], vf[0], vf[1]);
+                    Mma<T>::run(o[mt][j + 1], a[mt], vf[2], vf[3]);
+                }
+            }
+        }
+    };
+
+    // One barrier a tile: after it, tile `it` (and the entries of tile it + 1) have landed for
+    // every thread, and every warp is done with tile it − 1, whose stage the next copy reuses.
+    int it = 0;
+    for (int n0 = 0; n0 < kv_end; n0 += BN, ++it) {
+        cp_async_wait_all();
+        __syncthreads();
+        if (n0 + BN < kv_end) load_tile(it + 1);
+        const u32 so = (it & 1) * STAGE_BYTES;
+        if (n0 + BN - 1 > pos0 + row0 || n0 + BN > kv_end) {
+            if (n0 <= warp_last) tile_step(true, so, n0);
+        } else {
+            tile_step(false, so, n0);
+        }
     }
+    cp_async_wait_all();  // nothing may be in flight into shared memory at exit
 
     u16* op = (u16*)p.out + (u64)qs * qrow + (u64)h * D;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float L = l[r];
-        L += __shfl_xor_sync(0xffffffffu, L, 1);
-        L += __shfl_xor_sync(0xffffffffu, L, 2);
-        const float inv = L > 0.f ? 1.f / L : 0.f;
-        const int i = row0 + g + 8 * r;
-        if (i < qlen) {
+    for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
-            for (int j = 0; j < D / 8; ++j)
-                *(u32*)(op + (u64)i * qrow + j * 8 + 2 * t4) =
-                    pack2<T>(o[j][2 * r] * inv, o[j][2 * r + 1] * inv);
+        for (int r = 0; r < 2; ++r) {
+            float L = l[mt][r];
+            L += __shfl_xor_sync(0xffffffffu, L, 1);
+            L += __shfl_xor_sync(0xffffffffu, L, 2);
+            const float inv = L > 0.f ? 1.f / L : 0.f;
+            const int i = row0 + mt * 16 + g + 8 * r;
+            if (i < qlen) {
+#pragma unroll
+                for (int j = 0; j < D / 8; ++j)
+                    *(u32*)(op + (u64)i * qrow + j * 8 + 2 * t4) =
+                        pack2<T>(o[mt][j][2 * r] * inv, o[mt][j][2 * r + 1] * inv);
+            }
         }
     }
 }
 
 #define PREFILL(TN, T, D, AN, A)                                                        \
-    extern "C" __global__ void __launch_bounds__(NWARPS * 32)                           \
+    extern "C" __global__ void __launch_bounds__(PF_WARPS * 32, 2)                      \
         prefill_##TN##_d##D##_##AN(const PrefillParams p) {                             \
         prefill_body<T, D, A>(p);                                                       \
     }

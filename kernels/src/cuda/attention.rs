@@ -1,5 +1,5 @@
-//! Launchers of the CUDA attention kernels (`kernels/cuda/attention.cu`): decode and KV append,
-//! each in the two addressing modes of [`KvAddress`].
+//! Launchers of the CUDA attention kernels (`kernels/cuda/attention.cu`): decode, prefill and KV
+//! append, each in the two addressing modes of [`KvAddress`].
 //!
 //! Decode is flash-decoding (Dao et al., 2023, "Flash-Decoding for long-context inference"): one
 //! CTA per (KV head, sequence, split) reads each K and V row once for every query head of its GQA
@@ -8,6 +8,13 @@
 //! context is split and `decode_reduce_*` combines the partial results by their log-sum-exp.
 //! Strided addressing is vAttention's point: one contiguous kernel serves a vmm `KvSpace` in either
 //! layout and a plain tensor; paged addressing is vLLM's PagedAttention block table.
+//!
+//! Prefill (chunked: a ragged batch of query chunks over their cached prefix) is FlashAttention-2's
+//! forward (Dao, 2023) on mma.sync tensor cores, in its head-dim-128 configuration: CTAs of 4 warps
+//! and 128 query rows (32 a warp, so each shared-memory K / V fragment feeds two MMAs), K / V tiles
+//! of 64 keys double-buffered with cp.async, Q staged once in shared memory. The grid puts a
+//! sequence's query heads side by side (one KV head's tiles are then shared through L2) and counts
+//! query tiles from the last, so the causal mask's longest CTAs are scheduled first.
 //!
 //! Every launcher checks what the host can check — head dim, GQA ratio, block size, 16-byte
 //! alignment of pointers and strides, grid limits, workspace size — and returns a
@@ -708,17 +715,21 @@ impl Attention {
         aligned("out pointer", args.out, 16)?;
         aligned("q_start pointer", args.q_start, 4)?;
         aligned("lens pointer", args.lens, 4)?;
-        if !scale.is_finite() {
-            return Err(KernelError::Shape(format!("softmax scale {scale}")));
+        // The kernel keeps raw running maxima and applies the scale inside the exponent, which
+        // is the softmax only for a positive scale (1/√d in every model).
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(KernelError::Shape(format!(
+                "softmax scale {scale}: prefill takes a finite scale > 0"
+            )));
         }
         if shape.max_q_len == 0 {
             return Ok(());
         }
-        let tiles = shape.max_q_len.div_ceil(64);
-        if tiles > i32::MAX as usize || shape.n_heads > 65535 {
+        let tiles = shape.max_q_len.div_ceil(PREFILL_ROWS);
+        let heads = shape.n_heads * shape.batch;
+        if tiles > 65535 || heads > i32::MAX as usize {
             return Err(KernelError::Shape(format!(
-                "{tiles} query tiles × {} heads: over the grid limits",
-                shape.n_heads
+                "{tiles} query tiles (at most 65535) × {heads} (sequence, head) pairs (at most 2^31 − 1): over the grid limits"
             )));
         }
         kv.check_context(shape.max_context)?;
@@ -749,7 +760,10 @@ impl Attention {
             shape.head_dim
         ))?;
         let cfg = LaunchConfig {
-            grid_dim: (tiles as u32, shape.n_heads as u32, shape.batch as u32),
+            // x: (sequence, head), query heads of one KV head adjacent (their K / V tiles are
+            // then read from L2); y: query tiles counted from each sequence's last, so the
+            // longest CTAs start first.
+            grid_dim: (heads as u32, tiles as u32, 1),
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: prefill_smem_bytes(shape.head_dim) as u32,
         };
@@ -815,10 +829,19 @@ fn split_plan(shape: &DecodeShape, resident: usize, splits: Option<usize>) -> Re
     })
 }
 
-/// Dynamic shared memory of one prefill CTA: 2 stages × (K, V) × 64 tokens × (head_dim + 8)
-/// elements of 2 bytes (as attention.cu lays it out).
+/// Query rows of one prefill CTA (`PF_BM` in attention.cu).
+const PREFILL_ROWS: usize = 128;
+/// Keys of one prefill K / V tile (`PF_BN` in attention.cu).
+const PREFILL_KEYS: usize = 64;
+
+/// Bytes of the prefill CTA's block-table ring (`PF_RING_BYTES` in attention.cu).
+const PREFILL_RING_BYTES: usize = 64;
+
+/// Dynamic shared memory of one prefill CTA: (128 query rows + 2 stages × (K, V) × 64 keys) ×
+/// (head_dim + 8) elements of 2 bytes, then the block-table ring (as attention.cu lays it out):
+/// 102 KiB at head dim 128, so two CTAs fit an H100 multiprocessor.
 fn prefill_smem_bytes(head_dim: usize) -> usize {
-    2 * 2 * 64 * (head_dim + 8) * 2
+    (PREFILL_ROWS + 2 * 2 * PREFILL_KEYS) * (head_dim + 8) * 2 + PREFILL_RING_BYTES
 }
 
 fn check_shape(s: &DecodeShape) -> Result<()> {
