@@ -18,7 +18,6 @@ use rand_distr::{Distribution, Exp};
 use crate::engine::{
     event_channel, Engine, EngineError, EventKind, GenerationRequest, StopConditions,
 };
-use crate::kv::KvDims;
 use crate::sampler::SamplingParams;
 use crate::workload::RequestShape;
 
@@ -137,14 +136,7 @@ pub fn run_offline(
     let prompt_tokens: usize = requests.iter().map(|r| r.prompt.len()).sum();
     let before = engine.metrics();
     let (tx, mut rx) = event_channel();
-    let c = &engine.model().model.config;
-    let bytes_per_token = KvDims {
-        num_layers: c.num_layers,
-        num_kv_heads: c.num_kv_heads,
-        head_dim: c.head_dim,
-    }
-    .bytes_per_token();
-    let capacity_bytes = (engine.kv_capacity_tokens() * bytes_per_token) as f64;
+    let capacity_bytes = before.kv_capacity_bytes as f64;
     let running = AtomicBool::new(true);
     let samples = Mutex::new(Vec::<(f64, f64)>::new());
     let start = Instant::now();
