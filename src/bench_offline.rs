@@ -200,6 +200,11 @@ fn print_table(reports: &[OfflineReport]) {
         &|r| r.map_waits.map_or(f64::NAN, |w| w as f64),
         0,
     );
+    row(
+        "  of them growth",
+        &|r| r.map_waits_growth.map_or(f64::NAN, |w| w as f64),
+        0,
+    );
     row("peak running", &|r| r.peak_running as f64, 0);
     row("KV used mean %", &|r| 100.0 * r.kv_used_mean, 1);
     row("KV used peak %", &|r| 100.0 * r.kv_used_peak, 1);

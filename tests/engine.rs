@@ -129,6 +129,7 @@ fn in_vmm_mode_decode_pages_are_mapped_ahead_without_waiting() {
         // The one wait is the admission: a fresh slot's first page is mapped when the request
         // is scheduled. Every page after it was mapped ahead.
         assert_eq!(map.waits, 1, "{name}: {map:?}");
+        assert_eq!(map.growth_waits, 0, "{name}: {map:?}");
         assert_empty(&e, &name);
     }
 }

@@ -206,6 +206,9 @@ pub enum EngineError {
 pub struct MapMetrics {
     /// `reserve`s that found pages missing and mapped them on the critical path (target 0).
     pub waits: u64,
+    /// Of `waits`, those of sequences already running (decode steps, later prefill chunks);
+    /// the rest are admissions of slots without pages.
+    pub growth_waits: u64,
     pub wait_seconds: f64,
     pub pages_mapped_ahead: u64,
     pub pages_mapped_on_wait: u64,
@@ -926,6 +929,7 @@ impl<'m> EngineLoop<'m> {
         m.preemptions = self.scheduler.preemptions();
         m.map = self.backend.kv().mapper_stats().map(|s| MapMetrics {
             waits: s.waits,
+            growth_waits: self.backend.kv().growth_map_waits().unwrap_or(0),
             wait_seconds: s.wait_seconds,
             pages_mapped_ahead: s.pages_mapped_ahead,
             pages_mapped_on_wait: s.pages_mapped_on_wait,

@@ -90,6 +90,8 @@ pub struct OfflineReport {
     pub preemptions: u64,
     /// vmm: `reserve`s that had to map pages themselves (admissions of fresh slots included).
     pub map_waits: Option<u64>,
+    /// vmm: of `map_waits`, those of running sequences (decode growth): the ones that cost a step.
+    pub map_waits_growth: Option<u64>,
     pub peak_running: usize,
     /// KV memory allocated / KV capacity, mean and peak over the run.
     pub kv_used_mean: f64,
@@ -239,6 +241,9 @@ pub fn run_offline(
         map_waits: after
             .map
             .map(|m| m.waits - before.map.map_or(0, |b| b.waits)),
+        map_waits_growth: after
+            .map
+            .map(|m| m.growth_waits - before.map.map_or(0, |b| b.growth_waits)),
         peak_running: after.peak_running,
         kv_used_mean: mean(&used),
         kv_used_peak: used.iter().copied().fold(0.0, f64::max),

@@ -80,6 +80,11 @@ pub trait KvManager: Send {
     fn mapper_stats(&self) -> Option<MapperStats> {
         None
     }
+    /// Of the map waits, those of sequences already holding memory (growth: decode steps and
+    /// later prefill chunks) — the ones map-ahead exists to remove; the rest are admissions.
+    fn growth_map_waits(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Storage of K and V for the CPU forward pass (see the module docs): the books plus host
@@ -247,6 +252,8 @@ pub struct VmmManager {
     views: Vec<LayerView>,
     config: KvSpaceConfig,
     slots: HashMap<SeqId, SlotId>,
+    /// Map waits of sequences that already had a slot (see [`KvManager::growth_map_waits`]).
+    growth_waits: u64,
 }
 
 impl VmmManager {
@@ -265,6 +272,7 @@ impl VmmManager {
             views,
             config,
             slots: HashMap::new(),
+            growth_waits: 0,
         })
     }
 
@@ -370,7 +378,8 @@ impl KvManager for VmmManager {
             None => (self.mapper.space().acquire().map_err(vmm_error)?, true),
         };
         match self.mapper.ensure(slot, len) {
-            Ok(_) => {
+            Ok(waited) => {
+                self.growth_waits += u64::from(waited && !new);
                 self.slots.insert(seq, slot);
                 Ok(())
             }
@@ -426,6 +435,10 @@ impl KvManager for VmmManager {
     fn mapper_stats(&self) -> Option<MapperStats> {
         Some(self.mapper.stats())
     }
+
+    fn growth_map_waits(&self) -> Option<u64> {
+        Some(self.growth_waits)
+    }
 }
 
 impl KvManager for VmmKv {
@@ -458,6 +471,9 @@ impl KvManager for VmmKv {
     }
     fn mapper_stats(&self) -> Option<MapperStats> {
         self.0.mapper_stats()
+    }
+    fn growth_map_waits(&self) -> Option<u64> {
+        self.0.growth_map_waits()
     }
 }
 

@@ -4,11 +4,15 @@
 //!
 //! - **paged** (vLLM's PagedAttention): one preallocated device pool per layer's K and V of blocks
 //!   of `block_size` tokens, a free list, a block table per sequence uploaded each step;
-//! - **vmm** (vAttention): a [`KvSpace`] on [`CudaVmm`] (2 MiB pages, `per-layer` or
-//!   `token-major`), one slot per sequence, pages mapped on demand by `ensure`; the attention
-//!   kernels read it through plain strides.
+//! - **vmm** (vAttention): a [`vkv_vmm::KvSpace`] on [`CudaVmm`] (2 MiB pages, `per-layer` or
+//!   `token-major`), one slot per sequence, kept by the CPU vmm cache's own books
+//!   ([`VmmManager`]: a `Mapper` thread maps the pages the engine's `map_ahead` hints ask for
+//!   while the GPU computes; released slots keep their pages); the attention kernels read it
+//!   through plain strides.
 //!
-//! The CPU `KvCache` trait hands out f32 host pointers, so the GPU has this small cache of its own.
+//! The CPU `KvCache` hands out f32 host pointers, so the GPU has this cache of its own; it keeps
+//! the same books ([`KvManager`]), so the engine's scheduler reserves, frees and preempts on it
+//! unchanged.
 //!
 //! Per step: the batch's tokens, positions, chunk bounds and KV addressing are uploaded once;
 //! then per layer: RMSNorm (residual add fused) → one QKV GEMM (cuBLAS, bf16 in, f32 accumulate)
@@ -440,6 +444,13 @@ impl KvManager for GpuKv {
         match &self.store {
             Store::Paged { .. } => None,
             Store::Vmm(m) => m.mapper_stats(),
+        }
+    }
+
+    fn growth_map_waits(&self) -> Option<u64> {
+        match &self.store {
+            Store::Paged { .. } => None,
+            Store::Vmm(m) => m.growth_map_waits(),
         }
     }
 }
