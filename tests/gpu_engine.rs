@@ -6,11 +6,14 @@
 //! admissions); sampled rows come back as logits; the KV cache sized from
 //! `gpu_memory_utilization` serves.
 //!
-//! bf16 on the GPU is not batch invariant the way the CPU's `--batch-invariant` is (cuBLAS picks
-//! kernels by batch size; a mixed batch runs its decode rows through the prefill kernel), so
-//! "the same as alone" is checked as: at least 90 % of requests token for token, and the number
-//! printed. Skips without a GPU (fails with `VKV_REQUIRE_GPU=1`). The tests take one lock: each
-//! engine may take most of the GPU's memory.
+//! bf16 on the GPU is not promised to be batch invariant the way the CPU's `--batch-invariant`
+//! is (cuBLAS may pick kernels by batch size; a mixed batch runs its decode rows through the
+//! prefill kernel), so "the same as alone" is checked as at least 90 % of requests token for
+//! token, the count printed (measured on an H200: 20 of 20 in every mode). A preempted request is
+//! recomputed by one prefill over prompt + output, which rounds differently from the decode steps
+//! that first made its KV: there the first tokens must agree and half the outputs whole (measured:
+//! 11 and 10 of 12, the others differing after token 170). Skips without a GPU (fails with
+//! `VKV_REQUIRE_GPU=1`). The tests take one lock: each engine may take most of the GPU's memory.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -168,13 +171,15 @@ fn concurrent_greedy_requests_match_each_alone_and_start_as_on_the_cpu() {
 #[test]
 fn preemption_under_a_tiny_kv_budget_completes_every_request_and_leaks_nothing() {
     let Some(_gpu) = gpu() else { return };
-    // 8 MiB: 4 pages of 2 MiB; about 1 300 tokens of the 8-layer test model, 360 of the full one.
+    // 8 MiB: 4 pages of 2 MiB; about 1 360 tokens of the 8-layer test model, 360 of the full one.
+    // Each request outgrows one 2 MiB page (341 tokens token-major for 8 layers, 91 for 30), so
+    // vmm too must preempt (with requests inside one page it could only stop admitting).
     for mode in [PAGED, TOKEN_MAJOR] {
         let e = engine(Device::Cuda, mode, 8 << 20, 2048);
         let name = e.metrics().kv_name;
         let cap = e.kv_capacity_tokens();
-        let prompts = prompts(&e, 24);
-        let max_tokens = 64;
+        let prompts = prompts(&e, 12);
+        let max_tokens = (cap * 2 / 5).min(400);
         let need: usize = prompts.iter().map(|p| p.len() + max_tokens).sum();
         assert!(
             need > cap,
