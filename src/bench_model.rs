@@ -6,6 +6,15 @@
 //! bandwidth measured in the same run (bytes read + written, GPU.md's convention). It also times
 //! the step's GEMMs alone (cuBLAS, same shapes) against their weight-bytes floor, to say where
 //! the gap is. Host clock around a synchronized step; 3 warm-up steps; median.
+//!
+//! Prefill is measured `--prefill-reps` times (every sequence freed between repetitions; the
+//! median is reported, and the first repetition apart: it includes the vmm mode's first page
+//! mappings, later ones reuse the slots' pages through deferred reclamation). Its ceiling is
+//! measured in the same run from the parts that must run: one prefill call's GEMMs alone (cuBLAS,
+//! `rows` tokens through every layer, the output head for one row per sequence) and the causal
+//! attention kernel alone (strided KV, the same batch and lengths, once per layer); ceiling
+//! tokens/s = tokens / (GEMM time) and tokens / (GEMM + attention time). What is left over is
+//! norms, RoPE, KV append, SiLU·mul, uploads and (vmm) page mapping.
 
 // Without the cuda feature only `run` (which says so) is reachable.
 #![cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -42,6 +51,9 @@ pub struct Args {
     /// Rows per prefill forward call (whole sequences).
     #[arg(long, default_value_t = 8192)]
     prefill_rows: usize,
+    /// Prefill repetitions (median reported; sequences freed between them).
+    #[arg(long, default_value_t = 3)]
+    prefill_reps: usize,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -52,7 +64,18 @@ pub struct Row {
     kv_mode: &'static str,
     batch: usize,
     context: usize,
+    /// Median over the repetitions, and the first repetition alone.
     prefill_tokens_per_s: f64,
+    prefill_first_tokens_per_s: f64,
+    /// Tokens per prefill call, and that call's GEMMs alone and attention kernels alone (ms).
+    prefill_call_tokens: usize,
+    prefill_gemm_ms: f64,
+    prefill_attention_ms: f64,
+    /// Tokens/s if a prefill call were its GEMMs alone, and its GEMMs + attention.
+    gemm_ceiling_tokens_per_s: f64,
+    gemm_attention_ceiling_tokens_per_s: f64,
+    /// prefill_tokens_per_s / gemm_ceiling_tokens_per_s.
+    prefill_over_gemm_ceiling: f64,
     decode_step_ms: f64,
     decode_step_ms_min: f64,
     roofline_ms: f64,
@@ -111,6 +134,34 @@ pub fn run(args: Args) -> Result<()> {
                     r.weights_floor_ms
                 );
             }
+            println!(
+                "\nprefill: {:>6} {:>6} {:>8} {:>12} {:>12} {:>9} {:>9} {:>14} {:>14} {:>9}",
+                "kv",
+                "batch",
+                "context",
+                "tok/s",
+                "first tok/s",
+                "gemm ms",
+                "attn ms",
+                "gemm ceil t/s",
+                "g+attn ceil",
+                "/ gemm"
+            );
+            for r in &report.rows {
+                println!(
+                    "         {:>6} {:>6} {:>8} {:>12.0} {:>12.0} {:>9.2} {:>9.2} {:>14.0} {:>14.0} {:>9.2}",
+                    r.kv_mode,
+                    r.batch,
+                    r.context,
+                    r.prefill_tokens_per_s,
+                    r.prefill_first_tokens_per_s,
+                    r.prefill_gemm_ms,
+                    r.prefill_attention_ms,
+                    r.gemm_ceiling_tokens_per_s,
+                    r.gemm_attention_ceiling_tokens_per_s,
+                    r.prefill_over_gemm_ceiling
+                );
+            }
         }
         Ok(())
     }
@@ -130,7 +181,7 @@ mod gpu {
     use vkv_engine::model::cuda::{CudaLlama, GpuKv, GpuKvDims};
     use vkv_engine::model::{LlamaConfig, SeqChunk};
     use vkv_kernels::cuda::cudarc::driver::result;
-    use vkv_kernels::cuda::DeviceBuffer;
+    use vkv_kernels::cuda::{Attention, DeviceBuffer, Dtype, KvAddress, PrefillArgs, PrefillShape};
     use vkv_vmm::{CudaVmm, KvLayout};
 
     use super::{Args, KvChoice, Report, Row};
@@ -161,11 +212,79 @@ mod gpu {
         Ok(2.0 * bytes as f64 / median(&mut times))
     }
 
+    /// The causal prefill attention of one call alone — `batch` sequences of `context` tokens,
+    /// the model's heads, strided bf16 KV of random values — once per layer (ms, median of 5
+    /// after a warm-up).
+    fn prefill_attention_ms(model: &CudaLlama, batch: usize, context: usize) -> Result<f64> {
+        let c = &model.config;
+        let ctx = model.context();
+        let stream = ctx.default_stream();
+        let att = Attention::new(ctx)?;
+        let (qw, kvw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let rows = batch * context;
+        let q = DeviceBuffer::new(ctx, rows * qw * 2)?;
+        let out = DeviceBuffer::new(ctx, rows * qw * 2)?;
+        let k = DeviceBuffer::new(ctx, rows * kvw * 2)?;
+        let v = DeviceBuffer::new(ctx, rows * kvw * 2)?;
+        let starts: Vec<u32> = (0..=batch).map(|b| (b * context) as u32).collect();
+        let q_start = DeviceBuffer::from_slice(ctx, &starts)?;
+        let lens = DeviceBuffer::from_slice(ctx, &vec![context as u32; batch])?;
+        let slots: Vec<u32> = (0..batch as u32).collect();
+        let slots = DeviceBuffer::from_slice(ctx, &slots)?;
+        // SAFETY: each buffer holds the element count filled.
+        unsafe {
+            att.fill_uniform(&stream, q.ptr(), rows * qw, Dtype::Bf16, 1)?;
+            att.fill_uniform(&stream, k.ptr(), rows * kvw, Dtype::Bf16, 2)?;
+            att.fill_uniform(&stream, v.ptr(), rows * kvw, Dtype::Bf16, 3)?;
+        }
+        let kv = KvAddress::Strided {
+            k: k.ptr(),
+            v: v.ptr(),
+            slots: slots.ptr(),
+            slot_stride: (context * kvw) as u64,
+            token_stride: kvw as u64,
+            head_stride: c.head_dim as u64,
+        };
+        let shape = PrefillShape {
+            batch,
+            n_heads: c.num_heads,
+            n_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            max_q_len: context,
+            max_context: context,
+        };
+        let pargs = PrefillArgs {
+            q: q.ptr(),
+            out: out.ptr(),
+            q_start: q_start.ptr(),
+            lens: lens.ptr(),
+        };
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let mut times = Vec::new();
+        for i in 0..6 {
+            model.synchronize()?;
+            let t = Instant::now();
+            for _ in 0..c.num_layers {
+                // SAFETY: q/out hold rows × heads, K/V hold batch × context tokens, as described.
+                unsafe { att.prefill(&stream, Dtype::Bf16, &shape, &pargs, &kv, scale)? };
+            }
+            model.synchronize()?;
+            if i > 0 {
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        Ok(median(&mut times))
+    }
+
     pub(super) fn measure(args: &Args) -> Result<Report> {
         let probe = vkv_vmm::probe_cuda().context("no GPU")?;
-        if args.batch.is_empty() || args.batch.contains(&0) || args.context == 0 || args.steps == 0
+        if args.batch.is_empty()
+            || args.batch.contains(&0)
+            || args.context == 0
+            || args.steps == 0
+            || args.prefill_reps == 0
         {
-            bail!("batch sizes, context and steps must be positive");
+            bail!("batch sizes, context, steps and prefill repetitions must be positive");
         }
         let config = LlamaConfig::preset(&args.preset)?;
         if args.context + args.steps + 4 > config.max_position_embeddings {
@@ -225,22 +344,47 @@ mod gpu {
                     &mut kv,
                 )?;
                 kv.free(warm)?;
-                model.synchronize()?;
-                let t = Instant::now();
                 let mut next = vec![0u32; batch];
-                for first in (0..batch).step_by(per_call) {
-                    let chunks: Vec<SeqChunk<'_>> = (first..(first + per_call).min(batch))
-                        .map(|s| SeqChunk {
-                            seq: s as u64,
-                            tokens: &prompt,
-                            start: 0,
-                            all_logits: false,
-                        })
-                        .collect();
-                    let ids = model.forward_greedy(&chunks, &mut kv)?;
-                    next[first..first + ids.len()].copy_from_slice(&ids);
+                let mut prefill_s = Vec::new();
+                for rep in 0..args.prefill_reps {
+                    if rep > 0 {
+                        for s in 0..batch {
+                            kv.free(s as u64)?;
+                        }
+                    }
+                    model.synchronize()?;
+                    let t = Instant::now();
+                    for first in (0..batch).step_by(per_call) {
+                        let chunks: Vec<SeqChunk<'_>> = (first..(first + per_call).min(batch))
+                            .map(|s| SeqChunk {
+                                seq: s as u64,
+                                tokens: &prompt,
+                                start: 0,
+                                all_logits: false,
+                            })
+                            .collect();
+                        let ids = model.forward_greedy(&chunks, &mut kv)?;
+                        next[first..first + ids.len()].copy_from_slice(&ids);
+                    }
+                    prefill_s.push(t.elapsed().as_secs_f64());
                 }
-                let prefill_s = t.elapsed().as_secs_f64();
+                let prefill_first_s = prefill_s[0];
+                let prefill_s = median(&mut prefill_s);
+                // The ceiling of one full prefill call: its GEMMs and its attention alone.
+                let call = per_call.min(batch);
+                let call_rows = call * args.context;
+                let mut gt = Vec::new();
+                for i in 0..6 {
+                    model.synchronize()?;
+                    let t = Instant::now();
+                    model.gemms_only(call_rows, call)?;
+                    model.synchronize()?;
+                    if i > 0 {
+                        gt.push(t.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
+                let prefill_gemm_ms = median(&mut gt);
+                let prefill_attention_ms = prefill_attention_ms(&model, call, args.context)?;
                 // Decode.
                 let mut times = Vec::new();
                 for step in 0..args.steps + 3 {
@@ -266,7 +410,7 @@ mod gpu {
                 for i in 0..13 {
                     model.synchronize()?;
                     let t = Instant::now();
-                    model.gemms_only(batch)?;
+                    model.gemms_only(batch, batch)?;
                     model.synchronize()?;
                     if i >= 3 {
                         gt.push(t.elapsed().as_secs_f64() * 1e3);
@@ -280,6 +424,17 @@ mod gpu {
                     batch,
                     context: args.context,
                     prefill_tokens_per_s: (batch * args.context) as f64 / prefill_s,
+                    prefill_first_tokens_per_s: (batch * args.context) as f64 / prefill_first_s,
+                    prefill_call_tokens: call_rows,
+                    prefill_gemm_ms,
+                    prefill_attention_ms,
+                    gemm_ceiling_tokens_per_s: call_rows as f64 / prefill_gemm_ms * 1e3,
+                    gemm_attention_ceiling_tokens_per_s: call_rows as f64
+                        / (prefill_gemm_ms + prefill_attention_ms)
+                        * 1e3,
+                    prefill_over_gemm_ceiling: (batch * args.context) as f64
+                        / prefill_s
+                        / (call_rows as f64 / prefill_gemm_ms * 1e3),
                     decode_step_ms: med,
                     decode_step_ms_min: min,
                     roofline_ms: roof,

@@ -126,21 +126,13 @@ pub fn gguf_vocab(g: &GgufFile) -> Result<GgufVocab, ModelError> {
 /// take 4 bytes each: 32 GB for llama-3-8b).
 pub const CPU_PRESET_MAX_PARAMS: usize = 2_000_000_000;
 
-/// A model preset with seeded random weights ([`Llama::random`], seed 0; above
-/// [`CPU_PRESET_MAX_PARAMS`] only the shapes, for the CUDA device to fill) and a byte-level
-/// tokenizer made up for it: the 256 byte tokens of GPT-2's byte-level alphabet, then
-/// placeholder tokens `<|tN|>` up to the preset's vocabulary, no merges (so text encodes one
-/// token per byte) and no EOS. For benchmarks and smoke tests that need shapes, not knowledge.
-pub fn load_preset(name: &str) -> Result<LoadedModel, GenerateError> {
-    let config = LlamaConfig::preset(name)?;
-    let vocab_size = config.vocab_size;
-    let model = if config.num_parameters() > CPU_PRESET_MAX_PARAMS {
-        ModelWeights::device_random(config.checked()?, 0)
-    } else {
-        ModelWeights::host(Llama::random(config, 0)?)
-    };
+/// A tokenizer made up for a vocabulary of `vocab_size` ids, for models that come without one
+/// (presets, an HF directory without `tokenizer.json`): the 256 byte tokens of GPT-2's
+/// byte-level alphabet, then placeholder tokens `<|tN|>`, no merges (so text encodes one token
+/// per byte) and no EOS. Text means nothing to such a model; token ids are what it is for.
+pub fn placeholder_tokenizer(vocab_size: usize) -> Result<Tokenizer, TokenizerError> {
     // GPT-2's bytes_to_unicode: printable bytes stand for themselves, the rest map to U+0100...
-    let mut tokens = Vec::with_capacity(vocab_size);
+    let mut tokens = Vec::with_capacity(vocab_size.max(256));
     let mut next = 256u32;
     for b in 0u32..256 {
         let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
@@ -153,11 +145,25 @@ pub fn load_preset(name: &str) -> Result<LoadedModel, GenerateError> {
         tokens.push(char::from_u32(c).unwrap_or('?').to_string());
     }
     tokens.extend((256..vocab_size).map(|i| format!("<|t{i}|>")));
-    let tokenizer = Tokenizer::from_gguf_vocab(GgufVocab {
+    Tokenizer::from_gguf_vocab(GgufVocab {
         model: "gpt2".into(),
         tokens,
         ..GgufVocab::default()
-    })?;
+    })
+}
+
+/// A model preset with seeded random weights ([`Llama::random`], seed 0; above
+/// [`CPU_PRESET_MAX_PARAMS`] only the shapes, for the CUDA device to fill) and a
+/// [`placeholder_tokenizer`]. For benchmarks and smoke tests that need shapes, not knowledge.
+pub fn load_preset(name: &str) -> Result<LoadedModel, GenerateError> {
+    let config = LlamaConfig::preset(name)?;
+    let vocab_size = config.vocab_size;
+    let model = if config.num_parameters() > CPU_PRESET_MAX_PARAMS {
+        ModelWeights::device_random(config.checked()?, 0)
+    } else {
+        ModelWeights::host(Llama::random(config, 0)?)
+    };
+    let tokenizer = placeholder_tokenizer(vocab_size)?;
     Ok(LoadedModel {
         name: format!("preset:{name}"),
         model,
@@ -165,8 +171,8 @@ pub fn load_preset(name: &str) -> Result<LoadedModel, GenerateError> {
     })
 }
 
-/// Load a GGUF file, an HF directory (config.json, *.safetensors, tokenizer.json), or
-/// `preset:NAME` ([`load_preset`]).
+/// Load a GGUF file, an HF directory (config.json, *.safetensors, and tokenizer.json — without
+/// it a [`placeholder_tokenizer`]), or `preset:NAME` ([`load_preset`]).
 pub fn load_model(path: &Path) -> Result<LoadedModel, GenerateError> {
     if let Some(name) = path.to_str().and_then(|p| p.strip_prefix("preset:")) {
         return load_preset(name);
@@ -177,11 +183,21 @@ pub fn load_model(path: &Path) -> Result<LoadedModel, GenerateError> {
     );
     if path.is_dir() {
         let model = ModelWeights::host(Llama::from_hf_dir(path)?);
-        let config = path.join("tokenizer_config.json");
-        let tokenizer = Tokenizer::from_files(
-            &path.join("tokenizer.json"),
-            config.exists().then_some(config.as_path()),
-        )?;
+        let tokenizer_path = path.join("tokenizer.json");
+        let (tokenizer, name) = if tokenizer_path.exists() {
+            let config = path.join("tokenizer_config.json");
+            let t = Tokenizer::from_files(
+                &tokenizer_path,
+                config.exists().then_some(config.as_path()),
+            )?;
+            (t, name)
+        } else {
+            // A bare checkpoint (the transformers check writes one): token ids only.
+            (
+                placeholder_tokenizer(model.config.vocab_size)?,
+                format!("{name} (no tokenizer.json: placeholder byte tokenizer)"),
+            )
+        };
         return Ok(LoadedModel {
             name,
             model,

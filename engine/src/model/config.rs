@@ -214,33 +214,62 @@ impl LlamaConfig {
         };
         let float =
             |k: &str, default: f64| v.get(k).and_then(|x| x.as_f64()).unwrap_or(default) as f32;
+        // What the forward pass does not have must not be ignored silently.
+        for k in ["attention_bias", "mlp_bias"] {
+            if v.get(k).and_then(|b| b.as_bool()) == Some(true) {
+                return Err(ModelError::Config(format!(
+                    "config.json sets `{k}`: vkv's Llama has no bias terms"
+                )));
+            }
+        }
+        if let Some(act) = v.get("hidden_act").and_then(|a| a.as_str()) {
+            if act != "silu" {
+                return Err(ModelError::Config(format!(
+                    "config.json's hidden_act is {act:?}: vkv's Llama MLP is SwiGLU (silu)"
+                )));
+            }
+        }
         let num_heads = int("num_attention_heads")?;
         let hidden_size = int("hidden_size")?;
-        let rope_scaling = match v.get("rope_scaling") {
-            Some(s) if !s.is_null() => {
+        // transformers 5 writes `rope_parameters` ({rope_type, rope_theta, ...}) where 4.x wrote
+        // `rope_theta` and `rope_scaling` (null when there is none).
+        let rope_parameters = v.get("rope_parameters").filter(|p| !p.is_null());
+        let rope_theta = rope_parameters
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(|t| t.as_f64())
+            .map_or_else(|| float("rope_theta", 10000.0), |t| t as f32);
+        let scaling = v
+            .get("rope_scaling")
+            .filter(|s| !s.is_null())
+            .or(rope_parameters);
+        let rope_scaling = match scaling {
+            Some(s) => {
                 let kind = s
                     .get("rope_type")
                     .or_else(|| s.get("type"))
                     .and_then(|t| t.as_str());
-                if kind != Some("llama3") {
-                    return Err(ModelError::Config(format!(
-                        "unsupported rope_scaling {s}: only llama3 is"
-                    )));
-                }
                 let f = |k: &str| {
                     s.get(k)
                         .and_then(|x| x.as_f64())
                         .map(|x| x as f32)
                         .ok_or_else(|| ModelError::Config(format!("rope_scaling has no `{k}`")))
                 };
-                Some(Llama3RopeScaling {
-                    factor: f("factor")?,
-                    low_freq_factor: f("low_freq_factor")?,
-                    high_freq_factor: f("high_freq_factor")?,
-                    original_max_position_embeddings: f("original_max_position_embeddings")?,
-                })
+                if kind == Some("default") && s.get("factor").is_none() {
+                    None
+                } else if kind != Some("llama3") {
+                    return Err(ModelError::Config(format!(
+                        "unsupported rope_scaling {s}: only llama3 is"
+                    )));
+                } else {
+                    Some(Llama3RopeScaling {
+                        factor: f("factor")?,
+                        low_freq_factor: f("low_freq_factor")?,
+                        high_freq_factor: f("high_freq_factor")?,
+                        original_max_position_embeddings: f("original_max_position_embeddings")?,
+                    })
+                }
             }
-            _ => None,
+            None => None,
         };
         LlamaConfig {
             vocab_size: int("vocab_size")?,
@@ -250,7 +279,7 @@ impl LlamaConfig {
             num_heads,
             num_kv_heads: int("num_key_value_heads").unwrap_or(num_heads),
             head_dim: int("head_dim").unwrap_or(hidden_size / num_heads.max(1)),
-            rope_theta: float("rope_theta", 10000.0),
+            rope_theta,
             rope_scaling,
             rope_style: RopeStyle::Half,
             rms_norm_eps: float("rms_norm_eps", 1e-6),

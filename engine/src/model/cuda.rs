@@ -828,9 +828,11 @@ impl CudaLlama {
     }
 
     /// Only the matrix products of one forward pass over `rows` tokens (every layer's four GEMMs
-    /// and the output head for `rows` rows), on random activations, queued on the stream: how much
-    /// of a step cuBLAS takes (benchmarks).
-    pub fn gemms_only(&mut self, rows: usize) -> Result<()> {
+    /// for `rows` rows, the output head for `head_rows`: `rows` in a decode step, one per
+    /// sequence in a prefill), on random activations, queued on the stream: how much of a step
+    /// cuBLAS takes (benchmarks).
+    pub fn gemms_only(&mut self, rows: usize, head_rows: usize) -> Result<()> {
+        let head_rows = head_rows.min(rows);
         let c = self.config.clone();
         let (h, inter) = (c.hidden_size, c.intermediate_size);
         let (qw, kvw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
@@ -842,9 +844,9 @@ impl CudaLlama {
         let o = b.o.get(&ctx, rows * h * BF16)?;
         let gu = b.gu.get(&ctx, rows * 2 * inter * BF16)?;
         let act = b.act.get(&ctx, rows * inter * BF16)?;
-        let logits = b.logits.get(&ctx, rows * c.vocab_size * 4)?;
+        let logits = b.logits.get(&ctx, head_rows.max(1) * c.vocab_size * 4)?;
         let s = &self.stream;
-        // SAFETY: every buffer is sized above for `rows`.
+        // SAFETY: every buffer is sized above for `rows` (the logits for `head_rows`).
         unsafe {
             self.ops.fill_bf16(s, xn, rows * h, 1, 1.0)?;
             self.ops.fill_bf16(s, attn, rows * qw, 2, 1.0)?;
@@ -860,8 +862,10 @@ impl CudaLlama {
                     .matmul_t(act, layer.w_down.ptr(), o, rows, h, inter, false)?;
             }
             let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-            self.gemm
-                .matmul_t(xn, head.ptr(), logits, rows, c.vocab_size, h, true)?;
+            if head_rows > 0 {
+                self.gemm
+                    .matmul_t(xn, head.ptr(), logits, head_rows, c.vocab_size, h, true)?;
+            }
         }
         Ok(())
     }

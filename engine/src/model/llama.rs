@@ -18,6 +18,7 @@ use vkv_kernels::cpu::{self, KvRef, Weight};
 use super::{LlamaConfig, ModelError};
 use crate::kv::{KvCache, SeqId};
 use crate::weights::gguf::{GgmlType, GgufFile};
+use crate::weights::safetensors::Checkpoint;
 
 /// One sequence's part of a batch: `tokens` at positions `start..start + tokens.len()`.
 #[derive(Debug, Clone, Copy)]
@@ -323,83 +324,61 @@ impl Llama {
         )
     }
 
-    /// Load an HF directory: `config.json` and `*.safetensors` (F32, F16 or BF16 tensors).
+    /// Load an HF directory: `config.json` and `*.safetensors` (F32, F16 or BF16 tensors, one
+    /// file or shards). HF checkpoints keep Q and K rows in the order HF's `rotate_half` RoPE
+    /// pairs them (dimension `i` with `i + head_dim/2`: [`RopeStyle::Half`], which
+    /// [`LlamaConfig::from_hf_json`] sets), so they load as stored; GGUF files are the ones whose
+    /// converter permuted those rows for adjacent pairs ([`RopeStyle::Interleaved`]). Every
+    /// matrix's shape is checked against the configuration (`[out][in]`, HF's `nn.Linear`).
+    ///
+    /// [`RopeStyle::Half`]: vkv_kernels::cpu::RopeStyle::Half
+    /// [`RopeStyle::Interleaved`]: vkv_kernels::cpu::RopeStyle::Interleaved
     pub fn from_hf_dir(dir: &Path) -> Result<Self, ModelError> {
-        let io = |path: &Path, e: &dyn std::fmt::Display| ModelError::Io {
-            path: path.display().to_string(),
-            detail: e.to_string(),
-        };
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|e| io(&config_path, &e))?;
+        let text = std::fs::read_to_string(&config_path).map_err(|e| ModelError::Io {
+            path: config_path.display().to_string(),
+            detail: e.to_string(),
+        })?;
         let config = LlamaConfig::from_hf_json(&text)?;
-        let mut files: Vec<_> = std::fs::read_dir(dir)
-            .map_err(|e| io(dir, &e))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        files.sort();
-        if files.is_empty() {
-            return Err(io(dir, &"no *.safetensors file"));
-        }
-        let mut maps = Vec::new();
-        for path in &files {
-            let file = std::fs::File::open(path).map_err(|e| io(path, &e))?;
-            // SAFETY: the file is only read; vkv does not write model files while running.
-            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io(path, &e))?;
-            maps.push((path.clone(), map));
-        }
-        let mut tensors: HashMap<
-            String,
-            (
-                usize,
-                safetensors::Dtype,
-                Vec<usize>,
-                std::ops::Range<usize>,
-            ),
-        > = HashMap::new();
-        for (i, (path, map)) in maps.iter().enumerate() {
-            let st = safetensors::SafeTensors::deserialize(map).map_err(|e| io(path, &e))?;
-            for (name, view) in st.tensors() {
-                let base = view.data().as_ptr() as usize - map.as_ptr() as usize;
-                tensors.insert(
-                    name,
-                    (
-                        i,
-                        view.dtype(),
-                        view.shape().to_vec(),
-                        base..base + view.data().len(),
-                    ),
+        let ck = Checkpoint::open_dir(dir)?;
+        let c = &config;
+        let (h, i, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let layer_shapes: [&[usize]; 9] = [
+            &[h],
+            &[q, h],
+            &[kv, h],
+            &[kv, h],
+            &[h, q],
+            &[h],
+            &[i, h],
+            &[i, h],
+            &[h, i],
+        ];
+        let mut shapes: HashMap<String, Vec<usize>> = HashMap::new();
+        shapes.insert("model.embed_tokens.weight".into(), vec![v, h]);
+        shapes.insert("model.norm.weight".into(), vec![h]);
+        shapes.insert("lm_head.weight".into(), vec![v, h]);
+        for l in 0..c.num_layers {
+            for (j, s) in layer_shapes.iter().enumerate() {
+                shapes.insert(
+                    format!("model.layers.{l}.{}.weight", HF_LAYER[j]),
+                    s.to_vec(),
                 );
             }
         }
         let get = |name: &str| -> Result<Option<Weight>, ModelError> {
-            let Some((i, dtype, _, range)) = tensors.get(name) else {
-                return Ok(None);
-            };
-            let bytes = &maps[*i].1[range.clone()];
-            let bad = |d: String| ModelError::Tensor {
-                name: name.into(),
-                detail: d,
-            };
-            Ok(Some(Weight::F32(match dtype {
-                safetensors::Dtype::F32 => bytes
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-                    .collect(),
-                safetensors::Dtype::F16 => bytes
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-                safetensors::Dtype::BF16 => bytes
-                    .chunks_exact(2)
-                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-                other => {
-                    return Err(bad(format!(
-                        "unsupported dtype {other:?}: expected F32, F16 or BF16"
-                    )))
+            if let (Some((found, _)), Some(want)) = (ck.info(name), shapes.get(name)) {
+                if found != want.as_slice() {
+                    return Err(ModelError::Tensor {
+                        name: name.into(),
+                        detail: format!(
+                            "expected shape {want:?} (from config.json), found {found:?}"
+                        ),
+                    });
                 }
-            })))
+            }
+            Ok(ck.to_f32(name)?.map(Weight::F32))
         };
         let names = |l: usize, j: usize| format!("model.layers.{l}.{}.weight", HF_LAYER[j]);
         Llama::build(

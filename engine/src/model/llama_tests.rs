@@ -370,6 +370,146 @@ fn bad_batches_and_configs_are_errors() {
     assert!(e.to_string().contains("vkv-no-such-model-dir"), "{e}");
 }
 
+/// Rewrite `dir/model.safetensors` through `edit(name, shape, bytes)` (`None` drops the tensor).
+fn rewrite(
+    dir: &std::path::Path,
+    edit: impl Fn(&str, Vec<usize>, Vec<u8>) -> Option<(Vec<usize>, Vec<u8>)>,
+) {
+    let path = dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .filter_map(|(n, v)| {
+            let (shape, data) = edit(&n, v.shape().to_vec(), v.data().to_vec())?;
+            Some((n, v.dtype(), shape, data))
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = kept
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(&path, safetensors::serialize(views, &None).unwrap()).unwrap();
+}
+
+#[test]
+fn hf_directories_with_wrong_tensors_or_files_are_readable_errors() {
+    let msg = |dir: &std::path::Path| Llama::from_hf_dir(dir).err().unwrap().to_string();
+    // A transposed matrix (same element count) is caught by its shape.
+    let t = tiny_model("transposed");
+    rewrite(&t.dir, |n, s, b| {
+        Some(if n == "model.layers.1.self_attn.k_proj.weight" {
+            (vec![s[1], s[0]], b)
+        } else {
+            (s, b)
+        })
+    });
+    let e = msg(&t.dir);
+    assert!(
+        e.contains("model.layers.1.self_attn.k_proj.weight")
+            && e.contains("expected shape [16, 48] (from config.json), found [48, 16]"),
+        "{e}"
+    );
+    // A missing tensor is named.
+    let t = tiny_model("missing");
+    rewrite(&t.dir, |n, s, b| {
+        (n != "model.layers.2.mlp.up_proj.weight").then_some((s, b))
+    });
+    let e = msg(&t.dir);
+    assert!(
+        e.contains("tensor model.layers.2.mlp.up_proj.weight: missing"),
+        "{e}"
+    );
+    // A truncated file says so, with its path.
+    let t = tiny_model("truncated");
+    let path = t.dir.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    let e = msg(&t.dir);
+    assert!(
+        e.contains("model.safetensors is not a valid safetensors file") && e.contains("truncated"),
+        "{e}"
+    );
+    // Features the forward pass lacks are refused, not ignored.
+    let t = tiny_model("bias");
+    std::fs::write(
+        t.dir.join("config.json"),
+        CONFIG.replace("\"llama\",", "\"llama\", \"attention_bias\": true,"),
+    )
+    .unwrap();
+    let e = msg(&t.dir);
+    assert!(e.contains("attention_bias"), "{e}");
+    let e = LlamaConfig::from_hf_json(
+        &CONFIG.replace("\"llama\",", "\"llama\", \"hidden_act\": \"gelu\","),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("gelu"), "{e}");
+}
+
+#[test]
+fn rope_settings_read_alike_from_transformers_4_and_5_configs() {
+    let v4 = CONFIG.replace(
+        "\"rope_theta\": 10000.0,",
+        r#""rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192},"#,
+    );
+    let v5 = CONFIG.replace(
+        "\"rope_theta\": 10000.0,",
+        r#""rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192},"#,
+    );
+    let (a, b) = (
+        LlamaConfig::from_hf_json(&v4).unwrap(),
+        LlamaConfig::from_hf_json(&v5).unwrap(),
+    );
+    assert_eq!(a, b);
+    assert_eq!(a.rope_theta, 500000.0);
+    assert_eq!(
+        a.rope_scaling.unwrap().original_max_position_embeddings,
+        8192.0
+    );
+    let plain = CONFIG.replace(
+        "\"rope_theta\": 10000.0,",
+        r#""rope_parameters": {"rope_type": "default", "rope_theta": 20000.0},"#,
+    );
+    let c = LlamaConfig::from_hf_json(&plain).unwrap();
+    assert_eq!((c.rope_theta, c.rope_scaling), (20000.0, None));
+    let yarn = CONFIG.replace(
+        "\"rope_theta\": 10000.0,",
+        r#""rope_scaling": {"rope_type": "yarn", "factor": 4.0},"#,
+    );
+    let e = LlamaConfig::from_hf_json(&yarn).unwrap_err();
+    assert!(e.to_string().contains("only llama3"), "{e}");
+}
+
+#[test]
+fn an_hf_directory_without_a_tokenizer_loads_for_token_ids() {
+    let t = tiny_model("no-tokenizer");
+    let loaded = crate::generate::load_model(&t.dir).unwrap();
+    assert!(loaded.name.contains("no tokenizer.json"), "{}", loaded.name);
+    let direct = Llama::from_hf_dir(&t.dir).unwrap();
+    let mut kv = PagedKv::new(dims(), 8, 16).unwrap();
+    let mut kv2 = PagedKv::new(dims(), 8, 16).unwrap();
+    let chunk = [SeqChunk {
+        seq: 0,
+        tokens: &[5, 17, 96, 3],
+        start: 0,
+        all_logits: false,
+    }];
+    assert_eq!(
+        loaded.model.forward(&chunk, &mut kv).unwrap(),
+        direct.forward(&chunk, &mut kv2).unwrap()
+    );
+}
+
 #[test]
 fn presets_have_the_published_shapes_and_unknown_names_are_refused() {
     let l3 = LlamaConfig::preset("llama-3-8b").unwrap();

@@ -13,6 +13,7 @@ pub use llama::{DenseLayer, Llama, SeqChunk};
 
 use crate::kv::KvError;
 use crate::weights::gguf::GgufError;
+use crate::weights::safetensors::SafetensorsError;
 
 /// Errors of loading or running a model; each names what was expected and what was found.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +24,8 @@ pub enum ModelError {
     Config(String),
     #[error(transparent)]
     Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Safetensors(#[from] SafetensorsError),
     #[error("tensor {name}: {detail}")]
     Tensor { name: String, detail: String },
     #[error("reading {path}: {detail}")]

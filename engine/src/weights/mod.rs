@@ -1,3 +1,4 @@
-//! Model weights on disk: the GGUF reader (`gguf`) and safetensors (`safetensors`).
+//! Model weights on disk: the GGUF reader (`gguf`) and safetensors checkpoints (`safetensors`).
 
 pub mod gguf;
+pub mod safetensors;
