@@ -36,7 +36,7 @@ pub fn run(args: Args) -> Result<()> {
     let t = measure_throughput(
         &m,
         args.kv.mode()?,
-        args.kv.kv_memory,
+        args.kv.host_kv_memory(),
         args.prompt_tokens,
         args.decode_tokens,
         args.batch,

@@ -18,7 +18,7 @@ use crate::engine_args::{model_path, EngineArgs};
 #[derive(Debug, ClapArgs)]
 pub struct Args {
     /// A GGUF file, an HF directory or preset:NAME with random weights (llama-3-8b, llama-2-7b,
-    /// mistral-7b, yi-6b, smollm2-135m; the CPU takes up to 2 B parameters). Default:
+    /// mistral-7b, yi-6b, smollm2-135m; the CPU takes up to 2 B parameters, CUDA any). Default:
     /// SmolLM2-135M-Instruct.
     #[arg(long)]
     model: Option<PathBuf>,
@@ -61,6 +61,8 @@ pub fn run(args: Args) -> Result<()> {
     let workload = Workload::parse(&args.workload)?;
     let path = model_path(args.model.clone())?;
     let modes = args.engine.kv.modes();
+    let device = args.engine.device()?;
+    let mut device_name = String::new();
     let mut runs: Vec<OfflineReport> = Vec::new();
     let mut model_name = String::new();
     let mut shapes_info = (0.0, 0.0);
@@ -68,7 +70,15 @@ pub fn run(args: Args) -> Result<()> {
         for &mode in &modes {
             let model = load_model(&path).context("loading the model")?;
             model_name.clone_from(&model.name);
-            let engine = Engine::start(model, args.engine.config(mode))?;
+            let engine = Engine::start(model, args.engine.config(mode, device))?;
+            device_name = engine.device_name();
+            eprintln!(
+                "vkv: {} on {}, KV {} holds {} tokens",
+                engine.model().name,
+                device_name,
+                engine.metrics().kv_name,
+                engine.kv_capacity_tokens()
+            );
             let c = &engine.model().model.config;
             let shapes = workload.sample(args.num_prompts, args.seed, Some(engine.max_model_len()));
             shapes_info = (
@@ -124,6 +134,7 @@ pub fn run(args: Args) -> Result<()> {
             "num_prompts": args.num_prompts,
             "request_rate": args.request_rate,
             "threads": rayon_threads(),
+            "device": device_name,
             "runs": runs,
             "median": medians,
             "ratio_vmm_over_paged": ratio,
@@ -132,7 +143,7 @@ pub fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{model_name}, {} requests of {} (mean prompt {:.0}, output {:.0} tokens), {}, CPU {} threads, {} run(s) per mode (median shown)",
+        "{model_name}, {} requests of {} (mean prompt {:.0}, output {:.0} tokens), {}, device {device_name}, CPU {} threads, {} run(s) per mode (median shown)",
         args.num_prompts,
         workload.name(),
         shapes_info.0,
@@ -187,6 +198,11 @@ fn print_table(reports: &[OfflineReport]) {
     row(
         "map waits",
         &|r| r.map_waits.map_or(f64::NAN, |w| w as f64),
+        0,
+    );
+    row(
+        "  of them growth",
+        &|r| r.map_waits_growth.map_or(f64::NAN, |w| w as f64),
         0,
     );
     row("peak running", &|r| r.peak_running as f64, 0);

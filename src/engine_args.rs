@@ -1,12 +1,14 @@
 //! Options shared by the commands that run a model: which model (`--model`, else the default one,
 //! fetched on first use), its KV cache (`--kv-mode`, `--vmm-layout`, `--page-size`,
-//! `--block-size`, `--kv-memory`) and the engine's limits (`--max-num-seqs`,
+//! `--block-size`, `--kv-memory`), the device (`--device auto|cpu|cuda`,
+//! `--gpu-memory-utilization`) and the engine's limits (`--max-num-seqs`,
 //! `--max-num-batched-tokens`, `--max-model-len`, `--batch-invariant`).
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args as ClapArgs, ValueEnum};
+use vkv_engine::device::Device;
 use vkv_engine::engine::EngineConfig;
 use vkv_engine::fetch;
 use vkv_engine::kv::KvMode;
@@ -41,12 +43,21 @@ pub struct KvArgs {
     /// Paged block size in tokens.
     #[arg(long = "block-size", default_value_t = 16)]
     pub block_size: usize,
-    /// KV memory budget.
-    #[arg(long = "kv-memory", default_value = "1GiB", value_parser = parse_bytes)]
-    pub kv_memory: usize,
+    /// KV memory budget (default: 1GiB on the CPU; on CUDA what --gpu-memory-utilization
+    /// leaves after the weights and activations).
+    #[arg(long = "kv-memory", value_parser = parse_bytes)]
+    pub kv_memory: Option<usize>,
 }
 
+/// The CPU's KV budget when `--kv-memory` is not given.
+pub const CPU_KV_MEMORY: usize = 1 << 30;
+
 impl KvArgs {
+    /// `--kv-memory`, or the CPU's default.
+    pub fn host_kv_memory(&self) -> usize {
+        self.kv_memory.unwrap_or(CPU_KV_MEMORY)
+    }
+
     /// The one mode asked for; `both` is an error here.
     pub fn mode(&self) -> Result<KvMode> {
         match self.modes().as_slice() {
@@ -93,11 +104,26 @@ pub fn model_path(model: Option<PathBuf>) -> Result<PathBuf> {
         .context("fetching the default model")
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    /// CUDA when built in and a GPU is found, else the CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
 /// The engine's options (the KV cache's included).
 #[derive(Debug, ClapArgs)]
 pub struct EngineArgs {
     #[command(flatten)]
     pub kv: KvArgs,
+    /// Where the model runs.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// CUDA: share of the GPU's memory for weights, activations and KV together; the KV cache
+    /// gets what is left of it (unless --kv-memory is given).
+    #[arg(long = "gpu-memory-utilization", default_value_t = 0.9)]
+    pub gpu_memory_utilization: f64,
     /// Sequences running at once at most.
     #[arg(long = "max-num-seqs", default_value_t = 64)]
     pub max_num_seqs: usize,
@@ -113,11 +139,32 @@ pub struct EngineArgs {
 }
 
 impl EngineArgs {
-    /// The engine configuration for one KV mode.
-    pub fn config(&self, kv_mode: KvMode) -> EngineConfig {
+    /// The device asked for; `cuda` without a usable GPU is a one-line error.
+    pub fn device(&self) -> Result<Device> {
+        if !(self.gpu_memory_utilization > 0.0 && self.gpu_memory_utilization <= 1.0) {
+            bail!(
+                "--gpu-memory-utilization must be in (0, 1], found {}",
+                self.gpu_memory_utilization
+            );
+        }
+        Ok(match self.device {
+            DeviceArg::Auto => Device::auto(),
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda => Device::cuda().map_err(anyhow::Error::msg)?,
+        })
+    }
+
+    /// The engine configuration for one KV mode on `device`.
+    pub fn config(&self, kv_mode: KvMode, device: Device) -> EngineConfig {
         EngineConfig {
+            device,
+            gpu_memory_utilization: self.gpu_memory_utilization,
             kv_mode,
-            kv_memory: self.kv.kv_memory,
+            kv_memory: match device {
+                Device::Cpu => self.kv.host_kv_memory(),
+                // 0: sized from --gpu-memory-utilization.
+                Device::Cuda => self.kv.kv_memory.unwrap_or(0),
+            },
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
             max_model_len: self.max_model_len,

@@ -43,6 +43,8 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let path = model_path(args.model)?;
     let loaded = load_model(&path).context("loading the model")?;
+    // `vkv generate` runs on the CPU: a model without host weights is refused here, clearly.
+    loaded.model.cpu()?;
     let c = &loaded.model.config;
     let text = if args.chat {
         loaded
@@ -57,10 +59,10 @@ pub fn run(args: Args) -> Result<()> {
         num_kv_heads: c.num_kv_heads,
         head_dim: c.head_dim,
     };
-    let mut kv = args
-        .kv
-        .mode()?
-        .build(dims, 1, c.max_position_embeddings, args.kv.kv_memory)?;
+    let mut kv =
+        args.kv
+            .mode()?
+            .build(dims, 1, c.max_position_embeddings, args.kv.host_kv_memory())?;
     eprintln!(
         "vkv: {} ({} layers, {} heads / {} KV heads), KV {} on the CPU, {} threads",
         loaded.name,

@@ -18,7 +18,8 @@ use crate::units::parse_bytes;
 
 #[derive(Debug, ClapArgs)]
 pub struct Args {
-    /// A GGUF file or an HF directory (default: SmolLM2-135M-Instruct, fetched on first use).
+    /// A GGUF file, an HF directory or preset:NAME (random weights; presets over 2 B parameters
+    /// need --device cuda). Default: SmolLM2-135M-Instruct, fetched on first use.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Address to listen on (0.0.0.0 for every interface).
@@ -51,6 +52,7 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let mode = args.engine.kv.mode()?;
+    let device = args.engine.device()?;
     let path = model_path(args.model.clone())?;
     let model = load_model(&path).context("loading the model")?;
     let served_model_name = args.served_model_name.clone().unwrap_or_else(|| {
@@ -60,8 +62,9 @@ pub fn run(args: Args) -> Result<()> {
             .unwrap_or(&model.name)
             .to_string()
     });
-    let engine =
-        Arc::new(Engine::start(model, args.engine.config(mode)).context("starting the engine")?);
+    let engine = Arc::new(
+        Engine::start(model, args.engine.config(mode, device)).context("starting the engine")?,
+    );
     let metrics = engine.metrics();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -74,7 +77,8 @@ pub fn run(args: Args) -> Result<()> {
             .with_context(|| format!("binding {}:{}", args.host, args.port))?;
         let addr = listener.local_addr().context("reading the bound address")?;
         println!(
-            "vkv serve: {served_model_name} on http://{addr} (device cpu, KV {}, capacity {} tokens, max model len {}, max num seqs {})",
+            "vkv serve: {served_model_name} on http://{addr} (device {}, KV {}, capacity {} tokens, max model len {}, max num seqs {})",
+            metrics.device,
             metrics.kv_name,
             engine.kv_capacity_tokens(),
             engine.max_model_len(),

@@ -5,16 +5,13 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use common::serving::{assert_empty, collect, greedy, prompts, run_one, wait_for};
 
 use vkv_engine::engine::{
-    event_channel, Engine, EngineConfig, EngineError, EventKind, EventReceiver, Finished,
-    GenerationRequest, RequestId, StopConditions,
+    event_channel, Engine, EngineConfig, EngineError, GenerationRequest, RequestId,
 };
 use vkv_engine::generate::FinishReason;
 use vkv_engine::kv::KvMode;
-use vkv_engine::sampler::SamplingParams;
 use vkv_vmm::KvLayout;
 
 const MODES: [KvMode; 3] = [
@@ -40,103 +37,10 @@ fn engine(mode: KvMode, kv_memory: usize, max_num_batched_tokens: usize) -> Engi
             max_model_len: Some(2048),
             batch_invariant: true,
             map_ahead_tokens: 16,
+            ..EngineConfig::default()
         },
     )
     .expect("start the engine")
-}
-
-/// Prompts of different lengths and content, tokenized.
-fn prompts(e: &Engine, n: usize) -> Vec<Vec<u32>> {
-    let topics = [
-        "the history of Paris",
-        "how bees make honey",
-        "why the sky is blue",
-        "a recipe for bread",
-        "the rules of chess",
-        "how a compiler works",
-        "the water cycle",
-        "a short poem about autumn",
-    ];
-    (0..n)
-        .map(|i| {
-            let mut text = format!("Write about {}.", topics[i % topics.len()]);
-            for _ in 0..i % 5 {
-                text.push_str(" Please be precise and give one example of it.");
-            }
-            e.model().tokenizer.encode(&text, false).unwrap()
-        })
-        .collect()
-}
-
-fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
-    GenerationRequest {
-        prompt,
-        max_tokens,
-        sampling: SamplingParams::default(),
-        stop: StopConditions {
-            ignore_eos: true,
-            ..StopConditions::default()
-        },
-    }
-}
-
-/// What a request produced, assembled from its events.
-#[derive(Debug, Default)]
-struct Output {
-    tokens: Vec<u32>,
-    text: String,
-    finished: Option<Finished>,
-    failed: Option<String>,
-}
-
-/// Read events until every one of `n` requests has its final event.
-fn collect(rx: &mut EventReceiver, n: usize) -> HashMap<RequestId, Output> {
-    let mut out: HashMap<RequestId, Output> = HashMap::new();
-    let mut done = 0;
-    while done < n {
-        let ev = rx.blocking_recv().expect("the engine is alive");
-        let o = out.entry(ev.id).or_default();
-        assert!(
-            o.finished.is_none() && o.failed.is_none(),
-            "event after the end"
-        );
-        match ev.kind {
-            EventKind::Delta { token_ids, text } => {
-                o.tokens.extend(token_ids);
-                o.text.push_str(&text);
-            }
-            EventKind::Finished(f) => {
-                o.finished = Some(f);
-                done += 1;
-            }
-            EventKind::Failed(why) => {
-                o.failed = Some(why);
-                done += 1;
-            }
-        }
-    }
-    out
-}
-
-fn run_one(e: &Engine, req: GenerationRequest) -> Output {
-    let (tx, mut rx) = event_channel();
-    let id = e.submit(req, tx).unwrap();
-    collect(&mut rx, 1).remove(&id).unwrap()
-}
-
-fn assert_empty(e: &Engine, what: &str) {
-    let usage = e
-        .audit_kv()
-        .unwrap_or_else(|err| panic!("{what}: audit: {err}"));
-    assert_eq!(
-        (
-            usage.sequences,
-            usage.bytes_allocated,
-            usage.bytes_holding_tokens
-        ),
-        (0, 0, 0),
-        "{what}: KV memory left behind"
-    );
 }
 
 #[test]
@@ -225,19 +129,8 @@ fn in_vmm_mode_decode_pages_are_mapped_ahead_without_waiting() {
         // The one wait is the admission: a fresh slot's first page is mapped when the request
         // is scheduled. Every page after it was mapped ahead.
         assert_eq!(map.waits, 1, "{name}: {map:?}");
+        assert_eq!(map.growth_waits, 0, "{name}: {map:?}");
         assert_empty(&e, &name);
-    }
-}
-
-/// Poll the metrics until `cond` holds (the engine publishes them after every step).
-fn wait_for(e: &Engine, what: &str, cond: impl Fn(&vkv_engine::engine::EngineMetrics) -> bool) {
-    let start = Instant::now();
-    while !cond(&e.metrics()) {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(2));
     }
 }
 

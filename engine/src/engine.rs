@@ -15,8 +15,11 @@
 //!   ids, and stop strings (the output is cut before the string, OpenAI's behaviour); `max_tokens`.
 //!   The stop token counts as a completion token, as in vLLM.
 //! - In vmm mode, before each forward pass the engine tells the cache what every scheduled
-//!   sequence will need next ([`KvCache::map_ahead`]): the `Mapper` thread maps those pages while
+//!   sequence will need next ([`crate::kv::KvManager::map_ahead`]): the `Mapper` thread maps those pages while
 //!   the step computes, so the next step's `reserve` finds them (map waits stay at 0).
+//! - The model and its KV cache live on a [`crate::device::Backend`] (CPU or CUDA): the loop
+//!   keeps the scheduler's books through its `KvManager`, and asks the device for logits only of
+//!   rows sampled with a temperature (greedy rows may be picked on the device).
 //! - [`Engine::metrics`] is a snapshot the loop refreshes after every step and every command.
 //!
 //! Invariants: every submitted request gets exactly one final event; a finished, aborted or
@@ -31,8 +34,9 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
+use crate::device::{Backend, Device, Next};
 use crate::generate::{FinishReason, LoadedModel};
-use crate::kv::{KvCache, KvDims, KvMode, KvUsage, SeqId};
+use crate::kv::{KvDims, KvMode, KvUsage, SeqId};
 use crate::model::SeqChunk;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqRequest, Step};
@@ -44,9 +48,15 @@ pub type RequestId = SeqId;
 /// How the engine is set up (the command line's engine options).
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
+    /// Where the model runs (see [`crate::device`]).
+    pub device: Device,
     pub kv_mode: KvMode,
-    /// Bytes of KV memory (host memory on the CPU device).
+    /// Bytes of KV memory (host memory on the CPU device). On CUDA, 0 sizes it from
+    /// `gpu_memory_utilization`.
     pub kv_memory: usize,
+    /// CUDA: the share of the device's memory the engine may use in all (weights, activations
+    /// and KV), as vLLM's `gpu_memory_utilization`.
+    pub gpu_memory_utilization: f64,
     /// Sequences running at once at most.
     pub max_num_seqs: usize,
     /// Tokens in one forward pass at most (prefill chunks + decodes).
@@ -62,6 +72,8 @@ pub struct EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
+            device: Device::Cpu,
+            gpu_memory_utilization: 0.9,
             kv_mode: KvMode::Vmm {
                 layout: vkv_vmm::KvLayout::TokenMajor,
                 page_size: 2 << 20,
@@ -175,7 +187,7 @@ pub enum EngineError {
         max_tokens: usize,
         limit: usize,
     },
-    #[error("the prompt has {prompt} tokens and max_tokens is {max_tokens}: {} in all, more than the KV cache holds ({capacity} tokens); raise --kv-memory", prompt + max_tokens)]
+    #[error("the prompt has {prompt} tokens and max_tokens is {max_tokens}: {} in all, more than the KV cache holds ({capacity} tokens); raise --kv-memory (or --gpu-memory-utilization on CUDA)", prompt + max_tokens)]
     KvCapacity {
         prompt: usize,
         max_tokens: usize,
@@ -194,6 +206,9 @@ pub enum EngineError {
 pub struct MapMetrics {
     /// `reserve`s that found pages missing and mapped them on the critical path (target 0).
     pub waits: u64,
+    /// Of `waits`, those of sequences already running (decode steps, later prefill chunks);
+    /// the rest are admissions of slots without pages.
+    pub growth_waits: u64,
     pub wait_seconds: f64,
     pub pages_mapped_ahead: u64,
     pub pages_mapped_on_wait: u64,
@@ -202,12 +217,16 @@ pub struct MapMetrics {
 /// A snapshot of the engine (see [`Engine::metrics`]).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct EngineMetrics {
+    /// `cpu`, `cuda (NVIDIA H100 80GB HBM3)`.
+    pub device: String,
     pub running: usize,
     pub waiting: usize,
     /// Most requests running at once so far.
     pub peak_running: usize,
     pub kv_name: String,
     pub kv_capacity_tokens: usize,
+    /// Bytes of KV memory the capacity stands for (the device's element size).
+    pub kv_capacity_bytes: usize,
     pub kv: KvUsage,
     pub map: Option<MapMetrics>,
     pub steps: u64,
@@ -273,24 +292,24 @@ impl Engine {
             num_kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
         };
-        let kv = config
-            .kv_mode
-            .build(dims, config.max_num_seqs, max_model_len, config.kv_memory)
-            .map_err(|e| EngineError::Start(format!("KV cache: {e}")))?;
-        let kv_capacity = kv.capacity_tokens();
+        model.model.set_batch_invariant(config.batch_invariant);
+        let model = Arc::new(model);
+        let backend =
+            crate::device::start(&model, &config, max_model_len).map_err(EngineError::Start)?;
+        let kv_capacity = backend.kv().capacity_tokens();
         if kv_capacity == 0 {
             return Err(EngineError::Start(format!(
-                "{} bytes of KV memory hold no token of this model ({} bytes per token)",
+                "{} bytes of KV memory hold no token of this model ({} bytes per token in f32)",
                 config.kv_memory,
                 dims.bytes_per_token()
             )));
         }
-        model.model.set_batch_invariant(config.batch_invariant);
-        let model = Arc::new(model);
         let shared = Arc::new(Shared {
             metrics: Mutex::new(EngineMetrics {
-                kv_name: kv.name(),
+                device: backend.device_name(),
+                kv_name: backend.kv().name(),
                 kv_capacity_tokens: kv_capacity,
+                kv_capacity_bytes: kv_capacity * backend.kv().bytes_per_token(),
                 ..EngineMetrics::default()
             }),
             accepting: AtomicBool::new(true),
@@ -301,7 +320,7 @@ impl Engine {
             .spawn({
                 let model = model.clone();
                 let shared = shared.clone();
-                move || EngineLoop::new(&model, kv, &config, &shared).run(&rx)
+                move || EngineLoop::new(&model, backend, &config, &shared).run(&rx)
             })
             .map_err(|e| EngineError::Start(format!("spawning the engine thread: {e}")))?;
         Ok(Engine {
@@ -328,6 +347,11 @@ impl Engine {
     /// Tokens the KV cache holds in all.
     pub fn kv_capacity_tokens(&self) -> usize {
         self.kv_capacity
+    }
+
+    /// The device the model runs on (`cpu`, `cuda (NVIDIA H100 80GB HBM3)`).
+    pub fn device_name(&self) -> String {
+        lock(&self.shared.metrics).device.clone()
     }
 
     /// Check and queue a request; its events go to `events`.
@@ -530,7 +554,7 @@ impl Active<'_> {
 /// The loop's state, owned by the engine thread.
 struct EngineLoop<'m> {
     model: &'m LoadedModel,
-    kv: Box<dyn KvCache>,
+    backend: Box<dyn Backend>,
     config: &'m EngineConfig,
     shared: &'m Shared,
     scheduler: Scheduler,
@@ -542,14 +566,14 @@ struct EngineLoop<'m> {
 impl<'m> EngineLoop<'m> {
     fn new(
         model: &'m LoadedModel,
-        kv: Box<dyn KvCache>,
+        backend: Box<dyn Backend>,
         config: &'m EngineConfig,
         shared: &'m Shared,
     ) -> Self {
         let metrics = lock(&shared.metrics).clone();
         EngineLoop {
             model,
-            kv,
+            backend,
             config,
             shared,
             scheduler: Scheduler::new(SchedulerConfig {
@@ -564,6 +588,26 @@ impl<'m> EngineLoop<'m> {
 
     fn run(mut self, rx: &Receiver<Command>) {
         let mut draining = false;
+        if let Err(e) = self.backend.bind_to_thread() {
+            // Every request would fail: say why for each, and take none.
+            self.shared.accepting.store(false, Ordering::Release);
+            while let Ok(cmd) = rx.recv() {
+                match cmd {
+                    Command::Add { id, events, .. } => {
+                        let _ = events.send(EngineEvent {
+                            id,
+                            kind: EventKind::Failed(format!("the device is unusable: {e}")),
+                        });
+                    }
+                    Command::Audit(reply) => {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                    Command::Abort(_) => {}
+                    Command::Shutdown { .. } => break,
+                }
+            }
+            return;
+        }
         loop {
             // Block for work only when there is nothing to run.
             if self.scheduler.is_idle() {
@@ -606,7 +650,8 @@ impl<'m> EngineLoop<'m> {
                 }
             }
             Command::Audit(reply) => {
-                let _ = reply.send(self.kv.audit().map(|()| self.kv.usage()));
+                let kv = self.backend.kv();
+                let _ = reply.send(kv.audit().map(|()| kv.usage()));
             }
             Command::Shutdown { abort } => {
                 if abort {
@@ -634,7 +679,7 @@ impl<'m> EngineLoop<'m> {
             max_tokens: request.max_tokens,
         };
         let prompt_len = seq.prompt.len();
-        if let Err(e) = self.scheduler.add(seq, self.kv.as_ref()) {
+        if let Err(e) = self.scheduler.add(seq, self.backend.kv()) {
             self.metrics.failed += 1;
             let _ = events.send(EngineEvent {
                 id,
@@ -676,7 +721,7 @@ impl<'m> EngineLoop<'m> {
             return;
         };
         // The scheduler frees the KV memory (it errs only on a sequence the cache never had).
-        let _ = self.scheduler.finish(id, self.kv.as_mut());
+        let _ = self.scheduler.finish(id, self.backend.kv_mut());
         if reason != FinishReason::Abort {
             if let Some(stream) = a.stream.take() {
                 if let Ok(rest) = stream.finish() {
@@ -709,7 +754,7 @@ impl<'m> EngineLoop<'m> {
     fn fail(&mut self, ids: &[RequestId], why: &str) {
         for &id in ids {
             if let Some(a) = self.active.remove(&id) {
-                let _ = self.scheduler.finish(id, self.kv.as_mut());
+                let _ = self.scheduler.finish(id, self.backend.kv_mut());
                 self.metrics.failed += 1;
                 let _ = a.events.send(EngineEvent {
                     id,
@@ -721,7 +766,7 @@ impl<'m> EngineLoop<'m> {
 
     fn step(&mut self) {
         let start = Instant::now();
-        let step = match self.scheduler.schedule(self.kv.as_mut()) {
+        let step = match self.scheduler.schedule(self.backend.kv_mut()) {
             Ok(step) => step,
             Err(e) => {
                 let ids: Vec<RequestId> = self.active.keys().copied().collect();
@@ -751,8 +796,21 @@ impl<'m> EngineLoop<'m> {
                 all_logits: false,
             })
             .collect();
-        let logits = match self.model.model.forward(&batch, self.kv.as_mut()) {
-            Ok(logits) => logits,
+        // Logits come back only for rows sampled with temperature (greedy ones may be picked on
+        // the device).
+        let logits_for: Vec<bool> = step
+            .chunks
+            .iter()
+            .map(|c| {
+                c.samples
+                    && self
+                        .active
+                        .get(&c.seq)
+                        .is_some_and(|a| !a.sampler.is_greedy())
+            })
+            .collect();
+        let nexts = match self.backend.forward(&batch, &logits_for) {
+            Ok(nexts) => nexts,
             Err(e) => {
                 let ids: Vec<RequestId> = step.chunks.iter().map(|c| c.seq).collect();
                 self.fail(&ids, &format!("forward pass failed: {e}"));
@@ -761,20 +819,27 @@ impl<'m> EngineLoop<'m> {
         };
         let now = Instant::now();
         let mut sampled = Vec::new();
-        for (c, logits) in step.chunks.iter().zip(&logits) {
+        for (c, next) in step.chunks.iter().zip(&nexts) {
             let Some(a) = self.active.get_mut(&c.seq) else {
                 continue;
             };
             a.first_scheduled.get_or_insert(start);
             if c.samples {
-                sampled.push((c.seq, a.sampler.sample(logits)));
+                let token = match next {
+                    Next::Token(t) => *t,
+                    Next::Logits(logits) => a.sampler.sample(logits),
+                };
+                sampled.push((c.seq, token));
             }
             let decode = a.generated > 0 && c.start + 1 == a.prompt_len + a.generated;
             if !decode {
                 self.metrics.prefill_tokens += c.tokens.len() as u64;
             }
         }
-        let at_length = match self.scheduler.update(&step, &sampled, self.kv.as_mut()) {
+        let at_length = match self
+            .scheduler
+            .update(&step, &sampled, self.backend.kv_mut())
+        {
             Ok(done) => done,
             Err(e) => {
                 let ids: Vec<RequestId> = step.chunks.iter().map(|c| c.seq).collect();
@@ -804,7 +869,7 @@ impl<'m> EngineLoop<'m> {
                 let known = a.prompt_len + a.generated;
                 end + (known - end).min(self.config.max_num_batched_tokens)
             };
-            self.kv.map_ahead(c.seq, next);
+            self.backend.kv().map_ahead(c.seq, next);
         }
     }
 
@@ -860,10 +925,11 @@ impl<'m> EngineLoop<'m> {
         m.running = self.scheduler.num_running();
         m.waiting = self.scheduler.num_waiting();
         m.peak_running = m.peak_running.max(m.running);
-        m.kv = self.kv.usage();
+        m.kv = self.backend.kv().usage();
         m.preemptions = self.scheduler.preemptions();
-        m.map = self.kv.mapper_stats().map(|s| MapMetrics {
+        m.map = self.backend.kv().mapper_stats().map(|s| MapMetrics {
             waits: s.waits,
+            growth_waits: self.backend.kv().growth_map_waits().unwrap_or(0),
             wait_seconds: s.wait_seconds,
             pages_mapped_ahead: s.pages_mapped_ahead,
             pages_mapped_on_wait: s.pages_mapped_on_wait,

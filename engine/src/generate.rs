@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::kv::KvCache;
-use crate::model::{Llama, ModelError, SeqChunk};
+use crate::model::{Llama, LlamaConfig, ModelError, SeqChunk};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::tokenizer::{GgufVocab, Tokenizer, TokenizerError};
 use crate::weights::gguf::GgufFile;
@@ -14,8 +14,71 @@ use crate::weights::gguf::GgufFile;
 /// A model ready to run: weights, tokenizer and a name for messages.
 pub struct LoadedModel {
     pub name: String,
-    pub model: Llama,
+    pub model: ModelWeights,
     pub tokenizer: Tokenizer,
+}
+
+/// A model's configuration and its weights: on the host (a CPU [`Llama`], which the CUDA device
+/// uploads), or — for a preset too large for the host — only a seed, the CUDA device making
+/// random weights of the preset's shapes itself.
+pub struct ModelWeights {
+    pub config: LlamaConfig,
+    host: Option<Llama>,
+    /// The seed of a preset's random weights.
+    seed: u64,
+}
+
+impl ModelWeights {
+    /// Weights on the host.
+    pub fn host(llama: Llama) -> Self {
+        ModelWeights {
+            config: llama.config.clone(),
+            host: Some(llama),
+            seed: 0,
+        }
+    }
+
+    /// Shapes only: random weights of `config` made on the device from `seed`.
+    pub fn device_random(config: LlamaConfig, seed: u64) -> Self {
+        ModelWeights {
+            config,
+            host: None,
+            seed,
+        }
+    }
+
+    /// The CPU model, or an error naming why there is none.
+    pub fn cpu(&self) -> Result<&Llama, ModelError> {
+        self.host.as_ref().ok_or_else(|| {
+            ModelError::Config(format!(
+                "this model has {:.1} B parameters and no weights on the host: the CPU device \
+                 loads presets up to {:.0} B (run it with --device cuda)",
+                self.config.num_parameters() as f64 / 1e9,
+                CPU_PRESET_MAX_PARAMS as f64 / 1e9
+            ))
+        })
+    }
+
+    /// The seed of device-made random weights (`None`: the weights are on the host).
+    pub fn device_seed(&self) -> Option<u64> {
+        self.host.is_none().then_some(self.seed)
+    }
+
+    /// [`Llama::forward`] on the CPU model.
+    pub fn forward(
+        &self,
+        batch: &[SeqChunk<'_>],
+        kv: &mut dyn KvCache,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.cpu()?.forward(batch, kv)
+    }
+
+    /// [`Llama::set_batch_invariant`] (the CPU model's; a no-op without one).
+    pub fn set_batch_invariant(&mut self, on: bool) {
+        if let Some(m) = &mut self.host {
+            m.set_batch_invariant(on);
+        }
+    }
 }
 
 /// Errors of loading or generating.
@@ -89,20 +152,17 @@ pub fn placeholder_tokenizer(vocab_size: usize) -> Result<Tokenizer, TokenizerEr
     })
 }
 
-/// A model preset with seeded random weights ([`Llama::random`], seed 0) and a
+/// A model preset with seeded random weights ([`Llama::random`], seed 0; above
+/// [`CPU_PRESET_MAX_PARAMS`] only the shapes, for the CUDA device to fill) and a
 /// [`placeholder_tokenizer`]. For benchmarks and smoke tests that need shapes, not knowledge.
 pub fn load_preset(name: &str) -> Result<LoadedModel, GenerateError> {
-    let config = crate::model::LlamaConfig::preset(name)?;
-    if config.num_parameters() > CPU_PRESET_MAX_PARAMS {
-        return Err(GenerateError::Input(format!(
-            "preset {name} has {:.1} B parameters: the CPU device loads presets up to {:.0} B \
-             (run it on the GPU: vkv bench model --preset {name})",
-            config.num_parameters() as f64 / 1e9,
-            CPU_PRESET_MAX_PARAMS as f64 / 1e9
-        )));
-    }
+    let config = LlamaConfig::preset(name)?;
     let vocab_size = config.vocab_size;
-    let model = Llama::random(config, 0)?;
+    let model = if config.num_parameters() > CPU_PRESET_MAX_PARAMS {
+        ModelWeights::device_random(config.checked()?, 0)
+    } else {
+        ModelWeights::host(Llama::random(config, 0)?)
+    };
     let tokenizer = placeholder_tokenizer(vocab_size)?;
     Ok(LoadedModel {
         name: format!("preset:{name}"),
@@ -122,7 +182,7 @@ pub fn load_model(path: &Path) -> Result<LoadedModel, GenerateError> {
         |n| n.to_string_lossy().into_owned(),
     );
     if path.is_dir() {
-        let model = Llama::from_hf_dir(path)?;
+        let model = ModelWeights::host(Llama::from_hf_dir(path)?);
         let tokenizer_path = path.join("tokenizer.json");
         let (tokenizer, name) = if tokenizer_path.exists() {
             let config = path.join("tokenizer_config.json");
@@ -145,7 +205,7 @@ pub fn load_model(path: &Path) -> Result<LoadedModel, GenerateError> {
         });
     }
     let g = GgufFile::open(path).map_err(ModelError::from)?;
-    let model = Llama::from_gguf(&g)?;
+    let model = ModelWeights::host(Llama::from_gguf(&g)?);
     let tokenizer = Tokenizer::from_gguf_vocab(gguf_vocab(&g)?)?;
     Ok(LoadedModel {
         name,
@@ -409,7 +469,7 @@ mod preset_tests {
     use super::*;
 
     #[test]
-    fn a_preset_loads_with_a_byte_level_tokenizer_and_big_ones_are_refused_on_the_cpu() {
+    fn a_preset_loads_with_a_byte_level_tokenizer_and_big_ones_only_as_shapes() {
         let m = load_model(Path::new("preset:smollm2-135m")).unwrap();
         assert_eq!(m.name, "preset:smollm2-135m");
         assert_eq!(m.tokenizer.vocab_size(), m.model.config.vocab_size);
@@ -418,12 +478,12 @@ mod preset_tests {
         assert_eq!(ids.len(), text.len(), "one token per byte");
         assert!(ids.iter().all(|&i| i < 256));
         assert_eq!(m.tokenizer.decode(&ids, false).unwrap(), text);
-        let e = load_model(Path::new("preset:llama-3-8b"))
-            .err()
-            .unwrap()
-            .to_string();
+        // A big preset loads its shapes only; running it on the CPU is refused, naming why.
+        let big = load_model(Path::new("preset:llama-3-8b")).unwrap();
+        assert_eq!(big.model.device_seed(), Some(0));
+        let e = big.model.cpu().err().unwrap().to_string();
         assert!(
-            e.contains("8.0 B parameters") && e.contains("bench model"),
+            e.contains("8.0 B parameters") && e.contains("--device cuda"),
             "{e}"
         );
         let e = load_model(Path::new("preset:gpt-5"))

@@ -12,6 +12,7 @@
 //! the CPU (`model`), sampling, single-prompt generation, model fetching, the `frag` study, the
 //! continuous-batching `scheduler` and the `engine` thread that serves requests with them.
 
+pub mod device;
 pub mod engine;
 pub mod fetch;
 pub mod frag;

@@ -18,7 +18,6 @@ use rand_distr::{Distribution, Exp};
 use crate::engine::{
     event_channel, Engine, EngineError, EventKind, GenerationRequest, StopConditions,
 };
-use crate::kv::KvDims;
 use crate::sampler::SamplingParams;
 use crate::workload::RequestShape;
 
@@ -91,6 +90,8 @@ pub struct OfflineReport {
     pub preemptions: u64,
     /// vmm: `reserve`s that had to map pages themselves (admissions of fresh slots included).
     pub map_waits: Option<u64>,
+    /// vmm: of `map_waits`, those of running sequences (decode growth): the ones that cost a step.
+    pub map_waits_growth: Option<u64>,
     pub peak_running: usize,
     /// KV memory allocated / KV capacity, mean and peak over the run.
     pub kv_used_mean: f64,
@@ -137,14 +138,7 @@ pub fn run_offline(
     let prompt_tokens: usize = requests.iter().map(|r| r.prompt.len()).sum();
     let before = engine.metrics();
     let (tx, mut rx) = event_channel();
-    let c = &engine.model().model.config;
-    let bytes_per_token = KvDims {
-        num_layers: c.num_layers,
-        num_kv_heads: c.num_kv_heads,
-        head_dim: c.head_dim,
-    }
-    .bytes_per_token();
-    let capacity_bytes = (engine.kv_capacity_tokens() * bytes_per_token) as f64;
+    let capacity_bytes = before.kv_capacity_bytes as f64;
     let running = AtomicBool::new(true);
     let samples = Mutex::new(Vec::<(f64, f64)>::new());
     let start = Instant::now();
@@ -247,6 +241,9 @@ pub fn run_offline(
         map_waits: after
             .map
             .map(|m| m.waits - before.map.map_or(0, |b| b.waits)),
+        map_waits_growth: after
+            .map
+            .map(|m| m.growth_waits - before.map.map_or(0, |b| b.growth_waits)),
         peak_running: after.peak_running,
         kv_used_mean: mean(&used),
         kv_used_peak: used.iter().copied().fold(0.0, f64::max),

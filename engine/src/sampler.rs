@@ -71,10 +71,15 @@ impl Sampler {
         Sampler { params, rng }
     }
 
+    /// Whether [`Sampler::sample`] is the argmax (so a device may pick the token itself).
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature == 0.0 || self.params.top_k == 1
+    }
+
     /// The next token.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let p = self.params;
-        if p.temperature == 0.0 || p.top_k == 1 {
+        if self.is_greedy() {
             return argmax(logits);
         }
         let mut cands: Vec<(u32, f32)> = logits

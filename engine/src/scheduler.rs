@@ -8,7 +8,7 @@
 //!    budget (`max_num_batched_tokens`), a free place (`max_num_seqs`) and KV memory for the
 //!    first chunk.
 //!
-//! KV memory is reserved here, through the same [`KvCache`] the forward pass uses. When a
+//! KV memory is reserved here, through the same [`KvManager`] the forward pass uses. When a
 //! running sequence cannot grow, the newest running sequence is preempted, by recompute: its KV
 //! is freed, its tokens (prompt and generated) are kept, and it goes back to the head of the
 //! queue to be prefilled again — possibly the sequence itself, if it is the newest. Requests that
@@ -20,7 +20,7 @@
 
 use std::collections::VecDeque;
 
-use crate::kv::{KvCache, KvError, SeqId};
+use crate::kv::{KvError, KvManager, SeqId};
 
 /// Limits of one step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,7 +114,7 @@ impl Scheduler {
     }
 
     /// Queue a sequence. Refused if it could never fit the cache alone.
-    pub fn add(&mut self, req: SeqRequest, kv: &dyn KvCache) -> Result<(), SchedulerError> {
+    pub fn add(&mut self, req: SeqRequest, kv: &dyn KvManager) -> Result<(), SchedulerError> {
         if req.prompt.is_empty() || req.max_tokens == 0 {
             return Err(SchedulerError::Empty { id: req.id });
         }
@@ -165,7 +165,7 @@ impl Scheduler {
     }
 
     /// Plan the next forward pass, reserving its KV in `kv`.
-    pub fn schedule(&mut self, kv: &mut dyn KvCache) -> Result<Step, SchedulerError> {
+    pub fn schedule(&mut self, kv: &mut dyn KvManager) -> Result<Step, SchedulerError> {
         let mut step = Step::default();
         let mut budget = self.config.max_num_batched_tokens;
         // Decodes (one pending token) before prefill chunks, oldest first within each.
@@ -219,7 +219,7 @@ impl Scheduler {
         &mut self,
         i: usize,
         n: usize,
-        kv: &mut dyn KvCache,
+        kv: &mut dyn KvManager,
         step: &mut Step,
     ) -> Result<bool, SchedulerError> {
         loop {
@@ -246,7 +246,7 @@ impl Scheduler {
     fn preempt(
         &mut self,
         mut victim: Seq,
-        kv: &mut dyn KvCache,
+        kv: &mut dyn KvManager,
         step: &mut Step,
     ) -> Result<(), SchedulerError> {
         if kv.reserved(victim.id).is_some() {
@@ -268,7 +268,7 @@ impl Scheduler {
         &mut self,
         step: &Step,
         sampled: &[(SeqId, u32)],
-        kv: &mut dyn KvCache,
+        kv: &mut dyn KvManager,
     ) -> Result<Vec<SeqId>, SchedulerError> {
         for c in &step.chunks {
             if let Some(s) = self.running.iter_mut().find(|s| s.id == c.seq) {
@@ -294,7 +294,7 @@ impl Scheduler {
 
     /// Remove a sequence (finished by a stop token or string, or aborted) wherever it is, and
     /// free its KV. Returns whether it was known.
-    pub fn finish(&mut self, id: SeqId, kv: &mut dyn KvCache) -> Result<bool, SchedulerError> {
+    pub fn finish(&mut self, id: SeqId, kv: &mut dyn KvManager) -> Result<bool, SchedulerError> {
         let known = if let Some(i) = self.running.iter().position(|s| s.id == id) {
             self.running.remove(i);
             true

@@ -29,7 +29,7 @@ fn req(id: SeqId, prompt: usize, max_tokens: usize) -> SeqRequest {
 }
 
 /// Run one step: schedule, "compute", update. Returns the step.
-fn step(s: &mut Scheduler, kv: &mut dyn KvCache) -> (Step, Vec<SeqId>) {
+fn step(s: &mut Scheduler, kv: &mut dyn KvManager) -> (Step, Vec<SeqId>) {
     let step = s.schedule(kv).unwrap();
     let sampled: Vec<(SeqId, u32)> = step
         .chunks
@@ -190,7 +190,7 @@ proptest! {
         blocks in 6..40usize,
         vmm in any::<bool>(),
     ) {
-        let mut kv: Box<dyn KvCache> = if vmm {
+        let mut kv: Box<dyn KvManager> = if vmm {
             // 64 B per token: a 4 KiB page holds 64 tokens of a token-major slot.
             Box::new(VmmKv::new(DIMS, KvLayout::TokenMajor, 8, 256, 4096, blocks / 4 + 1).unwrap())
         } else {

@@ -261,6 +261,13 @@ impl ServerMetrics {
             "gauge",
         );
         let _ = writeln!(out, "vkv_kv_cache_info{{kv=\"{}\"}} 1", e.kv_name);
+        header(
+            &mut out,
+            "vkv_device_info",
+            "The device the model runs on (label), 1.",
+            "gauge",
+        );
+        let _ = writeln!(out, "vkv_device_info{{device=\"{}\"}} 1", e.device);
         single(
             &mut out,
             "vkv_kv_capacity_tokens",
@@ -310,6 +317,13 @@ impl ServerMetrics {
             "vmm: KV reserves that mapped pages themselves, on the critical path (admissions of fresh slots included; 0 in paged mode).",
             "counter",
             map.waits,
+        );
+        single(
+            &mut out,
+            "vkv_map_growth_waits_total",
+            "vmm: of those waits, the ones of running sequences (decode growth; the rest are admissions). Target 0.",
+            "counter",
+            map.growth_waits,
         );
         single(
             &mut out,

@@ -1,6 +1,8 @@
 //! What the tests across crates share: the real default model, running the real `vkv` binary,
 //! and a scratch directory per test process.
 
+pub mod serving;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 

@@ -15,7 +15,7 @@ use std::sync::{Arc, MutexGuard};
 use vkv_kernels::cpu::KvRef;
 use vkv_vmm::{
     HostVmm, KvLayout, KvSpace, KvSpaceConfig, LayerView, Mapper, MapperOptions, MapperStats,
-    SlotId, VmmError,
+    PhysicalMemory, SlotId, VmmError,
 };
 
 use super::{BlockAllocator, BlockTable, KvError};
@@ -48,13 +48,20 @@ pub struct KvUsage {
     pub sequences: usize,
 }
 
-/// Storage of K and V for the forward pass (see the module docs).
-pub trait KvCache: Send {
+/// The book-keeping side of a KV cache — what the scheduler and the engine need, on any device
+/// (vLLM's `KVCacheManager`): capacity, reserving and freeing tokens per sequence, usage, the
+/// map-ahead hint and the audit. Where the bytes are, and how a kernel addresses them, is the
+/// device's business ([`KvCache::layer`] on the CPU; the CUDA cache's own addressing on the GPU).
+pub trait KvManager: Send {
     fn dims(&self) -> KvDims;
     /// `paged-16`, `vmm-token-major-2MiB`, ...
     fn name(&self) -> String;
     /// Tokens the whole cache can hold.
     fn capacity_tokens(&self) -> usize;
+    /// Bytes of K and V of one token over all layers (f32 unless the device stores less).
+    fn bytes_per_token(&self) -> usize {
+        self.dims().bytes_per_token()
+    }
     /// Back `seq` for `len` tokens (creating it if new). All or nothing: on
     /// [`KvError::OutOfMemory`] the sequence is unchanged (a new one is not created).
     fn reserve(&mut self, seq: SeqId, len: usize) -> Result<(), KvError>;
@@ -62,8 +69,6 @@ pub trait KvCache: Send {
     fn free(&mut self, seq: SeqId) -> Result<(), KvError>;
     /// Tokens `seq` is backed for.
     fn reserved(&self, seq: SeqId) -> Option<usize>;
-    /// Where `seq`'s K and V of `layer` live; valid until the next `reserve` or `free`.
-    fn layer(&self, seq: SeqId, layer: usize) -> Result<KvRef<'_>, KvError>;
     fn usage(&self) -> KvUsage;
     /// Hint that `seq` will soon need `len` tokens backed, so the memory can be prepared while
     /// the current step computes (the vmm `Mapper`); a no-op where there is nothing to prepare.
@@ -75,6 +80,21 @@ pub trait KvCache: Send {
     fn mapper_stats(&self) -> Option<MapperStats> {
         None
     }
+    /// Of the map waits, those of sequences already holding memory (growth: decode steps and
+    /// later prefill chunks) — the ones map-ahead exists to remove; the rest are admissions.
+    fn growth_map_waits(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// Storage of K and V for the CPU forward pass (see the module docs): the books plus host
+/// addressing.
+pub trait KvCache: KvManager {
+    /// Where `seq`'s K and V of `layer` live; valid until the next `reserve` or `free`.
+    fn layer(&self, seq: SeqId, layer: usize) -> Result<KvRef<'_>, KvError>;
+    /// This cache as its books (what the scheduler takes), without trait upcasting (MSRV 1.85).
+    fn manager(&self) -> &dyn KvManager;
+    fn manager_mut(&mut self) -> &mut dyn KvManager;
 }
 
 fn unknown(seq: SeqId) -> KvError {
@@ -128,7 +148,7 @@ impl PagedKv {
     }
 }
 
-impl KvCache for PagedKv {
+impl KvManager for PagedKv {
     fn dims(&self) -> KvDims {
         self.dims
     }
@@ -175,20 +195,6 @@ impl KvCache for PagedKv {
         self.tables.get(&seq).map(BlockTable::len)
     }
 
-    fn layer(&self, seq: SeqId, layer: usize) -> Result<KvRef<'_>, KvError> {
-        let table = self.tables.get(&seq).ok_or_else(|| unknown(seq))?;
-        let token_stride = self.dims.num_kv_heads * self.dims.head_dim;
-        Ok(KvRef::Paged {
-            k_pool: self.k[layer].ptr(),
-            v_pool: self.v[layer].ptr(),
-            blocks: table.blocks(),
-            block_size: self.alloc.block_size(),
-            block_stride: self.alloc.block_size() * token_stride,
-            token_stride,
-            head_stride: self.dims.head_dim,
-        })
-    }
-
     fn audit(&self) -> Result<(), String> {
         let held: usize = self.tables.values().map(|t| t.blocks().len()).sum();
         let (total, free) = (self.alloc.num_blocks(), self.alloc.num_free());
@@ -211,16 +217,87 @@ impl KvCache for PagedKv {
     }
 }
 
-/// The vmm KV cache: a [`KvSpace`] on real host memory, one slot per sequence, driven through a
-/// [`Mapper`] thread so that pages the next step needs can be mapped while this one computes
-/// ([`KvCache::map_ahead`]); a `reserve` that finds its pages missing counts as a map wait.
-pub struct VmmKv {
+impl KvCache for PagedKv {
+    fn manager(&self) -> &dyn KvManager {
+        self
+    }
+
+    fn manager_mut(&mut self) -> &mut dyn KvManager {
+        self
+    }
+
+    fn layer(&self, seq: SeqId, layer: usize) -> Result<KvRef<'_>, KvError> {
+        let table = self.tables.get(&seq).ok_or_else(|| unknown(seq))?;
+        let token_stride = self.dims.num_kv_heads * self.dims.head_dim;
+        Ok(KvRef::Paged {
+            k_pool: self.k[layer].ptr(),
+            v_pool: self.v[layer].ptr(),
+            blocks: table.blocks(),
+            block_size: self.alloc.block_size(),
+            block_stride: self.alloc.block_size() * token_stride,
+            token_stride,
+            head_stride: self.dims.head_dim,
+        })
+    }
+}
+
+/// The vmm KV books on any [`PhysicalMemory`]: a [`KvSpace`], one slot per sequence, driven
+/// through a [`Mapper`] thread so that pages the next step needs can be mapped while this one
+/// computes ([`KvManager::map_ahead`]); a `reserve` that finds its pages missing counts as a map
+/// wait. Released slots keep their pages (deferred reclamation) for the next sequence. The CPU's
+/// [`VmmKv`] is this on host memory; the CUDA cache is this on `CudaVmm`.
+pub struct VmmManager {
     mapper: Mapper,
     /// Per layer: the space's base addresses and strides (fixed for its lifetime).
     views: Vec<LayerView>,
     config: KvSpaceConfig,
     slots: HashMap<SeqId, SlotId>,
+    /// Map waits of sequences that already had a slot (see [`KvManager::growth_map_waits`]).
+    growth_waits: u64,
 }
+
+impl VmmManager {
+    /// A space of `config` on `backend`, its mapper started with `options`.
+    pub fn new(
+        config: KvSpaceConfig,
+        backend: Arc<dyn PhysicalMemory>,
+        options: MapperOptions,
+    ) -> Result<Self, KvError> {
+        let space = KvSpace::new(config.clone(), backend).map_err(vmm_error)?;
+        let views = (0..config.num_layers)
+            .map(|l| space.layer_view(l))
+            .collect();
+        Ok(VmmManager {
+            mapper: Mapper::spawn(space, options).map_err(vmm_error)?,
+            views,
+            config,
+            slots: HashMap::new(),
+            growth_waits: 0,
+        })
+    }
+
+    /// The space, locked (statistics, audit, creating pages ahead).
+    pub fn space(&self) -> MutexGuard<'_, KvSpace> {
+        self.mapper.space()
+    }
+
+    pub fn config(&self) -> &KvSpaceConfig {
+        &self.config
+    }
+
+    /// Layer `l`'s base addresses and strides.
+    pub fn view(&self, layer: usize) -> &LayerView {
+        &self.views[layer]
+    }
+
+    /// The slot `seq` holds.
+    pub fn slot(&self, seq: SeqId) -> Option<SlotId> {
+        self.slots.get(&seq).copied()
+    }
+}
+
+/// The vmm KV cache of the CPU device: a [`VmmManager`] on real host memory ([`HostVmm`]), f32.
+pub struct VmmKv(VmmManager);
 
 impl VmmKv {
     /// `max_seqs` slots of `max_tokens` tokens, at most `max_pages` pages of `page_size` bytes.
@@ -244,24 +321,17 @@ impl VmmKv {
             max_pages,
         };
         let backend = Arc::new(HostVmm::new().map_err(vmm_error)?);
-        let space = KvSpace::new(config.clone(), backend).map_err(vmm_error)?;
-        let views = (0..dims.num_layers).map(|l| space.layer_view(l)).collect();
         // A few pages created ahead: on the CPU creating is cheap next to a forward pass.
         let options = MapperOptions {
             pool_low_water: 8,
             ..MapperOptions::default()
         };
-        Ok(VmmKv {
-            mapper: Mapper::spawn(space, options).map_err(vmm_error)?,
-            views,
-            config,
-            slots: HashMap::new(),
-        })
+        Ok(VmmKv(VmmManager::new(config, backend, options)?))
     }
 
     /// The space, locked (statistics, audit).
     pub fn space(&self) -> MutexGuard<'_, KvSpace> {
-        self.mapper.space()
+        self.0.space()
     }
 }
 
@@ -276,7 +346,7 @@ fn vmm_error(e: VmmError) -> KvError {
     }
 }
 
-impl KvCache for VmmKv {
+impl KvManager for VmmManager {
     fn dims(&self) -> KvDims {
         KvDims {
             num_layers: self.config.num_layers,
@@ -308,7 +378,8 @@ impl KvCache for VmmKv {
             None => (self.mapper.space().acquire().map_err(vmm_error)?, true),
         };
         match self.mapper.ensure(slot, len) {
-            Ok(_) => {
+            Ok(waited) => {
+                self.growth_waits += u64::from(waited && !new);
                 self.slots.insert(seq, slot);
                 Ok(())
             }
@@ -339,19 +410,6 @@ impl KvCache for VmmKv {
         Some(self.mapper.space().len(slot))
     }
 
-    fn layer(&self, seq: SeqId, layer: usize) -> Result<KvRef<'_>, KvError> {
-        let slot = *self.slots.get(&seq).ok_or_else(|| unknown(seq))?;
-        let view = &self.views[layer];
-        let at = slot.0 * view.slot_stride;
-        Ok(KvRef::Strided {
-            // The slot's range is mapped up to its reserved length (ensure), in every region.
-            k: (view.k as *mut f32).wrapping_add(at),
-            v: (view.v as *mut f32).wrapping_add(at),
-            token_stride: view.token_stride,
-            head_stride: view.head_stride,
-        })
-    }
-
     fn usage(&self) -> KvUsage {
         let s = self.mapper.space().stats();
         KvUsage {
@@ -376,6 +434,70 @@ impl KvCache for VmmKv {
 
     fn mapper_stats(&self) -> Option<MapperStats> {
         Some(self.mapper.stats())
+    }
+
+    fn growth_map_waits(&self) -> Option<u64> {
+        Some(self.growth_waits)
+    }
+}
+
+impl KvManager for VmmKv {
+    fn dims(&self) -> KvDims {
+        self.0.dims()
+    }
+    fn name(&self) -> String {
+        self.0.name()
+    }
+    fn capacity_tokens(&self) -> usize {
+        self.0.capacity_tokens()
+    }
+    fn reserve(&mut self, seq: SeqId, len: usize) -> Result<(), KvError> {
+        self.0.reserve(seq, len)
+    }
+    fn free(&mut self, seq: SeqId) -> Result<(), KvError> {
+        self.0.free(seq)
+    }
+    fn reserved(&self, seq: SeqId) -> Option<usize> {
+        self.0.reserved(seq)
+    }
+    fn usage(&self) -> KvUsage {
+        self.0.usage()
+    }
+    fn map_ahead(&self, seq: SeqId, len: usize) {
+        self.0.map_ahead(seq, len)
+    }
+    fn audit(&self) -> Result<(), String> {
+        self.0.audit()
+    }
+    fn mapper_stats(&self) -> Option<MapperStats> {
+        self.0.mapper_stats()
+    }
+    fn growth_map_waits(&self) -> Option<u64> {
+        self.0.growth_map_waits()
+    }
+}
+
+impl KvCache for VmmKv {
+    fn manager(&self) -> &dyn KvManager {
+        self
+    }
+
+    fn manager_mut(&mut self) -> &mut dyn KvManager {
+        self
+    }
+
+    fn layer(&self, seq: SeqId, layer: usize) -> Result<KvRef<'_>, KvError> {
+        let slot = self.0.slot(seq).ok_or_else(|| unknown(seq))?;
+        let view = self.0.view(layer);
+        let at = slot.0 * view.slot_stride;
+        Ok(KvRef::Strided {
+            // The slot's range is mapped up to its reserved length (ensure), in every region, and
+            // the backend is host memory holding f32.
+            k: (view.k as *mut f32).wrapping_add(at),
+            v: (view.v as *mut f32).wrapping_add(at),
+            token_stride: view.token_stride,
+            head_stride: view.head_stride,
+        })
     }
 }
 

@@ -4,11 +4,15 @@
 //!
 //! - **paged** (vLLM's PagedAttention): one preallocated device pool per layer's K and V of blocks
 //!   of `block_size` tokens, a free list, a block table per sequence uploaded each step;
-//! - **vmm** (vAttention): a [`KvSpace`] on [`CudaVmm`] (2 MiB pages, `per-layer` or
-//!   `token-major`), one slot per sequence, pages mapped on demand by `ensure`; the attention
-//!   kernels read it through plain strides.
+//! - **vmm** (vAttention): a [`vkv_vmm::KvSpace`] on [`CudaVmm`] (2 MiB pages, `per-layer` or
+//!   `token-major`), one slot per sequence, kept by the CPU vmm cache's own books
+//!   ([`VmmManager`]: a `Mapper` thread maps the pages the engine's `map_ahead` hints ask for
+//!   while the GPU computes; released slots keep their pages); the attention kernels read it
+//!   through plain strides.
 //!
-//! The CPU `KvCache` trait hands out f32 host pointers, so the GPU has this small cache of its own.
+//! The CPU `KvCache` hands out f32 host pointers, so the GPU has this cache of its own; it keeps
+//! the same books ([`KvManager`]), so the engine's scheduler reserves, frees and preempts on it
+//! unchanged.
 //!
 //! Per step: the batch's tokens, positions, chunk bounds and KV addressing are uploaded once;
 //! then per layer: RMSNorm (residual add fused) → one QKV GEMM (cuBLAS, bf16 in, f32 accumulate)
@@ -32,11 +36,14 @@ use vkv_kernels::cuda::{
     AppendArgs, Attention, DecodeArgs, DecodeShape, DecodeWorkspace, DeviceBuffer, Dtype, Gemm,
     KernelError, KvAddress, ModelOps, PrefillArgs, PrefillShape,
 };
-use vkv_vmm::{CudaVmm, KvLayout, KvSpace, KvSpaceConfig, PhysicalMemory, SlotId, VmmError};
+use vkv_vmm::{
+    CudaVmm, KvLayout, KvSpaceConfig, MapperOptions, MapperStats, PhysicalMemory, VmmError,
+};
 
 use super::llama::check_batch;
 use super::{Llama, LlamaConfig, SeqChunk};
-use crate::kv::SeqId;
+use crate::device::Next;
+use crate::kv::{KvDims, KvError, KvManager, KvUsage, SeqId, VmmManager};
 
 /// Errors of the CUDA model and its KV cache.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +56,8 @@ pub enum CudaModelError {
     Batch(String),
     #[error("model: {0}")]
     Config(String),
+    #[error(transparent)]
+    Kv(#[from] KvError),
     #[error("out of KV memory: sequence {seq} needs {needed} more blocks, {free} free")]
     OutOfBlocks {
         seq: SeqId,
@@ -85,16 +94,15 @@ enum Store {
         num_blocks: usize,
         free: Vec<u32>,
     },
-    Vmm {
-        space: KvSpace,
-    },
+    /// The same books as the CPU's vmm cache (slots, `Mapper`, deferred reclamation), on CudaVmm.
+    Vmm(VmmManager),
 }
 
+/// A paged sequence's length and blocks.
 #[derive(Debug, Default)]
 struct SeqKv {
     len: usize,
     blocks: Vec<u32>,
-    slot: Option<SlotId>,
 }
 
 /// The device-side KV cache (see the module docs).
@@ -137,7 +145,8 @@ impl GpuKv {
     }
 
     /// A vmm cache: a [`KvSpace`] on `vmm` of `max_seqs` slots × `max_tokens`, `page_size` pages,
-    /// at most `max_pages` of them (the physical budget).
+    /// at most `max_pages` of them (the physical budget), driven by a [`vkv_vmm::Mapper`] thread
+    /// (the books are [`VmmManager`], the CPU's vmm cache's own).
     pub fn vmm(
         vmm: Arc<CudaVmm>,
         dims: GpuKvDims,
@@ -159,13 +168,24 @@ impl GpuKv {
             max_pages,
         };
         let backend: Arc<dyn PhysicalMemory> = vmm;
+        // Pages are created up front by `create_pages_ahead` when the caller wants the whole
+        // budget held; the thread tops the pool up otherwise.
+        let manager = VmmManager::new(config, backend, MapperOptions::default())?;
         Ok(GpuKv {
             dims,
-            store: Store::Vmm {
-                space: KvSpace::new(config, backend)?,
-            },
+            store: Store::Vmm(manager),
             seqs: HashMap::new(),
         })
+    }
+
+    /// vmm: create pages into the pool until `pages` are free (bounded by the budget), so the
+    /// device memory is held from the start like the paged pool and later maps never create.
+    /// Returns the pages created; 0 for a paged cache.
+    pub fn create_pages_ahead(&mut self, pages: usize) -> Result<usize> {
+        match &mut self.store {
+            Store::Paged { .. } => Ok(0),
+            Store::Vmm(m) => Ok(m.space().create_ahead(pages)?),
+        }
     }
 
     fn row(dims: &GpuKvDims) -> usize {
@@ -178,60 +198,46 @@ impl GpuKv {
 
     /// Tokens cached for `seq` (`None`: unknown sequence).
     pub fn len(&self, seq: SeqId) -> Option<usize> {
-        self.seqs.get(&seq).map(|s| s.len)
+        match &self.store {
+            Store::Paged { .. } => self.seqs.get(&seq).map(|s| s.len),
+            Store::Vmm(m) => m.reserved(seq),
+        }
     }
 
     /// Back `seq` up to `tokens` tokens (lengths only grow). On failure nothing changes for `seq`
     /// beyond what it already held.
     pub fn reserve(&mut self, seq: SeqId, tokens: usize) -> Result<()> {
+        let (block_size, free) = match &mut self.store {
+            Store::Vmm(m) => {
+                if m.reserved(seq).is_some_and(|len| tokens <= len) {
+                    return Ok(());
+                }
+                return Ok(m.reserve(seq, tokens)?);
+            }
+            Store::Paged {
+                block_size, free, ..
+            } => (*block_size, free),
+        };
         let entry = self.seqs.entry(seq).or_default();
         if tokens <= entry.len {
             return Ok(());
         }
-        match &mut self.store {
-            Store::Paged {
-                block_size, free, ..
-            } => {
-                let need = tokens
-                    .div_ceil(*block_size)
-                    .saturating_sub(entry.blocks.len());
-                if need > free.len() {
-                    let free = free.len();
-                    if entry.len == 0 && entry.blocks.is_empty() {
-                        self.seqs.remove(&seq);
-                    }
-                    return Err(CudaModelError::OutOfBlocks {
-                        seq,
-                        needed: need,
-                        free,
-                    });
-                }
-                for _ in 0..need {
-                    entry.blocks.push(free.pop().expect("counted above"));
-                }
+        let need = tokens
+            .div_ceil(block_size)
+            .saturating_sub(entry.blocks.len());
+        if need > free.len() {
+            let free = free.len();
+            if entry.len == 0 && entry.blocks.is_empty() {
+                self.seqs.remove(&seq);
             }
-            Store::Vmm { space } => {
-                let slot = match entry.slot {
-                    Some(s) => s,
-                    None => match space.acquire() {
-                        Ok(s) => {
-                            entry.slot = Some(s);
-                            s
-                        }
-                        Err(e) => {
-                            self.seqs.remove(&seq);
-                            return Err(e.into());
-                        }
-                    },
-                };
-                if let Err(e) = space.ensure(slot, tokens) {
-                    if entry.len == 0 {
-                        let _ = space.release(slot);
-                        self.seqs.remove(&seq);
-                    }
-                    return Err(e.into());
-                }
-            }
+            return Err(CudaModelError::OutOfBlocks {
+                seq,
+                needed: need,
+                free,
+            });
+        }
+        for _ in 0..need {
+            entry.blocks.push(free.pop().expect("counted above"));
         }
         entry.len = tokens;
         Ok(())
@@ -239,14 +245,15 @@ impl GpuKv {
 
     /// Forget `seq` and give its memory back (vmm: deferred reclamation, the slot keeps its pages).
     pub fn free(&mut self, seq: SeqId) -> Result<()> {
-        let Some(s) = self.seqs.remove(&seq) else {
-            return Ok(());
-        };
         match &mut self.store {
-            Store::Paged { free, .. } => free.extend(s.blocks),
-            Store::Vmm { space } => {
-                if let Some(slot) = s.slot {
-                    space.release(slot)?;
+            Store::Paged { free, .. } => {
+                if let Some(s) = self.seqs.remove(&seq) {
+                    free.extend(s.blocks);
+                }
+            }
+            Store::Vmm(m) => {
+                if m.reserved(seq).is_some() {
+                    m.free(seq)?;
                 }
             }
         }
@@ -273,14 +280,9 @@ impl GpuKv {
                 }
                 (table, width)
             }
-            Store::Vmm { .. } => (
+            Store::Vmm(m) => (
                 seqs.iter()
-                    .map(|s| {
-                        self.seqs
-                            .get(s)
-                            .and_then(|s| s.slot)
-                            .map_or(u32::MAX, |s| s.0 as u32)
-                    })
+                    .map(|&s| m.slot(s).map_or(u32::MAX, |s| s.0 as u32))
                     .collect(),
                 0,
             ),
@@ -310,8 +312,8 @@ impl GpuKv {
                     head_stride: self.dims.head_dim as u64,
                 }
             }
-            Store::Vmm { space } => {
-                let v = space.layer_view(l);
+            Store::Vmm(m) => {
+                let v = m.view(l);
                 KvAddress::Strided {
                     k: v.k,
                     v: v.v,
@@ -328,7 +330,127 @@ impl GpuKv {
     fn capacity(&self, width: usize) -> usize {
         match &self.store {
             Store::Paged { block_size, .. } => width * block_size,
-            Store::Vmm { space } => space.config().max_tokens,
+            Store::Vmm(m) => m.config().max_tokens,
+        }
+    }
+}
+
+/// The books the scheduler and the engine keep through (the same trait as the CPU caches).
+impl KvManager for GpuKv {
+    fn dims(&self) -> KvDims {
+        KvDims {
+            num_layers: self.dims.num_layers,
+            num_kv_heads: self.dims.num_kv_heads,
+            head_dim: self.dims.head_dim,
+        }
+    }
+
+    fn name(&self) -> String {
+        match &self.store {
+            Store::Paged { block_size, .. } => format!("paged-{block_size}"),
+            Store::Vmm(m) => m.name(),
+        }
+    }
+
+    fn capacity_tokens(&self) -> usize {
+        match &self.store {
+            Store::Paged {
+                block_size,
+                num_blocks,
+                ..
+            } => block_size * num_blocks,
+            Store::Vmm(m) => m.capacity_tokens(),
+        }
+    }
+
+    fn bytes_per_token(&self) -> usize {
+        2 * self.dims.num_layers * Self::row(&self.dims) * BF16
+    }
+
+    fn reserve(&mut self, seq: SeqId, len: usize) -> Result<(), KvError> {
+        if let Store::Vmm(m) = &mut self.store {
+            return m.reserve(seq, len);
+        }
+        GpuKv::reserve(self, seq, len).map_err(|e| match e {
+            CudaModelError::OutOfBlocks { .. } => KvError::OutOfMemory {
+                detail: e.to_string(),
+            },
+            other => KvError::InvalidConfig(other.to_string()),
+        })
+    }
+
+    fn free(&mut self, seq: SeqId) -> Result<(), KvError> {
+        if KvManager::reserved(self, seq).is_none() {
+            return Err(KvError::NotAllocated {
+                what: format!("sequence {seq}"),
+            });
+        }
+        GpuKv::free(self, seq).map_err(|e| KvError::Vmm(e.to_string()))
+    }
+
+    fn reserved(&self, seq: SeqId) -> Option<usize> {
+        self.len(seq)
+    }
+
+    fn usage(&self) -> KvUsage {
+        let token = 2 * self.dims.num_layers * Self::row(&self.dims) * BF16;
+        match &self.store {
+            Store::Paged {
+                block_size,
+                num_blocks,
+                free,
+                ..
+            } => KvUsage {
+                bytes_allocated: (num_blocks - free.len()) * block_size * token,
+                bytes_holding_tokens: self.seqs.values().map(|s| s.len).sum::<usize>() * token,
+                sequences: self.seqs.len(),
+            },
+            Store::Vmm(m) => m.usage(),
+        }
+    }
+
+    fn map_ahead(&self, seq: SeqId, len: usize) {
+        if let Store::Vmm(m) = &self.store {
+            m.map_ahead(seq, len);
+        }
+    }
+
+    fn audit(&self) -> Result<(), String> {
+        match &self.store {
+            Store::Paged {
+                num_blocks, free, ..
+            } => {
+                let held: usize = self.seqs.values().map(|s| s.blocks.len()).sum();
+                let mut seen = vec![false; *num_blocks];
+                for &b in self.seqs.values().flat_map(|s| &s.blocks).chain(free) {
+                    let b = b as usize;
+                    if b >= *num_blocks || std::mem::replace(&mut seen[b], true) {
+                        return Err(format!("block {b} is out of range or held twice"));
+                    }
+                }
+                if held + free.len() != *num_blocks {
+                    return Err(format!(
+                        "{held} blocks held + {} free != {num_blocks} blocks",
+                        free.len()
+                    ));
+                }
+                Ok(())
+            }
+            Store::Vmm(m) => m.audit(),
+        }
+    }
+
+    fn mapper_stats(&self) -> Option<MapperStats> {
+        match &self.store {
+            Store::Paged { .. } => None,
+            Store::Vmm(m) => m.mapper_stats(),
+        }
+    }
+
+    fn growth_map_waits(&self) -> Option<u64> {
+        match &self.store {
+            Store::Paged { .. } => None,
+            Store::Vmm(m) => m.growth_map_waits(),
         }
     }
 }
@@ -615,6 +737,94 @@ impl CudaLlama {
             .expect("set above")
             .download(0, &mut out)?;
         Ok(out)
+    }
+
+    /// Run one batch and return, per chunk, its next token: the greedy one (argmax on the
+    /// device), or — where `logits_for[i]` — the logits of its last token, downloaded alone for
+    /// sampling on the host. Only the ids and those rows cross to the host.
+    pub fn forward_next(
+        &mut self,
+        batch: &[SeqChunk<'_>],
+        kv: &mut GpuKv,
+        logits_for: &[bool],
+    ) -> Result<Vec<Next>> {
+        if logits_for.len() != batch.len() || batch.iter().any(|c| c.all_logits) {
+            return Err(CudaModelError::Batch(format!(
+                "forward_next takes one flag per chunk ({} for {} chunks) and last-token logits only",
+                logits_for.len(),
+                batch.len()
+            )));
+        }
+        let ids = self.forward_greedy(batch, kv)?;
+        let vocab = self.config.vocab_size;
+        let logits = self.buf.logits.0.as_ref().expect("written by run");
+        ids.into_iter()
+            .zip(logits_for)
+            .enumerate()
+            .map(|(row, (id, &want))| {
+                if !want {
+                    return Ok(Next::Token(id));
+                }
+                let mut out = vec![0f32; vocab];
+                logits.download(row * vocab * 4, &mut out)?;
+                Ok(Next::Logits(out))
+            })
+            .collect()
+    }
+
+    /// Allocate every activation buffer for batches of up to `max_rows` tokens and `max_seqs`
+    /// chunks now, so a step never allocates (and the KV sizing after this sees them as used).
+    pub fn preallocate(&mut self, max_rows: usize, max_seqs: usize) -> Result<()> {
+        let c = self.config.clone();
+        let (h, inter) = (c.hidden_size, c.intermediate_size);
+        let (qw, kvw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let (rows, seqs) = (max_rows.max(1), max_seqs.max(1));
+        let ctx = self.ctx.clone();
+        let b = &mut self.buf;
+        b.x.get(&ctx, rows * h * 4)?;
+        b.xn.get(&ctx, rows * h * BF16)?;
+        b.qkv.get(&ctx, rows * (qw + 2 * kvw) * BF16)?;
+        b.q.get(&ctx, rows * qw * BF16)?;
+        b.k.get(&ctx, rows * kvw * BF16)?;
+        b.v.get(&ctx, rows * kvw * BF16)?;
+        b.attn.get(&ctx, rows * qw * BF16)?;
+        b.o.get(&ctx, rows * h * BF16)?;
+        b.gu.get(&ctx, rows * 2 * inter * BF16)?;
+        b.act.get(&ctx, rows * inter * BF16)?;
+        b.sel.get(&ctx, seqs * h * BF16)?;
+        b.logits.get(&ctx, seqs * c.vocab_size * 4)?;
+        b.ids.get(&ctx, seqs * 4)?;
+        for s in [&mut b.tokens, &mut b.pos, &mut b.row_seq] {
+            s.get(&ctx, rows * 4)?;
+        }
+        for s in [&mut b.q_start, &mut b.lens, &mut b.wanted] {
+            s.get(&ctx, (seqs + 1) * 4)?;
+        }
+        Ok(())
+    }
+
+    /// Make the model's context current on the calling thread (the engine thread, before its
+    /// first step).
+    pub fn bind_to_thread(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| {
+            KernelError::Driver {
+                call: "cuCtxSetCurrent",
+                detail: e.to_string(),
+            }
+            .into()
+        })
+    }
+
+    /// Free and total device memory in bytes (`cuMemGetInfo`).
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.bind_to_thread()?;
+        vkv_kernels::cuda::cudarc::driver::result::mem_get_info().map_err(|e| {
+            KernelError::Driver {
+                call: "cuMemGetInfo",
+                detail: e.to_string(),
+            }
+            .into()
+        })
     }
 
     /// Only the matrix products of one forward pass over `rows` tokens (every layer's four GEMMs

@@ -1,0 +1,118 @@
+//! Driving the engine from tests: prompts, requests, and reading every request's events to the
+//! end (shared by the CPU engine tests and the GPU ones).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use vkv_engine::engine::{
+    event_channel, Engine, EventKind, EventReceiver, Finished, GenerationRequest, RequestId,
+    StopConditions,
+};
+use vkv_engine::sampler::SamplingParams;
+
+/// Prompts of different lengths and content, tokenized.
+pub fn prompts(e: &Engine, n: usize) -> Vec<Vec<u32>> {
+    let topics = [
+        "the history of Paris",
+        "how bees make honey",
+        "why the sky is blue",
+        "a recipe for bread",
+        "the rules of chess",
+        "how a compiler works",
+        "the water cycle",
+        "a short poem about autumn",
+    ];
+    (0..n)
+        .map(|i| {
+            let mut text = format!("Write about {}.", topics[i % topics.len()]);
+            for _ in 0..i % 5 {
+                text.push_str(" Please be precise and give one example of it.");
+            }
+            e.model().tokenizer.encode(&text, false).unwrap()
+        })
+        .collect()
+}
+
+pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
+    GenerationRequest {
+        prompt,
+        max_tokens,
+        sampling: SamplingParams::default(),
+        stop: StopConditions {
+            ignore_eos: true,
+            ..StopConditions::default()
+        },
+    }
+}
+
+/// What a request produced, assembled from its events.
+#[derive(Debug, Default)]
+pub struct Output {
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub finished: Option<Finished>,
+    pub failed: Option<String>,
+}
+
+/// Read events until every one of `n` requests has its final event.
+pub fn collect(rx: &mut EventReceiver, n: usize) -> HashMap<RequestId, Output> {
+    let mut out: HashMap<RequestId, Output> = HashMap::new();
+    let mut done = 0;
+    while done < n {
+        let ev = rx.blocking_recv().expect("the engine is alive");
+        let o = out.entry(ev.id).or_default();
+        assert!(
+            o.finished.is_none() && o.failed.is_none(),
+            "event after the end"
+        );
+        match ev.kind {
+            EventKind::Delta { token_ids, text } => {
+                o.tokens.extend(token_ids);
+                o.text.push_str(&text);
+            }
+            EventKind::Finished(f) => {
+                o.finished = Some(f);
+                done += 1;
+            }
+            EventKind::Failed(why) => {
+                o.failed = Some(why);
+                done += 1;
+            }
+        }
+    }
+    out
+}
+
+pub fn run_one(e: &Engine, req: GenerationRequest) -> Output {
+    let (tx, mut rx) = event_channel();
+    let id = e.submit(req, tx).unwrap();
+    collect(&mut rx, 1).remove(&id).unwrap()
+}
+
+pub fn assert_empty(e: &Engine, what: &str) {
+    let usage = e
+        .audit_kv()
+        .unwrap_or_else(|err| panic!("{what}: audit: {err}"));
+    assert_eq!(
+        (
+            usage.sequences,
+            usage.bytes_allocated,
+            usage.bytes_holding_tokens
+        ),
+        (0, 0, 0),
+        "{what}: KV memory left behind"
+    );
+}
+
+/// Poll the metrics until `cond` holds (the engine publishes them after every step).
+pub fn wait_for(e: &Engine, what: &str, cond: impl Fn(&vkv_engine::engine::EngineMetrics) -> bool) {
+    let start = Instant::now();
+    while !cond(&e.metrics()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}

@@ -1,0 +1,348 @@
+//! The engine thread on the CUDA device, end to end, with the real SmolLM2 weights (the GGUF of
+//! `VKV_TEST_GGUF`, else the default model): in paged and vmm modes, concurrent greedy requests
+//! get what each gets alone, and start as the CPU device's do; preemption under a tiny KV budget
+//! completes every request and leaks nothing; aborts free memory; a prompt larger than all KV
+//! memory is refused at submit; vmm decode never waits for a page (the map waits are the
+//! admissions); sampled rows come back as logits; the KV cache sized from
+//! `gpu_memory_utilization` serves.
+//!
+//! bf16 on the GPU is not promised to be batch invariant the way the CPU's `--batch-invariant`
+//! is (cuBLAS may pick kernels by batch size; a mixed batch runs its decode rows through the
+//! prefill kernel), so "the same as alone" is checked as at least 90 % of requests token for
+//! token, the count printed (measured on an H200: 20 of 20 in every mode). A preempted request is
+//! recomputed by one prefill over prompt + output, which rounds differently from the decode steps
+//! that first made its KV: there the first tokens must agree and half the outputs whole (measured:
+//! 11 and 10 of 12, the others differing after token 170). Skips without a GPU (fails with
+//! `VKV_REQUIRE_GPU=1`). The tests take one lock: each engine may take most of the GPU's memory.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use std::sync::{Mutex, MutexGuard};
+
+use common::serving::{assert_empty, collect, greedy, prompts, run_one, wait_for};
+use vkv_engine::device::Device;
+use vkv_engine::engine::{
+    event_channel, Engine, EngineConfig, EngineError, GenerationRequest, RequestId,
+};
+use vkv_engine::generate::FinishReason;
+use vkv_engine::kv::KvMode;
+use vkv_engine::sampler::SamplingParams;
+use vkv_vmm::KvLayout;
+
+static GPU: Mutex<()> = Mutex::new(());
+
+/// The GPU to ourselves, or `None` (skipped, saying why).
+fn gpu() -> Option<MutexGuard<'static, ()>> {
+    let guard = GPU.lock().unwrap_or_else(|e| e.into_inner());
+    common::gpu()?;
+    Some(guard)
+}
+
+const PAGED: KvMode = KvMode::Paged { block_size: 16 };
+const TOKEN_MAJOR: KvMode = KvMode::Vmm {
+    layout: KvLayout::TokenMajor,
+    page_size: 2 << 20,
+};
+const PER_LAYER: KvMode = KvMode::Vmm {
+    layout: KvLayout::PerLayer,
+    page_size: 2 << 20,
+};
+
+fn engine(device: Device, mode: KvMode, kv_memory: usize, max_num_batched_tokens: usize) -> Engine {
+    engine_len(device, mode, kv_memory, max_num_batched_tokens, 1024)
+}
+
+fn engine_len(
+    device: Device,
+    mode: KvMode,
+    kv_memory: usize,
+    max_num_batched_tokens: usize,
+    max_model_len: usize,
+) -> Engine {
+    Engine::start(
+        common::smollm2(),
+        EngineConfig {
+            device,
+            kv_mode: mode,
+            kv_memory,
+            max_num_seqs: 64,
+            max_num_batched_tokens,
+            max_model_len: Some(max_model_len),
+            batch_invariant: true,
+            ..EngineConfig::default()
+        },
+    )
+    .expect("start the engine")
+}
+
+/// Submit every prompt at once; the outputs in prompt order.
+fn together(e: &Engine, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<common::serving::Output> {
+    let (tx, mut rx) = event_channel();
+    let ids: Vec<RequestId> = prompts
+        .iter()
+        .map(|p| e.submit(greedy(p.clone(), max_tokens), tx.clone()).unwrap())
+        .collect();
+    let mut out = collect(&mut rx, ids.len());
+    ids.iter().map(|id| out.remove(id).unwrap()).collect()
+}
+
+/// How many of `a` equal `b`, with the count and the mismatches printed; at least 90 % must.
+fn mostly_same(what: &str, a: &[Vec<u32>], b: &[Vec<u32>]) -> usize {
+    share_same(what, a, b, 0.9)
+}
+
+/// How many of `a` equal `b`, with the count and the mismatches printed; at least `share` must.
+fn share_same(what: &str, a: &[Vec<u32>], b: &[Vec<u32>], share: f64) -> usize {
+    let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
+    eprintln!("{what}: {same} of {} requests token for token", a.len());
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        if x != y {
+            let at = x.iter().zip(y).position(|(p, q)| p != q).unwrap_or(0);
+            eprintln!("  request {i}: first difference at token {at}");
+        }
+    }
+    assert!(
+        same as f64 >= share * a.len() as f64,
+        "{what}: only {same} of {} requests agree",
+        a.len()
+    );
+    same
+}
+
+#[test]
+fn concurrent_greedy_requests_match_each_alone_and_start_as_on_the_cpu() {
+    let Some(_gpu) = gpu() else { return };
+    let mut first_tokens_gpu = Vec::new();
+    for mode in [PAGED, TOKEN_MAJOR, PER_LAYER] {
+        // A small step budget, so prompts are split into chunks and batches mix prefill and decode.
+        let e = engine(Device::Cuda, mode, 4 << 30, 96);
+        let m = e.metrics();
+        let name = format!("{} on {}", m.kv_name, m.device);
+        assert!(m.device.starts_with("cuda"), "{name}");
+        let prompts = prompts(&e, 20);
+        let alone: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| run_one(&e, greedy(p.clone(), 12)).tokens)
+            .collect();
+        let out = together(&e, &prompts, 12);
+        for o in &out {
+            let f = o.finished.as_ref().expect("finished");
+            assert_eq!(f.reason, FinishReason::Length, "{name}");
+            assert_eq!(f.usage.completion_tokens, 12, "{name}");
+        }
+        let batched: Vec<Vec<u32>> = out.into_iter().map(|o| o.tokens).collect();
+        mostly_same(&format!("{name}: batched vs alone"), &batched, &alone);
+        let m = e.metrics();
+        assert!(
+            m.peak_running > 8,
+            "{name}: peak running {}",
+            m.peak_running
+        );
+        assert_empty(&e, &name);
+        first_tokens_gpu.push(alone);
+    }
+    // The modes read the same cache contents through two addressings: the same tokens alone.
+    mostly_same(
+        "paged vs vmm token-major, alone",
+        &first_tokens_gpu[0],
+        &first_tokens_gpu[1],
+    );
+    mostly_same(
+        "paged vs vmm per-layer, alone",
+        &first_tokens_gpu[0],
+        &first_tokens_gpu[2],
+    );
+    // The CPU device (f32, quantized weights) against the GPU (bf16): the first 4 tokens.
+    let cpu = engine(Device::Cpu, PAGED, 256 << 20, 2048);
+    let prompts = prompts(&cpu, 20);
+    let head = |v: &[Vec<u32>]| v.iter().map(|t| t[..4].to_vec()).collect::<Vec<_>>();
+    let on_cpu: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| run_one(&cpu, greedy(p.clone(), 4)).tokens)
+        .collect();
+    mostly_same(
+        "CPU vs CUDA, first 4 tokens",
+        &head(&first_tokens_gpu[0]),
+        &on_cpu,
+    );
+}
+
+#[test]
+fn preemption_under_a_tiny_kv_budget_completes_every_request_and_leaks_nothing() {
+    let Some(_gpu) = gpu() else { return };
+    // 8 MiB: 4 pages of 2 MiB; about 1 360 tokens of the 8-layer test model, 360 of the full one.
+    // Each request outgrows one 2 MiB page (341 tokens token-major for 8 layers, 91 for 30), so
+    // vmm too must preempt (with requests inside one page it could only stop admitting).
+    for mode in [PAGED, TOKEN_MAJOR] {
+        let e = engine(Device::Cuda, mode, 8 << 20, 2048);
+        let name = e.metrics().kv_name;
+        let cap = e.kv_capacity_tokens();
+        let prompts = prompts(&e, 12);
+        let max_tokens = (cap * 2 / 5).min(400);
+        let need: usize = prompts.iter().map(|p| p.len() + max_tokens).sum();
+        assert!(
+            need > cap,
+            "{name}: {need} tokens fit the {cap} of the cache"
+        );
+        let alone: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| run_one(&e, greedy(p.clone(), max_tokens)).tokens)
+            .collect();
+        let out = together(&e, &prompts, max_tokens);
+        let m = e.metrics();
+        eprintln!(
+            "{name}: capacity {cap} tokens, {need} needed, {} preemptions, peak running {}",
+            m.preemptions, m.peak_running
+        );
+        assert!(m.preemptions > 0, "{name}: no preemption");
+        for o in &out {
+            let f = o.finished.as_ref().expect("finished, not failed");
+            assert_eq!(f.reason, FinishReason::Length, "{name}");
+            assert_eq!(f.usage.completion_tokens, max_tokens, "{name}");
+        }
+        let preempted: u32 = out
+            .iter()
+            .map(|o| o.finished.as_ref().unwrap().preemptions)
+            .sum();
+        assert_eq!(preempted as u64, m.preemptions, "{name}");
+        let batched: Vec<Vec<u32>> = out.into_iter().map(|o| o.tokens).collect();
+        // A preempted request's recompute is one prefill over prompt + output, not the decode
+        // steps that first made its KV: bf16 differs more, so the first tokens must agree and
+        // most outputs whole. Corrupt KV after a preemption would fail both.
+        let first = |v: &[Vec<u32>]| v.iter().map(|t| t[..1].to_vec()).collect::<Vec<_>>();
+        mostly_same(
+            &format!("{name}: preempted vs alone, first token"),
+            &first(&batched),
+            &first(&alone),
+        );
+        share_same(
+            &format!("{name}: preempted vs alone"),
+            &batched,
+            &alone,
+            0.5,
+        );
+        assert_empty(&e, &name);
+    }
+}
+
+#[test]
+fn aborts_free_memory_and_a_prompt_larger_than_the_cache_is_refused() {
+    let Some(_gpu) = gpu() else { return };
+    for mode in [PAGED, TOKEN_MAJOR] {
+        // A context longer than the cache, so a prompt can be refused for the cache alone.
+        let e = engine_len(Device::Cuda, mode, 8 << 20, 64, 4096);
+        let name = e.metrics().kv_name;
+        let cap = e.kv_capacity_tokens();
+        assert!(cap < 4000, "{name}: {cap} tokens");
+        let long: Vec<u32> = prompts(&e, 5).concat().repeat(40)[..cap + 1].to_vec();
+        let (tx, _rx) = event_channel();
+        match e.submit(greedy(long.clone(), 1), tx) {
+            Err(EngineError::KvCapacity { capacity, .. }) => assert_eq!(capacity, cap),
+            other => panic!("{name}: a prompt over the cache: {other:?}"),
+        }
+        // Mid-decode.
+        let (tx, mut rx) = event_channel();
+        let id = e.submit(greedy(long[..50].to_vec(), 500), tx).unwrap();
+        for _ in 0..3 {
+            rx.blocking_recv().unwrap();
+        }
+        e.abort(id);
+        let out = collect(&mut rx, 1).remove(&id).unwrap();
+        assert_eq!(out.finished.unwrap().reason, FinishReason::Abort, "{name}");
+        assert_eq!(e.metrics().kv.bytes_allocated, 0, "{name}: after abort");
+        // A dropped receiver (a client gone) is aborted at its next token.
+        let (tx, mut rx) = event_channel();
+        e.submit(greedy(long[..50].to_vec(), 500), tx).unwrap();
+        rx.blocking_recv().unwrap();
+        drop(rx);
+        wait_for(&e, "the disconnect", |m| {
+            m.finished_abort == 2 && m.running == 0
+        });
+        assert_empty(&e, &name);
+    }
+}
+
+#[test]
+fn vmm_decode_waits_for_no_page_the_map_waits_are_the_admissions() {
+    let Some(_gpu) = gpu() else { return };
+    for mode in [TOKEN_MAJOR, PER_LAYER] {
+        let e = engine(Device::Cuda, mode, 4 << 30, 2048);
+        let name = e.metrics().kv_name;
+        // 400 tokens cross token-major page boundaries (341 tokens a page for 8 layers, 91 for 30).
+        let prompts = prompts(&e, 8);
+        let out = together(&e, &prompts, 400);
+        assert!(out.iter().all(|o| o.finished.is_some()), "{name}");
+        let m = e.metrics();
+        let map = m.map.expect("vmm has a mapper");
+        eprintln!("{name}: {map:?}");
+        assert_eq!(m.preemptions, 0, "{name}");
+        // One wait per admission (a fresh slot's first page); every page after it mapped ahead.
+        assert_eq!(map.growth_waits, 0, "{name}: {map:?}");
+        assert_eq!(map.waits, prompts.len() as u64, "{name}: {map:?}");
+        if mode == TOKEN_MAJOR {
+            assert!(map.pages_mapped_ahead > 0, "{name}: {map:?}");
+        }
+        assert_empty(&e, &name);
+    }
+}
+
+#[test]
+fn sampled_rows_and_greedy_rows_share_a_batch_and_seeds_repeat() {
+    let Some(_gpu) = gpu() else { return };
+    let e = engine(Device::Cuda, TOKEN_MAJOR, 1 << 30, 2048);
+    let prompts = prompts(&e, 6);
+    let sampled = |p: &Vec<u32>, seed: u64| GenerationRequest {
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.95,
+            seed: Some(seed),
+        },
+        ..greedy(p.clone(), 16)
+    };
+    let alone = run_one(&e, sampled(&prompts[0], 7)).tokens;
+    assert_eq!(run_one(&e, sampled(&prompts[0], 7)).tokens, alone);
+    let (tx, mut rx) = event_channel();
+    let mut ids = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let req = if i % 2 == 0 {
+            sampled(p, 7)
+        } else {
+            greedy(p.clone(), 16)
+        };
+        ids.push(e.submit(req, tx.clone()).unwrap());
+    }
+    let out = collect(&mut rx, ids.len());
+    for id in &ids {
+        let f = out[id].finished.as_ref().expect("finished");
+        assert_eq!(f.usage.completion_tokens, 16);
+    }
+    eprintln!(
+        "seeded sample alone {:?}, in a mixed batch {:?}",
+        alone, out[&ids[0]].tokens
+    );
+    assert_empty(&e, "mixed sampling");
+}
+
+#[test]
+fn kv_memory_sized_from_gpu_memory_utilization_serves() {
+    let Some(_gpu) = gpu() else { return };
+    for mode in [PAGED, TOKEN_MAJOR] {
+        let e = engine(Device::Cuda, mode, 0, 2048);
+        let m = e.metrics();
+        eprintln!(
+            "{} at 0.9 utilization: {} tokens ({:.1} GiB)",
+            m.kv_name,
+            m.kv_capacity_tokens,
+            m.kv_capacity_bytes as f64 / (1u64 << 30) as f64
+        );
+        // With a 0.1-GB model the cache holds every slot full (vmm: 64 × 1024 tokens, its
+        // pages all created; paged: far more).
+        assert!(m.kv_capacity_tokens >= 60_000, "{}: {m:?}", m.kv_name);
+        let p = prompts(&e, 1).remove(0);
+        let out = run_one(&e, greedy(p, 8));
+        assert_eq!(out.tokens.len(), 8);
+        assert_empty(&e, &m.kv_name);
+    }
+}
