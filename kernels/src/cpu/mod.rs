@@ -11,9 +11,10 @@
 
 use rayon::prelude::*;
 
+mod int8;
 mod quant;
 
-pub use quant::{matmul_w, matmul_w_rowwise, Weight, BLOCK};
+pub use quant::{matmul_w, matmul_w_int8, matmul_w_rowwise, Activations, Weight, BLOCK};
 
 /// How RoPE pairs the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,6 +16,8 @@
 use half::f16;
 use rayon::prelude::*;
 
+use super::int8::{self, PackedCell};
+
 /// A weight matrix `[rows][cols]` (`[out][in]`) in one of the formats the CPU multiplies.
 /// Quantized formats are repacked at load: f32 scales (ggml stores f16, and converting them in
 /// the inner loop costs more than the arithmetic) and the bare quants.
@@ -23,14 +25,17 @@ use rayon::prelude::*;
 pub enum Weight {
     F32(Vec<f32>),
     /// Per block: `scales[2b] = d`, `scales[2b + 1] = m`; `qs[16b..16b + 16]` nibbles.
+    /// `int8`: the same weights repacked for [`matmul_w_int8`], built on its first use.
     Q4_1 {
         scales: Vec<f32>,
         qs: Vec<u8>,
+        int8: PackedCell,
     },
     /// Per block: `scales[b] = d`; `qs[32b..32b + 32]`.
     Q8_0 {
         scales: Vec<f32>,
         qs: Vec<i8>,
+        int8: PackedCell,
     },
 }
 
@@ -51,7 +56,11 @@ impl Weight {
             scales.extend([f16_at(blk, 0), f16_at(blk, 2)]);
             qs.extend_from_slice(&blk[4..20]);
         }
-        Weight::Q4_1 { scales, qs }
+        Weight::Q4_1 {
+            scales,
+            qs,
+            int8: PackedCell::new(),
+        }
     }
 
     /// Repack ggml Q8_0 blocks (34 bytes each).
@@ -63,7 +72,11 @@ impl Weight {
             scales.push(f16_at(blk, 0));
             qs.extend(blk[2..34].iter().map(|&q| q as i8));
         }
-        Weight::Q8_0 { scales, qs }
+        Weight::Q8_0 {
+            scales,
+            qs,
+            int8: PackedCell::new(),
+        }
     }
 
     /// Number of elements held.
@@ -89,13 +102,25 @@ impl Weight {
         for p in parts {
             match (&mut out, p) {
                 (Weight::F32(a), Weight::F32(b)) => a.extend(b),
-                (Weight::Q4_1 { scales, qs }, Weight::Q4_1 { scales: s, qs: q }) => {
+                (
+                    Weight::Q4_1 {
+                        scales, qs, int8, ..
+                    },
+                    Weight::Q4_1 { scales: s, qs: q, .. },
+                ) => {
                     scales.extend(s);
                     qs.extend(q);
+                    *int8 = PackedCell::new();
                 }
-                (Weight::Q8_0 { scales, qs }, Weight::Q8_0 { scales: s, qs: q }) => {
+                (
+                    Weight::Q8_0 {
+                        scales, qs, int8, ..
+                    },
+                    Weight::Q8_0 { scales: s, qs: q, .. },
+                ) => {
                     scales.extend(s);
                     qs.extend(q);
+                    *int8 = PackedCell::new();
                 }
                 _ => unreachable!("formats checked above"),
             }
@@ -112,7 +137,7 @@ impl Weight {
         let blocks = cols / BLOCK;
         match self {
             Weight::F32(v) => out[..cols].copy_from_slice(&v[r * cols..(r + 1) * cols]),
-            Weight::Q4_1 { scales, qs } => {
+            Weight::Q4_1 { scales, qs, .. } => {
                 for (b, o) in (r * blocks..(r + 1) * blocks).zip(out.chunks_exact_mut(BLOCK)) {
                     let (d, m) = (scales[2 * b], scales[2 * b + 1]);
                     let q = &qs[16 * b..16 * b + 16];
@@ -122,7 +147,7 @@ impl Weight {
                     }
                 }
             }
-            Weight::Q8_0 { scales, qs } => {
+            Weight::Q8_0 { scales, qs, .. } => {
                 for (b, o) in (r * blocks..(r + 1) * blocks).zip(out.chunks_exact_mut(BLOCK)) {
                     let q = &qs[32 * b..32 * b + 32];
                     for j in 0..BLOCK {
@@ -162,6 +187,53 @@ pub fn matmul_w_rowwise(x: &[f32], m: usize, k: usize, w: &Weight, n: usize, out
     }
 }
 
+/// How activations meet quantized weights in a product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activations {
+    /// f32 activations, weights dequantized in registers ([`matmul_w`], [`matmul_w_rowwise`]):
+    /// the f32 product of the dequantized weights, up to summation order. The reference.
+    F32,
+    /// Activations quantized to 8 bits per block and integer dot products
+    /// ([`matmul_w_int8`]; llama.cpp's Q8_1 path). Batch-invariant by construction.
+    Int8,
+}
+
+impl Activations {
+    /// `VKV_CPU_ACTIVATIONS=f32|int8`, else `default`.
+    pub fn from_env(default: Activations) -> Activations {
+        match std::env::var("VKV_CPU_ACTIVATIONS").as_deref() {
+            Ok("f32") => Activations::F32,
+            Ok("int8") => Activations::Int8,
+            _ => default,
+        }
+    }
+}
+
+impl Weight {
+    /// Whether the weights are block-quantized (Q4_1, Q8_0).
+    pub fn is_quantized(&self) -> bool {
+        !matches!(self, Weight::F32(_))
+    }
+}
+
+/// [`matmul_w`] with each activation row quantized to 8 bits per 32-element block and integer
+/// dot products with the quantized weights (module `int8`). Every output row is computed the same
+/// way whatever `m` and the other rows are (batch-invariant). f32 weights take
+/// [`matmul_w_rowwise`]'s f32 path.
+pub fn matmul_w_int8(x: &[f32], m: usize, k: usize, w: &Weight, n: usize, out: &mut [f32]) {
+    let packed = match w {
+        Weight::F32(v) => return matmul_f32_rowwise(x, m, k, v, n, out),
+        Weight::Q4_1 { scales, qs, int8 } => {
+            int8.get_or_init(|| int8::Packed::from_q4_1(scales, qs, k))
+        }
+        Weight::Q8_0 { scales, qs, int8 } => {
+            int8.get_or_init(|| int8::Packed::from_q8_0(scales, qs, k))
+        }
+    };
+    assert_eq!(packed.cols(), k, "matmul_w_int8: columns of the weight");
+    int8::matmul_packed(x, m, k, packed, n, out);
+}
+
 fn matmul_f32_rowwise(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
     assert!(
         w.len() >= n * k && x.len() >= m * k && out.len() >= m * n,
@@ -182,7 +254,7 @@ fn matmul_f32_rowwise(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &
     transpose_into(&out_t, m, n, out);
 }
 
-fn transpose_into(out_t: &[f32], m: usize, n: usize, out: &mut [f32]) {
+pub(super) fn transpose_into(out_t: &[f32], m: usize, n: usize, out: &mut [f32]) {
     for j in 0..n {
         for r in 0..m {
             out[r * n + j] = out_t[j * m + r];
@@ -277,7 +349,7 @@ const SMALL_M: usize = 16;
 /// Activation rows handled together: each weight block is decoded once for all of them.
 const ROWS: usize = 8;
 /// Output rows per parallel task.
-const TASK: usize = 32;
+pub(super) const TASK: usize = 32;
 
 fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -297,7 +369,7 @@ fn scalar_dot_rows(w: &Weight, j: usize, xs: &[f32], k: usize, g: usize, acc: &m
         let at = j * blocks + b;
         // The block's weights, dequantized once for all rows.
         match w {
-            Weight::Q4_1 { scales, qs } => {
+            Weight::Q4_1 { scales, qs, .. } => {
                 let (d, m) = (scales[2 * at], scales[2 * at + 1]);
                 let nib = &qs[16 * at..16 * at + 16];
                 for i in 0..16 {
@@ -305,7 +377,7 @@ fn scalar_dot_rows(w: &Weight, j: usize, xs: &[f32], k: usize, g: usize, acc: &m
                     q[i + 16] = (nib[i] >> 4) as f32 * d + m;
                 }
             }
-            Weight::Q8_0 { scales, qs } => {
+            Weight::Q8_0 { scales, qs, .. } => {
                 for (q, &v) in q.iter_mut().zip(&qs[32 * at..32 * at + 32]) {
                     *q = v as f32 * scales[at];
                 }
@@ -383,7 +455,7 @@ mod simd {
         for b in 0..blocks {
             let at = j * blocks + b;
             let (wv, d, mo) = match w {
-                Weight::Q4_1 { scales, qs } => {
+                Weight::Q4_1 { scales, qs, .. } => {
                     let q = _mm_loadu_si128(qs.as_ptr().add(16 * at) as *const __m128i);
                     let lo = _mm_and_si128(q, mask);
                     let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
@@ -400,7 +472,7 @@ mod simd {
                         *scales.get_unchecked(2 * at + 1),
                     )
                 }
-                Weight::Q8_0 { scales, qs } => {
+                Weight::Q8_0 { scales, qs, .. } => {
                     let p = qs.as_ptr().add(32 * at) as *const u8;
                     let cvt = |o: usize| {
                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
