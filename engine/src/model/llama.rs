@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use rayon::prelude::*;
-use vkv_kernels::cpu::{self, KvRef, Weight};
+use vkv_kernels::cpu::{self, Activations, KvRef, Weight};
 
 use super::{LlamaConfig, ModelError};
 use crate::kv::{KvCache, SeqId};
@@ -105,6 +105,9 @@ pub struct Llama {
     /// Every product row-wise ([`cpu::matmul_w_rowwise`]): a sequence's logits do not depend on
     /// what else is in the batch. Off by default (prefill is slower).
     batch_invariant: bool,
+    /// How activations meet quantized matrices: 8-bit integer dot products (the default: faster,
+    /// and batch-invariant whatever `batch_invariant` says) or f32 (the reference).
+    activations: Activations,
 }
 
 /// Names of a layer's tensors in GGUF and in HF checkpoints, in `Layer` field order.
@@ -278,7 +281,7 @@ impl Llama {
                 *f /= s;
             }
         }
-        Ok(Llama {
+        let mut model = Llama {
             config,
             embed,
             layers,
@@ -286,7 +289,10 @@ impl Llama {
             lm_head,
             inv_freq,
             batch_invariant: false,
-        })
+            activations: Activations::F32,
+        };
+        model.set_activations(Activations::from_env(Activations::Int8));
+        Ok(model)
     }
 
     /// Load a GGUF file (any quantization the reader dequantizes).
@@ -512,8 +518,41 @@ impl Llama {
         self.batch_invariant
     }
 
+    /// Use 8-bit activations with integer products, or f32, for quantized matrices (see the
+    /// field). `VKV_CPU_ACTIVATIONS=f32|int8` sets it at load.
+    pub fn set_activations(&mut self, a: Activations) {
+        self.activations = a;
+        if a == Activations::Int8 {
+            self.pack_int8();
+        }
+    }
+
+    /// Repack every quantized matrix for the integer kernels now (see [`Weight::pack_int8`]).
+    fn pack_int8(&self) {
+        let c = &self.config;
+        let (h, q, i) = (c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size);
+        let mut all: Vec<(&Weight, usize)> = Vec::new();
+        for layer in &self.layers {
+            for p in [&layer.qkv, &layer.gate_up] {
+                match p {
+                    Projections::Stacked(w) => all.push((w, h)),
+                    Projections::Apart(parts) => all.extend(parts.iter().map(|w| (w, h))),
+                }
+            }
+            all.extend([(&layer.wo, q), (&layer.w_down, i)]);
+        }
+        all.push((self.lm_head.as_ref().unwrap_or(&self.embed), h));
+        all.par_iter().for_each(|(w, k)| w.pack_int8(*k));
+    }
+
+    pub fn activations(&self) -> Activations {
+        self.activations
+    }
+
     fn matmul(&self, x: &[f32], m: usize, k: usize, w: &Weight, n: usize, out: &mut [f32]) {
-        if self.batch_invariant {
+        if self.activations == Activations::Int8 && w.is_quantized() {
+            cpu::matmul_w_int8(x, m, k, w, n, out)
+        } else if self.batch_invariant {
             cpu::matmul_w_rowwise(x, m, k, w, n, out)
         } else {
             cpu::matmul_w(x, m, k, w, n, out)

@@ -38,7 +38,7 @@ use std::sync::OnceLock;
 use half::f16;
 use rayon::prelude::*;
 
-use super::quant::{transpose_into, BLOCK, TASK};
+use super::quant::{BLOCK, TASK};
 
 /// i32 / f32 lanes of a 256-bit vector.
 const LANES: usize = 8;
@@ -106,54 +106,68 @@ impl Packed {
         q4: bool,
         rows: usize,
         k: usize,
-        quant: impl Fn(usize, usize) -> u8,
-        scale: impl Fn(usize) -> (f16, f16),
+        quant: impl Fn(usize, usize) -> u8 + Sync,
+        scale: impl Fn(usize) -> (f16, f16) + Sync,
     ) -> Self {
         let nb = k / BLOCK;
         let groups = group_sizes(nb);
-        let mut p = Packed {
-            q4,
-            k,
-            groups,
-            qs: Vec::new(),
-            lanes: Vec::new(),
-        };
-        p.qs.reserve(rows * p.row_bytes());
-        p.lanes.reserve(rows * p.groups.len() * p.lanes_per_group());
-        for j in 0..rows {
+        let row_bytes = if q4 { k / 2 } else { k };
+        let row_lanes = groups.len() * if q4 { 2 * LANES } else { LANES };
+        let mut qs = vec![0u8; rows * row_bytes];
+        let mut lanes = vec![f16::ZERO; rows * row_lanes];
+        let one = |(j, (qs, lanes)): (usize, (&mut [u8], &mut [f16]))| {
+            let (mut qs, mut lanes) = (qs.iter_mut(), lanes.iter_mut());
+            let put = |q: &mut std::slice::IterMut<'_, u8>, v: u8| *q.next().expect("row") = v;
             let mut b0 = j * nb;
-            for &r in &p.groups {
+            for &r in &groups {
                 let vec = |v: usize, e: usize| {
                     let (b, i) = source(r, v, e);
                     quant(b0 + b, i)
                 };
                 if !q4 {
-                    p.qs.extend((0..r).flat_map(|v| (0..32).map(move |e| (v, e))).map(
-                        |(v, e)| vec(v, e),
-                    ));
+                    for v in 0..r {
+                        for e in 0..32 {
+                            put(&mut qs, vec(v, e));
+                        }
+                    }
                 } else if r == 1 {
-                    p.qs.extend((0..16).map(|e| vec(0, e) | vec(0, e + 16) << 4));
+                    for e in 0..16 {
+                        put(&mut qs, vec(0, e) | vec(0, e + 16) << 4);
+                    }
                 } else {
                     for pair in 0..r / 2 {
-                        p.qs.extend((0..32).map(|e| vec(2 * pair, e) | vec(2 * pair + 1, e) << 4));
+                        for e in 0..32 {
+                            put(&mut qs, vec(2 * pair, e) | vec(2 * pair + 1, e) << 4);
+                        }
                     }
                 }
                 let per = LANES / r;
-                p.lanes
-                    .extend((0..LANES).map(|lane| scale(b0 + lane / per).0));
+                for lane in 0..LANES {
+                    *lanes.next().expect("row") = scale(b0 + lane / per).0;
+                }
                 if q4 {
-                    p.lanes.extend((0..LANES).map(|lane| {
-                        if lane % per == 0 {
+                    for lane in 0..LANES {
+                        *lanes.next().expect("row") = if lane % per == 0 {
                             scale(b0 + lane / per).1
                         } else {
                             f16::ZERO
-                        }
-                    }));
+                        };
+                    }
                 }
                 b0 += r;
             }
+        };
+        qs.par_chunks_mut(row_bytes)
+            .zip(lanes.par_chunks_mut(row_lanes))
+            .enumerate()
+            .for_each(one);
+        Packed {
+            q4,
+            k,
+            groups,
+            qs,
+            lanes,
         }
-        p
     }
 
     /// From ggml Q4_1 data as [`super::Weight`] keeps it: `(d, m)` per block and 16 bytes of
@@ -198,47 +212,84 @@ impl Packed {
     }
 }
 
-/// Activation rows quantized to 8 bits per 32-element block, permuted like the weights.
+/// Activation rows quantized to 8 bits per 32-element block, permuted like the weights, and
+/// stored group-major: a group's data for all rows together, so a kernel finds row `r0 + r`
+/// at a fixed distance from row `r0`.
 #[derive(Debug, Clone)]
 pub struct Q8Rows {
-    k: usize,
-    groups: usize,
-    /// Per row `k` quants, group after group.
+    m: usize,
+    /// Group `g` (starting at block `b0`, of `R` blocks): row `r`'s `32 · R` quants at
+    /// `32 · (m · b0 + r · R)`.
     qs: Vec<i8>,
-    /// Per row, per group: `d_x` of each lane's block, then `s_x = d_x · Σ q_x` of each lane's
-    /// block (`2 · 8` values).
+    /// Group `g`, row `r`, at `16 · (m · g + r)`: `d_x` of each lane's block, then
+    /// `s_x = d_x · Σ q_x` of each lane's block.
     lanes: Vec<f32>,
-    /// Per row, per group: `128 · Σ q_x` over each lane's quants (Q8_0's offset).
+    /// Group `g`, row `r`, at `8 · (m · g + r)`: `128 · Σ q_x` over each lane's quants (Q8_0's
+    /// offset).
     offsets: Vec<i32>,
 }
 
 /// Quantize `m` rows of `k` activations for weights split into `groups`.
 pub fn quantize_rows(x: &[f32], m: usize, k: usize, groups: &[usize]) -> Q8Rows {
     let ng = groups.len();
-    let mut q = Q8Rows {
-        k,
-        groups: ng,
-        qs: vec![0; m * k],
-        lanes: vec![0.0; m * ng * 2 * LANES],
-        offsets: vec![0; m * ng * LANES],
-    };
+    // Row-major first (rows in parallel), then regrouped.
+    let mut qs = vec![0i8; m * k];
+    let mut lanes = vec![0f32; m * ng * 2 * LANES];
+    let mut offsets = vec![0i32; m * ng * LANES];
     let one = |((xr, qs), (lanes, offsets)): ((&[f32], &mut [i8]), (&mut [f32], &mut [i32]))| {
         quantize_row(xr, groups, qs, lanes, offsets)
     };
     let rows = x[..m * k]
         .chunks_exact(k)
-        .zip(q.qs.chunks_exact_mut(k))
+        .zip(qs.chunks_exact_mut(k))
         .zip(
-            q.lanes
+            lanes
                 .chunks_exact_mut(ng * 2 * LANES)
-                .zip(q.offsets.chunks_exact_mut(ng * LANES)),
+                .zip(offsets.chunks_exact_mut(ng * LANES)),
         );
     if m * k >= 1 << 14 {
         rows.par_bridge().for_each(one);
     } else {
         rows.for_each(one);
     }
+    if m == 1 {
+        return Q8Rows {
+            m,
+            qs,
+            lanes,
+            offsets,
+        };
+    }
+    let mut q = Q8Rows {
+        m,
+        qs: Vec::with_capacity(m * k),
+        lanes: Vec::with_capacity(lanes.len()),
+        offsets: Vec::with_capacity(offsets.len()),
+    };
+    let mut b0 = 0;
+    for (gi, &r) in groups.iter().enumerate() {
+        for row in 0..m {
+            q.qs.extend_from_slice(&qs[row * k + b0 * BLOCK..][..r * BLOCK]);
+            q.lanes
+                .extend_from_slice(&lanes[(row * ng + gi) * 2 * LANES..][..2 * LANES]);
+            q.offsets
+                .extend_from_slice(&offsets[(row * ng + gi) * LANES..][..LANES]);
+        }
+        b0 += r;
+    }
     q
+}
+
+impl Q8Rows {
+    /// Offsets of row `r`'s data for group `gi` (starting at block `b0`, of `size` blocks):
+    /// quants, lanes, offsets.
+    fn at(&self, gi: usize, b0: usize, size: usize, r: usize) -> (usize, usize, usize) {
+        (
+            BLOCK * (self.m * b0 + r * size),
+            2 * LANES * (self.m * gi + r),
+            LANES * (self.m * gi + r),
+        )
+    }
 }
 
 fn quantize_row(x: &[f32], groups: &[usize], qs: &mut [i8], lanes: &mut [f32], offsets: &mut [i32]) {
@@ -335,28 +386,36 @@ fn matmul_with(isa: Isa, x: &[f32], m: usize, k: usize, w: &Packed, n: usize, ou
         return;
     }
     let xq = quantize_rows(x, m, k, &w.groups);
-    let mut out_t = vec![0f32; n * m];
-    out_t
-        .par_chunks_mut(TASK * m)
-        .enumerate()
-        .for_each(|(task, chunk)| {
-            let rows = chunk.len() / m;
-            // A few activation rows at a time against all this task's weight rows: both stay
-            // in the L1 cache (prefill has thousands of rows).
-            let mut r0 = 0;
-            while r0 < m {
-                let g = rows_per_pass(isa, m - r0);
-                for jj in 0..rows {
-                    let j = task * TASK + jj;
-                    let mut acc = [0f32; MAX_ROWS];
-                    dot_rows(isa, w, j, &xq, r0, g, &mut acc);
-                    chunk[jj * m + r0..jj * m + r0 + g].copy_from_slice(&acc[..g]);
-                }
-                r0 += g;
+    let out_at = OutPtr(out.as_mut_ptr());
+    (0..n.div_ceil(TASK)).into_par_iter().for_each(|task| {
+        let out_at = &out_at;
+        let (j0, rows) = (task * TASK, TASK.min(n - task * TASK));
+        // A few activation rows at a time against all this task's weight rows: both stay in
+        // the L1 cache (prefill has thousands of rows).
+        let mut r0 = 0;
+        while r0 < m {
+            let g = rows_per_pass(isa, m - r0);
+            let mut tile = [[0f32; MAX_ROWS]; TASK];
+            for (jj, t) in tile.iter_mut().enumerate().take(rows) {
+                dot_rows(isa, w, j0 + jj, &xq, r0, g, t);
             }
-        });
-    transpose_into(&out_t, m, n, out);
+            for r in 0..g {
+                // SAFETY: `out` holds `m · n` values (checked above); this task alone writes
+                // columns `j0..j0 + rows`.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out_at.0.add((r0 + r) * n + j0), rows) };
+                for (d, t) in dst.iter_mut().zip(&tile) {
+                    *d = t[r];
+                }
+            }
+            r0 += g;
+        }
+    });
 }
+
+/// `out` shared by the tasks of a product, each writing its own columns.
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint elements (see `matmul_with`).
+unsafe impl Sync for OutPtr {}
 
 /// How many of `left` rows the next pass takes.
 fn rows_per_pass(isa: Isa, left: usize) -> usize {
@@ -365,7 +424,8 @@ fn rows_per_pass(isa: Isa, left: usize) -> usize {
         Isa::Avx2 => 4,
         Isa::Portable => 1,
     };
-    let mut g = max.min(left);
+    let cap: usize = std::env::var("VKV_INT8_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(16);
+    let mut g = max.min(left).min(cap);
     if isa != Isa::Portable {
         // The kernels are compiled for these counts.
         g = [16, 8, 4, 2, 1].into_iter().find(|&c| c <= g).unwrap_or(1);
@@ -422,7 +482,6 @@ fn portable_dot(w: &Packed, j: usize, x: &Q8Rows, r: usize) -> f32 {
     let mut acc = [0f32; LANES];
     let wq = &w.qs[j * w.row_bytes()..(j + 1) * w.row_bytes()];
     let wl = &w.lanes[j * w.groups.len() * w.lanes_per_group()..];
-    let xq = &x.qs[r * x.k..(r + 1) * x.k];
     let (mut b0, mut wb) = (0, 0);
     for (gi, &g) in w.groups.iter().enumerate() {
         // The group's weights as unsigned bytes, vector by vector.
@@ -448,9 +507,8 @@ fn portable_dot(w: &Packed, j: usize, x: &Q8Rows, r: usize) -> f32 {
             wb += 16 * g;
         }
         let gl = &wl[gi * w.lanes_per_group()..];
-        let xl = &x.lanes[(r * x.groups + gi) * 2 * LANES..];
-        let off = &x.offsets[(r * x.groups + gi) * LANES..];
-        let xg = &xq[b0 * BLOCK..];
+        let (xq, xl, xo) = x.at(gi, b0, g, r);
+        let (xg, xl, off) = (&x.qs[xq..], &x.lanes[xl..], &x.offsets[xo..]);
         for lane in 0..LANES {
             let mut dot = 0i32;
             for (v, vec) in wv.iter().enumerate().take(g) {
@@ -496,9 +554,16 @@ macro_rules! simd_kernels {
                 let lpg = w.lanes_per_group();
                 let mut wq = w.qs.as_ptr().add(j * w.row_bytes());
                 let mut wl = w.lanes.as_ptr().add(j * w.groups.len() * lpg) as *const __m128i;
-                let mut xb = 0; // byte offset of the group in an activation row
+                let mut b0 = 0; // the group's first block
                 for (gi, &g) in w.groups.iter().enumerate() {
-                    let at = Group { wq, wl, x, r0, xb, gi };
+                    let (xq, xl, xo) = x.at(gi, b0, g, r0);
+                    let at = Group {
+                        wq,
+                        wl,
+                        xq: x.qs.as_ptr().add(xq),
+                        xl: x.lanes.as_ptr().add(xl),
+                        xo: x.offsets.as_ptr().add(xo),
+                    };
                     match g {
                         8 => group::<G, 8, Q4>(&mut vacc, at),
                         4 => group::<G, 4, Q4>(&mut vacc, at),
@@ -507,23 +572,23 @@ macro_rules! simd_kernels {
                     }
                     wq = wq.add(if Q4 { 16 * g } else { 32 * g });
                     wl = wl.add(lpg / LANES);
-                    xb += 32 * g;
+                    b0 += g;
                 }
                 for r in 0..G {
                     acc[r] = hsum(vacc[r]);
                 }
             }
 
-            /// Where one group's data is.
+            /// Where one group's data is: the weights', and the first activation row's (the
+            /// next rows follow at fixed distances, see [`Q8Rows`]).
             #[derive(Clone, Copy)]
-            struct Group<'a> {
+            struct Group {
                 wq: *const u8,
                 /// `d_w` lanes, then (Q4_1) `m_w` lanes, as f16.
                 wl: *const __m128i,
-                x: &'a Q8Rows,
-                r0: usize,
-                xb: usize,
-                gi: usize,
+                xq: *const i8,
+                xl: *const f32,
+                xo: *const i32,
             }
 
             /// One group of `R` blocks, unpacked once, against `G` rows.
@@ -531,7 +596,7 @@ macro_rules! simd_kernels {
             #[inline]
             unsafe fn group<const G: usize, const R: usize, const Q4: bool>(
                 vacc: &mut [__m256; G],
-                at: Group<'_>,
+                at: Group,
             ) {
                 let mut wv = [_mm256_setzero_si256(); R];
                 if Q4 {
@@ -572,9 +637,8 @@ macro_rules! simd_kernels {
                 };
                 let ones = _mm256_set1_epi16(1);
                 for (r, a) in vacc.iter_mut().enumerate() {
-                    let row = at.r0 + r;
-                    let xq = at.x.qs.as_ptr().add(row * at.x.k + at.xb);
-                    let xl = at.x.lanes.as_ptr().add((row * at.x.groups + at.gi) * 2 * LANES);
+                    let xq = at.xq.add(32 * R * r);
+                    let xl = at.xl.add(2 * LANES * r);
                     let xv = |v: usize| _mm256_loadu_si256(xq.add(32 * v) as *const __m256i);
                     let dot = if $vnni {
                         let mut d = _mm256_setzero_si256();
@@ -582,7 +646,7 @@ macro_rules! simd_kernels {
                             d = _mm256_dpbusd_epi32(d, wv[v], xv(v));
                         }
                         if !Q4 {
-                            let off = at.x.offsets.as_ptr().add((row * at.x.groups + at.gi) * LANES);
+                            let off = at.xo.add(LANES * r);
                             d = _mm256_sub_epi32(d, _mm256_loadu_si256(off as *const __m256i));
                         }
                         d
@@ -826,6 +890,73 @@ mod tests {
                 assert!((got[n + j] - want).abs() <= 1e-5 * want.abs().max(1.0));
                 let want: f32 = dense.iter().map(|w| w * 0.5).sum();
                 assert!((got[2 * n + j] - want).abs() <= 1e-4 * (1.0 + want.abs()));
+            }
+        }
+    }
+}
+
+/// Kernel timings (not a check): `cargo test --release -p vkv-kernels --lib int8_timings --
+/// --ignored --nocapture`. One thread, best of several runs, so a busy machine disturbs it less.
+#[cfg(test)]
+mod timings {
+    use std::time::Instant;
+
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+
+    use super::super::{matmul_w, matmul_w_int8, Weight};
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn int8_timings() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let mut rng = StdRng::seed_from_u64(5);
+        for (q4, k, n) in [(true, 576, 3072), (true, 1536, 576), (false, 576, 49152)] {
+            let mut b = Vec::new();
+            for _ in 0..n * k / BLOCK {
+                b.extend(f16::from_f32(0.01).to_le_bytes());
+                if q4 {
+                    b.extend(f16::from_f32(-0.1).to_le_bytes());
+                    b.extend((0..16).map(|_| rng.random::<u8>()));
+                } else {
+                    b.extend((0..32).map(|_| rng.random::<u8>()));
+                }
+            }
+            let w = if q4 { Weight::from_q4_1(&b) } else { Weight::from_q8_0(&b) };
+            w.pack_int8(k);
+            for m in [1, 4, 8, 16, 64] {
+                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+                let mut out = vec![0f32; m * n];
+                let mut best = |f: &(dyn Fn(&mut [f32]) + Sync)| {
+                    (0..7)
+                        .map(|_| {
+                            let t = Instant::now();
+                            pool.install(|| f(&mut out));
+                            t.elapsed().as_secs_f64()
+                        })
+                        .fold(f64::MAX, f64::min)
+                };
+                let t = Instant::now();
+                let mut tr = vec![0f32; m * n];
+                super::super::quant::transpose_into(&x[..0].repeat(0).iter().copied().chain(std::iter::repeat_n(1.0, m * n)).collect::<Vec<f32>>(), m, n, &mut tr);
+                let tr_s = t.elapsed().as_secs_f64();
+                let t = Instant::now();
+                let groups = group_sizes(k / BLOCK);
+                let _q = quantize_rows(&x, m, k, &groups);
+                let q_s = t.elapsed().as_secs_f64();
+                eprintln!("  transpose {:.3} ms, quantize {:.3} ms", tr_s * 1e3, q_s * 1e3);
+                let f32_s = best(&|o| matmul_w(&x, m, k, &w, n, o));
+                let int8_s = best(&|o| matmul_w_int8(&x, m, k, &w, n, o));
+                let bytes = w.len() as f64 * if q4 { 0.625 } else { 1.0625 };
+                eprintln!(
+                    "q4={q4} k={k} n={n} m={m}: f32 {:.3} ms, int8 {:.3} ms ({:.2}x); int8 {:.1} GB/s of weights, {:.2} ms per row",
+                    f32_s * 1e3,
+                    int8_s * 1e3,
+                    f32_s / int8_s,
+                    bytes / int8_s / 1e9,
+                    int8_s * 1e3 / m as f64
+                );
             }
         }
     }
