@@ -2,7 +2,7 @@
 //! integer arithmetic — llama.cpp's `ggml_vec_dot_q4_1_q8_1` / `ggml_vec_dot_q8_0_q8_0` idea.
 //!
 //! Each activation row is quantized per 32-element block (ggml's Q8_1): `d_x = max|x| / 127`,
-//! `q_x = round(x / d_x)` in `-127..=127`, and `s_x = d_x · Σ q_x`. A Q4_1 weight block
+//! `q_x = round(x / d_x)` (ties to even) in `-127..=127`, and `s_x = d_x · Σ q_x`. A Q4_1 weight block
 //! (`w = d_w · q_w + m_w`, `q_w` in `0..16`) then contributes
 //! `d_w · d_x · Σ q_w q_x + m_w · s_x`; a Q8_0 block (`w = d_w · q_w`, `q_w` signed)
 //! `d_w · d_x · Σ q_w q_x`. The sums `Σ q_w q_x` are exact integers (u8 × i8 products summed in
@@ -293,34 +293,44 @@ impl Q8Rows {
 }
 
 fn quantize_row(x: &[f32], groups: &[usize], qs: &mut [i8], lanes: &mut [f32], offsets: &mut [i32]) {
+    // Adding and subtracting 1.5 · 2^23 rounds an f32 below 2^22 to the nearest integer, ties to
+    // even, in two operations that vectorize (`f32::round` is a libm call per element).
+    const ROUND: f32 = 12_582_912.0;
     let mut b0 = 0;
     for (gi, &r) in groups.iter().enumerate() {
-        let mut block_q = [[0i8; BLOCK]; GROUP];
+        let mut q = [[0i8; BLOCK]; GROUP];
+        let mut word_sums = [[0i32; BLOCK / 4]; GROUP];
         let mut block_d = [0f32; GROUP];
         let mut block_s = [0f32; GROUP];
         for b in 0..r {
             let xb = &x[(b0 + b) * BLOCK..][..BLOCK];
-            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
+            let mut amax = [0f32; 8];
+            for c in xb.chunks_exact(8) {
+                for (a, v) in amax.iter_mut().zip(c) {
+                    *a = a.max(v.abs());
+                }
+            }
+            let d = amax.iter().fold(0f32, |a, &v| a.max(v)) / 127.0;
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, &v) in block_q[b].iter_mut().zip(xb) {
-                *q = (v * id).round() as i8;
-                sum += *q as i32;
+            for (q, &v) in q[b].iter_mut().zip(xb) {
+                *q = ((v * id + ROUND) - ROUND) as i8;
+            }
+            for (s, w) in word_sums[b].iter_mut().zip(q[b].chunks_exact(4)) {
+                *s = w.iter().map(|&v| v as i32).sum();
             }
             block_d[b] = d;
-            block_s[b] = d * sum as f32;
+            block_s[b] = d * word_sums[b].iter().sum::<i32>() as f32;
         }
+        // Four quants at a time into the layout of `source`.
         let out = &mut qs[b0 * BLOCK..(b0 + r) * BLOCK];
         let per = LANES / r;
         let off = &mut offsets[gi * LANES..(gi + 1) * LANES];
         off.fill(0);
         for v in 0..r {
-            for e in 0..32 {
-                let (b, i) = source(r, v, e);
-                let q = block_q[b][i];
-                out[32 * v + e] = q;
-                off[e / 4] += 128 * q as i32;
+            for lane in 0..LANES {
+                let (blk, word) = (lane / per, v * per + lane % per);
+                out[32 * v + 4 * lane..][..4].copy_from_slice(&q[blk][4 * word..4 * word + 4]);
+                off[lane] += 128 * word_sums[blk][word];
             }
         }
         let l = &mut lanes[gi * 2 * LANES..(gi + 1) * 2 * LANES];
