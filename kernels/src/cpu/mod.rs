@@ -324,15 +324,75 @@ pub unsafe fn attention_head(
     out: &mut [f32],
     scores: &mut Vec<f32>,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if fma_available() {
+        // SAFETY: AVX2 and FMA were detected at run time; the rest as for this function.
+        return unsafe {
+            attention_head_fma(qh, kv, context, kv_head, head_dim, scale, out, scores)
+        };
+    }
+    // SAFETY: as for this function.
+    unsafe { attention_body::<false>(qh, kv, context, kv_head, head_dim, scale, out, scores) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attention_head_fma(
+    qh: &[f32],
+    kv: &KvRef<'_>,
+    context: usize,
+    kv_head: usize,
+    head_dim: usize,
+    scale: f32,
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    // SAFETY: as for `attention_head`.
+    unsafe { attention_body::<true>(qh, kv, context, kv_head, head_dim, scale, out, scores) }
+}
+
+/// [`attention_head`]'s body, inlined into a caller compiled with FMA (`FMA = true`: fused
+/// multiply-adds, 16 partial sums) or without.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attention_body<const FMA: bool>(
+    qh: &[f32],
+    kv: &KvRef<'_>,
+    context: usize,
+    kv_head: usize,
+    head_dim: usize,
+    scale: f32,
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    let madd = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { a * b + c };
     let (kb, vb, hs) = kv.bases();
     scores.clear();
     scores.resize(context, 0.0);
     let mut max = f32::NEG_INFINITY;
+    let qh = &qh[..head_dim];
     for (t, s) in scores.iter_mut().enumerate() {
         // SAFETY: t < context, which the caller guarantees is written.
         let kt =
             unsafe { std::slice::from_raw_parts(kb.add(kv.offset(t) + kv_head * hs), head_dim) };
-        *s = dot(qh, kt) * scale;
+        let mut acc = [0f32; 16];
+        let (cq, ck) = (qh.chunks_exact(16), kt.chunks_exact(16));
+        let mut tail = 0f32;
+        for (x, y) in cq.remainder().iter().zip(ck.remainder()) {
+            tail = madd(*x, *y, tail);
+        }
+        for (x, y) in cq.zip(ck) {
+            for i in 0..16 {
+                acc[i] = madd(x[i], y[i], acc[i]);
+            }
+        }
+        let mut h = [0f32; 8];
+        for i in 0..8 {
+            h[i] = acc[i] + acc[i + 8];
+        }
+        let d = ((h[0] + h[4]) + (h[2] + h[6])) + ((h[1] + h[5]) + (h[3] + h[7])) + tail;
+        *s = d * scale;
         max = max.max(*s);
     }
     let mut sum = 0.0;
@@ -342,11 +402,15 @@ pub unsafe fn attention_head(
     }
     out.fill(0.0);
     let inv = 1.0 / sum;
+    let out = &mut out[..head_dim];
     for (t, s) in scores.iter().enumerate() {
         // SAFETY: as above.
         let vt =
             unsafe { std::slice::from_raw_parts(vb.add(kv.offset(t) + kv_head * hs), head_dim) };
-        axpy(s * inv, vt, out);
+        let p = s * inv;
+        for (o, v) in out.iter_mut().zip(vt) {
+            *o = madd(p, *v, *o);
+        }
     }
 }
 
@@ -363,26 +427,6 @@ fn fma_available() -> bool {
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
-}
-
-/// `out += p · v`.
-fn axpy(p: f32, v: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if fma_available() {
-        // SAFETY: AVX2 and FMA were detected at run time.
-        return unsafe { axpy_fma(p, v, out) };
-    }
-    for (o, v) in out.iter_mut().zip(v) {
-        *o += p * v;
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn axpy_fma(p: f32, v: &[f32], out: &mut [f32]) {
-    for (o, v) in out.iter_mut().zip(v) {
-        *o = p.mul_add(*v, *o);
-    }
 }
 
 /// Dot product with eight independent partial sums, so the compiler can keep them in SIMD lanes
