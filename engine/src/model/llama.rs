@@ -5,9 +5,11 @@
 //! Per layer: RMSNorm → Q, K, V projections → RoPE → KV append → causal GQA attention per token
 //! over its sequence's cache → output projection + residual → RMSNorm → SwiGLU MLP + residual.
 //! Matrices stay in their GGUF format when the CPU multiplies it directly (Q4_1, Q8_0: decode
-//! reads ~6× fewer bytes) and are dequantized to f32 otherwise; products go through
-//! [`vkv_kernels::cpu::matmul_w`] (the quantized kernels, or `gemm` for f32), the rest through
-//! the CPU ops of the kernels crate.
+//! reads ~6× fewer bytes) and are dequantized to f32 otherwise. Products with quantized matrices
+//! quantize the activations to 8 bits and run integer kernels by default
+//! ([`vkv_kernels::cpu::matmul_w_int8`]: faster, and batch-invariant), or keep them f32
+//! ([`Activations::F32`], the reference: [`vkv_kernels::cpu::matmul_w`]); f32 matrices go
+//! through `gemm`. The rest runs on the CPU ops of the kernels crate.
 
 use std::collections::HashMap;
 use std::path::Path;

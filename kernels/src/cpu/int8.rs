@@ -236,21 +236,29 @@ pub fn quantize_rows(x: &[f32], m: usize, k: usize, groups: &[usize]) -> Q8Rows 
     let mut qs = vec![0i8; m * k];
     let mut lanes = vec![0f32; m * ng * 2 * LANES];
     let mut offsets = vec![0i32; m * ng * LANES];
+    let avx2 = isa() != Isa::Portable;
     let one = |((xr, qs), (lanes, offsets)): ((&[f32], &mut [i8]), (&mut [f32], &mut [i32]))| {
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: AVX2 was detected at run time (`isa`).
+            return unsafe { quantize_row_avx2(xr, groups, qs, lanes, offsets) };
+        }
+        let _ = avx2;
         quantize_row(xr, groups, qs, lanes, offsets)
     };
-    let rows = x[..m * k]
-        .chunks_exact(k)
-        .zip(qs.chunks_exact_mut(k))
-        .zip(
-            lanes
-                .chunks_exact_mut(ng * 2 * LANES)
-                .zip(offsets.chunks_exact_mut(ng * LANES)),
-        );
+    let (lw, ow) = (ng * 2 * LANES, ng * LANES);
     if m * k >= 1 << 14 {
-        rows.par_bridge().for_each(one);
+        x[..m * k]
+            .par_chunks_exact(k)
+            .zip(qs.par_chunks_exact_mut(k))
+            .zip(lanes.par_chunks_exact_mut(lw).zip(offsets.par_chunks_exact_mut(ow)))
+            .for_each(one);
     } else {
-        rows.for_each(one);
+        x[..m * k]
+            .chunks_exact(k)
+            .zip(qs.chunks_exact_mut(k))
+            .zip(lanes.chunks_exact_mut(lw).zip(offsets.chunks_exact_mut(ow)))
+            .for_each(one);
     }
     if m == 1 {
         return Q8Rows {
@@ -292,6 +300,21 @@ impl Q8Rows {
     }
 }
 
+/// [`quantize_row`] compiled for AVX2: the same operations (IEEE multiply, add, compare: no
+/// fused multiply-add), so the same bits, in wider vectors.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_row_avx2(
+    x: &[f32],
+    groups: &[usize],
+    qs: &mut [i8],
+    lanes: &mut [f32],
+    offsets: &mut [i32],
+) {
+    quantize_row(x, groups, qs, lanes, offsets)
+}
+
+#[inline(always)]
 fn quantize_row(x: &[f32], groups: &[usize], qs: &mut [i8], lanes: &mut [f32], offsets: &mut [i32]) {
     // Adding and subtracting 1.5 · 2^23 rounds an f32 below 2^22 to the nearest integer, ties to
     // even, in two operations that vectorize (`f32::round` is a libm call per element).
@@ -324,11 +347,13 @@ fn quantize_row(x: &[f32], groups: &[usize], qs: &mut [i8], lanes: &mut [f32], o
         // Four quants at a time into the layout of `source`.
         let out = &mut qs[b0 * BLOCK..(b0 + r) * BLOCK];
         let per = LANES / r;
+        let shift = per.trailing_zeros();
         let off = &mut offsets[gi * LANES..(gi + 1) * LANES];
         off.fill(0);
         for v in 0..r {
             for lane in 0..LANES {
-                let (blk, word) = (lane / per, v * per + lane % per);
+                // `source` on words: lanes per block and blocks are powers of two.
+                let (blk, word) = (lane >> shift, (v << shift) + (lane & (per - 1)));
                 out[32 * v + 4 * lane..][..4].copy_from_slice(&q[blk][4 * word..4 * word + 4]);
                 off[lane] += 128 * word_sums[blk][word];
             }
@@ -434,8 +459,7 @@ fn rows_per_pass(isa: Isa, left: usize) -> usize {
         Isa::Avx2 => 4,
         Isa::Portable => 1,
     };
-    let cap: usize = std::env::var("VKV_INT8_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(16);
-    let mut g = max.min(left).min(cap);
+    let mut g = max.min(left);
     if isa != Isa::Portable {
         // The kernels are compiled for these counts.
         g = [16, 8, 4, 2, 1].into_iter().find(|&c| c <= g).unwrap_or(1);
@@ -836,6 +860,49 @@ mod tests {
         }
     }
 
+    /// The integer path is exactly "round the activations to 8 bits per block, then the f32
+    /// product": against a plain implementation of that, only f32 rounding differs.
+    #[test]
+    fn int8_products_are_the_f32_product_of_the_rounded_activations() {
+        let mut rng = StdRng::seed_from_u64(25);
+        for q4 in [true, false] {
+            for (m, k, n) in SHAPES {
+                let w = random_weight(&mut rng, n, k, q4);
+                // Activations with outliers, as a transformer's residual stream has.
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| {
+                        let v = rng.random_range(-2.0f32..2.0);
+                        if i % 97 == 5 {
+                            v * 300.0
+                        } else {
+                            v
+                        }
+                    })
+                    .collect();
+                let mut got = vec![f32::NAN; m * n];
+                super::super::matmul_w_int8(&x, m, k, &w, n, &mut got);
+                let mut dense = vec![0f32; k];
+                for r in 0..m {
+                    let mut xr = x[r * k..(r + 1) * k].to_vec();
+                    for b in xr.chunks_mut(BLOCK) {
+                        let d = b.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                        let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                        for v in b.iter_mut() {
+                            *v = (*v * id).round_ties_even() * d;
+                        }
+                    }
+                    for j in 0..n {
+                        w.row(j, k, &mut dense);
+                        let want: f64 = dense.iter().zip(&xr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let mag: f64 = dense.iter().zip(&xr).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+                        let err = (got[r * n + j] as f64 - want).abs();
+                        assert!(err <= 1e-5 * (1.0 + mag), "q4={q4} {m}x{k}x{n} [{r}][{j}]: {} vs {want}", got[r * n + j]);
+                    }
+                }
+            }
+        }
+    }
+
     /// The SIMD kernels compute the portable path's integers and f32 operations: equal bits.
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
@@ -947,15 +1014,6 @@ mod timings {
                         })
                         .fold(f64::MAX, f64::min)
                 };
-                let t = Instant::now();
-                let mut tr = vec![0f32; m * n];
-                super::super::quant::transpose_into(&x[..0].repeat(0).iter().copied().chain(std::iter::repeat_n(1.0, m * n)).collect::<Vec<f32>>(), m, n, &mut tr);
-                let tr_s = t.elapsed().as_secs_f64();
-                let t = Instant::now();
-                let groups = group_sizes(k / BLOCK);
-                let _q = quantize_rows(&x, m, k, &groups);
-                let q_s = t.elapsed().as_secs_f64();
-                eprintln!("  transpose {:.3} ms, quantize {:.3} ms", tr_s * 1e3, q_s * 1e3);
                 let f32_s = best(&|o| matmul_w(&x, m, k, &w, n, o));
                 let int8_s = best(&|o| matmul_w_int8(&x, m, k, &w, n, o));
                 let bytes = w.len() as f64 * if q4 { 0.625 } else { 1.0625 };

@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 mod int8;
-pub(crate) mod quant;
+mod quant;
 
 pub use quant::{matmul_w, matmul_w_int8, matmul_w_rowwise, Activations, Weight, BLOCK};
 

@@ -2,16 +2,23 @@
 //! 0.625 bytes per Q4_1 weight (1.06 for Q8_0) instead of 4 for f32 — decode on the CPU is bound
 //! by the bytes of weights it reads per token.
 //!
-//! Activations stay f32 and every block is dequantized in registers — `w_i = d·q_i + m` for Q4_1,
-//! `d·q_i` for Q8_0 — once per block for all the activation rows that use it, so a row costs
-//! only its multiply-adds. This is the same function as the f32
-//! product of the dequantized weights up to summation order — unlike llama.cpp, which also
-//! quantizes the activations to 8 bits. An AVX2 + FMA path is picked at run time (the binary is
-//! built for any x86-64); elsewhere a scalar path computes the same sums.
+//! Two ways to meet the activations ([`Activations`]):
+//! - **Int8** (the model's default, [`matmul_w_int8`], module `int8`): each activation row is
+//!   quantized to 8 bits per 32-element block and multiplied with the raw quants in integers
+//!   (AVX512-VNNI `vpdpbusd`, or AVX2 `vpmaddubsw`), as llama.cpp does. A row costs a fraction of
+//!   the f32 path's multiply-adds, so a batch of rows sharing each weight load gains far more, and
+//!   the result of a row never depends on the other rows (batch-invariant by construction).
+//! - **F32** (the reference, this module): activations stay f32 and every block is dequantized
+//!   in registers — `w_i = d·q_i + m` for Q4_1, `d·q_i` for Q8_0 — once per block for all the
+//!   activation rows that use it, so a row costs only its multiply-adds. This is the same
+//!   function as the f32 product of the dequantized weights up to summation order. An AVX2 +
+//!   FMA path is picked at run time (the binary is built for any x86-64); elsewhere a scalar path
+//!   computes the same sums.
 //!
 //! Block layouts (ggml): Q4_1 — 20 bytes per 32 weights: f16 `d`, f16 `m`, 16 bytes of nibbles,
 //! byte `j` holding weight `j` (low nibble) and `j + 16` (high nibble). Q8_0 — 34 bytes per 32
-//! weights: f16 `d`, 32 signed bytes.
+//! weights: f16 `d`, 32 signed bytes. [`Weight`] keeps them (scales as f32) for the f32 path and
+//! the embedding lookup, and the int8 path's repacked copy beside them once it is built.
 
 use half::f16;
 use rayon::prelude::*;
