@@ -216,6 +216,20 @@ impl KvRef<'_> {
         }
     }
 
+    /// `(run, token_stride)`: tokens `t..t + run` from a multiple of `run` are `token_stride`
+    /// apart (a paged block; the whole range when strided), so a scan over tokens computes one
+    /// [`KvRef::offset`] per run instead of a division per token.
+    fn run(&self) -> (usize, usize) {
+        match *self {
+            KvRef::Strided { token_stride, .. } => (usize::MAX, token_stride),
+            KvRef::Paged {
+                block_size,
+                token_stride,
+                ..
+            } => (block_size, token_stride),
+        }
+    }
+
     fn bases(&self) -> (*mut f32, *mut f32, usize) {
         match *self {
             KvRef::Strided {
@@ -360,9 +374,15 @@ unsafe fn attention_head_fma(
     scores.resize(context, 0.0);
     let mut max = f32::NEG_INFINITY;
     let q = qh[..head_dim].as_ptr();
+    let (run, stride) = kv.run();
+    let (mut base, mut left) = (0, 0);
     for (t, s) in scores.iter_mut().enumerate() {
+        if left == 0 {
+            (base, left) = (kv.offset(t) + kv_head * hs, run);
+        }
         // SAFETY: t < context, which the caller guarantees is written; `head_dim` values.
-        let k = unsafe { kb.add(kv.offset(t) + kv_head * hs) };
+        let k = unsafe { kb.add(base) };
+        (base, left) = (base + stride, left - 1);
         let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         for i in (0..head_dim).step_by(16) {
             a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), _mm256_loadu_ps(k.add(i)), a0);
@@ -390,9 +410,14 @@ unsafe fn attention_head_fma(
     // 64 output dimensions (8 registers) per pass over the positions.
     for i in (0..head_dim).step_by(64) {
         let mut a = [_mm256_setzero_ps(); 8];
+        let (mut base, mut left) = (0, 0);
         for (t, s) in scores.iter().enumerate() {
+            if left == 0 {
+                (base, left) = (kv.offset(t) + kv_head * hs + i, run);
+            }
             // SAFETY: as above.
-            let v = unsafe { vb.add(kv.offset(t) + kv_head * hs + i) };
+            let v = unsafe { vb.add(base) };
+            (base, left) = (base + stride, left - 1);
             let p = _mm256_set1_ps(s * inv);
             for (j, a) in a.iter_mut().enumerate() {
                 *a = _mm256_fmadd_ps(p, _mm256_loadu_ps(v.add(8 * j)), *a);
