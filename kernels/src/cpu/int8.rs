@@ -29,7 +29,7 @@
 //! `128 · Σ q_x` is subtracted in integers.
 //!
 //! **Rows per weight load.** A weight group is unpacked into registers once and dotted with up
-//! to 16 activation rows (VNNI, 32 vector registers) or 4 (AVX2, 16 registers): this is where a
+//! to 8 activation rows (VNNI, 32 vector registers) or 4 (AVX2, 16 registers): this is where a
 //! batch wins over one sequence. The SIMD paths are picked at run time (never `target-cpu`);
 //! `VKV_NO_VNNI` forces AVX2, `VKV_NO_SIMD` the portable path.
 
@@ -402,8 +402,10 @@ fn isa() -> Isa {
     Isa::Portable
 }
 
-/// Most activation rows per weight load.
-const MAX_ROWS: usize = 16;
+/// Most activation rows per weight load: 8 accumulators beside 8 weight vectors. (16 rows would
+/// fit VNNI's 32 registers, but LLVM does not unroll that loop and keeps the accumulators in
+/// memory.)
+const MAX_ROWS: usize = 8;
 
 /// `out[m][n] = Σ_k x[m][k] · w[n][k]` with `x` quantized to 8 bits per block: `w` packed for
 /// the integer kernels. Batch-invariant (see the module docs).
@@ -462,7 +464,7 @@ fn rows_per_pass(isa: Isa, left: usize) -> usize {
     let mut g = max.min(left);
     if isa != Isa::Portable {
         // The kernels are compiled for these counts.
-        g = [16, 8, 4, 2, 1].into_iter().find(|&c| c <= g).unwrap_or(1);
+        g = [8, 4, 2, 1].into_iter().find(|&c| c <= g).unwrap_or(1);
     }
     g
 }
@@ -475,12 +477,10 @@ fn dot_rows(isa: Isa, w: &Packed, j: usize, x: &Q8Rows, r0: usize, g: usize, acc
             // SAFETY: the features were detected at run time (`isa`); shapes checked by the caller.
             unsafe {
                 match (g, w.q4) {
-                    (16, true) => vnni::rows::<16, true>(w, j, x, r0, acc),
                     (8, true) => vnni::rows::<8, true>(w, j, x, r0, acc),
                     (4, true) => vnni::rows::<4, true>(w, j, x, r0, acc),
                     (2, true) => vnni::rows::<2, true>(w, j, x, r0, acc),
                     (_, true) => vnni::rows::<1, true>(w, j, x, r0, acc),
-                    (16, false) => vnni::rows::<16, false>(w, j, x, r0, acc),
                     (8, false) => vnni::rows::<8, false>(w, j, x, r0, acc),
                     (4, false) => vnni::rows::<4, false>(w, j, x, r0, acc),
                     (2, false) => vnni::rows::<2, false>(w, j, x, r0, acc),
