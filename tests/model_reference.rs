@@ -26,10 +26,10 @@ mod common;
 
 use serde_json::Value;
 use vkv_engine::generate::LoadedModel;
-use vkv_kernels::cpu::Activations;
 use vkv_engine::kv::{KvDims, KvMode};
 use vkv_engine::model::SeqChunk;
 use vkv_engine::sampler::argmax;
+use vkv_kernels::cpu::Activations;
 use vkv_vmm::KvLayout;
 
 const F32_TOLERANCE: f32 = 0.05;
@@ -192,7 +192,12 @@ fn smollm2_is_within_quantization_noise_of_llama_cpp_q4_1() {
         (Activations::Int8, Q4_INT8_TOLERANCE),
         (Activations::F32, Q4_TOLERANCE),
     ] {
-        let (median, worst) = summary(check(&smollm2_with(a), &fixture()["q4_1"], tolerance, false));
+        let (median, worst) = summary(check(
+            &smollm2_with(a),
+            &fixture()["q4_1"],
+            tolerance,
+            false,
+        ));
         eprintln!(
             "logit difference from llama.cpp (q4_1, its 8-bit activations), vkv {a:?}: \
              median {median:.5}, largest {worst:.5}"
@@ -206,7 +211,10 @@ fn smollm2_is_within_quantization_noise_of_llama_cpp_q4_1() {
 /// path's on the tokens the fixture lists.
 #[test]
 fn int8_activations_keep_the_f32_paths_top_token_and_logits_within_noise() {
-    let (f, q) = (smollm2_with(Activations::F32), smollm2_with(Activations::Int8));
+    let (f, q) = (
+        smollm2_with(Activations::F32),
+        smollm2_with(Activations::Int8),
+    );
     let mut diffs = Vec::new();
     for case in fixture()["f32"].as_array().unwrap() {
         let ids = u32s(&case["ids"]);
@@ -223,12 +231,22 @@ fn int8_activations_keep_the_f32_paths_top_token_and_logits_within_noise() {
             m.model.forward(&[chunk], kv.as_mut()).unwrap().remove(0)
         };
         let (lf, lq) = (logits(&f), logits(&q));
-        assert_eq!(argmax(&lq), argmax(&lf), "top token of {:?}", case["prompt"]);
+        assert_eq!(
+            argmax(&lq),
+            argmax(&lf),
+            "top token of {:?}",
+            case["prompt"]
+        );
         for key in ["top_ids", "sample_ids"] {
             for id in u32s(&case[key]) {
                 let d = (lq[id as usize] - lf[id as usize]).abs();
                 diffs.push(d);
-                assert!(d <= INT8_TOLERANCE, "token {id}: int8 {} f32 {}", lq[id as usize], lf[id as usize]);
+                assert!(
+                    d <= INT8_TOLERANCE,
+                    "token {id}: int8 {} f32 {}",
+                    lq[id as usize],
+                    lf[id as usize]
+                );
             }
         }
     }

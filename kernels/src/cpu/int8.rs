@@ -50,7 +50,7 @@ const GROUP: usize = 8;
 fn group_sizes(blocks: usize) -> Vec<usize> {
     let mut g = vec![GROUP; blocks / GROUP];
     for r in [4, 2, 1] {
-        if blocks % GROUP & r != 0 {
+        if (blocks % GROUP) & r != 0 {
             g.push(r);
         }
     }
@@ -229,6 +229,9 @@ pub struct Q8Rows {
     offsets: Vec<i32>,
 }
 
+/// One row's input and outputs in [`quantize_rows`].
+type RowParts<'a> = ((&'a [f32], &'a mut [i8]), (&'a mut [f32], &'a mut [i32]));
+
 /// Quantize `m` rows of `k` activations for weights split into `groups`.
 pub fn quantize_rows(x: &[f32], m: usize, k: usize, groups: &[usize]) -> Q8Rows {
     let ng = groups.len();
@@ -237,7 +240,7 @@ pub fn quantize_rows(x: &[f32], m: usize, k: usize, groups: &[usize]) -> Q8Rows 
     let mut lanes = vec![0f32; m * ng * 2 * LANES];
     let mut offsets = vec![0i32; m * ng * LANES];
     let avx2 = isa() != Isa::Portable;
-    let one = |((xr, qs), (lanes, offsets)): ((&[f32], &mut [i8]), (&mut [f32], &mut [i32]))| {
+    let one = |((xr, qs), (lanes, offsets)): RowParts<'_>| {
         #[cfg(target_arch = "x86_64")]
         if avx2 {
             // SAFETY: AVX2 was detected at run time (`isa`).
@@ -251,7 +254,11 @@ pub fn quantize_rows(x: &[f32], m: usize, k: usize, groups: &[usize]) -> Q8Rows 
         x[..m * k]
             .par_chunks_exact(k)
             .zip(qs.par_chunks_exact_mut(k))
-            .zip(lanes.par_chunks_exact_mut(lw).zip(offsets.par_chunks_exact_mut(ow)))
+            .zip(
+                lanes
+                    .par_chunks_exact_mut(lw)
+                    .zip(offsets.par_chunks_exact_mut(ow)),
+            )
             .for_each(one);
     } else {
         x[..m * k]
@@ -315,7 +322,13 @@ unsafe fn quantize_row_avx2(
 }
 
 #[inline(always)]
-fn quantize_row(x: &[f32], groups: &[usize], qs: &mut [i8], lanes: &mut [f32], offsets: &mut [i32]) {
+fn quantize_row(
+    x: &[f32],
+    groups: &[usize],
+    qs: &mut [i8],
+    lanes: &mut [f32],
+    offsets: &mut [i32],
+) {
     // Adding and subtracting 1.5 · 2^23 rounds an f32 below 2^22 to the nearest integer, ties to
     // even, in two operations that vectorize (`f32::round` is a libm call per element).
     const ROUND: f32 = 12_582_912.0;
@@ -439,7 +452,9 @@ fn matmul_with(isa: Isa, x: &[f32], m: usize, k: usize, w: &Packed, n: usize, ou
             for r in 0..g {
                 // SAFETY: `out` holds `m · n` values (checked above); this task alone writes
                 // columns `j0..j0 + rows`.
-                let dst = unsafe { std::slice::from_raw_parts_mut(out_at.0.add((r0 + r) * n + j0), rows) };
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(out_at.0.add((r0 + r) * n + j0), rows)
+                };
                 for (d, t) in dst.iter_mut().zip(&tile) {
                     *d = t[r];
                 }
@@ -557,7 +572,9 @@ fn portable_dot(w: &Packed, j: usize, x: &Q8Rows, r: usize) -> f32 {
             let scale = gl[lane].to_f32() * xl[lane];
             acc[lane] = (dot as f32).mul_add(scale, acc[lane]);
             if w.q4 {
-                acc[lane] = gl[LANES + lane].to_f32().mul_add(xl[LANES + lane], acc[lane]);
+                acc[lane] = gl[LANES + lane]
+                    .to_f32()
+                    .mul_add(xl[LANES + lane], acc[lane]);
             }
         }
         b0 += g;
@@ -576,6 +593,9 @@ macro_rules! simd_kernels {
             use super::{Packed, Q8Rows, LANES};
 
             /// `acc[r] = row j of w · activation row r0 + r` for `G` rows.
+            // `_mm256_dpbusd_epi32` is stable since Rust 1.89, after the workspace's declared
+            // 1.85 (whose bump would turn on lints across other crates): building needs 1.89.
+            #[allow(clippy::incompatible_msrv)]
             #[target_feature(enable = $features)]
             pub(super) unsafe fn rows<const G: usize, const Q4: bool>(
                 w: &Packed,
@@ -626,6 +646,7 @@ macro_rules! simd_kernels {
             }
 
             /// One group of `R` blocks, unpacked once, against `G` rows.
+            #[allow(clippy::incompatible_msrv)]
             #[target_feature(enable = $features)]
             #[inline]
             unsafe fn group<const G: usize, const R: usize, const Q4: bool>(
@@ -722,7 +743,11 @@ macro_rules! simd_kernels {
     };
 }
 
-simd_kernels!(vnni, "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", true);
+simd_kernels!(
+    vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    true
+);
 simd_kernels!(avx2, "avx2,fma,f16c", false);
 
 /// The packed form of a quantized weight, built on first use.
@@ -847,7 +872,12 @@ mod tests {
                             .enumerate()
                             .map(|(i, a)| a.abs() as f64 * dx[i / BLOCK] as f64 / 2.0)
                             .sum::<f64>()
-                            + 1e-5 * (1.0 + wr.iter().zip(xr).map(|(a, b)| (a * b).abs() as f64).sum::<f64>());
+                            + 1e-5
+                                * (1.0
+                                    + wr.iter()
+                                        .zip(xr)
+                                        .map(|(a, b)| (a * b).abs() as f64)
+                                        .sum::<f64>());
                         let err = (got[r * n + j] as f64 - want).abs();
                         assert!(
                             err <= bound,
@@ -893,10 +923,22 @@ mod tests {
                     }
                     for j in 0..n {
                         w.row(j, k, &mut dense);
-                        let want: f64 = dense.iter().zip(&xr).map(|(a, b)| *a as f64 * *b as f64).sum();
-                        let mag: f64 = dense.iter().zip(&xr).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+                        let want: f64 = dense
+                            .iter()
+                            .zip(&xr)
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum();
+                        let mag: f64 = dense
+                            .iter()
+                            .zip(&xr)
+                            .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                            .sum();
                         let err = (got[r * n + j] as f64 - want).abs();
-                        assert!(err <= 1e-5 * (1.0 + mag), "q4={q4} {m}x{k}x{n} [{r}][{j}]: {} vs {want}", got[r * n + j]);
+                        assert!(
+                            err <= 1e-5 * (1.0 + mag),
+                            "q4={q4} {m}x{k}x{n} [{r}][{j}]: {} vs {want}",
+                            got[r * n + j]
+                        );
                     }
                 }
             }
@@ -987,7 +1029,10 @@ mod timings {
     #[test]
     #[ignore]
     fn int8_timings() {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
         let mut rng = StdRng::seed_from_u64(5);
         for (q4, k, n) in [(true, 576, 3072), (true, 1536, 576), (false, 576, 49152)] {
             let mut b = Vec::new();
@@ -1000,7 +1045,11 @@ mod timings {
                     b.extend((0..32).map(|_| rng.random::<u8>()));
                 }
             }
-            let w = if q4 { Weight::from_q4_1(&b) } else { Weight::from_q8_0(&b) };
+            let w = if q4 {
+                Weight::from_q4_1(&b)
+            } else {
+                Weight::from_q8_0(&b)
+            };
             w.pack_int8(k);
             for m in [1, 4, 8, 16, 64] {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0f32..2.0)).collect();

@@ -708,8 +708,14 @@ mod tests {
             softmax(&mut w);
             for d in 0..hd {
                 let want: f32 = (0..ctx).map(|t| w[t] * vals[(t * n_kv + g) * hd + d]).sum();
-                assert!((a[h * hd + d] - want).abs() < 1e-5, "hd {hd}: strided h{h} d{d}");
-                assert!((b[h * hd + d] - want).abs() < 1e-5, "hd {hd}: paged h{h} d{d}");
+                assert!(
+                    (a[h * hd + d] - want).abs() < 1e-5,
+                    "hd {hd}: strided h{h} d{d}"
+                );
+                assert!(
+                    (b[h * hd + d] - want).abs() < 1e-5,
+                    "hd {hd}: paged h{h} d{d}"
+                );
             }
         }
     }

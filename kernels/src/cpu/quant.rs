@@ -113,7 +113,9 @@ impl Weight {
                     Weight::Q4_1 {
                         scales, qs, int8, ..
                     },
-                    Weight::Q4_1 { scales: s, qs: q, .. },
+                    Weight::Q4_1 {
+                        scales: s, qs: q, ..
+                    },
                 ) => {
                     scales.extend(s);
                     qs.extend(q);
@@ -123,7 +125,9 @@ impl Weight {
                     Weight::Q8_0 {
                         scales, qs, int8, ..
                     },
-                    Weight::Q8_0 { scales: s, qs: q, .. },
+                    Weight::Q8_0 {
+                        scales: s, qs: q, ..
+                    },
                 ) => {
                     scales.extend(s);
                     qs.extend(q);
