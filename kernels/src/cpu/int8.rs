@@ -987,6 +987,38 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Any shape and data: every instruction set gives the portable path's bits, and each
+        /// row's result is what that row gets alone.
+        #[test]
+        fn any_batch_gives_each_row_its_result_alone_on_every_instruction_set(
+            blocks in 1usize..20,
+            m in 1usize..20,
+            n in 1usize..40,
+            q4 in proptest::bool::ANY,
+            seed in proptest::num::u64::ANY,
+        ) {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let k = blocks * BLOCK;
+            let w = packed(&random_weight(&mut rng, n, k, q4), k);
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-4.0f32..4.0)).collect();
+            let mut want = vec![f32::NAN; m * n];
+            matmul_with(Isa::Portable, &x, m, k, &w, n, &mut want);
+            for isa in isas() {
+                let mut got = vec![f32::NAN; m * n];
+                matmul_with(isa, &x, m, k, &w, n, &mut got);
+                proptest::prop_assert_eq!(&got, &want, "{:?}", isa);
+                for r in [0, m / 2, m - 1] {
+                    let mut alone = vec![f32::NAN; n];
+                    matmul_with(isa, &x[r * k..(r + 1) * k], 1, k, &w, n, &mut alone);
+                    proptest::prop_assert_eq!(&alone[..], &got[r * n..(r + 1) * n]);
+                }
+            }
+        }
+    }
+
     /// Extreme activations: zeros (d_x = 0), one huge element per block, all equal.
     #[test]
     fn degenerate_blocks_are_exact_where_they_should_be() {
