@@ -73,6 +73,13 @@ impl ModelWeights {
         self.cpu()?.forward(batch, kv)
     }
 
+    /// [`Llama::set_activations`] (the CPU model's; a no-op without one).
+    pub fn set_activations(&mut self, a: vkv_kernels::cpu::Activations) {
+        if let Some(m) = &mut self.host {
+            m.set_activations(a);
+        }
+    }
+
     /// [`Llama::set_batch_invariant`] (the CPU model's; a no-op without one).
     pub fn set_batch_invariant(&mut self, on: bool) {
         if let Some(m) = &mut self.host {

@@ -5,15 +5,17 @@
 //! Per layer: RMSNorm → Q, K, V projections → RoPE → KV append → causal GQA attention per token
 //! over its sequence's cache → output projection + residual → RMSNorm → SwiGLU MLP + residual.
 //! Matrices stay in their GGUF format when the CPU multiplies it directly (Q4_1, Q8_0: decode
-//! reads ~6× fewer bytes) and are dequantized to f32 otherwise; products go through
-//! [`vkv_kernels::cpu::matmul_w`] (the quantized kernels, or `gemm` for f32), the rest through
-//! the CPU ops of the kernels crate.
+//! reads ~6× fewer bytes) and are dequantized to f32 otherwise. Products with quantized matrices
+//! quantize the activations to 8 bits and run integer kernels by default
+//! ([`vkv_kernels::cpu::matmul_w_int8`]: faster, and batch-invariant), or keep them f32
+//! ([`Activations::F32`], the reference: [`vkv_kernels::cpu::matmul_w`]); f32 matrices go
+//! through `gemm`. The rest runs on the CPU ops of the kernels crate.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use rayon::prelude::*;
-use vkv_kernels::cpu::{self, KvRef, Weight};
+use vkv_kernels::cpu::{self, Activations, KvRef, Weight};
 
 use super::{LlamaConfig, ModelError};
 use crate::kv::{KvCache, SeqId};
@@ -106,6 +108,9 @@ pub struct Llama {
     /// Every product row-wise ([`cpu::matmul_w_rowwise`]): a sequence's logits do not depend on
     /// what else is in the batch. Off by default (prefill is slower).
     batch_invariant: bool,
+    /// How activations meet quantized matrices: 8-bit integer dot products (the default: faster,
+    /// and batch-invariant whatever `batch_invariant` says) or f32 (the reference).
+    activations: Activations,
 }
 
 /// Names of a layer's tensors in GGUF and in HF checkpoints, in `Layer` field order.
@@ -279,7 +284,7 @@ impl Llama {
                 *f /= s;
             }
         }
-        Ok(Llama {
+        let mut model = Llama {
             config,
             embed,
             layers,
@@ -287,7 +292,10 @@ impl Llama {
             lm_head,
             inv_freq,
             batch_invariant: false,
-        })
+            activations: Activations::F32,
+        };
+        model.set_activations(Activations::from_env(Activations::Int8));
+        Ok(model)
     }
 
     /// Load a GGUF file (any quantization the reader dequantizes).
@@ -491,8 +499,41 @@ impl Llama {
         self.batch_invariant
     }
 
+    /// Use 8-bit activations with integer products, or f32, for quantized matrices (see the
+    /// field). `VKV_CPU_ACTIVATIONS=f32|int8` sets it at load.
+    pub fn set_activations(&mut self, a: Activations) {
+        self.activations = a;
+        if a == Activations::Int8 {
+            self.pack_int8();
+        }
+    }
+
+    /// Repack every quantized matrix for the integer kernels now (see [`Weight::pack_int8`]).
+    fn pack_int8(&self) {
+        let c = &self.config;
+        let (h, q, i) = (c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size);
+        let mut all: Vec<(&Weight, usize)> = Vec::new();
+        for layer in &self.layers {
+            for p in [&layer.qkv, &layer.gate_up] {
+                match p {
+                    Projections::Stacked(w) => all.push((w, h)),
+                    Projections::Apart(parts) => all.extend(parts.iter().map(|w| (w, h))),
+                }
+            }
+            all.extend([(&layer.wo, q), (&layer.w_down, i)]);
+        }
+        all.push((self.lm_head.as_ref().unwrap_or(&self.embed), h));
+        all.par_iter().for_each(|(w, k)| w.pack_int8(*k));
+    }
+
+    pub fn activations(&self) -> Activations {
+        self.activations
+    }
+
     fn matmul(&self, x: &[f32], m: usize, k: usize, w: &Weight, n: usize, out: &mut [f32]) {
-        if self.batch_invariant {
+        if self.activations == Activations::Int8 && w.is_quantized() {
+            cpu::matmul_w_int8(x, m, k, w, n, out)
+        } else if self.batch_invariant {
             cpu::matmul_w_rowwise(x, m, k, w, n, out)
         } else {
             cpu::matmul_w(x, m, k, w, n, out)

@@ -11,9 +11,10 @@
 
 use rayon::prelude::*;
 
+mod int8;
 mod quant;
 
-pub use quant::{matmul_w, matmul_w_rowwise, Weight, BLOCK};
+pub use quant::{matmul_w, matmul_w_int8, matmul_w_rowwise, Activations, Weight, BLOCK};
 
 /// How RoPE pairs the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,6 +216,20 @@ impl KvRef<'_> {
         }
     }
 
+    /// `(run, token_stride)`: tokens `t..t + run` from a multiple of `run` are `token_stride`
+    /// apart (a paged block; the whole range when strided), so a scan over tokens computes one
+    /// [`KvRef::offset`] per run instead of a division per token.
+    fn run(&self) -> (usize, usize) {
+        match *self {
+            KvRef::Strided { token_stride, .. } => (usize::MAX, token_stride),
+            KvRef::Paged {
+                block_size,
+                token_stride,
+                ..
+            } => (block_size, token_stride),
+        }
+    }
+
     fn bases(&self) -> (*mut f32, *mut f32, usize) {
         match *self {
             KvRef::Strided {
@@ -323,15 +338,138 @@ pub unsafe fn attention_head(
     out: &mut [f32],
     scores: &mut Vec<f32>,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if fma_available() {
+        // SAFETY: AVX2 and FMA were detected at run time; the rest as for this function.
+        return unsafe {
+            attention_head_fma(qh, kv, context, kv_head, head_dim, scale, out, scores)
+        };
+    }
+    // SAFETY: as for this function.
+    unsafe { attention_body::<false>(qh, kv, context, kv_head, head_dim, scale, out, scores) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attention_head_fma(
+    qh: &[f32],
+    kv: &KvRef<'_>,
+    context: usize,
+    kv_head: usize,
+    head_dim: usize,
+    scale: f32,
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    use std::arch::x86_64::*;
+    if head_dim % 64 != 0 {
+        // SAFETY: as for `attention_head`.
+        return unsafe {
+            attention_body::<true>(qh, kv, context, kv_head, head_dim, scale, out, scores)
+        };
+    }
     let (kb, vb, hs) = kv.bases();
     scores.clear();
     scores.resize(context, 0.0);
     let mut max = f32::NEG_INFINITY;
+    let q = qh[..head_dim].as_ptr();
+    let (run, stride) = kv.run();
+    let (mut base, mut left) = (0, 0);
+    for (t, s) in scores.iter_mut().enumerate() {
+        if left == 0 {
+            (base, left) = (kv.offset(t) + kv_head * hs, run);
+        }
+        // SAFETY: t < context, which the caller guarantees is written; `head_dim` values.
+        let k = unsafe { kb.add(base) };
+        (base, left) = (base + stride, left - 1);
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for i in (0..head_dim).step_by(16) {
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q.add(i)), _mm256_loadu_ps(k.add(i)), a0);
+            // (two chains: the FMA latency is four times its issue interval)
+            a1 = _mm256_fmadd_ps(
+                _mm256_loadu_ps(q.add(i + 8)),
+                _mm256_loadu_ps(k.add(i + 8)),
+                a1,
+            );
+        }
+        let v = _mm256_add_ps(a0, a1);
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        let h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+        *s = _mm_cvtss_f32(h) * scale;
+        max = max.max(*s);
+    }
+    let mut sum = 0.0;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    let inv = 1.0 / sum;
+    let o = out[..head_dim].as_mut_ptr();
+    // 64 output dimensions (8 registers) per pass over the positions.
+    for i in (0..head_dim).step_by(64) {
+        let mut a = [_mm256_setzero_ps(); 8];
+        let (mut base, mut left) = (0, 0);
+        for (t, s) in scores.iter().enumerate() {
+            if left == 0 {
+                (base, left) = (kv.offset(t) + kv_head * hs + i, run);
+            }
+            // SAFETY: as above.
+            let v = unsafe { vb.add(base) };
+            (base, left) = (base + stride, left - 1);
+            let p = _mm256_set1_ps(s * inv);
+            for (j, a) in a.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(p, _mm256_loadu_ps(v.add(8 * j)), *a);
+            }
+        }
+        for (j, a) in a.iter().enumerate() {
+            _mm256_storeu_ps(o.add(i + 8 * j), *a);
+        }
+    }
+}
+
+/// [`attention_head`]'s body, inlined into a caller compiled with FMA (`FMA = true`: fused
+/// multiply-adds, 16 partial sums) or without.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attention_body<const FMA: bool>(
+    qh: &[f32],
+    kv: &KvRef<'_>,
+    context: usize,
+    kv_head: usize,
+    head_dim: usize,
+    scale: f32,
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    let madd = |a: f32, b: f32, c: f32| if FMA { a.mul_add(b, c) } else { a * b + c };
+    let (kb, vb, hs) = kv.bases();
+    scores.clear();
+    scores.resize(context, 0.0);
+    let mut max = f32::NEG_INFINITY;
+    let qh = &qh[..head_dim];
     for (t, s) in scores.iter_mut().enumerate() {
         // SAFETY: t < context, which the caller guarantees is written.
         let kt =
             unsafe { std::slice::from_raw_parts(kb.add(kv.offset(t) + kv_head * hs), head_dim) };
-        *s = dot(qh, kt) * scale;
+        let mut acc = [0f32; 16];
+        let (cq, ck) = (qh.chunks_exact(16), kt.chunks_exact(16));
+        let mut tail = 0f32;
+        for (x, y) in cq.remainder().iter().zip(ck.remainder()) {
+            tail = madd(*x, *y, tail);
+        }
+        for (x, y) in cq.zip(ck) {
+            for i in 0..16 {
+                acc[i] = madd(x[i], y[i], acc[i]);
+            }
+        }
+        let mut h = [0f32; 8];
+        for i in 0..8 {
+            h[i] = acc[i] + acc[i + 8];
+        }
+        let d = ((h[0] + h[4]) + (h[2] + h[6])) + ((h[1] + h[5]) + (h[3] + h[7])) + tail;
+        *s = d * scale;
         max = max.max(*s);
     }
     let mut sum = 0.0;
@@ -341,20 +479,67 @@ pub unsafe fn attention_head(
     }
     out.fill(0.0);
     let inv = 1.0 / sum;
+    let out = &mut out[..head_dim];
     for (t, s) in scores.iter().enumerate() {
         // SAFETY: as above.
         let vt =
             unsafe { std::slice::from_raw_parts(vb.add(kv.offset(t) + kv_head * hs), head_dim) };
         let p = s * inv;
         for (o, v) in out.iter_mut().zip(vt) {
-            *o += p * v;
+            *o = madd(p, *v, *o);
         }
     }
 }
 
+/// Whether AVX2 and FMA can be used (detected at run time; `VKV_NO_SIMD` says no).
+fn fma_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static FMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *FMA.get_or_init(|| {
+            std::env::var_os("VKV_NO_SIMD").is_none()
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Dot product with eight independent partial sums, so the compiler can keep them in SIMD lanes
-/// (a single running sum is a dependency chain it may not reorder).
+/// (a single running sum is a dependency chain it may not reorder); with FMA where the CPU has
+/// it (the baseline x86-64 target has only SSE2: 4 lanes, separate multiply and add).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if fma_available() {
+        // SAFETY: AVX2 and FMA were detected at run time.
+        return unsafe { dot_fma(a, b) };
+    }
+    dot_portable(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_fma(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let mut tail = 0f32;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        tail = x.mul_add(*y, tail);
+    }
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    let mut s = [0f32; 8];
+    for i in 0..8 {
+        s[i] = acc[i] + acc[i + 8];
+    }
+    ((s[0] + s[4]) + (s[2] + s[6])) + ((s[1] + s[5]) + (s[3] + s[7])) + tail
+}
+
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca
@@ -446,8 +631,15 @@ mod tests {
 
     #[test]
     fn paged_and_strided_attention_agree_with_a_dense_reference() {
+        // Head sizes of the portable body (8) and of the AVX2 kernel (64, 128).
+        for hd in [8, 64, 128] {
+            attention_agrees_with_a_dense_reference(hd);
+        }
+    }
+
+    fn attention_agrees_with_a_dense_reference(hd: usize) {
         let mut rng = StdRng::seed_from_u64(2);
-        let (n_heads, n_kv, hd, ctx) = (6, 2, 8, 37);
+        let (n_heads, n_kv, ctx) = (6, 2, 37);
         let keys = random(ctx * n_kv * hd, &mut rng);
         let vals = random(ctx * n_kv * hd, &mut rng);
         let q = random(n_heads * hd, &mut rng);
@@ -516,8 +708,14 @@ mod tests {
             softmax(&mut w);
             for d in 0..hd {
                 let want: f32 = (0..ctx).map(|t| w[t] * vals[(t * n_kv + g) * hd + d]).sum();
-                assert!((a[h * hd + d] - want).abs() < 1e-5, "strided h{h} d{d}");
-                assert!((b[h * hd + d] - want).abs() < 1e-5, "paged h{h} d{d}");
+                assert!(
+                    (a[h * hd + d] - want).abs() < 1e-5,
+                    "hd {hd}: strided h{h} d{d}"
+                );
+                assert!(
+                    (b[h * hd + d] - want).abs() < 1e-5,
+                    "hd {hd}: paged h{h} d{d}"
+                );
             }
         }
     }

@@ -2,19 +2,28 @@
 //! 0.625 bytes per Q4_1 weight (1.06 for Q8_0) instead of 4 for f32 — decode on the CPU is bound
 //! by the bytes of weights it reads per token.
 //!
-//! Activations stay f32 and every block is dequantized in registers — `w_i = d·q_i + m` for Q4_1,
-//! `d·q_i` for Q8_0 — once per block for all the activation rows that use it, so a row costs
-//! only its multiply-adds. This is the same function as the f32
-//! product of the dequantized weights up to summation order — unlike llama.cpp, which also
-//! quantizes the activations to 8 bits. An AVX2 + FMA path is picked at run time (the binary is
-//! built for any x86-64); elsewhere a scalar path computes the same sums.
+//! Two ways to meet the activations ([`Activations`]):
+//! - **Int8** (the model's default, [`matmul_w_int8`], module `int8`): each activation row is
+//!   quantized to 8 bits per 32-element block and multiplied with the raw quants in integers
+//!   (AVX512-VNNI `vpdpbusd`, or AVX2 `vpmaddubsw`), as llama.cpp does. A row costs a fraction of
+//!   the f32 path's multiply-adds, so a batch of rows sharing each weight load gains far more, and
+//!   the result of a row never depends on the other rows (batch-invariant by construction).
+//! - **F32** (the reference, this module): activations stay f32 and every block is dequantized
+//!   in registers — `w_i = d·q_i + m` for Q4_1, `d·q_i` for Q8_0 — once per block for all the
+//!   activation rows that use it, so a row costs only its multiply-adds. This is the same
+//!   function as the f32 product of the dequantized weights up to summation order. An AVX2 +
+//!   FMA path is picked at run time (the binary is built for any x86-64); elsewhere a scalar path
+//!   computes the same sums.
 //!
 //! Block layouts (ggml): Q4_1 — 20 bytes per 32 weights: f16 `d`, f16 `m`, 16 bytes of nibbles,
 //! byte `j` holding weight `j` (low nibble) and `j + 16` (high nibble). Q8_0 — 34 bytes per 32
-//! weights: f16 `d`, 32 signed bytes.
+//! weights: f16 `d`, 32 signed bytes. [`Weight`] keeps them (scales as f32) for the f32 path and
+//! the embedding lookup, and the int8 path's repacked copy beside them once it is built.
 
 use half::f16;
 use rayon::prelude::*;
+
+use super::int8::{self, PackedCell};
 
 /// A weight matrix `[rows][cols]` (`[out][in]`) in one of the formats the CPU multiplies.
 /// Quantized formats are repacked at load: f32 scales (ggml stores f16, and converting them in
@@ -23,14 +32,17 @@ use rayon::prelude::*;
 pub enum Weight {
     F32(Vec<f32>),
     /// Per block: `scales[2b] = d`, `scales[2b + 1] = m`; `qs[16b..16b + 16]` nibbles.
+    /// `int8`: the same weights repacked for [`matmul_w_int8`], built on its first use.
     Q4_1 {
         scales: Vec<f32>,
         qs: Vec<u8>,
+        int8: PackedCell,
     },
     /// Per block: `scales[b] = d`; `qs[32b..32b + 32]`.
     Q8_0 {
         scales: Vec<f32>,
         qs: Vec<i8>,
+        int8: PackedCell,
     },
 }
 
@@ -51,7 +63,11 @@ impl Weight {
             scales.extend([f16_at(blk, 0), f16_at(blk, 2)]);
             qs.extend_from_slice(&blk[4..20]);
         }
-        Weight::Q4_1 { scales, qs }
+        Weight::Q4_1 {
+            scales,
+            qs,
+            int8: PackedCell::new(),
+        }
     }
 
     /// Repack ggml Q8_0 blocks (34 bytes each).
@@ -63,7 +79,11 @@ impl Weight {
             scales.push(f16_at(blk, 0));
             qs.extend(blk[2..34].iter().map(|&q| q as i8));
         }
-        Weight::Q8_0 { scales, qs }
+        Weight::Q8_0 {
+            scales,
+            qs,
+            int8: PackedCell::new(),
+        }
     }
 
     /// Number of elements held.
@@ -89,13 +109,29 @@ impl Weight {
         for p in parts {
             match (&mut out, p) {
                 (Weight::F32(a), Weight::F32(b)) => a.extend(b),
-                (Weight::Q4_1 { scales, qs }, Weight::Q4_1 { scales: s, qs: q }) => {
+                (
+                    Weight::Q4_1 {
+                        scales, qs, int8, ..
+                    },
+                    Weight::Q4_1 {
+                        scales: s, qs: q, ..
+                    },
+                ) => {
                     scales.extend(s);
                     qs.extend(q);
+                    *int8 = PackedCell::new();
                 }
-                (Weight::Q8_0 { scales, qs }, Weight::Q8_0 { scales: s, qs: q }) => {
+                (
+                    Weight::Q8_0 {
+                        scales, qs, int8, ..
+                    },
+                    Weight::Q8_0 {
+                        scales: s, qs: q, ..
+                    },
+                ) => {
                     scales.extend(s);
                     qs.extend(q);
+                    *int8 = PackedCell::new();
                 }
                 _ => unreachable!("formats checked above"),
             }
@@ -112,7 +148,7 @@ impl Weight {
         let blocks = cols / BLOCK;
         match self {
             Weight::F32(v) => out[..cols].copy_from_slice(&v[r * cols..(r + 1) * cols]),
-            Weight::Q4_1 { scales, qs } => {
+            Weight::Q4_1 { scales, qs, .. } => {
                 for (b, o) in (r * blocks..(r + 1) * blocks).zip(out.chunks_exact_mut(BLOCK)) {
                     let (d, m) = (scales[2 * b], scales[2 * b + 1]);
                     let q = &qs[16 * b..16 * b + 16];
@@ -122,7 +158,7 @@ impl Weight {
                     }
                 }
             }
-            Weight::Q8_0 { scales, qs } => {
+            Weight::Q8_0 { scales, qs, .. } => {
                 for (b, o) in (r * blocks..(r + 1) * blocks).zip(out.chunks_exact_mut(BLOCK)) {
                     let q = &qs[32 * b..32 * b + 32];
                     for j in 0..BLOCK {
@@ -162,6 +198,69 @@ pub fn matmul_w_rowwise(x: &[f32], m: usize, k: usize, w: &Weight, n: usize, out
     }
 }
 
+/// How activations meet quantized weights in a product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activations {
+    /// f32 activations, weights dequantized in registers ([`matmul_w`], [`matmul_w_rowwise`]):
+    /// the f32 product of the dequantized weights, up to summation order. The reference.
+    F32,
+    /// Activations quantized to 8 bits per block and integer dot products
+    /// ([`matmul_w_int8`]; llama.cpp's Q8_1 path). Batch-invariant by construction.
+    Int8,
+}
+
+impl Activations {
+    /// `VKV_CPU_ACTIVATIONS=f32|int8`, else `default`.
+    pub fn from_env(default: Activations) -> Activations {
+        match std::env::var("VKV_CPU_ACTIVATIONS").as_deref() {
+            Ok("f32") => Activations::F32,
+            Ok("int8") => Activations::Int8,
+            _ => default,
+        }
+    }
+}
+
+impl Weight {
+    /// Whether the weights are block-quantized (Q4_1, Q8_0).
+    pub fn is_quantized(&self) -> bool {
+        !matches!(self, Weight::F32(_))
+    }
+}
+
+impl Weight {
+    /// Build the packed form [`matmul_w_int8`] uses for this `[rows][k]` matrix now, rather than
+    /// on the first product (a model's load, not its first request, should pay for it).
+    pub fn pack_int8(&self, k: usize) {
+        self.int8(k);
+    }
+
+    fn int8(&self, k: usize) -> Option<&int8::Packed> {
+        let packed = match self {
+            Weight::F32(_) => return None,
+            Weight::Q4_1 { scales, qs, int8 } => {
+                int8.get_or_init(|| int8::Packed::from_q4_1(scales, qs, k))
+            }
+            Weight::Q8_0 { scales, qs, int8 } => {
+                int8.get_or_init(|| int8::Packed::from_q8_0(scales, qs, k))
+            }
+        };
+        assert_eq!(packed.cols(), k, "matmul_w_int8: columns of the weight");
+        Some(packed)
+    }
+}
+
+/// [`matmul_w`] with each activation row quantized to 8 bits per 32-element block and integer
+/// dot products with the quantized weights (module `int8`). Every output row is computed the same
+/// way whatever `m` and the other rows are (batch-invariant). f32 weights take
+/// [`matmul_w_rowwise`]'s f32 path.
+pub fn matmul_w_int8(x: &[f32], m: usize, k: usize, w: &Weight, n: usize, out: &mut [f32]) {
+    match (w, w.int8(k)) {
+        (_, Some(packed)) => int8::matmul_packed(x, m, k, packed, n, out),
+        (Weight::F32(v), None) => matmul_f32_rowwise(x, m, k, v, n, out),
+        (_, None) => unreachable!("quantized weights pack"),
+    }
+}
+
 fn matmul_f32_rowwise(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
     assert!(
         w.len() >= n * k && x.len() >= m * k && out.len() >= m * n,
@@ -182,10 +281,18 @@ fn matmul_f32_rowwise(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &
     transpose_into(&out_t, m, n, out);
 }
 
-fn transpose_into(out_t: &[f32], m: usize, n: usize, out: &mut [f32]) {
-    for j in 0..n {
+/// `out[r][j] = out_t[j][r]`, 16 columns (a cache line of `out`) at a time: column by column,
+/// the `m` rows written would be `4n` bytes apart, and with `n` a multiple of 1024 (3072, 49152)
+/// they all fall in one set of the L1 cache, which holds only 8 of them.
+pub(super) fn transpose_into(out_t: &[f32], m: usize, n: usize, out: &mut [f32]) {
+    const TILE: usize = 16;
+    for j0 in (0..n).step_by(TILE) {
+        let cols = TILE.min(n - j0);
         for r in 0..m {
-            out[r * n + j] = out_t[j * m + r];
+            let dst = &mut out[r * n + j0..r * n + j0 + cols];
+            for (jj, d) in dst.iter_mut().enumerate() {
+                *d = out_t[(j0 + jj) * m + r];
+            }
         }
     }
 }
@@ -277,7 +384,7 @@ const SMALL_M: usize = 16;
 /// Activation rows handled together: each weight block is decoded once for all of them.
 const ROWS: usize = 8;
 /// Output rows per parallel task.
-const TASK: usize = 32;
+pub(super) const TASK: usize = 32;
 
 fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -297,7 +404,7 @@ fn scalar_dot_rows(w: &Weight, j: usize, xs: &[f32], k: usize, g: usize, acc: &m
         let at = j * blocks + b;
         // The block's weights, dequantized once for all rows.
         match w {
-            Weight::Q4_1 { scales, qs } => {
+            Weight::Q4_1 { scales, qs, .. } => {
                 let (d, m) = (scales[2 * at], scales[2 * at + 1]);
                 let nib = &qs[16 * at..16 * at + 16];
                 for i in 0..16 {
@@ -305,7 +412,7 @@ fn scalar_dot_rows(w: &Weight, j: usize, xs: &[f32], k: usize, g: usize, acc: &m
                     q[i + 16] = (nib[i] >> 4) as f32 * d + m;
                 }
             }
-            Weight::Q8_0 { scales, qs } => {
+            Weight::Q8_0 { scales, qs, .. } => {
                 for (q, &v) in q.iter_mut().zip(&qs[32 * at..32 * at + 32]) {
                     *q = v as f32 * scales[at];
                 }
@@ -383,7 +490,7 @@ mod simd {
         for b in 0..blocks {
             let at = j * blocks + b;
             let (wv, d, mo) = match w {
-                Weight::Q4_1 { scales, qs } => {
+                Weight::Q4_1 { scales, qs, .. } => {
                     let q = _mm_loadu_si128(qs.as_ptr().add(16 * at) as *const __m128i);
                     let lo = _mm_and_si128(q, mask);
                     let hi = _mm_and_si128(_mm_srli_epi16(q, 4), mask);
@@ -400,7 +507,7 @@ mod simd {
                         *scales.get_unchecked(2 * at + 1),
                     )
                 }
-                Weight::Q8_0 { scales, qs } => {
+                Weight::Q8_0 { scales, qs, .. } => {
                     let p = qs.as_ptr().add(32 * at) as *const u8;
                     let cvt = |o: usize| {
                         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
