@@ -37,7 +37,7 @@ fn unknown_unit(unit: &str, text: &str) -> String {
 /// `2 MiB`, `64 KiB`, `512 B`: the largest binary unit that divides evenly.
 pub fn format_bytes(bytes: usize) -> String {
     for (unit, size) in [("GiB", 1usize << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-        if bytes >= size && bytes % size == 0 {
+        if bytes >= size && bytes.is_multiple_of(size) {
             return format!("{} {unit}", bytes / size);
         }
     }

@@ -42,7 +42,7 @@ fn gguf(
         b.extend(elements.to_le_bytes());
         b.extend(dtype.to_le_bytes());
         b.extend(0u64.to_le_bytes());
-        while b.len() % 32 != 0 {
+        while !b.len().is_multiple_of(32) {
             b.push(0);
         }
         b.extend(vec![0u8; bytes]);

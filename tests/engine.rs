@@ -12,7 +12,6 @@ use vkv_engine::engine::{
 };
 use vkv_engine::generate::FinishReason;
 use vkv_engine::kv::KvMode;
-use vkv_engine::sampler::SamplingParams;
 use vkv_kernels::cpu::Activations;
 use vkv_vmm::KvLayout;
 

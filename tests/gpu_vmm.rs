@@ -70,7 +70,7 @@ fn gpu_granularity_comes_from_the_device_and_bad_sizes_are_typed_errors() {
     let g = vmm.granularity();
     eprintln!("granularity {g} B");
     assert!(
-        g > 0 && PAGE % g == 0,
+        g > 0 && PAGE.is_multiple_of(g),
         "2 MiB pages must be allowed (granularity {g})"
     );
     if g > 1 {

@@ -72,7 +72,10 @@ impl AccountingVmm {
 
     fn check(&self, books: &Books, call: &'static str, addr: u64, bytes: usize) -> Result<()> {
         let g = self.granularity as u64;
-        if addr % g != 0 || bytes as u64 % g != 0 || !books.reservations.contains(addr, bytes) {
+        if !addr.is_multiple_of(g)
+            || !(bytes as u64).is_multiple_of(g)
+            || !books.reservations.contains(addr, bytes)
+        {
             return Err(VmmError::Backend {
                 backend: NAME,
                 call,
@@ -99,7 +102,7 @@ impl PhysicalMemory for AccountingVmm {
     }
 
     fn reserve(&self, bytes: usize, alignment: usize) -> Result<u64> {
-        if bytes == 0 || bytes % self.granularity != 0 {
+        if bytes == 0 || !bytes.is_multiple_of(self.granularity) {
             return Err(VmmError::Backend {
                 backend: NAME,
                 call: "reserve",

@@ -69,7 +69,7 @@ impl HostVmm {
     }
 
     fn check_aligned(&self, what: &'static str, value: u64) -> Result<()> {
-        if value % self.granularity as u64 != 0 {
+        if !value.is_multiple_of(self.granularity as u64) {
             return Err(VmmError::Backend {
                 backend: NAME,
                 call: what,

@@ -111,7 +111,7 @@ pub(crate) fn check_page_size(
     page_size: usize,
     granularity: usize,
 ) -> Result<()> {
-    if page_size == 0 || page_size % granularity != 0 {
+    if page_size == 0 || !page_size.is_multiple_of(granularity) {
         return Err(crate::VmmError::PageSizeNotAligned {
             backend,
             page_size,

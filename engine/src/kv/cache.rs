@@ -357,7 +357,7 @@ impl KvManager for VmmManager {
 
     fn name(&self) -> String {
         let c = &self.config;
-        let size = if c.page_size % (1 << 20) == 0 {
+        let size = if c.page_size.is_multiple_of(1 << 20) {
             format!("{}MiB", c.page_size >> 20)
         } else {
             format!("{}KiB", c.page_size >> 10)

@@ -133,14 +133,16 @@ impl LlamaConfig {
 
     fn check(self) -> Result<Self, ModelError> {
         let bad = |what: String| Err(ModelError::Config(what));
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0
+        if self.num_heads == 0
+            || self.num_kv_heads == 0
+            || !self.num_heads.is_multiple_of(self.num_kv_heads)
         {
             return bad(format!(
                 "attention heads {} must be a positive multiple of KV heads {}",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!(
                 "head_dim must be even and positive, found {}",
                 self.head_dim

@@ -851,7 +851,7 @@ fn check_tensor(
     let size = (n / block)
         .checked_mul(type_size)
         .ok_or_else(|| bad_shape(format!("dims {:?}: the byte size overflows", t.dims)))?;
-    if t.offset % alignment != 0 {
+    if !t.offset.is_multiple_of(alignment) {
         return Err(GgufError::MisalignedTensor {
             tensor: t.name.clone(),
             offset: t.offset,
@@ -1087,7 +1087,7 @@ pub fn dequantize(
         return Err(unsupported());
     };
     let n = n_elements as u64;
-    if n % block != 0 {
+    if !n.is_multiple_of(block) {
         return Err(GgufError::NotBlockMultiple {
             dtype: dtype.name(),
             n_elements: n,

@@ -595,7 +595,6 @@ macro_rules! simd_kernels {
             /// `acc[r] = row j of w · activation row r0 + r` for `G` rows.
             // `_mm256_dpbusd_epi32` is stable since Rust 1.89, after the workspace's declared
             // 1.85 (whose bump would turn on lints across other crates): building needs 1.89.
-            #[allow(clippy::incompatible_msrv)]
             #[target_feature(enable = $features)]
             pub(super) unsafe fn rows<const G: usize, const Q4: bool>(
                 w: &Packed,
@@ -646,7 +645,6 @@ macro_rules! simd_kernels {
             }
 
             /// One group of `R` blocks, unpacked once, against `G` rows.
-            #[allow(clippy::incompatible_msrv)]
             #[target_feature(enable = $features)]
             #[inline]
             unsafe fn group<const G: usize, const R: usize, const Q4: bool>(

@@ -363,7 +363,7 @@ unsafe fn attention_head_fma(
     scores: &mut Vec<f32>,
 ) {
     use std::arch::x86_64::*;
-    if head_dim % 64 != 0 {
+    if !head_dim.is_multiple_of(64) {
         // SAFETY: as for `attention_head`.
         return unsafe {
             attention_body::<true>(qh, kv, context, kv_head, head_dim, scale, out, scores)

@@ -319,7 +319,7 @@ fn matmul_quantized(
     schedule: Schedule,
 ) {
     assert!(
-        k % BLOCK == 0 && w.len() >= n * k && x.len() >= m * k && out.len() >= m * n,
+        k.is_multiple_of(BLOCK) && w.len() >= n * k && x.len() >= m * k && out.len() >= m * n,
         "matmul_w shapes"
     );
     if m == 0 {

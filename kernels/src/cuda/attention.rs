@@ -178,7 +178,7 @@ impl KvAddress {
 }
 
 fn aligned(what: &'static str, value: u64, align: u64) -> Result<()> {
-    if value % align != 0 {
+    if !value.is_multiple_of(align) {
         return Err(KernelError::Misaligned { what, value, align });
     }
     Ok(())
@@ -602,7 +602,7 @@ impl Attention {
         head_dim: usize,
     ) -> Result<()> {
         kv.check()?;
-        if head_dim == 0 || head_dim % 8 != 0 || n_kv_heads == 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(8) || n_kv_heads == 0 {
             return Err(KernelError::Shape(format!(
                 "append of {n_kv_heads} KV heads × {head_dim}: head dim must be a positive multiple of 8"
             )));
@@ -851,7 +851,7 @@ fn check_shape(s: &DecodeShape) -> Result<()> {
             s.head_dim
         )));
     }
-    if s.n_kv_heads == 0 || s.n_heads == 0 || s.n_heads % s.n_kv_heads != 0 {
+    if s.n_kv_heads == 0 || s.n_heads == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) {
         return Err(KernelError::Shape(format!(
             "{} query heads over {} KV heads: need a positive whole ratio",
             s.n_heads, s.n_kv_heads
@@ -904,7 +904,7 @@ mod tests {
         assert!(p.ctas <= RESIDENT);
         let p = split_plan(&shape(1, 32, 8, 512), RESIDENT, None).unwrap();
         assert_eq!(p.splits, 8, "at least 64 tokens per split");
-        assert!(p.split_tokens * p.splits >= 512 && p.split_tokens % 32 == 0);
+        assert!(p.split_tokens * p.splits >= 512 && p.split_tokens.is_multiple_of(32));
     }
 
     #[test]

@@ -174,7 +174,7 @@ impl ModelOps {
         hd: usize,
         half_split: bool,
     ) -> Result<()> {
-        if hd % 2 != 0 {
+        if !hd.is_multiple_of(2) {
             return Err(KernelError::Shape(format!("head dim {hd} is odd")));
         }
         let rows = rows_u32(rows)?;
