@@ -756,27 +756,9 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::{RngExt, SeedableRng};
 
+    use super::super::quant::tests::random_weight;
     use super::super::Weight;
     use super::*;
-
-    /// Random ggml blocks for `rows × cols` weights (Q4_1 or Q8_0), as [`Weight`] keeps them.
-    fn random_weight(rng: &mut StdRng, rows: usize, cols: usize, q4: bool) -> Weight {
-        let mut b = Vec::new();
-        for _ in 0..rows * cols / BLOCK {
-            b.extend(f16::from_f32(rng.random_range(0.001f32..0.05)).to_le_bytes());
-            if q4 {
-                b.extend(f16::from_f32(rng.random_range(-0.2f32..0.2)).to_le_bytes());
-                b.extend((0..16).map(|_| rng.random::<u8>()));
-            } else {
-                b.extend((0..32).map(|_| rng.random::<u8>()));
-            }
-        }
-        if q4 {
-            Weight::from_q4_1(&b)
-        } else {
-            Weight::from_q8_0(&b)
-        }
-    }
 
     fn packed(w: &Weight, k: usize) -> Packed {
         match w {

@@ -544,14 +544,20 @@ mod simd {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use rand::rngs::StdRng;
     use rand::{RngExt, SeedableRng};
 
     use super::*;
 
-    /// Random ggml blocks for `rows × cols` weights, repacked.
-    fn random_weight(rng: &mut StdRng, rows: usize, cols: usize, q4: bool) -> Weight {
+    /// Random ggml blocks for `rows × cols` weights (Q4_1 or Q8_0), as [`Weight`] keeps them;
+    /// also the int8 kernels' tests' weights.
+    pub(in crate::cpu) fn random_weight(
+        rng: &mut StdRng,
+        rows: usize,
+        cols: usize,
+        q4: bool,
+    ) -> Weight {
         let mut b = Vec::new();
         for _ in 0..rows * cols / BLOCK {
             b.extend(f16::from_f32(rng.random_range(0.001f32..0.05)).to_le_bytes());
