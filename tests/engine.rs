@@ -148,6 +148,55 @@ fn in_vmm_mode_decode_pages_are_mapped_ahead_without_waiting() {
 }
 
 #[test]
+fn in_vmm_mode_queued_requests_find_their_first_pages_mapped_when_admitted() {
+    for mode in &MODES[1..] {
+        // 96 tokens a step: the 12 prompts are admitted over several steps, and each step names
+        // the next admissions so their slots' first pages are mapped while it computes.
+        let e = engine(*mode, 256 << 20, 96);
+        let name = e.metrics().kv_name;
+        let prompts = prompts(&e, 12);
+        // At most the requests the first step admits can wait: nothing ran before it to map
+        // their pages behind (a request is admitted while budget is left, even partly).
+        let mut first_step = 0;
+        let mut budget = 96usize;
+        for p in &prompts {
+            if budget == 0 {
+                break;
+            }
+            first_step += 1;
+            budget = budget.saturating_sub(p.len());
+        }
+        let (tx, mut rx) = event_channel();
+        for p in &prompts {
+            e.submit(greedy(p.clone(), 24), tx.clone()).unwrap();
+        }
+        collect(&mut rx, prompts.len());
+        let map = e.metrics().map.expect("vmm has a mapper");
+        assert!(
+            map.waits as usize <= first_step && first_step < prompts.len(),
+            "{name}: {} waits for {} requests, {first_step} in the first step: {map:?}",
+            map.waits,
+            prompts.len()
+        );
+        assert_eq!(map.growth_waits, 0, "{name}: {map:?}");
+        assert_empty(&e, &name);
+
+        // Queued requests aborted before admission leave no prepared slot behind.
+        let (tx, mut rx) = event_channel();
+        let ids: Vec<RequestId> = prompts
+            .iter()
+            .map(|p| e.submit(greedy(p.clone(), 400), tx.clone()).unwrap())
+            .collect();
+        rx.blocking_recv().unwrap();
+        for &id in &ids {
+            e.abort(id);
+        }
+        collect(&mut rx, ids.len());
+        assert_empty(&e, &name);
+    }
+}
+
+#[test]
 fn aborts_and_disconnects_free_memory_at_once() {
     for mode in MODES {
         // 64 tokens a step: a 600-token prompt takes ten steps to prefill.

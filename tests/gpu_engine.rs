@@ -277,9 +277,14 @@ fn vmm_decode_waits_for_no_page_the_map_waits_are_the_admissions() {
         let map = m.map.expect("vmm has a mapper");
         eprintln!("{name}: {map:?}");
         assert_eq!(m.preemptions, 0, "{name}");
-        // One wait per admission (a fresh slot's first page); every page after it mapped ahead.
+        // At most one wait per admission (a fresh slot's first pages, when the request is
+        // admitted by the step it arrived before: later admissions are prepared by the step
+        // before theirs); every page a running sequence grows into is mapped ahead.
         assert_eq!(map.growth_waits, 0, "{name}: {map:?}");
-        assert_eq!(map.waits, prompts.len() as u64, "{name}: {map:?}");
+        assert!(
+            (1..=prompts.len() as u64).contains(&map.waits),
+            "{name}: {map:?}"
+        );
         if mode == TOKEN_MAJOR {
             assert!(map.pages_mapped_ahead > 0, "{name}: {map:?}");
         }

@@ -722,6 +722,7 @@ impl<'m> EngineLoop<'m> {
         };
         // The scheduler frees the KV memory (it errs only on a sequence the cache never had).
         let _ = self.scheduler.finish(id, self.backend.kv_mut());
+        self.prepare_admissions();
         if reason != FinishReason::Abort {
             if let Some(stream) = a.stream.take() {
                 if let Ok(rest) = stream.finish() {
@@ -755,6 +756,7 @@ impl<'m> EngineLoop<'m> {
         for &id in ids {
             if let Some(a) = self.active.remove(&id) {
                 let _ = self.scheduler.finish(id, self.backend.kv_mut());
+                self.prepare_admissions();
                 self.metrics.failed += 1;
                 let _ = a.events.send(EngineEvent {
                     id,
@@ -786,6 +788,7 @@ impl<'m> EngineLoop<'m> {
             return;
         }
         self.map_ahead(&step);
+        self.prepare_admissions();
         let batch: Vec<SeqChunk<'_>> = step
             .chunks
             .iter()
@@ -853,6 +856,14 @@ impl<'m> EngineLoop<'m> {
         }
         self.metrics.steps += 1;
         self.metrics.busy_seconds += start.elapsed().as_secs_f64();
+    }
+
+    /// Tell the cache which waiting requests the next step will likely admit, so their first
+    /// pages are mapped while this step computes (and preparations for requests gone are
+    /// dropped).
+    fn prepare_admissions(&mut self) {
+        let next = self.scheduler.likely_admissions();
+        self.backend.kv_mut().prepare_admissions(&next);
     }
 
     /// Tell the cache what each scheduled sequence needs next: one more token after a sampling

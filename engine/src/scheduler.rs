@@ -164,6 +164,24 @@ impl Scheduler {
         self.preemptions
     }
 
+    /// The waiting sequences the next step would likely admit — if every running sequence took
+    /// one token of the budget — with the KV length each would reserve: what a cache can
+    /// prepare while the current step computes ([`KvManager::prepare_admissions`]).
+    pub fn likely_admissions(&self) -> Vec<(SeqId, usize)> {
+        let mut budget = (self.config.max_num_batched_tokens).saturating_sub(self.running.len());
+        let places = self.config.max_num_seqs.saturating_sub(self.running.len());
+        let mut next = Vec::new();
+        for seq in self.waiting.iter().take(places) {
+            if budget == 0 {
+                break;
+            }
+            let n = (seq.tokens.len() - seq.computed).min(budget);
+            next.push((seq.id, seq.computed + n));
+            budget -= n;
+        }
+        next
+    }
+
     /// Plan the next forward pass, reserving its KV in `kv`.
     pub fn schedule(&mut self, kv: &mut dyn KvManager) -> Result<Step, SchedulerError> {
         let mut step = Step::default();

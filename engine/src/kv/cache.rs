@@ -73,6 +73,12 @@ pub trait KvManager: Send {
     /// Hint that `seq` will soon need `len` tokens backed, so the memory can be prepared while
     /// the current step computes (the vmm `Mapper`); a no-op where there is nothing to prepare.
     fn map_ahead(&self, _seq: SeqId, _len: usize) {}
+    /// Hint that these waiting sequences are likely admitted by the next step, each reserving
+    /// `len` tokens, so their memory can be prepared while the current step computes (vmm: a
+    /// slot acquired and its first pages mapped by the `Mapper`). Preparations of sequences no
+    /// longer listed are dropped; prepared memory never blocks a `reserve` of another sequence.
+    /// A no-op where there is nothing to prepare.
+    fn prepare_admissions(&mut self, _next: &[(SeqId, usize)]) {}
     /// Check the cache's own books: every block or page is either free or held by exactly the
     /// sequences that hold it. The error says what is inconsistent.
     fn audit(&self) -> Result<(), String>;
@@ -252,6 +258,10 @@ pub struct VmmManager {
     views: Vec<LayerView>,
     config: KvSpaceConfig,
     slots: HashMap<SeqId, SlotId>,
+    /// Slots acquired for waiting sequences about to be admitted, their first pages mapped ahead
+    /// ([`KvManager::prepare_admissions`]); such a slot holds no token, so its pages are surplus
+    /// the space reclaims under pressure.
+    prepared: HashMap<SeqId, SlotId>,
     /// Map waits of sequences that already had a slot (see [`KvManager::growth_map_waits`]).
     growth_waits: u64,
 }
@@ -272,6 +282,7 @@ impl VmmManager {
             views,
             config,
             slots: HashMap::new(),
+            prepared: HashMap::new(),
             growth_waits: 0,
         })
     }
@@ -293,6 +304,36 @@ impl VmmManager {
     /// The slot `seq` holds.
     pub fn slot(&self, seq: SeqId) -> Option<SlotId> {
         self.slots.get(&seq).copied()
+    }
+
+    /// Release the slot prepared for `seq`, if any (its pages stay mapped, reclaimable).
+    fn drop_prepared(&mut self, seq: SeqId) -> Result<(), KvError> {
+        match self.prepared.remove(&seq) {
+            Some(slot) => self.mapper.space().release(slot).map_err(vmm_error),
+            None => Ok(()),
+        }
+    }
+
+    /// A slot for a sequence being admitted: the one prepared for it, else a free one — taking
+    /// back the slots prepared for others when none is free. The bool says whether the slot was
+    /// prepared.
+    fn admission_slot(&mut self, seq: SeqId) -> Result<(SlotId, bool), KvError> {
+        if let Some(slot) = self.prepared.remove(&seq) {
+            return Ok((slot, true));
+        }
+        let first = self.mapper.space().acquire();
+        match first {
+            Ok(slot) => Ok((slot, false)),
+            Err(VmmError::NoFreeSlot { .. }) if !self.prepared.is_empty() => {
+                let others: Vec<SeqId> = self.prepared.keys().copied().collect();
+                for other in others {
+                    self.drop_prepared(other)?;
+                }
+                let slot = self.mapper.space().acquire().map_err(vmm_error)?;
+                Ok((slot, false))
+            }
+            Err(e) => Err(vmm_error(e)),
+        }
     }
 }
 
@@ -375,7 +416,7 @@ impl KvManager for VmmManager {
     fn reserve(&mut self, seq: SeqId, len: usize) -> Result<(), KvError> {
         let (slot, new) = match self.slots.get(&seq) {
             Some(&slot) => (slot, false),
-            None => (self.mapper.space().acquire().map_err(vmm_error)?, true),
+            None => (self.admission_slot(seq)?.0, true),
         };
         match self.mapper.ensure(slot, len) {
             Ok(waited) => {
@@ -392,6 +433,37 @@ impl KvManager for VmmManager {
         }
     }
 
+    fn prepare_admissions(&mut self, next: &[(SeqId, usize)]) {
+        let stale: Vec<SeqId> = self
+            .prepared
+            .keys()
+            .filter(|seq| !next.iter().any(|(n, _)| n == *seq))
+            .copied()
+            .collect();
+        for seq in stale {
+            // Only a slot the space no longer knows fails here; nothing to undo then.
+            let _ = self.drop_prepared(seq);
+        }
+        for &(seq, len) in next {
+            if self.slots.contains_key(&seq) {
+                continue;
+            }
+            let slot = match self.prepared.get(&seq) {
+                Some(&slot) => slot,
+                None => {
+                    // No free slot: the running sequences hold them all; nothing to prepare.
+                    let Ok(slot) = self.mapper.space().acquire() else {
+                        break;
+                    };
+                    self.prepared.insert(seq, slot);
+                    slot
+                }
+            };
+            // Only a stopped mapper fails here, and then `reserve` maps the pages itself.
+            let _ = self.mapper.map_ahead(slot, len.min(self.config.max_tokens));
+        }
+    }
+
     fn map_ahead(&self, seq: SeqId, len: usize) {
         if let Some(&slot) = self.slots.get(&seq) {
             let len = len.min(self.config.max_tokens);
@@ -401,6 +473,9 @@ impl KvManager for VmmManager {
     }
 
     fn free(&mut self, seq: SeqId) -> Result<(), KvError> {
+        if self.prepared.contains_key(&seq) {
+            return self.drop_prepared(seq);
+        }
         let slot = self.slots.remove(&seq).ok_or_else(|| unknown(seq))?;
         self.mapper.space().release(slot).map_err(vmm_error)
     }
@@ -423,10 +498,11 @@ impl KvManager for VmmManager {
         let space = self.mapper.space();
         space.audit()?;
         let active = space.stats().active_slots;
-        if active != self.slots.len() {
+        if active != self.slots.len() + self.prepared.len() {
             return Err(format!(
-                "{active} active slots but {} sequences",
-                self.slots.len()
+                "{active} active slots but {} sequences and {} prepared admissions",
+                self.slots.len(),
+                self.prepared.len()
             ));
         }
         Ok(())
@@ -465,6 +541,9 @@ impl KvManager for VmmKv {
     }
     fn map_ahead(&self, seq: SeqId, len: usize) {
         self.0.map_ahead(seq, len)
+    }
+    fn prepare_admissions(&mut self, next: &[(SeqId, usize)]) {
+        self.0.prepare_admissions(next)
     }
     fn audit(&self) -> Result<(), String> {
         self.0.audit()
@@ -620,6 +699,41 @@ mod tests {
         for (name, out) in &outputs[1..] {
             assert_eq!(out, &outputs[0].1, "{name} differs from {}", outputs[0].0);
         }
+    }
+
+    #[test]
+    fn prepared_admissions_are_taken_over_or_given_back_and_never_block_a_reserve() {
+        let mut kv = VmmKv::new(DIMS, KvLayout::TokenMajor, 2, 512, 4096, 64).unwrap();
+        // Both slots prepared for queued sequences 1 and 2, their first pages mapped ahead.
+        kv.prepare_admissions(&[(1, 40), (2, 40)]);
+        kv.0.mapper.sync().unwrap();
+        assert_eq!(kv.usage().sequences, 0);
+        assert_eq!(
+            kv.usage().bytes_allocated,
+            0,
+            "prepared pages hold no token"
+        );
+        kv.audit().unwrap();
+        // Sequence 1 is admitted into its prepared slot without waiting.
+        let waits = kv.mapper_stats().unwrap().waits;
+        kv.reserve(1, 40).unwrap();
+        assert_eq!(kv.mapper_stats().unwrap().waits, waits);
+        // Sequence 3 arrives instead of 2: the slot prepared for 2 is taken back for it.
+        kv.reserve(3, 40).unwrap();
+        kv.audit().unwrap();
+        assert_eq!(kv.usage().sequences, 2);
+        // No free slot: nothing to prepare, nothing changes.
+        kv.prepare_admissions(&[(4, 10)]);
+        kv.audit().unwrap();
+        for seq in [1, 3] {
+            kv.free(seq).unwrap();
+        }
+        // A preparation dropped from the list is given back.
+        kv.prepare_admissions(&[(5, 10)]);
+        kv.prepare_admissions(&[]);
+        kv.audit().unwrap();
+        assert_eq!(kv.0.mapper.space().stats().active_slots, 0);
+        assert_eq!(kv.usage(), KvUsage::default());
     }
 
     #[test]

@@ -415,6 +415,12 @@ impl KvManager for GpuKv {
         }
     }
 
+    fn prepare_admissions(&mut self, next: &[(SeqId, usize)]) {
+        if let Store::Vmm(m) = &mut self.store {
+            m.prepare_admissions(next);
+        }
+    }
+
     fn audit(&self) -> Result<(), String> {
         match &self.store {
             Store::Paged {
