@@ -59,7 +59,7 @@ pub struct Args {
     /// Timed launches per point (the median is reported).
     #[arg(long, default_value_t = 50)]
     iters: usize,
-    /// Prefill: batch sizes (each sequence one causal chunk), comma-separated; empty skips prefill.
+    /// Prefill: batch sizes (each sequence one causal chunk), comma-separated; `0` skips prefill.
     #[arg(long = "prefill-batch", value_delimiter = ',', default_value = "1,4")]
     prefill_batch: Vec<usize>,
     /// Prefill: context lengths, comma-separated.
@@ -577,7 +577,7 @@ mod gpu {
         for h in &args.heads {
             let (hq, hk) = parse_heads(h)?;
             for &d in &args.head_dim {
-                for &batch in &args.prefill_batch {
+                for &batch in args.prefill_batch.iter().filter(|&&b| b > 0) {
                     for &context in &args.prefill_context {
                         for &chunk in &args.prefill_chunk {
                             let q_len = if chunk == 0 {
