@@ -5,7 +5,9 @@
 
 mod common;
 
-use common::serving::{assert_empty, collect, greedy, prompts, run_one, wait_for};
+use common::serving::{
+    assert_disconnect_aborts, assert_empty, collect, greedy, prompts, run_one, wait_for,
+};
 
 use vkv_engine::engine::{
     event_channel, Engine, EngineConfig, EngineError, GenerationRequest, RequestId,
@@ -227,14 +229,7 @@ fn aborts_and_disconnects_free_memory_at_once() {
         assert_eq!(e.metrics().kv.bytes_allocated, 0, "{name}: after abort");
 
         // A receiver dropped mid-stream is a client gone: aborted at its next token.
-        let (tx, mut rx) = event_channel();
-        e.submit(greedy(long[..50].to_vec(), 500), tx).unwrap();
-        rx.blocking_recv().unwrap();
-        drop(rx);
-        wait_for(&e, "the disconnect", |m| {
-            m.finished_abort == 3 && m.running == 0
-        });
-        assert_empty(&e, &name);
+        assert_disconnect_aborts(&e, long[..50].to_vec(), 3, &name);
     }
 }
 

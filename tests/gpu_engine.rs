@@ -20,7 +20,7 @@ mod common;
 
 use std::sync::{Mutex, MutexGuard};
 
-use common::serving::{assert_empty, collect, greedy, prompts, run_one, wait_for};
+use common::serving::{assert_disconnect_aborts, assert_empty, collect, greedy, prompts, run_one};
 use vkv_engine::device::Device;
 use vkv_engine::engine::{
     event_channel, Engine, EngineConfig, EngineError, GenerationRequest, RequestId,
@@ -252,14 +252,7 @@ fn aborts_free_memory_and_a_prompt_larger_than_the_cache_is_refused() {
         assert_eq!(out.finished.unwrap().reason, FinishReason::Abort, "{name}");
         assert_eq!(e.metrics().kv.bytes_allocated, 0, "{name}: after abort");
         // A dropped receiver (a client gone) is aborted at its next token.
-        let (tx, mut rx) = event_channel();
-        e.submit(greedy(long[..50].to_vec(), 500), tx).unwrap();
-        rx.blocking_recv().unwrap();
-        drop(rx);
-        wait_for(&e, "the disconnect", |m| {
-            m.finished_abort == 2 && m.running == 0
-        });
-        assert_empty(&e, &name);
+        assert_disconnect_aborts(&e, long[..50].to_vec(), 2, &name);
     }
 }
 

@@ -116,3 +116,16 @@ pub fn wait_for(e: &Engine, what: &str, cond: impl Fn(&vkv_engine::engine::Engin
         std::thread::sleep(Duration::from_millis(2));
     }
 }
+
+/// A receiver dropped after the first event is a client gone: the engine aborts the request at
+/// its next token (the engine's `finished_abort` reaching `aborts_after`) and frees everything.
+pub fn assert_disconnect_aborts(e: &Engine, prompt: Vec<u32>, aborts_after: u64, name: &str) {
+    let (tx, mut rx) = event_channel();
+    e.submit(greedy(prompt, 500), tx).unwrap();
+    rx.blocking_recv().unwrap();
+    drop(rx);
+    wait_for(e, "the disconnect", |m| {
+        m.finished_abort == aborts_after && m.running == 0
+    });
+    assert_empty(e, name);
+}

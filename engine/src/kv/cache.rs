@@ -261,7 +261,8 @@ pub struct VmmManager {
     /// Slots acquired for waiting sequences about to be admitted, their first pages mapped ahead
     /// ([`KvManager::prepare_admissions`]); such a slot holds no token, so its pages are surplus
     /// the space reclaims under pressure.
-    prepared: HashMap<SeqId, SlotId>,
+    /// With the tokens its pages were last asked for.
+    prepared: HashMap<SeqId, (SlotId, usize)>,
     /// Map waits of sequences that already had a slot (see [`KvManager::growth_map_waits`]).
     growth_waits: u64,
 }
@@ -309,7 +310,7 @@ impl VmmManager {
     /// Release the slot prepared for `seq`, if any (its pages stay mapped, reclaimable).
     fn drop_prepared(&mut self, seq: SeqId) -> Result<(), KvError> {
         match self.prepared.remove(&seq) {
-            Some(slot) => self.mapper.space().release(slot).map_err(vmm_error),
+            Some((slot, _)) => self.mapper.space().release(slot).map_err(vmm_error),
             None => Ok(()),
         }
     }
@@ -318,7 +319,7 @@ impl VmmManager {
     /// back the slots prepared for others when none is free. The bool says whether the slot was
     /// prepared.
     fn admission_slot(&mut self, seq: SeqId) -> Result<(SlotId, bool), KvError> {
-        if let Some(slot) = self.prepared.remove(&seq) {
+        if let Some((slot, _)) = self.prepared.remove(&seq) {
             return Ok((slot, true));
         }
         let first = self.mapper.space().acquire();
@@ -448,19 +449,22 @@ impl KvManager for VmmManager {
             if self.slots.contains_key(&seq) {
                 continue;
             }
+            let len = len.min(self.config.max_tokens);
             let slot = match self.prepared.get(&seq) {
-                Some(&slot) => slot,
+                // Already asked for (this is called every step and at every request's end).
+                Some(&(_, asked)) if asked >= len => continue,
+                Some(&(slot, _)) => slot,
                 None => {
                     // No free slot: the running sequences hold them all; nothing to prepare.
                     let Ok(slot) = self.mapper.space().acquire() else {
                         break;
                     };
-                    self.prepared.insert(seq, slot);
                     slot
                 }
             };
+            self.prepared.insert(seq, (slot, len));
             // Only a stopped mapper fails here, and then `reserve` maps the pages itself.
-            let _ = self.mapper.map_ahead(slot, len.min(self.config.max_tokens));
+            let _ = self.mapper.map_ahead(slot, len);
         }
     }
 

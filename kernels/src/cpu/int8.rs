@@ -591,6 +591,7 @@ macro_rules! simd_kernels {
             use std::arch::x86_64::*;
 
             use super::{Packed, Q8Rows, LANES};
+            use crate::cpu::quant::simd::hsum;
 
             /// `acc[r] = row j of w · activation row r0 + r` for `G` rows.
             // `_mm256_dpbusd_epi32` is stable since Rust 1.89, after the workspace's declared
@@ -725,17 +726,6 @@ macro_rules! simd_kernels {
                         *a = _mm256_fmadd_ps(mw, _mm256_loadu_ps(xl.add(LANES)), *a);
                     }
                 }
-            }
-
-            #[target_feature(enable = $features)]
-            #[inline]
-            unsafe fn hsum(v: __m256) -> f32 {
-                let lo = _mm256_castps256_ps128(v);
-                let hi = _mm256_extractf128_ps(v, 1);
-                let s = _mm_add_ps(lo, hi);
-                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-                _mm_cvtss_f32(s)
             }
         }
     };

@@ -428,13 +428,15 @@ fn scalar_dot_rows(w: &Weight, j: usize, xs: &[f32], k: usize, g: usize, acc: &m
 }
 
 #[cfg(target_arch = "x86_64")]
-mod simd {
+pub(super) mod simd {
     use std::arch::x86_64::*;
 
     use super::{Weight, BLOCK, ROWS};
 
+    /// The sum of the 8 lanes of `v` (also the int8 kernels').
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    #[inline]
+    pub(in crate::cpu) unsafe fn hsum(v: __m256) -> f32 {
         let lo = _mm256_castps256_ps128(v);
         let hi = _mm256_extractf128_ps(v, 1);
         let s = _mm_add_ps(lo, hi);
