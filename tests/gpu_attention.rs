@@ -20,7 +20,7 @@ mod common;
 use std::sync::Arc;
 
 use common::gpu;
-use vkv_kernels::cpu::{attention, Heads, KvRef};
+use vkv_kernels::cpu::{attention, Heads, KvDtype, KvRef};
 use vkv_kernels::cuda::{
     compile_module_in, AppendArgs, Attention, CacheOutcome, DecodeArgs, DecodeShape,
     DecodeWorkspace, DeviceBuffer, Dtype, KernelError, KvAddress, PrefillArgs, PrefillShape,
@@ -370,8 +370,9 @@ fn run_case(vmm: &Arc<CudaVmm>, att: &Attention, rng: &mut Rng, c: &Case) -> f32
     for (s, &l) in c.lens.iter().enumerate() {
         let (mut k, mut v) = (kv_host[s].0 .1.clone(), kv_host[s].1 .1.clone());
         let kr = KvRef::Strided {
-            k: k.as_mut_ptr(),
-            v: v.as_mut_ptr(),
+            k: k.as_mut_ptr().cast(),
+            v: v.as_mut_ptr().cast(),
+            dtype: KvDtype::F32,
             token_stride: row,
             head_stride: d,
         };
@@ -498,8 +499,9 @@ fn check_prefill(
             scope.spawn(move || {
                 let (mut k, mut v) = (kvh.0 .1.clone(), kvh.1 .1.clone());
                 let kr = KvRef::Strided {
-                    k: k.as_mut_ptr(),
-                    v: v.as_mut_ptr(),
+                    k: k.as_mut_ptr().cast(),
+                    v: v.as_mut_ptr().cast(),
+                    dtype: KvDtype::F32,
                     token_stride: row,
                     head_stride: d,
                 };

@@ -12,7 +12,7 @@ use std::cell::UnsafeCell;
 use std::collections::HashMap;
 use std::sync::{Arc, MutexGuard};
 
-use vkv_kernels::cpu::KvRef;
+use vkv_kernels::cpu::{KvDtype, KvRef};
 use vkv_vmm::{
     HostVmm, KvLayout, KvSpace, KvSpaceConfig, LayerView, Mapper, MapperOptions, MapperStats,
     PhysicalMemory, SlotId, VmmError,
@@ -236,8 +236,9 @@ impl KvCache for PagedKv {
         let table = self.tables.get(&seq).ok_or_else(|| unknown(seq))?;
         let token_stride = self.dims.num_kv_heads * self.dims.head_dim;
         Ok(KvRef::Paged {
-            k_pool: self.k[layer].ptr(),
-            v_pool: self.v[layer].ptr(),
+            k_pool: self.k[layer].ptr().cast(),
+            v_pool: self.v[layer].ptr().cast(),
+            dtype: KvDtype::F32,
             blocks: table.blocks(),
             block_size: self.alloc.block_size(),
             block_stride: self.alloc.block_size() * token_stride,
@@ -576,8 +577,9 @@ impl KvCache for VmmKv {
         Ok(KvRef::Strided {
             // The slot's range is mapped up to its reserved length (ensure), in every region, and
             // the backend is host memory holding f32.
-            k: (view.k as *mut f32).wrapping_add(at),
-            v: (view.v as *mut f32).wrapping_add(at),
+            k: (view.k as *mut f32).wrapping_add(at).cast(),
+            v: (view.v as *mut f32).wrapping_add(at).cast(),
+            dtype: KvDtype::F32,
             token_stride: view.token_stride,
             head_stride: view.head_stride,
         })

@@ -662,22 +662,25 @@ impl Llama {
                     )
                 };
             }
-            attn.par_chunks_mut(hd)
+            // One task per (row, KV head): the query heads of a GQA group read its K and V once.
+            let group = nh / nkv;
+            attn.par_chunks_mut(group * hd)
                 .enumerate()
-                .for_each_init(Vec::new, |scores, (i, out)| {
-                    let (r, head) = (i / nh, i % nh);
-                    let qh = &q[r * qw + head * hd..r * qw + (head + 1) * hd];
+                .for_each_init(Vec::new, |scratch, (i, out)| {
+                    let (r, g) = (i / nkv, i % nkv);
+                    let qg = &q[r * qw + g * group * hd..r * qw + (g + 1) * group * hd];
                     // SAFETY: every token up to this row's position was written above or earlier.
                     unsafe {
-                        cpu::attention_head(
-                            qh,
+                        cpu::attention_group(
+                            qg,
                             &refs[owner[r]],
                             positions[r] + 1,
-                            head / (nh / nkv),
+                            g,
+                            group,
                             hd,
                             scale,
                             out,
-                            scores,
+                            scratch,
                         )
                     };
                 });
