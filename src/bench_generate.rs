@@ -36,6 +36,7 @@ pub fn run(args: Args) -> Result<()> {
     let t = measure_throughput(
         &m,
         args.kv.mode()?,
+        args.kv.kv_cache_dtype().cpu(),
         args.kv.host_kv_memory(),
         args.prompt_tokens,
         args.decode_tokens,
@@ -44,7 +45,10 @@ pub fn run(args: Args) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&t)?);
     } else {
-        println!("{} on the CPU ({} threads), KV {}", m.name, t.threads, t.kv);
+        println!(
+            "{} on the CPU ({} threads), KV {} {}",
+            m.name, t.threads, t.kv, t.kv_dtype
+        );
         println!(
             "prefill ({} tokens):           {:>8.1} tokens/s",
             t.prompt_tokens, t.prefill_tokens_per_s

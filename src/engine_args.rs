@@ -1,6 +1,6 @@
 //! Options shared by the commands that run a model: which model (`--model`, else the default one,
 //! fetched on first use), its KV cache (`--kv-mode`, `--vmm-layout`, `--page-size`,
-//! `--block-size`, `--kv-memory`), the device (`--device auto|cpu|cuda`,
+//! `--block-size`, `--kv-memory`, `--kv-cache-dtype`), the device (`--device auto|cpu|cuda`,
 //! `--gpu-memory-utilization`) and the engine's limits (`--max-num-seqs`,
 //! `--max-num-batched-tokens`, `--max-model-len`, `--batch-invariant`).
 
@@ -11,7 +11,7 @@ use clap::{Args as ClapArgs, ValueEnum};
 use vkv_engine::device::Device;
 use vkv_engine::engine::EngineConfig;
 use vkv_engine::fetch;
-use vkv_engine::kv::KvMode;
+use vkv_engine::kv::{KvCacheDtype, KvMode};
 use vkv_vmm::KvLayout;
 
 use crate::units::parse_bytes;
@@ -22,6 +22,16 @@ pub enum KvModeArg {
     Vmm,
     /// Both, one after the other (only for benchmarks that compare them).
     Both,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KvDtypeArg {
+    /// f16 on the CPU; the CUDA cache's bf16.
+    Auto,
+    /// CPU only: exact, twice the memory and the bytes read per decode step.
+    F32,
+    /// CPU only.
+    F16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -47,6 +57,9 @@ pub struct KvArgs {
     /// leaves after the weights and activations).
     #[arg(long = "kv-memory", value_parser = parse_bytes)]
     pub kv_memory: Option<usize>,
+    /// Element type of the KV cache (as vLLM's --kv-cache-dtype).
+    #[arg(long = "kv-cache-dtype", value_enum, default_value_t = KvDtypeArg::Auto)]
+    pub kv_cache_dtype: KvDtypeArg,
 }
 
 /// The CPU's KV budget when `--kv-memory` is not given.
@@ -56,6 +69,15 @@ impl KvArgs {
     /// `--kv-memory`, or the CPU's default.
     pub fn host_kv_memory(&self) -> usize {
         self.kv_memory.unwrap_or(CPU_KV_MEMORY)
+    }
+
+    /// `--kv-cache-dtype`.
+    pub fn kv_cache_dtype(&self) -> KvCacheDtype {
+        match self.kv_cache_dtype {
+            KvDtypeArg::Auto => KvCacheDtype::Auto,
+            KvDtypeArg::F32 => KvCacheDtype::F32,
+            KvDtypeArg::F16 => KvCacheDtype::F16,
+        }
     }
 
     /// The one mode asked for; `both` is an error here.
@@ -160,6 +182,7 @@ impl EngineArgs {
             device,
             gpu_memory_utilization: self.gpu_memory_utilization,
             kv_mode,
+            kv_cache_dtype: self.kv.kv_cache_dtype(),
             kv_memory: match device {
                 Device::Cpu => self.kv.host_kv_memory(),
                 // 0: sized from --gpu-memory-utilization.

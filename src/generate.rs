@@ -59,10 +59,13 @@ pub fn run(args: Args) -> Result<()> {
         num_kv_heads: c.num_kv_heads,
         head_dim: c.head_dim,
     };
-    let mut kv =
-        args.kv
-            .mode()?
-            .build(dims, 1, c.max_position_embeddings, args.kv.host_kv_memory())?;
+    let mut kv = args.kv.mode()?.build(
+        dims,
+        args.kv.kv_cache_dtype().cpu(),
+        1,
+        c.max_position_embeddings,
+        args.kv.host_kv_memory(),
+    )?;
     eprintln!(
         "vkv: {} ({} layers, {} heads / {} KV heads), KV {} on the CPU, {} threads",
         loaded.name,

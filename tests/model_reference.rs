@@ -29,7 +29,7 @@ use vkv_engine::generate::LoadedModel;
 use vkv_engine::kv::{KvDims, KvMode};
 use vkv_engine::model::SeqChunk;
 use vkv_engine::sampler::argmax;
-use vkv_kernels::cpu::Activations;
+use vkv_kernels::cpu::{Activations, KvDtype};
 use vkv_vmm::KvLayout;
 
 const F32_TOLERANCE: f32 = 0.05;
@@ -85,7 +85,13 @@ fn summary(mut d: Vec<f32>) -> (f32, f32) {
 }
 
 /// Check every case of one reference in every KV mode; returns every logit difference.
-fn check(m: &LoadedModel, cases: &Value, tolerance: f32, compare_greedy: bool) -> Vec<f32> {
+/// Logit differences `(f32 KV cache, f16 KV cache)` over every mode.
+fn check(
+    m: &LoadedModel,
+    cases: &Value,
+    tolerance: f32,
+    compare_greedy: bool,
+) -> (Vec<f32>, Vec<f32>) {
     let dims = dims(m);
     let modes = [
         KvMode::Paged { block_size: 16 },
@@ -98,7 +104,7 @@ fn check(m: &LoadedModel, cases: &Value, tolerance: f32, compare_greedy: bool) -
             page_size: 2 << 20,
         },
     ];
-    let mut diffs = Vec::new();
+    let (mut diffs32, mut diffs16) = (Vec::new(), Vec::new());
     for case in cases.as_array().unwrap() {
         let prompt = case["prompt"].as_str().unwrap();
         let ids = u32s(&case["ids"]);
@@ -107,8 +113,11 @@ fn check(m: &LoadedModel, cases: &Value, tolerance: f32, compare_greedy: bool) -
             ids,
             "tokenization of {prompt:?}"
         );
-        for mode in modes {
-            let mut kv = mode.build(dims, 1, 1024, 256 << 20).unwrap();
+        for (mode, dtype) in modes
+            .iter()
+            .flat_map(|m| [KvDtype::F32, KvDtype::F16].map(|d| (*m, d)))
+        {
+            let mut kv = mode.build(dims, dtype, 1, 1024, 256 << 20).unwrap();
             let logits = m
                 .model
                 .forward(
@@ -127,10 +136,13 @@ fn check(m: &LoadedModel, cases: &Value, tolerance: f32, compare_greedy: bool) -
             ] {
                 for (&id, want) in u32s(&case[ids_key]).iter().zip(f32s(&case[logits_key])) {
                     let got = logits[0][id as usize];
-                    diffs.push((got - want).abs());
+                    match dtype {
+                        KvDtype::F32 => diffs32.push((got - want).abs()),
+                        KvDtype::F16 => diffs16.push((got - want).abs()),
+                    }
                     assert!(
                         (got - want).abs() <= tolerance,
-                        "{}: {prompt:?} {which} token {id}: vkv {got} llama.cpp {want}",
+                        "{} {dtype:?}: {prompt:?} {which} token {id}: vkv {got} llama.cpp {want}",
                         kv.name()
                     );
                 }
@@ -160,12 +172,12 @@ fn check(m: &LoadedModel, cases: &Value, tolerance: f32, compare_greedy: bool) -
             assert_eq!(
                 greedy,
                 want,
-                "{}: greedy continuation of {prompt:?}",
+                "{} {dtype:?}: greedy continuation of {prompt:?}",
                 kv.name()
             );
         }
     }
-    diffs
+    (diffs32, diffs16)
 }
 
 /// The model with activations as `a` (see `Llama::set_activations`).
@@ -177,13 +189,18 @@ fn smollm2_with(a: Activations) -> LoadedModel {
 
 #[test]
 fn smollm2_matches_llama_cpp_f32_logits_and_32_greedy_tokens_in_every_kv_mode() {
-    let (median, worst) = summary(check(
+    let (d32, d16) = check(
         &smollm2_with(Activations::F32),
         &fixture()["f32"],
         F32_TOLERANCE,
         true,
-    ));
-    eprintln!("logit difference from llama.cpp (f32): median {median:.5}, largest {worst:.5}");
+    );
+    for (kv, d) in [("f32", d32), ("f16", d16)] {
+        let (median, worst) = summary(d);
+        eprintln!(
+            "logit difference from llama.cpp (f32), {kv} KV: median {median:.5}, largest {worst:.5}"
+        );
+    }
 }
 
 #[test]
@@ -192,17 +209,15 @@ fn smollm2_is_within_quantization_noise_of_llama_cpp_q4_1() {
         (Activations::Int8, Q4_INT8_TOLERANCE),
         (Activations::F32, Q4_TOLERANCE),
     ] {
-        let (median, worst) = summary(check(
-            &smollm2_with(a),
-            &fixture()["q4_1"],
-            tolerance,
-            false,
-        ));
-        eprintln!(
-            "logit difference from llama.cpp (q4_1, its 8-bit activations), vkv {a:?}: \
-             median {median:.5}, largest {worst:.5}"
-        );
-        assert!(median <= INT8_MEDIAN, "{a:?}: median {median}");
+        let (d32, d16) = check(&smollm2_with(a), &fixture()["q4_1"], tolerance, false);
+        for (kv, d) in [("f32", d32), ("f16", d16)] {
+            let (median, worst) = summary(d);
+            eprintln!(
+                "logit difference from llama.cpp (q4_1, its 8-bit activations), vkv {a:?}, \
+                 {kv} KV: median {median:.5}, largest {worst:.5}"
+            );
+            assert!(median <= INT8_MEDIAN, "{a:?} {kv} KV: median {median}");
+        }
     }
 }
 
@@ -220,7 +235,7 @@ fn int8_activations_keep_the_f32_paths_top_token_and_logits_within_noise() {
         let ids = u32s(&case["ids"]);
         let logits = |m: &LoadedModel| {
             let mut kv = KvMode::Paged { block_size: 16 }
-                .build(dims(m), 1, 1024, 256 << 20)
+                .build(dims(m), KvDtype::F32, 1, 1024, 256 << 20)
                 .unwrap();
             let chunk = SeqChunk {
                 seq: 0,

@@ -134,7 +134,13 @@ pub fn start(
             model.model.cpu().map_err(|e| e.to_string())?;
             let kv = config
                 .kv_mode
-                .build(dims, config.max_num_seqs, max_model_len, config.kv_memory)
+                .build(
+                    dims,
+                    config.kv_cache_dtype.cpu(),
+                    config.max_num_seqs,
+                    max_model_len,
+                    config.kv_memory,
+                )
                 .map_err(|e| format!("KV cache: {e}"))?;
             Ok(Box::new(CpuBackend {
                 model: model.clone(),
@@ -202,6 +208,12 @@ mod cuda {
         config: &EngineConfig,
         max_model_len: usize,
     ) -> Result<Box<dyn Backend>, String> {
+        if config.kv_cache_dtype != crate::kv::KvCacheDtype::Auto {
+            return Err(format!(
+                "--kv-cache-dtype {:?}: the CUDA KV cache stores bf16; only auto applies",
+                config.kv_cache_dtype
+            ));
+        }
         let probe =
             vkv_vmm::probe_cuda().map_err(|e| format!("--device cuda: no usable GPU ({e})"))?;
         let vmm = Arc::new(CudaVmm::new(0).map_err(|e| format!("opening CUDA device 0: {e}"))?);

@@ -36,7 +36,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::device::{Backend, Device, Next};
 use crate::generate::{FinishReason, LoadedModel};
-use crate::kv::{KvDims, KvMode, KvUsage, SeqId};
+use crate::kv::{KvCacheDtype, KvMode, KvUsage, SeqId};
 use crate::model::SeqChunk;
 use crate::sampler::{Sampler, SamplingParams};
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqRequest, Step};
@@ -51,6 +51,9 @@ pub struct EngineConfig {
     /// Where the model runs (see [`crate::device`]).
     pub device: Device,
     pub kv_mode: KvMode,
+    /// The element type of the KV cache (`--kv-cache-dtype`): the CPU's f16 or f32; CUDA takes
+    /// only `Auto` (its cache is bf16).
+    pub kv_cache_dtype: KvCacheDtype,
     /// Bytes of KV memory (host memory on the CPU device). On CUDA, 0 sizes it from
     /// `gpu_memory_utilization`.
     pub kv_memory: usize,
@@ -78,6 +81,7 @@ impl Default for EngineConfig {
                 layout: vkv_vmm::KvLayout::TokenMajor,
                 page_size: 2 << 20,
             },
+            kv_cache_dtype: KvCacheDtype::Auto,
             kv_memory: 1 << 30,
             max_num_seqs: 64,
             max_num_batched_tokens: 2048,
@@ -287,11 +291,6 @@ impl Engine {
                 config.max_num_seqs, config.max_num_batched_tokens
             )));
         }
-        let dims = KvDims {
-            num_layers: c.num_layers,
-            num_kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-        };
         model.model.set_batch_invariant(config.batch_invariant);
         let model = Arc::new(model);
         let backend =
@@ -299,9 +298,9 @@ impl Engine {
         let kv_capacity = backend.kv().capacity_tokens();
         if kv_capacity == 0 {
             return Err(EngineError::Start(format!(
-                "{} bytes of KV memory hold no token of this model ({} bytes per token in f32)",
+                "{} bytes of KV memory hold no token of this model ({} bytes per token)",
                 config.kv_memory,
-                dims.bytes_per_token()
+                backend.kv().bytes_per_token()
             )));
         }
         let shared = Arc::new(Shared {

@@ -360,6 +360,8 @@ fn run(
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Throughput {
     pub kv: String,
+    /// The KV cache's element type (`f16`, `f32`).
+    pub kv_dtype: &'static str,
     pub threads: usize,
     pub prompt_tokens: usize,
     pub decode_tokens: usize,
@@ -377,6 +379,7 @@ pub struct Throughput {
 pub fn measure_throughput(
     m: &LoadedModel,
     mode: crate::kv::KvMode,
+    dtype: vkv_kernels::cpu::KvDtype,
     kv_bytes: usize,
     prompt_tokens: usize,
     decode_tokens: usize,
@@ -396,7 +399,13 @@ pub fn measure_throughput(
         num_kv_heads: c.num_kv_heads,
         head_dim: c.head_dim,
     };
-    let mut kv = mode.build(dims, batch.max(3), prompt_tokens + decode_tokens, kv_bytes)?;
+    let mut kv = mode.build(
+        dims,
+        dtype,
+        batch.max(3),
+        prompt_tokens + decode_tokens,
+        kv_bytes,
+    )?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let prompts: Vec<Vec<u32>> = (0..batch.max(3))
         .map(|_| {
@@ -461,6 +470,7 @@ pub fn measure_throughput(
     let batched = decode(kv.as_mut(), batch)?;
     Ok(Throughput {
         kv: kv.name(),
+        kv_dtype: dtype.name(),
         threads: rayon::current_num_threads(),
         prompt_tokens,
         decode_tokens,

@@ -5,8 +5,10 @@
 //! difference between them is the KV design's.
 //!
 //! Both hand out [`KvRef`]s, the addressing the attention ops take: `Paged` (block table) or
-//! `Strided` (base pointer and strides into the sequence's slot, for either vmm layout). Elements
-//! are f32 on the CPU device.
+//! `Strided` (base pointer and strides into the sequence's slot, for either vmm layout). On the CPU
+//! device the elements are f16 by default (half the memory and half the bytes a decode step reads;
+//! the reference tests hold with it) or f32 ([`KvCacheDtype`], `--kv-cache-dtype`); capacity —
+//! tokens per block or page, bytes per token — follows the element size.
 
 use std::cell::UnsafeCell;
 use std::collections::HashMap;
@@ -23,7 +25,7 @@ use super::{BlockAllocator, BlockTable, KvError};
 /// A sequence's id in a KV cache.
 pub type SeqId = u64;
 
-/// What every layer stores per token: `num_kv_heads × head_dim` f32 for K and as many for V.
+/// What every layer stores per token: `num_kv_heads × head_dim` elements for K and as many for V.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvDims {
     pub num_layers: usize,
@@ -34,7 +36,32 @@ pub struct KvDims {
 impl KvDims {
     /// Bytes of K and V of one token over all layers (f32).
     pub fn bytes_per_token(&self) -> usize {
-        2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
+        self.bytes_per_token_in(KvDtype::F32)
+    }
+
+    /// Bytes of K and V of one token over all layers in `dtype`.
+    pub fn bytes_per_token_in(&self, dtype: KvDtype) -> usize {
+        2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype.bytes()
+    }
+}
+
+/// The element type asked of the CPU KV cache (`--kv-cache-dtype`, as vLLM's): `auto` is f16 on
+/// the CPU; the CUDA cache stores bf16 and takes only `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCacheDtype {
+    #[default]
+    Auto,
+    F32,
+    F16,
+}
+
+impl KvCacheDtype {
+    /// The element type of the CPU cache.
+    pub fn cpu(self) -> KvDtype {
+        match self {
+            KvCacheDtype::Auto | KvCacheDtype::F16 => KvDtype::F16,
+            KvCacheDtype::F32 => KvDtype::F32,
+        }
     }
 }
 
@@ -109,27 +136,29 @@ fn unknown(seq: SeqId) -> KvError {
     }
 }
 
-/// f32 storage that attention writes through raw pointers while the cache is shared.
-struct Pool(Box<[UnsafeCell<f32>]>);
+/// KV storage (4-byte aligned, so f32 and f16 elements are aligned) that attention writes through
+/// raw pointers while the cache is shared.
+struct Pool(Box<[UnsafeCell<u32>]>);
 
 impl Pool {
-    fn new(len: usize) -> Self {
-        Pool((0..len).map(|_| UnsafeCell::new(0.0)).collect())
+    fn new(bytes: usize) -> Self {
+        Pool((0..bytes.div_ceil(4)).map(|_| UnsafeCell::new(0)).collect())
     }
 
-    fn ptr(&self) -> *mut f32 {
-        // UnsafeCell<f32> is repr(transparent): writing through this pointer is allowed.
-        self.0.as_ptr() as *mut f32
+    fn ptr(&self) -> *mut u8 {
+        // UnsafeCell<u32> is repr(transparent): writing through this pointer is allowed.
+        self.0.as_ptr() as *mut u8
     }
 }
 
-// SAFETY: the pool is plain f32 memory; concurrent access is coordinated by the forward pass
+// SAFETY: the pool is plain memory; concurrent access is coordinated by the forward pass
 // (each token's K/V is written by one thread before any thread reads it).
 unsafe impl Sync for Pool {}
 
 /// The paged KV cache: per layer a K and a V pool of `num_blocks × block_size` tokens.
 pub struct PagedKv {
     dims: KvDims,
+    dtype: KvDtype,
     alloc: BlockAllocator,
     tables: HashMap<SeqId, BlockTable>,
     k: Vec<Pool>,
@@ -137,11 +166,23 @@ pub struct PagedKv {
 }
 
 impl PagedKv {
+    /// An f32 cache (the exact reference).
     pub fn new(dims: KvDims, num_blocks: usize, block_size: usize) -> Result<Self, KvError> {
+        Self::with_dtype(dims, KvDtype::F32, num_blocks, block_size)
+    }
+
+    /// A cache storing `dtype`.
+    pub fn with_dtype(
+        dims: KvDims,
+        dtype: KvDtype,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self, KvError> {
         let alloc = BlockAllocator::new(num_blocks, block_size)?;
-        let pool = num_blocks * block_size * dims.num_kv_heads * dims.head_dim;
+        let pool = num_blocks * block_size * dims.num_kv_heads * dims.head_dim * dtype.bytes();
         Ok(PagedKv {
             dims,
+            dtype,
             alloc,
             tables: HashMap::new(),
             k: (0..dims.num_layers).map(|_| Pool::new(pool)).collect(),
@@ -165,6 +206,10 @@ impl KvManager for PagedKv {
 
     fn capacity_tokens(&self) -> usize {
         self.alloc.num_blocks() * self.alloc.block_size()
+    }
+
+    fn bytes_per_token(&self) -> usize {
+        self.dims.bytes_per_token_in(self.dtype)
     }
 
     fn reserve(&mut self, seq: SeqId, len: usize) -> Result<(), KvError> {
@@ -213,11 +258,11 @@ impl KvManager for PagedKv {
     }
 
     fn usage(&self) -> KvUsage {
-        let block_bytes = self.alloc.block_size() * self.dims.bytes_per_token();
+        let block_bytes = self.alloc.block_size() * self.bytes_per_token();
         KvUsage {
             bytes_allocated: (self.alloc.num_blocks() - self.alloc.num_free()) * block_bytes,
             bytes_holding_tokens: self.tables.values().map(BlockTable::len).sum::<usize>()
-                * self.dims.bytes_per_token(),
+                * self.bytes_per_token(),
             sequences: self.tables.len(),
         }
     }
@@ -236,9 +281,9 @@ impl KvCache for PagedKv {
         let table = self.tables.get(&seq).ok_or_else(|| unknown(seq))?;
         let token_stride = self.dims.num_kv_heads * self.dims.head_dim;
         Ok(KvRef::Paged {
-            k_pool: self.k[layer].ptr().cast(),
-            v_pool: self.v[layer].ptr().cast(),
-            dtype: KvDtype::F32,
+            k_pool: self.k[layer].ptr(),
+            v_pool: self.v[layer].ptr(),
+            dtype: self.dtype,
             blocks: table.blocks(),
             block_size: self.alloc.block_size(),
             block_stride: self.alloc.block_size() * token_stride,
@@ -339,13 +384,36 @@ impl VmmManager {
     }
 }
 
-/// The vmm KV cache of the CPU device: a [`VmmManager`] on real host memory ([`HostVmm`]), f32.
-pub struct VmmKv(VmmManager);
+/// The vmm KV cache of the CPU device: a [`VmmManager`] on real host memory ([`HostVmm`]), its
+/// elements of one [`KvDtype`].
+pub struct VmmKv(VmmManager, KvDtype);
 
 impl VmmKv {
-    /// `max_seqs` slots of `max_tokens` tokens, at most `max_pages` pages of `page_size` bytes.
+    /// `max_seqs` slots of `max_tokens` tokens, at most `max_pages` pages of `page_size` bytes;
+    /// f32 (the exact reference).
     pub fn new(
         dims: KvDims,
+        layout: KvLayout,
+        max_seqs: usize,
+        max_tokens: usize,
+        page_size: usize,
+        max_pages: usize,
+    ) -> Result<Self, KvError> {
+        Self::with_dtype(
+            dims,
+            KvDtype::F32,
+            layout,
+            max_seqs,
+            max_tokens,
+            page_size,
+            max_pages,
+        )
+    }
+
+    /// As [`VmmKv::new`], storing `dtype`.
+    pub fn with_dtype(
+        dims: KvDims,
+        dtype: KvDtype,
         layout: KvLayout,
         max_seqs: usize,
         max_tokens: usize,
@@ -357,7 +425,7 @@ impl VmmKv {
             num_layers: dims.num_layers,
             num_kv_heads: dims.num_kv_heads,
             head_dim: dims.head_dim,
-            dtype_bytes: 4,
+            dtype_bytes: dtype.bytes(),
             max_slots: max_seqs,
             max_tokens,
             page_size,
@@ -369,7 +437,7 @@ impl VmmKv {
             pool_low_water: 8,
             ..MapperOptions::default()
         };
-        Ok(VmmKv(VmmManager::new(config, backend, options)?))
+        Ok(VmmKv(VmmManager::new(config, backend, options)?, dtype))
     }
 
     /// The space, locked (statistics, audit).
@@ -406,6 +474,11 @@ impl KvManager for VmmManager {
             format!("{}KiB", c.page_size >> 10)
         };
         format!("vmm-{}-{size}", c.layout)
+    }
+
+    fn bytes_per_token(&self) -> usize {
+        let c = &self.config;
+        2 * c.num_layers * c.num_kv_heads * c.head_dim * c.dtype_bytes
     }
 
     fn capacity_tokens(&self) -> usize {
@@ -532,6 +605,9 @@ impl KvManager for VmmKv {
     fn capacity_tokens(&self) -> usize {
         self.0.capacity_tokens()
     }
+    fn bytes_per_token(&self) -> usize {
+        self.0.bytes_per_token()
+    }
     fn reserve(&mut self, seq: SeqId, len: usize) -> Result<(), KvError> {
         self.0.reserve(seq, len)
     }
@@ -573,13 +649,13 @@ impl KvCache for VmmKv {
     fn layer(&self, seq: SeqId, layer: usize) -> Result<KvRef<'_>, KvError> {
         let slot = self.0.slot(seq).ok_or_else(|| unknown(seq))?;
         let view = self.0.view(layer);
-        let at = slot.0 * view.slot_stride;
+        let at = slot.0 * view.slot_stride * self.1.bytes();
         Ok(KvRef::Strided {
             // The slot's range is mapped up to its reserved length (ensure), in every region, and
-            // the backend is host memory holding f32.
-            k: (view.k as *mut f32).wrapping_add(at).cast(),
-            v: (view.v as *mut f32).wrapping_add(at).cast(),
-            dtype: KvDtype::F32,
+            // the backend is host memory holding elements of `self.1`.
+            k: (view.k as *mut u8).wrapping_add(at),
+            v: (view.v as *mut u8).wrapping_add(at),
+            dtype: self.1,
             token_stride: view.token_stride,
             head_stride: view.head_stride,
         })
@@ -595,21 +671,24 @@ pub enum KvMode {
 }
 
 impl KvMode {
-    /// A cache for `max_seqs` sequences of up to `max_tokens` tokens in `kv_bytes` of memory.
+    /// A cache of `dtype` elements for `max_seqs` sequences of up to `max_tokens` tokens in
+    /// `kv_bytes` of memory.
     pub fn build(
         self,
         dims: KvDims,
+        dtype: KvDtype,
         max_seqs: usize,
         max_tokens: usize,
         kv_bytes: usize,
     ) -> Result<Box<dyn KvCache>, KvError> {
         Ok(match self {
             KvMode::Paged { block_size } => {
-                let blocks = kv_bytes / (block_size * dims.bytes_per_token()).max(1);
-                Box::new(PagedKv::new(dims, blocks, block_size)?)
+                let blocks = kv_bytes / (block_size * dims.bytes_per_token_in(dtype)).max(1);
+                Box::new(PagedKv::with_dtype(dims, dtype, blocks, block_size)?)
             }
-            KvMode::Vmm { layout, page_size } => Box::new(VmmKv::new(
+            KvMode::Vmm { layout, page_size } => Box::new(VmmKv::with_dtype(
                 dims,
+                dtype,
                 layout,
                 max_seqs,
                 max_tokens,
