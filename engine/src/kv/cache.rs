@@ -713,12 +713,51 @@ mod tests {
         head_dim: 16,
     };
 
-    fn caches() -> Vec<Box<dyn KvCache>> {
+    fn caches_of(d: KvDtype) -> Vec<Box<dyn KvCache>> {
         vec![
-            Box::new(PagedKv::new(DIMS, 64, 16).unwrap()),
-            Box::new(VmmKv::new(DIMS, KvLayout::PerLayer, 4, 512, 4096, 64).unwrap()),
-            Box::new(VmmKv::new(DIMS, KvLayout::TokenMajor, 4, 512, 4096, 64).unwrap()),
+            Box::new(PagedKv::with_dtype(DIMS, d, 64, 16).unwrap()),
+            Box::new(VmmKv::with_dtype(DIMS, d, KvLayout::PerLayer, 4, 512, 4096, 64).unwrap()),
+            Box::new(VmmKv::with_dtype(DIMS, d, KvLayout::TokenMajor, 4, 512, 4096, 64).unwrap()),
         ]
+    }
+
+    fn caches() -> Vec<Box<dyn KvCache>> {
+        let mut all = caches_of(KvDtype::F32);
+        all.extend(caches_of(KvDtype::F16));
+        all
+    }
+
+    #[test]
+    fn capacity_and_bytes_per_token_follow_the_element_type() {
+        for (mode, name) in [
+            (KvMode::Paged { block_size: 16 }, "paged"),
+            (
+                KvMode::Vmm {
+                    layout: KvLayout::PerLayer,
+                    page_size: 4096,
+                },
+                "vmm per-layer",
+            ),
+            (
+                KvMode::Vmm {
+                    layout: KvLayout::TokenMajor,
+                    page_size: 4096,
+                },
+                "vmm token-major",
+            ),
+        ] {
+            let build = |d| mode.build(DIMS, d, 64, 4096, 1 << 20).unwrap();
+            let (c32, c16) = (build(KvDtype::F32), build(KvDtype::F16));
+            assert_eq!(c32.bytes_per_token(), DIMS.bytes_per_token(), "{name}");
+            assert_eq!(2 * c16.bytes_per_token(), c32.bytes_per_token(), "{name}");
+            // The same memory holds twice the tokens (up to the slots' limit in vmm).
+            assert_eq!(
+                c16.capacity_tokens(),
+                (2 * c32.capacity_tokens()).min(64 * 4096),
+                "{name}"
+            );
+            assert_eq!(c16.capacity_tokens() * c16.bytes_per_token(), 1 << 20, "{name}");
+        }
     }
 
     #[test]
@@ -735,8 +774,19 @@ mod tests {
         let q: Vec<f32> = (0..4 * DIMS.head_dim)
             .map(|_| rng.random_range(-1.0f32..1.0))
             .collect();
+        // Within one element type, every mode and layout gives the same bits.
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            every_cache_of_one_dtype_attends_the_same(dtype, &tokens, &q);
+        }
+    }
+
+    fn every_cache_of_one_dtype_attends_the_same(
+        dtype: KvDtype,
+        tokens: &[(Vec<f32>, Vec<f32>)],
+        q: &[f32],
+    ) {
         let mut outputs = Vec::new();
-        for mut cache in caches() {
+        for mut cache in caches_of(dtype) {
             // Two sequences interleaved, so blocks and pages of both alternate.
             for seq in [7, 9] {
                 cache.reserve(seq, 1).unwrap();
@@ -755,7 +805,7 @@ mod tests {
             let r = cache.layer(9, 1).unwrap();
             unsafe {
                 attention(
-                    &q,
+                    q,
                     &r,
                     100,
                     Heads {
@@ -771,7 +821,7 @@ mod tests {
             let usage = cache.usage();
             assert_eq!(
                 usage.bytes_holding_tokens,
-                200 * DIMS.bytes_per_token(),
+                200 * DIMS.bytes_per_token_in(dtype),
                 "{}",
                 cache.name()
             );
