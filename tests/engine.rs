@@ -13,7 +13,7 @@ use vkv_engine::engine::{
     event_channel, Engine, EngineConfig, EngineError, GenerationRequest, RequestId,
 };
 use vkv_engine::generate::FinishReason;
-use vkv_engine::kv::KvMode;
+use vkv_engine::kv::{KvCacheDtype, KvMode};
 use vkv_kernels::cpu::Activations;
 use vkv_vmm::KvLayout;
 
@@ -33,6 +33,38 @@ fn engine(mode: KvMode, kv_memory: usize, max_num_batched_tokens: usize) -> Engi
     engine_with(Activations::Int8, mode, kv_memory, max_num_batched_tokens)
 }
 
+/// [`engine`] with a KV cache of `dtype` (the default is f16 on the CPU).
+fn engine_of(
+    dtype: KvCacheDtype,
+    mode: KvMode,
+    kv_memory: usize,
+    max_num_batched_tokens: usize,
+) -> Engine {
+    let mut model = common::smollm2();
+    model.model.set_activations(Activations::Int8);
+    Engine::start(
+        model,
+        EngineConfig {
+            kv_cache_dtype: dtype,
+            ..config(mode, kv_memory, max_num_batched_tokens)
+        },
+    )
+    .expect("start the engine")
+}
+
+fn config(mode: KvMode, kv_memory: usize, max_num_batched_tokens: usize) -> EngineConfig {
+    EngineConfig {
+        kv_mode: mode,
+        kv_memory,
+        max_num_seqs: 64,
+        max_num_batched_tokens,
+        max_model_len: Some(2048),
+        batch_invariant: true,
+        map_ahead_tokens: 16,
+        ..EngineConfig::default()
+    }
+}
+
 /// The engine over SmolLM2 with its quantized products taking activations as `a`.
 fn engine_with(
     a: Activations,
@@ -42,29 +74,22 @@ fn engine_with(
 ) -> Engine {
     let mut model = common::smollm2();
     model.model.set_activations(a);
-    Engine::start(
-        model,
-        EngineConfig {
-            kv_mode: mode,
-            kv_memory,
-            max_num_seqs: 64,
-            max_num_batched_tokens,
-            max_model_len: Some(2048),
-            batch_invariant: true,
-            map_ahead_tokens: 16,
-            ..EngineConfig::default()
-        },
-    )
-    .expect("start the engine")
+    Engine::start(model, config(mode, kv_memory, max_num_batched_tokens))
+        .expect("start the engine")
 }
 
 #[test]
 fn concurrent_requests_get_exactly_what_they_get_alone() {
-    for mode in MODES {
+    // Every mode with the default f16 KV cache, and paged with f32.
+    let runs = MODES
+        .map(|m| (m, KvCacheDtype::Auto))
+        .into_iter()
+        .chain([(MODES[0], KvCacheDtype::F32)]);
+    for (mode, dtype) in runs {
         // A small step budget, so prompts are split into chunks and batches mix prefill and
         // decode in ways the one-at-a-time runs never see.
-        let e = engine(mode, 256 << 20, 96);
-        let name = e.metrics().kv_name;
+        let e = engine_of(dtype, mode, 256 << 20, 96);
+        let name = format!("{} {dtype:?}", e.metrics().kv_name);
         let prompts = prompts(&e, 32);
         let alone: Vec<Vec<u32>> = prompts
             .iter()
@@ -101,10 +126,11 @@ fn concurrent_requests_get_exactly_what_they_get_alone() {
 
 #[test]
 fn preemption_under_a_tiny_kv_budget_changes_no_output_and_leaks_nothing() {
-    // Each budget holds about 170-190 tokens; 10 requests need about 60 each.
+    // Each budget holds about 170-190 tokens of f32 KV (46 080 bytes a token); 10 requests need
+    // about 60 each.
     let budgets = [170 * 46_080, 120 * (64 << 10), 4 * (2 << 20)];
     for (mode, kv_memory) in MODES.into_iter().zip(budgets) {
-        let e = engine(mode, kv_memory, 2048);
+        let e = engine_of(KvCacheDtype::F32, mode, kv_memory, 2048);
         let name = e.metrics().kv_name;
         let prompts = prompts(&e, 10);
         let alone: Vec<Vec<u32>> = prompts
