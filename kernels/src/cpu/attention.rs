@@ -398,7 +398,7 @@ unsafe fn attention_head_portable<E: KvElem>(
 }
 
 /// Whether AVX2, FMA and F16C can be used (detected at run time; `VKV_NO_SIMD` says no).
-fn simd_available() -> bool {
+pub(super) fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static SIMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -411,7 +411,7 @@ fn simd_available() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod simd {
+pub(super) mod simd {
     use std::arch::x86_64::*;
 
     use half::f16;
@@ -467,7 +467,7 @@ mod simd {
     /// `e^x` per lane (see the module docs): Cephes' `expf` reduction and polynomial; relative
     /// error < 2e-7 for x in [-87, 88]; exactly 0 below -87 (and for -∞).
     #[inline(always)]
-    pub(super) unsafe fn exp_avx2(x: __m256) -> __m256 {
+    pub(in crate::cpu) unsafe fn exp_avx2(x: __m256) -> __m256 {
         let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(-87.0));
         let x = _mm256_min_ps(x, _mm256_set1_ps(88.0));
         let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
@@ -514,10 +514,23 @@ mod simd {
         let (scores, kbuf) = (scores.as_mut_ptr(), kbuf.as_mut_ptr());
         let q = q.as_ptr();
 
-        // Q·Kᵀ, 8 tokens at a time.
+        // Q·Kᵀ, 8 tokens at a time. The K and V rows of the tokens PREFETCH ahead are asked of
+        // memory meanwhile (V for the P·V pass, into L2): paged blocks are scattered and vmm
+        // token-major rows are a layer's width apart, so the hardware's stream prefetchers
+        // cannot run ahead on their own.
+        const PREFETCH: usize = 16;
+        let row_bytes = hd * esz;
+        let mut ahead = kv.offsets(context, kv_head);
         let mut offsets = kv.offsets(context, kv_head);
         let vscale = _mm256_set1_ps(scale);
         for t0 in (0..context).step_by(8) {
+            let count = if t0 == 0 { PREFETCH + 8 } else { 8 };
+            for at in ahead.by_ref().take(count) {
+                for line in (0..row_bytes).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(kb.add(at * esz + line).cast());
+                    _mm_prefetch::<_MM_HINT_T1>(vb.add(at * esz + line).cast());
+                }
+            }
             let n = (context - t0).min(8);
             let mut rows = [std::ptr::null::<f32>(); 8];
             for (j, at) in offsets.by_ref().take(n).enumerate() {
