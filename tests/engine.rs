@@ -74,8 +74,7 @@ fn engine_with(
 ) -> Engine {
     let mut model = common::smollm2();
     model.model.set_activations(a);
-    Engine::start(model, config(mode, kv_memory, max_num_batched_tokens))
-        .expect("start the engine")
+    Engine::start(model, config(mode, kv_memory, max_num_batched_tokens)).expect("start the engine")
 }
 
 #[test]

@@ -756,7 +756,11 @@ mod tests {
                 (2 * c32.capacity_tokens()).min(64 * 4096),
                 "{name}"
             );
-            assert_eq!(c16.capacity_tokens() * c16.bytes_per_token(), 1 << 20, "{name}");
+            assert_eq!(
+                c16.capacity_tokens() * c16.bytes_per_token(),
+                1 << 20,
+                "{name}"
+            );
         }
     }
 

@@ -17,7 +17,9 @@ mod cache;
 
 pub use arena::ContiguousArena;
 pub use block::{BlockAllocator, BlockId, BlockTable};
-pub use cache::{KvCache, KvCacheDtype, KvDims, KvManager, KvMode, KvUsage, PagedKv, SeqId, VmmKv, VmmManager};
+pub use cache::{
+    KvCache, KvCacheDtype, KvDims, KvManager, KvMode, KvUsage, PagedKv, SeqId, VmmKv, VmmManager,
+};
 
 /// Errors of the KV managers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

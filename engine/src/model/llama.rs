@@ -664,9 +664,9 @@ impl Llama {
             }
             // One task per (row, KV head): the query heads of a GQA group read its K and V once.
             let group = nh / nkv;
-            attn.par_chunks_mut(group * hd)
-                .enumerate()
-                .for_each_init(Vec::new, |scratch, (i, out)| {
+            attn.par_chunks_mut(group * hd).enumerate().for_each_init(
+                Vec::new,
+                |scratch, (i, out)| {
                     let (r, g) = (i / nkv, i % nkv);
                     let qg = &q[r * qw + g * group * hd..r * qw + (g + 1) * group * hd];
                     // SAFETY: every token up to this row's position was written above or earlier.
@@ -683,7 +683,8 @@ impl Llama {
                             scratch,
                         )
                     };
-                });
+                },
+            );
             self.matmul(&attn, rows, qw, &layer.wo, h, &mut o);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             cpu::rms_norm(&x, &layer.ffn_norm, c.rms_norm_eps, &mut xn);

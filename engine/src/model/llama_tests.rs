@@ -206,8 +206,7 @@ fn caches() -> Vec<(Box<dyn KvCache>, f32)> {
                     VmmKv::with_dtype(dims(), d, KvLayout::PerLayer, 8, 256, 4096, 256).unwrap(),
                 ),
                 Box::new(
-                    VmmKv::with_dtype(dims(), d, KvLayout::TokenMajor, 8, 256, 4096, 256)
-                        .unwrap(),
+                    VmmKv::with_dtype(dims(), d, KvLayout::TokenMajor, 8, 256, 4096, 256).unwrap(),
                 ),
             ];
             v.map(|c| (c, tol))

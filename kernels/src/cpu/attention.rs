@@ -402,9 +402,7 @@ pub(super) fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static SIMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *SIMD.get_or_init(|| {
-            super::fma_available() && std::arch::is_x86_feature_detected!("f16c")
-        })
+        *SIMD.get_or_init(|| super::fma_available() && std::arch::is_x86_feature_detected!("f16c"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -423,7 +421,8 @@ pub(super) mod simd {
     pub(super) unsafe fn to_f16(src: &[f32], dst: *mut f16) {
         let n8 = src.len() / 8 * 8;
         for i in (0..n8).step_by(8) {
-            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(src[i..].as_ptr()));
+            let h =
+                _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(src[i..].as_ptr()));
             _mm_storeu_si128(dst.add(i).cast(), h);
         }
         for (i, x) in src.iter().enumerate().skip(n8) {
@@ -478,10 +477,20 @@ pub(super) mod simd {
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
         let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
         let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1] {
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5, // Cephes: 5.0000001201e-1, which is 0.5 in f32
+        ] {
             p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
         }
-        let p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0)));
+        let p = _mm256_fmadd_ps(
+            p,
+            _mm256_mul_ps(r, r),
+            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+        );
         let pow2 = _mm256_slli_epi32::<23>(_mm256_add_epi32(
             _mm256_cvtps_epi32(n),
             _mm256_set1_epi32(127),
@@ -807,7 +816,10 @@ mod tests {
                     attention(&q, &rs, ctx, heads, scale, &mut a);
                     attention(&q, &rp, ctx, heads, scale, &mut b);
                 }
-                assert_eq!(a, b, "{dtype:?} hd {hd} ctx {ctx}: paged differs from strided");
+                assert_eq!(
+                    a, b,
+                    "{dtype:?} hd {hd} ctx {ctx}: paged differs from strided"
+                );
                 for h in 0..n_heads {
                     let g = h / (n_heads / n_kv);
                     let w: Vec<f64> = (0..ctx)

@@ -105,7 +105,11 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 /// kernel's polynomial (relative error < 2e-7), for every element alike (a tail goes through the
 /// same vector code), so an element's result does not depend on where the slice was split.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    assert_eq!(gate.len(), up.len(), "silu_mul: gate and up differ in length");
+    assert_eq!(
+        gate.len(),
+        up.len(),
+        "silu_mul: gate and up differ in length"
+    );
     #[cfg(target_arch = "x86_64")]
     if attention::simd_available() {
         gate.par_chunks_mut(256)
