@@ -114,6 +114,14 @@ fn concurrent_requests_get_exactly_what_they_get_alone() {
             assert!(f.timings.ttft > 0.0 && f.timings.e2e >= f.timings.ttft);
         }
         let m = e.metrics();
+        // SmolLM2: 30 layers × 3 KV heads × 64 × (K, V) elements a token.
+        let bytes = if dtype == KvCacheDtype::F32 { 4 } else { 2 };
+        assert_eq!(m.kv_bytes_per_token, 11_520 * bytes, "{name}");
+        assert_eq!(
+            m.kv_capacity_bytes,
+            m.kv_capacity_tokens * m.kv_bytes_per_token,
+            "{name}"
+        );
         assert!(
             m.peak_running > 8,
             "{name}: peak running {}",

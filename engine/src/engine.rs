@@ -231,6 +231,8 @@ pub struct EngineMetrics {
     pub kv_capacity_tokens: usize,
     /// Bytes of KV memory the capacity stands for (the device's element size).
     pub kv_capacity_bytes: usize,
+    /// Bytes of K and V of one token over all layers (the cache's element size).
+    pub kv_bytes_per_token: usize,
     pub kv: KvUsage,
     pub map: Option<MapMetrics>,
     pub steps: u64,
@@ -309,6 +311,7 @@ impl Engine {
                 kv_name: backend.kv().name(),
                 kv_capacity_tokens: kv_capacity,
                 kv_capacity_bytes: kv_capacity * backend.kv().bytes_per_token(),
+                kv_bytes_per_token: backend.kv().bytes_per_token(),
                 ..EngineMetrics::default()
             }),
             accepting: AtomicBool::new(true),

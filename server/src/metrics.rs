@@ -148,12 +148,7 @@ impl ServerMetrics {
     }
 
     /// The exposition text: these counters and `engine`'s snapshot.
-    pub fn render(
-        &self,
-        engine: &EngineMetrics,
-        engine_alive: bool,
-        kv_bytes_per_token: usize,
-    ) -> String {
+    pub fn render(&self, engine: &EngineMetrics, engine_alive: bool) -> String {
         let b = self.books();
         let mut out = String::new();
         header(
@@ -280,7 +275,14 @@ impl ServerMetrics {
             "vkv_kv_capacity_bytes",
             "Bytes of the KV cache's capacity in tokens.",
             "gauge",
-            e.kv_capacity_tokens * kv_bytes_per_token,
+            e.kv_capacity_bytes,
+        );
+        single(
+            &mut out,
+            "vkv_kv_bytes_per_token",
+            "Bytes of K and V of one token over all layers (the cache's element size).",
+            "gauge",
+            e.kv_bytes_per_token,
         );
         single(
             &mut out,
@@ -388,9 +390,14 @@ mod tests {
         });
         let engine = EngineMetrics {
             finished_length: 1,
+            kv_capacity_tokens: 10,
+            kv_capacity_bytes: 230_400,
+            kv_bytes_per_token: 23_040,
             ..EngineMetrics::default()
         };
-        let text = m.render(&engine, true, 1);
+        let text = m.render(&engine, true);
+        assert!(text.contains("vkv_kv_capacity_bytes 230400"));
+        assert!(text.contains("vkv_kv_bytes_per_token 23040"));
         assert!(text.contains("vkv_time_to_first_token_seconds_bucket{le=\"0.001\"} 0"));
         assert!(text.contains("vkv_time_to_first_token_seconds_bucket{le=\"0.005\"} 1"));
         assert!(text.contains("vkv_time_to_first_token_seconds_bucket{le=\"+Inf\"} 1"));

@@ -278,6 +278,11 @@ pub unsafe fn attention_group(
         q.len() >= group * head_dim && out.len() >= group * head_dim,
         "attention_group: q or out shorter than {group} heads of {head_dim}"
     );
+    if context == 0 {
+        // Nothing to attend to (the forward pass always has the row's own token).
+        out[..group * head_dim].fill(0.0);
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if simd_available() && head_dim.is_multiple_of(8) && context > 0 {
         // SAFETY: AVX2, FMA and F16C were detected at run time; the rest as for this function.
