@@ -25,7 +25,6 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use vkv_engine::engine::{event_channel, Engine, EventKind, EventReceiver, Finished, RequestId};
 use vkv_engine::generate::FinishReason;
-use vkv_engine::kv::KvDims;
 
 use crate::error::ApiError;
 use crate::metrics::ServerMetrics;
@@ -40,7 +39,6 @@ pub struct AppState {
     /// Unix seconds at start (the model's `created`).
     started: u64,
     next_id: AtomicU64,
-    kv_bytes_per_token: usize,
 }
 
 fn unix_now() -> u64 {
@@ -51,20 +49,12 @@ fn unix_now() -> u64 {
 
 impl AppState {
     pub fn new(engine: Arc<Engine>, config: ServerConfig) -> AppState {
-        let c = &engine.model().model.config;
-        let kv_bytes_per_token = KvDims {
-            num_layers: c.num_layers,
-            num_kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-        }
-        .bytes_per_token();
         AppState {
             engine,
             config,
             metrics: ServerMetrics::default(),
             started: unix_now(),
             next_id: AtomicU64::new(0),
-            kv_bytes_per_token,
         }
     }
 
@@ -120,11 +110,9 @@ impl AppState {
     }
 
     fn metrics_text(&self) -> Response<ApiBody> {
-        let text = self.metrics.render(
-            &self.engine.metrics(),
-            self.engine.is_alive(),
-            self.kv_bytes_per_token,
-        );
+        let text = self
+            .metrics
+            .render(&self.engine.metrics(), self.engine.is_alive());
         let mut r = Response::new(ApiBody::full(text));
         r.headers_mut().insert(
             CONTENT_TYPE,

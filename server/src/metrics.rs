@@ -148,12 +148,7 @@ impl ServerMetrics {
     }
 
     /// The exposition text: these counters and `engine`'s snapshot.
-    pub fn render(
-        &self,
-        engine: &EngineMetrics,
-        engine_alive: bool,
-        kv_bytes_per_token: usize,
-    ) -> String {
+    pub fn render(&self, engine: &EngineMetrics, engine_alive: bool) -> String {
         let b = self.books();
         let mut out = String::new();
         header(
@@ -278,9 +273,9 @@ impl ServerMetrics {
         single(
             &mut out,
             "vkv_kv_capacity_bytes",
-            "Bytes of the KV cache's capacity in tokens.",
+            "Bytes of the KV cache's capacity in tokens (the device's element size: f32 on the CPU, bf16 on the GPU).",
             "gauge",
-            e.kv_capacity_tokens * kv_bytes_per_token,
+            e.kv_capacity_bytes,
         );
         single(
             &mut out,
@@ -341,6 +336,13 @@ impl ServerMetrics {
         );
         single(
             &mut out,
+            "vkv_kv_warm_pages",
+            "vmm: KV pages backed before the first request (eager allocation), reclaimable.",
+            "gauge",
+            e.kv_warm_pages,
+        );
+        single(
+            &mut out,
             "vkv_engine_steps_total",
             "Engine steps (forward passes).",
             "counter",
@@ -390,7 +392,7 @@ mod tests {
             finished_length: 1,
             ..EngineMetrics::default()
         };
-        let text = m.render(&engine, true, 1);
+        let text = m.render(&engine, true);
         assert!(text.contains("vkv_time_to_first_token_seconds_bucket{le=\"0.001\"} 0"));
         assert!(text.contains("vkv_time_to_first_token_seconds_bucket{le=\"0.005\"} 1"));
         assert!(text.contains("vkv_time_to_first_token_seconds_bucket{le=\"+Inf\"} 1"));

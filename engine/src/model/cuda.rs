@@ -15,7 +15,7 @@
 //! unchanged.
 //!
 //! Per step: the batch's tokens, positions, chunk bounds and KV addressing are uploaded once;
-//! then per layer: RMSNorm (residual add fused) → one QKV GEMM (cuBLAS, bf16 in, f32 accumulate)
+//! then per layer: RMSNorm (residual add fused) → one QKV GEMM (cuBLASLt, bf16 in, f32 accumulate)
 //! → RoPE fused with the split into Q, K, V → KV append → attention (the decode kernel when every
 //! chunk is one token, else the ragged prefill kernel, which also serves mixed batches) → output
 //! GEMM → RMSNorm (+ residual) → gate/up GEMM → SiLU·mul → down GEMM. The residual stream is
@@ -31,10 +31,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use vkv_kernels::cpu::RopeStyle;
-use vkv_kernels::cuda::cudarc::driver::{CudaContext, CudaStream};
+use vkv_kernels::cuda::cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 use vkv_kernels::cuda::{
     AppendArgs, Attention, DecodeArgs, DecodeShape, DecodeWorkspace, DeviceBuffer, Dtype, Gemm,
-    KernelError, KvAddress, ModelOps, PrefillArgs, PrefillShape,
+    GemmLibrary, KernelError, KvAddress, ModelOps, PrefillArgs, PrefillShape,
 };
 use vkv_vmm::{
     CudaVmm, KvLayout, KvSpaceConfig, MapperOptions, MapperStats, PhysicalMemory, VmmError,
@@ -421,6 +421,13 @@ impl KvManager for GpuKv {
         }
     }
 
+    fn warm_free_slots(&mut self, tokens: &[usize]) -> usize {
+        match &mut self.store {
+            Store::Vmm(m) => m.warm_free_slots(tokens),
+            Store::Paged { .. } => 0,
+        }
+    }
+
     fn audit(&self) -> Result<(), String> {
         match &self.store {
             Store::Paged {
@@ -529,6 +536,9 @@ pub struct CudaLlama {
     inv_freq: DeviceBuffer,
     layers: Vec<GpuLayer>,
     buf: Buffers,
+    /// The batch [`CudaLlama::launch_next`] queued and [`CudaLlama::finish_next`] has not
+    /// collected: its row count, which rows want logits, and an event recorded after it.
+    pending: Option<(usize, Vec<bool>, Option<CudaEvent>)>,
 }
 
 fn bf16_bits(v: &[f32]) -> Vec<u16> {
@@ -566,6 +576,7 @@ impl CudaLlama {
             norm: w.norm,
             layers: w.layers,
             buf: Buffers::default(),
+            pending: None,
         })
     }
 
@@ -748,12 +759,27 @@ impl CudaLlama {
     /// Run one batch and return, per chunk, its next token: the greedy one (argmax on the
     /// device), or — where `logits_for[i]` — the logits of its last token, downloaded alone for
     /// sampling on the host. Only the ids and those rows cross to the host.
+    /// ([`CudaLlama::launch_next`] then [`CudaLlama::finish_next`].)
     pub fn forward_next(
         &mut self,
         batch: &[SeqChunk<'_>],
         kv: &mut GpuKv,
         logits_for: &[bool],
     ) -> Result<Vec<Next>> {
+        self.launch_next(batch, kv, logits_for)?;
+        self.finish_next()
+    }
+
+    /// The first half of [`CudaLlama::forward_next`]: reserve the batch's KV, upload its inputs
+    /// and queue its kernels and the argmax, without waiting for the device. The host is free
+    /// until [`CudaLlama::finish_next`] (the engine admits requests meanwhile);
+    /// [`CudaLlama::is_done`] says whether that would wait.
+    pub fn launch_next(
+        &mut self,
+        batch: &[SeqChunk<'_>],
+        kv: &mut GpuKv,
+        logits_for: &[bool],
+    ) -> Result<()> {
         if logits_for.len() != batch.len() || batch.iter().any(|c| c.all_logits) {
             return Err(CudaModelError::Batch(format!(
                 "forward_next takes one flag per chunk ({} for {} chunks) and last-token logits only",
@@ -761,11 +787,53 @@ impl CudaLlama {
                 batch.len()
             )));
         }
-        let ids = self.forward_greedy(batch, kv)?;
+        if self.pending.is_some() {
+            return Err(CudaModelError::Batch(
+                "a batch is already launched and not finished".into(),
+            ));
+        }
+        let wanted = self.run(batch, kv)?;
+        let logits = self.buf.logits.get(&self.ctx, 0)?;
+        let ids = self.buf.ids.get(&self.ctx, wanted * 4)?;
+        // SAFETY: logits holds [wanted][vocab] f32 written by run; ids holds wanted u32.
+        unsafe {
+            self.ops
+                .argmax_rows(&self.stream, logits, ids, wanted, self.config.vocab_size)?
+        };
+        // Without an event `is_done` says yes and `finish_next` simply waits.
+        let done = self.stream.record_event(None).ok();
+        self.pending = Some((wanted, logits_for.to_vec(), done));
+        Ok(())
+    }
+
+    /// Whether the launched batch has finished on the device (so [`CudaLlama::finish_next`]
+    /// would not wait); true when nothing is launched, or when the device reports an error
+    /// (which `finish_next` then returns).
+    pub fn is_done(&self) -> bool {
+        match &self.pending {
+            Some((_, _, Some(event))) => event.try_is_complete().unwrap_or(true),
+            _ => true,
+        }
+    }
+
+    /// The second half of [`CudaLlama::forward_next`]: wait for the launched batch and bring
+    /// back its ids (and the logits rows asked for).
+    pub fn finish_next(&mut self) -> Result<Vec<Next>> {
+        let (wanted, logits_for, _) = self
+            .pending
+            .take()
+            .ok_or_else(|| CudaModelError::Batch("finish_next without a launched batch".into()))?;
+        let mut ids = vec![0u32; wanted];
+        self.buf
+            .ids
+            .0
+            .as_ref()
+            .expect("written by launch_next")
+            .download(0, &mut ids)?;
         let vocab = self.config.vocab_size;
         let logits = self.buf.logits.0.as_ref().expect("written by run");
         ids.into_iter()
-            .zip(logits_for)
+            .zip(&logits_for)
             .enumerate()
             .map(|(row, (id, &want))| {
                 if !want {
@@ -833,10 +901,20 @@ impl CudaLlama {
         })
     }
 
+    /// The library the matrix products go through (cuBLASLt unless `VKV_GEMM=cublas`).
+    pub fn gemm_library(&self) -> GemmLibrary {
+        self.gemm.library()
+    }
+
+    /// Route the matrix products through `library` (benchmarks compare the two).
+    pub fn set_gemm_library(&mut self, library: GemmLibrary) {
+        self.gemm.set_library(library);
+    }
+
     /// Only the matrix products of one forward pass over `rows` tokens (every layer's four GEMMs
     /// for `rows` rows, the output head for `head_rows`: `rows` in a decode step, one per
     /// sequence in a prefill), on random activations, queued on the stream: how much of a step
-    /// cuBLAS takes (benchmarks).
+    /// the GEMM library takes (benchmarks).
     pub fn gemms_only(&mut self, rows: usize, head_rows: usize) -> Result<()> {
         let head_rows = head_rows.min(rows);
         let c = self.config.clone();
