@@ -5,8 +5,9 @@
 //! decode step: (weight bytes + KV bytes read) / the device-to-device copy bandwidth measured in
 //! the same run (bytes read + written, GPU.md's convention). It also times the step's GEMMs alone
 //! (cuBLASLt as the model runs them, and cuBLAS's `cublasGemmEx`, same shapes) against their
-//! weight-bytes floor, to say where the gap is. Host clock around a synchronized step; 3 warm-up
-//! steps; median.
+//! weight-bytes floor, to say where the gap is — and the same GEMMs launched one by one against a
+//! CUDA graph of them replayed (`graph_*`), to say whether graphs would pay. Host clock around a
+//! synchronized step; 3 warm-up steps; median.
 //!
 //! Prefill is measured `--prefill-reps` times (every sequence freed between repetitions; the median
 //! is reported, and the first repetition apart: it includes the vmm mode's first page mappings,
@@ -89,6 +90,11 @@ pub struct Row {
     /// and their weight-bytes floor.
     gemm_ms: f64,
     gemm_blas_ms: f64,
+    /// Whether CUDA graphs would pay (`CudaLlama::gemm_graph_ms`): the step's GEMMs on a stream
+    /// of their own, launched one by one vs captured once and replayed; launches per step.
+    graph_launched_ms: f64,
+    graph_replayed_ms: f64,
+    graph_launches: usize,
     weights_floor_ms: f64,
     weight_bytes: usize,
     kv_bytes_read: usize,
@@ -439,6 +445,8 @@ mod gpu {
                 let med = median(&mut times);
                 let gemm_ms = gemms_ms(&mut model, GemmLibrary::CublasLt, batch, batch, 13)?;
                 let gemm_blas_ms = gemms_ms(&mut model, GemmLibrary::Cublas, batch, batch, 13)?;
+                let (graph_launched_ms, graph_replayed_ms, graph_launches) =
+                    model.gemm_graph_ms(batch, 20)?;
                 let kv_read = batch * (args.context + 3 + args.steps / 2) * token_bytes;
                 let roof = (model.weight_bytes() + kv_read) as f64 / copy * 1e3;
                 rows.push(Row {
@@ -465,6 +473,9 @@ mod gpu {
                     ratio: med / roof,
                     gemm_ms,
                     gemm_blas_ms,
+                    graph_launched_ms,
+                    graph_replayed_ms,
+                    graph_launches,
                     weights_floor_ms: model.weight_bytes() as f64 / copy * 1e3,
                     weight_bytes: model.weight_bytes(),
                     kv_bytes_read: kv_read,

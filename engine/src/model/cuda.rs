@@ -954,6 +954,99 @@ impl CudaLlama {
         Ok(())
     }
 
+    /// Whether CUDA graphs would pay, measured on the part of a decode step that can be captured
+    /// as the model stands (benchmarks): the matrix products of one step of `rows` rows (as
+    /// [`CudaLlama::gemms_only`]: four per layer and the head) on a stream of their own, launched
+    /// one by one, and the same launches captured once into a graph and replayed. Returns
+    /// (launched, replayed, launches per step): median ms of `reps`, host clock around a
+    /// synchronized step. (The model itself runs on the legacy default stream, which cannot be
+    /// captured.)
+    pub fn gemm_graph_ms(&mut self, rows: usize, reps: usize) -> Result<(f64, f64, usize)> {
+        use vkv_kernels::cuda::cudarc::driver::sys::{
+            CUgraphInstantiate_flags, CUstreamCaptureMode,
+        };
+        let c = self.config.clone();
+        let (h, inter) = (c.hidden_size, c.intermediate_size);
+        let (qw, kvw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let driver = |call: &'static str| {
+            move |e: vkv_kernels::cuda::cudarc::driver::DriverError| {
+                CudaModelError::Kernel(KernelError::Driver {
+                    call,
+                    detail: e.to_string(),
+                })
+            }
+        };
+        let ctx = self.ctx.clone();
+        let b = &mut self.buf;
+        let xn = b.xn.get(&ctx, rows * h * BF16)?;
+        let qkv = b.qkv.get(&ctx, rows * (qw + 2 * kvw) * BF16)?;
+        let attn = b.attn.get(&ctx, rows * qw * BF16)?;
+        let o = b.o.get(&ctx, rows * h * BF16)?;
+        let gu = b.gu.get(&ctx, rows * 2 * inter * BF16)?;
+        let act = b.act.get(&ctx, rows * inter * BF16)?;
+        let logits = b.logits.get(&ctx, rows * c.vocab_size * 4)?;
+        // SAFETY: the buffers are sized above for `rows`.
+        unsafe {
+            self.ops.fill_bf16(&self.stream, xn, rows * h, 1, 1.0)?;
+            self.ops.fill_bf16(&self.stream, attn, rows * qw, 2, 1.0)?;
+            self.ops
+                .fill_bf16(&self.stream, act, rows * inter, 3, 1.0)?;
+        }
+        self.synchronize()?;
+        let stream = ctx.new_stream().map_err(driver("cuStreamCreate"))?;
+        let gemm = Gemm::new(stream.clone())?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let layers = &self.layers;
+        let step = || -> Result<()> {
+            // SAFETY: as in `gemms_only`: every buffer is sized for `rows`.
+            unsafe {
+                for layer in layers {
+                    gemm.matmul_t(xn, layer.qkv.ptr(), qkv, rows, qw + 2 * kvw, h, false)?;
+                    gemm.matmul_t(attn, layer.wo.ptr(), o, rows, h, qw, false)?;
+                    gemm.matmul_t(xn, layer.gate_up.ptr(), gu, rows, 2 * inter, h, false)?;
+                    gemm.matmul_t(act, layer.w_down.ptr(), o, rows, h, inter, false)?;
+                }
+                gemm.matmul_t(xn, head.ptr(), logits, rows, c.vocab_size, h, true)?;
+            }
+            Ok(())
+        };
+        let sync = || stream.synchronize().map_err(driver("cuStreamSynchronize"));
+        // Warm-up: cuBLASLt's plans are made here, not while capturing.
+        step()?;
+        sync()?;
+        let mut launched = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let t = std::time::Instant::now();
+            step()?;
+            sync()?;
+            launched.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(driver("cuStreamBeginCapture"))?;
+        let captured = step();
+        let graph = stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .map_err(driver("cuStreamEndCapture"))?;
+        captured?;
+        let graph = graph.ok_or_else(|| CudaModelError::Batch("the capture was empty".into()))?;
+        graph.upload().map_err(driver("cuGraphUpload"))?;
+        graph.launch().map_err(driver("cuGraphLaunch"))?;
+        sync()?;
+        let mut replayed = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let t = std::time::Instant::now();
+            graph.launch().map_err(driver("cuGraphLaunch"))?;
+            sync()?;
+            replayed.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        Ok((median(launched), median(replayed), 4 * layers.len() + 1))
+    }
+
     /// Check the batch against the model and the cache; reserve its tokens.
     fn admit(&self, batch: &[SeqChunk<'_>], kv: &mut GpuKv) -> Result<()> {
         let c = &self.config;
