@@ -26,13 +26,18 @@
 //! Activations stay row-major (`k` bytes per row, plus `d_x`, `s_x` and the offset per block).
 //!
 //! **The tile.** A kernel keeps `R` activation rows × `C` panels of i32 sums in registers for
-//! one block (each weight vector loaded once for `R` rows, each broadcast used for `C` panels),
-//! then folds them into as many f32 accumulators: `acc = fma(f32(Σ), d_w · d_x, acc)`, and for
-//! Q4_1 `acc = fma(m_w, s_x, acc)` (`s_x` is per row and block, so the min costs one FMA per
-//! output and block and no integer work). With AVX512-VNNI on 512-bit vectors (32 registers) the
-//! tile is 4 rows × 2 panels (8 + 8 accumulators); AVX2 (16 registers) takes 2 rows × one panel
-//! as two 256-bit halves; the portable path one output at a time. A single row (decode) takes
-//! 1 × 4 panels: four weight streams in flight.
+//! one block (each weight vector loaded and unpacked once for `R` rows, each broadcast used for
+//! `C` panels), then folds them into as many f32 accumulators: `acc = fma(f32(Σ), d_w · d_x,
+//! acc)`, and for Q4_1 `acc = fma(m_w, s_x, acc)`. That is the cheapest exact form we found: the
+//! three factors of the main term vary by row, by column and by both, so it takes a multiply and
+//! an FMA per output and block, and the min term (`s_x` per row and block, `m_w` per column and
+//! block) one more FMA and no integer work. With AVX512-VNNI on 512-bit vectors (32 registers)
+//! the tile is 4 rows × 2 panels (8 i32 + 8 f32 accumulators; 4 × 4, 8 × 2, 3 × 4 and 2 × 4
+//! measured within noise of it); one row (decode, bound by reading the weights) takes 1 × 1,
+//! a single sequential weight stream per task, with a block's steps summed in two integer
+//! chains. AVX2 (16 registers) takes 2 rows × one panel as two 256-bit halves; the portable
+//! path one output at a time. Tasks (rayon) are runs of panels; within one, 64 activation rows
+//! at a time meet each of its panels, so both stay in cache.
 //!
 //! **Batch invariance by construction.** Every output is one lane of one accumulator, computed
 //! by the same f32 operations in the same order — blocks in sequence, the two FMAs above, from
@@ -341,14 +346,10 @@ fn isa() -> Isa {
 
 /// `(rows, panels)` of the largest tile on `isa` for a product of `m` rows.
 fn tile_shape(isa: Isa, m: usize) -> (usize, usize) {
-    if let Some(t) = std::env::var("VKV_INT8_TILE").ok().and_then(|s| {
-        let (r, c) = s.split_once('x')?;
-        Some((r.parse().ok()?, c.parse().ok()?))
-    }) {
-        return t;
-    }
     match (isa, m) {
-        (Isa::Vnni, 1) => (1, 4),
+        // One row streams its weights from memory: one sequential stream per task reads
+        // fastest (measured against 1 × 2 and 1 × 4 panels, docs/benchmarks.md).
+        (Isa::Vnni, 1) => (1, 1),
         (Isa::Vnni, _) => (4, 2),
         (Isa::Avx2, _) => (2, 1),
         (Isa::Portable, _) => (1, 1),
@@ -474,8 +475,6 @@ unsafe fn tile(isa: Isa, w: &Packed, x: &Q8Rows, t: Tile) {
             [
                 (1, 1),
                 (1, 2),
-                (1, 3),
-                (1, 4),
                 (2, 1),
                 (2, 2),
                 (3, 1),
@@ -551,6 +550,10 @@ mod vnni {
                 _mm512_set1_epi32(std::ptr::read_unaligned(xp[r].add(4 * s) as *const i32))
             };
             let mut sum = [[_mm512_setzero_si512(); C]; R];
+            // A small tile sums a block's steps in two chains (integers: the order is free),
+            // else one `vpdpbusd` waits for the previous one.
+            let mut odd = [[_mm512_setzero_si512(); C]; R];
+            let split = R * C < 4;
             if Q4 {
                 let mask = _mm512_set1_epi8(0x0F);
                 for s in 0..4 {
@@ -565,7 +568,11 @@ mod vnni {
                         let (xl, xh) = (bcast(r, s), bcast(r, s + 4));
                         for c in 0..C {
                             sum[r][c] = _mm512_dpbusd_epi32(sum[r][c], lo[c], xl);
-                            sum[r][c] = _mm512_dpbusd_epi32(sum[r][c], hi[c], xh);
+                            if split {
+                                odd[r][c] = _mm512_dpbusd_epi32(odd[r][c], hi[c], xh);
+                            } else {
+                                sum[r][c] = _mm512_dpbusd_epi32(sum[r][c], hi[c], xh);
+                            }
                         }
                     }
                 }
@@ -579,8 +586,19 @@ mod vnni {
                     for r in 0..R {
                         let xv = bcast(r, s);
                         for c in 0..C {
-                            sum[r][c] = _mm512_dpbusd_epi32(sum[r][c], wv[c], xv);
+                            if split && s % 2 == 1 {
+                                odd[r][c] = _mm512_dpbusd_epi32(odd[r][c], wv[c], xv);
+                            } else {
+                                sum[r][c] = _mm512_dpbusd_epi32(sum[r][c], wv[c], xv);
+                            }
                         }
+                    }
+                }
+            }
+            if split {
+                for r in 0..R {
+                    for c in 0..C {
+                        sum[r][c] = _mm512_add_epi32(sum[r][c], odd[r][c]);
                     }
                 }
             }
@@ -665,18 +683,18 @@ mod avx2 {
                             let v = load(s, h);
                             let lo = _mm256_and_si256(v, mask);
                             let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                            for r in 0..R {
+                            for (r, pairs) in pairs.iter_mut().enumerate() {
                                 let p = _mm256_add_epi16(
                                     _mm256_maddubs_epi16(lo, bcast(r, s)),
                                     _mm256_maddubs_epi16(hi, bcast(r, s + 4)),
                                 );
-                                pairs[r][h] = _mm256_add_epi16(pairs[r][h], p);
+                                pairs[h] = _mm256_add_epi16(pairs[h], p);
                             }
                         }
                     }
-                    for r in 0..R {
-                        for h in 0..2 {
-                            sum[r][h] = _mm256_madd_epi16(pairs[r][h], ones);
+                    for (sum, pairs) in sum.iter_mut().zip(&pairs) {
+                        for (s, &p) in sum.iter_mut().zip(pairs) {
+                            *s = _mm256_madd_epi16(p, ones);
                         }
                     }
                 } else {
@@ -687,10 +705,10 @@ mod avx2 {
                         for h in 0..2 {
                             let q = _mm256_xor_si256(load(s, h), _mm256_set1_epi8(-128));
                             let qabs = _mm256_abs_epi8(q);
-                            for r in 0..R {
+                            for (r, sum) in sum.iter_mut().enumerate() {
                                 let p =
                                     _mm256_maddubs_epi16(qabs, _mm256_sign_epi8(bcast(r, s), q));
-                                sum[r][h] = _mm256_add_epi32(sum[r][h], _mm256_madd_epi16(p, ones));
+                                sum[h] = _mm256_add_epi32(sum[h], _mm256_madd_epi16(p, ones));
                             }
                         }
                     }
