@@ -229,7 +229,7 @@ type RowParts<'a> = (
 );
 
 /// Quantize `m` rows of `k` activations.
-pub fn quantize_rows(x: &[f32], m: usize, k: usize) -> Q8Rows {
+fn quantize_rows(isa: Isa, x: &[f32], m: usize, k: usize) -> Q8Rows {
     let nb = k / BLOCK;
     let mut q = Q8Rows {
         qs: vec![0i8; m * k],
@@ -237,15 +237,13 @@ pub fn quantize_rows(x: &[f32], m: usize, k: usize) -> Q8Rows {
         s: vec![0f32; m * nb],
         start: vec![0i32; m * nb],
     };
-    let avx2 = isa() != Isa::Portable;
-    let one = |((xr, qs), ((d, s), start)): RowParts<'_>| {
+    let one = |((xr, qs), ((d, s), start)): RowParts<'_>| match isa {
+        // SAFETY: the instruction sets were detected at run time (`isa`).
         #[cfg(target_arch = "x86_64")]
-        if avx2 {
-            // SAFETY: AVX2 was detected at run time (`isa`).
-            return unsafe { quantize_row_avx2(xr, qs, d, s, start) };
-        }
-        let _ = avx2;
-        quantize_row(xr, qs, d, s, start)
+        Isa::Vnni => unsafe { quantize_row_avx512(xr, qs, d, s, start) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { quantize_row_avx2(xr, qs, d, s, start) },
+        _ => quantize_row(xr, qs, d, s, start),
     };
     if m * k >= 1 << 14 {
         x[..m * k]
@@ -283,6 +281,40 @@ unsafe fn quantize_row_avx2(
     start: &mut [i32],
 ) {
     quantize_row(x, qs, d, s, start)
+}
+
+/// [`quantize_row`] in AVX-512, a block (two vectors) at a time: the same IEEE operations, and
+/// `vcvtps2dq` rounding to nearest, ties to even, as [`quantize_row`]'s `ROUND` trick does.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_row_avx512(
+    x: &[f32],
+    qs: &mut [i8],
+    d: &mut [f32],
+    s: &mut [f32],
+    start: &mut [i32],
+) {
+    use std::arch::x86_64::*;
+    let blocks = x.chunks_exact(BLOCK).zip(qs.chunks_exact_mut(BLOCK));
+    for (((xb, qb), d), (s, start)) in blocks.zip(d).zip(s.iter_mut().zip(start)) {
+        let v0 = _mm512_loadu_ps(xb.as_ptr());
+        let v1 = _mm512_loadu_ps(xb.as_ptr().add(16));
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        let db = amax / 127.0;
+        let id = _mm512_set1_ps(if db > 0.0 { 1.0 / db } else { 0.0 });
+        const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        let q0 = _mm512_cvt_roundps_epi32::<NEAREST>(_mm512_mul_ps(v0, id));
+        let q1 = _mm512_cvt_roundps_epi32::<NEAREST>(_mm512_mul_ps(v1, id));
+        _mm_storeu_si128(qb.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128(
+            qb.as_mut_ptr().add(16) as *mut __m128i,
+            _mm512_cvtepi32_epi8(q1),
+        );
+        let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        *d = db;
+        *s = db * sum as f32;
+        *start = -128 * sum;
+    }
 }
 
 #[inline(always)]
@@ -381,7 +413,7 @@ fn matmul_with(isa: Isa, x: &[f32], m: usize, k: usize, w: &Packed, n: usize, ou
     if m == 0 || n == 0 {
         return;
     }
-    let xq = quantize_rows(x, m, k);
+    let xq = quantize_rows(isa, x, m, k);
     let (tr, tc) = tile_shape(isa, m);
     let panels = n.div_ceil(PANEL);
     let groups = panels.div_ceil(tc);
@@ -1037,6 +1069,29 @@ mod tests {
                     proptest::prop_assert_eq!(&alone[..], &got[r * n..(r + 1) * n]);
                 }
             }
+        }
+    }
+
+    /// Every instruction set quantizes activations to the same bytes and scales: random rows,
+    /// a zero block, and ties (`x / d_x` exactly halfway: to even).
+    #[test]
+    fn every_instruction_set_quantizes_the_same() {
+        let mut rng = StdRng::seed_from_u64(26);
+        let k = 1536;
+        let mut x: Vec<f32> = (0..5 * k).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+        x[..BLOCK].fill(0.0);
+        // Block 1: d_x = 1, so these are their own x / d_x.
+        for (i, v) in x[BLOCK..2 * BLOCK].iter_mut().enumerate() {
+            *v = if i == 0 { 127.0 } else { i as f32 - 15.5 };
+        }
+        let want = quantize_rows(Isa::Portable, &x, 5, k);
+        assert_eq!(&want.qs[BLOCK..BLOCK + 4], &[127, -14, -14, -12]);
+        for isa in isas() {
+            let got = quantize_rows(isa, &x, 5, k);
+            assert_eq!(got.qs, want.qs, "{isa:?}");
+            assert_eq!(got.d, want.d, "{isa:?}");
+            assert_eq!(got.s, want.s, "{isa:?}");
+            assert_eq!(got.start, want.start, "{isa:?}");
         }
     }
 
