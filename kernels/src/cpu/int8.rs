@@ -23,7 +23,8 @@
 //! 16 `m_w` as f16, as ggml stores them: Q4_1 reads 0.625 bytes per weight, as in the file.
 //! Panels are stored block after block, so a panel is one sequential stream; the last panel of a
 //! matrix whose rows are not a multiple of 16 is padded with zero columns, never written out.
-//! Activations stay row-major (`k` bytes per row, plus `d_x`, `s_x` and the offset per block).
+//! Activations stay row-major (`k` bytes per row, plus `d_x`, `s_x` and the offset per block),
+//! quantized in AVX-512 on the VNNI path and in AVX2 otherwise, to the portable path's bytes.
 //!
 //! **The tile.** A kernel keeps `R` activation rows × `C` panels of i32 sums in registers for
 //! one block (each weight vector loaded and unpacked once for `R` rows, each broadcast used for
