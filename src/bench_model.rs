@@ -1,18 +1,20 @@
 //! `vkv bench model`: the whole bf16 CUDA forward pass (`vkv_engine::model::cuda`) of a model
-//! preset with random weights made on the device — prefill of `batch` prompts of `context`
-//! tokens (tokens/s), then the median decode step (every sequence one token, greedy on the
-//! device, host uploads and the id download included) — in the paged and vmm KV modes, against
-//! the roofline of a decode step: (weight bytes + KV bytes read) / the device-to-device copy
-//! bandwidth measured in the same run (bytes read + written, GPU.md's convention). It also times
-//! the step's GEMMs alone (cuBLAS, same shapes) against their weight-bytes floor, to say where
-//! the gap is. Host clock around a synchronized step; 3 warm-up steps; median.
+//! preset with random weights made on the device — prefill of `batch` prompts of `context` tokens
+//! (tokens/s), then the median decode step (every sequence one token, greedy on the device, host
+//! uploads and the id download included) — in the paged and vmm KV modes, against the roofline of a
+//! decode step: (weight bytes + KV bytes read) / the device-to-device copy bandwidth measured in
+//! the same run (bytes read + written, GPU.md's convention). It also times the step's GEMMs alone
+//! (cuBLASLt as the model runs them, and cuBLAS's `cublasGemmEx`, same shapes) against their
+//! weight-bytes floor, to say where the gap is — and the same GEMMs launched one by one against a
+//! CUDA graph of them replayed (`graph_*`), to say whether graphs would pay. Host clock around a
+//! synchronized step; 3 warm-up steps; median.
 //!
-//! Prefill is measured `--prefill-reps` times (every sequence freed between repetitions; the
-//! median is reported, and the first repetition apart: it includes the vmm mode's first page
-//! mappings, later ones reuse the slots' pages through deferred reclamation). Its ceiling is
-//! measured in the same run from the parts that must run: one prefill call's GEMMs alone (cuBLAS,
-//! `rows` tokens through every layer, the output head for one row per sequence) and the causal
-//! attention kernel alone (strided KV, the same batch and lengths, once per layer); ceiling
+//! Prefill is measured `--prefill-reps` times (every sequence freed between repetitions; the median
+//! is reported, and the first repetition apart: it includes the vmm mode's first page mappings,
+//! later ones reuse the slots' pages through deferred reclamation). Its ceiling is measured in the
+//! same run from the parts that must run: one prefill call's GEMMs alone (the faster of cuBLASLt
+//! and cuBLAS, `rows` tokens through every layer, the output head for one row per sequence) and the
+//! causal attention kernel alone (strided KV, the same batch and lengths, once per layer); ceiling
 //! tokens/s = tokens / (GEMM time) and tokens / (GEMM + attention time). What is left over is
 //! norms, RoPE, KV append, SiLU·mul, uploads and (vmm) page mapping.
 
@@ -70,6 +72,10 @@ pub struct Row {
     /// Tokens per prefill call, and that call's GEMMs alone and attention kernels alone (ms).
     prefill_call_tokens: usize,
     prefill_gemm_ms: f64,
+    /// The prefill call's GEMMs through cuBLASLt (what the model uses) and through cuBLAS
+    /// (`cublasGemmEx`); `prefill_gemm_ms` is the faster.
+    prefill_gemm_lt_ms: f64,
+    prefill_gemm_blas_ms: f64,
     prefill_attention_ms: f64,
     /// Tokens/s if a prefill call were its GEMMs alone, and its GEMMs + attention.
     gemm_ceiling_tokens_per_s: f64,
@@ -80,8 +86,15 @@ pub struct Row {
     decode_step_ms_min: f64,
     roofline_ms: f64,
     ratio: f64,
-    /// The step's GEMMs alone (median), and their weight-bytes floor.
+    /// The step's GEMMs alone (median, cuBLASLt as the model runs them; and through cuBLAS),
+    /// and their weight-bytes floor.
     gemm_ms: f64,
+    gemm_blas_ms: f64,
+    /// Whether CUDA graphs would pay (`CudaLlama::gemm_graph_ms`): the step's GEMMs on a stream
+    /// of their own, launched one by one vs captured once and replayed; launches per step.
+    graph_launched_ms: f64,
+    graph_replayed_ms: f64,
+    graph_launches: usize,
     weights_floor_ms: f64,
     weight_bytes: usize,
     kv_bytes_read: usize,
@@ -107,7 +120,7 @@ pub fn run(args: Args) -> Result<()> {
                 report.device, report.preset, report.copy_tb_per_s
             );
             println!(
-                "{:>6} {:>6} {:>8} {:>14} {:>10} {:>10} {:>12} {:>7} {:>9} {:>10}",
+                "{:>6} {:>6} {:>8} {:>14} {:>10} {:>10} {:>12} {:>7} {:>9} {:>9} {:>10}",
                 "kv",
                 "batch",
                 "context",
@@ -117,11 +130,12 @@ pub fn run(args: Args) -> Result<()> {
                 "roofline ms",
                 "ratio",
                 "gemm ms",
+                "cublas ms",
                 "w floor ms"
             );
             for r in &report.rows {
                 println!(
-                    "{:>6} {:>6} {:>8} {:>14.0} {:>10.3} {:>10.3} {:>12.3} {:>7.2} {:>9.3} {:>10.3}",
+                    "{:>6} {:>6} {:>8} {:>14.0} {:>10.3} {:>10.3} {:>12.3} {:>7.2} {:>9.3} {:>9.3} {:>10.3}",
                     r.kv_mode,
                     r.batch,
                     r.context,
@@ -131,6 +145,7 @@ pub fn run(args: Args) -> Result<()> {
                     r.roofline_ms,
                     r.ratio,
                     r.gemm_ms,
+                    r.gemm_blas_ms,
                     r.weights_floor_ms
                 );
             }
@@ -181,7 +196,9 @@ mod gpu {
     use vkv_engine::model::cuda::{CudaLlama, GpuKv, GpuKvDims};
     use vkv_engine::model::{LlamaConfig, SeqChunk};
     use vkv_kernels::cuda::cudarc::driver::result;
-    use vkv_kernels::cuda::{Attention, DeviceBuffer, Dtype, KvAddress, PrefillArgs, PrefillShape};
+    use vkv_kernels::cuda::{
+        Attention, DeviceBuffer, Dtype, GemmLibrary, KvAddress, PrefillArgs, PrefillShape,
+    };
     use vkv_vmm::{CudaVmm, KvLayout};
 
     use super::{Args, KvChoice, Report, Row};
@@ -215,6 +232,31 @@ mod gpu {
     /// The causal prefill attention of one call alone — `batch` sequences of `context` tokens,
     /// the model's heads, strided bf16 KV of random values — once per layer (ms, median of 5
     /// after a warm-up).
+    /// Median ms of [`CudaLlama::gemms_only`] through `library` (the first of `reps` a warm-up);
+    /// the model's own library is restored after.
+    fn gemms_ms(
+        model: &mut CudaLlama,
+        library: GemmLibrary,
+        rows: usize,
+        head_rows: usize,
+        reps: usize,
+    ) -> Result<f64> {
+        let own = model.gemm_library();
+        model.set_gemm_library(library);
+        let mut times = Vec::new();
+        for i in 0..reps {
+            model.synchronize()?;
+            let t = Instant::now();
+            model.gemms_only(rows, head_rows)?;
+            model.synchronize()?;
+            if i > 0 {
+                times.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        model.set_gemm_library(own);
+        Ok(median(&mut times))
+    }
+
     fn prefill_attention_ms(model: &CudaLlama, batch: usize, context: usize) -> Result<f64> {
         let c = &model.config;
         let ctx = model.context();
@@ -373,17 +415,12 @@ mod gpu {
                 // The ceiling of one full prefill call: its GEMMs and its attention alone.
                 let call = per_call.min(batch);
                 let call_rows = call * args.context;
-                let mut gt = Vec::new();
-                for i in 0..6 {
-                    model.synchronize()?;
-                    let t = Instant::now();
-                    model.gemms_only(call_rows, call)?;
-                    model.synchronize()?;
-                    if i > 0 {
-                        gt.push(t.elapsed().as_secs_f64() * 1e3);
-                    }
-                }
-                let prefill_gemm_ms = median(&mut gt);
+                let prefill_gemm_lt_ms =
+                    gemms_ms(&mut model, GemmLibrary::CublasLt, call_rows, call, 6)?;
+                let prefill_gemm_blas_ms =
+                    gemms_ms(&mut model, GemmLibrary::Cublas, call_rows, call, 6)?;
+                // The ceiling is the faster library's.
+                let prefill_gemm_ms = prefill_gemm_lt_ms.min(prefill_gemm_blas_ms);
                 let prefill_attention_ms = prefill_attention_ms(&model, call, args.context)?;
                 // Decode.
                 let mut times = Vec::new();
@@ -406,17 +443,10 @@ mod gpu {
                 }
                 let min = times.iter().copied().fold(f64::INFINITY, f64::min);
                 let med = median(&mut times);
-                let mut gt = Vec::new();
-                for i in 0..13 {
-                    model.synchronize()?;
-                    let t = Instant::now();
-                    model.gemms_only(batch, batch)?;
-                    model.synchronize()?;
-                    if i >= 3 {
-                        gt.push(t.elapsed().as_secs_f64() * 1e3);
-                    }
-                }
-                let gemm_ms = median(&mut gt);
+                let gemm_ms = gemms_ms(&mut model, GemmLibrary::CublasLt, batch, batch, 13)?;
+                let gemm_blas_ms = gemms_ms(&mut model, GemmLibrary::Cublas, batch, batch, 13)?;
+                let (graph_launched_ms, graph_replayed_ms, graph_launches) =
+                    model.gemm_graph_ms(batch, 20)?;
                 let kv_read = batch * (args.context + 3 + args.steps / 2) * token_bytes;
                 let roof = (model.weight_bytes() + kv_read) as f64 / copy * 1e3;
                 rows.push(Row {
@@ -427,6 +457,8 @@ mod gpu {
                     prefill_first_tokens_per_s: (batch * args.context) as f64 / prefill_first_s,
                     prefill_call_tokens: call_rows,
                     prefill_gemm_ms,
+                    prefill_gemm_lt_ms,
+                    prefill_gemm_blas_ms,
                     prefill_attention_ms,
                     gemm_ceiling_tokens_per_s: call_rows as f64 / prefill_gemm_ms * 1e3,
                     gemm_attention_ceiling_tokens_per_s: call_rows as f64
@@ -440,6 +472,10 @@ mod gpu {
                     roofline_ms: roof,
                     ratio: med / roof,
                     gemm_ms,
+                    gemm_blas_ms,
+                    graph_launched_ms,
+                    graph_replayed_ms,
+                    graph_launches,
                     weights_floor_ms: model.weight_bytes() as f64 / copy * 1e3,
                     weight_bytes: model.weight_bytes(),
                     kv_bytes_read: kv_read,

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch peer of `vkv bench kernels`: decode attention over the same grid through SDPA's flash
-and cuDNN back ends (and dense FlexAttention with --flex), plus causal prefill of whole prompts
+and cuDNN back ends (and FlexAttention with --flex: dense, and paged through PyTorch's experimental
+PagedAttention page table), plus causal prefill of whole prompts
 (TFLOP/s counting the causal pairs only), on the GPU machine (python3 there has PyTorch).
 
 Decode of one query token per sequence with GQA is run in the form FlashAttention's own decode
@@ -48,6 +49,48 @@ def copy_bw(iters):
     return n, med, 2 * n / (med * 1e-6) / 1e12
 
 
+# Shapes where the paged FlexAttention is measured (each shape and page size is a compile).
+FLEX_PAGED_SHAPES = {(64, 2048), (16, 512)}
+
+
+def flex_paged(a, bsz, ctx, hq, hk, d, page, q, scale, copy_tbps):
+    """Decode through FlexAttention with a page table (PyTorch's experimental PagedAttention, the
+    form its own paged-attention tests use): K and V in one pool of `page`-token pages
+    [1, Hkv, pages * page, D], each sequence's pages scattered at random (as after hours of
+    serving, like vkv's paged rows), the logical block mask converted to physical pages."""
+    row = dict(backend="flex", form=f"paged-{page}", batch=bsz, context=ctx, n_heads=hq, n_kv_heads=hk, head_dim=d)
+    try:
+        from torch.nn.attention.experimental._paged_attention import PagedAttention
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        if ctx % page:
+            raise ValueError(f"context {ctx} is not a multiple of the page size {page}")
+        n_pages = bsz * ctx // page
+        kv_bytes = bsz * ctx * hk * d * 2 * 2
+        copies = max(1, min(16, math.ceil((256 << 20) / kv_bytes)))
+        paged = PagedAttention(n_pages, page, bsz, device="cuda")
+        gen = torch.Generator().manual_seed(0)
+        paged.empty_pages = torch.randperm(n_pages, generator=gen).tolist()
+        for b in range(bsz):
+            paged.reserve(torch.tensor(b, device="cuda"), torch.tensor(ctx, device="cuda"))
+        shape = (1, hk, n_pages * page, d)
+        kc = [torch.rand(shape, device="cuda", dtype=torch.bfloat16) * 2 - 1 for _ in range(copies)]
+        vc = [torch.rand(shape, device="cuda", dtype=torch.bfloat16) * 2 - 1 for _ in range(copies)]
+        logical = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx >= 0, bsz, None, 1, ctx,
+                                    device="cuda", BLOCK_SIZE=(page, page))
+        mask = paged.convert_logical_block_mask(logical)
+        flex = torch.compile(flex_attention, dynamic=False)
+        fn = lambda i: flex(q, kc[i % copies], vc[i % copies], block_mask=mask, scale=scale, enable_gqa=True)
+        med, mn = timed(fn, a.iters)
+        tbps = kv_bytes / (med * 1e-6) / 1e12
+        row.update(copies=copies, median_us=med, min_us=mn, kv_bytes=kv_bytes, kv_tb_per_s=tbps,
+                   ratio_to_copy=tbps / copy_tbps)
+        del kc, vc
+    except Exception as e:  # reported, not fatal
+        row["error"] = (str(e).splitlines() or [type(e).__name__])[0][:160]
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", default="1,16,64")
@@ -57,7 +100,9 @@ def main():
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--prefill-batch", default="1,4")
     ap.add_argument("--prefill-context", default="1024,4096")
-    ap.add_argument("--flex", action="store_true", help="also FlexAttention (dense) at batch 64 x context 2048")
+    ap.add_argument("--flex", action="store_true",
+                    help="also FlexAttention: dense at batch 64 x context 2048, paged at 64 x 2048 and 16 x 512")
+    ap.add_argument("--flex-page-size", default="16,128", help="page sizes of the paged FlexAttention rows")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ap.add_argument("--json-out", help="also write the JSON report to this file")
     a = ap.parse_args()
@@ -94,7 +139,7 @@ def main():
                                                  n_kv_heads=hk, head_dim=d, error=str(e).splitlines()[0][:160]))
                     if a.flex and (bsz, ctx) == (64, 2048):
                         # FlexAttention (compiled once, at the headline shape only: each shape is a
-                        # compile), dense KV with native GQA. The paged form is not measured here.
+                        # compile), dense KV with native GQA. The paged form: `flex_paged`.
                         try:
                             from torch.nn.attention.flex_attention import flex_attention
                             flex = torch.compile(flex_attention, dynamic=False)
@@ -107,6 +152,9 @@ def main():
                         except Exception as e:
                             rows.append(dict(backend="flex", form="native-gqa", batch=bsz, context=ctx, n_heads=hq,
                                              n_kv_heads=hk, head_dim=d, error=str(e).splitlines()[0][:160]))
+                    if a.flex and (bsz, ctx) in FLEX_PAGED_SHAPES:
+                        for page in (int(x) for x in a.flex_page_size.split(",")):
+                            rows.append(flex_paged(a, bsz, ctx, hq, hk, d, page, q_native, scale, copy_tbps))
                     del ks, vs
                     torch.cuda.empty_cache()
     prefill = []

@@ -78,16 +78,25 @@ pub trait Backend: Send {
     }
     fn kv(&self) -> &dyn KvManager;
     fn kv_mut(&mut self) -> &mut dyn KvManager;
-    /// Run one batch (reserving its KV through the cache); per chunk its [`Next`]: logits
-    /// where `logits_for[i]`, else whichever the device gives more cheaply.
-    fn forward(&mut self, batch: &[SeqChunk<'_>], logits_for: &[bool])
-        -> Result<Vec<Next>, String>;
+    /// Start one batch (reserving its KV through the cache). A device that computes on its
+    /// own (the GPU) only queues the work, leaving the engine thread free until
+    /// [`Backend::finish`]; the CPU computes the whole pass here.
+    fn launch(&mut self, batch: &[SeqChunk<'_>], logits_for: &[bool]) -> Result<(), String>;
+    /// Whether the launched batch is done (so [`Backend::finish`] would not wait).
+    fn ready(&self) -> bool {
+        true
+    }
+    /// The launched batch's result, per chunk its [`Next`]: logits where `logits_for[i]`, else
+    /// whichever the device gives more cheaply.
+    fn finish(&mut self) -> Result<Vec<Next>, String>;
 }
 
 /// The CPU device: the model's host weights and a CPU cache; every row comes back as logits.
 struct CpuBackend {
     model: Arc<LoadedModel>,
     kv: Box<dyn KvCache>,
+    /// The launched batch's result (computed by `launch`).
+    done: Option<Result<Vec<Next>, String>>,
 }
 
 impl Backend for CpuBackend {
@@ -103,17 +112,20 @@ impl Backend for CpuBackend {
         self.kv.manager_mut()
     }
 
-    fn forward(
-        &mut self,
-        batch: &[SeqChunk<'_>],
-        _logits_for: &[bool],
-    ) -> Result<Vec<Next>, String> {
+    fn launch(&mut self, batch: &[SeqChunk<'_>], _logits_for: &[bool]) -> Result<(), String> {
         let logits = self
             .model
             .model
             .forward(batch, self.kv.as_mut())
             .map_err(|e| e.to_string())?;
-        Ok(logits.into_iter().map(Next::Logits).collect())
+        self.done = Some(Ok(logits.into_iter().map(Next::Logits).collect()));
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<Vec<Next>, String> {
+        self.done
+            .take()
+            .unwrap_or_else(|| Err("finish without a launched batch".into()))
     }
 }
 
@@ -145,6 +157,7 @@ pub fn start(
             Ok(Box::new(CpuBackend {
                 model: model.clone(),
                 kv,
+                done: None,
             }))
         }
         #[cfg(feature = "cuda")]
@@ -192,14 +205,18 @@ mod cuda {
             &mut self.kv
         }
 
-        fn forward(
-            &mut self,
-            batch: &[SeqChunk<'_>],
-            logits_for: &[bool],
-        ) -> Result<Vec<Next>, String> {
+        fn launch(&mut self, batch: &[SeqChunk<'_>], logits_for: &[bool]) -> Result<(), String> {
             self.model
-                .forward_next(batch, &mut self.kv, logits_for)
+                .launch_next(batch, &mut self.kv, logits_for)
                 .map_err(|e| e.to_string())
+        }
+
+        fn ready(&self) -> bool {
+            self.model.is_done()
+        }
+
+        fn finish(&mut self) -> Result<Vec<Next>, String> {
+            self.model.finish_next().map_err(|e| e.to_string())
         }
     }
 

@@ -218,6 +218,27 @@ pub struct MapMetrics {
     pub pages_mapped_on_wait: u64,
 }
 
+/// Tokens to back in each free slot before the first request (largest first; admissions take
+/// the slot with the most pages): every one of the `max_num_seqs` slots an eighth of its share
+/// of the cache, enough for a typical prompt, then — while the total stays within a quarter of
+/// the cache — the first slots up to one whole step (`max_num_batched_tokens`), for long
+/// prompts admitted first.
+fn warm_plan(capacity: usize, max_num_seqs: usize, step_tokens: usize) -> Vec<usize> {
+    let slots = max_num_seqs.max(1);
+    let base = (capacity / (8 * slots)).min(step_tokens);
+    let mut left = (capacity / 4).saturating_sub(base * slots);
+    let mut plan = vec![base; slots];
+    for t in &mut plan {
+        let extra = step_tokens.saturating_sub(base).min(left);
+        if extra == 0 {
+            break;
+        }
+        *t += extra;
+        left -= extra;
+    }
+    plan
+}
+
 /// A snapshot of the engine (see [`Engine::metrics`]).
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct EngineMetrics {
@@ -235,6 +256,8 @@ pub struct EngineMetrics {
     pub kv_bytes_per_token: usize,
     pub kv: KvUsage,
     pub map: Option<MapMetrics>,
+    /// Pages backed before the first request (vmm's eager allocation, see `warm_kv`).
+    pub kv_warm_pages: usize,
     pub steps: u64,
     /// Seconds spent in steps (scheduling, forward pass, sampling).
     pub busy_seconds: f64,
@@ -317,14 +340,18 @@ impl Engine {
             accepting: AtomicBool::new(true),
         });
         let (tx, rx) = crossbeam_channel::unbounded();
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
         let thread = std::thread::Builder::new()
             .name("vkv-engine".into())
             .spawn({
                 let model = model.clone();
                 let shared = shared.clone();
-                move || EngineLoop::new(&model, backend, &config, &shared).run(&rx)
+                move || EngineLoop::new(&model, backend, &config, &shared).run(&rx, &ready_tx)
             })
             .map_err(|e| EngineError::Start(format!("spawning the engine thread: {e}")))?;
+        // The thread has bound the device and warmed the KV cache (or found the device
+        // unusable, which every request will then be told): its first metrics are out.
+        let _ = ready_rx.recv();
         Ok(Engine {
             tx,
             shared,
@@ -563,6 +590,8 @@ struct EngineLoop<'m> {
     active: HashMap<RequestId, Active<'m>>,
     eos: Vec<u32>,
     metrics: EngineMetrics,
+    /// Commands received during a step that wait for its end (see `admit_while_computing`).
+    deferred: Vec<Command>,
 }
 
 impl<'m> EngineLoop<'m> {
@@ -585,14 +614,16 @@ impl<'m> EngineLoop<'m> {
             active: HashMap::new(),
             eos: model.tokenizer.stop_token_ids().to_vec(),
             metrics,
+            deferred: Vec::new(),
         }
     }
 
-    fn run(mut self, rx: &Receiver<Command>) {
+    fn run(mut self, rx: &Receiver<Command>, ready: &Sender<()>) {
         let mut draining = false;
         if let Err(e) = self.backend.bind_to_thread() {
             // Every request would fail: say why for each, and take none.
             self.shared.accepting.store(false, Ordering::Release);
+            let _ = ready.send(());
             while let Ok(cmd) = rx.recv() {
                 match cmd {
                     Command::Add { id, events, .. } => {
@@ -610,6 +641,9 @@ impl<'m> EngineLoop<'m> {
             }
             return;
         }
+        self.warm_kv();
+        self.publish();
+        let _ = ready.send(());
         loop {
             // Block for work only when there is nothing to run.
             if self.scheduler.is_idle() {
@@ -625,7 +659,11 @@ impl<'m> EngineLoop<'m> {
                 draining |= self.command(cmd);
             }
             if !self.scheduler.is_idle() {
-                self.step();
+                self.step(rx);
+                // Commands that arrived during the step and had to wait for its end.
+                for cmd in std::mem::take(&mut self.deferred) {
+                    draining |= self.command(cmd);
+                }
             }
             self.publish();
         }
@@ -635,6 +673,19 @@ impl<'m> EngineLoop<'m> {
             self.end(id, FinishReason::Abort);
         }
         self.publish();
+    }
+
+    /// vAttention's eager allocation, once before the first request: back the first tokens of
+    /// the slots the first step may fill, so that an idle engine's first admissions find their
+    /// pages mapped (later ones find them prepared a step ahead, or left by a finished request).
+    /// See [`warm_plan`]. Surplus pages, reclaimed as soon as memory is short.
+    fn warm_kv(&mut self) {
+        let plan = warm_plan(
+            self.backend.kv().capacity_tokens(),
+            self.config.max_num_seqs,
+            self.config.max_num_batched_tokens,
+        );
+        self.metrics.kv_warm_pages = self.backend.kv_mut().warm_free_slots(&plan);
     }
 
     /// Handle one command; returns true on a shutdown.
@@ -768,7 +819,7 @@ impl<'m> EngineLoop<'m> {
         }
     }
 
-    fn step(&mut self) {
+    fn step(&mut self, rx: &Receiver<Command>) {
         let start = Instant::now();
         let step = match self.scheduler.schedule(self.backend.kv_mut()) {
             Ok(step) => step,
@@ -814,7 +865,14 @@ impl<'m> EngineLoop<'m> {
                         .is_some_and(|a| !a.sampler.is_greedy())
             })
             .collect();
-        let nexts = match self.backend.forward(&batch, &logits_for) {
+        if let Err(e) = self.backend.launch(&batch, &logits_for) {
+            let ids: Vec<RequestId> = step.chunks.iter().map(|c| c.seq).collect();
+            self.fail(&ids, &format!("forward pass failed: {e}"));
+            return;
+        }
+        drop(batch);
+        self.admit_while_computing(rx);
+        let nexts = match self.backend.finish() {
             Ok(nexts) => nexts,
             Err(e) => {
                 let ids: Vec<RequestId> = step.chunks.iter().map(|c| c.seq).collect();
@@ -858,6 +916,36 @@ impl<'m> EngineLoop<'m> {
         }
         self.metrics.steps += 1;
         self.metrics.busy_seconds += start.elapsed().as_secs_f64();
+    }
+
+    /// While the device computes the launched batch (the GPU; the CPU is done at once): take
+    /// in requests as they arrive and have their first pages prepared (vmm), so that the next
+    /// step admits them without waiting for the Mapper — a request arriving during a step is
+    /// admitted by the very next one. Other commands (aborts, audits, shutdown) concern
+    /// sequences of the batch in flight: they wait for the step's end (`deferred`). Polls, as
+    /// CUDA's own synchronization spins before it yields.
+    fn admit_while_computing(&mut self, rx: &Receiver<Command>) {
+        while !self.backend.ready() {
+            let mut added = false;
+            while let Ok(cmd) = rx.try_recv() {
+                match cmd {
+                    Command::Add {
+                        id,
+                        request,
+                        events,
+                        arrival,
+                    } => {
+                        self.add(id, request, events, arrival);
+                        added = true;
+                    }
+                    other => self.deferred.push(other),
+                }
+            }
+            if added {
+                self.prepare_admissions();
+            }
+            std::thread::yield_now();
+        }
     }
 
     /// Tell the cache which waiting requests the next step will likely admit, so their first
@@ -954,6 +1042,21 @@ impl<'m> EngineLoop<'m> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn warm_plan_stays_within_a_quarter_and_puts_the_largest_first() {
+        // The H100 Llama-3-8B case: 453k tokens, 128 slots, 8192-token steps.
+        let plan = warm_plan(453_312, 128, 8192);
+        assert_eq!(plan.len(), 128);
+        assert!(plan.iter().sum::<usize>() <= 453_312 / 4);
+        assert!(plan.windows(2).all(|w| w[0] >= w[1]), "{plan:?}");
+        assert_eq!(plan[0], 8192);
+        assert_eq!(*plan.last().unwrap(), 453_312 / (8 * 128));
+        // A cache smaller than a step: nothing over a quarter, no slot over the step.
+        let plan = warm_plan(1000, 4, 8192);
+        assert!(plan.iter().sum::<usize>() <= 250 && plan.iter().all(|&t| t <= 8192));
+        assert_eq!(warm_plan(0, 64, 2048).iter().sum::<usize>(), 0);
+    }
 
     #[test]
     fn tpot_is_the_mean_gap_after_the_first_token() {

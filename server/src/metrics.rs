@@ -273,7 +273,7 @@ impl ServerMetrics {
         single(
             &mut out,
             "vkv_kv_capacity_bytes",
-            "Bytes of the KV cache's capacity in tokens.",
+            "Bytes of the KV cache's capacity in tokens (the device's element size: f16 or f32 on the CPU, bf16 on the GPU).",
             "gauge",
             e.kv_capacity_bytes,
         );
@@ -340,6 +340,13 @@ impl ServerMetrics {
             "vmm: KV pages the Mapper thread mapped ahead of need.",
             "counter",
             map.pages_mapped_ahead,
+        );
+        single(
+            &mut out,
+            "vkv_kv_warm_pages",
+            "vmm: KV pages backed before the first request (eager allocation), reclaimable.",
+            "gauge",
+            e.kv_warm_pages,
         );
         single(
             &mut out,

@@ -106,6 +106,14 @@ pub trait KvManager: Send {
     /// longer listed are dropped; prepared memory never blocks a `reserve` of another sequence.
     /// A no-op where there is nothing to prepare.
     fn prepare_admissions(&mut self, _next: &[(SeqId, usize)]) {}
+    /// Eager allocation (vAttention §6): back the first `tokens[i]` tokens of free slot `i`
+    /// now, before any request, so that the first admissions of an idle engine find their pages
+    /// mapped (an admission takes the free slot with the most pages, so list the largest
+    /// first). The pages belong to no sequence: they are surplus, reclaimed under pressure like
+    /// a released slot's. Returns the pages mapped; a no-op (0) where nothing is mapped.
+    fn warm_free_slots(&mut self, _tokens: &[usize]) -> usize {
+        0
+    }
     /// Check the cache's own books: every block or page is either free or held by exactly the
     /// sequences that hold it. The error says what is inconsistent.
     fn audit(&self) -> Result<(), String>;
@@ -542,6 +550,28 @@ impl KvManager for VmmManager {
         }
     }
 
+    fn warm_free_slots(&mut self, tokens: &[usize]) -> usize {
+        let mut space = self.mapper.space();
+        // Hold every slot warmed until the end, so that `acquire` (which prefers slots with
+        // pages) hands out a cold one each time.
+        let mut warmed = Vec::new();
+        let mut mapped = 0;
+        for &t in tokens {
+            let Ok(slot) = space.acquire() else { break };
+            warmed.push(slot);
+            match space.ensure(slot, t.min(self.config.max_tokens)) {
+                Ok(n) => mapped += n,
+                // Out of pages: what is mapped stays.
+                Err(_) => break,
+            }
+        }
+        for slot in warmed {
+            // Acquired just above: releasing cannot fail.
+            let _ = space.release(slot);
+        }
+        mapped
+    }
+
     fn map_ahead(&self, seq: SeqId, len: usize) {
         if let Some(&slot) = self.slots.get(&seq) {
             let len = len.min(self.config.max_tokens);
@@ -622,6 +652,9 @@ impl KvManager for VmmKv {
     }
     fn map_ahead(&self, seq: SeqId, len: usize) {
         self.0.map_ahead(seq, len)
+    }
+    fn warm_free_slots(&mut self, tokens: &[usize]) -> usize {
+        self.0.warm_free_slots(tokens)
     }
     fn prepare_admissions(&mut self, next: &[(SeqId, usize)]) {
         self.0.prepare_admissions(next)
@@ -872,6 +905,32 @@ mod tests {
         kv.prepare_admissions(&[]);
         kv.audit().unwrap();
         assert_eq!(kv.0.mapper.space().stats().active_slots, 0);
+        assert_eq!(kv.usage(), KvUsage::default());
+    }
+
+    #[test]
+    fn warmed_slots_admit_without_waiting_and_their_pages_are_reclaimable() {
+        let mut kv = VmmKv::new(DIMS, KvLayout::TokenMajor, 3, 512, 4096, 64).unwrap();
+        let mapped = kv.warm_free_slots(&[300, 40]);
+        assert!(mapped > 0);
+        assert_eq!(kv.usage(), KvUsage::default(), "warm pages hold no token");
+        assert_eq!(kv.0.mapper.space().stats().active_slots, 0);
+        kv.audit().unwrap();
+        // The first admission gets the largest warm slot, the second the other: no wait.
+        kv.reserve(1, 300).unwrap();
+        kv.reserve(2, 40).unwrap();
+        assert_eq!(kv.mapper_stats().unwrap().waits, 0);
+        // The cold third slot waits.
+        kv.reserve(3, 40).unwrap();
+        assert_eq!(kv.mapper_stats().unwrap().waits, 1);
+        for seq in [1, 2, 3] {
+            kv.free(seq).unwrap();
+        }
+        // All memory can still be taken by one sequence: warm pages are reclaimed for it.
+        let cap = kv.capacity_tokens().min(512);
+        kv.reserve(4, cap).unwrap();
+        kv.audit().unwrap();
+        kv.free(4).unwrap();
         assert_eq!(kv.usage(), KvUsage::default());
     }
 

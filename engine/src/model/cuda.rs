@@ -15,7 +15,7 @@
 //! unchanged.
 //!
 //! Per step: the batch's tokens, positions, chunk bounds and KV addressing are uploaded once;
-//! then per layer: RMSNorm (residual add fused) → one QKV GEMM (cuBLAS, bf16 in, f32 accumulate)
+//! then per layer: RMSNorm (residual add fused) → one QKV GEMM (cuBLASLt, bf16 in, f32 accumulate)
 //! → RoPE fused with the split into Q, K, V → KV append → attention (the decode kernel when every
 //! chunk is one token, else the ragged prefill kernel, which also serves mixed batches) → output
 //! GEMM → RMSNorm (+ residual) → gate/up GEMM → SiLU·mul → down GEMM. The residual stream is
@@ -31,10 +31,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use vkv_kernels::cpu::RopeStyle;
-use vkv_kernels::cuda::cudarc::driver::{CudaContext, CudaStream};
+use vkv_kernels::cuda::cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 use vkv_kernels::cuda::{
     AppendArgs, Attention, DecodeArgs, DecodeShape, DecodeWorkspace, DeviceBuffer, Dtype, Gemm,
-    KernelError, KvAddress, ModelOps, PrefillArgs, PrefillShape,
+    GemmLibrary, KernelError, KvAddress, ModelOps, PrefillArgs, PrefillShape,
 };
 use vkv_vmm::{
     CudaVmm, KvLayout, KvSpaceConfig, MapperOptions, MapperStats, PhysicalMemory, VmmError,
@@ -421,6 +421,13 @@ impl KvManager for GpuKv {
         }
     }
 
+    fn warm_free_slots(&mut self, tokens: &[usize]) -> usize {
+        match &mut self.store {
+            Store::Vmm(m) => m.warm_free_slots(tokens),
+            Store::Paged { .. } => 0,
+        }
+    }
+
     fn audit(&self) -> Result<(), String> {
         match &self.store {
             Store::Paged {
@@ -529,6 +536,9 @@ pub struct CudaLlama {
     inv_freq: DeviceBuffer,
     layers: Vec<GpuLayer>,
     buf: Buffers,
+    /// The batch [`CudaLlama::launch_next`] queued and [`CudaLlama::finish_next`] has not
+    /// collected: its row count, which rows want logits, and an event recorded after it.
+    pending: Option<(usize, Vec<bool>, Option<CudaEvent>)>,
 }
 
 fn bf16_bits(v: &[f32]) -> Vec<u16> {
@@ -566,6 +576,7 @@ impl CudaLlama {
             norm: w.norm,
             layers: w.layers,
             buf: Buffers::default(),
+            pending: None,
         })
     }
 
@@ -748,12 +759,27 @@ impl CudaLlama {
     /// Run one batch and return, per chunk, its next token: the greedy one (argmax on the
     /// device), or — where `logits_for[i]` — the logits of its last token, downloaded alone for
     /// sampling on the host. Only the ids and those rows cross to the host.
+    /// ([`CudaLlama::launch_next`] then [`CudaLlama::finish_next`].)
     pub fn forward_next(
         &mut self,
         batch: &[SeqChunk<'_>],
         kv: &mut GpuKv,
         logits_for: &[bool],
     ) -> Result<Vec<Next>> {
+        self.launch_next(batch, kv, logits_for)?;
+        self.finish_next()
+    }
+
+    /// The first half of [`CudaLlama::forward_next`]: reserve the batch's KV, upload its inputs
+    /// and queue its kernels and the argmax, without waiting for the device. The host is free
+    /// until [`CudaLlama::finish_next`] (the engine admits requests meanwhile);
+    /// [`CudaLlama::is_done`] says whether that would wait.
+    pub fn launch_next(
+        &mut self,
+        batch: &[SeqChunk<'_>],
+        kv: &mut GpuKv,
+        logits_for: &[bool],
+    ) -> Result<()> {
         if logits_for.len() != batch.len() || batch.iter().any(|c| c.all_logits) {
             return Err(CudaModelError::Batch(format!(
                 "forward_next takes one flag per chunk ({} for {} chunks) and last-token logits only",
@@ -761,11 +787,53 @@ impl CudaLlama {
                 batch.len()
             )));
         }
-        let ids = self.forward_greedy(batch, kv)?;
+        if self.pending.is_some() {
+            return Err(CudaModelError::Batch(
+                "a batch is already launched and not finished".into(),
+            ));
+        }
+        let wanted = self.run(batch, kv)?;
+        let logits = self.buf.logits.get(&self.ctx, 0)?;
+        let ids = self.buf.ids.get(&self.ctx, wanted * 4)?;
+        // SAFETY: logits holds [wanted][vocab] f32 written by run; ids holds wanted u32.
+        unsafe {
+            self.ops
+                .argmax_rows(&self.stream, logits, ids, wanted, self.config.vocab_size)?
+        };
+        // Without an event `is_done` says yes and `finish_next` simply waits.
+        let done = self.stream.record_event(None).ok();
+        self.pending = Some((wanted, logits_for.to_vec(), done));
+        Ok(())
+    }
+
+    /// Whether the launched batch has finished on the device (so [`CudaLlama::finish_next`]
+    /// would not wait); true when nothing is launched, or when the device reports an error
+    /// (which `finish_next` then returns).
+    pub fn is_done(&self) -> bool {
+        match &self.pending {
+            Some((_, _, Some(event))) => event.try_is_complete().unwrap_or(true),
+            _ => true,
+        }
+    }
+
+    /// The second half of [`CudaLlama::forward_next`]: wait for the launched batch and bring
+    /// back its ids (and the logits rows asked for).
+    pub fn finish_next(&mut self) -> Result<Vec<Next>> {
+        let (wanted, logits_for, _) = self
+            .pending
+            .take()
+            .ok_or_else(|| CudaModelError::Batch("finish_next without a launched batch".into()))?;
+        let mut ids = vec![0u32; wanted];
+        self.buf
+            .ids
+            .0
+            .as_ref()
+            .expect("written by launch_next")
+            .download(0, &mut ids)?;
         let vocab = self.config.vocab_size;
         let logits = self.buf.logits.0.as_ref().expect("written by run");
         ids.into_iter()
-            .zip(logits_for)
+            .zip(&logits_for)
             .enumerate()
             .map(|(row, (id, &want))| {
                 if !want {
@@ -833,10 +901,20 @@ impl CudaLlama {
         })
     }
 
+    /// The library the matrix products go through (cuBLASLt unless `VKV_GEMM=cublas`).
+    pub fn gemm_library(&self) -> GemmLibrary {
+        self.gemm.library()
+    }
+
+    /// Route the matrix products through `library` (benchmarks compare the two).
+    pub fn set_gemm_library(&mut self, library: GemmLibrary) {
+        self.gemm.set_library(library);
+    }
+
     /// Only the matrix products of one forward pass over `rows` tokens (every layer's four GEMMs
     /// for `rows` rows, the output head for `head_rows`: `rows` in a decode step, one per
     /// sequence in a prefill), on random activations, queued on the stream: how much of a step
-    /// cuBLAS takes (benchmarks).
+    /// the GEMM library takes (benchmarks).
     pub fn gemms_only(&mut self, rows: usize, head_rows: usize) -> Result<()> {
         let head_rows = head_rows.min(rows);
         let c = self.config.clone();
@@ -874,6 +952,99 @@ impl CudaLlama {
             }
         }
         Ok(())
+    }
+
+    /// Whether CUDA graphs would pay, measured on the part of a decode step that can be captured
+    /// as the model stands (benchmarks): the matrix products of one step of `rows` rows (as
+    /// [`CudaLlama::gemms_only`]: four per layer and the head) on a stream of their own, launched
+    /// one by one, and the same launches captured once into a graph and replayed. Returns
+    /// (launched, replayed, launches per step): median ms of `reps`, host clock around a
+    /// synchronized step. (The model itself runs on the legacy default stream, which cannot be
+    /// captured.)
+    pub fn gemm_graph_ms(&mut self, rows: usize, reps: usize) -> Result<(f64, f64, usize)> {
+        use vkv_kernels::cuda::cudarc::driver::sys::{
+            CUgraphInstantiate_flags, CUstreamCaptureMode,
+        };
+        let c = self.config.clone();
+        let (h, inter) = (c.hidden_size, c.intermediate_size);
+        let (qw, kvw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let driver = |call: &'static str| {
+            move |e: vkv_kernels::cuda::cudarc::driver::DriverError| {
+                CudaModelError::Kernel(KernelError::Driver {
+                    call,
+                    detail: e.to_string(),
+                })
+            }
+        };
+        let ctx = self.ctx.clone();
+        let b = &mut self.buf;
+        let xn = b.xn.get(&ctx, rows * h * BF16)?;
+        let qkv = b.qkv.get(&ctx, rows * (qw + 2 * kvw) * BF16)?;
+        let attn = b.attn.get(&ctx, rows * qw * BF16)?;
+        let o = b.o.get(&ctx, rows * h * BF16)?;
+        let gu = b.gu.get(&ctx, rows * 2 * inter * BF16)?;
+        let act = b.act.get(&ctx, rows * inter * BF16)?;
+        let logits = b.logits.get(&ctx, rows * c.vocab_size * 4)?;
+        // SAFETY: the buffers are sized above for `rows`.
+        unsafe {
+            self.ops.fill_bf16(&self.stream, xn, rows * h, 1, 1.0)?;
+            self.ops.fill_bf16(&self.stream, attn, rows * qw, 2, 1.0)?;
+            self.ops
+                .fill_bf16(&self.stream, act, rows * inter, 3, 1.0)?;
+        }
+        self.synchronize()?;
+        let stream = ctx.new_stream().map_err(driver("cuStreamCreate"))?;
+        let gemm = Gemm::new(stream.clone())?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let layers = &self.layers;
+        let step = || -> Result<()> {
+            // SAFETY: as in `gemms_only`: every buffer is sized for `rows`.
+            unsafe {
+                for layer in layers {
+                    gemm.matmul_t(xn, layer.qkv.ptr(), qkv, rows, qw + 2 * kvw, h, false)?;
+                    gemm.matmul_t(attn, layer.wo.ptr(), o, rows, h, qw, false)?;
+                    gemm.matmul_t(xn, layer.gate_up.ptr(), gu, rows, 2 * inter, h, false)?;
+                    gemm.matmul_t(act, layer.w_down.ptr(), o, rows, h, inter, false)?;
+                }
+                gemm.matmul_t(xn, head.ptr(), logits, rows, c.vocab_size, h, true)?;
+            }
+            Ok(())
+        };
+        let sync = || stream.synchronize().map_err(driver("cuStreamSynchronize"));
+        // Warm-up: cuBLASLt's plans are made here, not while capturing.
+        step()?;
+        sync()?;
+        let mut launched = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let t = std::time::Instant::now();
+            step()?;
+            sync()?;
+            launched.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(driver("cuStreamBeginCapture"))?;
+        let captured = step();
+        let graph = stream
+            .end_capture(CUgraphInstantiate_flags(0))
+            .map_err(driver("cuStreamEndCapture"))?;
+        captured?;
+        let graph = graph.ok_or_else(|| CudaModelError::Batch("the capture was empty".into()))?;
+        graph.upload().map_err(driver("cuGraphUpload"))?;
+        graph.launch().map_err(driver("cuGraphLaunch"))?;
+        sync()?;
+        let mut replayed = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let t = std::time::Instant::now();
+            graph.launch().map_err(driver("cuGraphLaunch"))?;
+            sync()?;
+            replayed.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        Ok((median(launched), median(replayed), 4 * layers.len() + 1))
     }
 
     /// Check the batch against the model and the cache; reserve its tokens.

@@ -1,5 +1,7 @@
 //! Products of block-quantized weights (Q4_1, Q8_0) with activations quantized to 8 bits, in
-//! integer arithmetic — llama.cpp's `ggml_vec_dot_q4_1_q8_1` / `ggml_vec_dot_q8_0_q8_0` idea.
+//! integer arithmetic — llama.cpp's `ggml_vec_dot_q4_1_q8_1` / `ggml_vec_dot_q8_0_q8_0` idea,
+//! computed as a register-blocked GEMM in the style of llama.cpp's repacked CPU kernels and
+//! oneDNN's VNNI GEMM.
 //!
 //! Each activation row is quantized per 32-element block (ggml's Q8_1): `d_x = max|x| / 127`,
 //! `q_x = round(x / d_x)` (ties to even) in `-127..=127`, and `s_x = d_x · Σ q_x`. A Q4_1 weight block
@@ -9,63 +11,58 @@
 //! i32: `vpdpbusd` with AVX512-VNNI, `vpmaddubsw` + `vpmaddwd` with AVX2, plain Rust elsewhere),
 //! so all three instruction sets give the same integers.
 //!
-//! **Batch invariance by construction.** A row's result is computed by the same operations in
-//! the same order whatever the other rows are: its quantization depends on the row alone, its
-//! integer sums are exact, and the f32 combination (per group of blocks: one multiply, one or two
-//! FMAs per lane, then a fixed horizontal sum) does not depend on how many rows share a weight
-//! load. The portable path rounds the same way (f32 `mul_add`), so it gives the same bits as the
-//! SIMD paths — the tests check both.
+//! **Layout (VNNI's).** Weights are repacked once (on first use, kept beside the ggml layout
+//! that [`super::Weight::row`] and the f32 kernels read) in panels of [`PANEL`] = 16 output
+//! columns — one 512-bit vector of i32 lanes, lane `c` for column `c`. Per panel and block, a
+//! record holds the quants in steps of 4 consecutive `k`: step `s` is 64 bytes, column `c`'s
+//! quants `4s..4s + 4` at bytes `4c..4c + 4`, so one `vpdpbusd` of a step with the activation's
+//! 4 bytes broadcast to every lane (`vpbroadcastd`) adds 4 products to each of 16 columns. Q4_1
+//! packs steps `s` and `s + 4` into the low and high nibbles of one 64-byte chunk (0.5 bytes per
+//! weight); Q8_0 quants are stored offset by 128 (unsigned, as `vpdpbusd` wants them) and the
+//! offset's `128 · Σ q_x` starts the integer sum negative. Then the panel's 16 `d_w` and (Q4_1)
+//! 16 `m_w` as f16, as ggml stores them: Q4_1 reads 0.625 bytes per weight, as in the file.
+//! Panels are stored block after block, so a panel is one sequential stream; the last panel of a
+//! matrix whose rows are not a multiple of 16 is padded with zero columns, never written out.
+//! Activations stay row-major (`k` bytes per row, plus `d_x`, `s_x` and the offset per block),
+//! quantized in AVX-512 on the VNNI path and in AVX2 otherwise, to the portable path's bytes.
 //!
-//! **Layout.** Weights are repacked once (on first use, kept beside the ggml layout that
-//! [`super::Weight::row`] and the f32 kernels read) so that a 256-bit vector lane holds one
-//! block's running sum: the blocks of a row are taken in groups of 8 (then one group each of 4,
-//! 2, 1 for the rest — 576 = 18 blocks is 8 + 8 + 2), and in a group of `R` blocks each block
-//! owns `8 / R` lanes; vector `v`, lane `i` holds four consecutive quants of block
-//! `i / (8 / R)` (see [`source`]). Activations are permuted the same way when quantized. Per
-//! group, the weight side keeps each lane's `d_w` and `m_w` (the min in the block's first lane,
-//! 0 in the others) as f16, as ggml stores them: Q4_1 reads 0.625 bytes per weight, as in the
-//! file. Q4_1 nibbles come in pairs of vectors (low and high nibbles of 32 bytes); Q8_0 quants
-//! are stored offset by 128 (unsigned, as `vpdpbusd` wants them), and the offset's
-//! `128 · Σ q_x` is subtracted in integers.
+//! **The tile.** A kernel keeps `R` activation rows × `C` panels of i32 sums in registers for
+//! one block (each weight vector loaded and unpacked once for `R` rows, each broadcast used for
+//! `C` panels), then folds them into as many f32 accumulators: `acc = fma(f32(Σ), d_w · d_x,
+//! acc)`, and for Q4_1 `acc = fma(m_w, s_x, acc)`. That is the cheapest exact form we found: the
+//! three factors of the main term vary by row, by column and by both, so it takes a multiply and
+//! an FMA per output and block, and the min term (`s_x` per row and block, `m_w` per column and
+//! block) one more FMA and no integer work. With AVX512-VNNI on 512-bit vectors (32 registers)
+//! the tile is 4 rows × 2 panels (8 i32 + 8 f32 accumulators; 4 × 4, 8 × 2, 3 × 4 and 2 × 4
+//! measured within noise of it); one row (decode, bound by reading the weights) takes 1 × 1,
+//! a single sequential weight stream per task, with a block's steps summed in two integer
+//! chains. AVX2 (16 registers) takes 2 rows × one panel as two 256-bit halves; the portable
+//! path one output at a time. Tasks (rayon) are runs of panels; within one, 64 activation rows
+//! at a time meet each of its panels, so both stay in cache.
 //!
-//! **Rows per weight load.** A weight group is unpacked into registers once and dotted with up
-//! to 8 activation rows (VNNI, 32 vector registers) or 4 (AVX2, 16 registers): this is where a
-//! batch wins over one sequence. The SIMD paths are picked at run time (never `target-cpu`);
-//! `VKV_NO_VNNI` forces AVX2, `VKV_NO_SIMD` the portable path.
+//! **Batch invariance by construction.** Every output is one lane of one accumulator, computed
+//! by the same f32 operations in the same order — blocks in sequence, the two FMAs above, from
+//! zero — whatever the tile shape, the row's place in the tile, `m`, or the instruction set:
+//! its quantization depends on the row alone and its integer sums are exact (at most
+//! 32 · 255 · 127 < 2^24, so their conversion to f32 is exact too). Tails (rows not a multiple
+//! of `R`, panels not a multiple of `C`) take smaller tiles of the same kernel. The portable path
+//! rounds the same way (f32 `mul_add`), so it gives the same bits as the SIMD paths — the tests
+//! check both. The SIMD paths are picked at run time (never `target-cpu`); `VKV_NO_VNNI` forces
+//! AVX2, `VKV_NO_SIMD` the portable path.
 
 use std::sync::OnceLock;
 
 use half::f16;
 use rayon::prelude::*;
 
-use super::quant::{BLOCK, TASK};
+use super::quant::BLOCK;
 
-/// i32 / f32 lanes of a 256-bit vector.
-const LANES: usize = 8;
-/// Blocks in a full group (one per lane).
-const GROUP: usize = 8;
-
-/// The sizes of the groups a row of `blocks` blocks splits into: eights, then one each of 4, 2
-/// and 1 where needed.
-fn group_sizes(blocks: usize) -> Vec<usize> {
-    let mut g = vec![GROUP; blocks / GROUP];
-    for r in [4, 2, 1] {
-        if (blocks % GROUP) & r != 0 {
-            g.push(r);
-        }
-    }
-    g
-}
-
-/// Where byte `e` (0..32) of vector `v` of a group of `r` blocks comes from:
-/// `(block in the group, element in the block)`. Lane `e / 4` belongs to block
-/// `lane / (8 / r)`; the block's lanes take its 32 elements four at a time, lane by lane, then
-/// vector by vector.
-fn source(r: usize, v: usize, e: usize) -> (usize, usize) {
-    let per = LANES / r;
-    let lane = e / 4;
-    (lane / per, 4 * (v * per + lane % per) + e % 4)
-}
+/// Output columns per panel: the i32 / f32 lanes of a 512-bit vector.
+const PANEL: usize = 16;
+/// Consecutive `k` per lane and step (`vpdpbusd` sums 4 byte products into an i32 lane).
+const STEP: usize = 4;
+/// Steps per block.
+const STEPS: usize = BLOCK / STEP;
 
 /// A quantized matrix repacked for the integer kernels (see the module docs).
 #[derive(Debug, Clone)]
@@ -74,29 +71,61 @@ pub struct Packed {
     q4: bool,
     /// Columns (weights per row).
     k: usize,
-    groups: Vec<usize>,
-    /// Per row `k / 2` (Q4_1) or `k` (Q8_0) bytes, group after group.
-    qs: Vec<u8>,
-    /// Per row, per group: `d_w` of each lane's block, then (Q4_1) `m_w` in each block's first
-    /// lane and 0 elsewhere.
-    lanes: Vec<f16>,
+    /// Panel after panel, block after block: one record of [`Packed::record_bytes`].
+    data: Vec<u8>,
 }
 
 impl Packed {
-    fn row_bytes(&self) -> usize {
-        if self.q4 {
-            self.k / 2
+    /// Bytes of quants in a record, before the scales.
+    fn quant_bytes(q4: bool) -> usize {
+        if q4 {
+            PANEL * BLOCK / 2
         } else {
-            self.k
+            PANEL * BLOCK
         }
     }
 
-    fn lanes_per_group(&self) -> usize {
-        if self.q4 {
-            2 * LANES
+    /// One panel's block: quants, `d_w` (16 f16), then for Q4_1 `m_w` (16 f16).
+    fn record_bytes(q4: bool) -> usize {
+        Self::quant_bytes(q4) + if q4 { 4 * PANEL } else { 2 * PANEL }
+    }
+
+    fn blocks(&self) -> usize {
+        self.k / BLOCK
+    }
+
+    fn panels(&self) -> usize {
+        self.data.len() / (self.blocks() * Self::record_bytes(self.q4))
+    }
+
+    /// The record of panel `p`, block `b`.
+    fn record(&self, p: usize, b: usize) -> &[u8] {
+        let rec = Self::record_bytes(self.q4);
+        &self.data[(p * self.blocks() + b) * rec..][..rec]
+    }
+
+    /// Quant `STEP · s + t` of column `c` in a record, unsigned (Q8_0: offset by 128).
+    fn quant(q4: bool, rec: &[u8], c: usize, s: usize, t: usize) -> u8 {
+        if q4 {
+            let byte = rec[64 * (s % 4) + STEP * c + t];
+            if s < 4 {
+                byte & 0xF
+            } else {
+                byte >> 4
+            }
         } else {
-            LANES
+            rec[64 * s + STEP * c + t]
         }
+    }
+
+    /// `(d_w, m_w)` of column `c` in a record (`m_w` 0 for Q8_0).
+    fn scales(q4: bool, rec: &[u8], c: usize) -> (f32, f32) {
+        let at = |i: usize| f16::from_le_bytes([rec[i], rec[i + 1]]).to_f32();
+        let q = Self::quant_bytes(q4);
+        (
+            at(q + 2 * c),
+            if q4 { at(q + 2 * PANEL + 2 * c) } else { 0.0 },
+        )
     }
 
     /// Repack `rows` rows of `k` weights from ggml-ordered blocks: `quant(block, i)` is element
@@ -110,64 +139,33 @@ impl Packed {
         scale: impl Fn(usize) -> (f16, f16) + Sync,
     ) -> Self {
         let nb = k / BLOCK;
-        let groups = group_sizes(nb);
-        let row_bytes = if q4 { k / 2 } else { k };
-        let row_lanes = groups.len() * if q4 { 2 * LANES } else { LANES };
-        let mut qs = vec![0u8; rows * row_bytes];
-        let mut lanes = vec![f16::ZERO; rows * row_lanes];
-        let one = |(j, (qs, lanes)): (usize, (&mut [u8], &mut [f16]))| {
-            let (mut qs, mut lanes) = (qs.iter_mut(), lanes.iter_mut());
-            let put = |q: &mut std::slice::IterMut<'_, u8>, v: u8| *q.next().expect("row") = v;
-            let mut b0 = j * nb;
-            for &r in &groups {
-                let vec = |v: usize, e: usize| {
-                    let (b, i) = source(r, v, e);
-                    quant(b0 + b, i)
-                };
-                if !q4 {
-                    for v in 0..r {
-                        for e in 0..32 {
-                            put(&mut qs, vec(v, e));
+        let rec = Self::record_bytes(q4);
+        let qb = Self::quant_bytes(q4);
+        let mut data = vec![0u8; rows.div_ceil(PANEL) * nb * rec];
+        let panel = |(p, data): (usize, &mut [u8])| {
+            for (b, r) in data.chunks_exact_mut(rec).enumerate() {
+                for c in 0..PANEL.min(rows - p * PANEL) {
+                    let blk = (p * PANEL + c) * nb + b;
+                    for s in 0..STEPS {
+                        for t in 0..STEP {
+                            let q = quant(blk, STEP * s + t);
+                            if q4 {
+                                r[64 * (s % 4) + STEP * c + t] |= q << (4 * (s / 4));
+                            } else {
+                                r[64 * s + STEP * c + t] = q;
+                            }
                         }
                     }
-                } else if r == 1 {
-                    for e in 0..16 {
-                        put(&mut qs, vec(0, e) | vec(0, e + 16) << 4);
-                    }
-                } else {
-                    for pair in 0..r / 2 {
-                        for e in 0..32 {
-                            put(&mut qs, vec(2 * pair, e) | vec(2 * pair + 1, e) << 4);
-                        }
+                    let (d, m) = scale(blk);
+                    r[qb + 2 * c..][..2].copy_from_slice(&d.to_le_bytes());
+                    if q4 {
+                        r[qb + 2 * PANEL + 2 * c..][..2].copy_from_slice(&m.to_le_bytes());
                     }
                 }
-                let per = LANES / r;
-                for lane in 0..LANES {
-                    *lanes.next().expect("row") = scale(b0 + lane / per).0;
-                }
-                if q4 {
-                    for lane in 0..LANES {
-                        *lanes.next().expect("row") = if lane % per == 0 {
-                            scale(b0 + lane / per).1
-                        } else {
-                            f16::ZERO
-                        };
-                    }
-                }
-                b0 += r;
             }
         };
-        qs.par_chunks_mut(row_bytes)
-            .zip(lanes.par_chunks_mut(row_lanes))
-            .enumerate()
-            .for_each(one);
-        Packed {
-            q4,
-            k,
-            groups,
-            qs,
-            lanes,
-        }
+        data.par_chunks_mut(nb * rec).enumerate().for_each(panel);
+        Packed { q4, k, data }
     }
 
     /// From ggml Q4_1 data as [`super::Weight`] keeps it: `(d, m)` per block and 16 bytes of
@@ -212,99 +210,64 @@ impl Packed {
     }
 }
 
-/// Activation rows quantized to 8 bits per 32-element block, permuted like the weights, and
-/// stored group-major: a group's data for all rows together, so a kernel finds row `r0 + r`
-/// at a fixed distance from row `r0`.
+/// Activation rows quantized to 8 bits per 32-element block, row-major.
 #[derive(Debug, Clone)]
 pub struct Q8Rows {
-    m: usize,
-    /// Group `g` (starting at block `b0`, of `R` blocks): row `r`'s `32 · R` quants at
-    /// `32 · (m · b0 + r · R)`.
+    /// Row `r`'s quants at `k · r`.
     qs: Vec<i8>,
-    /// Group `g`, row `r`, at `16 · (m · g + r)`: `d_x` of each lane's block, then
-    /// `s_x = d_x · Σ q_x` of each lane's block.
-    lanes: Vec<f32>,
-    /// Group `g`, row `r`, at `8 · (m · g + r)`: `128 · Σ q_x` over each lane's quants (Q8_0's
-    /// offset).
-    offsets: Vec<i32>,
+    /// Per row and block (at `blocks · r + b`): `d_x`.
+    d: Vec<f32>,
+    /// Per row and block: `s_x = d_x · Σ q_x` (Q4_1's min term).
+    s: Vec<f32>,
+    /// Per row and block: `-128 · Σ q_x`, where Q8_0's integer sums start (its offset).
+    start: Vec<i32>,
 }
 
 /// One row's input and outputs in [`quantize_rows`].
-type RowParts<'a> = ((&'a [f32], &'a mut [i8]), (&'a mut [f32], &'a mut [i32]));
+type RowParts<'a> = (
+    (&'a [f32], &'a mut [i8]),
+    ((&'a mut [f32], &'a mut [f32]), &'a mut [i32]),
+);
 
-/// Quantize `m` rows of `k` activations for weights split into `groups`.
-pub fn quantize_rows(x: &[f32], m: usize, k: usize, groups: &[usize]) -> Q8Rows {
-    let ng = groups.len();
-    // Row-major first (rows in parallel), then regrouped.
-    let mut qs = vec![0i8; m * k];
-    let mut lanes = vec![0f32; m * ng * 2 * LANES];
-    let mut offsets = vec![0i32; m * ng * LANES];
-    let avx2 = isa() != Isa::Portable;
-    let one = |((xr, qs), (lanes, offsets)): RowParts<'_>| {
-        #[cfg(target_arch = "x86_64")]
-        if avx2 {
-            // SAFETY: AVX2 was detected at run time (`isa`).
-            return unsafe { quantize_row_avx2(xr, groups, qs, lanes, offsets) };
-        }
-        let _ = avx2;
-        quantize_row(xr, groups, qs, lanes, offsets)
+/// Quantize `m` rows of `k` activations.
+fn quantize_rows(isa: Isa, x: &[f32], m: usize, k: usize) -> Q8Rows {
+    let nb = k / BLOCK;
+    let mut q = Q8Rows {
+        qs: vec![0i8; m * k],
+        d: vec![0f32; m * nb],
+        s: vec![0f32; m * nb],
+        start: vec![0i32; m * nb],
     };
-    let (lw, ow) = (ng * 2 * LANES, ng * LANES);
+    let one = |((xr, qs), ((d, s), start)): RowParts<'_>| match isa {
+        // SAFETY: the instruction sets were detected at run time (`isa`).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Vnni => unsafe { quantize_row_avx512(xr, qs, d, s, start) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { quantize_row_avx2(xr, qs, d, s, start) },
+        _ => quantize_row(xr, qs, d, s, start),
+    };
     if m * k >= 1 << 14 {
         x[..m * k]
             .par_chunks_exact(k)
-            .zip(qs.par_chunks_exact_mut(k))
+            .zip(q.qs.par_chunks_exact_mut(k))
             .zip(
-                lanes
-                    .par_chunks_exact_mut(lw)
-                    .zip(offsets.par_chunks_exact_mut(ow)),
+                q.d.par_chunks_exact_mut(nb)
+                    .zip(q.s.par_chunks_exact_mut(nb))
+                    .zip(q.start.par_chunks_exact_mut(nb)),
             )
             .for_each(one);
     } else {
         x[..m * k]
             .chunks_exact(k)
-            .zip(qs.chunks_exact_mut(k))
-            .zip(lanes.chunks_exact_mut(lw).zip(offsets.chunks_exact_mut(ow)))
+            .zip(q.qs.chunks_exact_mut(k))
+            .zip(
+                q.d.chunks_exact_mut(nb)
+                    .zip(q.s.chunks_exact_mut(nb))
+                    .zip(q.start.chunks_exact_mut(nb)),
+            )
             .for_each(one);
     }
-    if m == 1 {
-        return Q8Rows {
-            m,
-            qs,
-            lanes,
-            offsets,
-        };
-    }
-    let mut q = Q8Rows {
-        m,
-        qs: Vec::with_capacity(m * k),
-        lanes: Vec::with_capacity(lanes.len()),
-        offsets: Vec::with_capacity(offsets.len()),
-    };
-    let mut b0 = 0;
-    for (gi, &r) in groups.iter().enumerate() {
-        for row in 0..m {
-            q.qs.extend_from_slice(&qs[row * k + b0 * BLOCK..][..r * BLOCK]);
-            q.lanes
-                .extend_from_slice(&lanes[(row * ng + gi) * 2 * LANES..][..2 * LANES]);
-            q.offsets
-                .extend_from_slice(&offsets[(row * ng + gi) * LANES..][..LANES]);
-        }
-        b0 += r;
-    }
     q
-}
-
-impl Q8Rows {
-    /// Offsets of row `r`'s data for group `gi` (starting at block `b0`, of `size` blocks):
-    /// quants, lanes, offsets.
-    fn at(&self, gi: usize, b0: usize, size: usize, r: usize) -> (usize, usize, usize) {
-        (
-            BLOCK * (self.m * b0 + r * size),
-            2 * LANES * (self.m * gi + r),
-            LANES * (self.m * gi + r),
-        )
-    }
 }
 
 /// [`quantize_row`] compiled for AVX2: the same operations (IEEE multiply, add, compare: no
@@ -313,77 +276,77 @@ impl Q8Rows {
 #[target_feature(enable = "avx2")]
 unsafe fn quantize_row_avx2(
     x: &[f32],
-    groups: &[usize],
     qs: &mut [i8],
-    lanes: &mut [f32],
-    offsets: &mut [i32],
+    d: &mut [f32],
+    s: &mut [f32],
+    start: &mut [i32],
 ) {
-    quantize_row(x, groups, qs, lanes, offsets)
+    quantize_row(x, qs, d, s, start)
+}
+
+/// [`quantize_row`] in AVX-512, a block (two vectors) at a time: the same IEEE operations, and
+/// `vcvtps2dq` rounding to nearest, ties to even, as [`quantize_row`]'s `ROUND` trick does.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_row_avx512(
+    x: &[f32],
+    qs: &mut [i8],
+    d: &mut [f32],
+    s: &mut [f32],
+    start: &mut [i32],
+) {
+    use std::arch::x86_64::*;
+    let blocks = x.chunks_exact(BLOCK).zip(qs.chunks_exact_mut(BLOCK));
+    for (((xb, qb), d), (s, start)) in blocks.zip(d).zip(s.iter_mut().zip(start)) {
+        let v0 = _mm512_loadu_ps(xb.as_ptr());
+        let v1 = _mm512_loadu_ps(xb.as_ptr().add(16));
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        let db = amax / 127.0;
+        let id = _mm512_set1_ps(if db > 0.0 { 1.0 / db } else { 0.0 });
+        const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        let q0 = _mm512_cvt_roundps_epi32::<NEAREST>(_mm512_mul_ps(v0, id));
+        let q1 = _mm512_cvt_roundps_epi32::<NEAREST>(_mm512_mul_ps(v1, id));
+        _mm_storeu_si128(qb.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128(
+            qb.as_mut_ptr().add(16) as *mut __m128i,
+            _mm512_cvtepi32_epi8(q1),
+        );
+        let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        *d = db;
+        *s = db * sum as f32;
+        *start = -128 * sum;
+    }
 }
 
 #[inline(always)]
-fn quantize_row(
-    x: &[f32],
-    groups: &[usize],
-    qs: &mut [i8],
-    lanes: &mut [f32],
-    offsets: &mut [i32],
-) {
+fn quantize_row(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32], start: &mut [i32]) {
     // Adding and subtracting 1.5 · 2^23 rounds an f32 below 2^22 to the nearest integer, ties to
     // even, in two operations that vectorize (`f32::round` is a libm call per element).
     const ROUND: f32 = 12_582_912.0;
-    let mut b0 = 0;
-    for (gi, &r) in groups.iter().enumerate() {
-        let mut q = [[0i8; BLOCK]; GROUP];
-        let mut word_sums = [[0i32; BLOCK / 4]; GROUP];
-        let mut block_d = [0f32; GROUP];
-        let mut block_s = [0f32; GROUP];
-        for b in 0..r {
-            let xb = &x[(b0 + b) * BLOCK..][..BLOCK];
-            let mut amax = [0f32; 8];
-            for c in xb.chunks_exact(8) {
-                for (a, v) in amax.iter_mut().zip(c) {
-                    *a = a.max(v.abs());
-                }
-            }
-            let d = amax.iter().fold(0f32, |a, &v| a.max(v)) / 127.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            for (q, &v) in q[b].iter_mut().zip(xb) {
-                *q = ((v * id + ROUND) - ROUND) as i8;
-            }
-            for (s, w) in word_sums[b].iter_mut().zip(q[b].chunks_exact(4)) {
-                *s = w.iter().map(|&v| v as i32).sum();
-            }
-            block_d[b] = d;
-            block_s[b] = d * word_sums[b].iter().sum::<i32>() as f32;
-        }
-        // Four quants at a time into the layout of `source`.
-        let out = &mut qs[b0 * BLOCK..(b0 + r) * BLOCK];
-        let per = LANES / r;
-        let shift = per.trailing_zeros();
-        let off = &mut offsets[gi * LANES..(gi + 1) * LANES];
-        off.fill(0);
-        for v in 0..r {
-            for lane in 0..LANES {
-                // `source` on words: lanes per block and blocks are powers of two.
-                let (blk, word) = (lane >> shift, (v << shift) + (lane & (per - 1)));
-                out[32 * v + 4 * lane..][..4].copy_from_slice(&q[blk][4 * word..4 * word + 4]);
-                off[lane] += 128 * word_sums[blk][word];
+    let blocks = x.chunks_exact(BLOCK).zip(qs.chunks_exact_mut(BLOCK));
+    for (((xb, qb), d), (s, start)) in blocks.zip(d).zip(s.iter_mut().zip(start)) {
+        let mut amax = [0f32; 8];
+        for c in xb.chunks_exact(8) {
+            for (a, v) in amax.iter_mut().zip(c) {
+                *a = a.max(v.abs());
             }
         }
-        let l = &mut lanes[gi * 2 * LANES..(gi + 1) * 2 * LANES];
-        for lane in 0..LANES {
-            l[lane] = block_d[lane / per];
-            l[LANES + lane] = block_s[lane / per];
+        let db = amax.iter().fold(0f32, |a, &v| a.max(v)) / 127.0;
+        let id = if db > 0.0 { 1.0 / db } else { 0.0 };
+        for (q, &v) in qb.iter_mut().zip(xb) {
+            *q = ((v * id + ROUND) - ROUND) as i8;
         }
-        b0 += r;
+        let sum: i32 = qb.iter().map(|&v| v as i32).sum();
+        *d = db;
+        *s = db * sum as f32;
+        *start = -128 * sum;
     }
 }
 
 /// Which implementation runs the integer kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Isa {
-    /// AVX512-VNNI on 256-bit vectors (with AVX512VL/BW and F16C).
+    /// AVX512-VNNI on 512-bit vectors (with AVX512BW and F16C).
     Vnni,
     /// AVX2 + FMA + F16C.
     Avx2,
@@ -402,7 +365,6 @@ fn isa() -> Isa {
                 && std::env::var_os("VKV_NO_VNNI").is_none()
                 && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("avx512vnni")
             {
                 return Isa::Vnni;
@@ -415,16 +377,33 @@ fn isa() -> Isa {
     Isa::Portable
 }
 
-/// Most activation rows per weight load: 8 accumulators beside 8 weight vectors. (16 rows would
-/// fit VNNI's 32 registers, but LLVM does not unroll that loop and keeps the accumulators in
-/// memory.)
-const MAX_ROWS: usize = 8;
+/// `(rows, panels)` of the largest tile on `isa` for a product of `m` rows.
+fn tile_shape(isa: Isa, m: usize) -> (usize, usize) {
+    match (isa, m) {
+        // One row streams its weights from memory: one sequential stream per task reads
+        // fastest (measured against 1 × 2 and 1 × 4 panels, docs/benchmarks.md).
+        (Isa::Vnni, 1) => (1, 1),
+        (Isa::Vnni, _) => (4, 2),
+        (Isa::Avx2, _) => (2, 1),
+        (Isa::Portable, _) => (1, 1),
+    }
+}
+
+/// Activation rows per pass over a task's panels: their quants stay in the L1/L2 cache while
+/// every panel of the task meets them.
+const ROW_CHUNK: usize = 64;
+/// At most this many parallel tasks (each a run of panel columns).
+const MAX_TASKS: usize = 64;
 
 /// `out[m][n] = Σ_k x[m][k] · w[n][k]` with `x` quantized to 8 bits per block: `w` packed for
 /// the integer kernels. Batch-invariant (see the module docs).
 pub fn matmul_packed(x: &[f32], m: usize, k: usize, w: &Packed, n: usize, out: &mut [f32]) {
     assert!(
-        w.k == k && w.qs.len() >= n * w.row_bytes() && x.len() >= m * k && out.len() >= m * n,
+        w.k == k
+            && k.is_multiple_of(BLOCK)
+            && n.div_ceil(PANEL) <= w.panels()
+            && x.len() >= m * k
+            && out.len() >= m * n,
         "matmul_w_int8 shapes"
     );
     matmul_with(isa(), x, m, k, w, n, out);
@@ -432,36 +411,45 @@ pub fn matmul_packed(x: &[f32], m: usize, k: usize, w: &Packed, n: usize, out: &
 
 /// [`matmul_packed`] on a given instruction set.
 fn matmul_with(isa: Isa, x: &[f32], m: usize, k: usize, w: &Packed, n: usize, out: &mut [f32]) {
-    if m == 0 {
+    if m == 0 || n == 0 {
         return;
     }
-    let xq = quantize_rows(x, m, k, &w.groups);
+    let xq = quantize_rows(isa, x, m, k);
+    let (tr, tc) = tile_shape(isa, m);
+    let panels = n.div_ceil(PANEL);
+    let groups = panels.div_ceil(tc);
+    let per_task = groups.div_ceil(MAX_TASKS);
     let out_at = OutPtr(out.as_mut_ptr());
-    (0..n.div_ceil(TASK)).into_par_iter().for_each(|task| {
-        let out_at = &out_at;
-        let (j0, rows) = (task * TASK, TASK.min(n - task * TASK));
-        // A few activation rows at a time against all this task's weight rows: both stay in
-        // the L1 cache (prefill has thousands of rows).
-        let mut r0 = 0;
-        while r0 < m {
-            let g = rows_per_pass(isa, m - r0);
-            let mut tile = [[0f32; MAX_ROWS]; TASK];
-            for (jj, t) in tile.iter_mut().enumerate().take(rows) {
-                dot_rows(isa, w, j0 + jj, &xq, r0, g, t);
-            }
-            for r in 0..g {
-                // SAFETY: `out` holds `m · n` values (checked above); this task alone writes
-                // columns `j0..j0 + rows`.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(out_at.0.add((r0 + r) * n + j0), rows)
-                };
-                for (d, t) in dst.iter_mut().zip(&tile) {
-                    *d = t[r];
+    let chunk = ROW_CHUNK.div_ceil(tr) * tr;
+    (0..groups.div_ceil(per_task))
+        .into_par_iter()
+        .for_each(|task| {
+            let out_at = &out_at;
+            let (g0, g1) = (task * per_task, ((task + 1) * per_task).min(groups));
+            for c0 in (0..m).step_by(chunk) {
+                let c1 = (c0 + chunk).min(m);
+                for g in g0..g1 {
+                    let p0 = g * tc;
+                    let cols = tc.min(panels - p0);
+                    let mut r0 = c0;
+                    while r0 < c1 {
+                        let rows = tr.min(c1 - r0);
+                        let t = Tile {
+                            r0,
+                            rows,
+                            p0,
+                            panels: cols,
+                            n,
+                            out: out_at.0,
+                        };
+                        // SAFETY: `out` holds `m · n` values (checked by the caller); this task
+                        // alone writes the columns of its panels.
+                        unsafe { tile(isa, w, &xq, t) };
+                        r0 += rows;
+                    }
                 }
             }
-            r0 += g;
-        }
-    });
+        });
 }
 
 /// `out` shared by the tasks of a product, each writing its own columns.
@@ -469,274 +457,326 @@ struct OutPtr(*mut f32);
 // SAFETY: tasks write disjoint elements (see `matmul_with`).
 unsafe impl Sync for OutPtr {}
 
-/// How many of `left` rows the next pass takes.
-fn rows_per_pass(isa: Isa, left: usize) -> usize {
-    let max = match isa {
-        Isa::Vnni => MAX_ROWS,
-        Isa::Avx2 => 4,
-        Isa::Portable => 1,
-    };
-    let mut g = max.min(left);
-    if isa != Isa::Portable {
-        // The kernels are compiled for these counts.
-        g = [8, 4, 2, 1].into_iter().find(|&c| c <= g).unwrap_or(1);
-    }
-    g
+/// One tile of a product: rows `r0..r0 + rows` × panels `p0..p0 + panels` of `out` (`[m][n]`).
+#[derive(Clone, Copy)]
+struct Tile {
+    r0: usize,
+    rows: usize,
+    p0: usize,
+    panels: usize,
+    n: usize,
+    out: *mut f32,
 }
 
-/// `acc[r] = row j of w · activation row r0 + r`, for `g` rows.
-fn dot_rows(isa: Isa, w: &Packed, j: usize, x: &Q8Rows, r0: usize, g: usize, acc: &mut [f32]) {
+impl Tile {
+    /// Where the tile's row `r`, panel `c` starts in `out`, and how many of its 16 columns
+    /// exist.
+    fn dst(&self, r: usize, c: usize) -> (*mut f32, usize) {
+        let col = (self.p0 + c) * PANEL;
+        // `wrapping_add`: a pointer into `out`, used only for the valid columns.
+        (
+            self.out.wrapping_add((self.r0 + r) * self.n + col),
+            PANEL.min(self.n - col),
+        )
+    }
+}
+
+/// Compute tile `t` on `isa`.
+///
+/// # Safety
+/// `t.out` is an `[m][n]` matrix with `m ≥ t.r0 + t.rows`, that nothing else reads or writes
+/// at the tile's elements meanwhile; the tile lies within `w` and `x`.
+unsafe fn tile(isa: Isa, w: &Packed, x: &Q8Rows, t: Tile) {
+    /// Dispatch to the kernel instance for `(rows, panels)`.
+    macro_rules! shapes {
+        ($module:ident, $t:expr, $q4:expr, [$(($r:literal, $c:literal)),*]) => {
+            match ($t.rows, $t.panels, $q4) {
+                $(
+                    ($r, $c, true) => $module::tile::<$r, $c, true>(w, x, $t),
+                    ($r, $c, false) => $module::tile::<$r, $c, false>(w, x, $t),
+                )*
+                _ => unreachable!("tile shape {}x{}", $t.rows, $t.panels),
+            }
+        };
+    }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Vnni => {
-            // SAFETY: the features were detected at run time (`isa`); shapes checked by the caller.
-            unsafe {
-                match (g, w.q4) {
-                    (8, true) => vnni::rows::<8, true>(w, j, x, r0, acc),
-                    (4, true) => vnni::rows::<4, true>(w, j, x, r0, acc),
-                    (2, true) => vnni::rows::<2, true>(w, j, x, r0, acc),
-                    (_, true) => vnni::rows::<1, true>(w, j, x, r0, acc),
-                    (8, false) => vnni::rows::<8, false>(w, j, x, r0, acc),
-                    (4, false) => vnni::rows::<4, false>(w, j, x, r0, acc),
-                    (2, false) => vnni::rows::<2, false>(w, j, x, r0, acc),
-                    (_, false) => vnni::rows::<1, false>(w, j, x, r0, acc),
-                }
-            }
-        }
+        Isa::Vnni => shapes!(
+            vnni,
+            t,
+            w.q4,
+            [
+                (1, 1),
+                (1, 2),
+                (2, 1),
+                (2, 2),
+                (3, 1),
+                (3, 2),
+                (4, 1),
+                (4, 2)
+            ]
+        ),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
-            // SAFETY: as above.
-            unsafe {
-                match (g, w.q4) {
-                    (4, true) => avx2::rows::<4, true>(w, j, x, r0, acc),
-                    (2, true) => avx2::rows::<2, true>(w, j, x, r0, acc),
-                    (_, true) => avx2::rows::<1, true>(w, j, x, r0, acc),
-                    (4, false) => avx2::rows::<4, false>(w, j, x, r0, acc),
-                    (2, false) => avx2::rows::<2, false>(w, j, x, r0, acc),
-                    (_, false) => avx2::rows::<1, false>(w, j, x, r0, acc),
-                }
-            }
-        }
+        Isa::Avx2 => shapes!(avx2, t, w.q4, [(1, 1), (2, 1)]),
         _ => {
-            for (r, a) in acc.iter_mut().enumerate().take(g) {
-                *a = portable_dot(w, j, x, r0 + r);
+            for r in 0..t.rows {
+                for c in 0..t.panels {
+                    let mut acc = [0f32; PANEL];
+                    portable_panel(w, t.p0 + c, x, t.r0 + r, &mut acc);
+                    let (dst, cols) = t.dst(r, c);
+                    std::slice::from_raw_parts_mut(dst, cols).copy_from_slice(&acc[..cols]);
+                }
             }
         }
     }
 }
 
-/// Row `j` of `w` · activation row `r`, in plain Rust: the same integers and the same f32
+/// Panel `p` of `w` · activation row `r`, in plain Rust: the same integers and the same f32
 /// operations, in the same order, as the SIMD kernels.
-fn portable_dot(w: &Packed, j: usize, x: &Q8Rows, r: usize) -> f32 {
-    let mut acc = [0f32; LANES];
-    let wq = &w.qs[j * w.row_bytes()..(j + 1) * w.row_bytes()];
-    let wl = &w.lanes[j * w.groups.len() * w.lanes_per_group()..];
-    let (mut b0, mut wb) = (0, 0);
-    for (gi, &g) in w.groups.iter().enumerate() {
-        // The group's weights as unsigned bytes, vector by vector.
-        let mut wv = [[0u8; 32]; GROUP];
-        if !w.q4 {
-            for (v, vec) in wv.iter_mut().enumerate().take(g) {
-                vec.copy_from_slice(&wq[wb + 32 * v..wb + 32 * v + 32]);
-            }
-            wb += 32 * g;
-        } else if g == 1 {
-            for e in 0..16 {
-                wv[0][e] = wq[wb + e] & 0xF;
-                wv[0][e + 16] = wq[wb + e] >> 4;
-            }
-            wb += 16;
-        } else {
-            for pair in 0..g / 2 {
-                for e in 0..32 {
-                    wv[2 * pair][e] = wq[wb + 32 * pair + e] & 0xF;
-                    wv[2 * pair + 1][e] = wq[wb + 32 * pair + e] >> 4;
+fn portable_panel(w: &Packed, p: usize, x: &Q8Rows, r: usize, acc: &mut [f32; PANEL]) {
+    let nb = w.blocks();
+    for b in 0..nb {
+        let rec = w.record(p, b);
+        let xq = &x.qs[r * w.k + b * BLOCK..][..BLOCK];
+        let at = r * nb + b;
+        for (c, acc) in acc.iter_mut().enumerate() {
+            let mut sum = if w.q4 { 0 } else { x.start[at] };
+            for s in 0..STEPS {
+                for t in 0..STEP {
+                    sum += Packed::quant(w.q4, rec, c, s, t) as i32 * xq[STEP * s + t] as i32;
                 }
             }
-            wb += 16 * g;
-        }
-        let gl = &wl[gi * w.lanes_per_group()..];
-        let (xq, xl, xo) = x.at(gi, b0, g, r);
-        let (xg, xl, off) = (&x.qs[xq..], &x.lanes[xl..], &x.offsets[xo..]);
-        for lane in 0..LANES {
-            let mut dot = 0i32;
-            for (v, vec) in wv.iter().enumerate().take(g) {
-                for t in 0..4 {
-                    let e = 4 * lane + t;
-                    dot += vec[e] as i32 * xg[32 * v + e] as i32;
-                }
-            }
-            if !w.q4 {
-                dot -= off[lane];
-            }
-            let scale = gl[lane].to_f32() * xl[lane];
-            acc[lane] = (dot as f32).mul_add(scale, acc[lane]);
+            let (dw, mw) = Packed::scales(w.q4, rec, c);
+            *acc = (sum as f32).mul_add(dw * x.d[at], *acc);
             if w.q4 {
-                acc[lane] = gl[LANES + lane]
-                    .to_f32()
-                    .mul_add(xl[LANES + lane], acc[lane]);
+                *acc = mw.mul_add(x.s[at], *acc);
             }
         }
-        b0 += g;
     }
-    // The SIMD kernels' horizontal sum.
-    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]))
 }
 
-/// The SIMD kernels, one module per instruction set; `$vnni` picks the integer dot.
-macro_rules! simd_kernels {
-    ($isa:ident, $features:literal, $vnni:literal) => {
-        #[cfg(target_arch = "x86_64")]
-        mod $isa {
-            use std::arch::x86_64::*;
+/// The AVX512-VNNI kernel: 512-bit vectors, a panel per vector.
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use std::arch::x86_64::*;
 
-            use super::{Packed, Q8Rows, LANES};
-            use crate::cpu::quant::simd::hsum;
+    use super::{Packed, Q8Rows, Tile, BLOCK, PANEL};
 
-            /// `acc[r] = row j of w · activation row r0 + r` for `G` rows.
-            // `_mm256_dpbusd_epi32` is stable since Rust 1.89, after the workspace's declared
-            // 1.85 (whose bump would turn on lints across other crates): building needs 1.89.
-            #[target_feature(enable = $features)]
-            pub(super) unsafe fn rows<const G: usize, const Q4: bool>(
-                w: &Packed,
-                j: usize,
-                x: &Q8Rows,
-                r0: usize,
-                acc: &mut [f32],
-            ) {
-                let mut vacc = [_mm256_setzero_ps(); G];
-                let lpg = w.lanes_per_group();
-                let mut wq = w.qs.as_ptr().add(j * w.row_bytes());
-                let mut wl = w.lanes.as_ptr().add(j * w.groups.len() * lpg) as *const __m128i;
-                let mut b0 = 0; // the group's first block
-                for (gi, &g) in w.groups.iter().enumerate() {
-                    let (xq, xl, xo) = x.at(gi, b0, g, r0);
-                    let at = Group {
-                        wq,
-                        wl,
-                        xq: x.qs.as_ptr().add(xq),
-                        xl: x.lanes.as_ptr().add(xl),
-                        xo: x.offsets.as_ptr().add(xo),
-                    };
-                    match g {
-                        8 => group::<G, 8, Q4>(&mut vacc, at),
-                        4 => group::<G, 4, Q4>(&mut vacc, at),
-                        2 => group::<G, 2, Q4>(&mut vacc, at),
-                        _ => group::<G, 1, Q4>(&mut vacc, at),
+    /// Tile `t` (`R` rows × `C` panels) of `w · x`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn tile<const R: usize, const C: usize, const Q4: bool>(
+        w: &Packed,
+        x: &Q8Rows,
+        t: Tile,
+    ) {
+        let nb = w.blocks();
+        let rec = Packed::record_bytes(Q4);
+        let qb = Packed::quant_bytes(Q4);
+        let wbase = w.data.as_ptr();
+        let mut acc = [[_mm512_setzero_ps(); C]; R];
+        for b in 0..nb {
+            let wp: [*const u8; C] =
+                std::array::from_fn(|c| wbase.add(((t.p0 + c) * nb + b) * rec));
+            let at: [usize; R] = std::array::from_fn(|r| (t.r0 + r) * nb + b);
+            let xp: [*const i8; R] = std::array::from_fn(|r| x.qs.as_ptr().add(at[r] * BLOCK));
+            let bcast = |r: usize, s: usize| {
+                _mm512_set1_epi32(std::ptr::read_unaligned(xp[r].add(4 * s) as *const i32))
+            };
+            let mut sum = [[_mm512_setzero_si512(); C]; R];
+            // A small tile sums a block's steps in two chains (integers: the order is free),
+            // else one `vpdpbusd` waits for the previous one.
+            let mut odd = [[_mm512_setzero_si512(); C]; R];
+            let split = R * C < 4;
+            if Q4 {
+                let mask = _mm512_set1_epi8(0x0F);
+                for s in 0..4 {
+                    let mut lo = [_mm512_setzero_si512(); C];
+                    let mut hi = [_mm512_setzero_si512(); C];
+                    for c in 0..C {
+                        let v = _mm512_loadu_si512(wp[c].add(64 * s) as *const _);
+                        lo[c] = _mm512_and_si512(v, mask);
+                        hi[c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
                     }
-                    wq = wq.add(if Q4 { 16 * g } else { 32 * g });
-                    wl = wl.add(lpg / LANES);
-                    b0 += g;
+                    for r in 0..R {
+                        let (xl, xh) = (bcast(r, s), bcast(r, s + 4));
+                        for c in 0..C {
+                            sum[r][c] = _mm512_dpbusd_epi32(sum[r][c], lo[c], xl);
+                            if split {
+                                odd[r][c] = _mm512_dpbusd_epi32(odd[r][c], hi[c], xh);
+                            } else {
+                                sum[r][c] = _mm512_dpbusd_epi32(sum[r][c], hi[c], xh);
+                            }
+                        }
+                    }
                 }
-                for r in 0..G {
-                    acc[r] = hsum(vacc[r]);
+            } else {
+                for (r, sum) in sum.iter_mut().enumerate() {
+                    *sum = [_mm512_set1_epi32(*x.start.get_unchecked(at[r])); C];
+                }
+                for s in 0..8 {
+                    let wv: [__m512i; C] =
+                        std::array::from_fn(|c| _mm512_loadu_si512(wp[c].add(64 * s) as *const _));
+                    for r in 0..R {
+                        let xv = bcast(r, s);
+                        for c in 0..C {
+                            if split && s % 2 == 1 {
+                                odd[r][c] = _mm512_dpbusd_epi32(odd[r][c], wv[c], xv);
+                            } else {
+                                sum[r][c] = _mm512_dpbusd_epi32(sum[r][c], wv[c], xv);
+                            }
+                        }
+                    }
                 }
             }
-
-            /// Where one group's data is: the weights', and the first activation row's (the
-            /// next rows follow at fixed distances, see [`Q8Rows`]).
-            #[derive(Clone, Copy)]
-            struct Group {
-                wq: *const u8,
-                /// `d_w` lanes, then (Q4_1) `m_w` lanes, as f16.
-                wl: *const __m128i,
-                xq: *const i8,
-                xl: *const f32,
-                xo: *const i32,
+            if split {
+                for r in 0..R {
+                    for c in 0..C {
+                        sum[r][c] = _mm512_add_epi32(sum[r][c], odd[r][c]);
+                    }
+                }
             }
-
-            /// One group of `R` blocks, unpacked once, against `G` rows.
-            #[target_feature(enable = $features)]
-            #[inline]
-            unsafe fn group<const G: usize, const R: usize, const Q4: bool>(
-                vacc: &mut [__m256; G],
-                at: Group,
-            ) {
-                let mut wv = [_mm256_setzero_si256(); R];
+            let dw: [__m512; C] = std::array::from_fn(|c| {
+                _mm512_cvtph_ps(_mm256_loadu_si256(wp[c].add(qb) as *const __m256i))
+            });
+            let mw: [__m512; C] = std::array::from_fn(|c| {
                 if Q4 {
-                    let mask = _mm256_set1_epi8(0x0F);
-                    if R == 1 {
-                        let c = _mm_loadu_si128(at.wq as *const __m128i);
-                        let c = _mm256_set_m128i(_mm_srli_epi16(c, 4), c);
-                        wv[0] = _mm256_and_si256(c, mask);
-                    } else {
-                        for p in 0..R / 2 {
-                            let c = _mm256_loadu_si256(at.wq.add(32 * p) as *const __m256i);
-                            wv[2 * p] = _mm256_and_si256(c, mask);
-                            wv[2 * p + 1] = _mm256_and_si256(_mm256_srli_epi16(c, 4), mask);
-                        }
-                    }
+                    _mm512_cvtph_ps(_mm256_loadu_si256(
+                        wp[c].add(qb + 2 * PANEL) as *const __m256i
+                    ))
                 } else {
-                    for (v, wv) in wv.iter_mut().enumerate() {
-                        *wv = _mm256_loadu_si256(at.wq.add(32 * v) as *const __m256i);
-                        if !$vnni {
-                            // AVX2 multiplies unsigned by signed bytes into i16 pairs, which
-                            // (q + 128) · q_x would overflow: keep q signed and move its sign
-                            // onto the activations.
-                            *wv = _mm256_xor_si256(*wv, _mm256_set1_epi8(-128));
-                        }
-                    }
+                    _mm512_setzero_ps()
                 }
-                let mut wabs = [_mm256_setzero_si256(); R];
-                if !$vnni && !Q4 {
-                    for v in 0..R {
-                        wabs[v] = _mm256_abs_epi8(wv[v]);
-                    }
-                }
-                let dw = _mm256_cvtph_ps(_mm_loadu_si128(at.wl));
-                let mw = if Q4 {
-                    _mm256_cvtph_ps(_mm_loadu_si128(at.wl.add(1)))
-                } else {
-                    _mm256_setzero_ps()
-                };
-                let ones = _mm256_set1_epi16(1);
-                for (r, a) in vacc.iter_mut().enumerate() {
-                    let xq = at.xq.add(32 * R * r);
-                    let xl = at.xl.add(2 * LANES * r);
-                    let xv = |v: usize| _mm256_loadu_si256(xq.add(32 * v) as *const __m256i);
-                    let dot = if $vnni {
-                        let mut d = _mm256_setzero_si256();
-                        for v in 0..R {
-                            d = _mm256_dpbusd_epi32(d, wv[v], xv(v));
-                        }
-                        if !Q4 {
-                            let off = at.xo.add(LANES * r);
-                            d = _mm256_sub_epi32(d, _mm256_loadu_si256(off as *const __m256i));
-                        }
-                        d
-                    } else if Q4 {
-                        // Pairs of nibble × i8 products are at most 2 · 15 · 127, so eight
-                        // vectors of them still fit i16.
-                        let mut s = _mm256_maddubs_epi16(wv[0], xv(0));
-                        for v in 1..R {
-                            s = _mm256_add_epi16(s, _mm256_maddubs_epi16(wv[v], xv(v)));
-                        }
-                        _mm256_madd_epi16(s, ones)
-                    } else {
-                        let mut d = _mm256_setzero_si256();
-                        for v in 0..R {
-                            let p = _mm256_maddubs_epi16(wabs[v], _mm256_sign_epi8(xv(v), wv[v]));
-                            d = _mm256_add_epi32(d, _mm256_madd_epi16(p, ones));
-                        }
-                        d
-                    };
-                    let scale = _mm256_mul_ps(dw, _mm256_loadu_ps(xl));
-                    *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, *a);
+            });
+            for r in 0..R {
+                let dx = _mm512_set1_ps(*x.d.get_unchecked(at[r]));
+                let sx = _mm512_set1_ps(*x.s.get_unchecked(at[r]));
+                for c in 0..C {
+                    let scale = _mm512_mul_ps(dw[c], dx);
+                    acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][c]), scale, acc[r][c]);
                     if Q4 {
-                        *a = _mm256_fmadd_ps(mw, _mm256_loadu_ps(xl.add(LANES)), *a);
+                        acc[r][c] = _mm512_fmadd_ps(mw[c], sx, acc[r][c]);
                     }
                 }
             }
         }
-    };
+        for (r, acc) in acc.iter().enumerate() {
+            for (c, &v) in acc.iter().enumerate() {
+                let (dst, cols) = t.dst(r, c);
+                if cols == PANEL {
+                    _mm512_storeu_ps(dst, v);
+                } else {
+                    _mm512_mask_storeu_ps(dst, ((1u32 << cols) - 1) as u16, v);
+                }
+            }
+        }
+    }
 }
 
-simd_kernels!(
-    vnni,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-    true
-);
-simd_kernels!(avx2, "avx2,fma,f16c", false);
+/// The AVX2 kernel: a panel as two 256-bit halves, `vpmaddubsw` + `vpmaddwd` for the integer
+/// sums.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Packed, Q8Rows, Tile, BLOCK, PANEL};
+
+    /// Tile `t` (`R` rows × `C` panels) of `w · x`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn tile<const R: usize, const C: usize, const Q4: bool>(
+        w: &Packed,
+        x: &Q8Rows,
+        t: Tile,
+    ) {
+        let nb = w.blocks();
+        let rec = Packed::record_bytes(Q4);
+        let qb = Packed::quant_bytes(Q4);
+        let wbase = w.data.as_ptr();
+        let ones = _mm256_set1_epi16(1);
+        for c in 0..C {
+            // Two halves of a panel per accumulator row.
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            for b in 0..nb {
+                let wp = wbase.add(((t.p0 + c) * nb + b) * rec);
+                let at: [usize; R] = std::array::from_fn(|r| (t.r0 + r) * nb + b);
+                let xp: [*const i8; R] = std::array::from_fn(|r| x.qs.as_ptr().add(at[r] * BLOCK));
+                let bcast = |r: usize, s: usize| {
+                    _mm256_set1_epi32(std::ptr::read_unaligned(xp[r].add(4 * s) as *const i32))
+                };
+                let load = |s: usize, h: usize| {
+                    _mm256_loadu_si256(wp.add(64 * s + 32 * h) as *const __m256i)
+                };
+                let mut sum = [[_mm256_setzero_si256(); 2]; R];
+                if Q4 {
+                    // Pairs of nibble × i8 products are at most 2 · 15 · 127, so all eight steps'
+                    // pairs still fit i16.
+                    let mask = _mm256_set1_epi8(0x0F);
+                    let mut pairs = [[_mm256_setzero_si256(); 2]; R];
+                    for s in 0..4 {
+                        for h in 0..2 {
+                            let v = load(s, h);
+                            let lo = _mm256_and_si256(v, mask);
+                            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                            for (r, pairs) in pairs.iter_mut().enumerate() {
+                                let p = _mm256_add_epi16(
+                                    _mm256_maddubs_epi16(lo, bcast(r, s)),
+                                    _mm256_maddubs_epi16(hi, bcast(r, s + 4)),
+                                );
+                                pairs[h] = _mm256_add_epi16(pairs[h], p);
+                            }
+                        }
+                    }
+                    for (sum, pairs) in sum.iter_mut().zip(&pairs) {
+                        for (s, &p) in sum.iter_mut().zip(pairs) {
+                            *s = _mm256_madd_epi16(p, ones);
+                        }
+                    }
+                } else {
+                    // `vpmaddubsw` multiplies unsigned by signed bytes into i16 pairs, which
+                    // (q + 128) · q_x would overflow: take q back to signed and move its sign
+                    // onto the activations.
+                    for s in 0..8 {
+                        for h in 0..2 {
+                            let q = _mm256_xor_si256(load(s, h), _mm256_set1_epi8(-128));
+                            let qabs = _mm256_abs_epi8(q);
+                            for (r, sum) in sum.iter_mut().enumerate() {
+                                let p =
+                                    _mm256_maddubs_epi16(qabs, _mm256_sign_epi8(bcast(r, s), q));
+                                sum[h] = _mm256_add_epi32(sum[h], _mm256_madd_epi16(p, ones));
+                            }
+                        }
+                    }
+                }
+                for h in 0..2 {
+                    let dw =
+                        _mm256_cvtph_ps(_mm_loadu_si128(wp.add(qb + 16 * h) as *const __m128i));
+                    let mw = if Q4 {
+                        _mm256_cvtph_ps(_mm_loadu_si128(
+                            wp.add(qb + 2 * PANEL + 16 * h) as *const __m128i
+                        ))
+                    } else {
+                        _mm256_setzero_ps()
+                    };
+                    for r in 0..R {
+                        let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*x.d.get_unchecked(at[r])));
+                        let a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][h]), scale, acc[r][h]);
+                        acc[r][h] = if Q4 {
+                            _mm256_fmadd_ps(mw, _mm256_set1_ps(*x.s.get_unchecked(at[r])), a)
+                        } else {
+                            a
+                        };
+                    }
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let (dst, cols) = t.dst(r, c);
+                let mut v = [0f32; PANEL];
+                _mm256_storeu_ps(v.as_mut_ptr(), acc[0]);
+                _mm256_storeu_ps(v.as_mut_ptr().add(8), acc[1]);
+                std::ptr::copy_nonoverlapping(v.as_ptr(), dst, cols);
+            }
+        }
+    }
+}
 
 /// The packed form of a quantized weight, built on first use.
 pub(super) type PackedCell = OnceLock<Packed>;
@@ -782,10 +822,12 @@ mod tests {
         v
     }
 
-    /// Shapes `(m, k, n)` covering every group size (k / 32 = 1, 2, 3, 7, 18, 48 blocks) and
-    /// every kernel row count.
-    const SHAPES: [(usize, usize, usize); 8] = [
+    /// Shapes `(m, k, n)` covering every tile shape and its tails (rows not a multiple of 4,
+    /// panels not a multiple of 2 or 4, a last panel of 1..15 columns), the model's `k` (576,
+    /// 1536) and one block.
+    const SHAPES: [(usize, usize, usize); 10] = [
         (1, 32, 3),
+        (1, 576, 70),
         (2, 64, 40),
         (3, 96, 33),
         (5, 224, 17),
@@ -793,23 +835,47 @@ mod tests {
         (23, 576, 64),
         (7, 1536, 9),
         (40, 256, 33),
+        (9, 1536, 50),
     ];
 
+    /// Every quant and scale of every row lands where the kernels read it, and the padding of a
+    /// last panel is zero.
     #[test]
-    fn the_layout_takes_every_element_of_a_group_once() {
-        for r in [1, 2, 4, 8] {
-            let mut seen = vec![0; r * BLOCK];
-            for v in 0..r {
-                for e in 0..32 {
-                    let (b, i) = source(r, v, e);
-                    seen[b * BLOCK + i] += 1;
+    fn the_layout_keeps_every_weight_once() {
+        let mut rng = StdRng::seed_from_u64(20);
+        for q4 in [true, false] {
+            for (n, k) in [(1, 32), (16, 64), (33, 96), (40, 576)] {
+                let w = random_weight(&mut rng, n, k, q4);
+                let p = packed(&w, k);
+                assert_eq!(p.panels(), n.div_ceil(PANEL));
+                let mut dense = vec![0f32; k];
+                for j in 0..p.panels() * PANEL {
+                    if j < n {
+                        w.row(j, k, &mut dense);
+                    }
+                    for b in 0..k / BLOCK {
+                        let rec = p.record(j / PANEL, b);
+                        let (d, m) = Packed::scales(q4, rec, j % PANEL);
+                        for s in 0..STEPS {
+                            for t in 0..STEP {
+                                let q = Packed::quant(q4, rec, j % PANEL, s, t);
+                                let want = if j >= n {
+                                    0.0
+                                } else {
+                                    dense[b * BLOCK + STEP * s + t]
+                                };
+                                let got = if q4 {
+                                    d * q as f32 + m
+                                } else {
+                                    d * (q as i32 - 128) as f32
+                                };
+                                assert_eq!(got, want, "q4={q4} n={n} k={k} row {j} block {b}");
+                            }
+                        }
+                    }
                 }
             }
-            assert!(seen.iter().all(|&c| c == 1), "group of {r}");
         }
-        assert_eq!(group_sizes(18), [8, 8, 2]);
-        assert_eq!(group_sizes(7), [4, 2, 1]);
-        assert_eq!(group_sizes(48), [8; 6]);
     }
 
     /// The integer product is within the activation quantization's error of the f32 product of
@@ -934,24 +1000,42 @@ mod tests {
         }
     }
 
-    /// A row's result does not depend on the rows beside it, on any instruction set.
+    /// A row's result does not depend on the rows beside it, on any instruction set: at every
+    /// position of a tile, in a tail tile, with full and partial last panels.
     #[test]
     fn a_rows_result_does_not_depend_on_the_batch() {
         let mut rng = StdRng::seed_from_u64(23);
-        let (k, n) = (576, 40);
-        for q4 in [true, false] {
-            let w = packed(&random_weight(&mut rng, n, k, q4), k);
-            let row: Vec<f32> = (0..k).map(|_| rng.random_range(-3.0f32..3.0)).collect();
-            for isa in isas() {
-                let mut alone = vec![0f32; n];
-                matmul_with(isa, &row, 1, k, &w, n, &mut alone);
-                for (m, at) in [(2, 1), (5, 4), (16, 7), (17, 16), (37, 20)] {
-                    let mut x: Vec<f32> =
-                        (0..m * k).map(|_| rng.random_range(-2.0f32..2.0)).collect();
-                    x[at * k..(at + 1) * k].copy_from_slice(&row);
-                    let mut out = vec![f32::NAN; m * n];
-                    matmul_with(isa, &x, m, k, &w, n, &mut out);
-                    assert_eq!(&out[at * n..(at + 1) * n], &alone[..], "{isa:?} m = {m}");
+        for (k, n) in [(576, 40), (1536, 35), (576, 96)] {
+            for q4 in [true, false] {
+                let w = packed(&random_weight(&mut rng, n, k, q4), k);
+                let row: Vec<f32> = (0..k).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+                let mut reference = vec![0f32; n];
+                matmul_with(Isa::Portable, &row, 1, k, &w, n, &mut reference);
+                for isa in isas() {
+                    let mut alone = vec![0f32; n];
+                    matmul_with(isa, &row, 1, k, &w, n, &mut alone);
+                    assert_eq!(alone, reference, "{isa:?} k={k} n={n} q4={q4}");
+                    for (m, at) in [
+                        (2, 1),
+                        (5, 4),
+                        (16, 7),
+                        (17, 16),
+                        (37, 20),
+                        (7, 6),
+                        (130, 129),
+                        (130, 66),
+                    ] {
+                        let mut x: Vec<f32> =
+                            (0..m * k).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+                        x[at * k..(at + 1) * k].copy_from_slice(&row);
+                        let mut out = vec![f32::NAN; m * n];
+                        matmul_with(isa, &x, m, k, &w, n, &mut out);
+                        assert_eq!(
+                            &out[at * n..(at + 1) * n],
+                            &alone[..],
+                            "{isa:?} k={k} n={n} q4={q4} m={m}"
+                        );
+                    }
                 }
             }
         }
@@ -989,6 +1073,29 @@ mod tests {
         }
     }
 
+    /// Every instruction set quantizes activations to the same bytes and scales: random rows,
+    /// a zero block, and ties (`x / d_x` exactly halfway: to even).
+    #[test]
+    fn every_instruction_set_quantizes_the_same() {
+        let mut rng = StdRng::seed_from_u64(26);
+        let k = 1536;
+        let mut x: Vec<f32> = (0..5 * k).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+        x[..BLOCK].fill(0.0);
+        // Block 1: d_x = 1, so these are their own x / d_x.
+        for (i, v) in x[BLOCK..2 * BLOCK].iter_mut().enumerate() {
+            *v = if i == 0 { 127.0 } else { i as f32 - 15.5 };
+        }
+        let want = quantize_rows(Isa::Portable, &x, 5, k);
+        assert_eq!(&want.qs[BLOCK..BLOCK + 4], &[127, -14, -14, -12]);
+        for isa in isas() {
+            let got = quantize_rows(isa, &x, 5, k);
+            assert_eq!(got.qs, want.qs, "{isa:?}");
+            assert_eq!(got.d, want.d, "{isa:?}");
+            assert_eq!(got.s, want.s, "{isa:?}");
+            assert_eq!(got.start, want.start, "{isa:?}");
+        }
+    }
+
     /// Extreme activations: zeros (d_x = 0), one huge element per block, all equal.
     #[test]
     fn degenerate_blocks_are_exact_where_they_should_be() {
@@ -1017,26 +1124,38 @@ mod tests {
 }
 
 /// Kernel timings (not a check): `cargo test --release -p vkv-kernels --lib int8_timings --
-/// --ignored --nocapture`. One thread, best of several runs, so a busy machine disturbs it less.
+/// --ignored --nocapture`. SmolLM2-135M's shapes; one thread and all threads, best of several
+/// runs, so a busy machine disturbs it less. `VKV_INT8_TIMINGS=m1,m2,..` picks the row counts.
 #[cfg(test)]
 mod timings {
     use std::time::Instant;
 
+    use half::f16;
     use rand::rngs::StdRng;
     use rand::{RngExt, SeedableRng};
 
-    use super::super::{matmul_w, matmul_w_int8, Weight};
-    use super::*;
+    use super::super::{matmul_w_int8, Weight, BLOCK};
 
     #[test]
     #[ignore]
     fn int8_timings() {
-        let pool = rayon::ThreadPoolBuilder::new()
+        let ms: Vec<usize> = std::env::var("VKV_INT8_TIMINGS")
+            .unwrap_or_else(|_| "1,16,128,512,2048".into())
+            .split(',')
+            .map(|s| s.parse().expect("row counts"))
+            .collect();
+        let one = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .build()
             .unwrap();
+        let all = rayon::ThreadPoolBuilder::new().build().unwrap();
         let mut rng = StdRng::seed_from_u64(5);
-        for (q4, k, n) in [(true, 576, 3072), (true, 1536, 576), (false, 576, 49152)] {
+        for (q4, k, n) in [
+            (true, 576, 960),
+            (true, 576, 3072),
+            (true, 1536, 576),
+            (false, 576, 49152),
+        ] {
             let mut b = Vec::new();
             for _ in 0..n * k / BLOCK {
                 b.extend(f16::from_f32(0.01).to_le_bytes());
@@ -1053,28 +1172,34 @@ mod timings {
                 Weight::from_q8_0(&b)
             };
             w.pack_int8(k);
-            for m in [1, 4, 8, 16, 64] {
+            for &m in &ms {
+                if !q4 && m > 16 {
+                    continue;
+                }
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0f32..2.0)).collect();
                 let mut out = vec![0f32; m * n];
-                let mut best = |f: &(dyn Fn(&mut [f32]) + Sync)| {
-                    (0..7)
+                let reps = (2e9 / (m * n * k) as f64).clamp(3.0, 200.0) as usize;
+                let mut best = |pool: &rayon::ThreadPool| {
+                    (0..reps)
                         .map(|_| {
                             let t = Instant::now();
-                            pool.install(|| f(&mut out));
+                            pool.install(|| matmul_w_int8(&x, m, k, &w, n, &mut out));
                             t.elapsed().as_secs_f64()
                         })
                         .fold(f64::MAX, f64::min)
                 };
-                let f32_s = best(&|o| matmul_w(&x, m, k, &w, n, o));
-                let int8_s = best(&|o| matmul_w_int8(&x, m, k, &w, n, o));
+                let (s1, sn) = (best(&one), best(&all));
+                let macs = (m * n * k) as f64;
                 let bytes = w.len() as f64 * if q4 { 0.625 } else { 1.0625 };
                 eprintln!(
-                    "q4={q4} k={k} n={n} m={m}: f32 {:.3} ms, int8 {:.3} ms ({:.2}x); int8 {:.1} GB/s of weights, {:.2} ms per row",
-                    f32_s * 1e3,
-                    int8_s * 1e3,
-                    f32_s / int8_s,
-                    bytes / int8_s / 1e9,
-                    int8_s * 1e3 / m as f64
+                    "q4={q4} k={k} n={n} m={m}: 1 thread {:.3} ms {:.1} GMAC/s {:.1} GB/s; {} threads {:.3} ms {:.1} GMAC/s {:.1} GB/s",
+                    s1 * 1e3,
+                    macs / s1 / 1e9,
+                    bytes / s1 / 1e9,
+                    all.current_num_threads(),
+                    sn * 1e3,
+                    macs / sn / 1e9,
+                    bytes / sn / 1e9,
                 );
             }
         }

@@ -23,7 +23,7 @@ pub use compile::{compile_cubin, compile_module, compile_module_in, CacheOutcome
 /// cudarc, as this crate uses it.
 pub use cudarc;
 pub use error::{KernelError, Result};
-pub use ops::{Gemm, ModelOps};
+pub use ops::{Gemm, GemmLibrary, ModelOps};
 
 /// The primary context of device `ordinal`, or [`KernelError::NoCuda`] (never a panic) when there
 /// is no driver or device.

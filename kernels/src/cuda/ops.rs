@@ -1,6 +1,7 @@
 //! Launchers of the model kernels (`kernels/cuda/model.cu`) — row gather, RMSNorm with fused
 //! residual add, RoPE fused with the QKV split, SiLU·mul, argmax, seeded bf16 fill — and
-//! [`Gemm`], bf16 products through cuBLAS (`cublasGemmEx`, f32 accumulation).
+//! [`Gemm`], bf16 products through cuBLASLt (or cuBLAS's `cublasGemmEx` for comparison), f32
+//! accumulation.
 //!
 //! Like the attention launchers, these take raw device addresses (the model's buffers are
 //! [`DeviceBuffer`](super::DeviceBuffer)s); what the host can check (sizes that fit the grid,
@@ -12,6 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::cublas::{sys as blas_sys, CudaBlas};
+use cudarc::cublaslt::sys as lt_sys;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 
 use super::compile::{compile_module, CacheOutcome};
@@ -262,26 +264,139 @@ impl ModelOps {
     }
 }
 
-/// bf16 matrix products through cuBLAS on one stream.
+/// Which library runs [`Gemm::matmul_t`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmLibrary {
+    /// cuBLASLt (`cublasLtMatmul`) with the heuristic's algorithm chosen once per shape.
+    CublasLt,
+    /// cuBLAS (`cublasGemmEx`, `CUBLAS_GEMM_DEFAULT`): the baseline the benchmarks compare with.
+    Cublas,
+}
+
+impl GemmLibrary {
+    /// `VKV_GEMM=cublas` picks cuBLAS, anything else (or nothing) cuBLASLt.
+    pub fn from_env() -> Self {
+        match std::env::var("VKV_GEMM").as_deref() {
+            Ok("cublas") => GemmLibrary::Cublas,
+            _ => GemmLibrary::CublasLt,
+        }
+    }
+
+    /// The name benchmarks print.
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmLibrary::CublasLt => "cublaslt",
+            GemmLibrary::Cublas => "cublas",
+        }
+    }
+}
+
+/// bf16 matrix products on one stream, through cuBLASLt (default) or cuBLAS.
+///
+/// cuBLASLt takes descriptors of the operation and the matrices and an algorithm from its
+/// heuristic; building them costs tens of microseconds, so a [`LtPlan`] is made once per shape
+/// `(m, n, k, output type)` and kept (a serving process sees a few hundred shapes: every decode
+/// batch size and prefill chunk length). The workspace is NVIDIA's recommendation for Hopper,
+/// 32 MiB, allocated once.
 #[derive(Debug)]
 pub struct Gemm {
     blas: CudaBlas,
+    lt: LtHandle,
+    workspace: super::DeviceBuffer,
+    plans: std::sync::Mutex<HashMap<(usize, usize, usize, bool), LtPlan>>,
+    stream: Arc<CudaStream>,
+    library: GemmLibrary,
+}
+
+/// NVIDIA's recommended cuBLASLt workspace on Hopper.
+const LT_WORKSPACE: usize = 32 << 20;
+
+/// An owned `cublasLtHandle_t`.
+#[derive(Debug)]
+struct LtHandle(lt_sys::cublasLtHandle_t);
+
+impl Drop for LtHandle {
+    fn drop(&mut self) {
+        // SAFETY: created by `create_handle` and destroyed once.
+        let _ = unsafe { cudarc::cublaslt::result::destroy_handle(self.0) };
+    }
+}
+
+/// Descriptors and the chosen algorithm of one product shape (see [`Gemm`]).
+#[derive(Debug)]
+struct LtPlan {
+    desc: lt_sys::cublasLtMatmulDesc_t,
+    a: lt_sys::cublasLtMatrixLayout_t,
+    b: lt_sys::cublasLtMatrixLayout_t,
+    d: lt_sys::cublasLtMatrixLayout_t,
+    algo: lt_sys::cublasLtMatmulAlgo_t,
+}
+
+impl Drop for LtPlan {
+    fn drop(&mut self) {
+        use cudarc::cublaslt::result as lt;
+        // SAFETY: each descriptor was created once for this plan and is destroyed once.
+        unsafe {
+            let _ = lt::destroy_matrix_layout(self.a);
+            let _ = lt::destroy_matrix_layout(self.b);
+            let _ = lt::destroy_matrix_layout(self.d);
+            let _ = lt::destroy_matmul_desc(self.desc);
+        }
+    }
+}
+
+// SAFETY: the handle, descriptors and plans are only used under `&self` calls that enqueue on
+// the one stream, and the plan map is behind a mutex; cuBLASLt handles may be used from any
+// thread (NVIDIA's docs), one call at a time here.
+unsafe impl Send for Gemm {}
+unsafe impl Sync for Gemm {}
+
+fn blas_error(call: &'static str, detail: impl std::fmt::Debug) -> KernelError {
+    KernelError::Driver {
+        call,
+        detail: format!("{detail:?}"),
+    }
 }
 
 impl Gemm {
-    /// A cuBLAS handle bound to `stream`; [`KernelError::NoCuda`] when libcublas is missing.
+    /// cuBLAS and cuBLASLt handles bound to `stream`, the library from [`GemmLibrary::from_env`];
+    /// [`KernelError::NoCuda`] when a library is missing.
     pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
-        // SAFETY: probes candidate library names; cudarc's loader panics without this check.
+        // SAFETY: probe candidate library names; cudarc's loader panics without these checks.
         if !unsafe { blas_sys::is_culib_present() } {
             return Err(KernelError::NoCuda(
                 "the cuBLAS library (libcublas.so) was not found".into(),
             ));
         }
-        let blas = CudaBlas::new(stream).map_err(|e| KernelError::Driver {
-            call: "cublasCreate",
-            detail: format!("{e:?}"),
-        })?;
-        Ok(Gemm { blas })
+        if !unsafe { lt_sys::is_culib_present() } {
+            return Err(KernelError::NoCuda(
+                "the cuBLASLt library (libcublasLt.so) was not found".into(),
+            ));
+        }
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| blas_error("cublasCreate", e))?;
+        let lt = LtHandle(
+            cudarc::cublaslt::result::create_handle()
+                .map_err(|e| blas_error("cublasLtCreate", e))?,
+        );
+        let workspace = super::DeviceBuffer::new(stream.context(), LT_WORKSPACE)?;
+        Ok(Gemm {
+            blas,
+            lt,
+            workspace,
+            plans: Default::default(),
+            stream,
+            library: GemmLibrary::from_env(),
+        })
+    }
+
+    /// The library products go through.
+    pub fn library(&self) -> GemmLibrary {
+        self.library
+    }
+
+    /// Route products through `library` from now on.
+    pub fn set_library(&mut self, library: GemmLibrary) {
+        self.library = library;
     }
 
     /// `out[m][n] = x[m][k] · w[n][k]ᵀ`, row-major: `x` and `w` bf16, `out` f32 when `out_f32`
@@ -307,6 +422,132 @@ impl Gemm {
                 .ok_or_else(|| KernelError::Shape(format!("GEMM {what} = {v}")))
         };
         let (mi, ni, ki) = (int("m", m)?, int("n", n)?, int("k", k)?);
+        match self.library {
+            // SAFETY: the caller's promise, passed on.
+            GemmLibrary::CublasLt => unsafe { self.matmul_lt(x, w, out, m, n, k, out_f32) },
+            // SAFETY: as above.
+            GemmLibrary::Cublas => unsafe { self.matmul_blas(x, w, out, (mi, ni, ki), out_f32) },
+        }
+    }
+
+    /// [`Gemm::matmul_t`] through cuBLASLt.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn matmul_lt(
+        &self,
+        x: u64,
+        w: u64,
+        out: u64,
+        m: usize,
+        n: usize,
+        k: usize,
+        out_f32: bool,
+    ) -> Result<()> {
+        let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+        let plan = match plans.entry((m, n, k, out_f32)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.plan(m, n, k, out_f32)?),
+        };
+        let (alpha, beta) = (1f32, 0f32);
+        // SAFETY: the plan's descriptors describe these pointers' matrices (caller's promise on
+        // their sizes); the workspace is ours and as large as the heuristic was told.
+        unsafe {
+            cudarc::cublaslt::result::matmul(
+                self.lt.0,
+                plan.desc,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                w as *const std::ffi::c_void,
+                plan.a,
+                x as *const std::ffi::c_void,
+                plan.b,
+                out as *const std::ffi::c_void,
+                plan.d,
+                out as *mut std::ffi::c_void,
+                plan.d,
+                &plan.algo,
+                self.workspace.ptr() as *mut std::ffi::c_void,
+                LT_WORKSPACE,
+                self.stream.cu_stream() as lt_sys::cudaStream_t,
+            )
+        }
+        .map_err(|e| KernelError::Driver {
+            call: "cublasLtMatmul",
+            detail: format!("{e:?} (m {m}, n {n}, k {k})"),
+        })
+    }
+
+    /// Descriptors and the heuristic's best algorithm for one shape. Column-major view, as
+    /// cuBLAS sees it: outᵀ (n × m) = (w as stored, k × n)ᵀ · (x as stored, k × m).
+    fn plan(&self, m: usize, n: usize, k: usize, out_f32: bool) -> Result<LtPlan> {
+        use cudarc::cublaslt::result as lt;
+        use lt_sys::{cublasComputeType_t, cudaDataType};
+        let err = |call| move |e| blas_error(call, format!("{e:?} (m {m}, n {n}, k {k})"));
+        let d_type = if out_f32 {
+            cudaDataType::CUDA_R_32F
+        } else {
+            cudaDataType::CUDA_R_16BF
+        };
+        let (m64, n64, k64) = (m as u64, n as u64, k as u64);
+        let desc = lt::create_matmul_desc(
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cudaDataType::CUDA_R_32F,
+        )
+        .map_err(err("cublasLtMatmulDescCreate"))?;
+        // From here the plan owns what it holds: an early return drops (destroys) it.
+        let mut plan = LtPlan {
+            desc,
+            a: std::ptr::null_mut(),
+            b: std::ptr::null_mut(),
+            d: std::ptr::null_mut(),
+            algo: lt_sys::cublasLtMatmulAlgo_t { data: [0; 8] },
+        };
+        let transpose = blas_sys::cublasOperation_t::CUBLAS_OP_T as i32;
+        // SAFETY: `desc` is live; the attribute is an int32 operation code.
+        unsafe {
+            lt::set_matmul_desc_attribute(
+                plan.desc,
+                lt_sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                (&transpose as *const i32).cast(),
+                std::mem::size_of::<i32>(),
+            )
+        }
+        .map_err(err("cublasLtMatmulDescSetAttribute"))?;
+        plan.a = lt::create_matrix_layout(cudaDataType::CUDA_R_16BF, k64, n64, k as i64)
+            .map_err(err("cublasLtMatrixLayoutCreate"))?;
+        plan.b = lt::create_matrix_layout(cudaDataType::CUDA_R_16BF, k64, m64, k as i64)
+            .map_err(err("cublasLtMatrixLayoutCreate"))?;
+        plan.d = lt::create_matrix_layout(d_type, n64, m64, n as i64)
+            .map_err(err("cublasLtMatrixLayoutCreate"))?;
+        let pref = lt::create_matmul_pref().map_err(err("cublasLtMatmulPreferenceCreate"))?;
+        let bytes = LT_WORKSPACE as u64;
+        // SAFETY: every descriptor is live; `pref` is destroyed once below.
+        let heuristic = unsafe {
+            let set = lt::set_matmul_pref_attribute(
+                pref,
+                lt_sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&bytes as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            );
+            let found = set.and_then(|()| {
+                lt::get_matmul_algo_heuristic(self.lt.0, plan.desc, plan.a, plan.b, plan.d, plan.d, pref)
+            });
+            let _ = lt::destroy_matmul_pref(pref);
+            found
+        }
+        .map_err(err("cublasLtMatmulAlgoGetHeuristic"))?;
+        plan.algo = heuristic.algo;
+        Ok(plan)
+    }
+
+    /// [`Gemm::matmul_t`] through cuBLAS.
+    unsafe fn matmul_blas(
+        &self,
+        x: u64,
+        w: u64,
+        out: u64,
+        (mi, ni, ki): (i32, i32, i32),
+        out_f32: bool,
+    ) -> Result<()> {
         let (alpha, beta) = (1f32, 0f32);
         use blas_sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
         let c_type = if out_f32 {
@@ -340,7 +581,7 @@ impl Gemm {
         }
         .map_err(|e| KernelError::Driver {
             call: "cublasGemmEx",
-            detail: format!("{e:?} (m {m}, n {n}, k {k})"),
+            detail: format!("{e:?} (m {mi}, n {ni}, k {ki})"),
         })
     }
 }
