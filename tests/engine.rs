@@ -6,7 +6,8 @@
 mod common;
 
 use common::serving::{
-    assert_disconnect_aborts, assert_empty, collect, greedy, prompts, run_one, wait_for,
+    assert_disconnect_aborts, assert_empty, assert_mid_decode_abort_frees, collect, greedy,
+    prompts, run_one, wait_for,
 };
 
 use vkv_engine::engine::{
@@ -253,15 +254,7 @@ fn aborts_and_disconnects_free_memory_at_once() {
         assert_eq!(e.metrics().kv.bytes_allocated, 0, "{name}: after abort");
 
         // Mid-decode.
-        let (tx, mut rx) = event_channel();
-        let id = e.submit(greedy(long[..50].to_vec(), 500), tx).unwrap();
-        for _ in 0..3 {
-            rx.blocking_recv().unwrap();
-        }
-        e.abort(id);
-        let out = collect(&mut rx, 1).remove(&id).unwrap();
-        assert_eq!(out.finished.unwrap().reason, FinishReason::Abort);
-        assert_eq!(e.metrics().kv.bytes_allocated, 0, "{name}: after abort");
+        assert_mid_decode_abort_frees(&e, long[..50].to_vec(), &name);
 
         // A receiver dropped mid-stream is a client gone: aborted at its next token.
         assert_disconnect_aborts(&e, long[..50].to_vec(), 3, &name);

@@ -20,7 +20,10 @@ mod common;
 
 use std::sync::{Mutex, MutexGuard};
 
-use common::serving::{assert_disconnect_aborts, assert_empty, collect, greedy, prompts, run_one};
+use common::serving::{
+    assert_disconnect_aborts, assert_empty, assert_mid_decode_abort_frees, collect, greedy,
+    prompts, run_one,
+};
 use vkv_engine::device::Device;
 use vkv_engine::engine::{
     event_channel, Engine, EngineConfig, EngineError, GenerationRequest, RequestId,
@@ -242,15 +245,7 @@ fn aborts_free_memory_and_a_prompt_larger_than_the_cache_is_refused() {
             other => panic!("{name}: a prompt over the cache: {other:?}"),
         }
         // Mid-decode.
-        let (tx, mut rx) = event_channel();
-        let id = e.submit(greedy(long[..50].to_vec(), 500), tx).unwrap();
-        for _ in 0..3 {
-            rx.blocking_recv().unwrap();
-        }
-        e.abort(id);
-        let out = collect(&mut rx, 1).remove(&id).unwrap();
-        assert_eq!(out.finished.unwrap().reason, FinishReason::Abort, "{name}");
-        assert_eq!(e.metrics().kv.bytes_allocated, 0, "{name}: after abort");
+        assert_mid_decode_abort_frees(&e, long[..50].to_vec(), &name);
         // A dropped receiver (a client gone) is aborted at its next token.
         assert_disconnect_aborts(&e, long[..50].to_vec(), 2, &name);
     }

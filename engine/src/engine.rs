@@ -928,17 +928,12 @@ impl<'m> EngineLoop<'m> {
         while !self.backend.ready() {
             let mut added = false;
             while let Ok(cmd) = rx.try_recv() {
-                match cmd {
-                    Command::Add {
-                        id,
-                        request,
-                        events,
-                        arrival,
-                    } => {
-                        self.add(id, request, events, arrival);
-                        added = true;
-                    }
-                    other => self.deferred.push(other),
+                if matches!(cmd, Command::Add { .. }) {
+                    // An add never shuts down: `command` returns false for it.
+                    self.command(cmd);
+                    added = true;
+                } else {
+                    self.deferred.push(cmd);
                 }
             }
             if added {

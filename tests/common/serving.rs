@@ -9,6 +9,7 @@ use vkv_engine::engine::{
     event_channel, Engine, EventKind, EventReceiver, Finished, GenerationRequest, RequestId,
     StopConditions,
 };
+use vkv_engine::generate::FinishReason;
 use vkv_engine::sampler::SamplingParams;
 
 /// Prompts of different lengths and content, tokenized.
@@ -115,6 +116,20 @@ pub fn wait_for(e: &Engine, what: &str, cond: impl Fn(&vkv_engine::engine::Engin
         );
         std::thread::sleep(Duration::from_millis(2));
     }
+}
+
+/// A request aborted after its first three tokens finishes with `abort`, and the cache is empty
+/// at once.
+pub fn assert_mid_decode_abort_frees(e: &Engine, prompt: Vec<u32>, name: &str) {
+    let (tx, mut rx) = event_channel();
+    let id = e.submit(greedy(prompt, 500), tx).unwrap();
+    for _ in 0..3 {
+        rx.blocking_recv().unwrap();
+    }
+    e.abort(id);
+    let out = collect(&mut rx, 1).remove(&id).unwrap();
+    assert_eq!(out.finished.unwrap().reason, FinishReason::Abort, "{name}");
+    assert_eq!(e.metrics().kv.bytes_allocated, 0, "{name}: after abort");
 }
 
 /// A receiver dropped after the first event is a client gone: the engine aborts the request at

@@ -33,8 +33,8 @@ use std::sync::Arc;
 use vkv_kernels::cpu::RopeStyle;
 use vkv_kernels::cuda::cudarc::driver::{CudaContext, CudaEvent, CudaStream};
 use vkv_kernels::cuda::{
-    AppendArgs, Attention, DecodeArgs, DecodeShape, DecodeWorkspace, DeviceBuffer, Dtype, Gemm,
-    GemmLibrary, KernelError, KvAddress, ModelOps, PrefillArgs, PrefillShape,
+    driver, AppendArgs, Attention, DecodeArgs, DecodeShape, DecodeWorkspace, DeviceBuffer, Dtype,
+    Gemm, GemmLibrary, KernelError, KvAddress, ModelOps, PrefillArgs, PrefillShape,
 };
 use vkv_vmm::{
     CudaVmm, KvLayout, KvSpaceConfig, MapperOptions, MapperStats, PhysicalMemory, VmmError,
@@ -537,8 +537,24 @@ pub struct CudaLlama {
     layers: Vec<GpuLayer>,
     buf: Buffers,
     /// The batch [`CudaLlama::launch_next`] queued and [`CudaLlama::finish_next`] has not
-    /// collected: its row count, which rows want logits, and an event recorded after it.
-    pending: Option<(usize, Vec<bool>, Option<CudaEvent>)>,
+    /// collected: its row count, which rows want logits, and whether `step_done` was recorded
+    /// after it.
+    pending: Option<(usize, Vec<bool>, bool)>,
+    /// One event, recorded again after every launched batch (made on the first).
+    step_done: Option<CudaEvent>,
+}
+
+/// Device addresses of the operands [`CudaLlama::queue_gemms`] multiplies (benchmarks).
+struct GemmOperands {
+    rows: usize,
+    head_rows: usize,
+    xn: u64,
+    qkv: u64,
+    attn: u64,
+    o: u64,
+    gu: u64,
+    act: u64,
+    logits: u64,
 }
 
 fn bf16_bits(v: &[f32]) -> Vec<u16> {
@@ -577,6 +593,7 @@ impl CudaLlama {
             layers: w.layers,
             buf: Buffers::default(),
             pending: None,
+            step_done: None,
         })
     }
 
@@ -656,10 +673,9 @@ impl CudaLlama {
             } else {
                 Some(fill(c.vocab_size * h, h)?)
             };
-            p.stream.synchronize().map_err(|e| KernelError::Driver {
-                call: "cuStreamSynchronize",
-                detail: e.to_string(),
-            })?;
+            p.stream
+                .synchronize()
+                .map_err(driver("cuStreamSynchronize"))?;
             Ok(GpuWeights {
                 embed,
                 lm_head,
@@ -700,13 +716,9 @@ impl CudaLlama {
 
     /// Wait for the stream.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| {
-            KernelError::Driver {
-                call: "cuStreamSynchronize",
-                detail: e.to_string(),
-            }
-            .into()
-        })
+        self.stream
+            .synchronize()
+            .map_err(|e| driver("cuStreamSynchronize")(e).into())
     }
 
     /// Run one batch (see [`Llama::forward`]): per chunk, the f32 logits of its last token
@@ -801,8 +813,14 @@ impl CudaLlama {
                 .argmax_rows(&self.stream, logits, ids, wanted, self.config.vocab_size)?
         };
         // Without an event `is_done` says yes and `finish_next` simply waits.
-        let done = self.stream.record_event(None).ok();
-        self.pending = Some((wanted, logits_for.to_vec(), done));
+        let recorded = match &self.step_done {
+            Some(event) => event.record(&self.stream).is_ok(),
+            None => {
+                self.step_done = self.stream.record_event(None).ok();
+                self.step_done.is_some()
+            }
+        };
+        self.pending = Some((wanted, logits_for.to_vec(), recorded));
         Ok(())
     }
 
@@ -810,8 +828,8 @@ impl CudaLlama {
     /// would not wait); true when nothing is launched, or when the device reports an error
     /// (which `finish_next` then returns).
     pub fn is_done(&self) -> bool {
-        match &self.pending {
-            Some((_, _, Some(event))) => event.try_is_complete().unwrap_or(true),
+        match (&self.pending, &self.step_done) {
+            (Some((_, _, true)), Some(event)) => event.try_is_complete().unwrap_or(true),
             _ => true,
         }
     }
@@ -880,25 +898,16 @@ impl CudaLlama {
     /// Make the model's context current on the calling thread (the engine thread, before its
     /// first step).
     pub fn bind_to_thread(&self) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(|e| {
-            KernelError::Driver {
-                call: "cuCtxSetCurrent",
-                detail: e.to_string(),
-            }
-            .into()
-        })
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| driver("cuCtxSetCurrent")(e).into())
     }
 
     /// Free and total device memory in bytes (`cuMemGetInfo`).
     pub fn memory_info(&self) -> Result<(usize, usize)> {
         self.bind_to_thread()?;
-        vkv_kernels::cuda::cudarc::driver::result::mem_get_info().map_err(|e| {
-            KernelError::Driver {
-                call: "cuMemGetInfo",
-                detail: e.to_string(),
-            }
-            .into()
-        })
+        vkv_kernels::cuda::cudarc::driver::result::mem_get_info()
+            .map_err(|e| driver("cuMemGetInfo")(e).into())
     }
 
     /// The library the matrix products go through (cuBLASLt unless `VKV_GEMM=cublas`).
@@ -911,47 +920,78 @@ impl CudaLlama {
         self.gemm.set_library(library);
     }
 
+    /// Buffers for the matrix products of one forward pass over `rows` tokens (the output head
+    /// over `head_rows`), sized and filled with random activations on the model's stream.
+    fn gemm_operands(&mut self, rows: usize, head_rows: usize) -> Result<GemmOperands> {
+        let c = &self.config;
+        let (h, inter, vocab) = (c.hidden_size, c.intermediate_size, c.vocab_size);
+        let (qw, kvw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let ctx = self.ctx.clone();
+        let b = &mut self.buf;
+        let g = GemmOperands {
+            rows,
+            head_rows,
+            xn: b.xn.get(&ctx, rows * h * BF16)?,
+            qkv: b.qkv.get(&ctx, rows * (qw + 2 * kvw) * BF16)?,
+            attn: b.attn.get(&ctx, rows * qw * BF16)?,
+            o: b.o.get(&ctx, rows * h * BF16)?,
+            gu: b.gu.get(&ctx, rows * 2 * inter * BF16)?,
+            act: b.act.get(&ctx, rows * inter * BF16)?,
+            logits: b.logits.get(&ctx, head_rows.max(1) * vocab * 4)?,
+        };
+        let s = &self.stream;
+        // SAFETY: the buffers are sized above for `rows`.
+        unsafe {
+            self.ops.fill_bf16(s, g.xn, rows * h, 1, 1.0)?;
+            self.ops.fill_bf16(s, g.attn, rows * qw, 2, 1.0)?;
+            self.ops.fill_bf16(s, g.act, rows * inter, 3, 1.0)?;
+        }
+        Ok(g)
+    }
+
+    /// Queue every layer's four GEMMs and the output head over `g` through `gemm`; returns the
+    /// launches queued.
+    ///
+    /// # Safety
+    /// `g` must come from [`CudaLlama::gemm_operands`] of this model (its buffers still live).
+    unsafe fn queue_gemms(&self, gemm: &Gemm, g: &GemmOperands) -> Result<usize> {
+        let c = &self.config;
+        let (h, inter) = (c.hidden_size, c.intermediate_size);
+        let (qw, kvw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let rows = g.rows;
+        // SAFETY: the buffers are sized for `rows` (the logits for `head_rows`): the caller's
+        // promise.
+        unsafe {
+            for layer in &self.layers {
+                gemm.matmul_t(g.xn, layer.qkv.ptr(), g.qkv, rows, qw + 2 * kvw, h, false)?;
+                gemm.matmul_t(g.attn, layer.wo.ptr(), g.o, rows, h, qw, false)?;
+                gemm.matmul_t(g.xn, layer.gate_up.ptr(), g.gu, rows, 2 * inter, h, false)?;
+                gemm.matmul_t(g.act, layer.w_down.ptr(), g.o, rows, h, inter, false)?;
+            }
+            if g.head_rows > 0 {
+                let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+                gemm.matmul_t(
+                    g.xn,
+                    head.ptr(),
+                    g.logits,
+                    g.head_rows,
+                    c.vocab_size,
+                    h,
+                    true,
+                )?;
+            }
+        }
+        Ok(4 * self.layers.len() + usize::from(g.head_rows > 0))
+    }
+
     /// Only the matrix products of one forward pass over `rows` tokens (every layer's four GEMMs
     /// for `rows` rows, the output head for `head_rows`: `rows` in a decode step, one per
     /// sequence in a prefill), on random activations, queued on the stream: how much of a step
     /// the GEMM library takes (benchmarks).
     pub fn gemms_only(&mut self, rows: usize, head_rows: usize) -> Result<()> {
-        let head_rows = head_rows.min(rows);
-        let c = self.config.clone();
-        let (h, inter) = (c.hidden_size, c.intermediate_size);
-        let (qw, kvw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let ctx = self.ctx.clone();
-        let b = &mut self.buf;
-        let xn = b.xn.get(&ctx, rows * h * BF16)?;
-        let qkv = b.qkv.get(&ctx, rows * (qw + 2 * kvw) * BF16)?;
-        let attn = b.attn.get(&ctx, rows * qw * BF16)?;
-        let o = b.o.get(&ctx, rows * h * BF16)?;
-        let gu = b.gu.get(&ctx, rows * 2 * inter * BF16)?;
-        let act = b.act.get(&ctx, rows * inter * BF16)?;
-        let logits = b.logits.get(&ctx, head_rows.max(1) * c.vocab_size * 4)?;
-        let s = &self.stream;
-        // SAFETY: every buffer is sized above for `rows` (the logits for `head_rows`).
-        unsafe {
-            self.ops.fill_bf16(s, xn, rows * h, 1, 1.0)?;
-            self.ops.fill_bf16(s, attn, rows * qw, 2, 1.0)?;
-            self.ops.fill_bf16(s, act, rows * inter, 3, 1.0)?;
-            for layer in &self.layers {
-                self.gemm
-                    .matmul_t(xn, layer.qkv.ptr(), qkv, rows, qw + 2 * kvw, h, false)?;
-                self.gemm
-                    .matmul_t(attn, layer.wo.ptr(), o, rows, h, qw, false)?;
-                self.gemm
-                    .matmul_t(xn, layer.gate_up.ptr(), gu, rows, 2 * inter, h, false)?;
-                self.gemm
-                    .matmul_t(act, layer.w_down.ptr(), o, rows, h, inter, false)?;
-            }
-            let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-            if head_rows > 0 {
-                self.gemm
-                    .matmul_t(xn, head.ptr(), logits, head_rows, c.vocab_size, h, true)?;
-            }
-        }
-        Ok(())
+        let g = self.gemm_operands(rows, head_rows.min(rows))?;
+        // SAFETY: `g` was just made by `gemm_operands`.
+        unsafe { self.queue_gemms(&self.gemm, &g) }.map(|_| ())
     }
 
     /// Whether CUDA graphs would pay, measured on the part of a decode step that can be captured
@@ -965,54 +1005,15 @@ impl CudaLlama {
         use vkv_kernels::cuda::cudarc::driver::sys::{
             CUgraphInstantiate_flags, CUstreamCaptureMode,
         };
-        let c = self.config.clone();
-        let (h, inter) = (c.hidden_size, c.intermediate_size);
-        let (qw, kvw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let driver = |call: &'static str| {
-            move |e: vkv_kernels::cuda::cudarc::driver::DriverError| {
-                CudaModelError::Kernel(KernelError::Driver {
-                    call,
-                    detail: e.to_string(),
-                })
-            }
-        };
-        let ctx = self.ctx.clone();
-        let b = &mut self.buf;
-        let xn = b.xn.get(&ctx, rows * h * BF16)?;
-        let qkv = b.qkv.get(&ctx, rows * (qw + 2 * kvw) * BF16)?;
-        let attn = b.attn.get(&ctx, rows * qw * BF16)?;
-        let o = b.o.get(&ctx, rows * h * BF16)?;
-        let gu = b.gu.get(&ctx, rows * 2 * inter * BF16)?;
-        let act = b.act.get(&ctx, rows * inter * BF16)?;
-        let logits = b.logits.get(&ctx, rows * c.vocab_size * 4)?;
-        // SAFETY: the buffers are sized above for `rows`.
-        unsafe {
-            self.ops.fill_bf16(&self.stream, xn, rows * h, 1, 1.0)?;
-            self.ops.fill_bf16(&self.stream, attn, rows * qw, 2, 1.0)?;
-            self.ops
-                .fill_bf16(&self.stream, act, rows * inter, 3, 1.0)?;
-        }
+        let g = self.gemm_operands(rows, rows)?;
         self.synchronize()?;
-        let stream = ctx.new_stream().map_err(driver("cuStreamCreate"))?;
+        let stream = self.ctx.new_stream().map_err(driver("cuStreamCreate"))?;
         let gemm = Gemm::new(stream.clone())?;
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let layers = &self.layers;
-        let step = || -> Result<()> {
-            // SAFETY: as in `gemms_only`: every buffer is sized for `rows`.
-            unsafe {
-                for layer in layers {
-                    gemm.matmul_t(xn, layer.qkv.ptr(), qkv, rows, qw + 2 * kvw, h, false)?;
-                    gemm.matmul_t(attn, layer.wo.ptr(), o, rows, h, qw, false)?;
-                    gemm.matmul_t(xn, layer.gate_up.ptr(), gu, rows, 2 * inter, h, false)?;
-                    gemm.matmul_t(act, layer.w_down.ptr(), o, rows, h, inter, false)?;
-                }
-                gemm.matmul_t(xn, head.ptr(), logits, rows, c.vocab_size, h, true)?;
-            }
-            Ok(())
-        };
+        // SAFETY: `g` was just made by `gemm_operands`.
+        let step = || unsafe { self.queue_gemms(&gemm, &g) };
         let sync = || stream.synchronize().map_err(driver("cuStreamSynchronize"));
         // Warm-up: cuBLASLt's plans are made here, not while capturing.
-        step()?;
+        let launches = step()?;
         sync()?;
         let mut launched = Vec::with_capacity(reps);
         for _ in 0..reps {
@@ -1044,7 +1045,7 @@ impl CudaLlama {
             v.sort_by(f64::total_cmp);
             v[v.len() / 2]
         };
-        Ok((median(launched), median(replayed), 4 * layers.len() + 1))
+        Ok((median(launched), median(replayed), launches))
     }
 
     /// Check the batch against the model and the cache; reserve its tokens.

@@ -297,32 +297,24 @@ pub unsafe fn attention_group(
             }
         };
     }
+    let head = match kv.dtype() {
+        KvDtype::F32 => attention_head_portable::<f32>,
+        KvDtype::F16 => attention_head_portable::<f16>,
+    };
     for h in 0..group {
         let r = h * head_dim..(h + 1) * head_dim;
         // SAFETY: as for this function.
         unsafe {
-            match kv.dtype() {
-                KvDtype::F32 => attention_head_portable::<f32>(
-                    &q[r.clone()],
-                    kv,
-                    context,
-                    kv_head,
-                    head_dim,
-                    scale,
-                    &mut out[r],
-                    scratch,
-                ),
-                KvDtype::F16 => attention_head_portable::<f16>(
-                    &q[r.clone()],
-                    kv,
-                    context,
-                    kv_head,
-                    head_dim,
-                    scale,
-                    &mut out[r],
-                    scratch,
-                ),
-            }
+            head(
+                &q[r.clone()],
+                kv,
+                context,
+                kv_head,
+                head_dim,
+                scale,
+                &mut out[r],
+                scratch,
+            )
         }
     }
 }

@@ -878,6 +878,14 @@ mod tests {
         }
     }
 
+    /// `Σ a_i b_i` and `Σ |a_i b_i|` in f64: a reference dot product and its magnitude.
+    fn dot_f64(a: &[f32], b: &[f32]) -> (f64, f64) {
+        a.iter().zip(b).fold((0.0, 0.0), |(s, m), (x, y)| {
+            let p = *x as f64 * *y as f64;
+            (s + p, m + p.abs())
+        })
+    }
+
     /// The integer product is within the activation quantization's error of the f32 product of
     /// the dequantized weights: each `x` moves by at most `d_x / 2`, so a dot product by at most
     /// `Σ |w_i| · d_x(block of i) / 2` (plus f32 rounding).
@@ -902,18 +910,13 @@ mod tests {
                         .collect();
                     for j in 0..n {
                         let wr = &dense[j * k..(j + 1) * k];
-                        let want: f64 = wr.iter().zip(xr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let (want, mag) = dot_f64(wr, xr);
                         let bound: f64 = wr
                             .iter()
                             .enumerate()
                             .map(|(i, a)| a.abs() as f64 * dx[i / BLOCK] as f64 / 2.0)
                             .sum::<f64>()
-                            + 1e-5
-                                * (1.0
-                                    + wr.iter()
-                                        .zip(xr)
-                                        .map(|(a, b)| (a * b).abs() as f64)
-                                        .sum::<f64>());
+                            + 1e-5 * (1.0 + mag);
                         let err = (got[r * n + j] as f64 - want).abs();
                         assert!(
                             err <= bound,
@@ -959,16 +962,7 @@ mod tests {
                     }
                     for j in 0..n {
                         w.row(j, k, &mut dense);
-                        let want: f64 = dense
-                            .iter()
-                            .zip(&xr)
-                            .map(|(a, b)| *a as f64 * *b as f64)
-                            .sum();
-                        let mag: f64 = dense
-                            .iter()
-                            .zip(&xr)
-                            .map(|(a, b)| (*a as f64 * *b as f64).abs())
-                            .sum();
+                        let (want, mag) = dot_f64(&dense, &xr);
                         let err = (got[r * n + j] as f64 - want).abs();
                         assert!(
                             err <= 1e-5 * (1.0 + mag),

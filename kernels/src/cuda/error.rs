@@ -41,9 +41,8 @@ pub enum KernelError {
 /// Results of the CUDA kernels.
 pub type Result<T, E = KernelError> = std::result::Result<T, E>;
 
-pub(crate) fn driver(
-    call: &'static str,
-) -> impl FnOnce(cudarc::driver::DriverError) -> KernelError {
+/// Map a failed driver call to [`KernelError::Driver`] naming `call` (for `map_err`).
+pub fn driver(call: &'static str) -> impl FnOnce(cudarc::driver::DriverError) -> KernelError {
     move |e| KernelError::Driver {
         call,
         detail: e.to_string(),

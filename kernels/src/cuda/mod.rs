@@ -22,7 +22,7 @@ pub use buffer::DeviceBuffer;
 pub use compile::{compile_cubin, compile_module, compile_module_in, CacheOutcome, Compiled};
 /// cudarc, as this crate uses it.
 pub use cudarc;
-pub use error::{KernelError, Result};
+pub use error::{driver, KernelError, Result};
 pub use ops::{Gemm, GemmLibrary, ModelOps};
 
 /// The primary context of device `ordinal`, or [`KernelError::NoCuda`] (never a panic) when there
