@@ -5,9 +5,9 @@
 //! decode step: (weight bytes + KV bytes read) / the device-to-device copy bandwidth measured in
 //! the same run (bytes read + written, GPU.md's convention). It also times the step's GEMMs alone
 //! (cuBLASLt as the model runs them, and cuBLAS's `cublasGemmEx`, same shapes) against their
-//! weight-bytes floor, to say where the gap is — and the same GEMMs launched one by one against a
-//! CUDA graph of them replayed (`graph_*`), to say whether graphs would pay. Host clock around a
-//! synchronized step; 3 warm-up steps; median.
+//! weight-bytes floor, to say where the gap is. Decode steps alternate between CUDA graphs (as the
+//! engine runs them) and kernel by kernel (`--enforce-eager`), so both are measured at the same
+//! contexts. Host clock around a synchronized step; 3 warm-up steps of each; median.
 //!
 //! Prefill is measured `--prefill-reps` times (every sequence freed between repetitions; the median
 //! is reported, and the first repetition apart: it includes the vmm mode's first page mappings,
@@ -44,7 +44,8 @@ pub struct Args {
     /// Context length of every sequence before the timed decode steps.
     #[arg(long, default_value_t = 2048)]
     context: usize,
-    /// Timed decode steps (median reported), after 3 warm-up steps.
+    /// Timed decode steps of each kind (graphs, eager; median reported), after 3 warm-up steps
+    /// of each.
     #[arg(long, default_value_t = 20)]
     steps: usize,
     /// KV mode.
@@ -82,19 +83,20 @@ pub struct Row {
     gemm_attention_ceiling_tokens_per_s: f64,
     /// prefill_tokens_per_s / gemm_ceiling_tokens_per_s.
     prefill_over_gemm_ceiling: f64,
+    /// Decode step with CUDA graphs (median, min), and kernel by kernel (median);
+    /// graph_speedup = eager / graphs.
     decode_step_ms: f64,
     decode_step_ms_min: f64,
+    decode_step_eager_ms: f64,
+    graph_speedup: f64,
+    /// Graphs captured for this row's steps.
+    graph_captures: u64,
     roofline_ms: f64,
     ratio: f64,
     /// The step's GEMMs alone (median, cuBLASLt as the model runs them; and through cuBLAS),
     /// and their weight-bytes floor.
     gemm_ms: f64,
     gemm_blas_ms: f64,
-    /// Whether CUDA graphs would pay (`CudaLlama::gemm_graph_ms`): the step's GEMMs on a stream
-    /// of their own, launched one by one vs captured once and replayed; launches per step.
-    graph_launched_ms: f64,
-    graph_replayed_ms: f64,
-    graph_launches: usize,
     weights_floor_ms: f64,
     weight_bytes: usize,
     kv_bytes_read: usize,
@@ -120,13 +122,14 @@ pub fn run(args: Args) -> Result<()> {
                 report.device, report.preset, report.copy_tb_per_s
             );
             println!(
-                "{:>6} {:>6} {:>8} {:>14} {:>10} {:>10} {:>12} {:>7} {:>9} {:>9} {:>10}",
+                "{:>6} {:>6} {:>8} {:>14} {:>10} {:>10} {:>10} {:>12} {:>7} {:>9} {:>9} {:>10}",
                 "kv",
                 "batch",
                 "context",
                 "prefill tok/s",
                 "step ms",
                 "min ms",
+                "eager ms",
                 "roofline ms",
                 "ratio",
                 "gemm ms",
@@ -135,13 +138,14 @@ pub fn run(args: Args) -> Result<()> {
             );
             for r in &report.rows {
                 println!(
-                    "{:>6} {:>6} {:>8} {:>14.0} {:>10.3} {:>10.3} {:>12.3} {:>7.2} {:>9.3} {:>9.3} {:>10.3}",
+                    "{:>6} {:>6} {:>8} {:>14.0} {:>10.3} {:>10.3} {:>10.3} {:>12.3} {:>7.2} {:>9.3} {:>9.3} {:>10.3}",
                     r.kv_mode,
                     r.batch,
                     r.context,
                     r.prefill_tokens_per_s,
                     r.decode_step_ms,
                     r.decode_step_ms_min,
+                    r.decode_step_eager_ms,
                     r.roofline_ms,
                     r.ratio,
                     r.gemm_ms,
@@ -217,11 +221,12 @@ mod gpu {
         a.fill_bytes(0x3c)?;
         let mut times = Vec::new();
         for i in 0..23 {
-            model.synchronize()?;
+            ctx.synchronize()?;
             let t = Instant::now();
-            // SAFETY: two live allocations of `bytes` bytes; synchronous on the null stream.
+            // SAFETY: two live allocations of `bytes` bytes. A device-to-device copy returns
+            // before it is done (on the legacy stream, not the model's): the context is waited for.
             unsafe { result::memcpy_dtod_sync(b.ptr(), a.ptr(), bytes) }?;
-            model.synchronize()?;
+            ctx.synchronize()?;
             if i >= 3 {
                 times.push(t.elapsed().as_secs_f64());
             }
@@ -304,13 +309,13 @@ mod gpu {
         let scale = 1.0 / (c.head_dim as f32).sqrt();
         let mut times = Vec::new();
         for i in 0..6 {
-            model.synchronize()?;
+            stream.synchronize()?;
             let t = Instant::now();
             for _ in 0..c.num_layers {
                 // SAFETY: q/out hold rows × heads, K/V hold batch × context tokens, as described.
                 unsafe { att.prefill(&stream, Dtype::Bf16, &shape, &pargs, &kv, scale)? };
             }
-            model.synchronize()?;
+            stream.synchronize()?;
             if i > 0 {
                 times.push(t.elapsed().as_secs_f64() * 1e3);
             }
@@ -329,7 +334,7 @@ mod gpu {
             bail!("batch sizes, context, steps and prefill repetitions must be positive");
         }
         let config = LlamaConfig::preset(&args.preset)?;
-        if args.context + args.steps + 4 > config.max_position_embeddings {
+        if args.context + 2 * args.steps + 8 > config.max_position_embeddings {
             bail!(
                 "context {} + steps is over {}'s context length {}",
                 args.context,
@@ -351,7 +356,7 @@ mod gpu {
         let mut rows = Vec::new();
         for &batch in &args.batch {
             for &mode in &modes {
-                let max_tokens = args.context + args.steps + 8;
+                let max_tokens = args.context + 2 * args.steps + 16;
                 let mut kv = if mode == "paged" {
                     GpuKv::paged(&ctx, dims, batch * max_tokens.div_ceil(16), 16)?
                 } else {
@@ -422,9 +427,12 @@ mod gpu {
                 // The ceiling is the faster library's.
                 let prefill_gemm_ms = prefill_gemm_lt_ms.min(prefill_gemm_blas_ms);
                 let prefill_attention_ms = prefill_attention_ms(&model, call, args.context)?;
-                // Decode.
-                let mut times = Vec::new();
-                for step in 0..args.steps + 3 {
+                // Decode: graphs and kernel by kernel, step after step.
+                let captures = model.graph_stats().captures;
+                let (mut times, mut eager) = (Vec::new(), Vec::new());
+                for step in 0..2 * (args.steps + 3) {
+                    let graphs = step % 2 == 0;
+                    model.set_cuda_graphs(graphs);
                     let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
                     let chunks: Vec<SeqChunk<'_>> = (0..batch)
                         .map(|s| SeqChunk {
@@ -437,17 +445,21 @@ mod gpu {
                     model.synchronize()?;
                     let t = Instant::now();
                     next = model.forward_greedy(&chunks, &mut kv)?;
-                    if step >= 3 {
-                        times.push(t.elapsed().as_secs_f64() * 1e3);
+                    let ms = t.elapsed().as_secs_f64() * 1e3;
+                    match (step >= 6, graphs) {
+                        (false, _) => {}
+                        (true, true) => times.push(ms),
+                        (true, false) => eager.push(ms),
                     }
                 }
+                model.set_cuda_graphs(true);
+                let graph_captures = model.graph_stats().captures - captures;
                 let min = times.iter().copied().fold(f64::INFINITY, f64::min);
                 let med = median(&mut times);
+                let eager_med = median(&mut eager);
                 let gemm_ms = gemms_ms(&mut model, GemmLibrary::CublasLt, batch, batch, 13)?;
                 let gemm_blas_ms = gemms_ms(&mut model, GemmLibrary::Cublas, batch, batch, 13)?;
-                let (graph_launched_ms, graph_replayed_ms, graph_launches) =
-                    model.gemm_graph_ms(batch, 20)?;
-                let kv_read = batch * (args.context + 3 + args.steps / 2) * token_bytes;
+                let kv_read = batch * (args.context + 6 + args.steps) * token_bytes;
                 let roof = (model.weight_bytes() + kv_read) as f64 / copy * 1e3;
                 rows.push(Row {
                     kv_mode: mode,
@@ -469,13 +481,13 @@ mod gpu {
                         / (call_rows as f64 / prefill_gemm_ms * 1e3),
                     decode_step_ms: med,
                     decode_step_ms_min: min,
+                    decode_step_eager_ms: eager_med,
+                    graph_speedup: eager_med / med,
+                    graph_captures,
                     roofline_ms: roof,
                     ratio: med / roof,
                     gemm_ms,
                     gemm_blas_ms,
-                    graph_launched_ms,
-                    graph_replayed_ms,
-                    graph_launches,
                     weights_floor_ms: model.weight_bytes() as f64 / copy * 1e3,
                     weight_bytes: model.weight_bytes(),
                     kv_bytes_read: kv_read,

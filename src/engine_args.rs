@@ -158,6 +158,10 @@ pub struct EngineArgs {
     /// Make each request's output independent of what else runs (slower prefill).
     #[arg(long = "batch-invariant")]
     pub batch_invariant: bool,
+    /// CUDA: run every step kernel by kernel, without CUDA graphs for decode steps (as vLLM's
+    /// flag of the same name).
+    #[arg(long = "enforce-eager")]
+    pub enforce_eager: bool,
 }
 
 impl EngineArgs {
@@ -192,6 +196,7 @@ impl EngineArgs {
             max_num_batched_tokens: self.max_num_batched_tokens,
             max_model_len: self.max_model_len,
             batch_invariant: self.batch_invariant,
+            enforce_eager: self.enforce_eager,
             ..EngineConfig::default()
         }
     }

@@ -142,6 +142,13 @@ fn concurrent_greedy_requests_match_each_alone_and_start_as_on_the_cpu() {
             "{name}: peak running {}",
             m.peak_running
         );
+        // Decode steps ran as CUDA graphs (the default), and the results above are theirs.
+        assert!(
+            m.cuda_graph_replays > 0 && m.cuda_graph_captures > 0,
+            "{name}: {} graph replays, {} captures",
+            m.cuda_graph_replays,
+            m.cuda_graph_captures
+        );
         assert_empty(&e, &name);
         first_tokens_gpu.push(alone);
     }

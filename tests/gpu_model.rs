@@ -10,7 +10,8 @@
 //! Every returned logit row must be within 3e-2 relative L2 error of the CPU's, NaN-free, and the
 //! GPU's greedy token must be the CPU's (both fed the CPU's tokens), a near-tie (the CPU's top two
 //! within 0.02) excused at most 4 times in the 42 tokens of a run. Every other decode step takes the device argmax
-//! (`forward_greedy`) instead of downloading logits. Also: bad batches and a full paged pool are
+//! (`forward_greedy`, a CUDA graph of the step) instead of downloading logits. Also: decode steps
+//! as CUDA graphs against the same steps kernel by kernel; bad batches and a full paged pool are
 //! typed errors.
 //!
 //! Skips (printing why) without a GPU; fails instead when `VKV_REQUIRE_GPU=1` (../shared/GPU.md).
@@ -21,6 +22,7 @@ mod common;
 use std::sync::Arc;
 
 use common::gpu;
+use vkv_engine::device::Next;
 use vkv_engine::kv::{KvDims, PagedKv};
 use vkv_engine::model::cuda::{CudaLlama, CudaModelError, GpuKv, GpuKvDims};
 use vkv_engine::model::{Llama, LlamaConfig, SeqChunk};
@@ -263,6 +265,133 @@ fn gpu_llama_matches_the_cpu_forward_in_every_kv_mode() {
             let worst = compare(&vmm, &cpu, &mut gpu, mode);
             eprintln!("{style:?} tied={tied} {mode:?}: worst {worst:.2e}");
         }
+    }
+}
+
+/// One decode step through `launch_next` / `finish_next` with every row's logits brought back.
+fn decode_logits(
+    gpu: &mut CudaLlama,
+    kv: &mut GpuKv,
+    seqs: &[(u64, usize)],
+    step: u64,
+) -> Vec<Vec<f32>> {
+    let tokens: Vec<[u32; 1]> = seqs
+        .iter()
+        .map(|&(s, at)| [prompt(s * 31 + step + at as u64, 1, 1000)[0]])
+        .collect();
+    let batch: Vec<SeqChunk<'_>> = seqs
+        .iter()
+        .zip(&tokens)
+        .map(|(&(seq, start), t)| SeqChunk {
+            seq,
+            tokens: t,
+            start,
+            all_logits: false,
+        })
+        .collect();
+    gpu.launch_next(&batch, kv, &vec![true; batch.len()])
+        .unwrap();
+    gpu.finish_next()
+        .unwrap()
+        .into_iter()
+        .map(|n| match n {
+            Next::Logits(v) => v,
+            Next::Token(t) => panic!("token {t} where logits were asked for"),
+        })
+        .collect()
+}
+
+/// CUDA graphs of decode steps give the logits of the same steps run kernel by kernel, in every KV
+/// mode: batches of 3, 5 and 1 sequences (padded to graphs of 4, 8 and 1 rows: padding rows must
+/// write no KV and disturb no real row), and a prefill between decode steps of 3 that grows the
+/// activation buffers (a graph captured before must then be captured again where they moved, not
+/// replayed onto freed memory). The inputs are fixed tokens, not the model's picks, so the two runs see the same
+/// steps; logits must agree within bf16 rounding (3e-2 relative L2, as against the CPU).
+#[test]
+fn gpu_decode_graphs_match_kernel_by_kernel_steps() {
+    let Some(vmm) = gpu() else { return };
+    let cpu = Llama::random(config(RopeStyle::Half, false), 11).unwrap();
+    let c = cpu.config.clone();
+    let mut gpu = CudaLlama::from_cpu(vmm.context(), &cpu).unwrap();
+    for mode in [
+        Mode::Paged,
+        Mode::Vmm(KvLayout::PerLayer),
+        Mode::Vmm(KvLayout::TokenMajor),
+    ] {
+        let mut run = |graphs: bool| -> Vec<Vec<f32>> {
+            gpu.set_cuda_graphs(graphs);
+            let before = gpu.graph_stats();
+            let mut kv = gpu_kv(&vmm, &c, mode);
+            let mut out = Vec::new();
+            let prompts: Vec<(u64, Vec<u32>, usize)> = (0..5u64)
+                .map(|s| (s, prompt(s + 40, 9 + 13 * s as usize, c.vocab_size), 0))
+                .collect();
+            gpu.forward(&chunks(&prompts[..3]), &mut kv).unwrap();
+            let mut at: Vec<usize> = prompts.iter().map(|p| p.1.len()).collect();
+            let mut step = 0;
+            let mut decode =
+                |gpu: &mut CudaLlama, kv: &mut GpuKv, seqs: &[u64], at: &mut [usize]| {
+                    let pairs: Vec<(u64, usize)> =
+                        seqs.iter().map(|&s| (s, at[s as usize])).collect();
+                    step += 1;
+                    let logits = decode_logits(gpu, kv, &pairs, step);
+                    for &s in seqs {
+                        at[s as usize] += 1;
+                    }
+                    logits
+                };
+            for _ in 0..5 {
+                out.extend(decode(&mut gpu, &mut kv, &[0, 1, 2], &mut at));
+            }
+            // Two long prompts at once: more rows than any step so far, so the buffers grow.
+            let long: Vec<(u64, Vec<u32>, usize)> = (3..5u64)
+                .map(|s| (s, prompt(s + 90, 120, c.vocab_size), 0))
+                .collect();
+            gpu.forward(&chunks(&long), &mut kv).unwrap();
+            at[3] = 120;
+            at[4] = 120;
+            for _ in 0..3 {
+                out.extend(decode(&mut gpu, &mut kv, &[0, 1, 2], &mut at));
+            }
+            for _ in 0..5 {
+                out.extend(decode(&mut gpu, &mut kv, &[0, 1, 2, 3, 4], &mut at));
+            }
+            for _ in 0..4 {
+                out.extend(decode(&mut gpu, &mut kv, &[2], &mut at));
+            }
+            let after = gpu.graph_stats();
+            let (replays, captures) = (
+                after.replays - before.replays,
+                after.captures - before.captures,
+            );
+            eprintln!("{mode:?} graphs={graphs}: {captures} captures, {replays} replays");
+            if graphs {
+                // Shapes of 4, 8 and 1 rows (and 4 again if the grown buffers moved).
+                assert!(after.on, "graphs turned themselves off");
+                assert!(captures >= 3, "{captures} captures");
+                assert!(replays >= 10, "{replays} replays");
+            } else {
+                assert_eq!(
+                    (captures, replays),
+                    (0, 0),
+                    "graphs off still captured or replayed"
+                );
+            }
+            for s in 0..5 {
+                kv.free(s).unwrap();
+            }
+            out
+        };
+        let eager = run(false);
+        let graphs = run(true);
+        assert_eq!(eager.len(), graphs.len());
+        let worst = eager
+            .iter()
+            .zip(&graphs)
+            .map(|(e, g)| rel_err(g, e))
+            .fold(0f32, f32::max);
+        eprintln!("{mode:?}: graphs vs kernel by kernel, worst relative error {worst:.2e}");
+        assert!(worst < 3e-2, "{mode:?}: graph logits off by {worst}");
     }
 }
 

@@ -89,6 +89,10 @@ pub trait Backend: Send {
     /// The launched batch's result, per chunk its [`Next`]: logits where `logits_for[i]`, else
     /// whichever the device gives more cheaply.
     fn finish(&mut self) -> Result<Vec<Next>, String>;
+    /// Decode steps replayed from CUDA graphs, and graphs captured (0 where there are none).
+    fn graph_counts(&self) -> (u64, u64) {
+        (0, 0)
+    }
 }
 
 /// The CPU device: the model's host weights and a CPU cache; every row comes back as logits.
@@ -218,6 +222,11 @@ mod cuda {
         fn finish(&mut self) -> Result<Vec<Next>, String> {
             self.model.finish_next().map_err(|e| e.to_string())
         }
+
+        fn graph_counts(&self) -> (u64, u64) {
+            let g = self.model.graph_stats();
+            (g.replays, g.captures)
+        }
     }
 
     pub(super) fn start(
@@ -241,6 +250,7 @@ mod cuda {
             None => CudaLlama::from_cpu(&ctx, weights.cpu().map_err(|e| e.to_string())?),
         }
         .map_err(|e| format!("loading the model onto the GPU: {e}"))?;
+        model.set_cuda_graphs(!config.enforce_eager);
         model
             .preallocate(config.max_num_batched_tokens, config.max_num_seqs)
             .map_err(|e| format!("allocating activation buffers on the GPU: {e}"))?;

@@ -66,6 +66,9 @@ pub struct EngineConfig {
     pub max_num_batched_tokens: usize,
     /// Longest prompt + output; default and upper bound: the model's context length.
     pub max_model_len: Option<usize>,
+    /// CUDA: every step kernel by kernel, no CUDA graphs for decode steps (vLLM's
+    /// `--enforce-eager`).
+    pub enforce_eager: bool,
     /// Results of a request independent of what else runs (see `Llama::set_batch_invariant`).
     pub batch_invariant: bool,
     /// vmm: tokens beyond the next one that the Mapper backs ahead of a decoding sequence.
@@ -86,6 +89,7 @@ impl Default for EngineConfig {
             max_num_seqs: 64,
             max_num_batched_tokens: 2048,
             max_model_len: None,
+            enforce_eager: false,
             batch_invariant: false,
             map_ahead_tokens: 16,
         }
@@ -258,6 +262,9 @@ pub struct EngineMetrics {
     pub map: Option<MapMetrics>,
     /// Pages backed before the first request (vmm's eager allocation, see `warm_kv`).
     pub kv_warm_pages: usize,
+    /// CUDA: decode steps replayed from a CUDA graph, and graphs captured.
+    pub cuda_graph_replays: u64,
+    pub cuda_graph_captures: u64,
     pub steps: u64,
     /// Seconds spent in steps (scheduling, forward pass, sampling).
     pub busy_seconds: f64,
@@ -1023,6 +1030,7 @@ impl<'m> EngineLoop<'m> {
         m.peak_running = m.peak_running.max(m.running);
         m.kv = self.backend.kv().usage();
         m.preemptions = self.scheduler.preemptions();
+        (m.cuda_graph_replays, m.cuda_graph_captures) = self.backend.graph_counts();
         m.map = self.backend.kv().mapper_stats().map(|s| MapMetrics {
             waits: s.waits,
             growth_waits: self.backend.kv().growth_map_waits().unwrap_or(0),

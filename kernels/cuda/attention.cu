@@ -727,6 +727,7 @@ PREFILL_A(f16, F16, 128)
 // ---- KV append -------------------------------------------------------------------------------
 
 // One thread per 16 bytes of the new tokens' K (and the same of V); element type does not matter.
+// A position of 0xffffffff marks a padding row (a CUDA graph's batch rounded up): nothing written.
 template <typename Addr>
 __device__ __forceinline__ void append_body(const AppendParams& p) {
     const u32 vecs = p.head_dim / 8;
@@ -736,8 +737,9 @@ __device__ __forceinline__ void append_body(const AppendParams& p) {
         const u32 c = i % vecs;
         const u32 h = (i / vecs) % p.n_kv_heads;
         const u32 n = i / ((u64)vecs * p.n_kv_heads);
-        const u32 b = ((const u32*)p.seq)[n];
         const u32 t = ((const u32*)p.pos)[n];
+        if (t == 0xffffffffu) continue;
+        const u32 b = ((const u32*)p.seq)[n];
         const Addr addr((const u32*)p.index, p.outer_stride, p.token_stride, b, p.max_blocks);
         if (t >= Addr::capacity(p.max_blocks)) continue;
         const u64 dst = addr.at(t) + (u64)h * p.head_stride + c * 8;

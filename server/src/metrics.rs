@@ -350,6 +350,20 @@ impl ServerMetrics {
         );
         single(
             &mut out,
+            "vkv_cuda_graph_replays_total",
+            "CUDA: decode steps replayed from a captured CUDA graph.",
+            "counter",
+            e.cuda_graph_replays,
+        );
+        single(
+            &mut out,
+            "vkv_cuda_graph_captures_total",
+            "CUDA: decode steps captured as CUDA graphs (one per batch and context bucket).",
+            "counter",
+            e.cuda_graph_captures,
+        );
+        single(
+            &mut out,
             "vkv_engine_steps_total",
             "Engine steps (forward passes).",
             "counter",

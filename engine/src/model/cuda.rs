@@ -20,8 +20,14 @@
 //! chunk is one token, else the ragged prefill kernel, which also serves mixed batches) → output
 //! GEMM → RMSNorm (+ residual) → gate/up GEMM → SiLU·mul → down GEMM. The residual stream is
 //! f32; every matrix and activation crossing a GEMM is bf16 (as vLLM and HF run bf16 models).
-//! Logits are f32 (the GEMM writes f32). Everything is on the context's one (legacy default)
-//! stream; host copies are synchronous and therefore ordered with it.
+//! Logits are f32 (the GEMM writes f32). Everything runs on one stream of the model's own (a
+//! non-blocking one: the legacy default stream cannot be captured); the step's inputs are uploaded
+//! on it (`cuMemcpyHtoDAsync`), and results are downloaded after synchronizing it.
+//!
+//! Decode steps run as CUDA graphs (vLLM's CUDA-graph runner; [`DecodeGraphs`]): the batch is
+//! padded up to a bucket of rows and the longest context up to a bucket, so a step of a shape seen
+//! before is one `cuGraphLaunch` instead of ~11 launches per layer. `set_cuda_graphs(false)`
+//! (`--enforce-eager`) runs every step kernel by kernel.
 //!
 //! Invariants: a sequence's cached length only grows until [`GpuKv::free`]; a chunk must start at
 //! or before its sequence's cached length (as on the CPU); a failed `reserve` changes nothing
@@ -31,7 +37,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use vkv_kernels::cpu::RopeStyle;
-use vkv_kernels::cuda::cudarc::driver::{CudaContext, CudaEvent, CudaStream};
+use vkv_kernels::cuda::cudarc::driver::{CudaContext, CudaEvent, CudaGraph, CudaStream};
 use vkv_kernels::cuda::{
     driver, AppendArgs, Attention, DecodeArgs, DecodeShape, DecodeWorkspace, DeviceBuffer, Dtype,
     Gemm, GemmLibrary, KernelError, KvAddress, ModelOps, PrefillArgs, PrefillShape,
@@ -260,9 +266,10 @@ impl GpuKv {
         Ok(())
     }
 
-    /// The host side of one batch's addressing: per sequence its slot (vmm) or its block-table
-    /// row (paged), and the table's width.
-    fn index_for(&self, seqs: &[SeqId]) -> (Vec<u32>, usize) {
+    /// The host side of one batch's addressing, for `rows` ≥ `seqs.len()` sequences (the rest
+    /// padding, with no KV): per sequence its slot (vmm) or its block-table row (paged), and the
+    /// table's width (at least `min_width`).
+    fn index_for(&self, seqs: &[SeqId], rows: usize, min_width: usize) -> (Vec<u32>, usize) {
         match &self.store {
             Store::Paged { .. } => {
                 let width = seqs
@@ -270,9 +277,10 @@ impl GpuKv {
                     .map(|s| self.seqs.get(s).map_or(0, |s| s.blocks.len()))
                     .max()
                     .unwrap_or(1)
+                    .max(min_width)
                     .max(1);
                 // Unused entries point past the pool: a read of one would fault, not mislead.
-                let mut table = vec![u32::MAX; seqs.len() * width];
+                let mut table = vec![u32::MAX; rows.max(seqs.len()) * width];
                 for (b, s) in seqs.iter().enumerate() {
                     if let Some(s) = self.seqs.get(s) {
                         table[b * width..b * width + s.blocks.len()].copy_from_slice(&s.blocks);
@@ -280,12 +288,32 @@ impl GpuKv {
                 }
                 (table, width)
             }
-            Store::Vmm(m) => (
-                seqs.iter()
+            Store::Vmm(m) => {
+                let mut slots: Vec<u32> = seqs
+                    .iter()
                     .map(|&s| m.slot(s).map_or(u32::MAX, |s| s.0 as u32))
-                    .collect(),
-                0,
-            ),
+                    .collect();
+                slots.resize(rows.max(seqs.len()), u32::MAX);
+                (slots, 0)
+            }
+        }
+    }
+
+    /// The paged table width that covers `context` tokens (vmm: 0, no table).
+    fn table_width(&self, context: usize) -> usize {
+        match &self.store {
+            Store::Paged { block_size, .. } => context.div_ceil(*block_size),
+            Store::Vmm(_) => 0,
+        }
+    }
+
+    /// The context a decode graph for a longest sequence of `longest` tokens is captured for:
+    /// [`context_bucket`], within what a vmm slot holds.
+    fn graph_context(&self, longest: usize) -> usize {
+        let bucket = context_bucket(longest);
+        match &self.store {
+            Store::Paged { .. } => bucket,
+            Store::Vmm(m) => bucket.min(m.config().max_tokens).max(longest),
         }
     }
 
@@ -490,9 +518,13 @@ impl Scratch {
         Ok(self.0.as_ref().expect("set above").ptr())
     }
 
-    fn upload(&mut self, ctx: &Arc<CudaContext>, data: &[u32]) -> Result<u64> {
+    /// Copy `data` in, ordered on `stream`.
+    fn upload(&mut self, ctx: &Arc<CudaContext>, stream: &CudaStream, data: &[u32]) -> Result<u64> {
         let p = self.get(ctx, data.len() * 4)?;
-        self.0.as_ref().expect("set above").upload(0, data)?;
+        self.0
+            .as_ref()
+            .expect("set above")
+            .upload_on(stream, 0, data)?;
         Ok(p)
     }
 }
@@ -542,6 +574,8 @@ pub struct CudaLlama {
     pending: Option<(usize, Vec<bool>, bool)>,
     /// One event, recorded again after every launched batch (made on the first).
     step_done: Option<CudaEvent>,
+    /// Decode steps as CUDA graphs.
+    graphs: DecodeGraphs,
 }
 
 /// Device addresses of the operands [`CudaLlama::queue_gemms`] multiplies (benchmarks).
@@ -570,7 +604,8 @@ impl CudaLlama {
         inv_freq: &[f32],
         mut upload: impl FnMut(&CudaLlamaParts) -> Result<GpuWeights>,
     ) -> Result<Self> {
-        let stream = ctx.default_stream();
+        // A stream of its own (the legacy default stream cannot be captured into a graph).
+        let stream = ctx.new_stream().map_err(driver("cuStreamCreate"))?;
         let att = Attention::new(ctx)?;
         let ops = ModelOps::new(ctx)?;
         let gemm = Gemm::new(stream.clone())?;
@@ -594,6 +629,11 @@ impl CudaLlama {
             buf: Buffers::default(),
             pending: None,
             step_done: None,
+            graphs: DecodeGraphs {
+                on: true,
+                max_batch: MAX_GRAPH_BATCH,
+                ..DecodeGraphs::default()
+            },
         })
     }
 
@@ -724,7 +764,8 @@ impl CudaLlama {
     /// Run one batch (see [`Llama::forward`]): per chunk, the f32 logits of its last token
     /// (`vocab_size` values) or of all its tokens when `all_logits`.
     pub fn forward(&mut self, batch: &[SeqChunk<'_>], kv: &mut GpuKv) -> Result<Vec<Vec<f32>>> {
-        let wanted = self.run(batch, kv)?;
+        let wanted = self.run(batch, kv, false)?;
+        self.synchronize()?;
         let vocab = self.config.vocab_size;
         let mut logits = vec![0f32; wanted * vocab];
         self.buf
@@ -750,14 +791,8 @@ impl CudaLlama {
     /// Run one batch and return the greedy token (argmax, on the device) of every row that
     /// [`CudaLlama::forward`] would return logits for; only the ids cross to the host.
     pub fn forward_greedy(&mut self, batch: &[SeqChunk<'_>], kv: &mut GpuKv) -> Result<Vec<u32>> {
-        let wanted = self.run(batch, kv)?;
-        let logits = self.buf.logits.get(&self.ctx, 0)?;
-        let ids = self.buf.ids.get(&self.ctx, wanted * 4)?;
-        // SAFETY: logits holds [wanted][vocab] f32 written by run; ids holds wanted u32.
-        unsafe {
-            self.ops
-                .argmax_rows(&self.stream, logits, ids, wanted, self.config.vocab_size)?
-        };
+        let wanted = self.run(batch, kv, true)?;
+        self.synchronize()?;
         let mut out = vec![0u32; wanted];
         self.buf
             .ids
@@ -804,14 +839,7 @@ impl CudaLlama {
                 "a batch is already launched and not finished".into(),
             ));
         }
-        let wanted = self.run(batch, kv)?;
-        let logits = self.buf.logits.get(&self.ctx, 0)?;
-        let ids = self.buf.ids.get(&self.ctx, wanted * 4)?;
-        // SAFETY: logits holds [wanted][vocab] f32 written by run; ids holds wanted u32.
-        unsafe {
-            self.ops
-                .argmax_rows(&self.stream, logits, ids, wanted, self.config.vocab_size)?
-        };
+        let wanted = self.run(batch, kv, true)?;
         // Without an event `is_done` says yes and `finish_next` simply waits.
         let recorded = match &self.step_done {
             Some(event) => event.record(&self.stream).is_ok(),
@@ -841,6 +869,8 @@ impl CudaLlama {
             .pending
             .take()
             .ok_or_else(|| CudaModelError::Batch("finish_next without a launched batch".into()))?;
+        // The copies below are synchronous on the legacy stream, which does not wait for ours.
+        self.synchronize()?;
         let mut ids = vec![0u32; wanted];
         self.buf
             .ids
@@ -870,7 +900,9 @@ impl CudaLlama {
         let c = self.config.clone();
         let (h, inter) = (c.hidden_size, c.intermediate_size);
         let (qw, kvw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        let (rows, seqs) = (max_rows.max(1), max_seqs.max(1));
+        // Decode graphs pad the batch up to its bucket.
+        let seqs = batch_bucket(max_seqs.max(1));
+        let rows = max_rows.max(seqs);
         let ctx = self.ctx.clone();
         let b = &mut self.buf;
         b.x.get(&ctx, rows * h * 4)?;
@@ -913,6 +945,23 @@ impl CudaLlama {
     /// The library the matrix products go through (cuBLASLt unless `VKV_GEMM=cublas`).
     pub fn gemm_library(&self) -> GemmLibrary {
         self.gemm.library()
+    }
+
+    /// Run decode steps as CUDA graphs (the default) or kernel by kernel (`false`: vLLM's
+    /// `--enforce-eager`). Captured graphs are kept while off.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.graphs.on = on;
+    }
+
+    /// Whether decode steps run as graphs, and how often they were captured and replayed.
+    pub fn graph_stats(&self) -> GraphStats {
+        let g = &self.graphs;
+        GraphStats {
+            on: g.on && g.max_batch > 0,
+            captures: g.captures,
+            replays: g.replays,
+            graphs: g.steps.len(),
+        }
     }
 
     /// Route the matrix products through `library` (benchmarks compare the two).
@@ -994,60 +1043,6 @@ impl CudaLlama {
         unsafe { self.queue_gemms(&self.gemm, &g) }.map(|_| ())
     }
 
-    /// Whether CUDA graphs would pay, measured on the part of a decode step that can be captured
-    /// as the model stands (benchmarks): the matrix products of one step of `rows` rows (as
-    /// [`CudaLlama::gemms_only`]: four per layer and the head) on a stream of their own, launched
-    /// one by one, and the same launches captured once into a graph and replayed. Returns
-    /// (launched, replayed, launches per step): median ms of `reps`, host clock around a
-    /// synchronized step. (The model itself runs on the legacy default stream, which cannot be
-    /// captured.)
-    pub fn gemm_graph_ms(&mut self, rows: usize, reps: usize) -> Result<(f64, f64, usize)> {
-        use vkv_kernels::cuda::cudarc::driver::sys::{
-            CUgraphInstantiate_flags, CUstreamCaptureMode,
-        };
-        let g = self.gemm_operands(rows, rows)?;
-        self.synchronize()?;
-        let stream = self.ctx.new_stream().map_err(driver("cuStreamCreate"))?;
-        let gemm = Gemm::new(stream.clone())?;
-        // SAFETY: `g` was just made by `gemm_operands`.
-        let step = || unsafe { self.queue_gemms(&gemm, &g) };
-        let sync = || stream.synchronize().map_err(driver("cuStreamSynchronize"));
-        // Warm-up: cuBLASLt's plans are made here, not while capturing.
-        let launches = step()?;
-        sync()?;
-        let mut launched = Vec::with_capacity(reps);
-        for _ in 0..reps {
-            let t = std::time::Instant::now();
-            step()?;
-            sync()?;
-            launched.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
-            .map_err(driver("cuStreamBeginCapture"))?;
-        let captured = step();
-        let graph = stream
-            .end_capture(CUgraphInstantiate_flags(0))
-            .map_err(driver("cuStreamEndCapture"))?;
-        captured?;
-        let graph = graph.ok_or_else(|| CudaModelError::Batch("the capture was empty".into()))?;
-        graph.upload().map_err(driver("cuGraphUpload"))?;
-        graph.launch().map_err(driver("cuGraphLaunch"))?;
-        sync()?;
-        let mut replayed = Vec::with_capacity(reps);
-        for _ in 0..reps {
-            let t = std::time::Instant::now();
-            graph.launch().map_err(driver("cuGraphLaunch"))?;
-            sync()?;
-            replayed.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        let median = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        Ok((median(launched), median(replayed), launches))
-    }
-
     /// Check the batch against the model and the cache; reserve its tokens.
     fn admit(&self, batch: &[SeqChunk<'_>], kv: &mut GpuKv) -> Result<()> {
         let c = &self.config;
@@ -1067,10 +1062,176 @@ impl CudaLlama {
         Ok(())
     }
 
-    /// The forward pass up to the logits (left in `buf.logits`); returns how many rows.
-    fn run(&mut self, batch: &[SeqChunk<'_>], kv: &mut GpuKv) -> Result<usize> {
+    /// The forward pass up to the logits (left in `buf.logits`) and, with `argmax`, the greedy
+    /// id of every row that wants logits (in `buf.ids`); returns how many such rows the batch has.
+    /// A decode step with `argmax` goes through a CUDA graph when graphs are on (see
+    /// [`DecodeGraphs`]); anything else is launched kernel by kernel.
+    fn run(&mut self, batch: &[SeqChunk<'_>], kv: &mut GpuKv, argmax: bool) -> Result<usize> {
         self.admit(batch, kv)?;
-        let c = self.config.clone();
+        let decode = batch
+            .iter()
+            .all(|ch| ch.tokens.len() == 1 && !ch.all_logits);
+        let g = &self.graphs;
+        let key = (g.on && argmax && decode && batch.len() <= g.max_batch).then(|| {
+            let longest = batch.iter().map(|ch| ch.start + 1).max().unwrap_or(1);
+            (batch_bucket(batch.len()), kv.graph_context(longest))
+        });
+        let inputs = StepInputs::new(batch, kv, key)?;
+        let bufs = self.step_buffers(&inputs)?;
+        let shape = inputs.shape;
+        let addrs: Vec<KvAddress> = (0..self.layers.len())
+            .map(|l| kv.address(l, bufs.index, shape.width))
+            .collect();
+        match key {
+            None => self.queue_step(&shape, &bufs, &addrs, argmax)?,
+            Some(key) => {
+                let mut graphs = std::mem::take(&mut self.graphs);
+                let stepped = self.graph_step(&mut graphs, key, &shape, &bufs, &addrs);
+                self.graphs = graphs;
+                stepped?;
+            }
+        }
+        Ok(inputs.real_wanted)
+    }
+
+    /// Replay the graph captured for `key` if it was captured for this shape and still points at
+    /// these buffers and KV addresses. Otherwise run the step kernel by kernel — which also makes cuBLASLt's plans for
+    /// its shapes before anything is captured — and capture it for the next step of this shape;
+    /// a capture that fails turns graphs off (with a message) and leaves the eager step's result.
+    fn graph_step(
+        &self,
+        graphs: &mut DecodeGraphs,
+        key: (usize, usize),
+        shape: &StepShape,
+        bufs: &StepBuffers,
+        addrs: &[KvAddress],
+    ) -> Result<()> {
+        use vkv_kernels::cuda::cudarc::driver::sys::{
+            CUgraphInstantiate_flags, CUstreamCaptureMode,
+        };
+        if let Some(g) = graphs.steps.get(&key) {
+            if g.shape == *shape && g.buffers == *bufs && g.kv == addrs {
+                g.graph.0.launch().map_err(driver("cuGraphLaunch"))?;
+                graphs.replays += 1;
+                return Ok(());
+            }
+        }
+        self.queue_step(shape, bufs, addrs, true)?;
+        let captured = (|| -> Result<CudaGraph> {
+            // Relaxed: the Mapper thread keeps mapping pages (cuMemMap) while this one captures.
+            self.stream
+                .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+                .map_err(driver("cuStreamBeginCapture"))?;
+            let queued = self.queue_step(shape, bufs, addrs, true);
+            let graph = self
+                .stream
+                .end_capture(CUgraphInstantiate_flags(0))
+                .map_err(driver("cuStreamEndCapture"));
+            queued?;
+            let graph =
+                graph?.ok_or_else(|| CudaModelError::Batch("an empty capture".to_string()))?;
+            graph.upload().map_err(driver("cuGraphUpload"))?;
+            Ok(graph)
+        })();
+        match captured {
+            Ok(graph) => {
+                if graphs.steps.len() >= MAX_GRAPHS {
+                    graphs.steps.clear();
+                }
+                graphs.steps.insert(
+                    key,
+                    CapturedStep {
+                        graph: StepGraph(graph),
+                        shape: *shape,
+                        buffers: *bufs,
+                        kv: addrs.to_vec(),
+                    },
+                );
+                graphs.captures += 1;
+            }
+            Err(e) => {
+                eprintln!("vkv: capturing a decode step as a CUDA graph failed ({e}); running without graphs");
+                graphs.max_batch = 0;
+                graphs.steps.clear();
+            }
+        }
+        Ok(())
+    }
+
+    fn decode_shape(&self, shape: &StepShape) -> DecodeShape {
+        DecodeShape {
+            batch: shape.chunks,
+            n_heads: self.config.num_heads,
+            n_kv_heads: self.config.num_kv_heads,
+            head_dim: self.config.head_dim,
+            max_context: shape.max_context,
+        }
+    }
+
+    /// Size every buffer for the step (growing only), upload its inputs on the model's stream,
+    /// and make room for the decode kernel's split partials; returns the buffers' addresses.
+    fn step_buffers(&mut self, inp: &StepInputs) -> Result<StepBuffers> {
+        let c = &self.config;
+        let (h, inter) = (c.hidden_size, c.intermediate_size);
+        let (qw, kvw) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        let (rows, wanted) = (inp.shape.rows, inp.shape.wanted);
+        let splits = if inp.shape.decode {
+            self.att.plan(&self.decode_shape(&inp.shape), None)?.splits
+        } else {
+            1
+        };
+        let vocab = c.vocab_size;
+        let (ctx, stream) = (&self.ctx, &self.stream);
+        let b = &mut self.buf;
+        let heads = inp.shape.chunks * c.num_heads;
+        let (r, s) = b.workspace.as_ref().map_or((0, 0), |w| (w.0, w.1));
+        if splits > 1 && (r < heads || s < splits) {
+            // Both dimensions only grow, so shapes taking turns do not reallocate it (and
+            // recapture their graphs) every step. Splits come only with small batches.
+            let (heads, splits) = (heads.max(r), splits.max(s));
+            b.workspace = None;
+            b.workspace = Some((
+                heads,
+                splits,
+                DecodeWorkspace::new(ctx, heads, c.head_dim, splits)?,
+            ));
+        }
+        Ok(StepBuffers {
+            tokens: b.tokens.upload(ctx, stream, &inp.tokens)?,
+            pos: b.pos.upload(ctx, stream, &inp.pos)?,
+            row_seq: b.row_seq.upload(ctx, stream, &inp.row_seq)?,
+            q_start: b.q_start.upload(ctx, stream, &inp.q_start)?,
+            lens: b.lens.upload(ctx, stream, &inp.lens)?,
+            index: b.index.upload(ctx, stream, &inp.index)?,
+            wanted: b.wanted.upload(ctx, stream, &inp.wanted)?,
+            x: b.x.get(ctx, rows * h * 4)?,
+            xn: b.xn.get(ctx, rows * h * BF16)?,
+            qkv: b.qkv.get(ctx, rows * (qw + 2 * kvw) * BF16)?,
+            q: b.q.get(ctx, rows * qw * BF16)?,
+            k: b.k.get(ctx, rows * kvw * BF16)?,
+            v: b.v.get(ctx, rows * kvw * BF16)?,
+            attn: b.attn.get(ctx, rows * qw * BF16)?,
+            o: b.o.get(ctx, rows * h * BF16)?,
+            gu: b.gu.get(ctx, rows * 2 * inter * BF16)?,
+            act: b.act.get(ctx, rows * inter * BF16)?,
+            sel: b.sel.get(ctx, wanted * h * BF16)?,
+            logits: b.logits.get(ctx, wanted * vocab * 4)?,
+            ids: b.ids.get(ctx, wanted * 4)?,
+            workspace: b.workspace.as_ref().map_or(0, |w| w.2.ptr()),
+        })
+    }
+
+    /// Queue one step's kernels on the model's stream: embedding, every layer, the final norm,
+    /// the output head over the rows that want logits and, with `argmax`, their greedy ids.
+    /// Allocates nothing and touches no host memory, so it can be captured into a graph.
+    fn queue_step(
+        &self,
+        shape: &StepShape,
+        p: &StepBuffers,
+        addrs: &[KvAddress],
+        argmax: bool,
+    ) -> Result<()> {
+        let c = &self.config;
         let (h, nh, nkv, hd, inter) = (
             c.hidden_size,
             c.num_heads,
@@ -1079,120 +1240,47 @@ impl CudaLlama {
             c.intermediate_size,
         );
         let (qw, kvw) = (nh * hd, nkv * hd);
-        // Host side of the batch.
-        let mut tokens = Vec::new();
-        let mut pos = Vec::new();
-        let mut row_seq = Vec::new();
-        let mut q_start = vec![0u32];
-        let mut lens = Vec::new();
-        let mut wanted = Vec::new();
-        for (b, ch) in batch.iter().enumerate() {
-            let first = tokens.len() as u32;
-            for (j, &t) in ch.tokens.iter().enumerate() {
-                tokens.push(t);
-                pos.push((ch.start + j) as u32);
-                row_seq.push(b as u32);
-            }
-            let n = ch.tokens.len() as u32;
-            if ch.all_logits {
-                wanted.extend(first..first + n);
-            } else {
-                wanted.push(first + n - 1);
-            }
-            q_start.push(tokens.len() as u32);
-            lens.push((ch.start + ch.tokens.len()) as u32);
-        }
-        let rows = tokens.len();
-        let seqs: Vec<SeqId> = batch.iter().map(|ch| ch.seq).collect();
-        let (index, width) = kv.index_for(&seqs);
-        let max_context = *lens.iter().max().expect("non-empty") as usize;
-        let max_q = batch.iter().map(|ch| ch.tokens.len()).max().unwrap_or(1);
-        if max_context > kv.capacity(width) {
-            return Err(CudaModelError::Batch(format!(
-                "context {max_context} over the cache's capacity {}",
-                kv.capacity(width)
-            )));
-        }
-        let ctx = self.ctx.clone();
-        let b = &mut self.buf;
-        let d_tokens = b.tokens.upload(&ctx, &tokens)?;
-        let d_pos = b.pos.upload(&ctx, &pos)?;
-        let d_row_seq = b.row_seq.upload(&ctx, &row_seq)?;
-        let d_q_start = b.q_start.upload(&ctx, &q_start)?;
-        let d_lens = b.lens.upload(&ctx, &lens)?;
-        let d_index = b.index.upload(&ctx, &index)?;
-        let d_wanted = b.wanted.upload(&ctx, &wanted)?;
-        let x = b.x.get(&ctx, rows * h * 4)?;
-        let xn = b.xn.get(&ctx, rows * h * BF16)?;
-        let qkv = b.qkv.get(&ctx, rows * (qw + 2 * kvw) * BF16)?;
-        let q = b.q.get(&ctx, rows * qw * BF16)?;
-        let k = b.k.get(&ctx, rows * kvw * BF16)?;
-        let v = b.v.get(&ctx, rows * kvw * BF16)?;
-        let attn = b.attn.get(&ctx, rows * qw * BF16)?;
-        let o = b.o.get(&ctx, rows * h * BF16)?;
-        let gu = b.gu.get(&ctx, rows * 2 * inter * BF16)?;
-        let act = b.act.get(&ctx, rows * inter * BF16)?;
-        let sel = b.sel.get(&ctx, wanted.len() * h * BF16)?;
-        let logits = b.logits.get(&ctx, wanted.len() * c.vocab_size * 4)?;
-        let decode = batch.iter().all(|ch| ch.tokens.len() == 1);
-        let dshape = DecodeShape {
-            batch: batch.len(),
-            n_heads: nh,
-            n_kv_heads: nkv,
-            head_dim: hd,
-            max_context,
-        };
-        if decode {
-            let splits = self.att.plan(&dshape, None)?.splits;
-            let fits =
-                matches!(&b.workspace, Some((r, s, _)) if *r >= batch.len() * nh && *s >= splits);
-            if splits > 1 && !fits {
-                b.workspace = None;
-                b.workspace = Some((
-                    batch.len() * nh,
-                    splits,
-                    DecodeWorkspace::new(&ctx, batch.len() * nh, hd, splits)?,
-                ));
-            }
-        }
+        let (rows, wanted) = (shape.rows, shape.wanted);
+        let dshape = self.decode_shape(shape);
+        let workspace = self.buf.workspace.as_ref().map(|w| &w.2);
         let s = &self.stream;
         let ops = &self.ops;
         let scale = 1.0 / (hd as f32).sqrt();
-        // SAFETY: every pointer below is a live buffer sized above for this batch; token ids,
-        // positions, slots and block-table entries were checked or built on the host (each
-        // sequence is reserved through its last position).
+        // SAFETY: every pointer is a live buffer sized by `step_buffers` for this shape; token
+        // ids, positions, slots and block-table entries were checked or built on the host (each
+        // sequence is reserved through its last position; padding rows write and read no KV).
         unsafe {
             ops.gather_rows(
                 s,
                 self.embed.ptr(),
-                d_tokens,
-                x,
+                p.tokens,
+                p.x,
                 rows,
                 h,
                 c.vocab_size,
                 true,
             )?;
-            for (l, layer) in self.layers.iter().enumerate() {
-                let delta = if l == 0 { 0 } else { o };
+            for ((l, layer), addr) in self.layers.iter().enumerate().zip(addrs) {
+                let delta = if l == 0 { 0 } else { p.o };
                 ops.add_rms_norm(
                     s,
-                    x,
+                    p.x,
                     delta,
                     layer.attn_norm.ptr(),
-                    xn,
+                    p.xn,
                     rows,
                     h,
                     c.rms_norm_eps,
                 )?;
                 self.gemm
-                    .matmul_t(xn, layer.qkv.ptr(), qkv, rows, qw + 2 * kvw, h, false)?;
+                    .matmul_t(p.xn, layer.qkv.ptr(), p.qkv, rows, qw + 2 * kvw, h, false)?;
                 ops.rope_split(
                     s,
-                    qkv,
-                    q,
-                    k,
-                    v,
-                    d_pos,
+                    p.qkv,
+                    p.q,
+                    p.k,
+                    p.v,
+                    p.pos,
                     self.inv_freq.ptr(),
                     rows,
                     nh,
@@ -1200,74 +1288,285 @@ impl CudaLlama {
                     hd,
                     c.rope_style == RopeStyle::Half,
                 )?;
-                let addr = kv.address(l, d_index, width);
                 self.att.append(
                     s,
                     &AppendArgs {
-                        k_new: k,
-                        v_new: v,
-                        seq: d_row_seq,
-                        pos: d_pos,
+                        k_new: p.k,
+                        v_new: p.v,
+                        seq: p.row_seq,
+                        pos: p.pos,
                         n_tokens: rows,
                     },
-                    &addr,
+                    addr,
                     nkv,
                     hd,
                 )?;
-                if decode {
+                if shape.decode {
                     self.att.decode(
                         s,
                         Dtype::Bf16,
                         &dshape,
                         &DecodeArgs {
-                            q,
-                            out: attn,
-                            lens: d_lens,
+                            q: p.q,
+                            out: p.attn,
+                            lens: p.lens,
                         },
-                        &addr,
+                        addr,
                         scale,
                         None,
-                        b.workspace.as_ref().map(|w| &w.2),
+                        workspace,
                     )?;
                 } else {
                     self.att.prefill(
                         s,
                         Dtype::Bf16,
                         &PrefillShape {
-                            batch: batch.len(),
+                            batch: shape.chunks,
                             n_heads: nh,
                             n_kv_heads: nkv,
                             head_dim: hd,
-                            max_q_len: max_q,
-                            max_context,
+                            max_q_len: shape.max_q,
+                            max_context: shape.max_context,
                         },
                         &PrefillArgs {
-                            q,
-                            out: attn,
-                            q_start: d_q_start,
-                            lens: d_lens,
+                            q: p.q,
+                            out: p.attn,
+                            q_start: p.q_start,
+                            lens: p.lens,
                         },
-                        &addr,
+                        addr,
                         scale,
                     )?;
                 }
                 self.gemm
-                    .matmul_t(attn, layer.wo.ptr(), o, rows, h, qw, false)?;
-                ops.add_rms_norm(s, x, o, layer.ffn_norm.ptr(), xn, rows, h, c.rms_norm_eps)?;
+                    .matmul_t(p.attn, layer.wo.ptr(), p.o, rows, h, qw, false)?;
+                ops.add_rms_norm(
+                    s,
+                    p.x,
+                    p.o,
+                    layer.ffn_norm.ptr(),
+                    p.xn,
+                    rows,
+                    h,
+                    c.rms_norm_eps,
+                )?;
                 self.gemm
-                    .matmul_t(xn, layer.gate_up.ptr(), gu, rows, 2 * inter, h, false)?;
-                ops.silu_mul(s, gu, act, rows, inter)?;
+                    .matmul_t(p.xn, layer.gate_up.ptr(), p.gu, rows, 2 * inter, h, false)?;
+                ops.silu_mul(s, p.gu, p.act, rows, inter)?;
                 self.gemm
-                    .matmul_t(act, layer.w_down.ptr(), o, rows, h, inter, false)?;
+                    .matmul_t(p.act, layer.w_down.ptr(), p.o, rows, h, inter, false)?;
             }
-            ops.add_rms_norm(s, x, o, self.norm.ptr(), xn, rows, h, c.rms_norm_eps)?;
-            ops.gather_rows(s, xn, d_wanted, sel, wanted.len(), h, rows, false)?;
+            ops.add_rms_norm(s, p.x, p.o, self.norm.ptr(), p.xn, rows, h, c.rms_norm_eps)?;
+            ops.gather_rows(s, p.xn, p.wanted, p.sel, wanted, h, rows, false)?;
             let head = self.lm_head.as_ref().unwrap_or(&self.embed);
             self.gemm
-                .matmul_t(sel, head.ptr(), logits, wanted.len(), c.vocab_size, h, true)?;
+                .matmul_t(p.sel, head.ptr(), p.logits, wanted, c.vocab_size, h, true)?;
+            if argmax {
+                ops.argmax_rows(s, p.logits, p.ids, wanted, c.vocab_size)?;
+            }
         }
-        Ok(wanted.len())
+        Ok(())
     }
+}
+
+/// The host side of one step: what is uploaded, and the shape its kernels take.
+struct StepInputs {
+    tokens: Vec<u32>,
+    pos: Vec<u32>,
+    row_seq: Vec<u32>,
+    q_start: Vec<u32>,
+    lens: Vec<u32>,
+    wanted: Vec<u32>,
+    /// Per sequence its slot (vmm), or its block-table row (paged).
+    index: Vec<u32>,
+    shape: StepShape,
+    /// Rows of the batch itself that want logits (the first of `wanted`; the rest pad).
+    real_wanted: usize,
+}
+
+/// What one step's kernels are launched for (a captured graph bakes it in).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StepShape {
+    /// Token rows, sequences (chunks), and rows that want logits.
+    rows: usize,
+    chunks: usize,
+    wanted: usize,
+    /// The paged block table's width (0 for vmm slots).
+    width: usize,
+    max_context: usize,
+    max_q: usize,
+    /// Every chunk is one token: the decode kernel, else the prefill kernel.
+    decode: bool,
+}
+
+impl StepInputs {
+    /// The batch's inputs; `pad` = `(rows, max_context)` rounds a decode batch up to a captured
+    /// shape: padding rows have position `u32::MAX` (the KV append skips them), context length 0
+    /// (attention reads nothing for them) and no KV (slot and table entries `u32::MAX`); their
+    /// outputs are computed and never read.
+    fn new(batch: &[SeqChunk<'_>], kv: &GpuKv, pad: Option<(usize, usize)>) -> Result<Self> {
+        let mut s = StepInputs {
+            tokens: Vec::new(),
+            pos: Vec::new(),
+            row_seq: Vec::new(),
+            q_start: vec![0],
+            lens: Vec::new(),
+            wanted: Vec::new(),
+            index: Vec::new(),
+            shape: StepShape {
+                rows: 0,
+                chunks: batch.len(),
+                wanted: 0,
+                width: 0,
+                max_context: 0,
+                max_q: batch.iter().map(|ch| ch.tokens.len()).max().unwrap_or(1),
+                decode: batch.iter().all(|ch| ch.tokens.len() == 1),
+            },
+            real_wanted: 0,
+        };
+        for (b, ch) in batch.iter().enumerate() {
+            let first = s.tokens.len() as u32;
+            for (j, &t) in ch.tokens.iter().enumerate() {
+                s.tokens.push(t);
+                s.pos.push((ch.start + j) as u32);
+                s.row_seq.push(b as u32);
+            }
+            let n = ch.tokens.len() as u32;
+            if ch.all_logits {
+                s.wanted.extend(first..first + n);
+            } else {
+                s.wanted.push(first + n - 1);
+            }
+            s.q_start.push(s.tokens.len() as u32);
+            s.lens.push((ch.start + ch.tokens.len()) as u32);
+        }
+        s.real_wanted = s.wanted.len();
+        let mut max_context = s.lens.iter().copied().max().unwrap_or(1) as usize;
+        let mut min_width = 1;
+        if let Some((rows, context)) = pad {
+            for b in batch.len() as u32..rows as u32 {
+                s.tokens.push(0);
+                s.pos.push(u32::MAX);
+                s.row_seq.push(b);
+                s.wanted.push(b);
+                s.q_start.push(b + 1);
+                s.lens.push(0);
+            }
+            s.shape.chunks = rows;
+            max_context = context;
+            min_width = kv.table_width(context);
+        }
+        let seqs: Vec<SeqId> = batch.iter().map(|ch| ch.seq).collect();
+        let (index, width) = kv.index_for(&seqs, s.shape.chunks, min_width);
+        if max_context > kv.capacity(width) {
+            return Err(CudaModelError::Batch(format!(
+                "context {max_context} over the cache's capacity {}",
+                kv.capacity(width)
+            )));
+        }
+        s.index = index;
+        s.shape.rows = s.tokens.len();
+        s.shape.wanted = s.wanted.len();
+        s.shape.width = width;
+        s.shape.max_context = max_context;
+        Ok(s)
+    }
+}
+
+/// Device addresses of one step's buffers (a captured graph bakes them in).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct StepBuffers {
+    tokens: u64,
+    pos: u64,
+    row_seq: u64,
+    q_start: u64,
+    lens: u64,
+    index: u64,
+    wanted: u64,
+    x: u64,
+    xn: u64,
+    qkv: u64,
+    q: u64,
+    k: u64,
+    v: u64,
+    attn: u64,
+    o: u64,
+    gu: u64,
+    act: u64,
+    sel: u64,
+    logits: u64,
+    ids: u64,
+    /// The decode split workspace (0: none).
+    workspace: u64,
+}
+
+/// Decode batches are padded up to one of these sizes for their graphs (vLLM's capture sizes:
+/// 1, 2, 4, then multiples of 8).
+fn batch_bucket(n: usize) -> usize {
+    match n {
+        0 | 1 => 1,
+        2 => 2,
+        3 | 4 => 4,
+        _ => n.next_multiple_of(8),
+    }
+}
+
+/// ... and their longest context up to a multiple of a quarter of its next power of two, at
+/// least 512: at most four graphs per doubling of the context, planned for at most half again the
+/// longest sequence (the decode kernel stops at each sequence's own length; splits beyond it do
+/// nothing).
+fn context_bucket(n: usize) -> usize {
+    n.max(1)
+        .next_multiple_of((n.max(1).next_power_of_two() / 4).max(512))
+}
+
+/// Decode batches of up to this many sequences run as graphs (vLLM's largest capture size).
+const MAX_GRAPH_BATCH: usize = 512;
+
+/// Graphs kept at most; past that they are all dropped and captured again as they recur.
+const MAX_GRAPHS: usize = 512;
+
+/// CUDA graphs of decode steps (vLLM's CUDA-graph runner): a step's ~11 launches per layer cost
+/// the host about as much as a small batch's kernels take on the device, so a decode step whose
+/// shape was seen before is replayed from one graph launch. The shape is fixed per graph: the
+/// batch is padded up to [`batch_bucket`] rows, the longest context up to [`context_bucket`]
+/// (which fixes the decode kernel's splits and the paged table's width), and inputs are uploaded
+/// into the same buffers every step. A graph remembers the buffer and KV addresses it was
+/// captured with and is captured again when any moved (a buffer grew).
+#[derive(Default)]
+pub(crate) struct DecodeGraphs {
+    /// Graphs in use (`vkv serve --enforce-eager` turns them off).
+    on: bool,
+    /// Decode batches of more sequences run kernel by kernel (0: graphs off after a failure).
+    max_batch: usize,
+    steps: HashMap<(usize, usize), CapturedStep>,
+    captures: u64,
+    replays: u64,
+}
+
+/// A captured step and what it baked in: replayed only while all of it still holds.
+struct CapturedStep {
+    graph: StepGraph,
+    shape: StepShape,
+    buffers: StepBuffers,
+    kv: Vec<KvAddress>,
+}
+
+/// A captured step. cudarc's `CudaGraph` holds raw driver handles and so is not `Send`.
+struct StepGraph(CudaGraph);
+// SAFETY: the graph is owned by its `CudaLlama` and used only through it, from the one thread that
+// holds the model at a time, with the model's context current (as its stream is).
+unsafe impl Send for StepGraph {}
+
+/// How often decode steps were captured and replayed (see [`DecodeGraphs`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GraphStats {
+    /// Decode steps run as graphs (off: `--enforce-eager`, or after a failed capture).
+    pub on: bool,
+    pub captures: u64,
+    pub replays: u64,
+    /// Graphs held now.
+    pub graphs: usize,
 }
 
 /// What weight uploaders get.

@@ -226,6 +226,12 @@ pub struct DecodeWorkspace {
 }
 
 impl DecodeWorkspace {
+    /// The device address of its partial outputs (identifies the workspace, e.g. to tell whether
+    /// a captured CUDA graph still points at it).
+    pub fn ptr(&self) -> u64 {
+        self.part_o.ptr()
+    }
+
     /// Room for `rows = batch · n_heads` query rows of `head_dim` with up to `max_splits` splits.
     pub fn new(
         ctx: &Arc<CudaContext>,
@@ -592,7 +598,8 @@ impl Attention {
     /// `k_new`, `v_new` must hold `n_tokens · n_kv_heads · head_dim` elements, `seq` and `pos`
     /// `n_tokens` u32 each; every `(seq, pos)` must address backed KV memory (a backed slot token,
     /// or a block-table row whose block at `pos / block_size` is allocated) that nothing reads or
-    /// writes concurrently, and no two new tokens may share a `(seq, pos)`.
+    /// writes concurrently, and no two new tokens may share a `(seq, pos)`. A `pos` of `u32::MAX`
+    /// marks a padding row (a captured decode step's batch rounded up): nothing is written for it.
     pub unsafe fn append(
         &self,
         stream: &CudaStream,

@@ -3,11 +3,12 @@
 //! The attention launchers take raw device addresses because the KV cache they read may be a
 //! `CudaVmm` reservation (vkv-vmm), a pool of blocks, or an ordinary tensor; this type owns the
 //! ordinary allocations (queries, outputs, block tables, workspaces) of launchers, tests and
-//! benchmarks. Copies are synchronous and checked; the memory is freed on drop.
+//! benchmarks. Copies are checked; `upload`/`download` are synchronous (ordered with the legacy
+//! default stream only), `upload_on` is ordered on a given stream; the memory is freed on drop.
 
 use std::sync::Arc;
 
-use cudarc::driver::{result, CudaContext, DeviceRepr};
+use cudarc::driver::{result, CudaContext, CudaStream, DeviceRepr};
 
 use super::error::{driver, KernelError, Result};
 
@@ -69,6 +70,25 @@ impl DeviceBuffer {
         // SAFETY: the destination range is inside this allocation (checked).
         unsafe { result::memcpy_htod_sync(self.ptr + offset as u64, data) }
             .map_err(driver("cuMemcpyHtoD"))
+    }
+
+    /// Copy `data` to byte `offset`, ordered on `stream` (`cuMemcpyHtoDAsync`): the host data is
+    /// staged before this returns (pageable memory), so `data` may be dropped at once; the copy
+    /// lands before the stream's later work and after its earlier work.
+    pub fn upload_on<T: DeviceRepr>(
+        &self,
+        stream: &CudaStream,
+        offset: usize,
+        data: &[T],
+    ) -> Result<()> {
+        self.check(offset, std::mem::size_of_val(data))?;
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("cuCtxSetCurrent"))?;
+        // SAFETY: the destination range is inside this allocation (checked); pageable host data
+        // is staged by the driver before the call returns.
+        unsafe { result::memcpy_htod_async(self.ptr + offset as u64, data, stream.cu_stream()) }
+            .map_err(driver("cuMemcpyHtoDAsync"))
     }
 
     /// Copy from byte `offset` into `out` (synchronous).
