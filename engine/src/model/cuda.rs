@@ -1095,9 +1095,10 @@ impl CudaLlama {
     }
 
     /// Replay the graph captured for `key` if it was captured for this shape and still points at
-    /// these buffers and KV addresses. Otherwise run the step kernel by kernel — which also makes cuBLASLt's plans for
-    /// its shapes before anything is captured — and capture it for the next step of this shape;
-    /// a capture that fails turns graphs off (with a message) and leaves the eager step's result.
+    /// these buffers and KV addresses. Otherwise run the step kernel by kernel — which also makes
+    /// cuBLASLt's plans for its shapes before anything is captured — and capture it for the next
+    /// step of this shape; a capture that fails turns graphs off (with a message) and leaves the
+    /// eager step's result.
     fn graph_step(
         &self,
         graphs: &mut DecodeGraphs,
