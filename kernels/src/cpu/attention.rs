@@ -858,6 +858,92 @@ mod tests {
         agrees_with_a_dense_reference(128, 2, 2, 16);
     }
 
+    /// Decode attention of SmolLM2-135M's shapes at 16 sequences (9 heads, 3 KV heads, 64 dims,
+    /// f16 paged KV in blocks of 16 scattered over the pool, head-major as `PagedKv` lays them
+    /// out (`VKV_ATTN_TOKEN_MAJOR=1`: token-major), `VKV_ATTN_LAYERS` layers (default 30) of
+    /// `VKV_ATTN_CONTEXT` tokens each (default 192): ~70 MB of KV, more than the L3, as one
+    /// decode step reads it. Prints the best and median of 15 steps on the current pool.
+    #[test]
+    #[ignore]
+    fn attention_timings() {
+        use rayon::prelude::*;
+        let env = |name: &str, default: usize| {
+            std::env::var(name)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(default)
+        };
+        let (seqs, layers, nh, nkv, hd, bs) = (16usize, env("VKV_ATTN_LAYERS", 30), 9, 3, 64, 16);
+        let ctx = env("VKV_ATTN_CONTEXT", 192);
+        let head_major = env("VKV_ATTN_TOKEN_MAJOR", 0) != 1;
+        let width = nkv * hd;
+        let nb = ctx.div_ceil(bs);
+        let mut rng = StdRng::seed_from_u64(9);
+        // Blocks of a sequence scattered over the pool (a fixed permutation).
+        let total = seqs * nb;
+        let mut perm: Vec<u32> = (0..total as u32).collect();
+        for i in (1..total).rev() {
+            perm.swap(i, rng.random_range(0..=i));
+        }
+        let mut pools: Vec<(Vec<u8>, Vec<u8>)> = (0..layers)
+            .map(|_| {
+                let n = total * bs * width * 2;
+                let k: Vec<u8> = (0..n).map(|_| rng.random::<u8>() & 0x3b).collect();
+                let v: Vec<u8> = (0..n).map(|_| rng.random::<u8>() & 0x3b).collect();
+                (k, v)
+            })
+            .collect();
+        let refs: Vec<Vec<KvRef<'_>>> = pools
+            .iter_mut()
+            .map(|(k, v)| {
+                (0..seqs)
+                    .map(|s| KvRef::Paged {
+                        k_pool: k.as_mut_ptr(),
+                        v_pool: v.as_mut_ptr(),
+                        dtype: KvDtype::F16,
+                        blocks: &perm[s * nb..(s + 1) * nb],
+                        block_size: bs,
+                        block_stride: bs * width,
+                        token_stride: if head_major { hd } else { width },
+                        head_stride: if head_major { bs * hd } else { hd },
+                    })
+                    .collect()
+            })
+            .collect();
+        let q = random(seqs * nh * hd, &mut rng);
+        let mut out = vec![0f32; seqs * nh * hd];
+        let group = nh / nkv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let reps = 30 / layers;
+        let mut times: Vec<f64> = (0..15)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                for layer in refs.iter().cycle().take(reps * layers) {
+                    out.par_chunks_mut(group * hd).enumerate().for_each_init(
+                        Vec::new,
+                        |scratch, (i, o)| {
+                            let (r, g) = (i / nkv, i % nkv);
+                            let qg = &q[r * nh * hd + g * group * hd..][..group * hd];
+                            unsafe {
+                                attention_group(qg, &layer[r], ctx, g, group, hd, scale, o, scratch)
+                            };
+                        },
+                    );
+                }
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let bytes = (seqs * reps * layers * ctx * width * 2 * 2) as f64;
+        eprintln!(
+            "attention, 16 sequences x {ctx} tokens x {layers} layers ({:.1} MB f16 KV): best {:.2} ms ({:.1} GB/s), median {:.2} ms",
+            bytes / 1e6,
+            times[0] * 1e3,
+            bytes / times[0] / 1e9,
+            times[7] * 1e3
+        );
+    }
+
     #[test]
     fn f16_append_rounds_to_nearest_even_like_half() {
         let mut rng = StdRng::seed_from_u64(3);
