@@ -431,6 +431,9 @@ fn matmul_with(isa: Isa, x: &[f32], m: usize, k: usize, w: &Packed, n: usize, ou
                 for g in g0..g1 {
                     let p0 = g * tc;
                     let cols = tc.min(panels - p0);
+                    if g + 1 < g1 && c0 == 0 && m > tr {
+                        prefetch_panels(w, (g + 1) * tc, tc.min(panels - (g + 1) * tc));
+                    }
                     let mut r0 = c0;
                     while r0 < c1 {
                         let rows = tr.min(c1 - r0);
@@ -450,6 +453,22 @@ fn matmul_with(isa: Isa, x: &[f32], m: usize, k: usize, w: &Packed, n: usize, ou
                 }
             }
         });
+}
+
+/// Ask for panels `p0..p0 + count` of `w` into the L2 cache (x86-64; elsewhere nothing).
+fn prefetch_panels(w: &Packed, p0: usize, count: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        let len = w.blocks() * Packed::record_bytes(w.q4);
+        let bytes = &w.data[p0 * len..(p0 + count) * len];
+        for line in bytes.chunks(64) {
+            // SAFETY: a prefetch of an address inside `w.data` has no effect on memory.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast()) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (w, p0, count);
 }
 
 /// `out` shared by the tasks of a product, each writing its own columns.
