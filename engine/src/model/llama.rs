@@ -633,6 +633,7 @@ impl Llama {
         let (mut gate, mut up) = (vec![0f32; rows * iw], vec![0f32; rows * iw]);
         let scale = 1.0 / (hd as f32).sqrt();
         let mut scratch = Vec::new();
+        let angles = cpu::RopeTable::new(&positions, &self.inv_freq);
         for (l, layer) in self.layers.iter().enumerate() {
             cpu::rms_norm(&x, &layer.attn_norm, c.rms_norm_eps, &mut xn);
             self.project(
@@ -643,8 +644,8 @@ impl Llama {
                 &mut [(&mut q, qw), (&mut k, kvw), (&mut v, kvw)],
                 &mut scratch,
             );
-            cpu::rope(&mut q, &positions, nh, hd, &self.inv_freq, c.rope_style);
-            cpu::rope(&mut k, &positions, nkv, hd, &self.inv_freq, c.rope_style);
+            cpu::rope_rotate(&mut q, &angles, nh, hd, c.rope_style);
+            cpu::rope_rotate(&mut k, &angles, nkv, hd, c.rope_style);
             let refs: Vec<KvRef<'_>> = batch
                 .iter()
                 .map(|ch| kv.layer(ch.seq, l))

@@ -68,23 +68,74 @@ pub fn rope(
     inv_freq: &[f32],
     style: RopeStyle,
 ) {
-    let width = n_heads * head_dim;
-    x.par_chunks_mut(width)
-        .zip(positions.par_iter())
-        .for_each(|(row, &pos)| {
-            for head in row.chunks_mut(head_dim) {
-                for (i, &f) in inv_freq.iter().enumerate() {
+    rope_rotate(
+        x,
+        &RopeTable::new(positions, inv_freq),
+        n_heads,
+        head_dim,
+        style,
+    );
+}
+
+/// `(cos, sin)` of every row's position times every inverse frequency (`[rows][freqs]`): what
+/// [`rope`] computes, once per forward pass instead of once per head, layer and Q or K (the
+/// values are the same `sin_cos` of the same products, so the rotation's bits are too).
+pub struct RopeTable {
+    freqs: usize,
+    cos_sin: Vec<(f32, f32)>,
+}
+
+impl RopeTable {
+    pub fn new(positions: &[usize], inv_freq: &[f32]) -> Self {
+        let cos_sin = positions
+            .iter()
+            .flat_map(|&pos| {
+                inv_freq.iter().map(move |&f| {
                     let (sin, cos) = (pos as f32 * f).sin_cos();
-                    let (a, b) = match style {
-                        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
-                        RopeStyle::Half => (i, i + head_dim / 2),
-                    };
-                    let (x0, x1) = (head[a], head[b]);
-                    head[a] = x0 * cos - x1 * sin;
-                    head[b] = x0 * sin + x1 * cos;
-                }
+                    (cos, sin)
+                })
+            })
+            .collect();
+        RopeTable {
+            freqs: inv_freq.len(),
+            cos_sin,
+        }
+    }
+}
+
+/// [`rope`] with the angles of `table` (one row of it per row of `x`).
+pub fn rope_rotate(
+    x: &mut [f32],
+    table: &RopeTable,
+    n_heads: usize,
+    head_dim: usize,
+    style: RopeStyle,
+) {
+    let width = n_heads * head_dim;
+    let rotate = |(row, angles): (&mut [f32], &[(f32, f32)])| {
+        for head in row.chunks_mut(head_dim) {
+            for (i, &(cos, sin)) in angles.iter().enumerate() {
+                let (a, b) = match style {
+                    RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                    RopeStyle::Half => (i, i + head_dim / 2),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos - x1 * sin;
+                head[b] = x0 * sin + x1 * cos;
             }
-        });
+        }
+    };
+    let freqs = table.freqs.max(1);
+    // A decode step's few rows are not worth a parallel region.
+    if x.len() >= 1 << 15 {
+        x.par_chunks_mut(width)
+            .zip(table.cos_sin.par_chunks(freqs))
+            .for_each(rotate);
+    } else {
+        x.chunks_mut(width)
+            .zip(table.cos_sin.chunks(freqs))
+            .for_each(rotate);
+    }
 }
 
 /// RMSNorm of each row of `x` (`[rows][dim]`) into `out`: `x / sqrt(mean(x²) + eps) · weight`.
