@@ -246,7 +246,7 @@ fn quantize_rows(isa: Isa, x: &[f32], m: usize, k: usize) -> Q8Rows {
         Isa::Avx2 => unsafe { quantize_row_avx2(xr, qs, d, s, start) },
         _ => quantize_row(xr, qs, d, s, start),
     };
-    if m * k >= 1 << 14 {
+    if m * k >= super::SERIAL_BELOW {
         x[..m * k]
             .par_chunks_exact(k)
             .zip(q.qs.par_chunks_exact_mut(k))

@@ -126,8 +126,7 @@ pub fn rope_rotate(
         }
     };
     let freqs = table.freqs.max(1);
-    // A decode step's few rows are not worth a parallel region.
-    if x.len() >= 1 << 15 {
+    if x.len() >= SERIAL_BELOW {
         x.par_chunks_mut(width)
             .zip(table.cos_sin.par_chunks(freqs))
             .for_each(rotate);
@@ -141,16 +140,26 @@ pub fn rope_rotate(
 /// RMSNorm of each row of `x` (`[rows][dim]`) into `out`: `x / sqrt(mean(x²) + eps) · weight`.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let dim = weight.len();
-    out.par_chunks_mut(dim)
-        .zip(x.par_chunks(dim))
-        .for_each(|(o, x)| {
-            let ms = x.iter().map(|v| v * v).sum::<f32>() / dim as f32;
-            let inv = 1.0 / (ms + eps).sqrt();
-            for ((o, x), w) in o.iter_mut().zip(x).zip(weight) {
-                *o = x * inv * w;
-            }
-        });
+    let norm = |(o, x): (&mut [f32], &[f32])| {
+        let ms = x.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for ((o, x), w) in o.iter_mut().zip(x).zip(weight) {
+            *o = x * inv * w;
+        }
+    };
+    if x.len() < SERIAL_BELOW {
+        out.chunks_mut(dim).zip(x.chunks(dim)).for_each(norm);
+    } else {
+        out.par_chunks_mut(dim)
+            .zip(x.par_chunks(dim))
+            .for_each(norm);
+    }
 }
+
+/// Elementwise ops (norms, RoPE, SiLU) on fewer elements than this run on the calling thread: a
+/// decode step's few rows take microseconds, less than a parallel region costs (waking the other
+/// workers, which on a busy 2-core machine may have yielded their core).
+pub const SERIAL_BELOW: usize = 1 << 15;
 
 /// `gate = silu(gate) · up`, elementwise (SwiGLU). With AVX2 the `exp` is the attention
 /// kernel's polynomial (relative error < 2e-7), for every element alike (a tail goes through the
@@ -163,10 +172,15 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     );
     #[cfg(target_arch = "x86_64")]
     if attention::simd_available() {
-        gate.par_chunks_mut(256)
-            .zip(up.par_chunks(256))
-            // SAFETY: AVX2 and FMA were detected at run time.
-            .for_each(|(g, u)| unsafe { silu_mul_avx2(g, u) });
+        // SAFETY: AVX2 and FMA were detected at run time.
+        let run = |(g, u): (&mut [f32], &[f32])| unsafe { silu_mul_avx2(g, u) };
+        if gate.len() < SERIAL_BELOW {
+            gate.chunks_mut(256).zip(up.chunks(256)).for_each(run);
+        } else {
+            gate.par_chunks_mut(256)
+                .zip(up.par_chunks(256))
+                .for_each(run);
+        }
         return;
     }
     gate.par_iter_mut().zip(up.par_iter()).for_each(|(g, u)| {
