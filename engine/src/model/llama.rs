@@ -624,24 +624,26 @@ impl Llama {
                     .iter()
                     .map(|r| r.split_at(at))
                     .unzip::<_, _, Vec<_>, Vec<_>>();
-                let (a, b) = rayon::join(
-                    || self.layers_and_head(&batch[..at], &left),
-                    || self.layers_and_head(&batch[at..], &right),
+                // The output head runs once for both halves: its 30-100 MB of weights are then
+                // read once a step, for every row together.
+                let (mut hidden, b) = rayon::join(
+                    || self.layers(&batch[..at], &left),
+                    || self.layers(&batch[at..], &right),
                 );
-                let mut out = a;
-                out.extend(b);
-                Ok(out)
+                hidden.extend(b);
+                Ok(self.head(batch, &hidden))
             }
             None => {
                 let refs: Vec<&[KvRef<'_>]> = refs.iter().map(|r| r.as_slice()).collect();
-                Ok(self.layers_and_head(batch, &refs))
+                Ok(self.head(batch, &self.layers(batch, &refs)))
             }
         }
     }
 
-    /// The forward pass of `batch` after its KV is reserved: `refs[l][chunk]` addresses each
-    /// chunk's KV in layer `l`. Per chunk, the logits [`Llama::forward`] returns.
-    fn layers_and_head(&self, batch: &[SeqChunk<'_>], refs: &[&[KvRef<'_>]]) -> Vec<Vec<f32>> {
+    /// Every layer of `batch` after its KV is reserved: `refs[l][chunk]` addresses each chunk's
+    /// KV in layer `l`. Returns the final hidden states of the rows whose logits
+    /// [`Llama::forward`] returns (per chunk its last row, or all its rows when `all_logits`).
+    fn layers(&self, batch: &[SeqChunk<'_>], refs: &[&[KvRef<'_>]]) -> Vec<f32> {
         let c = &self.config;
         let (h, nh, nkv, hd) = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim);
         // Flatten: row r is token `tokens[r]` of chunk `owner[r]` at `positions[r]`.
@@ -753,11 +755,20 @@ impl Llama {
         for (i, &r) in wanted.iter().enumerate() {
             sel[i * h..(i + 1) * h].copy_from_slice(&x[r * h..(r + 1) * h]);
         }
-        let mut normed = vec![0f32; sel.len()];
-        cpu::rms_norm(&sel, &self.norm, c.rms_norm_eps, &mut normed);
+        sel
+    }
+
+    /// The logits of `hidden` (the final hidden states [`Llama::layers`] returns for `batch`,
+    /// in order), per chunk.
+    fn head(&self, batch: &[SeqChunk<'_>], hidden: &[f32]) -> Vec<Vec<f32>> {
+        let c = &self.config;
+        let (h, vocab) = (c.hidden_size, c.vocab_size);
+        let rows = hidden.len() / h;
+        let mut normed = vec![0f32; hidden.len()];
+        cpu::rms_norm(hidden, &self.norm, c.rms_norm_eps, &mut normed);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let mut logits = vec![0f32; wanted.len() * c.vocab_size];
-        self.matmul(&normed, wanted.len(), h, head, c.vocab_size, &mut logits);
+        let mut logits = vec![0f32; rows * vocab];
+        self.matmul(&normed, rows, h, head, vocab, &mut logits);
         let mut out = Vec::with_capacity(batch.len());
         let mut at = 0;
         for chunk in batch {
@@ -766,7 +777,7 @@ impl Llama {
             } else {
                 1
             };
-            out.push(logits[at * c.vocab_size..(at + n) * c.vocab_size].to_vec());
+            out.push(logits[at * vocab..(at + n) * vocab].to_vec());
             at += n;
         }
         out
