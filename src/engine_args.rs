@@ -149,10 +149,9 @@ pub struct EngineArgs {
     /// Sequences running at once at most.
     #[arg(long = "max-num-seqs", default_value_t = 64)]
     pub max_num_seqs: usize,
-    /// Tokens in one forward pass at most (prefill chunks + decodes). Default: 2048 on CUDA
-    /// (vLLM's), 512 on the CPU.
-    #[arg(long = "max-num-batched-tokens")]
-    pub max_num_batched_tokens: Option<usize>,
+    /// Tokens in one forward pass at most (prefill chunks + decodes).
+    #[arg(long = "max-num-batched-tokens", default_value_t = 2048)]
+    pub max_num_batched_tokens: usize,
     /// Longest prompt + output (default: the model's context length).
     #[arg(long = "max-model-len")]
     pub max_model_len: Option<usize>,
@@ -160,13 +159,6 @@ pub struct EngineArgs {
     #[arg(long = "batch-invariant")]
     pub batch_invariant: bool,
 }
-
-/// The CPU's default step size: 16 prompts of 128 tokens (`vkv bench offline --workload
-/// fixed:128,128 --num-prompts 16`, 2-core EPYC, docs/benchmarks.md "Issue 5") ran at 396 output
-/// tokens/s in steps of 2048 tokens (median of 3) and 413-440 in steps of 256, 512 or 1024:
-/// a 2048-row step's activations (25 MB for gate/up alone) outgrow the caches the integer
-/// products and attention read them from, and are fresh memory every step.
-const CPU_MAX_NUM_BATCHED_TOKENS: usize = 512;
 
 impl EngineArgs {
     /// The device asked for; `cuda` without a usable GPU is a one-line error.
@@ -197,10 +189,7 @@ impl EngineArgs {
                 Device::Cuda => self.kv.kv_memory.unwrap_or(0),
             },
             max_num_seqs: self.max_num_seqs,
-            max_num_batched_tokens: self.max_num_batched_tokens.unwrap_or(match device {
-                Device::Cpu => CPU_MAX_NUM_BATCHED_TOKENS,
-                Device::Cuda => 2048,
-            }),
+            max_num_batched_tokens: self.max_num_batched_tokens,
             max_model_len: self.max_model_len,
             batch_invariant: self.batch_invariant,
             ..EngineConfig::default()
