@@ -17,7 +17,13 @@
 //!   constants, degree-5 polynomial, exponent by integer shift), maximum relative error below
 //!   2e-7 on `[-87, 0]` (tested against f64 `exp`); inputs below −87 give exactly 0.
 //! - P·V accumulates 32 output dimensions of up to 3 heads in registers over all tokens, so each
-//!   V row is loaded (and converted) once for the group.
+//!   V row is loaded (and converted) once for the group; with AVX512F (detected at run time,
+//!   `VKV_NO_AVX512` says no) 64 dimensions of up to 4 heads in one pass, the same FMAs in the
+//!   same order per output, so the same bits.
+//!
+//! The paged cache (`PagedKv` in the engine) lays a block out head-major, `[kv_head][token]
+//! [head_dim]`, so the rows one task reads from a block are contiguous (vLLM's block layout);
+//! `attention_timings` (an ignored test) measures a 16-sequence decode step's attention.
 //!
 //! The result of a row depends only on its query, its KV and its context — never on the other
 //! rows of the batch or on how a prompt was chunked — which is what batch invariance and chunked

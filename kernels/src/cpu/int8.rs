@@ -38,7 +38,9 @@
 //! a single sequential weight stream per task, with a block's steps summed in two integer
 //! chains. AVX2 (16 registers) takes 2 rows × one panel as two 256-bit halves; the portable
 //! path one output at a time. Tasks (rayon) are runs of panels; within one, 64 activation rows
-//! at a time meet each of its panels, so both stay in cache.
+//! at a time meet each of its panels, so both stay in cache; when the rows take several tiles
+//! (a decode batch), the next panel group's weights are prefetched into L2 meanwhile (they come
+//! from memory: a model's weights outgrow the caches).
 //!
 //! **Batch invariance by construction.** Every output is one lane of one accumulator, computed
 //! by the same f32 operations in the same order — blocks in sequence, the two FMAs above, from
