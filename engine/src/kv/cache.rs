@@ -163,7 +163,8 @@ impl Pool {
 // (each token's K/V is written by one thread before any thread reads it).
 unsafe impl Sync for Pool {}
 
-/// The paged KV cache: per layer a K and a V pool of `num_blocks × block_size` tokens.
+/// The paged KV cache: per layer a K and a V pool of `num_blocks × block_size` tokens, each block
+/// `[kv_head][token][head_dim]`.
 pub struct PagedKv {
     dims: KvDims,
     dtype: KvDtype,
@@ -287,16 +288,21 @@ impl KvCache for PagedKv {
 
     fn layer(&self, seq: SeqId, layer: usize) -> Result<KvRef<'_>, KvError> {
         let table = self.tables.get(&seq).ok_or_else(|| unknown(seq))?;
-        let token_stride = self.dims.num_kv_heads * self.dims.head_dim;
+        // Head-major blocks (`[block][kv_head][token][head_dim]`, vLLM's block layout): a GQA
+        // group's K (or V) rows of a block are one contiguous run of `block_size · head_dim`
+        // elements, which the hardware prefetchers follow; token-major rows were `kv_heads`
+        // rows apart. Measured on the 2-core EPYC: decode attention of 16 sequences 25-30 %
+        // faster (`attention_timings` in the kernels crate).
+        let (bs, hd) = (self.alloc.block_size(), self.dims.head_dim);
         Ok(KvRef::Paged {
             k_pool: self.k[layer].ptr(),
             v_pool: self.v[layer].ptr(),
             dtype: self.dtype,
             blocks: table.blocks(),
-            block_size: self.alloc.block_size(),
-            block_stride: self.alloc.block_size() * token_stride,
-            token_stride,
-            head_stride: self.dims.head_dim,
+            block_size: bs,
+            block_stride: bs * self.dims.num_kv_heads * hd,
+            token_stride: hd,
+            head_stride: bs * hd,
         })
     }
 }

@@ -643,3 +643,26 @@ fn a_random_preset_model_runs_on_the_cpu_and_is_deterministic() {
     let var = a.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / a.len() as f32;
     assert!(var > 1e-3, "logits nearly constant: variance {var}");
 }
+
+#[test]
+fn batches_split_at_the_chunk_boundary_nearest_half_the_rows() {
+    let tokens = [0u32; 64];
+    let batch = |lens: &[usize]| -> Vec<SeqChunk<'_>> {
+        lens.iter()
+            .enumerate()
+            .map(|(i, &n)| SeqChunk {
+                seq: i as u64,
+                tokens: &tokens[..n],
+                start: 0,
+                all_logits: false,
+            })
+            .collect()
+    };
+    assert_eq!(split_point(&batch(&[1])), None);
+    assert_eq!(split_point(&batch(&[])), None);
+    assert_eq!(split_point(&batch(&[1; 16])), Some(8));
+    assert_eq!(split_point(&batch(&[1, 1, 1])), Some(1));
+    assert_eq!(split_point(&batch(&[60, 1, 1, 1])), Some(1));
+    assert_eq!(split_point(&batch(&[1, 1, 1, 60])), Some(3));
+    assert_eq!(split_point(&batch(&[10, 20, 30])), Some(2));
+}

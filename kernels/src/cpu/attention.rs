@@ -17,7 +17,13 @@
 //!   constants, degree-5 polynomial, exponent by integer shift), maximum relative error below
 //!   2e-7 on `[-87, 0]` (tested against f64 `exp`); inputs below −87 give exactly 0.
 //! - P·V accumulates 32 output dimensions of up to 3 heads in registers over all tokens, so each
-//!   V row is loaded (and converted) once for the group.
+//!   V row is loaded (and converted) once for the group; with AVX512F (detected at run time,
+//!   `VKV_NO_AVX512` says no) 64 dimensions of up to 4 heads in one pass, the same FMAs in the
+//!   same order per output, so the same bits.
+//!
+//! The paged cache (`PagedKv` in the engine) lays a block out head-major, `[kv_head][token]
+//! [head_dim]`, so the rows one task reads from a block are contiguous (vLLM's block layout);
+//! `attention_timings` (an ignored test) measures a 16-sequence decode step's attention.
 //!
 //! The result of a row depends only on its query, its KV and its context — never on the other
 //! rows of the batch or on how a prompt was chunked — which is what batch invariance and chunked
@@ -289,10 +295,28 @@ pub unsafe fn attention_group(
         return unsafe {
             match kv.dtype() {
                 KvDtype::F32 => simd::attention_group::<false>(
-                    q, kv, context, kv_head, group, head_dim, scale, out, scratch,
+                    q,
+                    kv,
+                    context,
+                    kv_head,
+                    group,
+                    head_dim,
+                    scale,
+                    out,
+                    scratch,
+                    avx512_available(),
                 ),
                 KvDtype::F16 => simd::attention_group::<true>(
-                    q, kv, context, kv_head, group, head_dim, scale, out, scratch,
+                    q,
+                    kv,
+                    context,
+                    kv_head,
+                    group,
+                    head_dim,
+                    scale,
+                    out,
+                    scratch,
+                    avx512_available(),
                 ),
             }
         };
@@ -405,6 +429,23 @@ pub(super) fn simd_available() -> bool {
     false
 }
 
+/// Whether the P·V pass may use AVX-512 (32 vector registers: a GQA group's accumulators of 64
+/// dimensions stay in registers in one pass over V); detected at run time, `VKV_NO_AVX512` says
+/// no. Its results are the AVX2 pass's bits (the same FMAs per output, in the same order).
+fn avx512_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX512.get_or_init(|| {
+            simd_available()
+                && std::env::var_os("VKV_NO_AVX512").is_none()
+                && std::arch::is_x86_feature_detected!("avx512f")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(super) mod simd {
     use std::arch::x86_64::*;
@@ -496,7 +537,8 @@ pub(super) mod simd {
     }
 
     /// See [`super::attention_group`]; `F16` says the cache holds f16. `head_dim` is a multiple
-    /// of 8 and `context` at least 1.
+    /// of 8 and `context` at least 1. `avx512`: AVX512F was detected, and the P·V pass may use
+    /// it.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn attention_group<const F16: bool>(
@@ -509,6 +551,7 @@ pub(super) mod simd {
         scale: f32,
         out: &mut [f32],
         scratch: &mut Vec<f32>,
+        avx512: bool,
     ) {
         let esz = if F16 { 2 } else { 4 };
         let (kb, vb, _) = kv.bases();
@@ -603,6 +646,19 @@ pub(super) mod simd {
         // pass over the tokens.
         let o = out.as_mut_ptr();
         let mut h0 = 0;
+        // AVX-512: 64 dimensions of up to 4 heads per pass (16 accumulators, 4 V vectors).
+        while avx512 && hd.is_multiple_of(64) && h0 < group {
+            let g = (group - h0).min(4);
+            for d0 in (0..hd).step_by(64) {
+                match g {
+                    1 => pv512::<F16, 1>(kv, vb, context, kv_head, scores, cp, h0, d0, o, hd),
+                    2 => pv512::<F16, 2>(kv, vb, context, kv_head, scores, cp, h0, d0, o, hd),
+                    3 => pv512::<F16, 3>(kv, vb, context, kv_head, scores, cp, h0, d0, o, hd),
+                    _ => pv512::<F16, 4>(kv, vb, context, kv_head, scores, cp, h0, d0, o, hd),
+                }
+            }
+            h0 += g;
+        }
         while h0 < group {
             let g = (group - h0).min(3);
             let mut d0 = 0;
@@ -630,6 +686,47 @@ pub(super) mod simd {
             for c in (0..hd).step_by(8) {
                 let p = o.add(h * hd + c);
                 _mm256_storeu_ps(p, _mm256_mul_ps(_mm256_loadu_ps(p), v));
+            }
+        }
+    }
+
+    /// [`pv`] for 64 dimensions (`d0 .. d0 + 64`) in 512-bit vectors: per output the same FMAs
+    /// in the same order (tokens in sequence, from zero), so the same bits.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pv512<const F16: bool, const G: usize>(
+        kv: &KvRef<'_>,
+        vb: *mut u8,
+        context: usize,
+        kv_head: usize,
+        p: *const f32,
+        cp: usize,
+        h0: usize,
+        d0: usize,
+        out: *mut f32,
+        hd: usize,
+    ) {
+        let esz = if F16 { 2 } else { 4 };
+        let mut acc = [[_mm512_setzero_ps(); 4]; G];
+        for (t, at) in kv.offsets(context, kv_head).enumerate() {
+            let src = vb.add((at + d0) * esz);
+            let v: [__m512; 4] = std::array::from_fn(|w| {
+                if F16 {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(src.add(32 * w).cast()))
+                } else {
+                    _mm512_loadu_ps(src.add(64 * w).cast())
+                }
+            });
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let pt = _mm512_set1_ps(*p.add((h0 + i) * cp + t));
+                for (a, v) in acc.iter_mut().zip(&v) {
+                    *a = _mm512_fmadd_ps(pt, *v, *a);
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            for (w, a) in acc.iter().enumerate() {
+                _mm512_storeu_ps(out.add((h0 + i) * hd + d0 + 16 * w), *a);
             }
         }
     }
@@ -856,6 +953,159 @@ mod tests {
         agrees_with_a_dense_reference(64, 9, 3, 16);
         agrees_with_a_dense_reference(64, 8, 2, 5);
         agrees_with_a_dense_reference(128, 2, 2, 16);
+    }
+
+    /// Decode attention of SmolLM2-135M's shapes at 16 sequences (9 heads, 3 KV heads, 64 dims,
+    /// f16 paged KV in blocks of 16 scattered over the pool, head-major as `PagedKv` lays them
+    /// out (`VKV_ATTN_TOKEN_MAJOR=1`: token-major), `VKV_ATTN_LAYERS` layers (default 30) of
+    /// `VKV_ATTN_CONTEXT` tokens each (default 192): ~70 MB of KV, more than the L3, as one
+    /// decode step reads it. Prints the best and median of 15 steps on the current pool.
+    #[test]
+    #[ignore]
+    fn attention_timings() {
+        use rayon::prelude::*;
+        let env = |name: &str, default: usize| {
+            std::env::var(name)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(default)
+        };
+        let (seqs, layers, nh, nkv, hd, bs) = (16usize, env("VKV_ATTN_LAYERS", 30), 9, 3, 64, 16);
+        let ctx = env("VKV_ATTN_CONTEXT", 192);
+        let head_major = env("VKV_ATTN_TOKEN_MAJOR", 0) != 1;
+        let width = nkv * hd;
+        let nb = ctx.div_ceil(bs);
+        let mut rng = StdRng::seed_from_u64(9);
+        // Blocks of a sequence scattered over the pool (a fixed permutation).
+        let total = seqs * nb;
+        let mut perm: Vec<u32> = (0..total as u32).collect();
+        for i in (1..total).rev() {
+            perm.swap(i, rng.random_range(0..=i));
+        }
+        let mut pools: Vec<(Vec<u8>, Vec<u8>)> = (0..layers)
+            .map(|_| {
+                let n = total * bs * width * 2;
+                let k: Vec<u8> = (0..n).map(|_| rng.random::<u8>() & 0x3b).collect();
+                let v: Vec<u8> = (0..n).map(|_| rng.random::<u8>() & 0x3b).collect();
+                (k, v)
+            })
+            .collect();
+        let refs: Vec<Vec<KvRef<'_>>> = pools
+            .iter_mut()
+            .map(|(k, v)| {
+                (0..seqs)
+                    .map(|s| KvRef::Paged {
+                        k_pool: k.as_mut_ptr(),
+                        v_pool: v.as_mut_ptr(),
+                        dtype: KvDtype::F16,
+                        blocks: &perm[s * nb..(s + 1) * nb],
+                        block_size: bs,
+                        block_stride: bs * width,
+                        token_stride: if head_major { hd } else { width },
+                        head_stride: if head_major { bs * hd } else { hd },
+                    })
+                    .collect()
+            })
+            .collect();
+        let q = random(seqs * nh * hd, &mut rng);
+        let mut out = vec![0f32; seqs * nh * hd];
+        let group = nh / nkv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let reps = 30 / layers;
+        let mut times: Vec<f64> = (0..15)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                for layer in refs.iter().cycle().take(reps * layers) {
+                    out.par_chunks_mut(group * hd).enumerate().for_each_init(
+                        Vec::new,
+                        |scratch, (i, o)| {
+                            let (r, g) = (i / nkv, i % nkv);
+                            let qg = &q[r * nh * hd + g * group * hd..][..group * hd];
+                            unsafe {
+                                attention_group(qg, &layer[r], ctx, g, group, hd, scale, o, scratch)
+                            };
+                        },
+                    );
+                }
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        let bytes = (seqs * reps * layers * ctx * width * 2 * 2) as f64;
+        eprintln!(
+            "attention, 16 sequences x {ctx} tokens x {layers} layers ({:.1} MB f16 KV): best {:.2} ms ({:.1} GB/s), median {:.2} ms",
+            bytes / 1e6,
+            times[0] * 1e3,
+            bytes / times[0] / 1e9,
+            times[7] * 1e3
+        );
+    }
+
+    /// The AVX-512 P·V pass gives the AVX2 pass's bits (both dtypes, groups of 1 to 5 heads,
+    /// 64 and 128 dimensions, contexts from 1 to past a block).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx512_pv_gives_the_avx2_bits() {
+        if !(simd_available() && avx512_available()) {
+            eprintln!("skipped: no AVX2/FMA/F16C or no AVX512F");
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(4);
+        for (hd, group) in [(64, 1), (64, 3), (64, 5), (128, 4)] {
+            for dtype in [KvDtype::F32, KvDtype::F16] {
+                let max_ctx = 37;
+                let e = dtype.bytes();
+                let (mut k, mut v) = (vec![0u8; max_ctx * hd * e], vec![0u8; max_ctx * hd * e]);
+                let r = KvRef::Strided {
+                    k: k.as_mut_ptr(),
+                    v: v.as_mut_ptr(),
+                    dtype,
+                    token_stride: hd,
+                    head_stride: hd,
+                };
+                for t in 0..max_ctx {
+                    let (kt, vt) = (random(hd, &mut rng), random(hd, &mut rng));
+                    unsafe { kv_append(&r, t, &kt, &vt, 1, hd) };
+                }
+                let q: Vec<f32> = random(group * hd, &mut rng)
+                    .iter()
+                    .map(|x| x * 3.0)
+                    .collect();
+                for ctx in [1, 5, 16, 37] {
+                    let run = |wide: bool| {
+                        let mut out = vec![f32::NAN; group * hd];
+                        let mut scratch = Vec::new();
+                        let f = match dtype {
+                            KvDtype::F32 => simd::attention_group::<false>,
+                            KvDtype::F16 => simd::attention_group::<true>,
+                        };
+                        unsafe {
+                            f(
+                                &q,
+                                &r,
+                                ctx,
+                                0,
+                                group,
+                                hd,
+                                0.125,
+                                &mut out,
+                                &mut scratch,
+                                wide,
+                            )
+                        };
+                        out
+                    };
+                    let (narrow, wide) = (run(false), run(true));
+                    assert!(
+                        narrow
+                            .iter()
+                            .zip(&wide)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{dtype:?} hd {hd} group {group} ctx {ctx}: AVX-512 P·V differs"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -38,7 +38,9 @@
 //! a single sequential weight stream per task, with a block's steps summed in two integer
 //! chains. AVX2 (16 registers) takes 2 rows × one panel as two 256-bit halves; the portable
 //! path one output at a time. Tasks (rayon) are runs of panels; within one, 64 activation rows
-//! at a time meet each of its panels, so both stay in cache.
+//! at a time meet each of its panels, so both stay in cache; when the rows take several tiles
+//! (a decode batch), the next panel group's weights are prefetched into L2 meanwhile (they come
+//! from memory: a model's weights outgrow the caches).
 //!
 //! **Batch invariance by construction.** Every output is one lane of one accumulator, computed
 //! by the same f32 operations in the same order — blocks in sequence, the two FMAs above, from
@@ -246,7 +248,7 @@ fn quantize_rows(isa: Isa, x: &[f32], m: usize, k: usize) -> Q8Rows {
         Isa::Avx2 => unsafe { quantize_row_avx2(xr, qs, d, s, start) },
         _ => quantize_row(xr, qs, d, s, start),
     };
-    if m * k >= 1 << 14 {
+    if m * k >= super::SERIAL_BELOW {
         x[..m * k]
             .par_chunks_exact(k)
             .zip(q.qs.par_chunks_exact_mut(k))
@@ -431,6 +433,9 @@ fn matmul_with(isa: Isa, x: &[f32], m: usize, k: usize, w: &Packed, n: usize, ou
                 for g in g0..g1 {
                     let p0 = g * tc;
                     let cols = tc.min(panels - p0);
+                    if g + 1 < g1 && c0 == 0 && m > tr {
+                        prefetch_panels(w, (g + 1) * tc, tc.min(panels - (g + 1) * tc));
+                    }
                     let mut r0 = c0;
                     while r0 < c1 {
                         let rows = tr.min(c1 - r0);
@@ -450,6 +455,22 @@ fn matmul_with(isa: Isa, x: &[f32], m: usize, k: usize, w: &Packed, n: usize, ou
                 }
             }
         });
+}
+
+/// Ask for panels `p0..p0 + count` of `w` into the L2 cache (x86-64; elsewhere nothing).
+fn prefetch_panels(w: &Packed, p0: usize, count: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        let len = w.blocks() * Packed::record_bytes(w.q4);
+        let bytes = &w.data[p0 * len..(p0 + count) * len];
+        for line in bytes.chunks(64) {
+            // SAFETY: a prefetch of an address inside `w.data` has no effect on memory.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast()) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (w, p0, count);
 }
 
 /// `out` shared by the tasks of a product, each writing its own columns.

@@ -68,38 +68,98 @@ pub fn rope(
     inv_freq: &[f32],
     style: RopeStyle,
 ) {
-    let width = n_heads * head_dim;
-    x.par_chunks_mut(width)
-        .zip(positions.par_iter())
-        .for_each(|(row, &pos)| {
-            for head in row.chunks_mut(head_dim) {
-                for (i, &f) in inv_freq.iter().enumerate() {
+    rope_rotate(
+        x,
+        &RopeTable::new(positions, inv_freq),
+        n_heads,
+        head_dim,
+        style,
+    );
+}
+
+/// `(cos, sin)` of every row's position times every inverse frequency (`[rows][freqs]`): what
+/// [`rope`] computes, once per forward pass instead of once per head, layer and Q or K (the
+/// values are the same `sin_cos` of the same products, so the rotation's bits are too).
+pub struct RopeTable {
+    freqs: usize,
+    cos_sin: Vec<(f32, f32)>,
+}
+
+impl RopeTable {
+    pub fn new(positions: &[usize], inv_freq: &[f32]) -> Self {
+        let cos_sin = positions
+            .iter()
+            .flat_map(|&pos| {
+                inv_freq.iter().map(move |&f| {
                     let (sin, cos) = (pos as f32 * f).sin_cos();
-                    let (a, b) = match style {
-                        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
-                        RopeStyle::Half => (i, i + head_dim / 2),
-                    };
-                    let (x0, x1) = (head[a], head[b]);
-                    head[a] = x0 * cos - x1 * sin;
-                    head[b] = x0 * sin + x1 * cos;
-                }
+                    (cos, sin)
+                })
+            })
+            .collect();
+        RopeTable {
+            freqs: inv_freq.len(),
+            cos_sin,
+        }
+    }
+}
+
+/// [`rope`] with the angles of `table` (one row of it per row of `x`).
+pub fn rope_rotate(
+    x: &mut [f32],
+    table: &RopeTable,
+    n_heads: usize,
+    head_dim: usize,
+    style: RopeStyle,
+) {
+    let width = n_heads * head_dim;
+    let rotate = |(row, angles): (&mut [f32], &[(f32, f32)])| {
+        for head in row.chunks_mut(head_dim) {
+            for (i, &(cos, sin)) in angles.iter().enumerate() {
+                let (a, b) = match style {
+                    RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                    RopeStyle::Half => (i, i + head_dim / 2),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos - x1 * sin;
+                head[b] = x0 * sin + x1 * cos;
             }
-        });
+        }
+    };
+    let freqs = table.freqs.max(1);
+    if x.len() >= SERIAL_BELOW {
+        x.par_chunks_mut(width)
+            .zip(table.cos_sin.par_chunks(freqs))
+            .for_each(rotate);
+    } else {
+        x.chunks_mut(width)
+            .zip(table.cos_sin.chunks(freqs))
+            .for_each(rotate);
+    }
 }
 
 /// RMSNorm of each row of `x` (`[rows][dim]`) into `out`: `x / sqrt(mean(x²) + eps) · weight`.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let dim = weight.len();
-    out.par_chunks_mut(dim)
-        .zip(x.par_chunks(dim))
-        .for_each(|(o, x)| {
-            let ms = x.iter().map(|v| v * v).sum::<f32>() / dim as f32;
-            let inv = 1.0 / (ms + eps).sqrt();
-            for ((o, x), w) in o.iter_mut().zip(x).zip(weight) {
-                *o = x * inv * w;
-            }
-        });
+    let norm = |(o, x): (&mut [f32], &[f32])| {
+        let ms = x.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for ((o, x), w) in o.iter_mut().zip(x).zip(weight) {
+            *o = x * inv * w;
+        }
+    };
+    if x.len() < SERIAL_BELOW {
+        out.chunks_mut(dim).zip(x.chunks(dim)).for_each(norm);
+    } else {
+        out.par_chunks_mut(dim)
+            .zip(x.par_chunks(dim))
+            .for_each(norm);
+    }
 }
+
+/// Elementwise ops (norms, RoPE, SiLU) on fewer elements than this run on the calling thread: a
+/// decode step's few rows take microseconds, less than a parallel region costs (waking the other
+/// workers, which on a busy 2-core machine may have yielded their core).
+pub const SERIAL_BELOW: usize = 1 << 15;
 
 /// `gate = silu(gate) · up`, elementwise (SwiGLU). With AVX2 the `exp` is the attention
 /// kernel's polynomial (relative error < 2e-7), for every element alike (a tail goes through the
@@ -112,10 +172,15 @@ pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     );
     #[cfg(target_arch = "x86_64")]
     if attention::simd_available() {
-        gate.par_chunks_mut(256)
-            .zip(up.par_chunks(256))
-            // SAFETY: AVX2 and FMA were detected at run time.
-            .for_each(|(g, u)| unsafe { silu_mul_avx2(g, u) });
+        // SAFETY: AVX2 and FMA were detected at run time.
+        let run = |(g, u): (&mut [f32], &[f32])| unsafe { silu_mul_avx2(g, u) };
+        if gate.len() < SERIAL_BELOW {
+            gate.chunks_mut(256).zip(up.chunks(256)).for_each(run);
+        } else {
+            gate.par_chunks_mut(256)
+                .zip(up.par_chunks(256))
+                .for_each(run);
+        }
         return;
     }
     gate.par_iter_mut().zip(up.par_iter()).for_each(|(g, u)| {
