@@ -644,17 +644,26 @@ pub(super) mod simd {
 
         // P·V: 32 dimensions (or 8 when head_dim is not a multiple of 32) of up to 3 heads per
         // pass over the tokens.
-        let o = out.as_mut_ptr();
+        let job = PvJob {
+            kv,
+            vb,
+            context,
+            kv_head,
+            p: scores,
+            cp,
+            out: out.as_mut_ptr(),
+            hd,
+        };
         let mut h0 = 0;
         // AVX-512: 64 dimensions of up to 4 heads per pass (16 accumulators, 4 V vectors).
         while avx512 && hd.is_multiple_of(64) && h0 < group {
             let g = (group - h0).min(4);
             for d0 in (0..hd).step_by(64) {
                 match g {
-                    1 => pv512::<F16, 1>(kv, vb, context, kv_head, scores, cp, h0, d0, o, hd),
-                    2 => pv512::<F16, 2>(kv, vb, context, kv_head, scores, cp, h0, d0, o, hd),
-                    3 => pv512::<F16, 3>(kv, vb, context, kv_head, scores, cp, h0, d0, o, hd),
-                    _ => pv512::<F16, 4>(kv, vb, context, kv_head, scores, cp, h0, d0, o, hd),
+                    1 => pv512::<F16, 1>(&job, h0, d0),
+                    2 => pv512::<F16, 2>(&job, h0, d0),
+                    3 => pv512::<F16, 3>(&job, h0, d0),
+                    _ => pv512::<F16, 4>(&job, h0, d0),
                 }
             }
             h0 += g;
@@ -665,16 +674,16 @@ pub(super) mod simd {
             while d0 < hd {
                 if hd - d0 >= 32 {
                     match g {
-                        1 => pv::<F16, 1, 4>(kv, vb, context, kv_head, scores, cp, h0, d0, o, hd),
-                        2 => pv::<F16, 2, 4>(kv, vb, context, kv_head, scores, cp, h0, d0, o, hd),
-                        _ => pv::<F16, 3, 4>(kv, vb, context, kv_head, scores, cp, h0, d0, o, hd),
+                        1 => pv::<F16, 1, 4>(&job, h0, d0),
+                        2 => pv::<F16, 2, 4>(&job, h0, d0),
+                        _ => pv::<F16, 3, 4>(&job, h0, d0),
                     }
                     d0 += 32;
                 } else {
                     match g {
-                        1 => pv::<F16, 1, 1>(kv, vb, context, kv_head, scores, cp, h0, d0, o, hd),
-                        2 => pv::<F16, 2, 1>(kv, vb, context, kv_head, scores, cp, h0, d0, o, hd),
-                        _ => pv::<F16, 3, 1>(kv, vb, context, kv_head, scores, cp, h0, d0, o, hd),
+                        1 => pv::<F16, 1, 1>(&job, h0, d0),
+                        2 => pv::<F16, 2, 1>(&job, h0, d0),
+                        _ => pv::<F16, 3, 1>(&job, h0, d0),
                     }
                     d0 += 8;
                 }
@@ -684,7 +693,7 @@ pub(super) mod simd {
         for (h, inv) in inv.iter().enumerate() {
             let v = _mm256_set1_ps(*inv);
             for c in (0..hd).step_by(8) {
-                let p = o.add(h * hd + c);
+                let p = job.out.add(h * hd + c);
                 _mm256_storeu_ps(p, _mm256_mul_ps(_mm256_loadu_ps(p), v));
             }
         }
@@ -693,23 +702,11 @@ pub(super) mod simd {
     /// [`pv`] for 64 dimensions (`d0 .. d0 + 64`) in 512-bit vectors: per output the same FMAs
     /// in the same order (tokens in sequence, from zero), so the same bits.
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn pv512<const F16: bool, const G: usize>(
-        kv: &KvRef<'_>,
-        vb: *mut u8,
-        context: usize,
-        kv_head: usize,
-        p: *const f32,
-        cp: usize,
-        h0: usize,
-        d0: usize,
-        out: *mut f32,
-        hd: usize,
-    ) {
+    unsafe fn pv512<const F16: bool, const G: usize>(job: &PvJob<'_, '_>, h0: usize, d0: usize) {
         let esz = if F16 { 2 } else { 4 };
         let mut acc = [[_mm512_setzero_ps(); 4]; G];
-        for (t, at) in kv.offsets(context, kv_head).enumerate() {
-            let src = vb.add((at + d0) * esz);
+        for (t, at) in job.kv.offsets(job.context, job.kv_head).enumerate() {
+            let src = job.vb.add((at + d0) * esz);
             let v: [__m512; 4] = std::array::from_fn(|w| {
                 if F16 {
                     _mm512_cvtph_ps(_mm256_loadu_si256(src.add(32 * w).cast()))
@@ -718,7 +715,7 @@ pub(super) mod simd {
                 }
             });
             for (i, acc) in acc.iter_mut().enumerate() {
-                let pt = _mm512_set1_ps(*p.add((h0 + i) * cp + t));
+                let pt = _mm512_set1_ps(*job.p.add((h0 + i) * job.cp + t));
                 for (a, v) in acc.iter_mut().zip(&v) {
                     *a = _mm512_fmadd_ps(pt, *v, *a);
                 }
@@ -726,36 +723,42 @@ pub(super) mod simd {
         }
         for (i, acc) in acc.iter().enumerate() {
             for (w, a) in acc.iter().enumerate() {
-                _mm512_storeu_ps(out.add((h0 + i) * hd + d0 + 16 * w), *a);
+                _mm512_storeu_ps(job.out.add((h0 + i) * job.hd + d0 + 16 * w), *a);
             }
         }
     }
 
-    /// `out[h0 + i][d0 .. d0 + 8W] = Σ_t p[h0 + i][t] · V[t][d0 .. d0 + 8W]` for `i < G`.
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn pv<const F16: bool, const G: usize, const W: usize>(
-        kv: &KvRef<'_>,
+    /// What the P·V passes of one GQA group share: its KV, the V base, the context, the
+    /// softmax numerators `p` (`cp` per head) and the output (`hd` per head).
+    #[derive(Clone, Copy)]
+    struct PvJob<'a, 'k> {
+        kv: &'a KvRef<'k>,
         vb: *mut u8,
         context: usize,
         kv_head: usize,
         p: *const f32,
         cp: usize,
-        h0: usize,
-        d0: usize,
         out: *mut f32,
         hd: usize,
+    }
+
+    /// `out[h0 + i][d0 .. d0 + 8W] = Σ_t p[h0 + i][t] · V[t][d0 .. d0 + 8W]` for `i < G`.
+    #[inline(always)]
+    unsafe fn pv<const F16: bool, const G: usize, const W: usize>(
+        job: &PvJob<'_, '_>,
+        h0: usize,
+        d0: usize,
     ) {
         let esz = if F16 { 2 } else { 4 };
         let mut acc = [[_mm256_setzero_ps(); W]; G];
-        for (t, at) in kv.offsets(context, kv_head).enumerate() {
-            let src = vb.add((at + d0) * esz);
+        for (t, at) in job.kv.offsets(job.context, job.kv_head).enumerate() {
+            let src = job.vb.add((at + d0) * esz);
             let mut v = [_mm256_setzero_ps(); W];
             for (w, v) in v.iter_mut().enumerate() {
                 *v = load8::<F16>(src.add(8 * w * esz));
             }
             for (i, acc) in acc.iter_mut().enumerate() {
-                let pt = _mm256_broadcast_ss(&*p.add((h0 + i) * cp + t));
+                let pt = _mm256_broadcast_ss(&*job.p.add((h0 + i) * job.cp + t));
                 for (a, v) in acc.iter_mut().zip(&v) {
                     *a = _mm256_fmadd_ps(pt, *v, *a);
                 }
@@ -763,7 +766,7 @@ pub(super) mod simd {
         }
         for (i, acc) in acc.iter().enumerate() {
             for (w, a) in acc.iter().enumerate() {
-                _mm256_storeu_ps(out.add((h0 + i) * hd + d0 + 8 * w), *a);
+                _mm256_storeu_ps(job.out.add((h0 + i) * job.hd + d0 + 8 * w), *a);
             }
         }
     }
