@@ -2,11 +2,8 @@
 # Device call A of 2026-11-27 (docs/benchmarks.md), run on the GPU machine as `bash .gpu/run-a.sh` after copying this file into .gpu/: GPU tests, decode kernels A/B (block table in registers vs per token), the PyTorch peer
 # with paged FlexAttention, bench model (cuBLASLt vs cuBLAS GEMMs).
 cd "$(dirname "$0")/.."
-. .gpu/env
-export VKV_TEST_GGUF=$PWD/.gpu/smol8.gguf VKV_KERNEL_CACHE=/tmp/vkv-kc
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; date -u; } > $OUT/tests.txt
-( time python3 scripts/make_hf_llama.py /tmp/hf ) >> $OUT/tests.txt 2>&1
-VKV_HF_DIR=/tmp/hf timeout 240 .gpu/run-tests --nocapture >> $OUT/tests.txt 2>&1; echo "run-tests rc=$?" >> $OUT/tests.txt
+. scripts/gpu/prelude.sh
+gpu_tests
 # VKV_PAGED_DECODE_TABLE=per-token selected the old paged decode in the A/B binary; the switch
 # went with the reverted kernel, so both halves of the loop now run the same (per-token) kernel.
 grid="--batch 1,16,64 --context 512,2048,8192 --prefill-batch 0 --json"

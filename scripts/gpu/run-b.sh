@@ -1,19 +1,15 @@
 #!/usr/bin/env bash
 # Device call B of 2026-11-27 (docs/benchmarks.md), run on the GPU machine as `bash .gpu/run-b.sh` after copying this file into .gpu/: offline A/B (sharegpt, arxiv) and vkv bench serve against vkv serve, both KV modes.
 cd "$(dirname "$0")/.."
-. .gpu/env
-export VKV_KERNEL_CACHE=/tmp/vkv-kc
+. scripts/gpu/prelude.sh
 m="--device cuda --model preset:llama-3-8b --max-num-seqs 128"
 timeout 200 .gpu/bin/vkv bench offline $m --kv-mode both --workload sharegpt --num-prompts 300 --json > $OUT/offline-sharegpt.json 2> $OUT/offline.err
 timeout 150 .gpu/bin/vkv bench offline $m --kv-mode both --workload arxiv-summarization --num-prompts 64 --json > $OUT/offline-arxiv.json 2>> $OUT/offline.err
 for mode in paged vmm; do
-  .gpu/bin/vkv serve $m --kv-mode $mode --port 8077 > /tmp/serve-$mode.log 2>&1 &
-  pid=$!
-  for i in $(seq 1 120); do curl -sf http://127.0.0.1:8077/health > /dev/null && break; sleep 1; done
+  serve_up $m --kv-mode $mode
   echo "=== $mode" >> $OUT/serve.txt
   timeout 120 .gpu/bin/vkv bench serve --url http://127.0.0.1:8077 --workload sharegpt --num-prompts 200 \
     --request-rate 8 --goodput ttft:1000 tpot:50 --json >> $OUT/serve.txt 2>&1
   curl -s http://127.0.0.1:8077/metrics | grep -E "^vkv_(map|kv|pages|num_pre)" >> $OUT/serve.txt
-  kill -INT $pid; wait $pid; echo "serve rc=$?" >> $OUT/serve.txt
-  tail -5 /tmp/serve-$mode.log >> $OUT/serve.txt
+  serve_down 5
 done

@@ -2,12 +2,8 @@
 # Device call C of 2026-11-27 (docs/benchmarks.md), run on the GPU machine as `bash .gpu/run-c.sh` after copying this file into .gpu/: GPU tests, compute-sanitizer on the attention kernels, bench model (CUDA graphs A/B),
 # offline A/B with the warm plan.
 cd "$(dirname "$0")/.."
-[ -d .gpu/bin ] || tar xJf .gpu/bt.tar.xz -C .gpu
-. .gpu/env
-export VKV_TEST_GGUF=$PWD/.gpu/smol8.gguf VKV_KERNEL_CACHE=/tmp/vkv-kc
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; date -u; } > $OUT/tests.txt
-python3 scripts/make_hf_llama.py /tmp/hf >> $OUT/tests.txt 2>&1
-VKV_HF_DIR=/tmp/hf timeout 240 .gpu/run-tests --nocapture >> $OUT/tests.txt 2>&1; echo "run-tests rc=$?" >> $OUT/tests.txt
+. scripts/gpu/prelude.sh
+gpu_tests
 {
   which compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer
   export PATH=/usr/local/cuda/bin:$PATH

@@ -3,9 +3,7 @@
 # bench model (graphs vs eager decode, copy bandwidth on the context), offline arxiv A/B with graphs and eager, and
 # vkv bench serve against vkv serve in both KV modes with graphs and with --enforce-eager.
 cd "$(dirname "$0")/.."
-[ -d .gpu/bin ] || tar xJf .gpu/bt.tar.xz -C .gpu
-. .gpu/env
-export VKV_KERNEL_CACHE=/tmp/vkv-kc
+. scripts/gpu/prelude.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > $OUT/card.txt
 timeout 150 .gpu/bin/vkv bench model --batch 1,8,64,128 --context 2048 --steps 20 --json > $OUT/model.json 2> $OUT/model.err
 m="--device cuda --model preset:llama-3-8b --max-num-seqs 128"
@@ -13,13 +11,11 @@ timeout 150 .gpu/bin/vkv bench offline $m --kv-mode both --workload arxiv-summar
 timeout 150 .gpu/bin/vkv bench offline $m --enforce-eager --kv-mode both --workload arxiv-summarization --num-prompts 64 --json > $OUT/offline-arxiv-eager.json 2>> $OUT/offline.err
 for mode in vmm paged; do
 for eager in "" "--enforce-eager"; do
-  .gpu/bin/vkv serve $m --kv-mode $mode $eager --port 8077 > /tmp/serve.log 2>&1 &
-  pid=$!
-  for i in $(seq 1 120); do curl -sf http://127.0.0.1:8077/health > /dev/null && break; sleep 1; done
+  serve_up $m --kv-mode $mode $eager
   echo "=== $mode $eager" >> $OUT/serve.txt
   timeout 120 .gpu/bin/vkv bench serve --url http://127.0.0.1:8077 --workload sharegpt --num-prompts 200 \
     --request-rate 8 --json >> $OUT/serve.txt 2>&1
   curl -s http://127.0.0.1:8077/metrics | grep -E "^vkv_(map|cuda_graph|num_pre)" >> $OUT/serve.txt
-  kill -INT $pid; wait $pid; echo "serve rc=$?" >> $OUT/serve.txt
+  serve_down 0
 done
 done

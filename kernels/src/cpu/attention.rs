@@ -291,34 +291,24 @@ pub unsafe fn attention_group(
     }
     #[cfg(target_arch = "x86_64")]
     if simd_available() && head_dim.is_multiple_of(8) && context > 0 {
+        let group_fn = match kv.dtype() {
+            KvDtype::F32 => simd::attention_group::<false>,
+            KvDtype::F16 => simd::attention_group::<true>,
+        };
         // SAFETY: AVX2, FMA and F16C were detected at run time; the rest as for this function.
         return unsafe {
-            match kv.dtype() {
-                KvDtype::F32 => simd::attention_group::<false>(
-                    q,
-                    kv,
-                    context,
-                    kv_head,
-                    group,
-                    head_dim,
-                    scale,
-                    out,
-                    scratch,
-                    avx512_available(),
-                ),
-                KvDtype::F16 => simd::attention_group::<true>(
-                    q,
-                    kv,
-                    context,
-                    kv_head,
-                    group,
-                    head_dim,
-                    scale,
-                    out,
-                    scratch,
-                    avx512_available(),
-                ),
-            }
+            group_fn(
+                q,
+                kv,
+                context,
+                kv_head,
+                group,
+                head_dim,
+                scale,
+                out,
+                scratch,
+                avx512_available(),
+            )
         };
     }
     let head = match kv.dtype() {

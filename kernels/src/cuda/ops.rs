@@ -424,22 +424,19 @@ impl Gemm {
         let (mi, ni, ki) = (int("m", m)?, int("n", n)?, int("k", k)?);
         match self.library {
             // SAFETY: the caller's promise, passed on.
-            GemmLibrary::CublasLt => unsafe { self.matmul_lt(x, w, out, m, n, k, out_f32) },
+            GemmLibrary::CublasLt => unsafe { self.matmul_lt(x, w, out, (m, n, k), out_f32) },
             // SAFETY: as above.
             GemmLibrary::Cublas => unsafe { self.matmul_blas(x, w, out, (mi, ni, ki), out_f32) },
         }
     }
 
     /// [`Gemm::matmul_t`] through cuBLASLt.
-    #[allow(clippy::too_many_arguments)]
     unsafe fn matmul_lt(
         &self,
         x: u64,
         w: u64,
         out: u64,
-        m: usize,
-        n: usize,
-        k: usize,
+        (m, n, k): (usize, usize, usize),
         out_f32: bool,
     ) -> Result<()> {
         let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());

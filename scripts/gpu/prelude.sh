@@ -1,0 +1,27 @@
+# Sourced by the device-call scripts, from the repository root on the GPU machine: unpack the
+# bundle if it came packed, load its environment, and define the steps the calls share.
+[ -d .gpu/bin ] || tar xJf .gpu/bt.tar.xz -C .gpu
+. .gpu/env
+export VKV_TEST_GGUF=$PWD/.gpu/smol8.gguf VKV_KERNEL_CACHE=/tmp/vkv-kc
+
+# Every GPU test (the HF checkpoints written by transformers first) into $OUT/tests.txt, after the
+# card, the date and the commit.
+gpu_tests() {
+  { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; date -u; git log -1 --format=%h 2>/dev/null; } > $OUT/tests.txt
+  python3 scripts/make_hf_llama.py /tmp/hf >> $OUT/tests.txt 2>&1
+  VKV_HF_DIR=/tmp/hf timeout 240 .gpu/run-tests --nocapture >> $OUT/tests.txt 2>&1
+  echo "run-tests rc=$?" >> $OUT/tests.txt
+}
+
+# `vkv serve ARGS` on port 8077, returning once /health answers (log: /tmp/serve.log).
+serve_up() {
+  .gpu/bin/vkv serve "$@" --port 8077 > /tmp/serve.log 2>&1 &
+  serve_pid=$!
+  for i in $(seq 1 120); do curl -sf http://127.0.0.1:8077/health > /dev/null && break; sleep 1; done
+}
+
+# Stop it with SIGINT; its exit status and the last N lines of its log go to $OUT/serve.txt.
+serve_down() {
+  kill -INT $serve_pid; wait $serve_pid; echo "serve rc=$?" >> $OUT/serve.txt
+  tail -"$1" /tmp/serve.log >> $OUT/serve.txt
+}
