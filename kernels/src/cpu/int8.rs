@@ -33,14 +33,17 @@
 //! three factors of the main term vary by row, by column and by both, so it takes a multiply and
 //! an FMA per output and block, and the min term (`s_x` per row and block, `m_w` per column and
 //! block) one more FMA and no integer work. With AVX512-VNNI on 512-bit vectors (32 registers)
-//! the tile is 4 rows × 2 panels (8 i32 + 8 f32 accumulators; 4 × 4, 8 × 2, 3 × 4 and 2 × 4
-//! measured within noise of it); one row (decode, bound by reading the weights) takes 1 × 1,
-//! a single sequential weight stream per task, with a block's steps summed in two integer
-//! chains. AVX2 (16 registers) takes 2 rows × one panel as two 256-bit halves; the portable
-//! path one output at a time. Tasks (rayon) are runs of panels; within one, 64 activation rows
-//! at a time meet each of its panels, so both stay in cache; when the rows take several tiles
-//! (a decode batch), the next panel group's weights are prefetched into L2 meanwhile (they come
-//! from memory: a model's weights outgrow the caches).
+//! the tile is 8 rows × 1 panel (8 i32 + 8 f32 accumulators), so a task reads one sequential
+//! weight stream: at 8 and 16 rows (a decode batch's half, its output head) it measured 10–20 %
+//! faster than the 4 × 2 tile used before, and no slower at 128 rows (the VNNI and FMA work
+//! per block is the same; Zen 4 runs both on the same two pipes, which caps the kernel near
+//! 64 of every 88 cycles in `vpdpbusd`). One row (decode, bound by reading the weights) takes
+//! 1 × 1 with a block's steps summed in two integer chains. AVX2 (16 registers) takes 2 rows ×
+//! one panel as two 256-bit halves; the portable path one output at a time. Tasks (rayon) are
+//! runs of panels; within one, 64 activation rows at a time meet each of its panels, so both
+//! stay in cache; when the rows take several tiles, the next panel's weights are prefetched
+//! into L2 during the first tile, a slice per block (they come from memory: a model's weights
+//! outgrow the caches; one burst of prefetches fills the miss queue and stalls).
 //!
 //! **Batch invariance by construction.** Every output is one lane of one accumulator, computed
 //! by the same f32 operations in the same order — blocks in sequence, the two FMAs above, from
@@ -98,6 +101,12 @@ impl Packed {
 
     fn panels(&self) -> usize {
         self.data.len() / (self.blocks() * Self::record_bytes(self.q4))
+    }
+
+    /// The bytes of panels `p0..p0 + count` (consecutive panels are contiguous).
+    fn panel_bytes(&self, p0: usize, count: usize) -> &[u8] {
+        let len = self.blocks() * Self::record_bytes(self.q4);
+        &self.data[p0 * len..(p0 + count) * len]
     }
 
     /// The record of panel `p`, block `b`.
@@ -385,7 +394,10 @@ fn tile_shape(isa: Isa, m: usize) -> (usize, usize) {
         // One row streams its weights from memory: one sequential stream per task reads
         // fastest (measured against 1 × 2 and 1 × 4 panels, docs/benchmarks.md).
         (Isa::Vnni, 1) => (1, 1),
-        (Isa::Vnni, _) => (4, 2),
+        // Several rows: 8 rows × one panel, so a task still reads one sequential weight stream
+        // (measured against 4 × 2, 4 × 1, 6 × 1 and 2 × 4, alternating in one process:
+        // `int8_decode_step_timings`, docs/benchmarks.md).
+        (Isa::Vnni, _) => (8, 1),
         (Isa::Avx2, _) => (2, 1),
         (Isa::Portable, _) => (1, 1),
     }
@@ -433,9 +445,13 @@ fn matmul_with(isa: Isa, x: &[f32], m: usize, k: usize, w: &Packed, n: usize, ou
                 for g in g0..g1 {
                     let p0 = g * tc;
                     let cols = tc.min(panels - p0);
-                    if g + 1 < g1 && c0 == 0 && m > tr {
-                        prefetch_panels(w, (g + 1) * tc, tc.min(panels - (g + 1) * tc));
-                    }
+                    // The next group's weights, asked for a slice per block during the first
+                    // tile (a burst of prefetches at once fills the miss queue and stalls).
+                    let ahead = if g + 1 < g1 && c0 == 0 && m > tr {
+                        w.panel_bytes((g + 1) * tc, tc.min(panels - (g + 1) * tc))
+                    } else {
+                        &[]
+                    };
                     let mut r0 = c0;
                     while r0 < c1 {
                         let rows = tr.min(c1 - r0);
@@ -446,10 +462,11 @@ fn matmul_with(isa: Isa, x: &[f32], m: usize, k: usize, w: &Packed, n: usize, ou
                             panels: cols,
                             n,
                             out: out_at.0,
+                            ahead: if r0 == c0 { ahead } else { &[] },
                         };
                         // SAFETY: `out` holds `m · n` values (checked by the caller); this task
                         // alone writes the columns of its panels.
-                        unsafe { tile(isa, w, &xq, t) };
+                        unsafe { tile(isa, w, &xq, &t) };
                         r0 += rows;
                     }
                 }
@@ -457,20 +474,21 @@ fn matmul_with(isa: Isa, x: &[f32], m: usize, k: usize, w: &Packed, n: usize, ou
         });
 }
 
-/// Ask for panels `p0..p0 + count` of `w` into the L2 cache (x86-64; elsewhere nothing).
-fn prefetch_panels(w: &Packed, p0: usize, count: usize) {
+/// Ask for `lines` 64-byte lines of `bytes` from line `first` on into the L2 cache (x86-64;
+/// elsewhere nothing).
+#[inline(always)]
+fn prefetch_lines(bytes: &[u8], first: usize, lines: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-        let len = w.blocks() * Packed::record_bytes(w.q4);
-        let bytes = &w.data[p0 * len..(p0 + count) * len];
-        for line in bytes.chunks(64) {
-            // SAFETY: a prefetch of an address inside `w.data` has no effect on memory.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast()) };
+        let end = bytes.len().min((first + lines) * 64);
+        for at in (first * 64..end).step_by(64) {
+            // SAFETY: a prefetch of an address inside `bytes` has no effect on memory.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(bytes.as_ptr().add(at).cast()) };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (w, p0, count);
+    let _ = (bytes, first, lines);
 }
 
 /// `out` shared by the tasks of a product, each writing its own columns.
@@ -480,16 +498,19 @@ unsafe impl Sync for OutPtr {}
 
 /// One tile of a product: rows `r0..r0 + rows` × panels `p0..p0 + panels` of `out` (`[m][n]`).
 #[derive(Clone, Copy)]
-struct Tile {
+struct Tile<'w> {
     r0: usize,
     rows: usize,
     p0: usize,
     panels: usize,
     n: usize,
     out: *mut f32,
+    /// Weights to prefetch into L2 while this tile runs, a slice per block (the next panel
+    /// group's, on the first tile of a group); empty for none.
+    ahead: &'w [u8],
 }
 
-impl Tile {
+impl Tile<'_> {
     /// Where the tile's row `r`, panel `c` starts in `out`, and how many of its 16 columns
     /// exist.
     fn dst(&self, r: usize, c: usize) -> (*mut f32, usize) {
@@ -507,7 +528,7 @@ impl Tile {
 /// # Safety
 /// `t.out` is an `[m][n]` matrix with `m ≥ t.r0 + t.rows`, that nothing else reads or writes
 /// at the tile's elements meanwhile; the tile lies within `w` and `x`.
-unsafe fn tile(isa: Isa, w: &Packed, x: &Q8Rows, t: Tile) {
+unsafe fn tile(isa: Isa, w: &Packed, x: &Q8Rows, t: &Tile<'_>) {
     /// Dispatch to the kernel instance for `(rows, panels)`.
     macro_rules! shapes {
         ($module:ident, $t:expr, $q4:expr, [$(($r:literal, $c:literal)),*]) => {
@@ -528,13 +549,13 @@ unsafe fn tile(isa: Isa, w: &Packed, x: &Q8Rows, t: Tile) {
             w.q4,
             [
                 (1, 1),
-                (1, 2),
                 (2, 1),
-                (2, 2),
                 (3, 1),
-                (3, 2),
                 (4, 1),
-                (4, 2)
+                (5, 1),
+                (6, 1),
+                (7, 1),
+                (8, 1)
             ]
         ),
         #[cfg(target_arch = "x86_64")]
@@ -588,14 +609,16 @@ mod vnni {
     pub(super) unsafe fn tile<const R: usize, const C: usize, const Q4: bool>(
         w: &Packed,
         x: &Q8Rows,
-        t: Tile,
+        t: &Tile<'_>,
     ) {
         let nb = w.blocks();
         let rec = Packed::record_bytes(Q4);
         let qb = Packed::quant_bytes(Q4);
         let wbase = w.data.as_ptr();
         let mut acc = [[_mm512_setzero_ps(); C]; R];
+        let ahead_lines = t.ahead.len().div_ceil(64).div_ceil(nb);
         for b in 0..nb {
+            super::prefetch_lines(t.ahead, b * ahead_lines, ahead_lines);
             let wp: [*const u8; C] =
                 std::array::from_fn(|c| wbase.add(((t.p0 + c) * nb + b) * rec));
             let at: [usize; R] = std::array::from_fn(|r| (t.r0 + r) * nb + b);
@@ -706,17 +729,20 @@ mod avx2 {
     pub(super) unsafe fn tile<const R: usize, const C: usize, const Q4: bool>(
         w: &Packed,
         x: &Q8Rows,
-        t: Tile,
+        t: &Tile<'_>,
     ) {
         let nb = w.blocks();
         let rec = Packed::record_bytes(Q4);
         let qb = Packed::quant_bytes(Q4);
         let wbase = w.data.as_ptr();
         let ones = _mm256_set1_epi16(1);
+        // Over the panels' blocks in turn: a slice of the prefetch per (panel, block).
+        let ahead_lines = t.ahead.len().div_ceil(64).div_ceil(nb * C);
         for c in 0..C {
             // Two halves of a panel per accumulator row.
             let mut acc = [[_mm256_setzero_ps(); 2]; R];
             for b in 0..nb {
+                super::prefetch_lines(t.ahead, (c * nb + b) * ahead_lines, ahead_lines);
                 let wp = wbase.add(((t.p0 + c) * nb + b) * rec);
                 let at: [usize; R] = std::array::from_fn(|r| (t.r0 + r) * nb + b);
                 let xp: [*const i8; R] = std::array::from_fn(|r| x.qs.as_ptr().add(at[r] * BLOCK));
@@ -1150,6 +1176,83 @@ mod timings {
     use rand::{RngExt, SeedableRng};
 
     use super::super::{matmul_w_int8, Weight, BLOCK};
+
+    /// The products of a decode step as each half of a batch runs them: `VKV_INT8_DECODE_ROWS`
+    /// rows (default 8) through 30 SmolLM2-135M-shaped layers of Q4_1 weights, on one thread,
+    /// so the weights come from memory as in the engine (66 MB); with `VKV_INT8_DECODE_HEAD`
+    /// set, its Q8_0 output head (30 MB) instead. Prints the best and median of 21 steps.
+    #[test]
+    #[ignore]
+    fn int8_decode_step_timings() {
+        let m: usize = std::env::var("VKV_INT8_DECODE_ROWS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(8);
+        let one = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let mut rng = StdRng::seed_from_u64(6);
+        let head = std::env::var_os("VKV_INT8_DECODE_HEAD").is_some();
+        let shapes: &[(usize, usize)] = if head {
+            &[(576, 49152)]
+        } else {
+            &[(576, 960), (576, 576), (576, 3072), (1536, 576)]
+        };
+        let layers: Vec<Vec<(Weight, usize, usize)>> = (0..if head { 1 } else { 30 })
+            .map(|_| {
+                shapes
+                    .iter()
+                    .map(|&(k, n)| {
+                        let mut b = Vec::new();
+                        for _ in 0..n * k / BLOCK {
+                            b.extend(f16::from_f32(0.01).to_le_bytes());
+                            if head {
+                                b.extend((0..32).map(|_| rng.random::<u8>()));
+                            } else {
+                                b.extend(f16::from_f32(-0.1).to_le_bytes());
+                                b.extend((0..16).map(|_| rng.random::<u8>()));
+                            }
+                        }
+                        let w = if head {
+                            Weight::from_q8_0(&b)
+                        } else {
+                            Weight::from_q4_1(&b)
+                        };
+                        w.pack_int8(k);
+                        (w, k, n)
+                    })
+                    .collect()
+            })
+            .collect();
+        let x: Vec<f32> = (0..m * 1536)
+            .map(|_| rng.random_range(-2.0f32..2.0))
+            .collect();
+        let mut out = vec![0f32; m * 49152];
+        let macs: usize = layers.len() * m * shapes.iter().map(|(k, n)| k * n).sum::<usize>();
+        let mut times: Vec<f64> = (0..21)
+            .map(|_| {
+                let t = Instant::now();
+                one.install(|| {
+                    for layer in &layers {
+                        for (w, k, n) in layer {
+                            matmul_w_int8(&x, m, *k, w, *n, &mut out);
+                        }
+                    }
+                });
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        times.sort_by(f64::total_cmp);
+        eprintln!(
+            "decode-step products, {m} rows x {} layers, one thread: best {:.2} ms ({:.1} GMAC/s), median {:.2} ms ({:.1} GMAC/s)",
+            layers.len(),
+            times[0] * 1e3,
+            macs as f64 / times[0] / 1e9,
+            times[10] * 1e3,
+            macs as f64 / times[10] / 1e9
+        );
+    }
 
     #[test]
     #[ignore]
