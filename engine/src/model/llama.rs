@@ -543,8 +543,9 @@ impl Llama {
         }
     }
 
-    /// `outs[i] = x · parts[i]ᵀ` (`[m][widths[i]]` each), in one product when stacked (`scratch`
-    /// holds its `[m][Σ widths]` result).
+    /// `outs[i] = x · parts[i]ᵀ` (`[m][widths[i]]` each), in one product when stacked: the int8
+    /// products write each part's columns to its output, the others go through `scratch` (the
+    /// `[m][Σ widths]` result) and copy.
     fn project(
         &self,
         p: &Projections,
@@ -559,6 +560,16 @@ impl Llama {
                 for (w, (out, n)) in parts.iter().zip(outs.iter_mut()) {
                     self.matmul(x, m, k, w, *n, out);
                 }
+            }
+            Projections::Stacked(w)
+                if self.activations == Activations::Int8
+                    && w.is_quantized()
+                    && outs[..outs.len() - 1]
+                        .iter()
+                        .all(|(_, n)| n.is_multiple_of(16)) =>
+            {
+                // Each part's columns straight into its output.
+                cpu::matmul_w_int8_split(x, m, k, w, outs);
             }
             Projections::Stacked(w) => {
                 let total: usize = outs.iter().map(|(_, n)| n).sum();

@@ -545,10 +545,12 @@ pub(super) mod simd {
     ) {
         let esz = if F16 { 2 } else { 4 };
         let (kb, vb, _) = kv.bases();
-        // Scratch: scores [group][padded context], then 8 converted K rows.
+        // Scratch: scores [group][padded context], then 8 converted K rows. Every score is
+        // written before it is read (the padding lanes below), so the space is not cleared.
         let cp = context.next_multiple_of(8);
-        scratch.clear();
-        scratch.resize(group * cp + 8 * hd, 0.0);
+        if scratch.len() < group * cp + 8 * hd {
+            scratch.resize(group * cp + 8 * hd, 0.0);
+        }
         let (scores, kbuf) = scratch.split_at_mut(group * cp);
         let (scores, kbuf) = (scores.as_mut_ptr(), kbuf.as_mut_ptr());
         let q = q.as_ptr();

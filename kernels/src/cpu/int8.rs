@@ -388,18 +388,19 @@ fn isa() -> Isa {
     Isa::Portable
 }
 
-/// `(rows, panels)` of the largest tile on `isa` for a product of `m` rows.
-fn tile_shape(isa: Isa, m: usize) -> (usize, usize) {
+/// Rows of the largest tile on `isa` for a product of `m` rows. A tile is one panel wide on
+/// every instruction set, so a task reads one sequential weight stream.
+fn tile_rows(isa: Isa, m: usize) -> usize {
     match (isa, m) {
-        // One row streams its weights from memory: one sequential stream per task reads
-        // fastest (measured against 1 × 2 and 1 × 4 panels, docs/benchmarks.md).
-        (Isa::Vnni, 1) => (1, 1),
-        // Several rows: 8 rows × one panel, so a task still reads one sequential weight stream
-        // (measured against 4 × 2, 4 × 1, 6 × 1 and 2 × 4, alternating in one process:
-        // `int8_decode_step_timings`, docs/benchmarks.md).
-        (Isa::Vnni, _) => (8, 1),
-        (Isa::Avx2, _) => (2, 1),
-        (Isa::Portable, _) => (1, 1),
+        // One row streams its weights from memory (measured against 1 × 2 and 1 × 4 panels,
+        // docs/benchmarks.md).
+        (Isa::Vnni, 1) => 1,
+        // Several rows: 8 × 1 measured 10–20 % faster than 4 × 2 at 8 and 16 rows (a decode
+        // batch's half, its output head) and no slower at 128, alternating in one process
+        // (`int8_decode_step_timings`, docs/benchmarks.md).
+        (Isa::Vnni, _) => 8,
+        (Isa::Avx2, _) => 2,
+        (Isa::Portable, _) => 1,
     }
 }
 
@@ -412,43 +413,114 @@ const MAX_TASKS: usize = 64;
 /// `out[m][n] = Σ_k x[m][k] · w[n][k]` with `x` quantized to 8 bits per block: `w` packed for
 /// the integer kernels. Batch-invariant (see the module docs).
 pub fn matmul_packed(x: &[f32], m: usize, k: usize, w: &Packed, n: usize, out: &mut [f32]) {
+    matmul_packed_split(x, m, k, w, &mut [(out, n)]);
+}
+
+/// [`matmul_packed`] of a stacked matrix (`w`'s rows: those of several matrices one after the
+/// other, as the fused QKV or gate/up projections are) with each part's columns written to its
+/// own output: `outs[i]` is `[m][widths[i]]`. Every width but the last is a multiple of the
+/// 16-column panel, so each panel lands in one output.
+pub fn matmul_packed_split(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &Packed,
+    outs: &mut [(&mut [f32], usize)],
+) {
+    let n: usize = outs.iter().map(|(_, width)| width).sum();
     assert!(
         w.k == k
             && k.is_multiple_of(BLOCK)
             && n.div_ceil(PANEL) <= w.panels()
             && x.len() >= m * k
-            && out.len() >= m * n,
+            && outs.iter().all(|(out, width)| out.len() >= m * width)
+            && outs[..outs.len().saturating_sub(1)]
+                .iter()
+                .all(|(_, width)| width.is_multiple_of(PANEL)),
         "matmul_w_int8 shapes"
     );
-    matmul_with(isa(), x, m, k, w, n, out);
+    let mut first = 0;
+    let dests = outs
+        .iter_mut()
+        .map(|(out, width)| {
+            let d = Dest {
+                out: out.as_mut_ptr(),
+                width: *width,
+                first_panel: first,
+            };
+            first += width.div_ceil(PANEL);
+            d
+        })
+        .collect();
+    matmul_into(isa(), x, m, k, w, &Dests(dests));
 }
 
 /// [`matmul_packed`] on a given instruction set.
+#[cfg(test)]
 fn matmul_with(isa: Isa, x: &[f32], m: usize, k: usize, w: &Packed, n: usize, out: &mut [f32]) {
+    let dest = Dest {
+        out: out.as_mut_ptr(),
+        width: n,
+        first_panel: 0,
+    };
+    matmul_into(isa, x, m, k, w, &Dests(vec![dest]));
+}
+
+/// One output of a product: `[m][width]` at `out`, taking the panels from `first_panel` on.
+struct Dest {
+    out: *mut f32,
+    width: usize,
+    first_panel: usize,
+}
+
+/// The outputs of a product, in panel order; the tasks each write the columns of their own
+/// panels.
+struct Dests(Vec<Dest>);
+// SAFETY: tasks write disjoint elements (see `matmul_into`).
+unsafe impl Sync for Dests {}
+
+impl Dests {
+    /// Columns in all.
+    fn n(&self) -> usize {
+        self.0.iter().map(|d| d.width).sum()
+    }
+
+    /// Where panel `p`'s columns go: `(row 0's first column, row stride, columns)`.
+    fn panel(&self, p: usize) -> (*mut f32, usize, usize) {
+        let d = self
+            .0
+            .iter()
+            .rev()
+            .find(|d| d.first_panel <= p)
+            .expect("panel 0 has an output");
+        let col = (p - d.first_panel) * PANEL;
+        (d.out.wrapping_add(col), d.width, PANEL.min(d.width - col))
+    }
+}
+
+/// The product into `dests` on instruction set `isa`.
+fn matmul_into(isa: Isa, x: &[f32], m: usize, k: usize, w: &Packed, dests: &Dests) {
+    let n = dests.n();
     if m == 0 || n == 0 {
         return;
     }
     let xq = quantize_rows(isa, x, m, k);
-    let (tr, tc) = tile_shape(isa, m);
+    let tr = tile_rows(isa, m);
     let panels = n.div_ceil(PANEL);
-    let groups = panels.div_ceil(tc);
-    let per_task = groups.div_ceil(MAX_TASKS);
-    let out_at = OutPtr(out.as_mut_ptr());
+    let per_task = panels.div_ceil(MAX_TASKS);
     let chunk = ROW_CHUNK.div_ceil(tr) * tr;
-    (0..groups.div_ceil(per_task))
+    (0..panels.div_ceil(per_task))
         .into_par_iter()
         .for_each(|task| {
-            let out_at = &out_at;
-            let (g0, g1) = (task * per_task, ((task + 1) * per_task).min(groups));
+            let (p0, p1) = (task * per_task, ((task + 1) * per_task).min(panels));
             for c0 in (0..m).step_by(chunk) {
                 let c1 = (c0 + chunk).min(m);
-                for g in g0..g1 {
-                    let p0 = g * tc;
-                    let cols = tc.min(panels - p0);
-                    // The next group's weights, asked for a slice per block during the first
+                for p in p0..p1 {
+                    let (out, stride, cols) = dests.panel(p);
+                    // The next panel's weights, asked for a slice per block during the first
                     // tile (a burst of prefetches at once fills the miss queue and stalls).
-                    let ahead = if g + 1 < g1 && c0 == 0 && m > tr {
-                        w.panel_bytes((g + 1) * tc, tc.min(panels - (g + 1) * tc))
+                    let ahead = if p + 1 < p1 && c0 == 0 && m > tr {
+                        w.panel_bytes(p + 1, 1)
                     } else {
                         &[]
                     };
@@ -458,14 +530,14 @@ fn matmul_with(isa: Isa, x: &[f32], m: usize, k: usize, w: &Packed, n: usize, ou
                         let t = Tile {
                             r0,
                             rows,
-                            p0,
-                            panels: cols,
-                            n,
-                            out: out_at.0,
+                            p0: p,
+                            out,
+                            stride,
+                            cols,
                             ahead: if r0 == c0 { ahead } else { &[] },
                         };
-                        // SAFETY: `out` holds `m · n` values (checked by the caller); this task
-                        // alone writes the columns of its panels.
+                        // SAFETY: each output holds `m` rows of its width (checked by the
+                        // caller); this task alone writes the columns of its panels.
                         unsafe { tile(isa, w, &xq, &t) };
                         r0 += rows;
                     }
@@ -491,34 +563,29 @@ fn prefetch_lines(bytes: &[u8], first: usize, lines: usize) {
     let _ = (bytes, first, lines);
 }
 
-/// `out` shared by the tasks of a product, each writing its own columns.
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint elements (see `matmul_with`).
-unsafe impl Sync for OutPtr {}
-
-/// One tile of a product: rows `r0..r0 + rows` × panels `p0..p0 + panels` of `out` (`[m][n]`).
+/// One tile of a product: rows `r0..r0 + rows` × panel `p0` (of the weights), written at `out`
+/// (row 0's first column of the panel in its output) with rows `stride` apart.
 #[derive(Clone, Copy)]
 struct Tile<'w> {
     r0: usize,
     rows: usize,
     p0: usize,
-    panels: usize,
-    n: usize,
     out: *mut f32,
-    /// Weights to prefetch into L2 while this tile runs, a slice per block (the next panel
-    /// group's, on the first tile of a group); empty for none.
+    stride: usize,
+    /// Columns of the panel that exist (the last panel of an output may be partial).
+    cols: usize,
+    /// Weights to prefetch into L2 while this tile runs, a slice per block (the next panel's,
+    /// on the first tile of a panel); empty for none.
     ahead: &'w [u8],
 }
 
 impl Tile<'_> {
-    /// Where the tile's row `r`, panel `c` starts in `out`, and how many of its 16 columns
-    /// exist.
-    fn dst(&self, r: usize, c: usize) -> (*mut f32, usize) {
-        let col = (self.p0 + c) * PANEL;
-        // `wrapping_add`: a pointer into `out`, used only for the valid columns.
+    /// Where the tile's row `r` starts in its output, and how many of its 16 columns exist.
+    fn dst(&self, r: usize) -> (*mut f32, usize) {
+        // `wrapping_add`: a pointer into the output, used only for the valid columns.
         (
-            self.out.wrapping_add((self.r0 + r) * self.n + col),
-            PANEL.min(self.n - col),
+            self.out.wrapping_add((self.r0 + r) * self.stride),
+            self.cols,
         )
     }
 }
@@ -526,48 +593,32 @@ impl Tile<'_> {
 /// Compute tile `t` on `isa`.
 ///
 /// # Safety
-/// `t.out` is an `[m][n]` matrix with `m ≥ t.r0 + t.rows`, that nothing else reads or writes
-/// at the tile's elements meanwhile; the tile lies within `w` and `x`.
+/// `t.out` holds rows `t.r0 .. t.r0 + t.rows` of `t.cols` columns `t.stride` apart, that
+/// nothing else reads or writes meanwhile; the tile lies within `w` and `x`.
 unsafe fn tile(isa: Isa, w: &Packed, x: &Q8Rows, t: &Tile<'_>) {
-    /// Dispatch to the kernel instance for `(rows, panels)`.
-    macro_rules! shapes {
-        ($module:ident, $t:expr, $q4:expr, [$(($r:literal, $c:literal)),*]) => {
-            match ($t.rows, $t.panels, $q4) {
+    /// Dispatch to the kernel instance for `rows`.
+    macro_rules! rows {
+        ($module:ident, $t:expr, $q4:expr, [$($r:literal),*]) => {
+            match ($t.rows, $q4) {
                 $(
-                    ($r, $c, true) => $module::tile::<$r, $c, true>(w, x, $t),
-                    ($r, $c, false) => $module::tile::<$r, $c, false>(w, x, $t),
+                    ($r, true) => $module::tile::<$r, true>(w, x, $t),
+                    ($r, false) => $module::tile::<$r, false>(w, x, $t),
                 )*
-                _ => unreachable!("tile shape {}x{}", $t.rows, $t.panels),
+                _ => unreachable!("tile of {} rows", $t.rows),
             }
         };
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Vnni => shapes!(
-            vnni,
-            t,
-            w.q4,
-            [
-                (1, 1),
-                (2, 1),
-                (3, 1),
-                (4, 1),
-                (5, 1),
-                (6, 1),
-                (7, 1),
-                (8, 1)
-            ]
-        ),
+        Isa::Vnni => rows!(vnni, t, w.q4, [1, 2, 3, 4, 5, 6, 7, 8]),
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => shapes!(avx2, t, w.q4, [(1, 1), (2, 1)]),
+        Isa::Avx2 => rows!(avx2, t, w.q4, [1, 2]),
         _ => {
             for r in 0..t.rows {
-                for c in 0..t.panels {
-                    let mut acc = [0f32; PANEL];
-                    portable_panel(w, t.p0 + c, x, t.r0 + r, &mut acc);
-                    let (dst, cols) = t.dst(r, c);
-                    std::slice::from_raw_parts_mut(dst, cols).copy_from_slice(&acc[..cols]);
-                }
+                let mut acc = [0f32; PANEL];
+                portable_panel(w, t.p0, x, t.r0 + r, &mut acc);
+                let (dst, cols) = t.dst(r);
+                std::slice::from_raw_parts_mut(dst, cols).copy_from_slice(&acc[..cols]);
             }
         }
     }
@@ -604,9 +655,9 @@ mod vnni {
 
     use super::{Packed, Q8Rows, Tile, BLOCK, PANEL};
 
-    /// Tile `t` (`R` rows × `C` panels) of `w · x`.
+    /// Tile `t` (`R` rows × one panel) of `w · x`.
     #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
-    pub(super) unsafe fn tile<const R: usize, const C: usize, const Q4: bool>(
+    pub(super) unsafe fn tile<const R: usize, const Q4: bool>(
         w: &Packed,
         x: &Q8Rows,
         t: &Tile<'_>,
@@ -615,102 +666,80 @@ mod vnni {
         let rec = Packed::record_bytes(Q4);
         let qb = Packed::quant_bytes(Q4);
         let wbase = w.data.as_ptr();
-        let mut acc = [[_mm512_setzero_ps(); C]; R];
+        let mut acc = [_mm512_setzero_ps(); R];
         let ahead_lines = t.ahead.len().div_ceil(64).div_ceil(nb);
         for b in 0..nb {
             super::prefetch_lines(t.ahead, b * ahead_lines, ahead_lines);
-            let wp: [*const u8; C] =
-                std::array::from_fn(|c| wbase.add(((t.p0 + c) * nb + b) * rec));
+            let wp = wbase.add((t.p0 * nb + b) * rec);
             let at: [usize; R] = std::array::from_fn(|r| (t.r0 + r) * nb + b);
             let xp: [*const i8; R] = std::array::from_fn(|r| x.qs.as_ptr().add(at[r] * BLOCK));
             let bcast = |r: usize, s: usize| {
                 _mm512_set1_epi32(std::ptr::read_unaligned(xp[r].add(4 * s) as *const i32))
             };
-            let mut sum = [[_mm512_setzero_si512(); C]; R];
+            let mut sum = [_mm512_setzero_si512(); R];
             // A small tile sums a block's steps in two chains (integers: the order is free),
             // else one `vpdpbusd` waits for the previous one.
-            let mut odd = [[_mm512_setzero_si512(); C]; R];
-            let split = R * C < 4;
+            let mut odd = [_mm512_setzero_si512(); R];
+            let split = R < 4;
             if Q4 {
                 let mask = _mm512_set1_epi8(0x0F);
                 for s in 0..4 {
-                    let mut lo = [_mm512_setzero_si512(); C];
-                    let mut hi = [_mm512_setzero_si512(); C];
-                    for c in 0..C {
-                        let v = _mm512_loadu_si512(wp[c].add(64 * s) as *const _);
-                        lo[c] = _mm512_and_si512(v, mask);
-                        hi[c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
-                    }
+                    let v = _mm512_loadu_si512(wp.add(64 * s) as *const _);
+                    let lo = _mm512_and_si512(v, mask);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
                     for r in 0..R {
                         let (xl, xh) = (bcast(r, s), bcast(r, s + 4));
-                        for c in 0..C {
-                            sum[r][c] = _mm512_dpbusd_epi32(sum[r][c], lo[c], xl);
-                            if split {
-                                odd[r][c] = _mm512_dpbusd_epi32(odd[r][c], hi[c], xh);
-                            } else {
-                                sum[r][c] = _mm512_dpbusd_epi32(sum[r][c], hi[c], xh);
-                            }
+                        sum[r] = _mm512_dpbusd_epi32(sum[r], lo, xl);
+                        if split {
+                            odd[r] = _mm512_dpbusd_epi32(odd[r], hi, xh);
+                        } else {
+                            sum[r] = _mm512_dpbusd_epi32(sum[r], hi, xh);
                         }
                     }
                 }
             } else {
                 for (r, sum) in sum.iter_mut().enumerate() {
-                    *sum = [_mm512_set1_epi32(*x.start.get_unchecked(at[r])); C];
+                    *sum = _mm512_set1_epi32(*x.start.get_unchecked(at[r]));
                 }
                 for s in 0..8 {
-                    let wv: [__m512i; C] =
-                        std::array::from_fn(|c| _mm512_loadu_si512(wp[c].add(64 * s) as *const _));
+                    let wv = _mm512_loadu_si512(wp.add(64 * s) as *const _);
                     for r in 0..R {
                         let xv = bcast(r, s);
-                        for c in 0..C {
-                            if split && s % 2 == 1 {
-                                odd[r][c] = _mm512_dpbusd_epi32(odd[r][c], wv[c], xv);
-                            } else {
-                                sum[r][c] = _mm512_dpbusd_epi32(sum[r][c], wv[c], xv);
-                            }
+                        if split && s % 2 == 1 {
+                            odd[r] = _mm512_dpbusd_epi32(odd[r], wv, xv);
+                        } else {
+                            sum[r] = _mm512_dpbusd_epi32(sum[r], wv, xv);
                         }
                     }
                 }
             }
             if split {
                 for r in 0..R {
-                    for c in 0..C {
-                        sum[r][c] = _mm512_add_epi32(sum[r][c], odd[r][c]);
-                    }
+                    sum[r] = _mm512_add_epi32(sum[r], odd[r]);
                 }
             }
-            let dw: [__m512; C] = std::array::from_fn(|c| {
-                _mm512_cvtph_ps(_mm256_loadu_si256(wp[c].add(qb) as *const __m256i))
-            });
-            let mw: [__m512; C] = std::array::from_fn(|c| {
-                if Q4 {
-                    _mm512_cvtph_ps(_mm256_loadu_si256(
-                        wp[c].add(qb + 2 * PANEL) as *const __m256i
-                    ))
-                } else {
-                    _mm512_setzero_ps()
-                }
-            });
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(wp.add(qb) as *const __m256i));
+            let mw = if Q4 {
+                _mm512_cvtph_ps(_mm256_loadu_si256(wp.add(qb + 2 * PANEL) as *const __m256i))
+            } else {
+                _mm512_setzero_ps()
+            };
             for r in 0..R {
                 let dx = _mm512_set1_ps(*x.d.get_unchecked(at[r]));
-                let sx = _mm512_set1_ps(*x.s.get_unchecked(at[r]));
-                for c in 0..C {
-                    let scale = _mm512_mul_ps(dw[c], dx);
-                    acc[r][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r][c]), scale, acc[r][c]);
-                    if Q4 {
-                        acc[r][c] = _mm512_fmadd_ps(mw[c], sx, acc[r][c]);
-                    }
+                let scale = _mm512_mul_ps(dw, dx);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), scale, acc[r]);
+                if Q4 {
+                    let sx = _mm512_set1_ps(*x.s.get_unchecked(at[r]));
+                    acc[r] = _mm512_fmadd_ps(mw, sx, acc[r]);
                 }
             }
         }
-        for (r, acc) in acc.iter().enumerate() {
-            for (c, &v) in acc.iter().enumerate() {
-                let (dst, cols) = t.dst(r, c);
-                if cols == PANEL {
-                    _mm512_storeu_ps(dst, v);
-                } else {
-                    _mm512_mask_storeu_ps(dst, ((1u32 << cols) - 1) as u16, v);
-                }
+        for (r, &v) in acc.iter().enumerate() {
+            let (dst, cols) = t.dst(r);
+            if cols == PANEL {
+                _mm512_storeu_ps(dst, v);
+            } else {
+                _mm512_mask_storeu_ps(dst, ((1u32 << cols) - 1) as u16, v);
             }
         }
     }
@@ -724,9 +753,9 @@ mod avx2 {
 
     use super::{Packed, Q8Rows, Tile, BLOCK, PANEL};
 
-    /// Tile `t` (`R` rows × `C` panels) of `w · x`.
+    /// Tile `t` (`R` rows × one panel) of `w · x`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn tile<const R: usize, const C: usize, const Q4: bool>(
+    pub(super) unsafe fn tile<const R: usize, const Q4: bool>(
         w: &Packed,
         x: &Q8Rows,
         t: &Tile<'_>,
@@ -736,91 +765,85 @@ mod avx2 {
         let qb = Packed::quant_bytes(Q4);
         let wbase = w.data.as_ptr();
         let ones = _mm256_set1_epi16(1);
-        // Over the panels' blocks in turn: a slice of the prefetch per (panel, block).
-        let ahead_lines = t.ahead.len().div_ceil(64).div_ceil(nb * C);
-        for c in 0..C {
-            // Two halves of a panel per accumulator row.
-            let mut acc = [[_mm256_setzero_ps(); 2]; R];
-            for b in 0..nb {
-                super::prefetch_lines(t.ahead, (c * nb + b) * ahead_lines, ahead_lines);
-                let wp = wbase.add(((t.p0 + c) * nb + b) * rec);
-                let at: [usize; R] = std::array::from_fn(|r| (t.r0 + r) * nb + b);
-                let xp: [*const i8; R] = std::array::from_fn(|r| x.qs.as_ptr().add(at[r] * BLOCK));
-                let bcast = |r: usize, s: usize| {
-                    _mm256_set1_epi32(std::ptr::read_unaligned(xp[r].add(4 * s) as *const i32))
-                };
-                let load = |s: usize, h: usize| {
-                    _mm256_loadu_si256(wp.add(64 * s + 32 * h) as *const __m256i)
-                };
-                let mut sum = [[_mm256_setzero_si256(); 2]; R];
-                if Q4 {
-                    // Pairs of nibble × i8 products are at most 2 · 15 · 127, so all eight steps'
-                    // pairs still fit i16.
-                    let mask = _mm256_set1_epi8(0x0F);
-                    let mut pairs = [[_mm256_setzero_si256(); 2]; R];
-                    for s in 0..4 {
-                        for h in 0..2 {
-                            let v = load(s, h);
-                            let lo = _mm256_and_si256(v, mask);
-                            let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-                            for (r, pairs) in pairs.iter_mut().enumerate() {
-                                let p = _mm256_add_epi16(
-                                    _mm256_maddubs_epi16(lo, bcast(r, s)),
-                                    _mm256_maddubs_epi16(hi, bcast(r, s + 4)),
-                                );
-                                pairs[h] = _mm256_add_epi16(pairs[h], p);
-                            }
+        let ahead_lines = t.ahead.len().div_ceil(64).div_ceil(nb);
+        // Two halves of a panel per accumulator row.
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for b in 0..nb {
+            super::prefetch_lines(t.ahead, b * ahead_lines, ahead_lines);
+            let wp = wbase.add((t.p0 * nb + b) * rec);
+            let at: [usize; R] = std::array::from_fn(|r| (t.r0 + r) * nb + b);
+            let xp: [*const i8; R] = std::array::from_fn(|r| x.qs.as_ptr().add(at[r] * BLOCK));
+            let bcast = |r: usize, s: usize| {
+                _mm256_set1_epi32(std::ptr::read_unaligned(xp[r].add(4 * s) as *const i32))
+            };
+            let load =
+                |s: usize, h: usize| _mm256_loadu_si256(wp.add(64 * s + 32 * h) as *const __m256i);
+            let mut sum = [[_mm256_setzero_si256(); 2]; R];
+            if Q4 {
+                // Pairs of nibble × i8 products are at most 2 · 15 · 127, so all eight steps'
+                // pairs still fit i16.
+                let mask = _mm256_set1_epi8(0x0F);
+                let mut pairs = [[_mm256_setzero_si256(); 2]; R];
+                for s in 0..4 {
+                    for h in 0..2 {
+                        let v = load(s, h);
+                        let lo = _mm256_and_si256(v, mask);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                        for (r, pairs) in pairs.iter_mut().enumerate() {
+                            let p = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(lo, bcast(r, s)),
+                                _mm256_maddubs_epi16(hi, bcast(r, s + 4)),
+                            );
+                            pairs[h] = _mm256_add_epi16(pairs[h], p);
                         }
                     }
-                    for (sum, pairs) in sum.iter_mut().zip(&pairs) {
-                        for (s, &p) in sum.iter_mut().zip(pairs) {
-                            *s = _mm256_madd_epi16(p, ones);
+                }
+                for (sum, pairs) in sum.iter_mut().zip(&pairs) {
+                    for (s, &p) in sum.iter_mut().zip(pairs) {
+                        *s = _mm256_madd_epi16(p, ones);
+                    }
+                }
+            } else {
+                // `vpmaddubsw` multiplies unsigned by signed bytes into i16 pairs, which
+                // (q + 128) · q_x would overflow: take q back to signed and move its sign
+                // onto the activations.
+                for s in 0..8 {
+                    for h in 0..2 {
+                        let q = _mm256_xor_si256(load(s, h), _mm256_set1_epi8(-128));
+                        let qabs = _mm256_abs_epi8(q);
+                        for (r, sum) in sum.iter_mut().enumerate() {
+                            let p = _mm256_maddubs_epi16(qabs, _mm256_sign_epi8(bcast(r, s), q));
+                            sum[h] = _mm256_add_epi32(sum[h], _mm256_madd_epi16(p, ones));
                         }
                     }
+                }
+            }
+            for h in 0..2 {
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(qb + 16 * h) as *const __m128i));
+                let mw = if Q4 {
+                    _mm256_cvtph_ps(_mm_loadu_si128(
+                        wp.add(qb + 2 * PANEL + 16 * h) as *const __m128i
+                    ))
                 } else {
-                    // `vpmaddubsw` multiplies unsigned by signed bytes into i16 pairs, which
-                    // (q + 128) · q_x would overflow: take q back to signed and move its sign
-                    // onto the activations.
-                    for s in 0..8 {
-                        for h in 0..2 {
-                            let q = _mm256_xor_si256(load(s, h), _mm256_set1_epi8(-128));
-                            let qabs = _mm256_abs_epi8(q);
-                            for (r, sum) in sum.iter_mut().enumerate() {
-                                let p =
-                                    _mm256_maddubs_epi16(qabs, _mm256_sign_epi8(bcast(r, s), q));
-                                sum[h] = _mm256_add_epi32(sum[h], _mm256_madd_epi16(p, ones));
-                            }
-                        }
-                    }
-                }
-                for h in 0..2 {
-                    let dw =
-                        _mm256_cvtph_ps(_mm_loadu_si128(wp.add(qb + 16 * h) as *const __m128i));
-                    let mw = if Q4 {
-                        _mm256_cvtph_ps(_mm_loadu_si128(
-                            wp.add(qb + 2 * PANEL + 16 * h) as *const __m128i
-                        ))
+                    _mm256_setzero_ps()
+                };
+                for r in 0..R {
+                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*x.d.get_unchecked(at[r])));
+                    let a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][h]), scale, acc[r][h]);
+                    acc[r][h] = if Q4 {
+                        _mm256_fmadd_ps(mw, _mm256_set1_ps(*x.s.get_unchecked(at[r])), a)
                     } else {
-                        _mm256_setzero_ps()
+                        a
                     };
-                    for r in 0..R {
-                        let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*x.d.get_unchecked(at[r])));
-                        let a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r][h]), scale, acc[r][h]);
-                        acc[r][h] = if Q4 {
-                            _mm256_fmadd_ps(mw, _mm256_set1_ps(*x.s.get_unchecked(at[r])), a)
-                        } else {
-                            a
-                        };
-                    }
                 }
             }
-            for (r, acc) in acc.iter().enumerate() {
-                let (dst, cols) = t.dst(r, c);
-                let mut v = [0f32; PANEL];
-                _mm256_storeu_ps(v.as_mut_ptr(), acc[0]);
-                _mm256_storeu_ps(v.as_mut_ptr().add(8), acc[1]);
-                std::ptr::copy_nonoverlapping(v.as_ptr(), dst, cols);
-            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            let (dst, cols) = t.dst(r);
+            let mut v = [0f32; PANEL];
+            _mm256_storeu_ps(v.as_mut_ptr(), acc[0]);
+            _mm256_storeu_ps(v.as_mut_ptr().add(8), acc[1]);
+            std::ptr::copy_nonoverlapping(v.as_ptr(), dst, cols);
         }
     }
 }
@@ -869,9 +892,8 @@ mod tests {
         v
     }
 
-    /// Shapes `(m, k, n)` covering every tile shape and its tails (rows not a multiple of 4,
-    /// panels not a multiple of 2 or 4, a last panel of 1..15 columns), the model's `k` (576,
-    /// 1536) and one block.
+    /// Shapes `(m, k, n)` covering every tile height (rows not a multiple of 8 or 2), a last
+    /// panel of 1..15 columns, the model's `k` (576, 1536) and one block.
     const SHAPES: [(usize, usize, usize); 10] = [
         (1, 32, 3),
         (1, 576, 70),
@@ -1023,6 +1045,41 @@ mod tests {
     }
 
     /// The SIMD kernels compute the portable path's integers and f32 operations: equal bits.
+    /// A stacked product written to several outputs gives each the columns of the one product.
+    #[test]
+    fn split_outputs_are_the_stacked_products_columns() {
+        let mut rng = StdRng::seed_from_u64(21);
+        let (k, widths) = (64, [32usize, 16, 48, 20]);
+        let n: usize = widths.iter().sum();
+        for q4 in [true, false] {
+            let w = packed(&random_weight(&mut rng, n, k, q4), k);
+            for m in [1, 3, 9, 17] {
+                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+                let mut whole = vec![0f32; m * n];
+                matmul_packed(&x, m, k, &w, n, &mut whole);
+                let mut parts: Vec<Vec<f32>> =
+                    widths.iter().map(|&wd| vec![0f32; m * wd]).collect();
+                let mut outs: Vec<(&mut [f32], usize)> = parts
+                    .iter_mut()
+                    .zip(widths)
+                    .map(|(p, wd)| (p.as_mut_slice(), wd))
+                    .collect();
+                matmul_packed_split(&x, m, k, &w, &mut outs);
+                for r in 0..m {
+                    let mut at = r * n;
+                    for (p, &wd) in parts.iter().zip(&widths) {
+                        assert_eq!(
+                            &p[r * wd..(r + 1) * wd],
+                            &whole[at..at + wd],
+                            "q4={q4} m={m}"
+                        );
+                        at += wd;
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
         let mut rng = StdRng::seed_from_u64(22);

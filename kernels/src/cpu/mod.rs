@@ -17,7 +17,9 @@ mod quant;
 
 pub use attention::{attention, attention_group, kv_append, Heads, KvDtype, KvRef};
 
-pub use quant::{matmul_w, matmul_w_int8, matmul_w_rowwise, Activations, Weight, BLOCK};
+pub use quant::{
+    matmul_w, matmul_w_int8, matmul_w_int8_split, matmul_w_rowwise, Activations, Weight, BLOCK,
+};
 
 /// How RoPE pairs the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,7 +143,7 @@ pub fn rope_rotate(
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let dim = weight.len();
     let norm = |(o, x): (&mut [f32], &[f32])| {
-        let ms = x.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+        let ms = sum_of_squares(x) / dim as f32;
         let inv = 1.0 / (ms + eps).sqrt();
         for ((o, x), w) in o.iter_mut().zip(x).zip(weight) {
             *o = x * inv * w;
@@ -154,6 +156,28 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
             .zip(x.par_chunks(dim))
             .for_each(norm);
     }
+}
+
+/// `Σ x²` in 16 partial sums (lane `i` takes elements `i`, `i + 16`, ...) added pairwise at the
+/// end, then the tail: a fixed order that vectorizes (one running sum is a chain of dependent
+/// adds).
+fn sum_of_squares(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+    for c in chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v * v;
+        }
+    }
+    let mut width = 8;
+    while width > 0 {
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+        width /= 2;
+    }
+    acc[0] + tail
 }
 
 /// Elementwise ops (norms, RoPE, SiLU) on fewer elements than this run on the calling thread: a

@@ -261,6 +261,35 @@ pub fn matmul_w_int8(x: &[f32], m: usize, k: usize, w: &Weight, n: usize, out: &
     }
 }
 
+/// [`matmul_w_int8`] of a stacked weight (the rows of several matrices one after the other) with
+/// each part's columns written to its own output, `outs[i]` `[m][width_i]`: no `[m][Σ width]`
+/// intermediate to copy out of. Every width but the last is a multiple of 16 (a panel). f32
+/// weights compute the stacked product and copy its parts out.
+pub fn matmul_w_int8_split(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &Weight,
+    outs: &mut [(&mut [f32], usize)],
+) {
+    match (w, w.int8(k)) {
+        (_, Some(packed)) => int8::matmul_packed_split(x, m, k, packed, outs),
+        (Weight::F32(v), None) => {
+            let n: usize = outs.iter().map(|(_, width)| width).sum();
+            let mut all = vec![0f32; m * n];
+            matmul_f32_rowwise(x, m, k, v, n, &mut all);
+            for r in 0..m {
+                let mut at = r * n;
+                for (out, width) in outs.iter_mut() {
+                    out[r * *width..(r + 1) * *width].copy_from_slice(&all[at..at + *width]);
+                    at += *width;
+                }
+            }
+        }
+        (_, None) => unreachable!("quantized weights pack"),
+    }
+}
+
 fn matmul_f32_rowwise(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
     assert!(
         w.len() >= n * k && x.len() >= m * k && out.len() >= m * n,
