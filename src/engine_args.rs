@@ -32,6 +32,9 @@ pub enum KvDtypeArg {
     F32,
     /// CPU only.
     F16,
+    /// CPU only: FP8 E4M3, unscaled (vLLM's fp8): half f16's memory and bytes read per decode
+    /// step; 4 significant bits.
+    Fp8,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -77,6 +80,7 @@ impl KvArgs {
             KvDtypeArg::Auto => KvCacheDtype::Auto,
             KvDtypeArg::F32 => KvCacheDtype::F32,
             KvDtypeArg::F16 => KvCacheDtype::F16,
+            KvDtypeArg::Fp8 => KvCacheDtype::Fp8,
         }
     }
 

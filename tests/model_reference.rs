@@ -139,6 +139,7 @@ fn check(
                     match dtype {
                         KvDtype::F32 => diffs32.push((got - want).abs()),
                         KvDtype::F16 => diffs16.push((got - want).abs()),
+                        KvDtype::Fp8 => unreachable!("FP8 is not compared with llama.cpp"),
                     }
                     assert!(
                         (got - want).abs() <= tolerance,

@@ -7,8 +7,8 @@
 //! Both hand out [`KvRef`]s, the addressing the attention ops take: `Paged` (block table) or
 //! `Strided` (base pointer and strides into the sequence's slot, for either vmm layout). On the CPU
 //! device the elements are f16 by default (half the memory and half the bytes a decode step reads;
-//! the reference tests hold with it) or f32 ([`KvCacheDtype`], `--kv-cache-dtype`); capacity —
-//! tokens per block or page, bytes per token — follows the element size.
+//! the reference tests hold with it), f32, or FP8 E4M3 ([`KvCacheDtype`], `--kv-cache-dtype`);
+//! capacity — tokens per block or page, bytes per token — follows the element size.
 
 use std::cell::UnsafeCell;
 use std::collections::HashMap;
@@ -53,6 +53,8 @@ pub enum KvCacheDtype {
     Auto,
     F32,
     F16,
+    /// FP8 E4M3 ([`vkv_kernels::cpu::fp8`]).
+    Fp8,
 }
 
 impl KvCacheDtype {
@@ -61,6 +63,7 @@ impl KvCacheDtype {
         match self {
             KvCacheDtype::Auto | KvCacheDtype::F16 => KvDtype::F16,
             KvCacheDtype::F32 => KvDtype::F32,
+            KvCacheDtype::Fp8 => KvDtype::Fp8,
         }
     }
 }
@@ -763,6 +766,7 @@ mod tests {
     fn caches() -> Vec<Box<dyn KvCache>> {
         let mut all = caches_of(KvDtype::F32);
         all.extend(caches_of(KvDtype::F16));
+        all.extend(caches_of(KvDtype::Fp8));
         all
     }
 
@@ -789,6 +793,11 @@ mod tests {
             let (c32, c16) = (build(KvDtype::F32), build(KvDtype::F16));
             assert_eq!(c32.bytes_per_token(), DIMS.bytes_per_token(), "{name}");
             assert_eq!(2 * c16.bytes_per_token(), c32.bytes_per_token(), "{name}");
+            assert_eq!(
+                4 * build(KvDtype::Fp8).bytes_per_token(),
+                c32.bytes_per_token(),
+                "{name}"
+            );
             // The same memory holds twice the tokens (up to the slots' limit in vmm).
             assert_eq!(
                 c16.capacity_tokens(),
@@ -818,7 +827,7 @@ mod tests {
             .map(|_| rng.random_range(-1.0f32..1.0))
             .collect();
         // Within one element type, every mode and layout gives the same bits.
-        for dtype in [KvDtype::F32, KvDtype::F16] {
+        for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Fp8] {
             every_cache_of_one_dtype_attends_the_same(dtype, &tokens, &q);
         }
     }

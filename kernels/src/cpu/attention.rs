@@ -42,6 +42,9 @@ pub enum KvDtype {
     /// read per decode step; values keep 11 significant bits.
     #[default]
     F16,
+    /// FP8 E4M3, unscaled (vLLM's `--kv-cache-dtype fp8`; [`super::fp8`]): a quarter of f32's
+    /// memory and bytes per decode step; 4 significant bits, magnitudes up to 448.
+    Fp8,
 }
 
 impl KvDtype {
@@ -50,6 +53,7 @@ impl KvDtype {
         match self {
             KvDtype::F32 => 4,
             KvDtype::F16 => 2,
+            KvDtype::Fp8 => 1,
         }
     }
 
@@ -57,6 +61,17 @@ impl KvDtype {
         match self {
             KvDtype::F32 => "f32",
             KvDtype::F16 => "f16",
+            KvDtype::Fp8 => "fp8",
+        }
+    }
+
+    /// The SIMD kernels' const parameter for this type.
+    #[cfg(target_arch = "x86_64")]
+    const fn id(self) -> u8 {
+        match self {
+            KvDtype::F32 => simd::F32,
+            KvDtype::F16 => simd::F16,
+            KvDtype::Fp8 => simd::FP8,
         }
     }
 }
@@ -200,6 +215,10 @@ pub unsafe fn kv_append(
                     to_f16(src_k, kb.add(e).cast());
                     to_f16(src_v, vb.add(e).cast());
                 }
+                KvDtype::Fp8 => {
+                    super::fp8::encode_into(src_k, kb.add(e));
+                    super::fp8::encode_into(src_v, vb.add(e));
+                }
             }
         }
     }
@@ -292,8 +311,9 @@ pub unsafe fn attention_group(
     #[cfg(target_arch = "x86_64")]
     if simd_available() && head_dim.is_multiple_of(8) && context > 0 {
         let group_fn = match kv.dtype() {
-            KvDtype::F32 => simd::attention_group::<false>,
-            KvDtype::F16 => simd::attention_group::<true>,
+            KvDtype::F32 => simd::attention_group::<{ KvDtype::F32.id() }>,
+            KvDtype::F16 => simd::attention_group::<{ KvDtype::F16.id() }>,
+            KvDtype::Fp8 => simd::attention_group::<{ KvDtype::Fp8.id() }>,
         };
         // SAFETY: AVX2, FMA and F16C were detected at run time; the rest as for this function.
         return unsafe {
@@ -314,6 +334,7 @@ pub unsafe fn attention_group(
     let head = match kv.dtype() {
         KvDtype::F32 => attention_head_portable::<f32>,
         KvDtype::F16 => attention_head_portable::<f16>,
+        KvDtype::Fp8 => attention_head_portable::<Fp8>,
     };
     for h in 0..group {
         let r = h * head_dim..(h + 1) * head_dim;
@@ -347,6 +368,17 @@ impl KvElem for f32 {
 impl KvElem for f16 {
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
+    }
+}
+
+/// An FP8 E4M3 code ([`super::fp8`]).
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct Fp8(u8);
+
+impl KvElem for Fp8 {
+    fn to_f32(self) -> f32 {
+        super::fp8::decode(self.0)
     }
 }
 
@@ -443,6 +475,32 @@ pub(super) mod simd {
     use half::f16;
 
     use super::KvRef;
+    use crate::cpu::fp8;
+
+    /// The cache's element type, as the kernels' const parameter.
+    pub(super) const F32: u8 = 0;
+    pub(super) const F16: u8 = 1;
+    /// FP8 E4M3, read as its value divided by [`fp8::SCALE`] (the kernels multiply it back in
+    /// the attention scale for K and the softmax normalisation for V).
+    pub(super) const FP8: u8 = 2;
+
+    /// Bytes per element of dtype `D`.
+    const fn esz(d: u8) -> usize {
+        match d {
+            F32 => 4,
+            F16 => 2,
+            _ => 1,
+        }
+    }
+
+    /// What dtype `D`'s loads leave out: 1, or [`fp8::SCALE`].
+    const fn unit(d: u8) -> f32 {
+        if d == FP8 {
+            fp8::SCALE
+        } else {
+            1.0
+        }
+    }
 
     /// See [`super::to_f16`].
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -458,13 +516,13 @@ pub(super) mod simd {
         }
     }
 
-    /// 8 elements from `p` (f16 when `F16`, else f32) as f32.
+    /// 8 elements of dtype `D` from `p` as f32 (FP8: divided by [`fp8::SCALE`]).
     #[inline(always)]
-    unsafe fn load8<const F16: bool>(p: *const u8) -> __m256 {
-        if F16 {
-            _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
-        } else {
-            _mm256_loadu_ps(p.cast())
+    unsafe fn load8<const D: u8>(p: *const u8) -> __m256 {
+        match D {
+            F32 => _mm256_loadu_ps(p.cast()),
+            F16 => _mm256_cvtph_ps(_mm_loadu_si128(p.cast())),
+            _ => fp8::simd::load8(p),
         }
     }
 
@@ -526,12 +584,12 @@ pub(super) mod simd {
         _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(pow2)), keep)
     }
 
-    /// See [`super::attention_group`]; `F16` says the cache holds f16. `head_dim` is a multiple
+    /// See [`super::attention_group`]; `D` is the cache's element type. `head_dim` is a multiple
     /// of 8 and `context` at least 1. `avx512`: AVX512F was detected, and the P·V pass may use
     /// it.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn attention_group<const F16: bool>(
+    pub(super) unsafe fn attention_group<const D: u8>(
         q: &[f32],
         kv: &KvRef<'_>,
         context: usize,
@@ -543,7 +601,7 @@ pub(super) mod simd {
         scratch: &mut Vec<f32>,
         avx512: bool,
     ) {
-        let esz = if F16 { 2 } else { 4 };
+        let esz = esz(D);
         let (kb, vb, _) = kv.bases();
         // Scratch: scores [group][padded context], then 8 converted K rows. Every score is
         // written before it is read (the padding lanes below), so the space is not cleared.
@@ -563,7 +621,7 @@ pub(super) mod simd {
         let row_bytes = hd * esz;
         let mut ahead = kv.offsets(context, kv_head);
         let mut offsets = kv.offsets(context, kv_head);
-        let vscale = _mm256_set1_ps(scale);
+        let vscale = _mm256_set1_ps(scale * unit(D));
         for t0 in (0..context).step_by(8) {
             let count = if t0 == 0 { PREFETCH + 8 } else { 8 };
             for at in ahead.by_ref().take(count) {
@@ -576,14 +634,14 @@ pub(super) mod simd {
             let mut rows = [std::ptr::null::<f32>(); 8];
             for (j, at) in offsets.by_ref().take(n).enumerate() {
                 let src = kb.add(at * esz);
-                rows[j] = if F16 {
+                rows[j] = if D == F32 {
+                    src.cast()
+                } else {
                     let dst = kbuf.add(j * hd);
                     for c in (0..hd).step_by(8) {
-                        _mm256_storeu_ps(dst.add(c), load8::<true>(src.add(2 * c)));
+                        _mm256_storeu_ps(dst.add(c), load8::<D>(src.add(esz * c)));
                     }
                     dst
-                } else {
-                    src.cast()
                 };
             }
             // Lanes past the context read token t0 again; their scores are overwritten below.
@@ -631,7 +689,7 @@ pub(super) mod simd {
                 _mm256_storeu_ps(s.add(t), e);
                 sum = _mm256_add_ps(sum, e);
             }
-            *inv = 1.0 / super::super::quant::simd::hsum(sum);
+            *inv = unit(D) / super::super::quant::simd::hsum(sum);
         }
 
         // P·V: 32 dimensions (or 8 when head_dim is not a multiple of 32) of up to 3 heads per
@@ -652,10 +710,10 @@ pub(super) mod simd {
             let g = (group - h0).min(4);
             for d0 in (0..hd).step_by(64) {
                 match g {
-                    1 => pv512::<F16, 1>(&job, h0, d0),
-                    2 => pv512::<F16, 2>(&job, h0, d0),
-                    3 => pv512::<F16, 3>(&job, h0, d0),
-                    _ => pv512::<F16, 4>(&job, h0, d0),
+                    1 => pv512::<D, 1>(&job, h0, d0),
+                    2 => pv512::<D, 2>(&job, h0, d0),
+                    3 => pv512::<D, 3>(&job, h0, d0),
+                    _ => pv512::<D, 4>(&job, h0, d0),
                 }
             }
             h0 += g;
@@ -666,16 +724,16 @@ pub(super) mod simd {
             while d0 < hd {
                 if hd - d0 >= 32 {
                     match g {
-                        1 => pv::<F16, 1, 4>(&job, h0, d0),
-                        2 => pv::<F16, 2, 4>(&job, h0, d0),
-                        _ => pv::<F16, 3, 4>(&job, h0, d0),
+                        1 => pv::<D, 1, 4>(&job, h0, d0),
+                        2 => pv::<D, 2, 4>(&job, h0, d0),
+                        _ => pv::<D, 3, 4>(&job, h0, d0),
                     }
                     d0 += 32;
                 } else {
                     match g {
-                        1 => pv::<F16, 1, 1>(&job, h0, d0),
-                        2 => pv::<F16, 2, 1>(&job, h0, d0),
-                        _ => pv::<F16, 3, 1>(&job, h0, d0),
+                        1 => pv::<D, 1, 1>(&job, h0, d0),
+                        2 => pv::<D, 2, 1>(&job, h0, d0),
+                        _ => pv::<D, 3, 1>(&job, h0, d0),
                     }
                     d0 += 8;
                 }
@@ -694,17 +752,15 @@ pub(super) mod simd {
     /// [`pv`] for 64 dimensions (`d0 .. d0 + 64`) in 512-bit vectors: per output the same FMAs
     /// in the same order (tokens in sequence, from zero), so the same bits.
     #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-    unsafe fn pv512<const F16: bool, const G: usize>(job: &PvJob<'_, '_>, h0: usize, d0: usize) {
-        let esz = if F16 { 2 } else { 4 };
+    unsafe fn pv512<const D: u8, const G: usize>(job: &PvJob<'_, '_>, h0: usize, d0: usize) {
+        let esz = esz(D);
         let mut acc = [[_mm512_setzero_ps(); 4]; G];
         for (t, at) in job.kv.offsets(job.context, job.kv_head).enumerate() {
             let src = job.vb.add((at + d0) * esz);
-            let v: [__m512; 4] = std::array::from_fn(|w| {
-                if F16 {
-                    _mm512_cvtph_ps(_mm256_loadu_si256(src.add(32 * w).cast()))
-                } else {
-                    _mm512_loadu_ps(src.add(64 * w).cast())
-                }
+            let v: [__m512; 4] = std::array::from_fn(|w| match D {
+                F32 => _mm512_loadu_ps(src.add(64 * w).cast()),
+                F16 => _mm512_cvtph_ps(_mm256_loadu_si256(src.add(32 * w).cast())),
+                _ => fp8::simd::load16(src.add(16 * w)),
             });
             for (i, acc) in acc.iter_mut().enumerate() {
                 let pt = _mm512_set1_ps(*job.p.add((h0 + i) * job.cp + t));
@@ -736,18 +792,18 @@ pub(super) mod simd {
 
     /// `out[h0 + i][d0 .. d0 + 8W] = Σ_t p[h0 + i][t] · V[t][d0 .. d0 + 8W]` for `i < G`.
     #[inline(always)]
-    unsafe fn pv<const F16: bool, const G: usize, const W: usize>(
+    unsafe fn pv<const D: u8, const G: usize, const W: usize>(
         job: &PvJob<'_, '_>,
         h0: usize,
         d0: usize,
     ) {
-        let esz = if F16 { 2 } else { 4 };
+        let esz = esz(D);
         let mut acc = [[_mm256_setzero_ps(); W]; G];
         for (t, at) in job.kv.offsets(job.context, job.kv_head).enumerate() {
             let src = job.vb.add((at + d0) * esz);
             let mut v = [_mm256_setzero_ps(); W];
             for (w, v) in v.iter_mut().enumerate() {
-                *v = load8::<F16>(src.add(8 * w * esz));
+                *v = load8::<D>(src.add(8 * w * esz));
             }
             for (i, acc) in acc.iter_mut().enumerate() {
                 let pt = _mm256_broadcast_ss(&*job.p.add((h0 + i) * job.cp + t));
@@ -844,7 +900,7 @@ mod tests {
             .map(|x| x * 3.0)
             .collect();
         let width = n_kv * hd;
-        for dtype in [KvDtype::F32, KvDtype::F16] {
+        for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Fp8] {
             let e = dtype.bytes();
             let nblocks = max_ctx.div_ceil(bs);
             let mut strided = Store {
@@ -892,6 +948,7 @@ mod tests {
             let stored = |x: f32| match dtype {
                 KvDtype::F32 => x as f64,
                 KvDtype::F16 => f16::from_f32(x).to_f64(),
+                KvDtype::Fp8 => super::super::fp8::decode(super::super::fp8::encode(x)) as f64,
             };
             let scale = 1.0 / (hd as f32).sqrt();
             let heads = Heads {
@@ -968,6 +1025,11 @@ mod tests {
         let (seqs, layers, nh, nkv, hd, bs) = (16usize, env("VKV_ATTN_LAYERS", 30), 9, 3, 64, 16);
         let ctx = env("VKV_ATTN_CONTEXT", 192);
         let head_major = env("VKV_ATTN_TOKEN_MAJOR", 0) != 1;
+        let dtype = if env("VKV_ATTN_FP8", 0) == 1 {
+            KvDtype::Fp8
+        } else {
+            KvDtype::F16
+        };
         let width = nkv * hd;
         let nb = ctx.div_ceil(bs);
         let mut rng = StdRng::seed_from_u64(9);
@@ -979,7 +1041,7 @@ mod tests {
         }
         let mut pools: Vec<(Vec<u8>, Vec<u8>)> = (0..layers)
             .map(|_| {
-                let n = total * bs * width * 2;
+                let n = total * bs * width * dtype.bytes();
                 let k: Vec<u8> = (0..n).map(|_| rng.random::<u8>() & 0x3b).collect();
                 let v: Vec<u8> = (0..n).map(|_| rng.random::<u8>() & 0x3b).collect();
                 (k, v)
@@ -992,7 +1054,7 @@ mod tests {
                     .map(|s| KvRef::Paged {
                         k_pool: k.as_mut_ptr(),
                         v_pool: v.as_mut_ptr(),
-                        dtype: KvDtype::F16,
+                        dtype,
                         blocks: &perm[s * nb..(s + 1) * nb],
                         block_size: bs,
                         block_stride: bs * width,
@@ -1026,10 +1088,11 @@ mod tests {
             })
             .collect();
         times.sort_by(f64::total_cmp);
-        let bytes = (seqs * reps * layers * ctx * width * 2 * 2) as f64;
+        let bytes = (seqs * reps * layers * ctx * width * 2 * dtype.bytes()) as f64;
         eprintln!(
-            "attention, 16 sequences x {ctx} tokens x {layers} layers ({:.1} MB f16 KV): best {:.2} ms ({:.1} GB/s), median {:.2} ms",
+            "attention, 16 sequences x {ctx} tokens x {layers} layers ({:.1} MB {} KV): best {:.2} ms ({:.1} GB/s), median {:.2} ms",
             bytes / 1e6,
+            dtype.name(),
             times[0] * 1e3,
             bytes / times[0] / 1e9,
             times[7] * 1e3
@@ -1047,7 +1110,7 @@ mod tests {
         }
         let mut rng = StdRng::seed_from_u64(4);
         for (hd, group) in [(64, 1), (64, 3), (64, 5), (128, 4)] {
-            for dtype in [KvDtype::F32, KvDtype::F16] {
+            for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Fp8] {
                 let max_ctx = 37;
                 let e = dtype.bytes();
                 let (mut k, mut v) = (vec![0u8; max_ctx * hd * e], vec![0u8; max_ctx * hd * e]);
@@ -1071,8 +1134,9 @@ mod tests {
                         let mut out = vec![f32::NAN; group * hd];
                         let mut scratch = Vec::new();
                         let f = match dtype {
-                            KvDtype::F32 => simd::attention_group::<false>,
-                            KvDtype::F16 => simd::attention_group::<true>,
+                            KvDtype::F32 => simd::attention_group::<{ simd::F32 }>,
+                            KvDtype::F16 => simd::attention_group::<{ simd::F16 }>,
+                            KvDtype::Fp8 => simd::attention_group::<{ simd::FP8 }>,
                         };
                         unsafe {
                             f(

@@ -12,6 +12,7 @@
 use rayon::prelude::*;
 
 mod attention;
+pub mod fp8;
 mod int8;
 mod quant;
 
