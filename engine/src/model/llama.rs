@@ -686,6 +686,15 @@ impl Llama {
         let scale = 1.0 / (hd as f32).sqrt();
         let mut scratch = Vec::new();
         let angles = cpu::RopeTable::new(&positions, &self.inv_freq);
+        // Attention's row blocks: up to QUERY_BLOCK consecutive rows of one chunk.
+        let mut query_blocks = Vec::new();
+        let mut r = 0;
+        for chunk in batch {
+            for at in (0..chunk.tokens.len()).step_by(QUERY_BLOCK) {
+                query_blocks.push((r + at, QUERY_BLOCK.min(chunk.tokens.len() - at)));
+            }
+            r += chunk.tokens.len();
+        }
         for (l, layer) in self.layers.iter().enumerate() {
             cpu::rms_norm(&x, &layer.attn_norm, c.rms_norm_eps, &mut xn);
             self.project(
@@ -712,29 +721,30 @@ impl Llama {
                     )
                 };
             }
-            // One task per (row, KV head): the query heads of a GQA group read its K and V once.
+            // One task per (block of a chunk's consecutive rows, KV head): the query heads of a
+            // GQA group, and the rows of a prefill chunk, read its K and V once.
             let group = nh / nkv;
-            attn.par_chunks_mut(group * hd).enumerate().for_each_init(
-                Vec::new,
-                |scratch, (i, out)| {
-                    let (r, g) = (i / nkv, i % nkv);
-                    let qg = &q[r * qw + g * group * hd..r * qw + (g + 1) * group * hd];
-                    // SAFETY: every token up to this row's position was written above or earlier.
-                    unsafe {
-                        cpu::attention_group(
-                            qg,
-                            &refs[owner[r]],
-                            positions[r] + 1,
-                            g,
-                            group,
-                            hd,
-                            scale,
-                            out,
-                            scratch,
-                        )
+            let out = AttnOut(attn.as_mut_ptr());
+            (0..query_blocks.len() * nkv)
+                .into_par_iter()
+                .for_each_init(Vec::new, |scratch, i| {
+                    let ((r0, count), g) = (query_blocks[i / nkv], i % nkv);
+                    let rows = cpu::QueryRows {
+                        q: &q[r0 * qw + g * group * hd..],
+                        q_stride: qw,
+                        count,
+                        first_context: positions[r0] + 1,
+                        kv_head: g,
+                        group,
+                        head_dim: hd,
+                        scale,
+                        out: out.at(r0 * qw + g * group * hd),
+                        out_stride: qw,
                     };
-                },
-            );
+                    // SAFETY: every token up to each row's position was written above or
+                    // earlier; tasks write disjoint (rows, group) blocks of `attn`.
+                    unsafe { cpu::attention_rows(&rows, &refs[owner[r0]], scratch) };
+                });
             self.matmul(&attn, rows, qw, &layer.wo, h, &mut o);
             x.iter_mut().zip(&o).for_each(|(x, o)| *x += o);
             cpu::rms_norm(&x, &layer.ffn_norm, c.rms_norm_eps, &mut xn);
@@ -792,6 +802,22 @@ impl Llama {
             at += n;
         }
         out
+    }
+}
+
+/// Consecutive rows of a chunk that attend together (`cpu::attention_rows`): each K and V row
+/// is converted and loaded once for them all.
+const QUERY_BLOCK: usize = 16;
+
+/// The attention output that the tasks of a layer write, each its own rows and group.
+struct AttnOut(*mut f32);
+// SAFETY: tasks write disjoint elements (see `Llama::layers`).
+unsafe impl Sync for AttnOut {}
+
+impl AttnOut {
+    /// Element `i`.
+    fn at(&self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
     }
 }
 

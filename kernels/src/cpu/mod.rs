@@ -16,7 +16,9 @@ pub mod fp8;
 mod int8;
 mod quant;
 
-pub use attention::{attention, attention_group, kv_append, Heads, KvDtype, KvRef};
+pub use attention::{
+    attention, attention_group, attention_rows, kv_append, Heads, KvDtype, KvRef, QueryRows,
+};
 
 pub use quant::{
     matmul_w, matmul_w_int8, matmul_w_int8_split, matmul_w_rowwise, Activations, Weight, BLOCK,
