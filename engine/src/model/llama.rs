@@ -562,11 +562,7 @@ impl Llama {
                 }
             }
             Projections::Stacked(w)
-                if self.activations == Activations::Int8
-                    && w.is_quantized()
-                    && outs[..outs.len() - 1]
-                        .iter()
-                        .all(|(_, n)| n.is_multiple_of(16)) =>
+                if self.activations == Activations::Int8 && w.is_quantized() =>
             {
                 // Each part's columns straight into its output.
                 cpu::matmul_w_int8_split(x, m, k, w, outs);

@@ -63,7 +63,7 @@ use rayon::prelude::*;
 use super::quant::BLOCK;
 
 /// Output columns per panel: the i32 / f32 lanes of a 512-bit vector.
-const PANEL: usize = 16;
+pub(super) const PANEL: usize = 16;
 /// Consecutive `k` per lane and step (`vpdpbusd` sums 4 byte products into an i32 lane).
 const STEP: usize = 4;
 /// Steps per block.
@@ -1229,11 +1229,11 @@ mod tests {
 mod timings {
     use std::time::Instant;
 
-    use half::f16;
     use rand::rngs::StdRng;
     use rand::{RngExt, SeedableRng};
 
-    use super::super::{matmul_w_int8, Weight, BLOCK};
+    use super::super::quant::tests::random_weight;
+    use super::super::{matmul_w_int8, Weight};
 
     /// The products of a decode step as each half of a batch runs them: `VKV_INT8_DECODE_ROWS`
     /// rows (default 8) through 30 SmolLM2-135M-shaped layers of Q4_1 weights, on one thread,
@@ -1262,21 +1262,7 @@ mod timings {
                 shapes
                     .iter()
                     .map(|&(k, n)| {
-                        let mut b = Vec::new();
-                        for _ in 0..n * k / BLOCK {
-                            b.extend(f16::from_f32(0.01).to_le_bytes());
-                            if head {
-                                b.extend((0..32).map(|_| rng.random::<u8>()));
-                            } else {
-                                b.extend(f16::from_f32(-0.1).to_le_bytes());
-                                b.extend((0..16).map(|_| rng.random::<u8>()));
-                            }
-                        }
-                        let w = if head {
-                            Weight::from_q8_0(&b)
-                        } else {
-                            Weight::from_q4_1(&b)
-                        };
+                        let w = random_weight(&mut rng, n, k, !head);
                         w.pack_int8(k);
                         (w, k, n)
                     })
@@ -1332,21 +1318,7 @@ mod timings {
             (true, 1536, 576),
             (false, 576, 49152),
         ] {
-            let mut b = Vec::new();
-            for _ in 0..n * k / BLOCK {
-                b.extend(f16::from_f32(0.01).to_le_bytes());
-                if q4 {
-                    b.extend(f16::from_f32(-0.1).to_le_bytes());
-                    b.extend((0..16).map(|_| rng.random::<u8>()));
-                } else {
-                    b.extend((0..32).map(|_| rng.random::<u8>()));
-                }
-            }
-            let w = if q4 {
-                Weight::from_q4_1(&b)
-            } else {
-                Weight::from_q8_0(&b)
-            };
+            let w = random_weight(&mut rng, n, k, q4);
             w.pack_int8(k);
             for &m in &ms {
                 if !q4 && m > 16 {

@@ -263,8 +263,9 @@ pub fn matmul_w_int8(x: &[f32], m: usize, k: usize, w: &Weight, n: usize, out: &
 
 /// [`matmul_w_int8`] of a stacked weight (the rows of several matrices one after the other) with
 /// each part's columns written to its own output, `outs[i]` `[m][width_i]`: no `[m][Σ width]`
-/// intermediate to copy out of. Every width but the last is a multiple of 16 (a panel). f32
-/// weights compute the stacked product and copy its parts out.
+/// intermediate to copy out of when every width but the last is a multiple of the packed
+/// panel (16 columns); otherwise, and for f32 weights, the stacked product is computed and its
+/// parts copied out.
 pub fn matmul_w_int8_split(
     x: &[f32],
     m: usize,
@@ -272,12 +273,15 @@ pub fn matmul_w_int8_split(
     w: &Weight,
     outs: &mut [(&mut [f32], usize)],
 ) {
-    match (w, w.int8(k)) {
-        (_, Some(packed)) => int8::matmul_packed_split(x, m, k, packed, outs),
-        (Weight::F32(v), None) => {
+    let aligned = outs[..outs.len().saturating_sub(1)]
+        .iter()
+        .all(|(_, width)| width.is_multiple_of(int8::PANEL));
+    match (w.int8(k), aligned) {
+        (Some(packed), true) => int8::matmul_packed_split(x, m, k, packed, outs),
+        _ => {
             let n: usize = outs.iter().map(|(_, width)| width).sum();
             let mut all = vec![0f32; m * n];
-            matmul_f32_rowwise(x, m, k, v, n, &mut all);
+            matmul_w_int8(x, m, k, w, n, &mut all);
             for r in 0..m {
                 let mut at = r * n;
                 for (out, width) in outs.iter_mut() {
@@ -286,7 +290,6 @@ pub fn matmul_w_int8_split(
                 }
             }
         }
-        (_, None) => unreachable!("quantized weights pack"),
     }
 }
 
@@ -603,6 +606,42 @@ pub(super) mod tests {
             Weight::from_q4_1(&b)
         } else {
             Weight::from_q8_0(&b)
+        }
+    }
+
+    /// A stacked product split into outputs gives each the stacked product's columns, whether
+    /// the widths fall on panels (written in place) or not (copied out), for every weight type.
+    #[test]
+    fn split_products_are_the_stacked_products_columns() {
+        let mut rng = StdRng::seed_from_u64(31);
+        let (m, k) = (5, 64);
+        for widths in [vec![32usize, 16, 21], vec![20, 30, 7]] {
+            let n: usize = widths.iter().sum();
+            let f32_weight = Weight::F32((0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect());
+            for w in [
+                random_weight(&mut rng, n, k, true),
+                random_weight(&mut rng, n, k, false),
+                f32_weight,
+            ] {
+                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+                let mut whole = vec![0f32; m * n];
+                matmul_w_int8(&x, m, k, &w, n, &mut whole);
+                let mut parts: Vec<Vec<f32>> =
+                    widths.iter().map(|&wd| vec![0f32; m * wd]).collect();
+                let mut outs: Vec<(&mut [f32], usize)> = parts
+                    .iter_mut()
+                    .zip(&widths)
+                    .map(|(p, &wd)| (p.as_mut_slice(), wd))
+                    .collect();
+                matmul_w_int8_split(&x, m, k, &w, &mut outs);
+                for r in 0..m {
+                    let mut at = r * n;
+                    for (p, &wd) in parts.iter().zip(&widths) {
+                        assert_eq!(&p[r * wd..(r + 1) * wd], &whole[at..at + wd], "{widths:?}");
+                        at += wd;
+                    }
+                }
+            }
         }
     }
 
