@@ -1046,41 +1046,6 @@ mod tests {
     }
 
     /// The SIMD kernels compute the portable path's integers and f32 operations: equal bits.
-    /// A stacked product written to several outputs gives each the columns of the one product.
-    #[test]
-    fn split_outputs_are_the_stacked_products_columns() {
-        let mut rng = StdRng::seed_from_u64(21);
-        let (k, widths) = (64, [32usize, 16, 48, 20]);
-        let n: usize = widths.iter().sum();
-        for q4 in [true, false] {
-            let w = packed(&random_weight(&mut rng, n, k, q4), k);
-            for m in [1, 3, 9, 17] {
-                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0f32..2.0)).collect();
-                let mut whole = vec![0f32; m * n];
-                matmul_packed(&x, m, k, &w, n, &mut whole);
-                let mut parts: Vec<Vec<f32>> =
-                    widths.iter().map(|&wd| vec![0f32; m * wd]).collect();
-                let mut outs: Vec<(&mut [f32], usize)> = parts
-                    .iter_mut()
-                    .zip(widths)
-                    .map(|(p, wd)| (p.as_mut_slice(), wd))
-                    .collect();
-                matmul_packed_split(&x, m, k, &w, &mut outs);
-                for r in 0..m {
-                    let mut at = r * n;
-                    for (p, &wd) in parts.iter().zip(&widths) {
-                        assert_eq!(
-                            &p[r * wd..(r + 1) * wd],
-                            &whole[at..at + wd],
-                            "q4={q4} m={m}"
-                        );
-                        at += wd;
-                    }
-                }
-            }
-        }
-    }
-
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
         let mut rng = StdRng::seed_from_u64(22);
