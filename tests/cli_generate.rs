@@ -8,8 +8,11 @@ mod common;
 
 use common::vkv;
 
-fn scratch(name: &str) -> PathBuf {
-    common::scratch("generate").join(name)
+/// A path `name` in a scratch directory of its own (kept while the first value lives).
+fn scratch(name: &str) -> (common::Scratch, PathBuf) {
+    let dir = common::scratch(&format!("generate-{name}"));
+    let path = dir.join(name);
+    (dir, path)
 }
 
 /// A minimal GGUF v3 file: string metadata, and optionally one tensor header + data.
@@ -69,7 +72,8 @@ fn error_of(model: &std::path::Path) -> String {
 
 #[test]
 fn a_missing_file_is_named() {
-    let err = error_of(&scratch("no-such-model.gguf"));
+    let (_dir, path) = scratch("no-such-model.gguf");
+    let err = error_of(&path);
     assert!(
         err.contains("no-such-model.gguf") && err.contains("does not exist"),
         "{err}"
@@ -78,7 +82,7 @@ fn a_missing_file_is_named() {
 
 #[test]
 fn a_file_that_is_not_gguf_says_what_it_found() {
-    let path = scratch("not-a-model.gguf");
+    let (_dir, path) = scratch("not-a-model.gguf");
     std::fs::write(&path, b"PK\x03\x04 this is a zip, not a model").unwrap();
     let err = error_of(&path);
     assert!(
@@ -89,7 +93,7 @@ fn a_file_that_is_not_gguf_says_what_it_found() {
 
 #[test]
 fn an_unsupported_architecture_is_named() {
-    let path = scratch("gpt2.gguf");
+    let (_dir, path) = scratch("gpt2.gguf");
     std::fs::write(&path, gguf(&[("general.architecture", "gpt2")], &[], None)).unwrap();
     let err = error_of(&path);
     assert!(err.contains("unsupported architecture gpt2"), "{err}");
@@ -98,7 +102,7 @@ fn an_unsupported_architecture_is_named() {
 #[test]
 fn an_unsupported_quantization_is_named() {
     // A llama whose embedding is Q5_0 (type 6: 32 elements in 22 bytes), which vkv cannot dequantize.
-    let path = scratch("q5_0.gguf");
+    let (_dir, path) = scratch("q5_0.gguf");
     let meta = [
         ("llama.block_count", 1),
         ("llama.embedding_length", 32),

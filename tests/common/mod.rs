@@ -1,9 +1,9 @@
 //! What the tests across crates share: the real default model, running the real `vkv` binary,
-//! and a scratch directory per test process.
+//! and scratch directories that go away with the test.
 
 pub mod serving;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Run `vkv` with `args`.
@@ -15,12 +15,31 @@ pub fn vkv(args: &[&str]) -> Output {
         .expect("run vkv")
 }
 
-/// A directory of this test process under the system temp dir, created if needed.
+/// A directory of this test process under the system temp dir, removed with everything in it
+/// when dropped: one name per test, since tests of a file run side by side.
 #[allow(dead_code)] // not every test file uses it
-pub fn scratch(name: &str) -> PathBuf {
+pub struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// [`Scratch`] `name`, created empty.
+#[allow(dead_code)] // not every test file uses it
+pub fn scratch(name: &str) -> Scratch {
     let dir = std::env::temp_dir().join(format!("vkv-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    Scratch(dir)
 }
 
 /// Assert that `out` failed with one readable line on stderr containing `needle`.

@@ -31,6 +31,13 @@ struct Tiny {
     tensors: std::collections::HashMap<String, Vec<f32>>,
 }
 
+/// The model's files go with it (each test writes its own directory).
+impl Drop for Tiny {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Write the tiny model: MLP weights as BF16, everything else F32.
 fn tiny_model(name: &str) -> Tiny {
     let dir = std::env::temp_dir().join(format!("vkv-tiny-llama-{}-{name}", std::process::id()));
