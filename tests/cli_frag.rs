@@ -6,7 +6,8 @@ use common::{assert_one_line_error, scratch, vkv};
 
 #[test]
 fn a_small_study_reports_every_policy_and_draws_its_plots() {
-    let plots = scratch("plots");
+    let tmp = scratch("plots");
+    let plots = tmp.path();
     let out = vkv(&[
         "frag",
         "--model",
@@ -52,7 +53,8 @@ fn a_small_study_reports_every_policy_and_draws_its_plots() {
 
 #[test]
 fn an_hf_config_and_a_trace_file_are_accepted() {
-    let dir = scratch("inputs");
+    let tmp = scratch("inputs");
+    let dir = tmp.path();
     std::fs::write(
         dir.join("config.json"),
         r#"{"num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "hidden_size": 512,
@@ -92,7 +94,8 @@ fn an_hf_config_and_a_trace_file_are_accepted() {
 
 #[test]
 fn bad_input_is_a_one_line_error_naming_the_problem() {
-    let dir = scratch("bad");
+    let tmp = scratch("bad");
+    let dir = tmp.path();
     let malformed = dir.join("malformed.jsonl");
     std::fs::write(
         &malformed,

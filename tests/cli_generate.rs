@@ -9,9 +9,9 @@ mod common;
 use common::vkv;
 
 /// A path `name` in a scratch directory of its own (kept while the first value lives).
-fn scratch(name: &str) -> (common::Scratch, PathBuf) {
-    let dir = common::scratch(&format!("generate-{name}"));
-    let path = dir.join(name);
+fn scratch(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = common::scratch("generate");
+    let path = dir.path().join(name);
     (dir, path)
 }
 

@@ -3,7 +3,7 @@
 
 pub mod serving;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 /// Run `vkv` with `args`.
@@ -15,31 +15,13 @@ pub fn vkv(args: &[&str]) -> Output {
         .expect("run vkv")
 }
 
-/// A directory of this test process under the system temp dir, removed with everything in it
-/// when dropped: one name per test, since tests of a file run side by side.
+/// An empty directory under the system temp dir, removed with everything in it when dropped.
 #[allow(dead_code)] // not every test file uses it
-pub struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// [`Scratch`] `name`, created empty.
-#[allow(dead_code)] // not every test file uses it
-pub fn scratch(name: &str) -> Scratch {
-    let dir = std::env::temp_dir().join(format!("vkv-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    Scratch(dir)
+pub fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("vkv-cli-{name}-"))
+        .tempdir()
+        .unwrap()
 }
 
 /// Assert that `out` failed with one readable line on stderr containing `needle`.

@@ -571,13 +571,7 @@ impl Llama {
                 let total: usize = outs.iter().map(|(_, n)| n).sum();
                 scratch.resize(m * total, 0.0);
                 self.matmul(x, m, k, w, total, scratch);
-                for r in 0..m {
-                    let mut at = r * total;
-                    for (out, n) in outs.iter_mut() {
-                        out[r * *n..(r + 1) * *n].copy_from_slice(&scratch[at..at + *n]);
-                        at += *n;
-                    }
-                }
+                cpu::split_columns(scratch, m, outs);
             }
         }
     }

@@ -29,19 +29,17 @@ fn random(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
 struct Tiny {
     dir: PathBuf,
     tensors: std::collections::HashMap<String, Vec<f32>>,
-}
-
-/// The model's files go with it (each test writes its own directory).
-impl Drop for Tiny {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    /// Holds `dir`, removed with the model's files when the test drops it.
+    _files: tempfile::TempDir,
 }
 
 /// Write the tiny model: MLP weights as BF16, everything else F32.
 fn tiny_model(name: &str) -> Tiny {
-    let dir = std::env::temp_dir().join(format!("vkv-tiny-llama-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let files = tempfile::Builder::new()
+        .prefix(&format!("vkv-tiny-llama-{name}-"))
+        .tempdir()
+        .unwrap();
+    let dir = files.path().to_path_buf();
     std::fs::write(dir.join("config.json"), CONFIG).unwrap();
     let mut rng = StdRng::seed_from_u64(42);
     let (v, h, i, q, kv) = (97, 48, 80, 48, 16);
@@ -104,7 +102,11 @@ fn tiny_model(name: &str) -> Tiny {
         .collect();
     let file = safetensors::serialize(views, &None).unwrap();
     std::fs::write(dir.join("model.safetensors"), file).unwrap();
-    Tiny { dir, tensors }
+    Tiny {
+        dir,
+        tensors,
+        _files: files,
+    }
 }
 
 /// The dense reference: logits of every position of `tokens`, computed from scratch.

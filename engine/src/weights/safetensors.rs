@@ -195,27 +195,12 @@ mod tests {
     use super::*;
     use safetensors::tensor::TensorView;
 
-    /// A directory of this test process (one per test name), removed when dropped.
-    struct Scratch(PathBuf);
-
-    impl std::ops::Deref for Scratch {
-        type Target = Path;
-        fn deref(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn scratch(name: &str) -> Scratch {
-        let d = std::env::temp_dir().join(format!("vkv-st-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Scratch(d)
+    /// An empty directory, removed when dropped.
+    fn scratch(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix(&format!("vkv-st-{name}-"))
+            .tempdir()
+            .unwrap()
     }
 
     fn write(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
@@ -228,7 +213,8 @@ mod tests {
 
     #[test]
     fn reads_f32_f16_bf16_across_shards() {
-        let dir = scratch("shards");
+        let tmp = scratch("shards");
+        let dir = tmp.path();
         let vals = [1.5f32, -2.25, 0.0, 3.0e-3];
         let f32b: Vec<u8> = vals.iter().flat_map(|x| x.to_le_bytes()).collect();
         let f16b: Vec<u8> = vals
@@ -251,7 +237,7 @@ mod tests {
             &[("c", Dtype::BF16, vec![1, 4], bf16b)],
         );
         std::fs::write(dir.join("config.json"), "{}").unwrap();
-        let ck = Checkpoint::open_dir(&dir).unwrap();
+        let ck = Checkpoint::open_dir(dir).unwrap();
         assert_eq!(ck.names(), ["a", "b", "c"]);
         assert_eq!(ck.info("a"), Some((&[2usize, 2][..], Dtype::F32)));
         assert_eq!(ck.to_f32("a").unwrap().unwrap(), vals);
@@ -266,8 +252,9 @@ mod tests {
 
     #[test]
     fn corrupt_files_and_odd_contents_are_readable_errors() {
-        let dir = scratch("bad");
-        let e = Checkpoint::open_dir(&dir).err().unwrap();
+        let tmp = scratch("bad");
+        let dir = tmp.path();
+        let e = Checkpoint::open_dir(dir).err().unwrap();
         assert!(e.to_string().contains("no *.safetensors file"), "{e}");
         let ok: Vec<u8> = [1f32, 2.0].iter().flat_map(|x| x.to_le_bytes()).collect();
         let good = dir.join("good.safetensors");

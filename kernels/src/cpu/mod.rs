@@ -21,7 +21,8 @@ pub use attention::{
 };
 
 pub use quant::{
-    matmul_w, matmul_w_int8, matmul_w_int8_split, matmul_w_rowwise, Activations, Weight, BLOCK,
+    matmul_w, matmul_w_int8, matmul_w_int8_split, matmul_w_rowwise, split_columns, Activations,
+    Weight, BLOCK,
 };
 
 /// How RoPE pairs the dimensions of a head.

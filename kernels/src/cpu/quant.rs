@@ -282,13 +282,20 @@ pub fn matmul_w_int8_split(
             let n: usize = outs.iter().map(|(_, width)| width).sum();
             let mut all = vec![0f32; m * n];
             matmul_w_int8(x, m, k, w, n, &mut all);
-            for r in 0..m {
-                let mut at = r * n;
-                for (out, width) in outs.iter_mut() {
-                    out[r * *width..(r + 1) * *width].copy_from_slice(&all[at..at + *width]);
-                    at += *width;
-                }
-            }
+            split_columns(&all, m, outs);
+        }
+    }
+}
+
+/// Copy `all` (`[m][Σ widths]`, a stacked product's result) out into the parts `outs`
+/// (`[m][width_i]` each).
+pub fn split_columns(all: &[f32], m: usize, outs: &mut [(&mut [f32], usize)]) {
+    let n: usize = outs.iter().map(|(_, width)| width).sum();
+    for r in 0..m {
+        let mut at = r * n;
+        for (out, width) in outs.iter_mut() {
+            out[r * *width..(r + 1) * *width].copy_from_slice(&all[at..at + *width]);
+            at += *width;
         }
     }
 }
