@@ -12,6 +12,12 @@
 //! - unmap: map the range back to an anonymous `PROT_NONE` reservation (`munmap` would give the
 //!   addresses back to the process, where another allocation could land).
 //!
+//! A mapping of whole 2 MiB pages is advised for transparent huge pages (`MADV_HUGEPAGE`), as
+//! the paged cache's pools are (`vkv_kernels::cpu::HugeBuffer`). For memfd memory the kernel
+//! honours it only when `/sys/kernel/mm/transparent_hugepage/shmem_enabled` allows `advise`
+//! (many distributions default to `never`), so the two KV modes can differ in TLB reach on the
+//! CPU; `VKV_NO_HUGE_PAGES` turns both advices off to compare them on equal pages.
+//!
 //! Every map, unmap and set-access is checked to lie inside one of this backend's reservations and
 //! to be aligned to the OS page size (its granularity), so no call can clobber other memory.
 
@@ -23,12 +29,16 @@ use crate::physical::{check_page_size, Reservations};
 use crate::{PhysicalMemory, PhysicalPage, Result, VmmError};
 
 const NAME: &str = "host";
+/// Pages of this size and alignment are advised for transparent huge pages.
+const HUGE_PAGE: usize = 2 << 20;
 
 /// Host memory with CUDA VMM semantics (see the module docs).
 #[derive(Debug)]
 pub struct HostVmm {
     memfd: OwnedFd,
     granularity: usize,
+    /// Advise whole 2 MiB pages for huge pages (unless `VKV_NO_HUGE_PAGES` is set).
+    huge_pages: bool,
     state: Mutex<HostState>,
 }
 
@@ -58,6 +68,7 @@ impl HostVmm {
         Ok(HostVmm {
             memfd,
             granularity,
+            huge_pages: std::env::var_os("VKV_NO_HUGE_PAGES").is_none(),
             state: Mutex::new(HostState::default()),
         })
     }
@@ -229,6 +240,14 @@ impl PhysicalMemory for HostVmm {
         };
         if got == libc::MAP_FAILED || got as u64 != addr {
             return Err(VmmError::os(NAME, "mmap(MAP_FIXED, memfd)"));
+        }
+        if self.huge_pages
+            && page.size.is_multiple_of(HUGE_PAGE)
+            && addr.is_multiple_of(HUGE_PAGE as u64)
+        {
+            // SAFETY: advice on the range just mapped; it fails harmlessly where shared memory
+            // takes no huge pages.
+            unsafe { libc::madvise(addr as *mut libc::c_void, page.size, libc::MADV_HUGEPAGE) };
         }
         Ok(())
     }

@@ -10,11 +10,10 @@
 //! the reference tests hold with it), f32, or FP8 E4M3 ([`KvCacheDtype`], `--kv-cache-dtype`);
 //! capacity — tokens per block or page, bytes per token — follows the element size.
 
-use std::cell::UnsafeCell;
 use std::collections::HashMap;
 use std::sync::{Arc, MutexGuard};
 
-use vkv_kernels::cpu::{KvDtype, KvRef};
+use vkv_kernels::cpu::{HugeBuffer, KvDtype, KvRef};
 use vkv_vmm::{
     HostVmm, KvLayout, KvSpace, KvSpaceConfig, LayerView, Mapper, MapperOptions, MapperStats,
     PhysicalMemory, SlotId, VmmError,
@@ -147,24 +146,23 @@ fn unknown(seq: SeqId) -> KvError {
     }
 }
 
-/// KV storage (4-byte aligned, so f32 and f16 elements are aligned) that attention writes through
-/// raw pointers while the cache is shared.
-struct Pool(Box<[UnsafeCell<u32>]>);
+/// KV storage that attention writes through raw pointers while the cache is shared: zeroed,
+/// cache-line aligned (f32 and f16 elements are aligned), in huge-page memory (a decode step
+/// reads tens of MB of it; see [`HugeBuffer`]), faulted in at creation (vLLM allocates its KV cache up front for the same reason: the budget
+/// is memory the server holds, not memory a later request may fail to get).
+struct Pool(HugeBuffer);
 
 impl Pool {
     fn new(bytes: usize) -> Self {
-        Pool((0..bytes.div_ceil(4)).map(|_| UnsafeCell::new(0)).collect())
+        let mut pool = HugeBuffer::zeroed(bytes);
+        pool.populate();
+        Pool(pool)
     }
 
     fn ptr(&self) -> *mut u8 {
-        // UnsafeCell<u32> is repr(transparent): writing through this pointer is allowed.
-        self.0.as_ptr() as *mut u8
+        self.0.as_mut_ptr()
     }
 }
-
-// SAFETY: the pool is plain memory; concurrent access is coordinated by the forward pass
-// (each token's K/V is written by one thread before any thread reads it).
-unsafe impl Sync for Pool {}
 
 /// The paged KV cache: per layer a K and a V pool of `num_blocks × block_size` tokens, each block
 /// `[kv_head][token][head_dim]`.

@@ -61,6 +61,7 @@ use half::f16;
 use rayon::prelude::*;
 
 use super::quant::BLOCK;
+use super::HugeBuffer;
 
 /// Output columns per panel: the i32 / f32 lanes of a 512-bit vector.
 pub(super) const PANEL: usize = 16;
@@ -76,8 +77,9 @@ pub struct Packed {
     q4: bool,
     /// Columns (weights per row).
     k: usize,
-    /// Panel after panel, block after block: one record of [`Packed::record_bytes`].
-    data: Vec<u8>,
+    /// Panel after panel, block after block: one record of [`Packed::record_bytes`]. In
+    /// huge-page memory: a decode step streams every packed matrix.
+    data: HugeBuffer,
 }
 
 impl Packed {
@@ -152,7 +154,7 @@ impl Packed {
         let nb = k / BLOCK;
         let rec = Self::record_bytes(q4);
         let qb = Self::quant_bytes(q4);
-        let mut data = vec![0u8; rows.div_ceil(PANEL) * nb * rec];
+        let mut data = HugeBuffer::zeroed(rows.div_ceil(PANEL) * nb * rec);
         let panel = |(p, data): (usize, &mut [u8])| {
             for (b, r) in data.chunks_exact_mut(rec).enumerate() {
                 for c in 0..PANEL.min(rows - p * PANEL) {

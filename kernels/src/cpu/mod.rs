@@ -13,6 +13,7 @@ use rayon::prelude::*;
 
 mod attention;
 pub mod fp8;
+mod huge_pages;
 mod int8;
 mod quant;
 
@@ -20,6 +21,7 @@ pub use attention::{
     attention, attention_group, attention_rows, kv_append, Heads, KvDtype, KvRef, QueryRows,
 };
 
+pub use huge_pages::HugeBuffer;
 pub use quant::{
     matmul_w, matmul_w_int8, matmul_w_int8_split, matmul_w_rowwise, split_columns, Activations,
     Weight, BLOCK,
