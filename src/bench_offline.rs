@@ -12,6 +12,7 @@ use vkv_engine::engine::Engine;
 use vkv_engine::generate::load_model;
 use vkv_engine::offline::{random_requests, run_offline, Arrivals, OfflineReport, Summary};
 use vkv_engine::workload::Workload;
+use vkv_kernels::cpu::HugePageUse;
 
 use crate::engine_args::{model_path, EngineArgs};
 
@@ -64,6 +65,7 @@ pub fn run(args: Args) -> Result<()> {
     let device = args.engine.device()?;
     let mut device_name = String::new();
     let mut runs: Vec<OfflineReport> = Vec::new();
+    let mut huge_pages = Vec::new();
     let mut model_name = String::new();
     let mut shapes_info = (0.0, 0.0);
     for round in 0..args.repeats {
@@ -107,6 +109,21 @@ pub fn run(args: Args) -> Result<()> {
                     report.failed, report.requests
                 );
             }
+            // What the run's weights and KV memory sat on (the modes can differ: see
+            // `vkv_kernels::cpu::HugeBuffer`), read while the engine still holds them.
+            let pages = HugePageUse::now();
+            if let Some(p) = &pages {
+                eprintln!("vkv: huge pages in use: {p}");
+            }
+            huge_pages.push(pages.map(|p| {
+                serde_json::json!({
+                    "kv": report.kv,
+                    "anon_bytes": p.anon_bytes,
+                    "shmem_bytes": p.shmem_bytes,
+                    "anon_mode": p.anon_mode,
+                    "shmem_mode": p.shmem_mode,
+                })
+            }));
             runs.push(report);
         }
     }
@@ -136,6 +153,7 @@ pub fn run(args: Args) -> Result<()> {
             "threads": rayon_threads(),
             "device": device_name,
             "runs": runs,
+            "huge_pages": huge_pages,
             "median": medians,
             "ratio_vmm_over_paged": ratio,
         });

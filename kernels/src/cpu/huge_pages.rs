@@ -192,6 +192,74 @@ impl std::fmt::Debug for HugeBuffer {
     }
 }
 
+/// How much of this process's memory is on huge pages now, and the kernel's THP settings that
+/// decide it — so a benchmark can say what its KV memory and weights actually ran on (the paged
+/// pools can get huge pages where the vmm mode's shared memory cannot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HugePageUse {
+    /// Anonymous memory on transparent huge pages (`AnonHugePages`: weights, paged pools).
+    pub anon_bytes: u64,
+    /// Shared memory mapped with huge pages (`ShmemPmdMapped`: the host VMM's memfd pages).
+    pub shmem_bytes: u64,
+    /// `/sys/kernel/mm/transparent_hugepage/enabled`'s selected mode (`always`, `madvise`, ...).
+    pub anon_mode: String,
+    /// `.../shmem_enabled`'s selected mode (`advise`, `never`, ...).
+    pub shmem_mode: String,
+}
+
+impl HugePageUse {
+    /// Now, from `/proc/self/smaps_rollup` and `/sys`; `None` where they cannot be read (not
+    /// Linux).
+    pub fn now() -> Option<HugePageUse> {
+        let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+        let kib = |key: &str| {
+            rollup
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+                .map(|k| k * 1024)
+        };
+        let mode = |file: &str| {
+            std::fs::read_to_string(format!("/sys/kernel/mm/transparent_hugepage/{file}"))
+                .ok()
+                .and_then(|s| selected_mode(&s))
+                .unwrap_or_else(|| "unknown".into())
+        };
+        Some(HugePageUse {
+            anon_bytes: kib("AnonHugePages:")?,
+            shmem_bytes: kib("ShmemPmdMapped:").unwrap_or(0),
+            anon_mode: mode("enabled"),
+            shmem_mode: mode("shmem_enabled"),
+        })
+    }
+}
+
+/// The bracketed choice of a `/sys` setting (`always [madvise] never` → `madvise`).
+fn selected_mode(setting: &str) -> Option<String> {
+    let start = setting.find('[')? + 1;
+    let len = setting[start..].find(']')?;
+    Some(setting[start..start + len].to_string())
+}
+
+impl std::fmt::Display for HugePageUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} MiB anonymous (THP {}), {} MiB shared memory (shmem THP {})",
+            self.anon_bytes >> 20,
+            self.anon_mode,
+            self.shmem_bytes >> 20,
+            self.shmem_mode
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,6 +285,20 @@ mod tests {
         assert!(b.iter().all(|&x| x == 2), "populating keeps the contents");
         let c = a.clone();
         assert!(c.iter().all(|&x| x == 1) && c.len() == 1000);
+    }
+
+    #[test]
+    fn settings_and_use_are_read() {
+        assert_eq!(
+            selected_mode("always [madvise] never\n").as_deref(),
+            Some("madvise")
+        );
+        assert_eq!(selected_mode("never").as_deref(), None);
+        #[cfg(target_os = "linux")]
+        {
+            let now = HugePageUse::now().expect("Linux has smaps_rollup");
+            assert!(!now.anon_mode.is_empty() && !now.shmem_mode.is_empty());
+        }
     }
 
     #[test]
