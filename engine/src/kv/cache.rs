@@ -146,33 +146,22 @@ fn unknown(seq: SeqId) -> KvError {
     }
 }
 
-/// KV storage that attention writes through raw pointers while the cache is shared: zeroed,
-/// cache-line aligned (f32 and f16 elements are aligned), in huge-page memory (a decode step
-/// reads tens of MB of it; see [`HugeBuffer`]), faulted in at creation (vLLM allocates its KV cache up front for the same reason: the budget
-/// is memory the server holds, not memory a later request may fail to get).
-struct Pool(HugeBuffer);
-
-impl Pool {
-    fn new(bytes: usize) -> Self {
-        let mut pool = HugeBuffer::zeroed(bytes);
-        pool.populate();
-        Pool(pool)
-    }
-
-    fn ptr(&self) -> *mut u8 {
-        self.0.as_mut_ptr()
-    }
-}
-
 /// The paged KV cache: per layer a K and a V pool of `num_blocks × block_size` tokens, each block
 /// `[kv_head][token][head_dim]`.
+///
+/// The pools are one [`HugeBuffer`] (huge pages: a decode step reads tens of MB of it; one
+/// buffer, so only its last huge page is partly unused), faulted in at creation — vLLM allocates
+/// its KV cache up front for the same reason: the budget is memory the server holds, not memory a
+/// later request may fail to get — and written by attention through raw pointers while the cache
+/// is shared.
 pub struct PagedKv {
     dims: KvDims,
     dtype: KvDtype,
     alloc: BlockAllocator,
     tables: HashMap<SeqId, BlockTable>,
-    k: Vec<Pool>,
-    v: Vec<Pool>,
+    /// Layer `l`'s K pool at `2l · pool_bytes`, its V pool at `(2l + 1) · pool_bytes`.
+    pools: HugeBuffer,
+    pool_bytes: usize,
 }
 
 impl PagedKv {
@@ -189,14 +178,19 @@ impl PagedKv {
         block_size: usize,
     ) -> Result<Self, KvError> {
         let alloc = BlockAllocator::new(num_blocks, block_size)?;
-        let pool = num_blocks * block_size * dims.num_kv_heads * dims.head_dim * dtype.bytes();
+        // Cache-line aligned pools (f32 and f16 elements are then aligned).
+        let pool_bytes =
+            (num_blocks * block_size * dims.num_kv_heads * dims.head_dim * dtype.bytes())
+                .next_multiple_of(64);
+        let mut pools = HugeBuffer::zeroed(2 * dims.num_layers * pool_bytes);
+        pools.populate();
         Ok(PagedKv {
             dims,
             dtype,
             alloc,
             tables: HashMap::new(),
-            k: (0..dims.num_layers).map(|_| Pool::new(pool)).collect(),
-            v: (0..dims.num_layers).map(|_| Pool::new(pool)).collect(),
+            pools,
+            pool_bytes,
         })
     }
 
@@ -296,8 +290,14 @@ impl KvCache for PagedKv {
         // faster (`attention_timings` in the kernels crate).
         let (bs, hd) = (self.alloc.block_size(), self.dims.head_dim);
         Ok(KvRef::Paged {
-            k_pool: self.k[layer].ptr(),
-            v_pool: self.v[layer].ptr(),
+            k_pool: self
+                .pools
+                .as_mut_ptr()
+                .wrapping_add(2 * layer * self.pool_bytes),
+            v_pool: self
+                .pools
+                .as_mut_ptr()
+                .wrapping_add((2 * layer + 1) * self.pool_bytes),
             dtype: self.dtype,
             blocks: table.blocks(),
             block_size: bs,

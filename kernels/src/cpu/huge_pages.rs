@@ -22,6 +22,8 @@
 use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, Weak};
 
+use rayon::prelude::*;
+
 /// The huge page size advised for (x86-64 and most aarch64 kernels).
 const HUGE_PAGE: usize = 2 << 20;
 /// Smallest slab: room for a small model's matrices in one, so they share huge pages.
@@ -141,14 +143,17 @@ impl HugeBuffer {
     /// engine has promised, and its first-touch faults (a 2 MiB page zeroed each) would land
     /// inside a timed prefill.
     pub fn populate(&mut self) {
-        for at in (0..self.len).step_by(4096) {
-            // SAFETY: inside this buffer, which `&mut self` holds exclusively; the byte is
-            // written back as it was read (a write, so the page is faulted in writable).
-            unsafe {
-                let byte = self.ptr.add(at);
-                byte.write_volatile(byte.read_volatile());
+        // The kernel zeroes each page as it faults in: on every core at once.
+        self.par_chunks_mut(HUGE_PAGE).for_each(|chunk| {
+            for at in (0..chunk.len()).step_by(4096) {
+                // SAFETY: inside this buffer, which `&mut self` holds exclusively; the byte is
+                // written back as it was read (a write, so the page is faulted in writable).
+                unsafe {
+                    let byte = chunk.as_mut_ptr().add(at);
+                    byte.write_volatile(byte.read_volatile());
+                }
             }
-        }
+        });
     }
 
     /// The first byte, for writers that share the buffer (a KV pool written by attention
