@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, MutexGuard};
 
-use vkv_kernels::cpu::{HugeBuffer, KvDtype, KvRef};
+use vkv_kernels::cpu::{self, HugeBuffer, KvDtype, KvRef};
 use vkv_vmm::{
     HostVmm, KvLayout, KvSpace, KvSpaceConfig, LayerView, Mapper, MapperOptions, MapperStats,
     PhysicalMemory, SlotId, VmmError,
@@ -182,7 +182,18 @@ impl PagedKv {
         let pool_bytes =
             (num_blocks * block_size * dims.num_kv_heads * dims.head_dim * dtype.bytes())
                 .next_multiple_of(64);
-        let mut pools = HugeBuffer::zeroed(2 * dims.num_layers * pool_bytes);
+        let bytes = 2 * dims.num_layers * pool_bytes;
+        // Faulting in more than the host has would end in the OOM killer, not an error.
+        if let Some(available) = cpu::available_bytes().filter(|&a| bytes as u64 > a) {
+            return Err(KvError::OutOfMemory {
+                detail: format!(
+                    "the paged KV pools need {} MiB but the host has {} MiB available; lower --kv-memory",
+                    bytes >> 20,
+                    available >> 20
+                ),
+            });
+        }
+        let mut pools = HugeBuffer::zeroed(bytes);
         pools.populate();
         Ok(PagedKv {
             dims,
@@ -766,6 +777,26 @@ mod tests {
         all.extend(caches_of(KvDtype::F16));
         all.extend(caches_of(KvDtype::Fp8));
         all
+    }
+
+    #[test]
+    fn paged_pools_larger_than_the_host_are_an_error_not_the_oom_killer() {
+        // Llama-3-8B-like: 2 MiB of f16 K and V per 16-token block over its 32 layers.
+        let dims = KvDims {
+            num_layers: 32,
+            num_kv_heads: 8,
+            head_dim: 128,
+        };
+        let available = cpu::available_bytes().expect("Linux reports MemAvailable");
+        let blocks = (2 * available / (2 << 20)) as usize;
+        let err = PagedKv::with_dtype(dims, KvDtype::F16, blocks, 16)
+            .err()
+            .expect("twice the host's memory");
+        let message = err.to_string();
+        assert!(
+            matches!(err, KvError::OutOfMemory { .. }) && message.contains("--kv-memory"),
+            "{message}"
+        );
     }
 
     #[test]

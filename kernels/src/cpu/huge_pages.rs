@@ -245,6 +245,20 @@ impl HugePageUse {
     }
 }
 
+/// Memory the host can still give this process without swapping (`MemAvailable` in
+/// `/proc/meminfo`), to refuse a buffer that cannot be faulted in before the kernel's OOM killer
+/// decides; `None` where it cannot be read.
+pub fn available_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = info.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
+    kib.trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(|k| k * 1024)
+}
+
 /// The bracketed choice of a `/sys` setting (`always [madvise] never` → `madvise`).
 fn selected_mode(setting: &str) -> Option<String> {
     let start = setting.find('[')? + 1;
@@ -303,6 +317,7 @@ mod tests {
         {
             let now = HugePageUse::now().expect("Linux has smaps_rollup");
             assert!(!now.anon_mode.is_empty() && !now.shmem_mode.is_empty());
+            assert!(available_bytes().expect("Linux has MemAvailable") > 0);
         }
     }
 

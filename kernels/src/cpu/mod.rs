@@ -21,7 +21,7 @@ pub use attention::{
     attention, attention_group, attention_rows, kv_append, Heads, KvDtype, KvRef, QueryRows,
 };
 
-pub use huge_pages::{HugeBuffer, HugePageUse};
+pub use huge_pages::{available_bytes, HugeBuffer, HugePageUse};
 pub use quant::{
     matmul_w, matmul_w_int8, matmul_w_int8_split, matmul_w_rowwise, split_columns, Activations,
     Weight, BLOCK,
