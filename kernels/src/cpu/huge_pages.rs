@@ -217,19 +217,6 @@ impl HugePageUse {
     /// Linux).
     pub fn now() -> Option<HugePageUse> {
         let rollup = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
-        let kib = |key: &str| {
-            rollup
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|rest| {
-                    rest.trim()
-                        .trim_end_matches("kB")
-                        .trim()
-                        .parse::<u64>()
-                        .ok()
-                })
-                .map(|k| k * 1024)
-        };
         let mode = |file: &str| {
             std::fs::read_to_string(format!("/sys/kernel/mm/transparent_hugepage/{file}"))
                 .ok()
@@ -237,8 +224,8 @@ impl HugePageUse {
                 .unwrap_or_else(|| "unknown".into())
         };
         Some(HugePageUse {
-            anon_bytes: kib("AnonHugePages:")?,
-            shmem_bytes: kib("ShmemPmdMapped:").unwrap_or(0),
+            anon_bytes: kib_field(&rollup, "AnonHugePages:")?,
+            shmem_bytes: kib_field(&rollup, "ShmemPmdMapped:").unwrap_or(0),
             anon_mode: mode("enabled"),
             shmem_mode: mode("shmem_enabled"),
         })
@@ -249,14 +236,22 @@ impl HugePageUse {
 /// `/proc/meminfo`), to refuse a buffer that cannot be faulted in before the kernel's OOM killer
 /// decides; `None` where it cannot be read.
 pub fn available_bytes() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib = info.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
-    kib.trim()
+    kib_field(
+        &std::fs::read_to_string("/proc/meminfo").ok()?,
+        "MemAvailable:",
+    )
+}
+
+/// The value of a `/proc` line `key   N kB`, in bytes.
+fn kib_field(text: &str, key: &str) -> Option<u64> {
+    let kib = text.lines().find_map(|l| l.strip_prefix(key))?;
+    let kib = kib
+        .trim()
         .trim_end_matches("kB")
         .trim()
         .parse::<u64>()
-        .ok()
-        .map(|k| k * 1024)
+        .ok()?;
+    Some(kib * 1024)
 }
 
 /// The bracketed choice of a `/sys` setting (`always [madvise] never` → `madvise`).
