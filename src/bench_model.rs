@@ -197,7 +197,9 @@ mod gpu {
     use std::time::Instant;
 
     use anyhow::{bail, Context, Result};
-    use vkv_engine::model::cuda::{CudaLlama, GpuKv, GpuKvDims};
+    use vkv_engine::kv::{GpuKv, KvManager};
+    use vkv_engine::model::cuda::CudaLlama;
+    use vkv_engine::model::reserve_batch;
     use vkv_engine::model::{LlamaConfig, SeqChunk};
     use vkv_kernels::cuda::cudarc::driver::result;
     use vkv_kernels::cuda::{
@@ -346,8 +348,8 @@ mod gpu {
         let ctx = vmm.context().clone();
         let mut model = CudaLlama::random_on_device(&ctx, config.clone(), 1)?;
         let copy = copy_bandwidth(&model)?;
-        let dims = GpuKvDims::of(&config);
-        let token_bytes = 2 * dims.num_layers * dims.num_kv_heads * dims.head_dim * 2;
+        let dims = config.kv_dims();
+        let token_bytes = dims.bytes_per_token_of(2);
         let modes: Vec<&'static str> = match args.kv_mode {
             KvChoice::Paged => vec!["paged"],
             KvChoice::Vmm => vec!["vmm"],
@@ -381,15 +383,14 @@ mod gpu {
                 let per_call = (args.prefill_rows / args.context).max(1);
                 // Warm-up (cuBLAS heuristics, first launches), then freed.
                 let warm = 1u64 << 40;
-                model.forward_greedy(
-                    &[SeqChunk {
-                        seq: warm,
-                        tokens: &prompt[..prompt.len().min(64)],
-                        start: 0,
-                        all_logits: false,
-                    }],
-                    &mut kv,
-                )?;
+                let warm_chunk = [SeqChunk {
+                    seq: warm,
+                    tokens: &prompt[..prompt.len().min(64)],
+                    start: 0,
+                    all_logits: false,
+                }];
+                reserve_batch(&mut kv, &warm_chunk)?;
+                model.forward_greedy(&warm_chunk, &kv)?;
                 kv.free(warm)?;
                 let mut next = vec![0u32; batch];
                 let mut prefill_s = Vec::new();
@@ -410,7 +411,9 @@ mod gpu {
                                 all_logits: false,
                             })
                             .collect();
-                        let ids = model.forward_greedy(&chunks, &mut kv)?;
+                        // Reserved inside the timed region, as the scheduler does every step.
+                        reserve_batch(&mut kv, &chunks)?;
+                        let ids = model.forward_greedy(&chunks, &kv)?;
                         next[first..first + ids.len()].copy_from_slice(&ids);
                     }
                     prefill_s.push(t.elapsed().as_secs_f64());
@@ -444,7 +447,8 @@ mod gpu {
                         .collect();
                     model.synchronize()?;
                     let t = Instant::now();
-                    next = model.forward_greedy(&chunks, &mut kv)?;
+                    reserve_batch(&mut kv, &chunks)?;
+                    next = model.forward_greedy(&chunks, &kv)?;
                     let ms = t.elapsed().as_secs_f64() * 1e3;
                     match (step >= 6, graphs) {
                         (false, _) => {}

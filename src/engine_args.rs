@@ -65,13 +65,11 @@ pub struct KvArgs {
     pub kv_cache_dtype: KvDtypeArg,
 }
 
-/// The CPU's KV budget when `--kv-memory` is not given.
-pub const CPU_KV_MEMORY: usize = 1 << 30;
-
 impl KvArgs {
     /// `--kv-memory`, or the CPU's default.
     pub fn host_kv_memory(&self) -> usize {
-        self.kv_memory.unwrap_or(CPU_KV_MEMORY)
+        self.kv_memory
+            .unwrap_or(vkv_engine::device::DEFAULT_CPU_KV_MEMORY)
     }
 
     /// `--kv-cache-dtype`.
@@ -191,11 +189,7 @@ impl EngineArgs {
             gpu_memory_utilization: self.gpu_memory_utilization,
             kv_mode,
             kv_cache_dtype: self.kv.kv_cache_dtype(),
-            kv_memory: match device {
-                Device::Cpu => self.kv.host_kv_memory(),
-                // 0: sized from --gpu-memory-utilization.
-                Device::Cuda => self.kv.kv_memory.unwrap_or(0),
-            },
+            kv_memory: self.kv.kv_memory,
             max_num_seqs: self.max_num_seqs,
             max_num_batched_tokens: self.max_num_batched_tokens,
             max_model_len: self.max_model_len,

@@ -56,7 +56,7 @@ fn engine_of(
 fn config(mode: KvMode, kv_memory: usize, max_num_batched_tokens: usize) -> EngineConfig {
     EngineConfig {
         kv_mode: mode,
-        kv_memory,
+        kv_memory: Some(kv_memory),
         max_num_seqs: 64,
         max_num_batched_tokens,
         max_model_len: Some(2048),

@@ -31,6 +31,7 @@ use vkv_engine::engine::{
 use vkv_engine::generate::FinishReason;
 use vkv_engine::kv::KvMode;
 use vkv_engine::sampler::SamplingParams;
+use vkv_kernels::cpu::Activations;
 use vkv_vmm::KvLayout;
 
 static GPU: Mutex<()> = Mutex::new(());
@@ -63,12 +64,30 @@ fn engine_len(
     max_num_batched_tokens: usize,
     max_model_len: usize,
 ) -> Engine {
-    Engine::start(
+    engine_of(
         common::smollm2(),
+        device,
+        mode,
+        kv_memory,
+        max_num_batched_tokens,
+        max_model_len,
+    )
+}
+
+fn engine_of(
+    model: vkv_engine::generate::LoadedModel,
+    device: Device,
+    mode: KvMode,
+    kv_memory: usize,
+    max_num_batched_tokens: usize,
+    max_model_len: usize,
+) -> Engine {
+    Engine::start(
+        model,
         EngineConfig {
             device,
             kv_mode: mode,
-            kv_memory,
+            kv_memory: (kv_memory > 0).then_some(kv_memory),
             max_num_seqs: 64,
             max_num_batched_tokens,
             max_model_len: Some(max_model_len),
@@ -163,8 +182,13 @@ fn concurrent_greedy_requests_match_each_alone_and_start_as_on_the_cpu() {
         &first_tokens_gpu[0],
         &first_tokens_gpu[2],
     );
-    // The CPU device (f32, quantized weights) against the GPU (bf16): the first 4 tokens.
-    let cpu = engine(Device::Cpu, PAGED, 256 << 20, 2048);
+    // The CPU device's f32 path (quantized weights, f32 activations: the reference of
+    // tests/model_reference.rs) against the GPU (bf16): the first 4 tokens. The CPU's default
+    // 8-bit activations round differently from both (its own tolerance is tested against
+    // llama.cpp there), so they are not the reference here.
+    let mut f32_model = common::smollm2();
+    f32_model.model.set_activations(Activations::F32);
+    let cpu = engine_of(f32_model, Device::Cpu, PAGED, 256 << 20, 2048, 1024);
     let prompts = prompts(&cpu, 20);
     let head = |v: &[Vec<u32>]| v.iter().map(|t| t[..4].to_vec()).collect::<Vec<_>>();
     let on_cpu: Vec<Vec<u32>> = prompts

@@ -26,8 +26,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::gpu;
-use vkv_engine::kv::{KvDims, PagedKv};
-use vkv_engine::model::cuda::{CudaLlama, GpuKv, GpuKvDims};
+use common::step::{CpuStep, GpuStep};
+use vkv_engine::kv::{GpuKv, KvManager, PagedKv};
+use vkv_engine::model::cuda::CudaLlama;
 use vkv_engine::model::{Llama, SeqChunk};
 use vkv_vmm::{CudaVmm, KvLayout};
 
@@ -152,16 +153,7 @@ fn top1_ok(r: &[f32], token: usize, slack: f32) -> bool {
 
 fn cpu_kv(m: &Llama) -> PagedKv {
     let c = &m.config;
-    PagedKv::new(
-        KvDims {
-            num_layers: c.num_layers,
-            num_kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-        },
-        256,
-        16,
-    )
-    .unwrap()
+    PagedKv::new(c.kv_dims(), 256, 16).unwrap()
 }
 
 fn prefill_all<'a>(prompts: &'a [Vec<u32>]) -> Vec<SeqChunk<'a>> {
@@ -256,9 +248,7 @@ fn cpu_f32_forward_matches_transformers_f32() {
         let vocab = case.r.vocab_size;
         assert_eq!(model.config.vocab_size, vocab);
         let mut kv = cpu_kv(&model);
-        let out = model
-            .forward(&prefill_all(&case.r.prompts), &mut kv)
-            .unwrap();
+        let out = model.step(&prefill_all(&case.r.prompts), &mut kv).unwrap();
         let mut worst = RowErr::default();
         for (i, logits) in out.iter().enumerate() {
             let reference = case.logits("f32", i);
@@ -287,7 +277,7 @@ fn cpu_f32_forward_matches_transformers_f32() {
         let mut kv = cpu_kv(&model);
         let g = greedy(
             &case.r.prompts,
-            |b| model_ref.forward(b, &mut kv).unwrap(),
+            |b| model_ref.step(b, &mut kv).unwrap(),
             vocab,
         );
         let mut ties = 0;
@@ -321,7 +311,7 @@ enum Mode {
 }
 
 fn gpu_kv(vmm: &Arc<CudaVmm>, m: &Llama, mode: Mode) -> GpuKv {
-    let dims = GpuKvDims::of(&m.config);
+    let dims = m.config.kv_dims();
     match mode {
         Mode::Paged => GpuKv::paged(vmm.context(), dims, 256, 16).unwrap(),
         Mode::Vmm(layout) => GpuKv::vmm(vmm.clone(), dims, layout, 8, 512, 2 << 20, 128).unwrap(),
@@ -338,11 +328,7 @@ fn cuda_bf16_forward_matches_transformers_in_paged_and_vmm_modes() {
         let mut gpu = CudaLlama::from_cpu(vmm.context(), &cpu).unwrap();
         // The CPU device's greedy tokens, the yardstick of the GPU's.
         let mut ckv = cpu_kv(&cpu);
-        let cpu_greedy = greedy(
-            &case.r.prompts,
-            |b| cpu.forward(b, &mut ckv).unwrap(),
-            vocab,
-        );
+        let cpu_greedy = greedy(&case.r.prompts, |b| cpu.step(b, &mut ckv).unwrap(), vocab);
         // transformers' own bf16 error against its f32, the yardstick of vkv's.
         let (mut hf_num, mut hf_den) = (0f64, 0f64);
         for i in 0..case.r.prompts.len() {
@@ -362,7 +348,7 @@ fn cuda_bf16_forward_matches_transformers_in_paged_and_vmm_modes() {
         ] {
             let what = format!("{} {mode:?}", case.name);
             let mut kv = gpu_kv(&vmm, &cpu, mode);
-            let out = gpu.forward(&prefill_all(&case.r.prompts), &mut kv).unwrap();
+            let out = gpu.step(&prefill_all(&case.r.prompts), &mut kv).unwrap();
             let (mut num, mut den) = (0f64, 0f64);
             let mut worst = RowErr::default();
             let (mut rows, mut flips) = (0, 0);
@@ -420,7 +406,7 @@ fn cuda_bf16_forward_matches_transformers_in_paged_and_vmm_modes() {
                 .unwrap();
             let cut = 120.min(p.len() - 1);
             let a = gpu
-                .forward(
+                .step(
                     &[SeqChunk {
                         seq: 9,
                         tokens: &p[..cut],
@@ -431,7 +417,7 @@ fn cuda_bf16_forward_matches_transformers_in_paged_and_vmm_modes() {
                 )
                 .unwrap();
             let b = gpu
-                .forward(
+                .step(
                     &[SeqChunk {
                         seq: 9,
                         tokens: &p[cut..],
@@ -449,7 +435,7 @@ fn cuda_bf16_forward_matches_transformers_in_paged_and_vmm_modes() {
             }
             kv.free(9).unwrap();
             // Greedy on the GPU, all prompts decoding together, against the CPU device's.
-            let g = greedy(&case.r.prompts, |b| gpu.forward(b, &mut kv).unwrap(), vocab);
+            let g = greedy(&case.r.prompts, |b| gpu.step(b, &mut kv).unwrap(), vocab);
             let mut ties = 0;
             for (s, (tokens, _)) in g.iter().enumerate() {
                 let (want, want_logits) = &cpu_greedy[s];

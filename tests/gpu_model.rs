@@ -22,10 +22,11 @@ mod common;
 use std::sync::Arc;
 
 use common::gpu;
+use common::step::{CpuStep, GpuStep};
 use vkv_engine::device::Next;
-use vkv_engine::kv::{KvDims, PagedKv};
-use vkv_engine::model::cuda::{CudaLlama, CudaModelError, GpuKv, GpuKvDims};
-use vkv_engine::model::{Llama, LlamaConfig, SeqChunk};
+use vkv_engine::kv::{GpuKv, KvError, KvManager, PagedKv};
+use vkv_engine::model::cuda::{CudaLlama, CudaModelError};
+use vkv_engine::model::{reserve_batch, Llama, LlamaConfig, ModelError, SeqChunk};
 use vkv_kernels::cpu::{Llama3RopeScaling, RopeStyle};
 use vkv_vmm::{CudaVmm, KvLayout};
 
@@ -63,7 +64,7 @@ enum Mode {
 }
 
 fn gpu_kv(vmm: &Arc<CudaVmm>, c: &LlamaConfig, mode: Mode) -> GpuKv {
-    let dims = GpuKvDims::of(c);
+    let dims = c.kv_dims();
     match mode {
         Mode::Paged => GpuKv::paged(vmm.context(), dims, 64, 16).unwrap(),
         Mode::Vmm(layout) => GpuKv::vmm(vmm.clone(), dims, layout, 6, 512, PAGE, 64).unwrap(),
@@ -123,16 +124,7 @@ fn decode_chunks<'a>(t: &'a [[u32; 1]], at: &[usize; 3]) -> Vec<SeqChunk<'a>> {
 /// Run the schedule on both devices; returns the worst relative error.
 fn compare(vmm: &Arc<CudaVmm>, cpu: &Llama, gpu: &mut CudaLlama, mode: Mode) -> f32 {
     let c = &cpu.config;
-    let mut ckv = PagedKv::new(
-        KvDims {
-            num_layers: c.num_layers,
-            num_kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-        },
-        64,
-        16,
-    )
-    .unwrap();
+    let mut ckv = PagedKv::new(c.kv_dims(), 64, 16).unwrap();
     let mut gkv = gpu_kv(vmm, c, mode);
     let prompts = [
         prompt(1, 37, c.vocab_size),
@@ -176,8 +168,8 @@ fn compare(vmm: &Arc<CudaVmm>, cpu: &Llama, gpu: &mut CudaLlama, mode: Mode) -> 
             all_logits: false,
         },
     ];
-    let cl = cpu.forward(&step1, &mut ckv).unwrap();
-    let gl = gpu.forward(&step1, &mut gkv).unwrap();
+    let cl = cpu.step(&step1, &mut ckv).unwrap();
+    let gl = gpu.step(&step1, &mut gkv).unwrap();
     check(&cl, &gl, "prefill");
     assert_eq!(gl[0].len(), 37 * c.vocab_size);
     // Greedy tokens: the GPU's argmax must be the CPU's, unless the CPU's own top two are within
@@ -211,8 +203,8 @@ fn compare(vmm: &Arc<CudaVmm>, cpu: &Llama, gpu: &mut CudaLlama, mode: Mode) -> 
         (1, prompts[1][40..].to_vec(), 40),
         (2, vec![next[2]], 5),
     ];
-    let cl = cpu.forward(&chunks(&m), &mut ckv).unwrap();
-    let gl = gpu.forward(&chunks(&m), &mut gkv).unwrap();
+    let cl = cpu.step(&chunks(&m), &mut ckv).unwrap();
+    let gl = gpu.step(&chunks(&m), &mut gkv).unwrap();
     check(&cl, &gl, "mixed");
     for i in 0..3 {
         next[i] = agree(&cl[i], argmax(&gl[i]), "mixed");
@@ -222,15 +214,14 @@ fn compare(vmm: &Arc<CudaVmm>, cpu: &Llama, gpu: &mut CudaLlama, mode: Mode) -> 
     // Decode steps: every chunk one token (the decode kernel).
     for step in 0..12 {
         let t: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-        let cl = cpu.forward(&decode_chunks(&t, &at), &mut ckv).unwrap();
+        let cl = cpu.step(&decode_chunks(&t, &at), &mut ckv).unwrap();
         let gpu_tokens: Vec<u32> = if step % 2 == 0 {
-            let gl = gpu.forward(&decode_chunks(&t, &at), &mut gkv).unwrap();
+            let gl = gpu.step(&decode_chunks(&t, &at), &mut gkv).unwrap();
             check(&cl, &gl, "decode");
             gl.iter().map(|r| argmax(r)).collect()
         } else {
             // The device argmax path.
-            gpu.forward_greedy(&decode_chunks(&t, &at), &mut gkv)
-                .unwrap()
+            gpu.step_greedy(&decode_chunks(&t, &at), &mut gkv).unwrap()
         };
         for i in 0..3 {
             next[i] = agree(&cl[i], gpu_tokens[i], "decode");
@@ -289,6 +280,7 @@ fn decode_logits(
             all_logits: false,
         })
         .collect();
+    reserve_batch(kv, &batch).unwrap();
     gpu.launch_next(&batch, kv, &vec![true; batch.len()])
         .unwrap();
     gpu.finish_next()
@@ -326,7 +318,7 @@ fn gpu_decode_graphs_match_kernel_by_kernel_steps() {
             let prompts: Vec<(u64, Vec<u32>, usize)> = (0..5u64)
                 .map(|s| (s, prompt(s + 40, 9 + 13 * s as usize, c.vocab_size), 0))
                 .collect();
-            gpu.forward(&chunks(&prompts[..3]), &mut kv).unwrap();
+            gpu.step(&chunks(&prompts[..3]), &mut kv).unwrap();
             let mut at: Vec<usize> = prompts.iter().map(|p| p.1.len()).collect();
             let mut step = 0;
             let mut decode =
@@ -347,7 +339,7 @@ fn gpu_decode_graphs_match_kernel_by_kernel_steps() {
             let long: Vec<(u64, Vec<u32>, usize)> = (3..5u64)
                 .map(|s| (s, prompt(s + 90, 120, c.vocab_size), 0))
                 .collect();
-            gpu.forward(&chunks(&long), &mut kv).unwrap();
+            gpu.step(&chunks(&long), &mut kv).unwrap();
             at[3] = 120;
             at[4] = 120;
             for _ in 0..3 {
@@ -400,34 +392,43 @@ fn gpu_llama_refuses_bad_batches_and_a_full_pool_with_errors() {
     let Some(vmm) = gpu() else { return };
     let cpu = Llama::random(config(RopeStyle::Half, false), 3).unwrap();
     let mut gpu = CudaLlama::from_cpu(vmm.context(), &cpu).unwrap();
-    let mut kv = GpuKv::paged(vmm.context(), GpuKvDims::of(&cpu.config), 2, 16).unwrap();
+    let mut kv = GpuKv::paged(vmm.context(), cpu.config.kv_dims(), 2, 16).unwrap();
     let chunk = |seq, tokens: &'static [u32], start| SeqChunk {
         seq,
         tokens,
         start,
         all_logits: false,
     };
-    let e = gpu.forward(&[chunk(0, &[1000], 0)], &mut kv).unwrap_err();
+    let e = gpu.step(&[chunk(0, &[1000], 0)], &mut kv).unwrap_err();
     assert!(matches!(e, CudaModelError::Batch(_)), "{e}");
-    let e = gpu.forward(&[chunk(0, &[1], 5)], &mut kv).unwrap_err();
+    let e = gpu.step(&[chunk(0, &[1], 5)], &mut kv).unwrap_err();
     assert!(e.to_string().contains("starts at 5"), "{e}");
     let long: &'static [u32] = Box::leak(vec![7u32; 40].into_boxed_slice());
-    let e = gpu.forward(&[chunk(0, long, 0)], &mut kv).unwrap_err();
-    assert!(matches!(e, CudaModelError::OutOfBlocks { .. }), "{e}");
+    let e = gpu.step(&[chunk(0, long, 0)], &mut kv).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            CudaModelError::Model(ModelError::Kv(KvError::OutOfMemory { .. }))
+        ),
+        "{e}"
+    );
     assert_eq!(
-        kv.len(0),
+        kv.reserved(0),
         None,
         "a failed reserve must not leave the sequence behind"
     );
+    // The pass itself never reserves: a batch whose tokens are not reserved is refused.
+    let e = gpu.forward(&[chunk(0, &[1], 0)], &kv).unwrap_err();
+    assert!(e.to_string().contains("reserve"), "{e}");
     // The pool still serves what fits.
     let ok: &'static [u32] = Box::leak(vec![7u32; 32].into_boxed_slice());
-    let out = gpu.forward(&[chunk(0, ok, 0)], &mut kv).unwrap();
+    let out = gpu.step(&[chunk(0, ok, 0)], &mut kv).unwrap();
     assert!(out[0].iter().all(|x| x.is_finite()));
     // Wrong-shaped cache.
-    let mut dims = GpuKvDims::of(&cpu.config);
+    let mut dims = cpu.config.kv_dims();
     dims.num_layers += 1;
     let mut wrong = GpuKv::paged(vmm.context(), dims, 4, 16).unwrap();
-    let e = gpu.forward(&[chunk(1, &[1], 0)], &mut wrong).unwrap_err();
+    let e = gpu.step(&[chunk(1, &[1], 0)], &mut wrong).unwrap_err();
     assert!(e.to_string().contains("does not fit"), "{e}");
 }
 
@@ -544,7 +545,7 @@ fn gpu_llama_dump_for_transformers() {
     let mut kv = gpu_kv(&vmm, &c, Mode::Vmm(KvLayout::TokenMajor));
     // Two chunks (60 + 40), every logit.
     let a = gpu
-        .forward(
+        .step(
             &[SeqChunk {
                 seq: 0,
                 tokens: &tokens[..60],
@@ -555,7 +556,7 @@ fn gpu_llama_dump_for_transformers() {
         )
         .unwrap();
     let b = gpu
-        .forward(
+        .step(
             &[SeqChunk {
                 seq: 0,
                 tokens: &tokens[60..],

@@ -120,7 +120,7 @@ fn check(
             let mut kv = mode.build(dims, dtype, 1, 1024, 256 << 20).unwrap();
             let logits = m
                 .model
-                .forward(
+                .step(
                     &[SeqChunk {
                         seq: 0,
                         tokens: &ids,
@@ -158,7 +158,7 @@ fn check(
                 let next = [*greedy.last().unwrap()];
                 let out = m
                     .model
-                    .forward(
+                    .step(
                         &[SeqChunk {
                             seq: 0,
                             tokens: &next,
@@ -244,7 +244,7 @@ fn int8_activations_keep_the_f32_paths_top_token_and_logits_within_noise() {
                 start: 0,
                 all_logits: false,
             };
-            m.model.forward(&[chunk], kv.as_mut()).unwrap().remove(0)
+            m.model.step(&[chunk], kv.as_mut()).unwrap().remove(0)
         };
         let (lf, lq) = (logits(&f), logits(&q));
         assert_eq!(

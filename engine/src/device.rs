@@ -5,15 +5,20 @@
 //!
 //! - [`Device::Cpu`]: the f32 [`crate::model::Llama`] with a CPU [`crate::kv::KvCache`]
 //!   (`PagedKv` or `VmmKv`); it returns logits and the engine samples every row.
-//! - [`Device::Cuda`] (feature `cuda`): the bf16 [`crate::model::cuda::CudaLlama`] with its
-//!   [`crate::model::cuda::GpuKv`] — paged (one preallocated block pool) or vmm (a `KvSpace` on
-//!   `CudaVmm` with the same `Mapper` books as the CPU's vmm cache, every page created up front).
+//! - [`Device::Cuda`] (feature `cuda`): the bf16 [`crate::model::cuda::CudaLlama`] with a
+//!   [`crate::kv::GpuKv`] — paged (the CPU's block allocator over one device pool) or vmm (a
+//!   `KvSpace` on `CudaVmm` with the same `Mapper` books as the CPU's vmm cache, every page
+//!   created up front).
 //!   Greedy rows are sampled on the device (argmax) and only their ids come back; rows with
 //!   temperature > 0 come back as logits for the CPU sampler.
 //!
-//! KV memory on CUDA (vLLM's `gpu_memory_utilization`): after the weights and every activation
-//! buffer are allocated, the KV cache gets `utilization × total − used` bytes of device memory
-//! (`cuMemGetInfo`), unless `--kv-memory` names a size.
+//! KV memory: `--kv-memory` bytes when given (on the CPU, [`DEFAULT_CPU_KV_MEMORY`] otherwise);
+//! on CUDA without it (vLLM's `gpu_memory_utilization`), after the weights and every activation
+//! buffer are allocated, `utilization × total − used` bytes of device memory (`cuMemGetInfo`).
+//! Either way the bytes become blocks or pages by the one sizing rule, [`KvMode::units_for`].
+//!
+//! The backend only computes: the scheduler reserves every step's KV through [`Backend::kv_mut`]
+//! before [`Backend::launch`], and the forward passes check, never reserve.
 //!
 //! `auto` picks CUDA when the crate was built with the feature and a GPU answers the probe
 //! (`vkv_vmm::probe_cuda`, which never lets cudarc's loader panic), else the CPU.
@@ -22,8 +27,47 @@ use std::sync::Arc;
 
 use crate::engine::EngineConfig;
 use crate::generate::LoadedModel;
-use crate::kv::{KvCache, KvDims, KvManager};
-use crate::model::SeqChunk;
+#[cfg(doc)]
+use crate::kv::KvMode;
+use crate::kv::{KvCache, KvError, KvManager};
+use crate::model::{ModelError, SeqChunk};
+
+/// KV memory of the CPU device when `--kv-memory` is not given.
+pub const DEFAULT_CPU_KV_MEMORY: usize = 1 << 30;
+
+/// Errors of starting or running a device.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("--device cuda: no usable GPU ({0})")]
+    NoGpu(String),
+    #[error("--device cuda: vkv was built without the `cuda` feature")]
+    NotBuilt,
+    #[error("{option}: {detail}")]
+    Option {
+        option: &'static str,
+        detail: String,
+    },
+    #[error("no GPU memory left for the KV cache: {used_gib:.2} GiB of {total_gib:.2} GiB are in use after the weights ({weights_gib:.2} GiB) and activations, and --gpu-memory-utilization {utilization} allows {budget_gib:.2} GiB")]
+    NoMemoryForKv {
+        used_gib: f64,
+        total_gib: f64,
+        weights_gib: f64,
+        utilization: f64,
+        budget_gib: f64,
+    },
+    #[error("KV cache ({bytes} bytes): {source}")]
+    KvCache { bytes: usize, source: KvError },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[cfg(feature = "cuda")]
+    #[error("{what}: {source}")]
+    Cuda {
+        what: &'static str,
+        source: crate::model::cuda::CudaModelError,
+    },
+    #[error("finish without a launched batch")]
+    NothingLaunched,
+}
 
 /// The next token of a chunk, or the logits to sample it from.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,11 +97,11 @@ impl Device {
         }
     }
 
-    /// CUDA, or one line saying why it cannot be used.
-    pub fn cuda() -> Result<Device, String> {
+    /// CUDA, or why it cannot be used.
+    pub fn cuda() -> Result<Device, BackendError> {
         vkv_vmm::probe_cuda()
             .map(|_| Device::Cuda)
-            .map_err(|e| format!("--device cuda: no usable GPU ({e})"))
+            .map_err(|e| BackendError::NoGpu(e.to_string()))
     }
 
     pub fn as_str(self) -> &'static str {
@@ -73,22 +117,22 @@ pub trait Backend: Send {
     /// `cpu`, `cuda (NVIDIA H100 80GB HBM3)`.
     fn device_name(&self) -> String;
     /// Called once on the engine thread before the first step.
-    fn bind_to_thread(&self) -> Result<(), String> {
+    fn bind_to_thread(&self) -> Result<(), BackendError> {
         Ok(())
     }
     fn kv(&self) -> &dyn KvManager;
     fn kv_mut(&mut self) -> &mut dyn KvManager;
-    /// Start one batch (reserving its KV through the cache). A device that computes on its
-    /// own (the GPU) only queues the work, leaving the engine thread free until
+    /// Start one batch, its KV already reserved through [`Backend::kv_mut`]. A device that
+    /// computes on its own (the GPU) only queues the work, leaving the engine thread free until
     /// [`Backend::finish`]; the CPU computes the whole pass here.
-    fn launch(&mut self, batch: &[SeqChunk<'_>], logits_for: &[bool]) -> Result<(), String>;
+    fn launch(&mut self, batch: &[SeqChunk<'_>], logits_for: &[bool]) -> Result<(), BackendError>;
     /// Whether the launched batch is done (so [`Backend::finish`] would not wait).
     fn ready(&self) -> bool {
         true
     }
     /// The launched batch's result, per chunk its [`Next`]: logits where `logits_for[i]`, else
     /// whichever the device gives more cheaply.
-    fn finish(&mut self) -> Result<Vec<Next>, String>;
+    fn finish(&mut self) -> Result<Vec<Next>, BackendError>;
     /// Decode steps replayed from CUDA graphs, and graphs captured (0 where there are none).
     fn graph_counts(&self) -> (u64, u64) {
         (0, 0)
@@ -100,7 +144,7 @@ struct CpuBackend {
     model: Arc<LoadedModel>,
     kv: Box<dyn KvCache>,
     /// The launched batch's result (computed by `launch`).
-    done: Option<Result<Vec<Next>, String>>,
+    done: Option<Result<Vec<Next>, BackendError>>,
 }
 
 impl Backend for CpuBackend {
@@ -116,20 +160,16 @@ impl Backend for CpuBackend {
         self.kv.manager_mut()
     }
 
-    fn launch(&mut self, batch: &[SeqChunk<'_>], _logits_for: &[bool]) -> Result<(), String> {
-        let logits = self
-            .model
-            .model
-            .forward(batch, self.kv.as_mut())
-            .map_err(|e| e.to_string())?;
+    fn launch(&mut self, batch: &[SeqChunk<'_>], _logits_for: &[bool]) -> Result<(), BackendError> {
+        let logits = self.model.model.forward(batch, self.kv.as_ref())?;
         self.done = Some(Ok(logits.into_iter().map(Next::Logits).collect()));
         Ok(())
     }
 
-    fn finish(&mut self) -> Result<Vec<Next>, String> {
+    fn finish(&mut self) -> Result<Vec<Next>, BackendError> {
         self.done
             .take()
-            .unwrap_or_else(|| Err("finish without a launched batch".into()))
+            .unwrap_or(Err(BackendError::NothingLaunched))
     }
 }
 
@@ -138,16 +178,11 @@ pub fn start(
     model: &Arc<LoadedModel>,
     config: &EngineConfig,
     max_model_len: usize,
-) -> Result<Box<dyn Backend>, String> {
-    let c = &model.model.config;
-    let dims = KvDims {
-        num_layers: c.num_layers,
-        num_kv_heads: c.num_kv_heads,
-        head_dim: c.head_dim,
-    };
+) -> Result<Box<dyn Backend>, BackendError> {
     match config.device {
         Device::Cpu => {
-            model.model.cpu().map_err(|e| e.to_string())?;
+            let dims = model.model.cpu()?.config.kv_dims();
+            let bytes = config.kv_memory.unwrap_or(DEFAULT_CPU_KV_MEMORY);
             let kv = config
                 .kv_mode
                 .build(
@@ -155,9 +190,9 @@ pub fn start(
                     config.kv_cache_dtype.cpu(),
                     config.max_num_seqs,
                     max_model_len,
-                    config.kv_memory,
+                    bytes,
                 )
-                .map_err(|e| format!("KV cache: {e}"))?;
+                .map_err(|source| BackendError::KvCache { bytes, source })?;
             Ok(Box::new(CpuBackend {
                 model: model.clone(),
                 kv,
@@ -167,7 +202,7 @@ pub fn start(
         #[cfg(feature = "cuda")]
         Device::Cuda => cuda::start(model, config, max_model_len),
         #[cfg(not(feature = "cuda"))]
-        Device::Cuda => Err("--device cuda: vkv was built without the `cuda` feature".into()),
+        Device::Cuda => Err(BackendError::NotBuilt),
     }
 }
 
@@ -177,14 +212,16 @@ mod cuda {
 
     use vkv_vmm::CudaVmm;
 
-    use super::{Backend, Next};
+    use super::{Backend, BackendError, Next};
     use crate::engine::EngineConfig;
     use crate::generate::LoadedModel;
-    use crate::kv::{KvManager, KvMode};
-    use crate::model::cuda::{CudaLlama, GpuKv, GpuKvDims};
+    use crate::kv::{GpuKv, KvCacheDtype, KvManager};
+    use crate::model::cuda::{CudaLlama, CudaModelError};
     use crate::model::SeqChunk;
 
-    const BF16: usize = 2;
+    fn cuda(what: &'static str) -> impl FnOnce(CudaModelError) -> BackendError {
+        move |source| BackendError::Cuda { what, source }
+    }
 
     pub(super) struct CudaBackend {
         name: String,
@@ -197,8 +234,10 @@ mod cuda {
             self.name.clone()
         }
 
-        fn bind_to_thread(&self) -> Result<(), String> {
-            self.model.bind_to_thread().map_err(|e| e.to_string())
+        fn bind_to_thread(&self) -> Result<(), BackendError> {
+            self.model
+                .bind_to_thread()
+                .map_err(cuda("binding the CUDA context"))
         }
 
         fn kv(&self) -> &dyn KvManager {
@@ -209,18 +248,22 @@ mod cuda {
             &mut self.kv
         }
 
-        fn launch(&mut self, batch: &[SeqChunk<'_>], logits_for: &[bool]) -> Result<(), String> {
+        fn launch(
+            &mut self,
+            batch: &[SeqChunk<'_>],
+            logits_for: &[bool],
+        ) -> Result<(), BackendError> {
             self.model
-                .launch_next(batch, &mut self.kv, logits_for)
-                .map_err(|e| e.to_string())
+                .launch_next(batch, &self.kv, logits_for)
+                .map_err(cuda("launching a step"))
         }
 
         fn ready(&self) -> bool {
             self.model.is_done()
         }
 
-        fn finish(&mut self) -> Result<Vec<Next>, String> {
-            self.model.finish_next().map_err(|e| e.to_string())
+        fn finish(&mut self) -> Result<Vec<Next>, BackendError> {
+            self.model.finish_next().map_err(cuda("finishing a step"))
         }
 
         fn graph_counts(&self) -> (u64, u64) {
@@ -233,85 +276,66 @@ mod cuda {
         loaded: &Arc<LoadedModel>,
         config: &EngineConfig,
         max_model_len: usize,
-    ) -> Result<Box<dyn Backend>, String> {
-        if config.kv_cache_dtype != crate::kv::KvCacheDtype::Auto {
-            return Err(format!(
-                "--kv-cache-dtype {:?}: the CUDA KV cache stores bf16; only auto applies",
-                config.kv_cache_dtype
-            ));
+    ) -> Result<Box<dyn Backend>, BackendError> {
+        if config.kv_cache_dtype != KvCacheDtype::Auto {
+            return Err(BackendError::Option {
+                option: "--kv-cache-dtype",
+                detail: format!(
+                    "{:?}: the CUDA KV cache stores bf16; only auto applies",
+                    config.kv_cache_dtype
+                ),
+            });
         }
-        let probe =
-            vkv_vmm::probe_cuda().map_err(|e| format!("--device cuda: no usable GPU ({e})"))?;
-        let vmm = Arc::new(CudaVmm::new(0).map_err(|e| format!("opening CUDA device 0: {e}"))?);
+        let u = config.gpu_memory_utilization;
+        if !(u > 0.0 && u <= 1.0) {
+            return Err(BackendError::Option {
+                option: "--gpu-memory-utilization",
+                detail: format!("must be in (0, 1], found {u}"),
+            });
+        }
+        let probe = vkv_vmm::probe_cuda().map_err(|e| BackendError::NoGpu(e.to_string()))?;
+        let vmm = Arc::new(CudaVmm::new(0).map_err(|e| BackendError::NoGpu(e.to_string()))?);
         let ctx = vmm.context().clone();
         let weights = &loaded.model;
         let mut model = match weights.device_seed() {
             Some(seed) => CudaLlama::random_on_device(&ctx, weights.config.clone(), seed),
-            None => CudaLlama::from_cpu(&ctx, weights.cpu().map_err(|e| e.to_string())?),
+            None => CudaLlama::from_cpu(&ctx, weights.cpu()?),
         }
-        .map_err(|e| format!("loading the model onto the GPU: {e}"))?;
+        .map_err(cuda("loading the model onto the GPU"))?;
         model.set_cuda_graphs(!config.enforce_eager);
         model
             .preallocate(config.max_num_batched_tokens, config.max_num_seqs)
-            .map_err(|e| format!("allocating activation buffers on the GPU: {e}"))?;
-        let c = &model.config;
-        let dims = GpuKvDims::of(c);
-        let token_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * BF16;
-        let kv_bytes = if config.kv_memory > 0 {
-            config.kv_memory
-        } else {
-            let (free, total) = model.memory_info().map_err(|e| e.to_string())?;
-            let u = config.gpu_memory_utilization;
-            if !(u > 0.0 && u <= 1.0) {
-                return Err(format!(
-                    "--gpu-memory-utilization must be in (0, 1], found {u}"
-                ));
+            .map_err(cuda("allocating activation buffers on the GPU"))?;
+        let bytes = match config.kv_memory {
+            Some(bytes) => bytes,
+            None => {
+                let (free, total) = model
+                    .memory_info()
+                    .map_err(cuda("asking the GPU for its free memory"))?;
+                let budget = (u * total as f64) as usize;
+                let used = total - free;
+                let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+                if budget <= used {
+                    return Err(BackendError::NoMemoryForKv {
+                        used_gib: gib(used),
+                        total_gib: gib(total),
+                        weights_gib: gib(model.weight_bytes()),
+                        utilization: u,
+                        budget_gib: gib(budget),
+                    });
+                }
+                budget - used
             }
-            let budget = (u * total as f64) as usize;
-            let used = total - free;
-            if budget <= used {
-                return Err(format!(
-                    "no GPU memory left for the KV cache: {:.2} GiB of {:.2} GiB are in use after \
-                     the weights ({:.2} GiB) and activations, and --gpu-memory-utilization {u} \
-                     allows {:.2} GiB",
-                    used as f64 / (1u64 << 30) as f64,
-                    total as f64 / (1u64 << 30) as f64,
-                    model.weight_bytes() as f64 / (1u64 << 30) as f64,
-                    budget as f64 / (1u64 << 30) as f64
-                ));
-            }
-            budget - used
         };
-        let kv = match config.kv_mode {
-            KvMode::Paged { block_size } => {
-                let blocks = kv_bytes / (block_size * token_bytes);
-                GpuKv::paged(&ctx, dims, blocks, block_size)
-            }
-            KvMode::Vmm { layout, page_size } => {
-                // No more pages than every slot full could map (slot_stride / page per region).
-                let regions = match layout {
-                    vkv_vmm::KvLayout::PerLayer => 2 * c.num_layers,
-                    vkv_vmm::KvLayout::TokenMajor => 1,
-                };
-                let region_token = token_bytes / regions;
-                let per_slot = regions * (max_model_len * region_token).div_ceil(page_size.max(1));
-                let pages = (kv_bytes / page_size.max(1)).min(config.max_num_seqs * per_slot);
-                GpuKv::vmm(
-                    vmm.clone(),
-                    dims,
-                    layout,
-                    config.max_num_seqs,
-                    max_model_len,
-                    page_size,
-                    pages,
-                )
-                .and_then(|mut kv| {
-                    kv.create_pages_ahead(pages)?;
-                    Ok(kv)
-                })
-            }
-        }
-        .map_err(|e| format!("KV cache on the GPU ({kv_bytes} bytes): {e}"))?;
+        let kv = GpuKv::build(
+            &vmm,
+            config.kv_mode,
+            model.config.kv_dims(),
+            config.max_num_seqs,
+            max_model_len,
+            bytes,
+        )
+        .map_err(|source| BackendError::KvCache { bytes, source })?;
         Ok(Box::new(CudaBackend {
             name: format!("cuda ({})", probe.name),
             model,

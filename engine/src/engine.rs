@@ -15,7 +15,7 @@
 //!   ids, and stop strings (the output is cut before the string, OpenAI's behaviour); `max_tokens`.
 //!   The stop token counts as a completion token, as in vLLM.
 //! - In vmm mode, before each forward pass the engine tells the cache what every scheduled
-//!   sequence will need next ([`crate::kv::KvManager::map_ahead`]): the `Mapper` thread maps those pages while
+//!   sequence will need next ([`crate::kv::MapAhead::map_ahead`]): the `Mapper` thread maps those pages while
 //!   the step computes, so the next step's `reserve` finds them (map waits stay at 0).
 //! - The model and its KV cache live on a [`crate::device::Backend`] (CPU or CUDA): the loop
 //!   keeps the scheduler's books through its `KvManager`, and asks the device for logits only of
@@ -54,9 +54,9 @@ pub struct EngineConfig {
     /// The element type of the KV cache (`--kv-cache-dtype`): the CPU's f16 or f32; CUDA takes
     /// only `Auto` (its cache is bf16).
     pub kv_cache_dtype: KvCacheDtype,
-    /// Bytes of KV memory (host memory on the CPU device). On CUDA, 0 sizes it from
-    /// `gpu_memory_utilization`.
-    pub kv_memory: usize,
+    /// Bytes of KV memory (host memory on the CPU device). `None`: on the CPU
+    /// [`crate::device::DEFAULT_CPU_KV_MEMORY`], on CUDA what `gpu_memory_utilization` leaves.
+    pub kv_memory: Option<usize>,
     /// CUDA: the share of the device's memory the engine may use in all (weights, activations
     /// and KV), as vLLM's `gpu_memory_utilization`.
     pub gpu_memory_utilization: f64,
@@ -85,7 +85,7 @@ impl Default for EngineConfig {
                 page_size: 2 << 20,
             },
             kv_cache_dtype: KvCacheDtype::Auto,
-            kv_memory: 1 << 30,
+            kv_memory: None,
             max_num_seqs: 64,
             max_num_batched_tokens: 2048,
             max_model_len: None,
@@ -207,6 +207,8 @@ pub enum EngineError {
     Stopped,
     #[error("the engine could not start: {0}")]
     Start(String),
+    #[error("the KV cache's books are wrong: {0}")]
+    KvAudit(String),
 }
 
 /// The vmm Mapper's counters, where there is one.
@@ -286,7 +288,7 @@ enum Command {
         arrival: Instant,
     },
     Abort(RequestId),
-    Audit(Sender<Result<KvUsage, String>>),
+    Audit(Sender<Result<KvUsage, EngineError>>),
     Shutdown {
         abort: bool,
     },
@@ -325,13 +327,15 @@ impl Engine {
         }
         model.model.set_batch_invariant(config.batch_invariant);
         let model = Arc::new(model);
-        let backend =
-            crate::device::start(&model, &config, max_model_len).map_err(EngineError::Start)?;
+        let backend = crate::device::start(&model, &config, max_model_len)
+            .map_err(|e| EngineError::Start(e.to_string()))?;
         let kv_capacity = backend.kv().capacity_tokens();
         if kv_capacity == 0 {
             return Err(EngineError::Start(format!(
-                "{} bytes of KV memory hold no token of this model ({} bytes per token)",
-                config.kv_memory,
+                "the KV memory ({}) holds no token of this model ({} bytes per token)",
+                config
+                    .kv_memory
+                    .map_or("what the GPU has left".into(), |b| format!("{b} bytes")),
                 backend.kv().bytes_per_token()
             )));
         }
@@ -462,14 +466,12 @@ impl Engine {
 
     /// Check the KV cache's books (no leaked block or page, see `KvCache::audit`) between two
     /// steps, and return its usage.
-    pub fn audit_kv(&self) -> Result<KvUsage, String> {
+    pub fn audit_kv(&self) -> Result<KvUsage, EngineError> {
         let (reply, answer) = crossbeam_channel::bounded(1);
         self.tx
             .send(Command::Audit(reply))
-            .map_err(|_| EngineError::Stopped.to_string())?;
-        answer
-            .recv()
-            .map_err(|_| EngineError::Stopped.to_string())?
+            .map_err(|_| EngineError::Stopped)?;
+        answer.recv().map_err(|_| EngineError::Stopped)?
     }
 
     /// Whether the engine thread is still running.
@@ -640,7 +642,7 @@ impl<'m> EngineLoop<'m> {
                         });
                     }
                     Command::Audit(reply) => {
-                        let _ = reply.send(Err(e.clone()));
+                        let _ = reply.send(Err(EngineError::Start(e.to_string())));
                     }
                     Command::Abort(_) => {}
                     Command::Shutdown { .. } => break,
@@ -692,7 +694,9 @@ impl<'m> EngineLoop<'m> {
             self.config.max_num_seqs,
             self.config.max_num_batched_tokens,
         );
-        self.metrics.kv_warm_pages = self.backend.kv_mut().warm_free_slots(&plan);
+        if let Some(m) = self.backend.kv_mut().map_ahead_mut() {
+            self.metrics.kv_warm_pages = m.warm_free_slots(&plan);
+        }
     }
 
     /// Handle one command; returns true on a shutdown.
@@ -711,7 +715,8 @@ impl<'m> EngineLoop<'m> {
             }
             Command::Audit(reply) => {
                 let kv = self.backend.kv();
-                let _ = reply.send(kv.audit().map(|()| kv.usage()));
+                let audit = kv.audit().map_err(|e| EngineError::KvAudit(e.to_string()));
+                let _ = reply.send(audit.map(|()| kv.usage()));
             }
             Command::Shutdown { abort } => {
                 if abort {
@@ -954,13 +959,17 @@ impl<'m> EngineLoop<'m> {
     /// pages are mapped while this step computes (and preparations for requests gone are
     /// dropped).
     fn prepare_admissions(&mut self) {
-        let next = self.scheduler.likely_admissions();
-        self.backend.kv_mut().prepare_admissions(&next);
+        if let Some(m) = self.backend.kv_mut().map_ahead_mut() {
+            m.prepare_admissions(&self.scheduler.likely_admissions());
+        }
     }
 
     /// Tell the cache what each scheduled sequence needs next: one more token after a sampling
     /// chunk (plus look-ahead), the next prefill chunk otherwise.
     fn map_ahead(&self, step: &Step) {
+        let Some(mapper) = self.backend.kv().map_ahead() else {
+            return;
+        };
         for c in &step.chunks {
             let Some(a) = self.active.get(&c.seq) else {
                 continue;
@@ -972,7 +981,7 @@ impl<'m> EngineLoop<'m> {
                 let known = a.prompt_len + a.generated;
                 end + (known - end).min(self.config.max_num_batched_tokens)
             };
-            self.backend.kv().map_ahead(c.seq, next);
+            mapper.map_ahead(c.seq, next);
         }
     }
 
@@ -1031,13 +1040,18 @@ impl<'m> EngineLoop<'m> {
         m.kv = self.backend.kv().usage();
         m.preemptions = self.scheduler.preemptions();
         (m.cuda_graph_replays, m.cuda_graph_captures) = self.backend.graph_counts();
-        m.map = self.backend.kv().mapper_stats().map(|s| MapMetrics {
-            waits: s.waits,
-            growth_waits: self.backend.kv().growth_map_waits().unwrap_or(0),
-            wait_seconds: s.wait_seconds,
-            pages_mapped_ahead: s.pages_mapped_ahead,
-            pages_mapped_on_wait: s.pages_mapped_on_wait,
-        });
+        m.map = self
+            .backend
+            .kv()
+            .map_ahead()
+            .map(|a| (a.mapper_stats(), a.growth_map_waits()))
+            .map(|(s, growth_waits)| MapMetrics {
+                waits: s.waits,
+                growth_waits,
+                wait_seconds: s.wait_seconds,
+                pages_mapped_ahead: s.pages_mapped_ahead,
+                pages_mapped_on_wait: s.pages_mapped_on_wait,
+            });
         *lock(&self.shared.metrics) = m.clone();
     }
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::kv::KvCache;
-use crate::model::{Llama, LlamaConfig, ModelError, SeqChunk};
+use crate::model::{reserve_batch, Llama, LlamaConfig, ModelError, SeqChunk};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::tokenizer::{GgufVocab, Tokenizer, TokenizerError};
 use crate::weights::gguf::GgufFile;
@@ -64,13 +64,25 @@ impl ModelWeights {
         self.host.is_none().then_some(self.seed)
     }
 
-    /// [`Llama::forward`] on the CPU model.
+    /// [`Llama::forward`] on the CPU model (its KV reserved already).
     pub fn forward(
+        &self,
+        batch: &[SeqChunk<'_>],
+        kv: &dyn KvCache,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.cpu()?.forward(batch, kv)
+    }
+
+    /// Reserve the batch's KV ([`reserve_batch`]), then [`ModelWeights::forward`]: one step
+    /// for callers that run the model without the scheduler (this module's single-sequence
+    /// path, tests).
+    pub fn step(
         &self,
         batch: &[SeqChunk<'_>],
         kv: &mut dyn KvCache,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.cpu()?.forward(batch, kv)
+        reserve_batch(kv.manager_mut(), batch)?;
+        self.forward(batch, kv)
     }
 
     /// [`Llama::set_activations`] (the CPU model's; a no-op without one).
@@ -301,7 +313,7 @@ fn run(
     let mut tokens = Vec::new();
     let mut text = String::new();
     let start = Instant::now();
-    let logits = m.model.forward(
+    let logits = m.model.step(
         &[SeqChunk {
             seq,
             tokens: prompt,
@@ -329,7 +341,7 @@ fn run(
             break;
         }
         let pos = prompt.len() + tokens.len() - 1;
-        let logits = m.model.forward(
+        let logits = m.model.step(
             &[SeqChunk {
                 seq,
                 tokens: &[next],
@@ -394,11 +406,7 @@ pub fn measure_throughput(
             c.max_position_embeddings
         )));
     }
-    let dims = crate::kv::KvDims {
-        num_layers: c.num_layers,
-        num_kv_heads: c.num_kv_heads,
-        head_dim: c.head_dim,
-    };
+    let dims = c.kv_dims();
     let mut kv = mode.build(
         dims,
         dtype,
@@ -417,7 +425,7 @@ pub fn measure_throughput(
     let mut prefill = Vec::new();
     for (s, p) in prompts.iter().take(3).enumerate() {
         let t = Instant::now();
-        m.model.forward(
+        m.model.step(
             &[SeqChunk {
                 seq: s as u64,
                 tokens: p,
@@ -433,7 +441,7 @@ pub fn measure_throughput(
     let decode = |kv: &mut dyn KvCache, seqs: usize| -> Result<f64, GenerateError> {
         let mut next = Vec::with_capacity(seqs);
         for (s, p) in prompts.iter().take(seqs).enumerate() {
-            let logits = m.model.forward(
+            let logits = m.model.step(
                 &[SeqChunk {
                     seq: s as u64,
                     tokens: p,
@@ -457,7 +465,7 @@ pub fn measure_throughput(
                     all_logits: false,
                 })
                 .collect();
-            let logits = m.model.forward(&chunks, kv)?;
+            let logits = m.model.step(&chunks, kv)?;
             next = logits.iter().map(|l| crate::sampler::argmax(l)).collect();
         }
         let rate = (seqs * decode_tokens) as f64 / t.elapsed().as_secs_f64();

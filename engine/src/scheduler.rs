@@ -58,7 +58,7 @@ pub struct Step {
 }
 
 /// Errors a caller can provoke.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum SchedulerError {
     #[error("sequence {0} is already scheduled")]
     Duplicate(SeqId),

@@ -129,7 +129,9 @@ impl ApiError {
             e @ (EngineError::ShuttingDown | EngineError::Stopped) => {
                 ApiError::unavailable(e.to_string())
             }
-            e @ EngineError::Start(_) => ApiError::internal(e.to_string()),
+            e @ (EngineError::Start(_) | EngineError::KvAudit(_)) => {
+                ApiError::internal(e.to_string())
+            }
         }
     }
 

@@ -96,6 +96,59 @@ impl BlockAllocator {
     pub fn ref_count(&self, block: BlockId) -> u32 {
         self.refs.get(block as usize).copied().unwrap_or(0)
     }
+
+    /// Check the books against the tables that hold blocks: every block's reference count is
+    /// the number of tables holding it, and exactly the blocks nobody holds are free, once each.
+    pub fn audit<'a>(
+        &self,
+        tables: impl IntoIterator<Item = &'a BlockTable>,
+    ) -> Result<(), KvError> {
+        let mut holders = vec![0u32; self.refs.len()];
+        for table in tables {
+            if table.blocks.len() != self.blocks_for(table.tokens) {
+                return Err(KvError::Inconsistent(format!(
+                    "a table of {} tokens holds {} blocks of {}",
+                    table.tokens,
+                    table.blocks.len(),
+                    self.block_size
+                )));
+            }
+            for &b in &table.blocks {
+                match holders.get_mut(b as usize) {
+                    Some(h) => *h += 1,
+                    None => {
+                        return Err(KvError::Inconsistent(format!(
+                            "block {b} is past the pool's {} blocks",
+                            self.refs.len()
+                        )))
+                    }
+                }
+            }
+        }
+        if let Some(b) = (0..self.refs.len()).find(|&b| holders[b] != self.refs[b]) {
+            return Err(KvError::Inconsistent(format!(
+                "block {b} is held by {} tables but its reference count is {}",
+                holders[b], self.refs[b]
+            )));
+        }
+        let mut free = vec![false; self.refs.len()];
+        for &b in &self.free {
+            let b = b as usize;
+            if b >= free.len() || std::mem::replace(&mut free[b], true) || self.refs[b] != 0 {
+                return Err(KvError::Inconsistent(format!(
+                    "block {b} is on the free list twice, past the pool, or still held"
+                )));
+            }
+        }
+        let unheld = self.refs.iter().filter(|&&r| r == 0).count();
+        if unheld != self.free.len() {
+            return Err(KvError::Inconsistent(format!(
+                "{unheld} blocks are held by nobody but {} are free",
+                self.free.len()
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// One sequence's blocks, in logical order, and the tokens they hold.
@@ -143,6 +196,49 @@ impl BlockTable {
         Ok(needed)
     }
 
+    /// A new table holding the first `tokens` tokens of this one (a fork: a second sample of
+    /// the same prompt, a beam, a cached prefix). Whole blocks are shared — one more holder
+    /// each — and when `tokens` ends inside a block, a fresh block takes that last part; the
+    /// pair `(from, to)` returned beside the table names the block whose bytes the caller must
+    /// copy (copy-on-write, done at the fork because the shared block would be written next).
+    /// All or nothing: on `OutOfBlocks` no reference count changed.
+    pub fn fork(
+        &self,
+        tokens: usize,
+        alloc: &mut BlockAllocator,
+    ) -> Result<(BlockTable, Option<(BlockId, BlockId)>), KvError> {
+        if tokens > self.tokens {
+            return Err(KvError::NotAllocated {
+                what: format!(
+                    "tokens {}..{tokens} of a table holding {}",
+                    self.tokens, self.tokens
+                ),
+            });
+        }
+        let whole = tokens / alloc.block_size();
+        let partial = !tokens.is_multiple_of(alloc.block_size());
+        if partial && alloc.num_free() == 0 {
+            return Err(KvError::OutOfBlocks {
+                needed: 1,
+                free: 0,
+                total: alloc.num_blocks(),
+            });
+        }
+        let mut blocks = Vec::with_capacity(whole + usize::from(partial));
+        for &b in &self.blocks[..whole] {
+            alloc.retain(b)?;
+            blocks.push(b);
+        }
+        let copy = if partial {
+            let fresh = alloc.allocate()?;
+            blocks.push(fresh);
+            Some((self.blocks[whole], fresh))
+        } else {
+            None
+        };
+        Ok((BlockTable { blocks, tokens }, copy))
+    }
+
     /// Give every block back; the table is empty afterwards.
     pub fn release(&mut self, alloc: &mut BlockAllocator) -> Result<(), KvError> {
         for block in self.blocks.drain(..) {
@@ -171,14 +267,14 @@ mod tests {
         assert_eq!(t.grow_to(5, &mut alloc).unwrap(), 0, "never shrinks");
         assert_eq!((t.len(), t.blocks().len(), alloc.num_free()), (17, 2, 2));
         let err = t.grow_to(100, &mut alloc).unwrap_err();
-        assert_eq!(
+        assert!(matches!(
             err,
             KvError::OutOfBlocks {
                 needed: 5,
                 free: 2,
                 total: 4
             }
-        );
+        ));
         assert_eq!(alloc.num_free(), 2, "a failed grow allocates nothing");
         t.release(&mut alloc).unwrap();
         assert_eq!(alloc.num_free(), 4);
@@ -203,16 +299,35 @@ mod tests {
         fn random_grows_and_releases_keep_every_block_accounted(
             num_blocks in 1..64usize,
             block_size in 1..33usize,
-            ops in proptest::collection::vec((0..6usize, 0..400usize, any::<bool>()), 1..200),
+            ops in proptest::collection::vec((0..6usize, 0..400usize, 0..3u8, 0..6usize), 1..200),
         ) {
             let mut alloc = BlockAllocator::new(num_blocks, block_size).unwrap();
             let mut tables = vec![BlockTable::new(); 6];
-            for (i, tokens, release) in ops {
+            for (i, tokens, op, from) in ops {
                 let before = (tables[i].clone(), alloc.num_free());
-                if release {
-                    tables[i].release(&mut alloc).unwrap();
-                } else if tables[i].grow_to(tokens, &mut alloc).is_err() {
-                    prop_assert_eq!((tables[i].clone(), alloc.num_free()), before);
+                match op {
+                    0 => tables[i].release(&mut alloc).unwrap(),
+                    // Fork a prefix of another table into this one (released first).
+                    1 if from != i => {
+                        tables[i].release(&mut alloc).unwrap();
+                        let n = tokens.min(tables[from].len());
+                        let free = alloc.num_free();
+                        match tables[from].fork(n, &mut alloc) {
+                            Ok((t, copy)) => {
+                                prop_assert_eq!(t.len(), n);
+                                prop_assert_eq!(copy.is_some(), n % block_size != 0);
+                                tables[i] = t;
+                            }
+                            Err(_) => prop_assert_eq!(alloc.num_free(), free),
+                        }
+                    }
+                    _ => {
+                        // Growing a table that shares a block it would write is the caller's
+                        // mistake (a fork copies the partial block), so grow only whole ones.
+                        if tables[i].grow_to(tokens, &mut alloc).is_err() {
+                            prop_assert_eq!((tables[i].clone(), alloc.num_free()), before);
+                        }
+                    }
                 }
                 let mut holders: HashMap<BlockId, u32> = HashMap::new();
                 for t in &tables {
@@ -222,10 +337,10 @@ mod tests {
                     }
                 }
                 for (&b, &n) in &holders {
-                    prop_assert_eq!(n, 1, "block {} in two tables", b);
-                    prop_assert_eq!(alloc.ref_count(b), 1);
+                    prop_assert_eq!(alloc.ref_count(b), n, "block {}", b);
                 }
                 prop_assert_eq!(alloc.num_free() + holders.len(), num_blocks);
+                prop_assert!(alloc.audit(&tables).is_ok());
             }
             for t in &mut tables {
                 t.release(&mut alloc).unwrap();

@@ -1,28 +1,46 @@
-//! KV-cache memory managers of the engine.
+//! KV memory: every KV cache the engine runs on, on every device, and the books the scheduler
+//! keeps through them. This module is the one owner of KV memory; the forward passes only read
+//! the addresses it hands out, and the scheduler is the only code that reserves.
 //!
-//! - [`BlockAllocator`] and [`BlockTable`]: the PagedAttention path (vLLM, Kwon et al. 2023) —
-//!   fixed-size blocks of `block_size` tokens from one preallocated pool, a table per sequence
-//!   mapping its logical blocks to physical ones, allocated as tokens arrive; reference counts
-//!   let blocks be shared between sequences (prefix sharing).
-//! - [`ContiguousArena`]: one contiguous range per request inside a fixed arena, first fit — how
-//!   engines before PagedAttention (FasterTransformer, Orca) kept the KV cache. Serving never uses
-//!   it; `vkv frag` does, as the baseline the other two are measured against.
-//! - The vmm path is [`vkv_vmm::KvSpace`], used directly.
-//!
-//! All three are the code that both serving and the fragmentation study run.
+//! - [`KvManager`] (`manager.rs`): the books of any cache — capacity, `reserve` / `free` / `fork`
+//!   per sequence, usage, audit — with [`MapAhead`], the vmm-only capabilities (map-ahead, warm
+//!   slots, admission preparation), reached through [`KvManager::map_ahead`]. [`KvMode`] and its
+//!   one sizing function ([`KvMode::units_for`]) turn a byte budget into blocks or pages.
+//! - The PagedAttention path (vLLM, Kwon et al. 2023; `block.rs`, `paged.rs`): [`BlockAllocator`]
+//!   (fixed-size blocks from one preallocated pool, reference-counted so that forks share them)
+//!   and per-sequence [`BlockTable`]s, in [`PagedKv`], generic over where the pool's bytes are
+//!   ([`BlockStorage`]: host memory here, device memory in `cuda.rs`).
+//! - The vAttention path (`vmm.rs`): [`VmmManager`], a [`vkv_vmm::KvSpace`] (one contiguous
+//!   virtual range per sequence, refcounted physical pages) driven by its `Mapper` thread, on any
+//!   `PhysicalMemory` — [`VmmKv`] on host memory, the CUDA cache on `CudaVmm`.
+//! - [`GpuKv`] (`cuda.rs`, feature `cuda`): the device caches of the CUDA forward pass, the same
+//!   two books over device memory.
+//! - [`ContiguousArena`] (`arena.rs`): one contiguous range per request inside a fixed arena,
+//!   first fit — how engines before PagedAttention kept the KV cache. Serving never uses it;
+//!   `vkv frag` does, as the baseline.
+//! - `conformance.rs`: the checks every cache must pass (random reserve / fork / free / preempt
+//!   sequences, audited after every operation, empty at the end), run on the CPU caches in unit
+//!   tests and on the GPU caches by `tests/gpu_kv.rs`.
 
 mod arena;
 mod block;
-mod cache;
+pub mod conformance;
+#[cfg(feature = "cuda")]
+mod cuda;
+mod manager;
+mod paged;
+mod vmm;
 
 pub use arena::ContiguousArena;
 pub use block::{BlockAllocator, BlockId, BlockTable};
-pub use cache::{
-    KvCache, KvCacheDtype, KvDims, KvManager, KvMode, KvUsage, PagedKv, SeqId, VmmKv, VmmManager,
-};
+#[cfg(feature = "cuda")]
+pub use cuda::{DevicePools, GpuKv, GpuKvAddressing};
+pub use manager::{KvCache, KvCacheDtype, KvDims, KvManager, KvMode, KvUsage, MapAhead, SeqId};
+pub use paged::{BlockStorage, HostPools, PagedKv};
+pub use vmm::{VmmKv, VmmManager};
 
-/// Errors of the KV managers.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Errors of the KV caches.
+#[derive(Debug, thiserror::Error)]
 pub enum KvError {
     #[error("out of KV blocks: {needed} needed, {free} free of {total}")]
     OutOfBlocks {
@@ -38,10 +56,17 @@ pub enum KvError {
     },
     #[error("{what} is not allocated")]
     NotAllocated { what: String },
+    #[error("sequence {seq} already holds KV memory")]
+    AlreadyAllocated { seq: SeqId },
     #[error("invalid KV configuration: {0}")]
     InvalidConfig(String),
     #[error("out of KV memory: {detail}")]
     OutOfMemory { detail: String },
-    #[error("vmm: {0}")]
-    Vmm(String),
+    #[error("the KV books are inconsistent: {0}")]
+    Inconsistent(String),
+    #[error(transparent)]
+    Vmm(#[from] vkv_vmm::VmmError),
+    #[cfg(feature = "cuda")]
+    #[error(transparent)]
+    Device(#[from] vkv_kernels::cuda::KernelError),
 }

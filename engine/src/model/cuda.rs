@@ -1,18 +1,9 @@
 //! The Llama forward pass on a CUDA GPU, in bf16: [`CudaLlama`] runs the same flattened batches of
 //! [`SeqChunk`]s as the CPU [`Llama::forward`] (prefill chunks and decode tokens mixed, each at its
-//! own position) against a [`GpuKv`], the device-side KV cache in either mode:
-//!
-//! - **paged** (vLLM's PagedAttention): one preallocated device pool per layer's K and V of blocks
-//!   of `block_size` tokens, a free list, a block table per sequence uploaded each step;
-//! - **vmm** (vAttention): a [`vkv_vmm::KvSpace`] on [`CudaVmm`] (2 MiB pages, `per-layer` or
-//!   `token-major`), one slot per sequence, kept by the CPU vmm cache's own books
-//!   ([`VmmManager`]: a `Mapper` thread maps the pages the engine's `map_ahead` hints ask for
-//!   while the GPU computes; released slots keep their pages); the attention kernels read it
-//!   through plain strides.
-//!
-//! The CPU `KvCache` hands out f32 host pointers, so the GPU has this cache of its own; it keeps
-//! the same books ([`KvManager`]), so the engine's scheduler reserves, frees and preempts on it
-//! unchanged.
+//! own position) over a [`GpuKv`] — the device KV cache the `kv` module owns, paged (vLLM's
+//! PagedAttention: block pools and block tables) or vmm (vAttention: a `KvSpace` on `CudaVmm`).
+//! The pass reads the cache's addressing ([`GpuKvAddressing`]) and never reserves: the scheduler
+//! (or [`super::reserve_batch`]) reserves every chunk's tokens first, and the pass checks.
 //!
 //! Per step: the batch's tokens, positions, chunk bounds and KV addressing are uploaded once;
 //! then per layer: RMSNorm (residual add fused) → one QKV GEMM (cuBLASLt, bf16 in, f32 accumulate)
@@ -29,9 +20,8 @@
 //! before is one `cuGraphLaunch` instead of ~11 launches per layer. `set_cuda_graphs(false)`
 //! (`--enforce-eager`) runs every step kernel by kernel.
 //!
-//! Invariants: a sequence's cached length only grows until [`GpuKv::free`]; a chunk must start at
-//! or before its sequence's cached length (as on the CPU); a failed `reserve` changes nothing
-//! for the sequence it failed on. Errors are [`CudaModelError`]s, never panics.
+//! Invariants: every chunk's tokens are reserved before the pass (checked); the pass changes no
+//! KV books. Errors are [`CudaModelError`]s, never panics.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,14 +32,12 @@ use vkv_kernels::cuda::{
     driver, AppendArgs, Attention, DecodeArgs, DecodeShape, DecodeWorkspace, DeviceBuffer, Dtype,
     Gemm, GemmLibrary, KernelError, KvAddress, ModelOps, PrefillArgs, PrefillShape,
 };
-use vkv_vmm::{
-    CudaVmm, KvLayout, KvSpaceConfig, MapperOptions, MapperStats, PhysicalMemory, VmmError,
-};
+use vkv_vmm::VmmError;
 
 use super::llama::check_batch;
 use super::{Llama, LlamaConfig, SeqChunk};
 use crate::device::Next;
-use crate::kv::{KvDims, KvError, KvManager, KvUsage, SeqId, VmmManager};
+use crate::kv::{GpuKv, GpuKvAddressing, KvError, SeqId};
 
 /// Errors of the CUDA model and its KV cache.
 #[derive(Debug, thiserror::Error)]
@@ -64,437 +52,13 @@ pub enum CudaModelError {
     Config(String),
     #[error(transparent)]
     Kv(#[from] KvError),
-    #[error("out of KV memory: sequence {seq} needs {needed} more blocks, {free} free")]
-    OutOfBlocks {
-        seq: SeqId,
-        needed: usize,
-        free: usize,
-    },
+    #[error(transparent)]
+    Model(#[from] super::ModelError),
 }
 
 type Result<T, E = CudaModelError> = std::result::Result<T, E>;
 
-/// Shape of the KV a model needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GpuKvDims {
-    pub num_layers: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-}
-
-impl GpuKvDims {
-    pub fn of(c: &LlamaConfig) -> Self {
-        GpuKvDims {
-            num_layers: c.num_layers,
-            num_kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-        }
-    }
-}
-
-enum Store {
-    Paged {
-        /// `[layer][K|V][block][token][kv_head][head_dim]` bf16.
-        pool: DeviceBuffer,
-        block_size: usize,
-        num_blocks: usize,
-        free: Vec<u32>,
-    },
-    /// The same books as the CPU's vmm cache (slots, `Mapper`, deferred reclamation), on CudaVmm.
-    Vmm(VmmManager),
-}
-
-/// A paged sequence's length and blocks.
-#[derive(Debug, Default)]
-struct SeqKv {
-    len: usize,
-    blocks: Vec<u32>,
-}
-
-/// The device-side KV cache (see the module docs).
-pub struct GpuKv {
-    dims: GpuKvDims,
-    store: Store,
-    seqs: HashMap<SeqId, SeqKv>,
-}
-
 const BF16: usize = 2;
-
-impl GpuKv {
-    /// A paged cache: `num_blocks` blocks of `block_size` (16 or 32) tokens, all layers.
-    pub fn paged(
-        ctx: &Arc<CudaContext>,
-        dims: GpuKvDims,
-        num_blocks: usize,
-        block_size: usize,
-    ) -> Result<Self> {
-        if block_size != 16 && block_size != 32 {
-            return Err(CudaModelError::Config(format!(
-                "block size {block_size}: the paged kernels take 16 or 32"
-            )));
-        }
-        if num_blocks == 0 || num_blocks > u32::MAX as usize {
-            return Err(CudaModelError::Config(format!("{num_blocks} blocks")));
-        }
-        let bytes = 2 * dims.num_layers * num_blocks * block_size * Self::row(&dims) * BF16;
-        let pool = DeviceBuffer::new(ctx, bytes)?;
-        Ok(GpuKv {
-            dims,
-            store: Store::Paged {
-                pool,
-                block_size,
-                num_blocks,
-                free: (0..num_blocks as u32).rev().collect(),
-            },
-            seqs: HashMap::new(),
-        })
-    }
-
-    /// A vmm cache: a [`KvSpace`] on `vmm` of `max_seqs` slots × `max_tokens`, `page_size` pages,
-    /// at most `max_pages` of them (the physical budget), driven by a [`vkv_vmm::Mapper`] thread
-    /// (the books are [`VmmManager`], the CPU's vmm cache's own).
-    pub fn vmm(
-        vmm: Arc<CudaVmm>,
-        dims: GpuKvDims,
-        layout: KvLayout,
-        max_seqs: usize,
-        max_tokens: usize,
-        page_size: usize,
-        max_pages: usize,
-    ) -> Result<Self> {
-        let config = KvSpaceConfig {
-            layout,
-            num_layers: dims.num_layers,
-            num_kv_heads: dims.num_kv_heads,
-            head_dim: dims.head_dim,
-            dtype_bytes: BF16,
-            max_slots: max_seqs,
-            max_tokens,
-            page_size,
-            max_pages,
-        };
-        let backend: Arc<dyn PhysicalMemory> = vmm;
-        // Pages are created up front by `create_pages_ahead` when the caller wants the whole
-        // budget held; the thread tops the pool up otherwise.
-        let manager = VmmManager::new(config, backend, MapperOptions::default())?;
-        Ok(GpuKv {
-            dims,
-            store: Store::Vmm(manager),
-            seqs: HashMap::new(),
-        })
-    }
-
-    /// vmm: create pages into the pool until `pages` are free (bounded by the budget), so the
-    /// device memory is held from the start like the paged pool and later maps never create.
-    /// Returns the pages created; 0 for a paged cache.
-    pub fn create_pages_ahead(&mut self, pages: usize) -> Result<usize> {
-        match &mut self.store {
-            Store::Paged { .. } => Ok(0),
-            Store::Vmm(m) => Ok(m.space().create_ahead(pages)?),
-        }
-    }
-
-    fn row(dims: &GpuKvDims) -> usize {
-        dims.num_kv_heads * dims.head_dim
-    }
-
-    pub fn dims(&self) -> GpuKvDims {
-        self.dims
-    }
-
-    /// Tokens cached for `seq` (`None`: unknown sequence).
-    pub fn len(&self, seq: SeqId) -> Option<usize> {
-        match &self.store {
-            Store::Paged { .. } => self.seqs.get(&seq).map(|s| s.len),
-            Store::Vmm(m) => m.reserved(seq),
-        }
-    }
-
-    /// Back `seq` up to `tokens` tokens (lengths only grow). On failure nothing changes for `seq`
-    /// beyond what it already held.
-    pub fn reserve(&mut self, seq: SeqId, tokens: usize) -> Result<()> {
-        let (block_size, free) = match &mut self.store {
-            Store::Vmm(m) => {
-                if m.reserved(seq).is_some_and(|len| tokens <= len) {
-                    return Ok(());
-                }
-                return Ok(m.reserve(seq, tokens)?);
-            }
-            Store::Paged {
-                block_size, free, ..
-            } => (*block_size, free),
-        };
-        let entry = self.seqs.entry(seq).or_default();
-        if tokens <= entry.len {
-            return Ok(());
-        }
-        let need = tokens
-            .div_ceil(block_size)
-            .saturating_sub(entry.blocks.len());
-        if need > free.len() {
-            let free = free.len();
-            if entry.len == 0 && entry.blocks.is_empty() {
-                self.seqs.remove(&seq);
-            }
-            return Err(CudaModelError::OutOfBlocks {
-                seq,
-                needed: need,
-                free,
-            });
-        }
-        for _ in 0..need {
-            entry.blocks.push(free.pop().expect("counted above"));
-        }
-        entry.len = tokens;
-        Ok(())
-    }
-
-    /// Forget `seq` and give its memory back (vmm: deferred reclamation, the slot keeps its pages).
-    pub fn free(&mut self, seq: SeqId) -> Result<()> {
-        match &mut self.store {
-            Store::Paged { free, .. } => {
-                if let Some(s) = self.seqs.remove(&seq) {
-                    free.extend(s.blocks);
-                }
-            }
-            Store::Vmm(m) => {
-                if m.reserved(seq).is_some() {
-                    m.free(seq)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// The host side of one batch's addressing, for `rows` ≥ `seqs.len()` sequences (the rest
-    /// padding, with no KV): per sequence its slot (vmm) or its block-table row (paged), and the
-    /// table's width (at least `min_width`).
-    fn index_for(&self, seqs: &[SeqId], rows: usize, min_width: usize) -> (Vec<u32>, usize) {
-        match &self.store {
-            Store::Paged { .. } => {
-                let width = seqs
-                    .iter()
-                    .map(|s| self.seqs.get(s).map_or(0, |s| s.blocks.len()))
-                    .max()
-                    .unwrap_or(1)
-                    .max(min_width)
-                    .max(1);
-                // Unused entries point past the pool: a read of one would fault, not mislead.
-                let mut table = vec![u32::MAX; rows.max(seqs.len()) * width];
-                for (b, s) in seqs.iter().enumerate() {
-                    if let Some(s) = self.seqs.get(s) {
-                        table[b * width..b * width + s.blocks.len()].copy_from_slice(&s.blocks);
-                    }
-                }
-                (table, width)
-            }
-            Store::Vmm(m) => {
-                let mut slots: Vec<u32> = seqs
-                    .iter()
-                    .map(|&s| m.slot(s).map_or(u32::MAX, |s| s.0 as u32))
-                    .collect();
-                slots.resize(rows.max(seqs.len()), u32::MAX);
-                (slots, 0)
-            }
-        }
-    }
-
-    /// The paged table width that covers `context` tokens (vmm: 0, no table).
-    fn table_width(&self, context: usize) -> usize {
-        match &self.store {
-            Store::Paged { block_size, .. } => context.div_ceil(*block_size),
-            Store::Vmm(_) => 0,
-        }
-    }
-
-    /// The context a decode graph for a longest sequence of `longest` tokens is captured for:
-    /// [`context_bucket`], within what a vmm slot holds.
-    fn graph_context(&self, longest: usize) -> usize {
-        let bucket = context_bucket(longest);
-        match &self.store {
-            Store::Paged { .. } => bucket,
-            Store::Vmm(m) => bucket.min(m.config().max_tokens).max(longest),
-        }
-    }
-
-    /// Layer `l`'s addressing, given the uploaded index (`u32` slots or block table).
-    fn address(&self, l: usize, index: u64, width: usize) -> KvAddress {
-        let row = Self::row(&self.dims);
-        match &self.store {
-            Store::Paged {
-                pool,
-                block_size,
-                num_blocks,
-                ..
-            } => {
-                let layer_bytes = (num_blocks * block_size * row * BF16) as u64;
-                let k = pool.ptr() + 2 * l as u64 * layer_bytes;
-                KvAddress::Paged {
-                    k,
-                    v: k + layer_bytes,
-                    block_table: index,
-                    max_blocks: width as u32,
-                    block_size: *block_size as u32,
-                    block_stride: (block_size * row) as u64,
-                    token_stride: row as u64,
-                    head_stride: self.dims.head_dim as u64,
-                }
-            }
-            Store::Vmm(m) => {
-                let v = m.view(l);
-                KvAddress::Strided {
-                    k: v.k,
-                    v: v.v,
-                    slots: index,
-                    slot_stride: v.slot_stride as u64,
-                    token_stride: v.token_stride as u64,
-                    head_stride: v.head_stride as u64,
-                }
-            }
-        }
-    }
-
-    /// Capacity of the paged table for `width` columns (vmm: unbounded).
-    fn capacity(&self, width: usize) -> usize {
-        match &self.store {
-            Store::Paged { block_size, .. } => width * block_size,
-            Store::Vmm(m) => m.config().max_tokens,
-        }
-    }
-}
-
-/// The books the scheduler and the engine keep through (the same trait as the CPU caches).
-impl KvManager for GpuKv {
-    fn dims(&self) -> KvDims {
-        KvDims {
-            num_layers: self.dims.num_layers,
-            num_kv_heads: self.dims.num_kv_heads,
-            head_dim: self.dims.head_dim,
-        }
-    }
-
-    fn name(&self) -> String {
-        match &self.store {
-            Store::Paged { block_size, .. } => format!("paged-{block_size}"),
-            Store::Vmm(m) => m.name(),
-        }
-    }
-
-    fn capacity_tokens(&self) -> usize {
-        match &self.store {
-            Store::Paged {
-                block_size,
-                num_blocks,
-                ..
-            } => block_size * num_blocks,
-            Store::Vmm(m) => m.capacity_tokens(),
-        }
-    }
-
-    fn bytes_per_token(&self) -> usize {
-        2 * self.dims.num_layers * Self::row(&self.dims) * BF16
-    }
-
-    fn reserve(&mut self, seq: SeqId, len: usize) -> Result<(), KvError> {
-        if let Store::Vmm(m) = &mut self.store {
-            return m.reserve(seq, len);
-        }
-        GpuKv::reserve(self, seq, len).map_err(|e| match e {
-            CudaModelError::OutOfBlocks { .. } => KvError::OutOfMemory {
-                detail: e.to_string(),
-            },
-            other => KvError::InvalidConfig(other.to_string()),
-        })
-    }
-
-    fn free(&mut self, seq: SeqId) -> Result<(), KvError> {
-        if KvManager::reserved(self, seq).is_none() {
-            return Err(KvError::NotAllocated {
-                what: format!("sequence {seq}"),
-            });
-        }
-        GpuKv::free(self, seq).map_err(|e| KvError::Vmm(e.to_string()))
-    }
-
-    fn reserved(&self, seq: SeqId) -> Option<usize> {
-        self.len(seq)
-    }
-
-    fn usage(&self) -> KvUsage {
-        let token = 2 * self.dims.num_layers * Self::row(&self.dims) * BF16;
-        match &self.store {
-            Store::Paged {
-                block_size,
-                num_blocks,
-                free,
-                ..
-            } => KvUsage {
-                bytes_allocated: (num_blocks - free.len()) * block_size * token,
-                bytes_holding_tokens: self.seqs.values().map(|s| s.len).sum::<usize>() * token,
-                sequences: self.seqs.len(),
-            },
-            Store::Vmm(m) => m.usage(),
-        }
-    }
-
-    fn map_ahead(&self, seq: SeqId, len: usize) {
-        if let Store::Vmm(m) = &self.store {
-            m.map_ahead(seq, len);
-        }
-    }
-
-    fn prepare_admissions(&mut self, next: &[(SeqId, usize)]) {
-        if let Store::Vmm(m) = &mut self.store {
-            m.prepare_admissions(next);
-        }
-    }
-
-    fn warm_free_slots(&mut self, tokens: &[usize]) -> usize {
-        match &mut self.store {
-            Store::Vmm(m) => m.warm_free_slots(tokens),
-            Store::Paged { .. } => 0,
-        }
-    }
-
-    fn audit(&self) -> Result<(), String> {
-        match &self.store {
-            Store::Paged {
-                num_blocks, free, ..
-            } => {
-                let held: usize = self.seqs.values().map(|s| s.blocks.len()).sum();
-                let mut seen = vec![false; *num_blocks];
-                for &b in self.seqs.values().flat_map(|s| &s.blocks).chain(free) {
-                    let b = b as usize;
-                    if b >= *num_blocks || std::mem::replace(&mut seen[b], true) {
-                        return Err(format!("block {b} is out of range or held twice"));
-                    }
-                }
-                if held + free.len() != *num_blocks {
-                    return Err(format!(
-                        "{held} blocks held + {} free != {num_blocks} blocks",
-                        free.len()
-                    ));
-                }
-                Ok(())
-            }
-            Store::Vmm(m) => m.audit(),
-        }
-    }
-
-    fn mapper_stats(&self) -> Option<MapperStats> {
-        match &self.store {
-            Store::Paged { .. } => None,
-            Store::Vmm(m) => m.mapper_stats(),
-        }
-    }
-
-    fn growth_map_waits(&self) -> Option<u64> {
-        match &self.store {
-            Store::Paged { .. } => None,
-            Store::Vmm(m) => m.growth_map_waits(),
-        }
-    }
-}
 
 struct GpuLayer {
     attn_norm: DeviceBuffer,
@@ -763,7 +327,7 @@ impl CudaLlama {
 
     /// Run one batch (see [`Llama::forward`]): per chunk, the f32 logits of its last token
     /// (`vocab_size` values) or of all its tokens when `all_logits`.
-    pub fn forward(&mut self, batch: &[SeqChunk<'_>], kv: &mut GpuKv) -> Result<Vec<Vec<f32>>> {
+    pub fn forward(&mut self, batch: &[SeqChunk<'_>], kv: &GpuKv) -> Result<Vec<Vec<f32>>> {
         let wanted = self.run(batch, kv, false)?;
         self.synchronize()?;
         let vocab = self.config.vocab_size;
@@ -790,7 +354,7 @@ impl CudaLlama {
 
     /// Run one batch and return the greedy token (argmax, on the device) of every row that
     /// [`CudaLlama::forward`] would return logits for; only the ids cross to the host.
-    pub fn forward_greedy(&mut self, batch: &[SeqChunk<'_>], kv: &mut GpuKv) -> Result<Vec<u32>> {
+    pub fn forward_greedy(&mut self, batch: &[SeqChunk<'_>], kv: &GpuKv) -> Result<Vec<u32>> {
         let wanted = self.run(batch, kv, true)?;
         self.synchronize()?;
         let mut out = vec![0u32; wanted];
@@ -810,21 +374,21 @@ impl CudaLlama {
     pub fn forward_next(
         &mut self,
         batch: &[SeqChunk<'_>],
-        kv: &mut GpuKv,
+        kv: &GpuKv,
         logits_for: &[bool],
     ) -> Result<Vec<Next>> {
         self.launch_next(batch, kv, logits_for)?;
         self.finish_next()
     }
 
-    /// The first half of [`CudaLlama::forward_next`]: reserve the batch's KV, upload its inputs
+    /// The first half of [`CudaLlama::forward_next`]: upload the batch's inputs
     /// and queue its kernels and the argmax, without waiting for the device. The host is free
     /// until [`CudaLlama::finish_next`] (the engine admits requests meanwhile);
     /// [`CudaLlama::is_done`] says whether that would wait.
     pub fn launch_next(
         &mut self,
         batch: &[SeqChunk<'_>],
-        kv: &mut GpuKv,
+        kv: &GpuKv,
         logits_for: &[bool],
     ) -> Result<()> {
         if logits_for.len() != batch.len() || batch.iter().any(|c| c.all_logits) {
@@ -1043,10 +607,11 @@ impl CudaLlama {
         unsafe { self.queue_gemms(&self.gemm, &g) }.map(|_| ())
     }
 
-    /// Check the batch against the model and the cache; reserve its tokens.
-    fn admit(&self, batch: &[SeqChunk<'_>], kv: &mut GpuKv) -> Result<()> {
+    /// Check the batch against the model and the cache: the cache's shape, and every chunk's
+    /// tokens reserved (the pass only reads the addressing).
+    fn admit(&self, batch: &[SeqChunk<'_>], kv: GpuKvAddressing<'_>) -> Result<()> {
         let c = &self.config;
-        if kv.dims() != GpuKvDims::of(c) {
+        if kv.dims() != c.kv_dims() {
             return Err(CudaModelError::Batch(format!(
                 "KV cache shaped {:?} does not fit the model",
                 kv.dims()
@@ -1055,10 +620,7 @@ impl CudaLlama {
         if batch.is_empty() {
             return Err(CudaModelError::Batch("an empty batch".into()));
         }
-        check_batch(batch, c, |seq| kv.len(seq).unwrap_or(0)).map_err(CudaModelError::Batch)?;
-        for ch in batch {
-            kv.reserve(ch.seq, ch.start + ch.tokens.len())?;
-        }
+        check_batch(batch, c, |seq| kv.reserved(seq)).map_err(CudaModelError::Batch)?;
         Ok(())
     }
 
@@ -1066,7 +628,8 @@ impl CudaLlama {
     /// id of every row that wants logits (in `buf.ids`); returns how many such rows the batch has.
     /// A decode step with `argmax` goes through a CUDA graph when graphs are on (see
     /// [`DecodeGraphs`]); anything else is launched kernel by kernel.
-    fn run(&mut self, batch: &[SeqChunk<'_>], kv: &mut GpuKv, argmax: bool) -> Result<usize> {
+    fn run(&mut self, batch: &[SeqChunk<'_>], kv: &GpuKv, argmax: bool) -> Result<usize> {
+        let kv = kv.addressing();
         self.admit(batch, kv)?;
         let decode = batch
             .iter()
@@ -1074,7 +637,10 @@ impl CudaLlama {
         let g = &self.graphs;
         let key = (g.on && argmax && decode && batch.len() <= g.max_batch).then(|| {
             let longest = batch.iter().map(|ch| ch.start + 1).max().unwrap_or(1);
-            (batch_bucket(batch.len()), kv.graph_context(longest))
+            (
+                batch_bucket(batch.len()),
+                kv.graph_context(longest, context_bucket(longest)),
+            )
         });
         let inputs = StepInputs::new(batch, kv, key)?;
         let bufs = self.step_buffers(&inputs)?;
@@ -1405,7 +971,11 @@ impl StepInputs {
     /// shape: padding rows have position `u32::MAX` (the KV append skips them), context length 0
     /// (attention reads nothing for them) and no KV (slot and table entries `u32::MAX`); their
     /// outputs are computed and never read.
-    fn new(batch: &[SeqChunk<'_>], kv: &GpuKv, pad: Option<(usize, usize)>) -> Result<Self> {
+    fn new(
+        batch: &[SeqChunk<'_>],
+        kv: GpuKvAddressing<'_>,
+        pad: Option<(usize, usize)>,
+    ) -> Result<Self> {
         let mut s = StepInputs {
             tokens: Vec::new(),
             pos: Vec::new(),

@@ -41,7 +41,7 @@ pub struct SeqChunk<'a> {
 pub(crate) fn check_batch(
     batch: &[SeqChunk<'_>],
     c: &LlamaConfig,
-    held: impl Fn(SeqId) -> usize,
+    held: impl Fn(SeqId) -> Option<usize>,
 ) -> Result<(), String> {
     let mut seen = std::collections::HashSet::new();
     for chunk in batch {
@@ -61,11 +61,18 @@ pub(crate) fn check_batch(
                 chunk.seq, c.max_position_embeddings
             ));
         }
-        let held = held(chunk.seq);
-        if held < chunk.start {
+        // The scheduler reserved `end` tokens before the step; the chunk's own tokens are
+        // written at `start..end`, so everything before `start` must be there already.
+        let Some(reserved) = held(chunk.seq) else {
             return Err(format!(
-                "sequence {} starts at {} but its cache holds {held} tokens",
-                chunk.seq, chunk.start
+                "sequence {} holds no KV memory: reserve its tokens before the forward pass",
+                chunk.seq
+            ));
+        };
+        if end > reserved {
+            return Err(format!(
+                "sequence {} would reach {end} tokens but {reserved} are reserved: reserve before the forward pass",
+                chunk.seq
             ));
         }
     }
@@ -576,13 +583,14 @@ impl Llama {
         }
     }
 
-    /// Run one batch. Reserves each chunk's tokens in `kv` first (an out-of-memory error leaves
-    /// earlier chunks reserved; the caller frees or preempts). Returns, per chunk, the logits of
-    /// its last token (`vocab_size` values) or of all its tokens when `all_logits`.
+    /// Run one batch over KV memory reserved for it (by the scheduler, or
+    /// [`super::reserve_batch`]): a chunk whose tokens are not reserved is an error, and the
+    /// pass itself never allocates. Returns, per chunk, the logits of its last token
+    /// (`vocab_size` values) or of all its tokens when `all_logits`.
     pub fn forward(
         &self,
         batch: &[SeqChunk<'_>],
-        kv: &mut dyn KvCache,
+        kv: &dyn KvCache,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         // Run on a worker of the thread pool, not beside it: the serial parts (norms, RoPE, KV
         // appends) then take a worker's core instead of competing with workers that spin
@@ -594,7 +602,7 @@ impl Llama {
     fn forward_here(
         &self,
         batch: &[SeqChunk<'_>],
-        kv: &mut dyn KvCache,
+        kv: &dyn KvCache,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         let c = &self.config;
         let (nkv, hd) = (c.num_kv_heads, c.head_dim);
@@ -604,11 +612,7 @@ impl Llama {
                 "KV cache shaped {dims:?} does not fit the model"
             )));
         }
-        check_batch(batch, c, |seq| kv.reserved(seq).unwrap_or(0)).map_err(ModelError::Batch)?;
-        for chunk in batch {
-            kv.reserve(chunk.seq, chunk.start + chunk.tokens.len())?;
-        }
-        let kv: &dyn KvCache = kv;
+        check_batch(batch, c, |seq| kv.reserved(seq)).map_err(ModelError::Batch)?;
         // Every chunk's KV addressing, per layer: `refs[l][chunk]`.
         let refs: Vec<Vec<KvRef<'_>>> = (0..c.num_layers)
             .map(|l| batch.iter().map(|ch| kv.layer(ch.seq, l)).collect())
@@ -699,7 +703,7 @@ impl Llama {
             cpu::rope_rotate(&mut k, &angles, nkv, hd, c.rope_style);
             let refs = refs[l];
             for r in 0..rows {
-                // SAFETY: every chunk was reserved for its tokens above; rows write distinct tokens.
+                // SAFETY: every chunk's tokens are reserved (checked above); rows write distinct tokens.
                 unsafe {
                     cpu::kv_append(
                         &refs[owner[r]],

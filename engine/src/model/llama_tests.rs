@@ -10,7 +10,27 @@ use vkv_vmm::KvLayout;
 use super::*;
 use vkv_kernels::cpu::KvDtype;
 
-use crate::kv::{KvDims, PagedKv, VmmKv};
+use crate::kv::{KvCache, KvDims, KvManager, PagedKv, VmmKv};
+
+/// One step without a scheduler: reserve the batch's KV, then run the forward pass.
+trait Step {
+    fn step(
+        &self,
+        batch: &[SeqChunk<'_>],
+        kv: &mut dyn KvCache,
+    ) -> Result<Vec<Vec<f32>>, ModelError>;
+}
+
+impl Step for Llama {
+    fn step(
+        &self,
+        batch: &[SeqChunk<'_>],
+        kv: &mut dyn KvCache,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        crate::model::reserve_batch(kv.manager_mut(), batch)?;
+        self.forward(batch, kv)
+    }
+}
 
 const CONFIG: &str = r#"{
   "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -256,7 +276,7 @@ fn prefill_logits_match_the_dense_reference_in_every_kv_mode() {
     let want = reference(&tiny, &tokens);
     for (mut kv, tol) in caches() {
         let out = model
-            .forward(
+            .step(
                 &[SeqChunk {
                     seq: 1,
                     tokens: &tokens,
@@ -310,7 +330,7 @@ fn chunked_prefill_and_decode_match_one_pass_and_batches_are_invariant() {
                     }
                 })
                 .collect();
-            let out = model.forward(&chunks, kv.as_mut()).unwrap();
+            let out = model.step(&chunks, kv.as_mut()).unwrap();
             for (chunk, logits) in chunks.iter().zip(&out) {
                 let s = chunk.seq as usize;
                 for j in 0..chunk.tokens.len() {
@@ -340,44 +360,25 @@ fn bad_batches_and_configs_are_errors() {
     let mut kv = PagedKv::new(dims(), 4, 16).unwrap();
     let err = |r: Result<Vec<Vec<f32>>, ModelError>| r.unwrap_err().to_string();
     let t = [1u32, 2, 3];
-    assert!(err(model.forward(
-        &[SeqChunk {
+    let one = |tokens, start| {
+        [SeqChunk {
             seq: 1,
-            tokens: &[200],
-            start: 0,
-            all_logits: false
-        }],
-        &mut kv
-    ))
-    .contains("outside the vocabulary"));
-    assert!(err(model.forward(
-        &[SeqChunk {
-            seq: 1,
-            tokens: &t,
-            start: 5,
-            all_logits: false
-        }],
-        &mut kv
-    ))
-    .contains("starts at 5"));
-    let twice = [SeqChunk {
-        seq: 1,
-        tokens: &t,
-        start: 0,
-        all_logits: false,
-    }; 2];
-    assert!(err(model.forward(&twice, &mut kv)).contains("repeated"));
+            tokens,
+            start,
+            all_logits: false,
+        }]
+    };
+    // The pass itself never reserves: unreserved tokens are an error, not an allocation.
+    assert!(err(model.forward(&one(&t, 0), &kv)).contains("holds no KV memory"));
+    assert!(err(model.forward(&one(&[200], 0), &kv)).contains("outside the vocabulary"));
+    kv.reserve(1, 2).unwrap();
+    assert!(err(model.forward(&one(&t, 0), &kv)).contains("2 are reserved"));
+    assert!(err(model.step(&one(&t, 5), &mut kv)).contains("starts at 5"));
+    let twice = [one(&t, 0)[0]; 2];
+    assert!(err(model.step(&twice, &mut kv)).contains("repeated"));
     let long = vec![1u32; 65];
-    assert!(err(model.forward(
-        &[SeqChunk {
-            seq: 1,
-            tokens: &long,
-            start: 0,
-            all_logits: false
-        }],
-        &mut kv
-    ))
-    .contains("out of KV memory"));
+    assert!(err(model.step(&one(&long, 0), &mut kv)).contains("out of KV memory"));
+    kv.free(1).unwrap();
     assert_eq!(kv.free_blocks(), 4, "nothing held after the failures");
     let mut wrong = PagedKv::new(
         KvDims {
@@ -389,16 +390,7 @@ fn bad_batches_and_configs_are_errors() {
         16,
     )
     .unwrap();
-    assert!(err(model.forward(
-        &[SeqChunk {
-            seq: 1,
-            tokens: &t,
-            start: 0,
-            all_logits: false
-        }],
-        &mut wrong
-    ))
-    .contains("does not fit"));
+    assert!(err(model.step(&one(&t, 0), &mut wrong)).contains("does not fit"));
 
     let e = LlamaConfig::from_hf_json(&CONFIG.replace("\"llama\"", "\"gpt_neox\"")).unwrap_err();
     assert!(e.to_string().contains("gpt_neox"), "{e}");
@@ -544,8 +536,8 @@ fn an_hf_directory_without_a_tokenizer_loads_for_token_ids() {
         all_logits: false,
     }];
     assert_eq!(
-        loaded.model.forward(&chunk, &mut kv).unwrap(),
-        direct.forward(&chunk, &mut kv2).unwrap()
+        loaded.model.step(&chunk, &mut kv).unwrap(),
+        direct.step(&chunk, &mut kv2).unwrap()
     );
 }
 
@@ -631,14 +623,9 @@ fn a_random_preset_model_runs_on_the_cpu_and_is_deterministic() {
     let run = || {
         let model = Llama::random(LlamaConfig::preset("smollm2-135m").unwrap(), 1).unwrap();
         let c = &model.config;
-        let dims = KvDims {
-            num_layers: c.num_layers,
-            num_kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-        };
-        let mut kv = PagedKv::new(dims, 4, 16).unwrap();
+        let mut kv = PagedKv::new(c.kv_dims(), 4, 16).unwrap();
         let out = model
-            .forward(
+            .step(
                 &[SeqChunk {
                     seq: 0,
                     tokens: &[1, 2, 3, 4, 5],

@@ -1,7 +1,9 @@
 //! Models: the Llama family (Llama 2/3, Mistral, SmolLM2) — configuration and named presets
 //! (`config`), weights from GGUF or safetensors or seeded random, the batched CPU forward pass
-//! (`llama`) and, with the `cuda` feature, the bf16 GPU forward pass with its own KV cache
-//! (`cuda`).
+//! (`llama`) and, with the `cuda` feature, the bf16 GPU forward pass (`cuda`). Both read KV
+//! memory the `kv` module owns and the scheduler reserved: a forward pass never reserves, it
+//! checks that every chunk's tokens are backed ([`reserve_batch`] is the reservation for callers
+//! that run a model without the scheduler: single-sequence generation, tests, benchmarks).
 
 mod config;
 #[cfg(feature = "cuda")]
@@ -11,7 +13,8 @@ mod llama;
 pub use config::LlamaConfig;
 pub use llama::{DenseLayer, Llama, SeqChunk};
 
-use crate::kv::KvError;
+use crate::kv::{KvDims, KvError, KvManager};
+
 use crate::weights::gguf::GgufError;
 use crate::weights::safetensors::SafetensorsError;
 
@@ -34,4 +37,33 @@ pub enum ModelError {
     Kv(#[from] KvError),
     #[error("batch: {0}")]
     Batch(String),
+}
+
+impl LlamaConfig {
+    /// The shape of the KV cache this model needs.
+    pub fn kv_dims(&self) -> KvDims {
+        KvDims {
+            num_layers: self.num_layers,
+            num_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+}
+
+/// Reserve every chunk's tokens in `kv` (what the scheduler does before each step), for callers
+/// that run a model without the scheduler. A chunk must start at or before what its sequence
+/// already holds (its earlier tokens are in the cache). All or nothing per chunk; an
+/// out-of-memory error leaves earlier chunks reserved (the caller frees).
+pub fn reserve_batch(kv: &mut dyn KvManager, batch: &[SeqChunk<'_>]) -> Result<(), ModelError> {
+    for chunk in batch {
+        let held = kv.reserved(chunk.seq).unwrap_or(0);
+        if chunk.start > held {
+            return Err(ModelError::Batch(format!(
+                "sequence {} starts at {} but its cache holds {held} tokens",
+                chunk.seq, chunk.start
+            )));
+        }
+        kv.reserve(chunk.seq, chunk.start + chunk.tokens.len())?;
+    }
+    Ok(())
 }

@@ -102,6 +102,30 @@ impl DeviceBuffer {
             .map_err(driver("cuMemcpyDtoH"))
     }
 
+    /// Copy `bytes` bytes from byte `src` to byte `dst` of this allocation (ranges must not
+    /// overlap). Synchronous: the context is synchronized after the copy, so it is complete —
+    /// and ordered after every stream's earlier work — when this returns (a device-to-device
+    /// `cuMemcpyDtoD` alone does not wait for the host or for other streams).
+    pub fn copy_within(&self, src: usize, dst: usize, bytes: usize) -> Result<()> {
+        self.check(src, bytes)?;
+        self.check(dst, bytes)?;
+        if src.max(dst) < src.min(dst) + bytes {
+            return Err(KernelError::Shape(format!(
+                "copy of {bytes} bytes from {src} to {dst} within one buffer: the ranges overlap"
+            )));
+        }
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver("cuCtxSetCurrent"))?;
+        self.ctx.synchronize().map_err(driver("cuCtxSynchronize"))?;
+        // SAFETY: both ranges are inside this allocation (checked) and do not overlap.
+        unsafe {
+            result::memcpy_dtod_sync(self.ptr + dst as u64, self.ptr + src as u64, bytes)
+                .map_err(driver("cuMemcpyDtoD"))?;
+        }
+        self.ctx.synchronize().map_err(driver("cuCtxSynchronize"))
+    }
+
     /// Set every byte to `value` (synchronous).
     pub fn fill_bytes(&self, value: u8) -> Result<()> {
         self.ctx

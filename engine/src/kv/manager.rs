@@ -1,0 +1,495 @@
+//! The books every KV cache keeps, whatever its design and device ([`KvManager`], vLLM's
+//! `KVCacheManager`), the vmm-only capabilities beside them ([`MapAhead`]), the CPU forward
+//! pass's host addressing ([`KvCache`]), and how a byte budget becomes a cache ([`KvMode`]).
+//!
+//! Invariants every implementation keeps (checked by `conformance.rs` on every cache):
+//! a sequence's reserved length only grows until it is freed; a failed `reserve` or `fork`
+//! changes nothing; memory is shared only through reference counts (a forked block or page is
+//! freed by its last holder); after every sequence is freed the cache holds nothing.
+
+use vkv_kernels::cpu::{KvDtype, KvRef};
+use vkv_vmm::{KvLayout, MapperStats};
+
+use super::paged::{HostPools, PagedKv};
+use super::vmm::VmmKv;
+use super::KvError;
+
+/// A sequence's id in a KV cache.
+pub type SeqId = u64;
+
+/// What every layer stores per token: `num_kv_heads × head_dim` elements for K and as many for V.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvDims {
+    pub num_layers: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvDims {
+    /// Bytes of K and V of one token over all layers (f32).
+    pub fn bytes_per_token(&self) -> usize {
+        self.bytes_per_token_in(KvDtype::F32)
+    }
+
+    /// Bytes of K and V of one token over all layers in `dtype`.
+    pub fn bytes_per_token_in(&self, dtype: KvDtype) -> usize {
+        self.bytes_per_token_of(dtype.bytes())
+    }
+
+    /// Bytes of K and V of one token over all layers, elements of `elem_bytes` bytes.
+    pub fn bytes_per_token_of(&self, elem_bytes: usize) -> usize {
+        2 * self.num_layers * self.num_kv_heads * self.head_dim * elem_bytes
+    }
+}
+
+/// The element type asked of the CPU KV cache (`--kv-cache-dtype`, as vLLM's): `auto` is f16 on
+/// the CPU; the CUDA cache stores bf16 and takes only `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCacheDtype {
+    #[default]
+    Auto,
+    F32,
+    F16,
+    /// FP8 E4M3 ([`vkv_kernels::cpu::fp8`]).
+    Fp8,
+}
+
+impl KvCacheDtype {
+    /// The element type of the CPU cache.
+    pub fn cpu(self) -> KvDtype {
+        match self {
+            KvCacheDtype::Auto | KvCacheDtype::F16 => KvDtype::F16,
+            KvCacheDtype::F32 => KvDtype::F32,
+            KvCacheDtype::Fp8 => KvDtype::Fp8,
+        }
+    }
+}
+
+/// Memory use of a KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct KvUsage {
+    /// Bytes set aside for sequences (blocks held, pages mapped; shared ones once).
+    pub bytes_allocated: usize,
+    /// Bytes of the tokens the sequences hold (a shared prefix counted for every holder).
+    pub bytes_holding_tokens: usize,
+    pub sequences: usize,
+}
+
+/// The books of a KV cache — what the scheduler and the engine need, on any device: capacity,
+/// reserving, forking and freeing tokens per sequence, usage and the audit. Where the bytes are,
+/// and how a kernel addresses them, is the cache's own business ([`KvCache::layer`] on the CPU,
+/// `GpuKv`'s addressing on CUDA).
+pub trait KvManager: Send {
+    fn dims(&self) -> KvDims;
+    /// `paged-16`, `vmm-token-major-2MiB`, ...
+    fn name(&self) -> String;
+    /// Tokens the whole cache can hold.
+    fn capacity_tokens(&self) -> usize;
+    /// Bytes of K and V of one token over all layers, in the cache's element type.
+    fn bytes_per_token(&self) -> usize;
+    /// Back `seq` for `len` tokens (creating it if new; lengths only grow). All or nothing: on
+    /// [`KvError::OutOfMemory`] the sequence is unchanged (a new one is not created).
+    fn reserve(&mut self, seq: SeqId, len: usize) -> Result<(), KvError>;
+    /// Start `dst` (which must hold nothing) with the first `tokens` tokens of `src` (at most
+    /// what `src` holds), sharing `src`'s memory where whole units (blocks, pages) lie inside
+    /// the prefix — one more reference each — and copying the unit the prefix ends inside, so
+    /// both sequences write only memory of their own from then on. All or nothing.
+    fn fork(&mut self, src: SeqId, dst: SeqId, tokens: usize) -> Result<(), KvError>;
+    /// Forget `seq` and drop its references (memory no other sequence holds is free again).
+    fn free(&mut self, seq: SeqId) -> Result<(), KvError>;
+    /// Tokens `seq` is backed for.
+    fn reserved(&self, seq: SeqId) -> Option<usize>;
+    fn usage(&self) -> KvUsage;
+    /// Check the cache's own books: every block or page is either free or held by exactly the
+    /// sequences that hold it, with reference counts to match. The error says what is wrong.
+    fn audit(&self) -> Result<(), KvError>;
+    /// The vmm capabilities, for caches that map memory as it is needed (see [`MapAhead`]).
+    fn map_ahead(&self) -> Option<&dyn MapAhead> {
+        None
+    }
+    fn map_ahead_mut(&mut self) -> Option<&mut dyn MapAhead> {
+        None
+    }
+}
+
+/// What a cache that backs memory on demand (vmm: pages mapped into a virtual range) can do
+/// while the device computes — vAttention's overlap of allocation with compute and its eager
+/// allocation. Caches whose memory is all mapped up front (paged) have none of it.
+pub trait MapAhead {
+    /// Hint that `seq` will soon need `len` tokens backed, so the pages can be mapped while the
+    /// current step computes.
+    fn map_ahead(&self, seq: SeqId, len: usize);
+    /// Hint that these waiting sequences are likely admitted by the next step, each reserving
+    /// `len` tokens (a slot acquired and its first pages mapped ahead). Preparations of
+    /// sequences no longer listed are dropped; prepared memory never blocks a `reserve`.
+    fn prepare_admissions(&mut self, next: &[(SeqId, usize)]);
+    /// Eager allocation (vAttention §6): back the first `tokens[i]` tokens of free slot `i` now,
+    /// before any request (largest first: an admission takes the free slot with the most
+    /// pages). The pages belong to no sequence — surplus, reclaimed under pressure. Returns the
+    /// pages mapped.
+    fn warm_free_slots(&mut self, tokens: &[usize]) -> usize;
+    /// The map-ahead thread's counters (waits should stay 0).
+    fn mapper_stats(&self) -> MapperStats;
+    /// Of the map waits, those of sequences already holding memory (growth: decode steps and
+    /// later prefill chunks) — the ones map-ahead exists to remove; the rest are admissions.
+    fn growth_map_waits(&self) -> u64;
+}
+
+/// Storage of K and V for the CPU forward pass: the books plus host addressing.
+pub trait KvCache: KvManager + Sync {
+    /// Where `seq`'s K and V of `layer` live; valid until the next `reserve`, `fork` or `free`.
+    fn layer(&self, seq: SeqId, layer: usize) -> Result<KvRef<'_>, KvError>;
+    /// This cache as its books (what the scheduler takes), without trait upcasting.
+    fn manager(&self) -> &dyn KvManager;
+    fn manager_mut(&mut self) -> &mut dyn KvManager;
+}
+
+/// The error for a sequence a cache does not hold.
+pub(super) fn unknown(seq: SeqId) -> KvError {
+    KvError::NotAllocated {
+        what: format!("sequence {seq}"),
+    }
+}
+
+/// Which KV cache to build: the command line's `--kv-mode`, `--block-size`, `--vmm-layout`,
+/// `--page-size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvMode {
+    Paged { block_size: usize },
+    Vmm { layout: KvLayout, page_size: usize },
+}
+
+impl KvMode {
+    /// The one sizing rule of every device: how many units — blocks (paged) or physical pages
+    /// (vmm) — `kv_bytes` of memory buys for `dims` with elements of `elem_bytes` bytes. vmm
+    /// takes no more pages than `max_seqs` slots of `max_tokens` tokens could ever map (per
+    /// region, whole pages per slot).
+    pub fn units_for(
+        self,
+        dims: KvDims,
+        elem_bytes: usize,
+        max_seqs: usize,
+        max_tokens: usize,
+        kv_bytes: usize,
+    ) -> usize {
+        let token_bytes = dims.bytes_per_token_of(elem_bytes).max(1);
+        match self {
+            KvMode::Paged { block_size } => kv_bytes / (block_size * token_bytes).max(1),
+            KvMode::Vmm { layout, page_size } => {
+                let page_size = page_size.max(1);
+                let regions = match layout {
+                    KvLayout::PerLayer => 2 * dims.num_layers,
+                    KvLayout::TokenMajor => 1,
+                };
+                let per_slot = regions * (max_tokens * (token_bytes / regions)).div_ceil(page_size);
+                (kv_bytes / page_size).min(max_seqs.saturating_mul(per_slot))
+            }
+        }
+    }
+
+    /// A host-memory cache (the CPU device) of `dtype` elements for `max_seqs` sequences of up
+    /// to `max_tokens` tokens in `kv_bytes` of memory.
+    pub fn build(
+        self,
+        dims: KvDims,
+        dtype: KvDtype,
+        max_seqs: usize,
+        max_tokens: usize,
+        kv_bytes: usize,
+    ) -> Result<Box<dyn KvCache>, KvError> {
+        let units = self.units_for(dims, dtype.bytes(), max_seqs, max_tokens, kv_bytes);
+        Ok(match self {
+            KvMode::Paged { block_size } => Box::new(PagedKv::<HostPools>::with_dtype(
+                dims, dtype, units, block_size,
+            )?),
+            KvMode::Vmm { layout, page_size } => Box::new(VmmKv::with_dtype(
+                dims, dtype, layout, max_seqs, max_tokens, page_size, units,
+            )?),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+    use vkv_kernels::cpu::{attention, kv_append, Heads};
+
+    use super::*;
+    use crate::kv::{PagedKv, VmmKv};
+    use vkv_kernels::cpu;
+
+    const DIMS: KvDims = KvDims {
+        num_layers: 2,
+        num_kv_heads: 2,
+        head_dim: 16,
+    };
+
+    fn caches_of(d: KvDtype) -> Vec<Box<dyn KvCache>> {
+        vec![
+            Box::new(PagedKv::with_dtype(DIMS, d, 64, 16).unwrap()),
+            Box::new(VmmKv::with_dtype(DIMS, d, KvLayout::PerLayer, 4, 512, 4096, 64).unwrap()),
+            Box::new(VmmKv::with_dtype(DIMS, d, KvLayout::TokenMajor, 4, 512, 4096, 64).unwrap()),
+        ]
+    }
+
+    fn caches() -> Vec<Box<dyn KvCache>> {
+        let mut all = caches_of(KvDtype::F32);
+        all.extend(caches_of(KvDtype::F16));
+        all.extend(caches_of(KvDtype::Fp8));
+        all
+    }
+
+    #[test]
+    fn paged_pools_larger_than_the_host_are_an_error_not_the_oom_killer() {
+        // Llama-3-8B-like: 2 MiB of f16 K and V per 16-token block over its 32 layers.
+        let dims = KvDims {
+            num_layers: 32,
+            num_kv_heads: 8,
+            head_dim: 128,
+        };
+        let available = cpu::available_bytes().expect("Linux reports MemAvailable");
+        let blocks = (2 * available / (2 << 20)) as usize;
+        let err = PagedKv::with_dtype(dims, KvDtype::F16, blocks, 16)
+            .err()
+            .expect("twice the host's memory");
+        let message = err.to_string();
+        assert!(
+            matches!(err, KvError::OutOfMemory { .. }) && message.contains("--kv-memory"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn capacity_and_bytes_per_token_follow_the_element_type() {
+        for (mode, name) in [
+            (KvMode::Paged { block_size: 16 }, "paged"),
+            (
+                KvMode::Vmm {
+                    layout: KvLayout::PerLayer,
+                    page_size: 4096,
+                },
+                "vmm per-layer",
+            ),
+            (
+                KvMode::Vmm {
+                    layout: KvLayout::TokenMajor,
+                    page_size: 4096,
+                },
+                "vmm token-major",
+            ),
+        ] {
+            let build = |d| mode.build(DIMS, d, 64, 4096, 1 << 20).unwrap();
+            let (c32, c16) = (build(KvDtype::F32), build(KvDtype::F16));
+            assert_eq!(c32.bytes_per_token(), DIMS.bytes_per_token(), "{name}");
+            assert_eq!(2 * c16.bytes_per_token(), c32.bytes_per_token(), "{name}");
+            assert_eq!(
+                4 * build(KvDtype::Fp8).bytes_per_token(),
+                c32.bytes_per_token(),
+                "{name}"
+            );
+            // The same memory holds twice the tokens (up to the slots' limit in vmm).
+            assert_eq!(
+                c16.capacity_tokens(),
+                (2 * c32.capacity_tokens()).min(64 * 4096),
+                "{name}"
+            );
+            assert_eq!(
+                c16.capacity_tokens() * c16.bytes_per_token(),
+                1 << 20,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_cache_stores_and_attends_the_same() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let width = DIMS.num_kv_heads * DIMS.head_dim;
+        let tokens: Vec<(Vec<f32>, Vec<f32>)> = (0..100)
+            .map(|_| {
+                let r =
+                    |rng: &mut StdRng| (0..width).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                (r(&mut rng), r(&mut rng))
+            })
+            .collect();
+        let q: Vec<f32> = (0..4 * DIMS.head_dim)
+            .map(|_| rng.random_range(-1.0f32..1.0))
+            .collect();
+        // Within one element type, every mode and layout gives the same bits.
+        for dtype in [KvDtype::F32, KvDtype::F16, KvDtype::Fp8] {
+            every_cache_of_one_dtype_attends_the_same(dtype, &tokens, &q);
+        }
+    }
+
+    fn every_cache_of_one_dtype_attends_the_same(
+        dtype: KvDtype,
+        tokens: &[(Vec<f32>, Vec<f32>)],
+        q: &[f32],
+    ) {
+        let mut outputs = Vec::new();
+        for mut cache in caches_of(dtype) {
+            // Two sequences interleaved, so blocks and pages of both alternate.
+            for seq in [7, 9] {
+                cache.reserve(seq, 1).unwrap();
+            }
+            for (t, (k, v)) in tokens.iter().enumerate() {
+                for seq in [7, 9] {
+                    cache.reserve(seq, t + 1).unwrap();
+                    for layer in 0..DIMS.num_layers {
+                        let r = cache.layer(seq, layer).unwrap();
+                        let k: Vec<f32> = k.iter().map(|x| x + seq as f32 + layer as f32).collect();
+                        unsafe { kv_append(&r, t, &k, v, DIMS.num_kv_heads, DIMS.head_dim) };
+                    }
+                }
+            }
+            let mut out = vec![0f32; 4 * DIMS.head_dim];
+            let r = cache.layer(9, 1).unwrap();
+            unsafe {
+                attention(
+                    q,
+                    &r,
+                    100,
+                    Heads {
+                        n_heads: 4,
+                        n_kv_heads: 2,
+                        head_dim: DIMS.head_dim,
+                    },
+                    0.25,
+                    &mut out,
+                )
+            };
+            outputs.push((cache.name(), out));
+            let usage = cache.usage();
+            assert_eq!(
+                usage.bytes_holding_tokens,
+                200 * DIMS.bytes_per_token_in(dtype),
+                "{}",
+                cache.name()
+            );
+            assert!(usage.bytes_allocated >= usage.bytes_holding_tokens);
+            cache.free(7).unwrap();
+            cache.free(9).unwrap();
+            assert!(cache.free(9).is_err());
+            assert_eq!(cache.usage().bytes_allocated, 0, "{}", cache.name());
+        }
+        for (name, out) in &outputs[1..] {
+            assert_eq!(out, &outputs[0].1, "{name} differs from {}", outputs[0].0);
+        }
+    }
+
+    #[test]
+    fn running_out_is_out_of_memory_and_changes_nothing() {
+        for mut cache in caches() {
+            let cap = cache.capacity_tokens();
+            cache.reserve(1, 10).unwrap();
+            let err = cache.reserve(2, cap + 1).unwrap_err();
+            assert!(
+                matches!(err, KvError::OutOfMemory { .. }),
+                "{}: {err}",
+                cache.name()
+            );
+            assert_eq!(cache.reserved(2), None, "{}", cache.name());
+            assert_eq!(cache.reserved(1), Some(10));
+        }
+    }
+
+    /// Attention of a 4-head query over the first `len` tokens of `seq`'s layer 1.
+    fn attend(cache: &dyn KvCache, seq: SeqId, len: usize, q: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; 4 * DIMS.head_dim];
+        let r = cache.layer(seq, 1).unwrap();
+        let heads = Heads {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: DIMS.head_dim,
+        };
+        // SAFETY: `len` tokens of `seq` were written.
+        unsafe { attention(q, &r, len, heads, 0.25, &mut out) };
+        out
+    }
+
+    /// Write token `t` of `seq` in every layer: K and V made from `(t, salt)`.
+    fn write(cache: &mut dyn KvCache, seq: SeqId, t: usize, salt: f32) {
+        let width = DIMS.num_kv_heads * DIMS.head_dim;
+        let k: Vec<f32> = (0..width)
+            .map(|i| ((i + 3 * t) as f32 * 0.37 + salt).sin())
+            .collect();
+        let v: Vec<f32> = (0..width)
+            .map(|i| ((i * 7 + t) as f32 * 0.11 - salt).cos())
+            .collect();
+        cache.reserve(seq, t + 1).unwrap();
+        for layer in 0..DIMS.num_layers {
+            let r = cache.layer(seq, layer).unwrap();
+            // SAFETY: token `t` was just reserved.
+            unsafe { kv_append(&r, t, &k, &v, DIMS.num_kv_heads, DIMS.head_dim) };
+        }
+    }
+
+    #[test]
+    fn a_fork_reads_its_source_prefix_and_writes_only_its_own_memory() {
+        let q: Vec<f32> = (0..4 * DIMS.head_dim)
+            .map(|i| (i as f32 * 0.7).sin())
+            .collect();
+        let all = [KvDtype::F32, KvDtype::F16, KvDtype::Fp8]
+            .into_iter()
+            .flat_map(|d| caches_of(d).into_iter().map(move |c| (d, c)));
+        for (dtype, mut cache) in all {
+            let name = cache.name();
+            for t in 0..100 {
+                write(cache.as_mut(), 7, t, 0.0);
+            }
+            let before: Vec<Vec<f32>> = (1..=100)
+                .map(|n| attend(cache.as_ref(), 7, n, &q))
+                .collect();
+            let used = cache.usage().bytes_allocated;
+            // At a block boundary, inside a block (and inside a 4 KiB page), and whole.
+            for fork_at in [0usize, 16, 37, 64, 100] {
+                let f = 20;
+                cache.fork(7, f, fork_at).unwrap();
+                cache.audit().unwrap();
+                assert_eq!(cache.reserved(f), Some(fork_at), "{name}");
+                // Sharing, not copying: a fork at a unit boundary (64 tokens is whole blocks,
+                // and whole pages of f32 and f16) takes no memory.
+                if fork_at == 64 && dtype != KvDtype::Fp8 {
+                    assert_eq!(cache.usage().bytes_allocated, used, "{name}");
+                }
+                if fork_at > 0 {
+                    assert_eq!(
+                        attend(cache.as_ref(), f, fork_at, &q),
+                        before[fork_at - 1],
+                        "{name}: fork at {fork_at}"
+                    );
+                }
+                // The fork goes its own way; the source must not see it.
+                for t in fork_at..fork_at + 20 {
+                    write(cache.as_mut(), f, t, 1.5);
+                }
+                assert_ne!(
+                    attend(cache.as_ref(), f, fork_at + 20, &q),
+                    before[(fork_at + 19).min(99)],
+                    "{name}: fork at {fork_at} wrote nothing of its own"
+                );
+                assert!(matches!(
+                    cache.fork(7, f, 10),
+                    Err(KvError::AlreadyAllocated { seq: 20 })
+                ));
+                cache.free(f).unwrap();
+            }
+            for n in [1, 16, 17, 37, 38, 64, 65, 100] {
+                assert_eq!(
+                    attend(cache.as_ref(), 7, n, &q),
+                    before[n - 1],
+                    "{name}: the source changed under its forks ({n} tokens)"
+                );
+            }
+            assert!(
+                cache.fork(7, 99, 101).is_err(),
+                "{name}: fork past the source"
+            );
+            assert_eq!(cache.reserved(99), None, "{name}");
+            cache.free(7).unwrap();
+            cache.audit().unwrap();
+            assert_eq!(cache.usage(), KvUsage::default(), "{name}");
+        }
+    }
+}
