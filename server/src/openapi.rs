@@ -3,7 +3,8 @@
 //! the route handlers ([`crate::api`]), so it says what the server accepts and answers.
 //!
 //! [`document`] adds what only the running server knows: the served model's last token id (the
-//! `maximum` of `TokenId`). Tests check that every [`Route`] is described with its methods.
+//! `maximum` of `TokenId`); and, as `#[utoipa::path(method(get, head))]` gives both operations
+//! one `operationId` (which must be unique), renames the HEAD ones `{id}_head`. Tests check that every [`Route`] is described with its methods.
 
 use serde_json::Value;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -102,6 +103,13 @@ pub fn document(vocab_size: usize) -> Value {
     {
         token.insert("maximum".into(), vocab_size.saturating_sub(1).into());
     }
+    if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
+        for head in paths.values_mut().filter_map(|item| item.get_mut("head")) {
+            if let Some(Value::String(id)) = head.get_mut("operationId") {
+                id.push_str("_head");
+            }
+        }
+    }
     doc
 }
 
@@ -124,6 +132,19 @@ mod tests {
                 assert!(item[&method].is_object(), "{} {method}", route.path());
             }
         }
+        // Operation ids are unique.
+        let mut ids: Vec<&str> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .values()
+            .flat_map(|item| item.as_object().unwrap().values())
+            .filter_map(|op| op["operationId"].as_str())
+            .collect();
+        let n = ids.len();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), n, "{ids:?}");
+        assert_eq!(n, 10);
         // Every reference resolves.
         let text = doc.to_string();
         for (i, _) in text.match_indices("#/components/schemas/") {
