@@ -3,7 +3,9 @@
 //! the route handlers ([`crate::api`]), so it says what the server accepts and answers.
 //!
 //! [`document`] adds what only the running server knows: the served model's last token id (the
-//! `maximum` of `TokenId`); and, as `#[utoipa::path(method(get, head))]` gives both operations
+//! `maximum` of `TokenId`); `additionalProperties: false` on each variant of `Message` and
+//! `ContentPart`, which refuse unknown fields as the requests do (utoipa writes it for structs
+//! only); and, as `#[utoipa::path(method(get, head))]` gives both operations
 //! one `operationId` (which must be unique), renames the HEAD ones `{id}_head`. Tests check that every [`Route`] is described with its methods.
 
 use serde_json::Value;
@@ -103,6 +105,16 @@ pub fn document(vocab_size: usize) -> Value {
     {
         token.insert("maximum".into(), vocab_size.saturating_sub(1).into());
     }
+    for name in ["Message", "ContentPart"] {
+        let variants = doc
+            .pointer_mut(&format!("/components/schemas/{name}/oneOf"))
+            .and_then(Value::as_array_mut);
+        for variant in variants.into_iter().flatten() {
+            if let Some(v) = variant.as_object_mut() {
+                v.insert("additionalProperties".into(), Value::Bool(false));
+            }
+        }
+    }
     if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
         for head in paths.values_mut().filter_map(|item| item.get_mut("head")) {
             if let Some(Value::String(id)) = head.get_mut("operationId") {
@@ -182,9 +194,11 @@ mod tests {
                 .filter_map(Value::as_str)
                 .collect();
             assert!(required.contains(&"role"), "{m}");
+            assert_eq!(m["additionalProperties"], false, "{m}");
             assert_eq!(required.contains(&"content"), role != "assistant", "{m}");
         }
         let part = &schema(&doc, "ContentPart")["oneOf"][0];
+        assert_eq!(part["additionalProperties"], false, "{part}");
         assert!(part["required"].to_string().contains("type"), "{part}");
         assert!(part["required"].to_string().contains("text"), "{part}");
         let prompt = schema(&doc, "Prompt").to_string();
@@ -193,5 +207,56 @@ mod tests {
             "{prompt}"
         );
         assert!(schema(&doc, "Stop").to_string().contains("\"minLength\":1"));
+        // Token ids are one schema, which the server bounds by its vocabulary.
+        assert!(!prompt.contains("maximum"), "{prompt}");
+        assert!(prompt.contains("#/components/schemas/TokenId"), "{prompt}");
+    }
+
+    /// Each field a schema requires is one the server requires: a body with only the required
+    /// fields passes, and without any one of them is refused naming it.
+    #[test]
+    fn required_fields_are_the_servers() {
+        use crate::openai::{parse_request, Endpoint};
+        let doc = document(49152);
+        let user = serde_json::json!({"role": "user", "content": "hi"});
+        for (name, endpoint, minimal) in [
+            (
+                "CompletionRequest",
+                Endpoint::Completions,
+                serde_json::json!({"prompt": "hi"}),
+            ),
+            (
+                "ChatCompletionRequest",
+                Endpoint::ChatCompletions,
+                serde_json::json!({"messages": [user]}),
+            ),
+        ] {
+            let required = schema(&doc, name)["required"].as_array().unwrap();
+            let keys: Vec<&String> = minimal.as_object().unwrap().keys().collect();
+            assert_eq!(required.len(), keys.len(), "{name}");
+            assert!(parse_request(minimal.to_string().as_bytes(), endpoint).is_ok());
+            for field in required.iter().filter_map(Value::as_str) {
+                let mut body = minimal.clone();
+                body.as_object_mut().unwrap().remove(field);
+                let e = parse_request(body.to_string().as_bytes(), endpoint).unwrap_err();
+                assert_eq!(e.param.as_deref(), Some(field), "{name}: {e}");
+            }
+        }
+        for variant in schema(&doc, "Message")["oneOf"].as_array().unwrap() {
+            let role = variant["properties"]["role"]["enum"][0].clone();
+            let mut message = serde_json::json!({"role": role});
+            let required = variant["required"].as_array().unwrap();
+            if required.iter().any(|f| f == "content") {
+                message["content"] = "hi".into();
+            }
+            let body = |m: &Value| serde_json::json!({"messages": [m]}).to_string();
+            assert!(parse_request(body(&message).as_bytes(), Endpoint::ChatCompletions).is_ok());
+            for field in required.iter().filter_map(Value::as_str) {
+                let mut m = message.clone();
+                m.as_object_mut().unwrap().remove(field);
+                let e = parse_request(body(&m).as_bytes(), Endpoint::ChatCompletions).unwrap_err();
+                assert_eq!(e.param, Some(format!("messages[0].{field}")), "{m}: {e}");
+            }
+        }
     }
 }

@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 use utoipa::openapi::schema::{
     AdditionalProperties, ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type,
 };
-use utoipa::openapi::RefOr;
+use utoipa::openapi::{Ref, RefOr};
 use utoipa::{PartialSchema, ToSchema};
 use vkv_engine::engine::{GenerationRequest, StopConditions};
 use vkv_engine::sampler::SamplingParams;
@@ -146,7 +146,7 @@ impl PartialSchema for Prompt {
         };
         let tokens = || {
             ArrayBuilder::new()
-                .items(TokenId::schema())
+                .items(Ref::from_schema_name(TokenId::name()))
                 .min_items(Some(1))
         };
         OneOfBuilder::new()
@@ -272,7 +272,7 @@ impl PartialSchema for MessageContent {
     fn schema() -> RefOr<Schema> {
         OneOfBuilder::new()
             .item(ObjectBuilder::new().schema_type(Type::String))
-            .item(ArrayBuilder::new().items(ContentPart::schema()))
+            .item(ArrayBuilder::new().items(Ref::from_schema_name(ContentPart::name())))
             .into()
     }
 }
