@@ -11,6 +11,8 @@
 //! - [`response`]: the whole responses, the stream chunks, `/v1/models`, `/health`.
 //! - [`parse_request`]: body bytes to a [`ValidRequest`]; a serde error becomes a 400 whose `param`
 //!   is the path of the field at fault (`messages[0].role`), found by `serde_path_to_error`.
+//!   Objects are read through [`Object`], which refuses the arrays serde's derived structs would
+//!   otherwise take as fields by position.
 //!
 //! Fields OpenAI has but vkv does not implement (`n` > 1, `logprobs`, penalties, tools, ...) are
 //! accepted at their neutral value only (and the schema says so), so a request never silently
