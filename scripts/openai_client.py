@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The official `openai` Python client against `vkv serve`, unchanged: models, completions and chat
 completions, whole and streamed (same seed, same text), usage, vLLM's extras through `extra_body`,
-and errors raised as the client's own exception classes.
+and errors raised as the client's own exception classes. Then the served `/openapi.json` is checked
+with `openapi-spec-validator` (a valid OpenAPI 3.1 document describing every route).
 
 Either against a running server:
 
@@ -11,15 +12,18 @@ or starting one (on a free port, with an API key) and stopping it with SIGTERM a
 
     python3 scripts/openai_client.py --vkv target/debug/vkv [-- extra vkv serve options]
 
-Needs `pip install openai`. Exits non-zero on the first check that fails.
+Needs `pip install openai openapi-spec-validator`. Exits non-zero on the first check that fails.
 """
 
 import argparse
+import json
 import signal
 import subprocess
 import sys
+import urllib.request
 
 import openai
+from openapi_spec_validator import validate as validate_openapi
 
 
 def check(condition, what):
@@ -84,6 +88,8 @@ def run_checks(base_url, api_key):
     except openai.BadRequestError as e:
         check(e.body.get("code") == "context_length_exceeded",
               f"over the context -> {e.body.get('message')}")
+    check_openapi(base_url, model)
+
     if api_key:
         wrong = openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong", max_retries=0)
         try:
@@ -91,6 +97,24 @@ def run_checks(base_url, api_key):
             check(False, "a wrong key is refused")
         except openai.AuthenticationError:
             check(True, "wrong API key -> AuthenticationError")
+
+
+def check_openapi(base_url, model):
+    """The served document is valid OpenAPI and describes what the server answers."""
+    with urllib.request.urlopen(f"{base_url}/openapi.json") as r:
+        doc = json.load(r)
+    validate_openapi(doc)
+    check(True, f"/openapi.json is a valid OpenAPI {doc['openapi']} document")
+    routes = {"/v1/completions": ["post"], "/v1/chat/completions": ["post"],
+              "/v1/models": ["get", "head"], "/health": ["get", "head"],
+              "/metrics": ["get", "head"], "/openapi.json": ["get", "head"]}
+    for path, methods in routes.items():
+        check(all(m in doc["paths"].get(path, {}) for m in methods),
+              f"the document describes {', '.join(m.upper() for m in methods)} {path}")
+    schemas = doc["components"]["schemas"]
+    check(schemas["CompletionRequest"]["required"] == ["prompt"]
+          and schemas["ChatCompletionRequest"]["required"] == ["messages"],
+          "the requests' required fields are prompt and messages")
 
 
 def main():

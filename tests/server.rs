@@ -1,9 +1,10 @@
 //! `vkv serve` as users run it: the real binary on a free port with the real SmolLM2, spoken to by
 //! a real HTTP client (hyper's). Completions and chat, whole and streamed; the streamed text is
 //! the whole text for the same seed; usage counts; every client mistake gets its status and
-//! OpenAI-shaped error; 200 concurrent streams all finish; clients that disconnect (streamed or
-//! not) leave no KV memory behind; `/metrics` is valid Prometheus text; SIGTERM lets requests in
-//! flight finish and exits cleanly.
+//! OpenAI-shaped error naming the field; the OpenAPI document lists every route and method; a 405
+//! carries `Allow` and HEAD is GET without a body; 200 concurrent streams all finish; clients
+//! that disconnect (streamed or not) leave no KV memory behind; `/metrics` is valid Prometheus
+//! text; SIGTERM lets requests in flight finish and exits cleanly.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
@@ -315,6 +316,19 @@ fn parse_prometheus(text: &str) -> HashMap<String, f64> {
     samples
 }
 
+/// One request written on a fresh connection, and everything the server sends until it closes.
+fn raw_exchange(addr: &str, request: &str) -> String {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(LIMIT)).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    stream
+        .read_to_end(&mut out)
+        .expect("read until the server closes");
+    String::from_utf8(out).expect("UTF-8")
+}
+
 async fn metrics(c: &HttpClient, s: &Server) -> HashMap<String, f64> {
     let (status, text) = get(c, &s.url("/metrics")).await;
     assert_eq!(status, StatusCode::OK);
@@ -362,7 +376,21 @@ fn completions_and_chat_whole_and_streamed() {
         let (status, doc) = get(&c, &s.url("/openapi.json")).await;
         assert_eq!(status, StatusCode::OK);
         let doc: Value = serde_json::from_str(&doc).unwrap();
-        assert!(doc["paths"]["/v1/chat/completions"]["post"].is_object());
+        for (path, methods) in [
+            ("/v1/completions", &["post"][..]),
+            ("/v1/chat/completions", &["post"]),
+            ("/v1/models", &["get", "head"]),
+            ("/health", &["get", "head"]),
+            ("/metrics", &["get", "head"]),
+            ("/openapi.json", &["get", "head"]),
+        ] {
+            for m in methods {
+                assert!(doc["paths"][path][m].is_object(), "{m} {path} in the document");
+            }
+        }
+        // The document knows the served model's vocabulary.
+        let vocab = models["data"][0]["vocab_size"].as_u64().unwrap();
+        assert_eq!(doc["components"]["schemas"]["TokenId"]["maximum"].as_u64(), Some(vocab - 1));
 
         // A completion, whole: OpenAI's shape, exact usage.
         let url = s.url("/v1/completions");
@@ -506,6 +534,15 @@ fn client_mistakes_get_openai_errors() {
             ("stream_options without stream", &completions, ok(json!({"prompt": "a", "stream_options": {"include_usage": true}})), Some("stream_options"), &[]),
             ("no messages", &chat, ok(json!({"messages": []})), Some("messages"), &["messages"]),
             ("bad role", &chat, ok(json!({"messages": [{"role": "robot", "content": "hi"}]})), Some("messages[0].role"), &["robot"]),
+            ("tiny top_p", &completions, ok(json!({"prompt": "a", "top_p": 2.8e-78})), Some("top_p"), &["2.8e-78"]),
+            ("empty token list", &completions, ok(json!({"prompt": [[]]})), Some("prompt"), &["empty"]),
+            ("empty string in a list", &completions, ok(json!({"prompt": [""]})), Some("prompt"), &["empty"]),
+            ("two prompts", &completions, ok(json!({"prompt": ["a", "b"]})), Some("prompt"), &["one prompt"]),
+            ("negative token id", &completions, ok(json!({"prompt": [1, -2]})), Some("prompt[1]"), &["-2"]),
+            ("empty stop string", &completions, ok(json!({"prompt": "a", "stop": ["x", ""]})), Some("stop"), &["empty"]),
+            ("user message without content", &chat, ok(json!({"messages": [{"role": "user"}]})), Some("messages[0].content"), &["missing"]),
+            ("text part without text", &chat, ok(json!({"messages": [{"role": "user", "content": [{"type": "text"}]}]})), Some("messages[0].content[0].text"), &["missing"]),
+            ("unknown message field", &chat, ok(json!({"messages": [{"role": "user", "content": "hi", "tool_calls": []}]})), Some("messages[0].tool_calls"), &["tool_calls"]),
             ("chat over the context", &chat, ok(json!({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 4000})), Some("max_completion_tokens"), &["4000", "2048"]),
         ];
         for (what, url, body, param, needles) in cases {
@@ -537,6 +574,16 @@ fn client_mistakes_get_openai_errors() {
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
         let r = send(&c, Method::GET, &completions, Bytes::new(), Some(key)).await;
         assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(r.headers()["allow"], "POST");
+        let r = send(&c, Method::POST, &s.url("/health"), Bytes::new(), Some(key)).await;
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(r.headers()["allow"], "GET, HEAD");
+        // HEAD /health: GET's status and headers, no body (read off the socket itself).
+        let raw = raw_exchange(&s.addr, "HEAD /health HTTP/1.1\r\nHost: vkv\r\nConnection: close\r\n\r\n");
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or_else(|| panic!("{raw:?}"));
+        assert!(head.starts_with("HTTP/1.1 200"), "{raw:?}");
+        assert!(head.to_ascii_lowercase().contains(&format!("content-length: {}", r#"{"status":"ok"}"#.len())), "{raw:?}");
+        assert_eq!(body, "", "HEAD has no body");
         // No mistake above was a 500, and the server still serves.
         let m = metrics(&c, &s).await;
         assert!(m.keys().all(|k| !k.contains("status=\"5")), "{m:?}");

@@ -1,10 +1,14 @@
 //! The routes: one hyper service over the shared [`AppState`] (the engine handle, the
-//! configuration, the metrics), answering `POST /v1/completions`, `POST /v1/chat/completions`,
-//! `GET /v1/models`, `GET /health`, `GET /metrics` and `GET /openapi.json`.
+//! configuration, the metrics, the OpenAPI document), answering `POST /v1/completions`,
+//! `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, `GET /metrics` and
+//! `GET /openapi.json` (and `HEAD` wherever `GET` goes). The request's method and path become a
+//! [`Route`] once; each route has one handler function whose `#[utoipa::path]` attribute is its
+//! operation in the OpenAPI document ([`crate::openapi`]).
 //!
-//! A generation request goes: API key → body (at most `max_body_bytes`, else 413) → fields
-//! ([`ApiRequest::parse`], 400 naming the field) → model name → tokens ([`ApiRequest::to_generation`])
-//! → [`Engine::submit`] with a channel of its own. Then either the whole answer is collected, or the
+//! A generation request goes: API key → body (at most `max_body_bytes`, else 413) → typed request
+//! and its checks ([`parse_request`], 400 naming the field) → model name → tokens
+//! ([`ValidRequest::to_generation`](crate::openai::ValidRequest::to_generation)) →
+//! [`Engine::submit`] with a channel of its own. Then either the whole answer is collected, or the
 //! channel becomes the response body ([`EventStream`], SSE). Either way an [`AbortOnDrop`] guard
 //! holds the request id: if the client goes away (hyper drops the handler's future or the body),
 //! the guard aborts the request in the engine at once, which frees its KV memory within a step.
@@ -20,15 +24,23 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::header::{HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{
+    HeaderValue, ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE,
+};
 use hyper::{Method, Request, Response, StatusCode};
-use serde_json::json;
+use serde::Serialize;
 use vkv_engine::engine::{event_channel, Engine, EventKind, EventReceiver, Finished, RequestId};
 use vkv_engine::generate::FinishReason;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::metrics::ServerMetrics;
-use crate::openai::{ApiRequest, Endpoint, ResponseHead};
+use crate::openai::request::{ChatCompletionRequest, CompletionRequest};
+use crate::openai::response::{
+    json_text, ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, Health,
+    HealthStatus, ListObject, ModelCard, ModelList, ModelObject,
+};
+use crate::openai::{parse_request, Endpoint, ResponseHead};
+use crate::route::Route;
 use crate::ServerConfig;
 
 /// What every connection shares.
@@ -39,6 +51,8 @@ pub struct AppState {
     /// Unix seconds at start (the model's `created`).
     started: u64,
     next_id: AtomicU64,
+    /// `/openapi.json`, written once.
+    openapi: Bytes,
 }
 
 fn unix_now() -> u64 {
@@ -49,7 +63,10 @@ fn unix_now() -> u64 {
 
 impl AppState {
     pub fn new(engine: Arc<Engine>, config: ServerConfig) -> AppState {
+        let vocab_size = engine.model().model.config.vocab_size;
+        let openapi = Bytes::from(crate::openapi::document(vocab_size).to_string());
         AppState {
+            openapi,
             engine,
             config,
             metrics: ServerMetrics::default(),
@@ -60,81 +77,42 @@ impl AppState {
 
     /// Answer one HTTP request (never fails: errors are OpenAI-shaped responses).
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ApiBody> {
-        let (route, result) = self.route(req).await;
-        let response = result.unwrap_or_else(|e| error_response(&e));
-        self.metrics.response(route, response.status().as_u16());
+        let head = req.method() == Method::HEAD;
+        let (route, result) = match Route::parse(req.method(), req.uri().path()) {
+            Ok(route) => (Some(route), self.dispatch(route, req).await),
+            Err((route, e)) => (route, Err(e)),
+        };
+        let mut response = result.unwrap_or_else(|e| error_response(&e));
+        if head {
+            // As GET, without the body (RFC 9110 section 9.3.2): its length stays in the header.
+            let length = response.body().size_hint().exact();
+            if let Some(length) = length {
+                response
+                    .headers_mut()
+                    .insert(CONTENT_LENGTH, HeaderValue::from(length));
+            }
+            *response.body_mut() = ApiBody::Full(None);
+        }
+        self.metrics.response(
+            route.map_or("other", Route::path),
+            response.status().as_u16(),
+        );
         response
     }
 
-    async fn route(
+    async fn dispatch(
         self: &Arc<Self>,
+        route: Route,
         req: Request<Incoming>,
-    ) -> (&'static str, Result<Response<ApiBody>, ApiError>) {
-        let path = req.uri().path().to_string();
-        let method = req.method().clone();
-        let (route, allowed): (&'static str, Method) = match path.as_str() {
-            "/v1/completions" => ("/v1/completions", Method::POST),
-            "/v1/chat/completions" => ("/v1/chat/completions", Method::POST),
-            "/v1/models" => ("/v1/models", Method::GET),
-            "/health" => ("/health", Method::GET),
-            "/metrics" => ("/metrics", Method::GET),
-            "/openapi.json" => ("/openapi.json", Method::GET),
-            _ => return ("other", Err(ApiError::not_found(&path))),
-        };
-        if method != allowed {
-            let e = ApiError::method_not_allowed(method.as_str(), &path, allowed.as_str());
-            return (route, Err(e));
+    ) -> Result<Response<ApiBody>, ApiError> {
+        match route {
+            Route::Health => Ok(health(self)),
+            Route::Metrics => Ok(metrics(self)),
+            Route::OpenApi => Ok(openapi_json(self)),
+            Route::Models => models(self, &req),
+            Route::Completions => completions(self, req).await,
+            Route::ChatCompletions => chat_completions(self, req).await,
         }
-        let result = match route {
-            "/health" => Ok(self.health()),
-            "/metrics" => Ok(self.metrics_text()),
-            "/openapi.json" => Ok(json_response(StatusCode::OK, &crate::openapi::document())),
-            _ => match self.check_key(&req) {
-                Err(e) => Err(e),
-                Ok(()) => match route {
-                    "/v1/models" => Ok(json_response(StatusCode::OK, &self.models())),
-                    "/v1/completions" => self.generate(req, Endpoint::Completions).await,
-                    _ => self.generate(req, Endpoint::ChatCompletions).await,
-                },
-            },
-        };
-        (route, result)
-    }
-
-    fn health(&self) -> Response<ApiBody> {
-        if self.engine.is_alive() {
-            json_response(StatusCode::OK, &json!({"status": "ok"}))
-        } else {
-            error_response(&ApiError::unavailable("the engine thread has stopped"))
-        }
-    }
-
-    fn metrics_text(&self) -> Response<ApiBody> {
-        let text = self
-            .metrics
-            .render(&self.engine.metrics(), self.engine.is_alive());
-        let mut r = Response::new(ApiBody::full(text));
-        r.headers_mut().insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-        );
-        r
-    }
-
-    fn models(&self) -> serde_json::Value {
-        let c = &self.engine.model().model.config;
-        json!({
-            "object": "list",
-            "data": [{
-                "id": self.config.served_model_name,
-                "object": "model",
-                "created": self.started,
-                "owned_by": "vkv",
-                // vLLM's extra; and vkv's, so a load generator can make token-id prompts.
-                "max_model_len": self.engine.max_model_len(),
-                "vocab_size": c.vocab_size,
-            }],
-        })
     }
 
     /// `Authorization: Bearer KEY` when the server has a key (compared in constant time).
@@ -193,7 +171,7 @@ impl AppState {
         endpoint: Endpoint,
     ) -> Result<Response<ApiBody>, ApiError> {
         let body = self.read_body(req).await?;
-        let request = ApiRequest::parse(&body, endpoint)?;
+        let request = parse_request(&body, endpoint)?;
         let name = &self.config.served_model_name;
         if let Some(model) = &request.model {
             if model != name {
@@ -291,6 +269,139 @@ impl AppState {
     }
 }
 
+// The route handlers. Their `#[utoipa::path]` attributes are the document's operations.
+
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    summary = "Continue a prompt.",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "The whole completion, or (`stream: true`) server-sent events: one `data:` line per chunk, then `data: [DONE]`.",
+         content((Completion = "application/json"), (CompletionChunk = "text/event-stream"))),
+        (status = 400, description = "A mistake in the request; `param` names the field.", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key.", body = ErrorBody),
+        (status = 413, description = "The body is over the size limit.", body = ErrorBody),
+        (status = 503, description = "The engine has stopped or is shutting down.", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub(crate) async fn completions(
+    state: &Arc<AppState>,
+    req: Request<Incoming>,
+) -> Result<Response<ApiBody>, ApiError> {
+    state.check_key(&req)?;
+    state.generate(req, Endpoint::Completions).await
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    summary = "Answer a conversation, through the model's chat template.",
+    request_body = ChatCompletionRequest,
+    responses(
+        (status = 200, description = "The whole chat completion, or (`stream: true`) server-sent events: one `data:` line per chunk, then `data: [DONE]`.",
+         content((ChatCompletion = "application/json"), (ChatCompletionChunk = "text/event-stream"))),
+        (status = 400, description = "A mistake in the request; `param` names the field.", body = ErrorBody),
+        (status = 401, description = "Missing or wrong API key.", body = ErrorBody),
+        (status = 413, description = "The body is over the size limit.", body = ErrorBody),
+        (status = 503, description = "The engine has stopped or is shutting down.", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub(crate) async fn chat_completions(
+    state: &Arc<AppState>,
+    req: Request<Incoming>,
+) -> Result<Response<ApiBody>, ApiError> {
+    state.check_key(&req)?;
+    state.generate(req, Endpoint::ChatCompletions).await
+}
+
+#[utoipa::path(
+    method(get, head),
+    path = "/v1/models",
+    summary = "The served model.",
+    responses(
+        (status = 200, description = "The one served model.", body = ModelList),
+        (status = 401, description = "Missing or wrong API key.", body = ErrorBody),
+    ),
+    security((), ("bearer" = []))
+)]
+pub(crate) fn models(
+    state: &AppState,
+    req: &Request<Incoming>,
+) -> Result<Response<ApiBody>, ApiError> {
+    state.check_key(req)?;
+    let c = &state.engine.model().model.config;
+    let list = ModelList {
+        object: ListObject::List,
+        data: vec![ModelCard {
+            id: state.config.served_model_name.clone(),
+            object: ModelObject::Model,
+            created: state.started,
+            owned_by: "vkv".into(),
+            max_model_len: state.engine.max_model_len(),
+            vocab_size: c.vocab_size,
+        }],
+    };
+    Ok(json_response(StatusCode::OK, &list))
+}
+
+#[utoipa::path(
+    method(get, head),
+    path = "/health",
+    summary = "Whether the engine thread runs (no API key needed).",
+    responses(
+        (status = 200, description = "The engine thread runs.", body = Health),
+        (status = 503, description = "The engine thread has stopped.", body = ErrorBody),
+    )
+)]
+pub(crate) fn health(state: &AppState) -> Response<ApiBody> {
+    if state.engine.is_alive() {
+        json_response(
+            StatusCode::OK,
+            &Health {
+                status: HealthStatus::Ok,
+            },
+        )
+    } else {
+        error_response(&ApiError::unavailable("the engine thread has stopped"))
+    }
+}
+
+#[utoipa::path(
+    method(get, head),
+    path = "/metrics",
+    summary = "Prometheus text: requests by route and status and by finish reason, running and waiting requests, KV bytes, TTFT/TPOT/ITL/E2E histograms, preemptions, map waits (no API key needed).",
+    responses(
+        (status = 200, description = "Prometheus text exposition, version 0.0.4.",
+         body = String, content_type = "text/plain; version=0.0.4; charset=utf-8"),
+    )
+)]
+pub(crate) fn metrics(state: &AppState) -> Response<ApiBody> {
+    let text = state
+        .metrics
+        .render(&state.engine.metrics(), state.engine.is_alive());
+    let mut r = Response::new(ApiBody::full(text));
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}
+
+#[utoipa::path(
+    method(get, head),
+    path = "/openapi.json",
+    summary = "This document.",
+    responses(
+        (status = 200, description = "OpenAPI 3.1, generated from the server's own types.", body = Object),
+    )
+)]
+pub(crate) fn openapi_json(state: &AppState) -> Response<ApiBody> {
+    json_bytes(StatusCode::OK, state.openapi.clone())
+}
+
 /// Aborts its request in the engine when dropped while armed: the client went away.
 struct AbortOnDrop {
     engine: Arc<Engine>,
@@ -327,8 +438,8 @@ pub struct EventStream {
     state: Arc<AppState>,
 }
 
-fn sse(value: &serde_json::Value) -> String {
-    format!("data: {value}\n\n")
+fn sse<T: Serialize>(value: &T) -> String {
+    format!("data: {}\n\n", json_text(value))
 }
 
 impl EventStream {
@@ -427,14 +538,23 @@ impl Body for ApiBody {
     }
 }
 
-fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<ApiBody> {
-    let mut r = Response::new(ApiBody::full(value.to_string()));
+fn json_bytes(status: StatusCode, body: impl Into<Bytes>) -> Response<ApiBody> {
+    let mut r = Response::new(ApiBody::full(body));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
+fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response<ApiBody> {
+    json_bytes(status, json_text(value))
+}
+
 fn error_response(e: &ApiError) -> Response<ApiBody> {
-    json_response(e.status, &e.body())
+    let mut r = json_bytes(e.status, e.json());
+    if let Some(allow) = e.allow {
+        r.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static(allow));
+    }
+    r
 }

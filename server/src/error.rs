@@ -6,8 +6,11 @@
 //! that failed), never for something a client sent.
 
 use hyper::StatusCode;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 use vkv_engine::engine::EngineError;
+
+use crate::openai::response::json_text;
 
 /// One error response.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -21,6 +24,28 @@ pub struct ApiError {
     pub param: Option<String>,
     /// A machine-readable code: `context_length_exceeded`, `invalid_api_key`, ...
     pub code: Option<&'static str>,
+    /// 405 only: the methods the route takes (the `Allow` header, RFC 9110 section 10.2.1).
+    pub allow: Option<&'static str>,
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// OpenAI's error object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    pub message: String,
+    /// `invalid_request_error`, `authentication_error`, `server_error`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The request field at fault (`messages[0].role`), if one is.
+    pub param: Option<String>,
+    /// `context_length_exceeded`, `invalid_api_key`, `model_not_found`, `not_found`,
+    /// `method_not_allowed`, `request_too_large`, `service_unavailable`.
+    pub code: Option<String>,
 }
 
 impl ApiError {
@@ -32,6 +57,7 @@ impl ApiError {
             message: message.into(),
             param: param.into(),
             code: None,
+            allow: None,
         }
     }
 
@@ -52,6 +78,7 @@ impl ApiError {
             message: message.into(),
             param: None,
             code: Some("invalid_api_key"),
+            allow: None,
         }
     }
 
@@ -62,6 +89,7 @@ impl ApiError {
             message: format!("the request body is larger than the limit of {limit} bytes"),
             param: None,
             code: Some("request_too_large"),
+            allow: None,
         }
     }
 
@@ -72,16 +100,19 @@ impl ApiError {
             message: format!("no route for {path}"),
             param: None,
             code: Some("not_found"),
+            allow: None,
         }
     }
 
-    pub fn method_not_allowed(method: &str, path: &str, allowed: &str) -> ApiError {
+    /// 405; `allow` is the `Allow` header's value (`GET, HEAD`).
+    pub fn method_not_allowed(method: &str, path: &str, allow: &'static str) -> ApiError {
         ApiError {
             status: StatusCode::METHOD_NOT_ALLOWED,
             kind: "invalid_request_error",
-            message: format!("{path} takes {allowed}, not {method}"),
+            message: format!("{path} takes {allow}, not {method}"),
             param: None,
             code: Some("method_not_allowed"),
+            allow: Some(allow),
         }
     }
 
@@ -92,6 +123,7 @@ impl ApiError {
             message: message.into(),
             param: None,
             code: Some("service_unavailable"),
+            allow: None,
         }
     }
 
@@ -102,6 +134,7 @@ impl ApiError {
             message: message.into(),
             param: None,
             code: None,
+            allow: None,
         }
     }
 
@@ -135,16 +168,21 @@ impl ApiError {
         }
     }
 
-    /// The JSON body.
-    pub fn body(&self) -> serde_json::Value {
-        json!({
-            "error": {
-                "message": self.message,
-                "type": self.kind,
-                "param": self.param,
-                "code": self.code,
-            }
-        })
+    /// The body.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                message: self.message.clone(),
+                kind: self.kind.to_string(),
+                param: self.param.clone(),
+                code: self.code.map(str::to_string),
+            },
+        }
+    }
+
+    /// The body as JSON text.
+    pub fn json(&self) -> String {
+        json_text(&self.body())
     }
 }
 
@@ -165,11 +203,12 @@ mod tests {
         );
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
         assert_eq!(e.param.as_deref(), Some("max_completion_tokens"));
-        let body = e.body();
+        let body: serde_json::Value = serde_json::from_str(&e.json()).unwrap();
         let message = body["error"]["message"].as_str().unwrap();
         assert!(message.contains("10") && message.contains("9000") && message.contains("8192"));
         assert_eq!(body["error"]["code"], "context_length_exceeded");
         assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert!(body["error"]["param"].is_string());
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //! - [`serve`]: hyper 1.x (HTTP/1.1) on tokio, one task per connection, answering the
 //!   OpenAI-compatible API ([`api`]: completions and chat completions, whole or streamed as SSE
 //!   ending in `data: [DONE]`; models; health; Prometheus [`metrics`]; the [`openapi`] document).
-//!   Errors are OpenAI-shaped with a 4xx status for the client's mistakes ([`error`]); requests
-//!   are read and checked field by field ([`openai`]). It talks to the model only through the
+//!   Routes are an enum parsed once from method and path ([`route`]). Errors are OpenAI-shaped
+//!   with a 4xx status for the client's mistakes ([`error`]); requests and responses are typed
+//!   serde structs, checked once into the engine's request ([`openai`]), and the OpenAPI document
+//!   is generated from the same types. It talks to the model only through the
 //!   engine's request channel: one event channel per HTTP request, aborted when the client goes.
 //! - Shutdown (SIGINT / SIGTERM through [`shutdown_signal`], or any future): stop accepting,
 //!   let requests in flight finish for up to `shutdown_timeout` (a second signal cuts it short),
@@ -18,6 +20,7 @@ pub mod error;
 pub mod metrics;
 pub mod openai;
 pub mod openapi;
+pub mod route;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -1,0 +1,1082 @@
+//! The request bodies of `/v1/completions` ([`CompletionRequest`]) and `/v1/chat/completions`
+//! ([`ChatCompletionRequest`]) as typed structs, the checks a client's mistake needs (their
+//! `validate`, into a [`ValidRequest`]), and tokenizing into the engine's [`GenerationRequest`].
+//!
+//! Invariants: the schema each type gives the OpenAPI document is what `validate` accepts, where
+//! JSON Schema can say it (types, required fields, ranges, lengths, neutral-only values); what it
+//! cannot (the prompt and `max_tokens` fitting the context, a text prompt tokenizing to at least
+//! one token, token ids below the vocabulary size, which the served document states) is checked
+//! here or by the engine and named in the field's description. Every refusal is a 400 naming its
+//! field.
+
+use std::fmt;
+
+use serde::de::{self, IgnoredAny, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_json::{Map, Value};
+use utoipa::openapi::schema::{
+    AdditionalProperties, ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type,
+};
+use utoipa::openapi::{Ref, RefOr};
+use utoipa::{PartialSchema, ToSchema};
+use vkv_engine::engine::{GenerationRequest, StopConditions};
+use vkv_engine::sampler::SamplingParams;
+use vkv_engine::tokenizer::{ChatMessage, Tokenizer};
+
+use super::{optional_object, Endpoint, Object};
+use crate::error::ApiError;
+
+/// The smallest `top_p` the sampler keeps apart from 0: it samples in `f32`, where a smaller
+/// positive number is subnormal or rounds to 0 (`f32::MIN_POSITIVE`, exactly).
+pub const MIN_TOP_P: f64 = 1.1754943508222875e-38;
+
+/// A token id (`u32`). Its schema's `maximum` is `u32::MAX` here; the served document states
+/// the served model's last id (see [`crate::openapi::document`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct TokenId(pub u32);
+
+impl PartialSchema for TokenId {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .minimum(Some(0))
+            .maximum(Some(u32::MAX as usize))
+            .description(Some(
+                "A token id of the served model's vocabulary (below `vocab_size` in /v1/models).",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for TokenId {}
+
+fn ids(tokens: &[TokenId]) -> Vec<u32> {
+    tokens.iter().map(|t| t.0).collect()
+}
+
+/// The `prompt` of a completion: text or token ids, alone or as the one element of an array
+/// (this server takes one prompt per request).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    Text(String),
+    Tokens(Vec<u32>),
+}
+
+impl<'de> Deserialize<'de> for Prompt {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Prompt, D::Error> {
+        /// One element of a prompt array.
+        enum Item {
+            Token(u32),
+            Text(String),
+            Tokens(Vec<u32>),
+        }
+        impl<'de> Deserialize<'de> for Item {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Item, D::Error> {
+                struct ItemVisitor;
+                impl<'de> Visitor<'de> for ItemVisitor {
+                    type Value = Item;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        f.write_str("a token id, a string or an array of token ids")
+                    }
+                    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Item, E> {
+                        u32::try_from(v)
+                            .map(Item::Token)
+                            .map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &"u32"))
+                    }
+                    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Item, E> {
+                        u64::try_from(v)
+                            .map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &"u32"))
+                            .and_then(|v| self.visit_u64(v))
+                    }
+                    fn visit_str<E: de::Error>(self, v: &str) -> Result<Item, E> {
+                        Ok(Item::Text(v.to_string()))
+                    }
+                    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Item, A::Error> {
+                        let mut ids = Vec::new();
+                        while let Some(TokenId(t)) = seq.next_element()? {
+                            ids.push(t);
+                        }
+                        Ok(Item::Tokens(ids))
+                    }
+                }
+                d.deserialize_any(ItemVisitor)
+            }
+        }
+
+        struct PromptVisitor;
+        impl<'de> Visitor<'de> for PromptVisitor {
+            type Value = Prompt;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string, an array of token ids, or an array of one of those")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Prompt, E> {
+                Ok(Prompt::Text(v.to_string()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Prompt, A::Error> {
+                const N1: &str = "this server takes one prompt per request (n = 1); send one string or one array of token ids";
+                let prompt = match seq.next_element::<Item>()? {
+                    None => return Ok(Prompt::Tokens(Vec::new())),
+                    Some(Item::Token(first)) => {
+                        let mut ids = vec![first];
+                        while let Some(TokenId(t)) = seq.next_element()? {
+                            ids.push(t);
+                        }
+                        return Ok(Prompt::Tokens(ids));
+                    }
+                    Some(Item::Text(text)) => Prompt::Text(text),
+                    Some(Item::Tokens(ids)) => Prompt::Tokens(ids),
+                };
+                if seq.next_element::<IgnoredAny>()?.is_some() {
+                    return Err(de::Error::custom(N1));
+                }
+                Ok(prompt)
+            }
+        }
+        d.deserialize_any(PromptVisitor)
+    }
+}
+
+impl PartialSchema for Prompt {
+    fn schema() -> RefOr<Schema> {
+        let text = || {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+        };
+        let tokens = || {
+            ArrayBuilder::new()
+                .items(Ref::from_schema_name(TokenId::name()))
+                .min_items(Some(1))
+        };
+        OneOfBuilder::new()
+            .item(text())
+            .item(tokens())
+            .item(
+                ArrayBuilder::new()
+                    .items(text())
+                    .min_items(Some(1))
+                    .max_items(Some(1)),
+            )
+            .item(
+                ArrayBuilder::new()
+                    .items(tokens())
+                    .min_items(Some(1))
+                    .max_items(Some(1)),
+            )
+            .description(Some(
+                "One prompt: text (tokenized with the model's tokenizer, special tokens added) or token ids, alone or as the one element of an array. It must leave room for output in the context (`max_model_len` in /v1/models).",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for Prompt {}
+
+/// `stop`: one string or several.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stop(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for Stop {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Stop, D::Error> {
+        struct StopVisitor;
+        impl<'de> Visitor<'de> for StopVisitor {
+            type Value = Stop;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string or an array of strings")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Stop, E> {
+                Ok(Stop(vec![v.to_string()]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Stop, A::Error> {
+                let mut all = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    all.push(s);
+                }
+                Ok(Stop(all))
+            }
+        }
+        d.deserialize_any(StopVisitor)
+    }
+}
+
+impl PartialSchema for Stop {
+    fn schema() -> RefOr<Schema> {
+        let text = || {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .min_length(Some(1))
+        };
+        OneOfBuilder::new()
+            .item(text())
+            .item(ArrayBuilder::new().items(text()))
+            .description(Some(
+                "The output ends just before the first of these strings (which it leaves out).",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for Stop {}
+
+/// A text part of a chat message's content (the only kind this server reads).
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ContentPart {
+    Text { text: String },
+}
+
+/// A chat message's content: a string, or text parts (joined).
+#[derive(Debug, Clone, PartialEq)]
+pub enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+impl MessageContent {
+    fn text(&self) -> String {
+        match self {
+            MessageContent::Text(t) => t.clone(),
+            MessageContent::Parts(parts) => parts
+                .iter()
+                .map(|ContentPart::Text { text }| text.as_str())
+                .collect(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MessageContent {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<MessageContent, D::Error> {
+        struct ContentVisitor;
+        impl<'de> Visitor<'de> for ContentVisitor {
+            type Value = MessageContent;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a string or an array of text parts ({"type": "text", "text": ...})"#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<MessageContent, E> {
+                Ok(MessageContent::Text(v.to_string()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<MessageContent, A::Error> {
+                let mut parts = Vec::new();
+                while let Some(Object(p)) = seq.next_element()? {
+                    parts.push(p);
+                }
+                Ok(MessageContent::Parts(parts))
+            }
+        }
+        d.deserialize_any(ContentVisitor)
+    }
+}
+
+impl PartialSchema for MessageContent {
+    fn schema() -> RefOr<Schema> {
+        OneOfBuilder::new()
+            .item(ObjectBuilder::new().schema_type(Type::String))
+            .item(ArrayBuilder::new().items(Ref::from_schema_name(ContentPart::name())))
+            .into()
+    }
+}
+
+impl ToSchema for MessageContent {}
+
+/// The roles a message may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    System,
+    Developer,
+    User,
+    Assistant,
+}
+
+/// A message as it is read: every field checked for its type, `content` may be missing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMessage {
+    pub role: Role,
+    pub content: Option<MessageContent>,
+    pub name: Option<String>,
+}
+
+/// Only an assistant's message may leave `content` out: serde's own words, so the field path
+/// ends in `.content` (see [`super::json_error`]).
+#[derive(Debug, thiserror::Error)]
+#[error("missing field `content`")]
+pub struct MissingContent;
+
+impl TryFrom<Object<RawMessage>> for Message {
+    type Error = MissingContent;
+
+    fn try_from(Object(m): Object<RawMessage>) -> Result<Message, MissingContent> {
+        let name = m.name;
+        Ok(match (m.role, m.content) {
+            (Role::Assistant, content) => Message::Assistant { content, name },
+            (_, None) => return Err(MissingContent),
+            (Role::System, Some(content)) => Message::System { content, name },
+            (Role::Developer, Some(content)) => Message::Developer { content, name },
+            (Role::User, Some(content)) => Message::User { content, name },
+        })
+    }
+}
+
+/// One message of a conversation. `developer` is OpenAI's newer name for `system` (and given to
+/// the chat template as `system`); `name` is accepted and not given to the template.
+#[derive(Debug, Clone, PartialEq, Deserialize, ToSchema)]
+#[serde(
+    tag = "role",
+    rename_all = "snake_case",
+    deny_unknown_fields,
+    try_from = "Object<RawMessage>"
+)]
+pub enum Message {
+    System {
+        content: MessageContent,
+        name: Option<String>,
+    },
+    Developer {
+        content: MessageContent,
+        name: Option<String>,
+    },
+    User {
+        content: MessageContent,
+        name: Option<String>,
+    },
+    Assistant {
+        content: Option<MessageContent>,
+        name: Option<String>,
+    },
+}
+
+impl Message {
+    /// The message as the chat template takes it.
+    fn to_chat(&self) -> ChatMessage {
+        match self {
+            Message::System { content, .. } | Message::Developer { content, .. } => {
+                ChatMessage::new("system", content.text())
+            }
+            Message::User { content, .. } => ChatMessage::new("user", content.text()),
+            Message::Assistant { content, .. } => ChatMessage::new(
+                "assistant",
+                content
+                    .as_ref()
+                    .map(MessageContent::text)
+                    .unwrap_or_default(),
+            ),
+        }
+    }
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StreamOptions {
+    /// A last chunk with no choices carries `usage`; every chunk before it has `"usage": null`.
+    pub include_usage: Option<bool>,
+}
+
+// Schemas of the fields accepted at their neutral value only.
+
+/// `kind` or null, `value` only (or null).
+fn only(kind: Type, value: Value, description: &str) -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([kind, Type::Null]))
+        .enum_values(Some([value, Value::Null]))
+        .description(Some(description))
+}
+
+fn only_false() -> ObjectBuilder {
+    only(
+        Type::Boolean,
+        Value::Bool(false),
+        "Not supported by this server: false only.",
+    )
+}
+
+fn only_null() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::Null)
+        .description(Some("Not supported by this server: null only."))
+}
+
+fn only_text_format() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::Object, Type::Null]))
+        .property(
+            "type",
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(["text"])),
+        )
+        .required("type")
+        .additional_properties(Some(AdditionalProperties::<Schema>::FreeForm(false)))
+        .description(Some(
+            r#"Not supported by this server beyond {"type": "text"} (plain text)."#,
+        ))
+}
+
+fn only_empty_object() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::Object, Type::Null]))
+        .max_properties(Some(0))
+        .description(Some("Not supported by this server: empty only."))
+}
+
+fn only_no_tool() -> ObjectBuilder {
+    only(
+        Type::String,
+        Value::String("none".into()),
+        r#"Not supported by this server: "none" only."#,
+    )
+}
+
+/// The neutral-only values, checked (the schema above and the field attributes say the same).
+fn neutral(name: &str, ok: bool, what: &str, found: impl fmt::Display) -> Result<(), ApiError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::field(
+            name,
+            format!("`{name}` is not supported by this server ({what}), found {found}"),
+        ))
+    }
+}
+
+fn json_kind(v: &Value) -> String {
+    match v {
+        Value::String(s) if s.chars().count() <= 40 => format!("the string {s:?}"),
+        Value::String(_) => "a string".into(),
+        Value::Array(a) if a.is_empty() => "an empty array".into(),
+        Value::Array(_) => "an array".into(),
+        Value::Object(_) => "an object".into(),
+        v => v.to_string(),
+    }
+}
+
+/// The fields both endpoints share, then one endpoint's own (the macro keeps them one list, and
+/// one check, for both structs: `deny_unknown_fields` does not work with `#[serde(flatten)]`).
+macro_rules! generation_request {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $(
+                $(#[$field_meta:meta])*
+                pub $field:ident: $ty:ty,
+            )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Deserialize, ToSchema)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            $(
+                $(#[$field_meta])*
+                pub $field: $ty,
+            )*
+            /// The served model's name (see /v1/models); another name is refused.
+            pub model: Option<String>,
+            /// Tokens to generate at most; left out: the rest of the context. The prompt and
+            /// this must fit `max_model_len` (see /v1/models).
+            #[schema(minimum = 1)]
+            pub max_tokens: Option<i64>,
+            /// 0: greedy (the most likely token).
+            #[schema(minimum = 0, maximum = 2, default = 1)]
+            pub temperature: Option<f64>,
+            /// Keep the smallest set of most likely tokens whose probability reaches `top_p`. At
+            /// least the smallest normal f32 (the sampler's precision).
+            #[schema(minimum = 1.1754943508222875e-38, maximum = 1, default = 1)]
+            pub top_p: Option<f64>,
+            /// vLLM extra: keep the `top_k` most likely tokens; -1 or 0: all.
+            #[schema(minimum = -1, default = -1)]
+            pub top_k: Option<i64>,
+            /// Same seed, same prompt, same parameters: the same output.
+            pub seed: Option<i64>,
+            pub stop: Option<Stop>,
+            /// vLLM extra: token ids that also end the output.
+            pub stop_token_ids: Option<Vec<TokenId>>,
+            /// vLLM extra: keep generating past end-of-sequence tokens.
+            #[schema(default = false)]
+            pub ignore_eos: Option<bool>,
+            /// Server-sent events: one `data:` line per chunk, then `data: [DONE]`.
+            #[schema(default = false)]
+            pub stream: Option<bool>,
+            /// Only with `stream: true`.
+            #[serde(default, deserialize_with = "optional_object")]
+            pub stream_options: Option<StreamOptions>,
+            /// Choices per request: 1 only on this server.
+            #[schema(minimum = 1, maximum = 1, default = 1)]
+            pub n: Option<i64>,
+            /// Not supported by this server: 0 only.
+            #[schema(minimum = 0, maximum = 0, default = 0)]
+            pub presence_penalty: Option<f64>,
+            /// Not supported by this server: 0 only.
+            #[schema(minimum = 0, maximum = 0, default = 0)]
+            pub frequency_penalty: Option<f64>,
+            #[schema(schema_with = only_empty_object)]
+            pub logit_bias: Option<Map<String, Value>>,
+            /// Accepted and not used.
+            pub user: Option<String>,
+            /// Accepted and not used.
+            #[schema(value_type = Option<Object>)]
+            pub metadata: Option<Map<String, Value>>,
+            /// Accepted and not used.
+            pub store: Option<bool>,
+            /// Accepted and not used.
+            pub service_tier: Option<String>,
+        }
+
+        impl $name {
+            /// The checks of the fields both endpoints share.
+            fn shared(&self, max_tokens_field: &'static str) -> Result<Shared, ApiError> {
+                let max_tokens = match self.max_tokens {
+                    None => None,
+                    Some(m) if m >= 1 => Some(usize::try_from(m).unwrap_or(usize::MAX)),
+                    Some(m) => {
+                        return Err(ApiError::field(
+                            max_tokens_field,
+                            format!("`{max_tokens_field}` must be at least 1, found {m}"),
+                        ))
+                    }
+                };
+                let temperature = self.temperature.unwrap_or(1.0);
+                if !(0.0..=2.0).contains(&temperature) {
+                    return Err(ApiError::field(
+                        "temperature",
+                        format!("`temperature` must be in [0, 2], found {temperature}"),
+                    ));
+                }
+                let top_p = self.top_p.unwrap_or(1.0);
+                if !(MIN_TOP_P..=1.0).contains(&top_p) {
+                    return Err(ApiError::field(
+                        "top_p",
+                        format!(
+                            "`top_p` must be in (0, 1] and at least {MIN_TOP_P:?} (the smallest normal f32), found {top_p:?}"
+                        ),
+                    ));
+                }
+                let top_k = match self.top_k {
+                    None | Some(-1) | Some(0) => 0,
+                    Some(k) if k > 0 => usize::try_from(k).unwrap_or(usize::MAX),
+                    Some(k) => {
+                        return Err(ApiError::field(
+                            "top_k",
+                            format!("`top_k` must be -1 or 0 (all tokens) or at least 1, found {k}"),
+                        ))
+                    }
+                };
+                if let Some(n) = self.n.filter(|&n| n != 1) {
+                    return Err(ApiError::field(
+                        "n",
+                        format!("`n` must be 1 (one choice per request on this server), found {n}"),
+                    ));
+                }
+                for (name, value) in [
+                    ("presence_penalty", self.presence_penalty),
+                    ("frequency_penalty", self.frequency_penalty),
+                ] {
+                    if let Some(v) = value {
+                        neutral(name, v == 0.0, "0 only", v)?;
+                    }
+                }
+                if let Some(bias) = &self.logit_bias {
+                    neutral("logit_bias", bias.is_empty(), "empty only", "an object with entries")?;
+                }
+                let stop = self.stop.clone().map(|s| s.0).unwrap_or_default();
+                if stop.iter().any(String::is_empty) {
+                    return Err(ApiError::field("stop", "`stop` strings must not be empty"));
+                }
+                let stream = self.stream.unwrap_or(false);
+                let include_usage = match &self.stream_options {
+                    None => false,
+                    Some(_) if !stream => {
+                        return Err(ApiError::field(
+                            "stream_options",
+                            "`stream_options` is only allowed when `stream` is true",
+                        ))
+                    }
+                    Some(o) => o.include_usage.unwrap_or(false),
+                };
+                Ok(Shared {
+                    model: self.model.clone(),
+                    max_tokens,
+                    sampling: SamplingParams {
+                        temperature: temperature as f32,
+                        top_k,
+                        top_p: top_p as f32,
+                        // OpenAI's seed is any 64-bit integer; the bits are what matters.
+                        seed: self.seed.map(|s| s as u64),
+                    },
+                    stop: StopConditions {
+                        stop,
+                        stop_token_ids: self.stop_token_ids.as_deref().map(ids).unwrap_or_default(),
+                        ignore_eos: self.ignore_eos.unwrap_or(false),
+                    },
+                    stream,
+                    include_usage,
+                })
+            }
+        }
+    };
+}
+
+/// What the shared fields come to.
+struct Shared {
+    model: Option<String>,
+    max_tokens: Option<usize>,
+    sampling: SamplingParams,
+    stop: StopConditions,
+    stream: bool,
+    include_usage: bool,
+}
+
+generation_request! {
+    /// `POST /v1/completions`: continue a prompt.
+    pub struct CompletionRequest {
+        pub prompt: Prompt,
+        /// Not supported by this server: false only.
+        #[schema(schema_with = only_false)]
+        pub echo: Option<bool>,
+        /// Not supported by this server: 1 only.
+        #[schema(minimum = 1, maximum = 1, default = 1)]
+        pub best_of: Option<i64>,
+        /// Not supported by this server: null only.
+        #[schema(schema_with = only_null)]
+        pub suffix: Option<String>,
+        /// Log probabilities: not supported by this server, 0 only.
+        #[schema(minimum = 0, maximum = 0)]
+        pub logprobs: Option<i64>,
+    }
+}
+
+generation_request! {
+    /// `POST /v1/chat/completions`: answer a conversation, through the model's chat template.
+    pub struct ChatCompletionRequest {
+        #[schema(min_items = 1)]
+        pub messages: Vec<Message>,
+        /// The same as `max_tokens` (it wins when both are given).
+        #[schema(minimum = 1)]
+        pub max_completion_tokens: Option<i64>,
+        /// Not supported by this server: false only.
+        #[schema(schema_with = only_false)]
+        pub logprobs: Option<bool>,
+        /// Not supported by this server: 0 only.
+        #[schema(minimum = 0, maximum = 0)]
+        pub top_logprobs: Option<i64>,
+        #[schema(schema_with = only_text_format)]
+        pub response_format: Option<Value>,
+        /// Not supported by this server: empty only.
+        #[schema(value_type = Option<Vec<Object>>, max_items = 0)]
+        pub tools: Option<Vec<Value>>,
+        #[schema(schema_with = only_no_tool)]
+        pub tool_choice: Option<Value>,
+        /// Accepted and not used.
+        pub parallel_tool_calls: Option<bool>,
+        /// vLLM extra: end the templated prompt with the assistant's turn.
+        #[schema(default = true)]
+        pub add_generation_prompt: Option<bool>,
+    }
+}
+
+/// What is given to the model, not yet tokenized.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    Prompt(Prompt),
+    Chat {
+        messages: Vec<ChatMessage>,
+        add_generation_prompt: bool,
+    },
+}
+
+/// A request read and checked, not yet tokenized.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    pub endpoint: Endpoint,
+    pub model: Option<String>,
+    pub input: Input,
+    /// `None`: the rest of the context.
+    pub max_tokens: Option<usize>,
+    /// The name the client used for it (`max_tokens` or `max_completion_tokens`).
+    pub max_tokens_field: &'static str,
+    pub sampling: SamplingParams,
+    pub stop: StopConditions,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+impl ValidRequest {
+    fn new(
+        endpoint: Endpoint,
+        input: Input,
+        shared: Shared,
+        max_tokens_field: &'static str,
+    ) -> ValidRequest {
+        ValidRequest {
+            endpoint,
+            model: shared.model,
+            input,
+            max_tokens: shared.max_tokens,
+            max_tokens_field,
+            sampling: shared.sampling,
+            stop: shared.stop,
+            stream: shared.stream,
+            include_usage: shared.include_usage,
+        }
+    }
+}
+
+const EMPTY_PROMPT: &str = "the prompt is empty: it must have at least one token";
+
+impl CompletionRequest {
+    /// Check every field; the error names the field at fault.
+    pub fn validate(self) -> Result<ValidRequest, ApiError> {
+        let shared = self.shared("max_tokens")?;
+        match &self.prompt {
+            Prompt::Text(t) if t.is_empty() => return Err(ApiError::field("prompt", EMPTY_PROMPT)),
+            Prompt::Tokens(t) if t.is_empty() => {
+                return Err(ApiError::field("prompt", EMPTY_PROMPT))
+            }
+            _ => {}
+        }
+        if let Some(e) = self.echo {
+            neutral("echo", !e, "false only", e)?;
+        }
+        if let Some(b) = self.best_of {
+            neutral("best_of", b == 1, "1 only", b)?;
+        }
+        if let Some(s) = &self.suffix {
+            neutral(
+                "suffix",
+                false,
+                "no suffix",
+                json_kind(&Value::String(s.clone())),
+            )?;
+        }
+        if let Some(l) = self.logprobs {
+            neutral("logprobs", l == 0, "no log probabilities", l)?;
+        }
+        Ok(ValidRequest::new(
+            Endpoint::Completions,
+            Input::Prompt(self.prompt),
+            shared,
+            "max_tokens",
+        ))
+    }
+}
+
+impl ChatCompletionRequest {
+    /// Check every field; the error names the field at fault.
+    pub fn validate(mut self) -> Result<ValidRequest, ApiError> {
+        let mut max_tokens_field = "max_tokens";
+        if let Some(m) = self.max_completion_tokens {
+            self.max_tokens = Some(m);
+            max_tokens_field = "max_completion_tokens";
+        }
+        let shared = self.shared(max_tokens_field)?;
+        if self.messages.is_empty() {
+            return Err(ApiError::field(
+                "messages",
+                "`messages` is empty: give at least one message",
+            ));
+        }
+        if let Some(l) = self.logprobs {
+            neutral("logprobs", !l, "false only", l)?;
+        }
+        if let Some(t) = self.top_logprobs {
+            neutral("top_logprobs", t == 0, "0 only", t)?;
+        }
+        if let Some(f) = &self.response_format {
+            let text = f.as_object().is_some_and(|o| {
+                o.len() == 1 && o.get("type").and_then(Value::as_str) == Some("text")
+            });
+            neutral(
+                "response_format",
+                text,
+                r#"{"type": "text"} only"#,
+                json_kind(f),
+            )?;
+        }
+        if let Some(t) = &self.tools {
+            neutral(
+                "tools",
+                t.is_empty(),
+                "no tools",
+                json_kind(&Value::Array(t.clone())),
+            )?;
+        }
+        if let Some(c) = &self.tool_choice {
+            neutral("tool_choice", c == "none", r#""none" only"#, json_kind(c))?;
+        }
+        let input = Input::Chat {
+            messages: self.messages.iter().map(Message::to_chat).collect(),
+            add_generation_prompt: self.add_generation_prompt.unwrap_or(true),
+        };
+        Ok(ValidRequest::new(
+            Endpoint::ChatCompletions,
+            input,
+            shared,
+            max_tokens_field,
+        ))
+    }
+}
+
+impl ValidRequest {
+    /// The engine request: tokenize (through the chat template for chat), and fill in
+    /// `max_tokens` as the rest of the context (`limit` tokens: the smaller of the context length
+    /// and the KV capacity) when it was left out.
+    pub fn to_generation(
+        &self,
+        tokenizer: &Tokenizer,
+        limit: usize,
+    ) -> Result<GenerationRequest, ApiError> {
+        let field = self.endpoint.prompt_field();
+        let prompt = match &self.input {
+            Input::Prompt(Prompt::Tokens(ids)) => ids.clone(),
+            Input::Prompt(Prompt::Text(text)) => tokenizer
+                .encode(text, true)
+                .map_err(|e| ApiError::field(field, format!("tokenizing the prompt: {e}")))?,
+            Input::Chat {
+                messages,
+                add_generation_prompt,
+            } => {
+                let text = tokenizer
+                    .apply_chat_template(messages, *add_generation_prompt)
+                    .map_err(|e| {
+                        ApiError::field(field, format!("applying the chat template: {e}"))
+                    })?;
+                // The template writes the special tokens itself.
+                tokenizer
+                    .encode(&text, false)
+                    .map_err(|e| ApiError::field(field, format!("tokenizing the messages: {e}")))?
+            }
+        };
+        if prompt.is_empty() {
+            return Err(ApiError::field(field, EMPTY_PROMPT));
+        }
+        let max_tokens = match self.max_tokens {
+            Some(m) => m,
+            None if prompt.len() < limit => limit - prompt.len(),
+            None => {
+                return Err(ApiError::field(
+                    field,
+                    format!(
+                        "the prompt has {} tokens, which leaves no room for output in the context length of {limit} tokens",
+                        prompt.len()
+                    ),
+                )
+                .with_code("context_length_exceeded"))
+            }
+        };
+        Ok(GenerationRequest {
+            prompt,
+            max_tokens,
+            sampling: self.sampling,
+            stop: self.stop.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{parse_request, Endpoint};
+    use super::*;
+
+    fn completion(body: &str) -> Result<ValidRequest, ApiError> {
+        parse_request(body.as_bytes(), Endpoint::Completions)
+    }
+
+    fn chat(body: &str) -> Result<ValidRequest, ApiError> {
+        parse_request(body.as_bytes(), Endpoint::ChatCompletions)
+    }
+
+    fn param(r: Result<ValidRequest, ApiError>) -> String {
+        let e = r.expect_err("should be refused");
+        assert_eq!(e.status, hyper::StatusCode::BAD_REQUEST, "{e}");
+        e.param.unwrap_or_default()
+    }
+
+    #[test]
+    fn min_top_p_is_the_smallest_normal_f32() {
+        assert_eq!(MIN_TOP_P, f32::MIN_POSITIVE as f64);
+    }
+
+    #[test]
+    fn a_full_completion_request_reads_every_field() {
+        let r = completion(
+            r#"{"model": "m", "prompt": "Hi", "max_tokens": 7, "temperature": 0.5, "top_p": 0.9,
+                "top_k": 40, "seed": 3, "stop": ["\n", "END"], "stream": true,
+                "stream_options": {"include_usage": true}, "n": 1, "ignore_eos": true,
+                "presence_penalty": 0, "logprobs": null, "user": "me", "stop_token_ids": [2, 3]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.model.as_deref(), Some("m"));
+        assert_eq!(r.input, Input::Prompt(Prompt::Text("Hi".into())));
+        assert_eq!(r.max_tokens, Some(7));
+        assert_eq!(r.sampling.temperature, 0.5);
+        assert_eq!(r.sampling.top_k, 40);
+        assert_eq!(r.sampling.seed, Some(3));
+        assert_eq!(r.stop.stop, vec!["\n".to_string(), "END".to_string()]);
+        assert_eq!(r.stop.stop_token_ids, vec![2, 3]);
+        assert!(r.stop.ignore_eos && r.stream && r.include_usage);
+        let r = completion(r#"{"prompt": "Hi", "seed": -1, "stop": "x"}"#).unwrap();
+        assert_eq!(r.sampling.seed, Some(u64::MAX));
+        assert_eq!(r.stop.stop, vec!["x".to_string()]);
+        assert!(!r.stream && r.max_tokens.is_none());
+    }
+
+    #[test]
+    fn prompts_may_be_token_ids() {
+        let tokens = |r: ValidRequest| match r.input {
+            Input::Prompt(p) => p,
+            i => panic!("{i:?}"),
+        };
+        let r = completion(r#"{"prompt": [1, 2, 3]}"#).unwrap();
+        assert_eq!(tokens(r), Prompt::Tokens(vec![1, 2, 3]));
+        let r = completion(r#"{"prompt": [[4, 5]]}"#).unwrap();
+        assert_eq!(tokens(r), Prompt::Tokens(vec![4, 5]));
+        let r = completion(r#"{"prompt": ["a b"]}"#).unwrap();
+        assert_eq!(tokens(r), Prompt::Text("a b".into()));
+        assert_eq!(param(completion(r#"{"prompt": ["a", "b"]}"#)), "prompt");
+        assert_eq!(param(completion(r#"{"prompt": [[1], [2]]}"#)), "prompt");
+        assert_eq!(param(completion(r#"{"prompt": [1, "a"]}"#)), "prompt[1]");
+        assert_eq!(param(completion(r#"{"prompt": [[]]}"#)), "prompt");
+        assert_eq!(param(completion(r#"{"prompt": [""]}"#)), "prompt");
+        assert_eq!(param(completion(r#"{"prompt": [{}]}"#)), "prompt[0]");
+    }
+
+    #[test]
+    fn mistakes_name_their_field() {
+        assert_eq!(param(completion(r#"{"prompt": ""}"#)), "prompt");
+        assert_eq!(param(completion(r#"{"prompt": []}"#)), "prompt");
+        assert_eq!(param(completion(r#"{"prompt": 5}"#)), "prompt");
+        assert_eq!(
+            param(completion(r#"{"prompt": "a", "temperature": 3}"#)),
+            "temperature"
+        );
+        assert_eq!(param(completion(r#"{"prompt": "a", "top_p": 0}"#)), "top_p");
+        assert_eq!(
+            param(completion(r#"{"prompt": "a", "top_p": 2.8e-78}"#)),
+            "top_p"
+        );
+        assert_eq!(
+            param(completion(r#"{"prompt": "a", "top_p": 1.0000001}"#)),
+            "top_p"
+        );
+        assert!(completion(r#"{"prompt": "a", "top_p": 1.1754943508222875e-38}"#).is_ok());
+        assert_eq!(
+            param(completion(r#"{"prompt": "a", "top_k": -5}"#)),
+            "top_k"
+        );
+        assert_eq!(
+            param(completion(r#"{"prompt": "a", "max_tokens": 0}"#)),
+            "max_tokens"
+        );
+        assert_eq!(
+            param(completion(r#"{"prompt": "a", "max_tokens": 1.5}"#)),
+            "max_tokens"
+        );
+        assert_eq!(param(completion(r#"{"prompt": "a", "n": 2}"#)), "n");
+        assert_eq!(
+            param(completion(r#"{"prompt": "a", "stop": [1]}"#)),
+            "stop[0]"
+        );
+        assert_eq!(param(completion(r#"{"prompt": "a", "stop": ""}"#)), "stop");
+        assert_eq!(
+            param(completion(r#"{"prompt": "a", "stop": ["x", ""]}"#)),
+            "stop"
+        );
+        assert_eq!(
+            param(completion(r#"{"prompt": "a", "stream": "yes"}"#)),
+            "stream"
+        );
+        assert_eq!(
+            param(completion(r#"{"prompt": "a", "echo": true}"#)),
+            "echo"
+        );
+        assert_eq!(
+            param(completion(r#"{"prompt": "a", "suffix": "x"}"#)),
+            "suffix"
+        );
+        assert_eq!(
+            param(completion(r#"{"prompt": "a", "logprobs": 2}"#)),
+            "logprobs"
+        );
+        assert_eq!(
+            param(completion(r#"{"prompt": "a", "logit_bias": {"1": 5}}"#)),
+            "logit_bias"
+        );
+        assert_eq!(
+            param(completion(r#"{"prompt": "a", "presence_penalty": 0.5}"#)),
+            "presence_penalty"
+        );
+        assert_eq!(
+            param(completion(
+                r#"{"prompt": "a", "stream_options": {"include_usage": true}}"#
+            )),
+            "stream_options"
+        );
+        // A chat-only field on completions is unknown there.
+        assert_eq!(
+            param(completion(r#"{"prompt": "a", "messages": []}"#)),
+            "messages"
+        );
+        assert_eq!(param(chat(r#"{"messages": []}"#)), "messages");
+        assert_eq!(
+            param(chat(r#"{"messages": [{"role": "cat", "content": "x"}]}"#)),
+            "messages[0].role"
+        );
+        assert_eq!(
+            param(chat(r#"{"messages": [{"role": "user"}]}"#)),
+            "messages[0].content"
+        );
+        assert_eq!(
+            param(chat(r#"{"messages": [{"role": "user", "content": null}]}"#)),
+            "messages[0].content"
+        );
+        assert_eq!(
+            param(chat(r#"{"messages": [{"role": "user", "content": 5}]}"#)),
+            "messages[0].content"
+        );
+        assert_eq!(
+            param(chat(
+                r#"{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -1}"#
+            )),
+            "max_completion_tokens"
+        );
+        let user = r#"[{"role": "user", "content": "x"}]"#;
+        for (field, value) in [
+            ("logprobs", "true"),
+            ("top_logprobs", "2"),
+            ("response_format", r#"{"type": "json_object"}"#),
+            ("tools", r#"[{"type": "function"}]"#),
+            ("tool_choice", r#""auto""#),
+        ] {
+            let body = format!(r#"{{"messages": {user}, "{field}": {value}}}"#);
+            assert_eq!(param(chat(&body)), field, "{body}");
+        }
+        let neutral = format!(
+            r#"{{"messages": {user}, "logprobs": false, "top_logprobs": 0, "response_format": {{"type": "text"}},
+                "tools": [], "tool_choice": "none", "parallel_tool_calls": true, "n": 1}}"#
+        );
+        assert!(chat(&neutral).is_ok(), "{neutral}");
+    }
+
+    #[test]
+    fn chat_content_may_be_text_parts() {
+        let r = chat(
+            r#"{"messages": [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+                {"role": "assistant"}, {"role": "developer", "content": "x", "name": "d"}],
+                "max_completion_tokens": 5}"#,
+        )
+        .unwrap();
+        let Input::Chat { messages, .. } = &r.input else {
+            panic!("{r:?}")
+        };
+        assert_eq!(messages[1], ChatMessage::new("user", "Hi there"));
+        assert_eq!(messages[2], ChatMessage::new("assistant", ""));
+        assert_eq!(messages[3], ChatMessage::new("system", "x"));
+        assert_eq!(
+            (r.max_tokens, r.max_tokens_field),
+            (Some(5), "max_completion_tokens")
+        );
+    }
+}

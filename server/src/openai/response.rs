@@ -1,0 +1,483 @@
+//! The response bodies as typed structs: whole completions and chat completions, their stream
+//! chunks, the `/v1/models` list and `/health`. [`ResponseHead`] (id, time, model) builds the
+//! completion bodies; [`json_text`] writes any of them.
+//!
+//! Invariants: `logprobs` is always `null` (not supported); a chunk has no `usage` key unless the
+//! client asked for `include_usage`, then `null` on every chunk but the last, which has no choices
+//! and the counts.
+
+use serde::Serialize;
+use utoipa::openapi::schema::{ObjectBuilder, Type};
+use utoipa::ToSchema;
+use vkv_engine::engine::Usage;
+use vkv_engine::generate::FinishReason;
+
+use super::Endpoint;
+
+/// Serialize a response body. These types cannot fail to serialize (no maps, no custom
+/// serializers), but should one ever, the client gets an OpenAI-shaped server error, not a panic.
+pub fn json_text<T: Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|e| {
+        let message = serde_json::Value::String(format!("writing the response: {e}"));
+        format!(
+            r#"{{"error":{{"message":{message},"type":"server_error","param":null,"code":null}}}}"#
+        )
+    })
+}
+
+fn null_schema() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::Null)
+        .description(Some("Log probabilities are not supported: always null."))
+}
+
+/// Why the output ended; `abort`: cancelled (vLLM's; a shutdown that could not wait).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+#[schema(as = FinishReason)]
+pub enum ApiFinishReason {
+    /// A stop token or stop string.
+    Stop,
+    /// `max_tokens`, or the context is full.
+    Length,
+    Abort,
+}
+
+impl From<FinishReason> for ApiFinishReason {
+    fn from(r: FinishReason) -> ApiFinishReason {
+        match r {
+            FinishReason::Stop => ApiFinishReason::Stop,
+            FinishReason::Length => ApiFinishReason::Length,
+            FinishReason::Abort => ApiFinishReason::Abort,
+        }
+    }
+}
+
+/// Token counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[schema(as = Usage)]
+pub struct ApiUsage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl From<Usage> for ApiUsage {
+    fn from(u: Usage) -> ApiUsage {
+        ApiUsage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+        }
+    }
+}
+
+/// `object` of a completion and of its chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+pub enum CompletionObject {
+    #[serde(rename = "text_completion")]
+    TextCompletion,
+}
+
+/// `object` of a whole chat completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+pub enum ChatCompletionObject {
+    #[serde(rename = "chat.completion")]
+    ChatCompletion,
+}
+
+/// `object` of a chat completion's chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+pub enum ChatCompletionChunkObject {
+    #[serde(rename = "chat.completion.chunk")]
+    ChatCompletionChunk,
+}
+
+/// The role of what the model writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AssistantRole {
+    Assistant,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct CompletionChoice {
+    pub index: u32,
+    pub text: String,
+    #[schema(schema_with = null_schema)]
+    pub logprobs: (),
+    pub finish_reason: ApiFinishReason,
+}
+
+/// `POST /v1/completions`, whole.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct Completion {
+    /// `cmpl-...`
+    pub id: String,
+    pub object: CompletionObject,
+    /// Unix seconds.
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<CompletionChoice>,
+    pub usage: ApiUsage,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct CompletionChunkChoice {
+    pub index: u32,
+    /// The new text (may be empty on the last chunk).
+    pub text: String,
+    #[schema(schema_with = null_schema)]
+    pub logprobs: (),
+    /// Null until the last chunk with choices.
+    pub finish_reason: Option<ApiFinishReason>,
+}
+
+/// One server-sent event of `POST /v1/completions` with `stream: true`.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct CompletionChunk {
+    pub id: String,
+    pub object: CompletionObject,
+    pub created: u64,
+    pub model: String,
+    /// One choice; none on the usage chunk.
+    pub choices: Vec<CompletionChunkChoice>,
+    /// Only with `stream_options.include_usage`: null, then the counts on a last chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<ApiUsage>)]
+    pub usage: Option<Option<ApiUsage>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct AssistantMessage {
+    pub role: AssistantRole,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ChatChoice {
+    pub index: u32,
+    pub message: AssistantMessage,
+    #[schema(schema_with = null_schema)]
+    pub logprobs: (),
+    pub finish_reason: ApiFinishReason,
+}
+
+/// `POST /v1/chat/completions`, whole.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ChatCompletion {
+    /// `chatcmpl-...`
+    pub id: String,
+    pub object: ChatCompletionObject,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChoice>,
+    pub usage: ApiUsage,
+}
+
+/// What a chat chunk adds: the role on the first chunk, then text; empty on the last one.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, ToSchema)]
+pub struct ChatDelta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<AssistantRole>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ChatChunkChoice {
+    pub index: u32,
+    pub delta: ChatDelta,
+    #[schema(schema_with = null_schema)]
+    pub logprobs: (),
+    pub finish_reason: Option<ApiFinishReason>,
+}
+
+/// One server-sent event of `POST /v1/chat/completions` with `stream: true`.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ChatCompletionChunk {
+    pub id: String,
+    pub object: ChatCompletionChunkObject,
+    pub created: u64,
+    pub model: String,
+    pub choices: Vec<ChatChunkChoice>,
+    /// Only with `stream_options.include_usage`: null, then the counts on a last chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<ApiUsage>)]
+    pub usage: Option<Option<ApiUsage>>,
+}
+
+/// A whole response of either endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Whole {
+    Completion(Completion),
+    Chat(ChatCompletion),
+}
+
+/// A stream chunk of either endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Chunk {
+    Completion(CompletionChunk),
+    Chat(ChatCompletionChunk),
+}
+
+/// What a response needs besides the generated text: names, id and time.
+#[derive(Debug, Clone)]
+pub struct ResponseHead {
+    pub endpoint: Endpoint,
+    /// `cmpl-...` or `chatcmpl-...`.
+    pub id: String,
+    /// Unix seconds.
+    pub created: u64,
+    pub model: String,
+}
+
+impl ResponseHead {
+    /// The whole (not streamed) response.
+    pub fn response(&self, text: &str, reason: FinishReason, usage: Usage) -> Whole {
+        let (id, created, model) = (self.id.clone(), self.created, self.model.clone());
+        match self.endpoint {
+            Endpoint::Completions => Whole::Completion(Completion {
+                id,
+                object: CompletionObject::TextCompletion,
+                created,
+                model,
+                choices: vec![CompletionChoice {
+                    index: 0,
+                    text: text.to_string(),
+                    logprobs: (),
+                    finish_reason: reason.into(),
+                }],
+                usage: usage.into(),
+            }),
+            Endpoint::ChatCompletions => Whole::Chat(ChatCompletion {
+                id,
+                object: ChatCompletionObject::ChatCompletion,
+                created,
+                model,
+                choices: vec![ChatChoice {
+                    index: 0,
+                    message: AssistantMessage {
+                        role: AssistantRole::Assistant,
+                        content: text.to_string(),
+                    },
+                    logprobs: (),
+                    finish_reason: reason.into(),
+                }],
+                usage: usage.into(),
+            }),
+        }
+    }
+
+    /// One stream chunk with `text` (chat: as `delta.content`; `role` on the first chunk) and,
+    /// on the last one, the finish reason. With `include_usage` every chunk carries
+    /// `"usage": null` and a final chunk (see [`ResponseHead::usage_chunk`]) the counts.
+    pub fn chunk(
+        &self,
+        text: &str,
+        first: bool,
+        reason: Option<FinishReason>,
+        include_usage: bool,
+    ) -> Chunk {
+        let usage = include_usage.then_some(None);
+        let finish_reason = reason.map(ApiFinishReason::from);
+        match self.endpoint {
+            Endpoint::Completions => Chunk::Completion(self.completion_chunk(
+                vec![CompletionChunkChoice {
+                    index: 0,
+                    text: text.to_string(),
+                    logprobs: (),
+                    finish_reason,
+                }],
+                usage,
+            )),
+            Endpoint::ChatCompletions => {
+                let delta = match (first, reason) {
+                    (true, _) => ChatDelta {
+                        role: Some(AssistantRole::Assistant),
+                        content: Some(text.to_string()),
+                    },
+                    (false, Some(_)) if text.is_empty() => ChatDelta::default(),
+                    _ => ChatDelta {
+                        role: None,
+                        content: Some(text.to_string()),
+                    },
+                };
+                Chunk::Chat(self.chat_chunk(
+                    vec![ChatChunkChoice {
+                        index: 0,
+                        delta,
+                        logprobs: (),
+                        finish_reason,
+                    }],
+                    usage,
+                ))
+            }
+        }
+    }
+
+    /// The last chunk of a stream with `include_usage`: no choices, the token counts.
+    pub fn usage_chunk(&self, usage: Usage) -> Chunk {
+        let usage = Some(Some(usage.into()));
+        match self.endpoint {
+            Endpoint::Completions => Chunk::Completion(self.completion_chunk(Vec::new(), usage)),
+            Endpoint::ChatCompletions => Chunk::Chat(self.chat_chunk(Vec::new(), usage)),
+        }
+    }
+
+    fn completion_chunk(
+        &self,
+        choices: Vec<CompletionChunkChoice>,
+        usage: Option<Option<ApiUsage>>,
+    ) -> CompletionChunk {
+        CompletionChunk {
+            id: self.id.clone(),
+            object: CompletionObject::TextCompletion,
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        }
+    }
+
+    fn chat_chunk(
+        &self,
+        choices: Vec<ChatChunkChoice>,
+        usage: Option<Option<ApiUsage>>,
+    ) -> ChatCompletionChunk {
+        ChatCompletionChunk {
+            id: self.id.clone(),
+            object: ChatCompletionChunkObject::ChatCompletionChunk,
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        }
+    }
+}
+
+/// `object` of a list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ListObject {
+    List,
+}
+
+/// `object` of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelObject {
+    Model,
+}
+
+/// The served model.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ModelCard {
+    /// The name clients give as `model`.
+    pub id: String,
+    pub object: ModelObject,
+    /// Unix seconds at the server's start.
+    pub created: u64,
+    pub owned_by: String,
+    /// vLLM's extra: the context length (prompt and output) in tokens.
+    pub max_model_len: usize,
+    /// vkv's extra: token ids are below this (a load generator makes token-id prompts with it).
+    pub vocab_size: usize,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ModelList {
+    pub object: ListObject,
+    pub data: Vec<ModelCard>,
+}
+
+/// `status` of `/health`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthStatus {
+    Ok,
+}
+
+/// `GET /health` while the engine thread runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+pub struct Health {
+    pub status: HealthStatus,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn value<T: Serialize>(v: &T) -> Value {
+        serde_json::from_str(&json_text(v)).unwrap()
+    }
+
+    #[test]
+    fn stream_chunks_have_openai_shapes() {
+        let head = ResponseHead {
+            endpoint: Endpoint::ChatCompletions,
+            id: "chatcmpl-1".into(),
+            created: 1,
+            model: "m".into(),
+        };
+        let first = value(&head.chunk("", true, None, false));
+        assert_eq!(first["object"], "chat.completion.chunk");
+        assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+        assert_eq!(first["choices"][0]["logprobs"], Value::Null);
+        assert!(first.get("usage").is_none());
+        let last = value(&head.chunk("", false, Some(FinishReason::Stop), true));
+        assert_eq!(last["choices"][0]["delta"], json!({}));
+        assert_eq!(last["choices"][0]["finish_reason"], "stop");
+        assert_eq!(last.get("usage"), Some(&Value::Null));
+        let usage = value(&head.usage_chunk(Usage {
+            prompt_tokens: 3,
+            completion_tokens: 4,
+        }));
+        assert_eq!(usage["usage"]["total_tokens"], 7);
+        assert_eq!(usage["choices"], json!([]));
+    }
+
+    #[test]
+    fn whole_responses_have_openai_shapes() {
+        let head = ResponseHead {
+            endpoint: Endpoint::Completions,
+            id: "cmpl-1".into(),
+            created: 1,
+            model: "m".into(),
+        };
+        let usage = Usage {
+            prompt_tokens: 1,
+            completion_tokens: 2,
+        };
+        let whole = value(&head.response("hi", FinishReason::Length, usage));
+        assert_eq!(
+            whole,
+            json!({"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+                   "choices": [{"index": 0, "text": "hi", "logprobs": null, "finish_reason": "length"}],
+                   "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}})
+        );
+        let chunk = value(&head.chunk("x", false, None, false));
+        assert_eq!(chunk["choices"][0]["finish_reason"], Value::Null);
+        assert_eq!(chunk["object"], "text_completion");
+        let head = ResponseHead {
+            endpoint: Endpoint::ChatCompletions,
+            ..head
+        };
+        let whole = value(&head.response("hi", FinishReason::Abort, usage));
+        assert_eq!(
+            whole["choices"][0]["message"],
+            json!({"role": "assistant", "content": "hi"})
+        );
+        assert_eq!(whole["choices"][0]["finish_reason"], "abort");
+        assert_eq!(
+            value(&Health {
+                status: HealthStatus::Ok
+            }),
+            json!({"status": "ok"})
+        );
+    }
+}
