@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The runs behind docs/benchmarks.md's `vkv bench serve` section: `vkv serve` in each KV mode on
+# The runs behind docs/results/history.md's `vkv bench serve` section: `vkv serve` in each KV mode on
 # this machine's CPU with the default model, loaded by `vkv bench serve` at two request rates.
 # Each run's JSON goes to docs/results/DATE-cpu-bench-serve-MODE-rRATE.json.
 #   scripts/bench-serve.sh [VKV_BINARY] [NUM_PROMPTS] [RATES...]

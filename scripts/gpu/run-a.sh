@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device call A of 2026-11-27 (docs/benchmarks.md), run on the GPU machine as `bash .gpu/run-a.sh` after copying this file into .gpu/: GPU tests, decode kernels A/B (block table in registers vs per token), the PyTorch peer
+# Device call A of 2026-11-27 (docs/results/history.md), run on the GPU machine as `bash .gpu/run-a.sh` after copying this file into .gpu/: GPU tests, decode kernels A/B (block table in registers vs per token), the PyTorch peer
 # with paged FlexAttention, bench model (cuBLASLt vs cuBLAS GEMMs).
 cd "$(dirname "$0")/.."
 . scripts/gpu/prelude.sh

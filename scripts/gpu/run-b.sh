@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device call B of 2026-11-27 (docs/benchmarks.md), run on the GPU machine as `bash .gpu/run-b.sh` after copying this file into .gpu/: offline A/B (sharegpt, arxiv) and vkv bench serve against vkv serve, both KV modes.
+# Device call B of 2026-11-27 (docs/results/history.md), run on the GPU machine as `bash .gpu/run-b.sh` after copying this file into .gpu/: offline A/B (sharegpt, arxiv) and vkv bench serve against vkv serve, both KV modes.
 cd "$(dirname "$0")/.."
 . scripts/gpu/prelude.sh
 m="--device cuda --model preset:llama-3-8b --max-num-seqs 128"

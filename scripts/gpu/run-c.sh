@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device call C of 2026-11-27 (docs/benchmarks.md), run on the GPU machine as `bash .gpu/run-c.sh` after copying this file into .gpu/: GPU tests, compute-sanitizer on the attention kernels, bench model (CUDA graphs A/B),
+# Device call C of 2026-11-27 (docs/results/history.md), run on the GPU machine as `bash .gpu/run-c.sh` after copying this file into .gpu/: GPU tests, compute-sanitizer on the attention kernels, bench model (CUDA graphs A/B),
 # offline A/B with the warm plan.
 cd "$(dirname "$0")/.."
 . scripts/gpu/prelude.sh

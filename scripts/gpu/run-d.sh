@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device call D of 2026-11-27 (docs/benchmarks.md), run on the GPU machine as `bash .gpu/run-d.sh` after copying this file into .gpu/: the GPU tests on the final merged main, and vkv serve --device cuda smoke (paged and vmm).
+# Device call D of 2026-11-27 (docs/results/history.md), run on the GPU machine as `bash .gpu/run-d.sh` after copying this file into .gpu/: the GPU tests on the final merged main, and vkv serve --device cuda smoke (paged and vmm).
 cd "$(dirname "$0")/.."
 . scripts/gpu/prelude.sh
 gpu_tests

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device call E of 2026-11-27, session 2 (docs/benchmarks.md), run on the GPU machine as `bash .gpu/run-e.sh` after copying this file into .gpu/:
+# Device call E of 2026-11-27, session 2 (docs/results/history.md), run on the GPU machine as `bash .gpu/run-e.sh` after copying this file into .gpu/:
 # GPU tests (decode CUDA graphs included), bench model with the graphs-vs-eager decode A/B, offline sharegpt A/B with
 # graphs and with --enforce-eager, and vkv bench serve against vkv serve (vmm) with and without graphs.
 cd "$(dirname "$0")/.."

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Device call F of 2026-11-27, session 2 (docs/benchmarks.md), run as `bash .gpu/run-f.sh` after copying this file into .gpu/:
+# Device call F of 2026-11-27, session 2 (docs/results/history.md), run as `bash .gpu/run-f.sh` after copying this file into .gpu/:
 # bench model (graphs vs eager decode, copy bandwidth on the context), offline arxiv A/B with graphs and eager, and
 # vkv bench serve against vkv serve in both KV modes with graphs and with --enforce-eager.
 cd "$(dirname "$0")/.."
