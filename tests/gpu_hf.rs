@@ -26,7 +26,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::gpu;
-use common::step::{CpuStep, GpuStep};
 use vkv_engine::kv::{GpuKv, KvManager, PagedKv};
 use vkv_engine::model::cuda::CudaLlama;
 use vkv_engine::model::{Llama, SeqChunk};

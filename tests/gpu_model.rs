@@ -22,7 +22,6 @@ mod common;
 use std::sync::Arc;
 
 use common::gpu;
-use common::step::{CpuStep, GpuStep};
 use vkv_engine::device::Next;
 use vkv_engine::kv::{GpuKv, KvError, KvManager, PagedKv};
 use vkv_engine::model::cuda::{CudaLlama, CudaModelError};

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::kv::KvCache;
-use crate::model::{reserve_batch, Llama, LlamaConfig, ModelError, SeqChunk};
+use crate::model::{Llama, LlamaConfig, ModelError, SeqChunk};
 use crate::sampler::{Sampler, SamplingParams};
 use crate::tokenizer::{GgufVocab, Tokenizer, TokenizerError};
 use crate::weights::gguf::GgufFile;
@@ -73,16 +73,13 @@ impl ModelWeights {
         self.cpu()?.forward(batch, kv)
     }
 
-    /// Reserve the batch's KV ([`reserve_batch`]), then [`ModelWeights::forward`]: one step
-    /// for callers that run the model without the scheduler (this module's single-sequence
-    /// path, tests).
+    /// [`Llama::step`] on the CPU model: reserve, then run (this module's single-sequence path).
     pub fn step(
         &self,
         batch: &[SeqChunk<'_>],
         kv: &mut dyn KvCache,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        reserve_batch(kv.manager_mut(), batch)?;
-        self.forward(batch, kv)
+        self.cpu()?.step(batch, kv)
     }
 
     /// [`Llama::set_activations`] (the CPU model's; a no-op without one).

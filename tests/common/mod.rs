@@ -2,7 +2,6 @@
 //! and scratch directories that go away with the test.
 
 pub mod serving;
-pub mod step;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

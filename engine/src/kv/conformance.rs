@@ -171,13 +171,9 @@ mod tests {
     use vkv_vmm::KvLayout;
 
     use super::*;
-    use crate::kv::{KvDims, KvMode};
+    use crate::kv::KvMode;
 
-    const DIMS: KvDims = KvDims {
-        num_layers: 2,
-        num_kv_heads: 2,
-        head_dim: 16,
-    };
+    use crate::kv::TEST_DIMS as DIMS;
 
     fn modes() -> [KvMode; 4] {
         [

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use vkv_kernels::cuda::cudarc::driver::CudaContext;
 use vkv_kernels::cuda::{DeviceBuffer, KvAddress};
-use vkv_vmm::{CudaVmm, KvLayout, KvSpaceConfig, MapperOptions, PhysicalMemory};
+use vkv_vmm::{CudaVmm, KvLayout, MapperOptions, PhysicalMemory};
 
 use super::manager::{KvDims, KvManager, KvMode, KvUsage, MapAhead, SeqId};
 use super::paged::{BlockStorage, PagedKv, PoolGeometry};
@@ -105,17 +105,7 @@ impl GpuKv {
         page_size: usize,
         max_pages: usize,
     ) -> Result<Self, KvError> {
-        let config = KvSpaceConfig {
-            layout,
-            num_layers: dims.num_layers,
-            num_kv_heads: dims.num_kv_heads,
-            head_dim: dims.head_dim,
-            dtype_bytes: BF16,
-            max_slots: max_seqs,
-            max_tokens,
-            page_size,
-            max_pages,
-        };
+        let config = dims.space_config(BF16, layout, max_seqs, max_tokens, page_size, max_pages);
         let backend: Arc<dyn PhysicalMemory> = vmm;
         // Pages are created up front by `create_pages_ahead` when the caller wants the whole
         // budget held; the thread tops the pool up otherwise.

@@ -8,7 +8,7 @@
 //! freed by its last holder); after every sequence is freed the cache holds nothing.
 
 use vkv_kernels::cpu::{KvDtype, KvRef};
-use vkv_vmm::{KvLayout, MapperStats};
+use vkv_vmm::{KvLayout, KvSpaceConfig, MapperStats};
 
 use super::paged::{HostPools, PagedKv};
 use super::vmm::VmmKv;
@@ -39,6 +39,30 @@ impl KvDims {
     /// Bytes of K and V of one token over all layers, elements of `elem_bytes` bytes.
     pub fn bytes_per_token_of(&self, elem_bytes: usize) -> usize {
         2 * self.num_layers * self.num_kv_heads * self.head_dim * elem_bytes
+    }
+
+    /// A vmm space of these dims: `max_slots` slots of `max_tokens` tokens in `layout`, elements
+    /// of `elem_bytes` bytes, at most `max_pages` pages of `page_size` bytes.
+    pub fn space_config(
+        &self,
+        elem_bytes: usize,
+        layout: KvLayout,
+        max_slots: usize,
+        max_tokens: usize,
+        page_size: usize,
+        max_pages: usize,
+    ) -> KvSpaceConfig {
+        KvSpaceConfig {
+            layout,
+            num_layers: self.num_layers,
+            num_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            dtype_bytes: elem_bytes,
+            max_slots,
+            max_tokens,
+            page_size,
+            max_pages,
+        }
     }
 }
 
@@ -219,11 +243,7 @@ mod tests {
     use crate::kv::{PagedKv, VmmKv};
     use vkv_kernels::cpu;
 
-    const DIMS: KvDims = KvDims {
-        num_layers: 2,
-        num_kv_heads: 2,
-        head_dim: 16,
-    };
+    use crate::kv::TEST_DIMS as DIMS;
 
     fn caches_of(d: KvDtype) -> Vec<Box<dyn KvCache>> {
         vec![

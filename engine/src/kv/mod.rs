@@ -39,6 +39,14 @@ pub use manager::{KvCache, KvCacheDtype, KvDims, KvManager, KvMode, KvUsage, Map
 pub use paged::{BlockStorage, HostPools, PagedKv};
 pub use vmm::{VmmKv, VmmManager};
 
+/// The small shape the unit tests of this module run their caches at.
+#[cfg(test)]
+const TEST_DIMS: KvDims = KvDims {
+    num_layers: 2,
+    num_kv_heads: 2,
+    head_dim: 16,
+};
+
 /// Errors of the KV caches.
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {

@@ -118,28 +118,8 @@ impl VmmManager {
 pub struct VmmKv(VmmManager, KvDtype);
 
 impl VmmKv {
-    /// `max_seqs` slots of `max_tokens` tokens, at most `max_pages` pages of `page_size` bytes;
-    /// f32 (the exact reference).
-    pub fn new(
-        dims: KvDims,
-        layout: KvLayout,
-        max_seqs: usize,
-        max_tokens: usize,
-        page_size: usize,
-        max_pages: usize,
-    ) -> Result<Self, KvError> {
-        Self::with_dtype(
-            dims,
-            KvDtype::F32,
-            layout,
-            max_seqs,
-            max_tokens,
-            page_size,
-            max_pages,
-        )
-    }
-
-    /// As [`VmmKv::new`], storing `dtype`.
+    /// `max_seqs` slots of `max_tokens` tokens of `dtype` elements, at most `max_pages` pages
+    /// of `page_size` bytes.
     pub fn with_dtype(
         dims: KvDims,
         dtype: KvDtype,
@@ -149,17 +129,14 @@ impl VmmKv {
         page_size: usize,
         max_pages: usize,
     ) -> Result<Self, KvError> {
-        let config = KvSpaceConfig {
+        let config = dims.space_config(
+            dtype.bytes(),
             layout,
-            num_layers: dims.num_layers,
-            num_kv_heads: dims.num_kv_heads,
-            head_dim: dims.head_dim,
-            dtype_bytes: dtype.bytes(),
-            max_slots: max_seqs,
+            max_seqs,
             max_tokens,
             page_size,
             max_pages,
-        };
+        );
         let backend = Arc::new(HostVmm::new().map_err(vmm_error)?);
         // A few pages created ahead: on the CPU creating is cheap next to a forward pass.
         let options = MapperOptions {
@@ -445,15 +422,12 @@ impl KvCache for VmmKv {
 mod tests {
     use super::*;
 
-    const DIMS: KvDims = KvDims {
-        num_layers: 2,
-        num_kv_heads: 2,
-        head_dim: 16,
-    };
+    use crate::kv::TEST_DIMS as DIMS;
 
     #[test]
     fn prepared_admissions_are_taken_over_or_given_back_and_never_block_a_reserve() {
-        let mut kv = VmmKv::new(DIMS, KvLayout::TokenMajor, 2, 512, 4096, 64).unwrap();
+        let mut kv =
+            VmmKv::with_dtype(DIMS, KvDtype::F32, KvLayout::TokenMajor, 2, 512, 4096, 64).unwrap();
         // Both slots prepared for queued sequences 1 and 2, their first pages mapped ahead.
         kv.0.prepare_admissions(&[(1, 40), (2, 40)]);
         kv.0.mapper.sync().unwrap();
@@ -488,7 +462,8 @@ mod tests {
 
     #[test]
     fn warmed_slots_admit_without_waiting_and_their_pages_are_reclaimable() {
-        let mut kv = VmmKv::new(DIMS, KvLayout::TokenMajor, 3, 512, 4096, 64).unwrap();
+        let mut kv =
+            VmmKv::with_dtype(DIMS, KvDtype::F32, KvLayout::TokenMajor, 3, 512, 4096, 64).unwrap();
         let mapped = kv.0.warm_free_slots(&[300, 40]);
         assert!(mapped > 0);
         assert_eq!(kv.usage(), KvUsage::default(), "warm pages hold no token");

@@ -12,26 +12,6 @@ use vkv_kernels::cpu::KvDtype;
 
 use crate::kv::{KvCache, KvDims, KvManager, PagedKv, VmmKv};
 
-/// One step without a scheduler: reserve the batch's KV, then run the forward pass.
-trait Step {
-    fn step(
-        &self,
-        batch: &[SeqChunk<'_>],
-        kv: &mut dyn KvCache,
-    ) -> Result<Vec<Vec<f32>>, ModelError>;
-}
-
-impl Step for Llama {
-    fn step(
-        &self,
-        batch: &[SeqChunk<'_>],
-        kv: &mut dyn KvCache,
-    ) -> Result<Vec<Vec<f32>>, ModelError> {
-        crate::model::reserve_batch(kv.manager_mut(), batch)?;
-        self.forward(batch, kv)
-    }
-}
-
 const CONFIG: &str = r#"{
   "architectures": ["LlamaForCausalLM"], "model_type": "llama",
   "vocab_size": 97, "hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 3,

@@ -13,7 +13,7 @@ mod llama;
 pub use config::LlamaConfig;
 pub use llama::{DenseLayer, Llama, SeqChunk};
 
-use crate::kv::{KvDims, KvError, KvManager};
+use crate::kv::{KvCache, KvDims, KvError, KvManager};
 
 use crate::weights::gguf::GgufError;
 use crate::weights::safetensors::SafetensorsError;
@@ -66,4 +66,40 @@ pub fn reserve_batch(kv: &mut dyn KvManager, batch: &[SeqChunk<'_>]) -> Result<(
         kv.reserve(chunk.seq, chunk.start + chunk.tokens.len())?;
     }
     Ok(())
+}
+
+/// One step for callers that run a model without the scheduler (single-sequence generation,
+/// tests, benchmarks): [`reserve_batch`], then the forward pass.
+impl Llama {
+    pub fn step(
+        &self,
+        batch: &[SeqChunk<'_>],
+        kv: &mut dyn KvCache,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        reserve_batch(kv.manager_mut(), batch)?;
+        self.forward(batch, kv)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl cuda::CudaLlama {
+    /// [`reserve_batch`], then [`cuda::CudaLlama::forward`].
+    pub fn step(
+        &mut self,
+        batch: &[SeqChunk<'_>],
+        kv: &mut crate::kv::GpuKv,
+    ) -> Result<Vec<Vec<f32>>, cuda::CudaModelError> {
+        reserve_batch(kv, batch)?;
+        self.forward(batch, kv)
+    }
+
+    /// [`reserve_batch`], then [`cuda::CudaLlama::forward_greedy`].
+    pub fn step_greedy(
+        &mut self,
+        batch: &[SeqChunk<'_>],
+        kv: &mut crate::kv::GpuKv,
+    ) -> Result<Vec<u32>, cuda::CudaModelError> {
+        reserve_batch(kv, batch)?;
+        self.forward_greedy(batch, kv)
+    }
 }
