@@ -54,9 +54,14 @@ fn gpu_caches_keep_their_books_through_forks_aborts_and_preemption() {
     let Some(vmm) = gpu() else { return };
     let dims = config().kv_dims();
     for mode in MODES {
-        // 12 MiB: 6 pages of 2 MiB (vmm), ~8 000 tokens paged; sequences up to 2 048 tokens and
-        // 8 slots, so memory and slots run out often.
-        let mut kv = GpuKv::build(&vmm, mode, dims, 8, 2048, 12 << 20).unwrap();
+        // Paged: 2 MiB, 1 365 tokens; vmm: 6 pages of 2 MiB (per-layer: one sequence's first
+        // page in each of its 6 regions; token-major: 6 sequences of up to 1 365 tokens).
+        // Sequences of up to 2 048 tokens and 8 slots, so memory and slots run out often.
+        let bytes = match mode {
+            KvMode::Paged { .. } => 2 << 20,
+            KvMode::Vmm { .. } => 12 << 20,
+        };
+        let mut kv = GpuKv::build(&vmm, mode, dims, 8, 2048, bytes).unwrap();
         for seed in 0..3 {
             let report = check_random_operations(&mut kv, seed, 400, 2048)
                 .unwrap_or_else(|e| panic!("{mode:?} seed {seed}: {e}"));
@@ -136,9 +141,10 @@ fn forked_sequences_decode_as_their_source_and_leave_it_untouched() {
                 );
             }
             kv.free(twin).unwrap();
-            // The fork writes tokens of its own after the prefix.
+            // The fork writes tokens of its own after the prefix (after the one decoded above).
+            let next = kv.reserved(b).unwrap();
             for k in 0..5 {
-                decode(&mut gpu, &mut kv, &[(b, t + 1 + k, 999 - k as u32)]);
+                decode(&mut gpu, &mut kv, &[(b, next + k, 999 - k as u32)]);
             }
         }
         // The source still reads what it wrote: it decodes exactly as its untouched control.

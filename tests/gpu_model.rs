@@ -398,7 +398,7 @@ fn gpu_llama_refuses_bad_batches_and_a_full_pool_with_errors() {
         start,
         all_logits: false,
     };
-    let e = gpu.step(&[chunk(0, &[1000], 0)], &mut kv).unwrap_err();
+    let e = gpu.forward(&[chunk(0, &[1000], 0)], &kv).unwrap_err();
     assert!(matches!(e, CudaModelError::Batch(_)), "{e}");
     let e = gpu.step(&[chunk(0, &[1], 5)], &mut kv).unwrap_err();
     assert!(e.to_string().contains("starts at 5"), "{e}");
