@@ -271,6 +271,33 @@ impl AppState {
 
 // The route handlers. Their `#[utoipa::path]` attributes are the document's operations.
 
+// The refusals the operations list (the answers themselves are `ApiError`s: these types are
+// never built).
+
+/// The refusal of every `/v1/*` operation.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+#[response(status = 401, description = "Missing or wrong API key.")]
+struct Unauthorized(ErrorBody);
+
+/// The other refusals of both generation endpoints.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum GenerationRefusals {
+    #[response(
+        status = 400,
+        description = "A mistake in the request; `param` names the field."
+    )]
+    BadRequest(ErrorBody),
+    #[response(status = 413, description = "The body is over the size limit.")]
+    TooLarge(ErrorBody),
+    #[response(
+        status = 503,
+        description = "The engine has stopped or is shutting down."
+    )]
+    Unavailable(ErrorBody),
+}
+
 #[utoipa::path(
     post,
     path = "/v1/completions",
@@ -279,10 +306,8 @@ impl AppState {
     responses(
         (status = 200, description = "The whole completion, or (`stream: true`) server-sent events: one `data:` line per chunk, then `data: [DONE]`.",
          content((Completion = "application/json"), (CompletionChunk = "text/event-stream"))),
-        (status = 400, description = "A mistake in the request; `param` names the field.", body = ErrorBody),
-        (status = 401, description = "Missing or wrong API key.", body = ErrorBody),
-        (status = 413, description = "The body is over the size limit.", body = ErrorBody),
-        (status = 503, description = "The engine has stopped or is shutting down.", body = ErrorBody),
+        GenerationRefusals,
+        Unauthorized,
     ),
     security((), ("bearer" = []))
 )]
@@ -302,10 +327,8 @@ pub(crate) async fn completions(
     responses(
         (status = 200, description = "The whole chat completion, or (`stream: true`) server-sent events: one `data:` line per chunk, then `data: [DONE]`.",
          content((ChatCompletion = "application/json"), (ChatCompletionChunk = "text/event-stream"))),
-        (status = 400, description = "A mistake in the request; `param` names the field.", body = ErrorBody),
-        (status = 401, description = "Missing or wrong API key.", body = ErrorBody),
-        (status = 413, description = "The body is over the size limit.", body = ErrorBody),
-        (status = 503, description = "The engine has stopped or is shutting down.", body = ErrorBody),
+        GenerationRefusals,
+        Unauthorized,
     ),
     security((), ("bearer" = []))
 )]
@@ -323,7 +346,7 @@ pub(crate) async fn chat_completions(
     summary = "The served model.",
     responses(
         (status = 200, description = "The one served model.", body = ModelList),
-        (status = 401, description = "Missing or wrong API key.", body = ErrorBody),
+        Unauthorized,
     ),
     security((), ("bearer" = []))
 )]

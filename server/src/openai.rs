@@ -209,16 +209,18 @@ fn json_error(e: &serde_path_to_error::Error<serde_json::Error>) -> ApiError {
 mod tests {
     use super::*;
 
-    fn completion(body: &str) -> Result<ValidRequest, ApiError> {
+    /// `body` sent to `/v1/completions` (these helpers serve the request tests too).
+    pub(super) fn completion(body: &str) -> Result<ValidRequest, ApiError> {
         parse_request(body.as_bytes(), Endpoint::Completions)
     }
 
-    fn chat(body: &str) -> Result<ValidRequest, ApiError> {
+    /// `body` sent to `/v1/chat/completions`.
+    pub(super) fn chat(body: &str) -> Result<ValidRequest, ApiError> {
         parse_request(body.as_bytes(), Endpoint::ChatCompletions)
     }
 
     /// The `param` of a refusal (which must be a 400).
-    fn param(r: Result<ValidRequest, ApiError>) -> String {
+    pub(super) fn param(r: Result<ValidRequest, ApiError>) -> String {
         let e = r.expect_err("should be refused");
         assert_eq!(e.status, hyper::StatusCode::BAD_REQUEST, "{e}");
         e.param.unwrap_or_default()
@@ -230,62 +232,60 @@ mod tests {
 
     #[test]
     fn serde_errors_name_the_path() {
-        assert_eq!(
-            param(completion(r#"{"prompt": "a", "temperature": "hot"}"#)),
-            "temperature"
-        );
+        for (body, field) in [
+            (r#"{"prompt": "a", "temperature": "hot"}"#, "temperature"),
+            (r#"{"prompt": "a", "bogus": 1}"#, "bogus"),
+            (r#"{}"#, "prompt"),
+            (r#"{"prompt": [1, -2]}"#, "prompt[1]"),
+            (r#"{"prompt": [1, 4294967296]}"#, "prompt[1]"),
+            (
+                r#"{"prompt": "a", "stream": true, "stream_options": {"include_usage": 1}}"#,
+                "stream_options.include_usage",
+            ),
+            (
+                r#"{"prompt": "a", "stream": true, "stream_options": {"x": 1}}"#,
+                "stream_options.x",
+            ),
+            (
+                r#"{"prompt": "a", "stream": true, "stream_options": [true]}"#,
+                "stream_options",
+            ),
+        ] {
+            assert_eq!(param(completion(body)), field, "{body}");
+        }
+        for (body, field) in [
+            (
+                r#"{"messages": [{"role": "user", "content": "x", "tool_calls": []}]}"#,
+                "messages[0].tool_calls",
+            ),
+            (r#"{"messages": [{"content": "x"}]}"#, "messages[0].role"),
+            (
+                r#"{"messages": [{"role": "user", "content": [{"type": "text"}]}]}"#,
+                "messages[0].content[0].text",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}"#,
+                "messages[0].content[0].type",
+            ),
+            (r#"{"messages": [["user", "hi"]]}"#, "messages[0]"),
+            (
+                r#"{"messages": [{"role": "user", "content": [["text", "hi"]]}]}"#,
+                "messages[0].content[0]",
+            ),
+        ] {
+            assert_eq!(param(chat(body)), field, "{body}");
+        }
         let m = message(completion(r#"{"prompt": "a", "temperature": "hot"}"#));
         assert!(
             m.contains("temperature") && m.contains("hot") && m.contains("a number"),
             "{m}"
         );
         assert!(!m.contains("line 1"), "{m}");
-        assert_eq!(param(completion(r#"{"prompt": "a", "bogus": 1}"#)), "bogus");
         assert_eq!(
             message(completion(r#"{"prompt": "a", "bogus": 1}"#)),
             "Unrecognized request argument supplied: bogus"
         );
-        assert_eq!(param(completion(r#"{}"#)), "prompt");
         assert_eq!(message(completion(r#"{}"#)), "`prompt` is missing");
-        assert_eq!(param(completion(r#"{"prompt": [1, -2]}"#)), "prompt[1]");
-        assert_eq!(
-            param(completion(r#"{"prompt": [1, 4294967296]}"#)),
-            "prompt[1]"
-        );
-        assert_eq!(
-            param(chat(
-                r#"{"messages": [{"role": "user", "content": "x", "tool_calls": []}]}"#
-            )),
-            "messages[0].tool_calls"
-        );
-        assert_eq!(
-            param(chat(r#"{"messages": [{"content": "x"}]}"#)),
-            "messages[0].role"
-        );
-        assert_eq!(
-            param(chat(
-                r#"{"messages": [{"role": "user", "content": [{"type": "text"}]}]}"#
-            )),
-            "messages[0].content[0].text"
-        );
-        assert_eq!(
-            param(chat(
-                r#"{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}"#
-            )),
-            "messages[0].content[0].type"
-        );
-        assert_eq!(
-            param(completion(
-                r#"{"prompt": "a", "stream": true, "stream_options": {"include_usage": 1}}"#
-            )),
-            "stream_options.include_usage"
-        );
-        assert_eq!(
-            param(completion(
-                r#"{"prompt": "a", "stream": true, "stream_options": {"x": 1}}"#
-            )),
-            "stream_options.x"
-        );
         let e = completion("{not json").unwrap_err();
         assert!(
             e.message.contains("not valid JSON") && e.param.is_none(),
@@ -293,22 +293,6 @@ mod tests {
         );
         let e = completion(r#"{"prompt": "a"} x"#).unwrap_err();
         assert!(e.message.contains("not valid JSON"), "{e}");
-        assert_eq!(
-            param(chat(r#"{"messages": [["user", "hi"]]}"#)),
-            "messages[0]"
-        );
-        assert_eq!(
-            param(chat(
-                r#"{"messages": [{"role": "user", "content": [["text", "hi"]]}]}"#
-            )),
-            "messages[0].content[0]"
-        );
-        assert_eq!(
-            param(completion(
-                r#"{"prompt": "a", "stream": true, "stream_options": [true]}"#
-            )),
-            "stream_options"
-        );
         let e = completion(r#"["a"]"#).unwrap_err();
         assert!(e.message.contains("JSON object"), "{e}");
         let e = completion("[1]").unwrap_err();

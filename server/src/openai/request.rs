@@ -10,6 +10,7 @@
 //! field.
 
 use std::fmt;
+use std::marker::PhantomData;
 
 use serde::de::{self, IgnoredAny, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
@@ -55,6 +56,55 @@ fn ids(tokens: &[TokenId]) -> Vec<u32> {
     tokens.iter().map(|t| t.0).collect()
 }
 
+/// Read the rest of an array of token ids onto `ids` (those read before it).
+fn rest_of_ids<'de, A: SeqAccess<'de>>(
+    mut seq: A,
+    mut ids: Vec<u32>,
+) -> Result<Vec<u32>, A::Error> {
+    while let Some(TokenId(t)) = seq.next_element()? {
+        ids.push(t);
+    }
+    Ok(ids)
+}
+
+/// A value that is a string or an array of `T`.
+enum TextOrArray<T> {
+    Text(String),
+    Array(Vec<T>),
+}
+
+/// Read a [`TextOrArray`]; `expecting` is serde's words for it when it is neither.
+fn text_or_array<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+    expecting: &'static str,
+) -> Result<TextOrArray<T>, D::Error> {
+    struct TextOrArrayVisitor<T>(&'static str, PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for TextOrArrayVisitor<T> {
+        type Value = TextOrArray<T>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str(self.0)
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<TextOrArray<T>, E> {
+            Ok(TextOrArray::Text(v.to_string()))
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<TextOrArray<T>, A::Error> {
+            let mut all = Vec::new();
+            while let Some(item) = seq.next_element()? {
+                all.push(item);
+            }
+            Ok(TextOrArray::Array(all))
+        }
+    }
+    d.deserialize_any(TextOrArrayVisitor(expecting, PhantomData))
+}
+
+/// A string of at least one character.
+fn non_empty_text() -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .min_length(Some(1))
+}
+
 /// The `prompt` of a completion: text or token ids, alone or as the one element of an array
 /// (this server takes one prompt per request).
 #[derive(Debug, Clone, PartialEq)]
@@ -92,12 +142,8 @@ impl<'de> Deserialize<'de> for Prompt {
                     fn visit_str<E: de::Error>(self, v: &str) -> Result<Item, E> {
                         Ok(Item::Text(v.to_string()))
                     }
-                    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Item, A::Error> {
-                        let mut ids = Vec::new();
-                        while let Some(TokenId(t)) = seq.next_element()? {
-                            ids.push(t);
-                        }
-                        Ok(Item::Tokens(ids))
+                    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Item, A::Error> {
+                        rest_of_ids(seq, Vec::new()).map(Item::Tokens)
                     }
                 }
                 d.deserialize_any(ItemVisitor)
@@ -118,11 +164,7 @@ impl<'de> Deserialize<'de> for Prompt {
                 let prompt = match seq.next_element::<Item>()? {
                     None => return Ok(Prompt::Tokens(Vec::new())),
                     Some(Item::Token(first)) => {
-                        let mut ids = vec![first];
-                        while let Some(TokenId(t)) = seq.next_element()? {
-                            ids.push(t);
-                        }
-                        return Ok(Prompt::Tokens(ids));
+                        return rest_of_ids(seq, vec![first]).map(Prompt::Tokens)
                     }
                     Some(Item::Text(text)) => Prompt::Text(text),
                     Some(Item::Tokens(ids)) => Prompt::Tokens(ids),
@@ -139,22 +181,17 @@ impl<'de> Deserialize<'de> for Prompt {
 
 impl PartialSchema for Prompt {
     fn schema() -> RefOr<Schema> {
-        let text = || {
-            ObjectBuilder::new()
-                .schema_type(Type::String)
-                .min_length(Some(1))
-        };
         let tokens = || {
             ArrayBuilder::new()
                 .items(Ref::from_schema_name(TokenId::name()))
                 .min_items(Some(1))
         };
         OneOfBuilder::new()
-            .item(text())
+            .item(non_empty_text())
             .item(tokens())
             .item(
                 ArrayBuilder::new()
-                    .items(text())
+                    .items(non_empty_text())
                     .min_items(Some(1))
                     .max_items(Some(1)),
             )
@@ -179,37 +216,20 @@ pub struct Stop(pub Vec<String>);
 
 impl<'de> Deserialize<'de> for Stop {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Stop, D::Error> {
-        struct StopVisitor;
-        impl<'de> Visitor<'de> for StopVisitor {
-            type Value = Stop;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a string or an array of strings")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<Stop, E> {
-                Ok(Stop(vec![v.to_string()]))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Stop, A::Error> {
-                let mut all = Vec::new();
-                while let Some(s) = seq.next_element::<String>()? {
-                    all.push(s);
-                }
-                Ok(Stop(all))
-            }
-        }
-        d.deserialize_any(StopVisitor)
+        Ok(Stop(
+            match text_or_array(d, "a string or an array of strings")? {
+                TextOrArray::Text(s) => vec![s],
+                TextOrArray::Array(all) => all,
+            },
+        ))
     }
 }
 
 impl PartialSchema for Stop {
     fn schema() -> RefOr<Schema> {
-        let text = || {
-            ObjectBuilder::new()
-                .schema_type(Type::String)
-                .min_length(Some(1))
-        };
         OneOfBuilder::new()
-            .item(text())
-            .item(ArrayBuilder::new().items(text()))
+            .item(non_empty_text())
+            .item(ArrayBuilder::new().items(non_empty_text()))
             .description(Some(
                 "The output ends just before the first of these strings (which it leaves out).",
             ))
@@ -247,24 +267,14 @@ impl MessageContent {
 
 impl<'de> Deserialize<'de> for MessageContent {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<MessageContent, D::Error> {
-        struct ContentVisitor;
-        impl<'de> Visitor<'de> for ContentVisitor {
-            type Value = MessageContent;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str(r#"a string or an array of text parts ({"type": "text", "text": ...})"#)
+        const EXPECTING: &str =
+            r#"a string or an array of text parts ({"type": "text", "text": ...})"#;
+        Ok(match text_or_array(d, EXPECTING)? {
+            TextOrArray::Text(t) => MessageContent::Text(t),
+            TextOrArray::Array(parts) => {
+                MessageContent::Parts(parts.into_iter().map(|Object(p)| p).collect())
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<MessageContent, E> {
-                Ok(MessageContent::Text(v.to_string()))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<MessageContent, A::Error> {
-                let mut parts = Vec::new();
-                while let Some(Object(p)) = seq.next_element()? {
-                    parts.push(p);
-                }
-                Ok(MessageContent::Parts(parts))
-            }
-        }
-        d.deserialize_any(ContentVisitor)
+        })
     }
 }
 
@@ -876,22 +886,8 @@ impl ValidRequest {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{parse_request, Endpoint};
+    use super::super::tests::{chat, completion, param};
     use super::*;
-
-    fn completion(body: &str) -> Result<ValidRequest, ApiError> {
-        parse_request(body.as_bytes(), Endpoint::Completions)
-    }
-
-    fn chat(body: &str) -> Result<ValidRequest, ApiError> {
-        parse_request(body.as_bytes(), Endpoint::ChatCompletions)
-    }
-
-    fn param(r: Result<ValidRequest, ApiError>) -> String {
-        let e = r.expect_err("should be refused");
-        assert_eq!(e.status, hyper::StatusCode::BAD_REQUEST, "{e}");
-        e.param.unwrap_or_default()
-    }
 
     #[test]
     fn min_top_p_is_the_smallest_normal_f32() {
@@ -934,113 +930,75 @@ mod tests {
         assert_eq!(tokens(r), Prompt::Tokens(vec![4, 5]));
         let r = completion(r#"{"prompt": ["a b"]}"#).unwrap();
         assert_eq!(tokens(r), Prompt::Text("a b".into()));
-        assert_eq!(param(completion(r#"{"prompt": ["a", "b"]}"#)), "prompt");
-        assert_eq!(param(completion(r#"{"prompt": [[1], [2]]}"#)), "prompt");
-        assert_eq!(param(completion(r#"{"prompt": [1, "a"]}"#)), "prompt[1]");
-        assert_eq!(param(completion(r#"{"prompt": [[]]}"#)), "prompt");
-        assert_eq!(param(completion(r#"{"prompt": [""]}"#)), "prompt");
-        assert_eq!(param(completion(r#"{"prompt": [{}]}"#)), "prompt[0]");
+        for (prompt, field) in [
+            (r#"["a", "b"]"#, "prompt"),
+            ("[[1], [2]]", "prompt"),
+            (r#"[1, "a"]"#, "prompt[1]"),
+            ("[[]]", "prompt"),
+            (r#"[""]"#, "prompt"),
+            ("[{}]", "prompt[0]"),
+        ] {
+            let body = format!(r#"{{"prompt": {prompt}}}"#);
+            assert_eq!(param(completion(&body)), field, "{body}");
+        }
     }
 
     #[test]
     fn mistakes_name_their_field() {
-        assert_eq!(param(completion(r#"{"prompt": ""}"#)), "prompt");
-        assert_eq!(param(completion(r#"{"prompt": []}"#)), "prompt");
-        assert_eq!(param(completion(r#"{"prompt": 5}"#)), "prompt");
-        assert_eq!(
-            param(completion(r#"{"prompt": "a", "temperature": 3}"#)),
-            "temperature"
-        );
-        assert_eq!(param(completion(r#"{"prompt": "a", "top_p": 0}"#)), "top_p");
-        assert_eq!(
-            param(completion(r#"{"prompt": "a", "top_p": 2.8e-78}"#)),
-            "top_p"
-        );
-        assert_eq!(
-            param(completion(r#"{"prompt": "a", "top_p": 1.0000001}"#)),
-            "top_p"
-        );
-        assert!(completion(r#"{"prompt": "a", "top_p": 1.1754943508222875e-38}"#).is_ok());
-        assert_eq!(
-            param(completion(r#"{"prompt": "a", "top_k": -5}"#)),
-            "top_k"
-        );
-        assert_eq!(
-            param(completion(r#"{"prompt": "a", "max_tokens": 0}"#)),
-            "max_tokens"
-        );
-        assert_eq!(
-            param(completion(r#"{"prompt": "a", "max_tokens": 1.5}"#)),
-            "max_tokens"
-        );
-        assert_eq!(param(completion(r#"{"prompt": "a", "n": 2}"#)), "n");
+        for body in [r#"{"prompt": ""}"#, r#"{"prompt": []}"#, r#"{"prompt": 5}"#] {
+            assert_eq!(param(completion(body)), "prompt", "{body}");
+        }
+        for (field, value) in [
+            ("temperature", "3"),
+            ("top_p", "0"),
+            ("top_p", "2.8e-78"),
+            ("top_p", "1.0000001"),
+            ("top_k", "-5"),
+            ("max_tokens", "0"),
+            ("max_tokens", "1.5"),
+            ("n", "2"),
+            ("stop", r#""""#),
+            ("stop", r#"["x", ""]"#),
+            ("stream", r#""yes""#),
+            ("echo", "true"),
+            ("suffix", r#""x""#),
+            ("logprobs", "2"),
+            ("logit_bias", r#"{"1": 5}"#),
+            ("presence_penalty", "0.5"),
+            ("stream_options", r#"{"include_usage": true}"#),
+            // A chat-only field on completions is unknown there.
+            ("messages", "[]"),
+        ] {
+            let body = format!(r#"{{"prompt": "a", "{field}": {value}}}"#);
+            assert_eq!(param(completion(&body)), field, "{body}");
+        }
         assert_eq!(
             param(completion(r#"{"prompt": "a", "stop": [1]}"#)),
             "stop[0]"
         );
-        assert_eq!(param(completion(r#"{"prompt": "a", "stop": ""}"#)), "stop");
-        assert_eq!(
-            param(completion(r#"{"prompt": "a", "stop": ["x", ""]}"#)),
-            "stop"
-        );
-        assert_eq!(
-            param(completion(r#"{"prompt": "a", "stream": "yes"}"#)),
-            "stream"
-        );
-        assert_eq!(
-            param(completion(r#"{"prompt": "a", "echo": true}"#)),
-            "echo"
-        );
-        assert_eq!(
-            param(completion(r#"{"prompt": "a", "suffix": "x"}"#)),
-            "suffix"
-        );
-        assert_eq!(
-            param(completion(r#"{"prompt": "a", "logprobs": 2}"#)),
-            "logprobs"
-        );
-        assert_eq!(
-            param(completion(r#"{"prompt": "a", "logit_bias": {"1": 5}}"#)),
-            "logit_bias"
-        );
-        assert_eq!(
-            param(completion(r#"{"prompt": "a", "presence_penalty": 0.5}"#)),
-            "presence_penalty"
-        );
-        assert_eq!(
-            param(completion(
-                r#"{"prompt": "a", "stream_options": {"include_usage": true}}"#
-            )),
-            "stream_options"
-        );
-        // A chat-only field on completions is unknown there.
-        assert_eq!(
-            param(completion(r#"{"prompt": "a", "messages": []}"#)),
-            "messages"
-        );
-        assert_eq!(param(chat(r#"{"messages": []}"#)), "messages");
-        assert_eq!(
-            param(chat(r#"{"messages": [{"role": "cat", "content": "x"}]}"#)),
-            "messages[0].role"
-        );
-        assert_eq!(
-            param(chat(r#"{"messages": [{"role": "user"}]}"#)),
-            "messages[0].content"
-        );
-        assert_eq!(
-            param(chat(r#"{"messages": [{"role": "user", "content": null}]}"#)),
-            "messages[0].content"
-        );
-        assert_eq!(
-            param(chat(r#"{"messages": [{"role": "user", "content": 5}]}"#)),
-            "messages[0].content"
-        );
-        assert_eq!(
-            param(chat(
-                r#"{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -1}"#
-            )),
-            "max_completion_tokens"
-        );
+        assert!(completion(r#"{"prompt": "a", "top_p": 1.1754943508222875e-38}"#).is_ok());
+        for (body, field) in [
+            (r#"{"messages": []}"#, "messages"),
+            (
+                r#"{"messages": [{"role": "cat", "content": "x"}]}"#,
+                "messages[0].role",
+            ),
+            (r#"{"messages": [{"role": "user"}]}"#, "messages[0].content"),
+            (
+                r#"{"messages": [{"role": "user", "content": null}]}"#,
+                "messages[0].content",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": 5}]}"#,
+                "messages[0].content",
+            ),
+            (
+                r#"{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -1}"#,
+                "max_completion_tokens",
+            ),
+        ] {
+            assert_eq!(param(chat(body)), field, "{body}");
+        }
         let user = r#"[{"role": "user", "content": "x"}]"#;
         for (field, value) in [
             ("logprobs", "true"),
