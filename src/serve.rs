@@ -77,12 +77,13 @@ pub fn run(args: Args) -> Result<()> {
             .with_context(|| format!("binding {}:{}", args.host, args.port))?;
         let addr = listener.local_addr().context("reading the bound address")?;
         println!(
-            "vkv serve: {served_model_name} on http://{addr} (device {}, KV {}, capacity {} tokens, max model len {}, max num seqs {})",
+            "vkv serve: {served_model_name} on http://{addr} (device {}, KV {}, capacity {} tokens, max model len {}, max num seqs {}; {})",
             metrics.device,
             metrics.kv_name,
             engine.kv_capacity_tokens(),
             engine.max_model_len(),
             args.engine.max_num_seqs,
+            vkv_engine::RuntimeSwitches::get(),
         );
         std::io::stdout().flush().ok();
         // The first signal starts the shutdown; a second one aborts what is left.

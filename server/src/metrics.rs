@@ -263,6 +263,18 @@ impl ServerMetrics {
             "gauge",
         );
         let _ = writeln!(out, "vkv_device_info{{device=\"{}\"}} 1", e.device);
+        header(
+            &mut out,
+            "vkv_runtime_info",
+            "The runtime switches the process resolved at start (labels), 1.",
+            "gauge",
+        );
+        let labels: Vec<String> = vkv_engine::RuntimeSwitches::get()
+            .pairs()
+            .into_iter()
+            .map(|(k, v)| format!("{k}=\"{v}\""))
+            .collect();
+        let _ = writeln!(out, "vkv_runtime_info{{{}}} 1", labels.join(","));
         single(
             &mut out,
             "vkv_kv_capacity_tokens",

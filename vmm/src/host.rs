@@ -37,7 +37,7 @@ const HUGE_PAGE: usize = 2 << 20;
 pub struct HostVmm {
     memfd: OwnedFd,
     granularity: usize,
-    /// Advise whole 2 MiB pages for huge pages (unless `VKV_NO_HUGE_PAGES` is set).
+    /// Advise whole 2 MiB pages for huge pages.
     huge_pages: bool,
     state: Mutex<HostState>,
 }
@@ -52,8 +52,14 @@ struct HostState {
 }
 
 impl HostVmm {
-    /// A new backend with its own memfd.
+    /// A new backend with its own memfd, advising huge pages.
     pub fn new() -> Result<Self> {
+        HostVmm::with_huge_pages(true)
+    }
+
+    /// A new backend with its own memfd; `huge_pages` says whether whole 2 MiB pages are
+    /// advised for transparent huge pages (the engine passes its runtime switch).
+    pub fn with_huge_pages(huge_pages: bool) -> Result<Self> {
         let name = c"vkv-kv-pages";
         // SAFETY: plain system call with a valid NUL-terminated name.
         let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
@@ -68,7 +74,7 @@ impl HostVmm {
         Ok(HostVmm {
             memfd,
             granularity,
-            huge_pages: std::env::var_os("VKV_NO_HUGE_PAGES").is_none(),
+            huge_pages,
             state: Mutex::new(HostState::default()),
         })
     }

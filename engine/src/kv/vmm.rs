@@ -137,7 +137,8 @@ impl VmmKv {
             page_size,
             max_pages,
         );
-        let backend = Arc::new(HostVmm::new().map_err(vmm_error)?);
+        let huge_pages = vkv_kernels::RuntimeSwitches::get().huge_pages;
+        let backend = Arc::new(HostVmm::with_huge_pages(huge_pages).map_err(vmm_error)?);
         // A few pages created ahead: on the CPU creating is cheap next to a forward pass.
         let options = MapperOptions {
             pool_low_water: 8,

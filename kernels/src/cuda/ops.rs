@@ -264,32 +264,8 @@ impl ModelOps {
     }
 }
 
-/// Which library runs [`Gemm::matmul_t`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GemmLibrary {
-    /// cuBLASLt (`cublasLtMatmul`) with the heuristic's algorithm chosen once per shape.
-    CublasLt,
-    /// cuBLAS (`cublasGemmEx`, `CUBLAS_GEMM_DEFAULT`): the baseline the benchmarks compare with.
-    Cublas,
-}
-
-impl GemmLibrary {
-    /// `VKV_GEMM=cublas` picks cuBLAS, anything else (or nothing) cuBLASLt.
-    pub fn from_env() -> Self {
-        match std::env::var("VKV_GEMM").as_deref() {
-            Ok("cublas") => GemmLibrary::Cublas,
-            _ => GemmLibrary::CublasLt,
-        }
-    }
-
-    /// The name benchmarks print.
-    pub fn name(self) -> &'static str {
-        match self {
-            GemmLibrary::CublasLt => "cublaslt",
-            GemmLibrary::Cublas => "cublas",
-        }
-    }
-}
+/// Which library runs [`Gemm::matmul_t`] (one of the [`crate::RuntimeSwitches`]).
+pub use crate::switches::GemmLibrary;
 
 /// bf16 matrix products on one stream, through cuBLASLt (default) or cuBLAS.
 ///
@@ -359,7 +335,7 @@ fn blas_error(call: &'static str, detail: impl std::fmt::Debug) -> KernelError {
 }
 
 impl Gemm {
-    /// cuBLAS and cuBLASLt handles bound to `stream`, the library from [`GemmLibrary::from_env`];
+    /// cuBLAS and cuBLASLt handles bound to `stream`, the library from runtime switches ([`crate::RuntimeSwitches::gemm`]);
     /// [`KernelError::NoCuda`] when a library is missing.
     pub fn new(stream: Arc<CudaStream>) -> Result<Self> {
         // SAFETY: probe candidate library names; cudarc's loader panics without these checks.
@@ -385,7 +361,7 @@ impl Gemm {
             workspace,
             plans: Default::default(),
             stream,
-            library: GemmLibrary::from_env(),
+            library: crate::RuntimeSwitches::get().gemm,
         })
     }
 
