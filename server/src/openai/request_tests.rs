@@ -1,0 +1,153 @@
+//! Test module `tests` of `request.rs` (a child module: `super` is `request`).
+
+use super::super::tests::{chat, completion, param};
+use super::*;
+
+#[test]
+fn min_top_p_is_the_smallest_normal_f32() {
+    assert_eq!(MIN_TOP_P, f32::MIN_POSITIVE as f64);
+}
+
+#[test]
+fn a_full_completion_request_reads_every_field() {
+    let r = completion(
+        r#"{"model": "m", "prompt": "Hi", "max_tokens": 7, "temperature": 0.5, "top_p": 0.9,
+            "top_k": 40, "seed": 3, "stop": ["\n", "END"], "stream": true,
+            "stream_options": {"include_usage": true}, "n": 1, "ignore_eos": true,
+            "presence_penalty": 0, "logprobs": null, "user": "me", "stop_token_ids": [2, 3]}"#,
+    )
+    .unwrap();
+    assert_eq!(r.model.as_deref(), Some("m"));
+    assert_eq!(r.input, Input::Prompt(Prompt::Text("Hi".into())));
+    assert_eq!(r.max_tokens, Some(7));
+    assert_eq!(r.sampling.temperature, 0.5);
+    assert_eq!(r.sampling.top_k, 40);
+    assert_eq!(r.sampling.seed, Some(3));
+    assert_eq!(r.stop.stop, vec!["\n".to_string(), "END".to_string()]);
+    assert_eq!(r.stop.stop_token_ids, vec![2, 3]);
+    assert!(r.stop.ignore_eos && r.stream && r.include_usage);
+    let r = completion(r#"{"prompt": "Hi", "seed": -1, "stop": "x"}"#).unwrap();
+    assert_eq!(r.sampling.seed, Some(u64::MAX));
+    assert_eq!(r.stop.stop, vec!["x".to_string()]);
+    assert!(!r.stream && r.max_tokens.is_none());
+}
+
+#[test]
+fn prompts_may_be_token_ids() {
+    let tokens = |r: ValidRequest| match r.input {
+        Input::Prompt(p) => p,
+        i => panic!("{i:?}"),
+    };
+    let r = completion(r#"{"prompt": [1, 2, 3]}"#).unwrap();
+    assert_eq!(tokens(r), Prompt::Tokens(vec![1, 2, 3]));
+    let r = completion(r#"{"prompt": [[4, 5]]}"#).unwrap();
+    assert_eq!(tokens(r), Prompt::Tokens(vec![4, 5]));
+    let r = completion(r#"{"prompt": ["a b"]}"#).unwrap();
+    assert_eq!(tokens(r), Prompt::Text("a b".into()));
+    for (prompt, field) in [
+        (r#"["a", "b"]"#, "prompt"),
+        ("[[1], [2]]", "prompt"),
+        (r#"[1, "a"]"#, "prompt[1]"),
+        ("[[]]", "prompt"),
+        (r#"[""]"#, "prompt"),
+        ("[{}]", "prompt[0]"),
+    ] {
+        let body = format!(r#"{{"prompt": {prompt}}}"#);
+        assert_eq!(param(completion(&body)), field, "{body}");
+    }
+}
+
+#[test]
+fn mistakes_name_their_field() {
+    for body in [r#"{"prompt": ""}"#, r#"{"prompt": []}"#, r#"{"prompt": 5}"#] {
+        assert_eq!(param(completion(body)), "prompt", "{body}");
+    }
+    for (field, value) in [
+        ("temperature", "3"),
+        ("top_p", "0"),
+        ("top_p", "2.8e-78"),
+        ("top_p", "1.0000001"),
+        ("top_k", "-5"),
+        ("max_tokens", "0"),
+        ("max_tokens", "1.5"),
+        ("n", "2"),
+        ("stop", r#""""#),
+        ("stop", r#"["x", ""]"#),
+        ("stream", r#""yes""#),
+        ("echo", "true"),
+        ("suffix", r#""x""#),
+        ("logprobs", "2"),
+        ("logit_bias", r#"{"1": 5}"#),
+        ("presence_penalty", "0.5"),
+        ("stream_options", r#"{"include_usage": true}"#),
+        // A chat-only field on completions is unknown there.
+        ("messages", "[]"),
+    ] {
+        let body = format!(r#"{{"prompt": "a", "{field}": {value}}}"#);
+        assert_eq!(param(completion(&body)), field, "{body}");
+    }
+    assert_eq!(
+        param(completion(r#"{"prompt": "a", "stop": [1]}"#)),
+        "stop[0]"
+    );
+    assert!(completion(r#"{"prompt": "a", "top_p": 1.1754943508222875e-38}"#).is_ok());
+    for (body, field) in [
+        (r#"{"messages": []}"#, "messages"),
+        (
+            r#"{"messages": [{"role": "cat", "content": "x"}]}"#,
+            "messages[0].role",
+        ),
+        (r#"{"messages": [{"role": "user"}]}"#, "messages[0].content"),
+        (
+            r#"{"messages": [{"role": "user", "content": null}]}"#,
+            "messages[0].content",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": 5}]}"#,
+            "messages[0].content",
+        ),
+        (
+            r#"{"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -1}"#,
+            "max_completion_tokens",
+        ),
+    ] {
+        assert_eq!(param(chat(body)), field, "{body}");
+    }
+    let user = r#"[{"role": "user", "content": "x"}]"#;
+    for (field, value) in [
+        ("logprobs", "true"),
+        ("top_logprobs", "2"),
+        ("response_format", r#"{"type": "json_object"}"#),
+        ("tools", r#"[{"type": "function"}]"#),
+        ("tool_choice", r#""auto""#),
+    ] {
+        let body = format!(r#"{{"messages": {user}, "{field}": {value}}}"#);
+        assert_eq!(param(chat(&body)), field, "{body}");
+    }
+    let neutral = format!(
+        r#"{{"messages": {user}, "logprobs": false, "top_logprobs": 0, "response_format": {{"type": "text"}},
+            "tools": [], "tool_choice": "none", "parallel_tool_calls": true, "n": 1}}"#
+    );
+    assert!(chat(&neutral).is_ok(), "{neutral}");
+}
+
+#[test]
+fn chat_content_may_be_text_parts() {
+    let r = chat(
+        r#"{"messages": [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]},
+            {"role": "assistant"}, {"role": "developer", "content": "x", "name": "d"}],
+            "max_completion_tokens": 5}"#,
+    )
+    .unwrap();
+    let Input::Chat { messages, .. } = &r.input else {
+        panic!("{r:?}")
+    };
+    assert_eq!(messages[1], ChatMessage::new("user", "Hi there"));
+    assert_eq!(messages[2], ChatMessage::new("assistant", ""));
+    assert_eq!(messages[3], ChatMessage::new("system", "x"));
+    assert_eq!(
+        (r.max_tokens, r.max_tokens_field),
+        (Some(5), "max_completion_tokens")
+    );
+}
