@@ -96,7 +96,7 @@ fn cuda() -> Result<(Arc<dyn PhysicalMemory>, String)> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let shape = vkv_engine::presets::kv_shape(&args.model).map_err(anyhow::Error::msg)?;
+    let shape = vkv_engine::presets::kv_shape(&args.model)?;
     if args.tokens == 0 || args.slots < 2 || args.pages == 0 {
         bail!(
             "--tokens and --pages must be > 0 and --slots at least 2 (found {}, {}, {})",

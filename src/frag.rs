@@ -70,7 +70,7 @@ fn model_shape(model: &str) -> Result<KvShape> {
         .parent()
         .and_then(|p| p.file_name())
         .map_or(model.to_string(), |n| n.to_string_lossy().into());
-    presets::kv_shape_from_hf_config(&name, &text).map_err(anyhow::Error::msg)
+    Ok(presets::kv_shape_from_hf_config(&name, &text)?)
 }
 
 pub fn run(args: Args) -> Result<()> {

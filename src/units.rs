@@ -1,16 +1,30 @@
 //! Byte sizes on the command line: `2MiB`, `64KiB`, `40GiB`, `4096`, `1.5GB`.
 
+/// Why a byte size does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ByteSizeError {
+    /// No number before the unit.
+    #[error("expected a size like 2MiB or 4096, found {text:?}")]
+    NoNumber { text: String },
+    /// A unit other than B, KiB…TiB, KB…TB or K/M/G/T.
+    #[error("unknown size unit {unit:?} in {text:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")]
+    UnknownUnit { unit: String, text: String },
+    /// A size that is fractional, negative or too large once scaled.
+    #[error("{text:?} is not a whole number of bytes")]
+    NotWholeBytes { text: String },
+}
+
 /// Parse a byte size with an optional binary (KiB, MiB, GiB, TiB) or decimal (KB, MB, GB, TB)
 /// suffix; `K`/`M`/`G`/`T` alone are binary.
-pub fn parse_bytes(text: &str) -> Result<usize, String> {
+pub fn parse_bytes(text: &str) -> Result<usize, ByteSizeError> {
     let t = text.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("expected a size like 2MiB or 4096, found {text:?}"))?;
+    let number: f64 = number.parse().map_err(|_| ByteSizeError::NoNumber {
+        text: text.to_string(),
+    })?;
     let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kib" => 1024.0,
@@ -21,17 +35,20 @@ pub fn parse_bytes(text: &str) -> Result<usize, String> {
         "mb" => 1e6,
         "gb" => 1e9,
         "tb" => 1e12,
-        other => return Err(unknown_unit(other, text)),
+        other => {
+            return Err(ByteSizeError::UnknownUnit {
+                unit: other.to_string(),
+                text: text.to_string(),
+            })
+        }
     };
     let bytes = number * scale;
     if !bytes.is_finite() || bytes < 0.0 || bytes > usize::MAX as f64 || bytes.fract() != 0.0 {
-        return Err(format!("{text:?} is not a whole number of bytes"));
+        return Err(ByteSizeError::NotWholeBytes {
+            text: text.to_string(),
+        });
     }
     Ok(bytes as usize)
-}
-
-fn unknown_unit(unit: &str, text: &str) -> String {
-    format!("unknown size unit {unit:?} in {text:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")
 }
 
 /// `2 MiB`, `64 KiB`, `512 B`: the largest binary unit that divides evenly.
@@ -57,6 +74,7 @@ mod tests {
         assert_eq!(parse_bytes("4096"), Ok(4096));
         assert!(parse_bytes("2 parsecs")
             .unwrap_err()
+            .to_string()
             .contains("unknown size unit"));
         assert!(parse_bytes("MiB").is_err());
         assert!(parse_bytes("0.5B").is_err());

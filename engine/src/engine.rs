@@ -431,7 +431,9 @@ impl Engine {
         if r.max_tokens == 0 {
             return invalid("max_tokens must be at least 1, found 0".into());
         }
-        r.sampling.validate().map_err(EngineError::InvalidRequest)?;
+        r.sampling
+            .validate()
+            .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
         if r.stop.stop.iter().any(String::is_empty) {
             return invalid("stop strings must not be empty".into());
         }

@@ -274,7 +274,9 @@ pub fn generate(
     on_text: &mut dyn FnMut(&str),
 ) -> Result<Generation, GenerateError> {
     const SEQ: u64 = 0;
-    params.validate().map_err(GenerateError::Input)?;
+    params
+        .validate()
+        .map_err(|e| GenerateError::Input(e.to_string()))?;
     let limit = m.model.config.max_position_embeddings;
     if prompt.is_empty() || prompt.len() >= limit {
         return Err(GenerateError::Input(format!(

@@ -43,14 +43,35 @@ pub fn preset_names() -> Vec<&'static str> {
     PRESETS.iter().map(|p| p.0).collect()
 }
 
+/// Why a KV shape could not be had from a preset name or a `config.json`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PresetError {
+    /// No preset has this name; the message lists the known ones.
+    #[error("unknown model preset {name:?}; known: {}", preset_names().join(", "))]
+    UnknownPreset { name: String },
+    /// The `config.json` text does not parse as JSON.
+    #[error("{name}: config.json is not valid JSON: {detail}")]
+    InvalidJson { name: String, detail: String },
+    /// A required field is absent, zero or not an integer.
+    #[error("{name}: config.json has no positive integer `{field}`")]
+    MissingField { name: String, field: &'static str },
+    /// `hidden_size` does not split evenly into the attention heads (and no `head_dim` says
+    /// otherwise).
+    #[error("{name}: hidden_size {hidden_size} is not a multiple of num_attention_heads {heads}")]
+    UnevenHeads {
+        name: String,
+        hidden_size: usize,
+        heads: usize,
+    },
+}
+
 /// The preset called `name`, or an error listing the known ones.
-pub fn kv_shape(name: &str) -> Result<KvShape, String> {
-    let &(name, num_layers, num_kv_heads, head_dim, max_len) =
-        PRESETS.iter().find(|p| p.0 == name).ok_or_else(|| {
-            format!(
-                "unknown model preset {name:?}; known: {}",
-                preset_names().join(", ")
-            )
+pub fn kv_shape(name: &str) -> Result<KvShape, PresetError> {
+    let &(name, num_layers, num_kv_heads, head_dim, max_len) = PRESETS
+        .iter()
+        .find(|p| p.0 == name)
+        .ok_or_else(|| PresetError::UnknownPreset {
+            name: name.to_string(),
         })?;
     Ok(KvShape {
         name: name.to_string(),
@@ -66,18 +87,24 @@ pub fn kv_shape(name: &str) -> Result<KvShape, String> {
 /// `num_key_value_heads` (default `num_attention_heads`), `head_dim` (default `hidden_size /
 /// num_attention_heads`), `max_position_embeddings` (default 4096) and `torch_dtype` (4 bytes for
 /// float32, else 2). `name` labels the result.
-pub fn kv_shape_from_hf_config(name: &str, json: &str) -> Result<KvShape, String> {
-    let v: serde_json::Value = serde_json::from_str(json)
-        .map_err(|e| format!("{name}: config.json is not valid JSON: {e}"))?;
+pub fn kv_shape_from_hf_config(name: &str, json: &str) -> Result<KvShape, PresetError> {
+    let v: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| PresetError::InvalidJson {
+            name: name.to_string(),
+            detail: e.to_string(),
+        })?;
     let field = |key: &str| {
         v.get(key)
             .and_then(serde_json::Value::as_u64)
             .map(|x| x as usize)
     };
-    let need = |key: &str| {
+    let need = |key: &'static str| {
         field(key)
             .filter(|&x| x > 0)
-            .ok_or_else(|| format!("{name}: config.json has no positive integer `{key}`"))
+            .ok_or_else(|| PresetError::MissingField {
+                name: name.to_string(),
+                field: key,
+            })
     };
     let num_layers = need("num_hidden_layers")?;
     let heads = need("num_attention_heads")?;
@@ -87,13 +114,15 @@ pub fn kv_shape_from_hf_config(name: &str, json: &str) -> Result<KvShape, String
     let head_dim = match field("head_dim").filter(|&x| x > 0) {
         Some(d) => d,
         None => {
-            let hidden = need("hidden_size")?;
-            if hidden % heads != 0 {
-                return Err(format!(
-                    "{name}: hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
-                ));
+            let hidden_size = need("hidden_size")?;
+            if hidden_size % heads != 0 {
+                return Err(PresetError::UnevenHeads {
+                    name: name.to_string(),
+                    hidden_size,
+                    heads,
+                });
             }
-            hidden / heads
+            hidden_size / heads
         }
     };
     let dtype_bytes = match v.get("torch_dtype").and_then(serde_json::Value::as_str) {
@@ -124,16 +153,22 @@ mod tests {
         let preset = kv_shape("smollm2-135m").unwrap();
         assert_eq!(s.bytes_per_token(), preset.bytes_per_token());
         assert_eq!(s.max_len, 8192);
-        let err = kv_shape_from_hf_config("x", r#"{"num_attention_heads": 8}"#).unwrap_err();
+        let err = kv_shape_from_hf_config("x", r#"{"num_attention_heads": 8}"#)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("num_hidden_layers"), "{err}");
         assert!(kv_shape_from_hf_config("x", "{oops")
             .unwrap_err()
+            .to_string()
             .contains("not valid JSON"));
     }
 
     #[test]
     fn llama_3_8b_holds_128_kib_per_token() {
         assert_eq!(kv_shape("llama-3-8b").unwrap().bytes_per_token(), 128 << 10);
-        assert!(kv_shape("gpt-5").unwrap_err().contains("llama-3-8b"));
+        assert!(kv_shape("gpt-5")
+            .unwrap_err()
+            .to_string()
+            .contains("llama-3-8b"));
     }
 }

@@ -28,17 +28,28 @@ impl Default for SamplingParams {
     }
 }
 
+/// A sampling parameter outside the range OpenAI and vLLM accept; the message starts with the
+/// field's name (the server's 400 takes its `param` from it).
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+pub enum SamplingError {
+    /// `temperature` outside [0, 2].
+    #[error("temperature must be in [0, 2], found {found}")]
+    Temperature { found: f32 },
+    /// `top_p` outside (0, 1].
+    #[error("top_p must be in (0, 1], found {found}")]
+    TopP { found: f32 },
+}
+
 impl SamplingParams {
     /// Check the ranges OpenAI and vLLM accept; the error names the field.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SamplingError> {
         if !(0.0..=2.0).contains(&self.temperature) {
-            return Err(format!(
-                "temperature must be in [0, 2], found {}",
-                self.temperature
-            ));
+            return Err(SamplingError::Temperature {
+                found: self.temperature,
+            });
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("top_p must be in (0, 1], found {}", self.top_p));
+            return Err(SamplingError::TopP { found: self.top_p });
         }
         Ok(())
     }
@@ -233,11 +244,19 @@ mod tests {
             temperature: -1.0,
             ..Default::default()
         };
-        assert!(bad.validate().unwrap_err().contains("temperature"));
+        assert!(matches!(
+            bad.validate(),
+            Err(SamplingError::Temperature { found }) if found == -1.0
+        ));
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("temperature"));
         let bad = SamplingParams {
             top_p: 0.0,
             ..Default::default()
         };
-        assert!(bad.validate().unwrap_err().contains("top_p"));
+        assert!(bad.validate().unwrap_err().to_string().starts_with("top_p"));
     }
 }

@@ -290,14 +290,19 @@ fn load_error(path: &Path, message: impl fmt::Display) -> TokenizerError {
 }
 
 fn template_error(e: minijinja::Error) -> TokenizerError {
+    TokenizerError::ChatTemplate(template_message(&e))
+}
+
+/// A minijinja error's message with its sources', joined by ": ".
+fn template_message(e: &minijinja::Error) -> String {
     let mut message = e.to_string();
-    let mut source = std::error::Error::source(&e);
+    let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         message.push_str(": ");
         message.push_str(&s.to_string());
         source = s.source();
     }
-    TokenizerError::ChatTemplate(message)
+    message
 }
 
 impl Tokenizer {
@@ -551,7 +556,7 @@ impl Tokenizer {
             None => ChatTemplate::None,
             Some(source) => match compile_chat_template(source) {
                 Ok(env) => ChatTemplate::Ready(Box::new(env)),
-                Err(e) => ChatTemplate::Broken(e),
+                Err(e) => ChatTemplate::Broken(template_message(&e)),
             },
         };
         Tokenizer {
@@ -665,8 +670,8 @@ impl Tokenizer {
 }
 
 /// A minijinja environment set up like HF's chat-template sandbox, holding one template; the error
-/// is the compile error's message.
-fn compile_chat_template(source: String) -> Result<Environment<'static>, String> {
+/// is minijinja's compile error.
+fn compile_chat_template(source: String) -> Result<Environment<'static>, minijinja::Error> {
     let mut env = Environment::new();
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
@@ -683,13 +688,8 @@ fn compile_chat_template(source: String) -> Result<Environment<'static>, String>
     env.add_filter("tojson", tojson);
     env.set_formatter(python_formatter);
     env.set_unknown_method_callback(python_method);
-    match env.add_template_owned(CHAT_TEMPLATE_NAME, source) {
-        Ok(()) => Ok(env),
-        Err(e) => match template_error(e) {
-            TokenizerError::ChatTemplate(message) => Err(message),
-            other => Err(other.to_string()),
-        },
-    }
+    env.add_template_owned(CHAT_TEMPLATE_NAME, source)?;
+    Ok(env)
 }
 
 /// Print values as Jinja2 does (`True`, `False`, `None`), everything else as minijinja does.

@@ -115,7 +115,7 @@ pub enum WorkloadError {
     BadTraceLine {
         origin: String,
         line: usize,
-        reason: String,
+        reason: TraceLineError,
     },
     /// The trace holds no requests.
     #[error(
@@ -123,6 +123,33 @@ pub enum WorkloadError {
          found no requests"
     )]
     EmptyTrace { origin: String },
+}
+
+/// Why one JSONL trace line is not a request (the line number is added by
+/// [`WorkloadError::BadTraceLine`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TraceLineError {
+    /// The line is not JSON; `message` is serde_json's, without its position.
+    #[error(
+        "expected a JSON object like {TRACE_LINE_FORMAT}, found malformed JSON \
+         ({message} at column {column})"
+    )]
+    MalformedJson { message: String, column: usize },
+    /// The line is JSON but not an object; `found` is what it is ("an array", "a number", ...).
+    #[error("expected a JSON object like {TRACE_LINE_FORMAT}, found {found}")]
+    NotAnObject { found: &'static str },
+    /// The object lacks `prompt_len` or `output_len`.
+    #[error("missing field `{field}`: expected an object like {TRACE_LINE_FORMAT}")]
+    MissingField { field: &'static str },
+    /// The field is not a non-negative integer; `found` is its JSON text.
+    #[error("field `{field}`: expected a positive integer, found {found}")]
+    NotAnInteger { field: &'static str, found: String },
+    /// The field is 0.
+    #[error("field `{field}`: expected a length >= 1, found 0")]
+    Zero { field: &'static str },
+    /// The field does not fit a `usize`.
+    #[error("field `{field}`: expected at most {}, found {found}", usize::MAX)]
+    TooLarge { field: &'static str, found: u64 },
 }
 
 /// A one-dimensional length distribution (tokens), before rounding.
@@ -484,43 +511,40 @@ fn parse_jsonl(text: &str, origin: &str) -> Result<Vec<RequestShape>, WorkloadEr
 const TRACE_LINE_FORMAT: &str = "{\"prompt_len\": N, \"output_len\": M}";
 
 /// One non-blank trace line; the error is the reason, without the line number.
-fn parse_trace_line(line: &str) -> Result<RequestShape, String> {
+fn parse_trace_line(line: &str) -> Result<RequestShape, TraceLineError> {
     let value: serde_json::Value = serde_json::from_str(line).map_err(|error| {
         // serde_json appends "at line 1 column C" (line within this one line); keep the column.
         let message = error.to_string();
         let position = format!(" at line {} column {}", error.line(), error.column());
-        let message = message.strip_suffix(&position).unwrap_or(&message);
-        format!(
-            "expected a JSON object like {TRACE_LINE_FORMAT}, found malformed JSON \
-             ({message} at column {})",
-            error.column()
-        )
+        TraceLineError::MalformedJson {
+            message: message
+                .strip_suffix(&position)
+                .unwrap_or(&message)
+                .to_string(),
+            column: error.column(),
+        }
     })?;
     let Some(object) = value.as_object() else {
-        return Err(format!(
-            "expected a JSON object like {TRACE_LINE_FORMAT}, found {}",
-            json_kind(&value)
-        ));
+        return Err(TraceLineError::NotAnObject {
+            found: json_kind(&value),
+        });
     };
-    let field = |name: &str| -> Result<usize, String> {
-        let Some(field_value) = object.get(name) else {
-            return Err(format!(
-                "missing field `{name}`: expected an object like {TRACE_LINE_FORMAT}"
-            ));
+    let field = |field: &'static str| -> Result<usize, TraceLineError> {
+        let Some(field_value) = object.get(field) else {
+            return Err(TraceLineError::MissingField { field });
         };
         let Some(number) = field_value.as_u64() else {
-            return Err(format!(
-                "field `{name}`: expected a positive integer, found {field_value}"
-            ));
+            return Err(TraceLineError::NotAnInteger {
+                field,
+                found: field_value.to_string(),
+            });
         };
         if number == 0 {
-            return Err(format!("field `{name}`: expected a length >= 1, found 0"));
+            return Err(TraceLineError::Zero { field });
         }
-        usize::try_from(number).map_err(|_| {
-            format!(
-                "field `{name}`: expected at most {}, found {number}",
-                usize::MAX
-            )
+        usize::try_from(number).map_err(|_| TraceLineError::TooLarge {
+            field,
+            found: number,
         })
     };
     Ok(RequestShape {

@@ -53,32 +53,50 @@ pub enum SloMetric {
     E2el,
 }
 
+/// Why a `--goodput` SLO does not parse.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SloError {
+    /// No `:` between the metric and the milliseconds.
+    #[error("expected METRIC:MS like ttft:500, found {found:?}")]
+    NoColon { found: String },
+    /// A metric other than ttft, tpot or e2el.
+    #[error("unknown SLO metric {found:?}: use ttft, tpot or e2el")]
+    UnknownMetric { found: String },
+    /// The milliseconds are not a number.
+    #[error("expected milliseconds after {metric}:, found {found:?}")]
+    NotANumber { metric: String, found: String },
+    /// The milliseconds are zero, negative or not finite.
+    #[error("the {metric} SLO must be a positive number of ms, found {ms}")]
+    NotPositive { metric: String, ms: f64 },
+}
+
 impl FromStr for Slo {
-    type Err = String;
+    type Err = SloError;
 
     /// `ttft:500`, `tpot:50`, `e2el:10000` (milliseconds).
-    fn from_str(s: &str) -> Result<Slo, String> {
-        let (name, ms) = s
-            .split_once(':')
-            .ok_or_else(|| format!("expected METRIC:MS like ttft:500, found {s:?}"))?;
+    fn from_str(s: &str) -> Result<Slo, SloError> {
+        let (name, ms) = s.split_once(':').ok_or_else(|| SloError::NoColon {
+            found: s.to_string(),
+        })?;
         let metric = match name.trim() {
             "ttft" => SloMetric::Ttft,
             "tpot" => SloMetric::Tpot,
             "e2el" => SloMetric::E2el,
             other => {
-                return Err(format!(
-                    "unknown SLO metric {other:?}: use ttft, tpot or e2el"
-                ))
+                return Err(SloError::UnknownMetric {
+                    found: other.to_string(),
+                })
             }
         };
-        let ms: f64 = ms
-            .trim()
-            .parse()
-            .map_err(|_| format!("expected milliseconds after {name}:, found {ms:?}"))?;
+        let ms: f64 = ms.trim().parse().map_err(|_| SloError::NotANumber {
+            metric: name.to_string(),
+            found: ms.to_string(),
+        })?;
         if !(ms > 0.0 && ms.is_finite()) {
-            return Err(format!(
-                "the {name} SLO must be a positive number of ms, found {ms}"
-            ));
+            return Err(SloError::NotPositive {
+                metric: name.to_string(),
+                ms,
+            });
         }
         Ok(Slo { metric, ms })
     }

@@ -380,7 +380,9 @@ fn run_ops(
                 }
             }
         }
-        space.audit().map_err(TestCaseError::fail)?;
+        space
+            .audit()
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
         let stats = space.stats();
         prop_assert!(stats.pages_created <= space.config().max_pages);
         for (s, held) in &model {
@@ -421,7 +423,9 @@ fn run_ops(
         "every page back in the pool"
     );
     prop_assert_eq!((stats.pages_mapped, stats.mappings), (0, 0));
-    space.audit().map_err(TestCaseError::fail)?;
+    space
+        .audit()
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
     Ok(())
 }
 

@@ -28,7 +28,7 @@ use serde::Serialize;
 
 use crate::presets::KvShape;
 use crate::workload::RequestShape;
-pub use policy::{Composition, Policy, Reservation};
+pub use policy::{Composition, Policy, PolicyError, PolicyParseError, Reservation};
 
 /// How requests arrive.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -74,8 +74,9 @@ pub enum FragError {
         tokens: usize,
         max_len: usize,
     },
-    #[error("{policy}: {detail}")]
-    Policy { policy: String, detail: String },
+    /// A policy's allocator failed for a reason other than memory, or leaked memory.
+    #[error("{policy}: {error}")]
+    Policy { policy: String, error: PolicyError },
     #[error("{policy}: no progress after {steps} steps ({waiting} waiting, {running} running)")]
     Stuck {
         policy: String,
@@ -287,9 +288,9 @@ pub fn replay(config: &FragConfig, policy: Policy) -> Result<PolicyReport, FragE
             });
         }
     }
-    let fail = |detail: String| FragError::Policy {
+    let fail = |error: PolicyError| FragError::Policy {
         policy: name.clone(),
-        detail,
+        error,
     };
     let n = config.requests.len();
     let mut kv =
@@ -383,10 +384,9 @@ pub fn replay(config: &FragConfig, policy: Policy) -> Result<PolicyReport, FragE
     // Everything finished: the policy must hold nothing (no leaked block, page or range).
     let left = kv.composition(&[]);
     if left.allocated() != 0 {
-        return Err(fail(format!(
-            "{} B still allocated after every request finished",
-            left.allocated()
-        )));
+        return Err(fail(PolicyError::Leaked {
+            bytes: left.allocated(),
+        }));
     }
     let stride = points.len().div_ceil(config.timeline_points.max(1)).max(1);
     Ok(PolicyReport {

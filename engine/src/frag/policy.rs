@@ -104,18 +104,43 @@ impl fmt::Display for Policy {
     }
 }
 
+/// A policy name [`Policy::from_str`] does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown policy {found:?}: expected orca-max, orca-pow2, orca-oracle, paged-N, \
+     vmm-per-layer-SIZE or vmm-token-major-SIZE (SIZE like 64KiB, 2MiB)"
+)]
+pub struct PolicyParseError {
+    /// The text given.
+    pub found: String,
+}
+
+/// Why a policy driver failed (running out of memory is not an error: the driver says `false`).
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The replay named a request the policy holds nothing for.
+    #[error("unknown request {id}: expected a request admitted and not yet freed")]
+    UnknownRequest { id: usize },
+    /// The allocator under an Orca or paged policy refused for a reason other than memory.
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    /// The `KvSpace` under a vmm policy refused for a reason other than memory.
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    /// Memory still held after every request finished (a leaked block, page or range).
+    #[error("{bytes} B still allocated after every request finished, expected 0")]
+    Leaked { bytes: usize },
+}
+
 impl FromStr for Policy {
-    type Err = String;
+    type Err = PolicyParseError;
     /// `orca-max`, `orca-pow2`, `orca-oracle`, `paged-N`, `vmm-per-layer-SIZE`,
     /// `vmm-token-major-SIZE` with SIZE like `64KiB` or `2MiB`.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || {
-            format!(
-                "unknown policy {s:?}: expected orca-max, orca-pow2, orca-oracle, paged-N, \
-                 vmm-per-layer-SIZE or vmm-token-major-SIZE (SIZE like 64KiB, 2MiB)"
-            )
+    fn from_str(s: &str) -> Result<Self, PolicyParseError> {
+        let bad = || PolicyParseError {
+            found: s.to_string(),
         };
-        let size = |t: &str| -> Result<usize, String> {
+        let size = |t: &str| -> Result<usize, PolicyParseError> {
             let (n, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
             let n: usize = n.parse().map_err(|_| bad())?;
             match unit {
@@ -176,10 +201,10 @@ impl Composition {
 pub(crate) trait KvPolicy {
     /// Allocate for a new request holding `tokens` tokens, `final_len` eventually. `Ok(false)`:
     /// not enough memory now.
-    fn admit(&mut self, id: usize, tokens: usize, final_len: usize) -> Result<bool, String>;
+    fn admit(&mut self, id: usize, tokens: usize, final_len: usize) -> Result<bool, PolicyError>;
     /// Grow request `id` to `tokens` tokens. `Ok(false)`: out of memory.
-    fn grow(&mut self, id: usize, tokens: usize) -> Result<bool, String>;
-    fn free(&mut self, id: usize) -> Result<(), String>;
+    fn grow(&mut self, id: usize, tokens: usize) -> Result<bool, PolicyError>;
+    fn free(&mut self, id: usize) -> Result<(), PolicyError>;
     /// The memory right now, given every live request's (tokens, final length).
     fn composition(&self, live: &[(usize, usize)]) -> Composition;
 }
@@ -222,7 +247,7 @@ pub(crate) fn build(
     kv_memory: usize,
     max_len: usize,
     max_requests: usize,
-) -> Result<Box<dyn KvPolicy>, String> {
+) -> Result<Box<dyn KvPolicy>, PolicyError> {
     let bpt = shape.bytes_per_token();
     Ok(match policy {
         Policy::Orca(reservation) => Box::new(Orca {
@@ -236,7 +261,7 @@ pub(crate) fn build(
         Policy::Paged { block_size } => {
             let blocks = kv_memory / (block_size * bpt);
             Box::new(Paged {
-                alloc: BlockAllocator::new(blocks, block_size).map_err(|e| e.to_string())?,
+                alloc: BlockAllocator::new(blocks, block_size)?,
                 tables: HashMap::new(),
                 bpt,
                 leftover: kv_memory - blocks * block_size * bpt,
@@ -255,9 +280,9 @@ pub(crate) fn build(
                 max_pages: kv_memory / page_size,
             };
             let granularity = page_size.min(64 << 10);
-            let backend = Arc::new(AccountingVmm::new(granularity).map_err(|e| e.to_string())?);
+            let backend = Arc::new(AccountingVmm::new(granularity)?);
             Box::new(Vmm {
-                space: KvSpace::new(config, backend).map_err(|e| e.to_string())?,
+                space: KvSpace::new(config, backend)?,
                 slots: HashMap::new(),
                 leftover: kv_memory % page_size,
             })
@@ -276,7 +301,7 @@ struct Orca {
 }
 
 impl KvPolicy for Orca {
-    fn admit(&mut self, id: usize, _tokens: usize, final_len: usize) -> Result<bool, String> {
+    fn admit(&mut self, id: usize, _tokens: usize, final_len: usize) -> Result<bool, PolicyError> {
         let len = reservation_len(self.reservation, self.max_len, final_len);
         match self.arena.allocate(len) {
             Ok(start) => {
@@ -284,18 +309,21 @@ impl KvPolicy for Orca {
                 Ok(true)
             }
             Err(KvError::NoContiguousSpace { .. }) => Ok(false),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e.into()),
         }
     }
 
-    fn grow(&mut self, id: usize, tokens: usize) -> Result<bool, String> {
+    fn grow(&mut self, id: usize, tokens: usize) -> Result<bool, PolicyError> {
         let (_, len) = self.starts[&id];
         Ok(tokens <= len)
     }
 
-    fn free(&mut self, id: usize) -> Result<(), String> {
-        let (start, _) = self.starts.remove(&id).ok_or("unknown request")?;
-        self.arena.free(start).map_err(|e| e.to_string())
+    fn free(&mut self, id: usize) -> Result<(), PolicyError> {
+        let (start, _) = self
+            .starts
+            .remove(&id)
+            .ok_or(PolicyError::UnknownRequest { id })?;
+        Ok(self.arena.free(start)?)
     }
 
     fn composition(&self, live: &[(usize, usize)]) -> Composition {
@@ -323,7 +351,7 @@ struct Paged {
 }
 
 impl KvPolicy for Paged {
-    fn admit(&mut self, id: usize, tokens: usize, _final_len: usize) -> Result<bool, String> {
+    fn admit(&mut self, id: usize, tokens: usize, _final_len: usize) -> Result<bool, PolicyError> {
         let mut table = BlockTable::new();
         match table.grow_to(tokens, &mut self.alloc) {
             Ok(_) => {
@@ -331,22 +359,28 @@ impl KvPolicy for Paged {
                 Ok(true)
             }
             Err(KvError::OutOfBlocks { .. }) => Ok(false),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e.into()),
         }
     }
 
-    fn grow(&mut self, id: usize, tokens: usize) -> Result<bool, String> {
-        let table = self.tables.get_mut(&id).ok_or("unknown request")?;
+    fn grow(&mut self, id: usize, tokens: usize) -> Result<bool, PolicyError> {
+        let table = self
+            .tables
+            .get_mut(&id)
+            .ok_or(PolicyError::UnknownRequest { id })?;
         match table.grow_to(tokens, &mut self.alloc) {
             Ok(_) => Ok(true),
             Err(KvError::OutOfBlocks { .. }) => Ok(false),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e.into()),
         }
     }
 
-    fn free(&mut self, id: usize) -> Result<(), String> {
-        let mut table = self.tables.remove(&id).ok_or("unknown request")?;
-        table.release(&mut self.alloc).map_err(|e| e.to_string())
+    fn free(&mut self, id: usize) -> Result<(), PolicyError> {
+        let mut table = self
+            .tables
+            .remove(&id)
+            .ok_or(PolicyError::UnknownRequest { id })?;
+        Ok(table.release(&mut self.alloc)?)
     }
 
     fn composition(&self, live: &[(usize, usize)]) -> Composition {
@@ -370,39 +404,45 @@ struct Vmm {
 }
 
 impl Vmm {
-    fn ensure(&mut self, slot: SlotId, tokens: usize) -> Result<bool, String> {
+    fn ensure(&mut self, slot: SlotId, tokens: usize) -> Result<bool, PolicyError> {
         match self.space.ensure(slot, tokens) {
             Ok(_) => Ok(true),
             Err(VmmError::PoolExhausted { .. }) => Ok(false),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e.into()),
         }
     }
 }
 
 impl KvPolicy for Vmm {
-    fn admit(&mut self, id: usize, tokens: usize, _final_len: usize) -> Result<bool, String> {
+    fn admit(&mut self, id: usize, tokens: usize, _final_len: usize) -> Result<bool, PolicyError> {
         let slot = match self.space.acquire() {
             Ok(slot) => slot,
             Err(VmmError::NoFreeSlot { .. }) => return Ok(false),
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         };
         if self.ensure(slot, tokens)? {
             self.slots.insert(id, slot);
             Ok(true)
         } else {
-            self.space.release(slot).map_err(|e| e.to_string())?;
+            self.space.release(slot)?;
             Ok(false)
         }
     }
 
-    fn grow(&mut self, id: usize, tokens: usize) -> Result<bool, String> {
-        let slot = *self.slots.get(&id).ok_or("unknown request")?;
+    fn grow(&mut self, id: usize, tokens: usize) -> Result<bool, PolicyError> {
+        let slot = *self
+            .slots
+            .get(&id)
+            .ok_or(PolicyError::UnknownRequest { id })?;
         self.ensure(slot, tokens)
     }
 
-    fn free(&mut self, id: usize) -> Result<(), String> {
-        let slot = self.slots.remove(&id).ok_or("unknown request")?;
-        self.space.release(slot).map_err(|e| e.to_string())
+    fn free(&mut self, id: usize) -> Result<(), PolicyError> {
+        let slot = self
+            .slots
+            .remove(&id)
+            .ok_or(PolicyError::UnknownRequest { id })?;
+        Ok(self.space.release(slot)?)
     }
 
     fn composition(&self, _live: &[(usize, usize)]) -> Composition {

@@ -207,6 +207,7 @@ fn policies_print_and_parse_back() {
         assert!(
             bad.parse::<Policy>()
                 .unwrap_err()
+                .to_string()
                 .contains("unknown policy"),
             "{bad}"
         );

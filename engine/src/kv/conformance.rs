@@ -126,7 +126,7 @@ pub fn check_random_operations(
             _ => {}
         }
         kv.audit().map_err(|e| fail(step, e.to_string()))?;
-        check_books(kv, &model).map_err(|what| fail(step, what))?;
+        check_books(kv, &model).map_err(|what| fail(step, what.to_string()))?;
     }
     for &seq in model.keys() {
         kv.free(seq)?;
@@ -142,24 +142,47 @@ pub fn check_random_operations(
     Ok(report)
 }
 
+/// Where the cache's books differ from the model's (reported as a [`KvError::Inconsistent`]
+/// with the step).
+#[derive(Debug, thiserror::Error)]
+enum BooksError {
+    /// A sequence's reserved length differs from the model's.
+    #[error("sequence {seq} should hold {expected} tokens, the cache says {found:?}")]
+    Length {
+        seq: SeqId,
+        expected: usize,
+        found: Option<usize>,
+    },
+    /// The cache's usage differs from the model's sequences and tokens.
+    #[error("{sequences} sequences of {tokens} tokens, the cache reports {found:?}")]
+    Usage {
+        sequences: usize,
+        tokens: usize,
+        found: KvUsage,
+    },
+}
+
 /// The cache holds exactly the model's sequences at the model's lengths.
-fn check_books(kv: &dyn KvManager, model: &BTreeMap<SeqId, usize>) -> Result<(), String> {
-    for (&seq, &len) in model {
-        if kv.reserved(seq) != Some(len) {
-            return Err(format!(
-                "sequence {seq} should hold {len} tokens, the cache says {:?}",
-                kv.reserved(seq)
-            ));
+fn check_books(kv: &dyn KvManager, model: &BTreeMap<SeqId, usize>) -> Result<(), BooksError> {
+    for (&seq, &expected) in model {
+        let found = kv.reserved(seq);
+        if found != Some(expected) {
+            return Err(BooksError::Length {
+                seq,
+                expected,
+                found,
+            });
         }
     }
     let usage = kv.usage();
     let tokens: usize = model.values().sum();
     if usage.sequences != model.len() || usage.bytes_holding_tokens != tokens * kv.bytes_per_token()
     {
-        return Err(format!(
-            "{} sequences of {tokens} tokens, the cache reports {usage:?}",
-            model.len()
-        ));
+        return Err(BooksError::Usage {
+            sequences: model.len(),
+            tokens,
+            found: usage,
+        });
     }
     Ok(())
 }

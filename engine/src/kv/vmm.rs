@@ -268,7 +268,9 @@ impl KvManager for VmmManager {
 
     fn audit(&self) -> Result<(), KvError> {
         let space = self.mapper.space();
-        space.audit().map_err(KvError::Inconsistent)?;
+        space
+            .audit()
+            .map_err(|e| KvError::Inconsistent(e.to_string()))?;
         let active = space.stats().active_slots;
         if active != self.slots.len() + self.prepared.len() {
             return Err(KvError::Inconsistent(format!(

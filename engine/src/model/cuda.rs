@@ -620,7 +620,8 @@ impl CudaLlama {
         if batch.is_empty() {
             return Err(CudaModelError::Batch("an empty batch".into()));
         }
-        check_batch(batch, c, |seq| kv.reserved(seq)).map_err(CudaModelError::Batch)?;
+        check_batch(batch, c, |seq| kv.reserved(seq))
+            .map_err(|e| CudaModelError::Batch(e.to_string()))?;
         Ok(())
     }
 

@@ -35,6 +35,36 @@ pub struct SeqChunk<'a> {
     pub all_logits: bool,
 }
 
+/// Why [`check_batch`] refused a batch; each variant names the sequence and the numbers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum BatchError {
+    /// A chunk with no tokens, or a second chunk of a sequence already in the batch.
+    #[error("sequence {seq}: expected one non-empty chunk, found an empty or repeated chunk")]
+    EmptyOrRepeated { seq: SeqId },
+    /// A token id at or past the vocabulary size.
+    #[error("token id {token} is outside the vocabulary of {vocab_size}")]
+    TokenOutsideVocab { token: u32, vocab_size: usize },
+    /// A chunk whose end passes the model's context length.
+    #[error("sequence {seq} would reach {end} tokens, over the context length {context_len}")]
+    PastContext {
+        seq: SeqId,
+        end: usize,
+        context_len: usize,
+    },
+    /// A sequence with no KV memory reserved.
+    #[error("sequence {seq} holds no KV memory: reserve its tokens before the forward pass")]
+    NotReserved { seq: SeqId },
+    /// A chunk ending past what its sequence has reserved.
+    #[error(
+        "sequence {seq} would reach {end} tokens but {reserved} are reserved: reserve before the forward pass"
+    )]
+    PastReserved {
+        seq: SeqId,
+        end: usize,
+        reserved: usize,
+    },
+}
+
 /// The checks both forward passes make before touching memory: every chunk non-empty, one per
 /// sequence, its token ids in the vocabulary, its end within the context length, and its start
 /// no further than what `held(seq)` says its KV cache holds. The error says which and why.
@@ -42,38 +72,34 @@ pub(crate) fn check_batch(
     batch: &[SeqChunk<'_>],
     c: &LlamaConfig,
     held: impl Fn(SeqId) -> Option<usize>,
-) -> Result<(), String> {
+) -> Result<(), BatchError> {
     let mut seen = std::collections::HashSet::new();
     for chunk in batch {
-        if chunk.tokens.is_empty() || !seen.insert(chunk.seq) {
-            return Err(format!("sequence {}: empty or repeated chunk", chunk.seq));
+        let seq = chunk.seq;
+        if chunk.tokens.is_empty() || !seen.insert(seq) {
+            return Err(BatchError::EmptyOrRepeated { seq });
         }
-        if let Some(&t) = chunk.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-            return Err(format!(
-                "token id {t} is outside the vocabulary of {}",
-                c.vocab_size
-            ));
+        if let Some(&token) = chunk.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(BatchError::TokenOutsideVocab {
+                token,
+                vocab_size: c.vocab_size,
+            });
         }
         let end = chunk.start + chunk.tokens.len();
         if end > c.max_position_embeddings {
-            return Err(format!(
-                "sequence {} would reach {end} tokens, over the context length {}",
-                chunk.seq, c.max_position_embeddings
-            ));
+            return Err(BatchError::PastContext {
+                seq,
+                end,
+                context_len: c.max_position_embeddings,
+            });
         }
         // The scheduler reserved `end` tokens before the step; the chunk's own tokens are
         // written at `start..end`, so everything before `start` must be there already.
-        let Some(reserved) = held(chunk.seq) else {
-            return Err(format!(
-                "sequence {} holds no KV memory: reserve its tokens before the forward pass",
-                chunk.seq
-            ));
+        let Some(reserved) = held(seq) else {
+            return Err(BatchError::NotReserved { seq });
         };
         if end > reserved {
-            return Err(format!(
-                "sequence {} would reach {end} tokens but {reserved} are reserved: reserve before the forward pass",
-                chunk.seq
-            ));
+            return Err(BatchError::PastReserved { seq, end, reserved });
         }
     }
     Ok(())
@@ -612,7 +638,8 @@ impl Llama {
                 "KV cache shaped {dims:?} does not fit the model"
             )));
         }
-        check_batch(batch, c, |seq| kv.reserved(seq)).map_err(ModelError::Batch)?;
+        check_batch(batch, c, |seq| kv.reserved(seq))
+            .map_err(|e| ModelError::Batch(e.to_string()))?;
         // Every chunk's KV addressing, per layer: `refs[l][chunk]`.
         let refs: Vec<Vec<KvRef<'_>>> = (0..c.num_layers)
             .map(|l| batch.iter().map(|ch| kv.layer(ch.seq, l)).collect())
