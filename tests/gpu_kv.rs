@@ -106,7 +106,9 @@ fn forked_sequences_decode_as_their_source_and_leave_it_untouched() {
     gpu.set_cuda_graphs(false);
     let p = prompt(5, 80);
     for mode in MODES {
-        let mut kv = GpuKv::build(&vmm, mode, c.kv_dims(), 8, 512, 64 << 20).unwrap();
+        // Seven sequences live at most (source, control, four forks, one twin); per-layer vmm
+        // gives each a page in each of its 6 regions from the first token: 42 pages of 2 MiB.
+        let mut kv = GpuKv::build(&vmm, mode, c.kv_dims(), 8, 512, 128 << 20).unwrap();
         // Sources A and A' (its control, never forked): the first 20 tokens prefilled, the rest
         // decoded one by one, keeping A's logits at every decoded position.
         let (a, control) = (1u64, 2u64);
