@@ -5,7 +5,7 @@
 //! the Python used for the default-model fetch. The first [`RuntimeSwitches::get`] resolves them
 //! from the environment (or a caller installs its own with [`RuntimeSwitches::install`] before
 //! that); afterwards they never change, so a kernel that asked once may cache the answer. The
-//! CLI prints [`RuntimeSwitches::describe`] on its startup line and the server exports it as the
+//! CLI prints the switches (their `Display`: `key=value` pairs) on its startup line and the server exports it as the
 //! `vkv_runtime_info` gauge's labels, so every number can be traced to the switches it ran under.
 //!
 //! CPU features are detected at run time (the binary is portable; see the crate docs) and the
@@ -131,7 +131,7 @@ impl RuntimeSwitches {
     pub fn install(switches: RuntimeSwitches) -> Result<(), AlreadyResolved> {
         SWITCHES
             .set(switches)
-            .map_err(|_| AlreadyResolved(RuntimeSwitches::get().describe()))
+            .map_err(|_| AlreadyResolved(RuntimeSwitches::get().to_string()))
     }
 
     /// The switches as this process's environment sets them.
@@ -177,11 +177,6 @@ impl RuntimeSwitches {
         }
     }
 
-    /// One line, `key=value` pairs: the startup line's and `/metrics`' account of the switches.
-    pub fn describe(&self) -> String {
-        self.to_string()
-    }
-
     /// The switches as `(key, value)` pairs, for labels.
     pub fn pairs(&self) -> Vec<(&'static str, String)> {
         vec![
@@ -200,6 +195,7 @@ impl RuntimeSwitches {
     }
 }
 
+/// One line of `key=value` pairs: the startup line's account of the switches.
 impl fmt::Display for RuntimeSwitches {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let pairs: Vec<String> = self
@@ -284,7 +280,7 @@ mod tests {
             Some(PathBuf::from("/home/u/.cache/vkv/kernels"))
         );
         assert_eq!(
-            s.describe(),
+            s.to_string(),
             "simd=portable huge_pages=off gemm=cublas cpu_activations=f32"
         );
     }

@@ -314,7 +314,7 @@ fn gemm_t(
 }
 
 /// Whether AVX2 and FMA can be used (detected at run time; `VKV_NO_SIMD` says no).
-pub(crate) fn fma_available() -> bool {
+fn fma_available() -> bool {
     crate::RuntimeSwitches::get().cpu.avx2_fma
 }
 

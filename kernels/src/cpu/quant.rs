@@ -381,7 +381,7 @@ fn matmul_quantized(
                 super::matmul_t_serial(&tile, rows, k, x, m, chunk);
             });
     } else {
-        let avx2 = simd_available();
+        let avx2 = super::fma_available();
         out_t
             .par_chunks_mut(TASK * m)
             .enumerate()
@@ -423,10 +423,6 @@ const SMALL_M: usize = 16;
 const ROWS: usize = 8;
 /// Output rows per parallel task.
 pub(super) const TASK: usize = 32;
-
-fn simd_available() -> bool {
-    super::fma_available()
-}
 
 /// `acc[r] = dot(w[j], xs[r])` for `g ≤ ROWS` activation rows, in plain Rust.
 fn scalar_dot_rows(w: &Weight, j: usize, xs: &[f32], k: usize, g: usize, acc: &mut [f32; ROWS]) {
