@@ -1,0 +1,489 @@
+//! The serving loop on the engine thread ([`EngineLoop`]): take commands, plan a step with the
+//! [`Scheduler`], run one batched forward pass on the backend, sample, stream deltas, finish or
+//! abort requests and free their KV memory, refresh the metrics — repeat. vLLM's `EngineCore` busy
+//! loop is the model. Invariants: every request gets exactly one final event; a request that
+//! finished, failed or was aborted holds no KV memory after the step; nothing a request contains can
+//! panic the thread.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::{
+    lock, warm_plan, Active, Command, EngineConfig, EngineError, EngineEvent, EngineMetrics,
+    EventKind, EventSender, GenerationRequest, MapMetrics, RequestId, Shared,
+};
+use crate::device::{Backend, Next};
+use crate::generate::{FinishReason, LoadedModel};
+use crate::model::SeqChunk;
+use crate::sampler::Sampler;
+use crate::scheduler::{Scheduler, SchedulerConfig, SeqRequest, Step};
+
+/// The loop's state, owned by the engine thread.
+pub(super) struct EngineLoop<'m> {
+    model: &'m LoadedModel,
+    backend: Box<dyn Backend>,
+    config: &'m EngineConfig,
+    shared: &'m Shared,
+    scheduler: Scheduler,
+    active: HashMap<RequestId, Active<'m>>,
+    eos: Vec<u32>,
+    metrics: EngineMetrics,
+    /// Commands received during a step that wait for its end (see `admit_while_computing`).
+    deferred: Vec<Command>,
+}
+
+impl<'m> EngineLoop<'m> {
+    pub(super) fn new(
+        model: &'m LoadedModel,
+        backend: Box<dyn Backend>,
+        config: &'m EngineConfig,
+        shared: &'m Shared,
+    ) -> Self {
+        let metrics = lock(&shared.metrics).clone();
+        EngineLoop {
+            model,
+            backend,
+            config,
+            shared,
+            scheduler: Scheduler::new(SchedulerConfig {
+                max_num_seqs: config.max_num_seqs,
+                max_num_batched_tokens: config.max_num_batched_tokens,
+            }),
+            active: HashMap::new(),
+            eos: model.tokenizer.stop_token_ids().to_vec(),
+            metrics,
+            deferred: Vec::new(),
+        }
+    }
+
+    pub(super) fn run(mut self, rx: &Receiver<Command>, ready: &Sender<()>) {
+        let mut draining = false;
+        if let Err(e) = self.backend.bind_to_thread() {
+            // Every request would fail: say why for each, and take none.
+            self.shared.accepting.store(false, Ordering::Release);
+            let _ = ready.send(());
+            while let Ok(cmd) = rx.recv() {
+                match cmd {
+                    Command::Add { id, events, .. } => {
+                        let _ = events.send(EngineEvent {
+                            id,
+                            kind: EventKind::Failed(format!("the device is unusable: {e}")),
+                        });
+                    }
+                    Command::Audit(reply) => {
+                        let _ = reply.send(Err(EngineError::Start(e.to_string())));
+                    }
+                    Command::Abort(_) => {}
+                    Command::Shutdown { .. } => break,
+                }
+            }
+            return;
+        }
+        self.warm_kv();
+        self.publish();
+        let _ = ready.send(());
+        loop {
+            // Block for work only when there is nothing to run.
+            if self.scheduler.is_idle() {
+                if draining {
+                    break;
+                }
+                match rx.recv() {
+                    Ok(cmd) => draining |= self.command(cmd),
+                    Err(_) => break,
+                }
+            }
+            while let Ok(cmd) = rx.try_recv() {
+                draining |= self.command(cmd);
+            }
+            if !self.scheduler.is_idle() {
+                self.step(rx);
+                // Commands that arrived during the step and had to wait for its end.
+                for cmd in std::mem::take(&mut self.deferred) {
+                    draining |= self.command(cmd);
+                }
+            }
+            self.publish();
+        }
+        // The handle is gone or shut down: nothing may be left without its final event.
+        let ids: Vec<RequestId> = self.active.keys().copied().collect();
+        for id in ids {
+            self.end(id, FinishReason::Abort);
+        }
+        self.publish();
+    }
+
+    /// vAttention's eager allocation, once before the first request: back the first tokens of
+    /// the slots the first step may fill, so that an idle engine's first admissions find their
+    /// pages mapped (later ones find them prepared a step ahead, or left by a finished request).
+    /// See [`warm_plan`]. Surplus pages, reclaimed as soon as memory is short.
+    pub(super) fn warm_kv(&mut self) {
+        let plan = warm_plan(
+            self.backend.kv().capacity_tokens(),
+            self.config.max_num_seqs,
+            self.config.max_num_batched_tokens,
+        );
+        if let Some(m) = self.backend.kv_mut().map_ahead_mut() {
+            self.metrics.kv_warm_pages = m.warm_free_slots(&plan);
+        }
+    }
+
+    /// Handle one command; returns true on a shutdown.
+    pub(super) fn command(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Add {
+                id,
+                request,
+                events,
+                arrival,
+            } => self.add(id, request, events, arrival),
+            Command::Abort(id) => {
+                if self.active.contains_key(&id) {
+                    self.end(id, FinishReason::Abort);
+                }
+            }
+            Command::Audit(reply) => {
+                let kv = self.backend.kv();
+                let audit = kv.audit().map_err(|e| EngineError::KvAudit(e.to_string()));
+                let _ = reply.send(audit.map(|()| kv.usage()));
+            }
+            Command::Shutdown { abort } => {
+                if abort {
+                    let ids: Vec<RequestId> = self.active.keys().copied().collect();
+                    for id in ids {
+                        self.end(id, FinishReason::Abort);
+                    }
+                }
+                return true;
+            }
+        }
+        false
+    }
+
+    fn add(
+        &mut self,
+        id: RequestId,
+        request: GenerationRequest,
+        events: EventSender,
+        arrival: Instant,
+    ) {
+        let seq = SeqRequest {
+            id,
+            prompt: request.prompt,
+            max_tokens: request.max_tokens,
+        };
+        let prompt_len = seq.prompt.len();
+        if let Err(e) = self.scheduler.add(seq, self.backend.kv()) {
+            self.metrics.failed += 1;
+            let _ = events.send(EngineEvent {
+                id,
+                kind: EventKind::Failed(e.to_string()),
+            });
+            return;
+        }
+        let hold = request
+            .stop
+            .stop
+            .iter()
+            .map(|s| s.len().saturating_sub(1))
+            .max()
+            .unwrap_or(0);
+        self.active.insert(
+            id,
+            Active {
+                events,
+                sampler: Sampler::new(request.sampling),
+                stream: Some(self.model.tokenizer.stream()),
+                stop: request.stop,
+                hold,
+                prompt_len,
+                generated: 0,
+                text: String::new(),
+                sent: 0,
+                unsent_ids: Vec::new(),
+                arrival,
+                first_scheduled: None,
+                token_times: Vec::new(),
+                preemptions: 0,
+            },
+        );
+    }
+
+    /// Remove a request, free its KV, send what text is left and its final event.
+    pub(super) fn end(&mut self, id: RequestId, reason: FinishReason) {
+        let Some(mut a) = self.active.remove(&id) else {
+            return;
+        };
+        // The scheduler frees the KV memory (it errs only on a sequence the cache never had).
+        let _ = self.scheduler.finish(id, self.backend.kv_mut());
+        self.prepare_admissions();
+        if reason != FinishReason::Abort {
+            if let Some(stream) = a.stream.take() {
+                if let Ok(rest) = stream.finish() {
+                    a.push_text(&rest);
+                }
+            }
+            let text = a.take_sendable(true);
+            let token_ids = std::mem::take(&mut a.unsent_ids);
+            if !text.is_empty() || !token_ids.is_empty() {
+                let _ = a.events.send(EngineEvent {
+                    id,
+                    kind: EventKind::Delta { token_ids, text },
+                });
+            }
+        }
+        match reason {
+            FinishReason::Stop => self.metrics.finished_stop += 1,
+            FinishReason::Length => self.metrics.finished_length += 1,
+            FinishReason::Abort => self.metrics.finished_abort += 1,
+        }
+        // Whoever sees the final event sees the memory already free.
+        self.publish();
+        let _ = a.events.send(EngineEvent {
+            id,
+            kind: EventKind::Finished(a.finished(reason)),
+        });
+    }
+
+    /// Fail every request of a step (the forward pass or the scheduler broke).
+    fn fail(&mut self, ids: &[RequestId], why: &str) {
+        for &id in ids {
+            if let Some(a) = self.active.remove(&id) {
+                let _ = self.scheduler.finish(id, self.backend.kv_mut());
+                self.prepare_admissions();
+                self.metrics.failed += 1;
+                let _ = a.events.send(EngineEvent {
+                    id,
+                    kind: EventKind::Failed(why.to_string()),
+                });
+            }
+        }
+    }
+
+    pub(super) fn step(&mut self, rx: &Receiver<Command>) {
+        let start = Instant::now();
+        let step = match self.scheduler.schedule(self.backend.kv_mut()) {
+            Ok(step) => step,
+            Err(e) => {
+                let ids: Vec<RequestId> = self.active.keys().copied().collect();
+                self.fail(&ids, &format!("scheduling failed: {e}"));
+                return;
+            }
+        };
+        for id in &step.preempted {
+            if let Some(a) = self.active.get_mut(id) {
+                a.preemptions += 1;
+            }
+        }
+        if step.chunks.is_empty() {
+            // Nothing fits yet (cannot happen while the scheduler admits the queue's head into
+            // an empty cache); do not spin.
+            std::thread::yield_now();
+            return;
+        }
+        self.map_ahead(&step);
+        self.prepare_admissions();
+        let batch: Vec<SeqChunk<'_>> = step
+            .chunks
+            .iter()
+            .map(|c| SeqChunk {
+                seq: c.seq,
+                tokens: &c.tokens,
+                start: c.start,
+                all_logits: false,
+            })
+            .collect();
+        // Logits come back only for rows sampled with temperature (greedy ones may be picked on
+        // the device).
+        let logits_for: Vec<bool> = step
+            .chunks
+            .iter()
+            .map(|c| {
+                c.samples
+                    && self
+                        .active
+                        .get(&c.seq)
+                        .is_some_and(|a| !a.sampler.is_greedy())
+            })
+            .collect();
+        if let Err(e) = self.backend.launch(&batch, &logits_for) {
+            let ids: Vec<RequestId> = step.chunks.iter().map(|c| c.seq).collect();
+            self.fail(&ids, &format!("forward pass failed: {e}"));
+            return;
+        }
+        drop(batch);
+        self.admit_while_computing(rx);
+        let nexts = match self.backend.finish() {
+            Ok(nexts) => nexts,
+            Err(e) => {
+                let ids: Vec<RequestId> = step.chunks.iter().map(|c| c.seq).collect();
+                self.fail(&ids, &format!("forward pass failed: {e}"));
+                return;
+            }
+        };
+        let now = Instant::now();
+        let mut sampled = Vec::new();
+        for (c, next) in step.chunks.iter().zip(&nexts) {
+            let Some(a) = self.active.get_mut(&c.seq) else {
+                continue;
+            };
+            a.first_scheduled.get_or_insert(start);
+            if c.samples {
+                let token = match next {
+                    Next::Token(t) => *t,
+                    Next::Logits(logits) => a.sampler.sample(logits),
+                };
+                sampled.push((c.seq, token));
+            }
+            let decode = a.generated > 0 && c.start + 1 == a.prompt_len + a.generated;
+            if !decode {
+                self.metrics.prefill_tokens += c.tokens.len() as u64;
+            }
+        }
+        let at_length = match self
+            .scheduler
+            .update(&step, &sampled, self.backend.kv_mut())
+        {
+            Ok(done) => done,
+            Err(e) => {
+                let ids: Vec<RequestId> = step.chunks.iter().map(|c| c.seq).collect();
+                self.fail(&ids, &format!("scheduler update failed: {e}"));
+                return;
+            }
+        };
+        self.metrics.generated_tokens += sampled.len() as u64;
+        for (id, token) in sampled {
+            self.emit(id, token, at_length.contains(&id), now);
+        }
+        self.metrics.steps += 1;
+        self.metrics.busy_seconds += start.elapsed().as_secs_f64();
+    }
+
+    /// While the device computes the launched batch (the GPU; the CPU is done at once): take
+    /// in requests as they arrive and have their first pages prepared (vmm), so that the next
+    /// step admits them without waiting for the Mapper — a request arriving during a step is
+    /// admitted by the very next one. Other commands (aborts, audits, shutdown) concern
+    /// sequences of the batch in flight: they wait for the step's end (`deferred`). Polls, as
+    /// CUDA's own synchronization spins before it yields.
+    fn admit_while_computing(&mut self, rx: &Receiver<Command>) {
+        while !self.backend.ready() {
+            let mut added = false;
+            while let Ok(cmd) = rx.try_recv() {
+                if matches!(cmd, Command::Add { .. }) {
+                    // An add never shuts down: `command` returns false for it.
+                    self.command(cmd);
+                    added = true;
+                } else {
+                    self.deferred.push(cmd);
+                }
+            }
+            if added {
+                self.prepare_admissions();
+            }
+            std::thread::yield_now();
+        }
+    }
+
+    /// Tell the cache which waiting requests the next step will likely admit, so their first
+    /// pages are mapped while this step computes (and preparations for requests gone are
+    /// dropped).
+    fn prepare_admissions(&mut self) {
+        if let Some(m) = self.backend.kv_mut().map_ahead_mut() {
+            m.prepare_admissions(&self.scheduler.likely_admissions());
+        }
+    }
+
+    /// Tell the cache what each scheduled sequence needs next: one more token after a sampling
+    /// chunk (plus look-ahead), the next prefill chunk otherwise.
+    pub(super) fn map_ahead(&self, step: &Step) {
+        let Some(mapper) = self.backend.kv().map_ahead() else {
+            return;
+        };
+        for c in &step.chunks {
+            let Some(a) = self.active.get(&c.seq) else {
+                continue;
+            };
+            let end = c.start + c.tokens.len();
+            let next = if c.samples {
+                end + 1 + self.config.map_ahead_tokens
+            } else {
+                let known = a.prompt_len + a.generated;
+                end + (known - end).min(self.config.max_num_batched_tokens)
+            };
+            mapper.map_ahead(c.seq, next);
+        }
+    }
+
+    /// Deliver one sampled token: stop checks, text, events.
+    fn emit(&mut self, id: RequestId, token: u32, at_length: bool, now: Instant) {
+        let Some(a) = self.active.get_mut(&id) else {
+            return;
+        };
+        a.generated += 1;
+        a.token_times.push((now - a.arrival).as_secs_f64());
+        let stop_token = (!a.stop.ignore_eos && self.eos.contains(&token))
+            || a.stop.stop_token_ids.contains(&token);
+        let mut stopped = stop_token;
+        if !stop_token {
+            let piece = match a.stream.as_mut().map(|s| s.push(token)) {
+                Some(Ok(piece)) => piece,
+                Some(Err(e)) => {
+                    let why = format!("detokenizing token {token}: {e}");
+                    self.fail(&[id], &why);
+                    return;
+                }
+                None => String::new(),
+            };
+            stopped = a.push_text(&piece);
+        }
+        if stopped || at_length {
+            // `end` sends the token with the rest of the text.
+            a.unsent_ids.push(token);
+            let reason = if stopped {
+                FinishReason::Stop
+            } else {
+                FinishReason::Length
+            };
+            self.end(id, reason);
+            return;
+        }
+        let text = a.take_sendable(false);
+        let delta = EngineEvent {
+            id,
+            kind: EventKind::Delta {
+                token_ids: vec![token],
+                text,
+            },
+        };
+        if a.events.send(delta).is_err() {
+            // The receiver is gone: the client disconnected.
+            self.end(id, FinishReason::Abort);
+        }
+    }
+
+    fn publish(&mut self) {
+        let m = &mut self.metrics;
+        m.running = self.scheduler.num_running();
+        m.waiting = self.scheduler.num_waiting();
+        m.peak_running = m.peak_running.max(m.running);
+        m.kv = self.backend.kv().usage();
+        m.preemptions = self.scheduler.preemptions();
+        (m.cuda_graph_replays, m.cuda_graph_captures) = self.backend.graph_counts();
+        m.map = self
+            .backend
+            .kv()
+            .map_ahead()
+            .map(|a| (a.mapper_stats(), a.growth_map_waits()))
+            .map(|(s, growth_waits)| MapMetrics {
+                waits: s.waits,
+                growth_waits,
+                wait_seconds: s.wait_seconds,
+                pages_mapped_ahead: s.pages_mapped_ahead,
+                pages_mapped_on_wait: s.pages_mapped_on_wait,
+            });
+        *lock(&self.shared.metrics) = m.clone();
+    }
+}
