@@ -32,198 +32,23 @@
 //! Invariants checked by [`audit`](KvSpace::audit) and the property tests: a page is either free
 //! in the pool or mapped, with a reference count equal to the number of places it is mapped; no
 //! address holds two pages; `created = free + distinct mapped pages`.
+//!
+//! Child modules: `layout` (the layouts and the config's byte arithmetic), `page_table` (the
+//! slots' page tables and reference counts, and the map / unmap that change them) and `audit`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 
-use crate::{PagePool, PhysicalMemory, PhysicalPage, Result, VmmError};
+use crate::{PagePool, PhysicalMemory, Result, VmmError};
 
-/// The first invariant [`KvSpace::audit`] found broken; each variant gives the slot, region, page
-/// and counts involved. Slots, regions and pages are indices; handles are the backend's.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AuditError {
-    /// A page below the slot's backed count is missing in one region.
-    #[error("slot {slot}: expected region {region} mapped below backed = {backed}, found a hole")]
-    HoleBelowBacked {
-        slot: usize,
-        region: usize,
-        backed: usize,
-    },
-    /// The pages in a slot's tables differ from the slot's own count of mapped pages.
-    #[error("slot {slot}: {in_tables} pages in its tables, but its mapped count says {recorded}")]
-    MappedCount {
-        slot: usize,
-        in_tables: usize,
-        recorded: usize,
-    },
-    /// An active slot without pages up to its length.
-    #[error("active slot {slot} is not backed up to its length {len}")]
-    NotBacked { slot: usize, len: usize },
-    /// A released slot whose length is not 0.
-    #[error("released slot {slot} has length {len}, expected 0")]
-    ReleasedWithLength { slot: usize, len: usize },
-    /// A page at or after an active slot's length that is not exclusive to it.
-    #[error(
-        "slot {slot} region {region} page {page} at/after its length has {references} references, \
-         expected 1 (exclusive)"
-    )]
-    SharedPastLength {
-        slot: usize,
-        region: usize,
-        page: usize,
-        references: u32,
-    },
-    /// A released slot still mapping a page other places map too.
-    #[error("released slot {slot} still maps shared page {handle} ({references} references, expected 1)")]
-    ReleasedMapsShared {
-        slot: usize,
-        handle: u64,
-        references: u32,
-    },
-    /// The recorded reference counts differ from the mappings in the page tables (handle →
-    /// count).
-    #[error("reference counts {recorded:?} differ from page tables {in_tables:?}")]
-    RefCounts {
-        recorded: BTreeMap<u64, u32>,
-        in_tables: BTreeMap<u64, u32>,
-    },
-    /// Pages created by the pool differ from free plus distinctly mapped pages.
-    #[error("{created} pages created, expected {free} free + {mapped} mapped")]
-    PageCount {
-        created: usize,
-        free: usize,
-        mapped: usize,
-    },
-}
+mod audit;
+mod layout;
+mod page_table;
 
-/// How a [`KvSpace`] lays K and V out in virtual memory (see the module docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum KvLayout {
-    /// Per layer, a K and a V region `[slot][token][kv_head][head_dim]`.
-    PerLayer,
-    /// One region `[slot][token][layer][K|V][kv_head][head_dim]`.
-    TokenMajor,
-}
-
-impl KvLayout {
-    pub const ALL: [KvLayout; 2] = [KvLayout::PerLayer, KvLayout::TokenMajor];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            KvLayout::PerLayer => "per-layer",
-            KvLayout::TokenMajor => "token-major",
-        }
-    }
-}
-
-impl fmt::Display for KvLayout {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for KvLayout {
-    type Err = VmmError;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "per-layer" => Ok(KvLayout::PerLayer),
-            "token-major" => Ok(KvLayout::TokenMajor),
-            other => Err(VmmError::InvalidConfig(format!(
-                "unknown KV layout {other:?}: expected per-layer or token-major"
-            ))),
-        }
-    }
-}
-
-/// Keys or values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum KvPart {
-    K = 0,
-    V = 1,
-}
-
-/// Shape and budget of a [`KvSpace`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KvSpaceConfig {
-    pub layout: KvLayout,
-    pub num_layers: usize,
-    pub num_kv_heads: usize,
-    pub head_dim: usize,
-    /// Bytes per element (2 for bf16/f16, 4 for f32).
-    pub dtype_bytes: usize,
-    pub max_slots: usize,
-    pub max_tokens: usize,
-    /// Bytes per physical page: a positive multiple of the backend's granularity.
-    pub page_size: usize,
-    /// Physical budget: at most this many pages exist at once.
-    pub max_pages: usize,
-}
-
-impl KvSpaceConfig {
-    /// Bytes of K (or of V) of one token in one layer.
-    pub fn head_bytes(&self) -> usize {
-        self.num_kv_heads * self.head_dim * self.dtype_bytes
-    }
-
-    /// Bytes of K and V of one token over all layers.
-    pub fn bytes_per_token(&self) -> usize {
-        2 * self.num_layers * self.head_bytes()
-    }
-
-    /// Number of regions (separately reserved tensors): `2 · layers` or 1.
-    pub fn num_regions(&self) -> usize {
-        match self.layout {
-            KvLayout::PerLayer => 2 * self.num_layers,
-            KvLayout::TokenMajor => 1,
-        }
-    }
-
-    /// Bytes one token takes in one region.
-    pub fn region_bytes_per_token(&self) -> usize {
-        match self.layout {
-            KvLayout::PerLayer => self.head_bytes(),
-            KvLayout::TokenMajor => self.bytes_per_token(),
-        }
-    }
-
-    /// Bytes of one slot's range in one region: `max_tokens` tokens rounded up to whole pages.
-    pub fn slot_stride(&self) -> usize {
-        (self.max_tokens * self.region_bytes_per_token()).next_multiple_of(self.page_size.max(1))
-    }
-
-    /// Physical pages a slot needs in *each* region to hold `tokens` tokens.
-    pub fn pages_for(&self, tokens: usize) -> usize {
-        (tokens * self.region_bytes_per_token()).div_ceil(self.page_size)
-    }
-
-    fn validate(&self) -> Result<()> {
-        let fields = [
-            ("num_layers", self.num_layers),
-            ("num_kv_heads", self.num_kv_heads),
-            ("head_dim", self.head_dim),
-            ("dtype_bytes", self.dtype_bytes),
-            ("max_slots", self.max_slots),
-            ("max_tokens", self.max_tokens),
-            ("page_size", self.page_size),
-        ];
-        if let Some((name, _)) = fields.iter().find(|(_, v)| *v == 0) {
-            return Err(VmmError::InvalidConfig(format!("{name} must be > 0")));
-        }
-        let reserved =
-            (self.max_tokens as u128) * (self.bytes_per_token() as u128) * (self.max_slots as u128);
-        if reserved > (1u128 << 47) {
-            return Err(VmmError::InvalidConfig(format!(
-                "{} slots × {} tokens × {} B/token = {reserved} B of address space, over the 128 TiB limit",
-                self.max_slots,
-                self.max_tokens,
-                self.bytes_per_token()
-            )));
-        }
-        Ok(())
-    }
-}
+pub use audit::AuditError;
+pub use layout::{KvLayout, KvPart, KvSpaceConfig};
+use page_table::Slot;
 
 /// Index of a request slot in a [`KvSpace`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -286,19 +111,6 @@ impl KvStats {
     pub fn bytes_in_use(&self) -> usize {
         self.bytes_backed - self.pages_reclaimable() * self.page_size
     }
-}
-
-#[derive(Debug, Clone)]
-struct Slot {
-    active: bool,
-    /// Tokens the slot holds (written or about to be written this step).
-    len: usize,
-    /// `pages[region][i]`: the page mapped at page `i` of this slot's range in `region`. Grown on
-    /// demand: an index past the end is unmapped.
-    pages: Vec<Vec<Option<PhysicalPage>>>,
-    mapped: usize,
-    /// Pages `0..backed` are mapped in every region (a lower bound; the fast path of `ensure`).
-    backed: usize,
 }
 
 /// The virtual-memory KV cache (see the module docs).
@@ -771,91 +583,6 @@ impl KvSpace {
         }
     }
 
-    /// Check the internal invariants (see the module docs); `Err` is the first violation.
-    pub fn audit(&self) -> std::result::Result<(), AuditError> {
-        let mut counted: HashMap<u64, u32> = HashMap::new();
-        for (s, slot) in self.slots.iter().enumerate() {
-            let mut n = 0;
-            for region in &slot.pages {
-                for page in region.iter().flatten() {
-                    *counted.entry(page.handle).or_default() += 1;
-                    n += 1;
-                }
-            }
-            if let Some(r) = (0..slot.pages.len())
-                .find(|&r| (0..slot.backed).any(|i| self.page(SlotId(s), r, i).is_none()))
-            {
-                return Err(AuditError::HoleBelowBacked {
-                    slot: s,
-                    region: r,
-                    backed: slot.backed,
-                });
-            }
-            if n != slot.mapped {
-                return Err(AuditError::MappedCount {
-                    slot: s,
-                    in_tables: n,
-                    recorded: slot.mapped,
-                });
-            }
-            if slot.active && !self.is_backed(SlotId(s), slot.len) {
-                return Err(AuditError::NotBacked {
-                    slot: s,
-                    len: slot.len,
-                });
-            }
-            if !slot.active && slot.len != 0 {
-                return Err(AuditError::ReleasedWithLength {
-                    slot: s,
-                    len: slot.len,
-                });
-            }
-            if slot.active {
-                let first = slot.len * self.config.region_bytes_per_token() / self.config.page_size;
-                for (r, region) in slot.pages.iter().enumerate() {
-                    for (i, page) in region.iter().enumerate().skip(first) {
-                        let Some(p) = page else { continue };
-                        let references = self.refs.get(&p.handle).copied().unwrap_or(0);
-                        if references != 1 {
-                            return Err(AuditError::SharedPastLength {
-                                slot: s,
-                                region: r,
-                                page: i,
-                                references,
-                            });
-                        }
-                    }
-                }
-            } else if let Some(p) = slot
-                .pages
-                .iter()
-                .flatten()
-                .flatten()
-                .find(|p| self.refs[&p.handle] != 1)
-            {
-                return Err(AuditError::ReleasedMapsShared {
-                    slot: s,
-                    handle: p.handle,
-                    references: self.refs[&p.handle],
-                });
-            }
-        }
-        if counted != self.refs {
-            return Err(AuditError::RefCounts {
-                recorded: self.refs.iter().map(|(&h, &r)| (h, r)).collect(),
-                in_tables: counted.into_iter().collect(),
-            });
-        }
-        if self.pool.created() != self.pool.free() + self.refs.len() {
-            return Err(AuditError::PageCount {
-                created: self.pool.created(),
-                free: self.pool.free(),
-                mapped: self.refs.len(),
-            });
-        }
-        Ok(())
-    }
-
     fn active_slot(&self, slot: SlotId) -> Result<()> {
         match self.slots.get(slot.0) {
             None => Err(VmmError::UnknownSlot {
@@ -902,80 +629,6 @@ impl KvSpace {
             }
         }
         Ok(self.addr(slot, region, offset))
-    }
-
-    fn page_addr(&self, slot: SlotId, region: usize, index: usize) -> u64 {
-        self.addr(slot, region, index * self.config.page_size)
-    }
-
-    /// The page mapped at page `index` of `slot` in `region`, if any.
-    fn page(&self, slot: SlotId, region: usize, index: usize) -> Option<PhysicalPage> {
-        self.slots[slot.0].pages[region]
-            .get(index)
-            .copied()
-            .flatten()
-    }
-
-    fn is_exclusive(&self, slot: SlotId, region: usize, index: usize) -> bool {
-        self.page(slot, region, index)
-            .is_some_and(|p| self.refs[&p.handle] == 1)
-    }
-
-    /// Map `page` at page `index` of `slot` in `region` and enable access. On failure the page
-    /// goes back to the pool if nothing else maps it.
-    fn map_page(
-        &mut self,
-        slot: SlotId,
-        region: usize,
-        index: usize,
-        page: PhysicalPage,
-    ) -> Result<()> {
-        let addr = self.page_addr(slot, region, index);
-        let result = self.backend.map(page, addr).and_then(|()| {
-            self.backend.set_access(addr, page.size).inspect_err(|_| {
-                let _ = self.backend.unmap(addr, page.size);
-            })
-        });
-        if let Err(e) = result {
-            if !self.refs.contains_key(&page.handle) {
-                self.pool.put(page);
-            }
-            return Err(e);
-        }
-        *self.refs.entry(page.handle).or_default() += 1;
-        let s = &mut self.slots[slot.0];
-        let table = &mut s.pages[region];
-        if table.len() <= index {
-            table.resize(index + 1, None);
-        }
-        table[index] = Some(page);
-        s.mapped += 1;
-        Ok(())
-    }
-
-    /// Unmap page `index` of `slot` in `region`; returns true if it went back to the pool (no
-    /// other address maps it).
-    fn unmap_page(&mut self, slot: SlotId, region: usize, index: usize) -> Result<bool> {
-        let Some(page) = self.page(slot, region, index) else {
-            return Ok(false);
-        };
-        self.backend
-            .unmap(self.page_addr(slot, region, index), page.size)?;
-        let s = &mut self.slots[slot.0];
-        s.pages[region][index] = None;
-        s.mapped -= 1;
-        s.backed = s.backed.min(index);
-        let refs = self
-            .refs
-            .get_mut(&page.handle)
-            .expect("mapped page has a count");
-        *refs -= 1;
-        if *refs == 0 {
-            self.refs.remove(&page.handle);
-            self.pool.put(page);
-            return Ok(true);
-        }
-        Ok(false)
     }
 }
 

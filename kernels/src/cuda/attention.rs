@@ -1,5 +1,5 @@
 //! Launchers of the CUDA attention kernels (`kernels/cuda/attention.cu`): decode, prefill and KV
-//! append, each in the two addressing modes of [`KvAddress`].
+//! append, each in the two addressing modes of [`KvAddress`] (the child module `address`).
 //!
 //! Decode is flash-decoding (Dao et al., 2023, "Flash-Decoding for long-context inference"): one
 //! CTA per (KV head, sequence, split) reads each K and V row once for every query head of its GQA
@@ -14,7 +14,8 @@
 //! and 128 query rows (32 a warp, so each shared-memory K / V fragment feeds two MMAs), K / V tiles
 //! of 64 keys double-buffered with cp.async, Q staged once in shared memory. The grid puts a
 //! sequence's query heads side by side (one KV head's tiles are then shared through L2) and counts
-//! query tiles from the last, so the causal mask's longest CTAs are scheduled first.
+//! query tiles from the last, so the causal mask's longest CTAs are scheduled first. Its
+//! launcher is the child module `prefill`.
 //!
 //! Every launcher checks what the host can check — head dim, GQA ratio, block size, 16-byte
 //! alignment of pointers and strides, grid limits, workspace size — and returns a
@@ -32,6 +33,14 @@ use cudarc::driver::{
 use super::buffer::DeviceBuffer;
 use super::compile::{compile_module, CacheOutcome};
 use super::error::{driver, KernelError, Result};
+
+mod address;
+mod prefill;
+
+use address::aligned;
+pub use address::KvAddress;
+use prefill::prefill_smem_bytes;
+pub use prefill::{PrefillArgs, PrefillShape};
 
 /// The CUDA source of the attention kernels.
 pub const ATTENTION_SOURCE: &str = include_str!("../../cuda/attention.cu");
@@ -54,134 +63,6 @@ impl Dtype {
             Dtype::F16 => "f16",
         }
     }
-}
-
-/// Where the KV of a batch lives. Strides are in elements; element `(token t, head h, dim d)` of
-/// sequence `b` is at:
-/// - strided: `k + slots[b]·slot_stride + t·token_stride + h·head_stride + d`;
-/// - paged: `k + table[b·max_blocks + t / block_size]·block_stride + (t % block_size)·token_stride
-///   + h·head_stride + d`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KvAddress {
-    Strided {
-        k: u64,
-        v: u64,
-        /// Device `u32[batch]`: the slot of each sequence.
-        slots: u64,
-        slot_stride: u64,
-        token_stride: u64,
-        head_stride: u64,
-    },
-    Paged {
-        k: u64,
-        v: u64,
-        /// Device `u32[batch][max_blocks]`.
-        block_table: u64,
-        max_blocks: u32,
-        /// 16 or 32.
-        block_size: u32,
-        block_stride: u64,
-        token_stride: u64,
-        head_stride: u64,
-    },
-}
-
-impl KvAddress {
-    /// A paged cache's block table must cover `max_context` tokens (strided ones always do).
-    fn check_context(&self, max_context: usize) -> Result<()> {
-        if let KvAddress::Paged {
-            max_blocks,
-            block_size,
-            ..
-        } = *self
-        {
-            let cap = max_blocks as usize * block_size as usize;
-            if max_context > cap {
-                return Err(KernelError::Shape(format!(
-                    "max_context {max_context} exceeds the block table's {max_blocks} blocks × {block_size} tokens"
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    fn parts(&self) -> (u64, u64, u64, u64, u64, u64, u32, &'static str) {
-        match *self {
-            KvAddress::Strided {
-                k,
-                v,
-                slots,
-                slot_stride,
-                token_stride,
-                head_stride,
-            } => (
-                k,
-                v,
-                slots,
-                slot_stride,
-                token_stride,
-                head_stride,
-                0,
-                "strided",
-            ),
-            KvAddress::Paged {
-                k,
-                v,
-                block_table,
-                max_blocks,
-                block_size,
-                block_stride,
-                token_stride,
-                head_stride,
-            } => (
-                k,
-                v,
-                block_table,
-                block_stride,
-                token_stride,
-                head_stride,
-                max_blocks,
-                if block_size == 32 {
-                    "paged32"
-                } else {
-                    "paged16"
-                },
-            ),
-        }
-    }
-
-    fn check(&self) -> Result<()> {
-        let (k, v, index, outer, token, head, _, _) = self.parts();
-        aligned("K base pointer", k, 16)?;
-        aligned("V base pointer", v, 16)?;
-        aligned("slot / block-table pointer", index, 4)?;
-        aligned("slot / block stride (elements)", outer, 8)?;
-        aligned("token stride (elements)", token, 8)?;
-        aligned("head stride (elements)", head, 8)?;
-        if let KvAddress::Paged {
-            block_size,
-            max_blocks,
-            ..
-        } = *self
-        {
-            if block_size != 16 && block_size != 32 {
-                return Err(KernelError::Shape(format!(
-                    "block size {block_size}: the paged kernels take 16 or 32"
-                )));
-            }
-            if max_blocks == 0 {
-                return Err(KernelError::Shape("a block table of 0 columns".into()));
-            }
-        }
-        Ok(())
-    }
-}
-
-fn aligned(what: &'static str, value: u64, align: u64) -> Result<()> {
-    if !value.is_multiple_of(align) {
-        return Err(KernelError::Misaligned { what, value, align });
-    }
-    Ok(())
 }
 
 /// Shape of one decode launch.
@@ -300,57 +181,6 @@ struct AppendParams {
 }
 // SAFETY: plain old data laid out as the C struct `AppendParams` of attention.cu.
 unsafe impl DeviceRepr for AppendParams {}
-
-/// Shape of one prefill launch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PrefillShape {
-    pub batch: usize,
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-    /// Upper bound of the chunk lengths (query rows per sequence).
-    pub max_q_len: usize,
-    /// Upper bound of the context lengths (prefix + chunk).
-    pub max_context: usize,
-}
-
-/// Device buffers of one prefill launch. `q` and `out` are `[total_q][n_heads][head_dim]` with
-/// the chunks of the sequences one after another; `q_start` is `u32[batch + 1]` (sequence `b`'s
-/// rows are `q_start[b] .. q_start[b + 1]`); `lens` is `u32[batch]`, each sequence's context
-/// length counting its chunk, whose K and V must already be appended: query row `i` of sequence
-/// `b` is at position `lens[b] − chunk_len + i` and attends to positions `0 ..= that`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PrefillArgs {
-    pub q: u64,
-    pub out: u64,
-    pub q_start: u64,
-    pub lens: u64,
-}
-
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-struct PrefillParams {
-    q: u64,
-    k: u64,
-    v: u64,
-    out: u64,
-    q_start: u64,
-    lens: u64,
-    index: u64,
-    outer_stride: u64,
-    token_stride: u64,
-    head_stride: u64,
-    batch: u32,
-    n_heads: u32,
-    n_kv_heads: u32,
-    group: u32,
-    max_blocks: u32,
-    max_context: u32,
-    scale_log2: f32,
-    pad: u32,
-}
-// SAFETY: plain old data laid out as the C struct `PrefillParams` of attention.cu.
-unsafe impl DeviceRepr for PrefillParams {}
 
 /// Device buffers of one append: `k_new` and `v_new` are `[n_tokens][n_kv_heads][head_dim]`;
 /// `seq` and `pos` are `u32[n_tokens]` (the sequence — slot index or block-table row — and the
@@ -688,98 +518,6 @@ impl Attention {
         unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(fill_uniform)"))?;
         Ok(())
     }
-}
-
-impl Attention {
-    /// Causal prefill attention of a ragged batch of query chunks over their cached prefix and
-    /// themselves (see [`PrefillArgs`]), FlashAttention-2 style on tensor cores. Asynchronous on
-    /// `stream`.
-    ///
-    /// # Safety
-    /// All pointers must be device memory of this context, valid for the launch: `q` and `out` of
-    /// `q_start[batch] · n_heads · head_dim` elements, chunk lengths ≤ `max_q_len` and ≤ `lens[b]`,
-    /// `lens[b]` ≤ `max_context`, and the KV addressed for every sequence must hold `lens[b]`
-    /// written tokens.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn prefill(
-        &self,
-        stream: &CudaStream,
-        dtype: Dtype,
-        shape: &PrefillShape,
-        args: &PrefillArgs,
-        kv: &KvAddress,
-        scale: f32,
-    ) -> Result<()> {
-        check_shape(&DecodeShape {
-            batch: shape.batch,
-            n_heads: shape.n_heads,
-            n_kv_heads: shape.n_kv_heads,
-            head_dim: shape.head_dim,
-            max_context: shape.max_context,
-        })?;
-        kv.check()?;
-        aligned("q pointer", args.q, 16)?;
-        aligned("out pointer", args.out, 16)?;
-        aligned("q_start pointer", args.q_start, 4)?;
-        aligned("lens pointer", args.lens, 4)?;
-        // The kernel keeps raw running maxima and applies the scale inside the exponent, which
-        // is the softmax only for a positive scale (1/√d in every model).
-        if !(scale.is_finite() && scale > 0.0) {
-            return Err(KernelError::Shape(format!(
-                "softmax scale {scale}: prefill takes a finite scale > 0"
-            )));
-        }
-        if shape.max_q_len == 0 {
-            return Ok(());
-        }
-        let tiles = shape.max_q_len.div_ceil(PREFILL_ROWS);
-        let heads = shape.n_heads * shape.batch;
-        if tiles > 65535 || heads > i32::MAX as usize {
-            return Err(KernelError::Shape(format!(
-                "{tiles} query tiles (at most 65535) × {heads} (sequence, head) pairs (at most 2^31 − 1): over the grid limits"
-            )));
-        }
-        kv.check_context(shape.max_context)?;
-        let (k, v, index, outer, token, head, max_blocks, addr) = kv.parts();
-        let params = PrefillParams {
-            q: args.q,
-            k,
-            v,
-            out: args.out,
-            q_start: args.q_start,
-            lens: args.lens,
-            index,
-            outer_stride: outer,
-            token_stride: token,
-            head_stride: head,
-            batch: shape.batch as u32,
-            n_heads: shape.n_heads as u32,
-            n_kv_heads: shape.n_kv_heads as u32,
-            group: (shape.n_heads / shape.n_kv_heads) as u32,
-            max_blocks,
-            max_context: shape.max_context as u32,
-            scale_log2: scale * std::f32::consts::LOG2_E,
-            pad: 0,
-        };
-        let f = self.function(&format!(
-            "prefill_{}_d{}_{addr}",
-            dtype.name(),
-            shape.head_dim
-        ))?;
-        let cfg = LaunchConfig {
-            // x: (sequence, head), query heads of one KV head adjacent (their K / V tiles are
-            // then read from L2); y: query tiles counted from each sequence's last, so the
-            // longest CTAs start first.
-            grid_dim: (heads as u32, tiles as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: prefill_smem_bytes(shape.head_dim) as u32,
-        };
-        let mut launch = stream.launch_builder(f);
-        launch.arg(&params);
-        // SAFETY: the caller guarantees the memory; the shape was checked above.
-        unsafe { launch.launch(cfg) }.map_err(driver("cuLaunchKernel(prefill)"))?;
-        Ok(())
-    }
 
     /// Keep `stream` busy for about `micros` µs (a benchmark queues its timed launches behind
     /// this, so that events time the device and not the host's launch overhead).
@@ -834,21 +572,6 @@ fn split_plan(shape: &DecodeShape, resident: usize, splits: Option<usize>) -> Re
         ctas: base * splits,
         gmax,
     })
-}
-
-/// Query rows of one prefill CTA (`PF_BM` in attention.cu).
-const PREFILL_ROWS: usize = 128;
-/// Keys of one prefill K / V tile (`PF_BN` in attention.cu).
-const PREFILL_KEYS: usize = 64;
-
-/// Bytes of the prefill CTA's block-table ring (`PF_RING_BYTES` in attention.cu).
-const PREFILL_RING_BYTES: usize = 64;
-
-/// Dynamic shared memory of one prefill CTA: (128 query rows + 2 stages × (K, V) × 64 keys) ×
-/// (head_dim + 8) elements of 2 bytes, then the block-table ring (as attention.cu lays it out):
-/// 102 KiB at head dim 128, so two CTAs fit an H100 multiprocessor.
-fn prefill_smem_bytes(head_dim: usize) -> usize {
-    (PREFILL_ROWS + 2 * 2 * PREFILL_KEYS) * (head_dim + 8) * 2 + PREFILL_RING_BYTES
 }
 
 fn check_shape(s: &DecodeShape) -> Result<()> {

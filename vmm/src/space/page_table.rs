@@ -1,0 +1,106 @@
+//! The page tables of a [`KvSpace`]: per slot and region, which physical page is mapped at each
+//! page of the slot's virtual range ([`Slot`]), the reference count of every mapped page (the
+//! space's `refs`, by handle), and the only two operations that change them,
+//! [`KvSpace::map_page`] and [`KvSpace::unmap_page`], with the lookups the rest of the space
+//! reads them through.
+//!
+//! Invariants the two operations keep together: a page's reference count is the number of table
+//! entries that hold it (prefix sharing maps one physical page at several addresses); a slot's
+//! `mapped` is its number of entries; `backed` is a lower bound — pages `0..backed` are mapped in
+//! every region — which an unmap below it lowers; a page whose count falls to 0 goes back to the
+//! pool, and one that failed to map goes back only if no other address holds it. Mapping is the
+//! backend's map then set-access at the page's address (the CUDA driver's `cuMemMap` and
+//! `cuMemSetAccess`, as vAttention uses them; `mmap(MAP_FIXED)` on the host).
+
+use super::{KvSpace, SlotId};
+use crate::{PhysicalPage, Result};
+
+/// One request slot: whether it is acquired, its length, and its page tables.
+#[derive(Debug, Clone)]
+pub(super) struct Slot {
+    pub(super) active: bool,
+    /// Tokens the slot holds (written or about to be written this step).
+    pub(super) len: usize,
+    /// `pages[region][i]`: the page mapped at page `i` of this slot's range in `region`. Grown on
+    /// demand: an index past the end is unmapped.
+    pub(super) pages: Vec<Vec<Option<PhysicalPage>>>,
+    pub(super) mapped: usize,
+    /// Pages `0..backed` are mapped in every region (a lower bound; the fast path of `ensure`).
+    pub(super) backed: usize,
+}
+
+impl KvSpace {
+    pub(super) fn page_addr(&self, slot: SlotId, region: usize, index: usize) -> u64 {
+        self.addr(slot, region, index * self.config.page_size)
+    }
+
+    /// The page mapped at page `index` of `slot` in `region`, if any.
+    pub(super) fn page(&self, slot: SlotId, region: usize, index: usize) -> Option<PhysicalPage> {
+        self.slots[slot.0].pages[region]
+            .get(index)
+            .copied()
+            .flatten()
+    }
+
+    pub(super) fn is_exclusive(&self, slot: SlotId, region: usize, index: usize) -> bool {
+        self.page(slot, region, index)
+            .is_some_and(|p| self.refs[&p.handle] == 1)
+    }
+
+    /// Map `page` at page `index` of `slot` in `region` and enable access. On failure the page
+    /// goes back to the pool if nothing else maps it.
+    pub(super) fn map_page(
+        &mut self,
+        slot: SlotId,
+        region: usize,
+        index: usize,
+        page: PhysicalPage,
+    ) -> Result<()> {
+        let addr = self.page_addr(slot, region, index);
+        let result = self.backend.map(page, addr).and_then(|()| {
+            self.backend.set_access(addr, page.size).inspect_err(|_| {
+                let _ = self.backend.unmap(addr, page.size);
+            })
+        });
+        if let Err(e) = result {
+            if !self.refs.contains_key(&page.handle) {
+                self.pool.put(page);
+            }
+            return Err(e);
+        }
+        *self.refs.entry(page.handle).or_default() += 1;
+        let s = &mut self.slots[slot.0];
+        let table = &mut s.pages[region];
+        if table.len() <= index {
+            table.resize(index + 1, None);
+        }
+        table[index] = Some(page);
+        s.mapped += 1;
+        Ok(())
+    }
+
+    /// Unmap page `index` of `slot` in `region`; returns true if it went back to the pool (no
+    /// other address maps it).
+    pub(super) fn unmap_page(&mut self, slot: SlotId, region: usize, index: usize) -> Result<bool> {
+        let Some(page) = self.page(slot, region, index) else {
+            return Ok(false);
+        };
+        self.backend
+            .unmap(self.page_addr(slot, region, index), page.size)?;
+        let s = &mut self.slots[slot.0];
+        s.pages[region][index] = None;
+        s.mapped -= 1;
+        s.backed = s.backed.min(index);
+        let refs = self
+            .refs
+            .get_mut(&page.handle)
+            .expect("mapped page has a count");
+        *refs -= 1;
+        if *refs == 0 {
+            self.refs.remove(&page.handle);
+            self.pool.put(page);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
