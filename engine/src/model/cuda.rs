@@ -65,6 +65,7 @@ type Result<T, E = CudaModelError> = std::result::Result<T, E>;
 
 const BF16: usize = 2;
 
+/// A grow-only device buffer.
 #[derive(Default)]
 struct Scratch(Option<DeviceBuffer>);
 

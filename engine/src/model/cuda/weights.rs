@@ -12,6 +12,7 @@ use vkv_kernels::cuda::{driver, Attention, DeviceBuffer, Gemm, ModelOps};
 use super::{Buffers, CudaLlama, CudaModelError, DecodeGraphs, Result, BF16, MAX_GRAPH_BATCH};
 use crate::model::{Llama, LlamaConfig};
 
+/// One layer's weights on the device, bf16, with Q/K/V and gate/up fused.
 pub(super) struct GpuLayer {
     pub(super) attn_norm: DeviceBuffer,
     pub(super) qkv: DeviceBuffer,
@@ -20,8 +21,6 @@ pub(super) struct GpuLayer {
     pub(super) gate_up: DeviceBuffer,
     pub(super) w_down: DeviceBuffer,
 }
-
-/// A grow-only device buffer.
 
 fn bf16_bits(v: &[f32]) -> Vec<u16> {
     v.iter()
