@@ -197,7 +197,7 @@ mod gpu {
     use std::time::Instant;
 
     use anyhow::{bail, Context, Result};
-    use vkv_engine::kv::{GpuKv, KvManager};
+    use vkv_engine::kv::{GpuKv, KvManager, PagedKv, VmmShape};
     use vkv_engine::model::cuda::CudaLlama;
     use vkv_engine::model::reserve_batch;
     use vkv_engine::model::{LlamaConfig, SeqChunk};
@@ -360,7 +360,12 @@ mod gpu {
             for &mode in &modes {
                 let max_tokens = args.context + 2 * args.steps + 16;
                 let mut kv = if mode == "paged" {
-                    GpuKv::paged(&ctx, dims, batch * max_tokens.div_ceil(16), 16)?
+                    GpuKv::Paged(PagedKv::on_device(
+                        &ctx,
+                        dims,
+                        batch * max_tokens.div_ceil(16),
+                        16,
+                    )?)
                 } else {
                     let page = 2 << 20;
                     let pages = (batch * max_tokens * token_bytes).div_ceil(page)
@@ -369,11 +374,7 @@ mod gpu {
                     GpuKv::vmm(
                         vmm.clone(),
                         dims,
-                        KvLayout::PerLayer,
-                        batch,
-                        max_tokens,
-                        page,
-                        pages,
+                        VmmShape::new(KvLayout::PerLayer, batch, max_tokens, page, pages),
                     )?
                 };
                 // Prefill: whole prompts, as many per call as fit prefill_rows.

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use common::gpu;
-use vkv_engine::kv::{GpuKv, KvManager, PagedKv};
+use vkv_engine::kv::{GpuKv, KvManager, PagedKv, VmmShape};
 use vkv_engine::model::cuda::CudaLlama;
 use vkv_engine::model::{Llama, SeqChunk};
 use vkv_vmm::{CudaVmm, KvLayout};
@@ -312,8 +312,13 @@ enum Mode {
 fn gpu_kv(vmm: &Arc<CudaVmm>, m: &Llama, mode: Mode) -> GpuKv {
     let dims = m.config.kv_dims();
     match mode {
-        Mode::Paged => GpuKv::paged(vmm.context(), dims, 256, 16).unwrap(),
-        Mode::Vmm(layout) => GpuKv::vmm(vmm.clone(), dims, layout, 8, 512, 2 << 20, 128).unwrap(),
+        Mode::Paged => GpuKv::Paged(PagedKv::on_device(vmm.context(), dims, 256, 16).unwrap()),
+        Mode::Vmm(layout) => GpuKv::vmm(
+            vmm.clone(),
+            dims,
+            VmmShape::new(layout, 8, 512, 2 << 20, 128),
+        )
+        .unwrap(),
     }
 }
 

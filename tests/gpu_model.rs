@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use common::gpu;
 use vkv_engine::device::Next;
-use vkv_engine::kv::{GpuKv, KvError, KvManager, PagedKv};
+use vkv_engine::kv::{GpuKv, KvError, KvManager, PagedKv, VmmShape};
 use vkv_engine::model::cuda::{CudaLlama, CudaModelError};
 use vkv_engine::model::{reserve_batch, Llama, LlamaConfig, ModelError, SeqChunk};
 use vkv_kernels::cpu::{Llama3RopeScaling, RopeStyle};
@@ -65,8 +65,10 @@ enum Mode {
 fn gpu_kv(vmm: &Arc<CudaVmm>, c: &LlamaConfig, mode: Mode) -> GpuKv {
     let dims = c.kv_dims();
     match mode {
-        Mode::Paged => GpuKv::paged(vmm.context(), dims, 64, 16).unwrap(),
-        Mode::Vmm(layout) => GpuKv::vmm(vmm.clone(), dims, layout, 6, 512, PAGE, 64).unwrap(),
+        Mode::Paged => GpuKv::Paged(PagedKv::on_device(vmm.context(), dims, 64, 16).unwrap()),
+        Mode::Vmm(layout) => {
+            GpuKv::vmm(vmm.clone(), dims, VmmShape::new(layout, 6, 512, PAGE, 64)).unwrap()
+        }
     }
 }
 
@@ -391,7 +393,8 @@ fn gpu_llama_refuses_bad_batches_and_a_full_pool_with_errors() {
     let Some(vmm) = gpu() else { return };
     let cpu = Llama::random(config(RopeStyle::Half, false), 3).unwrap();
     let mut gpu = CudaLlama::from_cpu(vmm.context(), &cpu).unwrap();
-    let mut kv = GpuKv::paged(vmm.context(), cpu.config.kv_dims(), 2, 16).unwrap();
+    let mut kv =
+        GpuKv::Paged(PagedKv::on_device(vmm.context(), cpu.config.kv_dims(), 2, 16).unwrap());
     let chunk = |seq, tokens: &'static [u32], start| SeqChunk {
         seq,
         tokens,
@@ -426,7 +429,7 @@ fn gpu_llama_refuses_bad_batches_and_a_full_pool_with_errors() {
     // Wrong-shaped cache.
     let mut dims = cpu.config.kv_dims();
     dims.num_layers += 1;
-    let mut wrong = GpuKv::paged(vmm.context(), dims, 4, 16).unwrap();
+    let mut wrong = GpuKv::Paged(PagedKv::on_device(vmm.context(), dims, 4, 16).unwrap());
     let e = gpu.step(&[chunk(1, &[1], 0)], &mut wrong).unwrap_err();
     assert!(e.to_string().contains("does not fit"), "{e}");
 }

@@ -9,7 +9,7 @@ use vkv_kernels::cpu::KvDtype;
 use vkv_vmm::KvLayout;
 
 use super::*;
-use crate::kv::{KvDims, PagedKv, VmmKv};
+use crate::kv::{KvDims, PagedKv, VmmKv, VmmShape};
 
 const DIMS: KvDims = KvDims {
     num_layers: 1,
@@ -196,7 +196,7 @@ proptest! {
     ) {
         let mut kv: Box<dyn KvManager> = if vmm {
             // 64 B per token: a 4 KiB page holds 64 tokens of a token-major slot.
-            Box::new(VmmKv::with_dtype(DIMS, KvDtype::F32, KvLayout::TokenMajor, 8, 256, 4096, blocks / 4 + 1).unwrap())
+            Box::new(VmmKv::with_dtype(DIMS, KvDtype::F32, VmmShape::new(KvLayout::TokenMajor, 8, 256, 4096, blocks / 4 + 1)).unwrap())
         } else {
             Box::new(PagedKv::new(DIMS, blocks, 4).unwrap())
         };

@@ -20,6 +20,14 @@ serve_up() {
   for i in $(seq 1 120); do curl -sf http://127.0.0.1:8077/health > /dev/null && break; sleep 1; done
 }
 
+# `vkv bench serve` (sharegpt at 8 requests/s, ARGS added) against the server serve_up started,
+# then the metrics named by REGEX, into $OUT/serve.txt: bench_serve TIMEOUT PROMPTS REGEX [ARGS]
+bench_serve() {
+  timeout "$1" .gpu/bin/vkv bench serve --url http://127.0.0.1:8077 --workload sharegpt \
+    --num-prompts "$2" --request-rate 8 "${@:4}" --json >> $OUT/serve.txt 2>&1
+  curl -s http://127.0.0.1:8077/metrics | grep -E "^vkv_($3)" >> $OUT/serve.txt
+}
+
 # Stop it with SIGINT; its exit status and the last N lines of its log go to $OUT/serve.txt.
 serve_down() {
   kill -INT $serve_pid; wait $serve_pid; echo "serve rc=$?" >> $OUT/serve.txt

@@ -8,8 +8,6 @@ timeout 150 .gpu/bin/vkv bench offline $m --kv-mode both --workload arxiv-summar
 for mode in paged vmm; do
   serve_up $m --kv-mode $mode
   echo "=== $mode" >> $OUT/serve.txt
-  timeout 120 .gpu/bin/vkv bench serve --url http://127.0.0.1:8077 --workload sharegpt --num-prompts 200 \
-    --request-rate 8 --goodput ttft:1000 tpot:50 --json >> $OUT/serve.txt 2>&1
-  curl -s http://127.0.0.1:8077/metrics | grep -E "^vkv_(map|kv|pages|num_pre)" >> $OUT/serve.txt
+  bench_serve 120 200 "map|kv|pages|num_pre" --goodput ttft:1000 tpot:50
   serve_down 5
 done

@@ -7,8 +7,6 @@ m="--device cuda --model preset:llama-3-8b --max-num-seqs 128"
 for mode in paged vmm; do
   serve_up $m --kv-mode $mode
   echo "=== $mode" >> $OUT/serve.txt
-  timeout 60 .gpu/bin/vkv bench serve --url http://127.0.0.1:8077 --workload sharegpt --num-prompts 60 \
-    --request-rate 8 --json >> $OUT/serve.txt 2>&1
-  curl -s http://127.0.0.1:8077/metrics | grep -E "^vkv_(map|kv|pages|num_pre)" >> $OUT/serve.txt
+  bench_serve 60 60 "map|kv|pages|num_pre"
   serve_down 3
 done

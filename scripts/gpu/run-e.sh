@@ -12,8 +12,6 @@ timeout 200 .gpu/bin/vkv bench offline $m --enforce-eager --kv-mode both --workl
 for eager in "" "--enforce-eager"; do
   serve_up $m --kv-mode vmm $eager
   echo "=== vmm $eager" >> $OUT/serve.txt
-  timeout 60 .gpu/bin/vkv bench serve --url http://127.0.0.1:8077 --workload sharegpt --num-prompts 200 \
-    --request-rate 8 --json >> $OUT/serve.txt 2>&1
-  curl -s http://127.0.0.1:8077/metrics | grep -E "^vkv_(map|cuda_graph|num_pre)" >> $OUT/serve.txt
+  bench_serve 60 200 "map|cuda_graph|num_pre"
   serve_down 3
 done

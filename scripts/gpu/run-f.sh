@@ -13,9 +13,7 @@ for mode in vmm paged; do
 for eager in "" "--enforce-eager"; do
   serve_up $m --kv-mode $mode $eager
   echo "=== $mode $eager" >> $OUT/serve.txt
-  timeout 120 .gpu/bin/vkv bench serve --url http://127.0.0.1:8077 --workload sharegpt --num-prompts 200 \
-    --request-rate 8 --json >> $OUT/serve.txt 2>&1
-  curl -s http://127.0.0.1:8077/metrics | grep -E "^vkv_(map|cuda_graph|num_pre)" >> $OUT/serve.txt
+  bench_serve 120 200 "map|cuda_graph|num_pre"
   serve_down 0
 done
 done

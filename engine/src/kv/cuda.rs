@@ -17,9 +17,9 @@ use std::sync::Arc;
 
 use vkv_kernels::cuda::cudarc::driver::CudaContext;
 use vkv_kernels::cuda::{DeviceBuffer, KvAddress};
-use vkv_vmm::{CudaVmm, KvLayout, MapperOptions, PhysicalMemory};
+use vkv_vmm::{CudaVmm, MapperOptions, PhysicalMemory};
 
-use super::manager::{KvDims, KvManager, KvMode, KvUsage, MapAhead, SeqId};
+use super::manager::{KvDims, KvManager, KvMode, KvUsage, MapAhead, SeqId, VmmShape};
 use super::paged::{BlockStorage, PagedKv, PoolGeometry};
 use super::vmm::VmmManager;
 use super::{BlockId, KvError};
@@ -84,28 +84,9 @@ pub enum GpuKv {
 }
 
 impl GpuKv {
-    /// A paged cache: `num_blocks` blocks of `block_size` (16 or 32) tokens, all layers.
-    pub fn paged(
-        ctx: &Arc<CudaContext>,
-        dims: KvDims,
-        num_blocks: usize,
-        block_size: usize,
-    ) -> Result<Self, KvError> {
-        PagedKv::on_device(ctx, dims, num_blocks, block_size).map(GpuKv::Paged)
-    }
-
-    /// A vmm cache: a `KvSpace` on `vmm` of `max_seqs` slots × `max_tokens`, `page_size` pages,
-    /// at most `max_pages` of them (the physical budget), driven by a `Mapper` thread.
-    pub fn vmm(
-        vmm: Arc<CudaVmm>,
-        dims: KvDims,
-        layout: KvLayout,
-        max_seqs: usize,
-        max_tokens: usize,
-        page_size: usize,
-        max_pages: usize,
-    ) -> Result<Self, KvError> {
-        let config = dims.space_config(BF16, layout, max_seqs, max_tokens, page_size, max_pages);
+    /// A vmm cache of `shape`: a `KvSpace` on `vmm`, driven by a `Mapper` thread.
+    pub fn vmm(vmm: Arc<CudaVmm>, dims: KvDims, shape: VmmShape) -> Result<Self, KvError> {
+        let config = dims.space_config(BF16, shape);
         let backend: Arc<dyn PhysicalMemory> = vmm;
         // Pages are created up front by `create_pages_ahead` when the caller wants the whole
         // budget held; the thread tops the pool up otherwise.
@@ -125,17 +106,18 @@ impl GpuKv {
     ) -> Result<Self, KvError> {
         let units = mode.units_for(dims, BF16, max_seqs, max_tokens, kv_bytes);
         match mode {
-            KvMode::Paged { block_size } => Self::paged(vmm.context(), dims, units, block_size),
+            KvMode::Paged { block_size } => {
+                PagedKv::on_device(vmm.context(), dims, units, block_size).map(GpuKv::Paged)
+            }
             KvMode::Vmm { layout, page_size } => {
-                let kv = Self::vmm(
-                    vmm.clone(),
-                    dims,
+                let shape = VmmShape {
                     layout,
                     max_seqs,
                     max_tokens,
                     page_size,
-                    units,
-                )?;
+                    max_pages: units,
+                };
+                let kv = Self::vmm(vmm.clone(), dims, shape)?;
                 if let GpuKv::Vmm(m) = &kv {
                     m.space().create_ahead(units)?;
                 }

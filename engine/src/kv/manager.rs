@@ -41,24 +41,44 @@ impl KvDims {
         2 * self.num_layers * self.num_kv_heads * self.head_dim * elem_bytes
     }
 
-    /// A vmm space of these dims: `max_slots` slots of `max_tokens` tokens in `layout`, elements
-    /// of `elem_bytes` bytes, at most `max_pages` pages of `page_size` bytes.
-    pub fn space_config(
-        &self,
-        elem_bytes: usize,
-        layout: KvLayout,
-        max_slots: usize,
-        max_tokens: usize,
-        page_size: usize,
-        max_pages: usize,
-    ) -> KvSpaceConfig {
+    /// A vmm space of these dims in `shape`, elements of `elem_bytes` bytes.
+    pub fn space_config(&self, elem_bytes: usize, shape: VmmShape) -> KvSpaceConfig {
         KvSpaceConfig {
-            layout,
+            layout: shape.layout,
             num_layers: self.num_layers,
             num_kv_heads: self.num_kv_heads,
             head_dim: self.head_dim,
             dtype_bytes: elem_bytes,
-            max_slots,
+            max_slots: shape.max_seqs,
+            max_tokens: shape.max_tokens,
+            page_size: shape.page_size,
+            max_pages: shape.max_pages,
+        }
+    }
+}
+
+/// The shape of a vmm cache on any device: its layout, `max_seqs` slots of `max_tokens` tokens of
+/// virtual space, and its physical budget of at most `max_pages` pages of `page_size` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmmShape {
+    pub layout: KvLayout,
+    pub max_seqs: usize,
+    pub max_tokens: usize,
+    pub page_size: usize,
+    pub max_pages: usize,
+}
+
+impl VmmShape {
+    pub const fn new(
+        layout: KvLayout,
+        max_seqs: usize,
+        max_tokens: usize,
+        page_size: usize,
+        max_pages: usize,
+    ) -> Self {
+        VmmShape {
+            layout,
+            max_seqs,
             max_tokens,
             page_size,
             max_pages,
@@ -226,9 +246,16 @@ impl KvMode {
             KvMode::Paged { block_size } => Box::new(PagedKv::<HostPools>::with_dtype(
                 dims, dtype, units, block_size,
             )?),
-            KvMode::Vmm { layout, page_size } => Box::new(VmmKv::with_dtype(
-                dims, dtype, layout, max_seqs, max_tokens, page_size, units,
-            )?),
+            KvMode::Vmm { layout, page_size } => {
+                let shape = VmmShape {
+                    layout,
+                    max_seqs,
+                    max_tokens,
+                    page_size,
+                    max_pages: units,
+                };
+                Box::new(VmmKv::with_dtype(dims, dtype, shape)?)
+            }
         })
     }
 }
@@ -248,8 +275,18 @@ mod tests {
     fn caches_of(d: KvDtype) -> Vec<Box<dyn KvCache>> {
         vec![
             Box::new(PagedKv::with_dtype(DIMS, d, 64, 16).unwrap()),
-            Box::new(VmmKv::with_dtype(DIMS, d, KvLayout::PerLayer, 4, 512, 4096, 64).unwrap()),
-            Box::new(VmmKv::with_dtype(DIMS, d, KvLayout::TokenMajor, 4, 512, 4096, 64).unwrap()),
+            Box::new(
+                VmmKv::with_dtype(DIMS, d, VmmShape::new(KvLayout::PerLayer, 4, 512, 4096, 64))
+                    .unwrap(),
+            ),
+            Box::new(
+                VmmKv::with_dtype(
+                    DIMS,
+                    d,
+                    VmmShape::new(KvLayout::TokenMajor, 4, 512, 4096, 64),
+                )
+                .unwrap(),
+            ),
         ]
     }
 

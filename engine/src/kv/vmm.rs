@@ -15,11 +15,11 @@ use std::sync::{Arc, MutexGuard};
 
 use vkv_kernels::cpu::{KvDtype, KvRef};
 use vkv_vmm::{
-    HostVmm, KvLayout, KvSpace, KvSpaceConfig, LayerView, Mapper, MapperOptions, MapperStats,
-    PhysicalMemory, SlotId, VmmError,
+    HostVmm, KvSpace, KvSpaceConfig, LayerView, Mapper, MapperOptions, MapperStats, PhysicalMemory,
+    SlotId, VmmError,
 };
 
-use super::manager::{unknown, KvCache, KvDims, KvManager, KvUsage, MapAhead, SeqId};
+use super::manager::{unknown, KvCache, KvDims, KvManager, KvUsage, MapAhead, SeqId, VmmShape};
 use super::KvError;
 
 /// The vmm KV books on any [`PhysicalMemory`]: a [`KvSpace`], one slot per sequence, driven
@@ -118,25 +118,9 @@ impl VmmManager {
 pub struct VmmKv(VmmManager, KvDtype);
 
 impl VmmKv {
-    /// `max_seqs` slots of `max_tokens` tokens of `dtype` elements, at most `max_pages` pages
-    /// of `page_size` bytes.
-    pub fn with_dtype(
-        dims: KvDims,
-        dtype: KvDtype,
-        layout: KvLayout,
-        max_seqs: usize,
-        max_tokens: usize,
-        page_size: usize,
-        max_pages: usize,
-    ) -> Result<Self, KvError> {
-        let config = dims.space_config(
-            dtype.bytes(),
-            layout,
-            max_seqs,
-            max_tokens,
-            page_size,
-            max_pages,
-        );
+    /// A cache of `shape` holding `dtype` elements.
+    pub fn with_dtype(dims: KvDims, dtype: KvDtype, shape: VmmShape) -> Result<Self, KvError> {
+        let config = dims.space_config(dtype.bytes(), shape);
         let huge_pages = vkv_kernels::RuntimeSwitches::get().huge_pages;
         let backend = Arc::new(HostVmm::with_huge_pages(huge_pages).map_err(vmm_error)?);
         // A few pages created ahead: on the CPU creating is cheap next to a forward pass.
@@ -424,13 +408,18 @@ impl KvCache for VmmKv {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vkv_vmm::KvLayout;
 
     use crate::kv::TEST_DIMS as DIMS;
 
     #[test]
     fn prepared_admissions_are_taken_over_or_given_back_and_never_block_a_reserve() {
-        let mut kv =
-            VmmKv::with_dtype(DIMS, KvDtype::F32, KvLayout::TokenMajor, 2, 512, 4096, 64).unwrap();
+        let mut kv = VmmKv::with_dtype(
+            DIMS,
+            KvDtype::F32,
+            VmmShape::new(KvLayout::TokenMajor, 2, 512, 4096, 64),
+        )
+        .unwrap();
         // Both slots prepared for queued sequences 1 and 2, their first pages mapped ahead.
         kv.0.prepare_admissions(&[(1, 40), (2, 40)]);
         kv.0.mapper.sync().unwrap();
@@ -465,8 +454,12 @@ mod tests {
 
     #[test]
     fn warmed_slots_admit_without_waiting_and_their_pages_are_reclaimable() {
-        let mut kv =
-            VmmKv::with_dtype(DIMS, KvDtype::F32, KvLayout::TokenMajor, 3, 512, 4096, 64).unwrap();
+        let mut kv = VmmKv::with_dtype(
+            DIMS,
+            KvDtype::F32,
+            VmmShape::new(KvLayout::TokenMajor, 3, 512, 4096, 64),
+        )
+        .unwrap();
         let mapped = kv.0.warm_free_slots(&[300, 40]);
         assert!(mapped > 0);
         assert_eq!(kv.usage(), KvUsage::default(), "warm pages hold no token");

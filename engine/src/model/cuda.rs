@@ -32,7 +32,7 @@ use vkv_kernels::cuda::{
 };
 use vkv_vmm::VmmError;
 
-use super::llama::check_batch;
+use super::llama::{check_batch, logits_per_chunk};
 use super::{LlamaConfig, SeqChunk};
 use crate::device::Next;
 use crate::kv::{GpuKv, GpuKvAddressing, KvError};
@@ -176,18 +176,7 @@ impl CudaLlama {
             .as_ref()
             .expect("written by run")
             .download(0, &mut logits)?;
-        let mut out = Vec::with_capacity(batch.len());
-        let mut at = 0;
-        for chunk in batch {
-            let n = if chunk.all_logits {
-                chunk.tokens.len()
-            } else {
-                1
-            };
-            out.push(logits[at * vocab..(at + n) * vocab].to_vec());
-            at += n;
-        }
-        Ok(out)
+        Ok(logits_per_chunk(batch, &logits, vocab))
     }
 
     /// Run one batch and return the greedy token (argmax, on the device) of every row that

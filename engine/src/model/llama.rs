@@ -32,6 +32,34 @@ pub struct SeqChunk<'a> {
     pub all_logits: bool,
 }
 
+impl SeqChunk<'_> {
+    /// Rows of logits the chunk asks for: all its tokens' with `all_logits`, else its last's.
+    pub fn logit_rows(&self) -> usize {
+        if self.all_logits {
+            self.tokens.len()
+        } else {
+            1
+        }
+    }
+}
+
+/// A step's `[rows][vocab]` logits, the rows each chunk asked for in batch order, split per chunk.
+pub(crate) fn logits_per_chunk(
+    batch: &[SeqChunk<'_>],
+    logits: &[f32],
+    vocab: usize,
+) -> Vec<Vec<f32>> {
+    let mut at = 0;
+    batch
+        .iter()
+        .map(|chunk| {
+            let n = chunk.logit_rows();
+            at += n;
+            logits[(at - n) * vocab..at * vocab].to_vec()
+        })
+        .collect()
+}
+
 /// Why [`check_batch`] refused a batch; each variant names the sequence and the numbers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum BatchError {
@@ -432,18 +460,7 @@ impl Llama {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut logits = vec![0f32; rows * vocab];
         self.matmul(&normed, rows, h, head, vocab, &mut logits);
-        let mut out = Vec::with_capacity(batch.len());
-        let mut at = 0;
-        for chunk in batch {
-            let n = if chunk.all_logits {
-                chunk.tokens.len()
-            } else {
-                1
-            };
-            out.push(logits[at * vocab..(at + n) * vocab].to_vec());
-            at += n;
-        }
-        out
+        logits_per_chunk(batch, &logits, vocab)
     }
 }
 

@@ -10,7 +10,7 @@ use vkv_vmm::KvLayout;
 use super::*;
 use vkv_kernels::cpu::KvDtype;
 
-use crate::kv::{KvCache, KvDims, KvManager, PagedKv, VmmKv};
+use crate::kv::{KvCache, KvDims, KvManager, PagedKv, VmmKv, VmmShape};
 
 const CONFIG: &str = r#"{
   "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -214,10 +214,20 @@ fn caches() -> Vec<(Box<dyn KvCache>, f32)> {
             let v: [Box<dyn KvCache>; 3] = [
                 Box::new(PagedKv::with_dtype(dims(), d, 64, 16).unwrap()),
                 Box::new(
-                    VmmKv::with_dtype(dims(), d, KvLayout::PerLayer, 8, 256, 4096, 256).unwrap(),
+                    VmmKv::with_dtype(
+                        dims(),
+                        d,
+                        VmmShape::new(KvLayout::PerLayer, 8, 256, 4096, 256),
+                    )
+                    .unwrap(),
                 ),
                 Box::new(
-                    VmmKv::with_dtype(dims(), d, KvLayout::TokenMajor, 8, 256, 4096, 256).unwrap(),
+                    VmmKv::with_dtype(
+                        dims(),
+                        d,
+                        VmmShape::new(KvLayout::TokenMajor, 8, 256, 4096, 256),
+                    )
+                    .unwrap(),
                 ),
             ];
             v.map(|c| (c, tol))
