@@ -110,13 +110,7 @@ impl GpuKv {
                 PagedKv::on_device(vmm.context(), dims, units, block_size).map(GpuKv::Paged)
             }
             KvMode::Vmm { layout, page_size } => {
-                let shape = VmmShape {
-                    layout,
-                    max_seqs,
-                    max_tokens,
-                    page_size,
-                    max_pages: units,
-                };
+                let shape = VmmShape::new(layout, max_seqs, max_tokens, page_size, units);
                 let kv = Self::vmm(vmm.clone(), dims, shape)?;
                 if let GpuKv::Vmm(m) = &kv {
                     m.space().create_ahead(units)?;

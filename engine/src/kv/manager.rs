@@ -247,13 +247,7 @@ impl KvMode {
                 dims, dtype, units, block_size,
             )?),
             KvMode::Vmm { layout, page_size } => {
-                let shape = VmmShape {
-                    layout,
-                    max_seqs,
-                    max_tokens,
-                    page_size,
-                    max_pages: units,
-                };
+                let shape = VmmShape::new(layout, max_seqs, max_tokens, page_size, units);
                 Box::new(VmmKv::with_dtype(dims, dtype, shape)?)
             }
         })
