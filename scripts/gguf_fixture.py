@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference values for vkv's GGUF reader tests (engine/src/weights/gguf.rs).
+"""Reference values for vkv's GGUF reader tests (model/src/weights/gguf.rs).
 
 How to run (from the repository root; needs numpy and the `gguf` package, tested with gguf 0.19.0):
 
@@ -12,13 +12,13 @@ the file's sha256 is b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea37372811
 
 It writes two files, both committed, so the Rust tests need neither Python nor this script:
 
-* engine/tests/fixtures/gguf/smollm2_q4_1.json: for a few tensors of the real model (Q8_0, Q4_1, F32),
+* model/tests/fixtures/gguf/smollm2_q4_1.json: for a few tensors of the real model (Q8_0, Q4_1, F32),
   dequantized by the Python package's own decoders: dims (GGUF order, dims[0] fastest), the first 64
   values, 64 values from the middle (starting at n // 2 - 32), the last 64, and the float64 sum and sum of
   squares of all values.
-* engine/tests/fixtures/gguf/kquants.json: seeded random Q4_K and Q6_K super-blocks (the model has none)
+* model/tests/fixtures/gguf/kquants.json: seeded random Q4_K and Q6_K super-blocks (the model has none)
   as hex, with their values as dequantized by the Python package. It needs no model file.
-* engine/tests/fixtures/gguf/gguf_py_writer.gguf and gguf_py_writer.json: a small file written by the
+* model/tests/fixtures/gguf/gguf_py_writer.gguf and gguf_py_writer.json: a small file written by the
   package's own GGUFWriter (custom alignment 64, metadata of several types, seeded random tensors of
   types F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K), and its metadata and every tensor's dims and
   dequantized values as the package reads them back. It needs no model file.

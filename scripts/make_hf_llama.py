@@ -3,7 +3,7 @@
 
 The other direction of `scripts/compare_hf.py`: here transformers makes the model
 (`LlamaForCausalLM`, fixed seed, `save_pretrained` as safetensors), so vkv's HF loader
-(`engine/src/weights/safetensors.rs`, `Llama::from_hf_dir`) is checked against checkpoints
+(`model/src/weights/safetensors.rs`, `Llama::from_hf_dir`) is checked against checkpoints
 written the way real ones are, Q/K row order and all. `tests/gpu_hf.rs` (with `VKV_HF_DIR=OUT`)
 loads each directory and compares vkv's CPU (f32) and CUDA (bf16; paged and vmm KV) logits and
 greedy tokens with these.

@@ -19,7 +19,7 @@ It does this twice:
   Q4_1 x Q8_1 dot products, so logits move by up to a few tenths and greedy choices at near-ties
   can differ: the loose comparison.
 
-Output: engine/tests/fixtures/reference/smollm2_llamacpp.json (committed; the Rust test
+Output: model/tests/fixtures/reference/smollm2_llamacpp.json (committed; the Rust test
 `tests/model_reference.rs` reads it, so CI needs neither llama.cpp nor Python).
 
     python3 scripts/reference_llamacpp.py [PATH_TO_GGUF]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Tokenizer fixtures for engine/src/tokenizer.rs from the SmolLM2-135M-Instruct GGUF.
+"""Tokenizer fixtures for model/src/tokenizer.rs from the SmolLM2-135M-Instruct GGUF.
 
-Writes, under engine/tests/fixtures/tokenizer/:
+Writes, under model/tests/fixtures/tokenizer/:
 
 * smollm2_vocab.json: the GGUF's `tokenizer.ggml.*` keys and `tokenizer.chat_template`, with the
   field names of `vkv_engine::tokenizer::GgufVocab` (model, pre, tokens, token_types, merges,

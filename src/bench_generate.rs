@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
-use vkv_engine::generate::{load_model, measure_throughput};
+use vkv_engine::generate::measure_throughput;
+use vkv_engine::model::load_model;
 
 use crate::engine_args::{model_path, KvArgs};
 

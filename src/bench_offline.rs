@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
 use indicatif::{ProgressBar, ProgressStyle};
 use vkv_engine::engine::Engine;
-use vkv_engine::generate::load_model;
+use vkv_engine::model::load_model;
 use vkv_engine::offline::{random_requests, run_offline, Arrivals, OfflineReport, Summary};
 use vkv_engine::workload::Workload;
 use vkv_kernels::cpu::HugePageUse;

@@ -7,8 +7,10 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
-use vkv_engine::generate::{generate, load_model, FinishReason};
+use vkv_engine::engine::FinishReason;
+use vkv_engine::generate::generate;
 use vkv_engine::kv::KvDims;
+use vkv_engine::model::load_model;
 use vkv_engine::sampler::SamplingParams;
 use vkv_engine::tokenizer::ChatMessage;
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
 use vkv_engine::engine::Engine;
-use vkv_engine::generate::load_model;
+use vkv_engine::model::load_model;
 use vkv_server::ServerConfig;
 
 use crate::engine_args::{model_path, EngineArgs};

@@ -10,10 +10,10 @@ use common::serving::{
     prompts, run_one, wait_for,
 };
 
+use vkv_engine::engine::FinishReason;
 use vkv_engine::engine::{
     event_channel, Engine, EngineConfig, EngineError, GenerationRequest, RequestId,
 };
-use vkv_engine::generate::FinishReason;
 use vkv_engine::kv::{KvCacheDtype, KvMode};
 use vkv_kernels::cpu::Activations;
 use vkv_vmm::KvLayout;

@@ -25,10 +25,10 @@ use common::serving::{
     prompts, run_one,
 };
 use vkv_engine::device::Device;
+use vkv_engine::engine::FinishReason;
 use vkv_engine::engine::{
     event_channel, Engine, EngineConfig, EngineError, GenerationRequest, RequestId,
 };
-use vkv_engine::generate::FinishReason;
 use vkv_engine::kv::KvMode;
 use vkv_engine::sampler::SamplingParams;
 use vkv_kernels::cpu::Activations;
@@ -75,7 +75,7 @@ fn engine_len(
 }
 
 fn engine_of(
-    model: vkv_engine::generate::LoadedModel,
+    model: vkv_engine::model::LoadedModel,
     device: Device,
     mode: KvMode,
     kv_memory: usize,

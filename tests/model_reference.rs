@@ -1,6 +1,6 @@
 //! vkv's SmolLM2 against llama.cpp, an independent implementation of the same GGUF model.
 //!
-//! The fixture `engine/tests/fixtures/reference/smollm2_llamacpp.json` was recorded by
+//! The fixture `model/tests/fixtures/reference/smollm2_llamacpp.json` was recorded by
 //! `scripts/reference_llamacpp.py` (llama-cpp-python built from source); CI needs neither. The
 //! model file is the default model, fetched with pip on first use (or `VKV_TEST_GGUF`).
 //!
@@ -25,8 +25,8 @@
 mod common;
 
 use serde_json::Value;
-use vkv_engine::generate::LoadedModel;
 use vkv_engine::kv::{KvDims, KvMode};
+use vkv_engine::model::LoadedModel;
 use vkv_engine::model::SeqChunk;
 use vkv_engine::sampler::argmax;
 use vkv_kernels::cpu::{Activations, KvDtype};
@@ -48,7 +48,7 @@ const INT8_MEDIAN: f32 = 0.2;
 
 fn fixture() -> Value {
     serde_json::from_str(include_str!(
-        "../engine/tests/fixtures/reference/smollm2_llamacpp.json"
+        "../model/tests/fixtures/reference/smollm2_llamacpp.json"
     ))
     .unwrap()
 }

@@ -26,10 +26,10 @@
 use std::sync::Arc;
 
 use crate::engine::EngineConfig;
-use crate::generate::LoadedModel;
 #[cfg(doc)]
 use crate::kv::KvMode;
 use crate::kv::{KvCache, KvError, KvManager};
+use crate::model::LoadedModel;
 use crate::model::{ModelError, SeqChunk};
 
 /// KV memory of the CPU device when `--kv-memory` is not given.
@@ -69,14 +69,7 @@ pub enum BackendError {
     NothingLaunched,
 }
 
-/// The next token of a chunk, or the logits to sample it from.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Next {
-    /// Picked on the device (greedy).
-    Token(u32),
-    /// The last token's logits (`vocab_size` f32), for the host's sampler.
-    Logits(Vec<f32>),
-}
+pub use crate::model::Next;
 
 /// Which device: the command line's `--device`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -214,9 +207,9 @@ mod cuda {
 
     use super::{Backend, BackendError, Next};
     use crate::engine::EngineConfig;
-    use crate::generate::LoadedModel;
     use crate::kv::{GpuKv, KvCacheDtype, KvManager};
     use crate::model::cuda::{CudaLlama, CudaModelError};
+    use crate::model::LoadedModel;
     use crate::model::SeqChunk;
 
     fn cuda(what: &'static str) -> impl FnOnce(CudaModelError) -> BackendError {

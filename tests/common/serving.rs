@@ -5,11 +5,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use vkv_engine::engine::FinishReason;
 use vkv_engine::engine::{
     event_channel, Engine, EventKind, EventReceiver, Finished, GenerationRequest, RequestId,
     StopConditions,
 };
-use vkv_engine::generate::FinishReason;
 use vkv_engine::sampler::SamplingParams;
 
 /// Prompts of different lengths and content, tokenized.

@@ -7,7 +7,7 @@
 use std::time::Instant;
 
 use super::{EventSender, Finished, StopConditions, Timings, Usage};
-use crate::generate::FinishReason;
+use crate::engine::FinishReason;
 use crate::sampler::Sampler;
 use crate::tokenizer::StreamDecoder;
 

@@ -16,7 +16,8 @@ use super::{
     EventKind, EventSender, GenerationRequest, MapMetrics, RequestId, Shared,
 };
 use crate::device::{Backend, Next};
-use crate::generate::{FinishReason, LoadedModel};
+use crate::engine::FinishReason;
+use crate::model::LoadedModel;
 use crate::model::SeqChunk;
 use crate::sampler::Sampler;
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqRequest, Step};

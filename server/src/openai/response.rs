@@ -9,8 +9,8 @@
 use serde::Serialize;
 use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::ToSchema;
+use vkv_engine::engine::FinishReason;
 use vkv_engine::engine::Usage;
-use vkv_engine::generate::FinishReason;
 
 use super::Endpoint;
 

@@ -34,8 +34,8 @@ use vkv_vmm::VmmError;
 
 use super::llama::{check_batch, logits_per_chunk};
 use super::{LlamaConfig, SeqChunk};
-use crate::device::Next;
-use crate::kv::{GpuKv, GpuKvAddressing, KvError};
+use crate::Next;
+use vkv_kv::{GpuKv, GpuKvAddressing, KvError};
 
 mod graphs;
 mod step;

@@ -13,9 +13,9 @@ use rayon::prelude::*;
 use vkv_kernels::cpu::{self, Activations, Weight};
 
 use super::{Layer, Llama, Projections};
-use crate::model::{LlamaConfig, ModelError};
 use crate::weights::gguf::{GgmlType, GgufFile};
 use crate::weights::safetensors::Checkpoint;
+use crate::{LlamaConfig, ModelError};
 
 /// Names of a layer's tensors in GGUF and in HF checkpoints, in `Layer` field order.
 const GGUF_LAYER: [&str; 9] = [

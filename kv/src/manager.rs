@@ -261,10 +261,10 @@ mod tests {
     use vkv_kernels::cpu::{attention, kv_append, Heads};
 
     use super::*;
-    use crate::kv::{PagedKv, VmmKv};
+    use crate::{PagedKv, VmmKv};
     use vkv_kernels::cpu;
 
-    use crate::kv::TEST_DIMS as DIMS;
+    use crate::TEST_DIMS as DIMS;
 
     fn caches_of(d: KvDtype) -> Vec<Box<dyn KvCache>> {
         vec![

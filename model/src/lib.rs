@@ -1,22 +1,42 @@
-//! Models: the Llama family (Llama 2/3, Mistral, SmolLM2) — configuration and named presets
-//! (`config`), weights from GGUF or safetensors or seeded random, the batched CPU forward pass
-//! (`llama`) and, with the `cuda` feature, the bf16 GPU forward pass (`cuda`). Both read KV
-//! memory the `kv` module owns and the scheduler reserved: a forward pass never reserves, it
-//! checks that every chunk's tokens are backed ([`reserve_batch`] is the reservation for callers
-//! that run a model without the scheduler: single-sequence generation, tests, benchmarks).
+//! Models: everything about a model that is not serving it — the Llama family (Llama 2/3,
+//! Mistral, SmolLM2) configuration and named presets (`config`, [`presets`]), weights from GGUF
+//! ([`weights::gguf`]) or safetensors ([`weights::safetensors`]) or seeded random, the tokenizer
+//! and chat templates ([`tokenizer`]), fetching the default model ([`fetch`]), loading all of it
+//! ([`loaded`]), the batched CPU forward pass (`llama`) and, with the `cuda` feature, the bf16
+//! GPU forward pass ([`cuda`]). Both forward passes read KV memory the `vkv-kv` crate owns and
+//! the scheduler reserved: a forward pass never reserves, it checks that every chunk's tokens are
+//! backed ([`reserve_batch`] is the reservation for callers that run a model without the
+//! scheduler: single-sequence generation, tests, benchmarks). This crate knows nothing of
+//! requests, scheduling or HTTP.
 
 mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod fetch;
 mod llama;
+pub mod loaded;
+pub mod presets;
+pub mod tokenizer;
+pub mod weights;
 
 pub use config::LlamaConfig;
 pub use llama::{DenseLayer, Llama, SeqChunk};
+pub use loaded::{load_model, load_preset, LoadError, LoadedModel, ModelWeights};
 
-use crate::kv::{KvCache, KvDims, KvError, KvManager};
+use vkv_kv::{KvCache, KvDims, KvError, KvManager};
 
 use crate::weights::gguf::GgufError;
 use crate::weights::safetensors::SafetensorsError;
+
+/// The next token of a chunk, or the logits to sample it from: what a forward pass gives the
+/// engine per sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Next {
+    /// Picked on the device (greedy).
+    Token(u32),
+    /// The last token's logits (`vocab_size` f32), for the host's sampler.
+    Logits(Vec<f32>),
+}
 
 /// Errors of loading or running a model; each names what was expected and what was found.
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +107,7 @@ impl cuda::CudaLlama {
     pub fn step(
         &mut self,
         batch: &[SeqChunk<'_>],
-        kv: &mut crate::kv::GpuKv,
+        kv: &mut vkv_kv::GpuKv,
     ) -> Result<Vec<Vec<f32>>, cuda::CudaModelError> {
         reserve_batch(kv, batch)?;
         self.forward(batch, kv)
@@ -97,7 +117,7 @@ impl cuda::CudaLlama {
     pub fn step_greedy(
         &mut self,
         batch: &[SeqChunk<'_>],
-        kv: &mut crate::kv::GpuKv,
+        kv: &mut vkv_kv::GpuKv,
     ) -> Result<Vec<u32>, cuda::CudaModelError> {
         reserve_batch(kv, batch)?;
         self.forward_greedy(batch, kv)

@@ -11,8 +11,8 @@ use vkv_kernels::cuda::{
 };
 
 use super::{CudaLlama, CudaModelError, Result, BF16};
-use crate::kv::{GpuKvAddressing, SeqId};
-use crate::model::SeqChunk;
+use crate::SeqChunk;
+use vkv_kv::{GpuKvAddressing, SeqId};
 
 impl CudaLlama {
     fn decode_shape(&self, shape: &StepShape) -> DecodeShape {

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use vkv_kernels::cpu::{self, Activations, KvRef, Weight};
 
 use super::{LlamaConfig, ModelError};
-use crate::kv::{KvCache, SeqId};
+use vkv_kv::{KvCache, SeqId};
 
 /// One sequence's part of a batch: `tokens` at positions `start..start + tokens.len()`.
 mod load;

@@ -194,9 +194,9 @@ mod tests {
     use vkv_vmm::KvLayout;
 
     use super::*;
-    use crate::kv::KvMode;
+    use crate::KvMode;
 
-    use crate::kv::TEST_DIMS as DIMS;
+    use crate::TEST_DIMS as DIMS;
 
     fn modes() -> [KvMode; 4] {
         [

@@ -10,7 +10,7 @@ use vkv_vmm::KvLayout;
 use super::*;
 use vkv_kernels::cpu::KvDtype;
 
-use crate::kv::{KvCache, KvDims, KvManager, PagedKv, VmmKv, VmmShape};
+use vkv_kv::{KvCache, KvDims, KvManager, PagedKv, VmmKv, VmmShape};
 
 const CONFIG: &str = r#"{
   "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -514,7 +514,7 @@ fn rope_settings_read_alike_from_transformers_4_and_5_configs() {
 #[test]
 fn an_hf_directory_without_a_tokenizer_loads_for_token_ids() {
     let t = tiny_model("no-tokenizer");
-    let loaded = crate::generate::load_model(&t.dir).unwrap();
+    let loaded = crate::load_model(&t.dir).unwrap();
     assert!(loaded.name.contains("no tokenizer.json"), "{}", loaded.name);
     let direct = Llama::from_hf_dir(&t.dir).unwrap();
     let mut kv = PagedKv::new(dims(), 8, 16).unwrap();

@@ -410,7 +410,7 @@ mod tests {
     use super::*;
     use vkv_vmm::KvLayout;
 
-    use crate::kv::TEST_DIMS as DIMS;
+    use crate::TEST_DIMS as DIMS;
 
     #[test]
     fn prepared_admissions_are_taken_over_or_given_back_and_never_block_a_reserve() {

@@ -10,7 +10,7 @@ use vkv_kernels::cuda::cudarc::driver::{CudaContext, CudaStream};
 use vkv_kernels::cuda::{driver, Attention, DeviceBuffer, Gemm, ModelOps};
 
 use super::{Buffers, CudaLlama, CudaModelError, DecodeGraphs, Result, BF16, MAX_GRAPH_BATCH};
-use crate::model::{Llama, LlamaConfig};
+use crate::{Llama, LlamaConfig};
 
 /// One layer's weights on the device, bf16, with Q/K/V and gate/up fused.
 pub(super) struct GpuLayer {
