@@ -68,11 +68,28 @@ enum Bench {
 }
 
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    init_logs(matches!(cli.command, Command::Serve(_)));
+    if let Err(e) = run(cli) {
         // The cause chain, one line; no backtrace for a user's mistake.
         eprintln!("vkv: error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// Logs go to stderr through `tracing`, filtered by `RUST_LOG` (e.g. `RUST_LOG=vkv_engine=debug`
+/// adds each request's admission and prefill chunks, `trace` its decode steps). Without it:
+/// `info` for `vkv serve` (a line per HTTP exchange and per finished request, inside their
+/// spans), `warn` for the other commands, whose output is their report.
+fn init_logs(serving: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = if serving { "info" } else { "warn" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn run(cli: Cli) -> Result<()> {

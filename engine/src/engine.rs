@@ -308,6 +308,7 @@ enum Command {
         request: GenerationRequest,
         events: EventSender,
         arrival: Instant,
+        span: tracing::Span,
     },
     Abort(RequestId),
     Audit(Sender<Result<KvUsage, EngineError>>),
@@ -428,12 +429,22 @@ impl Engine {
             return Err(EngineError::ShuttingDown);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // The request's span, a child of the caller's (the server's HTTP exchange): the engine
+        // thread logs the request's admission, chunks, preemptions and end inside it.
+        let span = tracing::info_span!(
+            "request",
+            id,
+            prompt_tokens = request.prompt.len(),
+            max_tokens = request.max_tokens
+        );
+        tracing::debug!(parent: &span, "queued");
         self.tx
             .send(Command::Add {
                 id,
                 request,
                 events,
                 arrival,
+                span,
             })
             .map_err(|_| EngineError::Stopped)?;
         Ok(id)

@@ -29,6 +29,7 @@ use hyper::header::{
 };
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
+use tracing::Instrument;
 use vkv_engine::engine::FinishReason;
 use vkv_engine::engine::{event_channel, Engine, EventKind, EventReceiver, Finished, RequestId};
 
@@ -75,13 +76,34 @@ impl AppState {
         }
     }
 
-    /// Answer one HTTP request (never fails: errors are OpenAI-shaped responses).
+    /// Answer one HTTP request (never fails: errors are OpenAI-shaped responses), inside a
+    /// span of its own — the parent of the engine's span for the request it submits — ending
+    /// with one log line: status and the time to the response's head (a stream goes on after).
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ApiBody> {
+        let start = std::time::Instant::now();
+        let span = tracing::info_span!("http", method = %req.method(), path = req.uri().path());
         let head = req.method() == Method::HEAD;
         let (route, result) = match Route::parse(req.method(), req.uri().path()) {
-            Ok(route) => (Some(route), self.dispatch(route, req).await),
+            Ok(route) => (
+                Some(route),
+                self.dispatch(route, req).instrument(span.clone()).await,
+            ),
             Err((route, e)) => (route, Err(e)),
         };
+        let ms = (start.elapsed().as_secs_f64() * 1e4).round() / 10.0;
+        match &result {
+            Err(e) if e.status.is_server_error() => {
+                tracing::warn!(parent: &span, status = e.status.as_u16(), error = %e.message, ms, "response")
+            }
+            Err(e) => {
+                tracing::info!(parent: &span, status = e.status.as_u16(), error = %e.message, ms, "response")
+            }
+            // Probes and scrapes at debug: monitoring polls them all day.
+            Ok(r) if matches!(route, Some(Route::Health | Route::Metrics)) => {
+                tracing::debug!(parent: &span, status = r.status().as_u16(), ms, "response")
+            }
+            Ok(r) => tracing::info!(parent: &span, status = r.status().as_u16(), ms, "response"),
+        }
         let mut response = result.unwrap_or_else(|e| error_response(&e));
         if head {
             // As GET, without the body (RFC 9110 section 9.3.2): its length stays in the header.

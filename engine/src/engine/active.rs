@@ -32,6 +32,8 @@ pub(super) struct Active<'m> {
     pub(super) first_scheduled: Option<Instant>,
     pub(super) token_times: Vec<f64>,
     pub(super) preemptions: u32,
+    /// The request's span (see [`super::Engine::submit`]).
+    pub(super) span: tracing::Span,
 }
 
 impl Active<'_> {

@@ -63,6 +63,7 @@ impl<'m> EngineLoop<'m> {
     pub(super) fn run(mut self, rx: &Receiver<Command>, ready: &Sender<()>) {
         let mut draining = false;
         if let Err(e) = self.backend.bind_to_thread() {
+            tracing::error!(error = %e, "the device is unusable: every request will fail");
             // Every request would fail: say why for each, and take none.
             self.shared.accepting.store(false, Ordering::Release);
             let _ = ready.send(());
@@ -85,6 +86,12 @@ impl<'m> EngineLoop<'m> {
         }
         self.warm_kv();
         self.publish();
+        tracing::info!(
+            kv_capacity_tokens = self.backend.kv().capacity_tokens(),
+            kv_warm_pages = self.metrics.kv_warm_pages,
+            max_num_seqs = self.config.max_num_seqs,
+            "engine ready"
+        );
         let _ = ready.send(());
         loop {
             // Block for work only when there is nothing to run.
@@ -109,6 +116,7 @@ impl<'m> EngineLoop<'m> {
             }
             self.publish();
         }
+        tracing::info!(in_flight = self.active.len(), "engine stopping");
         // The handle is gone or shut down: nothing may be left without its final event.
         let ids: Vec<RequestId> = self.active.keys().copied().collect();
         for id in ids {
@@ -140,7 +148,8 @@ impl<'m> EngineLoop<'m> {
                 request,
                 events,
                 arrival,
-            } => self.add(id, request, events, arrival),
+                span,
+            } => self.add(id, request, events, arrival, span),
             Command::Abort(id) => {
                 if self.active.contains_key(&id) {
                     self.end(id, FinishReason::Abort);
@@ -170,6 +179,7 @@ impl<'m> EngineLoop<'m> {
         request: GenerationRequest,
         events: EventSender,
         arrival: Instant,
+        span: tracing::Span,
     ) {
         let seq = SeqRequest {
             id,
@@ -178,6 +188,7 @@ impl<'m> EngineLoop<'m> {
         };
         let prompt_len = seq.prompt.len();
         if let Err(e) = self.scheduler.add(seq, self.backend.kv()) {
+            tracing::warn!(parent: &span, error = %e, "refused");
             self.metrics.failed += 1;
             let _ = events.send(EngineEvent {
                 id,
@@ -209,6 +220,7 @@ impl<'m> EngineLoop<'m> {
                 first_scheduled: None,
                 token_times: Vec::new(),
                 preemptions: 0,
+                span,
             },
         );
     }
@@ -243,9 +255,20 @@ impl<'m> EngineLoop<'m> {
         }
         // Whoever sees the final event sees the memory already free.
         self.publish();
+        let finished = a.finished(reason);
+        tracing::info!(
+            parent: &a.span,
+            reason = reason.as_str(),
+            completion_tokens = finished.usage.completion_tokens,
+            preemptions = finished.preemptions,
+            queue_ms = as_ms(finished.timings.queue),
+            ttft_ms = as_ms(finished.timings.ttft),
+            e2e_ms = as_ms(finished.timings.e2e),
+            "finished"
+        );
         let _ = a.events.send(EngineEvent {
             id,
-            kind: EventKind::Finished(a.finished(reason)),
+            kind: EventKind::Finished(finished),
         });
     }
 
@@ -256,6 +279,7 @@ impl<'m> EngineLoop<'m> {
                 let _ = self.scheduler.finish(id, self.backend.kv_mut());
                 self.prepare_admissions();
                 self.metrics.failed += 1;
+                tracing::warn!(parent: &a.span, error = why, "failed");
                 let _ = a.events.send(EngineEvent {
                     id,
                     kind: EventKind::Failed(why.to_string()),
@@ -277,6 +301,7 @@ impl<'m> EngineLoop<'m> {
         for id in &step.preempted {
             if let Some(a) = self.active.get_mut(id) {
                 a.preemptions += 1;
+                tracing::info!(parent: &a.span, "preempted (recompute): KV memory is full");
             }
         }
         if step.chunks.is_empty() {
@@ -331,7 +356,14 @@ impl<'m> EngineLoop<'m> {
             let Some(a) = self.active.get_mut(&c.seq) else {
                 continue;
             };
-            a.first_scheduled.get_or_insert(start);
+            if a.first_scheduled.is_none() {
+                a.first_scheduled = Some(start);
+                tracing::debug!(
+                    parent: &a.span,
+                    queue_ms = as_ms((start - a.arrival).as_secs_f64()),
+                    "admitted"
+                );
+            }
             if c.samples {
                 let token = match next {
                     Next::Token(t) => *t,
@@ -342,6 +374,14 @@ impl<'m> EngineLoop<'m> {
             let decode = a.generated > 0 && c.start + 1 == a.prompt_len + a.generated;
             if !decode {
                 self.metrics.prefill_tokens += c.tokens.len() as u64;
+                tracing::debug!(
+                    parent: &a.span,
+                    start = c.start,
+                    tokens = c.tokens.len(),
+                    "prefill chunk"
+                );
+            } else {
+                tracing::trace!(parent: &a.span, position = c.start, "decode");
             }
         }
         let at_length = match self
@@ -487,4 +527,9 @@ impl<'m> EngineLoop<'m> {
             });
         *lock(&self.shared.metrics) = m.clone();
     }
+}
+
+/// Seconds as milliseconds to 0.1 ms, for logs.
+fn as_ms(seconds: f64) -> f64 {
+    (seconds * 1e4).round() / 10.0
 }

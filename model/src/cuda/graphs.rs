@@ -68,7 +68,7 @@ impl CudaLlama {
                 graphs.captures += 1;
             }
             Err(e) => {
-                eprintln!("vkv: capturing a decode step as a CUDA graph failed ({e}); running without graphs");
+                tracing::warn!(error = %e, "capturing a decode step as a CUDA graph failed: graphs off");
                 graphs.max_batch = 0;
                 graphs.steps.clear();
             }
