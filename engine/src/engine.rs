@@ -6,14 +6,17 @@
 //! - In: [`Engine::submit`] checks a request against the model and the cache (so a client's
 //!   mistake is an error at once, never a failure later) and queues it; [`Engine::abort`] cancels
 //!   one; [`Engine::shutdown`] drains or aborts everything and stops the thread.
-//! - Out: each request's [`EngineEvent`]s go to the sender it came with: `Delta`s (new token ids
-//!   and the text that became final with them; text that could still turn out to be the start of
-//!   a stop string is held back, as vLLM's detokenizer does), then exactly one `Finished` (reason,
-//!   usage, timings) or `Failed`. When the receiving side is gone (a client disconnected) the
-//!   request is aborted within the step, and its KV memory freed.
+//! - Out: the engine thread generates token ids; a second thread, the detokenizer
+//!   ([`detokenize`]), turns them into each request's [`EngineEvent`]s for the sender it came
+//!   with: `Delta`s (new token ids and the text that became final with them; text that could
+//!   still turn out to be the start of a stop string is held back, as vLLM's detokenizer does),
+//!   then exactly one `Finished` (reason, usage, timings) or `Failed`. When the receiving side
+//!   is gone (a client disconnected) the request is aborted at the next step, and its KV memory
+//!   freed.
 //! - Stop conditions: the model's end-of-sequence tokens (unless `ignore_eos`), extra stop token
-//!   ids, and stop strings (the output is cut before the string, OpenAI's behaviour); `max_tokens`.
-//!   The stop token counts as a completion token, as in vLLM.
+//!   ids and `max_tokens` on the engine thread; stop strings (the output is cut before the
+//!   string, OpenAI's behaviour) in the detokenizer, which then ends the request
+//!   (`Command::StopString`). The stop token counts as a completion token, as in vLLM.
 //! - In vmm mode, before each forward pass the engine tells the cache what every scheduled
 //!   sequence will need next ([`crate::kv::MapAhead::map_ahead`]): the `Mapper` thread maps those pages while
 //!   the step computes, so the next step's `reserve` finds them (map waits stay at 0).
@@ -39,8 +42,10 @@ use crate::model::LoadedModel;
 use crate::sampler::SamplingParams;
 
 mod active;
+mod detokenize;
 mod serving_loop;
 use active::Active;
+use detokenize::{FinishCounts, Output};
 use serving_loop::EngineLoop;
 /// A request's id, unique within one engine.
 pub type RequestId = SeqId;
@@ -311,6 +316,8 @@ enum Command {
         span: tracing::Span,
     },
     Abort(RequestId),
+    /// From the detokenizer: a stop string appeared in the request's text.
+    StopString(RequestId),
     Audit(Sender<Result<KvUsage, EngineError>>),
     Shutdown {
         abort: bool,
@@ -319,6 +326,8 @@ enum Command {
 
 struct Shared {
     metrics: Mutex<EngineMetrics>,
+    /// How requests ended as their clients were told (kept by the detokenizer).
+    finishes: FinishCounts,
     accepting: AtomicBool,
 }
 
@@ -328,7 +337,8 @@ pub struct Engine {
     tx: Sender<Command>,
     shared: Arc<Shared>,
     model: Arc<LoadedModel>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    /// The engine thread, then the detokenizer thread (which ends when the engine thread has).
+    threads: Mutex<Vec<JoinHandle<()>>>,
     next_id: AtomicU64,
     max_model_len: usize,
     kv_capacity: usize,
@@ -372,15 +382,29 @@ impl Engine {
                 ..EngineMetrics::default()
             }),
             accepting: AtomicBool::new(true),
+            finishes: FinishCounts::default(),
         });
         let (tx, rx) = crossbeam_channel::unbounded();
+        let (output_tx, output_rx) = crossbeam_channel::unbounded();
         let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+        let detokenizer = std::thread::Builder::new()
+            .name("vkv-detokenize".into())
+            .spawn({
+                let model = model.clone();
+                let shared = shared.clone();
+                let tx = tx.clone();
+                move || detokenize::run(&model, &output_rx, &tx, &shared.finishes)
+            })
+            .map_err(|e| EngineError::Start(format!("spawning the detokenizer thread: {e}")))?;
         let thread = std::thread::Builder::new()
             .name("vkv-engine".into())
             .spawn({
                 let model = model.clone();
                 let shared = shared.clone();
-                move || EngineLoop::new(&model, backend, &config, &shared).run(&rx, &ready_tx)
+                move || {
+                    EngineLoop::new(&model, backend, &config, &shared, output_tx)
+                        .run(&rx, &ready_tx)
+                }
             })
             .map_err(|e| EngineError::Start(format!("spawning the engine thread: {e}")))?;
         // The thread has bound the device and warmed the KV cache (or found the device
@@ -390,7 +414,7 @@ impl Engine {
             tx,
             shared,
             model,
-            thread: Mutex::new(Some(thread)),
+            threads: Mutex::new(vec![thread, detokenizer]),
             next_id: AtomicU64::new(0),
             max_model_len,
             kv_capacity,
@@ -496,7 +520,12 @@ impl Engine {
 
     /// The latest snapshot of the engine's state and counters.
     pub fn metrics(&self) -> EngineMetrics {
-        lock(&self.shared.metrics).clone()
+        let mut m = lock(&self.shared.metrics).clone();
+        let f = &self.shared.finishes;
+        m.finished_stop = f.stop.load(Ordering::Relaxed);
+        m.finished_length = f.length.load(Ordering::Relaxed);
+        m.finished_abort = f.abort.load(Ordering::Relaxed);
+        m
     }
 
     /// Check the KV cache's books (no leaked block or page, see `KvCache::audit`) between two
@@ -511,8 +540,8 @@ impl Engine {
 
     /// Whether the engine thread is still running.
     pub fn is_alive(&self) -> bool {
-        lock(&self.thread)
-            .as_ref()
+        lock(&self.threads)
+            .first()
             .is_some_and(|t| !t.is_finished())
     }
 
@@ -521,7 +550,9 @@ impl Engine {
     pub fn shutdown(&self, abort: bool) {
         self.shared.accepting.store(false, Ordering::Release);
         let _ = self.tx.send(Command::Shutdown { abort });
-        if let Some(thread) = lock(&self.thread).take() {
+        // The engine thread first: once it is gone the detokenizer drains and ends, every
+        // final event sent.
+        for thread in std::mem::take(&mut *lock(&self.threads)) {
             let _ = thread.join();
         }
     }

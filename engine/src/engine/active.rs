@@ -1,33 +1,22 @@
-//! A request while the engine thread serves it ([`Active`]): its sampler, its streaming
-//! detokenizer, its stop strings and the output text held back because it could still become the
-//! start of one (vLLM's detokenizer holds text back the same way), and its timestamps. Invariants:
-//! the text sent is a prefix of the text kept; the text kept never contains a stop string; bytes are
-//! sent only at UTF-8 boundaries.
+//! A request while the engine thread serves it ([`Active`]): its sampler, the stop conditions
+//! the engine checks on token ids (end-of-sequence, stop token ids; stop strings are the
+//! detokenizer's, see [`super::detokenize`]), its counts and timestamps, and its span.
+//! Invariant: `generated` is the number of tokens sent to the detokenizer, `token_times` holds
+//! one entry per token, and `Finished` reports exactly these.
 
 use std::time::Instant;
 
-use super::{EventSender, Finished, StopConditions, Timings, Usage};
+use super::{Finished, StopConditions, Timings, Usage};
 use crate::engine::FinishReason;
 use crate::sampler::Sampler;
-use crate::tokenizer::StreamDecoder;
 
 /// A request inside the loop.
-pub(super) struct Active<'m> {
-    pub(super) events: EventSender,
+pub(super) struct Active {
     pub(super) sampler: Sampler,
-    /// `None` once flushed at the end.
-    pub(super) stream: Option<StreamDecoder<'m>>,
+    /// End-of-sequence handling and stop token ids (its stop strings went to the detokenizer).
     pub(super) stop: StopConditions,
-    /// Bytes of the longest stop string minus one: output text that must wait for more.
-    pub(super) hold: usize,
     pub(super) prompt_len: usize,
     pub(super) generated: usize,
-    /// The output text so far (cut at a stop string once found).
-    pub(super) text: String,
-    /// Bytes of `text` already sent.
-    pub(super) sent: usize,
-    /// Token ids not sent yet (the last one, when it ends the request).
-    pub(super) unsent_ids: Vec<u32>,
     pub(super) arrival: Instant,
     pub(super) first_scheduled: Option<Instant>,
     pub(super) token_times: Vec<f64>,
@@ -36,7 +25,7 @@ pub(super) struct Active<'m> {
     pub(super) span: tracing::Span,
 }
 
-impl Active<'_> {
+impl Active {
     pub(super) fn finished(&self, reason: FinishReason) -> Finished {
         let token_times = self.token_times.clone();
         Finished {
@@ -55,47 +44,5 @@ impl Active<'_> {
             },
             preemptions: self.preemptions,
         }
-    }
-
-    /// Add decoded text; returns true if a stop string now appears (the text is cut before it).
-    pub(super) fn push_text(&mut self, piece: &str) -> bool {
-        if piece.is_empty() {
-            return false;
-        }
-        // A stop string ending in the new piece starts at most `hold` bytes before it.
-        let mut from = self.text.len().saturating_sub(self.hold);
-        while !self.text.is_char_boundary(from) {
-            from -= 1;
-        }
-        self.text.push_str(piece);
-        let hit = self
-            .stop
-            .stop
-            .iter()
-            .filter_map(|s| self.text[from..].find(s.as_str()))
-            .min();
-        if let Some(at) = hit {
-            self.text.truncate(from + at);
-            return true;
-        }
-        false
-    }
-
-    /// The text that can be sent now: all of it at the end, else all but the held-back tail.
-    pub(super) fn take_sendable(&mut self, all: bool) -> String {
-        let mut end = if all {
-            self.text.len()
-        } else {
-            self.text.len().saturating_sub(self.hold)
-        };
-        while !self.text.is_char_boundary(end) {
-            end -= 1;
-        }
-        if end <= self.sent {
-            return String::new();
-        }
-        let out = self.text[self.sent..end].to_string();
-        self.sent = end;
-        out
     }
 }

@@ -13,7 +13,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::{
     lock, warm_plan, Active, Command, EngineConfig, EngineError, EngineEvent, EngineMetrics,
-    EventKind, EventSender, GenerationRequest, MapMetrics, RequestId, Shared,
+    EventKind, EventSender, GenerationRequest, MapMetrics, Output, RequestId, Shared,
 };
 use crate::device::{Backend, Next};
 use crate::engine::FinishReason;
@@ -24,12 +24,13 @@ use crate::scheduler::{Scheduler, SchedulerConfig, SeqRequest, Step};
 
 /// The loop's state, owned by the engine thread.
 pub(super) struct EngineLoop<'m> {
-    model: &'m LoadedModel,
     backend: Box<dyn Backend>,
     config: &'m EngineConfig,
     shared: &'m Shared,
     scheduler: Scheduler,
-    active: HashMap<RequestId, Active<'m>>,
+    active: HashMap<RequestId, Active>,
+    /// To the detokenizer thread, which turns tokens into the clients' events.
+    output: Sender<Output>,
     eos: Vec<u32>,
     metrics: EngineMetrics,
     /// Commands received during a step that wait for its end (see `admit_while_computing`).
@@ -38,14 +39,14 @@ pub(super) struct EngineLoop<'m> {
 
 impl<'m> EngineLoop<'m> {
     pub(super) fn new(
-        model: &'m LoadedModel,
+        model: &LoadedModel,
         backend: Box<dyn Backend>,
         config: &'m EngineConfig,
         shared: &'m Shared,
+        output: Sender<Output>,
     ) -> Self {
         let metrics = lock(&shared.metrics).clone();
         EngineLoop {
-            model,
             backend,
             config,
             shared,
@@ -54,6 +55,7 @@ impl<'m> EngineLoop<'m> {
                 max_num_batched_tokens: config.max_num_batched_tokens,
             }),
             active: HashMap::new(),
+            output,
             eos: model.tokenizer.stop_token_ids().to_vec(),
             metrics,
             deferred: Vec::new(),
@@ -78,7 +80,7 @@ impl<'m> EngineLoop<'m> {
                     Command::Audit(reply) => {
                         let _ = reply.send(Err(EngineError::Start(e.to_string())));
                     }
-                    Command::Abort(_) => {}
+                    Command::Abort(_) | Command::StopString(_) => {}
                     Command::Shutdown { .. } => break,
                 }
             }
@@ -155,6 +157,13 @@ impl<'m> EngineLoop<'m> {
                     self.end(id, FinishReason::Abort);
                 }
             }
+            // The detokenizer found a stop string (it tells the client `stop` whatever the
+            // reason here, which only the engine's logs see).
+            Command::StopString(id) => {
+                if self.active.contains_key(&id) {
+                    self.end(id, FinishReason::Stop);
+                }
+            }
             Command::Audit(reply) => {
                 let kv = self.backend.kv();
                 let audit = kv.audit().map_err(|e| EngineError::KvAudit(e.to_string()));
@@ -176,7 +185,7 @@ impl<'m> EngineLoop<'m> {
     fn add(
         &mut self,
         id: RequestId,
-        request: GenerationRequest,
+        mut request: GenerationRequest,
         events: EventSender,
         arrival: Instant,
         span: tracing::Span,
@@ -196,26 +205,20 @@ impl<'m> EngineLoop<'m> {
             });
             return;
         }
-        let hold = request
-            .stop
-            .stop
-            .iter()
-            .map(|s| s.len().saturating_sub(1))
-            .max()
-            .unwrap_or(0);
+        // Text and stop strings are the detokenizer's; token-level stops stay here.
+        let _ = self.output.send(Output::Start {
+            id,
+            events,
+            stop: std::mem::take(&mut request.stop.stop),
+            span: span.clone(),
+        });
         self.active.insert(
             id,
             Active {
-                events,
                 sampler: Sampler::new(request.sampling),
-                stream: Some(self.model.tokenizer.stream()),
                 stop: request.stop,
-                hold,
                 prompt_len,
                 generated: 0,
-                text: String::new(),
-                sent: 0,
-                unsent_ids: Vec::new(),
                 arrival,
                 first_scheduled: None,
                 token_times: Vec::new(),
@@ -225,34 +228,15 @@ impl<'m> EngineLoop<'m> {
         );
     }
 
-    /// Remove a request, free its KV, send what text is left and its final event.
+    /// Remove a request, free its KV, and send its final event (through the detokenizer, which
+    /// sends the client what text is left first).
     pub(super) fn end(&mut self, id: RequestId, reason: FinishReason) {
-        let Some(mut a) = self.active.remove(&id) else {
+        let Some(a) = self.active.remove(&id) else {
             return;
         };
         // The scheduler frees the KV memory (it errs only on a sequence the cache never had).
         let _ = self.scheduler.finish(id, self.backend.kv_mut());
         self.prepare_admissions();
-        if reason != FinishReason::Abort {
-            if let Some(stream) = a.stream.take() {
-                if let Ok(rest) = stream.finish() {
-                    a.push_text(&rest);
-                }
-            }
-            let text = a.take_sendable(true);
-            let token_ids = std::mem::take(&mut a.unsent_ids);
-            if !text.is_empty() || !token_ids.is_empty() {
-                let _ = a.events.send(EngineEvent {
-                    id,
-                    kind: EventKind::Delta { token_ids, text },
-                });
-            }
-        }
-        match reason {
-            FinishReason::Stop => self.metrics.finished_stop += 1,
-            FinishReason::Length => self.metrics.finished_length += 1,
-            FinishReason::Abort => self.metrics.finished_abort += 1,
-        }
         // Whoever sees the final event sees the memory already free.
         self.publish();
         let finished = a.finished(reason);
@@ -266,10 +250,7 @@ impl<'m> EngineLoop<'m> {
             e2e_ms = as_ms(finished.timings.e2e),
             "finished"
         );
-        let _ = a.events.send(EngineEvent {
-            id,
-            kind: EventKind::Finished(finished),
-        });
+        let _ = self.output.send(Output::Finished { id, finished });
     }
 
     /// Fail every request of a step (the forward pass or the scheduler broke).
@@ -280,10 +261,8 @@ impl<'m> EngineLoop<'m> {
                 self.prepare_admissions();
                 self.metrics.failed += 1;
                 tracing::warn!(parent: &a.span, error = why, "failed");
-                let _ = a.events.send(EngineEvent {
-                    id,
-                    kind: EventKind::Failed(why.to_string()),
-                });
+                let why = why.to_string();
+                let _ = self.output.send(Output::Failed { id, why });
             }
         }
     }
@@ -458,7 +437,7 @@ impl<'m> EngineLoop<'m> {
         }
     }
 
-    /// Deliver one sampled token: stop checks, text, events.
+    /// Deliver one sampled token: token-level stop checks, then to the detokenizer.
     fn emit(&mut self, id: RequestId, token: u32, at_length: bool, now: Instant) {
         let Some(a) = self.active.get_mut(&id) else {
             return;
@@ -467,41 +446,21 @@ impl<'m> EngineLoop<'m> {
         a.token_times.push((now - a.arrival).as_secs_f64());
         let stop_token = (!a.stop.ignore_eos && self.eos.contains(&token))
             || a.stop.stop_token_ids.contains(&token);
-        let mut stopped = stop_token;
-        if !stop_token {
-            let piece = match a.stream.as_mut().map(|s| s.push(token)) {
-                Some(Ok(piece)) => piece,
-                Some(Err(e)) => {
-                    let why = format!("detokenizing token {token}: {e}");
-                    self.fail(&[id], &why);
-                    return;
-                }
-                None => String::new(),
-            };
-            stopped = a.push_text(&piece);
-        }
-        if stopped || at_length {
-            // `end` sends the token with the rest of the text.
-            a.unsent_ids.push(token);
-            let reason = if stopped {
+        let last = stop_token || at_length;
+        let text = !stop_token;
+        let _ = self.output.send(Output::Token {
+            id,
+            token,
+            text,
+            last,
+        });
+        if last {
+            let reason = if stop_token {
                 FinishReason::Stop
             } else {
                 FinishReason::Length
             };
             self.end(id, reason);
-            return;
-        }
-        let text = a.take_sendable(false);
-        let delta = EngineEvent {
-            id,
-            kind: EventKind::Delta {
-                token_ids: vec![token],
-                text,
-            },
-        };
-        if a.events.send(delta).is_err() {
-            // The receiver is gone: the client disconnected.
-            self.end(id, FinishReason::Abort);
         }
     }
 
