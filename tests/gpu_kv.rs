@@ -8,6 +8,8 @@
 //!
 //! Skips without a GPU; fails without one when `VKV_REQUIRE_GPU=1`.
 
+#![cfg(feature = "cuda")]
+
 mod common;
 
 use common::gpu;

@@ -131,6 +131,7 @@ impl<S: BlockStorage> PagedKv<S> {
         self.tables.get(&seq)
     }
 
+    #[cfg(feature = "cuda")]
     pub(super) fn storage(&self) -> &S {
         &self.storage
     }
