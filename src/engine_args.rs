@@ -2,19 +2,21 @@
 //! fetched on first use), its KV cache (`--kv-mode`, `--vmm-layout`, `--page-size`,
 //! `--block-size`, `--kv-memory`, `--kv-cache-dtype`), the device (`--device auto|cpu|cuda`,
 //! `--gpu-memory-utilization`) and the engine's limits (`--max-num-seqs`,
-//! `--max-num-batched-tokens`, `--max-model-len`, `--batch-invariant`).
+//! `--max-num-batched-tokens`, `--max-model-len`, `--batch-invariant`). `vkv bench offline` and
+//! `vkv bench generate` (in `vkv-bench`) take them through its `EngineOptions` and `KvOptions`
+//! traits, implemented at the end of this file.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args as ClapArgs, ValueEnum};
+use vkv_bench::cmd::{EngineOptions, KvOptions};
+use vkv_bench::units::parse_bytes;
 use vkv_engine::device::Device;
 use vkv_engine::engine::EngineConfig;
 use vkv_engine::fetch;
 use vkv_engine::kv::{KvCacheDtype, KvMode};
 use vkv_vmm::KvLayout;
-
-use crate::units::parse_bytes;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum KvModeArg {
@@ -197,5 +199,41 @@ impl EngineArgs {
             enforce_eager: self.enforce_eager,
             ..EngineConfig::default()
         }
+    }
+}
+
+impl EngineOptions for EngineArgs {
+    fn model_path(&self, model: Option<PathBuf>) -> Result<PathBuf> {
+        model_path(model)
+    }
+
+    fn kv_modes(&self) -> Vec<KvMode> {
+        self.kv.modes()
+    }
+
+    fn device(&self) -> Result<Device> {
+        EngineArgs::device(self)
+    }
+
+    fn config(&self, kv_mode: KvMode, device: Device) -> EngineConfig {
+        EngineArgs::config(self, kv_mode, device)
+    }
+}
+
+impl KvOptions for KvArgs {
+    fn model_path(&self, model: Option<PathBuf>) -> Result<PathBuf> {
+        model_path(model)
+    }
+
+    fn kv_mode(&self) -> Result<KvMode> {
+        self.mode()
+    }
+
+    fn kv_cache_dtype(&self) -> KvCacheDtype {
+        KvArgs::kv_cache_dtype(self)
+    }
+
+    fn host_kv_memory(&self) -> usize {
+        KvArgs::host_kv_memory(self)
     }
 }

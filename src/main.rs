@@ -1,20 +1,27 @@
 //! `vkv`: the command line. Parsing (clap) and dispatch to the crates only; what a command does
-//! lives in the crate that owns it (see docs/architecture.md).
+//! lives in the crate that owns it (see docs/architecture.md):
+//!
+//! - `vkv serve` → `src/serve.rs` (model, engine, bind, signals) → `vkv-server`;
+//! - `vkv generate` → `src/generate.rs` → `vkv_engine::generate`;
+//! - `vkv bench kernels|model|vmm|generate|offline|serve` and `vkv frag` → `vkv_bench::cmd`, which
+//!   owns their flags, measurements and reports;
+//! - `vkv devices` here.
+//!
+//! The model-running options `serve`, `generate`, `bench offline` and `bench generate` share
+//! (`--model` resolution, KV cache, device, engine limits) are `src/engine_args.rs`'s; the two bench
+//! commands take them through `vkv_bench::cmd::{EngineOptions, KvOptions}`.
 
-mod bench_generate;
-mod bench_kernels;
-mod bench_model;
-mod bench_offline;
-mod bench_serve;
-mod bench_vmm;
 mod engine_args;
-mod frag;
 mod generate;
 mod serve;
-mod units;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use vkv_bench::cmd::{
+    frag, generate as bench_generate, kernels, model, offline, serve as bench_serve, vmm,
+};
+
+use crate::engine_args::{EngineArgs, KvArgs};
 
 #[derive(Parser)]
 #[command(
@@ -50,21 +57,21 @@ enum Command {
 enum Bench {
     /// Costs of the virtual-memory KV machinery: per-page driver calls, KvSpace operations per
     /// layout and page size, and whether the Mapper keeps ahead of a decode loop.
-    Vmm(bench_vmm::Args),
+    Vmm(vmm::Args),
     /// CPU prefill and decode throughput of a model: one sequence, and a batch decoding together.
-    Generate(bench_generate::Args),
+    Generate(bench_generate::Args<KvArgs>),
     /// Serving throughput and latency of a workload submitted to the engine in process (all at
     /// once or at a request rate), in one KV mode or both, interleaved, with their ratio.
-    Offline(bench_offline::Args),
+    Offline(offline::Args<EngineArgs>),
     /// Load a running OpenAI-compatible server (vLLM's `bench serve`): Gamma arrivals, streamed
     /// responses, TTFT / TPOT / ITL / E2E latency, throughput and goodput.
     Serve(bench_serve::Args),
     /// CUDA decode attention in every KV addressing mode (vmm strided, plain strided, paged) over a
     /// grid of batch × context × heads × head dim, against the device's copy bandwidth.
-    Kernels(bench_kernels::Args),
+    Kernels(kernels::Args),
     /// The bf16 CUDA forward pass of a model preset (random weights): prefill tokens/s and the
     /// decode step time in both KV modes, against the weight + KV bytes / copy bandwidth roofline.
-    Model(bench_model::Args),
+    Model(model::Args),
 }
 
 fn main() {
@@ -95,12 +102,12 @@ fn init_logs(serving: bool) {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Bench { which } => match which {
-            Bench::Vmm(args) => bench_vmm::run(args),
+            Bench::Vmm(args) => vmm::run(args),
             Bench::Generate(args) => bench_generate::run(args),
-            Bench::Offline(args) => bench_offline::run(args),
+            Bench::Offline(args) => offline::run(args),
             Bench::Serve(args) => bench_serve::run(args),
-            Bench::Kernels(args) => bench_kernels::run(args),
-            Bench::Model(args) => bench_model::run(args),
+            Bench::Kernels(args) => kernels::run(args),
+            Bench::Model(args) => model::run(args),
         },
         Command::Frag(args) => frag::run(args),
         Command::Generate(args) => generate::run(args),

@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
+use vkv_bench::units::parse_bytes;
 use vkv_engine::engine::Engine;
 use vkv_engine::model::load_model;
 use vkv_server::ServerConfig;
 
 use crate::engine_args::{model_path, EngineArgs};
-use crate::units::parse_bytes;
 
 #[derive(Debug, ClapArgs)]
 pub struct Args {

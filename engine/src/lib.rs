@@ -5,16 +5,14 @@
 //! that owns them and is reached over channels, and single-prompt [`generate`]. The model itself
 //! (weights, tokenizer, forward passes) is the `vkv-model` crate and KV memory the `vkv-kv`
 //! crate; both are re-exported here under the names the engine's code uses. Everything above
-//! this crate is the same code in both KV modes.
+//! this crate is the same code in both KV modes. What measures the engine rather than serving
+//! with it (workloads, the offline benchmark, the fragmentation study) is the `vkv-bench` crate's.
 
 pub mod device;
 pub mod engine;
-pub mod frag;
 pub mod generate;
-pub mod offline;
 pub mod sampler;
 pub mod scheduler;
-pub mod workload;
 
 pub use vkv_kernels::{KvAddressing, RuntimeSwitches};
 /// KV memory (its own crate, `vkv-kv`), here under the name the engine's code uses.

@@ -1,4 +1,5 @@
-//! vkv-server: the HTTP face of vkv, and the load generator that measures it.
+//! vkv-server: the HTTP face of vkv. (The load generator that measures it, `vkv bench serve`, is
+//! the `vkv-bench` crate's.)
 //!
 //! - [`serve`]: hyper 1.x (HTTP/1.1) on tokio, one task per connection, answering the
 //!   OpenAI-compatible API ([`api`]: completions and chat completions, whole or streamed as SSE
@@ -11,11 +12,8 @@
 //! - Shutdown (SIGINT / SIGTERM through [`shutdown_signal`], or any future): stop accepting,
 //!   let requests in flight finish for up to `shutdown_timeout` (a second signal cuts it short),
 //!   abort the rest, close the connections, return.
-//! - [`bench`]: `vkv bench serve`, vLLM's `bench serve` method against any OpenAI-compatible
-//!   server.
 
 pub mod api;
-pub mod bench;
 pub mod error;
 pub mod metrics;
 pub mod openai;

@@ -26,7 +26,6 @@
 //! once every slot is released and reclaimed the pool holds every page it created.
 
 mod accounting;
-pub mod bench;
 pub mod conformance;
 #[cfg(feature = "cuda")]
 mod cuda;

@@ -1,4 +1,7 @@
-//! Byte sizes on the command line: `2MiB`, `64KiB`, `40GiB`, `4096`, `1.5GB`.
+//! Byte sizes on the command line: `2MiB`, `64KiB`, `40GiB`, `4096`, `1.5GB` — parsed for the
+//! flags of `vkv bench vmm` and `vkv frag` and for the CLI's engine options (`--page-size`,
+//! `--kv-memory`), and printed in their reports. Binary units (KiB…TiB, and K/M/G/T alone) are
+//! powers of 1024, decimal ones (KB…TB) of 1000; a size must come out a whole number of bytes.
 
 /// Why a byte size does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

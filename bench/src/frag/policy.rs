@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use vkv_vmm::{AccountingVmm, KvLayout, KvSpace, KvSpaceConfig, SlotId, VmmError};
 
-use crate::kv::{BlockAllocator, BlockTable, ContiguousArena, KvError};
-use crate::presets::KvShape;
+use vkv_engine::kv::{BlockAllocator, BlockTable, ContiguousArena, KvError};
+use vkv_engine::presets::KvShape;
 
 /// How much a reservation policy sets aside for a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

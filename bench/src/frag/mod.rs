@@ -26,9 +26,9 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Exp};
 use serde::Serialize;
 
-use crate::presets::KvShape;
 use crate::workload::RequestShape;
 pub use policy::{Composition, Policy, PolicyError, PolicyParseError, Reservation};
+use vkv_engine::presets::KvShape;
 
 /// How requests arrive.
 #[derive(Debug, Clone, Copy, PartialEq)]

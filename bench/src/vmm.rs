@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::{
+use vkv_vmm::{
     KvLayout, KvSpace, KvSpaceConfig, Mapper, MapperOptions, PhysicalMemory, Result, SlotId,
 };
 
@@ -191,7 +191,7 @@ pub fn run(
         .iter()
         .find(|&&p| p == 0 || p % granularity != 0)
     {
-        return Err(crate::VmmError::PageSizeNotAligned {
+        return Err(vkv_vmm::VmmError::PageSizeNotAligned {
             backend: backend.name(),
             page_size: bad,
             granularity,
@@ -427,7 +427,7 @@ fn mapper(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::HostVmm;
+    use vkv_vmm::HostVmm;
 
     #[test]
     fn a_small_run_measures_every_part_on_the_host() {

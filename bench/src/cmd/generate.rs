@@ -1,18 +1,19 @@
 //! `vkv bench generate`: CPU prefill and decode throughput of a model, one sequence and a batch
-//! decoding together, around [`vkv_engine::generate::measure_throughput`]. Its peer for the same
+//! decoding together, around [`crate::generate::measure_throughput`]. Its peer for the same
 //! measurements with llama.cpp is `benches/peers/llamacpp_cpu.py`.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
-use vkv_engine::generate::measure_throughput;
 use vkv_engine::model::load_model;
 
-use crate::engine_args::{model_path, KvArgs};
+use super::KvOptions;
+use crate::generate::measure_throughput;
+use crate::report::emit;
 
 #[derive(Debug, ClapArgs)]
-pub struct Args {
+pub struct Args<K: KvOptions> {
     /// A GGUF file, an HF directory or preset:NAME with random weights (llama-3-8b, llama-2-7b,
     /// mistral-7b, yi-6b, smollm2-135m; the CPU takes up to 2 B parameters). Default:
     /// SmolLM2-135M-Instruct.
@@ -26,26 +27,24 @@ pub struct Args {
     #[arg(long, default_value_t = 8)]
     batch: usize,
     #[command(flatten)]
-    kv: KvArgs,
+    kv: K,
     #[arg(long)]
     json: bool,
 }
 
-pub fn run(args: Args) -> Result<()> {
-    let path = model_path(args.model)?;
+pub fn run<K: KvOptions>(args: Args<K>) -> Result<()> {
+    let path = args.kv.model_path(args.model)?;
     let m = load_model(&path).context("loading the model")?;
     let t = measure_throughput(
         &m,
-        args.kv.mode()?,
+        args.kv.kv_mode()?,
         args.kv.kv_cache_dtype().cpu(),
         args.kv.host_kv_memory(),
         args.prompt_tokens,
         args.decode_tokens,
         args.batch,
     )?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&t)?);
-    } else {
+    emit(&t, args.json, |t| {
         println!(
             "{} on the CPU ({} threads), KV {} {}",
             m.name, t.threads, t.kv, t.kv_dtype
@@ -62,6 +61,6 @@ pub fn run(args: Args) -> Result<()> {
             "decode, {} sequences together: {:>8.1} tokens/s",
             t.batch, t.batch_decode_tokens_per_s
         );
-    }
+    })?;
     Ok(())
 }

@@ -114,80 +114,80 @@ pub fn run(args: Args) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
         let report = gpu::measure(&args)?;
-        if args.json {
-            println!("{}", serde_json::to_string_pretty(&report)?);
-        } else {
-            println!(
-                "{} — {} bf16, random weights; copy bandwidth {:.2} TB/s (read + write)",
-                report.device, report.preset, report.copy_tb_per_s
-            );
-            println!(
-                "{:>6} {:>6} {:>8} {:>14} {:>10} {:>10} {:>10} {:>12} {:>7} {:>9} {:>9} {:>10}",
-                "kv",
-                "batch",
-                "context",
-                "prefill tok/s",
-                "step ms",
-                "min ms",
-                "eager ms",
-                "roofline ms",
-                "ratio",
-                "gemm ms",
-                "cublas ms",
-                "w floor ms"
-            );
-            for r in &report.rows {
-                println!(
-                    "{:>6} {:>6} {:>8} {:>14.0} {:>10.3} {:>10.3} {:>10.3} {:>12.3} {:>7.2} {:>9.3} {:>9.3} {:>10.3}",
-                    r.kv_mode,
-                    r.batch,
-                    r.context,
-                    r.prefill_tokens_per_s,
-                    r.decode_step_ms,
-                    r.decode_step_ms_min,
-                    r.decode_step_eager_ms,
-                    r.roofline_ms,
-                    r.ratio,
-                    r.gemm_ms,
-                    r.gemm_blas_ms,
-                    r.weights_floor_ms
-                );
-            }
-            println!(
-                "\nprefill: {:>6} {:>6} {:>8} {:>12} {:>12} {:>9} {:>9} {:>14} {:>14} {:>9}",
-                "kv",
-                "batch",
-                "context",
-                "tok/s",
-                "first tok/s",
-                "gemm ms",
-                "attn ms",
-                "gemm ceil t/s",
-                "g+attn ceil",
-                "/ gemm"
-            );
-            for r in &report.rows {
-                println!(
-                    "         {:>6} {:>6} {:>8} {:>12.0} {:>12.0} {:>9.2} {:>9.2} {:>14.0} {:>14.0} {:>9.2}",
-                    r.kv_mode,
-                    r.batch,
-                    r.context,
-                    r.prefill_tokens_per_s,
-                    r.prefill_first_tokens_per_s,
-                    r.prefill_gemm_ms,
-                    r.prefill_attention_ms,
-                    r.gemm_ceiling_tokens_per_s,
-                    r.gemm_attention_ceiling_tokens_per_s,
-                    r.prefill_over_gemm_ceiling
-                );
-            }
-        }
+        crate::report::emit(&report, args.json, print_table)?;
         Ok(())
     }
     #[cfg(not(feature = "cuda"))]
     {
         let _ = args;
         anyhow::bail!("this vkv was built without the cuda feature")
+    }
+}
+
+fn print_table(report: &Report) {
+    println!(
+        "{} — {} bf16, random weights; copy bandwidth {:.2} TB/s (read + write)",
+        report.device, report.preset, report.copy_tb_per_s
+    );
+    println!(
+        "{:>6} {:>6} {:>8} {:>14} {:>10} {:>10} {:>10} {:>12} {:>7} {:>9} {:>9} {:>10}",
+        "kv",
+        "batch",
+        "context",
+        "prefill tok/s",
+        "step ms",
+        "min ms",
+        "eager ms",
+        "roofline ms",
+        "ratio",
+        "gemm ms",
+        "cublas ms",
+        "w floor ms"
+    );
+    for r in &report.rows {
+        println!(
+            "{:>6} {:>6} {:>8} {:>14.0} {:>10.3} {:>10.3} {:>10.3} {:>12.3} {:>7.2} {:>9.3} {:>9.3} {:>10.3}",
+            r.kv_mode,
+            r.batch,
+            r.context,
+            r.prefill_tokens_per_s,
+            r.decode_step_ms,
+            r.decode_step_ms_min,
+            r.decode_step_eager_ms,
+            r.roofline_ms,
+            r.ratio,
+            r.gemm_ms,
+            r.gemm_blas_ms,
+            r.weights_floor_ms
+        );
+    }
+    println!(
+        "\nprefill: {:>6} {:>6} {:>8} {:>12} {:>12} {:>9} {:>9} {:>14} {:>14} {:>9}",
+        "kv",
+        "batch",
+        "context",
+        "tok/s",
+        "first tok/s",
+        "gemm ms",
+        "attn ms",
+        "gemm ceil t/s",
+        "g+attn ceil",
+        "/ gemm"
+    );
+    for r in &report.rows {
+        println!(
+            "         {:>6} {:>6} {:>8} {:>12.0} {:>12.0} {:>9.2} {:>9.2} {:>14.0} {:>14.0} {:>9.2}",
+            r.kv_mode,
+            r.batch,
+            r.context,
+            r.prefill_tokens_per_s,
+            r.prefill_first_tokens_per_s,
+            r.prefill_gemm_ms,
+            r.prefill_attention_ms,
+            r.gemm_ceiling_tokens_per_s,
+            r.gemm_attention_ceiling_tokens_per_s,
+            r.prefill_over_gemm_ceiling
+        );
     }
 }
 

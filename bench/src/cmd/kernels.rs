@@ -128,11 +128,7 @@ pub fn run(args: Args) -> Result<()> {
     #[cfg(feature = "cuda")]
     {
         let report = gpu::measure(&args)?;
-        if args.json {
-            println!("{}", serde_json::to_string_pretty(&report)?);
-        } else {
-            print_table(&report);
-        }
+        crate::report::emit(&report, args.json, print_table)?;
         Ok(())
     }
     #[cfg(not(feature = "cuda"))]

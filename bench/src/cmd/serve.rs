@@ -1,14 +1,16 @@
 //! `vkv bench serve`: vLLM's `bench serve` against a running OpenAI-compatible server (`vkv serve`
 //! or another): Gamma arrivals, streamed completions, TTFT / TPOT / ITL / E2E, throughput and
-//! goodput. The measurement is [`vkv_server::bench`]'s; this file parses, shows progress, and
-//! prints.
+//! goodput. The measurement is [`crate::serve`]'s; this file builds its configuration, shows
+//! progress, and prints.
 
 use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
 use indicatif::{ProgressBar, ProgressStyle};
-use vkv_engine::offline::Summary;
-use vkv_engine::workload::Workload;
-use vkv_server::bench::{BenchConfig, ServeReport, Slo};
+
+use crate::offline::Summary;
+use crate::report::emit;
+use crate::serve::{BenchConfig, ServeReport, Slo};
+use crate::workload::Workload;
 
 #[derive(Debug, ClapArgs)]
 pub struct Args {
@@ -77,7 +79,7 @@ pub fn run(args: Args) -> Result<()> {
     );
     bar.set_message(args.url.clone());
     let report = runtime
-        .block_on(vkv_server::bench::run(&config, &mut |done| {
+        .block_on(crate::serve::run(&config, &mut |done| {
             bar.set_position(done as u64)
         }))
         .with_context(|| format!("benchmarking {}", args.url))?;
@@ -90,11 +92,7 @@ pub fn run(args: Args) -> Result<()> {
             report.first_error.as_deref().unwrap_or("?")
         );
     }
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print_report(&report);
-    }
+    emit(&report, args.json, print_report)?;
     Ok(())
 }
 

@@ -1,16 +1,20 @@
-//! `vkv frag`: arguments, and the table, JSON and SVG plots around
-//! [`vkv_engine::frag`], which runs the study.
+//! `vkv frag`: arguments (the model's KV shape from a preset or an HF `config.json`, the workload,
+//! the policies), and the table, JSON and SVG plots around [`crate::frag`], which runs the study.
+//! The plots are drawn with plotters: `composition.svg` (where the KV memory is under load, per
+//! policy: the content of Fig. 2 of the vLLM paper) and `batch.svg` (peak concurrent requests
+//! against the allocation unit, as in vAttention's batch-size study).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
 use plotters::prelude::*;
-use vkv_engine::frag::{self, Arrival, FragConfig, FragReport, Policy};
 use vkv_engine::presets::{self, KvShape};
-use vkv_engine::workload::Workload;
 
+use crate::frag::{self, Arrival, FragConfig, FragReport, Policy};
+use crate::report::emit;
 use crate::units::{format_bytes, parse_bytes};
+use crate::workload::Workload;
 
 #[derive(Debug, ClapArgs)]
 pub struct Args {
@@ -116,15 +120,13 @@ pub fn run(args: Args) -> Result<()> {
     let report = frag::run(&config, &policies)?;
     let mut value = serde_json::to_value(&report)?;
     value["workload"] = workload.name().into();
-    let json = serde_json::to_string_pretty(&value)?;
     if let Some(path) = &args.json_out {
+        let json = serde_json::to_string_pretty(&value)?;
         std::fs::write(path, &json).with_context(|| format!("writing {}", path.display()))?;
     }
-    if args.json {
-        println!("{json}");
-    } else {
-        print_table(&report, &workload.name());
-    }
+    emit(&value, args.json, |_| {
+        print_table(&report, &workload.name())
+    })?;
     if let Some(dir) = &args.plot_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let title = format!(

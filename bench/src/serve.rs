@@ -1,7 +1,7 @@
 //! `vkv bench serve`: load an OpenAI-compatible server the way vLLM's `bench serve` does and
 //! measure what a client sees.
 //!
-//! - Requests: the workload's lengths (`vkv_engine::workload`), prompts of seeded random token ids
+//! - Requests: the workload's lengths ([`crate::workload`]), prompts of seeded random token ids
 //!   ([`random_requests`], vLLM's "random" dataset) sent to `/v1/completions` as token-id arrays,
 //!   `max_tokens` = the sampled output length and `ignore_eos`, so every request generates exactly
 //!   its length whatever the model says. Greedy, streamed, with `stream_options.include_usage`.
@@ -22,6 +22,8 @@
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+use crate::offline::{random_requests, Summary};
+use crate::workload::Workload;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
@@ -33,8 +35,6 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Gamma};
 use serde_json::{json, Value};
-use vkv_engine::offline::{random_requests, Summary};
-use vkv_engine::workload::Workload;
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
 

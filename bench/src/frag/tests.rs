@@ -236,7 +236,7 @@ fn poisson_arrivals_are_seeded_and_everything_finishes() {
 #[test]
 fn token_major_two_mib_pages_match_paged_16_for_an_8b_model() {
     // Llama-3-8B at 2 MiB token-major pages: 16 tokens per page, the same granule as paged-16.
-    let shape = crate::presets::kv_shape("llama-3-8b").unwrap();
+    let shape = vkv_engine::presets::kv_shape("llama-3-8b").unwrap();
     let requests = Workload::parse("sharegpt")
         .unwrap()
         .sample(150, 7, Some(4096));

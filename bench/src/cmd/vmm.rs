@@ -1,14 +1,16 @@
-//! `vkv bench vmm`: argument parsing, backend choice and printing for
-//! [`vkv_vmm::bench`], which does the measuring.
+//! `vkv bench vmm`: argument parsing, backend choice (`--device auto|cpu|cuda`: `HostVmm` or
+//! `CudaVmm`, auto falling back to the CPU when no GPU answers) and printing for [`crate::vmm`],
+//! which does the measuring.
 
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args as ClapArgs, ValueEnum};
-use vkv_vmm::bench::{self, VmmBenchOptions, VmmBenchReport};
 use vkv_vmm::{HostVmm, KvLayout, PhysicalMemory};
 
+use crate::report::emit;
 use crate::units::{format_bytes, parse_bytes};
+use crate::vmm::{self, VmmBenchOptions, VmmBenchReport};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Device {
@@ -137,16 +139,12 @@ pub fn run(args: Args) -> Result<()> {
         &shape.name,
         format_bytes(shape.bytes_per_token())
     );
-    let mut report = bench::run(backend, device, &options, |what| {
+    let mut report = vmm::run(backend, device, &options, |what| {
         eprintln!("  running {what} ...")
     })
     .context("benchmark failed")?;
     report.model = format!("{} ({})", shape.name, report.model);
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print_tables(&report);
-    }
+    emit(&report, args.json, print_tables)?;
     Ok(())
 }
 
@@ -165,7 +163,7 @@ fn print_tables(r: &VmmBenchReport) {
         "page", "create", "map", "set-access", "unmap", "release", "map+acc/s"
     );
     for p in &r.primitives {
-        let l = |x: &bench::Latency| format!("{:.1} / {:.1}", x.median_us, x.p99_us);
+        let l = |x: &vmm::Latency| format!("{:.1} / {:.1}", x.median_us, x.p99_us);
         println!(
             "{:>8} {:>15} {:>15} {:>15} {:>15} {:>15} {:>12.0}",
             format_bytes(p.page_size),

@@ -1,7 +1,7 @@
 //! `vkv bench offline`: a workload of request lengths served by the engine in process, in one KV
 //! mode or both (interleaved runs, so drift of a noisy machine hits both), with throughput,
 //! TTFT/TPOT/E2E, preemptions, map waits and KV use per mode and their ratio. The measurement is
-//! [`vkv_engine::offline`]'s; this file parses, repeats, and prints.
+//! [`crate::offline`]'s; this file checks the options, repeats, shows progress, and prints.
 
 use std::path::PathBuf;
 
@@ -10,14 +10,15 @@ use clap::Args as ClapArgs;
 use indicatif::{ProgressBar, ProgressStyle};
 use vkv_engine::engine::Engine;
 use vkv_engine::model::load_model;
-use vkv_engine::offline::{random_requests, run_offline, Arrivals, OfflineReport, Summary};
-use vkv_engine::workload::Workload;
 use vkv_kernels::cpu::HugePageUse;
 
-use crate::engine_args::{model_path, EngineArgs};
+use super::EngineOptions;
+use crate::offline::{random_requests, run_offline, Arrivals, OfflineReport, Summary};
+use crate::report::emit;
+use crate::workload::Workload;
 
 #[derive(Debug, ClapArgs)]
-pub struct Args {
+pub struct Args<E: EngineOptions> {
     /// A GGUF file, an HF directory or preset:NAME with random weights (llama-3-8b, llama-2-7b,
     /// mistral-7b, yi-6b, smollm2-135m; the CPU takes up to 2 B parameters, CUDA any). Default:
     /// SmolLM2-135M-Instruct.
@@ -38,13 +39,13 @@ pub struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[command(flatten)]
-    engine: EngineArgs,
+    engine: E,
     /// Print JSON (every run, the median run of each mode, and the ratios).
     #[arg(long)]
     json: bool,
 }
 
-pub fn run(args: Args) -> Result<()> {
+pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
     if args.num_prompts == 0 || args.repeats == 0 {
         bail!(
             "--num-prompts and --repeats must be at least 1 (found {} and {})",
@@ -60,8 +61,8 @@ pub fn run(args: Args) -> Result<()> {
         }
     };
     let workload = Workload::parse(&args.workload)?;
-    let path = model_path(args.model.clone())?;
-    let modes = args.engine.kv.modes();
+    let path = args.engine.model_path(args.model.clone())?;
+    let modes = args.engine.kv_modes();
     let device = args.engine.device()?;
     let mut device_name = String::new();
     let mut runs: Vec<OfflineReport> = Vec::new();
@@ -144,34 +145,32 @@ pub fn run(args: Args) -> Result<()> {
             "tpot_median": v.tpot_ms.median / p.tpot_ms.median,
         })
     });
-    if args.json {
-        let value = serde_json::json!({
-            "model": model_name,
-            "workload": workload.name(),
-            "num_prompts": args.num_prompts,
-            "request_rate": args.request_rate,
-            "threads": rayon_threads(),
-            "device": device_name,
-            "runs": runs,
-            "huge_pages": huge_pages,
-            "median": medians,
-            "ratio_vmm_over_paged": ratio,
-        });
-        println!("{}", serde_json::to_string_pretty(&value)?);
-        return Ok(());
-    }
-    println!(
-        "{model_name}, {} requests of {} (mean prompt {:.0}, output {:.0} tokens), {}, device {device_name}, CPU {} threads, {} run(s) per mode (median shown)",
-        args.num_prompts,
-        workload.name(),
-        shapes_info.0,
-        shapes_info.1,
-        args.request_rate
-            .map_or("all at once".to_string(), |r| format!("{r} requests/s")),
-        rayon_threads(),
-        args.repeats
-    );
-    print_table(&medians);
+    let value = serde_json::json!({
+        "model": model_name,
+        "workload": workload.name(),
+        "num_prompts": args.num_prompts,
+        "request_rate": args.request_rate,
+        "threads": rayon_threads(),
+        "device": device_name,
+        "runs": runs,
+        "huge_pages": huge_pages,
+        "median": medians,
+        "ratio_vmm_over_paged": ratio,
+    });
+    emit(&value, args.json, |_| {
+        println!(
+            "{model_name}, {} requests of {} (mean prompt {:.0}, output {:.0} tokens), {}, device {device_name}, CPU {} threads, {} run(s) per mode (median shown)",
+            args.num_prompts,
+            workload.name(),
+            shapes_info.0,
+            shapes_info.1,
+            args.request_rate
+                .map_or("all at once".to_string(), |r| format!("{r} requests/s")),
+            rayon_threads(),
+            args.repeats
+        );
+        print_table(&medians);
+    })?;
     Ok(())
 }
 

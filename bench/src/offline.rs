@@ -15,11 +15,11 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use rand_distr::{Distribution, Exp};
 
-use crate::engine::{
+use crate::workload::RequestShape;
+use vkv_engine::engine::{
     event_channel, Engine, EngineError, EventKind, GenerationRequest, StopConditions,
 };
-use crate::sampler::SamplingParams;
-use crate::workload::RequestShape;
+use vkv_engine::sampler::SamplingParams;
 
 /// Mean, median and 99th percentile of a set of samples (0 when empty).
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
