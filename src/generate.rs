@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::Args as ClapArgs;
 use vkv_engine::engine::FinishReason;
 use vkv_engine::generate::generate;
-use vkv_engine::kv::KvDims;
+use vkv_engine::kv::{KvBudget, KvDims};
 use vkv_engine::model::load_model;
 use vkv_engine::sampler::SamplingParams;
 use vkv_engine::tokenizer::ChatMessage;
@@ -64,9 +64,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut kv = args.kv.mode()?.build(
         dims,
         args.kv.kv_cache_dtype().cpu(),
-        1,
-        c.max_position_embeddings,
-        args.kv.host_kv_memory(),
+        KvBudget::new(1, c.max_position_embeddings, args.kv.host_kv_memory()),
     )?;
     eprintln!(
         "vkv: {} ({} layers, {} heads / {} KV heads), KV {} on the CPU, {} threads",

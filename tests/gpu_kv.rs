@@ -14,7 +14,7 @@ mod common;
 
 use common::gpu;
 use vkv_engine::kv::conformance::check_random_operations;
-use vkv_engine::kv::{GpuKv, KvManager, KvMode};
+use vkv_engine::kv::{GpuKv, KvBudget, KvManager, KvMode};
 use vkv_engine::model::cuda::CudaLlama;
 use vkv_engine::model::{reserve_batch, Llama, LlamaConfig, SeqChunk};
 use vkv_kernels::cpu::RopeStyle;
@@ -63,7 +63,7 @@ fn gpu_caches_keep_their_books_through_forks_aborts_and_preemption() {
             KvMode::Paged { .. } => 2 << 20,
             KvMode::Vmm { .. } => 12 << 20,
         };
-        let mut kv = GpuKv::build(&vmm, mode, dims, 8, 2048, bytes).unwrap();
+        let mut kv = GpuKv::build(&vmm, mode, dims, KvBudget::new(8, 2048, bytes)).unwrap();
         for seed in 0..3 {
             let report = check_random_operations(&mut kv, seed, 400, 2048)
                 .unwrap_or_else(|e| panic!("{mode:?} seed {seed}: {e}"));
@@ -110,7 +110,8 @@ fn forked_sequences_decode_as_their_source_and_leave_it_untouched() {
     for mode in MODES {
         // Seven sequences live at most (source, control, four forks, one twin); per-layer vmm
         // gives each a page in each of its 6 regions from the first token: 42 pages of 2 MiB.
-        let mut kv = GpuKv::build(&vmm, mode, c.kv_dims(), 8, 512, 128 << 20).unwrap();
+        let mut kv =
+            GpuKv::build(&vmm, mode, c.kv_dims(), KvBudget::new(8, 512, 128 << 20)).unwrap();
         // Sources A and A' (its control, never forked): the first 20 tokens prefilled, the rest
         // decoded one by one, keeping A's logits at every decoded position.
         let (a, control) = (1u64, 2u64);

@@ -25,7 +25,7 @@
 mod common;
 
 use serde_json::Value;
-use vkv_engine::kv::{KvDims, KvMode};
+use vkv_engine::kv::{KvBudget, KvDims, KvMode};
 use vkv_engine::model::LoadedModel;
 use vkv_engine::model::SeqChunk;
 use vkv_engine::sampler::argmax;
@@ -117,7 +117,9 @@ fn check(
             .iter()
             .flat_map(|m| [KvDtype::F32, KvDtype::F16].map(|d| (*m, d)))
         {
-            let mut kv = mode.build(dims, dtype, 1, 1024, 256 << 20).unwrap();
+            let mut kv = mode
+                .build(dims, dtype, KvBudget::new(1, 1024, 256 << 20))
+                .unwrap();
             let logits = m
                 .model
                 .step(
@@ -236,7 +238,7 @@ fn int8_activations_keep_the_f32_paths_top_token_and_logits_within_noise() {
         let ids = u32s(&case["ids"]);
         let logits = |m: &LoadedModel| {
             let mut kv = KvMode::Paged { block_size: 16 }
-                .build(dims(m), KvDtype::F32, 1, 1024, 256 << 20)
+                .build(dims(m), KvDtype::F32, KvBudget::new(1, 1024, 256 << 20))
                 .unwrap();
             let chunk = SeqChunk {
                 seq: 0,

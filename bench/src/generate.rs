@@ -13,7 +13,7 @@ use std::time::Instant;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use vkv_engine::generate::GenerateError;
-use vkv_engine::kv::{KvCache, KvMode};
+use vkv_engine::kv::{KvBudget, KvCache, KvMode};
 use vkv_engine::model::LoadedModel;
 use vkv_engine::model::SeqChunk;
 use vkv_engine::sampler::argmax;
@@ -61,9 +61,7 @@ pub fn measure_throughput(
     let mut kv = mode.build(
         dims,
         dtype,
-        batch.max(3),
-        prompt_tokens + decode_tokens,
-        kv_bytes,
+        KvBudget::new(batch.max(3), prompt_tokens + decode_tokens, kv_bytes),
     )?;
     let mut rng = StdRng::seed_from_u64(7);
     let prompts: Vec<Vec<u32>> = (0..batch.max(3))

@@ -8,7 +8,7 @@
 //! metrics every few milliseconds while the run lasts.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -156,7 +156,11 @@ pub fn run_offline(
                 } else {
                     f64::NAN
                 };
-                lock(&samples).push((m.kv.bytes_allocated as f64 / capacity_bytes, share));
+                let sample = (m.kv.bytes_allocated as f64 / capacity_bytes, share);
+                samples
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(sample);
                 std::thread::sleep(Duration::from_millis(5));
             }
         });
@@ -249,10 +253,6 @@ pub fn run_offline(
         kv_used_peak: used.iter().copied().fold(0.0, f64::max),
         kv_token_share_mean: mean(&shares),
     })
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

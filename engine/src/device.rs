@@ -28,7 +28,7 @@ use std::sync::Arc;
 use crate::engine::EngineConfig;
 #[cfg(doc)]
 use crate::kv::KvMode;
-use crate::kv::{KvCache, KvError, KvManager};
+use crate::kv::{KvBudget, KvCache, KvError, KvManager};
 use crate::model::LoadedModel;
 use crate::model::{ModelError, SeqChunk};
 
@@ -181,9 +181,7 @@ pub fn start(
                 .build(
                     dims,
                     config.kv_cache_dtype.cpu(),
-                    config.max_num_seqs,
-                    max_model_len,
-                    bytes,
+                    KvBudget::new(config.max_num_seqs, max_model_len, bytes),
                 )
                 .map_err(|source| BackendError::KvCache { bytes, source })?;
             Ok(Box::new(CpuBackend {
@@ -207,7 +205,7 @@ mod cuda {
 
     use super::{Backend, BackendError, Next};
     use crate::engine::EngineConfig;
-    use crate::kv::{GpuKv, KvCacheDtype, KvManager};
+    use crate::kv::{GpuKv, KvBudget, KvCacheDtype, KvManager};
     use crate::model::cuda::{CudaLlama, CudaModelError};
     use crate::model::LoadedModel;
     use crate::model::SeqChunk;
@@ -324,9 +322,7 @@ mod cuda {
             &vmm,
             config.kv_mode,
             model.config.kv_dims(),
-            config.max_num_seqs,
-            max_model_len,
-            bytes,
+            KvBudget::new(config.max_num_seqs, max_model_len, bytes),
         )
         .map_err(|source| BackendError::KvCache { bytes, source })?;
         Ok(Box::new(CudaBackend {

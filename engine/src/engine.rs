@@ -41,10 +41,8 @@ use crate::kv::{KvCacheDtype, KvMode, KvUsage, SeqId};
 use crate::model::LoadedModel;
 use crate::sampler::SamplingParams;
 
-mod active;
 mod detokenize;
 mod serving_loop;
-use active::Active;
 use detokenize::{FinishCounts, Output};
 use serving_loop::EngineLoop;
 /// A request's id, unique within one engine.

@@ -194,7 +194,7 @@ mod tests {
     use vkv_vmm::KvLayout;
 
     use super::*;
-    use crate::KvMode;
+    use crate::{KvBudget, KvMode};
 
     use crate::TEST_DIMS as DIMS;
 
@@ -217,7 +217,9 @@ mod tests {
     fn every_cpu_cache_keeps_its_books_through_forks_aborts_and_preemption() {
         for mode in modes() {
             // 96 KiB: a few hundred tokens, so memory runs out often.
-            let mut kv = mode.build(DIMS, KvDtype::F16, 8, 512, 96 << 10).unwrap();
+            let mut kv = mode
+                .build(DIMS, KvDtype::F16, KvBudget::new(8, 512, 96 << 10))
+                .unwrap();
             let report = check_random_operations(kv.manager_mut(), 7, 600, 512)
                 .unwrap_or_else(|e| panic!("{mode:?}: {e}"));
             assert!(
@@ -231,7 +233,7 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(24))]
         #[test]
         fn random_operations_on_any_cpu_cache(seed in any::<u64>(), mode in 0..4usize, kib in 16..256usize) {
-            let mut kv = modes()[mode].build(DIMS, KvDtype::F32, 6, 300, kib << 10).unwrap();
+            let mut kv = modes()[mode].build(DIMS, KvDtype::F32, KvBudget::new(6, 300, kib << 10)).unwrap();
             let r = check_random_operations(kv.manager_mut(), seed, 200, 300);
             prop_assert!(r.is_ok(), "{:?}: {}", modes()[mode], r.unwrap_err());
         }

@@ -19,7 +19,7 @@ use vkv_kernels::cuda::cudarc::driver::CudaContext;
 use vkv_kernels::cuda::{DeviceBuffer, KvAddress};
 use vkv_vmm::{CudaVmm, MapperOptions, PhysicalMemory};
 
-use super::manager::{KvDims, KvManager, KvMode, KvUsage, MapAhead, SeqId, VmmShape};
+use super::manager::{KvBudget, KvDims, KvManager, KvMode, KvUsage, MapAhead, SeqId, VmmShape};
 use super::paged::{BlockStorage, PagedKv, PoolGeometry};
 use super::vmm::VmmManager;
 use super::{BlockId, KvError};
@@ -93,25 +93,26 @@ impl GpuKv {
         VmmManager::new(config, backend, MapperOptions::default()).map(GpuKv::Vmm)
     }
 
-    /// The engine's cache for `mode` in `kv_bytes` of device memory, sized by the one rule
+    /// The engine's cache for `mode`, sized for `budget` (device memory) by the one rule
     /// ([`KvMode::units_for`]); vmm creates all its pages up front, so the device memory is held
     /// from the start like the paged pool and later maps never create.
     pub fn build(
         vmm: &Arc<CudaVmm>,
         mode: KvMode,
         dims: KvDims,
-        max_seqs: usize,
-        max_tokens: usize,
-        kv_bytes: usize,
+        budget: KvBudget,
     ) -> Result<Self, KvError> {
-        let units = mode.units_for(dims, BF16, max_seqs, max_tokens, kv_bytes);
+        let units = mode.units_for(dims, BF16, budget);
         match mode {
             KvMode::Paged { block_size } => {
                 PagedKv::on_device(vmm.context(), dims, units, block_size).map(GpuKv::Paged)
             }
             KvMode::Vmm { layout, page_size } => {
-                let shape = VmmShape::new(layout, max_seqs, max_tokens, page_size, units);
-                let kv = Self::vmm(vmm.clone(), dims, shape)?;
+                let kv = Self::vmm(
+                    vmm.clone(),
+                    dims,
+                    budget.vmm_shape(layout, page_size, units),
+                )?;
                 if let GpuKv::Vmm(m) = &kv {
                     m.space().create_ahead(units)?;
                 }

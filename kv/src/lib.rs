@@ -36,7 +36,7 @@ pub use block::{BlockAllocator, BlockId, BlockTable};
 #[cfg(feature = "cuda")]
 pub use cuda::{DevicePools, GpuKv, GpuKvAddressing};
 pub use manager::{
-    KvCache, KvCacheDtype, KvDims, KvManager, KvMode, KvUsage, MapAhead, SeqId, VmmShape,
+    KvBudget, KvCache, KvCacheDtype, KvDims, KvManager, KvMode, KvUsage, MapAhead, SeqId, VmmShape,
 };
 pub use paged::{BlockStorage, HostPools, PagedKv};
 pub use vmm::{VmmKv, VmmManager};

@@ -197,6 +197,30 @@ pub(super) fn unknown(seq: SeqId) -> KvError {
 
 /// Which KV cache to build: the command line's `--kv-mode`, `--block-size`, `--vmm-layout`,
 /// `--page-size`.
+/// What a cache is sized for: up to `max_seqs` sequences of up to `max_tokens` tokens each, in
+/// `bytes` of memory (host memory on the CPU, device memory on CUDA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvBudget {
+    pub max_seqs: usize,
+    pub max_tokens: usize,
+    pub bytes: usize,
+}
+
+impl KvBudget {
+    pub const fn new(max_seqs: usize, max_tokens: usize, bytes: usize) -> Self {
+        KvBudget {
+            max_seqs,
+            max_tokens,
+            bytes,
+        }
+    }
+
+    /// The vmm cache of this budget: its slots and tokens, `max_pages` pages of `page_size`.
+    pub const fn vmm_shape(self, layout: KvLayout, page_size: usize, max_pages: usize) -> VmmShape {
+        VmmShape::new(layout, self.max_seqs, self.max_tokens, page_size, max_pages)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvMode {
     Paged { block_size: usize },
@@ -205,17 +229,15 @@ pub enum KvMode {
 
 impl KvMode {
     /// The one sizing rule of every device: how many units — blocks (paged) or physical pages
-    /// (vmm) — `kv_bytes` of memory buys for `dims` with elements of `elem_bytes` bytes. vmm
-    /// takes no more pages than `max_seqs` slots of `max_tokens` tokens could ever map (per
-    /// region, whole pages per slot).
-    pub fn units_for(
-        self,
-        dims: KvDims,
-        elem_bytes: usize,
-        max_seqs: usize,
-        max_tokens: usize,
-        kv_bytes: usize,
-    ) -> usize {
+    /// (vmm) — the budget's bytes buy for `dims` with elements of `elem_bytes` bytes. vmm takes
+    /// no more pages than `max_seqs` slots of `max_tokens` tokens could ever map (per region,
+    /// whole pages per slot).
+    pub fn units_for(self, dims: KvDims, elem_bytes: usize, budget: KvBudget) -> usize {
+        let KvBudget {
+            max_seqs,
+            max_tokens,
+            bytes: kv_bytes,
+        } = budget;
         let token_bytes = dims.bytes_per_token_of(elem_bytes).max(1);
         match self {
             KvMode::Paged { block_size } => kv_bytes / (block_size * token_bytes).max(1),
@@ -231,23 +253,20 @@ impl KvMode {
         }
     }
 
-    /// A host-memory cache (the CPU device) of `dtype` elements for `max_seqs` sequences of up
-    /// to `max_tokens` tokens in `kv_bytes` of memory.
+    /// A host-memory cache (the CPU device) of `dtype` elements, sized for `budget`.
     pub fn build(
         self,
         dims: KvDims,
         dtype: KvDtype,
-        max_seqs: usize,
-        max_tokens: usize,
-        kv_bytes: usize,
+        budget: KvBudget,
     ) -> Result<Box<dyn KvCache>, KvError> {
-        let units = self.units_for(dims, dtype.bytes(), max_seqs, max_tokens, kv_bytes);
+        let units = self.units_for(dims, dtype.bytes(), budget);
         Ok(match self {
             KvMode::Paged { block_size } => Box::new(PagedKv::<HostPools>::with_dtype(
                 dims, dtype, units, block_size,
             )?),
             KvMode::Vmm { layout, page_size } => {
-                let shape = VmmShape::new(layout, max_seqs, max_tokens, page_size, units);
+                let shape = budget.vmm_shape(layout, page_size, units);
                 Box::new(VmmKv::with_dtype(dims, dtype, shape)?)
             }
         })
@@ -330,7 +349,10 @@ mod tests {
                 "vmm token-major",
             ),
         ] {
-            let build = |d| mode.build(DIMS, d, 64, 4096, 1 << 20).unwrap();
+            let build = |d| {
+                mode.build(DIMS, d, KvBudget::new(64, 4096, 1 << 20))
+                    .unwrap()
+            };
             let (c32, c16) = (build(KvDtype::F32), build(KvDtype::F16));
             assert_eq!(c32.bytes_per_token(), DIMS.bytes_per_token(), "{name}");
             assert_eq!(2 * c16.bytes_per_token(), c32.bytes_per_token(), "{name}");

@@ -412,14 +412,15 @@ mod tests {
 
     use crate::TEST_DIMS as DIMS;
 
+    /// A token-major f32 cache of `slots` slots of 512 tokens, 64 pages of 4 KiB.
+    fn token_major(slots: usize) -> VmmKv {
+        let shape = VmmShape::new(KvLayout::TokenMajor, slots, 512, 4096, 64);
+        VmmKv::with_dtype(DIMS, KvDtype::F32, shape).unwrap()
+    }
+
     #[test]
     fn prepared_admissions_are_taken_over_or_given_back_and_never_block_a_reserve() {
-        let mut kv = VmmKv::with_dtype(
-            DIMS,
-            KvDtype::F32,
-            VmmShape::new(KvLayout::TokenMajor, 2, 512, 4096, 64),
-        )
-        .unwrap();
+        let mut kv = token_major(2);
         // Both slots prepared for queued sequences 1 and 2, their first pages mapped ahead.
         kv.0.prepare_admissions(&[(1, 40), (2, 40)]);
         kv.0.mapper.sync().unwrap();
@@ -454,12 +455,7 @@ mod tests {
 
     #[test]
     fn warmed_slots_admit_without_waiting_and_their_pages_are_reclaimable() {
-        let mut kv = VmmKv::with_dtype(
-            DIMS,
-            KvDtype::F32,
-            VmmShape::new(KvLayout::TokenMajor, 3, 512, 4096, 64),
-        )
-        .unwrap();
+        let mut kv = token_major(3);
         let mapped = kv.0.warm_free_slots(&[300, 40]);
         assert!(mapped > 0);
         assert_eq!(kv.usage(), KvUsage::default(), "warm pages hold no token");

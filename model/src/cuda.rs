@@ -184,14 +184,15 @@ impl CudaLlama {
     pub fn forward_greedy(&mut self, batch: &[SeqChunk<'_>], kv: &GpuKv) -> Result<Vec<u32>> {
         let wanted = self.run(batch, kv, true)?;
         self.synchronize()?;
-        let mut out = vec![0u32; wanted];
-        self.buf
-            .ids
-            .0
-            .as_ref()
-            .expect("set above")
-            .download(0, &mut out)?;
-        Ok(out)
+        self.download_ids(wanted)
+    }
+
+    /// The first `n` token ids the last step's argmax wrote (after the stream is synchronized).
+    fn download_ids(&self, n: usize) -> Result<Vec<u32>> {
+        let mut ids = vec![0u32; n];
+        let buf = self.buf.ids.0.as_ref();
+        buf.expect("written by run").download(0, &mut ids)?;
+        Ok(ids)
     }
 
     /// Run one batch and return, per chunk, its next token: the greedy one (argmax on the
@@ -262,13 +263,7 @@ impl CudaLlama {
             .ok_or_else(|| CudaModelError::Batch("finish_next without a launched batch".into()))?;
         // The copies below are synchronous on the legacy stream, which does not wait for ours.
         self.synchronize()?;
-        let mut ids = vec![0u32; wanted];
-        self.buf
-            .ids
-            .0
-            .as_ref()
-            .expect("written by launch_next")
-            .download(0, &mut ids)?;
+        let ids = self.download_ids(wanted)?;
         let vocab = self.config.vocab_size;
         let logits = self.buf.logits.0.as_ref().expect("written by run");
         ids.into_iter()

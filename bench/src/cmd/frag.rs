@@ -288,15 +288,12 @@ fn plot_composition(r: &FragReport, title: &str, path: &Path) -> Result<()> {
             .label(*label)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .draw()?;
-    root.present()
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    legend_and_save(
+        &mut chart,
+        Some(SeriesLabelPosition::UpperRight),
+        &root,
+        path,
+    )
 }
 
 /// Peak concurrent requests against the allocation unit's size in tokens, per policy family.
@@ -384,8 +381,21 @@ fn plot_batch(r: &FragReport, title: &str, path: &Path) -> Result<()> {
             ("sans-serif", 11),
         )))?;
     }
-    chart
-        .configure_series_labels()
+    legend_and_save(&mut chart, None, &root, path)
+}
+
+/// Draw the chart's legend (at `position`, else plotters' default place) and write the SVG.
+fn legend_and_save<'a, 'b: 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, SVGBackend<'b>, CT>,
+    position: Option<SeriesLabelPosition>,
+    root: &DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
+    path: &Path,
+) -> Result<()> {
+    let mut legend = chart.configure_series_labels();
+    if let Some(position) = position {
+        legend.position(position);
+    }
+    legend
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .draw()?;

@@ -125,17 +125,7 @@ struct Report {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    {
-        let report = gpu::measure(&args)?;
-        crate::report::emit(&report, args.json, print_table)?;
-        Ok(())
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = args;
-        bail!("this vkv was built without the cuda feature")
-    }
+    super::emit_measured(gpu::measure(&args), args.json, print_table)
 }
 
 fn print_table(r: &Report) {
@@ -682,4 +672,9 @@ mod gpu {
             prefill,
         })
     }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod gpu {
+    pub use crate::cmd::without_cuda as measure;
 }

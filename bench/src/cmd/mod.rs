@@ -56,3 +56,18 @@ pub trait KvOptions: clap::Args {
     /// `--kv-memory`, or the CPU's default.
     fn host_kv_memory(&self) -> usize;
 }
+
+/// What a GPU-only measurement is in a build without the `cuda` feature.
+#[cfg(not(feature = "cuda"))]
+pub fn without_cuda<A, R>(_: &A) -> anyhow::Result<R> {
+    anyhow::bail!("this vkv was built without the cuda feature")
+}
+
+/// Hand over what a measuring command measured (see [`crate::report::emit`]), or why it could not.
+pub fn emit_measured<R: serde::Serialize>(
+    report: anyhow::Result<R>,
+    json: bool,
+    print_table: impl FnOnce(&R),
+) -> anyhow::Result<()> {
+    Ok(crate::report::emit(&report?, json, print_table)?)
+}

@@ -102,26 +102,16 @@ pub struct Row {
     kv_bytes_read: usize,
 }
 
+pub fn run(args: Args) -> Result<()> {
+    super::emit_measured(gpu::measure(&args), args.json, print_table)
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     device: String,
     preset: String,
     copy_tb_per_s: f64,
     rows: Vec<Row>,
-}
-
-pub fn run(args: Args) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    {
-        let report = gpu::measure(&args)?;
-        crate::report::emit(&report, args.json, print_table)?;
-        Ok(())
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = args;
-        anyhow::bail!("this vkv was built without the cuda feature")
-    }
 }
 
 fn print_table(report: &Report) {
@@ -507,4 +497,9 @@ mod gpu {
             rows,
         })
     }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod gpu {
+    pub use crate::cmd::without_cuda as measure;
 }

@@ -12,8 +12,9 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 
 use super::{
-    lock, warm_plan, Active, Command, EngineConfig, EngineError, EngineEvent, EngineMetrics,
-    EventKind, EventSender, GenerationRequest, MapMetrics, Output, RequestId, Shared,
+    lock, warm_plan, Command, EngineConfig, EngineError, EngineEvent, EngineMetrics, EventKind,
+    EventSender, Finished, GenerationRequest, MapMetrics, Output, RequestId, Shared,
+    StopConditions, Timings, Usage,
 };
 use crate::device::{Backend, Next};
 use crate::engine::FinishReason;
@@ -21,6 +22,51 @@ use crate::model::LoadedModel;
 use crate::model::SeqChunk;
 use crate::sampler::Sampler;
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqRequest, Step};
+
+/// A request while the engine thread serves it: its sampler, the stop conditions checked on
+/// token ids (end-of-sequence, stop token ids; stop strings are the detokenizer's), its counts
+/// and timestamps, and its span. `generated` tokens were sent to the detokenizer, one
+/// `token_times` entry each, and `Finished` reports exactly these.
+struct Active {
+    sampler: Sampler,
+    /// End-of-sequence handling and stop token ids (its stop strings went to the detokenizer).
+    stop: StopConditions,
+    prompt_len: usize,
+    /// Tokens generated (sent to the detokenizer) so far.
+    generated: usize,
+    /// When `Engine::submit` took it.
+    arrival: Instant,
+    /// The start of the first step that computed any of it (its queue time ends there).
+    first_scheduled: Option<Instant>,
+    /// Seconds from arrival to each generated token.
+    token_times: Vec<f64>,
+    /// Times it was preempted (recomputed from its prompt and output so far).
+    preemptions: u32,
+    /// The request's span (see [`super::Engine::submit`]).
+    span: tracing::Span,
+}
+
+impl Active {
+    fn finished(&self, reason: FinishReason) -> Finished {
+        let token_times = self.token_times.clone();
+        Finished {
+            reason,
+            usage: Usage {
+                prompt_tokens: self.prompt_len,
+                completion_tokens: self.generated,
+            },
+            timings: Timings {
+                queue: self
+                    .first_scheduled
+                    .map_or(0.0, |t| (t - self.arrival).as_secs_f64()),
+                ttft: token_times.first().copied().unwrap_or(0.0),
+                e2e: self.arrival.elapsed().as_secs_f64(),
+                token_times,
+            },
+            preemptions: self.preemptions,
+        }
+    }
+}
 
 /// The loop's state, owned by the engine thread.
 pub(super) struct EngineLoop<'m> {
