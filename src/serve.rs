@@ -40,17 +40,33 @@ pub struct Args {
     /// Seconds requests in flight may run on after SIGINT/SIGTERM before they are aborted.
     #[arg(long = "shutdown-timeout", default_value_t = 30.0)]
     shutdown_timeout: f64,
+    /// Seconds a request body may take to arrive after its headers (then 408 and the connection
+    /// closes), so that slow or stalled uploads cannot hold connections for ever.
+    #[arg(long = "request-timeout", default_value_t = 30.0)]
+    request_timeout: f64,
+    /// Connections open at once; more are answered 503 and closed. Default: the open-file limit
+    /// (raised to its hard limit at start) less 256 for the process's own files.
+    #[arg(long = "max-connections")]
+    max_connections: Option<usize>,
     #[command(flatten)]
     engine: EngineArgs,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if !(args.shutdown_timeout >= 0.0 && args.shutdown_timeout.is_finite()) {
-        bail!(
-            "--shutdown-timeout must be a number of seconds ≥ 0, found {}",
-            args.shutdown_timeout
-        );
+    for (flag, seconds) in [
+        ("--shutdown-timeout", args.shutdown_timeout),
+        ("--request-timeout", args.request_timeout),
+    ] {
+        if !(seconds >= 0.0 && seconds.is_finite()) {
+            bail!("{flag} must be a number of seconds ≥ 0, found {seconds}");
+        }
     }
+    let open_files = vkv_server::raise_open_files_limit().context("reading the open-file limit")?;
+    let max_connections = match args.max_connections {
+        Some(0) => bail!("--max-connections must be at least 1, found 0"),
+        Some(n) => n,
+        None => (open_files.saturating_sub(256) as usize).max(16),
+    };
     let mode = args.engine.kv.mode()?;
     let device = args.engine.device()?;
     let path = model_path(args.model.clone())?;
@@ -101,6 +117,8 @@ pub fn run(args: Args) -> Result<()> {
             served_model_name,
             max_body_bytes: args.max_body_size,
             shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout),
+            request_timeout: Duration::from_secs_f64(args.request_timeout),
+            max_connections,
         };
         let serving = vkv_server::serve(
             engine.clone(),

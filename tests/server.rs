@@ -775,3 +775,73 @@ fn bench_serve_measures_a_server() {
         "{err}"
     );
 }
+
+/// `n` connections that send a completion's headers and one byte of a 100 kB body, then stall
+/// (the slow-body attack).
+fn stalled_uploads(addr: &str, n: usize) -> Vec<std::net::TcpStream> {
+    use std::io::Write;
+    (0..n)
+        .map(|i| {
+            let mut s = std::net::TcpStream::connect(addr)
+                .unwrap_or_else(|e| panic!("stalled connection {i}: {e}"));
+            s.write_all(
+                b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n{",
+            )
+            .unwrap();
+            s
+        })
+        .collect()
+}
+
+/// What the server sent on `s` until it closed it (or `limit` passed: then a panic).
+fn read_until_closed(s: &mut std::net::TcpStream, limit: Duration) -> String {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)
+        .expect("the server closes the connection in time");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn stalled_bodies_time_out_and_connections_over_the_cap_are_refused() {
+    // What a client without a key could do to an open port: hold connections with bodies that
+    // never arrive. (600 stay below a 1,024-descriptor limit on the test's side.)
+    vkv_server::raise_open_files_limit().unwrap();
+    let s = Server::start(&["--request-timeout", "3"]);
+    let rt = runtime();
+    let c = client();
+    let started = Instant::now();
+    let mut stalled = stalled_uploads(&s.addr, 600);
+    // Throughout the stall the server answers at once.
+    while started.elapsed() < Duration::from_millis(2500) {
+        let t = Instant::now();
+        let (status, _) = rt.block_on(get(&c, &s.url("/health")));
+        assert_eq!(status, StatusCode::OK);
+        let body = json!({"model": s.model, "prompt": "Hello", "max_tokens": 2});
+        let (status, _) = rt.block_on(post(&c, &s.url("/v1/completions"), &body, None));
+        assert_eq!(status, StatusCode::OK);
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    }
+    // Then every stalled connection gets a 408 and is closed, within the timeout (+ slack).
+    for conn in &mut stalled {
+        let answer = read_until_closed(conn, Duration::from_secs(10));
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+        assert!(answer.contains("request_timeout"), "{answer:?}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+    drop(s);
+
+    // Over --max-connections: a 503 at once, and the slots come back when the stalls end.
+    let s = Server::start(&["--request-timeout", "2", "--max-connections", "8"]);
+    let mut stalled = stalled_uploads(&s.addr, 8);
+    std::thread::sleep(Duration::from_millis(200));
+    let refused = raw_exchange(&s.addr, "GET /health HTTP/1.1\r\nhost: x\r\n\r\n");
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused:?}");
+    assert!(refused.contains("too_many_connections"), "{refused:?}");
+    for conn in &mut stalled {
+        read_until_closed(conn, Duration::from_secs(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let (status, _) = rt.block_on(get(&c, &s.url("/health")));
+    assert_eq!(status, StatusCode::OK);
+}

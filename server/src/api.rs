@@ -172,7 +172,12 @@ impl AppState {
         if declared.is_some_and(|n| n > limit as u64) {
             return Err(ApiError::too_large(limit));
         }
-        match Limited::new(req.into_body(), limit).collect().await {
+        let timeout = self.config.request_timeout;
+        let body = tokio::time::timeout(timeout, Limited::new(req.into_body(), limit).collect());
+        let Ok(body) = body.await else {
+            return Err(ApiError::body_timeout(timeout));
+        };
+        match body {
             Ok(body) => Ok(body.to_bytes()),
             Err(e)
                 if e.downcast_ref::<http_body_util::LengthLimitError>()

@@ -93,6 +93,21 @@ impl ApiError {
         }
     }
 
+    /// The body did not arrive in time (408; the connection is closed after it).
+    pub fn body_timeout(timeout: std::time::Duration) -> ApiError {
+        ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            kind: "invalid_request_error",
+            message: format!(
+                "the request body did not arrive within {} s of its headers",
+                timeout.as_secs_f64()
+            ),
+            param: None,
+            code: Some("request_timeout"),
+            allow: None,
+        }
+    }
+
     pub fn not_found(path: &str) -> ApiError {
         ApiError {
             status: StatusCode::NOT_FOUND,

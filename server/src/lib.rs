@@ -46,6 +46,13 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How long requests in flight may run on after a shutdown signal before they are aborted.
     pub shutdown_timeout: Duration,
+    /// How long a request's body may take to arrive once its headers have (408 after that, and
+    /// the connection closes). Headers have hyper's own 30 s limit. Slow or stalled bodies thus
+    /// hold a connection for a bounded time.
+    pub request_timeout: Duration,
+    /// Connections open at once; one more is answered 503 and closed at once (a process has a
+    /// limited number of file descriptors, and running out of them would silence the server).
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -55,6 +62,8 @@ impl Default for ServerConfig {
             served_model_name: "vkv".into(),
             max_body_bytes: 4 << 20,
             shutdown_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(30),
+            max_connections: 4096,
         }
     }
 }
@@ -99,6 +108,8 @@ pub async fn serve(
     hurry: impl Future<Output = ()>,
 ) -> Result<ShutdownReport, ServerError> {
     let timeout = config.shutdown_timeout;
+    let config_max_connections = config.max_connections;
+    let connections = Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1)));
     let state = Arc::new(AppState::new(engine.clone(), config));
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -116,6 +127,15 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        // A connection over the cap is told so in one write and closed: no task, no parsing.
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(
+                max_connections = config_max_connections,
+                "connection refused: too many open connections"
+            );
+            tokio::spawn(refuse_connection(stream));
+            continue;
+        };
         let state = state.clone();
         let service = service_fn(move |req| {
             let state = state.clone();
@@ -129,6 +149,7 @@ pub async fn serve(
         tokio::spawn(async move {
             // A client that resets or times out is its own business.
             let _ = conn.await;
+            drop(permit);
         });
     }
     drop(listener);
@@ -155,6 +176,46 @@ pub async fn serve(
         drained,
         connections_left,
     })
+}
+
+/// The answer to a connection over `max_connections`: a 503 without reading the request, then
+/// close. Bounded by a short timeout so that a client that reads nothing cannot hold it.
+async fn refuse_connection(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    const BODY: &str = r#"{"error":{"message":"the server has too many open connections; retry later","type":"server_error","param":null,"code":"too_many_connections"}}"#;
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+/// Raise this process's soft limit on open files to its hard limit (as servers do at start), so
+/// that `max_connections` can be large; returns the limit now in force.
+pub fn raise_open_files_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write or read only the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit = raised;
+        }
+    }
+    Ok(limit.rlim_cur as u64)
 }
 
 fn is_transient(e: &std::io::Error) -> bool {
