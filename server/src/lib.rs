@@ -196,7 +196,7 @@ async fn refuse_connection(mut stream: tokio::net::TcpStream) {
 
 /// Raise this process's soft limit on open files to its hard limit (as servers do at start), so
 /// that `max_connections` can be large; returns the limit now in force.
-pub fn raise_open_files_limit() -> std::io::Result<u64> {
+pub fn raise_open_files_limit() -> std::io::Result<libc::rlim_t> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -215,7 +215,7 @@ pub fn raise_open_files_limit() -> std::io::Result<u64> {
             limit = raised;
         }
     }
-    Ok(limit.rlim_cur as u64)
+    Ok(limit.rlim_cur)
 }
 
 fn is_transient(e: &std::io::Error) -> bool {
