@@ -562,6 +562,11 @@ fn client_mistakes_get_openai_errors() {
         check("wrong key", post(&c, &completions, &body, Some("sk-wrong")).await, StatusCode::UNAUTHORIZED, None, &["incorrect"]);
         let r = send(&c, Method::GET, &s.url("/v1/models"), Bytes::new(), None).await;
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        // The scheme is case-insensitive, and a key without it is refused.
+        for (header, status) in [(format!("bearer {key}"), "200"), (format!("BEARER {key}"), "200"), (key.to_string(), "401")] {
+            let answer = raw_exchange(&s.addr, &format!("GET /v1/models HTTP/1.1\r\nhost: x\r\nauthorization: {header}\r\nconnection: close\r\n\r\n"));
+            assert!(answer.starts_with(&format!("HTTP/1.1 {status}")), "{header:?}: {answer}");
+        }
         let (status, _) = post(&c, &completions, &body, Some(key)).await;
         assert_eq!(status, StatusCode::OK, "the right key");
         // Health and metrics stay open, as in vLLM.

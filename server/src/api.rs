@@ -147,8 +147,16 @@ impl AppState {
                 "no API key: send the header `Authorization: Bearer YOUR_KEY`",
             ));
         };
+        // `Bearer KEY`, the scheme in any case (RFC 9110 section 11.1); a key without it is no key.
         let given = given.as_bytes();
-        let token = given.strip_prefix(b"Bearer ").unwrap_or(given);
+        let token = match given.split_at_checked(7) {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case(b"bearer ") => token.trim_ascii(),
+            _ => {
+                return Err(ApiError::unauthorized(
+                    "the Authorization header must be `Bearer YOUR_KEY`",
+                ))
+            }
+        };
         let same = token.len() == key.len()
             && token
                 .iter()
