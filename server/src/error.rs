@@ -170,6 +170,15 @@ impl ApiError {
                 };
                 ApiError::invalid(param, m)
             }
+            // The prompt's fault when it alone does not fit; else the room asked for output's.
+            EngineError::ContextLength { prompt, limit, .. } if prompt >= limit => {
+                ApiError::field(prompt_field, e.to_string()).with_code("context_length_exceeded")
+            }
+            EngineError::KvCapacity {
+                prompt, capacity, ..
+            } if prompt >= capacity => {
+                ApiError::field(prompt_field, e.to_string()).with_code("context_length_exceeded")
+            }
             e @ (EngineError::ContextLength { .. } | EngineError::KvCapacity { .. }) => {
                 ApiError::field(max_tokens_field, e.to_string())
                     .with_code("context_length_exceeded")
@@ -224,6 +233,17 @@ mod tests {
         assert_eq!(body["error"]["code"], "context_length_exceeded");
         assert_eq!(body["error"]["type"], "invalid_request_error");
         assert!(body["error"]["param"].is_string());
+        // A prompt that alone fills the context is the prompt's fault, whatever max_tokens is.
+        let e = ApiError::from_engine(
+            EngineError::ContextLength {
+                prompt: 8192,
+                max_tokens: 1,
+                limit: 8192,
+            },
+            "messages",
+            "max_completion_tokens",
+        );
+        assert_eq!(e.param.as_deref(), Some("messages"));
     }
 
     #[test]
