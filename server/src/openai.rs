@@ -94,12 +94,79 @@ pub fn optional_object<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
 
 /// Deserialize a JSON body, turning serde's error into a 400 that names the field.
 pub fn read_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    match typed_json(body) {
+        // JSON Schema's integers include `429.0` (a number with a zero fraction), which serde's
+        // integer fields refuse: read such numbers as the integers they are, and try again.
+        Err(JsonFailure::Field(e))
+            if e.inner()
+                .to_string()
+                .starts_with("invalid type: floating point") =>
+        {
+            let mut value: serde_json::Value =
+                serde_json::from_slice(body).map_err(|e| JsonFailure::Trailing(e).api())?;
+            if !integral_floats_to_integers(&mut value) {
+                return Err(json_error(&e));
+            }
+            let again = serde_json::to_vec(&value).expect("a JSON value serializes");
+            typed_json(&again).map_err(|f| f.api())
+        }
+        result => result.map_err(|f| f.api()),
+    }
+}
+
+/// Why a body is not a `T`: a field (with its path), or something after the object.
+enum JsonFailure {
+    Field(serde_path_to_error::Error<serde_json::Error>),
+    Trailing(serde_json::Error),
+}
+
+impl JsonFailure {
+    fn api(&self) -> ApiError {
+        match self {
+            JsonFailure::Field(e) => json_error(e),
+            JsonFailure::Trailing(e) => {
+                ApiError::invalid(None, format!("the request body is not valid JSON: {e}"))
+            }
+        }
+    }
+}
+
+/// `body` as `T`, with the path of the field that failed.
+fn typed_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, JsonFailure> {
     let mut de = serde_json::Deserializer::from_slice(body);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| json_error(&e))?;
+    let value = serde_path_to_error::deserialize(&mut de).map_err(JsonFailure::Field)?;
     // Trailing characters after the object.
-    de.end()
-        .map_err(|e| ApiError::invalid(None, format!("the request body is not valid JSON: {e}")))?;
+    de.end().map_err(JsonFailure::Trailing)?;
     Ok(value)
+}
+
+/// Turn every floating-point number with a zero fraction that fits an `i64` or `u64` into that
+/// integer; returns whether any changed.
+fn integral_floats_to_integers(value: &mut serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) => {
+            let Some(f) = n.as_f64().filter(|f| n.is_f64() && f.fract() == 0.0) else {
+                return false;
+            };
+            let integer = if f >= -(2f64.powi(63)) && f < 2f64.powi(63) {
+                serde_json::Number::from(f as i64)
+            } else if f >= 0.0 && f < 2f64.powi(64) {
+                serde_json::Number::from(f as u64)
+            } else {
+                return false;
+            };
+            *n = integer;
+            true
+        }
+        Value::Array(items) => items
+            .iter_mut()
+            .fold(false, |any, v| integral_floats_to_integers(v) | any),
+        Value::Object(fields) => fields
+            .values_mut()
+            .fold(false, |any, v| integral_floats_to_integers(v) | any),
+        _ => false,
+    }
 }
 
 /// The field path of a serde error: `messages[0].content`, empty at the top.

@@ -511,6 +511,14 @@ impl ValidRequest {
         if prompt.is_empty() {
             return Err(ApiError::field(field, EMPTY_PROMPT));
         }
+        let vocab = tokenizer.vocab_size();
+        let stop_ids = &self.stop.stop_token_ids;
+        if let Some(&id) = stop_ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(ApiError::field(
+                "stop_token_ids",
+                format!("stop token id {id} is outside the vocabulary of {vocab} tokens"),
+            ));
+        }
         let max_tokens = match self.max_tokens {
             Some(m) => m,
             None if prompt.len() < limit => limit - prompt.len(),

@@ -58,6 +58,16 @@ fn prompts_may_be_token_ids() {
 }
 
 #[test]
+fn integers_may_be_written_with_a_zero_fraction_as_json_schema_allows() {
+    let r = completion(r#"{"prompt": [429.0, 7], "max_tokens": 2.0, "top_k": 5.0}"#).unwrap();
+    assert_eq!(r.input, Input::Prompt(Prompt::Tokens(vec![429, 7])));
+    assert_eq!((r.max_tokens, r.sampling.top_k), (Some(2), 5));
+    // A fraction is still a mistake, named by its field.
+    assert_eq!(param(completion(r#"{"prompt": "a", "max_tokens": 2.5}"#)), "max_tokens");
+    assert_eq!(param(completion(r#"{"prompt": [1.5]}"#)), "prompt[0]");
+}
+
+#[test]
 fn mistakes_name_their_field() {
     for body in [r#"{"prompt": ""}"#, r#"{"prompt": []}"#, r#"{"prompt": 5}"#] {
         assert_eq!(param(completion(body)), "prompt", "{body}");
