@@ -140,8 +140,9 @@ fn typed_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, JsonFailure> {
     Ok(value)
 }
 
-/// Turn every floating-point number with a zero fraction that fits an `i64` or `u64` into that
-/// integer; returns whether any changed.
+/// Turn every floating-point number with a zero fraction into that integer, as long as the float
+/// is exact (|x| ≤ 2^53: a larger one may be a rounded integer literal such as i64::MIN − 1);
+/// returns whether any changed.
 fn integral_floats_to_integers(value: &mut serde_json::Value) -> bool {
     use serde_json::Value;
     match value {
@@ -149,14 +150,10 @@ fn integral_floats_to_integers(value: &mut serde_json::Value) -> bool {
             let Some(f) = n.as_f64().filter(|f| n.is_f64() && f.fract() == 0.0) else {
                 return false;
             };
-            let integer = if f >= -(2f64.powi(63)) && f < 2f64.powi(63) {
-                serde_json::Number::from(f as i64)
-            } else if f >= 0.0 && f < 2f64.powi(64) {
-                serde_json::Number::from(f as u64)
-            } else {
+            if f.abs() > 2f64.powi(53) {
                 return false;
-            };
-            *n = integer;
+            }
+            *n = serde_json::Number::from(f as i64);
             true
         }
         Value::Array(items) => items

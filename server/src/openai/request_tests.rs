@@ -63,8 +63,18 @@ fn integers_may_be_written_with_a_zero_fraction_as_json_schema_allows() {
     assert_eq!(r.input, Input::Prompt(Prompt::Tokens(vec![429, 7])));
     assert_eq!((r.max_tokens, r.sampling.top_k), (Some(2), 5));
     // A fraction is still a mistake, named by its field.
-    assert_eq!(param(completion(r#"{"prompt": "a", "max_tokens": 2.5}"#)), "max_tokens");
+    assert_eq!(
+        param(completion(r#"{"prompt": "a", "max_tokens": 2.5}"#)),
+        "max_tokens"
+    );
     assert_eq!(param(completion(r#"{"prompt": [1.5]}"#)), "prompt[0]");
+    // Past 2^53 a float may be a rounded literal: i64::MIN − 1 is not i64::MIN.
+    assert_eq!(
+        param(completion(
+            r#"{"prompt": "a", "seed": -9223372036854775809}"#
+        )),
+        "seed"
+    );
 }
 
 #[test]
