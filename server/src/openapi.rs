@@ -6,7 +6,8 @@
 //! `maximum` of `TokenId`); `additionalProperties: false` on each variant of `Message` and
 //! `ContentPart`, which refuse unknown fields as the requests do (utoipa writes it for structs
 //! only); and, as `#[utoipa::path(method(get, head))]` gives both operations
-//! one `operationId` (which must be unique), renames the HEAD ones `{id}_head`. Tests check that every [`Route`] is described with its methods.
+//! one `operationId` (which must be unique), renames the HEAD ones `{id}_head`; and that
+//! `stream_options` needs `stream: true` (an `if`/`then` on both request schemas). Tests check that every [`Route`] is described with its methods.
 
 use serde_json::Value;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -105,6 +106,24 @@ pub fn document(vocab_size: usize) -> Value {
     {
         token.insert("maximum".into(), vocab_size.saturating_sub(1).into());
     }
+    // `stream_options` (an object) only with `stream: true`, as the requests check.
+    for name in ["CompletionRequest", "ChatCompletionRequest"] {
+        if let Some(request) = doc
+            .pointer_mut(&format!("/components/schemas/{name}"))
+            .and_then(Value::as_object_mut)
+        {
+            request.insert(
+                "if".into(),
+                serde_json::json!({"properties": {"stream_options": {"type": "object"}},
+                    "required": ["stream_options"]}),
+            );
+            request.insert(
+                "then".into(),
+                serde_json::json!({"properties": {"stream": {"const": true}},
+                    "required": ["stream"]}),
+            );
+        }
+    }
     for name in ["Message", "ContentPart"] {
         let variants = doc
             .pointer_mut(&format!("/components/schemas/{name}/oneOf"))
@@ -172,6 +191,10 @@ mod tests {
     fn the_schemas_say_what_the_server_requires() {
         let doc = document(49152);
         assert_eq!(schema(&doc, "TokenId")["maximum"], 49151);
+        for request in ["CompletionRequest", "ChatCompletionRequest"] {
+            let then = &schema(&doc, request)["then"];
+            assert_eq!(then["properties"]["stream"]["const"], true, "{request}");
+        }
         let completion = schema(&doc, "CompletionRequest");
         assert_eq!(completion["required"], serde_json::json!(["prompt"]));
         assert_eq!(completion["additionalProperties"], false);

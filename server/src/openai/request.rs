@@ -427,6 +427,13 @@ impl ChatCompletionRequest {
     pub fn validate(mut self) -> Result<ValidRequest, ApiError> {
         let mut max_tokens_field = "max_tokens";
         if let Some(m) = self.max_completion_tokens {
+            // The deprecated `max_tokens` gives way, but is still checked.
+            if let Some(old) = self.max_tokens.filter(|&t| t < 1) {
+                return Err(ApiError::field(
+                    "max_tokens",
+                    format!("`max_tokens` must be at least 1, found {old}"),
+                ));
+            }
             self.max_tokens = Some(m);
             max_tokens_field = "max_completion_tokens";
         }

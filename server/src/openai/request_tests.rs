@@ -68,6 +68,9 @@ fn integers_may_be_written_with_a_zero_fraction_as_json_schema_allows() {
         "max_tokens"
     );
     assert_eq!(param(completion(r#"{"prompt": [1.5]}"#)), "prompt[0]");
+    // Beside max_completion_tokens, max_tokens is still checked.
+    let body = r#"{"messages": [{"role": "user", "content": "a"}], "max_completion_tokens": 3, "max_tokens": 0}"#;
+    assert_eq!(param(chat(body)), "max_tokens");
     // Past 2^53 a float may be a rounded literal: i64::MIN − 1 is not i64::MIN.
     assert_eq!(
         param(completion(
