@@ -134,6 +134,34 @@ pub fn document(vocab_size: usize) -> Value {
             }
         }
     }
+    // A stream is server-sent events, not one chunk: describe the event (its `data` is a chunk as
+    // JSON text, or `[DONE]`), which is what SSE-aware clients and checkers read.
+    for (path, chunk) in [
+        ("/v1/completions", "CompletionChunk"),
+        ("/v1/chat/completions", "ChatCompletionChunk"),
+    ] {
+        let pointer = format!(
+            "/paths/{}/post/responses/200/content/text~1event-stream/schema",
+            path.replace('/', "~1")
+        );
+        if let Some(schema) = doc.pointer_mut(&pointer) {
+            *schema = serde_json::json!({
+                "type": "object",
+                "description": format!("One server-sent event: `data` is a {chunk} as JSON text, or `[DONE]` after the last."),
+                "required": ["data"],
+                "properties": {
+                    "data": {"anyOf": [
+                        {"const": "[DONE]"},
+                        {"type": "string", "contentMediaType": "application/json",
+                            "contentSchema": {"$ref": format!("#/components/schemas/{chunk}")}}
+                    ]},
+                    "event": {"type": "string"},
+                    "id": {"type": "string"},
+                    "retry": {"type": "integer"}
+                }
+            });
+        }
+    }
     if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
         for head in paths.values_mut().filter_map(|item| item.get_mut("head")) {
             if let Some(Value::String(id)) = head.get_mut("operationId") {
@@ -191,6 +219,15 @@ mod tests {
     fn the_schemas_say_what_the_server_requires() {
         let doc = document(49152);
         assert_eq!(schema(&doc, "TokenId")["maximum"], 49151);
+        let sse = doc
+            .pointer(
+                "/paths/~1v1~1completions/post/responses/200/content/text~1event-stream/schema",
+            )
+            .unwrap();
+        assert_eq!(
+            sse["properties"]["data"]["anyOf"][0]["const"], "[DONE]",
+            "{sse}"
+        );
         for request in ["CompletionRequest", "ChatCompletionRequest"] {
             let then = &schema(&doc, request)["then"];
             assert_eq!(then["properties"]["stream"]["const"], true, "{request}");
