@@ -7,7 +7,9 @@
 //! `ContentPart`, which refuse unknown fields as the requests do (utoipa writes it for structs
 //! only); and, as `#[utoipa::path(method(get, head))]` gives both operations
 //! one `operationId` (which must be unique), renames the HEAD ones `{id}_head`; and that
-//! `stream_options` needs `stream: true` (an `if`/`then` on both request schemas). Tests check that every [`Route`] is described with its methods.
+//! `stream_options` needs `stream: true` (an `if`/`then` on both request schemas); and, for the
+//! `text/event-stream` answers, the server-sent event itself (`data`: a chunk as JSON text, or
+//! `[DONE]`) rather than the chunk. Tests check that every [`Route`] is described with its methods.
 
 use serde_json::Value;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
