@@ -107,8 +107,7 @@ pub fn read_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
             if !integral_floats_to_integers(&mut value) {
                 return Err(json_error(&e));
             }
-            let again = serde_json::to_vec(&value).expect("a JSON value serializes");
-            typed_json(&again).map_err(|f| f.api())
+            serde_path_to_error::deserialize(value).map_err(|e| json_error(&e))
         }
         result => result.map_err(|f| f.api()),
     }
