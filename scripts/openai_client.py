@@ -16,6 +16,7 @@ Needs `pip install openai openapi-spec-validator`. Exits non-zero on the first c
 """
 
 import argparse
+import contextlib
 import json
 import signal
 import subprocess
@@ -82,12 +83,17 @@ def run_checks(base_url, api_key):
         check(False, "an unknown model is refused")
     except openai.BadRequestError as e:
         check(e.body.get("param") == "model", "unknown model -> BadRequestError (param model)")
+    context = models.data[0].model_extra["max_model_len"]
     try:
-        client.completions.create(model=model, prompt="a", max_tokens=10**6)
-        check(False, "max_tokens over the context is refused")
+        client.completions.create(model=model, prompt=[504] * context, max_tokens=1)
+        check(False, "a prompt that fills the context is refused")
     except openai.BadRequestError as e:
-        check(e.body.get("code") == "context_length_exceeded",
-              f"over the context -> {e.body.get('message')}")
+        check(e.body.get("code") == "context_length_exceeded" and e.body.get("param") == "prompt",
+              f"a prompt that fills the context -> {e.body.get('message')}")
+    cut = client.completions.create(model=model, prompt=[504] * (context - 3), max_tokens=10**6,
+                                    extra_body={"ignore_eos": True})
+    check(cut.usage.completion_tokens == 3 and cut.choices[0].finish_reason == "length",
+          "max_tokens beyond the context is cut to the room the prompt leaves")
     check_openapi(base_url, model)
 
     if api_key:
@@ -130,7 +136,15 @@ def main():
         run_checks(args.url.rstrip("/"), args.api_key)
         return
     key = args.api_key or "sk-vkv-ci"
-    server = subprocess.Popen([args.vkv, "serve", "--port", "0", "--api-key", key, *args.serve_args],
+    with served(args.vkv, ["--api-key", key, *args.serve_args]) as base_url:
+        run_checks(base_url, key)
+
+
+@contextlib.contextmanager
+def served(vkv, serve_args):
+    """Start `vkv serve --port 0 SERVE_ARGS`, yield its base URL, and stop it with SIGTERM,
+    checking that it exits 0."""
+    server = subprocess.Popen([vkv, "serve", "--port", "0", *serve_args],
                               stdout=subprocess.PIPE, text=True)
     try:
         line = server.stdout.readline()
@@ -138,12 +152,11 @@ def main():
         if "http://" not in line:
             sys.exit(f"vkv serve did not start: {line!r}")
         url = line.split("http://", 1)[1].split()[0]
-        run_checks(f"http://{url}", key)
+        yield f"http://{url}"
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=60)
     check(code == 0, "vkv serve exits 0 on SIGTERM")
-
 
 if __name__ == "__main__":
     main()

@@ -432,6 +432,17 @@ fn completions_and_chat_whole_and_streamed() {
         assert_eq!(status, StatusCode::OK, "{ids}");
         assert_eq!(ids["usage"], json!({"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}));
 
+        // max_tokens beyond the context is cut to the room the prompt leaves, ending with `length`.
+        let (status, cut) = post(&c, &url, &json!({"prompt": vec![504; 2040], "max_tokens": 5000, "ignore_eos": true}), None).await;
+        assert_eq!(status, StatusCode::OK, "{cut}");
+        assert_eq!(cut["usage"], json!({"prompt_tokens": 2040, "completion_tokens": 8, "total_tokens": 2048}));
+        assert_eq!(cut["choices"][0]["finish_reason"], "length");
+        // A prompt that fills the context alone is refused, naming the prompt.
+        let (status, full) = post(&c, &url, &json!({"prompt": vec![504; 2048], "max_tokens": 5}), None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{full}");
+        assert_eq!((&full["error"]["param"], &full["error"]["code"]), (&json!("prompt"), &json!("context_length_exceeded")));
+        assert!(full["error"]["message"].as_str().unwrap().contains("2048"), "{full}");
+
         // Stop strings cut the text before them and finish with `stop`: greedy, so the same
         // text as without the stop string, up to its first occurrence.
         let greedy = json!({"prompt": "1, 2, 3, 4,", "max_tokens": 16, "temperature": 0, "ignore_eos": true});
@@ -477,7 +488,7 @@ fn completions_and_chat_whole_and_streamed() {
 
         // Metrics: valid text, and they counted what happened.
         let m = wait_until_empty(&c, &s, "after the requests").await;
-        assert_eq!(m["vkv_http_requests_total{route=\"/v1/completions\",status=\"200\"}"], 5.0);
+        assert_eq!(m["vkv_http_requests_total{route=\"/v1/completions\",status=\"200\"}"], 6.0);
         assert!(m["vkv_request_success_total{finished_reason=\"length\"}"] >= 3.0);
         assert!(m["vkv_time_to_first_token_seconds_count"] >= 7.0);
         assert!(m["vkv_inter_token_latency_seconds_count"] > 0.0);
@@ -529,7 +540,6 @@ fn client_mistakes_get_openai_errors() {
             ("max_tokens 0", &completions, ok(json!({"prompt": "a", "max_tokens": 0})), Some("max_tokens"), &["max_tokens"]),
             ("n 2", &completions, ok(json!({"prompt": "a", "n": 2})), Some("n"), &["n"]),
             ("token id outside the vocabulary", &completions, ok(json!({"prompt": [1, 999999], "max_tokens": 2})), Some("prompt"), &["999999"]),
-            ("over the context", &completions, ok(json!({"prompt": "Hello there", "max_tokens": 5000})), Some("max_tokens"), &["5000", "2048"]),
             ("unknown model", &completions, ok(json!({"model": "gpt-4", "prompt": "a"})), Some("model"), &["gpt-4", "smol"]),
             ("stream_options without stream", &completions, ok(json!({"prompt": "a", "stream_options": {"include_usage": true}})), Some("stream_options"), &[]),
             ("no messages", &chat, ok(json!({"messages": []})), Some("messages"), &["messages"]),
@@ -543,7 +553,6 @@ fn client_mistakes_get_openai_errors() {
             ("user message without content", &chat, ok(json!({"messages": [{"role": "user"}]})), Some("messages[0].content"), &["missing"]),
             ("text part without text", &chat, ok(json!({"messages": [{"role": "user", "content": [{"type": "text"}]}]})), Some("messages[0].content[0].text"), &["missing"]),
             ("unknown message field", &chat, ok(json!({"messages": [{"role": "user", "content": "hi", "tool_calls": []}]})), Some("messages[0].tool_calls"), &["tool_calls"]),
-            ("chat over the context", &chat, ok(json!({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 4000})), Some("max_completion_tokens"), &["4000", "2048"]),
         ];
         for (what, url, body, param, needles) in cases {
             let got = post(&c, url, &body, Some(key)).await;

@@ -67,6 +67,9 @@ pub enum BackendError {
     },
     #[error("finish without a launched batch")]
     NothingLaunched,
+    /// A fault injected by a test ([`vkv_vmm::faults`]).
+    #[error("injected fault: {0}")]
+    Injected(&'static str),
 }
 
 pub use crate::model::Next;

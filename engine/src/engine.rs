@@ -247,6 +247,8 @@ pub struct MapMetrics {
     pub wait_seconds: f64,
     pub pages_mapped_ahead: u64,
     pub pages_mapped_on_wait: u64,
+    /// Times the Mapper thread died (a panic in a driver call) and was started again.
+    pub mapper_restarts: u64,
 }
 
 /// Tokens to back in each free slot before the first request (largest first; admissions take

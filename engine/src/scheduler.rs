@@ -12,7 +12,10 @@
 //! running sequence cannot grow, the newest running sequence is preempted, by recompute: its KV
 //! is freed, its tokens (prompt and generated) are kept, and it goes back to the head of the
 //! queue to be prefilled again — possibly the sequence itself, if it is the newest. Requests that
-//! could never fit (prompt + max_tokens over the cache's capacity) are refused at `add`.
+//! could never fit (prompt + max_tokens over the cache's capacity) are refused at `add`. A
+//! sequence whose reservation fails otherwise — a device call failed, or the device itself is
+//! out of memory while nothing else runs — leaves with the error ([`Step::failed`]); the others
+//! go on.
 //!
 //! Invariants, property-tested below: a step never exceeds the token budget or `max_num_seqs`;
 //! a chunk starts where its sequence's KV ends; the cache never holds a sequence that is not
@@ -50,11 +53,15 @@ pub struct ScheduledChunk {
     pub samples: bool,
 }
 
-/// What the next forward pass computes, and who was preempted to make room.
+/// What the next forward pass computes, who was preempted to make room, and who failed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Step {
     pub chunks: Vec<ScheduledChunk>,
     pub preempted: Vec<SeqId>,
+    /// Sequences whose KV could not be reserved, with why: a device call failed, or the device
+    /// was out of memory with nothing else running (so preempting could not help). They have
+    /// left the scheduler, their KV freed; the caller ends them with the error.
+    pub failed: Vec<(SeqId, String)>,
 }
 
 /// Errors a caller can provoke.
@@ -220,8 +227,14 @@ impl Scheduler {
             let n = (seq.tokens.len() - seq.computed).min(budget);
             match kv.reserve(seq.id, seq.computed + n) {
                 Ok(()) => {}
-                Err(KvError::OutOfMemory { .. }) => break,
-                Err(e) => return Err(e.into()),
+                // With nothing running, the budget always holds one sequence (`add` checks):
+                // only the device itself can be out of memory, and waiting would not end.
+                Err(KvError::OutOfMemory { .. }) if !self.running.is_empty() => break,
+                Err(e) => {
+                    let seq = self.waiting.pop_front().expect("front exists");
+                    self.fail(seq, e, kv, &mut step)?;
+                    continue;
+                }
             }
             let seq = self.waiting.pop_front().expect("front exists");
             step.chunks.push(chunk(&seq, n));
@@ -247,7 +260,9 @@ impl Scheduler {
                     step.chunks.push(chunk(seq, n));
                     return Ok(true);
                 }
-                Err(KvError::OutOfMemory { .. }) => {
+                // Alone, a sequence always fits the budget (`add` checks): only the device itself
+                // can be out of memory, and preempting itself would only start it over.
+                Err(KvError::OutOfMemory { .. }) if self.running.len() > 1 => {
                     // Victims are the newest, so they come after `i` until `i` is the newest.
                     let was_i = i + 1 == self.running.len();
                     let victim = self.running.pop().expect("sequence i is running");
@@ -256,9 +271,31 @@ impl Scheduler {
                         return Ok(false);
                     }
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    let seq = self.running.remove(i);
+                    self.fail(seq, e, kv, step)?;
+                    return Ok(false);
+                }
             }
         }
+    }
+
+    /// `seq` (out of the queues already) failed to reserve its KV: free what it holds and hand
+    /// it to the caller through `step.failed`.
+    fn fail(
+        &mut self,
+        seq: Seq,
+        why: KvError,
+        kv: &mut dyn KvManager,
+        step: &mut Step,
+    ) -> Result<(), SchedulerError> {
+        if kv.reserved(seq.id).is_some() {
+            kv.free(seq.id)?;
+        }
+        step.chunks.retain(|c| c.seq != seq.id);
+        step.failed
+            .push((seq.id, format!("reserving KV memory: {why}")));
+        Ok(())
     }
 
     fn preempt(

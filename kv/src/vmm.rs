@@ -137,11 +137,12 @@ impl VmmKv {
     }
 }
 
-/// Running out of pages, slots or a slot's tokens is `OutOfMemory` (what the scheduler
-/// preempts on); anything else keeps its `VmmError`.
+/// Running out of pages (the budget's, or the device's own memory), slots or a slot's tokens is
+/// `OutOfMemory` (what the scheduler preempts on); anything else keeps its `VmmError`.
 fn vmm_error(e: VmmError) -> KvError {
     match e {
         VmmError::PoolExhausted { .. }
+        | VmmError::DeviceOutOfMemory { .. }
         | VmmError::NoFreeSlot { .. }
         | VmmError::TooManyTokens { .. } => KvError::OutOfMemory {
             detail: e.to_string(),
@@ -277,6 +278,9 @@ impl MapAhead for VmmManager {
     }
 
     fn prepare_admissions(&mut self, next: &[(SeqId, usize)]) {
+        // Called every step: a Mapper thread that died (a panic in a driver call) starts again.
+        // Only failing to spawn a thread fails here; `reserve` then maps what each step needs.
+        let _ = self.mapper.revive();
         let stale: Vec<SeqId> = self
             .prepared
             .keys()

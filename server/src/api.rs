@@ -65,7 +65,9 @@ fn unix_now() -> u64 {
 impl AppState {
     pub fn new(engine: Arc<Engine>, config: ServerConfig) -> AppState {
         let vocab_size = engine.model().model.config.vocab_size;
-        let openapi = Bytes::from(crate::openapi::document(vocab_size).to_string());
+        let openapi = Bytes::from(
+            crate::openapi::document(&config.served_model_name, vocab_size).to_string(),
+        );
         AppState {
             openapi,
             engine,

@@ -355,6 +355,13 @@ impl ServerMetrics {
         );
         single(
             &mut out,
+            "vkv_mapper_restarts_total",
+            "vmm: times the Mapper thread died (a panic in a driver call) and was started again.",
+            "counter",
+            map.mapper_restarts,
+        );
+        single(
+            &mut out,
             "vkv_kv_warm_pages",
             "vmm: KV pages backed before the first request (eager allocation), reclaimable.",
             "gauge",

@@ -2,8 +2,8 @@
 //! response types ([`crate::openai`], [`crate::error`]) and the `#[utoipa::path]` attributes of
 //! the route handlers ([`crate::api`]), so it says what the server accepts and answers.
 //!
-//! [`document`] adds what only the running server knows: the served model's last token id (the
-//! `maximum` of `TokenId`); `additionalProperties: false` on each variant of `Message` and
+//! [`document`] adds what only the running server knows: the served model's name (the `enum` of
+//! the requests' `model`) and its last token id (the `maximum` of `TokenId`); `additionalProperties: false` on each variant of `Message` and
 //! `ContentPart`, which refuse unknown fields as the requests do (utoipa writes it for structs
 //! only); and, as `#[utoipa::path(method(get, head))]` gives both operations
 //! one `operationId` (which must be unique), renames the HEAD ones `{id}_head`; and that
@@ -96,8 +96,9 @@ impl Modify for BearerAuth {
 )]
 struct ApiDoc;
 
-/// The document for a server whose model has `vocab_size` tokens.
-pub fn document(vocab_size: usize) -> Value {
+/// The document for a server that serves `model` (its name in requests and /v1/models), whose
+/// vocabulary has `vocab_size` tokens.
+pub fn document(model: &str, vocab_size: usize) -> Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_else(|e| {
         serde_json::json!({"openapi": "3.1.0", "info": {"title": "vkv", "version": "?",
             "description": format!("generating the document failed: {e}")}, "paths": {}})
@@ -108,8 +109,15 @@ pub fn document(vocab_size: usize) -> Value {
     {
         token.insert("maximum".into(), vocab_size.saturating_sub(1).into());
     }
-    // `stream_options` (an object) only with `stream: true`, as the requests check.
     for name in ["CompletionRequest", "ChatCompletionRequest"] {
+        // `model`: the served name or none (another is refused).
+        if let Some(field) = doc
+            .pointer_mut(&format!("/components/schemas/{name}/properties/model"))
+            .and_then(Value::as_object_mut)
+        {
+            field.insert("enum".into(), serde_json::json!([model, null]));
+        }
+        // `stream_options` (an object) only with `stream: true`, as the requests check.
         if let Some(request) = doc
             .pointer_mut(&format!("/components/schemas/{name}"))
             .and_then(Value::as_object_mut)
@@ -184,7 +192,7 @@ mod tests {
 
     #[test]
     fn every_route_is_described_with_its_methods() {
-        let doc = document(49152);
+        let doc = document("smol", 49152);
         for route in Route::ALL {
             let item = &doc["paths"][route.path()];
             assert!(item.is_object(), "{}: {doc}", route.path());
@@ -219,7 +227,7 @@ mod tests {
 
     #[test]
     fn the_schemas_say_what_the_server_requires() {
-        let doc = document(49152);
+        let doc = document("smol", 49152);
         assert_eq!(schema(&doc, "TokenId")["maximum"], 49151);
         let sse = doc
             .pointer(
@@ -233,6 +241,12 @@ mod tests {
         for request in ["CompletionRequest", "ChatCompletionRequest"] {
             let then = &schema(&doc, request)["then"];
             assert_eq!(then["properties"]["stream"]["const"], true, "{request}");
+            let model = &schema(&doc, request)["properties"]["model"];
+            assert_eq!(
+                model["enum"],
+                serde_json::json!(["smol", null]),
+                "{request}"
+            );
         }
         let completion = schema(&doc, "CompletionRequest");
         assert_eq!(completion["required"], serde_json::json!(["prompt"]));
@@ -279,7 +293,7 @@ mod tests {
     #[test]
     fn required_fields_are_the_servers() {
         use crate::openai::{parse_request, Endpoint};
-        let doc = document(49152);
+        let doc = document("smol", 49152);
         let user = serde_json::json!({"role": "user", "content": "hi"});
         for (name, endpoint, minimal) in [
             (

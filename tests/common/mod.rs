@@ -1,6 +1,7 @@
 //! What the tests across crates share: the real default model, running the real `vkv` binary,
 //! and scratch directories that go away with the test.
 
+pub mod faults;
 pub mod serving;
 
 use std::path::PathBuf;

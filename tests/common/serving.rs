@@ -58,10 +58,23 @@ pub struct Output {
 
 /// Read events until every one of `n` requests has its final event.
 pub fn collect(rx: &mut EventReceiver, n: usize) -> HashMap<RequestId, Output> {
+    collect_calling(rx, n, || {})
+}
+
+/// [`collect`], calling `on_first` once the first event has arrived.
+pub fn collect_calling(
+    rx: &mut EventReceiver,
+    n: usize,
+    on_first: impl FnOnce(),
+) -> HashMap<RequestId, Output> {
     let mut out: HashMap<RequestId, Output> = HashMap::new();
     let mut done = 0;
+    let mut on_first = Some(on_first);
     while done < n {
         let ev = rx.blocking_recv().expect("the engine is alive");
+        if let Some(f) = on_first.take() {
+            f();
+        }
         let o = out.entry(ev.id).or_default();
         assert!(
             o.finished.is_none() && o.failed.is_none(),

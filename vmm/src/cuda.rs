@@ -16,6 +16,7 @@ use std::sync::Arc;
 use cudarc::driver::sys;
 use cudarc::driver::CudaContext;
 
+use crate::faults::{self, Fault};
 use crate::physical::check_page_size;
 use crate::{CudaProbe, PhysicalMemory, PhysicalPage, Result, VmmError};
 
@@ -34,10 +35,21 @@ fn driver_present() -> Result<()> {
 }
 
 fn check(call: &'static str, rc: sys::CUresult) -> Result<()> {
-    rc.result().map_err(|e| VmmError::Backend {
-        backend: NAME,
-        call,
-        detail: e.to_string(),
+    rc.result().map_err(|e| {
+        let detail = e.to_string();
+        if rc == sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
+            VmmError::DeviceOutOfMemory {
+                backend: NAME,
+                call,
+                detail,
+            }
+        } else {
+            VmmError::Backend {
+                backend: NAME,
+                call,
+                detail,
+            }
+        }
     })
 }
 
@@ -168,6 +180,7 @@ impl PhysicalMemory for CudaVmm {
 
     fn create_page(&self, size: usize) -> Result<PhysicalPage> {
         check_page_size(NAME, size, self.granularity)?;
+        faults::plan().check(Fault::CreatePage, NAME, "cuMemCreate")?;
         self.bind()?;
         let prop = self.alloc_prop();
         let mut handle: sys::CUmemGenericAllocationHandle = 0;
@@ -185,6 +198,7 @@ impl PhysicalMemory for CudaVmm {
     }
 
     fn map(&self, page: PhysicalPage, addr: u64) -> Result<()> {
+        faults::plan().check(Fault::Map, NAME, "cuMemMap")?;
         self.bind()?;
         // SAFETY: the driver validates the address range and the handle.
         check("cuMemMap", unsafe {

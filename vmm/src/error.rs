@@ -58,6 +58,12 @@ pub enum VmmError {
         addr: u64,
         bytes: usize,
     },
+    #[error("{backend}: {call} failed: out of device memory ({detail})")]
+    DeviceOutOfMemory {
+        backend: &'static str,
+        call: &'static str,
+        detail: String,
+    },
     #[error("{backend}: {call} failed: {detail}")]
     Backend {
         backend: &'static str,

@@ -25,6 +25,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Mutex;
 
+use crate::faults::{self, Fault};
 use crate::physical::{check_page_size, Reservations};
 use crate::{PhysicalMemory, PhysicalPage, Result, VmmError};
 
@@ -188,6 +189,7 @@ impl PhysicalMemory for HostVmm {
 
     fn create_page(&self, size: usize) -> Result<PhysicalPage> {
         check_page_size(NAME, size, self.granularity)?;
+        faults::plan().check(Fault::CreatePage, NAME, "create_page")?;
         let mut state = self.state();
         if let Some(offset) = state.free_offsets.get_mut(&size).and_then(Vec::pop) {
             return Ok(PhysicalPage {
@@ -232,6 +234,7 @@ impl PhysicalMemory for HostVmm {
 
     fn map(&self, page: PhysicalPage, addr: u64) -> Result<()> {
         self.check_range("map", addr, page.size)?;
+        faults::plan().check(Fault::Map, NAME, "mmap")?;
         // SAFETY: the range lies inside one of our PROT_NONE reservations (checked above), so
         // MAP_FIXED replaces only memory this backend owns.
         let got = unsafe {

@@ -30,6 +30,7 @@ pub mod conformance;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod error;
+pub mod faults;
 mod host;
 mod mapper;
 mod physical;

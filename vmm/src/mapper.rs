@@ -12,7 +12,9 @@
 //! must stay at zero when prediction works.
 //!
 //! Ownership: the `KvSpace` sits behind a mutex shared by the engine thread and this thread; all
-//! other state (counters) is atomics. Dropping the `Mapper` stops and joins the thread.
+//! other state (counters) is atomics. Dropping the `Mapper` stops and joins the thread. A thread
+//! that died (a panic in a driver call) is started again by [`Mapper::revive`]; meanwhile
+//! `ensure` maps what the caller needs itself.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,6 +23,7 @@ use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::faults::{self, Fault};
 use crate::{KvSpace, Result, SlotId, VmmError};
 
 /// Tuning of the [`Mapper`] thread.
@@ -60,6 +63,8 @@ pub struct MapperStats {
     pub wait_seconds: f64,
     /// Map-ahead requests that failed (slot released meanwhile, pool exhausted).
     pub ahead_errors: u64,
+    /// Times the thread was found dead (a panic in a driver call) and started again.
+    pub restarts: u64,
 }
 
 impl MapperStats {
@@ -83,6 +88,7 @@ struct Counters {
     pages_mapped_on_wait: AtomicU64,
     wait_nanos: AtomicU64,
     ahead_errors: AtomicU64,
+    restarts: AtomicU64,
 }
 
 enum Request {
@@ -97,6 +103,7 @@ pub struct Mapper {
     space: Arc<Mutex<KvSpace>>,
     tx: Sender<Request>,
     counters: Arc<Counters>,
+    options: MapperOptions,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -115,25 +122,37 @@ impl Mapper {
     pub fn spawn(space: KvSpace, options: MapperOptions) -> Result<Self> {
         let space = Arc::new(Mutex::new(space));
         let counters = Arc::new(Counters::default());
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let thread = std::thread::Builder::new()
-            .name("vkv-mapper".into())
-            .spawn({
-                let space = space.clone();
-                let counters = counters.clone();
-                move || run(&space, &counters, &rx, options)
-            })
-            .map_err(|e| VmmError::Backend {
-                backend: "mapper",
-                call: "spawn",
-                detail: e.to_string(),
-            })?;
+        let (tx, thread) = start(&space, &counters, options)?;
         Ok(Mapper {
             space,
             tx,
             counters,
+            options,
             thread: Some(thread),
         })
+    }
+
+    /// If the thread has died (a panic in a driver call), log why and start a new one; returns
+    /// whether it did. Until then nothing is mapped ahead, and `ensure` maps what a step needs
+    /// itself (counted as waits): the space stays usable, its lock recovering from the panic.
+    pub fn revive(&mut self) -> Result<bool> {
+        if !self.thread.as_ref().is_some_and(JoinHandle::is_finished) {
+            return Ok(false);
+        }
+        let why = match self.thread.take().map(JoinHandle::join) {
+            Some(Err(panic)) => panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into()),
+            _ => "it returned".into(),
+        };
+        tracing::error!(why = %why, "the vkv-mapper thread died: starting it again");
+        let (tx, thread) = start(&self.space, &self.counters, self.options)?;
+        self.tx = tx;
+        self.thread = Some(thread);
+        self.counters.restarts.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// The space, locked: acquire, release, share, views, statistics.
@@ -187,6 +206,7 @@ impl Mapper {
             pages_mapped_on_wait: get(&c.pages_mapped_on_wait),
             wait_seconds: get(&c.wait_nanos) as f64 * 1e-9,
             ahead_errors: get(&c.ahead_errors),
+            restarts: get(&c.restarts),
         }
     }
 }
@@ -198,6 +218,28 @@ impl Drop for Mapper {
             let _ = thread.join();
         }
     }
+}
+
+/// Start the thread on `space`; returns its channel and handle.
+fn start(
+    space: &Arc<Mutex<KvSpace>>,
+    counters: &Arc<Counters>,
+    options: MapperOptions,
+) -> Result<(Sender<Request>, JoinHandle<()>)> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let thread = std::thread::Builder::new()
+        .name("vkv-mapper".into())
+        .spawn({
+            let space = space.clone();
+            let counters = counters.clone();
+            move || run(&space, &counters, &rx, options)
+        })
+        .map_err(|e| VmmError::Backend {
+            backend: "mapper",
+            call: "spawn",
+            detail: e.to_string(),
+        })?;
+    Ok((tx, thread))
 }
 
 fn run(space: &Mutex<KvSpace>, c: &Counters, rx: &Receiver<Request>, options: MapperOptions) {
@@ -230,6 +272,9 @@ fn run(space: &Mutex<KvSpace>, c: &Counters, rx: &Receiver<Request>, options: Ma
                 let _ = done.send(());
             }
             Request::Ahead { slot, tokens } => {
+                if faults::plan().take(Fault::MapperPanic) {
+                    panic!("injected fault: the vkv-mapper thread dies");
+                }
                 c.requests.fetch_add(1, Ordering::Relaxed);
                 loop {
                     let start = Instant::now();

@@ -10,13 +10,14 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
+use vkv_vmm::faults::{self, Fault};
 
 use super::{
     lock, warm_plan, Command, EngineConfig, EngineError, EngineEvent, EngineMetrics, EventKind,
     EventSender, Finished, GenerationRequest, MapMetrics, Output, RequestId, Shared,
     StopConditions, Timings, Usage,
 };
-use crate::device::{Backend, Next};
+use crate::device::{Backend, BackendError, Next};
 use crate::engine::FinishReason;
 use crate::model::LoadedModel;
 use crate::model::SeqChunk;
@@ -323,6 +324,9 @@ impl<'m> EngineLoop<'m> {
                 return;
             }
         };
+        for (id, why) in &step.failed {
+            self.fail(&[*id], why);
+        }
         for id in &step.preempted {
             if let Some(a) = self.active.get_mut(id) {
                 a.preemptions += 1;
@@ -360,7 +364,12 @@ impl<'m> EngineLoop<'m> {
                         .is_some_and(|a| !a.sampler.is_greedy())
             })
             .collect();
-        if let Err(e) = self.backend.launch(&batch, &logits_for) {
+        let launched = if faults::plan().take(Fault::Launch) {
+            Err(BackendError::Injected("the forward pass did not launch"))
+        } else {
+            self.backend.launch(&batch, &logits_for)
+        };
+        if let Err(e) = launched {
             let ids: Vec<RequestId> = step.chunks.iter().map(|c| c.seq).collect();
             self.fail(&ids, &format!("forward pass failed: {e}"));
             return;
@@ -529,6 +538,7 @@ impl<'m> EngineLoop<'m> {
                 wait_seconds: s.wait_seconds,
                 pages_mapped_ahead: s.pages_mapped_ahead,
                 pages_mapped_on_wait: s.pages_mapped_on_wait,
+                mapper_restarts: s.restarts,
             });
         *lock(&self.shared.metrics) = m.clone();
     }

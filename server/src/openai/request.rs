@@ -134,8 +134,9 @@ macro_rules! generation_request {
             )*
             /// The served model's name (see /v1/models); another name is refused.
             pub model: Option<String>,
-            /// Tokens to generate at most; left out: the rest of the context. The prompt and
-            /// this must fit `max_model_len` (see /v1/models).
+            /// Tokens to generate at most; left out: the rest of the context. Generation also
+            /// ends (`length`) where the context does (`max_model_len` in /v1/models), so a
+            /// larger value is cut to the room the prompt leaves.
             #[schema(minimum = 1)]
             pub max_tokens: Option<i64>,
             /// 0: greedy (the most likely token).
@@ -486,9 +487,9 @@ impl ChatCompletionRequest {
 }
 
 impl ValidRequest {
-    /// The engine request: tokenize (through the chat template for chat), and fill in
-    /// `max_tokens` as the rest of the context (`limit` tokens: the smaller of the context length
-    /// and the KV capacity) when it was left out.
+    /// The engine request: tokenize (through the chat template for chat), and bound
+    /// `max_tokens` by the rest of the context (`limit` tokens: the smaller of the context length
+    /// and the KV capacity); left out, it is that rest.
     pub fn to_generation(
         &self,
         tokenizer: &Tokenizer,
@@ -526,20 +527,21 @@ impl ValidRequest {
                 format!("stop token id {id} is outside the vocabulary of {vocab} tokens"),
             ));
         }
-        let max_tokens = match self.max_tokens {
-            Some(m) => m,
-            None if prompt.len() < limit => limit - prompt.len(),
-            None => {
-                return Err(ApiError::field(
-                    field,
-                    format!(
-                        "the prompt has {} tokens, which leaves no room for output in the context length of {limit} tokens",
-                        prompt.len()
-                    ),
-                )
-                .with_code("context_length_exceeded"))
-            }
+        // Output gets the rest of the context at most: a larger `max_tokens` (or none) is cut
+        // to the room left, and the request ends with `length` there (as SGLang and llama.cpp
+        // do; vLLM and OpenAI refuse it). No request the OpenAPI document admits is refused
+        // for a sum of two fields that no schema can state.
+        let Some(room) = limit.checked_sub(prompt.len()).filter(|&r| r > 0) else {
+            return Err(ApiError::field(
+                field,
+                format!(
+                    "the prompt has {} tokens, which leaves no room for output in the context length of {limit} tokens",
+                    prompt.len()
+                ),
+            )
+            .with_code("context_length_exceeded"));
         };
+        let max_tokens = self.max_tokens.map_or(room, |m| m.min(room));
         Ok(GenerationRequest {
             prompt,
             max_tokens,
