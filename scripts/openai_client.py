@@ -16,15 +16,14 @@ Needs `pip install openai openapi-spec-validator`. Exits non-zero on the first c
 """
 
 import argparse
-import contextlib
 import json
-import signal
-import subprocess
 import sys
 import urllib.request
 
 import openai
 from openapi_spec_validator import validate as validate_openapi
+
+from vkv_serve import served
 
 
 def check(condition, what):
@@ -136,27 +135,10 @@ def main():
         run_checks(args.url.rstrip("/"), args.api_key)
         return
     key = args.api_key or "sk-vkv-ci"
-    with served(args.vkv, ["--api-key", key, *args.serve_args]) as base_url:
+    with served(args.vkv, ["--api-key", key, *args.serve_args]) as (base_url, _):
         run_checks(base_url, key)
 
 
-@contextlib.contextmanager
-def served(vkv, serve_args):
-    """Start `vkv serve --port 0 SERVE_ARGS`, yield its base URL, and stop it with SIGTERM,
-    checking that it exits 0."""
-    server = subprocess.Popen([vkv, "serve", "--port", "0", *serve_args],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        line = server.stdout.readline()
-        print(line.strip())
-        if "http://" not in line:
-            sys.exit(f"vkv serve did not start: {line!r}")
-        url = line.split("http://", 1)[1].split()[0]
-        yield f"http://{url}"
-    finally:
-        server.send_signal(signal.SIGTERM)
-        code = server.wait(timeout=60)
-    check(code == 0, "vkv serve exits 0 on SIGTERM")
 
 if __name__ == "__main__":
     main()

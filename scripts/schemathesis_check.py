@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 
-from openai_client import served
+from vkv_serve import served
 
 
 def main():
@@ -35,7 +35,7 @@ def main():
     st = os.path.join(os.path.dirname(sys.executable), "schemathesis")
     # A line per request would bury schemathesis' report.
     os.environ.setdefault("RUST_LOG", "warn")
-    with served(args.vkv, serve_args) as base_url:
+    with served(args.vkv, serve_args) as (base_url, _):
         run = subprocess.run([
             st, "run", f"{base_url}/openapi.json", "--checks", "all",
             "--max-examples", str(args.max_examples), "--workers", str(args.workers),
