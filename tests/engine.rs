@@ -16,19 +16,8 @@ use vkv_engine::engine::{
 };
 use vkv_engine::kv::{KvCacheDtype, KvMode};
 use vkv_kernels::cpu::Activations;
-use vkv_vmm::KvLayout;
 
-const MODES: [KvMode; 3] = [
-    KvMode::Paged { block_size: 16 },
-    KvMode::Vmm {
-        layout: KvLayout::PerLayer,
-        page_size: 64 << 10,
-    },
-    KvMode::Vmm {
-        layout: KvLayout::TokenMajor,
-        page_size: 2 << 20,
-    },
-];
+const MODES: [KvMode; 3] = common::serving::CPU_KV_MODES;
 
 fn engine(mode: KvMode, kv_memory: usize, max_num_batched_tokens: usize) -> Engine {
     engine_with(Activations::Int8, mode, kv_memory, max_num_batched_tokens)

@@ -11,19 +11,11 @@ use vkv_engine::engine::{Engine, EngineConfig};
 use vkv_engine::kv::KvMode;
 use vkv_kernels::cpu::Activations;
 use vkv_vmm::faults::{plan, Fault};
-use vkv_vmm::KvLayout;
 
-const PAGED: KvMode = KvMode::Paged { block_size: 16 };
-const VMM: [KvMode; 2] = [
-    KvMode::Vmm {
-        layout: KvLayout::PerLayer,
-        page_size: 64 << 10,
-    },
-    KvMode::Vmm {
-        layout: KvLayout::TokenMajor,
-        page_size: 2 << 20,
-    },
-];
+use common::serving::CPU_KV_MODES as MODES;
+
+/// The vmm modes of [`MODES`].
+const VMM: [KvMode; 2] = [MODES[1], MODES[2]];
 
 /// SmolLM2 on the CPU, batch invariant (a request's tokens do not depend on what else runs),
 /// `kv_memory` bytes of KV and `max_num_seqs` sequences at most.
@@ -45,7 +37,7 @@ fn engine(mode: KvMode, kv_memory: usize, max_num_seqs: usize) -> Engine {
 #[test]
 fn a_forward_pass_that_fails_to_launch_fails_its_batch_and_the_engine_serves_on() {
     let _plan = faults::lock();
-    for mode in [PAGED, VMM[0], VMM[1]] {
+    for mode in MODES {
         let e = engine(mode, 64 << 20, 8);
         faults::launch_failure(&e, &format!("{mode:?}"));
     }

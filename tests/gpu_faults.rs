@@ -12,19 +12,32 @@
 
 mod common;
 
+use std::sync::{Arc, MutexGuard};
+
 use common::faults;
 use vkv_engine::device::Device;
 use vkv_engine::engine::{Engine, EngineConfig};
 use vkv_engine::kv::{GpuKv, KvError, KvManager, KvMode, VmmShape};
 use vkv_kernels::cuda::DeviceBuffer;
 use vkv_vmm::faults::{plan, Fault};
-use vkv_vmm::KvLayout;
+use vkv_vmm::{CudaVmm, KvLayout};
 
 const PAGED: KvMode = KvMode::Paged { block_size: 16 };
 const VMM: KvMode = KvMode::Vmm {
     layout: KvLayout::TokenMajor,
     page_size: 2 << 20,
 };
+
+/// The fault plan to ourselves and a GPU, or `None` (skipped, saying why).
+fn gpu_and_device() -> Option<(MutexGuard<'static, ()>, Arc<CudaVmm>)> {
+    let plan = faults::lock();
+    Some((plan, common::gpu()?))
+}
+
+/// [`gpu_and_device`] for the engine tests, which open the device themselves.
+fn gpu() -> Option<MutexGuard<'static, ()>> {
+    gpu_and_device().map(|(plan, _)| plan)
+}
 
 fn config(mode: KvMode) -> EngineConfig {
     EngineConfig {
@@ -44,10 +57,7 @@ fn engine(mode: KvMode) -> Engine {
 
 #[test]
 fn gpu_a_forward_pass_that_fails_to_launch_fails_its_batch_and_the_engine_serves_on() {
-    let _plan = faults::lock();
-    if common::gpu().is_none() {
-        return;
-    }
+    let Some(_plan) = gpu() else { return };
     for mode in [PAGED, VMM] {
         faults::launch_failure(&engine(mode), &format!("{mode:?}"));
     }
@@ -55,29 +65,20 @@ fn gpu_a_forward_pass_that_fails_to_launch_fails_its_batch_and_the_engine_serves
 
 #[test]
 fn gpu_a_dead_mapper_thread_fails_nothing_and_is_started_again() {
-    let _plan = faults::lock();
-    if common::gpu().is_none() {
-        return;
-    }
+    let Some(_plan) = gpu() else { return };
     faults::mapper_death(&engine(VMM), "vmm", 4, None);
 }
 
 #[test]
 fn gpu_failing_page_maps_fail_the_admissions_and_the_engine_serves_on() {
-    let _plan = faults::lock();
-    if common::gpu().is_none() {
-        return;
-    }
+    let Some(_plan) = gpu() else { return };
     plan().arm(Fault::Map, usize::MAX);
     faults::map_failure(&engine(VMM), "vmm");
 }
 
 #[test]
 fn gpu_page_creation_failing_at_start_is_a_clear_start_error() {
-    let _plan = faults::lock();
-    if common::gpu().is_none() {
-        return;
-    }
+    let Some(_plan) = gpu() else { return };
     // Every creation fails: the Mapper thread's pool top-up could take a single fault first.
     plan().arm(Fault::CreatePage, usize::MAX);
     let err = match Engine::start(common::smollm2(), config(VMM)) {
@@ -92,8 +93,9 @@ fn gpu_page_creation_failing_at_start_is_a_clear_start_error() {
 
 #[test]
 fn gpu_an_exhausted_device_is_out_of_memory_for_the_vmm_cache_until_memory_returns() {
-    let _plan = faults::lock();
-    let Some(vmm) = common::gpu() else { return };
+    let Some((_plan, vmm)) = gpu_and_device() else {
+        return;
+    };
     let dims = vkv_engine::kv::KvDims {
         num_layers: 30,
         num_kv_heads: 3,

@@ -289,10 +289,7 @@ impl Scheduler {
         kv: &mut dyn KvManager,
         step: &mut Step,
     ) -> Result<(), SchedulerError> {
-        if kv.reserved(seq.id).is_some() {
-            kv.free(seq.id)?;
-        }
-        step.chunks.retain(|c| c.seq != seq.id);
+        unplan(seq.id, kv, step)?;
         step.failed
             .push((seq.id, format!("reserving KV memory: {why}")));
         Ok(())
@@ -304,11 +301,7 @@ impl Scheduler {
         kv: &mut dyn KvManager,
         step: &mut Step,
     ) -> Result<(), SchedulerError> {
-        if kv.reserved(victim.id).is_some() {
-            kv.free(victim.id)?;
-        }
-        // A chunk already planned for it this step is dropped.
-        step.chunks.retain(|c| c.seq != victim.id);
+        unplan(victim.id, kv, step)?;
         victim.computed = 0;
         step.preempted.push(victim.id);
         self.preemptions += 1;
@@ -373,6 +366,15 @@ impl Scheduler {
             .find(|s| s.id == id)
             .map(|s| &s.tokens[s.prompt_len..])
     }
+}
+
+/// Free what `id` holds in the cache and drop a chunk already planned for it this step.
+fn unplan(id: SeqId, kv: &mut dyn KvManager, step: &mut Step) -> Result<(), SchedulerError> {
+    if kv.reserved(id).is_some() {
+        kv.free(id)?;
+    }
+    step.chunks.retain(|c| c.seq != id);
+    Ok(())
 }
 
 fn chunk(seq: &Seq, n: usize) -> ScheduledChunk {

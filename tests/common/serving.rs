@@ -10,7 +10,22 @@ use vkv_engine::engine::{
     event_channel, Engine, EventKind, EventReceiver, Finished, GenerationRequest, RequestId,
     StopConditions,
 };
+use vkv_engine::kv::KvMode;
 use vkv_engine::sampler::SamplingParams;
+use vkv_vmm::KvLayout;
+
+/// The CPU engine's KV modes under test: paged, vmm per-layer with small pages, vmm token-major.
+pub const CPU_KV_MODES: [KvMode; 3] = [
+    KvMode::Paged { block_size: 16 },
+    KvMode::Vmm {
+        layout: KvLayout::PerLayer,
+        page_size: 64 << 10,
+    },
+    KvMode::Vmm {
+        layout: KvLayout::TokenMajor,
+        page_size: 2 << 20,
+    },
+];
 
 /// Prompts of different lengths and content, tokenized.
 pub fn prompts(e: &Engine, n: usize) -> Vec<Vec<u32>> {
