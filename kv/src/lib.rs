@@ -18,6 +18,9 @@
 //! - [`ContiguousArena`] (`arena.rs`): one contiguous range per request inside a fixed arena,
 //!   first fit — how engines before PagedAttention kept the KV cache. Serving never uses it;
 //!   `vkv frag` does, as the baseline.
+//! - [`PrefixIndex`] (`prefix.rs`): the prefix-cache index of automatic prefix caching (vLLM
+//!   V1's chained block keys, LRU among unreferenced units), over any unit of memory — a block
+//!   here, a physical page of the vmm cache. Not wired into the caches yet.
 //! - `conformance.rs`: the checks every cache must pass (random reserve / fork / free / preempt
 //!   sequences, audited after every operation, empty at the end), run on the CPU caches in unit
 //!   tests and on the GPU caches by `tests/gpu_kv.rs`.
@@ -29,6 +32,7 @@ pub mod conformance;
 mod cuda;
 mod manager;
 mod paged;
+mod prefix;
 mod vmm;
 
 pub use arena::ContiguousArena;
@@ -39,6 +43,9 @@ pub use manager::{
     KvBudget, KvCache, KvCacheDtype, KvDims, KvManager, KvMode, KvUsage, MapAhead, SeqId, VmmShape,
 };
 pub use paged::{BlockStorage, HostPools, PagedKv};
+pub use prefix::{
+    block_keys, BlockKey, CachedBlock, Inserted, PrefixError, PrefixIndex, PrefixMatch, PrefixStats,
+};
 pub use vmm::{VmmKv, VmmManager};
 
 /// The small shape the unit tests of this module run their caches at.
@@ -74,6 +81,8 @@ pub enum KvError {
     OutOfMemory { detail: String },
     #[error("the KV books are inconsistent: {0}")]
     Inconsistent(String),
+    #[error(transparent)]
+    Prefix(#[from] PrefixError),
     #[error(transparent)]
     Vmm(#[from] vkv_vmm::VmmError),
     #[cfg(feature = "cuda")]
