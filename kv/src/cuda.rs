@@ -19,7 +19,9 @@ use vkv_kernels::cuda::cudarc::driver::CudaContext;
 use vkv_kernels::cuda::{DeviceBuffer, KvAddress};
 use vkv_vmm::{CudaVmm, MapperOptions, PhysicalMemory};
 
-use super::manager::{KvBudget, KvDims, KvManager, KvMode, KvUsage, MapAhead, SeqId, VmmShape};
+use super::manager::{
+    KvBudget, KvDims, KvManager, KvMode, KvUsage, MapAhead, PrefixCache, SeqId, VmmShape,
+};
 use super::paged::{BlockStorage, PagedKv, PoolGeometry};
 use super::vmm::VmmManager;
 use super::{BlockId, KvError};
@@ -287,5 +289,11 @@ impl KvManager for GpuKv {
     }
     fn map_ahead_mut(&mut self) -> Option<&mut dyn MapAhead> {
         self.books_mut().map_ahead_mut()
+    }
+    fn prefix_cache(&self) -> Option<&dyn PrefixCache> {
+        self.books().prefix_cache()
+    }
+    fn prefix_cache_mut(&mut self) -> Option<&mut dyn PrefixCache> {
+        self.books_mut().prefix_cache_mut()
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! - [`KvManager`] (`manager.rs`): the books of any cache — capacity, `reserve` / `free` / `fork`
 //!   per sequence, usage, audit — with [`MapAhead`], the vmm-only capabilities (map-ahead, warm
-//!   slots, admission preparation), reached through [`KvManager::map_ahead`]. [`KvMode`] and its
+//!   slots, admission preparation), reached through [`KvManager::map_ahead`], and
+//!   [`PrefixCache`], automatic prefix caching, reached through [`KvManager::prefix_cache`]. [`KvMode`] and its
 //!   one sizing function ([`KvMode::units_for`]) turn a byte budget into blocks or pages.
 //! - The PagedAttention path (vLLM, Kwon et al. 2023; `block.rs`, `paged.rs`): [`BlockAllocator`]
 //!   (fixed-size blocks from one preallocated pool, reference-counted so that forks share them)
@@ -20,7 +21,8 @@
 //!   `vkv frag` does, as the baseline.
 //! - [`PrefixIndex`] (`prefix.rs`): the prefix-cache index of automatic prefix caching (vLLM
 //!   V1's chained block keys, LRU among unreferenced units), over any unit of memory — a block
-//!   here, a physical page of the vmm cache. Not wired into the caches yet.
+//!   here, a physical page of the vmm cache. [`PagedKv::with_prefix_caching`] uses it; the vmm
+//!   caches do not yet.
 //! - `conformance.rs`: the checks every cache must pass (random reserve / fork / free / preempt
 //!   sequences, audited after every operation, empty at the end), run on the CPU caches in unit
 //!   tests and on the GPU caches by `tests/gpu_kv.rs`.
@@ -40,7 +42,8 @@ pub use block::{BlockAllocator, BlockId, BlockTable};
 #[cfg(feature = "cuda")]
 pub use cuda::{DevicePools, GpuKv, GpuKvAddressing};
 pub use manager::{
-    KvBudget, KvCache, KvCacheDtype, KvDims, KvManager, KvMode, KvUsage, MapAhead, SeqId, VmmShape,
+    KvBudget, KvCache, KvCacheDtype, KvDims, KvManager, KvMode, KvUsage, MapAhead, PrefixCache,
+    SeqId, VmmShape,
 };
 pub use paged::{BlockStorage, HostPools, PagedKv};
 pub use prefix::{
@@ -79,6 +82,12 @@ pub enum KvError {
     InvalidConfig(String),
     #[error("out of KV memory: {detail}")]
     OutOfMemory { detail: String },
+    #[error("block {block} is {found}; expected a block {expected}")]
+    BlockState {
+        block: BlockId,
+        expected: &'static str,
+        found: String,
+    },
     #[error("the KV books are inconsistent: {0}")]
     Inconsistent(String),
     #[error(transparent)]

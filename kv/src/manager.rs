@@ -11,6 +11,7 @@ use vkv_kernels::cpu::{KvDtype, KvRef};
 use vkv_vmm::{KvLayout, KvSpaceConfig, MapperStats};
 
 use super::paged::{HostPools, PagedKv};
+use super::prefix::PrefixStats;
 use super::vmm::VmmKv;
 use super::KvError;
 
@@ -154,6 +155,49 @@ pub trait KvManager: Send {
     fn map_ahead_mut(&mut self) -> Option<&mut dyn MapAhead> {
         None
     }
+    /// Automatic prefix caching, for caches built with it (see [`PrefixCache`]).
+    fn prefix_cache(&self) -> Option<&dyn PrefixCache> {
+        None
+    }
+    fn prefix_cache_mut(&mut self) -> Option<&mut dyn PrefixCache> {
+        None
+    }
+}
+
+/// Automatic prefix caching (vLLM V1's design, `docs/design/prefix_caching.md`; issue 18): the
+/// K and V of every full block of tokens a sequence computed stay in the cache, indexed by the
+/// block's chained key ([`crate::PrefixIndex`]), after the sequence is freed — evictable, least
+/// recently released first, when memory runs out — so that a later sequence whose tokens start
+/// the same way (a shared system prompt, a multi-turn chat) starts with those blocks instead of
+/// computing them again. Memory held only by the cache counts as free: it is evicted on demand.
+///
+/// Use per sequence: [`PrefixCache::match_prefix`] before its first `reserve`, then `reserve`
+/// from the tokens covered on, and [`PrefixCache::cache_computed`] after every step that
+/// computed K and V, with the same salt each time.
+pub trait PrefixCache {
+    /// For `seq`, which must hold no KV yet: find the longest run of cached full blocks at the
+    /// start of `tokens` — never all of them: at least the last token is left to compute, so at
+    /// most the largest multiple of the block size below `tokens.len()` — and start `seq` with
+    /// them (one more reference each). Returns the tokens covered, which `seq` then holds; on a
+    /// miss (0) `seq` holds nothing, as before the call. `salt` (vLLM's `cache_salt`) keeps
+    /// requests of different salts from sharing. The lookup is counted in the stats.
+    fn match_prefix(
+        &mut self,
+        seq: SeqId,
+        tokens: &[u32],
+        salt: Option<&[u8]>,
+    ) -> Result<usize, KvError>;
+    /// `tokens` are `seq`'s tokens whose K and V are now computed (prompt and generated, at
+    /// most what it holds): record every full block of them not yet recorded. A block equal to
+    /// one already cached stays the sequence's own, uncached (a live table is never rewritten).
+    fn cache_computed(
+        &mut self,
+        seq: SeqId,
+        tokens: &[u32],
+        salt: Option<&[u8]>,
+    ) -> Result<(), KvError>;
+    /// The cache's counters (lookups, hits, evictions, cached and evictable units).
+    fn prefix_stats(&self) -> PrefixStats;
 }
 
 /// What a cache that backs memory on demand (vmm: pages mapped into a virtual range) can do

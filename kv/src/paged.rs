@@ -13,12 +13,34 @@
 //! it; a table of `n` tokens holds `ceil(n / block_size)` blocks; a failed grow or fork
 //! allocates nothing; a block a sequence writes (at or past its length) is held by it alone —
 //! `fork` copies the block the prefix ends inside.
+//!
+//! # Automatic prefix caching
+//!
+//! Built with [`PagedKv::with_prefix_caching`] (off by default), the cache keeps a
+//! [`PrefixIndex`] of blocks and implements [`PrefixCache`]: `cache_computed` records a
+//! sequence's computed full blocks, `match_prefix` starts a new sequence with the cached blocks
+//! its tokens begin with (one more reference each). Then every block is exactly one of:
+//!
+//! - *referenced*: held by the tables that hold it (cached or not);
+//! - *evictable*: cached, held by nobody, kept off the free list
+//!   ([`BlockAllocator::release_and_keep`]) and on the index's evictable queue — a freed
+//!   sequence's cached blocks enter it in its block order, the index queues them tail first;
+//! - *free*: on the allocator's free list (never cached).
+//!
+//! An allocation that finds the free list short evicts (least recently released first) and
+//! reuses the evicted blocks; only when free and evictable blocks together are too few is it
+//! out of memory, and then nothing is evicted. A referenced block is never evicted nor written:
+//! only full, computed blocks are cached, and a sequence writes past them. For admission an
+//! evictable block is free memory: `usage().bytes_allocated` counts referenced blocks only (an
+//! idle cache reports 0) and [`PagedKv::free_blocks`] counts evictable ones. `audit` checks the
+//! allocator, the tables, the index and the three states above.
 
 use std::collections::HashMap;
 
 use vkv_kernels::cpu::{self, HugeBuffer, KvDtype, KvRef};
 
-use super::manager::{unknown, KvCache, KvDims, KvManager, KvUsage, SeqId};
+use super::manager::{unknown, KvCache, KvDims, KvManager, KvUsage, PrefixCache, SeqId};
+use super::prefix::{CachedBlock, Inserted, PrefixIndex, PrefixStats};
 use super::{BlockAllocator, BlockId, BlockTable, KvError};
 
 /// Where a paged cache's pools are: it can copy one block to another in every layer's K and V
@@ -94,6 +116,27 @@ pub struct PagedKv<S = HostPools> {
     alloc: BlockAllocator,
     tables: HashMap<SeqId, BlockTable>,
     storage: S,
+    /// Automatic prefix caching, when on.
+    prefix: Option<PrefixState>,
+}
+
+/// The prefix cache of a [`PagedKv`]: the index of cached blocks, and per sequence how far its
+/// blocks are recorded.
+struct PrefixState {
+    index: PrefixIndex<BlockId>,
+    chains: HashMap<SeqId, Chain>,
+}
+
+/// How far a sequence's full blocks are recorded in the index.
+#[derive(Debug, Clone, Copy, Default)]
+struct Chain {
+    /// Full blocks recorded (cached, found cached, or duplicates of cached ones).
+    recorded: usize,
+    /// The cached block the next one follows (`None` before the first).
+    parent: Option<CachedBlock>,
+    /// The chain broke (its parent was evicted, or a shared block is cached under another
+    /// chain): no later block of the sequence could be found, so none is recorded.
+    broken: bool,
 }
 
 impl<S: BlockStorage> PagedKv<S> {
@@ -111,7 +154,24 @@ impl<S: BlockStorage> PagedKv<S> {
             alloc: BlockAllocator::new(num_blocks, block_size)?,
             tables: HashMap::new(),
             storage,
+            prefix: None,
         })
+    }
+
+    /// The same cache with automatic prefix caching on (see the module docs).
+    pub fn with_prefix_caching(mut self) -> Self {
+        let index = PrefixIndex::new(self.alloc.block_size())
+            .expect("the allocator refuses a block size of 0");
+        self.prefix = Some(PrefixState {
+            index,
+            chains: HashMap::new(),
+        });
+        self
+    }
+
+    /// Whether automatic prefix caching is on.
+    pub fn prefix_caching(&self) -> bool {
+        self.prefix.is_some()
     }
 
     pub fn block_size(&self) -> usize {
@@ -122,8 +182,78 @@ impl<S: BlockStorage> PagedKv<S> {
         self.alloc.num_blocks()
     }
 
+    /// Blocks an allocation can take: free ones and evictable cached ones.
     pub fn free_blocks(&self) -> usize {
-        self.alloc.num_free()
+        self.alloc.num_free() + self.alloc.num_kept()
+    }
+
+    /// Cached blocks nobody holds (evicted on demand); 0 without prefix caching.
+    pub fn evictable_blocks(&self) -> usize {
+        self.alloc.num_kept()
+    }
+
+    /// Make `needed` blocks free, evicting cached ones the free list lacks. All or nothing:
+    /// when free and evictable blocks together are too few, nothing is evicted and the error
+    /// says how many there are.
+    fn make_free(&mut self, needed: usize) -> Result<(), KvError> {
+        let free = self.alloc.num_free();
+        let Some(prefix) = self.prefix.as_mut().filter(|_| needed > free) else {
+            return Ok(());
+        };
+        if free + self.alloc.num_kept() < needed {
+            return Err(KvError::OutOfBlocks {
+                needed,
+                free: free + self.alloc.num_kept(),
+                total: self.alloc.num_blocks(),
+            });
+        }
+        for _ in free..needed {
+            let block = prefix.index.evict().ok_or_else(|| {
+                KvError::Inconsistent(format!(
+                    "{} blocks are kept but the prefix index has none to evict",
+                    self.alloc.num_kept()
+                ))
+            })?;
+            self.alloc.reclaim(block)?;
+        }
+        Ok(())
+    }
+
+    /// Check the prefix cache against the allocator: a block is evictable in the index exactly
+    /// when the allocator keeps it, a cached block is never on the free list, and every chain
+    /// belongs to a sequence and covers no more than its blocks.
+    fn audit_prefix(&self, prefix: &PrefixState) -> Result<(), KvError> {
+        prefix.index.audit()?;
+        for block in 0..self.alloc.num_blocks() as BlockId {
+            let kept = self.alloc.is_kept(block);
+            let evictable = prefix.index.is_evictable(block);
+            if kept != evictable {
+                return Err(KvError::Inconsistent(format!(
+                    "block {block} is {} by the allocator but {} in the prefix index",
+                    if kept { "kept" } else { "not kept" },
+                    if evictable {
+                        "evictable"
+                    } else {
+                        "not evictable"
+                    },
+                )));
+            }
+            if prefix.index.is_cached(block) && !kept && self.alloc.ref_count(block) == 0 {
+                return Err(KvError::Inconsistent(format!(
+                    "block {block} is cached in the prefix index but on the free list"
+                )));
+            }
+        }
+        for (seq, chain) in &prefix.chains {
+            let held = self.tables.get(seq).map(|t| t.blocks().len());
+            if held.is_none_or(|held| chain.recorded > held) {
+                return Err(KvError::Inconsistent(format!(
+                    "sequence {seq} has {} blocks recorded in the prefix cache but holds {held:?}",
+                    chain.recorded
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// `seq`'s block table.
@@ -206,6 +336,11 @@ impl<S: BlockStorage> KvManager for PagedKv<S> {
     }
 
     fn reserve(&mut self, seq: SeqId, len: usize) -> Result<(), KvError> {
+        if self.prefix.is_some() {
+            let held = self.tables.get(&seq).map_or(0, |t| t.blocks().len());
+            let needed = self.alloc.blocks_for(len).saturating_sub(held);
+            self.make_free(needed).map_err(out_of_memory)?;
+        }
         // The common case, every decode step: the sequence exists and grows in place.
         let result = match self.tables.get_mut(&seq) {
             Some(table) => table.grow_to(len, &mut self.alloc).map(drop),
@@ -226,6 +361,11 @@ impl<S: BlockStorage> KvManager for PagedKv<S> {
             return Err(KvError::AlreadyAllocated { seq: dst });
         }
         let source = self.tables.get(&src).ok_or_else(|| unknown(src))?;
+        // The block the prefix ends inside is copied into a fresh one.
+        if tokens <= source.len() && !tokens.is_multiple_of(self.alloc.block_size()) {
+            self.make_free(1).map_err(out_of_memory)?;
+        }
+        let source = &self.tables[&src];
         let (table, copy) = source
             .fork(tokens, &mut self.alloc)
             .map_err(out_of_memory)?;
@@ -242,7 +382,14 @@ impl<S: BlockStorage> KvManager for PagedKv<S> {
 
     fn free(&mut self, seq: SeqId) -> Result<(), KvError> {
         let mut table = self.tables.remove(&seq).ok_or_else(|| unknown(seq))?;
-        table.release(&mut self.alloc)
+        let Some(prefix) = self.prefix.as_mut() else {
+            return table.release(&mut self.alloc);
+        };
+        prefix.chains.remove(&seq);
+        let index = &mut prefix.index;
+        let kept = table.release_keeping(&mut self.alloc, |b| index.is_cached(b))?;
+        index.release(&kept)?;
+        Ok(())
     }
 
     fn reserved(&self, seq: SeqId) -> Option<usize> {
@@ -250,17 +397,137 @@ impl<S: BlockStorage> KvManager for PagedKv<S> {
     }
 
     fn audit(&self) -> Result<(), KvError> {
-        self.alloc.audit(self.tables.values())
+        self.alloc.audit(self.tables.values())?;
+        match &self.prefix {
+            Some(prefix) => self.audit_prefix(prefix),
+            None if self.alloc.num_kept() > 0 => Err(KvError::Inconsistent(format!(
+                "{} blocks are kept for a prefix cache, but caching is off",
+                self.alloc.num_kept()
+            ))),
+            None => Ok(()),
+        }
     }
 
+    /// Referenced blocks only: evictable cached blocks are free memory (see the module docs).
     fn usage(&self) -> KvUsage {
         let block_bytes = self.alloc.block_size() * self.bytes_per_token();
+        let referenced = self.alloc.num_blocks() - self.alloc.num_free() - self.alloc.num_kept();
         KvUsage {
-            bytes_allocated: (self.alloc.num_blocks() - self.alloc.num_free()) * block_bytes,
+            bytes_allocated: referenced * block_bytes,
             bytes_holding_tokens: self.tables.values().map(BlockTable::len).sum::<usize>()
                 * self.bytes_per_token(),
             sequences: self.tables.len(),
         }
+    }
+
+    fn prefix_cache(&self) -> Option<&dyn PrefixCache> {
+        self.prefix.as_ref().map(|_| self as &dyn PrefixCache)
+    }
+
+    fn prefix_cache_mut(&mut self) -> Option<&mut dyn PrefixCache> {
+        match self.prefix {
+            Some(_) => Some(self),
+            None => None,
+        }
+    }
+}
+
+/// The error of a prefix-cache call on a cache built without it.
+fn caching_off() -> KvError {
+    KvError::InvalidConfig(
+        "prefix caching is off in this paged cache; expected one built with_prefix_caching".into(),
+    )
+}
+
+impl<S: BlockStorage> PrefixCache for PagedKv<S> {
+    fn match_prefix(
+        &mut self,
+        seq: SeqId,
+        tokens: &[u32],
+        salt: Option<&[u8]>,
+    ) -> Result<usize, KvError> {
+        if self.tables.contains_key(&seq) {
+            return Err(KvError::AlreadyAllocated { seq });
+        }
+        let prefix = self.prefix.as_mut().ok_or_else(caching_off)?;
+        let block_size = self.alloc.block_size();
+        // The last token is always computed (its logits are the next token's).
+        let most = tokens.len().saturating_sub(1) / block_size * block_size;
+        let hit = prefix.index.lookup(&tokens[..most], salt);
+        let covered = hit.blocks() * block_size;
+        prefix.index.record_lookup(tokens.len(), covered);
+        if covered == 0 {
+            return Ok(0);
+        }
+        let mut table = BlockTable::new();
+        for &block in &hit.units {
+            if table.push_shared(block, &mut self.alloc)? {
+                prefix.index.acquire(block)?;
+            }
+        }
+        self.tables.insert(seq, table);
+        prefix.chains.insert(
+            seq,
+            Chain {
+                recorded: hit.blocks(),
+                parent: hit.last,
+                broken: false,
+            },
+        );
+        Ok(covered)
+    }
+
+    fn cache_computed(
+        &mut self,
+        seq: SeqId,
+        tokens: &[u32],
+        salt: Option<&[u8]>,
+    ) -> Result<(), KvError> {
+        let table = self.tables.get(&seq).ok_or_else(|| unknown(seq))?;
+        if tokens.len() > table.len() {
+            return Err(KvError::NotAllocated {
+                what: format!(
+                    "tokens {}..{} of sequence {seq} (computed tokens must be reserved)",
+                    table.len(),
+                    tokens.len()
+                ),
+            });
+        }
+        let prefix = self.prefix.as_mut().ok_or_else(caching_off)?;
+        let index = &mut prefix.index;
+        let chain = prefix.chains.entry(seq).or_default();
+        let block_size = self.alloc.block_size();
+        let full = tokens.len() / block_size;
+        while chain.recorded < full && !chain.broken {
+            let j = chain.recorded;
+            let block = table.blocks()[j];
+            let end = (j + 1) * block_size;
+            if index.is_cached(block) {
+                // A block shared with another sequence (a fork) that cached it first: follow
+                // its entry when it is this sequence's chain, else stop.
+                let found = index.lookup(&tokens[..end], salt);
+                match found.units.get(j) {
+                    Some(&b) if b == block => chain.parent = found.last,
+                    _ => chain.broken = true,
+                }
+            } else {
+                match index.insert(chain.parent, &tokens[j * block_size..end], salt, block)? {
+                    Inserted::Cached(b) | Inserted::Duplicate { block: b, .. } => {
+                        chain.parent = Some(b)
+                    }
+                    Inserted::ParentGone => chain.broken = true,
+                }
+            }
+            chain.recorded += usize::from(!chain.broken);
+        }
+        Ok(())
+    }
+
+    fn prefix_stats(&self) -> PrefixStats {
+        self.prefix
+            .as_ref()
+            .map(|p| p.index.stats())
+            .unwrap_or_default()
     }
 }
 
@@ -295,3 +562,7 @@ impl KvCache for PagedKv<HostPools> {
         })
     }
 }
+
+#[cfg(test)]
+#[path = "paged_tests.rs"]
+mod tests;
