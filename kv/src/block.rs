@@ -485,7 +485,7 @@ mod tests {
             ops in proptest::collection::vec((0..6usize, 0..400usize, 0..6u8, 0..6usize), 1..200),
         ) {
             // Blocks of even number stand for blocks the prefix cache holds.
-            let cached = |b: BlockId| b % 2 == 0;
+            let cached = |b: BlockId| b.is_multiple_of(2);
             let mut alloc = BlockAllocator::new(num_blocks, block_size).unwrap();
             let mut tables = vec![BlockTable::new(); 6];
             for (i, tokens, op, from) in ops {
@@ -529,7 +529,7 @@ mod tests {
                     5 => {
                         let b = (tokens % num_blocks) as BlockId;
                         let usable = alloc.is_kept(b) || alloc.ref_count(b) > 0;
-                        let aligned = tables[i].len() % block_size == 0;
+                        let aligned = tables[i].len().is_multiple_of(block_size);
                         let held = alloc.ref_count(b);
                         if tables[i].blocks().contains(&b) {
                             continue;

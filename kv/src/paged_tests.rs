@@ -342,7 +342,7 @@ impl Model {
         covered: usize,
     ) -> Result<(), String> {
         let bs = kv.block_size();
-        if covered % bs != 0 || (covered > 0 && covered >= tokens.len()) {
+        if !covered.is_multiple_of(bs) || (covered > 0 && covered >= tokens.len()) {
             return Err(format!(
                 "{covered} tokens of {} matched in blocks of {bs}",
                 tokens.len()
@@ -462,7 +462,7 @@ fn random_operations(
                 let dst = m.next;
                 match kv.fork(src, dst, n) {
                     Ok(()) => {
-                        if n % bs != 0 {
+                        if !n.is_multiple_of(bs) {
                             let from = kv.table(src).unwrap().blocks()[n / bs];
                             let to = kv.table(dst).unwrap().blocks()[n / bs];
                             let copied = m.written.get(&from).cloned().unwrap_or_default();
