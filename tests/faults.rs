@@ -1,7 +1,7 @@
 //! Faults injected into the engine serving the real SmolLM2 on the CPU ([`vkv_vmm::faults`]; the
 //! scenarios are in tests/common/faults.rs, shared with tests/gpu_faults.rs): a forward pass
-//! that fails to launch, the vmm Mapper thread dying, page maps failing, the device out of
-//! memory while pages are created. Each ends the requests it touches with a clear error (or
+//! that fails to launch, an engine step that panics, the vmm Mapper thread dying, page maps
+//! failing, the device out of memory while pages are created. Each ends the requests it touches with a clear error (or
 //! changes nothing), the engine serves on, and no KV memory is left behind.
 
 mod common;
@@ -40,6 +40,15 @@ fn a_forward_pass_that_fails_to_launch_fails_its_batch_and_the_engine_serves_on(
     for mode in MODES {
         let e = engine(mode, 64 << 20, 8);
         faults::launch_failure(&e, &format!("{mode:?}"));
+    }
+}
+
+#[test]
+fn a_panicking_engine_step_fails_the_requests_in_flight_and_the_engine_serves_on() {
+    let _plan = faults::lock();
+    for mode in MODES {
+        let e = engine(mode, 64 << 20, 8);
+        faults::step_panic(&e, &format!("{mode:?}"));
     }
 }
 

@@ -1,6 +1,7 @@
 //! Faults on the CUDA device ([`vkv_vmm::faults`]; the scenarios are tests/common/faults.rs,
-//! which the CPU runs in tests/faults.rs): a forward pass that fails to launch (paged and vmm),
-//! the vmm Mapper thread dying, `cuMemMap` failing, `cuMemCreate` failing at start — and a
+//! which the CPU runs in tests/faults.rs): a forward pass that fails to launch and a step that
+//! panics (paged and vmm), the vmm Mapper thread dying, `cuMemMap` failing, `cuMemCreate` failing
+//! at start — and a
 //! really exhausted device: with the GPU's memory taken by another allocation, `cuMemCreate`
 //! answers `CUDA_ERROR_OUT_OF_MEMORY`, which the vmm cache reports as out of memory (what the
 //! scheduler preempts on, or fails a lone request with), keeping its books; once the memory is
@@ -56,10 +57,12 @@ fn engine(mode: KvMode) -> Engine {
 }
 
 #[test]
-fn gpu_a_forward_pass_that_fails_to_launch_fails_its_batch_and_the_engine_serves_on() {
+fn gpu_a_failed_launch_or_a_panicking_step_fails_its_requests_and_the_engine_serves_on() {
     let Some(_plan) = gpu() else { return };
     for mode in [PAGED, VMM] {
-        faults::launch_failure(&engine(mode), &format!("{mode:?}"));
+        let e = engine(mode);
+        faults::launch_failure(&e, &format!("{mode:?}"));
+        faults::step_panic(&e, &format!("{mode:?}: a panicking step"));
     }
 }
 

@@ -109,10 +109,13 @@ impl Sampler {
         if self.is_greedy() {
             return argmax(logits);
         }
+        // Scaled after subtracting the largest logit, so that a tiny temperature (1e-38 passes
+        // the range check) gives -inf, not inf - inf = NaN, for everything but the top.
+        let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut cands: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
-            .map(|(i, &l)| (i as u32, l / p.temperature))
+            .map(|(i, &l)| (i as u32, (l - top) / p.temperature))
             .collect();
         cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
         if p.top_k > 0 {
@@ -135,6 +138,10 @@ impl Sampler {
                 .map_or(cands.len(), |i| i + 1);
             cands.truncate(keep);
             total = cands.iter().map(|c| c.1 as f64).sum();
+        }
+        if !(total.is_finite() && total > 0.0) {
+            // Logits the model should never give (NaN, all -inf): the most likely token.
+            return argmax(logits);
         }
         let mut r = self.rng.random_range(0.0..total);
         for &(id, w) in &cands {
@@ -215,6 +222,29 @@ mod tests {
             "{ones} of 4000, expected ~3000"
         );
         assert!((0..1000).all(|_| s.sample(&logits) != 2));
+    }
+
+    #[test]
+    fn a_tiny_temperature_or_broken_logits_give_the_argmax_not_a_panic() {
+        // 1e-38 passes the range check; dividing logits by it overflowed to inf (inf - inf =
+        // NaN) and the engine thread panicked on an empty range (schemathesis found it).
+        let logits = [1.0f32, 5.0, -3.0, 4.99];
+        for temperature in [1e-38, f32::MIN_POSITIVE, 1e-30] {
+            let mut s = Sampler::new(SamplingParams {
+                temperature,
+                top_p: 0.5,
+                seed: Some(3),
+                ..Default::default()
+            });
+            assert!((0..100).all(|_| s.sample(&logits) == 1), "{temperature}");
+        }
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            seed: Some(4),
+            ..Default::default()
+        });
+        assert_eq!(s.sample(&[f32::NEG_INFINITY; 4]), 0);
+        assert_eq!(s.sample(&[f32::NAN, f32::NAN]), 0);
     }
 
     #[test]

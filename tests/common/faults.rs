@@ -58,15 +58,31 @@ fn assert_recovered(e: &Engine, name: &str) {
 /// A forward pass that fails to launch ends the requests of that batch with "forward pass
 /// failed: injected fault ..."; the rest, and the next request, run.
 pub fn launch_failure(e: &Engine, name: &str) {
-    let injected = plan().injected(Fault::Launch);
-    let outs = run_batch(e, 4, 24, || plan().arm(Fault::Launch, 1));
-    assert_eq!(plan().injected(Fault::Launch), injected + 1, "{name}");
+    step_fault(e, name, Fault::Launch, "forward pass failed");
+}
+
+/// A step that panics (a bug) ends the requests in flight with "internal error in the engine
+/// step: injected fault ..." instead of stopping the engine; the next request runs.
+pub fn step_panic(e: &Engine, name: &str) {
+    step_fault(
+        e,
+        name,
+        Fault::StepPanic,
+        "internal error in the engine step",
+    );
+}
+
+/// Arm `fault` once while 4 requests run: some fail with `message`, the others run to length.
+fn step_fault(e: &Engine, name: &str, fault: Fault, message: &str) {
+    let injected = plan().injected(fault);
+    let outs = run_batch(e, 4, 24, || plan().arm(fault, 1));
+    assert_eq!(plan().injected(fault), injected + 1, "{name}");
     let failed: Vec<&String> = outs.iter().filter_map(|o| o.failed.as_ref()).collect();
     assert!(!failed.is_empty(), "{name}: no request failed: {outs:?}");
     for o in &outs {
         match &o.failed {
             Some(why) => assert!(
-                why.contains("forward pass failed") && why.contains("injected fault"),
+                why.contains(message) && why.contains("injected fault"),
                 "{name}: {why}"
             ),
             None => assert!(ran_to_length(o, 24), "{name}: {o:?}"),

@@ -12,7 +12,7 @@
 //! The faults are the ones a real device produces: `cuMemCreate` answering
 //! `CUDA_ERROR_OUT_OF_MEMORY` ([`VmmError::DeviceOutOfMemory`], which the KV books treat as
 //! memory pressure), `cuMemMap` failing ([`VmmError::Backend`]), a driver call panicking inside
-//! the Mapper thread, a kernel launch refused.
+//! the Mapper thread, a kernel launch refused; and a panic in an engine step (a bug).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -29,9 +29,11 @@ pub enum Fault {
     MapperPanic,
     /// The engine's next forward pass fails to launch.
     Launch,
+    /// The engine's next step panics (a bug in the serving loop).
+    StepPanic,
 }
 
-const FAULTS: usize = 4;
+const FAULTS: usize = 5;
 
 impl Fault {
     fn index(self) -> usize {

@@ -6,6 +6,7 @@
 //! panic the thread.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -157,7 +158,12 @@ impl<'m> EngineLoop<'m> {
                 draining |= self.command(cmd);
             }
             if !self.scheduler.is_idle() {
-                self.step(rx);
+                let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| self.step(rx)));
+                if let Err(panic) = stepped {
+                    if !self.recover_from_panic(&panic_message(panic.as_ref())) {
+                        break;
+                    }
+                }
                 // Commands that arrived during the step and had to wait for its end.
                 for cmd in std::mem::take(&mut self.deferred) {
                     draining |= self.command(cmd);
@@ -300,6 +306,30 @@ impl<'m> EngineLoop<'m> {
         let _ = self.output.send(Output::Finished { id, finished });
     }
 
+    /// A step panicked (a bug): end every request in flight with the error, so that no client
+    /// waits forever, and go on serving if the KV books are still consistent (their audit
+    /// passes once those requests are freed). Returns false when they are not: the engine then
+    /// stops, as it would have without the catch, and the server answers 503.
+    fn recover_from_panic(&mut self, why: &str) -> bool {
+        tracing::error!(
+            panic = why,
+            "an engine step panicked: failing the requests in flight"
+        );
+        let ids: Vec<RequestId> = self.active.keys().copied().collect();
+        self.fail(&ids, &format!("internal error in the engine step: {why}"));
+        match self.backend.kv().audit() {
+            Ok(()) if self.scheduler.is_idle() => true,
+            Ok(()) => {
+                tracing::error!("the scheduler still holds requests after a panic: stopping");
+                false
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the KV books are inconsistent after a panic: stopping");
+                false
+            }
+        }
+    }
+
     /// Fail every request of a step (the forward pass or the scheduler broke).
     fn fail(&mut self, ids: &[RequestId], why: &str) {
         for &id in ids {
@@ -315,6 +345,9 @@ impl<'m> EngineLoop<'m> {
     }
 
     pub(super) fn step(&mut self, rx: &Receiver<Command>) {
+        if faults::plan().take(Fault::StepPanic) {
+            panic!("injected fault: an engine step panics");
+        }
         let start = Instant::now();
         let step = match self.scheduler.schedule(self.backend.kv_mut()) {
             Ok(step) => step,
@@ -542,6 +575,15 @@ impl<'m> EngineLoop<'m> {
             });
         *lock(&self.shared.metrics) = m.clone();
     }
+}
+
+/// What a caught panic said.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// Seconds as milliseconds to 0.1 ms, for logs.
