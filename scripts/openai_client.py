@@ -23,7 +23,7 @@ import urllib.request
 import openai
 from openapi_spec_validator import validate as validate_openapi
 
-from vkv_serve import served
+from vkv_serve import parse_with_server, served
 
 
 def check(condition, what):
@@ -124,13 +124,8 @@ def check_openapi(base_url, model):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
     p.add_argument("--api-key")
-    p.add_argument("--vkv", help="start this vkv binary (serve --port 0) and stop it at the end")
-    p.add_argument("serve_args", nargs="*", help="more `vkv serve` options (after --)")
-    args = p.parse_args()
-    if bool(args.url) == bool(args.vkv):
-        p.error("give --url or --vkv")
+    args = parse_with_server(p)
     if args.url:
         run_checks(args.url.rstrip("/"), args.api_key)
         return

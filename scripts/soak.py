@@ -24,7 +24,7 @@ import threading
 import time
 import urllib.parse
 
-from vkv_serve import served
+from vkv_serve import parse_with_server, served
 
 TOPICS = ["the history of Paris", "how bees make honey", "why the sky is blue",
           "a recipe for bread", "the rules of chess", "how a compiler works",
@@ -183,17 +183,12 @@ def soak(base_url, pid, minutes, clients, every_s, seed):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", help="a running server")
-    p.add_argument("--vkv", help="start this vkv binary (serve --port 0) and stop it at the end")
     p.add_argument("--minutes", type=float, default=30)
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--every", type=float, default=30, help="seconds between samples")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", help="write the summary here")
-    p.add_argument("serve_args", nargs="*", help="more `vkv serve` options (after --)")
-    args = p.parse_args()
-    if bool(args.url) == bool(args.vkv):
-        p.error("give --url or --vkv")
+    args = parse_with_server(p)
     if args.url:
         summary = soak(args.url, None, args.minutes, args.clients, args.every, args.seed)
     else:
