@@ -109,17 +109,26 @@ impl Sampler {
         if self.is_greedy() {
             return argmax(logits);
         }
-        // Scaled after subtracting the largest logit, so that a tiny temperature (1e-38 passes
+        // Ranked by the raw logits (temperature does not change the order); top-k keeps the k
+        // largest, found by selection before the sort of what is left. Only the kept ones are
+        // scaled, after subtracting the largest logit, so that a tiny temperature (1e-38 passes
         // the range check) gives -inf, not inf - inf = NaN, for everything but the top.
-        let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut cands: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
-            .map(|(i, &l)| (i as u32, (l - top) / p.temperature))
+            .map(|(i, &l)| (i as u32, l))
             .collect();
-        cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-        if p.top_k > 0 {
+        let descending = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1);
+        if p.top_k > 0 && p.top_k < cands.len() {
+            cands.select_nth_unstable_by(p.top_k - 1, descending);
             cands.truncate(p.top_k);
+        }
+        cands.sort_unstable_by(descending);
+        let Some(&(_, top)) = cands.first() else {
+            return 0;
+        };
+        for c in cands.iter_mut() {
+            c.1 = (c.1 - top) / p.temperature;
         }
         let max = cands[0].1;
         let mut total = 0.0f64;

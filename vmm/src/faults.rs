@@ -53,6 +53,16 @@ static PLAN: FaultPlan = FaultPlan {
     injected: [const { AtomicU64::new(0) }; FAULTS],
 };
 
+/// What a caught panic said (its `&str` or `String` payload), for the log line and the error
+/// that a recovered thread or step reports.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 /// The process's fault plan.
 pub fn plan() -> &'static FaultPlan {
     &PLAN

@@ -140,11 +140,7 @@ impl Mapper {
             return Ok(false);
         }
         let why = match self.thread.take().map(JoinHandle::join) {
-            Some(Err(panic)) => panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic".into()),
+            Some(Err(panic)) => crate::faults::panic_message(panic.as_ref()),
             _ => "it returned".into(),
         };
         tracing::error!(why = %why, "the vkv-mapper thread died: starting it again");

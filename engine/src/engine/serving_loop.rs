@@ -160,7 +160,7 @@ impl<'m> EngineLoop<'m> {
             if !self.scheduler.is_idle() {
                 let stepped = std::panic::catch_unwind(AssertUnwindSafe(|| self.step(rx)));
                 if let Err(panic) = stepped {
-                    if !self.recover_from_panic(&panic_message(panic.as_ref())) {
+                    if !self.recover_from_panic(&vkv_vmm::faults::panic_message(panic.as_ref())) {
                         break;
                     }
                 }
@@ -575,15 +575,6 @@ impl<'m> EngineLoop<'m> {
             });
         *lock(&self.shared.metrics) = m.clone();
     }
-}
-
-/// What a caught panic said.
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// Seconds as milliseconds to 0.1 ms, for logs.
