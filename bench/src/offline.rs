@@ -121,6 +121,7 @@ pub fn random_requests(
                 ignore_eos: true,
                 ..StopConditions::default()
             },
+            cache_salt: None,
         })
         .collect()
 }

@@ -76,6 +76,10 @@ pub struct EngineConfig {
     pub batch_invariant: bool,
     /// vmm: tokens beyond the next one that the Mapper backs ahead of a decoding sequence.
     pub map_ahead_tokens: usize,
+    /// Automatic prefix caching (`--enable-prefix-caching`, vLLM's name): the KV of full blocks
+    /// of computed tokens stays cached after a request and a later request whose tokens start
+    /// the same way reuses it instead of computing it again (`vkv_kv::PrefixCache`).
+    pub enable_prefix_caching: bool,
 }
 
 impl Default for EngineConfig {
@@ -95,6 +99,7 @@ impl Default for EngineConfig {
             enforce_eager: false,
             batch_invariant: false,
             map_ahead_tokens: 16,
+            enable_prefix_caching: false,
         }
     }
 }
@@ -111,12 +116,15 @@ pub struct StopConditions {
 }
 
 /// One request: prompt token ids and how to continue them.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct GenerationRequest {
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
     pub sampling: SamplingParams,
     pub stop: StopConditions,
+    /// vLLM's `cache_salt`: with prefix caching, a request reuses only the cached KV of requests
+    /// with the same salt (tenants that must not share KV give different ones).
+    pub cache_salt: Option<String>,
 }
 
 /// Token counts of a finished request (OpenAI's `usage`).
@@ -124,6 +132,9 @@ pub struct GenerationRequest {
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Of the prompt tokens, those whose KV came from the prefix cache when the request was
+    /// first scheduled (OpenAI's `usage.prompt_tokens_details.cached_tokens`).
+    pub cached_tokens: usize,
 }
 
 /// Where a request's time went, in seconds from its arrival at [`Engine::submit`].

@@ -419,6 +419,7 @@ mod tests {
             usage: Usage {
                 prompt_tokens: 5,
                 completion_tokens: 3,
+                cached_tokens: 0,
             },
             timings: Timings {
                 queue: 0.0005,

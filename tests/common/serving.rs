@@ -59,6 +59,7 @@ pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
             ignore_eos: true,
             ..StopConditions::default()
         },
+        cache_salt: None,
     }
 }
 

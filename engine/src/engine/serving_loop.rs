@@ -44,6 +44,8 @@ struct Active {
     token_times: Vec<f64>,
     /// Times it was preempted (recomputed from its prompt and output so far).
     preemptions: u32,
+    /// Prompt tokens whose KV the prefix cache held when it was first scheduled.
+    cached_tokens: usize,
     /// The request's span (see [`super::Engine::submit`]).
     span: tracing::Span,
 }
@@ -56,6 +58,7 @@ impl Active {
             usage: Usage {
                 prompt_tokens: self.prompt_len,
                 completion_tokens: self.generated,
+                cached_tokens: self.cached_tokens,
             },
             timings: Timings {
                 queue: self
@@ -276,6 +279,7 @@ impl<'m> EngineLoop<'m> {
                 first_scheduled: None,
                 token_times: Vec::new(),
                 preemptions: 0,
+                cached_tokens: 0,
                 span,
             },
         );

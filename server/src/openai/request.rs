@@ -547,6 +547,7 @@ impl ValidRequest {
             max_tokens,
             sampling: self.sampling,
             stop: self.stop.clone(),
+            cache_salt: None,
         })
     }
 }

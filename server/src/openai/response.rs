@@ -436,6 +436,7 @@ mod tests {
         let usage = value(&head.usage_chunk(Usage {
             prompt_tokens: 3,
             completion_tokens: 4,
+            cached_tokens: 0,
         }));
         assert_eq!(usage["usage"]["total_tokens"], 7);
         assert_eq!(usage["choices"], json!([]));
@@ -452,6 +453,7 @@ mod tests {
         let usage = Usage {
             prompt_tokens: 1,
             completion_tokens: 2,
+            cached_tokens: 0,
         };
         let whole = value(&head.response("hi", FinishReason::Length, usage));
         assert_eq!(
