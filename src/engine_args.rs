@@ -166,6 +166,21 @@ pub struct EngineArgs {
     /// flag of the same name).
     #[arg(long = "enforce-eager")]
     pub enforce_eager: bool,
+    /// Automatic prefix caching (vLLM's flag; on by default): the KV of every full block of a
+    /// request's tokens stays cached after it ends, evicted only when memory is needed, and a
+    /// request whose tokens start the same way (a shared system prompt, a chat's earlier turns)
+    /// reuses it instead of computing it again.
+    #[arg(
+        long = "enable-prefix-caching",
+        overrides_with = "no_enable_prefix_caching"
+    )]
+    pub enable_prefix_caching: bool,
+    /// Turn automatic prefix caching off.
+    #[arg(
+        long = "no-enable-prefix-caching",
+        overrides_with = "enable_prefix_caching"
+    )]
+    pub no_enable_prefix_caching: bool,
 }
 
 impl EngineArgs {
@@ -197,6 +212,9 @@ impl EngineArgs {
             max_model_len: self.max_model_len,
             batch_invariant: self.batch_invariant,
             enforce_eager: self.enforce_eager,
+            // Until the vmm cache caches prefixes, on by default only in paged mode.
+            enable_prefix_caching: self.enable_prefix_caching
+                || (!self.no_enable_prefix_caching && matches!(kv_mode, KvMode::Paged { .. })),
             ..EngineConfig::default()
         }
     }

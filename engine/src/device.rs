@@ -179,7 +179,7 @@ pub fn start(
         Device::Cpu => {
             let dims = model.model.cpu()?.config.kv_dims();
             let bytes = config.kv_memory.unwrap_or(DEFAULT_CPU_KV_MEMORY);
-            let kv = config
+            let mut kv = config
                 .kv_mode
                 .build(
                     dims,
@@ -187,6 +187,10 @@ pub fn start(
                     KvBudget::new(config.max_num_seqs, max_model_len, bytes),
                 )
                 .map_err(|source| BackendError::KvCache { bytes, source })?;
+            if config.enable_prefix_caching {
+                kv.enable_prefix_caching()
+                    .map_err(|source| BackendError::KvCache { bytes, source })?;
+            }
             Ok(Box::new(CpuBackend {
                 model: model.clone(),
                 kv,
@@ -321,13 +325,17 @@ mod cuda {
                 budget - used
             }
         };
-        let kv = GpuKv::build(
+        let mut kv = GpuKv::build(
             &vmm,
             config.kv_mode,
             model.config.kv_dims(),
             KvBudget::new(config.max_num_seqs, max_model_len, bytes),
         )
         .map_err(|source| BackendError::KvCache { bytes, source })?;
+        if config.enable_prefix_caching {
+            kv.enable_prefix_caching()
+                .map_err(|source| BackendError::KvCache { bytes, source })?;
+        }
         Ok(Box::new(CudaBackend {
             name: format!("cuda ({})", probe.name),
             model,

@@ -37,7 +37,7 @@ use crossbeam_channel::Sender;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::device::Device;
-use crate::kv::{KvCacheDtype, KvMode, KvUsage, SeqId};
+use crate::kv::{KvCacheDtype, KvMode, KvUsage, PrefixStats, SeqId};
 use crate::model::LoadedModel;
 use crate::sampler::SamplingParams;
 
@@ -300,6 +300,9 @@ pub struct EngineMetrics {
     pub kv_bytes_per_token: usize,
     pub kv: KvUsage,
     pub map: Option<MapMetrics>,
+    /// Automatic prefix caching's counters (tokens looked up and found, units cached and
+    /// evicted: blocks in paged mode, pages in vmm mode); `None` when it is off.
+    pub prefix: Option<PrefixStats>,
     /// Pages backed before the first request (vmm's eager allocation, see `warm_kv`).
     pub kv_warm_pages: usize,
     /// CUDA: decode steps replayed from a CUDA graph, and graphs captured.

@@ -17,6 +17,13 @@
 //! out of memory while nothing else runs — leaves with the error ([`Step::failed`]); the others
 //! go on.
 //!
+//! With automatic prefix caching on (the cache has a [`crate::kv::PrefixCache`]), an admission
+//! first starts the sequence with the cached blocks its tokens begin with and computes only from
+//! there — its first chunk, and its share of the budget, shrink by the tokens covered — and
+//! after every step the full blocks of each sequence's computed tokens are recorded in the
+//! cache. A preempted sequence's blocks stay cached after its KV is freed, so its readmission
+//! usually finds them. What each admission found is in [`Step::cached`].
+//!
 //! Invariants, property-tested below: a step never exceeds the token budget or `max_num_seqs`;
 //! a chunk starts where its sequence's KV ends; the cache never holds a sequence that is not
 //! running; every request finishes; once all finish, the cache is empty.
@@ -40,6 +47,8 @@ pub struct SeqRequest {
     pub id: SeqId,
     pub prompt: Vec<u32>,
     pub max_tokens: usize,
+    /// With prefix caching: only KV cached under the same salt is reused (vLLM's `cache_salt`).
+    pub cache_salt: Option<String>,
 }
 
 /// One chunk of the next forward pass.
@@ -62,6 +71,9 @@ pub struct Step {
     /// was out of memory with nothing else running (so preempting could not help). They have
     /// left the scheduler, their KV freed; the caller ends them with the error.
     pub failed: Vec<(SeqId, String)>,
+    /// Sequences admitted this step with KV from the prefix cache: the tokens it covered (the
+    /// sequence's first chunk starts there).
+    pub cached: Vec<(SeqId, usize)>,
 }
 
 /// Errors a caller can provoke.
@@ -92,6 +104,7 @@ struct Seq {
     max_tokens: usize,
     /// Tokens whose K/V are in the cache.
     computed: usize,
+    cache_salt: Option<String>,
 }
 
 impl Seq {
@@ -145,6 +158,7 @@ impl Scheduler {
             tokens: req.prompt,
             max_tokens: req.max_tokens,
             computed: 0,
+            cache_salt: req.cache_salt,
         });
         Ok(())
     }
@@ -221,15 +235,30 @@ impl Scheduler {
             }
         }
         while budget > 0 && self.running.len() < self.config.max_num_seqs {
-            let Some(seq) = self.waiting.front() else {
+            let Some(seq) = self.waiting.front_mut() else {
                 break;
+            };
+            let cached = match match_prefix(seq, kv) {
+                Ok(cached) => cached,
+                Err(e) => {
+                    let seq = self.waiting.pop_front().expect("front exists");
+                    self.fail(seq, e, kv, &mut step)?;
+                    continue;
+                }
             };
             let n = (seq.tokens.len() - seq.computed).min(budget);
             match kv.reserve(seq.id, seq.computed + n) {
                 Ok(()) => {}
                 // With nothing running, the budget always holds one sequence (`add` checks):
                 // only the device itself can be out of memory, and waiting would not end.
-                Err(KvError::OutOfMemory { .. }) if !self.running.is_empty() => break,
+                Err(KvError::OutOfMemory { .. }) if !self.running.is_empty() => {
+                    // Back to holding nothing: the blocks it found stay cached for next time.
+                    if cached > 0 {
+                        seq.computed = 0;
+                        kv.free(seq.id)?;
+                    }
+                    break;
+                }
                 Err(e) => {
                     let seq = self.waiting.pop_front().expect("front exists");
                     self.fail(seq, e, kv, &mut step)?;
@@ -237,6 +266,9 @@ impl Scheduler {
                 }
             }
             let seq = self.waiting.pop_front().expect("front exists");
+            if cached > 0 {
+                step.cached.push((seq.id, cached));
+            }
             step.chunks.push(chunk(&seq, n));
             self.running.push(seq);
             budget -= n;
@@ -328,6 +360,14 @@ impl Scheduler {
                 s.tokens.push(token);
             }
         }
+        if let Some(cache) = kv.prefix_cache_mut() {
+            for c in &step.chunks {
+                if let Some(s) = self.running.iter().find(|s| s.id == c.seq) {
+                    let salt = s.cache_salt.as_deref().map(str::as_bytes);
+                    cache.cache_computed(s.id, &s.tokens[..s.computed], salt)?;
+                }
+            }
+        }
         let done: Vec<SeqId> = self
             .running
             .iter()
@@ -368,12 +408,28 @@ impl Scheduler {
     }
 }
 
+/// Start a sequence about to be admitted (holding no KV) with what the prefix cache holds of its
+/// tokens, if the cache has one; returns the tokens covered, now computed.
+fn match_prefix(seq: &mut Seq, kv: &mut dyn KvManager) -> Result<usize, KvError> {
+    let Some(cache) = kv.prefix_cache_mut() else {
+        return Ok(0);
+    };
+    if seq.computed > 0 {
+        return Ok(0);
+    }
+    let salt = seq.cache_salt.as_deref().map(str::as_bytes);
+    let cached = cache.match_prefix(seq.id, &seq.tokens, salt)?;
+    seq.computed = cached;
+    Ok(cached)
+}
+
 /// Free what `id` holds in the cache and drop a chunk already planned for it this step.
 fn unplan(id: SeqId, kv: &mut dyn KvManager, step: &mut Step) -> Result<(), SchedulerError> {
     if kv.reserved(id).is_some() {
         kv.free(id)?;
     }
     step.chunks.retain(|c| c.seq != id);
+    step.cached.retain(|&(seq, _)| seq != id);
     Ok(())
 }
 

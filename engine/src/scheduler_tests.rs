@@ -9,7 +9,7 @@ use vkv_kernels::cpu::KvDtype;
 use vkv_vmm::KvLayout;
 
 use super::*;
-use crate::kv::{KvDims, PagedKv, VmmKv, VmmShape};
+use crate::kv::{KvDims, PagedKv, PrefixCache, VmmKv, VmmShape};
 
 const DIMS: KvDims = KvDims {
     num_layers: 1,
@@ -26,6 +26,7 @@ fn req(id: SeqId, prompt: usize, max_tokens: usize) -> SeqRequest {
         id,
         prompt: (0..prompt as u32).map(|t| t + id as u32).collect(),
         max_tokens,
+        cache_salt: None,
     }
 }
 
@@ -259,5 +260,188 @@ proptest! {
             }
         }
         prop_assert_eq!(kv.usage().bytes_allocated, 0, "KV left allocated after draining");
+    }
+}
+
+/// A prompt of `len` tokens that starts with the first `shared` tokens of prefix `prefix` (the
+/// same for every request naming it) and goes on with tokens of the request's own.
+fn shared_prompt(id: SeqId, prefix: usize, shared: usize, len: usize) -> Vec<u32> {
+    (0..len)
+        .map(|p| {
+            if p < shared {
+                (prefix * 1000 + p) as u32
+            } else {
+                (100_000 + id as usize * 1000 + p) as u32
+            }
+        })
+        .collect()
+}
+
+/// What the K and V at position `p` of a sequence stand for: every token up to and including it.
+fn kv_key(tokens: &[u32], p: usize) -> u64 {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let mut h = DefaultHasher::new();
+    tokens[..=p].hash(&mut h);
+    h.finish()
+}
+
+#[test]
+fn a_cached_prefix_is_not_computed_again_and_counts_as_cached() {
+    let mut kv = PagedKv::new(DIMS, 64, 4).unwrap().with_prefix_caching();
+    let mut s = Scheduler::new(SchedulerConfig {
+        max_num_seqs: 4,
+        max_num_batched_tokens: 64,
+    });
+    let add = |s: &mut Scheduler, kv: &PagedKv, id: SeqId, salt: Option<&str>| {
+        let request = SeqRequest {
+            id,
+            prompt: shared_prompt(id, 0, 18, 22),
+            max_tokens: 2,
+            cache_salt: salt.map(str::to_string),
+        };
+        s.add(request, kv).unwrap();
+    };
+    add(&mut s, &kv, 1, None);
+    let (first, _) = step(&mut s, &mut kv);
+    assert_eq!(first.cached, vec![]);
+    while !s.is_idle() {
+        step(&mut s, &mut kv);
+    }
+    // 18 shared tokens are 4 full blocks of 4 (16 tokens).
+    add(&mut s, &kv, 2, None);
+    let (second, _) = step(&mut s, &mut kv);
+    assert_eq!(second.cached, vec![(2, 16)]);
+    assert_eq!(
+        (second.chunks[0].start, second.chunks[0].tokens.len()),
+        (16, 6)
+    );
+    // Another salt shares nothing.
+    add(&mut s, &kv, 3, Some("tenant b"));
+    let (third, _) = step(&mut s, &mut kv);
+    assert!(third.cached.is_empty() && third.chunks.iter().any(|c| c.seq == 3 && c.start == 0));
+    while !s.is_idle() {
+        step(&mut s, &mut kv);
+    }
+    kv.audit().unwrap();
+    assert_eq!(kv.usage().bytes_allocated, 0);
+    let stats = kv.prefix_stats();
+    assert_eq!((stats.queried_tokens, stats.hit_tokens), (66, 16));
+}
+
+#[derive(Debug, Clone)]
+struct SharedArrival {
+    at: usize,
+    prefix: usize,
+    shared: usize,
+    prompt: usize,
+    max_tokens: usize,
+    abort_at: Option<usize>,
+}
+
+fn shared_arrival() -> impl Strategy<Value = SharedArrival> {
+    (
+        0..30usize,
+        0..3usize,
+        0..40usize,
+        1..40usize,
+        1..25usize,
+        proptest::option::weighted(0.15, 0..60usize),
+    )
+        .prop_map(
+            |(at, prefix, shared, prompt, max_tokens, abort_at)| SharedArrival {
+                at,
+                prefix,
+                shared,
+                prompt: prompt.max(shared),
+                max_tokens,
+                abort_at,
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    /// Prefix caching under random arrivals sharing prefixes, aborts, preemptions (a small
+    /// cache) and evictions: every token's K and V that a chunk reads stands for exactly the
+    /// tokens before it (a shadow of each block's slots records what wrote it), outputs are
+    /// right, the cache audits clean after every step, and once all end nothing is referenced.
+    #[test]
+    fn prefix_caching_reads_only_right_kv_and_drains(
+        arrivals in proptest::collection::vec(shared_arrival(), 1..20),
+        max_num_seqs in 1..6usize,
+        max_num_batched_tokens in 1..48usize,
+        blocks in 8..48usize,
+    ) {
+        const BS: usize = 4;
+        let mut kv = PagedKv::new(DIMS, blocks, BS).unwrap().with_prefix_caching();
+        let mut s = Scheduler::new(SchedulerConfig { max_num_seqs, max_num_batched_tokens });
+        // Per block, per slot: the key of what was written there.
+        let mut shadow: HashMap<u32, [Option<u64>; BS]> = HashMap::new();
+        let mut all_tokens: HashMap<SeqId, Vec<u32>> = HashMap::new();
+        let mut accepted: HashSet<SeqId> = HashSet::new();
+        let mut done: HashSet<SeqId> = HashSet::new();
+        let total: usize = arrivals.iter().map(|a| a.prompt + a.max_tokens).sum();
+        let limit = 40 + 4 * total * (1 + total / max_num_batched_tokens);
+        let mut t = 0;
+        loop {
+            for (i, a) in arrivals.iter().enumerate() {
+                let id = i as SeqId;
+                if a.at == t {
+                    let prompt = shared_prompt(id, a.prefix, a.shared, a.prompt);
+                    let mut tokens = prompt.clone();
+                    tokens.extend(expected_output(id, a.prompt, a.max_tokens));
+                    let request = SeqRequest { id, prompt, max_tokens: a.max_tokens, cache_salt: None };
+                    if s.add(request, &kv).is_ok() {
+                        accepted.insert(id);
+                        all_tokens.insert(id, tokens);
+                    }
+                }
+                if a.abort_at == Some(t) && accepted.contains(&id) && !done.contains(&id) && s.finish(id, &mut kv).unwrap() {
+                    done.insert(id);
+                }
+            }
+            if s.is_idle() && t > 30 {
+                break;
+            }
+            prop_assert!(t < limit, "did not drain in {} steps", limit);
+            let planned = s.schedule(&mut kv).unwrap();
+            prop_assert!(planned.failed.is_empty(), "{:?}", planned.failed);
+            for &(id, cached) in &planned.cached {
+                prop_assert!(cached > 0 && cached % BS == 0, "cached {} of {}", cached, id);
+                let c = planned.chunks.iter().find(|c| c.seq == id).expect("an admission has a chunk");
+                prop_assert_eq!(c.start, cached);
+            }
+            for c in &planned.chunks {
+                let tokens = &all_tokens[&c.seq];
+                let table = kv.table(c.seq).expect("a planned chunk's sequence holds KV");
+                let at = |p: usize| (table.blocks()[p / BS], p % BS);
+                // What the chunk reads: positions before it.
+                for p in 0..c.start {
+                    let (b, slot) = at(p);
+                    prop_assert_eq!(shadow.get(&b).and_then(|s| s[slot]), Some(kv_key(tokens, p)),
+                        "sequence {} reads wrong K/V at {} (block {})", c.seq, p, b);
+                }
+                // What it writes.
+                for p in c.start..c.start + c.tokens.len() {
+                    prop_assert_eq!(c.tokens[p - c.start], tokens[p]);
+                    let (b, slot) = at(p);
+                    shadow.entry(b).or_insert([None; BS])[slot] = Some(kv_key(tokens, p));
+                }
+            }
+            let sampled: Vec<(SeqId, u32)> = planned.chunks.iter().filter(|c| c.samples)
+                .map(|c| (c.seq, token_after(c.seq, c.start + c.tokens.len() - 1))).collect();
+            for id in s.update(&planned, &sampled, &mut kv).unwrap() {
+                done.insert(id);
+            }
+            kv.audit().map_err(|e| TestCaseError::fail(e.to_string()))?;
+            t += 1;
+        }
+        for id in &accepted {
+            prop_assert!(done.contains(id), "request {} never finished", id);
+        }
+        kv.audit().map_err(|e| TestCaseError::fail(e.to_string()))?;
+        prop_assert_eq!(kv.usage().bytes_allocated, 0, "KV left referenced after draining");
+        prop_assert_eq!(kv.free_blocks(), blocks, "every block free or evictable");
     }
 }

@@ -296,4 +296,7 @@ impl KvManager for GpuKv {
     fn prefix_cache_mut(&mut self) -> Option<&mut dyn PrefixCache> {
         self.books_mut().prefix_cache_mut()
     }
+    fn enable_prefix_caching(&mut self) -> Result<(), KvError> {
+        self.books_mut().enable_prefix_caching()
+    }
 }

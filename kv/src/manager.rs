@@ -162,6 +162,14 @@ pub trait KvManager: Send {
     fn prefix_cache_mut(&mut self) -> Option<&mut dyn PrefixCache> {
         None
     }
+    /// Turn automatic prefix caching on, before any sequence is reserved (the engine's
+    /// `--enable-prefix-caching`). Caches that cannot cache prefixes say so.
+    fn enable_prefix_caching(&mut self) -> Result<(), KvError> {
+        Err(KvError::InvalidConfig(format!(
+            "prefix caching: the {} cache cannot cache prefixes",
+            self.name()
+        )))
+    }
 }
 
 /// Automatic prefix caching (vLLM V1's design, `docs/design/prefix_caching.md`; issue 18): the

@@ -127,6 +127,15 @@ struct PrefixState {
     chains: HashMap<SeqId, Chain>,
 }
 
+impl PrefixState {
+    fn new(block_size: usize) -> Self {
+        PrefixState {
+            index: PrefixIndex::new(block_size).expect("the allocator refuses a block size of 0"),
+            chains: HashMap::new(),
+        }
+    }
+}
+
 /// How far a sequence's full blocks are recorded in the index.
 #[derive(Debug, Clone, Copy, Default)]
 struct Chain {
@@ -160,12 +169,7 @@ impl<S: BlockStorage> PagedKv<S> {
 
     /// The same cache with automatic prefix caching on (see the module docs).
     pub fn with_prefix_caching(mut self) -> Self {
-        let index = PrefixIndex::new(self.alloc.block_size())
-            .expect("the allocator refuses a block size of 0");
-        self.prefix = Some(PrefixState {
-            index,
-            chains: HashMap::new(),
-        });
+        self.prefix = Some(PrefixState::new(self.alloc.block_size()));
         self
     }
 
@@ -429,6 +433,20 @@ impl<S: BlockStorage> KvManager for PagedKv<S> {
             Some(_) => Some(self),
             None => None,
         }
+    }
+
+    fn enable_prefix_caching(&mut self) -> Result<(), KvError> {
+        if !self.tables.is_empty() {
+            return Err(KvError::InvalidConfig(format!(
+                "prefix caching must be turned on before any sequence is reserved; {} are",
+                self.tables.len()
+            )));
+        }
+        if self.prefix.is_none() {
+            let block_size = self.alloc.block_size();
+            self.prefix = Some(PrefixState::new(block_size));
+        }
+        Ok(())
     }
 }
 

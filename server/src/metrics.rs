@@ -360,6 +360,42 @@ impl ServerMetrics {
             "counter",
             map.mapper_restarts,
         );
+        let prefix = e.prefix.unwrap_or_default();
+        single(
+            &mut out,
+            "vkv_prefix_cache_queries_total",
+            "Prefix caching: prompt tokens looked up in the prefix cache (vLLM's prefix_cache_queries; 0 when caching is off).",
+            "counter",
+            prefix.queried_tokens,
+        );
+        single(
+            &mut out,
+            "vkv_prefix_cache_hits_total",
+            "Prefix caching: of those, tokens whose KV was found cached (vLLM's prefix_cache_hits).",
+            "counter",
+            prefix.hit_tokens,
+        );
+        single(
+            &mut out,
+            "vkv_prefix_cache_evictions_total",
+            "Prefix caching: cached units (paged blocks, vmm pages) evicted to make room.",
+            "counter",
+            prefix.evictions,
+        );
+        single(
+            &mut out,
+            "vkv_prefix_cache_cached_units",
+            "Prefix caching: units (paged blocks, vmm page rows) holding a cached block, referenced or not.",
+            "gauge",
+            prefix.cached_units,
+        );
+        single(
+            &mut out,
+            "vkv_prefix_cache_evictable_units",
+            "Prefix caching: cached units no request holds (free memory, evicted on demand).",
+            "gauge",
+            prefix.evictable_units,
+        );
         single(
             &mut out,
             "vkv_kv_warm_pages",

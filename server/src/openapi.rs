@@ -25,6 +25,7 @@ use crate::openai::response::{
     ChatCompletion, ChatCompletionChunk, ChatCompletionChunkObject, ChatCompletionObject,
     ChatDelta, Completion, CompletionChoice, CompletionChunk, CompletionChunkChoice,
     CompletionObject, Health, HealthStatus, ListObject, ModelCard, ModelList, ModelObject,
+    PromptTokensDetails,
 };
 #[cfg(test)]
 use crate::route::Route;
@@ -83,6 +84,7 @@ impl Modify for BearerAuth {
         AssistantRole,
         ApiFinishReason,
         ApiUsage,
+        PromptTokensDetails,
         ModelList,
         ModelCard,
         ListObject,

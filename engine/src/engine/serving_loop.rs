@@ -250,6 +250,7 @@ impl<'m> EngineLoop<'m> {
             id,
             prompt: request.prompt,
             max_tokens: request.max_tokens,
+            cache_salt: request.cache_salt.take(),
         };
         let prompt_len = seq.prompt.len();
         if let Err(e) = self.scheduler.add(seq, self.backend.kv()) {
@@ -429,9 +430,15 @@ impl<'m> EngineLoop<'m> {
             };
             if a.first_scheduled.is_none() {
                 a.first_scheduled = Some(start);
+                a.cached_tokens = step
+                    .cached
+                    .iter()
+                    .find(|&&(id, _)| id == c.seq)
+                    .map_or(0, |&(_, cached)| cached);
                 tracing::debug!(
                     parent: &a.span,
                     queue_ms = as_ms((start - a.arrival).as_secs_f64()),
+                    cached_tokens = a.cached_tokens,
                     "admitted"
                 );
             }
@@ -577,6 +584,7 @@ impl<'m> EngineLoop<'m> {
                 pages_mapped_on_wait: s.pages_mapped_on_wait,
                 mapper_restarts: s.restarts,
             });
+        m.prefix = self.backend.kv().prefix_cache().map(|c| c.prefix_stats());
         *lock(&self.shared.metrics) = m.clone();
     }
 }

@@ -183,6 +183,11 @@ macro_rules! generation_request {
             pub store: Option<bool>,
             /// Accepted and not used.
             pub service_tier: Option<String>,
+            /// vLLM extra: with prefix caching, reuse only the cached KV of requests with the
+            /// same salt (give each tenant a long random one, so that no tenant can learn from
+            /// timings whether another sent a prompt).
+            #[schema(min_length = 1)]
+            pub cache_salt: Option<String>,
         }
 
         impl $name {
@@ -245,6 +250,12 @@ macro_rules! generation_request {
                 if stop.iter().any(String::is_empty) {
                     return Err(ApiError::field("stop", "`stop` strings must not be empty"));
                 }
+                if self.cache_salt.as_deref() == Some("") {
+                    return Err(ApiError::field(
+                        "cache_salt",
+                        "`cache_salt` must be a non-empty string when given, found \"\"",
+                    ));
+                }
                 let stream = self.stream.unwrap_or(false);
                 let include_usage = match &self.stream_options {
                     None => false,
@@ -273,6 +284,7 @@ macro_rules! generation_request {
                     },
                     stream,
                     include_usage,
+                    cache_salt: self.cache_salt.clone(),
                 })
             }
         }
@@ -287,6 +299,7 @@ struct Shared {
     stop: StopConditions,
     stream: bool,
     include_usage: bool,
+    cache_salt: Option<String>,
 }
 
 generation_request! {
@@ -361,6 +374,7 @@ pub struct ValidRequest {
     pub stop: StopConditions,
     pub stream: bool,
     pub include_usage: bool,
+    pub cache_salt: Option<String>,
 }
 
 impl ValidRequest {
@@ -380,6 +394,7 @@ impl ValidRequest {
             stop: shared.stop,
             stream: shared.stream,
             include_usage: shared.include_usage,
+            cache_salt: shared.cache_salt,
         }
     }
 }
@@ -547,7 +562,7 @@ impl ValidRequest {
             max_tokens,
             sampling: self.sampling,
             stop: self.stop.clone(),
-            cache_salt: None,
+            cache_salt: self.cache_salt.clone(),
         })
     }
 }

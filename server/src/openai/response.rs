@@ -60,6 +60,14 @@ pub struct ApiUsage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// Where the prompt's tokens came from (OpenAI's `usage.prompt_tokens_details`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose KV came from the prefix cache instead of being computed.
+    pub cached_tokens: usize,
 }
 
 impl From<Usage> for ApiUsage {
@@ -68,6 +76,9 @@ impl From<Usage> for ApiUsage {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
             total_tokens: u.prompt_tokens + u.completion_tokens,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: u.cached_tokens,
+            },
         }
     }
 }
@@ -453,14 +464,15 @@ mod tests {
         let usage = Usage {
             prompt_tokens: 1,
             completion_tokens: 2,
-            cached_tokens: 0,
+            cached_tokens: 1,
         };
         let whole = value(&head.response("hi", FinishReason::Length, usage));
         assert_eq!(
             whole,
             json!({"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
                    "choices": [{"index": 0, "text": "hi", "logprobs": null, "finish_reason": "length"}],
-                   "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}})
+                   "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3,
+                             "prompt_tokens_details": {"cached_tokens": 1}}})
         );
         let chunk = value(&head.chunk("x", false, None, false));
         assert_eq!(chunk["choices"][0]["finish_reason"], Value::Null);
