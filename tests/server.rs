@@ -859,3 +859,75 @@ fn stalled_bodies_time_out_and_connections_over_the_cap_are_refused() {
     let (status, _) = rt.block_on(get(&c, &s.url("/health")));
     assert_eq!(status, StatusCode::OK);
 }
+
+#[test]
+fn a_chats_second_turn_reports_its_cached_prompt_tokens() {
+    let s = Server::start(&["--kv-mode", "paged", "--enable-prefix-caching"]);
+    runtime().block_on(async {
+        let c = client();
+        let url = s.url("/v1/chat/completions");
+        let system =
+            "You are a careful assistant. Answer in plain words and give an example. ".repeat(8);
+        let mut messages = vec![
+            json!({"role": "system", "content": system}),
+            json!({"role": "user", "content": "Why is the sky blue?"}),
+        ];
+        let body = |messages: &Vec<Value>| {
+            json!({"model": s.model, "messages": messages, "max_tokens": 8, "temperature": 0,
+                   "stream": true, "stream_options": {"include_usage": true}})
+        };
+        let (first, done) = stream(&c, &url, &body(&messages)).await;
+        assert!(done);
+        let usage = &first.last().unwrap()["usage"];
+        assert_eq!(
+            usage["prompt_tokens_details"]["cached_tokens"], 0,
+            "{usage}"
+        );
+        messages.push(json!({"role": "assistant", "content": streamed_text(&first)}));
+        messages.push(json!({"role": "user", "content": "And at dusk?"}));
+        let (second, done) = stream(&c, &url, &body(&messages)).await;
+        assert!(done);
+        let usage = &second.last().unwrap()["usage"];
+        let cached = usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        let prompt = usage["prompt_tokens"].as_u64().unwrap();
+        // The system prompt alone is over 100 tokens; the first turn is cached in full blocks.
+        assert!(cached >= 100 && cached < prompt, "{usage}");
+        // Whole responses report it too; another salt finds nothing.
+        let mut whole = body(&messages);
+        whole["stream"] = json!(false);
+        whole.as_object_mut().unwrap().remove("stream_options");
+        let (status, r) = post(&c, &url, &whole, None).await;
+        assert_eq!(status, StatusCode::OK, "{r}");
+        assert!(
+            r["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap()
+                >= cached
+        );
+        whole["cache_salt"] = json!("tenant-b");
+        let (status, r) = post(&c, &url, &whole, None).await;
+        assert_eq!(status, StatusCode::OK, "{r}");
+        assert_eq!(
+            r["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+            "{r}"
+        );
+        whole["cache_salt"] = json!("");
+        let (status, r) = post(&c, &url, &whole, None).await;
+        assert_eq!(
+            (status, r["error"]["param"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("cache_salt"))
+        );
+        let m = wait_until_empty(&c, &s, "after the chat").await;
+        let (hits, queries) = (
+            m["vkv_prefix_cache_hits_total"],
+            m["vkv_prefix_cache_queries_total"],
+        );
+        assert!(
+            hits >= 2.0 * cached as f64 && hits < queries,
+            "{hits} of {queries}"
+        );
+        assert!(m["vkv_prefix_cache_evictable_units"] > 0.0);
+    });
+}
