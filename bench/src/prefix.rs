@@ -219,17 +219,19 @@ impl PerfectCache {
     }
 
     /// The keys of the whole blocks of `tokens`, each chained over its parent's.
-    fn keys(&self, tokens: &[u32]) -> impl Iterator<Item = u64> + '_ {
+    fn keys(&self, tokens: &[u32]) -> Vec<u64> {
         let mut parent = None::<u64>;
-        let chunks: Vec<&[u32]> = tokens.chunks_exact(self.block_size).collect();
-        chunks.into_iter().map(move |block| {
-            let mut hasher = DefaultHasher::new();
-            parent.hash(&mut hasher);
-            block.hash(&mut hasher);
-            let key = hasher.finish();
-            parent = Some(key);
-            key
-        })
+        tokens
+            .chunks_exact(self.block_size)
+            .map(|block| {
+                let mut hasher = DefaultHasher::new();
+                parent.hash(&mut hasher);
+                block.hash(&mut hasher);
+                let key = hasher.finish();
+                parent = Some(key);
+                key
+            })
+            .collect()
     }
 
     /// Prompt tokens the cache serves for `prompt`: the leading whole blocks it holds, never
@@ -237,6 +239,7 @@ impl PerfectCache {
     pub fn lookup(&self, prompt: &[u32]) -> usize {
         let computable = &prompt[..prompt.len().saturating_sub(1)];
         self.keys(computable)
+            .into_iter()
             .take_while(|key| self.blocks.contains(key))
             .count()
             * self.block_size
@@ -245,7 +248,7 @@ impl PerfectCache {
     /// Cache the whole blocks of `tokens` (a finished request's prompt and output but its last
     /// token).
     pub fn insert(&mut self, tokens: &[u32]) {
-        let keys: Vec<u64> = self.keys(tokens).collect();
+        let keys = self.keys(tokens);
         self.blocks.extend(keys);
     }
 }
