@@ -440,7 +440,9 @@ fn converse(
                 match rx.blocking_recv().map(|ev| ev.kind) {
                     Some(EventKind::Delta { token_ids, .. }) => reply.extend(token_ids),
                     Some(EventKind::Finished(f)) => break Ok(f),
-                    Some(EventKind::Failed(why)) => break Err(format!("turn {turn} failed: {why}")),
+                    Some(EventKind::Failed(why)) => {
+                        break Err(format!("turn {turn} failed: {why}"))
+                    }
                     None => break Err(format!("turn {turn}: the engine dropped the request")),
                 }
             },

@@ -59,7 +59,7 @@ impl CacheBlock {
     pub fn assumed(why: &str) -> CacheBlock {
         CacheBlock {
             size: DEFAULT_BLOCK_SIZE,
-            from: format!("assumed ({why})"),
+            from: format!("assumed, {why}"),
         }
     }
 }
@@ -125,25 +125,160 @@ pub fn user_tokens(
 /// Common English words that BPE vocabularies hold as one token each with their leading space,
 /// so that `n` of them are about `n` tokens.
 const WORDS: &[&str] = &[
-    "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by",
-    "on", "not", "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an",
-    "had", "they", "you", "were", "their", "one", "all", "we", "can", "her", "has", "there",
-    "been", "if", "more", "when", "will", "would", "who", "so", "no", "time", "people", "year",
-    "way", "day", "man", "thing", "woman", "life", "child", "world", "school", "state", "family",
-    "student", "group", "country", "problem", "hand", "part", "place", "case", "week", "company",
-    "system", "program", "question", "work", "government", "number", "night", "point", "home",
-    "water", "room", "mother", "area", "money", "story", "fact", "month", "lot", "right", "study",
-    "book", "eye", "job", "word", "business", "issue", "side", "kind", "head", "house", "service",
-    "friend", "father", "power", "hour", "game", "line", "end", "member", "law", "car", "city",
-    "name", "team", "minute", "idea", "kid", "body", "back", "face", "level", "office", "door",
-    "health", "person", "art", "war", "history", "party", "result", "change", "morning",
-    "reason", "research", "girl", "guy", "moment", "air", "teacher", "force", "education",
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "was",
+    "with",
+    "be",
+    "by",
+    "on",
+    "not",
+    "he",
+    "this",
+    "are",
+    "or",
+    "his",
+    "from",
+    "at",
+    "which",
+    "but",
+    "have",
+    "an",
+    "had",
+    "they",
+    "you",
+    "were",
+    "their",
+    "one",
+    "all",
+    "we",
+    "can",
+    "her",
+    "has",
+    "there",
+    "been",
+    "if",
+    "more",
+    "when",
+    "will",
+    "would",
+    "who",
+    "so",
+    "no",
+    "time",
+    "people",
+    "year",
+    "way",
+    "day",
+    "man",
+    "thing",
+    "woman",
+    "life",
+    "child",
+    "world",
+    "school",
+    "state",
+    "family",
+    "student",
+    "group",
+    "country",
+    "problem",
+    "hand",
+    "part",
+    "place",
+    "case",
+    "week",
+    "company",
+    "system",
+    "program",
+    "question",
+    "work",
+    "government",
+    "number",
+    "night",
+    "point",
+    "home",
+    "water",
+    "room",
+    "mother",
+    "area",
+    "money",
+    "story",
+    "fact",
+    "month",
+    "lot",
+    "right",
+    "study",
+    "book",
+    "eye",
+    "job",
+    "word",
+    "business",
+    "issue",
+    "side",
+    "kind",
+    "head",
+    "house",
+    "service",
+    "friend",
+    "father",
+    "power",
+    "hour",
+    "game",
+    "line",
+    "end",
+    "member",
+    "law",
+    "car",
+    "city",
+    "name",
+    "team",
+    "minute",
+    "idea",
+    "kid",
+    "body",
+    "back",
+    "face",
+    "level",
+    "office",
+    "door",
+    "health",
+    "person",
+    "art",
+    "war",
+    "history",
+    "party",
+    "result",
+    "change",
+    "morning",
+    "reason",
+    "research",
+    "girl",
+    "guy",
+    "moment",
+    "air",
+    "teacher",
+    "force",
+    "education",
 ];
 
 /// The user messages of a multi-turn run as text, `[conversation][turn]`: `user_len` seeded
 /// random common words each, about `user_len` tokens (the server's `usage` gives the exact
 /// count; a word list rather than token ids because a chat message is text).
-pub fn user_text(conversations: usize, turns: usize, user_len: usize, seed: u64) -> Vec<Vec<String>> {
+pub fn user_text(
+    conversations: usize,
+    turns: usize,
+    user_len: usize,
+    seed: u64,
+) -> Vec<Vec<String>> {
     let mut rng = StdRng::seed_from_u64(seed);
     (0..conversations)
         .map(|_| {
@@ -189,8 +324,7 @@ impl ChatConversation {
     /// The next turn's messages: the conversation so far followed by a user message with `user`,
     /// which joins the conversation.
     pub fn turn_messages(&mut self, user: &str) -> Vec<Value> {
-        self.messages
-            .push(json!({"role": "user", "content": user}));
+        self.messages.push(json!({"role": "user", "content": user}));
         self.messages.clone()
     }
 
@@ -346,8 +480,8 @@ impl TurnLatency {
     pub fn lines(&self) -> Vec<(String, f64)> {
         let mut lines = Vec::new();
         for (which, s) in [
-            ("first turn", self.first_turn_ttft_ms),
-            ("later turns", self.later_turns_ttft_ms),
+            ("turn 1", self.first_turn_ttft_ms),
+            ("turns 2+", self.later_turns_ttft_ms),
         ] {
             lines.push((format!("TTFT {which} median ms"), s.median));
             lines.push((format!("TTFT {which} p99 ms"), s.p99));
@@ -438,7 +572,11 @@ impl PrefixCacheReport {
                 format!(
                     "Ideal hit rate, block {} (%){}:",
                     self.block_size,
-                    if self.ideal_note.is_some() { " est." } else { "" }
+                    if self.ideal_note.is_some() {
+                        " est."
+                    } else {
+                        ""
+                    }
                 ),
                 percent(self.ideal_hit_rate),
             ),

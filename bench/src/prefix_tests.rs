@@ -88,7 +88,9 @@ fn ideal_hits_count_cached_output_but_its_last_token() {
 fn token_turns_extend_the_previous_prompt_and_reply() {
     let users = user_tokens(2, 3, 5, 1000, 4);
     assert_eq!(users.len(), 2);
-    assert!(users.iter().all(|c| c.len() == 3 && c.iter().all(|u| u.len() == 5)));
+    assert!(users
+        .iter()
+        .all(|c| c.len() == 3 && c.iter().all(|u| u.len() == 5)));
     assert_ne!(users[0][0], users[1][0]);
     let mut conversation = TokenConversation::default();
     let mut previous: Option<(Vec<u32>, Vec<u32>)> = None;
@@ -120,7 +122,10 @@ fn chat_turns_extend_the_previous_messages_and_reply() {
     let second = conversation.turn_messages(&users[0][1]);
     assert_eq!(second.len(), 3);
     assert_eq!(second[..1], first[..]);
-    assert_eq!(second[1], json!({"role": "assistant", "content": "the reply"}));
+    assert_eq!(
+        second[1],
+        json!({"role": "assistant", "content": "the reply"})
+    );
     assert_eq!(second[2]["content"], users[0][1]);
     conversation.add_reply("again");
     let third = conversation.turn_messages(&users[0][2]);
@@ -135,22 +140,33 @@ fn report_rates_and_server_counters() {
         prompt_tokens: 200,
         cached_tokens: 100,
     };
-    let r = PrefixCacheReport::new(200, Some(50), &CacheBlock::of_kv_mode(KvMode::Paged { block_size: 16 }), Some(ideal))
-        .with_server_counters(Some(400.0), Some(100.0));
+    let r = PrefixCacheReport::new(
+        200,
+        Some(50),
+        &CacheBlock::of_kv_mode(KvMode::Paged { block_size: 16 }),
+        Some(ideal),
+    )
+    .with_server_counters(Some(400.0), Some(100.0));
     assert_eq!(r.hit_rate, Some(0.25));
     assert_eq!(r.ideal_hit_rate, Some(0.5));
     assert_eq!(r.server_hit_rate, Some(0.25));
     let none = PrefixCacheReport::new(200, None, &CacheBlock::assumed("test"), None)
         .with_server_counters(None, None);
     assert_eq!(none.hit_rate, None);
-    assert!(none.lines().iter().all(|(label, _)| !label.starts_with("Server")));
+    assert!(none
+        .lines()
+        .iter()
+        .all(|(label, _)| !label.starts_with("Server")));
 }
 
 #[test]
 fn chat_hits_are_estimated_from_the_previous_turn() {
     // Turn 2 may reuse turn 1's 40 + 10 - 1 = 49 tokens: 3 blocks of 16 (its own 70 - 1 = 69
     // computable tokens would allow 4). Turn 3 may reuse 70 + 10 - 1 = 79: 4 blocks (64).
-    assert_eq!(estimated_chat_hits(&[(40, 10), (70, 10), (100, 10)], 16), 48 + 64);
+    assert_eq!(
+        estimated_chat_hits(&[(40, 10), (70, 10), (100, 10)], 16),
+        48 + 64
+    );
     // A turn shorter than what came before is bounded by its own prompt.
     assert_eq!(estimated_chat_hits(&[(100, 10), (20, 10)], 16), 16);
     assert_eq!(estimated_chat_hits(&[(100, 10)], 16), 0);

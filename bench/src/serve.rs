@@ -542,7 +542,10 @@ pub async fn run(
     };
     let max_model_len = card["max_model_len"].as_u64().map(|n| n as usize);
     if let Some(limit) = max_model_len {
-        config.workload.check_fits(limit).map_err(|e| BenchError::Config(e.to_string()))?;
+        config
+            .workload
+            .check_fits(limit)
+            .map_err(|e| BenchError::Config(e.to_string()))?;
     }
     if let Workload::MultiTurn(spec) = &config.workload {
         return run_multi_turn(config, &target, model, spec, on_done).await;
@@ -662,8 +665,13 @@ async fn run_multi_turn(
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let start = Instant::now();
     for (conversation, (users, at)) in users.into_iter().zip(arrivals).enumerate() {
-        let (target, model, limit, tx, spec) =
-            (target.clone(), model.clone(), limit.clone(), tx.clone(), *spec);
+        let (target, model, limit, tx, spec) = (
+            target.clone(),
+            model.clone(),
+            limit.clone(),
+            tx.clone(),
+            *spec,
+        );
         tokio::spawn(async move {
             let wait = at - start.elapsed().as_secs_f64();
             if wait > 0.0 {
@@ -920,6 +928,72 @@ mod tests {
         assert_eq!(r.request_goodput, Some(0.5));
         assert_eq!(r.request_throughput, 1.0);
         assert_eq!(r.total_output_tokens, 10);
+    }
+
+    #[test]
+    fn multi_turn_reports_split_ttft_and_sum_cached_tokens() {
+        let turn = |conversation, turn, prompt_len, cached, ttft_s| RequestOutcome {
+            success: true,
+            prompt_len,
+            output_tokens: 10,
+            cached_tokens: cached,
+            ttft_s,
+            latency_s: 1.0,
+            conversation,
+            turn,
+            ..RequestOutcome::default()
+        };
+        let config = BenchConfig {
+            url: String::new(),
+            workload: Workload::parse("multi-turn:2,2,30,10").unwrap(),
+            num_prompts: 1,
+            request_rate: f64::INFINITY,
+            burstiness: 1.0,
+            max_concurrency: None,
+            goodput: Vec::new(),
+            seed: 0,
+            api_key: None,
+            model: None,
+            vocab_size: None,
+        };
+        let outcomes = [
+            turn(1, 1, 80, Some(32), 0.1),
+            turn(0, 0, 40, Some(0), 0.5),
+            turn(1, 0, 40, None, 0.7),
+            turn(0, 1, 80, Some(48), 0.2),
+        ];
+        let before = parse_counters("vkv_kv_cache_info{kv=\"paged-16\"} 1\nvkv_prefix_cache_queries_total 100\nvkv_prefix_cache_hits_total 10\n");
+        let after = parse_counters("vkv_kv_cache_info{kv=\"paged-16\"} 1\nvkv_prefix_cache_queries_total 340\nvkv_prefix_cache_hits_total 90\n");
+        let r = report(&config, "m".into(), &outcomes, 1.0, &before, &after, None);
+        assert_eq!(r.num_prompts, 4);
+        let turns = r.turns.unwrap();
+        assert!((turns.first_turn_ttft_ms.median - 600.0).abs() < 1e-9);
+        assert!((turns.later_turns_ttft_ms.median - 150.0).abs() < 1e-9);
+        let p = r.prefix_cache;
+        assert_eq!(p.prompt_tokens, 240);
+        assert_eq!(p.cached_tokens, Some(80));
+        assert_eq!(p.hit_rate, Some(80.0 / 240.0));
+        // Each second turn may reuse 40 + 10 - 1 = 49 tokens: 3 blocks of 16.
+        assert_eq!(p.block_size, 16);
+        assert_eq!(p.ideal_cached_tokens, Some(2 * 48));
+        assert!(p.ideal_note.is_some());
+        assert_eq!((p.server_queries, p.server_hits), (Some(240.0), Some(80.0)));
+    }
+
+    #[test]
+    fn the_ideal_block_is_the_servers_paged_block_or_assumed() {
+        let block = |kv: Option<&str>| {
+            ServerCounters {
+                kv: kv.map(String::from),
+                ..ServerCounters::default()
+            }
+            .cache_block()
+        };
+        assert_eq!(block(Some("paged-32")).size, 32);
+        let vmm = block(Some("vmm-token-major-2MiB"));
+        assert_eq!(vmm.size, crate::prefix::DEFAULT_BLOCK_SIZE);
+        assert!(vmm.from.contains("assumed"), "{}", vmm.from);
+        assert!(block(None).from.contains("assumed"));
     }
 
     #[test]

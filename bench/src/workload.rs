@@ -299,7 +299,8 @@ fn clamp_shape(shape: RequestShape, max_len: Option<usize>) -> RequestShape {
 
 const PREFIX_REPETITION_SYNTAX: &str =
     "prefix-repetition:NUM_PREFIXES,PREFIX_LEN,SUFFIX_LEN,OUTPUT_LEN";
-const MULTI_TURN_SYNTAX: &str = "multi-turn:CONVERSATIONS,TURNS,USER_LEN,OUTPUT_LEN[,THINK_SECONDS]";
+const MULTI_TURN_SYNTAX: &str =
+    "multi-turn:CONVERSATIONS,TURNS,USER_LEN,OUTPUT_LEN[,THINK_SECONDS]";
 
 /// The 90th percentile of the standard normal distribution.
 const STANDARD_NORMAL_P90: f64 = 1.2816;

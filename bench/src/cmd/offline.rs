@@ -139,7 +139,14 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
                         args.seed,
                         engine.max_model_len(),
                     );
-                    run_offline(&engine, requests, arrivals, args.seed, &block, &mut progress)?
+                    run_offline(
+                        &engine,
+                        requests,
+                        arrivals,
+                        args.seed,
+                        &block,
+                        &mut progress,
+                    )?
                 }
             };
             bar.finish_and_clear();
@@ -302,7 +309,11 @@ fn print_table(reports: &[OfflineReport]) {
         };
         row(
             &label,
-            &|r| r.prefix_cache.ideal_hit_rate.map_or(f64::NAN, |h| 100.0 * h),
+            &|r| {
+                r.prefix_cache
+                    .ideal_hit_rate
+                    .map_or(f64::NAN, |h| 100.0 * h)
+            },
             1,
         );
     }

@@ -169,7 +169,10 @@ fn print_report(r: &ServeReport) {
     for (label, value) in r.prefix_cache.lines() {
         line(&label, value);
     }
-    println!("Ideal hit rate: block size {}.", r.prefix_cache.block_size_from);
+    println!(
+        "Ideal hit rate: a perfect cache in blocks of {} tokens ({}).",
+        r.prefix_cache.block_size, r.prefix_cache.block_size_from
+    );
     if let Some(note) = &r.prefix_cache.ideal_note {
         println!("Ideal hit rate {note}.");
     }
