@@ -6,7 +6,11 @@
 //!
 //! Measurements (library code; errors are thiserror enums):
 //! - [`workload`]: request-length workloads (named distributions, fixed and uniform shapes,
-//!   JSONL traces) and seeded sampling of [`workload::RequestShape`]s;
+//!   JSONL traces, the prefix-sharing `prefix-repetition` and `multi-turn`) and seeded sampling
+//!   of [`workload::RequestShape`]s;
+//! - [`prefix`]: the token ids of the prefix-sharing workloads (shared prefixes, multi-turn
+//!   prompt builders), the ideal prefix hit rate, and the prefix-cache numbers both benchmarks
+//!   report;
 //! - [`offline`]: `vkv bench offline` — a workload served by an in-process
 //!   [`vkv_engine::engine::Engine`], vLLM's `benchmark_throughput`; [`offline::Summary`] is the one
 //!   mean / median / p99 helper;
@@ -32,6 +36,7 @@ pub mod cmd;
 pub mod frag;
 pub mod generate;
 pub mod offline;
+pub mod prefix;
 pub mod report;
 pub mod serve;
 pub mod units;

@@ -6,6 +6,14 @@
 //! request generates exactly its sampled output length (`ignore_eos`), so two runs with the same
 //! seed do the same work whatever the model says. KV utilisation is sampled from the engine's
 //! metrics every few milliseconds while the run lasts.
+//!
+//! The prefix-sharing workloads ([`crate::prefix`]): `prefix-repetition` is a request list like
+//! the others ([`workload_requests`]); `multi-turn` is closed-loop ([`run_multi_turn`]): one
+//! thread per conversation sends turn *k* + 1 only after turn *k* finished (plus the think time),
+//! its prompt the earlier prompt, the tokens the engine generated and a new user message;
+//! `arrivals` then say when conversations start. Every report has the prefix-cache numbers
+//! (cached prompt tokens from the engine's `Usage::cached_tokens`, the hit rate, the workload's
+//! ideal one), and a multi-turn report the TTFT of first and later turns apart.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -15,9 +23,14 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use rand_distr::{Distribution, Exp};
 
-use crate::workload::RequestShape;
+use crate::prefix::{
+    ideal_hits, prefix_repetition_prompts, user_tokens, CacheBlock, PrefixCacheReport,
+    TokenConversation, TurnLatency,
+};
+use crate::workload::{MultiTurn, RequestShape, Workload};
 use vkv_engine::engine::{
-    event_channel, Engine, EngineError, EventKind, GenerationRequest, StopConditions,
+    event_channel, Engine, EngineError, EngineMetrics, EventKind, Finished, GenerationRequest,
+    StopConditions,
 };
 use vkv_engine::sampler::SamplingParams;
 
@@ -76,6 +89,8 @@ pub struct OfflineReport {
     pub kv: String,
     pub requests: usize,
     pub failed: usize,
+    /// Why the first failed request failed.
+    pub first_error: Option<String>,
     pub duration_s: f64,
     pub requests_per_s: f64,
     pub output_tokens_per_s: f64,
@@ -98,6 +113,26 @@ pub struct OfflineReport {
     pub kv_used_peak: f64,
     /// Bytes holding tokens / bytes allocated, mean over samples with anything allocated.
     pub kv_token_share_mean: f64,
+    /// Cached prompt tokens (the engine's per-request `cached_tokens`, summed), the hit rate and
+    /// the workload's ideal one.
+    pub prefix_cache: PrefixCacheReport,
+    /// `multi-turn`: TTFT of first and of later turns.
+    pub turns: Option<TurnLatency>,
+}
+
+/// One request of the benchmark: `prompt`, then exactly `max_tokens` tokens sampled as
+/// [`SamplingParams::default`] says, past end-of-sequence (`ignore_eos`).
+fn bench_request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
+    GenerationRequest {
+        prompt,
+        max_tokens,
+        sampling: SamplingParams::default(),
+        stop: StopConditions {
+            ignore_eos: true,
+            ..StopConditions::default()
+        },
+        cache_salt: None,
+    }
 }
 
 /// Seeded random prompts of the workload's lengths, every id an ordinary token (≥ 256, below the
@@ -111,44 +146,75 @@ pub fn random_requests(
     let low = 256.min(vocab_size as u32 - 1);
     shapes
         .iter()
-        .map(|s| GenerationRequest {
-            prompt: (0..s.prompt_len)
+        .map(|s| {
+            let prompt = (0..s.prompt_len)
                 .map(|_| rng.random_range(low..vocab_size as u32))
-                .collect(),
-            max_tokens: s.output_len,
-            sampling: SamplingParams::default(),
-            stop: StopConditions {
-                ignore_eos: true,
-                ..StopConditions::default()
-            },
-            cache_salt: None,
+                .collect();
+            bench_request(prompt, s.output_len)
         })
         .collect()
 }
 
-/// Submit `requests` to `engine` as `arrivals` says and wait for all of them; `on_done(n)` is
-/// called after each one finishes with the number finished so far.
-pub fn run_offline(
-    engine: &Engine,
-    requests: Vec<GenerationRequest>,
-    arrivals: Arrivals,
+/// `n` requests of a request-list workload (every one but `multi-turn`, which
+/// [`run_multi_turn`] runs): `prefix-repetition`'s shared prefixes
+/// ([`prefix_repetition_prompts`]), or random prompts of the sampled lengths clamped to
+/// `max_len` ([`random_requests`]).
+pub fn workload_requests(
+    workload: &Workload,
+    n: usize,
+    vocab_size: usize,
     seed: u64,
-    on_done: &mut dyn FnMut(usize),
-) -> Result<OfflineReport, EngineError> {
-    let n = requests.len();
-    let prompt_tokens: usize = requests.iter().map(|r| r.prompt.len()).sum();
-    let before = engine.metrics();
-    let (tx, mut rx) = event_channel();
-    let capacity_bytes = before.kv_capacity_bytes as f64;
+    max_len: usize,
+) -> Vec<GenerationRequest> {
+    match workload {
+        Workload::PrefixRepetition(p) => prefix_repetition_prompts(p, n, vocab_size, seed)
+            .into_iter()
+            .map(|prompt| bench_request(prompt, p.output_len))
+            .collect(),
+        _ => random_requests(&workload.sample(n, seed, Some(max_len)), vocab_size, seed),
+    }
+}
+
+/// What finished requests added up to.
+#[derive(Debug, Default)]
+struct Tally {
+    ttft: Vec<f64>,
+    tpot: Vec<f64>,
+    e2e: Vec<f64>,
+    queue: Vec<f64>,
+    failed: usize,
+    first_error: Option<String>,
+    output_tokens: usize,
+    cached_tokens: usize,
+}
+
+impl Tally {
+    fn finished(&mut self, f: &Finished) {
+        self.output_tokens += f.usage.completion_tokens;
+        self.cached_tokens += f.usage.cached_tokens;
+        self.ttft.push(f.timings.ttft);
+        self.e2e.push(f.timings.e2e);
+        self.queue.push(f.timings.queue);
+        if let Some(t) = f.timings.tpot() {
+            self.tpot.push(t);
+        }
+    }
+
+    fn failed(&mut self, why: String) {
+        self.failed += 1;
+        self.first_error.get_or_insert(why);
+    }
+}
+
+/// KV use samples: (allocated / capacity, bytes holding tokens / allocated or NaN).
+type KvSamples = Vec<(f64, f64)>;
+
+/// Run `body` while another thread samples the engine's KV use every 5 ms.
+fn sampling_kv<T>(engine: &Engine, body: impl FnOnce() -> T) -> (T, KvSamples) {
+    let capacity_bytes = engine.metrics().kv_capacity_bytes as f64;
     let running = AtomicBool::new(true);
-    let samples = Mutex::new(Vec::<(f64, f64)>::new());
-    let start = Instant::now();
-    let mut ttft = Vec::new();
-    let mut tpot = Vec::new();
-    let mut e2e = Vec::new();
-    let mut queue = Vec::new();
-    let (mut failed, mut output_tokens) = (0, 0);
-    let submitted = std::thread::scope(|scope| -> Result<(), EngineError> {
+    let samples = Mutex::new(KvSamples::new());
+    let result = std::thread::scope(|scope| {
         scope.spawn(|| {
             while running.load(Ordering::Relaxed) {
                 let m = engine.metrics();
@@ -165,56 +231,31 @@ pub fn run_offline(
                 std::thread::sleep(Duration::from_millis(5));
             }
         });
-        let submitter = scope.spawn(move || -> Result<(), EngineError> {
-            let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
-            let mut at = 0.0;
-            for request in requests {
-                if let Arrivals::Poisson { rate } = arrivals {
-                    let gap = Exp::new(rate).map_err(|e| {
-                        EngineError::InvalidRequest(format!("request rate {rate}: {e}"))
-                    })?;
-                    at += gap.sample(&mut rng);
-                    let wait = at - start.elapsed().as_secs_f64();
-                    if wait > 0.0 {
-                        std::thread::sleep(Duration::from_secs_f64(wait));
-                    }
-                }
-                engine.submit(request, tx.clone())?;
-            }
-            Ok(())
-        });
-        let mut done = 0;
-        while done < n {
-            let Some(ev) = rx.blocking_recv() else {
-                break; // the submitter failed and dropped the sender
-            };
-            match ev.kind {
-                EventKind::Delta { .. } => {}
-                EventKind::Finished(f) => {
-                    done += 1;
-                    output_tokens += f.usage.completion_tokens;
-                    ttft.push(f.timings.ttft);
-                    e2e.push(f.timings.e2e);
-                    queue.push(f.timings.queue);
-                    if let Some(t) = f.timings.tpot() {
-                        tpot.push(t);
-                    }
-                    on_done(done);
-                }
-                EventKind::Failed(_) => {
-                    done += 1;
-                    failed += 1;
-                    on_done(done);
-                }
-            }
-        }
+        let result = body();
         running.store(false, Ordering::Relaxed);
-        submitter.join().unwrap_or(Ok(()))
+        result
     });
-    submitted?;
-    let duration = start.elapsed().as_secs_f64();
+    (
+        result,
+        samples.into_inner().unwrap_or_else(PoisonError::into_inner),
+    )
+}
+
+/// What a run comes to, from the engine's metrics before and after, what finished, and the KV
+/// samples.
+#[allow(clippy::too_many_arguments)]
+fn build_report(
+    engine: &Engine,
+    before: &EngineMetrics,
+    requests: usize,
+    prompt_tokens: usize,
+    tally: Tally,
+    duration: f64,
+    samples: &KvSamples,
+    prefix_cache: PrefixCacheReport,
+    turns: Option<TurnLatency>,
+) -> OfflineReport {
     let after = engine.metrics();
-    let samples = samples.into_inner().unwrap_or_else(|e| e.into_inner());
     let used: Vec<f64> = samples.iter().map(|s| s.0).collect();
     let shares: Vec<f64> = samples
         .iter()
@@ -228,20 +269,22 @@ pub fn run_offline(
             v.iter().sum::<f64>() / v.len() as f64
         }
     };
-    Ok(OfflineReport {
+    let output_tokens = tally.output_tokens;
+    OfflineReport {
         kv: after.kv_name.clone(),
-        requests: n,
-        failed,
+        requests,
+        failed: tally.failed,
+        first_error: tally.first_error,
         duration_s: duration,
-        requests_per_s: (n - failed) as f64 / duration,
+        requests_per_s: (requests - tally.failed) as f64 / duration,
         output_tokens_per_s: output_tokens as f64 / duration,
         total_tokens_per_s: (prompt_tokens + output_tokens) as f64 / duration,
         prompt_tokens,
         output_tokens,
-        ttft_ms: Summary::of(&ttft).scaled(1e3),
-        tpot_ms: Summary::of(&tpot).scaled(1e3),
-        e2e_ms: Summary::of(&e2e).scaled(1e3),
-        queue_ms: Summary::of(&queue).scaled(1e3),
+        ttft_ms: Summary::of(&tally.ttft).scaled(1e3),
+        tpot_ms: Summary::of(&tally.tpot).scaled(1e3),
+        e2e_ms: Summary::of(&tally.e2e).scaled(1e3),
+        queue_ms: Summary::of(&tally.queue).scaled(1e3),
         preemptions: after.preemptions - before.preemptions,
         map_waits: after
             .map
@@ -253,7 +296,255 @@ pub fn run_offline(
         kv_used_mean: mean(&used),
         kv_used_peak: used.iter().copied().fold(0.0, f64::max),
         kv_token_share_mean: mean(&shares),
-    })
+        prefix_cache,
+        turns,
+    }
+}
+
+/// Submit `requests` to `engine` as `arrivals` says and wait for all of them; `on_done(n)` is
+/// called after each one finishes with the number finished so far. The ideal prefix hit rate is
+/// that of the prompts in this order, in blocks of `block`.
+pub fn run_offline(
+    engine: &Engine,
+    requests: Vec<GenerationRequest>,
+    arrivals: Arrivals,
+    seed: u64,
+    block: &CacheBlock,
+    on_done: &mut dyn FnMut(usize),
+) -> Result<OfflineReport, EngineError> {
+    let n = requests.len();
+    let prompt_tokens: usize = requests.iter().map(|r| r.prompt.len()).sum();
+    let ideal = ideal_hits(
+        requests.iter().map(|r| (r.prompt.as_slice(), &[][..])),
+        block.size,
+    );
+    let before = engine.metrics();
+    let (tx, mut rx) = event_channel();
+    let start = Instant::now();
+    let mut tally = Tally::default();
+    let (submitted, samples) = sampling_kv(engine, || {
+        std::thread::scope(|scope| -> Result<(), EngineError> {
+            let submitter = scope.spawn(move || -> Result<(), EngineError> {
+                let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+                let mut at = 0.0;
+                for request in requests {
+                    if let Arrivals::Poisson { rate } = arrivals {
+                        let gap = Exp::new(rate).map_err(|e| {
+                            EngineError::InvalidRequest(format!("request rate {rate}: {e}"))
+                        })?;
+                        at += gap.sample(&mut rng);
+                        let wait = at - start.elapsed().as_secs_f64();
+                        if wait > 0.0 {
+                            std::thread::sleep(Duration::from_secs_f64(wait));
+                        }
+                    }
+                    engine.submit(request, tx.clone())?;
+                }
+                Ok(())
+            });
+            let mut done = 0;
+            while done < n {
+                let Some(ev) = rx.blocking_recv() else {
+                    break; // the submitter failed and dropped the sender
+                };
+                match ev.kind {
+                    EventKind::Delta { .. } => continue,
+                    EventKind::Finished(f) => tally.finished(&f),
+                    EventKind::Failed(why) => tally.failed(why),
+                }
+                done += 1;
+                on_done(done);
+            }
+            submitter.join().unwrap_or(Ok(()))
+        })
+    });
+    submitted?;
+    let duration = start.elapsed().as_secs_f64();
+    let prefix_cache =
+        PrefixCacheReport::new(prompt_tokens, Some(tally.cached_tokens), block, Some(ideal));
+    Ok(build_report(
+        engine,
+        &before,
+        n,
+        prompt_tokens,
+        tally,
+        duration,
+        &samples,
+        prefix_cache,
+        None,
+    ))
+}
+
+/// One turn of a multi-turn run as it went.
+struct TurnRecord {
+    turn: usize,
+    /// Seconds from the start of the run at which it was submitted (not submitted: infinite).
+    sent_at: f64,
+    prompt: Vec<u32>,
+    reply: Vec<u32>,
+    outcome: Result<Finished, String>,
+}
+
+/// Start times of `n` conversations in seconds: all at 0, or a Poisson process.
+fn start_times(n: usize, arrivals: Arrivals, seed: u64) -> Result<Vec<f64>, EngineError> {
+    match arrivals {
+        Arrivals::AllAtOnce => Ok(vec![0.0; n]),
+        Arrivals::Poisson { rate } => {
+            let gap = Exp::new(rate)
+                .map_err(|e| EngineError::InvalidRequest(format!("request rate {rate}: {e}")))?;
+            let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+            let mut at = 0.0;
+            Ok((0..n)
+                .map(|_| {
+                    at += gap.sample(&mut rng);
+                    at
+                })
+                .collect())
+        }
+    }
+}
+
+/// One conversation: its turns one after another, each record sent to `records`.
+fn converse(
+    engine: &Engine,
+    spec: &MultiTurn,
+    users: &[Vec<u32>],
+    start: Instant,
+    starts_at: f64,
+    records: &std::sync::mpsc::Sender<TurnRecord>,
+) {
+    let wait = starts_at - start.elapsed().as_secs_f64();
+    if wait > 0.0 {
+        std::thread::sleep(Duration::from_secs_f64(wait));
+    }
+    let mut conversation = TokenConversation::default();
+    let mut failed = None::<String>;
+    for (turn, user) in users.iter().enumerate() {
+        if let Some(why) = &failed {
+            let _ = records.send(TurnRecord {
+                turn,
+                sent_at: f64::INFINITY,
+                prompt: Vec::new(),
+                reply: Vec::new(),
+                outcome: Err(format!("not sent: {why}")),
+            });
+            continue;
+        }
+        let prompt = conversation.turn_prompt(user);
+        let sent_at = start.elapsed().as_secs_f64();
+        let (tx, mut rx) = event_channel();
+        let mut reply = Vec::new();
+        let outcome = match engine.submit(bench_request(prompt.clone(), spec.output_len), tx) {
+            Err(e) => Err(format!("turn {turn} refused: {e}")),
+            Ok(_) => loop {
+                match rx.blocking_recv().map(|ev| ev.kind) {
+                    Some(EventKind::Delta { token_ids, .. }) => reply.extend(token_ids),
+                    Some(EventKind::Finished(f)) => break Ok(f),
+                    Some(EventKind::Failed(why)) => {
+                        break Err(format!("turn {turn} failed: {why}"))
+                    }
+                    None => break Err(format!("turn {turn}: the engine dropped the request")),
+                }
+            },
+        };
+        match &outcome {
+            Ok(_) => conversation.add_reply(&reply),
+            Err(why) => failed = Some(why.clone()),
+        }
+        let _ = records.send(TurnRecord {
+            turn,
+            sent_at,
+            prompt,
+            reply,
+            outcome,
+        });
+        if failed.is_none() && turn + 1 < users.len() && spec.think_seconds > 0.0 {
+            std::thread::sleep(Duration::from_secs_f64(spec.think_seconds));
+        }
+    }
+}
+
+/// Run a `multi-turn` workload: `spec.conversations` conversations, started as `arrivals` says
+/// (all at once, or a Poisson process of conversations per second), one thread each; turn
+/// *k* + 1 is submitted when turn *k* has finished and the think time passed, its prompt turn
+/// *k*'s prompt, the tokens the engine generated for it and a new user message of seeded random
+/// token ids. A failed turn ends its conversation (the turns not sent count as failed).
+/// `on_done(n)` after each turn ends. The ideal prefix hit rate takes the turns in the order they
+/// were submitted.
+pub fn run_multi_turn(
+    engine: &Engine,
+    spec: &MultiTurn,
+    vocab_size: usize,
+    arrivals: Arrivals,
+    seed: u64,
+    block: &CacheBlock,
+    on_done: &mut dyn FnMut(usize),
+) -> Result<OfflineReport, EngineError> {
+    let users = user_tokens(
+        spec.conversations,
+        spec.turns,
+        spec.user_len,
+        vocab_size,
+        seed,
+    );
+    let starts = start_times(spec.conversations, arrivals, seed)?;
+    let before = engine.metrics();
+    let start = Instant::now();
+    let (records, samples) = sampling_kv(engine, || {
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            for (users, &at) in users.iter().zip(&starts) {
+                let tx = tx.clone();
+                scope.spawn(move || converse(engine, spec, users, start, at, &tx));
+            }
+            drop(tx);
+            let mut records = Vec::with_capacity(spec.requests());
+            for record in rx {
+                records.push(record);
+                on_done(records.len());
+            }
+            records
+        })
+    });
+    let duration = start.elapsed().as_secs_f64();
+    let mut records = records;
+    records.sort_by(|a, b| a.sent_at.total_cmp(&b.sent_at));
+    let mut tally = Tally::default();
+    let (mut first, mut later) = (Vec::new(), Vec::new());
+    for record in &records {
+        match &record.outcome {
+            Ok(f) => {
+                tally.finished(f);
+                if record.turn == 0 {
+                    first.push(f.timings.ttft);
+                } else {
+                    later.push(f.timings.ttft);
+                }
+            }
+            Err(why) => tally.failed(why.clone()),
+        }
+    }
+    let prompt_tokens = records.iter().map(|r| r.prompt.len()).sum();
+    let ideal = ideal_hits(
+        records
+            .iter()
+            .filter(|r| !r.prompt.is_empty())
+            .map(|r| (r.prompt.as_slice(), r.reply.as_slice())),
+        block.size,
+    );
+    let prefix_cache =
+        PrefixCacheReport::new(prompt_tokens, Some(tally.cached_tokens), block, Some(ideal));
+    Ok(build_report(
+        engine,
+        &before,
+        records.len(),
+        prompt_tokens,
+        tally,
+        duration,
+        &samples,
+        prefix_cache,
+        Some(TurnLatency::new(spec, &first, &later)),
+    ))
 }
 
 #[cfg(test)]

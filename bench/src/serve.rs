@@ -18,12 +18,36 @@
 //!
 //! The server's model length and vocabulary come from `/v1/models` (`max_model_len`, as vLLM
 //! gives it, and the `vocab_size` vkv adds there; `vocab_size` can be given for other servers).
+//!
+//! Prefix sharing ([`crate::prefix`]):
+//! - `prefix-repetition` is a request list like the others: token-id prompts to
+//!   `/v1/completions`, request *i* with prefix *i* mod `NUM_PREFIXES`.
+//! - `multi-turn` is closed-loop and goes to `/v1/chat/completions`: a reply comes back as text
+//!   (neither endpoint returns token ids), so the conversation is kept as chat messages and the
+//!   server's chat template and tokenizer make the prompt. User messages are `USER_LEN` seeded
+//!   random common words (about that many tokens; the token counts reported are the server's
+//!   `usage`); each reply joins the conversation as the text the server streamed. The arrival
+//!   process and `max_concurrency` apply to conversations: one starts at each arrival once fewer
+//!   than `max_concurrency` are running, and holds its place until its last turn ends. Turn
+//!   *k* + 1 is sent when turn *k*'s stream has ended and the think time passed; a failed turn
+//!   ends its conversation (the turns not sent count as failed). TTFT is also reported for
+//!   first and later turns apart.
+//! - Every response's `usage.prompt_tokens_details.cached_tokens` is summed when the server gives
+//!   it, beside the ideal hit rate (exact from the token ids of `prefix-repetition` and the
+//!   length workloads; for `multi-turn` estimated from the usage counts, see
+//!   [`crate::prefix::estimated_chat_hits`]) in the block size of the server's paged KV cache
+//!   (from `/metrics`' `vkv_kv_cache_info{kv="paged-N"}`; else 16, assumed), and the server's
+//!   `vkv_prefix_cache_queries_total` / `vkv_prefix_cache_hits_total` when `/metrics` has them.
 
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use crate::offline::{random_requests, Summary};
-use crate::workload::Workload;
+use crate::offline::{workload_requests, Summary};
+use crate::prefix::{
+    estimated_chat_hits, ideal_hits, user_text, CacheBlock, ChatConversation, IdealHits,
+    PrefixCacheReport, TurnLatency,
+};
+use crate::workload::{MultiTurn, Workload};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
@@ -139,12 +163,21 @@ pub enum BenchError {
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct RequestOutcome {
     pub success: bool,
+    /// Prompt tokens: the server's `usage.prompt_tokens`, else the token ids sent.
     pub prompt_len: usize,
     pub output_tokens: usize,
+    /// The server's `usage.prompt_tokens_details.cached_tokens`, when it gave it.
+    pub cached_tokens: Option<usize>,
     pub ttft_s: f64,
     pub latency_s: f64,
     pub itl_s: Vec<f64>,
     pub error: Option<String>,
+    /// `multi-turn`: the conversation and the turn (from 0); 0 and 0 otherwise.
+    pub conversation: usize,
+    pub turn: usize,
+    /// The text the server streamed.
+    #[serde(skip)]
+    pub reply: String,
 }
 
 impl RequestOutcome {
@@ -160,6 +193,27 @@ pub struct ServerCounters {
     pub kv: Option<String>,
     pub preemptions: Option<f64>,
     pub map_waits: Option<f64>,
+    /// Prompt tokens looked up in the prefix cache, and those found (tokens).
+    pub prefix_queries: Option<f64>,
+    pub prefix_hits: Option<f64>,
+}
+
+impl ServerCounters {
+    /// The block of the ideal hit rate: the paged cache's (`kv="paged-N"`), else assumed.
+    fn cache_block(&self) -> CacheBlock {
+        let paged = self
+            .kv
+            .as_deref()
+            .and_then(|kv| kv.strip_prefix("paged-")?.parse::<usize>().ok());
+        match (paged, &self.kv) {
+            (Some(size), _) => CacheBlock {
+                size,
+                from: "the server's paged KV cache".into(),
+            },
+            (None, Some(kv)) => CacheBlock::assumed(&format!("the server's KV cache is {kv}")),
+            (None, None) => CacheBlock::assumed("the server's /metrics does not say"),
+        }
+    }
 }
 
 /// What a run measured (times in ms, throughputs per second).
@@ -191,6 +245,11 @@ pub struct ServeReport {
     pub server_kv: Option<String>,
     pub server_preemptions: Option<f64>,
     pub server_map_waits: Option<f64>,
+    /// Cached prompt tokens summed over the responses that gave them, the hit rate, the ideal
+    /// one, and the server's prefix-cache counters.
+    pub prefix_cache: PrefixCacheReport,
+    /// `multi-turn`: TTFT of first and of later turns.
+    pub turns: Option<TurnLatency>,
 }
 
 struct Target {
@@ -261,21 +320,23 @@ impl Target {
         }
     }
 
-    /// Send one streamed completion and time it.
-    async fn complete(&self, body: Value, prompt_len: usize) -> RequestOutcome {
+    /// Send one streamed completion (`path`: `/v1/completions` or `/v1/chat/completions`) and
+    /// time it; `prompt_len` is the token ids sent (0 for chat), replaced by the server's count
+    /// when it gives one.
+    async fn complete(&self, path: &str, body: Value, prompt_len: usize) -> RequestOutcome {
         let mut out = RequestOutcome {
             prompt_len,
             ..RequestOutcome::default()
         };
         let start = Instant::now();
         let result = async {
-            let request = self.request(Method::POST, "/v1/completions", Some(&body))?;
+            let request = self.request(Method::POST, path, Some(&body))?;
             let response = self
                 .client
                 .request(request)
                 .await
                 .map_err(|e| BenchError::Http {
-                    what: "POST /v1/completions".into(),
+                    what: format!("POST {path}"),
                     why: error_chain(&e),
                 })?;
             let status = response.status();
@@ -287,7 +348,7 @@ impl Target {
                     .map(|b| b.to_bytes())
                     .unwrap_or_default();
                 return Err(BenchError::Http {
-                    what: format!("POST /v1/completions: {status}"),
+                    what: format!("POST {path}: {status}"),
                     why: String::from_utf8_lossy(&text).into_owned(),
                 });
             }
@@ -333,7 +394,12 @@ impl Target {
                                 why: error.to_string(),
                             });
                         }
-                        let text = chunk["choices"][0]["text"].as_str().unwrap_or("");
+                        let choice = &chunk["choices"][0];
+                        let text = choice["text"]
+                            .as_str()
+                            .or_else(|| choice["delta"]["content"].as_str())
+                            .unwrap_or("");
+                        out.reply.push_str(text);
                         if !text.is_empty() {
                             text_chunks += 1;
                             match last {
@@ -342,8 +408,15 @@ impl Target {
                             }
                             last = Some(now);
                         }
-                        if let Some(n) = chunk["usage"]["completion_tokens"].as_u64() {
+                        let usage = &chunk["usage"];
+                        if let Some(n) = usage["completion_tokens"].as_u64() {
                             usage_tokens = Some(n as usize);
+                        }
+                        if let Some(n) = usage["prompt_tokens"].as_u64() {
+                            out.prompt_len = n as usize;
+                        }
+                        if let Some(n) = usage["prompt_tokens_details"]["cached_tokens"].as_u64() {
+                            out.cached_tokens = Some(n as usize);
                         }
                     }
                 }
@@ -389,6 +462,8 @@ fn parse_counters(text: &str) -> ServerCounters {
         }),
         preemptions: value("vkv_num_preemptions_total"),
         map_waits: value("vkv_map_waits_total"),
+        prefix_queries: value("vkv_prefix_cache_queries_total"),
+        prefix_hits: value("vkv_prefix_cache_hits_total"),
     }
 }
 
@@ -466,6 +541,15 @@ pub async fn run(
             .to_string(),
     };
     let max_model_len = card["max_model_len"].as_u64().map(|n| n as usize);
+    if let Some(limit) = max_model_len {
+        config
+            .workload
+            .check_fits(limit)
+            .map_err(|e| BenchError::Config(e.to_string()))?;
+    }
+    if let Workload::MultiTurn(spec) = &config.workload {
+        return run_multi_turn(config, &target, model, spec, on_done).await;
+    }
     let vocab_size = match (config.vocab_size, card["vocab_size"].as_u64()) {
         (Some(v), _) => v,
         (None, Some(v)) => v as usize,
@@ -481,10 +565,15 @@ pub async fn run(
         )));
     }
 
-    let shapes = config
-        .workload
-        .sample(config.num_prompts, config.seed, max_model_len);
-    let requests = random_requests(&shapes, vocab_size, config.seed);
+    let requests = workload_requests(
+        &config.workload,
+        config.num_prompts,
+        vocab_size,
+        config.seed,
+        max_model_len.unwrap_or(usize::MAX),
+    );
+    // The ideal hit rate in the order sent; the block size comes with the counters below.
+    let prompts: Vec<Vec<u32>> = requests.iter().map(|r| r.prompt.clone()).collect();
     let arrivals = arrival_times(
         requests.len(),
         config.request_rate,
@@ -492,6 +581,8 @@ pub async fn run(
         config.seed,
     )?;
     let before = target.counters().await;
+    let block = before.cache_block();
+    let ideal = ideal_hits(prompts.iter().map(|p| (p.as_slice(), &[][..])), block.size);
     let limit = config
         .max_concurrency
         .map(|c| std::sync::Arc::new(tokio::sync::Semaphore::new(c)));
@@ -523,7 +614,7 @@ pub async fn run(
                 let target = target.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    let outcome = target.complete(body, prompt_len).await;
+                    let outcome = target.complete("/v1/completions", body, prompt_len).await;
                     drop(permit);
                     let _ = tx.send(outcome);
                 });
@@ -541,7 +632,151 @@ pub async fn run(
     let duration = start.elapsed().as_secs_f64();
     let _ = sender.await;
     let after = target.counters().await;
-    Ok(report(config, model, &outcomes, duration, &before, &after))
+    Ok(report(
+        config,
+        model,
+        &outcomes,
+        duration,
+        &before,
+        &after,
+        Some(ideal),
+    ))
+}
+
+/// Validated options, then the multi-turn run (see the module documentation).
+async fn run_multi_turn(
+    config: &BenchConfig,
+    target: &std::sync::Arc<Target>,
+    model: String,
+    spec: &MultiTurn,
+    on_done: &mut dyn FnMut(usize),
+) -> Result<ServeReport, BenchError> {
+    let users = user_text(spec.conversations, spec.turns, spec.user_len, config.seed);
+    let arrivals = arrival_times(
+        spec.conversations,
+        config.request_rate,
+        config.burstiness,
+        config.seed,
+    )?;
+    let before = target.counters().await;
+    let limit = config
+        .max_concurrency
+        .map(|c| std::sync::Arc::new(tokio::sync::Semaphore::new(c)));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let start = Instant::now();
+    for (conversation, (users, at)) in users.into_iter().zip(arrivals).enumerate() {
+        let (target, model, limit, tx, spec) = (
+            target.clone(),
+            model.clone(),
+            limit.clone(),
+            tx.clone(),
+            *spec,
+        );
+        tokio::spawn(async move {
+            let wait = at - start.elapsed().as_secs_f64();
+            if wait > 0.0 {
+                tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+            }
+            let _permit = match &limit {
+                Some(s) => s.clone().acquire_owned().await.ok(),
+                None => None,
+            };
+            let mut chat = ChatConversation::default();
+            let mut failed = None::<String>;
+            for (turn, user) in users.iter().enumerate() {
+                if let Some(why) = &failed {
+                    let _ = tx.send(RequestOutcome {
+                        error: Some(format!("not sent: {why}")),
+                        conversation,
+                        turn,
+                        ..RequestOutcome::default()
+                    });
+                    continue;
+                }
+                let body = json!({
+                    "model": model,
+                    "messages": chat.turn_messages(user),
+                    "max_tokens": spec.output_len,
+                    "temperature": 0.0,
+                    "ignore_eos": true,
+                    "stream": true,
+                    "stream_options": {"include_usage": true},
+                });
+                let mut outcome = target.complete("/v1/chat/completions", body, 0).await;
+                outcome.conversation = conversation;
+                outcome.turn = turn;
+                if outcome.success {
+                    chat.add_reply(&outcome.reply);
+                } else {
+                    let why = outcome.error.clone().unwrap_or_default();
+                    failed = Some(format!("turn {turn} failed: {why}"));
+                }
+                let _ = tx.send(outcome);
+                if failed.is_none() && turn + 1 < spec.turns && spec.think_seconds > 0.0 {
+                    tokio::time::sleep(Duration::from_secs_f64(spec.think_seconds)).await;
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut outcomes = Vec::with_capacity(spec.requests());
+    while let Some(outcome) = rx.recv().await {
+        outcomes.push(outcome);
+        on_done(outcomes.len());
+    }
+    let duration = start.elapsed().as_secs_f64();
+    let after = target.counters().await;
+    Ok(report(
+        config, model, &outcomes, duration, &before, &after, None,
+    ))
+}
+
+/// The prefix-cache numbers of the successful requests `ok`: cached tokens where the responses
+/// gave them; the ideal hit rate `ideal` (token-id workloads) or, for `multi-turn`, estimated
+/// per conversation from the usage counts.
+fn prefix_report(
+    config: &BenchConfig,
+    ok: &[&RequestOutcome],
+    block: &CacheBlock,
+    ideal: Option<IdealHits>,
+    before: &ServerCounters,
+    after: &ServerCounters,
+) -> PrefixCacheReport {
+    let prompt_tokens: usize = ok.iter().map(|o| o.prompt_len).sum();
+    let given: Vec<usize> = ok.iter().filter_map(|o| o.cached_tokens).collect();
+    let cached = (!given.is_empty()).then(|| given.iter().sum());
+    let (ideal, note) = match (&config.workload, ideal) {
+        (Workload::MultiTurn(spec), _) => {
+            let mut turns = vec![Vec::new(); spec.conversations];
+            let mut sorted = ok.to_vec();
+            sorted.sort_by_key(|o| (o.conversation, o.turn));
+            for o in sorted {
+                if let Some(conversation) = turns.get_mut(o.conversation) {
+                    conversation.push((o.prompt_len, o.output_tokens));
+                }
+            }
+            let cached_tokens = turns
+                .iter()
+                .map(|t| estimated_chat_hits(t, block.size))
+                .sum();
+            let hits = IdealHits {
+                block_size: block.size,
+                prompt_tokens,
+                cached_tokens,
+            };
+            let note = "estimated from usage counts: each turn reusing the previous turn's prompt and reply (exact if the chat template renders earlier turns unchanged and replies tokenize back to the tokens generated)";
+            (Some(hits), Some(note.to_string()))
+        }
+        (_, ideal) => (ideal, None),
+    };
+    let delta = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
+    let mut report = PrefixCacheReport::new(prompt_tokens, cached, block, ideal)
+        .with_server_counters(
+            delta(before.prefix_queries, after.prefix_queries),
+            delta(before.prefix_hits, after.prefix_hits),
+        );
+    report.ideal_note = note;
+    report
 }
 
 fn report(
@@ -551,6 +786,7 @@ fn report(
     duration: f64,
     before: &ServerCounters,
     after: &ServerCounters,
+    ideal: Option<IdealHits>,
 ) -> ServeReport {
     let ok: Vec<&RequestOutcome> = outcomes.iter().filter(|o| o.success).collect();
     let ms = |v: Vec<f64>| Summary::of(&v).scaled(1e3);
@@ -574,7 +810,10 @@ fn report(
     ServeReport {
         model,
         workload: config.workload.name(),
-        num_prompts: config.num_prompts,
+        num_prompts: match &config.workload {
+            Workload::MultiTurn(spec) => spec.requests(),
+            _ => config.num_prompts,
+        },
         request_rate: config
             .request_rate
             .is_finite()
@@ -599,6 +838,19 @@ fn report(
         server_kv: after.kv.clone(),
         server_preemptions: delta(before.preemptions, after.preemptions),
         server_map_waits: delta(before.map_waits, after.map_waits),
+        prefix_cache: prefix_report(config, &ok, &before.cache_block(), ideal, before, after),
+        turns: match &config.workload {
+            Workload::MultiTurn(spec) => {
+                let ttft = |first: bool| -> Vec<f64> {
+                    ok.iter()
+                        .filter(|o| (o.turn == 0) == first)
+                        .map(|o| o.ttft_s)
+                        .collect()
+                };
+                Some(TurnLatency::new(spec, &ttft(true), &ttft(false)))
+            }
+            _ => None,
+        },
     }
 }
 
@@ -643,7 +895,7 @@ mod tests {
             ttft_s: 0.1,
             latency_s: 0.5,
             itl_s: vec![0.1; 4],
-            error: None,
+            ..RequestOutcome::default()
         };
         assert!((fast.tpot_s().unwrap() - 0.1).abs() < 1e-12);
         let slow = RequestOutcome {
@@ -671,10 +923,77 @@ mod tests {
             2.0,
             &ServerCounters::default(),
             &ServerCounters::default(),
+            None,
         );
         assert_eq!(r.request_goodput, Some(0.5));
         assert_eq!(r.request_throughput, 1.0);
         assert_eq!(r.total_output_tokens, 10);
+    }
+
+    #[test]
+    fn multi_turn_reports_split_ttft_and_sum_cached_tokens() {
+        let turn = |conversation, turn, prompt_len, cached, ttft_s| RequestOutcome {
+            success: true,
+            prompt_len,
+            output_tokens: 10,
+            cached_tokens: cached,
+            ttft_s,
+            latency_s: 1.0,
+            conversation,
+            turn,
+            ..RequestOutcome::default()
+        };
+        let config = BenchConfig {
+            url: String::new(),
+            workload: Workload::parse("multi-turn:2,2,30,10").unwrap(),
+            num_prompts: 1,
+            request_rate: f64::INFINITY,
+            burstiness: 1.0,
+            max_concurrency: None,
+            goodput: Vec::new(),
+            seed: 0,
+            api_key: None,
+            model: None,
+            vocab_size: None,
+        };
+        let outcomes = [
+            turn(1, 1, 80, Some(32), 0.1),
+            turn(0, 0, 40, Some(0), 0.5),
+            turn(1, 0, 40, None, 0.7),
+            turn(0, 1, 80, Some(48), 0.2),
+        ];
+        let before = parse_counters("vkv_kv_cache_info{kv=\"paged-16\"} 1\nvkv_prefix_cache_queries_total 100\nvkv_prefix_cache_hits_total 10\n");
+        let after = parse_counters("vkv_kv_cache_info{kv=\"paged-16\"} 1\nvkv_prefix_cache_queries_total 340\nvkv_prefix_cache_hits_total 90\n");
+        let r = report(&config, "m".into(), &outcomes, 1.0, &before, &after, None);
+        assert_eq!(r.num_prompts, 4);
+        let turns = r.turns.unwrap();
+        assert!((turns.first_turn_ttft_ms.median - 600.0).abs() < 1e-9);
+        assert!((turns.later_turns_ttft_ms.median - 150.0).abs() < 1e-9);
+        let p = r.prefix_cache;
+        assert_eq!(p.prompt_tokens, 240);
+        assert_eq!(p.cached_tokens, Some(80));
+        assert_eq!(p.hit_rate, Some(80.0 / 240.0));
+        // Each second turn may reuse 40 + 10 - 1 = 49 tokens: 3 blocks of 16.
+        assert_eq!(p.block_size, 16);
+        assert_eq!(p.ideal_cached_tokens, Some(2 * 48));
+        assert!(p.ideal_note.is_some());
+        assert_eq!((p.server_queries, p.server_hits), (Some(240.0), Some(80.0)));
+    }
+
+    #[test]
+    fn the_ideal_block_is_the_servers_paged_block_or_assumed() {
+        let block = |kv: Option<&str>| {
+            ServerCounters {
+                kv: kv.map(String::from),
+                ..ServerCounters::default()
+            }
+            .cache_block()
+        };
+        assert_eq!(block(Some("paged-32")).size, 32);
+        let vmm = block(Some("vmm-token-major-2MiB"));
+        assert_eq!(vmm.size, crate::prefix::DEFAULT_BLOCK_SIZE);
+        assert!(vmm.from.contains("assumed"), "{}", vmm.from);
+        assert!(block(None).from.contains("assumed"));
     }
 
     #[test]

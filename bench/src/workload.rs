@@ -1,8 +1,23 @@
 //! Request-length workloads: named prompt/output length distributions, fixed and uniform shapes,
-//! and JSONL traces. This module owns parsing a workload spec (`sharegpt`, `fixed:P,O`,
-//! `uniform:PMIN-PMAX,OMIN-OMAX`, `trace.jsonl`, `trace:PATH`), reading traces, and drawing a
-//! seeded, reproducible list of [`RequestShape`]s from any of them. It is used by the KV-memory
-//! fragmentation study (`vkv frag`) and by benchmarks; it knows nothing about tokens themselves.
+//! JSONL traces, and the two prefix-sharing workloads. This module owns parsing a workload spec
+//! (`sharegpt`, `fixed:P,O`, `uniform:PMIN-PMAX,OMIN-OMAX`, `trace.jsonl`, `trace:PATH`,
+//! `prefix-repetition:NUM_PREFIXES,PREFIX_LEN,SUFFIX_LEN,OUTPUT_LEN`,
+//! `multi-turn:CONVERSATIONS,TURNS,USER_LEN,OUTPUT_LEN[,THINK_SECONDS]`), reading traces, and
+//! drawing a seeded, reproducible list of [`RequestShape`]s from any of them. It is used by the
+//! KV-memory fragmentation study (`vkv frag`) and by benchmarks; it knows nothing about tokens
+//! themselves: the token ids of the prefix-sharing workloads (which prompts share what) are
+//! [`crate::prefix`]'s, and only `vkv bench offline` and `vkv bench serve` run them as such.
+//!
+//! - `prefix-repetition` (vLLM bench's `prefix_repetition` dataset): `NUM_PREFIXES` random
+//!   prefixes of `PREFIX_LEN` tokens; request *i* is prefix *i* mod `NUM_PREFIXES` (round-robin)
+//!   followed by its own random suffix of `SUFFIX_LEN` tokens, and generates `OUTPUT_LEN` tokens.
+//!   As shapes: every request is `PREFIX_LEN + SUFFIX_LEN` prompt and `OUTPUT_LEN` output tokens.
+//! - `multi-turn`: `CONVERSATIONS` chats of `TURNS` turns each; a turn's prompt is the whole
+//!   conversation so far (every earlier user message and reply) plus a new user message of
+//!   `USER_LEN` tokens, and the next turn is sent `THINK_SECONDS` (default 0) after the reply
+//!   ends. It has `CONVERSATIONS × TURNS` requests whatever `--num-prompts` says. As shapes
+//!   (for `vkv frag`), turn *k* (from 0) is `(k + 1) × USER_LEN + k × OUTPUT_LEN` prompt tokens,
+//!   replies taken as `OUTPUT_LEN` tokens, cycling over the turns of one conversation.
 //!
 //! Where each named distribution comes from. In every case the *shape* of the distribution
 //! (log-normal or uniform, and any sigma not stated below as derived) is our assumption; only the
@@ -84,24 +99,92 @@ pub enum Workload {
         path: Option<PathBuf>,
         requests: Vec<RequestShape>,
     },
+    /// Requests that share a few prefixes
+    /// (`prefix-repetition:NUM_PREFIXES,PREFIX_LEN,SUFFIX_LEN,OUTPUT_LEN`).
+    PrefixRepetition(PrefixRepetition),
+    /// Concurrent multi-turn chats
+    /// (`multi-turn:CONVERSATIONS,TURNS,USER_LEN,OUTPUT_LEN[,THINK_SECONDS]`).
+    MultiTurn(MultiTurn),
+}
+
+/// The parameters of `prefix-repetition:NUM_PREFIXES,PREFIX_LEN,SUFFIX_LEN,OUTPUT_LEN` (all
+/// >= 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PrefixRepetition {
+    pub num_prefixes: usize,
+    pub prefix_len: usize,
+    pub suffix_len: usize,
+    pub output_len: usize,
+}
+
+impl PrefixRepetition {
+    /// Every request's prompt length: prefix plus suffix.
+    pub fn prompt_len(&self) -> usize {
+        self.prefix_len.saturating_add(self.suffix_len)
+    }
+}
+
+/// The parameters of `multi-turn:CONVERSATIONS,TURNS,USER_LEN,OUTPUT_LEN[,THINK_SECONDS]`
+/// (counts and lengths >= 1, think time >= 0 seconds).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct MultiTurn {
+    pub conversations: usize,
+    pub turns: usize,
+    pub user_len: usize,
+    pub output_len: usize,
+    pub think_seconds: f64,
+}
+
+impl MultiTurn {
+    /// Requests in all: conversations × turns.
+    pub fn requests(&self) -> usize {
+        self.conversations.saturating_mul(self.turns)
+    }
+
+    /// The prompt length of turn `k` (from 0) when every reply has `OUTPUT_LEN` tokens (as
+    /// `ignore_eos` makes them in token ids; a chat template adds its own tokens).
+    pub fn prompt_len(&self, k: usize) -> usize {
+        (k + 1)
+            .saturating_mul(self.user_len)
+            .saturating_add(k.saturating_mul(self.output_len))
+    }
+
+    /// The longest request: the last turn's prompt plus its reply.
+    pub fn max_total_len(&self) -> usize {
+        self.turns
+            .saturating_mul(self.user_len.saturating_add(self.output_len))
+    }
 }
 
 /// Why a workload spec or trace could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkloadError {
-    /// The spec is not a known name, `fixed:`, `uniform:`, `trace:` or a `.jsonl` path.
+    /// The spec is not a known name, `fixed:`, `uniform:`, `prefix-repetition:`, `multi-turn:`,
+    /// `trace:` or a `.jsonl` path.
     #[error(
         "unknown workload `{name}`: expected one of {}, `fixed:P,O`, `uniform:PMIN-PMAX,OMIN-OMAX`, \
-         a `.jsonl` trace path or `trace:PATH`",
+         `{PREFIX_REPETITION_SYNTAX}`, `{MULTI_TURN_SYNTAX}`, a `.jsonl` trace path or `trace:PATH`",
         Workload::NAMED.join(", ")
     )]
     UnknownName { name: String },
-    /// A `fixed:`, `uniform:` or `trace:` spec with bad syntax or values.
+    /// A `fixed:`, `uniform:`, `prefix-repetition:`, `multi-turn:` or `trace:` spec with bad
+    /// syntax or values; `expected` names the field at fault.
     #[error("bad workload spec `{spec}`: expected {expected}, found {found}")]
     BadSpec {
         spec: String,
         expected: String,
         found: String,
+    },
+    /// A prefix-sharing workload whose requests cannot fit the model's length: their prompts
+    /// cannot be cut without changing what they share.
+    #[error(
+        "workload `{spec}` needs requests of {needed} tokens (prompt and output), expected at most \
+         the model's length of {limit} tokens"
+    )]
+    TooLong {
+        spec: String,
+        needed: usize,
+        limit: usize,
     },
     /// The trace file could not be read.
     #[error("cannot read trace file `{}`: {error}", path.display())]
@@ -214,6 +297,11 @@ fn clamp_shape(shape: RequestShape, max_len: Option<usize>) -> RequestShape {
     }
 }
 
+const PREFIX_REPETITION_SYNTAX: &str =
+    "prefix-repetition:NUM_PREFIXES,PREFIX_LEN,SUFFIX_LEN,OUTPUT_LEN";
+const MULTI_TURN_SYNTAX: &str =
+    "multi-turn:CONVERSATIONS,TURNS,USER_LEN,OUTPUT_LEN[,THINK_SECONDS]";
+
 /// The 90th percentile of the standard normal distribution.
 const STANDARD_NORMAL_P90: f64 = 1.2816;
 
@@ -229,8 +317,11 @@ impl Workload {
 
     /// Parse a workload spec: "sharegpt", "alpaca", "arxiv-summarization", "longbench",
     /// "humaneval", "fixed:P,O" (every request P prompt and O output tokens),
-    /// "uniform:PMIN-PMAX,OMIN-OMAX" (inclusive integer ranges), or a path to a JSONL trace file
-    /// (any spec ending in ".jsonl", or "trace:PATH"). Surrounding whitespace is ignored.
+    /// "uniform:PMIN-PMAX,OMIN-OMAX" (inclusive integer ranges),
+    /// "prefix-repetition:NUM_PREFIXES,PREFIX_LEN,SUFFIX_LEN,OUTPUT_LEN",
+    /// "multi-turn:CONVERSATIONS,TURNS,USER_LEN,OUTPUT_LEN[,THINK_SECONDS]" (see the module
+    /// documentation), or a path to a JSONL trace file (any spec ending in ".jsonl", or
+    /// "trace:PATH"). Surrounding whitespace is ignored. Errors name the field at fault.
     pub fn parse(spec: &str) -> Result<Workload, WorkloadError> {
         let spec = spec.trim();
         if let Some(path) = spec.strip_prefix("trace:") {
@@ -245,6 +336,12 @@ impl Workload {
         }
         if let Some(rest) = spec.strip_prefix("uniform:") {
             return parse_uniform(spec, rest);
+        }
+        if let Some(rest) = spec.strip_prefix("prefix-repetition:") {
+            return parse_prefix_repetition(spec, rest);
+        }
+        if let Some(rest) = spec.strip_prefix("multi-turn:") {
+            return parse_multi_turn(spec, rest);
         }
         if spec.ends_with(".jsonl") {
             return Workload::from_jsonl_file(Path::new(spec));
@@ -295,6 +392,19 @@ impl Workload {
         let raw: Vec<RequestShape> = match self {
             Workload::Fixed(shape) => vec![*shape; n],
             Workload::Trace { requests, .. } => requests.iter().cycle().take(n).copied().collect(),
+            Workload::PrefixRepetition(p) => vec![
+                RequestShape {
+                    prompt_len: p.prompt_len(),
+                    output_len: p.output_len,
+                };
+                n
+            ],
+            Workload::MultiTurn(m) => (0..n)
+                .map(|i| RequestShape {
+                    prompt_len: m.prompt_len(i % m.turns.max(1)),
+                    output_len: m.output_len,
+                })
+                .collect(),
             _ => {
                 let (prompt_dist, output_dist) = self.length_distributions();
                 let mut rng = StdRng::seed_from_u64(seed);
@@ -313,6 +423,25 @@ impl Workload {
         raw.into_iter()
             .map(|shape| clamp_shape(shape, max_len))
             .collect()
+    }
+
+    /// Whether the workload's requests fit `max_len` tokens. The length workloads always do
+    /// ([`Workload::sample`] clamps them); a prefix-sharing one must fit as given
+    /// (`multi-turn`: its last turn, replies counted as `OUTPUT_LEN` tokens).
+    pub fn check_fits(&self, max_len: usize) -> Result<(), WorkloadError> {
+        let needed = match self {
+            Workload::PrefixRepetition(p) => p.prompt_len().saturating_add(p.output_len),
+            Workload::MultiTurn(m) => m.max_total_len(),
+            _ => return Ok(()),
+        };
+        if needed > max_len {
+            return Err(WorkloadError::TooLong {
+                spec: self.name(),
+                needed,
+                limit: max_len,
+            });
+        }
+        Ok(())
     }
 
     /// Prompt and output distributions of the sampled workloads. Fixed shapes and traces are
@@ -370,7 +499,7 @@ impl Workload {
                     max: shape.output_len,
                 },
             ),
-            Workload::Trace { .. } => (
+            Workload::Trace { .. } | Workload::PrefixRepetition(_) | Workload::MultiTurn(_) => (
                 LengthDist::UniformInt { min: 1, max: 1 },
                 LengthDist::UniformInt { min: 1, max: 1 },
             ),
@@ -378,8 +507,9 @@ impl Workload {
     }
 
     /// Short name for reports ("sharegpt", "fixed:128,256", "uniform:1-10,5-20",
-    /// "trace:PATH", or "trace:inline" for a trace parsed from text). Named, fixed, uniform and
-    /// file-trace names parse back to the same workload.
+    /// "prefix-repetition:8,2048,128,128", "multi-turn:16,4,64,32,0.5", "trace:PATH", or
+    /// "trace:inline" for a trace parsed from text). Every name but "trace:inline" parses back
+    /// to the same workload.
     pub fn name(&self) -> String {
         match self {
             Workload::ShareGpt => "sharegpt".to_string(),
@@ -398,6 +528,14 @@ impl Workload {
                 path: Some(path), ..
             } => format!("trace:{}", path.display()),
             Workload::Trace { path: None, .. } => "trace:inline".to_string(),
+            Workload::PrefixRepetition(p) => format!(
+                "prefix-repetition:{},{},{},{}",
+                p.num_prefixes, p.prefix_len, p.suffix_len, p.output_len
+            ),
+            Workload::MultiTurn(m) => format!(
+                "multi-turn:{},{},{},{},{}",
+                m.conversations, m.turns, m.user_len, m.output_len, m.think_seconds
+            ),
         }
     }
 }
@@ -482,6 +620,88 @@ fn parse_uniform(spec: &str, rest: &str) -> Result<Workload, WorkloadError> {
         output_min,
         output_max,
     })
+}
+
+/// Splits `text` at commas into `min..=names.len()` fields; `syntax` is the spec's form and
+/// `names` the fields' names, for the error.
+fn split_fields<'a>(
+    spec: &str,
+    syntax: &str,
+    names: &[&str],
+    min: usize,
+    text: &'a str,
+) -> Result<Vec<&'a str>, WorkloadError> {
+    let parts: Vec<&str> = text.split(',').collect();
+    if parts.len() < min || parts.len() > names.len() {
+        let count = if min == names.len() {
+            format!("{min}")
+        } else {
+            format!("{min} to {}", names.len())
+        };
+        let missing = names.get(parts.len()..min).unwrap_or(&[]);
+        let found = if missing.is_empty() {
+            format!("{} fields in `{text}`", parts.len())
+        } else {
+            format!(
+                "{} field(s) in `{text}` (missing {})",
+                parts.len(),
+                missing.join(", ")
+            )
+        };
+        return Err(bad_spec(
+            spec,
+            format!("`{syntax}` with {count} comma-separated fields"),
+            found,
+        ));
+    }
+    Ok(parts)
+}
+
+fn parse_prefix_repetition(spec: &str, rest: &str) -> Result<Workload, WorkloadError> {
+    let names = ["NUM_PREFIXES", "PREFIX_LEN", "SUFFIX_LEN", "OUTPUT_LEN"];
+    let parts = split_fields(spec, PREFIX_REPETITION_SYNTAX, &names, 4, rest)?;
+    let field = |i: usize| parse_len(spec, names[i], parts[i]);
+    Ok(Workload::PrefixRepetition(PrefixRepetition {
+        num_prefixes: field(0)?,
+        prefix_len: field(1)?,
+        suffix_len: field(2)?,
+        output_len: field(3)?,
+    }))
+}
+
+fn parse_multi_turn(spec: &str, rest: &str) -> Result<Workload, WorkloadError> {
+    let names = [
+        "CONVERSATIONS",
+        "TURNS",
+        "USER_LEN",
+        "OUTPUT_LEN",
+        "THINK_SECONDS",
+    ];
+    let parts = split_fields(spec, MULTI_TURN_SYNTAX, &names, 4, rest)?;
+    let field = |i: usize| parse_len(spec, names[i], parts[i]);
+    let think_seconds = match parts.get(4) {
+        None => 0.0,
+        Some(text) => {
+            let text = text.trim();
+            match text.parse::<f64>() {
+                Ok(s) if s >= 0.0 && s.is_finite() => s,
+                _ => {
+                    return Err(bad_spec(
+                        spec,
+                        "the THINK_SECONDS as a number of seconds >= 0",
+                        format!("`{text}`"),
+                    ))
+                }
+            }
+        }
+    };
+    Ok(Workload::MultiTurn(MultiTurn {
+        conversations: field(0)?,
+        turns: field(1)?,
+        user_len: field(2)?,
+        output_len: field(3)?,
+        think_seconds,
+    }))
 }
 
 /// Parses JSONL trace text; `origin` names the trace in errors.

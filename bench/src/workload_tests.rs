@@ -322,3 +322,103 @@ fn bad_trace_file_error_names_the_file() {
         "{message}"
     );
 }
+
+#[test]
+fn parses_prefix_repetition_and_multi_turn() {
+    let p = Workload::parse("prefix-repetition:8,2048,128,64").unwrap();
+    assert_eq!(
+        p,
+        Workload::PrefixRepetition(PrefixRepetition {
+            num_prefixes: 8,
+            prefix_len: 2048,
+            suffix_len: 128,
+            output_len: 64
+        })
+    );
+    assert_eq!(p.name(), "prefix-repetition:8,2048,128,64");
+    assert_eq!(Workload::parse(&p.name()).unwrap(), p);
+    let shapes = p.sample(5, 0, None);
+    assert!(shapes
+        .iter()
+        .all(|s| s.prompt_len == 2176 && s.output_len == 64));
+
+    let m = Workload::parse("multi-turn:16,4,100,20,0.5").unwrap();
+    let Workload::MultiTurn(spec) = m else {
+        panic!("{m:?}")
+    };
+    assert_eq!(
+        (
+            spec.conversations,
+            spec.turns,
+            spec.user_len,
+            spec.output_len
+        ),
+        (16, 4, 100, 20)
+    );
+    assert_eq!(spec.think_seconds, 0.5);
+    assert_eq!(spec.requests(), 64);
+    assert_eq!(Workload::parse(&m.name()).unwrap(), m);
+    let no_think = Workload::parse("multi-turn:2,3,10,5").unwrap();
+    assert!(matches!(no_think, Workload::MultiTurn(s) if s.think_seconds == 0.0));
+    // Turn k's prompt: k + 1 user messages and k replies.
+    let lens: Vec<usize> = no_think
+        .sample(4, 0, None)
+        .iter()
+        .map(|s| s.prompt_len)
+        .collect();
+    assert_eq!(lens, vec![10, 25, 40, 10]);
+}
+
+#[test]
+fn prefix_sharing_spec_errors_name_the_bad_field() {
+    let cases = [
+        ("prefix-repetition:8,x,128,64", "PREFIX_LEN"),
+        ("prefix-repetition:0,2048,128,64", "NUM_PREFIXES"),
+        ("prefix-repetition:8,2048,0,64", "SUFFIX_LEN"),
+        ("prefix-repetition:8,2048,128,-1", "OUTPUT_LEN"),
+        ("prefix-repetition:8,2048,128", "(missing OUTPUT_LEN)"),
+        (
+            "prefix-repetition:8,2048,128,64,1",
+            "4 comma-separated fields",
+        ),
+        ("multi-turn:a,4,100,20", "CONVERSATIONS"),
+        ("multi-turn:16,0,100,20", "TURNS"),
+        ("multi-turn:16,4,1.5,20", "USER_LEN"),
+        ("multi-turn:16,4,100", "(missing OUTPUT_LEN)"),
+        ("multi-turn:16,4,100,20,-2", "THINK_SECONDS"),
+        ("multi-turn:16,4,100,20,soon", "THINK_SECONDS"),
+        (
+            "multi-turn:16,4,100,20,1,2",
+            "4 to 5 comma-separated fields",
+        ),
+    ];
+    for (spec, field) in cases {
+        let error = Workload::parse(spec).unwrap_err();
+        assert!(matches!(error, WorkloadError::BadSpec { .. }), "{spec}");
+        let message = error.to_string();
+        assert!(message.contains(field), "{spec}: {message}");
+    }
+}
+
+#[test]
+fn prefix_sharing_workloads_must_fit_the_model() {
+    let p = Workload::parse("prefix-repetition:2,100,20,10").unwrap();
+    assert!(p.check_fits(130).is_ok());
+    let error = p.check_fits(129).unwrap_err();
+    assert!(matches!(
+        error,
+        WorkloadError::TooLong {
+            needed: 130,
+            limit: 129,
+            ..
+        }
+    ));
+    // The last of 3 turns: 3 user messages and 3 replies of 10 + 5.
+    let m = Workload::parse("multi-turn:2,3,10,5").unwrap();
+    assert!(m.check_fits(45).is_ok());
+    assert!(m.check_fits(44).is_err());
+    assert!(Workload::parse("fixed:100,100")
+        .unwrap()
+        .check_fits(10)
+        .is_ok());
+}

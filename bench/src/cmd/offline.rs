@@ -1,7 +1,9 @@
-//! `vkv bench offline`: a workload of request lengths served by the engine in process, in one KV
-//! mode or both (interleaved runs, so drift of a noisy machine hits both), with throughput,
-//! TTFT/TPOT/E2E, preemptions, map waits and KV use per mode and their ratio. The measurement is
-//! [`crate::offline`]'s; this file checks the options, repeats, shows progress, and prints.
+//! `vkv bench offline`: a workload served by the engine in process, in one KV mode or both
+//! (interleaved runs, so drift of a noisy machine hits both), with throughput, TTFT/TPOT/E2E,
+//! preemptions, map waits, KV use, the prefix cache's hit rate beside the workload's ideal one
+//! (in the paged cache's `--block-size`; vmm: 16 assumed), and for `multi-turn` the TTFT of
+//! first and later turns, per mode and their ratio. The measurement is [`crate::offline`]'s; this
+//! file checks the options, repeats, shows progress, and prints.
 
 use std::path::PathBuf;
 
@@ -13,7 +15,10 @@ use vkv_engine::model::load_model;
 use vkv_kernels::cpu::HugePageUse;
 
 use super::EngineOptions;
-use crate::offline::{random_requests, run_offline, Arrivals, OfflineReport, Summary};
+use crate::offline::{
+    run_multi_turn, run_offline, workload_requests, Arrivals, OfflineReport, Summary,
+};
+use crate::prefix::CacheBlock;
 use crate::report::emit;
 use crate::workload::Workload;
 
@@ -25,12 +30,16 @@ pub struct Args<E: EngineOptions> {
     #[arg(long)]
     model: Option<PathBuf>,
     /// Request lengths: sharegpt, alpaca, arxiv-summarization, longbench, humaneval,
-    /// fixed:P,O, uniform:PMIN-PMAX,OMIN-OMAX, or a JSONL trace.
+    /// fixed:P,O, uniform:PMIN-PMAX,OMIN-OMAX, a JSONL trace; or prefix sharing:
+    /// prefix-repetition:NUM_PREFIXES,PREFIX_LEN,SUFFIX_LEN,OUTPUT_LEN (request i takes prefix
+    /// i mod NUM_PREFIXES), multi-turn:CONVERSATIONS,TURNS,USER_LEN,OUTPUT_LEN[,THINK_SECONDS].
     #[arg(long, default_value = "sharegpt")]
     workload: String,
+    /// Requests (multi-turn: not used; it sends CONVERSATIONS × TURNS).
     #[arg(long = "num-prompts", default_value_t = 100)]
     num_prompts: usize,
-    /// Requests per second (Poisson arrivals); default: all at once.
+    /// Requests per second (Poisson arrivals; multi-turn: conversations per second); default:
+    /// all at once.
     #[arg(long = "request-rate")]
     request_rate: Option<f64>,
     /// Runs per mode; with `--kv-mode both` they alternate paged, vmm, paged, vmm, ...
@@ -69,11 +78,26 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
     let mut huge_pages = Vec::new();
     let mut model_name = String::new();
     let mut shapes_info = (0.0, 0.0);
+    let requests_per_run = match &workload {
+        Workload::MultiTurn(m) => {
+            eprintln!(
+                "vkv: {}: {} conversations × {} turns = {} requests (--num-prompts is not used)",
+                workload.name(),
+                m.conversations,
+                m.turns,
+                m.requests()
+            );
+            m.requests()
+        }
+        _ => args.num_prompts,
+    };
     for round in 0..args.repeats {
         for &mode in &modes {
             let model = load_model(&path).context("loading the model")?;
             model_name.clone_from(&model.name);
-            let engine = Engine::start(model, args.engine.config(mode, device))?;
+            let config = args.engine.config(mode, device);
+            let prefix_caching = config.enable_prefix_caching;
+            let engine = Engine::start(model, config)?;
             device_name = engine.device_name();
             eprintln!(
                 "vkv: {} on {}, KV {} holds {} tokens",
@@ -82,14 +106,10 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
                 engine.metrics().kv_name,
                 engine.kv_capacity_tokens()
             );
-            let c = &engine.model().model.config;
-            let shapes = workload.sample(args.num_prompts, args.seed, Some(engine.max_model_len()));
-            shapes_info = (
-                shapes.iter().map(|s| s.prompt_len).sum::<usize>() as f64 / shapes.len() as f64,
-                shapes.iter().map(|s| s.output_len).sum::<usize>() as f64 / shapes.len() as f64,
-            );
-            let requests = random_requests(&shapes, c.vocab_size, args.seed);
-            let bar = ProgressBar::new(requests.len() as u64).with_style(
+            let vocab_size = engine.model().model.config.vocab_size;
+            workload.check_fits(engine.max_model_len())?;
+            let block = CacheBlock::of_kv_mode(mode);
+            let bar = ProgressBar::new(requests_per_run as u64).with_style(
                 ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} requests {elapsed}")
                     .expect("a valid template")
                     .progress_chars("=> "),
@@ -100,14 +120,48 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
                 round + 1,
                 args.repeats
             ));
-            let report = run_offline(&engine, requests, arrivals, args.seed, &mut |done| {
-                bar.set_position(done as u64)
-            })?;
+            let mut progress = |done: usize| bar.set_position(done as u64);
+            let mut report = match &workload {
+                Workload::MultiTurn(spec) => run_multi_turn(
+                    &engine,
+                    spec,
+                    vocab_size,
+                    arrivals,
+                    args.seed,
+                    &block,
+                    &mut progress,
+                )?,
+                _ => {
+                    let requests = workload_requests(
+                        &workload,
+                        args.num_prompts,
+                        vocab_size,
+                        args.seed,
+                        engine.max_model_len(),
+                    );
+                    run_offline(
+                        &engine,
+                        requests,
+                        arrivals,
+                        args.seed,
+                        &block,
+                        &mut progress,
+                    )?
+                }
+            };
             bar.finish_and_clear();
+            report.prefix_cache.enabled = Some(prefix_caching);
+            let n = report.requests.max(1) as f64;
+            shapes_info = (
+                report.prompt_tokens as f64 / n,
+                report.output_tokens as f64 / n,
+            );
             if report.failed > 0 {
                 eprintln!(
-                    "vkv: {} of {} requests failed",
-                    report.failed, report.requests
+                    "vkv: {} of {} requests failed; the first: {}",
+                    report.failed,
+                    report.requests,
+                    report.first_error.as_deref().unwrap_or("?")
                 );
             }
             // What the run's weights and KV memory sat on (the modes can differ: see
@@ -148,7 +202,7 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
     let value = serde_json::json!({
         "model": model_name,
         "workload": workload.name(),
-        "num_prompts": args.num_prompts,
+        "num_prompts": requests_per_run,
         "request_rate": args.request_rate,
         "threads": rayon_threads(),
         "device": device_name,
@@ -160,7 +214,7 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
     emit(&value, args.json, |_| {
         println!(
             "{model_name}, {} requests of {} (mean prompt {:.0}, output {:.0} tokens), {}, device {device_name}, CPU {} threads, {} run(s) per mode (median shown)",
-            args.num_prompts,
+            requests_per_run,
             workload.name(),
             shapes_info.0,
             shapes_info.1,
@@ -211,6 +265,12 @@ fn print_table(reports: &[OfflineReport]) {
     summary("TTFT", &|r| r.ttft_ms);
     summary("TPOT", &|r| r.tpot_ms);
     summary("E2E", &|r| r.e2e_ms);
+    if reports.iter().any(|r| r.turns.is_some()) {
+        let lines = |r: &OfflineReport| r.turns.as_ref().map(|t| t.lines()).unwrap_or_default();
+        for (i, (label, _)) in lines(&reports[0]).iter().enumerate() {
+            row(label, &|r| lines(r).get(i).map_or(f64::NAN, |l| l.1), 1);
+        }
+    }
     row("preemptions", &|r| r.preemptions as f64, 0);
     row(
         "map waits",
@@ -226,5 +286,42 @@ fn print_table(reports: &[OfflineReport]) {
     row("KV used mean %", &|r| 100.0 * r.kv_used_mean, 1);
     row("KV used peak %", &|r| 100.0 * r.kv_used_peak, 1);
     row("KV token share %", &|r| 100.0 * r.kv_token_share_mean, 1);
+    let on = |r: &OfflineReport| r.prefix_cache.enabled == Some(true);
+    row("prefix caching on", &|r| if on(r) { 1.0 } else { 0.0 }, 0);
+    row(
+        "cached prompt tokens",
+        &|r| r.prefix_cache.cached_tokens.map_or(f64::NAN, |c| c as f64),
+        0,
+    );
+    row(
+        "prefix hit %",
+        &|r| r.prefix_cache.hit_rate.map_or(f64::NAN, |h| 100.0 * h),
+        1,
+    );
+    if let Some(first) = reports.first() {
+        let same = reports
+            .iter()
+            .all(|r| r.prefix_cache.block_size == first.prefix_cache.block_size);
+        let label = if same {
+            format!("ideal hit % (block {})", first.prefix_cache.block_size)
+        } else {
+            "ideal hit % (own block)".to_string()
+        };
+        row(
+            &label,
+            &|r| {
+                r.prefix_cache
+                    .ideal_hit_rate
+                    .map_or(f64::NAN, |h| 100.0 * h)
+            },
+            1,
+        );
+    }
     row("duration s", &|r| r.duration_s, 1);
+    for r in reports {
+        println!(
+            "{}: ideal hit rate = a perfect cache with unlimited memory in blocks of {} tokens ({})",
+            r.kv, r.prefix_cache.block_size, r.prefix_cache.block_size_from
+        );
+    }
 }

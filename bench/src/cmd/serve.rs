@@ -1,6 +1,7 @@
 //! `vkv bench serve`: vLLM's `bench serve` against a running OpenAI-compatible server (`vkv serve`
-//! or another): Gamma arrivals, streamed completions, TTFT / TPOT / ITL / E2E, throughput and
-//! goodput. The measurement is [`crate::serve`]'s; this file builds its configuration, shows
+//! or another): Gamma arrivals, streamed completions, TTFT / TPOT / ITL / E2E, throughput,
+//! goodput, and the prefix cache's hit rate beside the workload's ideal one (`multi-turn`: TTFT
+//! of first and later turns too). The measurement is [`crate::serve`]'s; this file builds its configuration, shows
 //! progress, and prints.
 
 use anyhow::{Context, Result};
@@ -18,18 +19,22 @@ pub struct Args {
     #[arg(long, default_value = "http://127.0.0.1:8000")]
     url: String,
     /// Request lengths: sharegpt, alpaca, arxiv-summarization, longbench, humaneval,
-    /// fixed:P,O, uniform:PMIN-PMAX,OMIN-OMAX, or a JSONL trace.
+    /// fixed:P,O, uniform:PMIN-PMAX,OMIN-OMAX, a JSONL trace; or prefix sharing:
+    /// prefix-repetition:NUM_PREFIXES,PREFIX_LEN,SUFFIX_LEN,OUTPUT_LEN (request i takes prefix
+    /// i mod NUM_PREFIXES), multi-turn:CONVERSATIONS,TURNS,USER_LEN,OUTPUT_LEN[,THINK_SECONDS]
+    /// (chat completions).
     #[arg(long, default_value = "sharegpt")]
     workload: String,
+    /// Requests (multi-turn: not used; it sends CONVERSATIONS × TURNS).
     #[arg(long = "num-prompts", default_value_t = 100)]
     num_prompts: usize,
-    /// Requests per second (`inf`: all at once).
+    /// Requests per second (`inf`: all at once; multi-turn: conversations per second).
     #[arg(long = "request-rate", default_value_t = f64::INFINITY)]
     request_rate: f64,
     /// Shape of the Gamma distribution of gaps between arrivals: 1 is Poisson, lower burstier.
     #[arg(long, default_value_t = 1.0)]
     burstiness: f64,
-    /// Requests in flight at most.
+    /// Requests in flight at most (multi-turn: conversations).
     #[arg(long = "max-concurrency")]
     max_concurrency: Option<usize>,
     /// Service-level objectives for goodput, in ms: `--goodput ttft:500 tpot:50` (also e2el).
@@ -72,7 +77,11 @@ pub fn run(args: Args) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let bar = ProgressBar::new(args.num_prompts as u64).with_style(
+    let requests = match &config.workload {
+        Workload::MultiTurn(m) => m.requests(),
+        _ => args.num_prompts,
+    };
+    let bar = ProgressBar::new(requests as u64).with_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} requests {elapsed}")
             .expect("a valid template")
             .progress_chars("=> "),
@@ -150,5 +159,22 @@ fn print_report(r: &ServeReport) {
     summary("Time per Output Token (excl. 1st token)", "TPOT", r.tpot_ms);
     summary("Inter-token Latency", "ITL", r.itl_ms);
     summary("End-to-end Latency", "E2EL", r.e2el_ms);
+    if let Some(t) = &r.turns {
+        println!("{:-^56}", " Multi-turn TTFT ");
+        for (label, ms) in t.lines() {
+            line(&format!("{label}:"), format!("{ms:.2}"));
+        }
+    }
+    println!("{:-^56}", " Prefix Cache ");
+    for (label, value) in r.prefix_cache.lines() {
+        line(&label, value);
+    }
+    println!(
+        "Ideal hit rate: a perfect cache in blocks of {} tokens ({}).",
+        r.prefix_cache.block_size, r.prefix_cache.block_size_from
+    );
+    if let Some(note) = &r.prefix_cache.ideal_note {
+        println!("Ideal hit rate {note}.");
+    }
     println!("{:=^56}", "");
 }
