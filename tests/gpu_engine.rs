@@ -368,3 +368,68 @@ fn kv_memory_sized_from_gpu_memory_utilization_serves() {
         assert_empty(&e, &m.kv_name);
     }
 }
+
+#[test]
+fn prefix_caching_changes_no_greedy_output() {
+    let Some(_gpu) = gpu() else { return };
+    for mode in [PAGED, TOKEN_MAJOR, PER_LAYER] {
+        let start = |caching: bool| {
+            Engine::start(
+                common::smollm2(),
+                EngineConfig {
+                    device: Device::Cuda,
+                    kv_mode: mode,
+                    kv_memory: Some(2 << 30),
+                    max_num_seqs: 32,
+                    max_num_batched_tokens: 512,
+                    max_model_len: Some(1024),
+                    enable_prefix_caching: caching,
+                    ..EngineConfig::default()
+                },
+            )
+            .expect("start the engine")
+        };
+        let (off, on) = (start(false), start(true));
+        let name = format!("{} on {}", on.metrics().kv_name, on.metrics().device);
+        let prompts = common::serving::chat_prompts(&on, 12);
+        let reference: Vec<Vec<u32>> = prompts
+            .iter()
+            .map(|p| run_one(&off, greedy(p.clone(), 16)).tokens)
+            .collect();
+        // One by one: all but the first find the system prompt cached.
+        let mut alone = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            let o = run_one(&on, greedy(p.clone(), 16));
+            let cached = o.finished.as_ref().unwrap().usage.cached_tokens;
+            if i == 0 {
+                assert_eq!(cached, 0, "{name}");
+            } else {
+                assert!(
+                    cached >= 100 && cached < p.len(),
+                    "{name}: request {i}: {cached}"
+                );
+            }
+            alone.push(o.tokens);
+        }
+        mostly_same(
+            &format!("{name}: cached prefix vs none, alone"),
+            &alone,
+            &reference,
+        );
+        let batched: Vec<Vec<u32>> = together(&on, &prompts, 16)
+            .into_iter()
+            .map(|o| o.tokens)
+            .collect();
+        mostly_same(
+            &format!("{name}: cached prefix vs none, batched"),
+            &batched,
+            &reference,
+        );
+        let stats = on.metrics().prefix.expect("caching is on");
+        assert!(
+            stats.hit_tokens > 0 && stats.evictable_units > 0,
+            "{name}: {stats:?}"
+        );
+        assert_empty(&on, &name);
+    }
+}

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::serving::{assert_empty, collect, greedy, run_one};
+use common::serving::{assert_empty, chat_prompts, collect, greedy, run_one};
 
 use vkv_engine::engine::{event_channel, Engine, EngineConfig, GenerationRequest, RequestId};
 use vkv_engine::kv::{KvCacheDtype, KvMode};
@@ -33,27 +33,6 @@ fn engine(mode: KvMode, caching: bool, kv_memory: usize) -> Engine {
         },
     )
     .expect("start the engine")
-}
-
-/// A long shared system prompt, then one of several questions.
-fn chat_prompts(e: &Engine, n: usize) -> Vec<Vec<u32>> {
-    let system = "You are a careful assistant. Answer in plain words, give one example, and say \
-                  what you are unsure of. Keep to the question; do not repeat it. "
-        .repeat(6);
-    let questions = [
-        "Why is the sky blue?",
-        "How do bees make honey?",
-        "What does a compiler do?",
-        "How does bread rise?",
-        "What are the rules of chess?",
-        "Where does rain come from?",
-    ];
-    (0..n)
-        .map(|i| {
-            let text = format!("{system}\nQuestion: {}", questions[i % questions.len()]);
-            e.model().tokenizer.encode(&text, false).unwrap()
-        })
-        .collect()
 }
 
 fn salted(prompt: Vec<u32>, max_tokens: usize, salt: &str) -> GenerationRequest {

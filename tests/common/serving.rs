@@ -50,6 +50,28 @@ pub fn prompts(e: &Engine, n: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// A long shared system prompt (over 200 tokens), then one of six questions: what prefix caching
+/// finds cached.
+pub fn chat_prompts(e: &Engine, n: usize) -> Vec<Vec<u32>> {
+    let system = "You are a careful assistant. Answer in plain words, give one example, and say \
+                  what you are unsure of. Keep to the question; do not repeat it. "
+        .repeat(6);
+    let questions = [
+        "Why is the sky blue?",
+        "How do bees make honey?",
+        "What does a compiler do?",
+        "How does bread rise?",
+        "What are the rules of chess?",
+        "Where does rain come from?",
+    ];
+    (0..n)
+        .map(|i| {
+            let text = format!("{system}\nQuestion: {}", questions[i % questions.len()]);
+            e.model().tokenizer.encode(&text, false).unwrap()
+        })
+        .collect()
+}
+
 pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
     GenerationRequest {
         prompt,
