@@ -45,7 +45,9 @@ pub use host::HostVmm;
 pub use mapper::{Mapper, MapperOptions, MapperStats};
 pub use physical::{probe_cuda, CudaProbe, PhysicalMemory, PhysicalPage};
 pub use pool::PagePool;
-pub use space::{AuditError, KvLayout, KvPart, KvSpace, KvSpaceConfig, KvStats, LayerView, SlotId};
+pub use space::{
+    AuditError, KvLayout, KvPart, KvSpace, KvSpaceConfig, KvStats, LayerView, PageCache, SlotId,
+};
 
 /// cudarc, as this crate uses it (for tests and tools that launch kernels on `CudaVmm` memory).
 #[cfg(feature = "cuda")]

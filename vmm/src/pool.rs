@@ -62,6 +62,11 @@ impl PagePool {
         self.free.len()
     }
 
+    /// Whether page `handle` is free in the pool (a linear scan: audits only).
+    pub fn holds(&self, handle: u64) -> bool {
+        self.free.iter().any(|p| p.handle == handle)
+    }
+
     /// Pages that can still be handed out: free ones plus those the budget allows creating.
     pub fn available(&self) -> usize {
         self.free.len() + (self.max_pages - self.created)
