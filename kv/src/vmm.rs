@@ -864,6 +864,10 @@ impl KvCache for VmmKv {
 }
 
 #[cfg(test)]
+#[path = "vmm_prefix_tests.rs"]
+mod prefix_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use vkv_vmm::KvLayout;
