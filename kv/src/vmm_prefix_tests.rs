@@ -435,7 +435,8 @@ fn without_caching_nothing_changes() {
 fn the_conformance_checks_pass_with_caching_on() {
     for layout in KvLayout::ALL {
         let mut kv = caching(layout, 6, 48);
-        check_random_operations(&mut kv, 3, 400, 200).unwrap();
+        let report = check_random_operations(&mut kv, 3, 400, 200).unwrap();
+        assert!(report.hit_tokens > 0, "{layout}: {report:?}");
     }
 }
 
