@@ -9,6 +9,51 @@
 //! Sharing is physical: a fork maps the source's whole prefix pages into the new slot
 //! (refcounted by the space) and copies the page the prefix ends inside
 //! ([`KvSpace::share_prefix`]), so the two sequences read one copy of the prefix.
+//!
+//! # Automatic prefix caching
+//!
+//! Built with [`VmmManager::with_prefix_caching`] / [`VmmKv::with_prefix_caching`] (off by
+//! default), the cache implements [`PrefixCache`] over physical memory. The cached *unit* is
+//! [`KvSpaceConfig::prefix_unit`]: the pages at the same indices of every region of a slot —
+//! one page row whenever a page holds whole tokens: in the token-major layout one page (all
+//! layers of `page_size / bytes_per_token` tokens), in the per-layer layout one page of each of
+//! the `2 · layers` regions (`page_size / head_bytes` tokens) — or the fewest pages that hold
+//! whole tokens when one does not (a 28-layer model's token-major 2 MiB pages: 7 pages of 256
+//! tokens). The [`PrefixIndex`]'s block size is the unit's tokens, sharing is page-granular,
+//! and only full units are cached. A unit is named by its first page's handle.
+//!
+//! - `cache_computed` records each full unit of the sequence's computed tokens past its chain
+//!   (per-sequence progress, as the paged cache's): the unit's pages are *pinned* in the space
+//!   ([`KvSpace::pin`]). A unit whose pages are pinned already (it came from a hit or a fork) is
+//!   followed in the index instead; one equal to a cached unit stays the sequence's own.
+//! - `match_prefix` looks the tokens up (never all of them: at most the largest multiple of the
+//!   unit below their count), takes a slot (the one prepared for the sequence, if any) and maps
+//!   the hit's pages at the slot's first addresses ([`KvSpace::map_cached`], one more reference
+//!   each): unmodified strided kernels read the prefix, and the sequence writes from there on,
+//!   into pages of its own. Lookup and mapping happen under one hold of the space's lock.
+//! - `free` releases the slot: the space unmaps the pinned pages from it (they never stay in a
+//!   released slot, whose next sequence would write them); a pinned page mapped nowhere any more
+//!   is *kept* — out of the pool, counted as neither in use nor free — and a unit whose pages are
+//!   all kept becomes evictable in the index (its sequence's units tail first). The other pages
+//!   stay mapped in the released slot as before (deferred reclamation).
+//! - Eviction happens inside the space, whoever holds its lock: the index is installed in the
+//!   [`KvSpace`] as its [`PageCache`], so `reserve`, the mapper thread's map-ahead,
+//!   `prepare_admissions`, `warm_free_slots` and [`KvSpace::reclaim`] all evict (least recently
+//!   released unit first, its pages back to the pool) when the pool and the released slots are
+//!   short, and fail with out-of-memory, evicting nothing, only when free, reclaimable and
+//!   evictable pages together are too few. It is the same code on `HostVmm` and `CudaVmm`:
+//!   unmapping and mapping pooled pages, never a device synchronize nor a page created while
+//!   the pool has one.
+//!
+//! Invariants (the space's audit and [`KvManager::audit`], property-tested in
+//! `vmm_prefix_tests.rs`): a pinned page lies only below the lengths of the active slots that
+//! map it — never where a slot writes, never in a released slot — so a page mapped in a running
+//! sequence is never evicted nor written by another; a cached unit's pages are all pinned and
+//! every pinned page belongs to one unit; a unit is evictable exactly when none of its pages is
+//! mapped (all kept); kept pages are never in the free pool, and `pages created = free + mapped
+//! + kept`; every chain belongs to a sequence and covers no more than it holds. For admission
+//! kept pages are free memory: `usage().bytes_allocated` counts mapped pages holding tokens
+//! only, so after every sequence is freed it is 0 and only evictable units remain.
 
 use std::any::Any;
 use std::collections::HashMap;

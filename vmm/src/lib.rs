@@ -17,7 +17,8 @@
 //!   back; every page it created is either free in it or handed out.
 //! - [`KvSpace`]: `max_slots × max_tokens` of KV cache in one of two [`KvLayout`]s, with slots,
 //!   ensure-backed, release with deferred reclamation, reclaim under pressure, prefix sharing (one
-//!   physical page mapped at several addresses) and per-layer [`LayerView`]s for kernels.
+//!   physical page mapped at several addresses), pages kept for a prefix cache ([`PageCache`]:
+//!   pinned, evicted on demand) and per-layer [`LayerView`]s for kernels.
 //! - [`Mapper`]: a background thread that maps ahead of need and counts every time a caller had to
 //!   wait for a page.
 //!

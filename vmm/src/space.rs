@@ -29,12 +29,21 @@
 //! every page covering bytes at or after its length is exclusive to it** (reference count 1).
 //! `share_prefix` and `release` keep it; `ensure` never shrinks a length.
 //!
+//! Pages kept for a prefix cache (`cached.rs`): a [`PageCache`] installed in the space (the kv
+//! crate's prefix index) *pins* the pages of full, computed units; a pinned page is never
+//! exclusive (never written again), is unmapped from a slot when the slot is released, and when
+//! mapped nowhere is *kept* — out of the pool — until the cache evicts it, which `ensure`,
+//! map-ahead and `reclaim` make it do (after the released slots' pages) when the pool is short.
+//! [`map_cached`](KvSpace::map_cached) maps kept or shared cached pages into a new slot.
+//!
 //! Invariants checked by [`audit`](KvSpace::audit) and the property tests: a page is either free
-//! in the pool or mapped, with a reference count equal to the number of places it is mapped; no
-//! address holds two pages; `created = free + distinct mapped pages`.
+//! in the pool, mapped, or kept, mapped pages with a reference count equal to the number of places
+//! they are mapped; no address holds two pages; `created = free + distinct mapped pages + kept`;
+//! a pinned page lies only below the lengths of the slots that map it.
 //!
 //! Child modules: `layout` (the layouts and the config's byte arithmetic), `page_table` (the
-//! slots' page tables and reference counts, and the map / unmap that change them) and `audit`.
+//! slots' page tables and reference counts, and the map / unmap that change them), `cached`
+//! (pinned and kept pages) and `audit`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
