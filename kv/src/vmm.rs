@@ -154,6 +154,16 @@ impl PageCache for VmmPrefix {
         self.index.release(&units).map_err(|e| e.to_string())
     }
 
+    fn referenced(&mut self, pages: &[PhysicalPage]) -> Result<(), String> {
+        for p in pages {
+            let Some(&unit) = self.owner.get(&p.handle) else {
+                return Err(format!("kept page {} belongs to no cached unit", p.handle));
+            };
+            self.index.acquire(unit).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
     fn evict(&mut self) -> Option<Vec<PhysicalPage>> {
         let unit = self.index.evict()?;
         // `evict` forgot the entry already; drop the pages' books.
@@ -615,9 +625,15 @@ impl PrefixCache for VmmManager {
             space.release(slot).map_err(vmm_error)?;
             return Err(vmm_error(e));
         }
+        // The space told the index of the evictable units mapped again (`referenced`); a unit
+        // that had holders stays as it was.
         let prefix = prefix_in(&mut space).ok_or_else(caching_off)?;
-        for &unit in &hit.units {
-            prefix.index.acquire(unit)?;
+        if let Some(unit) = hit.units.iter().find(|&&u| prefix.index.is_evictable(u)) {
+            let e = KvError::Inconsistent(format!(
+                "unit {unit} is mapped in slot {slot} by a hit but still evictable"
+            ));
+            space.release(slot).map_err(vmm_error)?;
+            return Err(e);
         }
         prefix.index.record_lookup(tokens.len(), covered);
         prefix.chains.insert(

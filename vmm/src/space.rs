@@ -148,6 +148,8 @@ pub struct KvSpace {
     kept: BTreeMap<u64, PhysicalPage>,
     /// Pinned pages that lost their last mapping, not yet told to the cache.
     unreferenced: Vec<PhysicalPage>,
+    /// Kept pages mapped again, not yet told to the cache.
+    rereferenced: Vec<PhysicalPage>,
 }
 
 impl KvSpace {
@@ -191,6 +193,7 @@ impl KvSpace {
             pinned: HashSet::new(),
             kept: BTreeMap::new(),
             unreferenced: Vec::new(),
+            rereferenced: Vec::new(),
         })
     }
 

@@ -18,7 +18,8 @@
 //!   counted as neither in use nor free, evictable through the page cache.
 //!
 //! When a pinned page's last mapping goes, the space tells the cache
-//! ([`PageCache::unreferenced`]); when the space needs pages (`ensure`, the mapper's map-ahead,
+//! ([`PageCache::unreferenced`]), and when a kept page is mapped again
+//! ([`PageCache::referenced`]); when the space needs pages (`ensure`, the mapper's map-ahead,
 //! `reclaim`) and the pool and the released slots are short, it asks the cache for its least
 //! recently released unit ([`PageCache::evict`]), unpins the unit's pages and puts them back in
 //! the pool. The space never evicts a page a slot maps.
@@ -40,6 +41,9 @@ pub trait PageCache: Any + Send + Debug {
         pages: &[PhysicalPage],
         kept: &dyn Fn(u64) -> bool,
     ) -> std::result::Result<(), String>;
+    /// These kept pages were mapped again ([`KvSpace::map_cached`]: a hit), in the order they
+    /// were mapped: the units they belong to have a holder again and are no longer evictable.
+    fn referenced(&mut self, pages: &[PhysicalPage]) -> std::result::Result<(), String>;
     /// Forget the least recently released evictable unit and return its pages (all kept);
     /// `None` when nothing is evictable.
     fn evict(&mut self) -> Option<Vec<PhysicalPage>>;
@@ -164,15 +168,23 @@ impl KvSpace {
         self.cache.as_ref().map_or(0, |c| c.evictable_pages())
     }
 
-    /// Tell the page cache which pinned pages lost their last mapping since the last call.
+    /// Tell the page cache which kept pages were mapped again, then which pinned pages lost
+    /// their last mapping, since the last call.
     pub(super) fn notify_unreferenced(&mut self) -> Result<()> {
-        if self.unreferenced.is_empty() {
+        if self.unreferenced.is_empty() && self.rereferenced.is_empty() {
             return Ok(());
         }
+        let again = std::mem::take(&mut self.rereferenced);
         let pages = std::mem::take(&mut self.unreferenced);
         let Some(cache) = self.cache.as_mut() else {
             return Ok(());
         };
+        if !again.is_empty() {
+            cache.referenced(&again).map_err(VmmError::PageCache)?;
+        }
+        if pages.is_empty() {
+            return Ok(());
+        }
         let kept = &self.kept;
         cache
             .unreferenced(&pages, &|h| kept.contains_key(&h))
@@ -181,7 +193,8 @@ impl KvSpace {
 
     /// Start `slot` (active, holding nothing) with cached `units`: unit `j`'s pages (as
     /// [`KvSpace::unit_pages`] lists them, each pinned) mapped at unit `j`'s indices, one more
-    /// reference each, replacing what the slot had there; its length becomes the units' tokens,
+    /// reference each (the cache is told of kept pages mapped again), replacing what the slot
+    /// had there; its length becomes the units' tokens,
     /// which it returns. Pages past them that the slot shares are unmapped, so it writes only
     /// pages of its own. All or nothing: on an error the slot holds nothing, as before.
     pub fn map_cached(&mut self, slot: SlotId, units: &[&[PhysicalPage]]) -> Result<usize> {

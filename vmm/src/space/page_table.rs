@@ -72,7 +72,9 @@ impl KvSpace {
             }
             return Err(e);
         }
-        self.kept.remove(&page.handle);
+        if self.kept.remove(&page.handle).is_some() {
+            self.rereferenced.push(page);
+        }
         *self.refs.entry(page.handle).or_default() += 1;
         let s = &mut self.slots[slot.0];
         let table = &mut s.pages[region];
