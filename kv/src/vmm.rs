@@ -50,10 +50,11 @@
 //! map it — never where a slot writes, never in a released slot — so a page mapped in a running
 //! sequence is never evicted nor written by another; a cached unit's pages are all pinned and
 //! every pinned page belongs to one unit; a unit is evictable exactly when none of its pages is
-//! mapped (all kept); kept pages are never in the free pool, and `pages created = free + mapped
-//! + kept`; every chain belongs to a sequence and covers no more than it holds. For admission
-//! kept pages are free memory: `usage().bytes_allocated` counts mapped pages holding tokens
-//! only, so after every sequence is freed it is 0 and only evictable units remain.
+//! mapped (all kept); kept pages are never in the free pool, and the pages created are the
+//! free, the mapped and the kept ones; every chain belongs to a sequence and covers no more than
+//! it holds. For admission kept pages are free memory: `usage().bytes_allocated` counts mapped
+//! pages holding tokens only, so after every sequence is freed it is 0 and only evictable units
+//! remain.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -121,7 +122,11 @@ impl VmmPrefix {
     /// Forget cached unit `unit` (evicted, or its pinning failed); returns its pages.
     fn forget(&mut self, unit: u64) -> Vec<PhysicalPage> {
         self.index.forget(unit);
-        let pages = self.units.remove(&unit).map(|u| u.pages).unwrap_or_default();
+        let pages = self
+            .units
+            .remove(&unit)
+            .map(|u| u.pages)
+            .unwrap_or_default();
         for p in pages.iter() {
             self.owner.remove(&p.handle);
         }
@@ -138,7 +143,10 @@ impl PageCache for VmmPrefix {
         let mut released: Vec<(usize, u64)> = Vec::new();
         for p in pages {
             let Some(&unit) = self.owner.get(&p.handle) else {
-                return Err(format!("pinned page {} belongs to no cached unit", p.handle));
+                return Err(format!(
+                    "pinned page {} belongs to no cached unit",
+                    p.handle
+                ));
             };
             if released.iter().any(|&(_, u)| u == unit) || self.index.is_evictable(unit) {
                 continue;
@@ -305,7 +313,11 @@ impl VmmManager {
                     cached.position,
                     cached.pages.len(),
                     prefix.unit_len,
-                    if prefix.index.is_cached(unit) { "" } else { "not " }
+                    if prefix.index.is_cached(unit) {
+                        ""
+                    } else {
+                        "not "
+                    }
                 ));
             }
             pinned += cached.pages.len();
@@ -314,7 +326,11 @@ impl VmmManager {
                     return bad(format!(
                         "page {} of cached unit {unit} is {}pinned and owned by {:?}",
                         p.handle,
-                        if space.is_pinned(p.handle) { "" } else { "not " },
+                        if space.is_pinned(p.handle) {
+                            ""
+                        } else {
+                            "not "
+                        },
                         prefix.owner.get(&p.handle)
                     ));
                 }
@@ -327,7 +343,11 @@ impl VmmManager {
             if (held == 0) != prefix.index.is_evictable(unit) {
                 return bad(format!(
                     "unit {unit}: {held} of its pages are mapped, yet it is {}evictable",
-                    if prefix.index.is_evictable(unit) { "" } else { "not " }
+                    if prefix.index.is_evictable(unit) {
+                        ""
+                    } else {
+                        "not "
+                    }
                 ));
             }
         }
@@ -597,8 +617,8 @@ impl PrefixCache for VmmManager {
         let unit_tokens = self.prefix_unit_tokens();
         // The last token is always computed (its logits are the next token's), and a slot
         // holds at most max_tokens.
-        let most = tokens.len().saturating_sub(1).min(self.config.max_tokens) / unit_tokens
-            * unit_tokens;
+        let most =
+            tokens.len().saturating_sub(1).min(self.config.max_tokens) / unit_tokens * unit_tokens;
         // One lock for the lookup and the mapping: the mapper's thread evicts under it too.
         let mut space = self.mapper.space();
         let prefix = prefix_in(&mut space).ok_or_else(caching_off)?;
@@ -679,7 +699,13 @@ impl PrefixCache for VmmManager {
             .get(&seq)
             .copied()
             .unwrap_or_default();
-        let result = record_units(&mut space, slot, &mut chain, &tokens[..full * unit_tokens], salt);
+        let result = record_units(
+            &mut space,
+            slot,
+            &mut chain,
+            &tokens[..full * unit_tokens],
+            salt,
+        );
         prefix_in(&mut space)
             .ok_or_else(caching_off)?
             .chains

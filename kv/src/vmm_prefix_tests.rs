@@ -84,7 +84,9 @@ fn holds(
         return Ok(());
     }
     let dims = kv.dims();
-    let slot = kv.0.slot(seq).ok_or(format!("sequence {seq} has no slot"))?;
+    let slot =
+        kv.0.slot(seq)
+            .ok_or(format!("sequence {seq} has no slot"))?;
     let space = kv.space();
     let mut got = vec![0u8; dims.num_kv_heads * dims.head_dim * 4];
     let bytes = |x: &[f32]| x.iter().flat_map(|f| f.to_ne_bytes()).collect::<Vec<u8>>();
@@ -151,14 +153,22 @@ fn a_shared_system_prompt_is_computed_once() {
         assert_eq!(kv.match_prefix(1, &a, None).unwrap(), 0, "an empty cache");
         assert_eq!(kv.reserved(1), None, "a miss holds nothing");
         compute(&mut kv, 1, &a);
-        assert_eq!(kv.prefix_stats().cached_units, 3, "{layout}: the full units");
+        assert_eq!(
+            kv.prefix_stats().cached_units,
+            3,
+            "{layout}: the full units"
+        );
         let pinned = kv.space().stats().pages_pinned;
         assert_eq!(pinned, 3 * unit_len(&kv));
 
         assert_eq!(kv.match_prefix(2, &b, None).unwrap(), 3 * u, "{layout}");
         assert_eq!(kv.reserved(2), Some(3 * u));
         let shared = units_of(&kv, 1, 3);
-        assert_eq!(units_of(&kv, 2, 3), shared, "{layout}: the same physical pages");
+        assert_eq!(
+            units_of(&kv, 2, 3),
+            shared,
+            "{layout}: the same physical pages"
+        );
         for page in shared.iter().flatten() {
             assert_eq!(kv.space().references(page.handle), 2);
         }
@@ -170,13 +180,21 @@ fn a_shared_system_prompt_is_computed_once() {
         kv.free(2).unwrap();
         kv.audit().unwrap();
         let s = kv.space().stats();
-        assert_eq!(s.pages_kept, 3 * unit_len(&kv), "{layout}: only the cached units");
+        assert_eq!(
+            s.pages_kept,
+            3 * unit_len(&kv),
+            "{layout}: only the cached units"
+        );
         assert_eq!(kv.0.evictable_pages(), s.pages_kept);
         assert_eq!(kv.prefix_stats().evictable_units, 3);
         assert_eq!(kv.usage().bytes_allocated, 0, "an idle cache holds nothing");
 
         let c = prompt(&system, 3000..3001);
-        assert_eq!(kv.match_prefix(3, &c, None).unwrap(), 3 * u, "a hit after both left");
+        assert_eq!(
+            kv.match_prefix(3, &c, None).unwrap(),
+            3 * u,
+            "a hit after both left"
+        );
         assert_eq!(units_of(&kv, 3, 3), shared);
         holds(&kv, 3, &c, 0..3 * u).unwrap();
         assert_eq!(kv.prefix_stats().evictable_units, 0);
@@ -207,7 +225,10 @@ fn a_prompt_of_whole_units_leaves_its_last_unit_to_compute() {
         let tokens: Vec<u32> = (0..3 * u as u32).collect();
         compute(&mut kv, 1, &tokens);
         assert_eq!(kv.match_prefix(2, &tokens, None).unwrap(), 2 * u);
-        assert_eq!(kv.match_prefix(3, &prompt(&tokens, 7..8), None).unwrap(), 3 * u);
+        assert_eq!(
+            kv.match_prefix(3, &prompt(&tokens, 7..8), None).unwrap(),
+            3 * u
+        );
         assert_eq!(kv.match_prefix(4, &tokens[..1], None).unwrap(), 0);
         assert_eq!(kv.match_prefix(5, &[], None).unwrap(), 0);
         // A different first unit misses everything after it.
@@ -397,7 +418,11 @@ fn a_duplicate_unit_stays_its_sequences_own() {
         // Two sequences compute the same prompt side by side (neither hit the other).
         compute(&mut kv, 1, &tokens);
         compute(&mut kv, 2, &tokens);
-        assert_eq!(kv.prefix_stats().cached_units, 2, "{layout}: 2's copies are not cached");
+        assert_eq!(
+            kv.prefix_stats().cached_units,
+            2,
+            "{layout}: 2's copies are not cached"
+        );
         kv.free(2).unwrap();
         assert_eq!(kv.prefix_stats().evictable_units, 0);
         assert_eq!(kv.space().stats().pages_kept, 0);
@@ -423,7 +448,10 @@ fn without_caching_nothing_changes() {
     assert_eq!(kv.prefix_stats(), PrefixStats::default());
     let mut on = caching(KvLayout::TokenMajor, 2, 16);
     assert!(on.prefix_cache().is_some() && on.prefix_cache_mut().is_some());
-    assert!(on.cache_computed(1, &[1; 20], None).is_err(), "an unknown sequence");
+    assert!(
+        on.cache_computed(1, &[1; 20], None).is_err(),
+        "an unknown sequence"
+    );
     on.reserve(1, 10).unwrap();
     assert!(
         on.cache_computed(1, &[1; 20], None).is_err(),
@@ -531,7 +559,10 @@ fn random_operations(
                     Err(e) => return Err(fail(e.to_string())),
                 };
                 if !covered.is_multiple_of(u) || (covered > 0 && covered >= tokens.len()) {
-                    return Err(fail(format!("{covered} of {} tokens matched", tokens.len())));
+                    return Err(fail(format!(
+                        "{covered} of {} tokens matched",
+                        tokens.len()
+                    )));
                 }
                 if kv.reserved(seq) != (covered > 0).then_some(covered) {
                     return Err(fail(format!(

@@ -514,10 +514,7 @@ fn cached_pages_are_kept_mapped_again_and_evicted_only_when_mapped_nowhere() {
         assert_eq!(k, 1, "4 KiB pages hold whole tokens");
         // Room for 5 units.
         space = host_space(layout, 5 * n);
-        assert!(matches!(
-            space.pin(&[]),
-            Err(VmmError::NoPageCache)
-        ));
+        assert!(matches!(space.pin(&[]), Err(VmmError::NoPageCache)));
         space.set_page_cache(Box::<Fifo>::default());
         let a = space.acquire().unwrap();
         space.ensure(a, 3 * tokens + 1).unwrap();
@@ -534,7 +531,10 @@ fn cached_pages_are_kept_mapped_again_and_evicted_only_when_mapped_nowhere() {
         space.audit().unwrap();
         space.release(a).unwrap();
         let s = space.stats();
-        assert_eq!((s.pages_kept, s.pages_pinned, s.pages_cached), (3 * n, 3 * n, n));
+        assert_eq!(
+            (s.pages_kept, s.pages_pinned, s.pages_cached),
+            (3 * n, 3 * n, n)
+        );
         assert_eq!(s.bytes_in_use(), 0, "kept pages are not in use");
         space.audit().unwrap();
 
@@ -605,7 +605,10 @@ fn mapping_cached_units_checks_its_input_and_changes_nothing_on_error() {
     Fifo::cache(&mut space, unit.clone());
     assert!(matches!(
         space.map_cached(b, &[&unit[..1]]),
-        Err(VmmError::UnitShape { expected: 4, found: 1 })
+        Err(VmmError::UnitShape {
+            expected: 4,
+            found: 1
+        })
     ));
     assert_eq!(space.len(b), 0);
     let free = space.pool_available();

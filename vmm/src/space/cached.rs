@@ -79,11 +79,7 @@ impl KvSpace {
         let first = j.checked_mul(k)?;
         (0..self.bases.len())
             .flat_map(|r| (first..first + k).map(move |i| (r, i)))
-            .map(|(r, i)| {
-                self.slots
-                    .get(slot.0)
-                    .and_then(|_| self.page(slot, r, i))
-            })
+            .map(|(r, i)| self.slots.get(slot.0).and_then(|_| self.page(slot, r, i)))
             .collect()
     }
 
