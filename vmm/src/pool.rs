@@ -62,9 +62,9 @@ impl PagePool {
         self.free.len()
     }
 
-    /// Whether page `handle` is free in the pool (a linear scan: audits only).
-    pub fn holds(&self, handle: u64) -> bool {
-        self.free.iter().any(|p| p.handle == handle)
+    /// The handles of the free pages (audits).
+    pub fn free_handles(&self) -> impl Iterator<Item = u64> + '_ {
+        self.free.iter().map(|p| p.handle)
     }
 
     /// Pages that can still be handed out: free ones plus those the budget allows creating.

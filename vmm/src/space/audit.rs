@@ -193,12 +193,13 @@ impl KvSpace {
                 in_tables: counted.into_iter().collect(),
             });
         }
+        let free: std::collections::HashSet<u64> = self.pool.free_handles().collect();
         for &handle in self.kept.keys() {
             let found = if !self.pinned.contains(&handle) {
                 "not pinned"
             } else if self.refs.contains_key(&handle) {
                 "mapped"
-            } else if self.pool.holds(handle) {
+            } else if free.contains(&handle) {
                 "free in the pool"
             } else {
                 continue;
