@@ -212,9 +212,7 @@ impl EngineArgs {
             max_model_len: self.max_model_len,
             batch_invariant: self.batch_invariant,
             enforce_eager: self.enforce_eager,
-            // Until the vmm cache caches prefixes, on by default only in paged mode.
-            enable_prefix_caching: self.enable_prefix_caching
-                || (!self.no_enable_prefix_caching && matches!(kv_mode, KvMode::Paged { .. })),
+            enable_prefix_caching: !self.no_enable_prefix_caching,
             ..EngineConfig::default()
         }
     }

@@ -240,6 +240,8 @@ impl Scheduler {
             };
             let cached = match match_prefix(seq, kv) {
                 Ok(cached) => cached,
+                // A hit needs a place to map it (vmm: a free slot); as for `reserve` below.
+                Err(KvError::OutOfMemory { .. }) if !self.running.is_empty() => break,
                 Err(e) => {
                     let seq = self.waiting.pop_front().expect("front exists");
                     self.fail(seq, e, kv, &mut step)?;

@@ -6,6 +6,11 @@
 //! at the end. The CPU caches run it in unit tests (under proptest too); `tests/gpu_kv.rs` runs
 //! the same function on the CUDA caches, so the GPU's books are held to the same invariants.
 //! (vkv-vmm's `conformance.rs` does the same for the physical-memory backends.)
+//!
+//! A cache with automatic prefix caching on ([`KvManager::prefix_cache`]) is driven as the
+//! scheduler drives it: every admission is looked up first (`match_prefix`, prompts drawn from
+//! a few shared prefixes) and every successful `reserve` or `fork` records the sequence's
+//! tokens (`cache_computed`); at the end cached memory may stay, but none of it is in use.
 
 use std::collections::BTreeMap;
 
@@ -24,6 +29,48 @@ pub struct ConformanceReport {
     pub preemptions: usize,
     /// Operations refused for lack of memory (and checked to have changed nothing).
     pub out_of_memory: usize,
+    /// With prefix caching: tokens admissions found cached.
+    pub hit_tokens: usize,
+}
+
+/// The tokens of every sequence, for a cache with prefix caching: prompts start with one of a
+/// few shared prefixes, drawn from their own generator so a cache without caching sees the
+/// same operations as before.
+struct Prompts {
+    rng: StdRng,
+    prefixes: Vec<Vec<u32>>,
+    tokens: BTreeMap<SeqId, Vec<u32>>,
+}
+
+impl Prompts {
+    fn new(seed: u64, max_len: usize) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
+        let prefixes = (1..=3u32)
+            .map(|p| {
+                let most = max_len.min(256) as u32;
+                let n = rng.random_range(most / 4..=most / 2);
+                (0..n).map(|t| 1000 * p + t).collect()
+            })
+            .collect();
+        Prompts {
+            rng,
+            prefixes,
+            tokens: BTreeMap::new(),
+        }
+    }
+
+    /// `seq`'s tokens, extended with random ones (a new sequence: a shared prefix first) to
+    /// `len`.
+    fn grow(&mut self, seq: SeqId, len: usize) -> &[u32] {
+        let tokens = self.tokens.entry(seq).or_insert_with(|| {
+            let p = self.rng.random_range(0..self.prefixes.len());
+            self.prefixes[p][..self.prefixes[p].len().min(len)].to_vec()
+        });
+        while tokens.len() < len {
+            tokens.push(self.rng.random_range(0..4));
+        }
+        &tokens[..len]
+    }
 }
 
 /// Run `steps` random operations on `kv` (which must hold nothing) with sequences of up to
@@ -41,6 +88,10 @@ pub fn check_random_operations(
     let mut model: BTreeMap<SeqId, usize> = BTreeMap::new();
     let mut next_id: SeqId = 1;
     let mut report = ConformanceReport::default();
+    let mut prompts = kv
+        .prefix_cache()
+        .is_some()
+        .then(|| Prompts::new(seed, max_len));
     if kv.usage() != KvUsage::default() {
         return Err(fail(0, format!("a fresh cache reports {:?}", kv.usage())));
     }
@@ -67,10 +118,46 @@ pub fn check_random_operations(
                         (next_id, rng.random_range(1..=max_len.min(256)))
                     }
                 };
+                // Prefix caching: an admission starts with what its prompt finds cached.
+                if let (Some(p), false) = (prompts.as_mut(), model.contains_key(&seq)) {
+                    let tokens = p.grow(seq, len);
+                    let cache = kv.prefix_cache_mut().expect("caching is on");
+                    match cache.match_prefix(seq, tokens, None) {
+                        Ok(0) => {}
+                        Ok(covered) if covered < len => {
+                            report.hit_tokens += covered;
+                            model.insert(seq, covered);
+                        }
+                        Ok(covered) => {
+                            return Err(fail(
+                                step,
+                                format!("a prompt of {len} tokens matched {covered}"),
+                            ))
+                        }
+                        Err(KvError::OutOfMemory { .. }) => {
+                            report.out_of_memory += 1;
+                            p.tokens.remove(&seq);
+                            if kv.reserved(seq).is_some() {
+                                return Err(fail(
+                                    step,
+                                    format!("a refused match left sequence {seq} behind"),
+                                ));
+                            }
+                            kv.audit().map_err(|e| fail(step, e.to_string()))?;
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
                 report.reserves += 1;
                 match kv.reserve(seq, len) {
                     Ok(()) => {
                         model.insert(seq, len);
+                        if let Some(p) = prompts.as_mut() {
+                            let tokens = p.grow(seq, len);
+                            let cache = kv.prefix_cache_mut().expect("caching is on");
+                            cache.cache_computed(seq, tokens, None)?;
+                        }
                     }
                     Err(KvError::OutOfMemory { .. }) => {
                         report.out_of_memory += 1;
@@ -86,6 +173,9 @@ pub fn check_random_operations(
                             model.remove(&newest);
                             report.preemptions += 1;
                         }
+                        if let Some(p) = prompts.as_mut() {
+                            p.tokens.retain(|s, _| model.contains_key(s));
+                        }
                     }
                     Err(e) => return Err(e),
                 }
@@ -100,6 +190,12 @@ pub fn check_random_operations(
                 match kv.fork(src, dst, tokens) {
                     Ok(()) => {
                         model.insert(dst, tokens);
+                        if let Some(p) = prompts.as_mut() {
+                            let prefix = p.grow(src, held)[..tokens].to_vec();
+                            p.tokens.insert(dst, prefix);
+                            let cache = kv.prefix_cache_mut().expect("caching is on");
+                            cache.cache_computed(dst, &p.tokens[&dst], None)?;
+                        }
                     }
                     Err(KvError::OutOfMemory { .. }) => {
                         report.out_of_memory += 1;
@@ -118,6 +214,9 @@ pub fn check_random_operations(
                 let (seq, _) = pick(&mut rng, &model).expect("not empty");
                 kv.free(seq)?;
                 model.remove(&seq);
+                if let Some(p) = prompts.as_mut() {
+                    p.tokens.remove(&seq);
+                }
                 report.frees += 1;
                 if kv.free(seq).is_ok() {
                     return Err(fail(step, format!("sequence {seq} freed twice")));
@@ -225,6 +324,24 @@ mod tests {
             assert!(
                 report.forks > 20 && report.preemptions > 5 && report.frees > 20,
                 "{mode:?}: {report:?}"
+            );
+        }
+    }
+
+    /// The vmm caches with automatic prefix caching on: the same books, with admissions hitting
+    /// cached prefixes.
+    #[test]
+    fn the_vmm_caches_keep_their_books_with_prefix_caching_on() {
+        for layout in KvLayout::ALL {
+            let shape = crate::VmmShape::new(layout, 8, 512, 4096, 64);
+            let mut kv = crate::VmmKv::with_dtype(DIMS, KvDtype::F16, shape)
+                .unwrap()
+                .with_prefix_caching();
+            let report = check_random_operations(&mut kv, 7, 600, 512)
+                .unwrap_or_else(|e| panic!("{layout}: {e}"));
+            assert!(
+                report.forks > 20 && report.preemptions > 5 && report.hit_tokens > 0,
+                "{layout}: {report:?}"
             );
         }
     }

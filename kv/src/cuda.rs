@@ -123,6 +123,15 @@ impl GpuKv {
         }
     }
 
+    /// The same cache with automatic prefix caching on (either mode: see
+    /// [`PagedKv::with_prefix_caching`] and [`VmmManager::with_prefix_caching`]).
+    pub fn with_prefix_caching(self) -> Self {
+        match self {
+            GpuKv::Paged(p) => GpuKv::Paged(p.with_prefix_caching()),
+            GpuKv::Vmm(m) => GpuKv::Vmm(m.with_prefix_caching()),
+        }
+    }
+
     fn books(&self) -> &dyn KvManager {
         match self {
             GpuKv::Paged(p) => p,

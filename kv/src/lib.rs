@@ -21,8 +21,8 @@
 //!   `vkv frag` does, as the baseline.
 //! - [`PrefixIndex`] (`prefix.rs`): the prefix-cache index of automatic prefix caching (vLLM
 //!   V1's chained block keys, LRU among unreferenced units), over any unit of memory — a block
-//!   here, a physical page of the vmm cache. [`PagedKv::with_prefix_caching`] uses it; the vmm
-//!   caches do not yet.
+//!   here, the pages of a page row of the vmm cache. [`PagedKv::with_prefix_caching`] and
+//!   [`VmmManager::with_prefix_caching`] (`VmmKv`'s, `GpuKv`'s) use it.
 //! - `conformance.rs`: the checks every cache must pass (random reserve / fork / free / preempt
 //!   sequences, audited after every operation, empty at the end), run on the CPU caches in unit
 //!   tests and on the GPU caches by `tests/gpu_kv.rs`.

@@ -136,16 +136,16 @@ impl PrefixState {
     }
 }
 
-/// How far a sequence's full blocks are recorded in the index.
+/// How far a sequence's full blocks (vmm: units) are recorded in the index.
 #[derive(Debug, Clone, Copy, Default)]
-struct Chain {
+pub(super) struct Chain {
     /// Full blocks recorded (cached, found cached, or duplicates of cached ones).
-    recorded: usize,
+    pub(super) recorded: usize,
     /// The cached block the next one follows (`None` before the first).
-    parent: Option<CachedBlock>,
+    pub(super) parent: Option<CachedBlock>,
     /// The chain broke (its parent was evicted, or a shared block is cached under another
     /// chain): no later block of the sequence could be found, so none is recorded.
-    broken: bool,
+    pub(super) broken: bool,
 }
 
 impl<S: BlockStorage> PagedKv<S> {

@@ -190,7 +190,8 @@ fn without_caching_nothing_changes() {
 fn the_conformance_checks_pass_with_caching_on() {
     for (blocks, block_size) in [(24, 16), (40, 5)] {
         let mut kv = caching(blocks, block_size);
-        check_random_operations(&mut kv, 3, 400, 200).unwrap();
+        let report = check_random_operations(&mut kv, 3, 400, 200).unwrap();
+        assert!(report.hit_tokens > 0, "{report:?}");
     }
 }
 

@@ -11,8 +11,8 @@
 //! (the scheduler, through the KV caches) tells the index when a unit gains its first holder
 //! ([`PrefixIndex::acquire`]) or loses its last ([`PrefixIndex::release`]), and takes units
 //! back from it when memory runs out ([`PrefixIndex::evict`]). The unit `U` is whatever the
-//! cache hands out: a paged [`BlockId`](crate::BlockId) today, a physical page id of the vmm
-//! cache later.
+//! cache hands out: a paged [`BlockId`](crate::BlockId), or the vmm cache's unit of pages
+//! (named by its first page's handle).
 //!
 //! # Where the idea comes from
 //!
@@ -40,17 +40,18 @@
 //!   by side in one bucket. When a block is evicted, the blocks cached after it become
 //!   unreachable (their parent's version is gone) and age out of the queue like the rest.
 //!
-//! # How the two KV modes will use it
+//! # How the two KV modes use it
 //!
 //! - paged: the unit is a block ([`BlockId`](crate::BlockId)); a hit is a block-table entry
 //!   holding the cached block (one more reference), and the request computes only from the
 //!   first missed block on.
-//! - vmm: the unit is a physical page. With the token-major layout a 2 MiB page holds whole
-//!   blocks of all layers (16 tokens of every layer for Llama-3-8B), so a block is a page and a
-//!   hit is a `cuMemMap` of the cached page at the new slot's address. With the per-layer
-//!   layout a page holds about a thousand tokens of one layer, so the block size of the index
-//!   is the page's token count and a hit maps one page per layer region; the tail of the
-//!   prompt inside a page is copied, as `KvSpace::share_prefix` does today.
+//! - vmm (`vmm.rs`): the unit is a page row — the pages at one index of every region. With the
+//!   token-major layout a 2 MiB page holds all layers of a few tokens (16 for Llama-3-8B), so a
+//!   block is a page and a hit is a `cuMemMap` of the cached page at the new slot's address.
+//!   With the per-layer layout a page holds about a thousand tokens of one layer, so the block
+//!   size of the index is the page's token count and a hit maps one page per layer region. A
+//!   page that holds no whole number of tokens makes the unit the fewest pages that do. The
+//!   tail of the prompt past the last full unit is computed by the request itself.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Debug;

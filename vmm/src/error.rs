@@ -79,6 +79,20 @@ pub enum VmmError {
     NoCuda(String),
     #[error("the mapper thread has stopped")]
     MapperStopped,
+    #[error("no page cache is installed in this KV space; expected one (set_page_cache) before pinning pages")]
+    NoPageCache,
+    #[error("page {handle} is not mapped anywhere; expected a mapped page to pin")]
+    PinUnmapped { handle: u64 },
+    #[error("page {handle} is already pinned by the page cache; expected an unpinned page")]
+    AlreadyPinned { handle: u64 },
+    #[error("page {handle} is not pinned by the page cache; expected a cached (pinned) page")]
+    NotPinned { handle: u64 },
+    #[error("slot {slot} holds {len} tokens; expected an empty slot (length 0)")]
+    SlotNotEmpty { slot: usize, len: usize },
+    #[error("a cached unit of this space has {expected} pages (pages per unit × regions), found {found}")]
+    UnitShape { expected: usize, found: usize },
+    #[error("the page cache's books disagree with the space: {0}")]
+    PageCache(String),
 }
 
 pub type Result<T, E = VmmError> = std::result::Result<T, E>;

@@ -17,7 +17,8 @@
 //!   back; every page it created is either free in it or handed out.
 //! - [`KvSpace`]: `max_slots × max_tokens` of KV cache in one of two [`KvLayout`]s, with slots,
 //!   ensure-backed, release with deferred reclamation, reclaim under pressure, prefix sharing (one
-//!   physical page mapped at several addresses) and per-layer [`LayerView`]s for kernels.
+//!   physical page mapped at several addresses), pages kept for a prefix cache ([`PageCache`]:
+//!   pinned, evicted on demand) and per-layer [`LayerView`]s for kernels.
 //! - [`Mapper`]: a background thread that maps ahead of need and counts every time a caller had to
 //!   wait for a page.
 //!
@@ -45,7 +46,9 @@ pub use host::HostVmm;
 pub use mapper::{Mapper, MapperOptions, MapperStats};
 pub use physical::{probe_cuda, CudaProbe, PhysicalMemory, PhysicalPage};
 pub use pool::PagePool;
-pub use space::{AuditError, KvLayout, KvPart, KvSpace, KvSpaceConfig, KvStats, LayerView, SlotId};
+pub use space::{
+    AuditError, KvLayout, KvPart, KvSpace, KvSpaceConfig, KvStats, LayerView, PageCache, SlotId,
+};
 
 /// cudarc, as this crate uses it (for tests and tools that launch kernels on `CudaVmm` memory).
 #[cfg(feature = "cuda")]

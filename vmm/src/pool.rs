@@ -62,6 +62,11 @@ impl PagePool {
         self.free.len()
     }
 
+    /// The handles of the free pages (audits).
+    pub fn free_handles(&self) -> impl Iterator<Item = u64> + '_ {
+        self.free.iter().map(|p| p.handle)
+    }
+
     /// Pages that can still be handed out: free ones plus those the budget allows creating.
     pub fn available(&self) -> usize {
         self.free.len() + (self.max_pages - self.created)

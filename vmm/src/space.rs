@@ -29,24 +29,35 @@
 //! every page covering bytes at or after its length is exclusive to it** (reference count 1).
 //! `share_prefix` and `release` keep it; `ensure` never shrinks a length.
 //!
+//! Pages kept for a prefix cache (`cached.rs`): a [`PageCache`] installed in the space (the kv
+//! crate's prefix index) *pins* the pages of full, computed units; a pinned page is never
+//! exclusive (never written again), is unmapped from a slot when the slot is released, and when
+//! mapped nowhere is *kept* — out of the pool — until the cache evicts it, which `ensure`,
+//! map-ahead and `reclaim` make it do (after the released slots' pages) when the pool is short.
+//! [`map_cached`](KvSpace::map_cached) maps kept or shared cached pages into a new slot.
+//!
 //! Invariants checked by [`audit`](KvSpace::audit) and the property tests: a page is either free
-//! in the pool or mapped, with a reference count equal to the number of places it is mapped; no
-//! address holds two pages; `created = free + distinct mapped pages`.
+//! in the pool, mapped, or kept, mapped pages with a reference count equal to the number of places
+//! they are mapped; no address holds two pages; `created = free + distinct mapped pages + kept`;
+//! a pinned page lies only below the lengths of the slots that map it.
 //!
 //! Child modules: `layout` (the layouts and the config's byte arithmetic), `page_table` (the
-//! slots' page tables and reference counts, and the map / unmap that change them) and `audit`.
+//! slots' page tables and reference counts, and the map / unmap that change them), `cached`
+//! (pinned and kept pages) and `audit`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;
 
-use crate::{PagePool, PhysicalMemory, Result, VmmError};
+use crate::{PagePool, PhysicalMemory, PhysicalPage, Result, VmmError};
 
 mod audit;
+mod cached;
 mod layout;
 mod page_table;
 
 pub use audit::AuditError;
+pub use cached::PageCache;
 pub use layout::{KvLayout, KvPart, KvSpaceConfig};
 use page_table::Slot;
 
@@ -77,7 +88,7 @@ pub struct LayerView {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct KvStats {
     pub page_size: usize,
-    /// Pages in existence (free in the pool + mapped).
+    /// Pages in existence (free in the pool + mapped + kept).
     pub pages_created: usize,
     /// Pages waiting in the pool.
     pub pages_free: usize,
@@ -91,6 +102,11 @@ pub struct KvStats {
     pub pages_cached: usize,
     /// Pages mapped in active slots past their length (a reused slot's surplus, map-ahead).
     pub pages_surplus: usize,
+    /// Prefix-cache pages mapped nowhere (kept): evictable on demand, counted as neither in use
+    /// nor free in the pool.
+    pub pages_kept: usize,
+    /// Pages the prefix cache pins, mapped or kept.
+    pub pages_pinned: usize,
     /// Physical bytes mapped: `pages_mapped · page_size`.
     pub bytes_backed: usize,
     /// Bytes of K and V of the tokens active slots hold (a shared prefix counts once per slot).
@@ -124,6 +140,16 @@ pub struct KvSpace {
     slots: Vec<Slot>,
     /// Reference count (number of addresses mapped) of every mapped page, by handle.
     refs: HashMap<u64, u32>,
+    /// The prefix cache's index, when prefix caching is on (`cached.rs`).
+    cache: Option<Box<dyn PageCache>>,
+    /// Pages the cache pins, by handle: kept when their last mapping goes.
+    pinned: HashSet<u64>,
+    /// Pinned pages mapped nowhere: out of the pool, evictable through the cache.
+    kept: BTreeMap<u64, PhysicalPage>,
+    /// Pinned pages that lost their last mapping, not yet told to the cache.
+    unreferenced: Vec<PhysicalPage>,
+    /// Kept pages mapped again, not yet told to the cache.
+    rereferenced: Vec<PhysicalPage>,
 }
 
 impl KvSpace {
@@ -163,6 +189,11 @@ impl KvSpace {
             bases,
             slot_stride,
             refs: HashMap::new(),
+            cache: None,
+            pinned: HashSet::new(),
+            kept: BTreeMap::new(),
+            unreferenced: Vec::new(),
+            rereferenced: Vec::new(),
         })
     }
 
@@ -210,15 +241,13 @@ impl KvSpace {
     }
 
     /// End a request. Its exclusive pages stay mapped for the next request in this slot (deferred
-    /// reclamation); pages it shares with other slots are unmapped from it.
+    /// reclamation); pages it shares with other slots, and pages the prefix cache pins, are
+    /// unmapped from it (a pinned page mapped nowhere else is kept, and the cache told).
     pub fn release(&mut self, slot: SlotId) -> Result<()> {
         self.active_slot(slot)?;
         for region in 0..self.bases.len() {
             for i in 0..self.slots[slot.0].pages[region].len() {
-                if self
-                    .page(slot, region, i)
-                    .is_some_and(|p| self.refs[&p.handle] > 1)
-                {
+                if self.page(slot, region, i).is_some() && !self.is_exclusive(slot, region, i) {
                     self.unmap_page(slot, region, i)?;
                 }
             }
@@ -226,7 +255,7 @@ impl KvSpace {
         let s = &mut self.slots[slot.0];
         s.active = false;
         s.len = 0;
-        Ok(())
+        self.notify_unreferenced()
     }
 
     /// Whether `slot` is currently acquired.
@@ -311,8 +340,8 @@ impl KvSpace {
         Ok(mapped)
     }
 
-    /// Make `pages` pages available in the pool for `slot`, reclaiming from other slots if needed
-    /// — or fail having reclaimed nothing.
+    /// Make `pages` pages available in the pool for `slot`, reclaiming from other slots and
+    /// evicting cached pages if needed — or fail having reclaimed and evicted nothing.
     fn make_available(&mut self, pages: usize, slot: SlotId) -> Result<()> {
         let available = self.pool.available();
         if available >= pages {
@@ -321,7 +350,8 @@ impl KvSpace {
         let reclaimable = (0..self.slots.len())
             .filter(|&s| s != slot.0)
             .map(|s| self.reclaimable_pages(SlotId(s)))
-            .sum::<usize>();
+            .sum::<usize>()
+            + self.evictable_pages();
         if available + reclaimable < pages {
             return Err(self.pool.exhausted(pages));
         }
@@ -342,15 +372,21 @@ impl KvSpace {
     }
 
     /// Unmap up to `pages` pages that hold no token and return them to the pool (memory
-    /// pressure): first those of released slots (deferred reclamation), then those of active
-    /// slots past their length. Returns how many pages went back.
+    /// pressure): first those of released slots (deferred reclamation), then cached pages no
+    /// slot maps (evicted through the page cache, least recently released first), then those
+    /// of active slots past their length. Returns how many pages went back.
     pub fn reclaim(&mut self, pages: usize) -> Result<usize> {
-        self.reclaim_from(pages, None)
+        let returned = self.reclaim_from(pages, None);
+        self.notify_unreferenced()?;
+        returned
     }
 
     fn reclaim_from(&mut self, pages: usize, keep: Option<SlotId>) -> Result<usize> {
         let mut returned = 0;
         for active in [false, true] {
+            if active {
+                returned += self.evict_cached(pages - returned);
+            }
             for s in 0..self.slots.len() {
                 let slot = &self.slots[s];
                 if slot.active != active || slot.mapped == 0 || keep == Some(SlotId(s)) {
@@ -378,7 +414,8 @@ impl KvSpace {
         Ok(returned)
     }
 
-    /// Reclaim every page that holds no token; returns how many went back to the pool.
+    /// Reclaim every page that holds no token of a running sequence, the prefix cache's
+    /// evictable pages included; returns how many went back to the pool.
     pub fn reclaim_all(&mut self) -> Result<usize> {
         self.reclaim(usize::MAX)
     }
@@ -419,6 +456,20 @@ impl KvSpace {
                 .count()
         };
         self.make_available(fresh, dst)?;
+        let shared = self.share_pages(src, dst, tokens, (full, rem));
+        let notified = self.notify_unreferenced();
+        shared.and(notified)
+    }
+
+    /// The mapping and copying of [`KvSpace::share_prefix`], its checks done and its fresh
+    /// pages available.
+    fn share_pages(
+        &mut self,
+        src: SlotId,
+        dst: SlotId,
+        tokens: usize,
+        (full, rem): (usize, usize),
+    ) -> Result<()> {
         for region in 0..self.bases.len() {
             for i in 0..full {
                 let page = self.page(src, region, i).expect("src holds its prefix");
@@ -576,6 +627,8 @@ impl KvSpace {
                 .filter(|&s| self.slots[s].active)
                 .map(|s| self.reclaimable_pages(SlotId(s)))
                 .sum(),
+            pages_kept: self.kept.len(),
+            pages_pinned: self.pinned.len(),
             bytes_backed: self.refs.len() * c.page_size,
             bytes_holding_tokens: active.iter().map(|s| s.len).sum::<usize>() * c.bytes_per_token(),
             active_slots: active.len(),
@@ -634,6 +687,11 @@ impl KvSpace {
 
 impl Drop for KvSpace {
     fn drop(&mut self) {
+        // Every page goes back to the pool, which releases it: nothing is kept any more.
+        self.pinned.clear();
+        for (_, page) in std::mem::take(&mut self.kept) {
+            self.pool.put(page);
+        }
         for s in 0..self.slots.len() {
             for region in 0..self.bases.len() {
                 for i in 0..self.slots[s].pages[region].len() {

@@ -1,6 +1,8 @@
 //! Tests of `KvSpace` on real memory (`HostVmm`) and on the strict accounting backend.
 
 use std::collections::HashMap;
+
+use crate::PhysicalPage;
 use std::sync::Arc;
 
 use proptest::prelude::*;
@@ -452,4 +454,175 @@ proptest! {
         drop(space);
         prop_assert_eq!(backend.live_pages(), 0, "dropping the space releases every page");
     }
+}
+
+/// A page cache of whole units, evicted in the order they became evictable (the kv crate's is
+/// its LRU prefix index).
+#[derive(Debug, Default)]
+struct Fifo {
+    units: Vec<Vec<PhysicalPage>>,
+    evictable: std::collections::VecDeque<Vec<PhysicalPage>>,
+}
+
+impl PageCache for Fifo {
+    fn unreferenced(
+        &mut self,
+        _pages: &[PhysicalPage],
+        kept: &dyn Fn(u64) -> bool,
+    ) -> std::result::Result<(), String> {
+        let (now, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.units)
+            .into_iter()
+            .partition(|u| u.iter().all(|p| kept(p.handle)));
+        self.units = held;
+        self.evictable.extend(now);
+        Ok(())
+    }
+
+    fn referenced(&mut self, pages: &[PhysicalPage]) -> std::result::Result<(), String> {
+        let (again, still): (Vec<_>, Vec<_>) = std::mem::take(&mut self.evictable)
+            .into_iter()
+            .partition(|u| u.iter().any(|p| pages.contains(p)));
+        self.evictable = still.into();
+        self.units.extend(again);
+        Ok(())
+    }
+
+    fn evict(&mut self) -> Option<Vec<PhysicalPage>> {
+        self.evictable.pop_front()
+    }
+
+    fn evictable_pages(&self) -> usize {
+        self.evictable.iter().map(Vec::len).sum()
+    }
+}
+
+impl Fifo {
+    /// `unit` is cached (pinned by the caller) and held.
+    fn cache(space: &mut KvSpace, unit: Vec<PhysicalPage>) {
+        space.pin(&unit).unwrap();
+        let cache: &mut dyn std::any::Any = space.page_cache_mut().unwrap();
+        cache.downcast_mut::<Fifo>().unwrap().units.push(unit);
+    }
+}
+
+#[test]
+fn cached_pages_are_kept_mapped_again_and_evicted_only_when_mapped_nowhere() {
+    for layout in KvLayout::ALL {
+        let mut space = host_space(layout, 0);
+        let (k, tokens) = space.config().prefix_unit();
+        let n = space.unit_len();
+        assert_eq!(k, 1, "4 KiB pages hold whole tokens");
+        // Room for 5 units.
+        space = host_space(layout, 5 * n);
+        assert!(matches!(space.pin(&[]), Err(VmmError::NoPageCache)));
+        space.set_page_cache(Box::<Fifo>::default());
+        let a = space.acquire().unwrap();
+        space.ensure(a, 3 * tokens + 1).unwrap();
+        write_tokens(&space, a, 0..3 * tokens + 1, 3);
+        let units: Vec<Vec<PhysicalPage>> =
+            (0..3).map(|j| space.unit_pages(a, j).unwrap()).collect();
+        for unit in &units {
+            Fifo::cache(&mut space, unit.clone());
+        }
+        assert!(matches!(
+            space.pin(&units[0]),
+            Err(VmmError::AlreadyPinned { .. })
+        ));
+        space.audit().unwrap();
+        space.release(a).unwrap();
+        let s = space.stats();
+        assert_eq!(
+            (s.pages_kept, s.pages_pinned, s.pages_cached),
+            (3 * n, 3 * n, n)
+        );
+        assert_eq!(s.bytes_in_use(), 0, "kept pages are not in use");
+        space.audit().unwrap();
+
+        // A new slot starts with the first two units, reading what slot a wrote.
+        let b = space.acquire().unwrap();
+        assert_eq!(b, a, "the released slot with pages left");
+        let refs: Vec<&[PhysicalPage]> = units[..2].iter().map(Vec::as_slice).collect();
+        assert_eq!(space.map_cached(b, &refs).unwrap(), 2 * tokens);
+        assert!(tokens_match(&space, b, 0..2 * tokens, 3), "{layout}");
+        assert!(matches!(
+            space.map_cached(b, &refs),
+            Err(VmmError::SlotNotEmpty { .. })
+        ));
+        space.audit().unwrap();
+        // A fork shares them; the cached pages are never written by either.
+        let c = space.acquire().unwrap();
+        space.share_prefix(b, c, 2 * tokens).unwrap();
+        space.ensure(c, 3 * tokens).unwrap();
+        write_tokens(&space, c, 2 * tokens..3 * tokens, 9);
+        space.audit().unwrap();
+
+        // Unit 2 is the only evictable one: a request for everything else fails untouched,
+        // then one that fits evicts it.
+        let d = space.acquire().unwrap();
+        // Free: the pool, b's surplus page row (mapped past its length) and unit 2.
+        let room = space.pool_available() + space.stats().pages_surplus + n;
+        assert!(space.ensure(d, (room / n + 1) * tokens).is_err());
+        assert_eq!(space.stats().pages_kept, n);
+        space.ensure(d, room / n * tokens).unwrap();
+        assert_eq!(space.stats().pages_kept, 0, "{layout}: unit 2 evicted");
+        assert_eq!(space.stats().pages_pinned, 2 * n);
+        assert!(tokens_match(&space, c, 0..2 * tokens, 3));
+        space.audit().unwrap();
+
+        // Held by c after b leaves, evictable once c leaves too.
+        space.release(b).unwrap();
+        assert_eq!(space.stats().pages_kept, 0);
+        space.release(c).unwrap();
+        space.release(d).unwrap();
+        assert_eq!(space.stats().pages_kept, 2 * n);
+        space.audit().unwrap();
+        space.reclaim_all().unwrap();
+        let s = space.stats();
+        assert_eq!(
+            (s.pages_free, s.pages_kept, s.pages_pinned),
+            (s.pages_created, 0, 0)
+        );
+        space.audit().unwrap();
+        assert!(matches!(
+            space.unpin(&units[0]),
+            Err(VmmError::NotPinned { .. })
+        ));
+    }
+}
+
+#[test]
+fn mapping_cached_units_checks_its_input_and_changes_nothing_on_error() {
+    let mut space = host_space(KvLayout::PerLayer, 32);
+    space.set_page_cache(Box::<Fifo>::default());
+    let a = space.acquire().unwrap();
+    space.ensure(a, 64).unwrap();
+    let unit = space.unit_pages(a, 0).unwrap();
+    let b = space.acquire().unwrap();
+    assert!(matches!(
+        space.map_cached(b, &[&unit]),
+        Err(VmmError::NotPinned { .. })
+    ));
+    Fifo::cache(&mut space, unit.clone());
+    assert!(matches!(
+        space.map_cached(b, &[&unit[..1]]),
+        Err(VmmError::UnitShape {
+            expected: 4,
+            found: 1
+        })
+    ));
+    assert_eq!(space.len(b), 0);
+    let free = space.pool_available();
+    let unmapped = PhysicalPage {
+        handle: u64::MAX,
+        size: 4096,
+    };
+    assert!(matches!(
+        space.pin(&[unmapped]),
+        Err(VmmError::PinUnmapped { .. })
+    ));
+    assert_eq!(space.pool_available(), free);
+    space.audit().unwrap();
+    assert_eq!(space.map_cached(b, &[&unit]).unwrap(), 64);
+    assert_eq!(space.references(unit[0].handle), 2);
+    space.audit().unwrap();
 }

@@ -9,7 +9,10 @@
 //! slot's length is exclusive to it (reference count 1) — what makes prefix sharing safe, as a
 //! slot only writes at or after its length — and a released slot maps no shared page; each
 //! page's reference count equals the places it is mapped; and the pool's created pages are its
-//! free ones plus the distinct mapped ones. It is the bookkeeping check of vAttention's design
+//! free ones plus the distinct mapped ones plus the kept ones. Prefix caching (`cached.rs`):
+//! a pinned page lies only below the lengths of the active slots that map it (never where a
+//! slot writes, never in a released slot); a kept page is pinned, mapped nowhere and not free;
+//! a pinned page is mapped or kept. It is the bookkeeping check of vAttention's design
 //! (one physical page mapped at several addresses, refcounted) made executable.
 
 use std::collections::{BTreeMap, HashMap};
@@ -65,13 +68,32 @@ pub enum AuditError {
         recorded: BTreeMap<u64, u32>,
         in_tables: BTreeMap<u64, u32>,
     },
-    /// Pages created by the pool differ from free plus distinctly mapped pages.
-    #[error("{created} pages created, expected {free} free + {mapped} mapped")]
+    /// Pages created by the pool differ from free plus distinctly mapped plus kept pages.
+    #[error("{created} pages created, expected {free} free + {mapped} mapped + {kept} kept")]
     PageCount {
         created: usize,
         free: usize,
         mapped: usize,
+        kept: usize,
     },
+    /// A pinned (cached) page mapped in a slot where the slot may write: at or after an active
+    /// slot's length, or in a released slot.
+    #[error(
+        "slot {slot} region {region} page {page} is pinned by the prefix cache but lies at/after \
+         the slot's length {len} (or the slot is released); expected cached pages only below it"
+    )]
+    PinnedWhereWritten {
+        slot: usize,
+        region: usize,
+        page: usize,
+        len: usize,
+    },
+    /// A kept page that is not pinned, still mapped, or in the pool's free list.
+    #[error("kept page {handle} is {found}; expected a pinned page mapped nowhere and not free")]
+    Kept { handle: u64, found: &'static str },
+    /// A pinned page neither mapped nor kept (lost, or freed while pinned).
+    #[error("pinned page {handle} is neither mapped nor kept")]
+    PinnedLost { handle: u64 },
 }
 
 impl KvSpace {
@@ -114,8 +136,29 @@ impl KvSpace {
                     len: slot.len,
                 });
             }
+            // Below `written`, a page holds only bytes of tokens before the slot's length.
+            let written = if slot.active {
+                slot.len * self.config.region_bytes_per_token() / self.config.page_size
+            } else {
+                0
+            };
+            for (r, region) in slot.pages.iter().enumerate() {
+                if let Some((i, _)) = region
+                    .iter()
+                    .enumerate()
+                    .skip(written)
+                    .find(|(_, p)| p.is_some_and(|p| self.pinned.contains(&p.handle)))
+                {
+                    return Err(AuditError::PinnedWhereWritten {
+                        slot: s,
+                        region: r,
+                        page: i,
+                        len: slot.len,
+                    });
+                }
+            }
             if slot.active {
-                let first = slot.len * self.config.region_bytes_per_token() / self.config.page_size;
+                let first = written;
                 for (r, region) in slot.pages.iter().enumerate() {
                     for (i, page) in region.iter().enumerate().skip(first) {
                         let Some(p) = page else { continue };
@@ -150,11 +193,32 @@ impl KvSpace {
                 in_tables: counted.into_iter().collect(),
             });
         }
-        if self.pool.created() != self.pool.free() + self.refs.len() {
+        let free: std::collections::HashSet<u64> = self.pool.free_handles().collect();
+        for &handle in self.kept.keys() {
+            let found = if !self.pinned.contains(&handle) {
+                "not pinned"
+            } else if self.refs.contains_key(&handle) {
+                "mapped"
+            } else if free.contains(&handle) {
+                "free in the pool"
+            } else {
+                continue;
+            };
+            return Err(AuditError::Kept { handle, found });
+        }
+        if let Some(&handle) = self
+            .pinned
+            .iter()
+            .find(|h| !self.refs.contains_key(h) && !self.kept.contains_key(h))
+        {
+            return Err(AuditError::PinnedLost { handle });
+        }
+        if self.pool.created() != self.pool.free() + self.refs.len() + self.kept.len() {
             return Err(AuditError::PageCount {
                 created: self.pool.created(),
                 free: self.pool.free(),
                 mapped: self.refs.len(),
+                kept: self.kept.len(),
             });
         }
         Ok(())

@@ -115,6 +115,21 @@ impl KvSpaceConfig {
         (tokens * self.region_bytes_per_token()).div_ceil(self.page_size)
     }
 
+    /// The unit of prefix caching: the fewest whole pages per region that hold whole tokens,
+    /// as `(pages per region, tokens)` — one page row, `page_size / region_bytes_per_token`
+    /// tokens, when a page holds whole tokens (every power-of-two shape), else
+    /// `lcm(page_size, region_bytes_per_token)` bytes of pages (a 28-layer bf16 model's
+    /// token-major 2 MiB pages: 7 pages of 256 tokens).
+    pub fn prefix_unit(&self) -> (usize, usize) {
+        let (page, token) = (self.page_size.max(1), self.region_bytes_per_token().max(1));
+        let (mut a, mut b) = (page, token);
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        // lcm / page_size pages, lcm / region_bytes_per_token tokens.
+        (token / a, page / a)
+    }
+
     pub(super) fn validate(&self) -> Result<()> {
         let fields = [
             ("num_layers", self.num_layers),

@@ -8,7 +8,8 @@
 //! entries that hold it (prefix sharing maps one physical page at several addresses); a slot's
 //! `mapped` is its number of entries; `backed` is a lower bound — pages `0..backed` are mapped in
 //! every region — which an unmap below it lowers; a page whose count falls to 0 goes back to the
-//! pool, and one that failed to map goes back only if no other address holds it. Mapping is the
+//! pool — unless the page cache pins it: then it is *kept* (mapped nowhere, out of the pool) —
+//! and one that failed to map goes back only if no other address holds it and it is not pinned. Mapping is the
 //! backend's map then set-access at the page's address (the CUDA driver's `cuMemMap` and
 //! `cuMemSetAccess`, as vAttention uses them; `mmap(MAP_FIXED)` on the host).
 
@@ -42,9 +43,11 @@ impl KvSpace {
             .flatten()
     }
 
+    /// Whether the page at `index` of `slot` in `region` is the slot's alone to write: mapped
+    /// nowhere else and not pinned by the page cache (a cached page is never written again).
     pub(super) fn is_exclusive(&self, slot: SlotId, region: usize, index: usize) -> bool {
         self.page(slot, region, index)
-            .is_some_and(|p| self.refs[&p.handle] == 1)
+            .is_some_and(|p| self.refs[&p.handle] == 1 && !self.pinned.contains(&p.handle))
     }
 
     /// Map `page` at page `index` of `slot` in `region` and enable access. On failure the page
@@ -63,10 +66,14 @@ impl KvSpace {
             })
         });
         if let Err(e) = result {
-            if !self.refs.contains_key(&page.handle) {
+            // A pinned page stays where it was (kept, or mapped elsewhere).
+            if !self.refs.contains_key(&page.handle) && !self.pinned.contains(&page.handle) {
                 self.pool.put(page);
             }
             return Err(e);
+        }
+        if self.kept.remove(&page.handle).is_some() {
+            self.rereferenced.push(page);
         }
         *self.refs.entry(page.handle).or_default() += 1;
         let s = &mut self.slots[slot.0];
@@ -80,7 +87,8 @@ impl KvSpace {
     }
 
     /// Unmap page `index` of `slot` in `region`; returns true if it went back to the pool (no
-    /// other address maps it).
+    /// other address maps it). A pinned page mapped nowhere any more is kept instead, and the
+    /// page cache is told at the end of the public call ([`KvSpace::notify_unreferenced`]).
     pub(super) fn unmap_page(&mut self, slot: SlotId, region: usize, index: usize) -> Result<bool> {
         let Some(page) = self.page(slot, region, index) else {
             return Ok(false);
@@ -98,6 +106,11 @@ impl KvSpace {
         *refs -= 1;
         if *refs == 0 {
             self.refs.remove(&page.handle);
+            if self.pinned.contains(&page.handle) {
+                self.kept.insert(page.handle, page);
+                self.unreferenced.push(page);
+                return Ok(false);
+            }
             self.pool.put(page);
             return Ok(true);
         }
