@@ -9,7 +9,7 @@ export VKV_TEST_GGUF=$PWD/.gpu/smol8.gguf VKV_KERNEL_CACHE=/tmp/vkv-kc
 gpu_tests() {
   { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; date -u; git log -1 --format=%h 2>/dev/null; } > $OUT/tests.txt
   python3 scripts/make_hf_llama.py /tmp/hf >> $OUT/tests.txt 2>&1
-  VKV_HF_DIR=/tmp/hf timeout 240 .gpu/run-tests --nocapture >> $OUT/tests.txt 2>&1
+  VKV_HF_DIR=/tmp/hf timeout ${VKV_TEST_TIMEOUT:-240} .gpu/run-tests --nocapture >> $OUT/tests.txt 2>&1
   echo "run-tests rc=$?" >> $OUT/tests.txt
 }
 

@@ -3,7 +3,8 @@
 # two calls back to back on the same warm machine, after copying this file into .gpu/:
 #   bash .gpu/run-k.sh start MINUTES   every GPU test into $OUT/tests.txt, then scripts/soak.py
 #                                      against `vkv serve --device cuda` in both KV modes at once
-#                                      (two servers, 8 GiB of KV each, SmolLM2 cut to 8 layers),
+#                                      (two servers, 8 GiB of KV each, SmolLM2 cut to 8 layers,
+#                                      prefix caching off: every page must go back to the pool),
 #                                      started in a session of its own (setsid) so that it outlives
 #                                      the call; its files go to /tmp/soak
 #   bash .gpu/run-k.sh collect         wait for that soak to end, then copy its files to $OUT
@@ -12,14 +13,14 @@ case $1 in
 start)
   . scripts/gpu/prelude.sh
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > $OUT/card.txt
-  gpu_tests
+  VKV_TEST_TIMEOUT=400 gpu_tests
   # The servers run from copies, so that a later call's carried .gpu cannot touch them.
   rm -rf /tmp/soak && mkdir -p /tmp/soak && cp .gpu/bin/vkv .gpu/smol8.gguf scripts/soak.py \
     scripts/vkv_serve.py /tmp/soak/
   for mode in paged vmm; do
     RUST_LOG=warn setsid python3 /tmp/soak/soak.py --vkv /tmp/soak/vkv --minutes "$2" --every 30 \
       --clients 32 --json /tmp/soak/soak-$mode.json -- --device cuda --model /tmp/soak/smol8.gguf \
-      --kv-mode $mode --kv-memory 8GiB > /tmp/soak/soak-$mode.txt 2>&1 < /dev/null &
+      --kv-mode $mode --kv-memory 8GiB --no-enable-prefix-caching > /tmp/soak/soak-$mode.txt 2>&1 < /dev/null &
   done
   date -u > /tmp/soak/started
   # Hold the call until near its 600 s limit: the machine stays warm between calls for only 30 s.
