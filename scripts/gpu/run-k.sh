@@ -7,7 +7,9 @@
 #                                      prefix caching off: every page must go back to the pool),
 #                                      started in a session of its own (setsid) so that it outlives
 #                                      the call; its files go to /tmp/soak
-#   bash .gpu/run-k.sh collect         wait for that soak to end, then copy its files to $OUT
+#   bash .gpu/run-k.sh collect [N]     wait for that soak to end, then copy its files to $OUT; in
+#                                      the time left, `bench offline` on prefix-repetition (N
+#                                      requests) with prefix caching on and off
 cd "$(dirname "$0")/.."
 case $1 in
 start)
@@ -29,6 +31,20 @@ start)
 collect)
   while pgrep -f /tmp/soak/soak.py > /dev/null; do sleep 5; done
   date -u > /tmp/soak/ended
-  cp /tmp/soak/soak-* /tmp/soak/started /tmp/soak/ended $OUT/ ;;
+  cp /tmp/soak/soak-* /tmp/soak/started /tmp/soak/ended $OUT/
+  # What is left of the call: prefix caching on and off, both KV modes, on the llama-3-8b preset
+  # (a first look for issue 18; each run cut at its share of the time left).
+  . scripts/gpu/prelude.sh
+  runs=4
+  for pc in enable no-enable; do
+    for mode in paged vmm; do
+      left=$(( (560 - SECONDS) / runs )); runs=$((runs - 1))
+      [ $left -gt 30 ] || break 2
+      timeout $left .gpu/bin/vkv bench offline --device cuda --model preset:llama-3-8b \
+        --max-num-seqs 128 --kv-mode $mode --$pc-prefix-caching \
+        --workload prefix-repetition:8,2048,128,128 --num-prompts ${2:-256} --json \
+        > $OUT/prefix-rep-$mode-$pc.json 2> $OUT/prefix-rep-$mode-$pc.err
+    done
+  done ;;
 *) echo "usage: run-k.sh start MINUTES | collect" >&2; exit 2 ;;
 esac
