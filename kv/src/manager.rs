@@ -240,6 +240,23 @@ pub trait KvCache: KvManager + Sync {
     fn manager_mut(&mut self) -> &mut dyn KvManager;
 }
 
+/// The error of a prefix-cache call on a `kind` cache (`paged`, `vmm`) built without caching.
+pub(super) fn caching_off(kind: &str) -> KvError {
+    KvError::InvalidConfig(format!(
+        "prefix caching is off in this {kind} cache; expected one built with_prefix_caching"
+    ))
+}
+
+/// Prefix caching is turned on before any sequence is reserved: `held` sequences are.
+pub(super) fn enable_before_use(held: usize) -> Result<(), KvError> {
+    if held > 0 {
+        return Err(KvError::InvalidConfig(format!(
+            "prefix caching must be turned on before any sequence is reserved; {held} are"
+        )));
+    }
+    Ok(())
+}
+
 /// The error for a sequence a cache does not hold.
 pub(super) fn unknown(seq: SeqId) -> KvError {
     KvError::NotAllocated {

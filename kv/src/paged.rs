@@ -39,7 +39,10 @@ use std::collections::HashMap;
 
 use vkv_kernels::cpu::{self, HugeBuffer, KvDtype, KvRef};
 
-use super::manager::{unknown, KvCache, KvDims, KvManager, KvUsage, PrefixCache, SeqId};
+use super::manager::{
+    caching_off, enable_before_use, unknown, KvCache, KvDims, KvManager, KvUsage, PrefixCache,
+    SeqId,
+};
 use super::prefix::{CachedBlock, Inserted, PrefixIndex, PrefixStats};
 use super::{BlockAllocator, BlockId, BlockTable, KvError};
 
@@ -436,25 +439,13 @@ impl<S: BlockStorage> KvManager for PagedKv<S> {
     }
 
     fn enable_prefix_caching(&mut self) -> Result<(), KvError> {
-        if !self.tables.is_empty() {
-            return Err(KvError::InvalidConfig(format!(
-                "prefix caching must be turned on before any sequence is reserved; {} are",
-                self.tables.len()
-            )));
-        }
+        enable_before_use(self.tables.len())?;
         if self.prefix.is_none() {
             let block_size = self.alloc.block_size();
             self.prefix = Some(PrefixState::new(block_size));
         }
         Ok(())
     }
-}
-
-/// The error of a prefix-cache call on a cache built without it.
-fn caching_off() -> KvError {
-    KvError::InvalidConfig(
-        "prefix caching is off in this paged cache; expected one built with_prefix_caching".into(),
-    )
 }
 
 impl<S: BlockStorage> PrefixCache for PagedKv<S> {
@@ -467,7 +458,7 @@ impl<S: BlockStorage> PrefixCache for PagedKv<S> {
         if self.tables.contains_key(&seq) {
             return Err(KvError::AlreadyAllocated { seq });
         }
-        let prefix = self.prefix.as_mut().ok_or_else(caching_off)?;
+        let prefix = self.prefix.as_mut().ok_or_else(|| caching_off("paged"))?;
         let block_size = self.alloc.block_size();
         // The last token is always computed (its logits are the next token's).
         let most = tokens.len().saturating_sub(1) / block_size * block_size;
@@ -511,7 +502,7 @@ impl<S: BlockStorage> PrefixCache for PagedKv<S> {
                 ),
             });
         }
-        let prefix = self.prefix.as_mut().ok_or_else(caching_off)?;
+        let prefix = self.prefix.as_mut().ok_or_else(|| caching_off("paged"))?;
         let index = &mut prefix.index;
         let chain = prefix.chains.entry(seq).or_default();
         let block_size = self.alloc.block_size();

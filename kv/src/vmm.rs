@@ -67,7 +67,8 @@ use vkv_vmm::{
 };
 
 use super::manager::{
-    unknown, KvCache, KvDims, KvManager, KvUsage, MapAhead, PrefixCache, SeqId, VmmShape,
+    caching_off, enable_before_use, unknown, KvCache, KvDims, KvManager, KvUsage, MapAhead,
+    PrefixCache, SeqId, VmmShape,
 };
 use super::paged::Chain;
 use super::prefix::{Inserted, PrefixIndex, PrefixStats};
@@ -193,13 +194,6 @@ fn prefix_in(space: &mut KvSpace) -> Option<&mut VmmPrefix> {
 fn prefix_of(space: &KvSpace) -> Option<&VmmPrefix> {
     let cache: &dyn Any = space.page_cache()?;
     cache.downcast_ref()
-}
-
-/// The error of a prefix-cache call on a cache built without it.
-fn caching_off() -> KvError {
-    KvError::InvalidConfig(
-        "prefix caching is off in this vmm cache; expected one built with_prefix_caching".into(),
-    )
 }
 
 /// A slot for `seq`, being admitted: the one prepared for it, else a free one — taking back the
@@ -551,12 +545,7 @@ impl KvManager for VmmManager {
     }
 
     fn enable_prefix_caching(&mut self) -> Result<(), KvError> {
-        if !self.slots.is_empty() {
-            return Err(KvError::InvalidConfig(format!(
-                "prefix caching must be turned on before any sequence is reserved; {} are",
-                self.slots.len()
-            )));
-        }
+        enable_before_use(self.slots.len())?;
         self.turn_on_prefix_caching();
         Ok(())
     }
@@ -630,7 +619,7 @@ impl PrefixCache for VmmManager {
             return Err(KvError::AlreadyAllocated { seq });
         }
         if !self.prefix_caching {
-            return Err(caching_off());
+            return Err(caching_off("vmm"));
         }
         let unit_tokens = self.prefix_unit_tokens();
         // The last token is always computed (its logits are the next token's), and a slot
@@ -639,7 +628,7 @@ impl PrefixCache for VmmManager {
             tokens.len().saturating_sub(1).min(self.config.max_tokens) / unit_tokens * unit_tokens;
         // One lock for the lookup and the mapping: the mapper's thread evicts under it too.
         let mut space = self.mapper.space();
-        let prefix = prefix_in(&mut space).ok_or_else(caching_off)?;
+        let prefix = prefix_in(&mut space).ok_or_else(|| caching_off("vmm"))?;
         let hit = prefix.index.lookup(&tokens[..most], salt);
         let covered = hit.blocks() * unit_tokens;
         if covered == 0 {
@@ -665,7 +654,7 @@ impl PrefixCache for VmmManager {
         }
         // The space told the index of the evictable units mapped again (`referenced`); a unit
         // that had holders stays as it was.
-        let prefix = prefix_in(&mut space).ok_or_else(caching_off)?;
+        let prefix = prefix_in(&mut space).ok_or_else(|| caching_off("vmm"))?;
         if let Some(unit) = hit.units.iter().find(|&&u| prefix.index.is_evictable(u)) {
             let e = KvError::Inconsistent(format!(
                 "unit {unit} is mapped in slot {slot} by a hit but still evictable"
@@ -697,7 +686,7 @@ impl PrefixCache for VmmManager {
     ) -> Result<(), KvError> {
         let slot = *self.slots.get(&seq).ok_or_else(|| unknown(seq))?;
         if !self.prefix_caching {
-            return Err(caching_off());
+            return Err(caching_off("vmm"));
         }
         let unit_tokens = self.prefix_unit_tokens();
         let mut space = self.mapper.space();
@@ -712,7 +701,7 @@ impl PrefixCache for VmmManager {
         }
         let full = tokens.len() / unit_tokens;
         let mut chain = prefix_in(&mut space)
-            .ok_or_else(caching_off)?
+            .ok_or_else(|| caching_off("vmm"))?
             .chains
             .get(&seq)
             .copied()
@@ -725,7 +714,7 @@ impl PrefixCache for VmmManager {
             salt,
         );
         prefix_in(&mut space)
-            .ok_or_else(caching_off)?
+            .ok_or_else(|| caching_off("vmm"))?
             .chains
             .insert(seq, chain);
         result
@@ -761,7 +750,7 @@ fn record_units(
         })?;
         let unit = pages[0].handle;
         let shared = pages.iter().any(|p| space.is_pinned(p.handle));
-        let prefix = prefix_in(space).ok_or_else(caching_off)?;
+        let prefix = prefix_in(space).ok_or_else(|| caching_off("vmm"))?;
         if shared {
             // Pages a hit or a fork shared, cached already: follow the index's entry for these
             // tokens (the next unit's K and V were computed after exactly them), else stop.
