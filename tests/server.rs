@@ -430,12 +430,14 @@ fn completions_and_chat_whole_and_streamed() {
         // Token-id prompts count exactly.
         let (status, ids) = post(&c, &url, &json!({"prompt": [504, 3458, 282, 4649, 314], "max_tokens": 3, "ignore_eos": true}), None).await;
         assert_eq!(status, StatusCode::OK, "{ids}");
-        assert_eq!(ids["usage"], json!({"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}));
+        assert_eq!(ids["usage"], json!({"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+                                          "prompt_tokens_details": {"cached_tokens": 0}}));
 
         // max_tokens beyond the context is cut to the room the prompt leaves, ending with `length`.
         let (status, cut) = post(&c, &url, &json!({"prompt": vec![504; 2040], "max_tokens": 5000, "ignore_eos": true}), None).await;
         assert_eq!(status, StatusCode::OK, "{cut}");
-        assert_eq!(cut["usage"], json!({"prompt_tokens": 2040, "completion_tokens": 8, "total_tokens": 2048}));
+        assert_eq!(cut["usage"], json!({"prompt_tokens": 2040, "completion_tokens": 8, "total_tokens": 2048,
+                                          "prompt_tokens_details": {"cached_tokens": 0}}));
         assert_eq!(cut["choices"][0]["finish_reason"], "length");
         // A prompt that fills the context alone is refused, naming the prompt.
         let (status, full) = post(&c, &url, &json!({"prompt": vec![504; 2048], "max_tokens": 5}), None).await;
