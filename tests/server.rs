@@ -657,11 +657,22 @@ fn many_streams_finish_and_disconnects_free_kv() {
             let m = metrics(&c, s).await;
             assert!(m["vkv_kv_allocated_bytes"] > 0.0 && m["vkv_num_requests_running"] > 0.0, "{m:?}");
             drop(open);
-            // And 5 whole requests given up on by their clients.
+            let m = wait_until_empty(&c, s, "after the dropped streams").await;
+            assert_eq!(m["vkv_request_success_total{finished_reason=\"abort\"}"], 50.0, "{m:?}");
+            // And 5 whole requests given up on by their clients, each once the engine runs it
+            // (dropped earlier, a request the server has not read yet never reaches the engine).
             let whole = json!({"prompt": "Tell me a long story.", "max_tokens": 1000, "ignore_eos": true});
             for _ in 0..5 {
-                let pending = send(&c, Method::POST, &url, whole.to_string(), None);
-                assert!(tokio::time::timeout(Duration::from_millis(300), pending).await.is_err());
+                let (c2, url2, body) = (c.clone(), url.clone(), whole.to_string());
+                let pending =
+                    tokio::spawn(async move { send(&c2, Method::POST, &url2, body, None).await });
+                let start = Instant::now();
+                while metrics(&c, s).await["vkv_num_requests_running"] < 1.0 {
+                    assert!(start.elapsed() < LIMIT, "the whole request never ran");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                pending.abort();
+                wait_until_empty(&c, s, "after a whole request's disconnect").await;
             }
             let m = wait_until_empty(&c, s, "after the disconnects").await;
             assert_eq!(m["vkv_request_success_total{finished_reason=\"abort\"}"], 55.0, "{m:?}");
