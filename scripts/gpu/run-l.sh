@@ -12,7 +12,7 @@ VKV_TEST_TIMEOUT=330 gpu_tests
 runs=4
 for pc in enable no-enable; do
   for mode in paged vmm; do
-    left=$(( (560 - SECONDS) / runs )); runs=$((runs - 1))
+    left=$(( (${DEADLINE:-560} - SECONDS) / runs )); runs=$((runs - 1))
     [ $left -gt 30 ] || break 2
     timeout $left .gpu/bin/vkv bench offline --device cuda --model preset:llama-3-8b \
       --max-num-seqs 128 --kv-mode $mode --$pc-prefix-caching \
