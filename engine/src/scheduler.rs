@@ -254,10 +254,14 @@ impl Scheduler {
                 // With nothing running, the budget always holds one sequence (`add` checks):
                 // only the device itself can be out of memory, and waiting would not end.
                 Err(KvError::OutOfMemory { .. }) if !self.running.is_empty() => {
-                    // Back to holding nothing: the blocks it found stay cached for next time.
+                    // Back to holding nothing: the blocks it found stay cached for next time, and
+                    // the lookup counts when it is admitted.
                     if cached > 0 {
                         seq.computed = 0;
                         kv.free(seq.id)?;
+                    }
+                    if let Some(cache) = kv.prefix_cache_mut() {
+                        cache.retract_lookup(seq.tokens.len(), cached);
                     }
                     break;
                 }

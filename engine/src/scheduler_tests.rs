@@ -359,28 +359,99 @@ fn shared_arrival() -> impl Strategy<Value = SharedArrival> {
         )
 }
 
+/// The caches the prefix-caching proptest drives: paged (4-token blocks) and vmm in both layouts
+/// over 4 KiB host pages, with f32 KV of [`WIDE`] (1 KiB a token per K or V: per-layer pages hold
+/// 4 tokens, token-major pages 2, so both cache units of a few tokens).
+fn prefix_cache_of(kind: usize, units: usize) -> (Box<dyn crate::kv::KvCache>, &'static str) {
+    match kind {
+        0 => (
+            Box::new(
+                PagedKv::with_dtype(WIDE, KvDtype::F32, units, 4)
+                    .unwrap()
+                    .with_prefix_caching(),
+            ),
+            "paged",
+        ),
+        k => {
+            let layout = if k == 1 {
+                KvLayout::PerLayer
+            } else {
+                KvLayout::TokenMajor
+            };
+            let shape = VmmShape::new(layout, 8, 256, 4096, 2 * units);
+            (
+                Box::new(
+                    VmmKv::with_dtype(WIDE, KvDtype::F32, shape)
+                        .unwrap()
+                        .with_prefix_caching(),
+                ),
+                if k == 1 {
+                    "vmm per-layer"
+                } else {
+                    "vmm token-major"
+                },
+            )
+        }
+    }
+}
+
+const WIDE: KvDims = KvDims {
+    num_layers: 1,
+    num_kv_heads: 4,
+    head_dim: 64,
+};
+
+/// Token `p`'s K, head 0, elements 0 and 1 in `kv` (f32): what [`write_key`] put there.
+fn read_key(kv: &dyn crate::kv::KvCache, seq: SeqId, p: usize) -> (f32, f32) {
+    let r = kv.layer(seq, 0).unwrap();
+    let (k, _, _) = r.bases();
+    // SAFETY: position `p` is reserved for `seq` (the caller reads only below its chunk's start,
+    // which is below what the scheduler reserved) and the cache holds f32 elements.
+    unsafe {
+        let at = k.cast::<f32>().add(r.offset(p));
+        (at.read(), at.add(1).read())
+    }
+}
+
+/// Write token `p`'s K and V in `kv`: head 0's first two elements hold 48 bits of `key`.
+fn write_key(kv: &dyn crate::kv::KvCache, seq: SeqId, p: usize, key: u64) {
+    let width = WIDE.num_kv_heads * WIDE.head_dim;
+    let mut k = vec![0f32; width];
+    k[0] = (key & 0xff_ffff) as f32;
+    k[1] = ((key >> 24) & 0xff_ffff) as f32;
+    let r = kv.layer(seq, 0).unwrap();
+    // SAFETY: position `p` is reserved for `seq`.
+    unsafe { vkv_kernels::cpu::kv_append(&r, p, &k, &k, WIDE.num_kv_heads, WIDE.head_dim) };
+}
+
+fn as_key(key: u64) -> (f32, f32) {
+    ((key & 0xff_ffff) as f32, ((key >> 24) & 0xff_ffff) as f32)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(96))]
+    #![proptest_config(ProptestConfig::with_cases(64))]
 
     /// Prefix caching under random arrivals sharing prefixes, aborts, preemptions (a small
-    /// cache) and evictions: every token's K and V that a chunk reads stands for exactly the
-    /// tokens before it (a shadow of each block's slots records what wrote it), outputs are
-    /// right, the cache audits clean after every step, and once all end nothing is referenced.
+    /// cache) and evictions, in paged and both vmm layouts, with real KV bytes: every step
+    /// writes into each chunk's positions a key standing for all the tokens up to them, and
+    /// every position a chunk reads (those before it) must hold the key of exactly its own
+    /// tokens — so a cached block or page handed to the wrong prefix, or written over while
+    /// shared, is caught. Outputs are right, the cache audits clean after every step, and once
+    /// all end nothing is referenced.
     #[test]
     fn prefix_caching_reads_only_right_kv_and_drains(
         arrivals in proptest::collection::vec(shared_arrival(), 1..20),
         max_num_seqs in 1..6usize,
         max_num_batched_tokens in 1..48usize,
-        blocks in 8..48usize,
+        units in 12..48usize,
+        kind in 0..3usize,
     ) {
-        const BS: usize = 4;
-        let mut kv = PagedKv::new(DIMS, blocks, BS).unwrap().with_prefix_caching();
+        let (mut kv, name) = prefix_cache_of(kind, units);
         let mut s = Scheduler::new(SchedulerConfig { max_num_seqs, max_num_batched_tokens });
-        // Per block, per slot: the key of what was written there.
-        let mut shadow: HashMap<u32, [Option<u64>; BS]> = HashMap::new();
         let mut all_tokens: HashMap<SeqId, Vec<u32>> = HashMap::new();
         let mut accepted: HashSet<SeqId> = HashSet::new();
         let mut done: HashSet<SeqId> = HashSet::new();
+        let mut hits = 0;
         let total: usize = arrivals.iter().map(|a| a.prompt + a.max_tokens).sum();
         let limit = 40 + 4 * total * (1 + total / max_num_batched_tokens);
         let mut t = 0;
@@ -392,56 +463,51 @@ proptest! {
                     let mut tokens = prompt.clone();
                     tokens.extend(expected_output(id, a.prompt, a.max_tokens));
                     let request = SeqRequest { id, prompt, max_tokens: a.max_tokens, cache_salt: None };
-                    if s.add(request, &kv).is_ok() {
+                    if s.add(request, kv.manager()).is_ok() {
                         accepted.insert(id);
                         all_tokens.insert(id, tokens);
                     }
                 }
-                if a.abort_at == Some(t) && accepted.contains(&id) && !done.contains(&id) && s.finish(id, &mut kv).unwrap() {
+                if a.abort_at == Some(t) && accepted.contains(&id) && !done.contains(&id) && s.finish(id, kv.manager_mut()).unwrap() {
                     done.insert(id);
                 }
             }
             if s.is_idle() && t > 30 {
                 break;
             }
-            prop_assert!(t < limit, "did not drain in {} steps", limit);
-            let planned = s.schedule(&mut kv).unwrap();
-            prop_assert!(planned.failed.is_empty(), "{:?}", planned.failed);
+            prop_assert!(t < limit, "{}: did not drain in {} steps", name, limit);
+            let planned = s.schedule(kv.manager_mut()).unwrap();
+            prop_assert!(planned.failed.is_empty(), "{}: {:?}", name, planned.failed);
             for &(id, cached) in &planned.cached {
-                prop_assert!(cached > 0 && cached % BS == 0, "cached {} of {}", cached, id);
+                hits += cached;
                 let c = planned.chunks.iter().find(|c| c.seq == id).expect("an admission has a chunk");
-                prop_assert_eq!(c.start, cached);
+                prop_assert_eq!(c.start, cached, "{}", name);
             }
             for c in &planned.chunks {
                 let tokens = &all_tokens[&c.seq];
-                let table = kv.table(c.seq).expect("a planned chunk's sequence holds KV");
-                let at = |p: usize| (table.blocks()[p / BS], p % BS);
-                // What the chunk reads: positions before it.
                 for p in 0..c.start {
-                    let (b, slot) = at(p);
-                    prop_assert_eq!(shadow.get(&b).and_then(|s| s[slot]), Some(kv_key(tokens, p)),
-                        "sequence {} reads wrong K/V at {} (block {})", c.seq, p, b);
+                    prop_assert_eq!(read_key(kv.as_ref(), c.seq, p), as_key(kv_key(tokens, p)),
+                        "{}: sequence {} reads wrong K/V at {}", name, c.seq, p);
                 }
-                // What it writes.
                 for p in c.start..c.start + c.tokens.len() {
                     prop_assert_eq!(c.tokens[p - c.start], tokens[p]);
-                    let (b, slot) = at(p);
-                    shadow.entry(b).or_insert([None; BS])[slot] = Some(kv_key(tokens, p));
+                    write_key(kv.as_ref(), c.seq, p, kv_key(tokens, p));
                 }
             }
             let sampled: Vec<(SeqId, u32)> = planned.chunks.iter().filter(|c| c.samples)
                 .map(|c| (c.seq, token_after(c.seq, c.start + c.tokens.len() - 1))).collect();
-            for id in s.update(&planned, &sampled, &mut kv).unwrap() {
+            for id in s.update(&planned, &sampled, kv.manager_mut()).unwrap() {
                 done.insert(id);
             }
-            kv.audit().map_err(|e| TestCaseError::fail(e.to_string()))?;
+            kv.audit().map_err(|e| TestCaseError::fail(format!("{name}: {e}")))?;
             t += 1;
         }
         for id in &accepted {
-            prop_assert!(done.contains(id), "request {} never finished", id);
+            prop_assert!(done.contains(id), "{}: request {} never finished", name, id);
         }
-        kv.audit().map_err(|e| TestCaseError::fail(e.to_string()))?;
-        prop_assert_eq!(kv.usage().bytes_allocated, 0, "KV left referenced after draining");
-        prop_assert_eq!(kv.free_blocks(), blocks, "every block free or evictable");
+        kv.audit().map_err(|e| TestCaseError::fail(format!("{name}: {e}")))?;
+        prop_assert_eq!(kv.usage().bytes_allocated, 0, "{}: KV left referenced after draining", name);
+        let stats = kv.prefix_cache().expect("caching is on").prefix_stats();
+        prop_assert_eq!(stats.hit_tokens as usize, hits, "{}", name);
     }
 }

@@ -206,6 +206,10 @@ pub trait PrefixCache {
     ) -> Result<(), KvError>;
     /// The cache's counters (lookups, hits, evictions, cached and evictable units).
     fn prefix_stats(&self) -> PrefixStats;
+    /// Take back the counts of a `match_prefix` (its `tokens.len()` and the tokens it covered)
+    /// whose sequence was not admitted after all and was freed: it will be looked up again, and
+    /// counting both would inflate the hit rate.
+    fn retract_lookup(&mut self, queried_tokens: usize, hit_tokens: usize);
 }
 
 /// What a cache that backs memory on demand (vmm: pages mapped into a virtual range) can do

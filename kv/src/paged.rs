@@ -532,6 +532,12 @@ impl<S: BlockStorage> PrefixCache for PagedKv<S> {
         Ok(())
     }
 
+    fn retract_lookup(&mut self, queried_tokens: usize, hit_tokens: usize) {
+        if let Some(prefix) = self.prefix.as_mut() {
+            prefix.index.retract_lookup(queried_tokens, hit_tokens);
+        }
+    }
+
     fn prefix_stats(&self) -> PrefixStats {
         self.prefix
             .as_ref()

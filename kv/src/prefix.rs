@@ -404,6 +404,13 @@ impl<U: Copy + Eq + Hash + Debug> PrefixIndex<U> {
         self.hit_tokens += hit_tokens as u64;
     }
 
+    /// Take back a lookup [`PrefixIndex::record_lookup`] counted, whose request was not
+    /// admitted after all (it will be looked up again).
+    pub fn retract_lookup(&mut self, queried_tokens: usize, hit_tokens: usize) {
+        self.queried_tokens = self.queried_tokens.saturating_sub(queried_tokens as u64);
+        self.hit_tokens = self.hit_tokens.saturating_sub(hit_tokens as u64);
+    }
+
     /// Record that `unit` holds the block of `block_tokens` that follows `parent` (`None`: the
     /// first block of a request) in a request salted `salt`, now that the block is full and
     /// computed. The unit starts referenced (its request holds it). If an equal block is already

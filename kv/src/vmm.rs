@@ -720,6 +720,13 @@ impl PrefixCache for VmmManager {
         result
     }
 
+    fn retract_lookup(&mut self, queried_tokens: usize, hit_tokens: usize) {
+        let mut space = self.mapper.space();
+        if let Some(prefix) = prefix_in(&mut space) {
+            prefix.index.retract_lookup(queried_tokens, hit_tokens);
+        }
+    }
+
     fn prefix_stats(&self) -> PrefixStats {
         let space = self.mapper.space();
         prefix_of(&space)
@@ -929,6 +936,9 @@ impl PrefixCache for VmmKv {
         salt: Option<&[u8]>,
     ) -> Result<(), KvError> {
         self.0.cache_computed(seq, tokens, salt)
+    }
+    fn retract_lookup(&mut self, queried_tokens: usize, hit_tokens: usize) {
+        self.0.retract_lookup(queried_tokens, hit_tokens)
     }
     fn prefix_stats(&self) -> PrefixStats {
         self.0.prefix_stats()

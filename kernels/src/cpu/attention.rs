@@ -114,8 +114,9 @@ impl KvRef<'_> {
         }
     }
 
-    /// Element offset of token `t`'s K (and V) head 0.
-    fn offset(&self, t: usize) -> usize {
+    /// Where token `t`'s K (and V) head 0 is: its element offset from the K (V) base, in
+    /// elements of [`KvRef::dtype`] (head `h` is `h · head_stride` further).
+    pub fn offset(&self, t: usize) -> usize {
         match *self {
             KvRef::Strided { token_stride, .. } => t * token_stride,
             KvRef::Paged {
@@ -142,7 +143,8 @@ impl KvRef<'_> {
         }
     }
 
-    fn bases(&self) -> (*mut u8, *mut u8, usize) {
+    /// The K base, the V base and the head stride (elements) that [`KvRef::offset`] counts from.
+    pub fn bases(&self) -> (*mut u8, *mut u8, usize) {
         match *self {
             KvRef::Strided {
                 k, v, head_stride, ..
