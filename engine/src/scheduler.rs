@@ -356,22 +356,20 @@ impl Scheduler {
         sampled: &[(SeqId, u32)],
         kv: &mut dyn KvManager,
     ) -> Result<Vec<SeqId>, SchedulerError> {
+        // With prefix caching, each chunk's full blocks are recorded as it is marked computed.
+        let mut cache = kv.prefix_cache_mut();
         for c in &step.chunks {
             if let Some(s) = self.running.iter_mut().find(|s| s.id == c.seq) {
                 s.computed = c.start + c.tokens.len();
+                if let Some(cache) = cache.as_deref_mut() {
+                    let salt = s.cache_salt.as_deref().map(str::as_bytes);
+                    cache.cache_computed(s.id, &s.tokens[..s.computed], salt)?;
+                }
             }
         }
         for &(id, token) in sampled {
             if let Some(s) = self.running.iter_mut().find(|s| s.id == id) {
                 s.tokens.push(token);
-            }
-        }
-        if let Some(cache) = kv.prefix_cache_mut() {
-            for c in &step.chunks {
-                if let Some(s) = self.running.iter().find(|s| s.id == c.seq) {
-                    let salt = s.cache_salt.as_deref().map(str::as_bytes);
-                    cache.cache_computed(s.id, &s.tokens[..s.computed], salt)?;
-                }
             }
         }
         let done: Vec<SeqId> = self

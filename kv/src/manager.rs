@@ -261,6 +261,15 @@ pub(super) fn enable_before_use(held: usize) -> Result<(), KvError> {
     Ok(())
 }
 
+/// The error of `cache_computed` given `computed` tokens of `seq`, which holds only `held`.
+pub(super) fn unreserved(seq: SeqId, held: usize, computed: usize) -> KvError {
+    KvError::NotAllocated {
+        what: format!(
+            "tokens {held}..{computed} of sequence {seq} (computed tokens must be reserved)"
+        ),
+    }
+}
+
 /// The error for a sequence a cache does not hold.
 pub(super) fn unknown(seq: SeqId) -> KvError {
     KvError::NotAllocated {

@@ -40,10 +40,10 @@ use std::collections::HashMap;
 use vkv_kernels::cpu::{self, HugeBuffer, KvDtype, KvRef};
 
 use super::manager::{
-    caching_off, enable_before_use, unknown, KvCache, KvDims, KvManager, KvUsage, PrefixCache,
-    SeqId,
+    caching_off, enable_before_use, unknown, unreserved, KvCache, KvDims, KvManager, KvUsage,
+    PrefixCache, SeqId,
 };
-use super::prefix::{CachedBlock, Inserted, PrefixIndex, PrefixStats};
+use super::prefix::{CachedBlock, Inserted, PrefixIndex, PrefixMatch, PrefixStats};
 use super::{BlockAllocator, BlockId, BlockTable, KvError};
 
 /// Where a paged cache's pools are: it can copy one block to another in every layer's K and V
@@ -149,6 +149,17 @@ pub(super) struct Chain {
     /// The chain broke (its parent was evicted, or a shared block is cached under another
     /// chain): no later block of the sequence could be found, so none is recorded.
     pub(super) broken: bool,
+}
+
+impl Chain {
+    /// The chain of a sequence started with the cached blocks of `hit`.
+    pub(super) fn after<U>(hit: &PrefixMatch<U>) -> Chain {
+        Chain {
+            recorded: hit.blocks(),
+            parent: hit.last,
+            broken: false,
+        }
+    }
 }
 
 impl<S: BlockStorage> PagedKv<S> {
@@ -475,14 +486,7 @@ impl<S: BlockStorage> PrefixCache for PagedKv<S> {
             }
         }
         self.tables.insert(seq, table);
-        prefix.chains.insert(
-            seq,
-            Chain {
-                recorded: hit.blocks(),
-                parent: hit.last,
-                broken: false,
-            },
-        );
+        prefix.chains.insert(seq, Chain::after(&hit));
         Ok(covered)
     }
 
@@ -494,13 +498,7 @@ impl<S: BlockStorage> PrefixCache for PagedKv<S> {
     ) -> Result<(), KvError> {
         let table = self.tables.get(&seq).ok_or_else(|| unknown(seq))?;
         if tokens.len() > table.len() {
-            return Err(KvError::NotAllocated {
-                what: format!(
-                    "tokens {}..{} of sequence {seq} (computed tokens must be reserved)",
-                    table.len(),
-                    tokens.len()
-                ),
-            });
+            return Err(unreserved(seq, table.len(), tokens.len()));
         }
         let prefix = self.prefix.as_mut().ok_or_else(|| caching_off("paged"))?;
         let index = &mut prefix.index;

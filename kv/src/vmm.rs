@@ -67,8 +67,8 @@ use vkv_vmm::{
 };
 
 use super::manager::{
-    caching_off, enable_before_use, unknown, KvCache, KvDims, KvManager, KvUsage, MapAhead,
-    PrefixCache, SeqId, VmmShape,
+    caching_off, enable_before_use, unknown, unreserved, KvCache, KvDims, KvManager, KvUsage,
+    MapAhead, PrefixCache, SeqId, VmmShape,
 };
 use super::paged::Chain;
 use super::prefix::{Inserted, PrefixIndex, PrefixStats};
@@ -663,14 +663,7 @@ impl PrefixCache for VmmManager {
             return Err(e);
         }
         prefix.index.record_lookup(tokens.len(), covered);
-        prefix.chains.insert(
-            seq,
-            Chain {
-                recorded: hit.blocks(),
-                parent: hit.last,
-                broken: false,
-            },
-        );
+        prefix.chains.insert(seq, Chain::after(&hit));
         drop(space);
         self.slots.insert(seq, slot);
         Ok(covered)
@@ -692,12 +685,7 @@ impl PrefixCache for VmmManager {
         let mut space = self.mapper.space();
         let len = space.len(slot);
         if tokens.len() > len {
-            return Err(KvError::NotAllocated {
-                what: format!(
-                    "tokens {len}..{} of sequence {seq} (computed tokens must be reserved)",
-                    tokens.len()
-                ),
-            });
+            return Err(unreserved(seq, len, tokens.len()));
         }
         let full = tokens.len() / unit_tokens;
         let mut chain = prefix_in(&mut space)

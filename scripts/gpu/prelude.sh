@@ -33,3 +33,21 @@ serve_down() {
   kill -INT $serve_pid; wait $serve_pid; echo "serve rc=$?" >> $OUT/serve.txt
   tail -"$1" /tmp/serve.log >> $OUT/serve.txt
 }
+
+# `vkv bench offline` on the llama-3-8b preset with prefix-repetition:8,2048,128,128 (N requests),
+# prefix caching on and off, paged and vmm, each run cut at its share of the time left before
+# $DEADLINE seconds of the call (default 560), into $OUT/prefix-rep-MODE-{enable,no-enable}.*:
+# prefix_repetition_runs N
+prefix_repetition_runs() {
+  local runs=4 left pc mode
+  for pc in enable no-enable; do
+    for mode in paged vmm; do
+      left=$(( (${DEADLINE:-560} - SECONDS) / runs )); runs=$((runs - 1))
+      [ $left -gt 30 ] || return 0
+      timeout $left .gpu/bin/vkv bench offline --device cuda --model preset:llama-3-8b \
+        --max-num-seqs 128 --kv-mode $mode --$pc-prefix-caching \
+        --workload prefix-repetition:8,2048,128,128 --num-prompts "$1" --json \
+        > $OUT/prefix-rep-$mode-$pc.json 2> $OUT/prefix-rep-$mode-$pc.err
+    done
+  done
+}

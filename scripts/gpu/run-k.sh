@@ -35,16 +35,6 @@ collect)
   # What is left of the call: prefix caching on and off, both KV modes, on the llama-3-8b preset
   # (a first look for issue 18; each run cut at its share of the time left).
   . scripts/gpu/prelude.sh
-  runs=4
-  for pc in enable no-enable; do
-    for mode in paged vmm; do
-      left=$(( (${DEADLINE:-560} - SECONDS) / runs )); runs=$((runs - 1))
-      [ $left -gt 30 ] || break 2
-      timeout $left .gpu/bin/vkv bench offline --device cuda --model preset:llama-3-8b \
-        --max-num-seqs 128 --kv-mode $mode --$pc-prefix-caching \
-        --workload prefix-repetition:8,2048,128,128 --num-prompts ${2:-256} --json \
-        > $OUT/prefix-rep-$mode-$pc.json 2> $OUT/prefix-rep-$mode-$pc.err
-    done
-  done ;;
+  prefix_repetition_runs ${2:-256} ;;
 *) echo "usage: run-k.sh start MINUTES | collect" >&2; exit 2 ;;
 esac

@@ -9,14 +9,4 @@ cd "$(dirname "$0")/.."
 . scripts/gpu/prelude.sh
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > $OUT/card.txt
 VKV_TEST_TIMEOUT=330 gpu_tests
-runs=4
-for pc in enable no-enable; do
-  for mode in paged vmm; do
-    left=$(( (${DEADLINE:-560} - SECONDS) / runs )); runs=$((runs - 1))
-    [ $left -gt 30 ] || break 2
-    timeout $left .gpu/bin/vkv bench offline --device cuda --model preset:llama-3-8b \
-      --max-num-seqs 128 --kv-mode $mode --$pc-prefix-caching \
-      --workload prefix-repetition:8,2048,128,128 --num-prompts ${1:-256} --json \
-      > $OUT/prefix-rep-$mode-$pc.json 2> $OUT/prefix-rep-$mode-$pc.err
-  done
-done
+prefix_repetition_runs ${1:-256}
