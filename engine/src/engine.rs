@@ -125,6 +125,12 @@ pub struct GenerationRequest {
     /// vLLM's `cache_salt`: with prefix caching, a request reuses only the cached KV of requests
     /// with the same salt (tenants that must not share KV give different ones).
     pub cache_salt: Option<String>,
+    /// Parallel sampling (`n > 1`): a request submitted before this one with the same prompt.
+    /// This one starts from that request's prompt KV once it is computed — shared, not computed
+    /// again (PagedAttention §4.4; see [`crate::scheduler`]) — and samples on its own from
+    /// there. Ignored if that request has ended or its prompt differs. See
+    /// [`Engine::submit_samples`].
+    pub share_prompt_with: Option<RequestId>,
 }
 
 /// Token counts of a finished request (OpenAI's `usage`).
@@ -486,6 +492,44 @@ impl Engine {
             })
             .map_err(|_| EngineError::Stopped)?;
         Ok(id)
+    }
+
+    /// Parallel sampling (OpenAI's `n`): submit `n` samples of one request, all sending their
+    /// events to `events`, and return their ids — sample `i` is the `i`-th. The first computes
+    /// the prompt; the others start from its prompt KV, shared (see
+    /// [`GenerationRequest::share_prompt_with`]). With a seed, sample `i` samples with seed
+    /// `seed + i` (vLLM's rule), so the samples differ and each is reproducible. All or
+    /// nothing: a refused request submits no sample.
+    pub fn submit_samples(
+        &self,
+        request: GenerationRequest,
+        n: usize,
+        events: EventSender,
+    ) -> Result<Vec<RequestId>, EngineError> {
+        if n == 0 {
+            return Err(EngineError::InvalidRequest(
+                "n must be at least 1, found 0".into(),
+            ));
+        }
+        self.check(&request)?;
+        let first = self.submit(request.clone(), events.clone())?;
+        let mut ids = vec![first];
+        for i in 1..n {
+            let mut sample = request.clone();
+            sample.share_prompt_with = Some(first);
+            sample.sampling.seed = request.sampling.seed.map(|s| s.wrapping_add(i as u64));
+            match self.submit(sample, events.clone()) {
+                Ok(id) => ids.push(id),
+                // Only a shutdown begun meanwhile refuses a request the first passed.
+                Err(e) => {
+                    for &id in &ids {
+                        self.abort(id);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(ids)
     }
 
     fn check(&self, r: &GenerationRequest) -> Result<(), EngineError> {

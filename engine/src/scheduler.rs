@@ -24,6 +24,17 @@
 //! cache. A preempted sequence's blocks stay cached after its KV is freed, so its readmission
 //! usually finds them. What each admission found is in [`Step::cached`].
 //!
+//! Parallel sampling (`n > 1`; PagedAttention §4.4): a sequence may name another with the same
+//! prompt as its fork source ([`SeqRequest::fork_of`]). It waits until the source has computed
+//! all but the last prompt token, then starts with the source's KV of those tokens —
+//! [`KvManager::fork`]: whole blocks or pages shared (one more reference), the one the prefix
+//! ends inside copied — and computes only the last prompt token itself, so that it samples its
+//! first token from logits of its own. Forks are taken as soon as the source's chunk is computed
+//! ([`Scheduler::update`], so a source that finishes at its first token still shares), or at
+//! admission; a sequence whose source is no longer scheduled is admitted as any other (and with
+//! prefix caching finds the source's blocks cached). A fork source that is preempted and comes
+//! back is forked from again; a fork that does not fit waits, as an admission does.
+//!
 //! Invariants, property-tested below: a step never exceeds the token budget or `max_num_seqs`;
 //! a chunk starts where its sequence's KV ends; the cache never holds a sequence that is not
 //! running; every request finishes; once all finish, the cache is empty.
@@ -49,6 +60,10 @@ pub struct SeqRequest {
     pub max_tokens: usize,
     /// With prefix caching: only KV cached under the same salt is reused (vLLM's `cache_salt`).
     pub cache_salt: Option<String>,
+    /// Parallel sampling: a sequence with the same prompt whose prompt KV this one starts from,
+    /// shared (see the module docs). Ignored if that sequence is not scheduled or its prompt
+    /// differs.
+    pub fork_of: Option<SeqId>,
 }
 
 /// One chunk of the next forward pass.
@@ -74,6 +89,8 @@ pub struct Step {
     /// Sequences admitted this step with KV from the prefix cache: the tokens it covered (the
     /// sequence's first chunk starts there).
     pub cached: Vec<(SeqId, usize)>,
+    /// Sequences admitted this step by forking their source's prompt KV: the tokens shared.
+    pub forked: Vec<(SeqId, usize)>,
 }
 
 /// Errors a caller can provoke.
@@ -105,12 +122,29 @@ struct Seq {
     /// Tokens whose K/V are in the cache.
     computed: usize,
     cache_salt: Option<String>,
+    fork_of: Option<SeqId>,
 }
 
 impl Seq {
     fn generated(&self) -> usize {
         self.tokens.len() - self.prompt_len
     }
+
+    /// The tokens a fork starts with: all of the prompt but the last token, whose logits the
+    /// forked sequence computes itself.
+    fn fork_len(&self) -> usize {
+        self.prompt_len - 1
+    }
+}
+
+/// Where a waiting sequence stands with its fork source.
+enum ForkState {
+    /// No source (or it left, or shares nothing): admitted as any sequence.
+    None,
+    /// The source is running with the tokens to share computed: fork from it.
+    Ready(SeqId),
+    /// The source is scheduled but has not computed them yet: wait for it.
+    Wait,
 }
 
 /// The scheduler (see the module docs).
@@ -159,6 +193,7 @@ impl Scheduler {
             max_tokens: req.max_tokens,
             computed: 0,
             cache_salt: req.cache_salt,
+            fork_of: req.fork_of,
         });
         Ok(())
     }
@@ -192,7 +227,12 @@ impl Scheduler {
         let mut budget = (self.config.max_num_batched_tokens).saturating_sub(self.running.len());
         let places = self.config.max_num_seqs.saturating_sub(self.running.len());
         let mut next = Vec::new();
-        for seq in self.waiting.iter().take(places) {
+        // Forks map their source's pages, not fresh ones: nothing to prepare.
+        let fresh = self
+            .waiting
+            .iter()
+            .filter(|s| matches!(self.fork_state(s), ForkState::None));
+        for seq in fresh.take(places) {
             if budget == 0 {
                 break;
             }
@@ -234,19 +274,42 @@ impl Scheduler {
                 budget -= n;
             }
         }
+        // Admissions in queue order; a fork whose source has not computed its prompt yet lets
+        // those behind it go first.
+        let mut i = 0;
         while budget > 0 && self.running.len() < self.config.max_num_seqs {
-            let Some(seq) = self.waiting.front_mut() else {
+            let Some(seq) = self.waiting.get(i) else {
                 break;
             };
-            let cached = match match_prefix(seq, kv) {
-                Ok(cached) => cached,
-                // A hit needs a place to map it (vmm: a free slot); as for `reserve` below.
-                Err(KvError::OutOfMemory { .. }) if !self.running.is_empty() => break,
-                Err(e) => {
-                    let seq = self.waiting.pop_front().expect("front exists");
-                    self.fail(seq, e, kv, &mut step)?;
+            let forked = match self.fork_state(seq) {
+                ForkState::Wait => {
+                    i += 1;
                     continue;
                 }
+                ForkState::Ready(src) => match self.fork(i, src, kv) {
+                    Ok(shared) => Some(shared),
+                    Err(KvError::OutOfMemory { .. }) => break,
+                    // Not a memory shortage: left to its own admission, which will say why.
+                    Err(_) => {
+                        self.waiting[i].fork_of = None;
+                        continue;
+                    }
+                },
+                ForkState::None => None,
+            };
+            let seq = &mut self.waiting[i];
+            let cached = match forked {
+                Some(_) => 0,
+                None => match match_prefix(seq, kv) {
+                    Ok(cached) => cached,
+                    // A hit needs a place to map it (vmm: a free slot); as for `reserve` below.
+                    Err(KvError::OutOfMemory { .. }) if !self.running.is_empty() => break,
+                    Err(e) => {
+                        let seq = self.waiting.remove(i).expect("index in range");
+                        self.fail(seq, e, kv, &mut step)?;
+                        continue;
+                    }
+                },
             };
             let n = (seq.tokens.len() - seq.computed).min(budget);
             match kv.reserve(seq.id, seq.computed + n) {
@@ -256,24 +319,29 @@ impl Scheduler {
                 Err(KvError::OutOfMemory { .. }) if !self.running.is_empty() => {
                     // Back to holding nothing: the blocks it found stay cached for next time, and
                     // the lookup counts when it is admitted.
-                    if cached > 0 {
+                    if cached > 0 || forked.is_some() {
                         seq.computed = 0;
                         kv.free(seq.id)?;
                     }
-                    if let Some(cache) = kv.prefix_cache_mut() {
-                        cache.retract_lookup(seq.tokens.len(), cached);
+                    if forked.is_none() {
+                        if let Some(cache) = kv.prefix_cache_mut() {
+                            cache.retract_lookup(seq.tokens.len(), cached);
+                        }
                     }
                     break;
                 }
                 Err(e) => {
-                    let seq = self.waiting.pop_front().expect("front exists");
+                    let seq = self.waiting.remove(i).expect("index in range");
                     self.fail(seq, e, kv, &mut step)?;
                     continue;
                 }
             }
-            let seq = self.waiting.pop_front().expect("front exists");
+            let seq = self.waiting.remove(i).expect("index in range");
             if cached > 0 {
                 step.cached.push((seq.id, cached));
+            }
+            if let Some(shared) = forked {
+                step.forked.push((seq.id, shared));
             }
             step.chunks.push(chunk(&seq, n));
             self.running.push(seq);
@@ -313,6 +381,64 @@ impl Scheduler {
                     let seq = self.running.remove(i);
                     self.fail(seq, e, kv, step)?;
                     return Ok(false);
+                }
+            }
+        }
+    }
+
+    /// Where waiting `seq` stands with its fork source.
+    fn fork_state(&self, seq: &Seq) -> ForkState {
+        let Some(src) = seq.fork_of else {
+            return ForkState::None;
+        };
+        let len = seq.fork_len();
+        let same_prompt = |s: &Seq| s.tokens.len() >= len && s.tokens[..len] == seq.tokens[..len];
+        if len == 0 {
+            return ForkState::None;
+        }
+        if let Some(s) = self.running.iter().find(|s| s.id == src) {
+            return match (same_prompt(s), s.computed >= len) {
+                (false, _) => ForkState::None,
+                (true, true) => ForkState::Ready(src),
+                (true, false) => ForkState::Wait,
+            };
+        }
+        match self.waiting.iter().find(|s| s.id == src) {
+            Some(s) if same_prompt(s) => ForkState::Wait,
+            _ => ForkState::None,
+        }
+    }
+
+    /// Start waiting sequence `i` (holding no KV) with running `src`'s KV of its prompt but
+    /// the last token; returns the tokens shared. Nothing changes on an error.
+    fn fork(&mut self, i: usize, src: SeqId, kv: &mut dyn KvManager) -> Result<usize, KvError> {
+        let seq = &mut self.waiting[i];
+        let shared = seq.fork_len();
+        kv.fork(src, seq.id, shared)?;
+        seq.computed = shared;
+        Ok(shared)
+    }
+
+    /// Move every waiting fork whose source has just computed its prompt into the running set,
+    /// sharing the source's KV, while there are places: they compute their last prompt token in
+    /// the next step. Taken in `update`, before a source that finished at its first token is
+    /// freed. One that does not fit stays waiting.
+    fn take_ready_forks(&mut self, kv: &mut dyn KvManager) {
+        let mut i = 0;
+        while i < self.waiting.len() && self.running.len() < self.config.max_num_seqs {
+            let ForkState::Ready(src) = self.fork_state(&self.waiting[i]) else {
+                i += 1;
+                continue;
+            };
+            match self.fork(i, src, kv) {
+                Ok(_) => {
+                    let seq = self.waiting.remove(i).expect("index in range");
+                    self.running.push(seq);
+                }
+                Err(KvError::OutOfMemory { .. }) => return,
+                Err(_) => {
+                    self.waiting[i].fork_of = None;
+                    i += 1;
                 }
             }
         }
@@ -372,6 +498,7 @@ impl Scheduler {
                 s.tokens.push(token);
             }
         }
+        self.take_ready_forks(kv);
         let done: Vec<SeqId> = self
             .running
             .iter()

@@ -27,6 +27,7 @@ fn req(id: SeqId, prompt: usize, max_tokens: usize) -> SeqRequest {
         prompt: (0..prompt as u32).map(|t| t + id as u32).collect(),
         max_tokens,
         cache_salt: None,
+        fork_of: None,
     }
 }
 
@@ -298,6 +299,7 @@ fn a_cached_prefix_is_not_computed_again_and_counts_as_cached() {
             prompt: shared_prompt(id, 0, 18, 22),
             max_tokens: 2,
             cache_salt: salt.map(str::to_string),
+            fork_of: None,
         };
         s.add(request, kv).unwrap();
     };
@@ -336,6 +338,9 @@ struct SharedArrival {
     prompt: usize,
     max_tokens: usize,
     abort_at: Option<usize>,
+    /// Parallel sampling: another sample of the request this many arrivals before (same
+    /// prompt, same arrival step), forked from it.
+    sample_of: Option<usize>,
 }
 
 fn shared_arrival() -> impl Strategy<Value = SharedArrival> {
@@ -346,15 +351,17 @@ fn shared_arrival() -> impl Strategy<Value = SharedArrival> {
         1..40usize,
         1..25usize,
         proptest::option::weighted(0.15, 0..60usize),
+        proptest::option::weighted(0.3, 1..4usize),
     )
         .prop_map(
-            |(at, prefix, shared, prompt, max_tokens, abort_at)| SharedArrival {
+            |(at, prefix, shared, prompt, max_tokens, abort_at, sample_of)| SharedArrival {
                 at,
                 prefix,
                 shared,
                 prompt: prompt.max(shared),
                 max_tokens,
                 abort_at,
+                sample_of,
             },
         )
 }
@@ -372,6 +379,18 @@ fn prefix_cache_of(kind: usize, units: usize) -> (Box<dyn crate::kv::KvCache>, &
             ),
             "paged",
         ),
+        // Forks without prefix caching.
+        3 => (
+            Box::new(PagedKv::with_dtype(WIDE, KvDtype::F32, units, 4).unwrap()),
+            "paged, no caching",
+        ),
+        4 => {
+            let shape = VmmShape::new(KvLayout::PerLayer, 8, 256, 4096, 2 * units);
+            (
+                Box::new(VmmKv::with_dtype(WIDE, KvDtype::F32, shape).unwrap()),
+                "vmm per-layer, no caching",
+            )
+        }
         k => {
             let layout = if k == 1 {
                 KvLayout::PerLayer
@@ -436,15 +455,17 @@ proptest! {
     /// writes into each chunk's positions a key standing for all the tokens up to them, and
     /// every position a chunk reads (those before it) must hold the key of exactly its own
     /// tokens — so a cached block or page handed to the wrong prefix, or written over while
-    /// shared, is caught. Outputs are right, the cache audits clean after every step, and once
-    /// all end nothing is referenced.
+    /// shared, is caught. Some requests are further samples of an earlier one (parallel
+    /// sampling: same prompt, forked from it), also with caching off (kinds 3 and 4). Outputs
+    /// are right, the cache audits clean after every step, and once all end nothing is
+    /// referenced.
     #[test]
-    fn prefix_caching_reads_only_right_kv_and_drains(
+    fn prefix_caching_and_forks_read_only_right_kv_and_drain(
         arrivals in proptest::collection::vec(shared_arrival(), 1..20),
         max_num_seqs in 1..6usize,
         max_num_batched_tokens in 1..48usize,
         units in 12..48usize,
-        kind in 0..3usize,
+        kind in 0..5usize,
     ) {
         let (mut kv, name) = prefix_cache_of(kind, units);
         let mut s = Scheduler::new(SchedulerConfig { max_num_seqs, max_num_batched_tokens });
@@ -458,11 +479,18 @@ proptest! {
         loop {
             for (i, a) in arrivals.iter().enumerate() {
                 let id = i as SeqId;
-                if a.at == t {
-                    let prompt = shared_prompt(id, a.prefix, a.shared, a.prompt);
+                // A sample arrives with its source, with the source's prompt.
+                let source = a.sample_of.filter(|&k| k <= i).map(|k| i - k);
+                let (at, prompt_id, a_prompt) = match source {
+                    Some(j) => (arrivals[j].at, j as SeqId, &arrivals[j]),
+                    None => (a.at, id, a),
+                };
+                if at == t {
+                    let prompt = shared_prompt(prompt_id, a_prompt.prefix, a_prompt.shared, a_prompt.prompt);
                     let mut tokens = prompt.clone();
-                    tokens.extend(expected_output(id, a.prompt, a.max_tokens));
-                    let request = SeqRequest { id, prompt, max_tokens: a.max_tokens, cache_salt: None };
+                    tokens.extend(expected_output(id, a_prompt.prompt, a.max_tokens));
+                    let fork_of = source.map(|j| j as SeqId);
+                    let request = SeqRequest { id, prompt, max_tokens: a.max_tokens, cache_salt: None, fork_of };
                     if s.add(request, kv.manager()).is_ok() {
                         accepted.insert(id);
                         all_tokens.insert(id, tokens);
@@ -478,6 +506,8 @@ proptest! {
             prop_assert!(t < limit, "{}: did not drain in {} steps", name, limit);
             let planned = s.schedule(kv.manager_mut()).unwrap();
             prop_assert!(planned.failed.is_empty(), "{}: {:?}", name, planned.failed);
+            prop_assert!(planned.chunks.iter().map(|c| c.tokens.len()).sum::<usize>() <= max_num_batched_tokens);
+            prop_assert!(s.num_running() <= max_num_seqs);
             for &(id, cached) in &planned.cached {
                 hits += cached;
                 let c = planned.chunks.iter().find(|c| c.seq == id).expect("an admission has a chunk");
@@ -507,7 +537,112 @@ proptest! {
         }
         kv.audit().map_err(|e| TestCaseError::fail(format!("{name}: {e}")))?;
         prop_assert_eq!(kv.usage().bytes_allocated, 0, "{}: KV left referenced after draining", name);
-        let stats = kv.prefix_cache().expect("caching is on").prefix_stats();
-        prop_assert_eq!(stats.hit_tokens as usize, hits, "{}", name);
+        if let Some(cache) = kv.prefix_cache() {
+            prop_assert_eq!(cache.prefix_stats().hit_tokens as usize, hits, "{}", name);
+        }
     }
+}
+
+/// `n` samples of one 22-token prompt in 4-token blocks: the first computes the prompt; the
+/// others, forked as soon as it has, share its 5 whole blocks and compute only the last prompt
+/// token each (in a copy of the partial block), sample outputs of their own, and leave nothing.
+#[test]
+fn samples_fork_the_prompt_kv_once_computed_and_compute_one_token_each() {
+    let mut kv = PagedKv::new(DIMS, 64, 4).unwrap();
+    let mut s = Scheduler::new(SchedulerConfig {
+        max_num_seqs: 8,
+        max_num_batched_tokens: 64,
+    });
+    for id in 0..4 {
+        let mut r = req(0, 22, 3);
+        r.id = id;
+        r.fork_of = (id > 0).then_some(0);
+        s.add(r, &kv).unwrap();
+    }
+    // Step 1: only the source is admitted (its samples wait for its prompt KV).
+    let (first, _) = step(&mut s, &mut kv);
+    assert_eq!(first.chunks.len(), 1);
+    assert_eq!((first.chunks[0].seq, first.chunks[0].tokens.len()), (0, 22));
+    // After it, the samples are running, holding the first 21 tokens: 5 blocks shared, the
+    // sixth (tokens 20 and 21) copied for each.
+    assert_eq!(s.num_running(), 4);
+    for id in 1..4 {
+        assert_eq!(kv.reserved(id), Some(21));
+    }
+    kv.audit().unwrap();
+    let blocks = kv.usage().bytes_allocated / (4 * kv.bytes_per_token());
+    assert_eq!(
+        blocks,
+        6 + 3,
+        "the source's 6 blocks and one copy per sample"
+    );
+    // Step 2: the source decodes, each sample computes the last prompt token and samples.
+    let (second, _) = step(&mut s, &mut kv);
+    let mut spans: Vec<(SeqId, usize, usize)> = second
+        .chunks
+        .iter()
+        .map(|c| (c.seq, c.start, c.tokens.len()))
+        .collect();
+    spans.sort();
+    assert_eq!(spans, vec![(0, 22, 1), (1, 21, 1), (2, 21, 1), (3, 21, 1)]);
+    assert!(second.chunks.iter().all(|c| c.samples));
+    let mut outputs = HashMap::new();
+    while !s.is_idle() {
+        for id in 0..4 {
+            if let Some(g) = s.generated(id) {
+                outputs.insert(id, g.to_vec());
+            }
+        }
+        step(&mut s, &mut kv);
+    }
+    for id in 1..4 {
+        assert_eq!(outputs[&id][..2], expected_output(id, 22, 3)[..2]);
+    }
+    kv.audit().unwrap();
+    assert_eq!(kv.usage().bytes_allocated, 0);
+}
+
+/// A sample whose source finishes at its first token (max_tokens 1) still shares: the fork is
+/// taken in the update that computed the prompt, before the source is freed. A sample whose
+/// source is gone, or whose prompt differs, is computed as any request.
+#[test]
+fn a_sample_forks_before_its_source_finishes_and_runs_alone_without_one() {
+    let mut kv = PagedKv::new(DIMS, 64, 4).unwrap();
+    let mut s = Scheduler::new(SchedulerConfig {
+        max_num_seqs: 8,
+        max_num_batched_tokens: 64,
+    });
+    s.add(req(0, 10, 1), &kv).unwrap();
+    let mut sample = req(0, 10, 2);
+    sample.id = 1;
+    sample.fork_of = Some(0);
+    s.add(sample, &kv).unwrap();
+    let (_, done) = step(&mut s, &mut kv);
+    assert_eq!(done, vec![0]);
+    assert_eq!(kv.reserved(1), Some(9));
+    let (second, _) = step(&mut s, &mut kv);
+    assert_eq!(
+        (second.chunks[0].start, second.chunks[0].tokens.len()),
+        (9, 1)
+    );
+    while !s.is_idle() {
+        step(&mut s, &mut kv);
+    }
+    // No source: id 7 names one never added; id 8 names 9, whose prompt differs.
+    let mut orphan = req(7, 6, 1);
+    orphan.fork_of = Some(3);
+    s.add(orphan, &kv).unwrap();
+    s.add(req(9, 6, 4), &kv).unwrap();
+    let mut other = req(8, 6, 1);
+    other.fork_of = Some(9);
+    s.add(other, &kv).unwrap();
+    let (third, _) = step(&mut s, &mut kv);
+    let mut starts: Vec<(SeqId, usize)> = third.chunks.iter().map(|c| (c.seq, c.start)).collect();
+    starts.sort();
+    assert_eq!(starts, vec![(7, 0), (8, 0), (9, 0)]);
+    while !s.is_idle() {
+        step(&mut s, &mut kv);
+    }
+    kv.audit().unwrap();
+    assert_eq!(kv.usage().bytes_allocated, 0);
 }

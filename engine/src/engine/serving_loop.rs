@@ -251,6 +251,7 @@ impl<'m> EngineLoop<'m> {
             prompt: request.prompt,
             max_tokens: request.max_tokens,
             cache_salt: request.cache_salt.take(),
+            fork_of: request.share_prompt_with,
         };
         let prompt_len = seq.prompt.len();
         if let Err(e) = self.scheduler.add(seq, self.backend.kv()) {
