@@ -6,50 +6,12 @@
 
 mod common;
 
-use common::serving::{assert_empty, chat_prompts, collect, greedy, run_one};
+use common::serving::{
+    assert_empty, chat_prompts, collect, greedy, run_one, sharing_engine as engine,
+    SHARING_MODES as MODES,
+};
 
-use vkv_engine::engine::{event_channel, Engine, EngineConfig, GenerationRequest, RequestId};
-use vkv_engine::kv::{KvCacheDtype, KvMode};
-use vkv_kernels::cpu::Activations;
-use vkv_vmm::KvLayout;
-
-/// Paged, and vmm with 16 KiB pages. A vmm cached unit is the fewest pages per region that hold
-/// whole tokens (`KvSpaceConfig::prefix_unit`), and SmolLM2's 3 KV heads of 64 make its f32 KV
-/// 768 bytes a token per layer's K or V and 46 080 bytes a token over all layers: per-layer
-/// units are 3 pages (64 tokens), token-major units 45 pages (16 tokens). With 2 MiB pages they
-/// would be thousands of tokens (mainstream shapes — 8 KV heads of 128 — fill pages exactly).
-/// Smaller pages would take more host mappings than `vm.max_map_count` allows two engines.
-const MODES: [KvMode; 3] = [
-    KvMode::Paged { block_size: 16 },
-    KvMode::Vmm {
-        layout: KvLayout::PerLayer,
-        page_size: 16 << 10,
-    },
-    KvMode::Vmm {
-        layout: KvLayout::TokenMajor,
-        page_size: 16 << 10,
-    },
-];
-
-fn engine(mode: KvMode, caching: bool, kv_memory: usize) -> Engine {
-    let mut model = common::smollm2();
-    model.model.set_activations(Activations::Int8);
-    Engine::start(
-        model,
-        EngineConfig {
-            kv_mode: mode,
-            kv_cache_dtype: KvCacheDtype::F32,
-            kv_memory: Some(kv_memory),
-            max_num_seqs: 16,
-            max_num_batched_tokens: 256,
-            max_model_len: Some(2048),
-            batch_invariant: true,
-            enable_prefix_caching: caching,
-            ..EngineConfig::default()
-        },
-    )
-    .expect("start the engine")
-}
+use vkv_engine::engine::{event_channel, GenerationRequest, RequestId};
 
 fn salted(prompt: Vec<u32>, max_tokens: usize, salt: &str) -> GenerationRequest {
     GenerationRequest {

@@ -132,6 +132,7 @@ fn bench_request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
             ..StopConditions::default()
         },
         cache_salt: None,
+        share_prompt_with: None,
     }
 }
 

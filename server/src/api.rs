@@ -31,7 +31,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use tracing::Instrument;
 use vkv_engine::engine::FinishReason;
-use vkv_engine::engine::{event_channel, Engine, EventKind, EventReceiver, Finished, RequestId};
+use vkv_engine::engine::{
+    event_channel, Engine, EventKind, EventReceiver, Finished, RequestId, Usage,
+};
 
 use crate::error::{ApiError, ErrorBody};
 use crate::metrics::ServerMetrics;
@@ -233,12 +235,15 @@ impl AppState {
         .map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?;
         let generation = generation?;
         let (tx, rx) = event_channel();
-        let id = engine.submit(generation, tx).map_err(|e| {
-            ApiError::from_engine(e, endpoint.prompt_field(), request.max_tokens_field)
-        })?;
+        let ids = engine
+            .submit_samples(generation, request.n, tx)
+            .map_err(|e| {
+                ApiError::from_engine(e, endpoint.prompt_field(), request.max_tokens_field)
+            })?;
+        let choices = Choices::new(ids.clone());
         let guard = AbortOnDrop {
             engine: engine.clone(),
-            id,
+            ids,
             armed: true,
         };
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -257,7 +262,11 @@ impl AppState {
                 guard,
                 head,
                 include_usage: request.include_usage,
-                role_sent: endpoint == Endpoint::Completions,
+                roles_sent: match endpoint {
+                    Endpoint::Completions => choices.len(),
+                    Endpoint::ChatCompletions => 0,
+                },
+                choices,
                 phase: Phase::Open,
                 state: self.clone(),
             };
@@ -267,42 +276,92 @@ impl AppState {
             h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             return Ok(r);
         }
-        self.collect(rx, guard, head).await
+        self.collect(rx, guard, head, choices).await
     }
 
-    /// Wait for the whole answer (dropped with the connection if the client goes away).
+    /// Wait for the whole answer, every choice (dropped with the connection if the client goes
+    /// away).
     async fn collect(
         &self,
         mut rx: EventReceiver,
         mut guard: AbortOnDrop,
         head: ResponseHead,
+        mut choices: Choices,
     ) -> Result<Response<ApiBody>, ApiError> {
-        let mut text = String::new();
+        let mut texts = vec![String::new(); choices.len()];
+        let mut reasons = vec![FinishReason::Abort; choices.len()];
         loop {
             let Some(event) = rx.recv().await else {
                 return Err(ApiError::unavailable(
                     "the engine stopped before the request ended",
                 ));
             };
+            let Some(index) = choices.index(event.id) else {
+                continue;
+            };
             match event.kind {
-                EventKind::Delta { text: t, .. } => text.push_str(&t),
+                EventKind::Delta { text: t, .. } => texts[index].push_str(&t),
                 EventKind::Finished(f) => {
-                    guard.armed = false;
-                    self.metrics.finished(&f);
+                    self.metrics.finished(&f, index == 0);
                     if f.reason == FinishReason::Abort {
                         return Err(ApiError::unavailable(
                             "the request was aborted: the server is shutting down",
                         ));
                     }
-                    let body = head.response(&text, f.reason, f.usage);
-                    return Ok(json_response(StatusCode::OK, &body));
+                    reasons[index] = f.reason;
+                    if choices.finished(index, &f) {
+                        guard.armed = false;
+                        let whole: Vec<(String, FinishReason)> =
+                            texts.into_iter().zip(reasons).collect();
+                        let body = head.response(&whole, choices.usage);
+                        return Ok(json_response(StatusCode::OK, &body));
+                    }
                 }
+                // The guard aborts the other choices.
                 EventKind::Failed(why) => {
-                    guard.armed = false;
                     return Err(ApiError::internal(format!("the engine failed: {why}")));
                 }
             }
         }
+    }
+}
+
+/// The choices of one response (`n` of them): which engine request is which choice, how many
+/// are still running, and the usage they add up to — the prompt counted once (it was computed
+/// once), completion tokens summed.
+struct Choices {
+    ids: Vec<RequestId>,
+    running: usize,
+    usage: Usage,
+}
+
+impl Choices {
+    fn new(ids: Vec<RequestId>) -> Choices {
+        Choices {
+            running: ids.len(),
+            ids,
+            usage: Usage::default(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// The choice request `id` is.
+    fn index(&self, id: RequestId) -> Option<usize> {
+        self.ids.iter().position(|&i| i == id)
+    }
+
+    /// Choice `index` ended with `f`; returns whether it was the last one running.
+    fn finished(&mut self, index: usize, f: &Finished) -> bool {
+        if index == 0 {
+            self.usage.prompt_tokens = f.usage.prompt_tokens;
+            self.usage.cached_tokens = f.usage.cached_tokens;
+        }
+        self.usage.completion_tokens += f.usage.completion_tokens;
+        self.running -= 1;
+        self.running == 0
     }
 }
 
@@ -462,17 +521,20 @@ pub(crate) fn openapi_json(state: &AppState) -> Response<ApiBody> {
     json_bytes(StatusCode::OK, state.openapi.clone())
 }
 
-/// Aborts its request in the engine when dropped while armed: the client went away.
+/// Aborts its requests (a response's choices) in the engine when dropped while armed: the
+/// client went away, or one choice failed. Aborting one that has ended does nothing.
 struct AbortOnDrop {
     engine: Arc<Engine>,
-    id: RequestId,
+    ids: Vec<RequestId>,
     armed: bool,
 }
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         if self.armed {
-            self.engine.abort(self.id);
+            for &id in &self.ids {
+                self.engine.abort(id);
+            }
         }
     }
 }
@@ -486,14 +548,17 @@ enum Phase {
     Closed,
 }
 
-/// A streamed response: the request's events as SSE `data:` lines, then `data: [DONE]`.
+/// A streamed response: the request's events as SSE `data:` lines, each chunk one choice's
+/// (`index`), then `data: [DONE]` once every choice has ended.
 pub struct EventStream {
     rx: EventReceiver,
     guard: AbortOnDrop,
     head: ResponseHead,
     include_usage: bool,
-    /// Chat: the first chunk carries `role: assistant` (sent at once, as OpenAI does).
-    role_sent: bool,
+    /// Chat: each choice's first chunk carries `role: assistant`, sent at once, as OpenAI
+    /// does; choices below this have had theirs.
+    roles_sent: usize,
+    choices: Choices,
     phase: Phase,
     state: Arc<AppState>,
 }
@@ -503,15 +568,20 @@ fn sse<T: Serialize>(value: &T) -> String {
 }
 
 impl EventStream {
-    fn finish(&mut self, f: &Finished, text: &str) -> String {
-        self.guard.armed = false;
-        self.state.metrics.finished(f);
-        let mut out =
-            sse(&self
-                .head
-                .chunk(text, !self.role_sent, Some(f.reason), self.include_usage));
-        if self.include_usage {
-            out.push_str(&sse(&self.head.usage_chunk(f.usage)));
+    /// Choice `index`'s last chunk, and after the last choice's, the usage chunk if asked.
+    fn finish(&mut self, index: usize, f: &Finished) -> String {
+        self.state.metrics.finished(f, index == 0);
+        let last = self.choices.finished(index, f);
+        let chunk = self
+            .head
+            .chunk(index as u32, "", false, Some(f.reason), self.include_usage);
+        let mut out = sse(&chunk);
+        if last {
+            self.guard.armed = false;
+            self.phase = Phase::Done;
+            if self.include_usage {
+                out.push_str(&sse(&self.head.usage_chunk(self.choices.usage)));
+            }
         }
         out
     }
@@ -526,9 +596,10 @@ impl EventStream {
                 }
                 Phase::Open => {}
             }
-            if !self.role_sent {
-                self.role_sent = true;
-                let chunk = self.head.chunk("", true, None, self.include_usage);
+            if self.roles_sent < self.choices.len() {
+                let index = self.roles_sent as u32;
+                self.roles_sent += 1;
+                let chunk = self.head.chunk(index, "", true, None, self.include_usage);
                 return Poll::Ready(Some(sse(&chunk)));
             }
             let Some(event) = std::task::ready!(self.rx.poll_recv(cx)) else {
@@ -536,18 +607,20 @@ impl EventStream {
                 let e = ApiError::unavailable("the engine stopped before the request ended");
                 return Poll::Ready(Some(sse(&e.body())));
             };
+            let Some(index) = self.choices.index(event.id) else {
+                continue;
+            };
             match event.kind {
                 EventKind::Delta { text, .. } if text.is_empty() => continue,
                 EventKind::Delta { text, .. } => {
-                    let chunk = self.head.chunk(&text, false, None, self.include_usage);
+                    let chunk =
+                        self.head
+                            .chunk(index as u32, &text, false, None, self.include_usage);
                     return Poll::Ready(Some(sse(&chunk)));
                 }
-                EventKind::Finished(f) => {
-                    self.phase = Phase::Done;
-                    return Poll::Ready(Some(self.finish(&f, "")));
-                }
+                EventKind::Finished(f) => return Poll::Ready(Some(self.finish(index, &f))),
+                // The guard, still armed, aborts the other choices when the stream is dropped.
                 EventKind::Failed(why) => {
-                    self.guard.armed = false;
                     self.phase = Phase::Done;
                     let e = ApiError::internal(format!("the engine failed: {why}"));
                     return Poll::Ready(Some(sse(&e.body())));

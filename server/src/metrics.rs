@@ -126,9 +126,13 @@ impl ServerMetrics {
     }
 
     /// A request's final event (its latencies; the counts by reason are the engine's).
-    pub fn finished(&self, f: &Finished) {
+    /// Count a finished sequence: one choice of a response; the prompt's tokens are counted
+    /// with the first choice only (`n > 1` computes the prompt once).
+    pub fn finished(&self, f: &Finished, first_choice: bool) {
         let mut b = self.books();
-        b.prompt_tokens += f.usage.prompt_tokens as u64;
+        if first_choice {
+            b.prompt_tokens += f.usage.prompt_tokens as u64;
+        }
         b.generation_tokens += f.usage.completion_tokens as u64;
         if f.reason == FinishReason::Abort {
             return;
@@ -450,21 +454,24 @@ mod tests {
     #[test]
     fn histograms_are_cumulative_and_end_at_the_count() {
         let m = ServerMetrics::default();
-        m.finished(&Finished {
-            reason: FinishReason::Length,
-            usage: Usage {
-                prompt_tokens: 5,
-                completion_tokens: 3,
-                cached_tokens: 0,
+        m.finished(
+            &Finished {
+                reason: FinishReason::Length,
+                usage: Usage {
+                    prompt_tokens: 5,
+                    completion_tokens: 3,
+                    cached_tokens: 0,
+                },
+                timings: Timings {
+                    queue: 0.0005,
+                    ttft: 0.003,
+                    e2e: 0.5,
+                    token_times: vec![0.003, 0.103, 0.5],
+                },
+                preemptions: 0,
             },
-            timings: Timings {
-                queue: 0.0005,
-                ttft: 0.003,
-                e2e: 0.5,
-                token_times: vec![0.003, 0.103, 0.5],
-            },
-            preemptions: 0,
-        });
+            true,
+        );
         let engine = EngineMetrics {
             finished_length: 1,
             kv_capacity_tokens: 10,

@@ -7,11 +7,12 @@ use std::time::{Duration, Instant};
 
 use vkv_engine::engine::FinishReason;
 use vkv_engine::engine::{
-    event_channel, Engine, EventKind, EventReceiver, Finished, GenerationRequest, RequestId,
-    StopConditions,
+    event_channel, Engine, EngineConfig, EventKind, EventReceiver, Finished, GenerationRequest,
+    RequestId, StopConditions,
 };
-use vkv_engine::kv::KvMode;
+use vkv_engine::kv::{KvCacheDtype, KvMode};
 use vkv_engine::sampler::SamplingParams;
+use vkv_kernels::cpu::Activations;
 use vkv_vmm::KvLayout;
 
 /// The CPU engine's KV modes under test: paged, vmm per-layer with small pages, vmm token-major.
@@ -72,6 +73,47 @@ pub fn chat_prompts(e: &Engine, n: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// The KV modes of the tests of KV shared between requests (prefix caching, parallel
+/// sampling): paged, and vmm with 16 KiB pages. A vmm cached unit is the fewest pages per region that hold
+/// whole tokens (`KvSpaceConfig::prefix_unit`), and SmolLM2's 3 KV heads of 64 make its f32 KV
+/// 768 bytes a token per layer's K or V and 46 080 bytes a token over all layers: per-layer
+/// units are 3 pages (64 tokens), token-major units 45 pages (16 tokens). With 2 MiB pages they
+/// would be thousands of tokens (mainstream shapes — 8 KV heads of 128 — fill pages exactly).
+/// Smaller pages would take more host mappings than `vm.max_map_count` allows two engines.
+pub const SHARING_MODES: [KvMode; 3] = [
+    KvMode::Paged { block_size: 16 },
+    KvMode::Vmm {
+        layout: KvLayout::PerLayer,
+        page_size: 16 << 10,
+    },
+    KvMode::Vmm {
+        layout: KvLayout::TokenMajor,
+        page_size: 16 << 10,
+    },
+];
+
+/// The SmolLM2 engine of those tests: f32 KV of `kv_memory` bytes, int8 activations, batch
+/// invariant (a request's output does not depend on what else runs), prefix caching `caching`.
+pub fn sharing_engine(mode: KvMode, caching: bool, kv_memory: usize) -> Engine {
+    let mut model = super::smollm2();
+    model.model.set_activations(Activations::Int8);
+    Engine::start(
+        model,
+        EngineConfig {
+            kv_mode: mode,
+            kv_cache_dtype: KvCacheDtype::F32,
+            kv_memory: Some(kv_memory),
+            max_num_seqs: 16,
+            max_num_batched_tokens: 256,
+            max_model_len: Some(2048),
+            batch_invariant: true,
+            enable_prefix_caching: caching,
+            ..EngineConfig::default()
+        },
+    )
+    .expect("start the engine")
+}
+
 pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
     GenerationRequest {
         prompt,
@@ -82,6 +124,7 @@ pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
             ..StopConditions::default()
         },
         cache_salt: None,
+        share_prompt_with: None,
     }
 }
 

@@ -163,8 +163,9 @@ macro_rules! generation_request {
             /// Only with `stream: true`.
             #[serde(default, deserialize_with = "optional_object")]
             pub stream_options: Option<StreamOptions>,
-            /// Choices per request: 1 only on this server.
-            #[schema(minimum = 1, maximum = 1, default = 1)]
+            /// Choices per request (parallel sampling): the prompt is computed once and its KV
+            /// shared by every choice. With a `seed`, choice `i` samples with `seed + i`.
+            #[schema(minimum = 1, maximum = 128, default = 1)]
             pub n: Option<i64>,
             /// Not supported by this server: 0 only.
             #[schema(minimum = 0, maximum = 0, default = 0)]
@@ -229,12 +230,16 @@ macro_rules! generation_request {
                         ))
                     }
                 };
-                if let Some(n) = self.n.filter(|&n| n != 1) {
-                    return Err(ApiError::field(
-                        "n",
-                        format!("`n` must be 1 (one choice per request on this server), found {n}"),
-                    ));
-                }
+                let n = match self.n {
+                    None => 1,
+                    Some(n) if (1..=MAX_N as i64).contains(&n) => n as usize,
+                    Some(n) => {
+                        return Err(ApiError::field(
+                            "n",
+                            format!("`n` must be between 1 and {MAX_N} (choices per request), found {n}"),
+                        ))
+                    }
+                };
                 for (name, value) in [
                     ("presence_penalty", self.presence_penalty),
                     ("frequency_penalty", self.frequency_penalty),
@@ -269,6 +274,7 @@ macro_rules! generation_request {
                 };
                 Ok(Shared {
                     model: self.model.clone(),
+                    n,
                     max_tokens,
                     sampling: SamplingParams {
                         temperature: temperature as f32,
@@ -294,6 +300,7 @@ macro_rules! generation_request {
 /// What the shared fields come to.
 struct Shared {
     model: Option<String>,
+    n: usize,
     max_tokens: Option<usize>,
     sampling: SamplingParams,
     stop: StopConditions,
@@ -309,8 +316,9 @@ generation_request! {
         /// Not supported by this server: false only.
         #[schema(schema_with = only_false)]
         pub echo: Option<bool>,
-        /// Not supported by this server: 1 only.
-        #[schema(minimum = 1, maximum = 1, default = 1)]
+        /// Choices generated to return `n` of: `n` only on this server (picking the best
+        /// needs log probabilities).
+        #[schema(minimum = 1, maximum = 128)]
         pub best_of: Option<i64>,
         /// Not supported by this server: null only.
         #[schema(schema_with = only_null)]
@@ -366,6 +374,8 @@ pub struct ValidRequest {
     pub endpoint: Endpoint,
     pub model: Option<String>,
     pub input: Input,
+    /// Choices (parallel samples of one prompt).
+    pub n: usize,
     /// `None`: the rest of the context.
     pub max_tokens: Option<usize>,
     /// The name the client used for it (`max_tokens` or `max_completion_tokens`).
@@ -388,6 +398,7 @@ impl ValidRequest {
             endpoint,
             model: shared.model,
             input,
+            n: shared.n,
             max_tokens: shared.max_tokens,
             max_tokens_field,
             sampling: shared.sampling,
@@ -398,6 +409,9 @@ impl ValidRequest {
         }
     }
 }
+
+/// Most choices one request may ask for (`n`).
+pub const MAX_N: usize = 128;
 
 const EMPTY_PROMPT: &str = "the prompt is empty: it must have at least one token";
 
@@ -416,7 +430,15 @@ impl CompletionRequest {
             neutral("echo", !e, "false only", e)?;
         }
         if let Some(b) = self.best_of {
-            neutral("best_of", b == 1, "1 only", b)?;
+            if b != shared.n as i64 {
+                return Err(ApiError::field(
+                    "best_of",
+                    format!(
+                        "`best_of` must equal `n` ({}) on this server, found {b}",
+                        shared.n
+                    ),
+                ));
+            }
         }
         if let Some(s) = &self.suffix {
             neutral(
@@ -563,6 +585,7 @@ impl ValidRequest {
             sampling: self.sampling,
             stop: self.stop.clone(),
             cache_salt: self.cache_salt.clone(),
+            share_prompt_with: None,
         })
     }
 }

@@ -246,21 +246,24 @@ pub struct ResponseHead {
 }
 
 impl ResponseHead {
-    /// The whole (not streamed) response.
-    pub fn response(&self, text: &str, reason: FinishReason, usage: Usage) -> Whole {
+    /// The whole (not streamed) response: choice `i` is `choices[i]`'s text and why it ended.
+    pub fn response(&self, choices: &[(String, FinishReason)], usage: Usage) -> Whole {
         let (id, created, model) = (self.id.clone(), self.created, self.model.clone());
+        let indexed = choices.iter().enumerate().map(|(i, c)| (i as u32, c));
         match self.endpoint {
             Endpoint::Completions => Whole::Completion(Completion {
                 id,
                 object: CompletionObject::TextCompletion,
                 created,
                 model,
-                choices: vec![CompletionChoice {
-                    index: 0,
-                    text: text.to_string(),
-                    logprobs: (),
-                    finish_reason: reason.into(),
-                }],
+                choices: indexed
+                    .map(|(index, (text, reason))| CompletionChoice {
+                        index,
+                        text: text.clone(),
+                        logprobs: (),
+                        finish_reason: (*reason).into(),
+                    })
+                    .collect(),
                 usage: usage.into(),
             }),
             Endpoint::ChatCompletions => Whole::Chat(ChatCompletion {
@@ -268,25 +271,29 @@ impl ResponseHead {
                 object: ChatCompletionObject::ChatCompletion,
                 created,
                 model,
-                choices: vec![ChatChoice {
-                    index: 0,
-                    message: AssistantMessage {
-                        role: AssistantRole::Assistant,
-                        content: text.to_string(),
-                    },
-                    logprobs: (),
-                    finish_reason: reason.into(),
-                }],
+                choices: indexed
+                    .map(|(index, (text, reason))| ChatChoice {
+                        index,
+                        message: AssistantMessage {
+                            role: AssistantRole::Assistant,
+                            content: text.clone(),
+                        },
+                        logprobs: (),
+                        finish_reason: (*reason).into(),
+                    })
+                    .collect(),
                 usage: usage.into(),
             }),
         }
     }
 
-    /// One stream chunk with `text` (chat: as `delta.content`; `role` on the first chunk) and,
-    /// on the last one, the finish reason. With `include_usage` every chunk carries
-    /// `"usage": null` and a final chunk (see [`ResponseHead::usage_chunk`]) the counts.
+    /// One stream chunk of choice `index` with `text` (chat: as `delta.content`; `role` on the
+    /// choice's first chunk) and, on its last one, the finish reason. With `include_usage` every
+    /// chunk carries `"usage": null` and a final chunk (see [`ResponseHead::usage_chunk`]) the
+    /// counts.
     pub fn chunk(
         &self,
+        index: u32,
         text: &str,
         first: bool,
         reason: Option<FinishReason>,
@@ -297,7 +304,7 @@ impl ResponseHead {
         match self.endpoint {
             Endpoint::Completions => Chunk::Completion(self.completion_chunk(
                 vec![CompletionChunkChoice {
-                    index: 0,
+                    index,
                     text: text.to_string(),
                     logprobs: (),
                     finish_reason,
@@ -318,7 +325,7 @@ impl ResponseHead {
                 };
                 Chunk::Chat(self.chat_chunk(
                     vec![ChatChunkChoice {
-                        index: 0,
+                        index,
                         delta,
                         logprobs: (),
                         finish_reason,
@@ -435,12 +442,12 @@ mod tests {
             created: 1,
             model: "m".into(),
         };
-        let first = value(&head.chunk("", true, None, false));
+        let first = value(&head.chunk(0, "", true, None, false));
         assert_eq!(first["object"], "chat.completion.chunk");
         assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
         assert_eq!(first["choices"][0]["logprobs"], Value::Null);
         assert!(first.get("usage").is_none());
-        let last = value(&head.chunk("", false, Some(FinishReason::Stop), true));
+        let last = value(&head.chunk(0, "", false, Some(FinishReason::Stop), true));
         assert_eq!(last["choices"][0]["delta"], json!({}));
         assert_eq!(last["choices"][0]["finish_reason"], "stop");
         assert_eq!(last.get("usage"), Some(&Value::Null));
@@ -466,7 +473,7 @@ mod tests {
             completion_tokens: 2,
             cached_tokens: 1,
         };
-        let whole = value(&head.response("hi", FinishReason::Length, usage));
+        let whole = value(&head.response(&[("hi".into(), FinishReason::Length)], usage));
         assert_eq!(
             whole,
             json!({"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
@@ -474,14 +481,14 @@ mod tests {
                    "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3,
                              "prompt_tokens_details": {"cached_tokens": 1}}})
         );
-        let chunk = value(&head.chunk("x", false, None, false));
+        let chunk = value(&head.chunk(0, "x", false, None, false));
         assert_eq!(chunk["choices"][0]["finish_reason"], Value::Null);
         assert_eq!(chunk["object"], "text_completion");
         let head = ResponseHead {
             endpoint: Endpoint::ChatCompletions,
             ..head
         };
-        let whole = value(&head.response("hi", FinishReason::Abort, usage));
+        let whole = value(&head.response(&[("hi".into(), FinishReason::Abort)], usage));
         assert_eq!(
             whole["choices"][0]["message"],
             json!({"role": "assistant", "content": "hi"})

@@ -1,0 +1,162 @@
+//! Parallel sampling (`n > 1`) in the engine, on the CPU with the real SmolLM2, in every KV mode
+//! with prefix caching off and on: the samples of one request compute the prompt once and share
+//! its KV while they run (the cache's books show the prompt's blocks or pages held once), greedy
+//! samples all give the one greedy answer, seeded samples give what each would alone with its
+//! own seed (`seed + i`), and aborting them mid-way leaves nothing.
+
+mod common;
+
+use common::serving::{
+    assert_empty, chat_prompts, collect, greedy, run_one, sharing_engine, SHARING_MODES,
+};
+use vkv_engine::engine::{event_channel, Engine, FinishReason, GenerationRequest};
+use vkv_engine::kv::{KvMode, KvUsage};
+use vkv_engine::sampler::SamplingParams;
+use vkv_vmm::KvLayout;
+
+/// Tokens of the unit a fork copies rather than shares (see `SHARING_MODES`): a paged block,
+/// a per-layer vmm unit (3 pages of 16 KiB, 64 tokens), a token-major one (45 pages, 16 tokens).
+fn unit_tokens(mode: KvMode) -> usize {
+    match mode {
+        KvMode::Paged { block_size } => block_size,
+        KvMode::Vmm {
+            layout: KvLayout::PerLayer,
+            ..
+        } => 64,
+        KvMode::Vmm { .. } => 16,
+    }
+}
+
+/// The cache's usage (audited) once `n` sequences hold KV.
+fn usage_with(e: &Engine, n: usize) -> KvUsage {
+    let start = std::time::Instant::now();
+    loop {
+        let usage = e.audit_kv().expect("the books audit clean");
+        if usage.sequences == n {
+            return usage;
+        }
+        assert!(start.elapsed().as_secs() < 60, "never {n} sequences");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn greedy_samples_share_the_prompt_kv_and_all_give_the_greedy_answer() {
+    for mode in SHARING_MODES {
+        for caching in [false, true] {
+            let e = sharing_engine(mode, caching, 64 << 20);
+            let name = format!("{} caching {caching}", e.metrics().kv_name);
+            let prompt = chat_prompts(&e, 1).remove(0);
+            let reference = run_one(&e, greedy(prompt.clone(), 24)).tokens;
+            assert_empty(&e, &name);
+
+            let (tx, mut rx) = event_channel();
+            let ids = e
+                .submit_samples(greedy(prompt.clone(), 200), 4, tx)
+                .unwrap();
+            assert_eq!(ids.len(), 4);
+            // While all four run: the prompt's whole units are held once. Without sharing the
+            // four would hold 4 × their tokens; with it, each sample beyond the first adds only
+            // the unit its prompt ends inside (copied) and what it generated since.
+            let usage = usage_with(&e, 4);
+            let per_token = e.metrics().kv_bytes_per_token;
+            let saved = usage
+                .bytes_holding_tokens
+                .saturating_sub(usage.bytes_allocated);
+            let at_least = 3 * (prompt.len() - 2 * unit_tokens(mode) - 24) * per_token;
+            assert!(
+                saved >= at_least,
+                "{name}: {usage:?}: {saved} bytes shared, expected at least {at_least}"
+            );
+            let out = collect(&mut rx, 4);
+            for (i, id) in ids.iter().enumerate() {
+                let o = &out[id];
+                assert_eq!(o.failed, None, "{name}: sample {i}");
+                assert_eq!(&o.tokens[..24], &reference[..], "{name}: sample {i}");
+                let f = o.finished.as_ref().unwrap();
+                assert_eq!(f.reason, FinishReason::Length, "{name}: sample {i}");
+                assert_eq!(f.usage.prompt_tokens, prompt.len(), "{name}");
+            }
+            // The prompt was computed once, and its last token once per further sample (and, with
+            // caching, the second time only the part after its last whole cached unit).
+            let m = e.metrics();
+            let computed = if caching {
+                prompt.len() + unit_tokens(mode) + 3
+            } else {
+                2 * prompt.len() + 3
+            };
+            assert!(
+                m.prefill_tokens as usize <= computed,
+                "{name}: {} prompt tokens computed, expected at most {computed}",
+                m.prefill_tokens
+            );
+            assert_empty(&e, &name);
+        }
+    }
+}
+
+#[test]
+fn seeded_samples_are_each_what_their_seed_gives_alone() {
+    let sampled = |prompt: &[u32], seed: u64| GenerationRequest {
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.95,
+            seed: Some(seed),
+        },
+        ..greedy(prompt.to_vec(), 16)
+    };
+    for mode in SHARING_MODES {
+        let e = sharing_engine(mode, false, 64 << 20);
+        let name = e.metrics().kv_name;
+        let prompt = chat_prompts(&e, 2).remove(1);
+        let alone: Vec<Vec<u32>> = (0..3)
+            .map(|i| run_one(&e, sampled(&prompt, 40 + i)).tokens)
+            .collect();
+        assert!(
+            alone[0] != alone[1] || alone[1] != alone[2],
+            "{name}: three seeds gave one output"
+        );
+        let (tx, mut rx) = event_channel();
+        let ids = e.submit_samples(sampled(&prompt, 40), 3, tx).unwrap();
+        let out = collect(&mut rx, 3);
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(
+                out[id].tokens,
+                alone[i],
+                "{name}: sample {i} (seed {})",
+                40 + i
+            );
+        }
+        assert_empty(&e, &name);
+    }
+}
+
+#[test]
+fn aborting_samples_mid_way_frees_everything_and_n_zero_is_refused() {
+    for mode in SHARING_MODES {
+        let e = sharing_engine(mode, true, 64 << 20);
+        let name = e.metrics().kv_name;
+        let prompt = chat_prompts(&e, 3).remove(2);
+        let (tx, mut rx) = event_channel();
+        let ids = e
+            .submit_samples(greedy(prompt.clone(), 500), 3, tx)
+            .unwrap();
+        usage_with(&e, 3);
+        for &id in &ids {
+            e.abort(id);
+        }
+        let out = collect(&mut rx, 3);
+        for id in &ids {
+            let f = out[id].finished.as_ref().unwrap();
+            assert_eq!(f.reason, FinishReason::Abort, "{name}");
+        }
+        assert_empty(&e, &name);
+        let (tx, _rx) = event_channel();
+        let refused = e.submit_samples(greedy(prompt, 4), 0, tx).unwrap_err();
+        assert!(
+            refused.to_string().contains("n must be at least 1"),
+            "{refused}"
+        );
+    }
+}
