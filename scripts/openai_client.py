@@ -70,6 +70,23 @@ def run_checks(base_url, api_key):
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
     check("".join(pieces) == answer, "streamed chat == whole chat")
 
+    # n choices (parallel sampling), whole and streamed alike for one seed.
+    many = client.chat.completions.create(model=model, messages=messages, n=3,
+                                          max_completion_tokens=8, temperature=0.9, seed=11)
+    check([c.index for c in many.choices] == [0, 1, 2]
+          and all(c.message.role == "assistant" for c in many.choices),
+          f"n=3 gives three choices: {[c.message.content for c in many.choices]}")
+    check(many.usage.prompt_tokens == chat.usage.prompt_tokens
+          and 3 <= many.usage.completion_tokens <= 24,
+          f"n=3 counts the prompt once and every choice's tokens: {many.usage}")
+    texts = {i: "" for i in range(3)}
+    for c in client.chat.completions.create(model=model, messages=messages, n=3, stream=True,
+                                            max_completion_tokens=8, temperature=0.9, seed=11):
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+    check([texts[i] for i in range(3)] == [c.message.content for c in many.choices],
+          "streamed n=3 == whole n=3, choice by choice")
+
     # Mistakes are the client's exceptions, with the field named.
     try:
         client.completions.create(model=model, prompt="a", temperature=5)

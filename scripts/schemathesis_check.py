@@ -32,6 +32,10 @@ def main():
     serve_args = args.serve_args
     if not any(a.startswith("--max-model-len") for a in serve_args):
         serve_args = ["--max-model-len", "1024", *serve_args]
+    # `n` is at most --max-num-seqs (the served schema says so): keep the choices of one
+    # generated request few, so that a debug build answers it in time.
+    if not any(a.startswith("--max-num-seqs") for a in serve_args):
+        serve_args = ["--max-num-seqs", "4", *serve_args]
     st = os.path.join(os.path.dirname(sys.executable), "schemathesis")
     # A line per request would bury schemathesis' report.
     os.environ.setdefault("RUST_LOG", "warn")

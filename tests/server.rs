@@ -540,7 +540,9 @@ fn client_mistakes_get_openai_errors() {
             ("top_p 0", &completions, ok(json!({"prompt": "a", "top_p": 0})), Some("top_p"), &["top_p"]),
             ("top_k negative", &completions, ok(json!({"prompt": "a", "top_k": -3})), Some("top_k"), &["-3"]),
             ("max_tokens 0", &completions, ok(json!({"prompt": "a", "max_tokens": 0})), Some("max_tokens"), &["max_tokens"]),
-            ("n 2", &completions, ok(json!({"prompt": "a", "n": 2})), Some("n"), &["n"]),
+            ("n 0", &completions, ok(json!({"prompt": "a", "n": 0})), Some("n"), &["between 1 and 128", "0"]),
+            ("n 129", &chat, ok(json!({"messages": [{"role": "user", "content": "hi"}], "n": 129})), Some("n"), &["129"]),
+            ("best_of 3", &completions, ok(json!({"prompt": "a", "n": 2, "best_of": 3})), Some("best_of"), &["1 only", "3"]),
             ("token id outside the vocabulary", &completions, ok(json!({"prompt": [1, 999999], "max_tokens": 2})), Some("prompt"), &["999999"]),
             ("unknown model", &completions, ok(json!({"model": "gpt-4", "prompt": "a"})), Some("model"), &["gpt-4", "smol"]),
             ("stream_options without stream", &completions, ok(json!({"prompt": "a", "stream_options": {"include_usage": true}})), Some("stream_options"), &[]),
@@ -942,5 +944,100 @@ fn a_chats_second_turn_reports_its_cached_prompt_tokens() {
             "{hits} of {queries}"
         );
         assert!(m["vkv_prefix_cache_evictable_units"] > 0.0);
+    });
+}
+
+/// The text of choice `index` in streamed chunks.
+fn streamed_choice(chunks: &[Value], index: u64) -> String {
+    chunks
+        .iter()
+        .flat_map(|c| c["choices"].as_array().into_iter().flatten())
+        .filter(|choice| choice["index"] == index)
+        .filter_map(|choice| {
+            choice["text"]
+                .as_str()
+                .or_else(|| choice["delta"]["content"].as_str())
+        })
+        .collect()
+}
+
+#[test]
+fn n_choices_share_one_prompt_whole_and_streamed() {
+    let s = Server::start(&["--kv-mode", "paged"]);
+    runtime().block_on(async {
+        let c = client();
+        for (path, input) in [
+            (
+                "/v1/completions",
+                json!({"prompt": "The three primary colours are"}),
+            ),
+            (
+                "/v1/chat/completions",
+                json!({"messages": [{"role": "user", "content": "Name three colours."}]}),
+            ),
+        ] {
+            let url = s.url(path);
+            let mut body = input.clone();
+            body["max_tokens"] = json!(12);
+            body["temperature"] = json!(0);
+            body["ignore_eos"] = json!(true);
+            let (status, one) = post(&c, &url, &body, None).await;
+            assert_eq!(status, StatusCode::OK, "{one}");
+            let text = |choice: &Value| {
+                choice["text"]
+                    .as_str()
+                    .or_else(|| choice["message"]["content"].as_str())
+                    .unwrap()
+                    .to_string()
+            };
+            let greedy = text(&one["choices"][0]);
+            body["n"] = json!(3);
+            let (status, three) = post(&c, &url, &body, None).await;
+            assert_eq!(status, StatusCode::OK, "{three}");
+            let choices = three["choices"].as_array().unwrap();
+            assert_eq!(choices.len(), 3, "{three}");
+            for (i, choice) in choices.iter().enumerate() {
+                assert_eq!(choice["index"], i as u64, "{path}: {three}");
+                assert_eq!(text(choice), greedy, "{path}: choice {i}");
+                assert_eq!(choice["finish_reason"], "length");
+            }
+            // The prompt counts once; the completions of all three add up.
+            assert_eq!(
+                three["usage"]["prompt_tokens"],
+                one["usage"]["prompt_tokens"]
+            );
+            assert_eq!(three["usage"]["completion_tokens"], 36, "{three}");
+
+            body["stream"] = json!(true);
+            body["stream_options"] = json!({"include_usage": true});
+            let (chunks, done) = stream(&c, &url, &body).await;
+            assert!(done, "{path}");
+            for i in 0..3 {
+                assert_eq!(
+                    streamed_choice(&chunks, i),
+                    greedy,
+                    "{path}: streamed choice {i}"
+                );
+                let ends = chunks
+                    .iter()
+                    .flat_map(|c| c["choices"].as_array().into_iter().flatten())
+                    .filter(|choice| choice["index"] == i && choice["finish_reason"] == "length")
+                    .count();
+                assert_eq!(ends, 1, "{path}: choice {i} ends once");
+                if path.contains("chat") {
+                    let roles = chunks
+                        .iter()
+                        .flat_map(|c| c["choices"].as_array().into_iter().flatten())
+                        .filter(|choice| {
+                            choice["index"] == i && choice["delta"]["role"] == "assistant"
+                        })
+                        .count();
+                    assert_eq!(roles, 1, "{path}: choice {i} names its role once");
+                }
+            }
+            let usage = &chunks.last().unwrap()["usage"];
+            assert_eq!(usage["completion_tokens"], 36, "{usage}");
+        }
+        wait_until_empty(&c, &s, "after n = 3").await;
     });
 }

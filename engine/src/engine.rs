@@ -361,6 +361,7 @@ pub struct Engine {
     threads: Mutex<Vec<JoinHandle<()>>>,
     next_id: AtomicU64,
     max_model_len: usize,
+    max_num_seqs: usize,
     kv_capacity: usize,
 }
 
@@ -378,6 +379,7 @@ impl Engine {
                 config.max_num_seqs, config.max_num_batched_tokens
             )));
         }
+        let max_num_seqs = config.max_num_seqs;
         model.model.set_batch_invariant(config.batch_invariant);
         let model = Arc::new(model);
         let backend = crate::device::start(&model, &config, max_model_len)
@@ -437,6 +439,7 @@ impl Engine {
             threads: Mutex::new(vec![thread, detokenizer]),
             next_id: AtomicU64::new(0),
             max_model_len,
+            max_num_seqs,
             kv_capacity,
         })
     }
@@ -449,6 +452,12 @@ impl Engine {
     /// Longest prompt + max_tokens a request may have.
     pub fn max_model_len(&self) -> usize {
         self.max_model_len
+    }
+
+    /// Sequences running at once at most (`--max-num-seqs`): also the most samples one request
+    /// may ask for, so that they all run together.
+    pub fn max_num_seqs(&self) -> usize {
+        self.max_num_seqs
     }
 
     /// Tokens the KV cache holds in all.
@@ -506,10 +515,11 @@ impl Engine {
         n: usize,
         events: EventSender,
     ) -> Result<Vec<RequestId>, EngineError> {
-        if n == 0 {
-            return Err(EngineError::InvalidRequest(
-                "n must be at least 1, found 0".into(),
-            ));
+        if n == 0 || n > self.max_num_seqs {
+            return Err(EngineError::InvalidRequest(format!(
+                "n must be at least 1 and at most max-num-seqs ({}) so that all samples run together, found {n}",
+                self.max_num_seqs
+            )));
         }
         self.check(&request)?;
         let first = self.submit(request.clone(), events.clone())?;

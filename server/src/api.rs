@@ -68,7 +68,12 @@ impl AppState {
     pub fn new(engine: Arc<Engine>, config: ServerConfig) -> AppState {
         let vocab_size = engine.model().model.config.vocab_size;
         let openapi = Bytes::from(
-            crate::openapi::document(&config.served_model_name, vocab_size).to_string(),
+            crate::openapi::document(
+                &config.served_model_name,
+                vocab_size,
+                engine.max_num_seqs().min(crate::openai::request::MAX_N),
+            )
+            .to_string(),
         );
         AppState {
             openapi,
@@ -234,6 +239,16 @@ impl AppState {
         .await
         .map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?;
         let generation = generation?;
+        let max_n = engine.max_num_seqs();
+        if request.n > max_n {
+            return Err(ApiError::field(
+                "n",
+                format!(
+                    "`n` must be at most {max_n} on this server (--max-num-seqs: every choice runs at once), found {}",
+                    request.n
+                ),
+            ));
+        }
         let (tx, rx) = event_channel();
         let ids = engine
             .submit_samples(generation, request.n, tx)

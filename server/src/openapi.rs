@@ -99,8 +99,9 @@ impl Modify for BearerAuth {
 struct ApiDoc;
 
 /// The document for a server that serves `model` (its name in requests and /v1/models), whose
-/// vocabulary has `vocab_size` tokens.
-pub fn document(model: &str, vocab_size: usize) -> Value {
+/// vocabulary has `vocab_size` tokens, and that runs at most `max_n` choices of one request
+/// (its engine's `--max-num-seqs`: every choice of a request runs at once).
+pub fn document(model: &str, vocab_size: usize, max_n: usize) -> Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_else(|e| {
         serde_json::json!({"openapi": "3.1.0", "info": {"title": "vkv", "version": "?",
             "description": format!("generating the document failed: {e}")}, "paths": {}})
@@ -112,6 +113,12 @@ pub fn document(model: &str, vocab_size: usize) -> Value {
         token.insert("maximum".into(), vocab_size.saturating_sub(1).into());
     }
     for name in ["CompletionRequest", "ChatCompletionRequest"] {
+        if let Some(field) = doc
+            .pointer_mut(&format!("/components/schemas/{name}/properties/n"))
+            .and_then(Value::as_object_mut)
+        {
+            field.insert("maximum".into(), max_n.into());
+        }
         // `model`: the served name or none (another is refused).
         if let Some(field) = doc
             .pointer_mut(&format!("/components/schemas/{name}/properties/model"))

@@ -316,9 +316,9 @@ generation_request! {
         /// Not supported by this server: false only.
         #[schema(schema_with = only_false)]
         pub echo: Option<bool>,
-        /// Choices generated to return `n` of: `n` only on this server (picking the best
-        /// needs log probabilities).
-        #[schema(minimum = 1, maximum = 128)]
+        /// Not supported by this server (picking the best of more choices than `n` needs log
+        /// probabilities): 1 only, which asks for nothing.
+        #[schema(minimum = 1, maximum = 1, default = 1)]
         pub best_of: Option<i64>,
         /// Not supported by this server: null only.
         #[schema(schema_with = only_null)]
@@ -430,15 +430,7 @@ impl CompletionRequest {
             neutral("echo", !e, "false only", e)?;
         }
         if let Some(b) = self.best_of {
-            if b != shared.n as i64 {
-                return Err(ApiError::field(
-                    "best_of",
-                    format!(
-                        "`best_of` must equal `n` ({}) on this server, found {b}",
-                        shared.n
-                    ),
-                ));
-            }
+            neutral("best_of", b == 1, "1 only", b)?;
         }
         if let Some(s) = &self.suffix {
             neutral(
