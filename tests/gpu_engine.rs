@@ -475,3 +475,53 @@ fn prefix_caching_changes_no_greedy_output() {
         assert_empty(&on, &name);
     }
 }
+
+/// Parallel sampling on the GPU, the llama-3-8b preset in all three modes: four greedy samples
+/// of one 2100-token prompt hold its KV once while they run — each sample beyond the first adds
+/// at most the unit its prompt ends inside (copied: 16 tokens paged and token-major, 1024
+/// per-layer) and its own tokens — and give the greedy answer of the prompt alone. Not bit for
+/// bit: a sample computes its last prompt token alone, through GEMMs of another shape than the
+/// whole prompt's, so the share that agree is printed and must reach 75 % (random weights'
+/// logits are nearly flat).
+#[test]
+fn parallel_samples_share_the_prompt_kv_and_give_the_greedy_answer() {
+    let Some(_gpu) = gpu() else { return };
+    for (mode, unit) in [(PAGED, 16), (TOKEN_MAJOR, 16), (PER_LAYER, 1024)] {
+        let loaded =
+            vkv_engine::model::load_model(std::path::Path::new("preset:llama-3-8b")).unwrap();
+        let e = engine_of(loaded, Device::Cuda, mode, 8 << 30, 2048, 4096);
+        let name = format!("{} on {}", e.metrics().kv_name, e.metrics().device);
+        let prompts = shared_random_prompts(3, 2000, 100, 128_000);
+        let mut alone = Vec::new();
+        let mut samples = Vec::new();
+        for p in &prompts {
+            let reference = run_one(&e, greedy(p.clone(), 24)).tokens;
+            let (tx, mut rx) = event_channel();
+            let ids = e.submit_samples(greedy(p.clone(), 24), 4, tx).unwrap();
+            let usage = common::serving::usage_with(&e, 4);
+            let per_token = e.metrics().kv_bytes_per_token;
+            let bound = (p.len() + 4 * (unit + 48)) * per_token;
+            eprintln!(
+                "{name}: 4 samples of {} tokens: {usage:?} (bound {bound}, unshared {})",
+                p.len(),
+                4 * p.len() * per_token
+            );
+            assert!(
+                usage.bytes_allocated <= bound,
+                "{name}: {usage:?} over {bound}"
+            );
+            let mut out = collect(&mut rx, 4);
+            for id in ids {
+                alone.push(reference.clone());
+                samples.push(out.remove(&id).unwrap().tokens);
+            }
+        }
+        share_same(
+            &format!("{name}: greedy samples vs alone"),
+            &samples,
+            &alone,
+            0.75,
+        );
+        assert_empty(&e, &name);
+    }
+}

@@ -7,10 +7,10 @@
 mod common;
 
 use common::serving::{
-    assert_empty, chat_prompts, collect, greedy, run_one, sharing_engine, SHARING_MODES,
+    assert_empty, chat_prompts, collect, greedy, run_one, sharing_engine, usage_with, SHARING_MODES,
 };
-use vkv_engine::engine::{event_channel, Engine, FinishReason, GenerationRequest};
-use vkv_engine::kv::{KvMode, KvUsage};
+use vkv_engine::engine::{event_channel, FinishReason, GenerationRequest};
+use vkv_engine::kv::KvMode;
 use vkv_engine::sampler::SamplingParams;
 use vkv_vmm::KvLayout;
 
@@ -24,19 +24,6 @@ fn unit_tokens(mode: KvMode) -> usize {
             ..
         } => 64,
         KvMode::Vmm { .. } => 16,
-    }
-}
-
-/// The cache's usage (audited) once `n` sequences hold KV.
-fn usage_with(e: &Engine, n: usize) -> KvUsage {
-    let start = std::time::Instant::now();
-    loop {
-        let usage = e.audit_kv().expect("the books audit clean");
-        if usage.sequences == n {
-            return usage;
-        }
-        assert!(start.elapsed().as_secs() < 60, "never {n} sequences");
-        std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
 

@@ -212,6 +212,19 @@ pub fn wait_for(e: &Engine, what: &str, cond: impl Fn(&vkv_engine::engine::Engin
     }
 }
 
+/// The cache's usage (audited) once `n` sequences hold KV.
+pub fn usage_with(e: &Engine, n: usize) -> vkv_engine::kv::KvUsage {
+    let start = std::time::Instant::now();
+    loop {
+        let usage = e.audit_kv().expect("the books audit clean");
+        if usage.sequences == n {
+            return usage;
+        }
+        assert!(start.elapsed().as_secs() < 60, "never {n} sequences");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// A request aborted after its first three tokens finishes with `abort`, and the cache is empty
 /// at once.
 pub fn assert_mid_decode_abort_frees(e: &Engine, prompt: Vec<u32>, name: &str) {
