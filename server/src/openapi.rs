@@ -201,7 +201,7 @@ mod tests {
 
     #[test]
     fn every_route_is_described_with_its_methods() {
-        let doc = document("smol", 49152);
+        let doc = document("smol", 49152, 64);
         for route in Route::ALL {
             let item = &doc["paths"][route.path()];
             assert!(item.is_object(), "{}: {doc}", route.path());
@@ -236,7 +236,7 @@ mod tests {
 
     #[test]
     fn the_schemas_say_what_the_server_requires() {
-        let doc = document("smol", 49152);
+        let doc = document("smol", 49152, 64);
         assert_eq!(schema(&doc, "TokenId")["maximum"], 49151);
         let sse = doc
             .pointer(
@@ -302,7 +302,7 @@ mod tests {
     #[test]
     fn required_fields_are_the_servers() {
         use crate::openai::{parse_request, Endpoint};
-        let doc = document("smol", 49152);
+        let doc = document("smol", 49152, 64);
         let user = serde_json::json!({"role": "user", "content": "hi"});
         for (name, endpoint, minimal) in [
             (
