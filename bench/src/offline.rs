@@ -113,11 +113,33 @@ pub struct OfflineReport {
     pub kv_used_peak: f64,
     /// Bytes holding tokens / bytes allocated, mean over samples with anything allocated.
     pub kv_token_share_mean: f64,
+    /// The share of KV memory that sharing saves (forked prompts of parallel samples, cached
+    /// prefixes) against every sequence holding its own blocks or pages, mean over samples with
+    /// anything allocated: the PagedAttention paper's "memory saving".
+    pub kv_sharing_saving_mean: f64,
+    /// Samples per request (`--n`), and whether they shared their prompt's KV.
+    pub samples_per_request: usize,
+    pub shared_samples: bool,
     /// Cached prompt tokens (the engine's per-request `cached_tokens`, summed), the hit rate and
     /// the workload's ideal one.
     pub prefix_cache: PrefixCacheReport,
     /// `multi-turn`: TTFT of first and of later turns.
     pub turns: Option<TurnLatency>,
+}
+
+/// Parallel sampling in a run (`--n`): `n` samples of every request, sharing the prompt's KV
+/// ([`Engine::submit_samples`]) or, as the baseline, submitted as `n` independent requests that
+/// each compute and hold the prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Samples {
+    pub n: usize,
+    pub shared: bool,
+}
+
+impl Default for Samples {
+    fn default() -> Self {
+        Samples { n: 1, shared: true }
+    }
 }
 
 /// One request of the benchmark: `prompt`, then exactly `max_tokens` tokens sampled as
@@ -208,7 +230,9 @@ impl Tally {
 }
 
 /// KV use samples: (allocated / capacity, bytes holding tokens / allocated or NaN).
-type KvSamples = Vec<(f64, f64)>;
+/// Per sample: KV allocated / capacity; bytes holding tokens / allocated and the share sharing
+/// saves ([`vkv_engine::kv::KvUsage::sharing_saving`]), both NaN when nothing is allocated.
+type KvSamples = Vec<(f64, f64, f64)>;
 
 /// Run `body` while another thread samples the engine's KV use every 5 ms.
 fn sampling_kv<T>(engine: &Engine, body: impl FnOnce() -> T) -> (T, KvSamples) {
@@ -219,12 +243,15 @@ fn sampling_kv<T>(engine: &Engine, body: impl FnOnce() -> T) -> (T, KvSamples) {
         scope.spawn(|| {
             while running.load(Ordering::Relaxed) {
                 let m = engine.metrics();
-                let share = if m.kv.bytes_allocated > 0 {
-                    m.kv.bytes_holding_tokens as f64 / m.kv.bytes_allocated as f64
+                let (share, saving) = if m.kv.bytes_allocated > 0 {
+                    (
+                        m.kv.bytes_holding_tokens as f64 / m.kv.bytes_allocated as f64,
+                        m.kv.sharing_saving(),
+                    )
                 } else {
-                    f64::NAN
+                    (f64::NAN, f64::NAN)
                 };
-                let sample = (m.kv.bytes_allocated as f64 / capacity_bytes, share);
+                let sample = (m.kv.bytes_allocated as f64 / capacity_bytes, share, saving);
                 samples
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
@@ -263,6 +290,11 @@ fn build_report(
         .map(|s| s.1)
         .filter(|s| !s.is_nan())
         .collect();
+    let savings: Vec<f64> = samples
+        .iter()
+        .map(|s| s.2)
+        .filter(|s| !s.is_nan())
+        .collect();
     let mean = |v: &[f64]| {
         if v.is_empty() {
             0.0
@@ -297,6 +329,9 @@ fn build_report(
         kv_used_mean: mean(&used),
         kv_used_peak: used.iter().copied().fold(0.0, f64::max),
         kv_token_share_mean: mean(&shares),
+        kv_sharing_saving_mean: mean(&savings),
+        samples_per_request: 1,
+        shared_samples: false,
         prefix_cache,
         turns,
     }
@@ -309,11 +344,12 @@ pub fn run_offline(
     engine: &Engine,
     requests: Vec<GenerationRequest>,
     arrivals: Arrivals,
+    samples: Samples,
     seed: u64,
     block: &CacheBlock,
     on_done: &mut dyn FnMut(usize),
 ) -> Result<OfflineReport, EngineError> {
-    let n = requests.len();
+    let n = requests.len() * samples.n;
     let prompt_tokens: usize = requests.iter().map(|r| r.prompt.len()).sum();
     let ideal = ideal_hits(
         requests.iter().map(|r| (r.prompt.as_slice(), &[][..])),
@@ -323,7 +359,7 @@ pub fn run_offline(
     let (tx, mut rx) = event_channel();
     let start = Instant::now();
     let mut tally = Tally::default();
-    let (submitted, samples) = sampling_kv(engine, || {
+    let (submitted, kv_samples) = sampling_kv(engine, || {
         std::thread::scope(|scope| -> Result<(), EngineError> {
             let submitter = scope.spawn(move || -> Result<(), EngineError> {
                 let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
@@ -339,7 +375,15 @@ pub fn run_offline(
                             std::thread::sleep(Duration::from_secs_f64(wait));
                         }
                     }
-                    engine.submit(request, tx.clone())?;
+                    if samples.shared {
+                        engine.submit_samples(request, samples.n, tx.clone())?;
+                    } else {
+                        for i in 0..samples.n {
+                            let mut sample = request.clone();
+                            sample.sampling.seed = request.sampling.seed.map(|s| s + i as u64);
+                            engine.submit(sample, tx.clone())?;
+                        }
+                    }
                 }
                 Ok(())
             });
@@ -363,17 +407,20 @@ pub fn run_offline(
     let duration = start.elapsed().as_secs_f64();
     let prefix_cache =
         PrefixCacheReport::new(prompt_tokens, Some(tally.cached_tokens), block, Some(ideal));
-    Ok(build_report(
+    let mut report = build_report(
         engine,
         &before,
         n,
         prompt_tokens,
         tally,
         duration,
-        &samples,
+        &kv_samples,
         prefix_cache,
         None,
-    ))
+    );
+    report.samples_per_request = samples.n;
+    report.shared_samples = samples.shared && samples.n > 1;
+    Ok(report)
 }
 
 /// One turn of a multi-turn run as it went.

@@ -117,7 +117,23 @@ pub struct KvUsage {
     pub bytes_allocated: usize,
     /// Bytes of the tokens the sequences hold (a shared prefix counted for every holder).
     pub bytes_holding_tokens: usize,
+    /// What the sequences would take with nothing shared: every block or page a sequence holds
+    /// counted for it (a shared one for each holder). `bytes_without_sharing −
+    /// bytes_allocated` is what sharing saves (forks, prefix caching).
+    pub bytes_without_sharing: usize,
     pub sequences: usize,
+}
+
+impl KvUsage {
+    /// The share of [`KvUsage::bytes_without_sharing`] that sharing saves (0 when nothing is
+    /// held): the PagedAttention paper's "memory saving" (§6.3, parallel sampling and beam
+    /// search).
+    pub fn sharing_saving(&self) -> f64 {
+        match self.bytes_without_sharing {
+            0 => 0.0,
+            w => 1.0 - self.bytes_allocated.min(w) as f64 / w as f64,
+        }
+    }
 }
 
 /// The books of a KV cache — what the scheduler and the engine need, on any device: capacity,

@@ -434,6 +434,12 @@ impl<S: BlockStorage> KvManager for PagedKv<S> {
             bytes_allocated: referenced * block_bytes,
             bytes_holding_tokens: self.tables.values().map(BlockTable::len).sum::<usize>()
                 * self.bytes_per_token(),
+            bytes_without_sharing: self
+                .tables
+                .values()
+                .map(|t| t.blocks().len())
+                .sum::<usize>()
+                * block_bytes,
             sequences: self.tables.len(),
         }
     }

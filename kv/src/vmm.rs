@@ -572,9 +572,12 @@ impl KvManager for VmmManager {
     /// Pages mapped for tokens only: kept (evictable) prefix-cache pages are free memory.
     fn usage(&self) -> KvUsage {
         let s = self.mapper.space().stats();
+        // Active slots' mappings of pages holding tokens: a shared page once per slot.
+        let mappings = s.mappings - s.pages_cached - s.pages_surplus;
         KvUsage {
             bytes_allocated: s.bytes_in_use(),
             bytes_holding_tokens: s.bytes_holding_tokens,
+            bytes_without_sharing: mappings * s.page_size,
             sequences: self.slots.len(),
         }
     }

@@ -316,6 +316,13 @@ impl ServerMetrics {
         );
         single(
             &mut out,
+            "vkv_kv_without_sharing_bytes",
+            "KV bytes the sequences would take with nothing shared (a block or page held by several counted for each); minus vkv_kv_allocated_bytes: what parallel sampling and prefix caching save.",
+            "gauge",
+            e.kv.bytes_without_sharing,
+        );
+        single(
+            &mut out,
             "vkv_kv_sequences",
             "Sequences holding KV memory.",
             "gauge",

@@ -16,7 +16,7 @@ use vkv_kernels::cpu::HugePageUse;
 
 use super::EngineOptions;
 use crate::offline::{
-    run_multi_turn, run_offline, workload_requests, Arrivals, OfflineReport, Summary,
+    run_multi_turn, run_offline, workload_requests, Arrivals, OfflineReport, Samples, Summary,
 };
 use crate::prefix::CacheBlock;
 use crate::report::emit;
@@ -47,6 +47,14 @@ pub struct Args<E: EngineOptions> {
     repeats: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Parallel sampling: samples per request (OpenAI's `n`), sharing the prompt's KV (forked
+    /// once computed); the report has the memory sharing saves (`kv_sharing_saving_mean`).
+    #[arg(long, default_value_t = 1)]
+    n: usize,
+    /// With `--n`: submit the samples as independent requests instead (each computes and holds
+    /// the prompt) — the baseline sharing is measured against.
+    #[arg(long)]
+    unshared_samples: bool,
     #[command(flatten)]
     engine: E,
     /// Print JSON (every run, the median run of each mode, and the ratios).
@@ -55,11 +63,12 @@ pub struct Args<E: EngineOptions> {
 }
 
 pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
-    if args.num_prompts == 0 || args.repeats == 0 {
+    if args.num_prompts == 0 || args.repeats == 0 || args.n == 0 {
         bail!(
-            "--num-prompts and --repeats must be at least 1 (found {} and {})",
+            "--num-prompts, --repeats and --n must be at least 1 (found {}, {} and {})",
             args.num_prompts,
-            args.repeats
+            args.repeats,
+            args.n
         );
     }
     let arrivals = match args.request_rate {
@@ -70,6 +79,9 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
         }
     };
     let workload = Workload::parse(&args.workload)?;
+    if args.n > 1 && matches!(workload, Workload::MultiTurn(_)) {
+        bail!("--n (parallel sampling) takes a list of requests, not a multi-turn workload");
+    }
     let path = args.engine.model_path(args.model.clone())?;
     let modes = args.engine.kv_modes();
     let device = args.engine.device()?;
@@ -109,7 +121,7 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
             let vocab_size = engine.model().model.config.vocab_size;
             workload.check_fits(engine.max_model_len())?;
             let block = CacheBlock::of_kv_mode(mode);
-            let bar = ProgressBar::new(requests_per_run as u64).with_style(
+            let bar = ProgressBar::new((requests_per_run * args.n) as u64).with_style(
                 ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} requests {elapsed}")
                     .expect("a valid template")
                     .progress_chars("=> "),
@@ -139,10 +151,15 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
                         args.seed,
                         engine.max_model_len(),
                     );
+                    let samples = Samples {
+                        n: args.n,
+                        shared: !args.unshared_samples,
+                    };
                     run_offline(
                         &engine,
                         requests,
                         arrivals,
+                        samples,
                         args.seed,
                         &block,
                         &mut progress,
@@ -151,9 +168,10 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
             };
             bar.finish_and_clear();
             report.prefix_cache.enabled = Some(prefix_caching);
+            // Per request (a prompt) and per sequence (a sample's output).
             let n = report.requests.max(1) as f64;
             shapes_info = (
-                report.prompt_tokens as f64 / n,
+                report.prompt_tokens as f64 * report.samples_per_request as f64 / n,
                 report.output_tokens as f64 / n,
             );
             if report.failed > 0 {
@@ -213,8 +231,13 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
     });
     emit(&value, args.json, |_| {
         println!(
-            "{model_name}, {} requests of {} (mean prompt {:.0}, output {:.0} tokens), {}, device {device_name}, CPU {} threads, {} run(s) per mode (median shown)",
+            "{model_name}, {} requests{} of {} (mean prompt {:.0}, output {:.0} tokens), {}, device {device_name}, CPU {} threads, {} run(s) per mode (median shown)",
             requests_per_run,
+            match (args.n, args.unshared_samples) {
+                (1, _) => String::new(),
+                (n, false) => format!(" × {n} samples sharing the prompt"),
+                (n, true) => format!(" × {n} samples, unshared"),
+            },
             workload.name(),
             shapes_info.0,
             shapes_info.1,
@@ -286,6 +309,7 @@ fn print_table(reports: &[OfflineReport]) {
     row("KV used mean %", &|r| 100.0 * r.kv_used_mean, 1);
     row("KV used peak %", &|r| 100.0 * r.kv_used_peak, 1);
     row("KV token share %", &|r| 100.0 * r.kv_token_share_mean, 1);
+    row("KV saved by sharing %", &|r| 100.0 * r.kv_sharing_saving_mean, 1);
     let on = |r: &OfflineReport| r.prefix_cache.enabled == Some(true);
     row("prefix caching on", &|r| if on(r) { 1.0 } else { 0.0 }, 0);
     row(
