@@ -51,3 +51,18 @@ prefix_repetition_runs() {
     done
   done
 }
+
+# `vkv bench offline` on the llama-3-8b preset, alpaca (N requests), parallel sampling: n = 2, 4,
+# 6 samples sharing the prompt and n = 4 unshared (the baseline), paged then vmm token-major
+# (`--kv-mode both`), each cut at SECONDS, into $OUT/parallel-n{N}[-unshared].{json,err}:
+# parallel_sampling_runs N SECONDS
+parallel_sampling_runs() {
+  local spec n extra name
+  for spec in 2 4 6 4u; do
+    n=${spec%u}; extra=; name=parallel-n$n
+    [ "$spec" != "$n" ] && extra=--unshared-samples && name=$name-unshared
+    timeout "$2" .gpu/bin/vkv bench offline --device cuda --model preset:llama-3-8b \
+      --max-num-seqs 256 --kv-mode both --workload alpaca --num-prompts "$1" --n $n $extra \
+      --json > $OUT/$name.json 2> $OUT/$name.err
+  done
+}
