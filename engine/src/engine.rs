@@ -39,7 +39,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use crate::device::Device;
 use crate::kv::{KvCacheDtype, KvMode, KvUsage, PrefixStats, SeqId};
 use crate::model::LoadedModel;
-use crate::sampler::SamplingParams;
+use crate::sampler::{SamplingParams, TokenLogprob, MAX_TOP_LOGPROBS};
 
 mod detokenize;
 mod serving_loop;
@@ -131,6 +131,10 @@ pub struct GenerationRequest {
     /// there. Ignored if that request has ended or its prompt differs. See
     /// [`Engine::submit_samples`].
     pub share_prompt_with: Option<RequestId>,
+    /// Log-probabilities of the generated tokens (OpenAI's `logprobs`): `Some(k)` sends each
+    /// token's with the `k` most likely alternatives (at most
+    /// [`crate::sampler::MAX_TOP_LOGPROBS`]) in [`EventKind::Delta`]'s `logprobs`.
+    pub logprobs: Option<usize>,
 }
 
 /// Token counts of a finished request (OpenAI's `usage`).
@@ -201,8 +205,13 @@ pub struct Finished {
 /// What happened to a request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum EventKind {
-    /// New tokens and the text that became final with them (possibly empty).
-    Delta { token_ids: Vec<u32>, text: String },
+    /// New tokens and the text that became final with them (possibly empty), and — if the
+    /// request asked for them — the tokens' log-probabilities, one per id.
+    Delta {
+        token_ids: Vec<u32>,
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
     /// The end; nothing follows.
     Finished(Finished),
     /// The engine could not run the request; nothing follows.
@@ -559,6 +568,11 @@ impl Engine {
         r.sampling
             .validate()
             .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+        if let Some(k) = r.logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
+            return invalid(format!(
+                "logprobs: at most {MAX_TOP_LOGPROBS} alternatives per token, found {k}"
+            ));
+        }
         if r.stop.stop.iter().any(String::is_empty) {
             return invalid("stop strings must not be empty".into());
         }

@@ -163,9 +163,70 @@ impl Sampler {
     }
 }
 
+/// Most alternatives a request may ask for beside each sampled token (OpenAI's `top_logprobs`
+/// bound).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// A sampled token's log-probability under the model (log-softmax of its raw logits: before
+/// temperature, top-k and top-p, as vLLM reports by default), and the `top` most likely tokens
+/// with theirs, most likely first.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprob {
+    /// `token`'s log-probability in `logits` and the `top` largest (ties: the lower id first).
+    pub fn of(logits: &[f32], token: u32, top: usize) -> TokenLogprob {
+        // log p_i = l_i − (max + ln Σ exp(l_j − max)), summed in f64.
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+        let log_z = max as f64 + sum.ln();
+        let logprob = |l: f32| (l as f64 - log_z) as f32;
+        let mut best: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l))
+            .collect();
+        let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        let top = top.min(best.len());
+        if top > 0 && top < best.len() {
+            best.select_nth_unstable_by(top - 1, order);
+        }
+        best.truncate(top);
+        best.sort_unstable_by(order);
+        TokenLogprob {
+            token,
+            logprob: logits
+                .get(token as usize)
+                .map_or(f32::NEG_INFINITY, |&l| logprob(l)),
+            top: best.into_iter().map(|(i, l)| (i, logprob(l))).collect(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logprobs_are_a_log_softmax_and_the_top_come_most_likely_first() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0, -1e30];
+        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        let lp = TokenLogprob::of(&logits, 2, 3);
+        assert!((lp.logprob as f64 - (2.0 - z.ln())).abs() < 1e-6, "{lp:?}");
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec![1, 3, 2]);
+        assert!((lp.top[0].1 as f64 - (3.0 - z.ln())).abs() < 1e-6);
+        let total: f64 = (0..5)
+            .map(|t| (TokenLogprob::of(&logits, t, 0).logprob as f64).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-6, "{total}");
+        assert!(TokenLogprob::of(&logits, 9, 9).logprob.is_infinite());
+        assert_eq!(TokenLogprob::of(&logits, 0, 9).top.len(), 5);
+    }
 
     #[test]
     fn argmax_takes_the_first_largest_value() {

@@ -125,6 +125,7 @@ pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         },
         cache_salt: None,
         share_prompt_with: None,
+        logprobs: None,
     }
 }
 
@@ -162,7 +163,9 @@ pub fn collect_calling(
             "event after the end"
         );
         match ev.kind {
-            EventKind::Delta { token_ids, text } => {
+            EventKind::Delta {
+                token_ids, text, ..
+            } => {
                 o.tokens.extend(token_ids);
                 o.text.push_str(&text);
             }

@@ -309,7 +309,11 @@ fn print_table(reports: &[OfflineReport]) {
     row("KV used mean %", &|r| 100.0 * r.kv_used_mean, 1);
     row("KV used peak %", &|r| 100.0 * r.kv_used_peak, 1);
     row("KV token share %", &|r| 100.0 * r.kv_token_share_mean, 1);
-    row("KV saved by sharing %", &|r| 100.0 * r.kv_sharing_saving_mean, 1);
+    row(
+        "KV saved by sharing %",
+        &|r| 100.0 * r.kv_sharing_saving_mean,
+        1,
+    );
     let on = |r: &OfflineReport| r.prefix_cache.enabled == Some(true);
     row("prefix caching on", &|r| if on(r) { 1.0 } else { 0.0 }, 0);
     row(

@@ -25,6 +25,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use super::{Command, EngineEvent, EventKind, EventSender, FinishReason, Finished, RequestId};
 use crate::model::LoadedModel;
+use crate::sampler::TokenLogprob;
 use crate::tokenizer::StreamDecoder;
 
 /// What the engine thread tells the detokenizer, per request and in order.
@@ -41,6 +42,8 @@ pub(super) enum Output {
     Token {
         id: RequestId,
         token: u32,
+        /// Its log-probability, if the request asked for them.
+        logprob: Option<TokenLogprob>,
         text: bool,
         last: bool,
     },
@@ -82,8 +85,10 @@ struct TextStream<'m> {
     text: String,
     /// Bytes of `text` already sent.
     sent: usize,
-    /// Token ids not sent yet (the last one, sent with the rest of the text at the end).
+    /// Token ids not sent yet (the last one, sent with the rest of the text at the end), and
+    /// their log-probabilities when asked for.
     unsent_ids: Vec<u32>,
+    unsent_logprobs: Vec<TokenLogprob>,
     /// Tokens received.
     tokens: usize,
     /// Tokens up to the one that completed a stop string, once one did.
@@ -120,6 +125,7 @@ impl<'m> TextStream<'m> {
             text: String::new(),
             sent: 0,
             unsent_ids: Vec::new(),
+            unsent_logprobs: Vec::new(),
             tokens: 0,
             stopped_at: None,
             closed: Closed::No,
@@ -176,7 +182,12 @@ impl<'m> TextStream<'m> {
         if text.is_empty() && token_ids.is_empty() {
             return true;
         }
-        let kind = EventKind::Delta { token_ids, text };
+        let logprobs = std::mem::take(&mut self.unsent_logprobs);
+        let kind = EventKind::Delta {
+            token_ids,
+            text,
+            logprobs,
+        };
         self.events.send(EngineEvent { id, kind }).is_ok()
     }
 }
@@ -212,13 +223,14 @@ pub(super) fn run(
             Output::Token {
                 id,
                 token,
+                logprob,
                 text,
                 last,
             } => {
                 let Some(s) = streams.get_mut(&id) else {
                     continue;
                 };
-                match token_arrived(id, s, token, text, last) {
+                match token_arrived(id, s, token, logprob, text, last) {
                     AfterToken::Streaming => {}
                     AfterToken::StopString => {
                         let _ = engine.send(Command::StopString(id));
@@ -248,6 +260,7 @@ fn token_arrived(
     id: RequestId,
     s: &mut TextStream<'_>,
     token: u32,
+    logprob: Option<TokenLogprob>,
     text: bool,
     last: bool,
 ) -> AfterToken {
@@ -257,6 +270,7 @@ fn token_arrived(
     }
     s.tokens += 1;
     s.unsent_ids.push(token);
+    s.unsent_logprobs.extend(logprob);
     if text {
         let piece = match s.decoder.as_mut().map(|d| d.push(token)) {
             Some(Ok(piece)) => piece,

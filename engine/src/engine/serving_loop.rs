@@ -22,7 +22,7 @@ use crate::device::{Backend, BackendError, Next};
 use crate::engine::FinishReason;
 use crate::model::LoadedModel;
 use crate::model::SeqChunk;
-use crate::sampler::Sampler;
+use crate::sampler::{Sampler, TokenLogprob};
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqRequest, Step};
 
 /// A request while the engine thread serves it: its sampler, the stop conditions checked on
@@ -31,6 +31,8 @@ use crate::scheduler::{Scheduler, SchedulerConfig, SeqRequest, Step};
 /// `token_times` entry each, and `Finished` reports exactly these.
 struct Active {
     sampler: Sampler,
+    /// Alternatives to report with each token's log-probability; `None`: no log-probabilities.
+    logprobs: Option<usize>,
     /// End-of-sequence handling and stop token ids (its stop strings went to the detokenizer).
     stop: StopConditions,
     prompt_len: usize,
@@ -274,6 +276,7 @@ impl<'m> EngineLoop<'m> {
             id,
             Active {
                 sampler: Sampler::new(request.sampling),
+                logprobs: request.logprobs,
                 stop: request.stop,
                 prompt_len,
                 generated: 0,
@@ -390,8 +393,8 @@ impl<'m> EngineLoop<'m> {
                 all_logits: false,
             })
             .collect();
-        // Logits come back only for rows sampled with temperature (greedy ones may be picked on
-        // the device).
+        // Logits come back only for rows sampled with temperature or reporting log-probabilities
+        // (greedy ones may be picked on the device).
         let logits_for: Vec<bool> = step
             .chunks
             .iter()
@@ -400,7 +403,7 @@ impl<'m> EngineLoop<'m> {
                     && self
                         .active
                         .get(&c.seq)
-                        .is_some_and(|a| !a.sampler.is_greedy())
+                        .is_some_and(|a| !a.sampler.is_greedy() || a.logprobs.is_some())
             })
             .collect();
         let launched = if faults::plan().take(Fault::Launch) {
@@ -425,6 +428,7 @@ impl<'m> EngineLoop<'m> {
         };
         let now = Instant::now();
         let mut sampled = Vec::new();
+        let mut logprobs = Vec::new();
         for (c, next) in step.chunks.iter().zip(&nexts) {
             let Some(a) = self.active.get_mut(&c.seq) else {
                 continue;
@@ -444,11 +448,16 @@ impl<'m> EngineLoop<'m> {
                 );
             }
             if c.samples {
-                let token = match next {
-                    Next::Token(t) => *t,
-                    Next::Logits(logits) => a.sampler.sample(logits),
+                let (token, logprob) = match next {
+                    Next::Token(t) => (*t, None),
+                    Next::Logits(logits) => {
+                        let token = a.sampler.sample(logits);
+                        let logprob = a.logprobs.map(|k| TokenLogprob::of(logits, token, k));
+                        (token, logprob)
+                    }
                 };
                 sampled.push((c.seq, token));
+                logprobs.push(logprob);
             }
             let decode = a.generated > 0 && c.start + 1 == a.prompt_len + a.generated;
             if !decode {
@@ -475,8 +484,8 @@ impl<'m> EngineLoop<'m> {
             }
         };
         self.metrics.generated_tokens += sampled.len() as u64;
-        for (id, token) in sampled {
-            self.emit(id, token, at_length.contains(&id), now);
+        for ((id, token), logprob) in sampled.into_iter().zip(logprobs) {
+            self.emit(id, token, logprob, at_length.contains(&id), now);
         }
         self.metrics.steps += 1;
         self.metrics.busy_seconds += start.elapsed().as_secs_f64();
@@ -538,7 +547,14 @@ impl<'m> EngineLoop<'m> {
     }
 
     /// Deliver one sampled token: token-level stop checks, then to the detokenizer.
-    fn emit(&mut self, id: RequestId, token: u32, at_length: bool, now: Instant) {
+    fn emit(
+        &mut self,
+        id: RequestId,
+        token: u32,
+        logprob: Option<TokenLogprob>,
+        at_length: bool,
+        now: Instant,
+    ) {
         let Some(a) = self.active.get_mut(&id) else {
             return;
         };
@@ -551,6 +567,7 @@ impl<'m> EngineLoop<'m> {
         let _ = self.output.send(Output::Token {
             id,
             token,
+            logprob,
             text,
             last,
         });

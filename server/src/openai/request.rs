@@ -578,6 +578,7 @@ impl ValidRequest {
             stop: self.stop.clone(),
             cache_salt: self.cache_salt.clone(),
             share_prompt_with: None,
+            logprobs: None,
         })
     }
 }
