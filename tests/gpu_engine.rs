@@ -525,3 +525,38 @@ fn parallel_samples_share_the_prompt_kv_and_give_the_greedy_answer() {
         assert_empty(&e, &name);
     }
 }
+
+/// Log-probabilities on the GPU: a greedy request asking for them gets one per token, the token
+/// the most likely of its alternatives (sorted, all ≤ 0), and the first token's log-probability
+/// close to the CPU device's for the same prompt (bf16 against the CPU's own arithmetic).
+#[test]
+fn logprobs_come_with_every_token_and_agree_with_the_cpu() {
+    let Some(_gpu) = gpu() else { return };
+    let gpu_e = engine(Device::Cuda, PAGED, 1 << 30, 2048);
+    let cpu_e = engine(Device::Cpu, PAGED, 256 << 20, 2048);
+    for p in prompts(&gpu_e, 4) {
+        let asked = |p: &Vec<u32>| GenerationRequest {
+            logprobs: Some(5),
+            ..greedy(p.clone(), 6)
+        };
+        let on_gpu = run_one(&gpu_e, asked(&p));
+        let on_cpu = run_one(&cpu_e, asked(&p));
+        assert_eq!(on_gpu.logprobs.len(), on_gpu.tokens.len());
+        for (t, lp) in on_gpu.tokens.iter().zip(&on_gpu.logprobs) {
+            assert_eq!(lp.token, *t);
+            assert_eq!(lp.top.len(), 5);
+            assert_eq!(lp.top[0].0, *t, "greedy: the token is the most likely");
+            assert!((lp.top[0].1 - lp.logprob).abs() < 1e-6);
+            assert!(lp.top.windows(2).all(|w| w[0].1 >= w[1].1 && w[1].1 <= 0.0));
+        }
+        let (g, c) = (&on_gpu.logprobs[0], &on_cpu.logprobs[0]);
+        eprintln!(
+            "first token {} logprob: GPU {:.4}, CPU {:.4} (token {})",
+            g.token, g.logprob, c.logprob, c.token
+        );
+        if g.token == c.token {
+            assert!((g.logprob - c.logprob).abs() < 0.3, "{g:?} vs {c:?}");
+        }
+    }
+    assert_empty(&gpu_e, "logprobs");
+}

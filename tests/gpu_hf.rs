@@ -29,6 +29,7 @@ use common::gpu;
 use vkv_engine::kv::{GpuKv, KvManager, PagedKv, VmmShape};
 use vkv_engine::model::cuda::CudaLlama;
 use vkv_engine::model::{Llama, SeqChunk};
+use vkv_engine::sampler::TokenLogprob;
 use vkv_vmm::{CudaVmm, KvLayout};
 
 const GREEDY: usize = 16;
@@ -356,6 +357,7 @@ fn cuda_bf16_forward_matches_transformers_in_paged_and_vmm_modes() {
             let (mut num, mut den) = (0f64, 0f64);
             let mut worst = RowErr::default();
             let (mut rows, mut flips) = (0, 0);
+            let mut worst_logprob = 0f32;
             for (i, logits) in out.iter().enumerate() {
                 let reference = case.logits("f32", i);
                 for (row, (a, r)) in logits
@@ -377,6 +379,19 @@ fn cuda_bf16_forward_matches_transformers_in_paged_and_vmm_modes() {
                         );
                         flips += 1;
                     }
+                    // Log-probabilities (what `logprobs` reports): vkv's top-5 tokens' against
+                    // transformers' log-softmax of the same tokens, within twice the row's
+                    // largest logit error (log-softmax moves by at most that).
+                    let mine = TokenLogprob::of(a, top as u32, 5);
+                    for &(t, l) in mine.top.iter().chain([(mine.token, mine.logprob)].iter()) {
+                        let theirs = TokenLogprob::of(r, t, 0).logprob;
+                        let d = (l - theirs).abs();
+                        assert!(
+                            d <= 2.0 * e.max_abs + 1e-3,
+                            "{what} prompt {i} row {row}: token {t} logprob {l} vs {theirs}"
+                        );
+                        worst_logprob = worst_logprob.max(d);
+                    }
                     rows += 1;
                     num += a
                         .iter()
@@ -389,6 +404,9 @@ fn cuda_bf16_forward_matches_transformers_in_paged_and_vmm_modes() {
                 }
             }
             let rel = (num / den).sqrt();
+            eprintln!(
+                "{what}: top-5 log-probabilities within {worst_logprob:.2e} of transformers' f32"
+            );
             assert!(
                 rel <= 3.0 * hf_rel.max(1e-3),
                 "{what}: relative L2 error {rel:.3e}, transformers' bf16 {hf_rel:.3e}"

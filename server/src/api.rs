@@ -39,8 +39,8 @@ use crate::error::{ApiError, ErrorBody};
 use crate::metrics::ServerMetrics;
 use crate::openai::request::{ChatCompletionRequest, CompletionRequest};
 use crate::openai::response::{
-    json_text, ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, Health,
-    HealthStatus, ListObject, ModelCard, ModelList, ModelObject,
+    json_text, ChatCompletion, ChatCompletionChunk, ChoiceText, Completion, CompletionChunk,
+    Health, HealthStatus, ListObject, ModelCard, ModelList, ModelObject, TokenLogprobText,
 };
 use crate::openai::{parse_request, Endpoint, ResponseHead};
 use crate::route::Route;
@@ -281,6 +281,7 @@ impl AppState {
                     Endpoint::Completions => choices.len(),
                     Endpoint::ChatCompletions => 0,
                 },
+                logprobs: request.logprobs.map(|_| vec![0; choices.len()]),
                 choices,
                 phase: Phase::Open,
                 state: self.clone(),
@@ -291,7 +292,8 @@ impl AppState {
             h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             return Ok(r);
         }
-        self.collect(rx, guard, head, choices).await
+        self.collect(rx, guard, head, choices, request.logprobs.is_some())
+            .await
     }
 
     /// Wait for the whole answer, every choice (dropped with the connection if the client goes
@@ -302,9 +304,12 @@ impl AppState {
         mut guard: AbortOnDrop,
         head: ResponseHead,
         mut choices: Choices,
+        with_logprobs: bool,
     ) -> Result<Response<ApiBody>, ApiError> {
         let mut texts = vec![String::new(); choices.len()];
         let mut reasons = vec![FinishReason::Abort; choices.len()];
+        let mut logprobs: Vec<Vec<TokenLogprobText>> = vec![Vec::new(); choices.len()];
+        let tokenizer = &self.engine.model().tokenizer;
         loop {
             let Some(event) = rx.recv().await else {
                 return Err(ApiError::unavailable(
@@ -315,7 +320,14 @@ impl AppState {
                 continue;
             };
             match event.kind {
-                EventKind::Delta { text: t, .. } => texts[index].push_str(&t),
+                EventKind::Delta {
+                    text: t,
+                    logprobs: l,
+                    ..
+                } => {
+                    texts[index].push_str(&t);
+                    logprobs[index].extend(l.iter().map(|l| TokenLogprobText::new(tokenizer, l)));
+                }
                 EventKind::Finished(f) => {
                     self.metrics.finished(&f, index == 0);
                     if f.reason == FinishReason::Abort {
@@ -326,8 +338,16 @@ impl AppState {
                     reasons[index] = f.reason;
                     if choices.finished(index, &f) {
                         guard.armed = false;
-                        let whole: Vec<(String, FinishReason)> =
-                            texts.into_iter().zip(reasons).collect();
+                        let whole: Vec<ChoiceText> = texts
+                            .into_iter()
+                            .zip(reasons)
+                            .zip(logprobs)
+                            .map(|((text, reason), l)| ChoiceText {
+                                text,
+                                reason,
+                                logprobs: with_logprobs.then_some(l),
+                            })
+                            .collect();
                         let body = head.response(&whole, choices.usage);
                         return Ok(json_response(StatusCode::OK, &body));
                     }
@@ -574,6 +594,9 @@ pub struct EventStream {
     /// does; choices below this have had theirs.
     roles_sent: usize,
     choices: Choices,
+    /// With `logprobs`: per choice, the bytes of token text sent so far (completions'
+    /// `text_offset`).
+    logprobs: Option<Vec<usize>>,
     phase: Phase,
     state: Arc<AppState>,
 }
@@ -587,9 +610,14 @@ impl EventStream {
     fn finish(&mut self, index: usize, f: &Finished) -> String {
         self.state.metrics.finished(f, index == 0);
         let last = self.choices.finished(index, f);
-        let chunk = self
-            .head
-            .chunk(index as u32, "", false, Some(f.reason), self.include_usage);
+        let chunk = self.head.chunk(
+            index as u32,
+            "",
+            false,
+            Some(f.reason),
+            self.include_usage,
+            None,
+        );
         let mut out = sse(&chunk);
         if last {
             self.guard.armed = false;
@@ -614,7 +642,9 @@ impl EventStream {
             if self.roles_sent < self.choices.len() {
                 let index = self.roles_sent as u32;
                 self.roles_sent += 1;
-                let chunk = self.head.chunk(index, "", true, None, self.include_usage);
+                let chunk = self
+                    .head
+                    .chunk(index, "", true, None, self.include_usage, None);
                 return Poll::Ready(Some(sse(&chunk)));
             }
             let Some(event) = std::task::ready!(self.rx.poll_recv(cx)) else {
@@ -626,11 +656,30 @@ impl EventStream {
                 continue;
             };
             match event.kind {
-                EventKind::Delta { text, .. } if text.is_empty() => continue,
-                EventKind::Delta { text, .. } => {
-                    let chunk =
-                        self.head
-                            .chunk(index as u32, &text, false, None, self.include_usage);
+                EventKind::Delta { text, logprobs, .. }
+                    if text.is_empty() && logprobs.is_empty() =>
+                {
+                    continue
+                }
+                EventKind::Delta { text, logprobs, .. } => {
+                    let tokenizer = &self.state.engine.model().tokenizer;
+                    let texts: Vec<TokenLogprobText> = logprobs
+                        .iter()
+                        .map(|l| TokenLogprobText::new(tokenizer, l))
+                        .collect();
+                    let offset = self.logprobs.as_mut().map(|sent| {
+                        let at = sent[index];
+                        sent[index] += texts.iter().map(|t| t.token.len()).sum::<usize>();
+                        at
+                    });
+                    let chunk = self.head.chunk(
+                        index as u32,
+                        &text,
+                        false,
+                        None,
+                        self.include_usage,
+                        offset.map(|at| (texts.as_slice(), at)),
+                    );
                     return Poll::Ready(Some(sse(&chunk)));
                 }
                 EventKind::Finished(f) => return Poll::Ready(Some(self.finish(index, &f))),

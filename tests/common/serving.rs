@@ -133,6 +133,8 @@ pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
 #[derive(Debug, Default)]
 pub struct Output {
     pub tokens: Vec<u32>,
+    /// One per token when the request asked for log-probabilities.
+    pub logprobs: Vec<vkv_engine::sampler::TokenLogprob>,
     pub text: String,
     pub finished: Option<Finished>,
     pub failed: Option<String>,
@@ -164,9 +166,12 @@ pub fn collect_calling(
         );
         match ev.kind {
             EventKind::Delta {
-                token_ids, text, ..
+                token_ids,
+                text,
+                logprobs,
             } => {
                 o.tokens.extend(token_ids);
+                o.logprobs.extend(logprobs);
                 o.text.push_str(&text);
             }
             EventKind::Finished(f) => {

@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Schema, SchemaType, Type};
 use utoipa::ToSchema;
 use vkv_engine::engine::{GenerationRequest, StopConditions};
-use vkv_engine::sampler::SamplingParams;
+use vkv_engine::sampler::{SamplingParams, MAX_TOP_LOGPROBS};
 use vkv_engine::tokenizer::{ChatMessage, Tokenizer};
 
 use super::{optional_object, Endpoint, Object};
@@ -323,8 +323,9 @@ generation_request! {
         /// Not supported by this server: null only.
         #[schema(schema_with = only_null)]
         pub suffix: Option<String>,
-        /// Log probabilities: not supported by this server, 0 only.
-        #[schema(minimum = 0, maximum = 0)]
+        /// Log-probabilities of the generated tokens, with this many most likely alternatives
+        /// per token (0: the sampled token's only).
+        #[schema(minimum = 0, maximum = 20)]
         pub logprobs: Option<i64>,
     }
 }
@@ -337,11 +338,12 @@ generation_request! {
         /// The same as `max_tokens` (it wins when both are given).
         #[schema(minimum = 1)]
         pub max_completion_tokens: Option<i64>,
-        /// Not supported by this server: false only.
-        #[schema(schema_with = only_false)]
+        /// Log-probabilities of the generated tokens (`choices[].logprobs.content`).
+        #[schema(default = false)]
         pub logprobs: Option<bool>,
-        /// Not supported by this server: 0 only.
-        #[schema(minimum = 0, maximum = 0)]
+        /// With `logprobs: true`: the most likely alternatives to report per token (unused
+        /// without it).
+        #[schema(minimum = 0, maximum = 20)]
         pub top_logprobs: Option<i64>,
         #[schema(schema_with = only_text_format)]
         pub response_format: Option<Value>,
@@ -376,6 +378,8 @@ pub struct ValidRequest {
     pub input: Input,
     /// Choices (parallel samples of one prompt).
     pub n: usize,
+    /// Log-probabilities of the generated tokens, with this many alternatives each.
+    pub logprobs: Option<usize>,
     /// `None`: the rest of the context.
     pub max_tokens: Option<usize>,
     /// The name the client used for it (`max_tokens` or `max_completion_tokens`).
@@ -393,12 +397,14 @@ impl ValidRequest {
         input: Input,
         shared: Shared,
         max_tokens_field: &'static str,
+        logprobs: Option<usize>,
     ) -> ValidRequest {
         ValidRequest {
             endpoint,
             model: shared.model,
             input,
             n: shared.n,
+            logprobs,
             max_tokens: shared.max_tokens,
             max_tokens_field,
             sampling: shared.sampling,
@@ -407,6 +413,17 @@ impl ValidRequest {
             include_usage: shared.include_usage,
             cache_salt: shared.cache_salt,
         }
+    }
+}
+
+/// A count of alternatives per token (`logprobs` on completions, `top_logprobs` on chat).
+fn alternatives(field: &str, k: i64) -> Result<usize, ApiError> {
+    match usize::try_from(k) {
+        Ok(k) if k <= MAX_TOP_LOGPROBS => Ok(k),
+        _ => Err(ApiError::field(
+            field,
+            format!("`{field}` must be between 0 and {MAX_TOP_LOGPROBS}, found {k}"),
+        )),
     }
 }
 
@@ -440,14 +457,16 @@ impl CompletionRequest {
                 json_kind(&Value::String(s.clone())),
             )?;
         }
-        if let Some(l) = self.logprobs {
-            neutral("logprobs", l == 0, "no log probabilities", l)?;
-        }
+        let logprobs = self
+            .logprobs
+            .map(|k| alternatives("logprobs", k))
+            .transpose()?;
         Ok(ValidRequest::new(
             Endpoint::Completions,
             Input::Prompt(self.prompt),
             shared,
             "max_tokens",
+            logprobs,
         ))
     }
 }
@@ -474,12 +493,11 @@ impl ChatCompletionRequest {
                 "`messages` is empty: give at least one message",
             ));
         }
-        if let Some(l) = self.logprobs {
-            neutral("logprobs", !l, "false only", l)?;
-        }
-        if let Some(t) = self.top_logprobs {
-            neutral("top_logprobs", t == 0, "0 only", t)?;
-        }
+        let top = self
+            .top_logprobs
+            .map(|k| alternatives("top_logprobs", k))
+            .transpose()?;
+        let logprobs = (self.logprobs == Some(true)).then(|| top.unwrap_or(0));
         if let Some(f) = &self.response_format {
             let text = f.as_object().is_some_and(|o| {
                 o.len() == 1 && o.get("type").and_then(Value::as_str) == Some("text")
@@ -511,6 +529,7 @@ impl ChatCompletionRequest {
             input,
             shared,
             max_tokens_field,
+            logprobs,
         ))
     }
 }
@@ -578,7 +597,7 @@ impl ValidRequest {
             stop: self.stop.clone(),
             cache_salt: self.cache_salt.clone(),
             share_prompt_with: None,
-            logprobs: None,
+            logprobs: self.logprobs,
         })
     }
 }

@@ -101,7 +101,8 @@ fn mistakes_name_their_field() {
         ("stream", r#""yes""#),
         ("echo", "true"),
         ("suffix", r#""x""#),
-        ("logprobs", "2"),
+        ("logprobs", "21"),
+        ("logprobs", "-1"),
         ("logit_bias", r#"{"1": 5}"#),
         ("presence_penalty", "0.5"),
         ("stream_options", r#"{"include_usage": true}"#),
@@ -140,8 +141,8 @@ fn mistakes_name_their_field() {
     }
     let user = r#"[{"role": "user", "content": "x"}]"#;
     for (field, value) in [
-        ("logprobs", "true"),
-        ("top_logprobs", "2"),
+        ("logprobs", "2"),
+        ("top_logprobs", "21"),
         ("response_format", r#"{"type": "json_object"}"#),
         ("tools", r#"[{"type": "function"}]"#),
         ("tool_choice", r#""auto""#),
@@ -154,6 +155,17 @@ fn mistakes_name_their_field() {
             "tools": [], "tool_choice": "none", "parallel_tool_calls": true, "n": 1}}"#
     );
     assert!(chat(&neutral).is_ok(), "{neutral}");
+    // Log-probabilities: on chat with `logprobs: true`, `top_logprobs` alternatives each.
+    let asked = format!(r#"{{"messages": {user}, "logprobs": true, "top_logprobs": 3}}"#);
+    assert_eq!(chat(&asked).unwrap().logprobs, Some(3));
+    let unused = format!(r#"{{"messages": {user}, "top_logprobs": 3}}"#);
+    assert_eq!(chat(&unused).unwrap().logprobs, None);
+    assert_eq!(
+        completion(r#"{"prompt": "a", "logprobs": 5}"#)
+            .unwrap()
+            .logprobs,
+        Some(5)
+    );
 }
 
 #[test]

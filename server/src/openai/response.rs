@@ -2,15 +2,17 @@
 //! chunks, the `/v1/models` list and `/health`. [`ResponseHead`] (id, time, model) builds the
 //! completion bodies; [`json_text`] writes any of them.
 //!
-//! Invariants: `logprobs` is always `null` (not supported); a chunk has no `usage` key unless the
+//! Invariants: `logprobs` is `null` unless the request asked for them, then one entry per
+//! generated token of the choice (of the chunk's tokens in a stream); a chunk has no `usage` key unless the
 //! client asked for `include_usage`, then `null` on every chunk but the last, which has no choices
 //! and the counts.
 
 use serde::Serialize;
-use utoipa::openapi::schema::{ObjectBuilder, Type};
 use utoipa::ToSchema;
 use vkv_engine::engine::FinishReason;
 use vkv_engine::engine::Usage;
+use vkv_engine::sampler::TokenLogprob;
+use vkv_engine::tokenizer::Tokenizer;
 
 use super::Endpoint;
 
@@ -25,10 +27,134 @@ pub fn json_text<T: Serialize>(value: &T) -> String {
     })
 }
 
-fn null_schema() -> ObjectBuilder {
-    ObjectBuilder::new()
-        .schema_type(Type::Null)
-        .description(Some("Log probabilities are not supported: always null."))
+/// A log-probability as JSON has it: `-inf` (a token the model rules out) as -9999, vLLM's
+/// stand-in (JSON has no infinities).
+fn finite(logprob: f32) -> f32 {
+    if logprob.is_finite() {
+        logprob
+    } else {
+        -9999.0
+    }
+}
+
+/// One generated token's log-probability with its text, and the most likely alternatives'
+/// (the engine's [`vkv_engine::sampler::TokenLogprob`] with token ids written out): what both
+/// endpoints' `logprobs` are made of.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobText {
+    pub token: String,
+    pub logprob: f32,
+    pub top: Vec<(String, f32)>,
+}
+
+impl TokenLogprobText {
+    /// `lp` with its tokens as text: each token decoded alone (special tokens as their text; a
+    /// token that is part of a character decodes to U+FFFD).
+    pub fn new(tokenizer: &Tokenizer, lp: &TokenLogprob) -> TokenLogprobText {
+        let text = |id: u32| tokenizer.decode(&[id], false).unwrap_or_default();
+        TokenLogprobText {
+            token: text(lp.token),
+            logprob: lp.logprob,
+            top: lp.top.iter().map(|&(id, l)| (text(id), l)).collect(),
+        }
+    }
+}
+
+/// A chat choice's `logprobs`.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ChatLogprobs {
+    pub content: Vec<ChatTokenLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    /// Natural log of the token's probability under the model (before temperature, top-k and
+    /// top-p); -9999 for a token the model rules out.
+    pub logprob: f32,
+    /// The token's text as UTF-8 bytes.
+    pub bytes: Vec<u8>,
+    /// The most likely tokens at this place, most likely first (`top_logprobs` of them).
+    pub top_logprobs: Vec<ChatTopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct ChatTopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+impl ChatLogprobs {
+    pub fn new(tokens: &[TokenLogprobText]) -> ChatLogprobs {
+        ChatLogprobs {
+            content: tokens
+                .iter()
+                .map(|t| ChatTokenLogprob {
+                    token: t.token.clone(),
+                    logprob: finite(t.logprob),
+                    bytes: t.token.as_bytes().to_vec(),
+                    top_logprobs: t
+                        .top
+                        .iter()
+                        .map(|(token, logprob)| ChatTopLogprob {
+                            token: token.clone(),
+                            logprob: finite(*logprob),
+                            bytes: token.as_bytes().to_vec(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A completion choice's `logprobs` (the legacy shape): parallel lists, one entry per token.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct CompletionLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    /// Per token, the most likely alternatives: text → log-probability (`logprobs` of them;
+    /// alternatives with the same text keep the likelier).
+    #[schema(value_type = Vec<Object>)]
+    pub top_logprobs: Vec<serde_json::Map<String, serde_json::Value>>,
+    /// Where each token's text starts in the choice's text (bytes; in a stream, in the text
+    /// streamed so far).
+    pub text_offset: Vec<usize>,
+}
+
+impl CompletionLogprobs {
+    /// The shape of `tokens`, the first one's text starting at byte `offset` of the choice.
+    pub fn new(tokens: &[TokenLogprobText], mut offset: usize) -> CompletionLogprobs {
+        let mut out = CompletionLogprobs {
+            tokens: Vec::new(),
+            token_logprobs: Vec::new(),
+            top_logprobs: Vec::new(),
+            text_offset: Vec::new(),
+        };
+        for t in tokens {
+            out.tokens.push(t.token.clone());
+            out.token_logprobs.push(finite(t.logprob));
+            let mut top = serde_json::Map::new();
+            for (token, logprob) in &t.top {
+                top.entry(token.clone())
+                    .or_insert_with(|| finite(*logprob).into());
+            }
+            out.top_logprobs.push(top);
+            out.text_offset.push(offset);
+            offset += t.token.len();
+        }
+        out
+    }
+}
+
+/// What one choice of a whole response is: its text, why it ended, its tokens' logprobs if
+/// asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChoiceText {
+    pub text: String,
+    pub reason: FinishReason,
+    pub logprobs: Option<Vec<TokenLogprobText>>,
 }
 
 /// Why the output ended; `abort`: cancelled (vLLM's; a shutdown that could not wait).
@@ -115,8 +241,8 @@ pub enum AssistantRole {
 pub struct CompletionChoice {
     pub index: u32,
     pub text: String,
-    #[schema(schema_with = null_schema)]
-    pub logprobs: (),
+    /// Only when the request asked for `logprobs`; else null.
+    pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: ApiFinishReason,
 }
 
@@ -138,8 +264,8 @@ pub struct CompletionChunkChoice {
     pub index: u32,
     /// The new text (may be empty on the last chunk).
     pub text: String,
-    #[schema(schema_with = null_schema)]
-    pub logprobs: (),
+    /// The chunk's tokens', when the request asked for `logprobs`; else null.
+    pub logprobs: Option<CompletionLogprobs>,
     /// Null until the last chunk with choices.
     pub finish_reason: Option<ApiFinishReason>,
 }
@@ -169,8 +295,8 @@ pub struct AssistantMessage {
 pub struct ChatChoice {
     pub index: u32,
     pub message: AssistantMessage,
-    #[schema(schema_with = null_schema)]
-    pub logprobs: (),
+    /// Only when the request asked for `logprobs`; else null.
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: ApiFinishReason,
 }
 
@@ -199,8 +325,8 @@ pub struct ChatDelta {
 pub struct ChatChunkChoice {
     pub index: u32,
     pub delta: ChatDelta,
-    #[schema(schema_with = null_schema)]
-    pub logprobs: (),
+    /// The chunk's tokens', when the request asked for `logprobs`; else null.
+    pub logprobs: Option<ChatLogprobs>,
     pub finish_reason: Option<ApiFinishReason>,
 }
 
@@ -246,8 +372,8 @@ pub struct ResponseHead {
 }
 
 impl ResponseHead {
-    /// The whole (not streamed) response: choice `i` is `choices[i]`'s text and why it ended.
-    pub fn response(&self, choices: &[(String, FinishReason)], usage: Usage) -> Whole {
+    /// The whole (not streamed) response: choice `i` is `choices[i]`.
+    pub fn response(&self, choices: &[ChoiceText], usage: Usage) -> Whole {
         let (id, created, model) = (self.id.clone(), self.created, self.model.clone());
         let indexed = choices.iter().enumerate().map(|(i, c)| (i as u32, c));
         match self.endpoint {
@@ -257,11 +383,11 @@ impl ResponseHead {
                 created,
                 model,
                 choices: indexed
-                    .map(|(index, (text, reason))| CompletionChoice {
+                    .map(|(index, c)| CompletionChoice {
                         index,
-                        text: text.clone(),
-                        logprobs: (),
-                        finish_reason: (*reason).into(),
+                        text: c.text.clone(),
+                        logprobs: c.logprobs.as_deref().map(|l| CompletionLogprobs::new(l, 0)),
+                        finish_reason: c.reason.into(),
                     })
                     .collect(),
                 usage: usage.into(),
@@ -272,14 +398,14 @@ impl ResponseHead {
                 created,
                 model,
                 choices: indexed
-                    .map(|(index, (text, reason))| ChatChoice {
+                    .map(|(index, c)| ChatChoice {
                         index,
                         message: AssistantMessage {
                             role: AssistantRole::Assistant,
-                            content: text.clone(),
+                            content: c.text.clone(),
                         },
-                        logprobs: (),
-                        finish_reason: (*reason).into(),
+                        logprobs: c.logprobs.as_deref().map(ChatLogprobs::new),
+                        finish_reason: c.reason.into(),
                     })
                     .collect(),
                 usage: usage.into(),
@@ -290,7 +416,8 @@ impl ResponseHead {
     /// One stream chunk of choice `index` with `text` (chat: as `delta.content`; `role` on the
     /// choice's first chunk) and, on its last one, the finish reason. With `include_usage` every
     /// chunk carries `"usage": null` and a final chunk (see [`ResponseHead::usage_chunk`]) the
-    /// counts.
+    /// counts. `logprobs`: the chunk's tokens' and where the first one's text starts in the
+    /// choice, when the request asked for them.
     pub fn chunk(
         &self,
         index: u32,
@@ -298,6 +425,7 @@ impl ResponseHead {
         first: bool,
         reason: Option<FinishReason>,
         include_usage: bool,
+        logprobs: Option<(&[TokenLogprobText], usize)>,
     ) -> Chunk {
         let usage = include_usage.then_some(None);
         let finish_reason = reason.map(ApiFinishReason::from);
@@ -306,7 +434,7 @@ impl ResponseHead {
                 vec![CompletionChunkChoice {
                     index,
                     text: text.to_string(),
-                    logprobs: (),
+                    logprobs: logprobs.map(|(l, offset)| CompletionLogprobs::new(l, offset)),
                     finish_reason,
                 }],
                 usage,
@@ -327,7 +455,7 @@ impl ResponseHead {
                     vec![ChatChunkChoice {
                         index,
                         delta,
-                        logprobs: (),
+                        logprobs: logprobs.map(|(l, _)| ChatLogprobs::new(l)),
                         finish_reason,
                     }],
                     usage,
@@ -434,6 +562,41 @@ mod tests {
         serde_json::from_str(&json_text(v)).unwrap()
     }
 
+    fn choice(text: &str, reason: FinishReason) -> ChoiceText {
+        ChoiceText {
+            text: text.into(),
+            reason,
+            logprobs: None,
+        }
+    }
+
+    #[test]
+    fn logprobs_take_each_endpoints_shape() {
+        let tokens = vec![
+            TokenLogprobText {
+                token: " Pa".into(),
+                logprob: -0.5,
+                top: vec![(" Pa".into(), -0.5), (" Lo".into(), f32::NEG_INFINITY)],
+            },
+            TokenLogprobText {
+                token: "ris".into(),
+                logprob: -0.25,
+                top: vec![("ris".into(), -0.25), ("ris".into(), -3.0)],
+            },
+        ];
+        let chat = value(&ChatLogprobs::new(&tokens));
+        assert_eq!(chat["content"][0]["token"], " Pa");
+        assert_eq!(chat["content"][0]["bytes"], json!([32, 80, 97]));
+        assert_eq!(chat["content"][0]["top_logprobs"][1]["logprob"], -9999.0);
+        let legacy = value(&CompletionLogprobs::new(&tokens, 3));
+        assert_eq!(
+            legacy,
+            json!({"tokens": [" Pa", "ris"], "token_logprobs": [-0.5, -0.25],
+                   "top_logprobs": [{" Pa": -0.5, " Lo": -9999.0}, {"ris": -0.25}],
+                   "text_offset": [3, 6]})
+        );
+    }
+
     #[test]
     fn stream_chunks_have_openai_shapes() {
         let head = ResponseHead {
@@ -442,12 +605,12 @@ mod tests {
             created: 1,
             model: "m".into(),
         };
-        let first = value(&head.chunk(0, "", true, None, false));
+        let first = value(&head.chunk(0, "", true, None, false, None));
         assert_eq!(first["object"], "chat.completion.chunk");
         assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
         assert_eq!(first["choices"][0]["logprobs"], Value::Null);
         assert!(first.get("usage").is_none());
-        let last = value(&head.chunk(0, "", false, Some(FinishReason::Stop), true));
+        let last = value(&head.chunk(0, "", false, Some(FinishReason::Stop), true, None));
         assert_eq!(last["choices"][0]["delta"], json!({}));
         assert_eq!(last["choices"][0]["finish_reason"], "stop");
         assert_eq!(last.get("usage"), Some(&Value::Null));
@@ -473,7 +636,7 @@ mod tests {
             completion_tokens: 2,
             cached_tokens: 1,
         };
-        let whole = value(&head.response(&[("hi".into(), FinishReason::Length)], usage));
+        let whole = value(&head.response(&[choice("hi", FinishReason::Length)], usage));
         assert_eq!(
             whole,
             json!({"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
@@ -481,14 +644,14 @@ mod tests {
                    "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3,
                              "prompt_tokens_details": {"cached_tokens": 1}}})
         );
-        let chunk = value(&head.chunk(0, "x", false, None, false));
+        let chunk = value(&head.chunk(0, "x", false, None, false, None));
         assert_eq!(chunk["choices"][0]["finish_reason"], Value::Null);
         assert_eq!(chunk["object"], "text_completion");
         let head = ResponseHead {
             endpoint: Endpoint::ChatCompletions,
             ..head
         };
-        let whole = value(&head.response(&[("hi".into(), FinishReason::Abort)], usage));
+        let whole = value(&head.response(&[choice("hi", FinishReason::Abort)], usage));
         assert_eq!(
             whole["choices"][0]["message"],
             json!({"role": "assistant", "content": "hi"})
