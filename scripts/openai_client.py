@@ -87,6 +87,23 @@ def run_checks(base_url, api_key):
     check([texts[i] for i in range(3)] == [c.message.content for c in many.choices],
           "streamed n=3 == whole n=3, choice by choice")
 
+    # Log-probabilities, as the client's types read them.
+    lp = client.chat.completions.create(model=model, messages=messages, max_completion_tokens=6,
+                                        temperature=0, logprobs=True, top_logprobs=2)
+    content = lp.choices[0].logprobs.content
+    check(len(content) == lp.usage.completion_tokens
+          and "".join(t.token for t in content) == lp.choices[0].message.content
+          and all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in content)
+          and content[0].top_logprobs[0].token == content[0].token,
+          f"chat logprobs: {[(t.token, round(t.logprob, 3)) for t in content]}")
+    legacy = client.completions.create(model=model, prompt="The capital of France is",
+                                       max_tokens=4, temperature=0, logprobs=2,
+                                       extra_body={"ignore_eos": True})
+    l = legacy.choices[0].logprobs
+    check(len(l.tokens) == 4 and "".join(l.tokens) == legacy.choices[0].text
+          and len(l.token_logprobs) == 4 and len(l.top_logprobs) == 4 and l.text_offset[0] == 0,
+          f"completion logprobs: {list(zip(l.tokens, l.token_logprobs))}")
+
     # Mistakes are the client's exceptions, with the field named.
     try:
         client.completions.create(model=model, prompt="a", temperature=5)

@@ -1041,3 +1041,118 @@ fn n_choices_share_one_prompt_whole_and_streamed() {
         wait_until_empty(&c, &s, "after n = 3").await;
     });
 }
+
+#[test]
+fn logprobs_whole_and_streamed_on_both_endpoints() {
+    let s = Server::start(&["--kv-mode", "paged"]);
+    runtime().block_on(async {
+        let c = client();
+        // Chat: `logprobs.content`, one entry per token, the tokens spelling the text.
+        let url = s.url("/v1/chat/completions");
+        let body = json!({"messages": [{"role": "user", "content": "Name a colour."}],
+                          "max_tokens": 6, "temperature": 0, "ignore_eos": true,
+                          "logprobs": true, "top_logprobs": 3});
+        let (status, r) = post(&c, &url, &body, None).await;
+        assert_eq!(status, StatusCode::OK, "{r}");
+        let choice = &r["choices"][0];
+        let content = choice["logprobs"]["content"].as_array().unwrap();
+        assert_eq!(content.len(), 6, "{r}");
+        let spelled: String = content
+            .iter()
+            .map(|t| t["token"].as_str().unwrap())
+            .collect();
+        assert_eq!(spelled, choice["message"]["content"].as_str().unwrap());
+        for t in content {
+            let lp = t["logprob"].as_f64().unwrap();
+            let top = t["top_logprobs"].as_array().unwrap();
+            assert_eq!(top.len(), 3, "{t}");
+            // Greedy: the token is the most likely one.
+            assert_eq!(top[0]["token"], t["token"]);
+            assert!((top[0]["logprob"].as_f64().unwrap() - lp).abs() < 1e-6);
+            assert!(lp <= 0.0 && top[1]["logprob"].as_f64().unwrap() <= lp);
+            let bytes: Vec<u8> = t["bytes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8)
+                .collect();
+            assert_eq!(bytes, t["token"].as_str().unwrap().as_bytes());
+        }
+        // Not asked: null.
+        let mut plain = body.clone();
+        plain.as_object_mut().unwrap().remove("logprobs");
+        let (_, r) = post(&c, &url, &plain, None).await;
+        assert_eq!(r["choices"][0]["logprobs"], Value::Null);
+        // Streamed: the chunks' entries add up to the whole answer's.
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        let (chunks, done) = stream(&c, &url, &streamed).await;
+        assert!(done);
+        let tokens: Vec<Value> = chunks
+            .iter()
+            .filter_map(|ch| {
+                ch["choices"].get(0)?["logprobs"]["content"]
+                    .as_array()
+                    .cloned()
+            })
+            .flatten()
+            .collect();
+        assert_eq!(&tokens[..], content);
+
+        // Completions: the legacy parallel lists, text offsets into the text.
+        let url = s.url("/v1/completions");
+        let body = json!({"prompt": "The capital of France is", "max_tokens": 5,
+                          "temperature": 0, "ignore_eos": true, "logprobs": 2});
+        let (status, r) = post(&c, &url, &body, None).await;
+        assert_eq!(status, StatusCode::OK, "{r}");
+        let choice = &r["choices"][0];
+        let l = &choice["logprobs"];
+        let tokens: Vec<&str> = l["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect();
+        assert_eq!(tokens.concat(), choice["text"].as_str().unwrap());
+        assert_eq!(l["token_logprobs"].as_array().unwrap().len(), 5);
+        let offsets: Vec<u64> = l["text_offset"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o.as_u64().unwrap())
+            .collect();
+        assert_eq!(offsets[0], 0);
+        assert_eq!(offsets[1], tokens[0].len() as u64);
+        for (i, top) in l["top_logprobs"].as_array().unwrap().iter().enumerate() {
+            let top = top.as_object().unwrap();
+            assert!(!top.is_empty() && top.len() <= 2, "{top:?}");
+            assert!(
+                top.contains_key(tokens[i]),
+                "greedy: {} among {top:?}",
+                tokens[i]
+            );
+        }
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        let (chunks, done) = stream(&c, &url, &streamed).await;
+        assert!(done);
+        let offsets_streamed: Vec<u64> = chunks
+            .iter()
+            .filter_map(|ch| {
+                ch["choices"].get(0)?["logprobs"]["text_offset"]
+                    .as_array()
+                    .cloned()
+            })
+            .flatten()
+            .map(|o| o.as_u64().unwrap())
+            .collect();
+        assert_eq!(offsets_streamed, offsets);
+        // Too many alternatives: a 400 naming the field.
+        let (status, r) = post(&c, &url, &json!({"prompt": "a", "logprobs": 21}), None).await;
+        assert_eq!(
+            (status, r["error"]["param"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("logprobs"))
+        );
+        wait_until_empty(&c, &s, "after logprobs").await;
+    });
+}
