@@ -53,7 +53,8 @@ prefix_repetition_runs() {
 }
 
 # `vkv bench offline` on the llama-3-8b preset, alpaca (N requests), parallel sampling: n = 2, 4,
-# 6 samples sharing the prompt and n = 4 unshared (the baseline), paged then vmm token-major
+# 6 samples sharing the prompt and n = 4 unshared (the baseline), prefix caching off (forks are
+# the only sharing), paged then vmm token-major
 # (`--kv-mode both`), each cut at SECONDS, into $OUT/parallel-n{N}[-unshared].{json,err}:
 # parallel_sampling_runs N SECONDS
 parallel_sampling_runs() {
@@ -62,7 +63,8 @@ parallel_sampling_runs() {
     n=${spec%u}; extra=; name=parallel-n$n
     [ "$spec" != "$n" ] && extra=--unshared-samples && name=$name-unshared
     timeout "$2" .gpu/bin/vkv bench offline --device cuda --model preset:llama-3-8b \
-      --max-num-seqs 256 --kv-mode both --workload alpaca --num-prompts "$1" --n $n $extra \
+      --max-num-seqs 256 --kv-mode both --no-enable-prefix-caching --workload alpaca \
+      --num-prompts "$1" --n $n $extra \
       --json > $OUT/$name.json 2> $OUT/$name.err
   done
 }
