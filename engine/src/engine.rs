@@ -339,7 +339,7 @@ pub struct EngineMetrics {
 enum Command {
     Add {
         id: RequestId,
-        request: GenerationRequest,
+        request: Box<GenerationRequest>,
         events: EventSender,
         arrival: Instant,
         span: tracing::Span,
@@ -503,7 +503,7 @@ impl Engine {
         self.tx
             .send(Command::Add {
                 id,
-                request,
+                request: Box::new(request),
                 events,
                 arrival,
                 span,

@@ -209,7 +209,7 @@ impl<'m> EngineLoop<'m> {
                 events,
                 arrival,
                 span,
-            } => self.add(id, request, events, arrival, span),
+            } => self.add(id, *request, events, arrival, span),
             Command::Abort(id) => {
                 if self.active.contains_key(&id) {
                     self.end(id, FinishReason::Abort);
