@@ -59,7 +59,7 @@ prefix_repetition_runs() {
 # parallel_sampling_runs N SECONDS
 parallel_sampling_runs() {
   local spec n extra name
-  for spec in 2 4 6 4u; do
+  for spec in 4 4u 2 6; do
     n=${spec%u}; extra=; name=parallel-n$n
     [ "$spec" != "$n" ] && extra=--unshared-samples && name=$name-unshared
     timeout "$2" .gpu/bin/vkv bench offline --device cuda --model preset:llama-3-8b \
