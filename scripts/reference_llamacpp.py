@@ -8,7 +8,11 @@ tokenizer, dequantization and forward pass. For each prompt this records
 - the token ids llama.cpp's tokenizer gives (vkv's tokenizer must agree),
 - the logits at the last prompt position for the 64 most likely tokens and for 1024 fixed
   random token ids (seeded), so the comparison covers the whole vocabulary's range,
-- the first 32 tokens of llama.cpp's greedy continuation.
+- the first 32 tokens of llama.cpp's greedy continuation,
+- log-probabilities for the first 8 of them (`greedy_logprobs`): for each, the log-softmax of the
+  full logit row it was chosen from (the last prompt position, then each greedy step's), computed
+  here in float64 over the whole vocabulary: the token's log-probability and the 5 most likely
+  tokens with theirs, most likely first.
 
 It does this twice:
 
@@ -32,6 +36,9 @@ import sys
 import llama_cpp
 import numpy as np
 
+LOGPROB_STEPS = 8
+LOGPROB_TOP = 5
+
 DEFAULT = os.path.expanduser("~/.cache/vkv/models/SmolLM2-135M-Instruct.Q4_1.gguf")
 PROMPTS = [
     "The capital of France is",
@@ -40,6 +47,20 @@ PROMPTS = [
     "<|im_start|>user\nWhat are three uses of a paperclip?<|im_end|>\n<|im_start|>assistant\n",
     "Once upon a time, in a small village by the sea, there lived",
 ]
+
+
+def logprobs(row, token):
+    """`token`'s log-probability in the logit row and the LOGPROB_TOP most likely (ties: lower id
+    first), from a float64 log-softmax over the whole row."""
+    row = np.array(row, dtype=np.float64)
+    m = row.max()
+    lp = row - (m + np.log(np.exp(row - m).sum()))
+    top = np.argsort(-lp, kind="stable")[:LOGPROB_TOP]
+    return {
+        "token": token,
+        "logprob": float(lp[token]),
+        "top": [[int(i), float(lp[i])] for i in top],
+    }
 
 
 def record(path, sample_ids):
@@ -53,9 +74,13 @@ def record(path, sample_ids):
         top = [int(i) for i in np.argsort(-logits)[:64]]
         # Greedy: evaluate token by token so llama.cpp's own logits choose each next token.
         greedy = []
-        for _ in range(32):
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        greedy_logprobs = []
+        for step in range(32):
+            row = llm.scores[llm.n_tokens - 1]
+            nxt = int(np.argmax(row))
             greedy.append(nxt)
+            if step < LOGPROB_STEPS:
+                greedy_logprobs.append(logprobs(row, nxt))
             llm.eval([nxt])
         cases.append({
             "prompt": prompt,
@@ -65,6 +90,7 @@ def record(path, sample_ids):
             "sample_ids": sample_ids,
             "sample_logits": [float(logits[i]) for i in sample_ids],
             "greedy": greedy,
+            "greedy_logprobs": greedy_logprobs,
         })
     return cases
 
@@ -87,7 +113,7 @@ def main():
         "q4_1": record(path, sample_ids),
     }
     os.remove(f32_path)
-    dest = os.path.join(os.path.dirname(__file__), "..", "engine", "tests", "fixtures", "reference", "smollm2_llamacpp.json")
+    dest = os.path.join(os.path.dirname(__file__), "..", "model", "tests", "fixtures", "reference", "smollm2_llamacpp.json")
     with open(dest, "w") as f:
         json.dump(out, f)
     print(f"wrote {dest}")
