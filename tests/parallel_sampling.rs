@@ -147,3 +147,54 @@ fn aborting_samples_mid_way_frees_everything_and_n_zero_is_refused() {
         );
     }
 }
+
+/// Penalties and `logit_bias` reach every sample: a +100 bias makes every token of every
+/// greedy sample the biased one; presence and frequency penalties of 2 keep a greedy answer from repeating a
+/// token as often as it does without one; a bias on a token outside the vocabulary is refused.
+#[test]
+fn logit_bias_and_penalties_apply_to_every_sample() {
+    let mode = SHARING_MODES[0];
+    let e = sharing_engine(mode, true, 64 << 20);
+    let prompt = chat_prompts(&e, 1).remove(0);
+    let forced = 1000u32;
+    let mut biased = greedy(prompt.clone(), 6);
+    biased.adjust.logit_bias = vec![(forced, 100.0)];
+    let (tx, mut rx) = event_channel();
+    let ids = e.submit_samples(biased, 3, tx).unwrap();
+    let out = collect(&mut rx, 3);
+    for id in &ids {
+        assert_eq!(out[id].tokens, vec![forced; 6]);
+    }
+
+    // Greedy SmolLM2 on a counting prompt repeats tokens (", " between numbers); a presence
+    // penalty and a frequency penalty of 2 lower how many tokens occur more than once.
+    let counting = e
+        .model()
+        .tokenizer
+        .encode("1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", false)
+        .unwrap();
+    let repeats = |tokens: &[u32]| {
+        let distinct: std::collections::HashSet<_> = tokens.iter().collect();
+        tokens.len() - distinct.len()
+    };
+    let plain = run_one(&e, greedy(counting.clone(), 24)).tokens;
+    let mut penalised = greedy(counting, 24);
+    penalised.adjust.presence_penalty = 2.0;
+    penalised.adjust.frequency_penalty = 2.0;
+    let penalised = run_one(&e, penalised).tokens;
+    assert_ne!(plain, penalised);
+    assert!(
+        repeats(&penalised) < repeats(&plain),
+        "plain {plain:?} penalised {penalised:?}"
+    );
+    assert_empty(&e, "after adjustments");
+
+    let mut outside = greedy(prompt, 4);
+    outside.adjust.logit_bias = vec![(e.model().model.config.vocab_size as u32, 1.0)];
+    let (tx, _rx) = event_channel();
+    let refused = e.submit(outside, tx).unwrap_err();
+    assert!(
+        refused.to_string().contains("outside the vocabulary"),
+        "{refused}"
+    );
+}

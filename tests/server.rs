@@ -1156,3 +1156,70 @@ fn logprobs_whole_and_streamed_on_both_endpoints() {
         wait_until_empty(&c, &s, "after logprobs").await;
     });
 }
+
+/// `logit_bias` and the penalties over HTTP: a +100 bias on one token id makes every generated
+/// token that token (on both endpoints); penalties of 2 change a repetitive greedy answer; keys
+/// that are not token ids of this model and values outside [-100, 100] are 400s naming the field.
+#[test]
+fn logit_bias_and_penalties_over_http() {
+    let s = Server::start(&["--kv-mode", "vmm"]);
+    runtime().block_on(async {
+        let c = client();
+        let url = s.url("/v1/completions");
+        let base = json!({"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "max_tokens": 8,
+                          "temperature": 0, "ignore_eos": true, "logprobs": 0});
+        let tokens_of = |r: &Value| -> Vec<String> {
+            r["choices"][0]["logprobs"]["tokens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_str().unwrap().to_owned())
+                .collect()
+        };
+        let (status, plain) = post(&c, &url, &base, None).await;
+        assert_eq!(status, StatusCode::OK, "{plain}");
+        let mut biased = base.clone();
+        biased["logit_bias"] = json!({"1000": 100});
+        let (status, r) = post(&c, &url, &biased, None).await;
+        assert_eq!(status, StatusCode::OK, "{r}");
+        let forced = tokens_of(&r);
+        assert_eq!(forced.len(), 8);
+        assert!(forced.iter().all(|t| *t == forced[0]), "{forced:?}");
+        assert_ne!(forced, tokens_of(&plain));
+        // Chat: the same bias, the same token.
+        let chat = json!({"messages": [{"role": "user", "content": "Count."}], "max_tokens": 3,
+                          "temperature": 0, "ignore_eos": true, "logit_bias": {"1000": 100}});
+        let (status, r) = post(&c, &s.url("/v1/chat/completions"), &chat, None).await;
+        assert_eq!(status, StatusCode::OK, "{r}");
+        assert_eq!(
+            r["choices"][0]["message"]["content"].as_str().unwrap(),
+            forced[0].repeat(3)
+        );
+        let mut penalised = base.clone();
+        penalised["presence_penalty"] = json!(2.0);
+        penalised["frequency_penalty"] = json!(2.0);
+        let (status, r) = post(&c, &url, &penalised, None).await;
+        assert_eq!(status, StatusCode::OK, "{r}");
+        assert_ne!(tokens_of(&r), tokens_of(&plain));
+
+        let vocab = 49152;
+        for (field, value) in [
+            ("logit_bias", json!({"x": 1})),
+            ("logit_bias", json!({"01": 1})),
+            ("logit_bias", json!({ vocab.to_string(): 1 })),
+            ("logit_bias", json!({"5": 101})),
+            ("presence_penalty", json!(2.5)),
+            ("frequency_penalty", json!(-3)),
+        ] {
+            let mut body = base.clone();
+            body[field] = value.clone();
+            let (status, r) = post(&c, &url, &body, None).await;
+            assert_eq!(
+                (status, r["error"]["param"].as_str()),
+                (StatusCode::BAD_REQUEST, Some(field)),
+                "{field} {value}: {r}"
+            );
+        }
+        wait_until_empty(&c, &s, "after logit_bias").await;
+    });
+}

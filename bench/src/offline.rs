@@ -156,6 +156,7 @@ fn bench_request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         cache_salt: None,
         share_prompt_with: None,
         logprobs: None,
+        adjust: Default::default(),
     }
 }
 

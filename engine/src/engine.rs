@@ -39,7 +39,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use crate::device::Device;
 use crate::kv::{KvCacheDtype, KvMode, KvUsage, PrefixStats, SeqId};
 use crate::model::LoadedModel;
-use crate::sampler::{SamplingParams, TokenLogprob, MAX_TOP_LOGPROBS};
+use crate::sampler::{LogitsAdjustments, SamplingParams, TokenLogprob, MAX_TOP_LOGPROBS};
 
 mod detokenize;
 mod serving_loop;
@@ -135,6 +135,8 @@ pub struct GenerationRequest {
     /// token's with the `k` most likely alternatives (at most
     /// [`crate::sampler::MAX_TOP_LOGPROBS`]) in [`EventKind::Delta`]'s `logprobs`.
     pub logprobs: Option<usize>,
+    /// Penalties and `logit_bias` applied to the logits before sampling.
+    pub adjust: LogitsAdjustments,
 }
 
 /// Token counts of a finished request (OpenAI's `usage`).
@@ -567,6 +569,9 @@ impl Engine {
         }
         r.sampling
             .validate()
+            .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+        r.adjust
+            .validate(vocab)
             .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
         if let Some(k) = r.logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
             return invalid(format!(

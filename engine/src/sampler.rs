@@ -55,11 +55,65 @@ impl SamplingParams {
     }
 }
 
+/// What a request changes in the logits before sampling (OpenAI's penalties and `logit_bias`):
+/// `logit_bias` adds its value to its token's logit; each token generated so far lowers its logit
+/// by `presence_penalty` once and by `frequency_penalty` per time it was generated (OpenAI's
+/// definition; over the generated tokens, as vLLM's). Log-probabilities stay those of the raw
+/// logits.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LogitsAdjustments {
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub logit_bias: Vec<(u32, f32)>,
+}
+
+/// An adjustment outside the range OpenAI accepts; the message starts with the field's name.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AdjustmentError {
+    #[error("{field} must be in [-2, 2], found {found}")]
+    Penalty { field: &'static str, found: f32 },
+    #[error("logit_bias values must be in [-100, 100], found {found} for token {token}")]
+    Bias { token: u32, found: f32 },
+    #[error("logit_bias token id {token} is outside the vocabulary of {vocab_size} tokens")]
+    BiasToken { token: u32, vocab_size: usize },
+}
+
+impl LogitsAdjustments {
+    /// Whether anything changes the logits.
+    pub fn is_none(&self) -> bool {
+        self.presence_penalty == 0.0 && self.frequency_penalty == 0.0 && self.logit_bias.is_empty()
+    }
+
+    /// Check OpenAI's ranges and the token ids against a vocabulary of `vocab_size`.
+    pub fn validate(&self, vocab_size: usize) -> Result<(), AdjustmentError> {
+        for (field, found) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&found) {
+                return Err(AdjustmentError::Penalty { field, found });
+            }
+        }
+        for &(token, found) in &self.logit_bias {
+            if token as usize >= vocab_size {
+                return Err(AdjustmentError::BiasToken { token, vocab_size });
+            }
+            if !(-100.0..=100.0).contains(&found) {
+                return Err(AdjustmentError::Bias { token, found });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A sampler with its own random generator (one per request).
 #[derive(Debug)]
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    adjust: LogitsAdjustments,
+    /// With penalties: how many times each token was generated so far.
+    counts: std::collections::HashMap<u32, u32>,
 }
 
 /// Index of the largest value (the first one on ties; 0 when the first value is NaN, which
@@ -95,18 +149,53 @@ impl Sampler {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_rng(&mut rand::rng()),
         };
-        Sampler { params, rng }
+        Sampler {
+            params,
+            rng,
+            adjust: LogitsAdjustments::default(),
+            counts: Default::default(),
+        }
     }
 
-    /// Whether [`Sampler::sample`] is the argmax (so a device may pick the token itself).
+    /// A sampler that adjusts the logits first (see [`LogitsAdjustments`]).
+    pub fn with_adjustments(params: SamplingParams, adjust: LogitsAdjustments) -> Self {
+        Sampler {
+            adjust,
+            ..Sampler::new(params)
+        }
+    }
+
+    /// Whether [`Sampler::sample`] is the argmax of the raw logits (so a device may pick the
+    /// token itself).
     pub fn is_greedy(&self) -> bool {
-        self.params.temperature == 0.0 || self.params.top_k == 1
+        (self.params.temperature == 0.0 || self.params.top_k == 1) && self.adjust.is_none()
     }
 
     /// The next token.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.adjust.is_none() {
+            return self.pick(logits);
+        }
+        let mut adjusted = logits.to_vec();
+        for &(token, bias) in &self.adjust.logit_bias {
+            if let Some(l) = adjusted.get_mut(token as usize) {
+                *l += bias;
+            }
+        }
+        let (presence, frequency) = (self.adjust.presence_penalty, self.adjust.frequency_penalty);
+        for (&token, &n) in &self.counts {
+            if let Some(l) = adjusted.get_mut(token as usize) {
+                *l -= presence + frequency * n as f32;
+            }
+        }
+        let token = self.pick(&adjusted);
+        *self.counts.entry(token).or_default() += 1;
+        token
+    }
+
+    fn pick(&mut self, logits: &[f32]) -> u32 {
         let p = self.params;
-        if self.is_greedy() {
+        if p.temperature == 0.0 || p.top_k == 1 {
             return argmax(logits);
         }
         // Ranked by the raw logits (temperature does not change the order); top-k keeps the k
@@ -210,6 +299,52 @@ impl TokenLogprob {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bias_and_penalties_move_the_greedy_choice_and_only_when_set() {
+        let logits = [1.0f32, 3.0, 2.5, 0.0];
+        let mut plain = Sampler::with_adjustments(SamplingParams::default(), Default::default());
+        assert!(plain.is_greedy());
+        assert_eq!(plain.sample(&logits), 1);
+        // A bias of +5 on token 3 makes it the argmax; the device may no longer pick.
+        let bias = LogitsAdjustments {
+            logit_bias: vec![(3, 5.0)],
+            ..Default::default()
+        };
+        let mut biased = Sampler::with_adjustments(SamplingParams::default(), bias);
+        assert!(!biased.is_greedy());
+        assert_eq!(biased.sample(&logits), 3);
+        // A presence penalty of 1 makes token 1 (3.0 − 1) lose to token 2 after its first time.
+        let penalty = LogitsAdjustments {
+            presence_penalty: 1.0,
+            ..Default::default()
+        };
+        let mut s = Sampler::with_adjustments(SamplingParams::default(), penalty);
+        assert_eq!(
+            [s.sample(&logits), s.sample(&logits), s.sample(&logits)],
+            [1, 2, 1]
+        );
+        // Frequency: each repetition costs more (token 1: 3, 2, 1; token 2: 2.5, 1.5).
+        let frequency = LogitsAdjustments {
+            frequency_penalty: 1.0,
+            ..Default::default()
+        };
+        let mut s = Sampler::with_adjustments(SamplingParams::default(), frequency);
+        let picks: Vec<u32> = (0..4).map(|_| s.sample(&logits)).collect();
+        assert_eq!(picks, vec![1, 2, 1, 2]);
+        assert!(LogitsAdjustments {
+            presence_penalty: 2.5,
+            ..Default::default()
+        }
+        .validate(4)
+        .is_err());
+        let out_of_vocab = LogitsAdjustments {
+            logit_bias: vec![(4, 1.0)],
+            ..Default::default()
+        };
+        assert!(out_of_vocab.validate(4).is_err());
+        assert!(out_of_vocab.validate(5).is_ok());
+    }
 
     #[test]
     fn logprobs_are_a_log_softmax_and_the_top_come_most_likely_first() {

@@ -163,10 +163,20 @@ impl ApiError {
                 } else if m.starts_with("max_tokens") {
                     Some(max_tokens_field.to_string())
                 } else {
-                    ["temperature", "top_p", "top_k", "stop", "seed"]
-                        .into_iter()
-                        .find(|f| m.starts_with(f))
-                        .map(str::to_string)
+                    [
+                        "temperature",
+                        "top_p",
+                        "top_k",
+                        "stop",
+                        "seed",
+                        "presence_penalty",
+                        "frequency_penalty",
+                        "logit_bias",
+                        "logprobs",
+                    ]
+                    .into_iter()
+                    .find(|f| m.starts_with(f))
+                    .map(str::to_string)
                 };
                 ApiError::invalid(param, m)
             }

@@ -98,6 +98,35 @@ impl Modify for BearerAuth {
 )]
 struct ApiDoc;
 
+/// A regular expression (no anchors) matching exactly the decimal numbers 0..=`max` written
+/// without leading zeros: shorter numbers, then, digit by digit, those of `max`'s length that
+/// stay below it.
+fn decimal_up_to(max: usize) -> String {
+    let digits: Vec<u8> = max.to_string().bytes().map(|b| b - b'0').collect();
+    let d = digits.len();
+    let mut alternatives = vec!["0".to_string()];
+    if d > 1 {
+        alternatives.push(format!("[1-9][0-9]{{0,{}}}", d - 2));
+    }
+    for i in 0..d {
+        let low = if i == 0 { 1 } else { 0 };
+        let prefix: String = digits[..i].iter().map(|x| (b'0' + x) as char).collect();
+        if digits[i] > low {
+            let rest = d - i - 1;
+            let tail = if rest > 0 {
+                format!("[0-9]{{{rest}}}")
+            } else {
+                String::new()
+            };
+            alternatives.push(format!("{prefix}[{low}-{}]{tail}", digits[i] - 1));
+        }
+    }
+    if max > 0 {
+        alternatives.push(max.to_string());
+    }
+    alternatives.join("|")
+}
+
 /// The document for a server that serves `model` (its name in requests and /v1/models), whose
 /// vocabulary has `vocab_size` tokens, and that runs at most `max_n` choices of one request
 /// (its engine's `--max-num-seqs`: every choice of a request runs at once).
@@ -113,6 +142,17 @@ pub fn document(model: &str, vocab_size: usize, max_n: usize) -> Value {
         token.insert("maximum".into(), vocab_size.saturating_sub(1).into());
     }
     for name in ["CompletionRequest", "ChatCompletionRequest"] {
+        // `logit_bias` keys: token ids of this vocabulary, in decimal.
+        if let Some(field) = doc
+            .pointer_mut(&format!("/components/schemas/{name}/properties/logit_bias"))
+            .and_then(Value::as_object_mut)
+        {
+            let pattern = format!("^({})$", decimal_up_to(vocab_size.saturating_sub(1)));
+            field.insert(
+                "propertyNames".into(),
+                serde_json::json!({"type": "string", "pattern": pattern}),
+            );
+        }
         if let Some(field) = doc
             .pointer_mut(&format!("/components/schemas/{name}/properties/n"))
             .and_then(Value::as_object_mut)
@@ -194,6 +234,22 @@ pub fn document(model: &str, vocab_size: usize, max_n: usize) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decimal_up_to_matches_exactly_the_ids_below_the_bound() {
+        for max in [
+            0usize, 1, 9, 10, 11, 99, 100, 101, 1000, 49151, 50000, 128255,
+        ] {
+            let re = regex::Regex::new(&format!("^({})$", decimal_up_to(max))).unwrap();
+            let top = (max * 2 + 20).min(300_000);
+            for n in 0..top {
+                assert_eq!(re.is_match(&n.to_string()), n <= max, "{max}: {n}");
+            }
+            for bad in ["00", "01", "007", "", "-1", "1.0", " 1"] {
+                assert!(!re.is_match(bad), "{max}: {bad:?}");
+            }
+        }
+    }
 
     fn schema<'a>(doc: &'a Value, name: &str) -> &'a Value {
         &doc["components"]["schemas"][name]

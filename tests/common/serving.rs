@@ -126,6 +126,7 @@ pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         cache_salt: None,
         share_prompt_with: None,
         logprobs: None,
+        adjust: Default::default(),
     }
 }
 

@@ -275,7 +275,7 @@ impl<'m> EngineLoop<'m> {
         self.active.insert(
             id,
             Active {
-                sampler: Sampler::new(request.sampling),
+                sampler: Sampler::with_adjustments(request.sampling, request.adjust),
                 logprobs: request.logprobs,
                 stop: request.stop,
                 prompt_len,

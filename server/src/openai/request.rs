@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Schema, SchemaType, Type};
 use utoipa::ToSchema;
 use vkv_engine::engine::{GenerationRequest, StopConditions};
-use vkv_engine::sampler::{SamplingParams, MAX_TOP_LOGPROBS};
+use vkv_engine::sampler::{LogitsAdjustments, SamplingParams, MAX_TOP_LOGPROBS};
 use vkv_engine::tokenizer::{ChatMessage, Tokenizer};
 
 use super::{optional_object, Endpoint, Object};
@@ -74,11 +74,20 @@ fn only_text_format() -> ObjectBuilder {
         ))
 }
 
-fn only_empty_object() -> ObjectBuilder {
+/// `logit_bias`: token ids (decimal, no leading zeros) to a bias in [-100, 100]. The served
+/// document bounds the ids by the vocabulary (`propertyNames`, see `crate::openapi`).
+fn logit_bias_schema() -> ObjectBuilder {
     ObjectBuilder::new()
         .schema_type(SchemaType::from_iter([Type::Object, Type::Null]))
-        .max_properties(Some(0))
-        .description(Some("Not supported by this server: empty only."))
+        .additional_properties(Some(
+            ObjectBuilder::new()
+                .schema_type(Type::Number)
+                .minimum(Some(-100.0))
+                .maximum(Some(100.0)),
+        ))
+        .description(Some(
+            "Token id (decimal) → bias added to its logit before sampling, in [-100, 100].",
+        ))
 }
 
 fn only_no_tool() -> ObjectBuilder {
@@ -167,13 +176,13 @@ macro_rules! generation_request {
             /// shared by every choice. With a `seed`, choice `i` samples with `seed + i`.
             #[schema(minimum = 1, maximum = 128, default = 1)]
             pub n: Option<i64>,
-            /// Not supported by this server: 0 only.
-            #[schema(minimum = 0, maximum = 0, default = 0)]
+            /// Lowers the logit of every token already generated, once.
+            #[schema(minimum = -2, maximum = 2, default = 0)]
             pub presence_penalty: Option<f64>,
-            /// Not supported by this server: 0 only.
-            #[schema(minimum = 0, maximum = 0, default = 0)]
+            /// Lowers the logit of every token already generated, per time it was.
+            #[schema(minimum = -2, maximum = 2, default = 0)]
             pub frequency_penalty: Option<f64>,
-            #[schema(schema_with = only_empty_object)]
+            #[schema(schema_with = logit_bias_schema)]
             pub logit_bias: Option<Map<String, Value>>,
             /// Accepted and not used.
             pub user: Option<String>,
@@ -240,16 +249,24 @@ macro_rules! generation_request {
                         ))
                     }
                 };
-                for (name, value) in [
-                    ("presence_penalty", self.presence_penalty),
-                    ("frequency_penalty", self.frequency_penalty),
+                let mut adjust = LogitsAdjustments::default();
+                for (name, value, into) in [
+                    ("presence_penalty", self.presence_penalty, &mut adjust.presence_penalty),
+                    ("frequency_penalty", self.frequency_penalty, &mut adjust.frequency_penalty),
                 ] {
-                    if let Some(v) = value {
-                        neutral(name, v == 0.0, "0 only", v)?;
+                    match value {
+                        None => {}
+                        Some(v) if (-2.0..=2.0).contains(&v) => *into = v as f32,
+                        Some(v) => {
+                            return Err(ApiError::field(
+                                name,
+                                format!("`{name}` must be in [-2, 2], found {v}"),
+                            ))
+                        }
                     }
                 }
-                if let Some(bias) = &self.logit_bias {
-                    neutral("logit_bias", bias.is_empty(), "empty only", "an object with entries")?;
+                for (key, value) in self.logit_bias.iter().flatten() {
+                    adjust.logit_bias.push(logit_bias_entry(key, value)?);
                 }
                 let stop = self.stop.clone().map(|s| s.0).unwrap_or_default();
                 if stop.iter().any(String::is_empty) {
@@ -275,6 +292,7 @@ macro_rules! generation_request {
                 Ok(Shared {
                     model: self.model.clone(),
                     n,
+                    adjust,
                     max_tokens,
                     sampling: SamplingParams {
                         temperature: temperature as f32,
@@ -301,6 +319,7 @@ macro_rules! generation_request {
 struct Shared {
     model: Option<String>,
     n: usize,
+    adjust: LogitsAdjustments,
     max_tokens: Option<usize>,
     sampling: SamplingParams,
     stop: StopConditions,
@@ -380,6 +399,9 @@ pub struct ValidRequest {
     pub n: usize,
     /// Log-probabilities of the generated tokens, with this many alternatives each.
     pub logprobs: Option<usize>,
+    /// Penalties and `logit_bias` (token ids checked against the vocabulary in
+    /// `to_generation`).
+    pub adjust: LogitsAdjustments,
     /// `None`: the rest of the context.
     pub max_tokens: Option<usize>,
     /// The name the client used for it (`max_tokens` or `max_completion_tokens`).
@@ -405,6 +427,7 @@ impl ValidRequest {
             input,
             n: shared.n,
             logprobs,
+            adjust: shared.adjust,
             max_tokens: shared.max_tokens,
             max_tokens_field,
             sampling: shared.sampling,
@@ -413,6 +436,29 @@ impl ValidRequest {
             include_usage: shared.include_usage,
             cache_salt: shared.cache_salt,
         }
+    }
+}
+
+/// One `logit_bias` entry: a token id written in decimal without leading zeros (the schema's
+/// pattern; the vocabulary bound is checked with the tokenizer) and a bias in [-100, 100].
+fn logit_bias_entry(key: &str, value: &Value) -> Result<(u32, f32), ApiError> {
+    let canonical =
+        key == "0" || (!key.starts_with('0') && key.bytes().all(|b| b.is_ascii_digit()));
+    let token = match key.parse::<u32>() {
+        Ok(t) if canonical => t,
+        _ => {
+            return Err(ApiError::field(
+                "logit_bias",
+                format!("`logit_bias` keys must be token ids in decimal, found {key:?}"),
+            ))
+        }
+    };
+    match value.as_f64() {
+        Some(b) if (-100.0..=100.0).contains(&b) => Ok((token, b as f32)),
+        _ => Err(ApiError::field(
+            "logit_bias",
+            format!("`logit_bias` values must be numbers in [-100, 100], found {value} for token {token}"),
+        )),
     }
 }
 
@@ -568,6 +614,17 @@ impl ValidRequest {
             return Err(ApiError::field(field, EMPTY_PROMPT));
         }
         let vocab = tokenizer.vocab_size();
+        if let Some(&(id, _)) = self
+            .adjust
+            .logit_bias
+            .iter()
+            .find(|b| b.0 as usize >= vocab)
+        {
+            return Err(ApiError::field(
+                "logit_bias",
+                format!("logit_bias token id {id} is outside the vocabulary of {vocab} tokens"),
+            ));
+        }
         let stop_ids = &self.stop.stop_token_ids;
         if let Some(&id) = stop_ids.iter().find(|&&id| id as usize >= vocab) {
             return Err(ApiError::field(
@@ -598,6 +655,7 @@ impl ValidRequest {
             cache_salt: self.cache_salt.clone(),
             share_prompt_with: None,
             logprobs: self.logprobs,
+            adjust: self.adjust.clone(),
         })
     }
 }
