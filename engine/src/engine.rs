@@ -41,6 +41,7 @@ use crate::kv::{KvCacheDtype, KvMode, KvUsage, PrefixStats, SeqId};
 use crate::model::LoadedModel;
 use crate::sampler::{LogitsAdjustments, SamplingParams, TokenLogprob, MAX_TOP_LOGPROBS};
 
+mod beam_search;
 mod detokenize;
 mod serving_loop;
 use detokenize::{FinishCounts, Output};
@@ -170,6 +171,15 @@ impl Timings {
             _ => None,
         }
     }
+}
+
+/// Beam search's parameters (vLLM's `BeamSearchParams`; see [`Engine::submit_beam_search`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BeamSearch {
+    /// Beams kept each step, and answers returned.
+    pub width: usize,
+    /// Hypotheses are ranked by cumulative log-probability over `length ^ length_penalty`.
+    pub length_penalty: f32,
 }
 
 /// Why generation stopped (OpenAI's `finish_reason`).
@@ -345,6 +355,8 @@ enum Command {
         events: EventSender,
         arrival: Instant,
         span: tracing::Span,
+        /// Beam search: the request's answers are `id .. id + width`.
+        beam: Option<BeamSearch>,
     },
     Abort(RequestId),
     /// From the detokenizer: a stop string appeared in the request's text.
@@ -360,6 +372,9 @@ struct Shared {
     /// How requests ended as their clients were told (kept by the detokenizer).
     finishes: FinishCounts,
     accepting: AtomicBool,
+    /// Request ids, and the sequence ids of forked beams (one space: a request's first
+    /// sequence has the request's id).
+    next_id: AtomicU64,
 }
 
 /// The handle to the engine thread (see the module docs). Dropping it aborts what is in flight
@@ -370,7 +385,6 @@ pub struct Engine {
     model: Arc<LoadedModel>,
     /// The engine thread, then the detokenizer thread (which ends when the engine thread has).
     threads: Mutex<Vec<JoinHandle<()>>>,
-    next_id: AtomicU64,
     max_model_len: usize,
     max_num_seqs: usize,
     kv_capacity: usize,
@@ -416,6 +430,7 @@ impl Engine {
             }),
             accepting: AtomicBool::new(true),
             finishes: FinishCounts::default(),
+            next_id: AtomicU64::new(0),
         });
         let (tx, rx) = crossbeam_channel::unbounded();
         let (output_tx, output_rx) = crossbeam_channel::unbounded();
@@ -448,7 +463,6 @@ impl Engine {
             shared,
             model,
             threads: Mutex::new(vec![thread, detokenizer]),
-            next_id: AtomicU64::new(0),
             max_model_len,
             max_num_seqs,
             kv_capacity,
@@ -487,12 +501,23 @@ impl Engine {
         request: GenerationRequest,
         events: EventSender,
     ) -> Result<RequestId, EngineError> {
-        let arrival = Instant::now();
         self.check(&request)?;
+        self.queue(request, events, None)
+    }
+
+    /// Send a checked request to the engine thread; returns its (first) id.
+    fn queue(
+        &self,
+        request: GenerationRequest,
+        events: EventSender,
+        beam: Option<BeamSearch>,
+    ) -> Result<RequestId, EngineError> {
+        let arrival = Instant::now();
         if !self.shared.accepting.load(Ordering::Acquire) {
             return Err(EngineError::ShuttingDown);
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let ids = beam.map_or(1, |b| b.width) as u64;
+        let id = self.shared.next_id.fetch_add(ids, Ordering::Relaxed);
         // The request's span, a child of the caller's (the server's HTTP exchange): the engine
         // thread logs the request's admission, chunks, preemptions and end inside it.
         let span = tracing::info_span!(
@@ -509,9 +534,52 @@ impl Engine {
                 events,
                 arrival,
                 span,
+                beam,
             })
             .map_err(|_| EngineError::Stopped)?;
         Ok(id)
+    }
+
+    /// Beam search (vLLM's `use_beam_search`; see the `beam_search` module): keep the
+    /// `beam.width` most likely continuations of the prompt, each a sequence sharing its
+    /// ancestors' KV, and answer with the `width` best, best first: the returned ids, each with
+    /// its tokens and text in one delta at the end, then its `Finished`, sent to `events`. The
+    /// request's sampling parameters are not used; stop strings, log-probabilities, penalties
+    /// and `logit_bias` are refused with it.
+    pub fn submit_beam_search(
+        &self,
+        request: GenerationRequest,
+        beam: BeamSearch,
+        events: EventSender,
+    ) -> Result<Vec<RequestId>, EngineError> {
+        let invalid = |m: String| Err(EngineError::InvalidRequest(m));
+        if beam.width == 0 || beam.width > self.max_num_seqs {
+            return invalid(format!(
+                "the beam width must be at least 1 and at most max-num-seqs ({}) so that all beams run together, found {}",
+                self.max_num_seqs, beam.width
+            ));
+        }
+        if !beam.length_penalty.is_finite() {
+            return invalid(format!(
+                "length_penalty must be a finite number, found {}",
+                beam.length_penalty
+            ));
+        }
+        if !request.stop.stop.is_empty() {
+            return invalid("stop strings are not supported with beam search".into());
+        }
+        if request.logprobs.is_some() {
+            return invalid("logprobs are not supported with beam search".into());
+        }
+        if !request.adjust.is_none() {
+            return invalid(
+                "presence_penalty, frequency_penalty and logit_bias are not supported with beam search"
+                    .into(),
+            );
+        }
+        self.check(&request)?;
+        let first = self.queue(request, events, Some(beam))?;
+        Ok((first..first + beam.width as u64).collect())
     }
 
     /// Parallel sampling (OpenAI's `n`): submit `n` samples of one request, all sending their

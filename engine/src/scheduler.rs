@@ -108,6 +108,8 @@ pub enum SchedulerError {
         max_tokens: usize,
         capacity: usize,
     },
+    #[error("sequence {0} is not scheduled")]
+    Unknown(SeqId),
     #[error(transparent)]
     Kv(#[from] KvError),
 }
@@ -347,6 +349,20 @@ impl Scheduler {
             self.running.push(seq);
             budget -= n;
         }
+        if step.chunks.is_empty() && !self.waiting.is_empty() {
+            // Every running sequence is held (beam search: it waits for its siblings' logits)
+            // and the queue's head finds no place or memory beside them. Preempt the newest to
+            // the back of the queue, so that the head goes in, and plan again.
+            if let Some(victim) = self.running.pop() {
+                self.preempt(victim, kv, &mut step)?;
+                let victim = self.waiting.pop_front().expect("just queued");
+                self.waiting.push_back(victim);
+                let mut next = self.schedule(kv)?;
+                next.preempted.splice(0..0, step.preempted);
+                next.failed.splice(0..0, step.failed);
+                return Ok(next);
+            }
+        }
         Ok(step)
     }
 
@@ -527,6 +543,66 @@ impl Scheduler {
             kv.free(id)?;
         }
         Ok(known)
+    }
+
+    /// Beam search: give held sequence `id` (one that sampled without a token in
+    /// [`Scheduler::update`], so it holds the KV of all its tokens and is not scheduled) its next
+    /// token. Returns whether `id` is known.
+    pub fn append(&mut self, id: SeqId, token: u32) -> bool {
+        match self
+            .waiting
+            .iter_mut()
+            .chain(&mut self.running)
+            .find(|s| s.id == id)
+        {
+            Some(s) => {
+                s.tokens.push(token);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Beam search: start sequence `dst` as a copy of held sequence `src` followed by `token`,
+    /// sharing `src`'s KV ([`KvManager::fork`]: whole blocks or pages shared, the one the
+    /// tokens end inside copied). Where `src` holds no KV (it was preempted) or no place or
+    /// memory is free, `dst` waits at the head of the queue and is computed from scratch (with
+    /// prefix caching it finds `src`'s blocks cached). Returns the tokens shared.
+    pub fn fork_running(
+        &mut self,
+        src: SeqId,
+        dst: SeqId,
+        token: u32,
+        kv: &mut dyn KvManager,
+    ) -> Result<usize, SchedulerError> {
+        if self.contains(dst) {
+            return Err(SchedulerError::Duplicate(dst));
+        }
+        let Some(source) = self
+            .running
+            .iter()
+            .chain(&self.waiting)
+            .find(|s| s.id == src)
+        else {
+            return Err(SchedulerError::Unknown(src));
+        };
+        let mut seq = Seq {
+            id: dst,
+            fork_of: None,
+            computed: 0,
+            ..source.clone()
+        };
+        seq.tokens.push(token);
+        let shared = source.computed.min(seq.tokens.len() - 1);
+        let place = self.running.len() < self.config.max_num_seqs;
+        if shared > 0 && place && kv.fork(src, dst, shared).is_ok() {
+            seq.computed = shared;
+            self.running.push(seq);
+            Ok(shared)
+        } else {
+            self.waiting.push_front(seq);
+            Ok(0)
+        }
     }
 
     /// The tokens generated so far for `id`.

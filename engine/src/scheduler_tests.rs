@@ -646,3 +646,57 @@ fn a_sample_forks_before_its_source_finishes_and_runs_alone_without_one() {
     kv.audit().unwrap();
     assert_eq!(kv.usage().bytes_allocated, 0);
 }
+
+/// Beam search's operations: a sequence that sampled without a token is held (holds its KV,
+/// is not scheduled); `fork_running` starts a copy sharing its KV plus a token of its own,
+/// `append` gives it its token; both then decode from where the KV ends. When only held
+/// sequences run and the queue's head does not fit, the newest held one is preempted to the
+/// back of the queue so that the head goes in.
+#[test]
+fn held_sequences_fork_and_append_and_never_block_the_queue() {
+    let mut kv = PagedKv::new(DIMS, 16, 4).unwrap();
+    let mut s = Scheduler::new(SchedulerConfig {
+        max_num_seqs: 8,
+        max_num_batched_tokens: 64,
+    });
+    s.add(req(0, 10, 5), &kv).unwrap();
+    let first = s.schedule(&mut kv).unwrap();
+    assert_eq!(s.update(&first, &[], &mut kv).unwrap(), Vec::<SeqId>::new());
+    // Held: nothing to compute.
+    assert!(s.schedule(&mut kv).unwrap().chunks.is_empty());
+    assert_eq!(s.fork_running(0, 1, 77, &mut kv).unwrap(), 10);
+    assert!(matches!(
+        s.fork_running(0, 1, 78, &mut kv),
+        Err(SchedulerError::Duplicate(1))
+    ));
+    assert!(matches!(
+        s.fork_running(5, 6, 78, &mut kv),
+        Err(SchedulerError::Unknown(5))
+    ));
+    assert!(s.append(0, 76));
+    // Two blocks of 4 shared, the third (tokens 8, 9) copied.
+    let usage = kv.usage();
+    assert_eq!(usage.bytes_allocated, 4 * kv.bytes_per_token() * 4);
+    let next = s.schedule(&mut kv).unwrap();
+    let mut chunks: Vec<(SeqId, usize, Vec<u32>)> = next
+        .chunks
+        .iter()
+        .map(|c| (c.seq, c.start, c.tokens.clone()))
+        .collect();
+    chunks.sort();
+    assert_eq!(chunks, vec![(0, 10, vec![76]), (1, 10, vec![77])]);
+    s.update(&next, &[], &mut kv).unwrap();
+    // Both held, 11 tokens each (3 blocks each, 2 shared: 4 of the 16 blocks). A prompt of 52
+    // tokens needs 13 blocks: it goes in once the newest held sequence makes way.
+    s.add(req(2, 52, 4), &kv).unwrap();
+    let step3 = s.schedule(&mut kv).unwrap();
+    assert_eq!(step3.preempted, vec![1]);
+    assert_eq!(step3.chunks.len(), 1);
+    assert_eq!(step3.chunks[0].seq, 2);
+    assert_eq!(s.num_waiting(), 1);
+    for seq in [0, 1, 2] {
+        s.finish(seq, &mut kv).unwrap();
+    }
+    kv.audit().unwrap();
+    assert_eq!(kv.usage().bytes_allocated, 0);
+}

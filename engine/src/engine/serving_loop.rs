@@ -13,13 +13,15 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 use vkv_vmm::faults::{self, Fault};
 
+use super::beam_search::BeamGroup;
 use super::{
-    lock, warm_plan, Command, EngineConfig, EngineError, EngineEvent, EngineMetrics, EventKind,
-    EventSender, Finished, GenerationRequest, MapMetrics, Output, RequestId, Shared,
+    lock, warm_plan, BeamSearch, Command, EngineConfig, EngineError, EngineEvent, EngineMetrics,
+    EventKind, EventSender, Finished, GenerationRequest, MapMetrics, Output, RequestId, Shared,
     StopConditions, Timings, Usage,
 };
 use crate::device::{Backend, BackendError, Next};
 use crate::engine::FinishReason;
+use crate::kv::SeqId;
 use crate::model::LoadedModel;
 use crate::model::SeqChunk;
 use crate::sampler::{Sampler, TokenLogprob};
@@ -88,6 +90,10 @@ pub(super) struct EngineLoop<'m> {
     metrics: EngineMetrics,
     /// Commands received during a step that wait for its end (see `admit_while_computing`).
     deferred: Vec<Command>,
+    /// Beam searches by request id (whose `Active` is the request's), and the request of each
+    /// beam's sequence.
+    groups: HashMap<RequestId, BeamGroup>,
+    beam_of: HashMap<SeqId, RequestId>,
 }
 
 impl<'m> EngineLoop<'m> {
@@ -112,6 +118,8 @@ impl<'m> EngineLoop<'m> {
             eos: model.tokenizer.stop_token_ids().to_vec(),
             metrics,
             deferred: Vec::new(),
+            groups: HashMap::new(),
+            beam_of: HashMap::new(),
         }
     }
 
@@ -209,8 +217,15 @@ impl<'m> EngineLoop<'m> {
                 events,
                 arrival,
                 span,
-            } => self.add(id, *request, events, arrival, span),
+                beam,
+            } => self.add(id, *request, events, arrival, span, beam),
             Command::Abort(id) => {
+                // A beam search's answers are aborted together.
+                let id = self
+                    .groups
+                    .iter()
+                    .find(|(&key, g)| (key..key + g.width() as u64).contains(&id))
+                    .map_or(id, |(&key, _)| key);
                 if self.active.contains_key(&id) {
                     self.end(id, FinishReason::Abort);
                 }
@@ -247,6 +262,7 @@ impl<'m> EngineLoop<'m> {
         events: EventSender,
         arrival: Instant,
         span: tracing::Span,
+        beam: Option<BeamSearch>,
     ) {
         let seq = SeqRequest {
             id,
@@ -266,12 +282,24 @@ impl<'m> EngineLoop<'m> {
             return;
         }
         // Text and stop strings are the detokenizer's; token-level stops stay here.
-        let _ = self.output.send(Output::Start {
-            id,
-            events,
-            stop: std::mem::take(&mut request.stop.stop),
-            span: span.clone(),
-        });
+        let answers = beam.map_or(1, |b| b.width) as u64;
+        for answer in id..id + answers {
+            let _ = self.output.send(Output::Start {
+                id: answer,
+                events: events.clone(),
+                stop: std::mem::take(&mut request.stop.stop),
+                span: span.clone(),
+            });
+        }
+        if let Some(beam) = beam {
+            let stop_tokens = match request.stop.ignore_eos {
+                true => request.stop.stop_token_ids.clone(),
+                false => [&self.eos[..], &request.stop.stop_token_ids].concat(),
+            };
+            let group = BeamGroup::new(beam, id, prompt_len, request.max_tokens, stop_tokens);
+            self.groups.insert(id, group);
+            self.beam_of.insert(id, id);
+        }
         self.active.insert(
             id,
             Active {
@@ -293,6 +321,9 @@ impl<'m> EngineLoop<'m> {
     /// Remove a request, free its KV, and send its final event (through the detokenizer, which
     /// sends the client what text is left first).
     pub(super) fn end(&mut self, id: RequestId, reason: FinishReason) {
+        if self.groups.contains_key(&id) {
+            return self.end_beam_search(id, Some(reason));
+        }
         let Some(a) = self.active.remove(&id) else {
             return;
         };
@@ -342,13 +373,24 @@ impl<'m> EngineLoop<'m> {
     /// Fail every request of a step (the forward pass or the scheduler broke).
     fn fail(&mut self, ids: &[RequestId], why: &str) {
         for &id in ids {
+            // A beam's failure fails its beam search.
+            let id = self.beam_of.get(&id).copied().unwrap_or(id);
+            let answers = match self.groups.remove(&id) {
+                Some(group) => {
+                    self.free_beams(&group);
+                    group.width() as u64
+                }
+                None => 1,
+            };
             if let Some(a) = self.active.remove(&id) {
                 let _ = self.scheduler.finish(id, self.backend.kv_mut());
                 self.prepare_admissions();
                 self.metrics.failed += 1;
                 tracing::warn!(parent: &a.span, error = why, "failed");
-                let why = why.to_string();
-                let _ = self.output.send(Output::Failed { id, why });
+                for answer in id..id + answers {
+                    let why = why.to_string();
+                    let _ = self.output.send(Output::Failed { id: answer, why });
+                }
             }
         }
     }
@@ -400,10 +442,11 @@ impl<'m> EngineLoop<'m> {
             .iter()
             .map(|c| {
                 c.samples
-                    && self
-                        .active
-                        .get(&c.seq)
-                        .is_some_and(|a| !a.sampler.is_greedy() || a.logprobs.is_some())
+                    && (self.beam_of.contains_key(&c.seq)
+                        || self
+                            .active
+                            .get(&c.seq)
+                            .is_some_and(|a| !a.sampler.is_greedy() || a.logprobs.is_some()))
             })
             .collect();
         let launched = if faults::plan().take(Fault::Launch) {
@@ -429,7 +472,13 @@ impl<'m> EngineLoop<'m> {
         let now = Instant::now();
         let mut sampled = Vec::new();
         let mut logprobs = Vec::new();
+        let mut proposed = Vec::new();
         for (c, next) in step.chunks.iter().zip(&nexts) {
+            if let Some(&key) = self.beam_of.get(&c.seq) {
+                self.beam_computed(key, c, next, start, &step);
+                proposed.push(key);
+                continue;
+            }
             let Some(a) = self.active.get_mut(&c.seq) else {
                 continue;
             };
@@ -487,6 +536,10 @@ impl<'m> EngineLoop<'m> {
         for ((id, token), logprob) in sampled.into_iter().zip(logprobs) {
             self.emit(id, token, logprob, at_length.contains(&id), now);
         }
+        proposed.dedup();
+        for key in proposed {
+            self.advance_beam_search(key);
+        }
         self.metrics.steps += 1;
         self.metrics.busy_seconds += start.elapsed().as_secs_f64();
     }
@@ -532,10 +585,15 @@ impl<'m> EngineLoop<'m> {
             return;
         };
         for c in &step.chunks {
+            let end = c.start + c.tokens.len();
+            if self.beam_of.contains_key(&c.seq) {
+                let next = end + usize::from(c.samples) * (1 + self.config.map_ahead_tokens);
+                mapper.map_ahead(c.seq, next);
+                continue;
+            }
             let Some(a) = self.active.get(&c.seq) else {
                 continue;
             };
-            let end = c.start + c.tokens.len();
             let next = if c.samples {
                 end + 1 + self.config.map_ahead_tokens
             } else {
@@ -578,6 +636,131 @@ impl<'m> EngineLoop<'m> {
                 FinishReason::Length
             };
             self.end(id, reason);
+        }
+    }
+
+    /// A chunk of a beam of search `key` was computed: the request's timings and counts, and,
+    /// if it samples, the beam's proposals.
+    fn beam_computed(
+        &mut self,
+        key: RequestId,
+        c: &crate::scheduler::ScheduledChunk,
+        next: &Next,
+        start: Instant,
+        step: &Step,
+    ) {
+        if let Some(a) = self.active.get_mut(&key) {
+            if a.first_scheduled.is_none() {
+                a.first_scheduled = Some(start);
+                a.cached_tokens = step
+                    .cached
+                    .iter()
+                    .find(|&&(id, _)| id == c.seq)
+                    .map_or(0, |&(_, cached)| cached);
+            }
+        }
+        if c.tokens.len() > 1 || !c.samples {
+            self.metrics.prefill_tokens += c.tokens.len() as u64;
+        }
+        if !c.samples {
+            return;
+        }
+        let (Some(group), Next::Logits(logits)) = (self.groups.get_mut(&key), next) else {
+            // Beams always ask for logits; a device that gave a token instead is a bug.
+            let why = "a beam's step came back without logits";
+            return self.fail(&[key], why);
+        };
+        group.propose(c.seq, logits);
+    }
+
+    /// Once every beam of search `key` has proposed: choose the next beams and have the
+    /// scheduler free, fork and extend their sequences; end the search when it is done.
+    fn advance_beam_search(&mut self, key: RequestId) {
+        let Some(group) = self.groups.get_mut(&key) else {
+            return;
+        };
+        if !group.ready() {
+            return;
+        }
+        let next_id = &self.shared.next_id;
+        let selection = group.select(|| next_id.fetch_add(1, Ordering::Relaxed));
+        let kv = self.backend.kv_mut();
+        self.metrics.generated_tokens += (selection.appends.len() + selection.forks.len()) as u64;
+        for seq in &selection.dropped {
+            let _ = self.scheduler.finish(*seq, kv);
+            self.beam_of.remove(seq);
+        }
+        for &(src, dst, token) in &selection.forks {
+            match self.scheduler.fork_running(src, dst, token, kv) {
+                Ok(_) => {
+                    self.beam_of.insert(dst, key);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "a beam could not be forked: searching without it");
+                    group.lose(dst);
+                }
+            }
+        }
+        for &(seq, token) in &selection.appends {
+            self.scheduler.append(seq, token);
+        }
+        if group.is_done() {
+            self.end_beam_search(key, None);
+        }
+        self.prepare_admissions();
+    }
+
+    /// Free every live beam of `group` (its KV and its place in the scheduler).
+    fn free_beams(&mut self, group: &BeamGroup) {
+        for seq in group.seqs() {
+            let _ = self.scheduler.finish(seq, self.backend.kv_mut());
+            self.beam_of.remove(&seq);
+        }
+    }
+
+    /// End beam search `key`: with `None` (it is done) each answer gets its hypothesis' tokens
+    /// then its `Finished`; with a reason (an abort) each answer just ends.
+    fn end_beam_search(&mut self, key: RequestId, aborted: Option<FinishReason>) {
+        let (Some(group), Some(a)) = (self.groups.remove(&key), self.active.remove(&key)) else {
+            return;
+        };
+        self.free_beams(&group);
+        self.prepare_admissions();
+        self.publish();
+        let best = match aborted {
+            Some(_) => Vec::new(),
+            None => group.best(),
+        };
+        for (i, answer) in (key..key + group.width() as u64).enumerate() {
+            let mut finished = a.finished(aborted.unwrap_or(FinishReason::Length));
+            if let Some(h) = best.get(i) {
+                for (j, &token) in h.tokens.iter().enumerate() {
+                    let last = j + 1 == h.tokens.len();
+                    let text = !(last && h.reason == FinishReason::Stop);
+                    let _ = self.output.send(Output::Token {
+                        id: answer,
+                        token,
+                        logprob: None,
+                        text,
+                        last,
+                    });
+                }
+                finished.reason = h.reason;
+                finished.usage.completion_tokens = h.tokens.len();
+                finished.timings.token_times = vec![finished.timings.e2e; h.tokens.len()];
+                finished.timings.ttft = finished.timings.e2e;
+            }
+            tracing::info!(
+                parent: &a.span,
+                answer = i,
+                reason = finished.reason.as_str(),
+                completion_tokens = finished.usage.completion_tokens,
+                "beam search finished"
+            );
+            let _ = self.output.send(Output::Finished {
+                id: answer,
+                finished,
+            });
         }
     }
 
