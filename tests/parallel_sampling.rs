@@ -7,25 +7,11 @@
 mod common;
 
 use common::serving::{
-    assert_empty, chat_prompts, collect, greedy, run_one, sharing_engine, usage_with, SHARING_MODES,
+    assert_empty, chat_prompts, collect, greedy, run_one, sharing_engine, unit_tokens, usage_with,
+    SHARING_MODES,
 };
 use vkv_engine::engine::{event_channel, FinishReason, GenerationRequest};
-use vkv_engine::kv::KvMode;
 use vkv_engine::sampler::SamplingParams;
-use vkv_vmm::KvLayout;
-
-/// Tokens of the unit a fork copies rather than shares (see `SHARING_MODES`): a paged block,
-/// a per-layer vmm unit (3 pages of 16 KiB, 64 tokens), a token-major one (45 pages, 16 tokens).
-fn unit_tokens(mode: KvMode) -> usize {
-    match mode {
-        KvMode::Paged { block_size } => block_size,
-        KvMode::Vmm {
-            layout: KvLayout::PerLayer,
-            ..
-        } => 64,
-        KvMode::Vmm { .. } => 16,
-    }
-}
 
 #[test]
 fn greedy_samples_share_the_prompt_kv_and_all_give_the_greedy_answer() {

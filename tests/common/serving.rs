@@ -92,6 +92,20 @@ pub const SHARING_MODES: [KvMode; 3] = [
     },
 ];
 
+/// Tokens of the unit a fork copies rather than shares in each of `SHARING_MODES`: a paged
+/// block, a per-layer vmm unit (3 pages of 16 KiB, 64 tokens), a token-major one (45 pages, 16
+/// tokens).
+pub fn unit_tokens(mode: KvMode) -> usize {
+    match mode {
+        KvMode::Paged { block_size } => block_size,
+        KvMode::Vmm {
+            layout: KvLayout::PerLayer,
+            ..
+        } => 64,
+        KvMode::Vmm { .. } => 16,
+    }
+}
+
 /// The SmolLM2 engine of those tests: f32 KV of `kv_memory` bytes, int8 activations, batch
 /// invariant (a request's output does not depend on what else runs), prefix caching `caching`.
 pub fn sharing_engine(mode: KvMode, caching: bool, kv_memory: usize) -> Engine {
