@@ -1223,3 +1223,97 @@ fn logit_bias_and_penalties_over_http() {
         wait_until_empty(&c, &s, "after logit_bias").await;
     });
 }
+
+/// vLLM's `use_beam_search` on both endpoints: `n` = 3 beams give three different choices, the
+/// first the best; streamed, every choice arrives whole with its end; width 1 is the greedy
+/// answer; combined with stop strings, penalties or log-probabilities it is a 400 naming
+/// `use_beam_search`.
+#[test]
+fn beam_search_over_http_whole_and_streamed() {
+    let s = Server::start(&["--kv-mode", "vmm"]);
+    runtime().block_on(async {
+        let c = client();
+        for (path, input) in [
+            (
+                "/v1/completions",
+                json!({"prompt": "The three primary colours are"}),
+            ),
+            (
+                "/v1/chat/completions",
+                json!({"messages": [{"role": "user", "content": "Name three colours."}]}),
+            ),
+        ] {
+            let url = s.url(path);
+            let text = |choice: &Value| {
+                choice["text"]
+                    .as_str()
+                    .or_else(|| choice["message"]["content"].as_str())
+                    .unwrap()
+                    .to_string()
+            };
+            let mut body = input.clone();
+            body["max_tokens"] = json!(8);
+            body["temperature"] = json!(0);
+            body["ignore_eos"] = json!(true);
+            let (_, greedy) = post(&c, &url, &body, None).await;
+            body["use_beam_search"] = json!(true);
+            let (status, one) = post(&c, &url, &body, None).await;
+            assert_eq!(status, StatusCode::OK, "{one}");
+            assert_eq!(text(&one["choices"][0]), text(&greedy["choices"][0]));
+            body["n"] = json!(3);
+            let (status, three) = post(&c, &url, &body, None).await;
+            assert_eq!(status, StatusCode::OK, "{three}");
+            let choices: Vec<String> = three["choices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .enumerate()
+                .map(|(i, choice)| {
+                    assert_eq!(choice["index"], i as u64);
+                    assert_eq!(choice["finish_reason"], "length");
+                    text(choice)
+                })
+                .collect();
+            assert_eq!(choices.len(), 3);
+            assert!(
+                choices[0] != choices[1] && choices[1] != choices[2] && choices[0] != choices[2],
+                "{path}: {choices:?}"
+            );
+            assert_eq!(three["usage"]["completion_tokens"], 24, "{three}");
+            body["stream"] = json!(true);
+            let (chunks, done) = stream(&c, &url, &body).await;
+            assert!(done);
+            for (i, whole) in choices.iter().enumerate() {
+                assert_eq!(&streamed_choice(&chunks, i as u64), whole, "{path}: {i}");
+            }
+            body["stream"] = json!(false);
+            for (field, value) in [
+                ("stop", json!(["."])),
+                ("presence_penalty", json!(0.5)),
+                ("logit_bias", json!({"5": 1})),
+                (
+                    "logprobs",
+                    json!(if path.contains("chat") {
+                        json!(true)
+                    } else {
+                        json!(1)
+                    }),
+                ),
+            ] {
+                let mut conflict = body.clone();
+                conflict[field] = value;
+                let (status, r) = post(&c, &url, &conflict, None).await;
+                assert_eq!(
+                    (status, r["error"]["param"].as_str()),
+                    (StatusCode::BAD_REQUEST, Some("use_beam_search")),
+                    "{field}: {r}"
+                );
+                assert!(
+                    r["error"]["message"].as_str().unwrap().contains(field),
+                    "{r}"
+                );
+            }
+        }
+        wait_until_empty(&c, &s, "after beam search").await;
+    });
+}

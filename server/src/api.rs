@@ -250,11 +250,13 @@ impl AppState {
             ));
         }
         let (tx, rx) = event_channel();
-        let ids = engine
-            .submit_samples(generation, request.n, tx)
-            .map_err(|e| {
-                ApiError::from_engine(e, endpoint.prompt_field(), request.max_tokens_field)
-            })?;
+        let submitted = match request.beam {
+            Some(beam) => engine.submit_beam_search(generation, beam, tx),
+            None => engine.submit_samples(generation, request.n, tx),
+        };
+        let ids = submitted.map_err(|e| {
+            ApiError::from_engine(e, endpoint.prompt_field(), request.max_tokens_field)
+        })?;
         let choices = Choices::new(ids.clone());
         let guard = AbortOnDrop {
             engine: engine.clone(),

@@ -173,6 +173,7 @@ impl ApiError {
                         "frequency_penalty",
                         "logit_bias",
                         "logprobs",
+                        "length_penalty",
                     ]
                     .into_iter()
                     .find(|f| m.starts_with(f))

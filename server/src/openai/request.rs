@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Schema, SchemaType, Type};
 use utoipa::ToSchema;
-use vkv_engine::engine::{GenerationRequest, StopConditions};
+use vkv_engine::engine::{BeamSearch, GenerationRequest, StopConditions};
 use vkv_engine::sampler::{LogitsAdjustments, SamplingParams, MAX_TOP_LOGPROBS};
 use vkv_engine::tokenizer::{ChatMessage, Tokenizer};
 
@@ -184,6 +184,16 @@ macro_rules! generation_request {
             pub frequency_penalty: Option<f64>,
             #[schema(schema_with = logit_bias_schema)]
             pub logit_bias: Option<Map<String, Value>>,
+            /// vLLM extra: beam search of width `n` instead of sampling; the `n` choices are the
+            /// best beams, best first, each sent whole when the search ends. The beams share
+            /// their common prefix's KV. Not with stop strings, penalties, `logit_bias` or
+            /// log-probabilities.
+            #[schema(default = false)]
+            pub use_beam_search: Option<bool>,
+            /// vLLM extra, with `use_beam_search`: beams are ranked by cumulative
+            /// log-probability over `length ^ length_penalty`.
+            #[schema(minimum = -100, maximum = 100, default = 1.0)]
+            pub length_penalty: Option<f64>,
             /// Accepted and not used.
             pub user: Option<String>,
             /// Accepted and not used.
@@ -278,6 +288,34 @@ macro_rules! generation_request {
                         "`cache_salt` must be a non-empty string when given, found \"\"",
                     ));
                 }
+                let beam = match self.use_beam_search {
+                    Some(true) => {
+                        let conflict = [
+                            ("stop", !stop.is_empty()),
+                            ("presence_penalty", adjust.presence_penalty != 0.0),
+                            ("frequency_penalty", adjust.frequency_penalty != 0.0),
+                            ("logit_bias", !adjust.logit_bias.is_empty()),
+                        ];
+                        if let Some((field, _)) = conflict.iter().find(|c| c.1) {
+                            return Err(ApiError::field(
+                                "use_beam_search",
+                                format!("`use_beam_search` cannot be combined with `{field}`"),
+                            ));
+                        }
+                        let length_penalty = self.length_penalty.unwrap_or(1.0);
+                        if !(-100.0..=100.0).contains(&length_penalty) {
+                            return Err(ApiError::field(
+                                "length_penalty",
+                                format!("`length_penalty` must be in [-100, 100], found {length_penalty}"),
+                            ));
+                        }
+                        Some(BeamSearch {
+                            width: n,
+                            length_penalty: length_penalty as f32,
+                        })
+                    }
+                    _ => None,
+                };
                 let stream = self.stream.unwrap_or(false);
                 let include_usage = match &self.stream_options {
                     None => false,
@@ -292,6 +330,7 @@ macro_rules! generation_request {
                 Ok(Shared {
                     model: self.model.clone(),
                     n,
+                    beam,
                     adjust,
                     max_tokens,
                     sampling: SamplingParams {
@@ -319,6 +358,7 @@ macro_rules! generation_request {
 struct Shared {
     model: Option<String>,
     n: usize,
+    beam: Option<BeamSearch>,
     adjust: LogitsAdjustments,
     max_tokens: Option<usize>,
     sampling: SamplingParams,
@@ -395,8 +435,10 @@ pub struct ValidRequest {
     pub endpoint: Endpoint,
     pub model: Option<String>,
     pub input: Input,
-    /// Choices (parallel samples of one prompt).
+    /// Choices (parallel samples of one prompt, or the best beams).
     pub n: usize,
+    /// Beam search of width `n` instead of sampling.
+    pub beam: Option<BeamSearch>,
     /// Log-probabilities of the generated tokens, with this many alternatives each.
     pub logprobs: Option<usize>,
     /// Penalties and `logit_bias` (token ids checked against the vocabulary in
@@ -420,12 +462,19 @@ impl ValidRequest {
         shared: Shared,
         max_tokens_field: &'static str,
         logprobs: Option<usize>,
-    ) -> ValidRequest {
-        ValidRequest {
+    ) -> Result<ValidRequest, ApiError> {
+        if shared.beam.is_some() && logprobs.is_some() {
+            return Err(ApiError::field(
+                "use_beam_search",
+                "`use_beam_search` cannot be combined with `logprobs`",
+            ));
+        }
+        Ok(ValidRequest {
             endpoint,
             model: shared.model,
             input,
             n: shared.n,
+            beam: shared.beam,
             logprobs,
             adjust: shared.adjust,
             max_tokens: shared.max_tokens,
@@ -435,7 +484,7 @@ impl ValidRequest {
             stream: shared.stream,
             include_usage: shared.include_usage,
             cache_salt: shared.cache_salt,
-        }
+        })
     }
 }
 
@@ -507,13 +556,13 @@ impl CompletionRequest {
             .logprobs
             .map(|k| alternatives("logprobs", k))
             .transpose()?;
-        Ok(ValidRequest::new(
+        ValidRequest::new(
             Endpoint::Completions,
             Input::Prompt(self.prompt),
             shared,
             "max_tokens",
             logprobs,
-        ))
+        )
     }
 }
 
@@ -570,13 +619,13 @@ impl ChatCompletionRequest {
             messages: self.messages.iter().map(Message::to_chat).collect(),
             add_generation_prompt: self.add_generation_prompt.unwrap_or(true),
         };
-        Ok(ValidRequest::new(
+        ValidRequest::new(
             Endpoint::ChatCompletions,
             input,
             shared,
             max_tokens_field,
             logprobs,
-        ))
+        )
     }
 }
 
