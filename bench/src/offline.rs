@@ -29,8 +29,8 @@ use crate::prefix::{
 };
 use crate::workload::{MultiTurn, RequestShape, Workload};
 use vkv_engine::engine::{
-    event_channel, Engine, EngineError, EngineMetrics, EventKind, Finished, GenerationRequest,
-    StopConditions,
+    event_channel, BeamSearch, Engine, EngineError, EngineMetrics, EventKind, Finished,
+    GenerationRequest, StopConditions,
 };
 use vkv_engine::sampler::SamplingParams;
 
@@ -120,6 +120,8 @@ pub struct OfflineReport {
     /// Samples per request (`--n`), and whether they shared their prompt's KV.
     pub samples_per_request: usize,
     pub shared_samples: bool,
+    /// The `samples_per_request` were beams of a beam search.
+    pub beam_search: bool,
     /// Cached prompt tokens (the engine's per-request `cached_tokens`, summed), the hit rate and
     /// the workload's ideal one.
     pub prefix_cache: PrefixCacheReport,
@@ -134,11 +136,17 @@ pub struct OfflineReport {
 pub struct Samples {
     pub n: usize,
     pub shared: bool,
+    /// Beam search of width `n` instead ([`Engine::submit_beam_search`]).
+    pub beam_search: bool,
 }
 
 impl Default for Samples {
     fn default() -> Self {
-        Samples { n: 1, shared: true }
+        Samples {
+            n: 1,
+            shared: true,
+            beam_search: false,
+        }
     }
 }
 
@@ -334,6 +342,7 @@ fn build_report(
         kv_sharing_saving_mean: mean(&savings),
         samples_per_request: 1,
         shared_samples: false,
+        beam_search: false,
         prefix_cache,
         turns,
     }
@@ -377,7 +386,13 @@ pub fn run_offline(
                             std::thread::sleep(Duration::from_secs_f64(wait));
                         }
                     }
-                    if samples.shared {
+                    if samples.beam_search {
+                        let beam = BeamSearch {
+                            width: samples.n,
+                            length_penalty: 1.0,
+                        };
+                        engine.submit_beam_search(request, beam, tx.clone())?;
+                    } else if samples.shared {
                         engine.submit_samples(request, samples.n, tx.clone())?;
                     } else {
                         for i in 0..samples.n {
@@ -422,6 +437,7 @@ pub fn run_offline(
     );
     report.samples_per_request = samples.n;
     report.shared_samples = samples.shared && samples.n > 1;
+    report.beam_search = samples.beam_search;
     Ok(report)
 }
 

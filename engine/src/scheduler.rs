@@ -64,6 +64,10 @@ pub struct SeqRequest {
     /// shared (see the module docs). Ignored if that sequence is not scheduled or its prompt
     /// differs.
     pub fork_of: Option<SeqId>,
+    /// Beam search of this width: the sequence is the first beam of a group that takes `width`
+    /// places of `max_num_seqs` from its admission to its end, so that its beams never wait
+    /// for a place (see [`Scheduler::fork_running`]).
+    pub beam_width: Option<usize>,
 }
 
 /// One chunk of the next forward pass.
@@ -125,6 +129,8 @@ struct Seq {
     computed: usize,
     cache_salt: Option<String>,
     fork_of: Option<SeqId>,
+    /// Beam search: the group (its first sequence's id) and its width; forks inherit it.
+    beam: Option<(SeqId, usize)>,
 }
 
 impl Seq {
@@ -196,6 +202,7 @@ impl Scheduler {
             computed: 0,
             cache_salt: req.cache_salt,
             fork_of: req.fork_of,
+            beam: req.beam_width.map(|w| (req.id, w.max(1))),
         });
         Ok(())
     }
@@ -206,6 +213,31 @@ impl Scheduler {
 
     pub fn num_running(&self) -> usize {
         self.running.len()
+    }
+
+    /// Places of `max_num_seqs` taken: one per running sequence, a beam group's width for all
+    /// its sequences together.
+    fn places_used(&self) -> usize {
+        let mut groups: Vec<(SeqId, usize)> = Vec::new();
+        let mut used = 0;
+        for s in &self.running {
+            match s.beam {
+                None => used += 1,
+                Some(g) if !groups.contains(&g) => groups.push(g),
+                Some(_) => {}
+            }
+        }
+        used + groups.iter().map(|g| g.1).sum::<usize>()
+    }
+
+    /// Whether `seq` (not running) finds a place: its beam group's, if the group runs already.
+    fn has_place(&self, seq: &Seq) -> bool {
+        let needed = match seq.beam {
+            Some(g) if self.running.iter().any(|s| s.beam == Some(g)) => 0,
+            Some((_, width)) => width,
+            None => 1,
+        };
+        self.places_used() + needed <= self.config.max_num_seqs
     }
 
     pub fn num_waiting(&self) -> usize {
@@ -227,7 +259,7 @@ impl Scheduler {
     /// prepare while the current step computes ([`KvManager::prepare_admissions`]).
     pub fn likely_admissions(&self) -> Vec<(SeqId, usize)> {
         let mut budget = (self.config.max_num_batched_tokens).saturating_sub(self.running.len());
-        let places = self.config.max_num_seqs.saturating_sub(self.running.len());
+        let places = self.config.max_num_seqs.saturating_sub(self.places_used());
         let mut next = Vec::new();
         // Forks map their source's pages, not fresh ones: nothing to prepare.
         let fresh = self
@@ -279,10 +311,13 @@ impl Scheduler {
         // Admissions in queue order; a fork whose source has not computed its prompt yet lets
         // those behind it go first.
         let mut i = 0;
-        while budget > 0 && self.running.len() < self.config.max_num_seqs {
+        while budget > 0 {
             let Some(seq) = self.waiting.get(i) else {
                 break;
             };
+            if !self.has_place(seq) {
+                break;
+            }
             let forked = match self.fork_state(seq) {
                 ForkState::Wait => {
                     i += 1;
@@ -441,7 +476,7 @@ impl Scheduler {
     /// freed. One that does not fit stays waiting.
     fn take_ready_forks(&mut self, kv: &mut dyn KvManager) {
         let mut i = 0;
-        while i < self.waiting.len() && self.running.len() < self.config.max_num_seqs {
+        while i < self.waiting.len() && self.has_place(&self.waiting[i]) {
             let ForkState::Ready(src) = self.fork_state(&self.waiting[i]) else {
                 i += 1;
                 continue;
@@ -594,7 +629,7 @@ impl Scheduler {
         };
         seq.tokens.push(token);
         let shared = source.computed.min(seq.tokens.len() - 1);
-        let place = self.running.len() < self.config.max_num_seqs;
+        let place = self.has_place(&seq);
         if shared > 0 && place && kv.fork(src, dst, shared).is_ok() {
             seq.computed = shared;
             self.running.push(seq);

@@ -28,6 +28,7 @@ fn req(id: SeqId, prompt: usize, max_tokens: usize) -> SeqRequest {
         max_tokens,
         cache_salt: None,
         fork_of: None,
+        beam_width: None,
     }
 }
 
@@ -300,6 +301,7 @@ fn a_cached_prefix_is_not_computed_again_and_counts_as_cached() {
             max_tokens: 2,
             cache_salt: salt.map(str::to_string),
             fork_of: None,
+            beam_width: None,
         };
         s.add(request, kv).unwrap();
     };
@@ -490,7 +492,7 @@ proptest! {
                     let mut tokens = prompt.clone();
                     tokens.extend(expected_output(id, a_prompt.prompt, a.max_tokens));
                     let fork_of = source.map(|j| j as SeqId);
-                    let request = SeqRequest { id, prompt, max_tokens: a.max_tokens, cache_salt: None, fork_of };
+                    let request = SeqRequest { id, prompt, max_tokens: a.max_tokens, cache_salt: None, fork_of, beam_width: None };
                     if s.add(request, kv.manager()).is_ok() {
                         accepted.insert(id);
                         all_tokens.insert(id, tokens);
@@ -659,8 +661,16 @@ fn held_sequences_fork_and_append_and_never_block_the_queue() {
         max_num_seqs: 8,
         max_num_batched_tokens: 64,
     });
-    s.add(req(0, 10, 5), &kv).unwrap();
+    let mut beam = req(0, 10, 5);
+    beam.beam_width = Some(7);
+    s.add(beam, &kv).unwrap();
+    // The group takes 7 of the 8 places: of the next two requests one goes in.
+    s.add(req(3, 4, 1), &kv).unwrap();
+    s.add(req(4, 4, 1), &kv).unwrap();
     let first = s.schedule(&mut kv).unwrap();
+    assert_eq!(first.chunks.len(), 2);
+    s.finish(3, &mut kv).unwrap();
+    s.finish(4, &mut kv).unwrap();
     assert_eq!(s.update(&first, &[], &mut kv).unwrap(), Vec::<SeqId>::new());
     // Held: nothing to compute.
     assert!(s.schedule(&mut kv).unwrap().chunks.is_empty());

@@ -55,6 +55,11 @@ pub struct Args<E: EngineOptions> {
     /// the prompt) — the baseline sharing is measured against.
     #[arg(long)]
     unshared_samples: bool,
+    /// Beam search of width `--n` instead of sampling (vLLM's `use_beam_search`): the beams
+    /// share their common prefix's KV, and the report's `kv_sharing_saving_mean` is what that
+    /// saves against every beam holding its own copy.
+    #[arg(long, conflicts_with = "unshared_samples")]
+    beam_search: bool,
     #[command(flatten)]
     engine: E,
     /// Print JSON (every run, the median run of each mode, and the ratios).
@@ -154,6 +159,7 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
                     let samples = Samples {
                         n: args.n,
                         shared: !args.unshared_samples,
+                        beam_search: args.beam_search,
                     };
                     run_offline(
                         &engine,
@@ -233,10 +239,11 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
         println!(
             "{model_name}, {} requests{} of {} (mean prompt {:.0}, output {:.0} tokens), {}, device {device_name}, CPU {} threads, {} run(s) per mode (median shown)",
             requests_per_run,
-            match (args.n, args.unshared_samples) {
-                (1, _) => String::new(),
-                (n, false) => format!(" × {n} samples sharing the prompt"),
-                (n, true) => format!(" × {n} samples, unshared"),
+            match (args.n, args.unshared_samples, args.beam_search) {
+                (n, _, true) => format!(" × beam search of width {n}"),
+                (1, _, _) => String::new(),
+                (n, false, _) => format!(" × {n} samples sharing the prompt"),
+                (n, true, _) => format!(" × {n} samples, unshared"),
             },
             workload.name(),
             shapes_info.0,

@@ -270,6 +270,7 @@ impl<'m> EngineLoop<'m> {
             max_tokens: request.max_tokens,
             cache_salt: request.cache_salt.take(),
             fork_of: request.share_prompt_with,
+            beam_width: beam.map(|b| b.width),
         };
         let prompt_len = seq.prompt.len();
         if let Err(e) = self.scheduler.add(seq, self.backend.kv()) {
