@@ -103,6 +103,17 @@ def run_checks(base_url, api_key):
     check(len(l.tokens) == 4 and "".join(l.tokens) == legacy.choices[0].text
           and len(l.token_logprobs) == 4 and len(l.top_logprobs) == 4 and l.text_offset[0] == 0,
           f"completion logprobs: {list(zip(l.tokens, l.token_logprobs))}")
+    beams = client.completions.create(model=model, prompt="The capital of France is",
+                                      max_tokens=6, n=3, temperature=0,
+                                      extra_body={"use_beam_search": True, "ignore_eos": True})
+    texts = [c.text for c in beams.choices]
+    check(len(set(texts)) == 3 and [c.index for c in beams.choices] == [0, 1, 2]
+          and beams.usage.completion_tokens == 18,
+          f"beam search (use_beam_search, n=3) gives three beams: {texts}")
+    penalised = client.completions.create(model=model, prompt="1, 2, 3, 4, 5,", max_tokens=8,
+                                          temperature=0, logit_bias={"1000": 100},
+                                          extra_body={"ignore_eos": True})
+    check(penalised.usage.completion_tokens == 8, "logit_bias is accepted by the client")
 
     # Mistakes are the client's exceptions, with the field named.
     try:
