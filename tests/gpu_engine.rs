@@ -27,7 +27,7 @@ use common::serving::{
 use vkv_engine::device::Device;
 use vkv_engine::engine::FinishReason;
 use vkv_engine::engine::{
-    event_channel, Engine, EngineConfig, EngineError, GenerationRequest, RequestId,
+    event_channel, BeamSearch, Engine, EngineConfig, EngineError, GenerationRequest, RequestId,
 };
 use vkv_engine::kv::KvMode;
 use vkv_engine::sampler::SamplingParams;
@@ -559,4 +559,60 @@ fn logprobs_come_with_every_token_and_agree_with_the_cpu() {
         }
     }
     assert_empty(&gpu_e, "logprobs");
+}
+
+/// Beam search on the GPU, in every mode: four beams of a 2000-token prompt hold its KV once
+/// while they run (the bound of the parallel-sampling test), end with four different answers of
+/// `max_tokens` tokens each, and leave nothing; width 1 is the greedy answer (same logits).
+#[test]
+fn beam_search_shares_the_prompt_kv_and_width_one_is_greedy() {
+    let Some(_gpu) = gpu() else { return };
+    for (mode, unit) in [(PAGED, 16), (TOKEN_MAJOR, 16), (PER_LAYER, 1024)] {
+        let loaded =
+            vkv_engine::model::load_model(std::path::Path::new("preset:llama-3-8b")).unwrap();
+        let e = engine_of(loaded, Device::Cuda, mode, 8 << 30, 2048, 4096);
+        let name = format!("{} on {}", e.metrics().kv_name, e.metrics().device);
+        let p = shared_random_prompts(1, 2000, 100, 128_000).remove(0);
+        let (tx, mut rx) = event_channel();
+        let beam = BeamSearch {
+            width: 4,
+            length_penalty: 1.0,
+        };
+        let ids = e
+            .submit_beam_search(greedy(p.clone(), 24), beam, tx)
+            .unwrap();
+        let usage = common::serving::usage_with(&e, 4);
+        let per_token = e.metrics().kv_bytes_per_token;
+        let bound = (p.len() + 4 * (unit + 48)) * per_token;
+        eprintln!(
+            "{name}: 4 beams of {} tokens: {usage:?} (bound {bound})",
+            p.len()
+        );
+        assert!(
+            usage.bytes_allocated <= bound,
+            "{name}: {usage:?} over {bound}"
+        );
+        let out = collect(&mut rx, 4);
+        let answers: Vec<&Vec<u32>> = ids.iter().map(|id| &out[id].tokens).collect();
+        for a in &answers {
+            assert_eq!(a.len(), 24, "{name}");
+        }
+        for i in 0..4 {
+            for j in i + 1..4 {
+                assert_ne!(answers[i], answers[j], "{name}: beams {i} and {j}");
+            }
+        }
+        let greedy_answer = run_one(&e, greedy(p.clone(), 8)).tokens;
+        let (tx, mut rx) = event_channel();
+        let one = BeamSearch { width: 1, ..beam };
+        let ids = e.submit_beam_search(greedy(p, 8), one, tx).unwrap();
+        let width_one = collect(&mut rx, 1).remove(&ids[0]).unwrap().tokens;
+        share_same(
+            &format!("{name}: width 1 vs greedy"),
+            &[width_one],
+            &[greedy_answer],
+            1.0,
+        );
+        assert_empty(&e, &name);
+    }
 }

@@ -68,3 +68,17 @@ parallel_sampling_runs() {
       --json > $OUT/$name.json 2> $OUT/$name.err
   done
 }
+
+# `vkv bench offline` on the llama-3-8b preset, alpaca (N requests), beam search of width 4, 2
+# and 6 (prefix caching off: forks are the only sharing; the report's kv_sharing_saving_mean is
+# against every beam holding its own copy), paged then vmm token-major (`--kv-mode both`), each
+# cut at SECONDS, into $OUT/beam-w{W}.{json,err}: beam_search_runs N SECONDS
+beam_search_runs() {
+  local w
+  for w in 4 2 6; do
+    timeout "$2" .gpu/bin/vkv bench offline --device cuda --model preset:llama-3-8b \
+      --max-num-seqs 256 --kv-mode both --no-enable-prefix-caching --workload alpaca \
+      --num-prompts "$1" --n $w --beam-search \
+      --json > $OUT/beam-w$w.json 2> $OUT/beam-w$w.err
+  done
+}
