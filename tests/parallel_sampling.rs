@@ -184,3 +184,57 @@ fn logit_bias_and_penalties_apply_to_every_sample() {
         "{refused}"
     );
 }
+
+/// Prompt log-probabilities (`echo` with `logprobs`): one per prompt token, the first `None`,
+/// computed over chunks (a prompt longer than the 256-token step) and without prefix-cache
+/// hits (caching on, the same prompt twice gives them twice, 0 cached); entry `i` is what a
+/// request for the prompt's first `i` tokens reports for its next token. With `n` samples the
+/// first one reports them.
+#[test]
+fn prompt_logprobs_cover_every_prompt_token_over_chunks_and_never_come_from_the_cache() {
+    let e = sharing_engine(SHARING_MODES[0], true, 64 << 20);
+    let prompt: Vec<u32> = chat_prompts(&e, 2).concat();
+    assert!(prompt.len() > 300, "{}", prompt.len());
+    let asked = |p: &[u32]| GenerationRequest {
+        prompt_logprobs: Some(5),
+        ..greedy(p.to_vec(), 2)
+    };
+    for round in 0..2 {
+        let out = run_one(&e, asked(&prompt));
+        let lp = out.prompt_logprobs.expect("prompt log-probabilities");
+        assert_eq!(lp.len(), prompt.len());
+        assert!(lp[0].is_none());
+        for (i, l) in lp.iter().enumerate().skip(1) {
+            let l = l.as_ref().unwrap();
+            assert_eq!(l.token, prompt[i]);
+            assert_eq!(l.top.len(), 5);
+            assert!(l.logprob <= 0.0 && l.top[0].1 >= l.logprob - 1e-6);
+        }
+        assert_eq!(
+            out.finished.unwrap().usage.cached_tokens,
+            0,
+            "round {round}"
+        );
+        for i in [1, 17, 256, 257, prompt.len() - 1] {
+            let mut alone = greedy(prompt[..i].to_vec(), 1);
+            alone.logprobs = Some(5);
+            let first = run_one(&e, alone).logprobs.remove(0);
+            let at = lp[i].as_ref().unwrap();
+            for (a, b) in at.top.iter().zip(&first.top) {
+                assert_eq!(a.0, b.0, "position {i}: {at:?} vs {first:?}");
+                assert!(
+                    (a.1 - b.1).abs() < 2e-3,
+                    "position {i}: {at:?} vs {first:?}"
+                );
+            }
+        }
+    }
+    let (tx, mut rx) = event_channel();
+    let ids = e.submit_samples(asked(&prompt), 3, tx).unwrap();
+    let out = collect(&mut rx, 3);
+    assert_eq!(
+        out[&ids[0]].prompt_logprobs.as_ref().map(Vec::len),
+        Some(prompt.len())
+    );
+    assert_empty(&e, "after prompt logprobs");
+}

@@ -165,6 +165,7 @@ fn bench_request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         share_prompt_with: None,
         logprobs: None,
         adjust: Default::default(),
+        prompt_logprobs: None,
     }
 }
 
@@ -410,7 +411,7 @@ pub fn run_offline(
                     break; // the submitter failed and dropped the sender
                 };
                 match ev.kind {
-                    EventKind::Delta { .. } => continue,
+                    EventKind::Delta { .. } | EventKind::PromptLogprobs(_) => continue,
                     EventKind::Finished(f) => tally.finished(&f),
                     EventKind::Failed(why) => tally.failed(why),
                 }
@@ -505,6 +506,7 @@ fn converse(
             Ok(_) => loop {
                 match rx.blocking_recv().map(|ev| ev.kind) {
                     Some(EventKind::Delta { token_ids, .. }) => reply.extend(token_ids),
+                    Some(EventKind::PromptLogprobs(_)) => {}
                     Some(EventKind::Finished(f)) => break Ok(f),
                     Some(EventKind::Failed(why)) => {
                         break Err(format!("turn {turn} failed: {why}"))

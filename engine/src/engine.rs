@@ -138,6 +138,12 @@ pub struct GenerationRequest {
     pub logprobs: Option<usize>,
     /// Penalties and `logit_bias` applied to the logits before sampling.
     pub adjust: LogitsAdjustments,
+    /// Log-probabilities of the prompt's tokens (completions' `echo` with `logprobs`):
+    /// `Some(k)` sends one [`EventKind::PromptLogprobs`] before the first token — each prompt
+    /// token's given the tokens before it, with the `k` most likely alternatives; the first
+    /// token has none. The prompt is then computed whole (no prefix-cache hit), every row's
+    /// logits brought back.
+    pub prompt_logprobs: Option<usize>,
 }
 
 /// Token counts of a finished request (OpenAI's `usage`).
@@ -224,6 +230,9 @@ pub enum EventKind {
         text: String,
         logprobs: Vec<TokenLogprob>,
     },
+    /// The prompt tokens' log-probabilities (see [`GenerationRequest::prompt_logprobs`]), one
+    /// per prompt token, `None` for the first; before the first `Delta`.
+    PromptLogprobs(Vec<Option<TokenLogprob>>),
     /// The end; nothing follows.
     Finished(Finished),
     /// The engine could not run the request; nothing follows.
@@ -568,7 +577,7 @@ impl Engine {
         if !request.stop.stop.is_empty() {
             return invalid("stop strings are not supported with beam search".into());
         }
-        if request.logprobs.is_some() {
+        if request.logprobs.is_some() || request.prompt_logprobs.is_some() {
             return invalid("logprobs are not supported with beam search".into());
         }
         if !request.adjust.is_none() {
@@ -641,7 +650,12 @@ impl Engine {
         r.adjust
             .validate(vocab)
             .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
-        if let Some(k) = r.logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
+        if let Some(k) = r
+            .logprobs
+            .into_iter()
+            .chain(r.prompt_logprobs)
+            .find(|&k| k > MAX_TOP_LOGPROBS)
+        {
             return invalid(format!(
                 "logprobs: at most {MAX_TOP_LOGPROBS} alternatives per token, found {k}"
             ));

@@ -68,6 +68,8 @@ pub struct SeqRequest {
     /// places of `max_num_seqs` from its admission to its end, so that its beams never wait
     /// for a place (see [`Scheduler::fork_running`]).
     pub beam_width: Option<usize>,
+    /// Compute the whole prompt (its every row's logits are wanted): no prefix-cache hit.
+    pub whole_prompt: bool,
 }
 
 /// One chunk of the next forward pass.
@@ -131,6 +133,7 @@ struct Seq {
     fork_of: Option<SeqId>,
     /// Beam search: the group (its first sequence's id) and its width; forks inherit it.
     beam: Option<(SeqId, usize)>,
+    whole_prompt: bool,
 }
 
 impl Seq {
@@ -203,6 +206,7 @@ impl Scheduler {
             cache_salt: req.cache_salt,
             fork_of: req.fork_of,
             beam: req.beam_width.map(|w| (req.id, w.max(1))),
+            whole_prompt: req.whole_prompt,
         });
         Ok(())
     }
@@ -656,7 +660,7 @@ fn match_prefix(seq: &mut Seq, kv: &mut dyn KvManager) -> Result<usize, KvError>
     let Some(cache) = kv.prefix_cache_mut() else {
         return Ok(0);
     };
-    if seq.computed > 0 {
+    if seq.computed > 0 || seq.whole_prompt {
         return Ok(0);
     }
     let salt = seq.cache_salt.as_deref().map(str::as_bytes);

@@ -29,6 +29,7 @@ fn req(id: SeqId, prompt: usize, max_tokens: usize) -> SeqRequest {
         cache_salt: None,
         fork_of: None,
         beam_width: None,
+        whole_prompt: false,
     }
 }
 
@@ -302,6 +303,7 @@ fn a_cached_prefix_is_not_computed_again_and_counts_as_cached() {
             cache_salt: salt.map(str::to_string),
             fork_of: None,
             beam_width: None,
+            whole_prompt: false,
         };
         s.add(request, kv).unwrap();
     };
@@ -492,7 +494,7 @@ proptest! {
                     let mut tokens = prompt.clone();
                     tokens.extend(expected_output(id, a_prompt.prompt, a.max_tokens));
                     let fork_of = source.map(|j| j as SeqId);
-                    let request = SeqRequest { id, prompt, max_tokens: a.max_tokens, cache_salt: None, fork_of, beam_width: None };
+                    let request = SeqRequest { id, prompt, max_tokens: a.max_tokens, cache_salt: None, fork_of, beam_width: None, whole_prompt: false };
                     if s.add(request, kv.manager()).is_ok() {
                         accepted.insert(id);
                         all_tokens.insert(id, tokens);

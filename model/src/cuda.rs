@@ -131,7 +131,7 @@ pub struct CudaLlama {
     /// The batch [`CudaLlama::launch_next`] queued and [`CudaLlama::finish_next`] has not
     /// collected: its row count, which rows want logits, and whether `step_done` was recorded
     /// after it.
-    pending: Option<(usize, Vec<bool>, bool)>,
+    pending: Option<(usize, Vec<(usize, bool)>, bool)>,
     /// One event, recorded again after every launched batch (made on the first).
     step_done: Option<CudaEvent>,
     /// Decode steps as CUDA graphs.
@@ -219,9 +219,9 @@ impl CudaLlama {
         kv: &GpuKv,
         logits_for: &[bool],
     ) -> Result<()> {
-        if logits_for.len() != batch.len() || batch.iter().any(|c| c.all_logits) {
+        if logits_for.len() != batch.len() {
             return Err(CudaModelError::Batch(format!(
-                "forward_next takes one flag per chunk ({} for {} chunks) and last-token logits only",
+                "forward_next takes one flag per chunk ({} for {} chunks)",
                 logits_for.len(),
                 batch.len()
             )));
@@ -240,7 +240,14 @@ impl CudaLlama {
                 self.step_done.is_some()
             }
         };
-        self.pending = Some((wanted, logits_for.to_vec(), recorded));
+        // Per chunk: its rows of logits (all its tokens' with `all_logits`, which always come
+        // back as logits), or one row, as logits where asked for, else as the argmax.
+        let rows = batch
+            .iter()
+            .zip(logits_for)
+            .map(|(c, &want)| (c.logit_rows(), want || c.all_logits))
+            .collect();
+        self.pending = Some((wanted, rows, recorded));
         Ok(())
     }
 
@@ -257,7 +264,7 @@ impl CudaLlama {
     /// The second half of [`CudaLlama::forward_next`]: wait for the launched batch and bring
     /// back its ids (and the logits rows asked for).
     pub fn finish_next(&mut self) -> Result<Vec<Next>> {
-        let (wanted, logits_for, _) = self
+        let (wanted, rows, _) = self
             .pending
             .take()
             .ok_or_else(|| CudaModelError::Batch("finish_next without a launched batch".into()))?;
@@ -266,15 +273,16 @@ impl CudaLlama {
         let ids = self.download_ids(wanted)?;
         let vocab = self.config.vocab_size;
         let logits = self.buf.logits.0.as_ref().expect("written by run");
-        ids.into_iter()
-            .zip(&logits_for)
-            .enumerate()
-            .map(|(row, (id, &want))| {
+        let mut row = 0;
+        rows.iter()
+            .map(|&(n, want)| {
+                let first = row;
+                row += n;
                 if !want {
-                    return Ok(Next::Token(id));
+                    return Ok(Next::Token(ids[first]));
                 }
-                let mut out = vec![0f32; vocab];
-                logits.download(row * vocab * 4, &mut out)?;
+                let mut out = vec![0f32; n * vocab];
+                logits.download(first * vocab * 4, &mut out)?;
                 Ok(Next::Logits(out))
             })
             .collect()

@@ -34,7 +34,8 @@ use crate::weights::safetensors::SafetensorsError;
 pub enum Next {
     /// Picked on the device (greedy).
     Token(u32),
-    /// The last token's logits (`vocab_size` f32), for the host's sampler.
+    /// Logits (`vocab_size` f32 per row), for the host's sampler: the chunk's last token's, or
+    /// with [`SeqChunk::all_logits`] every token's, in order (the last row samples).
     Logits(Vec<f32>),
 }
 

@@ -37,7 +37,7 @@ use vkv_engine::engine::{
 
 use crate::error::{ApiError, ErrorBody};
 use crate::metrics::ServerMetrics;
-use crate::openai::request::{ChatCompletionRequest, CompletionRequest};
+use crate::openai::request::{ChatCompletionRequest, CompletionRequest, Input, Prompt};
 use crate::openai::response::{
     json_text, ChatCompletion, ChatCompletionChunk, ChoiceText, Completion, CompletionChunk,
     Health, HealthStatus, ListObject, ModelCard, ModelList, ModelObject, TokenLogprobText,
@@ -249,6 +249,19 @@ impl AppState {
                 ),
             ));
         }
+        // `echo`: the prompt as the client wrote it (token ids written out), and its first
+        // token (which has no log-probability).
+        let echo = request.echo.then(|| {
+            let text = match &request.input {
+                Input::Prompt(Prompt::Text(t)) => t.clone(),
+                _ => engine
+                    .model()
+                    .tokenizer
+                    .decode(&generation.prompt, false)
+                    .unwrap_or_default(),
+            };
+            (text, generation.prompt[0])
+        });
         let (tx, rx) = event_channel();
         let submitted = match request.beam {
             Some(beam) => engine.submit_beam_search(generation, beam, tx),
@@ -280,10 +293,11 @@ impl AppState {
                 head,
                 include_usage: request.include_usage,
                 roles_sent: match endpoint {
-                    Endpoint::Completions => choices.len(),
-                    Endpoint::ChatCompletions => 0,
+                    Endpoint::Completions if !request.echo => choices.len(),
+                    _ => 0,
                 },
                 logprobs: request.logprobs.map(|_| vec![0; choices.len()]),
+                echo: echo.map(|e| e.0),
                 choices,
                 phase: Phase::Open,
                 state: self.clone(),
@@ -294,7 +308,7 @@ impl AppState {
             h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             return Ok(r);
         }
-        self.collect(rx, guard, head, choices, request.logprobs.is_some())
+        self.collect(rx, guard, head, choices, request.logprobs.is_some(), echo)
             .await
     }
 
@@ -307,7 +321,9 @@ impl AppState {
         head: ResponseHead,
         mut choices: Choices,
         with_logprobs: bool,
+        echo: Option<(String, u32)>,
     ) -> Result<Response<ApiBody>, ApiError> {
+        let mut prompt_logprobs = None;
         let mut texts = vec![String::new(); choices.len()];
         let mut reasons = vec![FinishReason::Abort; choices.len()];
         let mut logprobs: Vec<Vec<TokenLogprobText>> = vec![Vec::new(); choices.len()];
@@ -330,6 +346,14 @@ impl AppState {
                     texts[index].push_str(&t);
                     logprobs[index].extend(l.iter().map(|l| TokenLogprobText::new(tokenizer, l)));
                 }
+                // Computed once, by the first choice, for all of them.
+                EventKind::PromptLogprobs(l) => {
+                    let texts = l
+                        .iter()
+                        .flatten()
+                        .map(|l| TokenLogprobText::new(tokenizer, l));
+                    prompt_logprobs = Some(texts.collect::<Vec<_>>());
+                }
                 EventKind::Finished(f) => {
                     self.metrics.finished(&f, index == 0);
                     if f.reason == FinishReason::Abort {
@@ -348,6 +372,11 @@ impl AppState {
                                 text,
                                 reason,
                                 logprobs: with_logprobs.then_some(l),
+                                echo: echo.clone().map(|(prompt, first)| {
+                                    let first = tokenizer.decode(&[first], false);
+                                    let lp = prompt_logprobs.clone().filter(|_| with_logprobs);
+                                    (prompt, lp.map(|lp| (first.unwrap_or_default(), lp)))
+                                }),
                             })
                             .collect();
                         let body = head.response(&whole, choices.usage);
@@ -599,6 +628,8 @@ pub struct EventStream {
     /// With `logprobs`: per choice, the bytes of token text sent so far (completions'
     /// `text_offset`).
     logprobs: Option<Vec<usize>>,
+    /// Completions' `echo`: the prompt's text, each choice's first chunk.
+    echo: Option<String>,
     phase: Phase,
     state: Arc<AppState>,
 }
@@ -644,9 +675,10 @@ impl EventStream {
             if self.roles_sent < self.choices.len() {
                 let index = self.roles_sent as u32;
                 self.roles_sent += 1;
+                let text = self.echo.as_deref().unwrap_or("");
                 let chunk = self
                     .head
-                    .chunk(index, "", true, None, self.include_usage, None);
+                    .chunk(index, text, true, None, self.include_usage, None);
                 return Poll::Ready(Some(sse(&chunk)));
             }
             let Some(event) = std::task::ready!(self.rx.poll_recv(cx)) else {
@@ -663,6 +695,8 @@ impl EventStream {
                 {
                     continue
                 }
+                // Streams do not take `echo` with `logprobs` (a 400 before).
+                EventKind::PromptLogprobs(_) => continue,
                 EventKind::Delta { text, logprobs, .. } => {
                     let tokenizer = &self.state.engine.model().tokenizer;
                     let texts: Vec<TokenLogprobText> = logprobs

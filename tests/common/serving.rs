@@ -141,6 +141,7 @@ pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         share_prompt_with: None,
         logprobs: None,
         adjust: Default::default(),
+        prompt_logprobs: None,
     }
 }
 
@@ -150,6 +151,8 @@ pub struct Output {
     pub tokens: Vec<u32>,
     /// One per token when the request asked for log-probabilities.
     pub logprobs: Vec<vkv_engine::sampler::TokenLogprob>,
+    /// With `prompt_logprobs`: one per prompt token (`None` for the first).
+    pub prompt_logprobs: Option<Vec<Option<vkv_engine::sampler::TokenLogprob>>>,
     pub text: String,
     pub finished: Option<Finished>,
     pub failed: Option<String>,
@@ -188,6 +191,13 @@ pub fn collect_calling(
                 o.tokens.extend(token_ids);
                 o.logprobs.extend(logprobs);
                 o.text.push_str(&text);
+            }
+            EventKind::PromptLogprobs(l) => {
+                assert!(
+                    o.tokens.is_empty(),
+                    "prompt log-probabilities after a token"
+                );
+                o.prompt_logprobs = Some(l);
             }
             EventKind::Finished(f) => {
                 o.finished = Some(f);

@@ -47,6 +47,11 @@ pub(super) enum Output {
         text: bool,
         last: bool,
     },
+    /// The prompt tokens' log-probabilities, before any token (passed on as they are).
+    PromptLogprobs {
+        id: RequestId,
+        logprobs: Vec<Option<TokenLogprob>>,
+    },
     /// The request's end as the engine saw it.
     Finished { id: RequestId, finished: Finished },
     /// The request failed in the engine (the forward pass or the scheduler broke).
@@ -239,6 +244,12 @@ pub(super) fn run(
                     AfterToken::Abort => {
                         let _ = engine.send(Command::Abort(id));
                     }
+                }
+            }
+            Output::PromptLogprobs { id, logprobs } => {
+                if let Some(s) = streams.get(&id) {
+                    let kind = EventKind::PromptLogprobs(logprobs);
+                    let _ = s.events.send(EngineEvent { id, kind });
                 }
             }
             Output::Finished { id, finished } => {

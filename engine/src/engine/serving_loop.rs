@@ -52,6 +52,51 @@ struct Active {
     cached_tokens: usize,
     /// The request's span (see [`super::Engine::submit`]).
     span: tracing::Span,
+    /// With `prompt_logprobs`: what is gathered of them until they are sent.
+    prompt_logprobs: Option<PromptLogprobs>,
+}
+
+/// A request's prompt log-probabilities while its prompt is computed: one entry per prompt
+/// token so far (`None` for the first), each from the row of logits before it.
+struct PromptLogprobs {
+    top: usize,
+    prompt: Vec<u32>,
+    rows: Vec<Option<TokenLogprob>>,
+    sent: bool,
+}
+
+impl PromptLogprobs {
+    /// Whether chunk `c` must bring back every row's logits.
+    fn wants(&self, c: &crate::scheduler::ScheduledChunk) -> bool {
+        !self.sent && c.start < self.prompt.len()
+    }
+
+    /// Take the rows of chunk `c` (`logits`: `vocab` values per token of the chunk); returns
+    /// the whole list once every prompt token has its entry.
+    fn gather(
+        &mut self,
+        c: &crate::scheduler::ScheduledChunk,
+        logits: &[f32],
+        vocab: usize,
+    ) -> Option<Vec<Option<TokenLogprob>>> {
+        if c.start == 0 {
+            // Computed again from the start (preempted): gather again.
+            self.rows.truncate(1);
+        }
+        if c.start + 1 != self.rows.len() {
+            return None;
+        }
+        for (j, row) in logits.chunks_exact(vocab).enumerate() {
+            let Some(&next) = self.prompt.get(c.start + j + 1) else {
+                break;
+            };
+            self.rows.push(Some(TokenLogprob::of(row, next, self.top)));
+        }
+        (self.rows.len() == self.prompt.len()).then(|| {
+            self.sent = true;
+            std::mem::take(&mut self.rows)
+        })
+    }
 }
 
 impl Active {
@@ -94,6 +139,7 @@ pub(super) struct EngineLoop<'m> {
     /// beam's sequence.
     groups: HashMap<RequestId, BeamGroup>,
     beam_of: HashMap<SeqId, RequestId>,
+    vocab: usize,
 }
 
 impl<'m> EngineLoop<'m> {
@@ -120,6 +166,7 @@ impl<'m> EngineLoop<'m> {
             deferred: Vec::new(),
             groups: HashMap::new(),
             beam_of: HashMap::new(),
+            vocab: model.model.config.vocab_size,
         }
     }
 
@@ -264,8 +311,19 @@ impl<'m> EngineLoop<'m> {
         span: tracing::Span,
         beam: Option<BeamSearch>,
     ) {
+        // A sample that forks its prompt computes none of it: the first sample reports them.
+        let prompt_logprobs = request
+            .prompt_logprobs
+            .filter(|_| request.share_prompt_with.is_none())
+            .map(|top| PromptLogprobs {
+                top,
+                prompt: request.prompt.clone(),
+                rows: vec![None],
+                sent: false,
+            });
         let seq = SeqRequest {
             id,
+            whole_prompt: prompt_logprobs.is_some(),
             prompt: request.prompt,
             max_tokens: request.max_tokens,
             cache_salt: request.cache_salt.take(),
@@ -315,6 +373,7 @@ impl<'m> EngineLoop<'m> {
                 preemptions: 0,
                 cached_tokens: 0,
                 span,
+                prompt_logprobs,
             },
         );
     }
@@ -433,7 +492,11 @@ impl<'m> EngineLoop<'m> {
                 seq: c.seq,
                 tokens: &c.tokens,
                 start: c.start,
-                all_logits: false,
+                all_logits: self
+                    .active
+                    .get(&c.seq)
+                    .and_then(|a| a.prompt_logprobs.as_ref())
+                    .is_some_and(|p| p.wants(c)),
             })
             .collect();
         // Logits come back only for rows sampled with temperature or reporting log-probabilities
@@ -497,10 +560,22 @@ impl<'m> EngineLoop<'m> {
                     "admitted"
                 );
             }
+            if let (Some(p), Next::Logits(logits)) = (a.prompt_logprobs.as_mut(), next) {
+                if p.wants(c) {
+                    if let Some(logprobs) = p.gather(c, logits, self.vocab) {
+                        let _ = self.output.send(Output::PromptLogprobs {
+                            id: c.seq,
+                            logprobs,
+                        });
+                    }
+                }
+            }
             if c.samples {
                 let (token, logprob) = match next {
                     Next::Token(t) => (*t, None),
                     Next::Logits(logits) => {
+                        // Every row's with `all_logits`: the last one samples.
+                        let logits = &logits[logits.len().saturating_sub(self.vocab)..];
                         let token = a.sampler.sample(logits);
                         let logprob = a.logprobs.map(|k| TokenLogprob::of(logits, token, k));
                         (token, logprob)

@@ -44,14 +44,6 @@ fn only(kind: Type, value: Value, description: &str) -> ObjectBuilder {
         .description(Some(description))
 }
 
-fn only_false() -> ObjectBuilder {
-    only(
-        Type::Boolean,
-        Value::Bool(false),
-        "Not supported by this server: false only.",
-    )
-}
-
 fn only_null() -> ObjectBuilder {
     ObjectBuilder::new()
         .schema_type(Type::Null)
@@ -372,8 +364,10 @@ generation_request! {
     /// `POST /v1/completions`: continue a prompt.
     pub struct CompletionRequest {
         pub prompt: Prompt,
-        /// Not supported by this server: false only.
-        #[schema(schema_with = only_false)]
+        /// Begin each choice's text with the prompt; with `logprobs` (not streamed), its
+        /// `logprobs` begin with the prompt tokens' (the first one's null): the prompt is then
+        /// computed whole, not taken from the prefix cache.
+        #[schema(default = false)]
         pub echo: Option<bool>,
         /// Not supported by this server (picking the best of more choices than `n` needs log
         /// probabilities): 1 only, which asks for nothing.
@@ -439,6 +433,8 @@ pub struct ValidRequest {
     pub n: usize,
     /// Beam search of width `n` instead of sampling.
     pub beam: Option<BeamSearch>,
+    /// Completions: begin the text (and the log-probabilities) with the prompt's.
+    pub echo: bool,
     /// Log-probabilities of the generated tokens, with this many alternatives each.
     pub logprobs: Option<usize>,
     /// Penalties and `logit_bias` (token ids checked against the vocabulary in
@@ -475,6 +471,7 @@ impl ValidRequest {
             input,
             n: shared.n,
             beam: shared.beam,
+            echo: false,
             logprobs,
             adjust: shared.adjust,
             max_tokens: shared.max_tokens,
@@ -538,8 +535,12 @@ impl CompletionRequest {
             }
             _ => {}
         }
-        if let Some(e) = self.echo {
-            neutral("echo", !e, "false only", e)?;
+        let echo = self.echo.unwrap_or(false);
+        if echo && shared.stream && self.logprobs.is_some() {
+            return Err(ApiError::field(
+                "echo",
+                "`echo` with `logprobs` is answered whole only: leave out `stream` or set it to false",
+            ));
         }
         if let Some(b) = self.best_of {
             neutral("best_of", b == 1, "1 only", b)?;
@@ -556,13 +557,15 @@ impl CompletionRequest {
             .logprobs
             .map(|k| alternatives("logprobs", k))
             .transpose()?;
-        ValidRequest::new(
+        let mut valid = ValidRequest::new(
             Endpoint::Completions,
             Input::Prompt(self.prompt),
             shared,
             "max_tokens",
             logprobs,
-        )
+        )?;
+        valid.echo = echo;
+        Ok(valid)
     }
 }
 
@@ -705,6 +708,7 @@ impl ValidRequest {
             share_prompt_with: None,
             logprobs: self.logprobs,
             adjust: self.adjust.clone(),
+            prompt_logprobs: self.logprobs.filter(|_| self.echo),
         })
     }
 }

@@ -113,11 +113,12 @@ impl ChatLogprobs {
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
+    /// Null only for an echoed prompt's first token (nothing comes before it).
+    pub token_logprobs: Vec<Option<f32>>,
     /// Per token, the most likely alternatives: text → log-probability (`logprobs` of them;
-    /// alternatives with the same text keep the likelier).
-    #[schema(value_type = Vec<Object>)]
-    pub top_logprobs: Vec<serde_json::Map<String, serde_json::Value>>,
+    /// alternatives with the same text keep the likelier); null where `token_logprobs` is.
+    #[schema(value_type = Vec<Option<Object>>)]
+    pub top_logprobs: Vec<Option<serde_json::Map<String, serde_json::Value>>>,
     /// Where each token's text starts in the choice's text (bytes; in a stream, in the text
     /// streamed so far).
     pub text_offset: Vec<usize>,
@@ -134,16 +135,32 @@ impl CompletionLogprobs {
         };
         for t in tokens {
             out.tokens.push(t.token.clone());
-            out.token_logprobs.push(finite(t.logprob));
+            out.token_logprobs.push(Some(finite(t.logprob)));
             let mut top = serde_json::Map::new();
             for (token, logprob) in &t.top {
                 top.entry(token.clone())
                     .or_insert_with(|| finite(*logprob).into());
             }
-            out.top_logprobs.push(top);
+            out.top_logprobs.push(Some(top));
             out.text_offset.push(offset);
             offset += t.token.len();
         }
+        out
+    }
+
+    /// `echo` with `logprobs`: the prompt's first token (no log-probability), the prompt's
+    /// other tokens, then the generated ones, offsets from the start of the echoed text.
+    pub fn echoed(
+        first: &str,
+        prompt: &[TokenLogprobText],
+        generated: &[TokenLogprobText],
+    ) -> CompletionLogprobs {
+        let rest: Vec<TokenLogprobText> = prompt.iter().chain(generated).cloned().collect();
+        let mut out = CompletionLogprobs::new(&rest, first.len());
+        out.tokens.insert(0, first.to_string());
+        out.token_logprobs.insert(0, None);
+        out.top_logprobs.insert(0, None);
+        out.text_offset.insert(0, 0);
         out
     }
 }
@@ -155,6 +172,9 @@ pub struct ChoiceText {
     pub text: String,
     pub reason: FinishReason,
     pub logprobs: Option<Vec<TokenLogprobText>>,
+    /// Completions' `echo`: the prompt's text, and with `logprobs` its first token's text and
+    /// the other tokens' log-probabilities (the text and `logprobs` begin with them).
+    pub echo: Option<(String, Option<(String, Vec<TokenLogprobText>)>)>,
 }
 
 /// Why the output ended; `abort`: cancelled (vLLM's; a shutdown that could not wait).
@@ -383,11 +403,28 @@ impl ResponseHead {
                 created,
                 model,
                 choices: indexed
-                    .map(|(index, c)| CompletionChoice {
-                        index,
-                        text: c.text.clone(),
-                        logprobs: c.logprobs.as_deref().map(|l| CompletionLogprobs::new(l, 0)),
-                        finish_reason: c.reason.into(),
+                    .map(|(index, c)| {
+                        let (text, logprobs) = match (&c.echo, &c.logprobs) {
+                            (Some((prompt, Some((first, lp)))), Some(l)) => (
+                                format!("{prompt}{}", c.text),
+                                Some(CompletionLogprobs::echoed(first, lp, l)),
+                            ),
+                            (Some((prompt, _)), l) => (
+                                format!("{prompt}{}", c.text),
+                                l.as_deref()
+                                    .map(|l| CompletionLogprobs::new(l, prompt.len())),
+                            ),
+                            (None, l) => (
+                                c.text.clone(),
+                                l.as_deref().map(|l| CompletionLogprobs::new(l, 0)),
+                            ),
+                        };
+                        CompletionChoice {
+                            index,
+                            text,
+                            logprobs,
+                            finish_reason: c.reason.into(),
+                        }
                     })
                     .collect(),
                 usage: usage.into(),
@@ -567,6 +604,7 @@ mod tests {
             text: text.into(),
             reason,
             logprobs: None,
+            echo: None,
         }
     }
 
@@ -594,6 +632,18 @@ mod tests {
             json!({"tokens": [" Pa", "ris"], "token_logprobs": [-0.5, -0.25],
                    "top_logprobs": [{" Pa": -0.5, " Lo": -9999.0}, {"ris": -0.25}],
                    "text_offset": [3, 6]})
+        );
+        // Echoed: the prompt's first token has nothing before it.
+        let echoed = value(&CompletionLogprobs::echoed(
+            "The",
+            &tokens[..1],
+            &tokens[1..],
+        ));
+        assert_eq!(
+            echoed,
+            json!({"tokens": ["The", " Pa", "ris"], "token_logprobs": [null, -0.5, -0.25],
+                   "top_logprobs": [null, {" Pa": -0.5, " Lo": -9999.0}, {"ris": -0.25}],
+                   "text_offset": [0, 3, 6]})
         );
     }
 
