@@ -103,6 +103,15 @@ def run_checks(base_url, api_key):
     check(len(l.tokens) == 4 and "".join(l.tokens) == legacy.choices[0].text
           and len(l.token_logprobs) == 4 and len(l.top_logprobs) == 4 and l.text_offset[0] == 0,
           f"completion logprobs: {list(zip(l.tokens, l.token_logprobs))}")
+    echoed = client.completions.create(model=model, prompt="The capital of France is",
+                                       max_tokens=3, temperature=0, logprobs=1, echo=True,
+                                       extra_body={"ignore_eos": True})
+    e = echoed.choices[0].logprobs
+    check(echoed.choices[0].text.startswith("The capital of France is")
+          and e.token_logprobs[0] is None
+          and len(e.tokens) == echoed.usage.prompt_tokens + 3
+          and all(x <= 0 for x in e.token_logprobs[1:]),
+          f"echo with logprobs: the prompt's log-probabilities first: {list(zip(e.tokens, e.token_logprobs))}")
     beams = client.completions.create(model=model, prompt="The capital of France is",
                                       max_tokens=6, n=3, temperature=0,
                                       extra_body={"use_beam_search": True, "ignore_eos": True})

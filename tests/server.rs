@@ -1317,3 +1317,61 @@ fn beam_search_over_http_whole_and_streamed() {
         wait_until_empty(&c, &s, "after beam search").await;
     });
 }
+
+/// Completions' `echo`: the text begins with the prompt (whole and streamed); with `logprobs`
+/// the log-probabilities begin with the prompt tokens' (the first null), one entry per prompt
+/// and completion token; streamed with `logprobs` it is a 400 naming `echo`.
+#[test]
+fn echo_returns_the_prompt_and_its_logprobs() {
+    let s = Server::start(&["--kv-mode", "paged"]);
+    runtime().block_on(async {
+        let c = client();
+        let url = s.url("/v1/completions");
+        let prompt = "The capital of France is";
+        let body = json!({"prompt": prompt, "max_tokens": 4, "temperature": 0,
+                          "ignore_eos": true, "echo": true});
+        let (status, r) = post(&c, &url, &body, None).await;
+        assert_eq!(status, StatusCode::OK, "{r}");
+        let text = r["choices"][0]["text"].as_str().unwrap().to_string();
+        assert!(
+            text.starts_with(prompt) && text.len() > prompt.len(),
+            "{text}"
+        );
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        let (chunks, done) = stream(&c, &url, &streamed).await;
+        assert!(done);
+        assert_eq!(streamed_choice(&chunks, 0), text);
+
+        let mut with_logprobs = body.clone();
+        with_logprobs["logprobs"] = json!(2);
+        let (status, r) = post(&c, &url, &with_logprobs, None).await;
+        assert_eq!(status, StatusCode::OK, "{r}");
+        assert_eq!(r["choices"][0]["text"], text.as_str());
+        let l = &r["choices"][0]["logprobs"];
+        let tokens = l["tokens"].as_array().unwrap();
+        let expected = r["usage"]["prompt_tokens"].as_u64().unwrap() + 4;
+        assert_eq!(tokens.len() as u64, expected, "{l}");
+        assert_eq!(l["token_logprobs"][0], Value::Null);
+        assert_eq!(l["top_logprobs"][0], Value::Null);
+        for i in 1..tokens.len() {
+            let lp = l["token_logprobs"][i].as_f64().unwrap();
+            assert!(lp <= 0.0, "{l}");
+            assert!(l["top_logprobs"][i].as_object().unwrap().len() <= 2);
+        }
+        let offsets = l["text_offset"].as_array().unwrap();
+        assert!(
+            offsets.windows(2).all(|w| w[0].as_u64() <= w[1].as_u64()),
+            "{l}"
+        );
+
+        with_logprobs["stream"] = json!(true);
+        let (status, r) = post(&c, &url, &with_logprobs, None).await;
+        assert_eq!(
+            (status, r["error"]["param"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("echo")),
+            "{r}"
+        );
+        wait_until_empty(&c, &s, "after echo").await;
+    });
+}

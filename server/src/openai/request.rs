@@ -280,6 +280,13 @@ macro_rules! generation_request {
                         "`cache_salt` must be a non-empty string when given, found \"\"",
                     ));
                 }
+                let length_penalty = self.length_penalty.unwrap_or(1.0);
+                if !(-100.0..=100.0).contains(&length_penalty) {
+                    return Err(ApiError::field(
+                        "length_penalty",
+                        format!("`length_penalty` must be in [-100, 100], found {length_penalty}"),
+                    ));
+                }
                 let beam = match self.use_beam_search {
                     Some(true) => {
                         let conflict = [
@@ -292,13 +299,6 @@ macro_rules! generation_request {
                             return Err(ApiError::field(
                                 "use_beam_search",
                                 format!("`use_beam_search` cannot be combined with `{field}`"),
-                            ));
-                        }
-                        let length_penalty = self.length_penalty.unwrap_or(1.0);
-                        if !(-100.0..=100.0).contains(&length_penalty) {
-                            return Err(ApiError::field(
-                                "length_penalty",
-                                format!("`length_penalty` must be in [-100, 100], found {length_penalty}"),
                             ));
                         }
                         Some(BeamSearch {
