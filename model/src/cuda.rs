@@ -114,6 +114,10 @@ struct Buffers {
     workspace: Option<(usize, usize, DecodeWorkspace)>,
 }
 
+/// A launched batch's rows of logits per chunk, and whether they come back as logits (else as
+/// the argmax of its one row).
+type ChunkRows = Vec<(usize, bool)>;
+
 /// A Llama-family model on a CUDA GPU (see the module docs).
 pub struct CudaLlama {
     pub config: LlamaConfig,
@@ -131,7 +135,7 @@ pub struct CudaLlama {
     /// The batch [`CudaLlama::launch_next`] queued and [`CudaLlama::finish_next`] has not
     /// collected: its row count, which rows want logits, and whether `step_done` was recorded
     /// after it.
-    pending: Option<(usize, Vec<(usize, bool)>, bool)>,
+    pending: Option<(usize, ChunkRows, bool)>,
     /// One event, recorded again after every launched batch (made on the first).
     step_done: Option<CudaEvent>,
     /// Decode steps as CUDA graphs.

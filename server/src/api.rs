@@ -39,7 +39,7 @@ use crate::error::{ApiError, ErrorBody};
 use crate::metrics::ServerMetrics;
 use crate::openai::request::{ChatCompletionRequest, CompletionRequest, Input, Prompt};
 use crate::openai::response::{
-    json_text, ChatCompletion, ChatCompletionChunk, ChoiceText, Completion, CompletionChunk,
+    json_text, ChatCompletion, ChatCompletionChunk, ChoiceText, Completion, CompletionChunk, Echo,
     Health, HealthStatus, ListObject, ModelCard, ModelList, ModelObject, TokenLogprobText,
 };
 use crate::openai::{parse_request, Endpoint, ResponseHead};
@@ -372,10 +372,13 @@ impl AppState {
                                 text,
                                 reason,
                                 logprobs: with_logprobs.then_some(l),
-                                echo: echo.clone().map(|(prompt, first)| {
+                                echo: echo.clone().map(|(text, first)| {
                                     let first = tokenizer.decode(&[first], false);
                                     let lp = prompt_logprobs.clone().filter(|_| with_logprobs);
-                                    (prompt, lp.map(|lp| (first.unwrap_or_default(), lp)))
+                                    Echo {
+                                        text,
+                                        logprobs: lp.map(|lp| (first.unwrap_or_default(), lp)),
+                                    }
                                 }),
                             })
                             .collect();

@@ -172,9 +172,15 @@ pub struct ChoiceText {
     pub text: String,
     pub reason: FinishReason,
     pub logprobs: Option<Vec<TokenLogprobText>>,
-    /// Completions' `echo`: the prompt's text, and with `logprobs` its first token's text and
-    /// the other tokens' log-probabilities (the text and `logprobs` begin with them).
-    pub echo: Option<(String, Option<(String, Vec<TokenLogprobText>)>)>,
+    pub echo: Option<Echo>,
+}
+
+/// Completions' `echo`: the prompt's text, and with `logprobs` its first token's text and the
+/// other tokens' log-probabilities (the choice's text and `logprobs` begin with them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Echo {
+    pub text: String,
+    pub logprobs: Option<(String, Vec<TokenLogprobText>)>,
 }
 
 /// Why the output ended; `abort`: cancelled (vLLM's; a shutdown that could not wait).
@@ -405,14 +411,19 @@ impl ResponseHead {
                 choices: indexed
                     .map(|(index, c)| {
                         let (text, logprobs) = match (&c.echo, &c.logprobs) {
-                            (Some((prompt, Some((first, lp)))), Some(l)) => (
-                                format!("{prompt}{}", c.text),
+                            (
+                                Some(Echo {
+                                    text,
+                                    logprobs: Some((first, lp)),
+                                }),
+                                Some(l),
+                            ) => (
+                                format!("{text}{}", c.text),
                                 Some(CompletionLogprobs::echoed(first, lp, l)),
                             ),
-                            (Some((prompt, _)), l) => (
-                                format!("{prompt}{}", c.text),
-                                l.as_deref()
-                                    .map(|l| CompletionLogprobs::new(l, prompt.len())),
+                            (Some(Echo { text, .. }), l) => (
+                                format!("{text}{}", c.text),
+                                l.as_deref().map(|l| CompletionLogprobs::new(l, text.len())),
                             ),
                             (None, l) => (
                                 c.text.clone(),
