@@ -712,3 +712,173 @@ fn held_sequences_fork_and_append_and_never_block_the_queue() {
     kv.audit().unwrap();
     assert_eq!(kv.usage().bytes_allocated, 0);
 }
+
+/// A beam-search request of the property test below: prompt and output lengths, width, arrival
+/// step, and the seed of its (random) choices of which beams go on.
+#[derive(Debug, Clone)]
+struct BeamArrival {
+    prompt: usize,
+    max_tokens: usize,
+    width: usize,
+    at: usize,
+    seed: u64,
+}
+
+fn beam_arrival() -> impl Strategy<Value = BeamArrival> {
+    (1..14usize, 1..7usize, 1..4usize, 0..6usize, any::<u64>()).prop_map(
+        |(prompt, max_tokens, width, at, seed)| BeamArrival {
+            prompt,
+            max_tokens,
+            width,
+            at,
+            seed,
+        },
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Beam search's use of the scheduler, with plain requests beside it, in a small cache
+    /// (preemptions) with real KV bytes, paged and both vmm layouts, prefix caching on and off:
+    /// a group's beams are held once they sample; when all have, `width` children are drawn at
+    /// random among them — a parent drawn once `append`s, drawn again `fork_running`s, never
+    /// drawn is freed — until `max_tokens`. Every position a chunk reads must hold the key of
+    /// exactly its own tokens (so shared KV overwritten, or forked from the wrong place, is
+    /// caught); a step never exceeds `max_num_seqs`; the books audit clean after every step;
+    /// everything drains and nothing stays referenced.
+    #[test]
+    fn beam_groups_hold_fork_and_drain_reading_only_right_kv(
+        beams in proptest::collection::vec(beam_arrival(), 1..5),
+        plain in proptest::collection::vec((1..14usize, 1..7usize, 0..6usize), 0..4),
+        max_num_seqs in 3..7usize,
+        max_num_batched_tokens in 1..40usize,
+        units in 16..48usize,
+        kind in 0..5usize,
+    ) {
+        use rand::{Rng, SeedableRng};
+        let (mut kv, name) = prefix_cache_of(kind, units);
+        let mut s = Scheduler::new(SchedulerConfig { max_num_seqs, max_num_batched_tokens });
+        let mut tokens: HashMap<SeqId, Vec<u32>> = HashMap::new();
+        // Per group: its live beams, tokens generated, held beams, random choices.
+        let mut live: Vec<Vec<SeqId>> = vec![Vec::new(); beams.len()];
+        let mut generated = vec![0usize; beams.len()];
+        let mut held: HashSet<SeqId> = HashSet::new();
+        let mut rngs: Vec<rand::rngs::StdRng> =
+            beams.iter().map(|b| rand::rngs::StdRng::seed_from_u64(b.seed)).collect();
+        let mut group_of: HashMap<SeqId, usize> = HashMap::new();
+        let mut ended = vec![false; beams.len()];
+        let mut plain_done: HashSet<SeqId> = HashSet::new();
+        let mut next_id: SeqId = 1000;
+        let mut t = 0;
+        loop {
+            for (g, b) in beams.iter().enumerate() {
+                if b.at == t {
+                    let id = g as SeqId;
+                    let prompt = shared_prompt(id, 0, b.prompt / 2, b.prompt);
+                    let width = Some(b.width.min(max_num_seqs));
+                    let request = SeqRequest { id, prompt: prompt.clone(), max_tokens: b.max_tokens, cache_salt: None, fork_of: None, beam_width: width, whole_prompt: false };
+                    s.add(request, kv.manager()).unwrap();
+                    tokens.insert(id, prompt);
+                    live[g].push(id);
+                    group_of.insert(id, g);
+                }
+            }
+            for (i, &(prompt, max_tokens, at)) in plain.iter().enumerate() {
+                if at == t {
+                    let id = 500 + i as SeqId;
+                    let r = req(id, prompt, max_tokens);
+                    tokens.insert(id, r.prompt.clone());
+                    s.add(r, kv.manager()).unwrap();
+                }
+            }
+            if s.is_idle() && t > 8 {
+                break;
+            }
+            prop_assert!(t < 2000, "{}: did not drain", name);
+            let planned = s.schedule(kv.manager_mut()).unwrap();
+            prop_assert!(planned.failed.is_empty(), "{}: {:?}", name, planned.failed);
+            prop_assert!(s.num_running() <= max_num_seqs, "{}", name);
+            for c in &planned.chunks {
+                let own = &tokens[&c.seq];
+                for p in 0..c.start {
+                    prop_assert_eq!(read_key(kv.as_ref(), c.seq, p), as_key(kv_key(own, p)),
+                        "{}: sequence {} reads wrong K/V at {}", name, c.seq, p);
+                }
+                for p in c.start..c.start + c.tokens.len() {
+                    prop_assert_eq!(c.tokens[p - c.start], own[p]);
+                    write_key(kv.as_ref(), c.seq, p, kv_key(own, p));
+                }
+            }
+            let mut sampled = Vec::new();
+            for c in planned.chunks.iter().filter(|c| c.samples) {
+                if group_of.contains_key(&c.seq) {
+                    held.insert(c.seq);
+                } else {
+                    let token = token_after(c.seq, c.start + c.tokens.len() - 1);
+                    sampled.push((c.seq, token));
+                }
+            }
+            for &(id, token) in &sampled {
+                tokens.get_mut(&id).unwrap().push(token);
+            }
+            for id in s.update(&planned, &sampled, kv.manager_mut()).unwrap() {
+                plain_done.insert(id);
+            }
+            for g in 0..beams.len() {
+                if ended[g] || live[g].is_empty() || !live[g].iter().all(|b| held.contains(b)) {
+                    continue;
+                }
+                let width = beams[g].width.min(max_num_seqs);
+                let mut children: Vec<usize> = vec![0; live[g].len()];
+                for _ in 0..width {
+                    let parent = rngs[g].random_range(0..live[g].len());
+                    children[parent] += 1;
+                }
+                let mut next = Vec::new();
+                for (i, &parent) in live[g].iter().enumerate() {
+                    if children[i] == 0 {
+                        prop_assert!(s.finish(parent, kv.manager_mut()).unwrap());
+                    }
+                }
+                for (i, &parent) in live[g].iter().enumerate() {
+                    for child in 1..children[i] {
+                        let token = 40_000 + child as u32;
+                        s.fork_running(parent, next_id, token, kv.manager_mut()).unwrap();
+                        let mut own = tokens[&parent].clone();
+                        own.push(token);
+                        tokens.insert(next_id, own);
+                        group_of.insert(next_id, g);
+                        next.push(next_id);
+                        next_id += 1;
+                    }
+                }
+                for (i, &parent) in live[g].iter().enumerate() {
+                    if children[i] > 0 {
+                        let token = token_after(parent, tokens[&parent].len());
+                        prop_assert!(s.append(parent, token));
+                        tokens.get_mut(&parent).unwrap().push(token);
+                        next.push(parent);
+                    }
+                }
+                for b in &live[g] {
+                    held.remove(b);
+                }
+                live[g] = next;
+                generated[g] += 1;
+                if generated[g] == beams[g].max_tokens {
+                    for &b in &live[g] {
+                        s.finish(b, kv.manager_mut()).unwrap();
+                    }
+                    ended[g] = true;
+                }
+            }
+            kv.audit().map_err(|e| TestCaseError::fail(format!("{name}: {e}")))?;
+            t += 1;
+        }
+        prop_assert!(ended.iter().all(|&e| e), "{}: a beam search never ended", name);
+        prop_assert_eq!(plain_done.len(), plain.len(), "{}", name);
+        kv.audit().map_err(|e| TestCaseError::fail(format!("{name}: {e}")))?;
+        prop_assert_eq!(kv.usage().bytes_allocated, 0, "{}: KV left referenced", name);
+    }
+}
