@@ -7,7 +7,9 @@
 //! `ContentPart`, which refuse unknown fields as the requests do (utoipa writes it for structs
 //! only); and, as `#[utoipa::path(method(get, head))]` gives both operations
 //! one `operationId` (which must be unique), renames the HEAD ones `{id}_head`; and that
-//! `stream_options` needs `stream: true` (an `if`/`then` on both request schemas); and, for the
+//! the checks across fields (`stream_options` needs `stream: true`, `use_beam_search` excludes
+//! stop strings, penalties, `logit_bias` and log-probabilities, `echo` with `logprobs` is not
+//! streamed: `if`/`then` pairs in an `allOf` on the request schemas); and, for the
 //! `text/event-stream` answers, the server-sent event itself (`data`: a chunk as JSON text, or
 //! `[DONE]`) rather than the chunk. Tests check that every [`Route`] is described with its methods.
 
@@ -166,21 +168,41 @@ pub fn document(model: &str, vocab_size: usize, max_n: usize) -> Value {
         {
             field.insert("enum".into(), serde_json::json!([model, null]));
         }
-        // `stream_options` (an object) only with `stream: true`, as the requests check.
+        // What the requests check across fields, as `if`/`then` pairs: `stream_options` (an
+        // object) only with `stream: true`; `use_beam_search: true` without stop strings,
+        // penalties, `logit_bias` or log-probabilities; completions' `echo` with `logprobs`
+        // not streamed.
+        let none_or = |empty: Value| serde_json::json!({"anyOf": [{"type": "null"}, empty]});
+        let logprobs_off = match name {
+            "CompletionRequest" => serde_json::json!({"type": "null"}),
+            _ => none_or(serde_json::json!({"const": false})),
+        };
+        let mut rules = vec![
+            serde_json::json!({
+                "if": {"properties": {"stream_options": {"type": "object"}},
+                    "required": ["stream_options"]},
+                "then": {"properties": {"stream": {"const": true}}, "required": ["stream"]}}),
+            serde_json::json!({
+                "if": {"properties": {"use_beam_search": {"const": true}},
+                    "required": ["use_beam_search"]},
+                "then": {"properties": {
+                    "stop": none_or(serde_json::json!({"type": "array", "maxItems": 0})),
+                    "presence_penalty": none_or(serde_json::json!({"const": 0})),
+                    "frequency_penalty": none_or(serde_json::json!({"const": 0})),
+                    "logit_bias": none_or(serde_json::json!({"type": "object", "maxProperties": 0})),
+                    "logprobs": logprobs_off}}}),
+        ];
+        if name == "CompletionRequest" {
+            rules.push(serde_json::json!({
+                "if": {"properties": {"echo": {"const": true}, "stream": {"const": true}},
+                    "required": ["echo", "stream"]},
+                "then": {"properties": {"logprobs": {"type": "null"}}}}));
+        }
         if let Some(request) = doc
             .pointer_mut(&format!("/components/schemas/{name}"))
             .and_then(Value::as_object_mut)
         {
-            request.insert(
-                "if".into(),
-                serde_json::json!({"properties": {"stream_options": {"type": "object"}},
-                    "required": ["stream_options"]}),
-            );
-            request.insert(
-                "then".into(),
-                serde_json::json!({"properties": {"stream": {"const": true}},
-                    "required": ["stream"]}),
-            );
+            request.insert("allOf".into(), Value::Array(rules));
         }
     }
     for name in ["Message", "ContentPart"] {
@@ -304,8 +326,21 @@ mod tests {
             "{sse}"
         );
         for request in ["CompletionRequest", "ChatCompletionRequest"] {
-            let then = &schema(&doc, request)["then"];
+            let rules = &schema(&doc, request)["allOf"];
+            let then = &rules[0]["then"];
             assert_eq!(then["properties"]["stream"]["const"], true, "{request}");
+            let beam = &rules[1];
+            assert_eq!(beam["if"]["properties"]["use_beam_search"]["const"], true);
+            let excluded = &beam["then"]["properties"];
+            for field in [
+                "stop",
+                "presence_penalty",
+                "frequency_penalty",
+                "logit_bias",
+                "logprobs",
+            ] {
+                assert!(excluded[field].is_object(), "{request}: {field}");
+            }
             let model = &schema(&doc, request)["properties"]["model"];
             assert_eq!(
                 model["enum"],
