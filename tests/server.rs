@@ -1375,3 +1375,65 @@ fn echo_returns_the_prompt_and_its_logprobs() {
         wait_until_empty(&c, &s, "after echo").await;
     });
 }
+
+/// `best_of`: four samples, the two with the highest cumulative log-probability answered, best
+/// first (their log-probabilities, when asked for, add up in that order); usage counts every
+/// sample's tokens; streamed or with beam search it is a 400 naming `best_of`.
+#[test]
+fn best_of_answers_the_likeliest_samples() {
+    let s = Server::start(&["--kv-mode", "paged"]);
+    runtime().block_on(async {
+        let c = client();
+        let url = s.url("/v1/completions");
+        let body = json!({"prompt": "Once upon a time", "max_tokens": 6, "temperature": 1.0,
+                          "seed": 7, "ignore_eos": true, "n": 2, "best_of": 4, "logprobs": 0});
+        let (status, r) = post(&c, &url, &body, None).await;
+        assert_eq!(status, StatusCode::OK, "{r}");
+        let choices = r["choices"].as_array().unwrap();
+        assert_eq!(choices.len(), 2, "{r}");
+        let cum: Vec<f64> = choices
+            .iter()
+            .map(|ch| {
+                ch["logprobs"]["token_logprobs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|l| l.as_f64().unwrap())
+                    .sum()
+            })
+            .collect();
+        assert!(cum[0] >= cum[1], "{cum:?}");
+        assert_eq!(r["usage"]["completion_tokens"], 24, "{r}");
+        // The four samples alone (n = 4, same seed rule): the answered two are the likeliest.
+        let mut all = body.clone();
+        all["n"] = json!(4);
+        all.as_object_mut().unwrap().remove("best_of");
+        let (_, every) = post(&c, &url, &all, None).await;
+        let mut sums: Vec<f64> = every["choices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|ch| {
+                let l = ch["logprobs"]["token_logprobs"].as_array().unwrap();
+                l.iter().map(|l| l.as_f64().unwrap()).sum()
+            })
+            .collect();
+        sums.sort_by(|a, b| b.total_cmp(a));
+        assert!(
+            (sums[0] - cum[0]).abs() < 1e-3 && (sums[1] - cum[1]).abs() < 1e-3,
+            "{sums:?} {cum:?}"
+        );
+        for (field, value) in [("stream", json!(true)), ("use_beam_search", json!(true))] {
+            let mut wrong = body.clone();
+            wrong[field] = value;
+            wrong.as_object_mut().unwrap().remove("logprobs");
+            let (status, r) = post(&c, &url, &wrong, None).await;
+            assert_eq!(
+                (status, r["error"]["param"].as_str()),
+                (StatusCode::BAD_REQUEST, Some("best_of")),
+                "{field}: {r}"
+            );
+        }
+        wait_until_empty(&c, &s, "after best_of").await;
+    });
+}

@@ -238,16 +238,22 @@ impl AppState {
         })
         .await
         .map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?;
-        let generation = generation?;
+        let mut generation = generation?;
         let max_n = engine.max_num_seqs();
-        if request.n > max_n {
-            return Err(ApiError::field(
-                "n",
-                format!(
-                    "`n` must be at most {max_n} on this server (--max-num-seqs: every choice runs at once), found {}",
-                    request.n
-                ),
-            ));
+        for (field, count) in [("n", request.n), ("best_of", request.best_of)] {
+            if count > max_n {
+                return Err(ApiError::field(
+                    field,
+                    format!(
+                        "`{field}` must be at most {max_n} on this server (--max-num-seqs: every choice runs at once), found {count}"
+                    ),
+                ));
+            }
+        }
+        // `best_of`: rank the samples by cumulative log-probability, so every one reports its
+        // tokens' (those not asked for are dropped from the answer).
+        if request.best_of > request.n {
+            generation.logprobs = Some(request.logprobs.unwrap_or(0));
         }
         // `echo`: the prompt as the client wrote it (token ids written out), and its first
         // token (which has no log-probability).
@@ -265,7 +271,7 @@ impl AppState {
         let (tx, rx) = event_channel();
         let submitted = match request.beam {
             Some(beam) => engine.submit_beam_search(generation, beam, tx),
-            None => engine.submit_samples(generation, request.n, tx),
+            None => engine.submit_samples(generation, request.best_of, tx),
         };
         let ids = submitted.map_err(|e| {
             ApiError::from_engine(e, endpoint.prompt_field(), request.max_tokens_field)
@@ -308,8 +314,12 @@ impl AppState {
             h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             return Ok(r);
         }
-        self.collect(rx, guard, head, choices, request.logprobs.is_some(), echo)
-            .await
+        let answer = Answer {
+            with_logprobs: request.logprobs.is_some(),
+            echo,
+            best: request.n,
+        };
+        self.collect(rx, guard, head, choices, answer).await
     }
 
     /// Wait for the whole answer, every choice (dropped with the connection if the client goes
@@ -320,9 +330,13 @@ impl AppState {
         mut guard: AbortOnDrop,
         head: ResponseHead,
         mut choices: Choices,
-        with_logprobs: bool,
-        echo: Option<(String, u32)>,
+        answer: Answer,
     ) -> Result<Response<ApiBody>, ApiError> {
+        let Answer {
+            with_logprobs,
+            echo,
+            best,
+        } = answer;
         let mut prompt_logprobs = None;
         let mut texts = vec![String::new(); choices.len()];
         let mut reasons = vec![FinishReason::Abort; choices.len()];
@@ -364,24 +378,35 @@ impl AppState {
                     reasons[index] = f.reason;
                     if choices.finished(index, &f) {
                         guard.armed = false;
-                        let whole: Vec<ChoiceText> = texts
+                        let mut whole: Vec<(f64, ChoiceText)> = texts
                             .into_iter()
                             .zip(reasons)
                             .zip(logprobs)
-                            .map(|((text, reason), l)| ChoiceText {
-                                text,
-                                reason,
-                                logprobs: with_logprobs.then_some(l),
-                                echo: echo.clone().map(|(text, first)| {
-                                    let first = tokenizer.decode(&[first], false);
-                                    let lp = prompt_logprobs.clone().filter(|_| with_logprobs);
-                                    Echo {
-                                        text,
-                                        logprobs: lp.map(|lp| (first.unwrap_or_default(), lp)),
-                                    }
-                                }),
+                            .map(|((text, reason), l)| {
+                                let cum = l.iter().map(|t| t.logprob as f64).sum();
+                                let choice = ChoiceText {
+                                    text,
+                                    reason,
+                                    logprobs: with_logprobs.then_some(l),
+                                    echo: echo.clone().map(|(text, first)| {
+                                        let first = tokenizer.decode(&[first], false);
+                                        let lp = prompt_logprobs.clone().filter(|_| with_logprobs);
+                                        Echo {
+                                            text,
+                                            logprobs: lp.map(|lp| (first.unwrap_or_default(), lp)),
+                                        }
+                                    }),
+                                };
+                                (cum, choice)
                             })
                             .collect();
+                        // `best_of`: the `best` samples with the highest cumulative
+                        // log-probability, in that order.
+                        if best < whole.len() {
+                            whole.sort_by(|a, b| b.0.total_cmp(&a.0));
+                            whole.truncate(best);
+                        }
+                        let whole: Vec<ChoiceText> = whole.into_iter().map(|w| w.1).collect();
                         let body = head.response(&whole, choices.usage);
                         return Ok(json_response(StatusCode::OK, &body));
                     }
@@ -393,6 +418,15 @@ impl AppState {
             }
         }
     }
+}
+
+/// What a whole answer is made of besides the choices' events: whether the client asked for
+/// log-probabilities, completions' `echo` (the prompt's text and first token), and how many of
+/// the choices to answer with (`n`, below their number with `best_of`).
+struct Answer {
+    with_logprobs: bool,
+    echo: Option<(String, u32)>,
+    best: usize,
 }
 
 /// The choices of one response (`n` of them): which engine request is which choice, how many

@@ -155,11 +155,13 @@ pub fn document(model: &str, vocab_size: usize, max_n: usize) -> Value {
                 serde_json::json!({"type": "string", "pattern": pattern}),
             );
         }
-        if let Some(field) = doc
-            .pointer_mut(&format!("/components/schemas/{name}/properties/n"))
-            .and_then(Value::as_object_mut)
-        {
-            field.insert("maximum".into(), max_n.into());
+        for count in ["n", "best_of"] {
+            if let Some(field) = doc
+                .pointer_mut(&format!("/components/schemas/{name}/properties/{count}"))
+                .and_then(Value::as_object_mut)
+            {
+                field.insert("maximum".into(), max_n.into());
+            }
         }
         // `model`: the served name or none (another is refused).
         if let Some(field) = doc
@@ -192,7 +194,13 @@ pub fn document(model: &str, vocab_size: usize, max_n: usize) -> Value {
                     "logit_bias": none_or(serde_json::json!({"type": "object", "maxProperties": 0})),
                     "logprobs": logprobs_off}}}),
         ];
+        let best_of_one = serde_json::json!({"properties": {"best_of": none_or(serde_json::json!({"const": 1}))}});
         if name == "CompletionRequest" {
+            for flag in ["stream", "use_beam_search"] {
+                rules.push(serde_json::json!({
+                    "if": {"properties": {flag: {"const": true}}, "required": [flag]},
+                    "then": best_of_one}));
+            }
             rules.push(serde_json::json!({
                 "if": {"properties": {"echo": {"const": true}, "stream": {"const": true}},
                     "required": ["echo", "stream"]},

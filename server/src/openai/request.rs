@@ -369,9 +369,10 @@ generation_request! {
         /// computed whole, not taken from the prefix cache.
         #[schema(default = false)]
         pub echo: Option<bool>,
-        /// Not supported by this server (picking the best of more choices than `n` needs log
-        /// probabilities): 1 only, which asks for nothing.
-        #[schema(minimum = 1, maximum = 1, default = 1)]
+        /// Sample this many choices (sharing the prompt's KV) and answer with the `n` of them
+        /// with the highest cumulative log-probability; below `n` it is `n`. Not streamed, not
+        /// with `use_beam_search`.
+        #[schema(minimum = 1, maximum = 128, default = 1)]
         pub best_of: Option<i64>,
         /// Not supported by this server: null only.
         #[schema(schema_with = only_null)]
@@ -435,6 +436,9 @@ pub struct ValidRequest {
     pub beam: Option<BeamSearch>,
     /// Completions: begin the text (and the log-probabilities) with the prompt's.
     pub echo: bool,
+    /// Choices sampled (at least `n`): the `n` with the highest cumulative log-probability
+    /// are answered.
+    pub best_of: usize,
     /// Log-probabilities of the generated tokens, with this many alternatives each.
     pub logprobs: Option<usize>,
     /// Penalties and `logit_bias` (token ids checked against the vocabulary in
@@ -472,6 +476,7 @@ impl ValidRequest {
             n: shared.n,
             beam: shared.beam,
             echo: false,
+            best_of: shared.n,
             logprobs,
             adjust: shared.adjust,
             max_tokens: shared.max_tokens,
@@ -542,9 +547,29 @@ impl CompletionRequest {
                 "`echo` with `logprobs` is answered whole only: leave out `stream` or set it to false",
             ));
         }
-        if let Some(b) = self.best_of {
-            neutral("best_of", b == 1, "1 only", b)?;
-        }
+        let best_of = match self.best_of {
+            None | Some(1) => shared.n,
+            Some(b)
+                if (1..=MAX_N as i64).contains(&b) && (shared.stream || shared.beam.is_some()) =>
+            {
+                let with = if shared.stream {
+                    "`stream`"
+                } else {
+                    "`use_beam_search`"
+                };
+                return Err(ApiError::field(
+                    "best_of",
+                    format!("`best_of` above 1 cannot be combined with {with}, found {b}"),
+                ));
+            }
+            Some(b) if (1..=MAX_N as i64).contains(&b) => shared.n.max(b as usize),
+            Some(b) => {
+                return Err(ApiError::field(
+                    "best_of",
+                    format!("`best_of` must be between 1 and {MAX_N}, found {b}"),
+                ))
+            }
+        };
         if let Some(s) = &self.suffix {
             neutral(
                 "suffix",
@@ -565,6 +590,7 @@ impl CompletionRequest {
             logprobs,
         )?;
         valid.echo = echo;
+        valid.best_of = best_of;
         Ok(valid)
     }
 }
