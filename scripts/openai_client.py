@@ -119,6 +119,10 @@ def run_checks(base_url, api_key):
     check(len(set(texts)) == 3 and [c.index for c in beams.choices] == [0, 1, 2]
           and beams.usage.completion_tokens == 18,
           f"beam search (use_beam_search, n=3) gives three beams: {texts}")
+    best = client.completions.create(model=model, prompt="Once upon a time", max_tokens=5,
+                                     n=1, best_of=3, seed=3, extra_body={"ignore_eos": True})
+    check(len(best.choices) == 1 and best.usage.completion_tokens == 15,
+          f"best_of=3 answers one choice and counts three samples: {best.choices[0].text!r}")
     penalised = client.completions.create(model=model, prompt="1, 2, 3, 4, 5,", max_tokens=8,
                                           temperature=0, logit_bias={"1000": 100},
                                           extra_body={"ignore_eos": True})
