@@ -331,17 +331,20 @@ impl<'m> EngineLoop<'m> {
             beam_width: beam.map(|b| b.width),
         };
         let prompt_len = seq.prompt.len();
+        // A beam search answers with `width` requests, each told how it ends.
+        let answers = beam.map_or(1, |b| b.width) as u64;
         if let Err(e) = self.scheduler.add(seq, self.backend.kv()) {
             tracing::warn!(parent: &span, error = %e, "refused");
             self.metrics.failed += 1;
-            let _ = events.send(EngineEvent {
-                id,
-                kind: EventKind::Failed(e.to_string()),
-            });
+            for answer in id..id + answers {
+                let _ = events.send(EngineEvent {
+                    id: answer,
+                    kind: EventKind::Failed(e.to_string()),
+                });
+            }
             return;
         }
         // Text and stop strings are the detokenizer's; token-level stops stay here.
-        let answers = beam.map_or(1, |b| b.width) as u64;
         for answer in id..id + answers {
             let _ = self.output.send(Output::Start {
                 id: answer,
