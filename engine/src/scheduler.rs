@@ -35,6 +35,14 @@
 //! prefix caching finds the source's blocks cached). A fork source that is preempted and comes
 //! back is forked from again; a fork that does not fit waits, as an admission does.
 //!
+//! Beam search (see `engine::beam_search`): a sequence whose sampling chunk gets no token in
+//! [`Scheduler::update`] is *held* — it keeps its KV and is not scheduled — until
+//! [`Scheduler::append`] gives it a token or [`Scheduler::fork_running`] starts a copy of it
+//! (its KV forked as above) with a token of its own. A beam group takes its width in places of
+//! `max_num_seqs` from admission to end ([`SeqRequest::beam_width`]), so its forks always find
+//! one. When nothing can be scheduled because only held sequences run and the queue's head does
+//! not fit beside them, the newest is preempted to the back of the queue.
+//!
 //! Invariants, property-tested below: a step never exceeds the token budget or `max_num_seqs`;
 //! a chunk starts where its sequence's KV ends; the cache never holds a sequence that is not
 //! running; every request finishes; once all finish, the cache is empty.
