@@ -1224,25 +1224,19 @@ fn logit_bias_and_penalties_over_http() {
     });
 }
 
-/// vLLM's `use_beam_search` on both endpoints: `n` = 3 beams give three different choices, the
+/// vLLM's `use_beam_search` on completions: `n` = 3 beams give three different choices, the
 /// first the best; streamed, every choice arrives whole with its end; width 1 is the greedy
 /// answer; combined with stop strings, penalties or log-probabilities it is a 400 naming
-/// `use_beam_search`.
+/// `use_beam_search`; chat does not take it.
 #[test]
 fn beam_search_over_http_whole_and_streamed() {
     let s = Server::start(&["--kv-mode", "vmm"]);
     runtime().block_on(async {
         let c = client();
-        for (path, input) in [
-            (
-                "/v1/completions",
-                json!({"prompt": "The three primary colours are"}),
-            ),
-            (
-                "/v1/chat/completions",
-                json!({"messages": [{"role": "user", "content": "Name three colours."}]}),
-            ),
-        ] {
+        for (path, input) in [(
+            "/v1/completions",
+            json!({"prompt": "The three primary colours are"}),
+        )] {
             let url = s.url(path);
             let text = |choice: &Value| {
                 choice["text"]
@@ -1314,6 +1308,10 @@ fn beam_search_over_http_whole_and_streamed() {
                 );
             }
         }
+        let chat =
+            json!({"messages": [{"role": "user", "content": "Hi"}], "use_beam_search": true});
+        let (status, _) = post(&c, &s.url("/v1/chat/completions"), &chat, None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
         wait_until_empty(&c, &s, "after beam search").await;
     });
 }

@@ -171,31 +171,27 @@ pub fn document(model: &str, vocab_size: usize, max_n: usize) -> Value {
             field.insert("enum".into(), serde_json::json!([model, null]));
         }
         // What the requests check across fields, as `if`/`then` pairs: `stream_options` (an
-        // object) only with `stream: true`; `use_beam_search: true` without stop strings,
-        // penalties, `logit_bias` or log-probabilities; completions' `echo` with `logprobs`
-        // not streamed.
-        let none_or = |empty: Value| serde_json::json!({"anyOf": [{"type": "null"}, empty]});
-        let logprobs_off = match name {
-            "CompletionRequest" => serde_json::json!({"type": "null"}),
-            _ => none_or(serde_json::json!({"const": false})),
-        };
-        let mut rules = vec![
-            serde_json::json!({
+        // object) only with `stream: true`; on completions, `use_beam_search: true` without stop
+        // strings, penalties, `logit_bias`, log-probabilities or `best_of`, `best_of` not
+        // streamed, and `echo` with `logprobs` not streamed.
+        // Flat schemas (no `anyOf`): schemathesis' negative generation recurses through nested
+        // combinators until CPython's parser gives up.
+        let logprobs_off = serde_json::json!({"type": "null"});
+        let mut rules = vec![serde_json::json!({
                 "if": {"properties": {"stream_options": {"type": "object"}},
                     "required": ["stream_options"]},
-                "then": {"properties": {"stream": {"const": true}}, "required": ["stream"]}}),
-            serde_json::json!({
+                "then": {"properties": {"stream": {"const": true}}, "required": ["stream"]}})];
+        let best_of_one = serde_json::json!({"properties": {"best_of": {"enum": [null, 1]}}});
+        if name == "CompletionRequest" {
+            rules.push(serde_json::json!({
                 "if": {"properties": {"use_beam_search": {"const": true}},
                     "required": ["use_beam_search"]},
                 "then": {"properties": {
-                    "stop": none_or(serde_json::json!({"type": "array", "maxItems": 0})),
-                    "presence_penalty": none_or(serde_json::json!({"const": 0})),
-                    "frequency_penalty": none_or(serde_json::json!({"const": 0})),
-                    "logit_bias": none_or(serde_json::json!({"type": "object", "maxProperties": 0})),
-                    "logprobs": logprobs_off}}}),
-        ];
-        let best_of_one = serde_json::json!({"properties": {"best_of": none_or(serde_json::json!({"const": 1}))}});
-        if name == "CompletionRequest" {
+                    "stop": {"type": ["array", "null"], "maxItems": 0},
+                    "presence_penalty": {"enum": [null, 0]},
+                    "frequency_penalty": {"enum": [null, 0]},
+                    "logit_bias": {"type": ["object", "null"], "maxProperties": 0},
+                    "logprobs": logprobs_off}}}));
             for flag in ["stream", "use_beam_search"] {
                 rules.push(serde_json::json!({
                     "if": {"properties": {flag: {"const": true}}, "required": [flag]},
@@ -210,7 +206,13 @@ pub fn document(model: &str, vocab_size: usize, max_n: usize) -> Value {
             .pointer_mut(&format!("/components/schemas/{name}"))
             .and_then(Value::as_object_mut)
         {
-            request.insert("allOf".into(), Value::Array(rules));
+            // One rule as the schema's own `if`/`then`; several in an `allOf`.
+            match <[Value; 1]>::try_from(rules) {
+                Ok([rule]) => request.extend(rule.as_object().cloned().unwrap_or_default()),
+                Err(rules) => {
+                    request.insert("allOf".into(), Value::Array(rules));
+                }
+            }
         }
     }
     for name in ["Message", "ContentPart"] {
@@ -334,27 +336,29 @@ mod tests {
             "{sse}"
         );
         for request in ["CompletionRequest", "ChatCompletionRequest"] {
-            let rules = &schema(&doc, request)["allOf"];
-            let then = &rules[0]["then"];
+            let then = match request {
+                "CompletionRequest" => &schema(&doc, request)["allOf"][0]["then"],
+                _ => &schema(&doc, request)["then"],
+            };
             assert_eq!(then["properties"]["stream"]["const"], true, "{request}");
-            let beam = &rules[1];
-            assert_eq!(beam["if"]["properties"]["use_beam_search"]["const"], true);
-            let excluded = &beam["then"]["properties"];
-            for field in [
-                "stop",
-                "presence_penalty",
-                "frequency_penalty",
-                "logit_bias",
-                "logprobs",
-            ] {
-                assert!(excluded[field].is_object(), "{request}: {field}");
-            }
             let model = &schema(&doc, request)["properties"]["model"];
             assert_eq!(
                 model["enum"],
                 serde_json::json!(["smol", null]),
                 "{request}"
             );
+        }
+        let beam = &schema(&doc, "CompletionRequest")["allOf"][1];
+        assert_eq!(beam["if"]["properties"]["use_beam_search"]["const"], true);
+        let excluded = &beam["then"]["properties"];
+        for field in [
+            "stop",
+            "presence_penalty",
+            "frequency_penalty",
+            "logit_bias",
+            "logprobs",
+        ] {
+            assert!(excluded[field].is_object(), "{field}");
         }
         let completion = schema(&doc, "CompletionRequest");
         assert_eq!(completion["required"], serde_json::json!(["prompt"]));

@@ -176,16 +176,6 @@ macro_rules! generation_request {
             pub frequency_penalty: Option<f64>,
             #[schema(schema_with = logit_bias_schema)]
             pub logit_bias: Option<Map<String, Value>>,
-            /// vLLM extra: beam search of width `n` instead of sampling; the `n` choices are the
-            /// best beams, best first, each sent whole when the search ends. The beams share
-            /// their common prefix's KV. Not with stop strings, penalties, `logit_bias` or
-            /// log-probabilities.
-            #[schema(default = false)]
-            pub use_beam_search: Option<bool>,
-            /// vLLM extra, with `use_beam_search`: beams are ranked by cumulative
-            /// log-probability over `length ^ length_penalty`.
-            #[schema(minimum = -100, maximum = 100, default = 1.0)]
-            pub length_penalty: Option<f64>,
             /// Accepted and not used.
             pub user: Option<String>,
             /// Accepted and not used.
@@ -280,34 +270,6 @@ macro_rules! generation_request {
                         "`cache_salt` must be a non-empty string when given, found \"\"",
                     ));
                 }
-                let length_penalty = self.length_penalty.unwrap_or(1.0);
-                if !(-100.0..=100.0).contains(&length_penalty) {
-                    return Err(ApiError::field(
-                        "length_penalty",
-                        format!("`length_penalty` must be in [-100, 100], found {length_penalty}"),
-                    ));
-                }
-                let beam = match self.use_beam_search {
-                    Some(true) => {
-                        let conflict = [
-                            ("stop", !stop.is_empty()),
-                            ("presence_penalty", adjust.presence_penalty != 0.0),
-                            ("frequency_penalty", adjust.frequency_penalty != 0.0),
-                            ("logit_bias", !adjust.logit_bias.is_empty()),
-                        ];
-                        if let Some((field, _)) = conflict.iter().find(|c| c.1) {
-                            return Err(ApiError::field(
-                                "use_beam_search",
-                                format!("`use_beam_search` cannot be combined with `{field}`"),
-                            ));
-                        }
-                        Some(BeamSearch {
-                            width: n,
-                            length_penalty: length_penalty as f32,
-                        })
-                    }
-                    _ => None,
-                };
                 let stream = self.stream.unwrap_or(false);
                 let include_usage = match &self.stream_options {
                     None => false,
@@ -322,7 +284,7 @@ macro_rules! generation_request {
                 Ok(Shared {
                     model: self.model.clone(),
                     n,
-                    beam,
+                    beam: None,
                     adjust,
                     max_tokens,
                     sampling: SamplingParams {
@@ -374,6 +336,16 @@ generation_request! {
         /// with `use_beam_search`.
         #[schema(minimum = 1, maximum = 128, default = 1)]
         pub best_of: Option<i64>,
+        /// vLLM extra: beam search of width `n` instead of sampling; the `n` choices are the
+        /// best beams, best first, each sent whole when the search ends. The beams share their
+        /// common prefix's KV. Not with stop strings, penalties, `logit_bias`, log-probabilities
+        /// or `best_of`.
+        #[schema(default = false)]
+        pub use_beam_search: Option<bool>,
+        /// vLLM extra, with `use_beam_search`: beams are ranked by cumulative log-probability
+        /// over `length ^ length_penalty`.
+        #[schema(minimum = -100, maximum = 100, default = 1.0)]
+        pub length_penalty: Option<f64>,
         /// Not supported by this server: null only.
         #[schema(schema_with = only_null)]
         pub suffix: Option<String>,
@@ -530,9 +502,42 @@ pub const MAX_N: usize = 128;
 const EMPTY_PROMPT: &str = "the prompt is empty: it must have at least one token";
 
 impl CompletionRequest {
+    /// `use_beam_search` and `length_penalty`, checked against the fields beam search cannot
+    /// take.
+    fn beam_search(&self, shared: &Shared) -> Result<Option<BeamSearch>, ApiError> {
+        let length_penalty = self.length_penalty.unwrap_or(1.0);
+        if !(-100.0..=100.0).contains(&length_penalty) {
+            return Err(ApiError::field(
+                "length_penalty",
+                format!("`length_penalty` must be in [-100, 100], found {length_penalty}"),
+            ));
+        }
+        if self.use_beam_search != Some(true) {
+            return Ok(None);
+        }
+        let adjust = &shared.adjust;
+        let conflict = [
+            ("stop", !shared.stop.stop.is_empty()),
+            ("presence_penalty", adjust.presence_penalty != 0.0),
+            ("frequency_penalty", adjust.frequency_penalty != 0.0),
+            ("logit_bias", !adjust.logit_bias.is_empty()),
+        ];
+        if let Some((field, _)) = conflict.iter().find(|c| c.1) {
+            return Err(ApiError::field(
+                "use_beam_search",
+                format!("`use_beam_search` cannot be combined with `{field}`"),
+            ));
+        }
+        Ok(Some(BeamSearch {
+            width: shared.n,
+            length_penalty: length_penalty as f32,
+        }))
+    }
+
     /// Check every field; the error names the field at fault.
     pub fn validate(self) -> Result<ValidRequest, ApiError> {
-        let shared = self.shared("max_tokens")?;
+        let mut shared = self.shared("max_tokens")?;
+        shared.beam = self.beam_search(&shared)?;
         match &self.prompt {
             Prompt::Text(t) if t.is_empty() => return Err(ApiError::field("prompt", EMPTY_PROMPT)),
             Prompt::Tokens(t) if t.is_empty() => {
