@@ -1225,6 +1225,87 @@ fn logit_bias_and_penalties_over_http() {
     });
 }
 
+/// Structured outputs: a chat request with a JSON Schema gets JSON that follows it, whole and
+/// streamed, in each of `n` choices; `json_object` on completions gets an object; a schema no
+/// output can match, or one using a keyword llguidance does not implement, is a 400 naming
+/// `response_format` and the problem, and the server goes on serving.
+#[test]
+fn structured_outputs_over_http() {
+    let s = Server::start(&[]);
+    runtime().block_on(async {
+        let c = client();
+        let chat = s.url("/v1/chat/completions");
+        let schema = json!({"type": "object", "additionalProperties": false,
+            "required": ["name", "legs", "pet"],
+            "properties": {"name": {"type": "string", "maxLength": 12},
+                           "legs": {"type": "integer", "minimum": 0, "maximum": 8},
+                           "pet": {"type": "boolean"}}});
+        let body = json!({"messages": [{"role": "user", "content": "Describe a cat as JSON."}],
+            "max_tokens": 200, "temperature": 1.0, "seed": 3, "n": 3,
+            "response_format": {"type": "json_schema",
+                "json_schema": {"name": "animal", "strict": true, "schema": schema}}});
+        let follows = |text: &str| {
+            let v: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            let mut keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+            keys.sort();
+            assert_eq!(keys, ["legs", "name", "pet"], "{v}");
+            assert!(v["name"].as_str().unwrap().chars().count() <= 12, "{v}");
+            assert!((0..=8).contains(&v["legs"].as_i64().unwrap()), "{v}");
+            assert!(v["pet"].is_boolean(), "{v}");
+        };
+        let (status, r) = post(&c, &chat, &body, None).await;
+        assert_eq!(status, StatusCode::OK, "{r}");
+        for choice in r["choices"].as_array().unwrap() {
+            assert_eq!(choice["finish_reason"], "stop", "{r}");
+            follows(choice["message"]["content"].as_str().unwrap());
+        }
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        streamed["n"] = json!(1);
+        let (chunks, done) = stream(&c, &chat, &streamed).await;
+        assert!(done);
+        let text: String = chunks
+            .iter()
+            .filter_map(|ch| ch["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        follows(&text);
+
+        let object = json!({"prompt": "A cat, as JSON:", "max_tokens": 40, "temperature": 0,
+            "response_format": {"type": "json_object"}});
+        let (status, r) = post(&c, &s.url("/v1/completions"), &object, None).await;
+        assert_eq!(status, StatusCode::OK, "{r}");
+        let text = r["choices"][0]["text"].as_str().unwrap();
+        if r["choices"][0]["finish_reason"] == "stop" {
+            assert!(
+                serde_json::from_str::<Value>(text).unwrap().is_object(),
+                "{text:?}"
+            );
+        } else {
+            assert!(text.starts_with('{'), "{text:?}");
+        }
+
+        for (schema, needle) in [
+            (
+                json!({"type": "integer", "minimum": 5, "maximum": 1}),
+                "schema",
+            ),
+            (json!({"type": "array", "uniqueItems": true}), "uniqueItems"),
+            (json!({"$ref": "#/$defs/nothing"}), "nothing"),
+        ] {
+            let mut bad = body.clone();
+            bad["response_format"]["json_schema"]["schema"] = schema.clone();
+            let (status, r) = post(&c, &chat, &bad, None).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{schema}: {r}");
+            assert_eq!(r["error"]["param"], "response_format", "{r}");
+            let message = r["error"]["message"].as_str().unwrap();
+            assert!(message.contains(needle), "{schema}: {message}");
+        }
+        let (status, _) = post(&c, &chat, &body, None).await;
+        assert_eq!(status, StatusCode::OK);
+        wait_until_empty(&c, &s, "after structured outputs").await;
+    });
+}
+
 /// vLLM's `use_beam_search` on completions: `n` = 3 beams give three different choices, the
 /// first the best; streamed, every choice arrives whole with its end; width 1 is the greedy
 /// answer; combined with stop strings, penalties or log-probabilities it is a 400 naming

@@ -166,6 +166,7 @@ fn bench_request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         logprobs: None,
         adjust: Default::default(),
         prompt_logprobs: None,
+        grammar: None,
     }
 }
 

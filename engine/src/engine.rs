@@ -14,7 +14,8 @@
 //!   is gone (a client disconnected) the request is aborted at the next step, and its KV memory
 //!   freed.
 //! - Stop conditions: the model's end-of-sequence tokens (unless `ignore_eos`), extra stop token
-//!   ids and `max_tokens` on the engine thread; stop strings (the output is cut before the
+//!   ids, `max_tokens` and a structured output's grammar matched whole on the engine thread;
+//!   stop strings (the output is cut before the
 //!   string, OpenAI's behaviour) in the detokenizer, which then ends the request
 //!   (`Command::StopString`). The stop token counts as a completion token, as in vLLM.
 //! - In vmm mode, before each forward pass the engine tells the cache what every scheduled
@@ -29,7 +30,7 @@
 //! failed request holds no KV memory; the thread never panics on a request's content.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -40,6 +41,7 @@ use crate::device::Device;
 use crate::kv::{KvCacheDtype, KvMode, KvUsage, PrefixStats, SeqId};
 use crate::model::LoadedModel;
 use crate::sampler::{LogitsAdjustments, SamplingParams, TokenLogprob, MAX_TOP_LOGPROBS};
+use crate::structured_output::{Grammar, GrammarCompiler, GrammarError, ResponseFormat};
 
 mod beam_search;
 mod detokenize;
@@ -144,6 +146,9 @@ pub struct GenerationRequest {
     /// token has none. The prompt is then computed whole (no prefix-cache hit), every row's
     /// logits brought back.
     pub prompt_logprobs: Option<usize>,
+    /// Structured outputs: the grammar the output follows, from [`Engine::compile_grammar`]
+    /// (each sample of [`Engine::submit_samples`] gets its own copy).
+    pub grammar: Option<Grammar>,
 }
 
 /// Token counts of a finished request (OpenAI's `usage`).
@@ -397,6 +402,8 @@ pub struct Engine {
     max_model_len: usize,
     max_num_seqs: usize,
     kv_capacity: usize,
+    /// Structured outputs' compiler for this model's vocabulary, built on first use.
+    grammars: OnceLock<Result<GrammarCompiler, GrammarError>>,
 }
 
 impl Engine {
@@ -475,7 +482,25 @@ impl Engine {
             max_model_len,
             max_num_seqs,
             kv_capacity,
+            grammars: OnceLock::new(),
         })
+    }
+
+    /// Compile a response format into the grammar of a request's output (see
+    /// [`crate::structured_output`]), on the caller's thread. The first call builds the compiler
+    /// for the model's vocabulary (tens of milliseconds).
+    pub fn compile_grammar(&self, format: &ResponseFormat) -> Result<Grammar, GrammarError> {
+        let compiler = self.grammars.get_or_init(|| {
+            let model = self.model.clone();
+            let encode = move |text: &str| model.tokenizer.encode(text, false).unwrap_or_default();
+            GrammarCompiler::new(
+                &self.model.tokenizer,
+                encode,
+                self.model.model.config.vocab_size,
+                self.model.tokenizer.stop_token_ids(),
+            )
+        });
+        compiler.as_ref().map_err(Clone::clone)?.compile(format)
     }
 
     /// The model and its tokenizer (shared with the engine thread).
@@ -585,6 +610,9 @@ impl Engine {
                 "presence_penalty, frequency_penalty and logit_bias are not supported with beam search"
                     .into(),
             );
+        }
+        if request.grammar.is_some() {
+            return invalid("structured outputs are not supported with beam search".into());
         }
         self.check(&request)?;
         let first = self.queue(request, events, Some(beam))?;

@@ -1,9 +1,13 @@
 //! Sampling the next token from logits: greedy, or temperature with top-k and top-p (nucleus)
 //! filtering, from a seeded generator so a request with a seed is reproducible. The order of the
-//! filters is vLLM's and HF's: temperature, then top-k, then top-p over what remains.
+//! filters is vLLM's and HF's: temperature, then top-k, then top-p over what remains. Before them,
+//! a request's [`LogitsAdjustments`] (penalties, `logit_bias`) and its grammar's mask
+//! (structured outputs) change the logits.
 
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
+
+use crate::structured_output::Grammar;
 
 /// How to pick tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -114,6 +118,8 @@ pub struct Sampler {
     adjust: LogitsAdjustments,
     /// With penalties: how many times each token was generated so far.
     counts: std::collections::HashMap<u32, u32>,
+    /// Structured outputs: the grammar the tokens must follow.
+    grammar: Option<Grammar>,
 }
 
 /// Index of the largest value (the first one on ties; 0 when the first value is NaN, which
@@ -154,6 +160,7 @@ impl Sampler {
             rng,
             adjust: LogitsAdjustments::default(),
             counts: Default::default(),
+            grammar: None,
         }
     }
 
@@ -165,15 +172,33 @@ impl Sampler {
         }
     }
 
+    /// This sampler, picking only tokens `grammar` allows and advancing it by each (see
+    /// [`crate::structured_output`]).
+    pub fn with_grammar(self, grammar: Option<Grammar>) -> Self {
+        Sampler { grammar, ..self }
+    }
+
+    /// The grammar the tokens follow, if any.
+    pub fn grammar(&self) -> Option<&Grammar> {
+        self.grammar.as_ref()
+    }
+
+    /// The grammar, to compute its next mask ahead ([`Grammar::prepare`]).
+    pub fn grammar_mut(&mut self) -> Option<&mut Grammar> {
+        self.grammar.as_mut()
+    }
+
     /// Whether [`Sampler::sample`] is the argmax of the raw logits (so a device may pick the
     /// token itself).
     pub fn is_greedy(&self) -> bool {
-        (self.params.temperature == 0.0 || self.params.top_k == 1) && self.adjust.is_none()
+        (self.params.temperature == 0.0 || self.params.top_k == 1)
+            && self.adjust.is_none()
+            && self.grammar.is_none()
     }
 
     /// The next token.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        if self.adjust.is_none() {
+        if self.adjust.is_none() && self.grammar.is_none() {
             return self.pick(logits);
         }
         let mut adjusted = logits.to_vec();
@@ -188,8 +213,14 @@ impl Sampler {
                 *l -= presence + frequency * n as f32;
             }
         }
+        if let Some(g) = &mut self.grammar {
+            g.mask(&mut adjusted);
+        }
         let token = self.pick(&adjusted);
         *self.counts.entry(token).or_default() += 1;
+        if let Some(g) = &mut self.grammar {
+            g.accept(token);
+        }
         token
     }
 

@@ -756,7 +756,7 @@ proptest! {
         units in 16..48usize,
         kind in 0..5usize,
     ) {
-        use rand::{Rng, SeedableRng};
+        use rand::SeedableRng;
         let (mut kv, name) = prefix_cache_of(kind, units);
         let mut s = Scheduler::new(SchedulerConfig { max_num_seqs, max_num_batched_tokens });
         let mut tokens: HashMap<SeqId, Vec<u32>> = HashMap::new();

@@ -662,6 +662,14 @@ impl Tokenizer {
             .map_err(template_error)
     }
 
+    /// The tokenizer as HF `tokenizer.json` text (a GGUF vocabulary as the BPE model built from
+    /// it): what grammar engines read token bytes from.
+    pub fn hf_json(&self) -> Result<String, TokenizerError> {
+        self.inner
+            .to_string(false)
+            .map_err(|e| TokenizerError::Build(format!("writing tokenizer.json: {e}")))
+    }
+
     /// A streaming decoder over this tokenizer.
     pub fn stream(&self) -> StreamDecoder<'_> {
         StreamDecoder {

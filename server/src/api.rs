@@ -228,11 +228,25 @@ impl AppState {
         }
         let engine = &self.engine;
         let limit = engine.max_model_len().min(engine.kv_capacity_tokens());
-        // Tokenizing (and the chat template) is CPU work: off the async workers.
+        // Tokenizing (and the chat template) and compiling a structured output's grammar are
+        // CPU work: off the async workers.
         let (request, generation) = tokio::task::spawn_blocking({
             let engine = engine.clone();
             move || {
-                let generation = request.to_generation(&engine.model().tokenizer, limit);
+                let generation = request
+                    .to_generation(&engine.model().tokenizer, limit)
+                    .and_then(|mut g| {
+                        if let Some(format) = &request.response_format {
+                            let grammar = engine.compile_grammar(format).map_err(|e| {
+                                ApiError::field(
+                                    "response_format",
+                                    format!("`response_format`: {e}"),
+                                )
+                            })?;
+                            g.grammar = Some(grammar);
+                        }
+                        Ok(g)
+                    });
                 (request, generation)
             }
         })

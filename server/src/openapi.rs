@@ -3,15 +3,17 @@
 //! the route handlers ([`crate::api`]), so it says what the server accepts and answers.
 //!
 //! [`document`] adds what only the running server knows: the served model's name (the `enum` of
-//! the requests' `model`) and its last token id (the `maximum` of `TokenId`); `additionalProperties: false` on each variant of `Message` and
-//! `ContentPart`, which refuse unknown fields as the requests do (utoipa writes it for structs
-//! only); and, as `#[utoipa::path(method(get, head))]` gives both operations
-//! one `operationId` (which must be unique), renames the HEAD ones `{id}_head`; and that
-//! the checks across fields (`stream_options` needs `stream: true`, `use_beam_search` excludes
-//! stop strings, penalties, `logit_bias` and log-probabilities, `echo` with `logprobs` is not
-//! streamed: `if`/`then` pairs in an `allOf` on the request schemas); and, for the
-//! `text/event-stream` answers, the server-sent event itself (`data`: a chunk as JSON text, or
-//! `[DONE]`) rather than the chunk. Tests check that every [`Route`] is described with its methods.
+//! the requests' `model`) and its last token id (the `maximum` of `TokenId`);
+//! `additionalProperties: false` on each variant of `Message`, `ContentPart` and
+//! `ResponseFormat`, which refuse unknown fields as the requests do (utoipa writes it for
+//! structs only); and, as `#[utoipa::path(method(get, head))]` gives both operations one
+//! `operationId` (which must be unique), renames the HEAD ones `{id}_head`; and that the checks
+//! across fields (`stream_options` needs `stream: true`, `use_beam_search` excludes stop
+//! strings, penalties, `logit_bias`, log-probabilities and a JSON `response_format`, `echo`
+//! with `logprobs` is not streamed: `if`/`then` pairs in an `allOf` on the request schemas);
+//! and, for the `text/event-stream` answers, the server-sent event itself (`data`: a chunk as
+//! JSON text, or `[DONE]`) rather than the chunk. Tests check that every [`Route`] is described
+//! with its methods.
 
 use serde_json::Value;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -19,8 +21,8 @@ use utoipa::{Modify, OpenApi};
 
 use crate::error::{ErrorBody, ErrorDetail};
 use crate::openai::request::{
-    ChatCompletionRequest, CompletionRequest, ContentPart, Message, MessageContent, Prompt, Stop,
-    StreamOptions, TokenId,
+    ChatCompletionRequest, CompletionRequest, ContentPart, JsonSchemaFormat, Message,
+    MessageContent, Prompt, ResponseFormat, Stop, StreamOptions, TokenId,
 };
 use crate::openai::response::{
     ApiFinishReason, ApiUsage, AssistantMessage, AssistantRole, ChatChoice, ChatChunkChoice,
@@ -70,6 +72,8 @@ impl Modify for BearerAuth {
         Message,
         MessageContent,
         ContentPart,
+        ResponseFormat,
+        JsonSchemaFormat,
         Completion,
         CompletionChoice,
         CompletionChunk,
@@ -191,7 +195,9 @@ pub fn document(model: &str, vocab_size: usize, max_n: usize) -> Value {
                     "presence_penalty": {"enum": [null, 0]},
                     "frequency_penalty": {"enum": [null, 0]},
                     "logit_bias": {"type": ["object", "null"], "maxProperties": 0},
-                    "logprobs": logprobs_off}}}));
+                    "logprobs": logprobs_off,
+                    "response_format": {"type": ["object", "null"],
+                        "properties": {"type": {"enum": ["text"]}}}}}}));
             for flag in ["stream", "use_beam_search"] {
                 rules.push(serde_json::json!({
                     "if": {"properties": {flag: {"const": true}}, "required": [flag]},
@@ -215,7 +221,7 @@ pub fn document(model: &str, vocab_size: usize, max_n: usize) -> Value {
             }
         }
     }
-    for name in ["Message", "ContentPart"] {
+    for name in ["Message", "ContentPart", "ResponseFormat"] {
         let variants = doc
             .pointer_mut(&format!("/components/schemas/{name}/oneOf"))
             .and_then(Value::as_array_mut);

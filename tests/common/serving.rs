@@ -142,6 +142,7 @@ pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         logprobs: None,
         adjust: Default::default(),
         prompt_logprobs: None,
+        grammar: None,
     }
 }
 

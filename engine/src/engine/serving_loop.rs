@@ -365,7 +365,8 @@ impl<'m> EngineLoop<'m> {
         self.active.insert(
             id,
             Active {
-                sampler: Sampler::with_adjustments(request.sampling, request.adjust),
+                sampler: Sampler::with_adjustments(request.sampling, request.adjust)
+                    .with_grammar(request.grammar),
                 logprobs: request.logprobs,
                 stop: request.stop,
                 prompt_len,
@@ -527,6 +528,16 @@ impl<'m> EngineLoop<'m> {
             return;
         }
         drop(batch);
+        // Structured outputs: each grammar's next mask while the device computes the logits.
+        for c in step.chunks.iter().filter(|c| c.samples) {
+            if let Some(g) = self
+                .active
+                .get_mut(&c.seq)
+                .and_then(|a| a.sampler.grammar_mut())
+            {
+                g.prepare();
+            }
+        }
         self.admit_while_computing(rx);
         let nexts = match self.backend.finish() {
             Ok(nexts) => nexts,
@@ -540,6 +551,7 @@ impl<'m> EngineLoop<'m> {
         let mut sampled = Vec::new();
         let mut logprobs = Vec::new();
         let mut proposed = Vec::new();
+        let mut grammar_failed = Vec::new();
         for (c, next) in step.chunks.iter().zip(&nexts) {
             if let Some(&key) = self.beam_of.get(&c.seq) {
                 self.beam_computed(key, c, next, start, &step);
@@ -580,6 +592,9 @@ impl<'m> EngineLoop<'m> {
                         // Every row's with `all_logits`: the last one samples.
                         let logits = &logits[logits.len().saturating_sub(self.vocab)..];
                         let token = a.sampler.sample(logits);
+                        if let Some(why) = a.sampler.grammar().and_then(|g| g.error()) {
+                            grammar_failed.push((c.seq, why));
+                        }
                         let logprob = a.logprobs.map(|k| TokenLogprob::of(logits, token, k));
                         (token, logprob)
                     }
@@ -613,7 +628,12 @@ impl<'m> EngineLoop<'m> {
         };
         self.metrics.generated_tokens += sampled.len() as u64;
         for ((id, token), logprob) in sampled.into_iter().zip(logprobs) {
-            self.emit(id, token, logprob, at_length.contains(&id), now);
+            if !grammar_failed.iter().any(|f| f.0 == id) {
+                self.emit(id, token, logprob, at_length.contains(&id), now);
+            }
+        }
+        for (id, why) in grammar_failed {
+            self.fail(&[id], &format!("structured output: {why}"));
         }
         proposed.dedup();
         for key in proposed {
@@ -699,7 +719,10 @@ impl<'m> EngineLoop<'m> {
         a.token_times.push((now - a.arrival).as_secs_f64());
         let stop_token = (!a.stop.ignore_eos && self.eos.contains(&token))
             || a.stop.stop_token_ids.contains(&token);
-        let last = stop_token || at_length;
+        // A grammar matched whole ends the output even with `ignore_eos` (it allows nothing
+        // but end-of-sequence any more).
+        let matched = a.sampler.grammar().is_some_and(|g| g.finished());
+        let last = stop_token || at_length || matched;
         let text = !stop_token;
         let _ = self.output.send(Output::Token {
             id,
@@ -709,7 +732,7 @@ impl<'m> EngineLoop<'m> {
             last,
         });
         if last {
-            let reason = if stop_token {
+            let reason = if stop_token || matched {
                 FinishReason::Stop
             } else {
                 FinishReason::Length

@@ -13,10 +13,11 @@ use std::fmt;
 
 use serde::Deserialize;
 use serde_json::{Map, Value};
-use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Schema, SchemaType, Type};
+use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
 use utoipa::ToSchema;
 use vkv_engine::engine::{BeamSearch, GenerationRequest, StopConditions};
 use vkv_engine::sampler::{LogitsAdjustments, SamplingParams, MAX_TOP_LOGPROBS};
+use vkv_engine::structured_output::ResponseFormat as EngineFormat;
 use vkv_engine::tokenizer::{ChatMessage, Tokenizer};
 
 use super::{optional_object, Endpoint, Object};
@@ -24,11 +25,13 @@ use crate::error::ApiError;
 
 mod messages;
 mod prompt;
+mod response_format;
 pub use messages::{
     ContentPart, Message, MessageContent, MissingContent, RawMessage, Role, StreamOptions,
 };
 use prompt::{ids, text_or_array, TextOrArray};
 pub use prompt::{Prompt, Stop, TokenId};
+pub use response_format::{JsonSchemaFormat, ResponseFormat};
 
 /// The smallest `top_p` the sampler keeps apart from 0: it samples in `f32`, where a smaller
 /// positive number is subnormal or rounds to 0 (`f32::MIN_POSITIVE`, exactly).
@@ -48,22 +51,6 @@ fn only_null() -> ObjectBuilder {
     ObjectBuilder::new()
         .schema_type(Type::Null)
         .description(Some("Not supported by this server: null only."))
-}
-
-fn only_text_format() -> ObjectBuilder {
-    ObjectBuilder::new()
-        .schema_type(SchemaType::from_iter([Type::Object, Type::Null]))
-        .property(
-            "type",
-            ObjectBuilder::new()
-                .schema_type(Type::String)
-                .enum_values(Some(["text"])),
-        )
-        .required("type")
-        .additional_properties(Some(AdditionalProperties::<Schema>::FreeForm(false)))
-        .description(Some(
-            r#"Not supported by this server beyond {"type": "text"} (plain text)."#,
-        ))
 }
 
 /// `logit_bias`: token ids (decimal, no leading zeros) to a bias in [-100, 100]. The served
@@ -190,6 +177,10 @@ macro_rules! generation_request {
             /// timings whether another sent a prompt).
             #[schema(min_length = 1)]
             pub cache_salt: Option<String>,
+            /// Structured outputs: free text (the default), any JSON object, or JSON that
+            /// validates against a JSON Schema (every sample; not with `use_beam_search`).
+            #[serde(default, deserialize_with = "optional_object")]
+            pub response_format: Option<ResponseFormat>,
         }
 
         impl $name {
@@ -281,8 +272,13 @@ macro_rules! generation_request {
                     }
                     Some(o) => o.include_usage.unwrap_or(false),
                 };
+                let response_format = match &self.response_format {
+                    Some(f) => f.to_engine()?,
+                    None => None,
+                };
                 Ok(Shared {
                     model: self.model.clone(),
+                    response_format,
                     n,
                     beam: None,
                     adjust,
@@ -311,6 +307,7 @@ macro_rules! generation_request {
 /// What the shared fields come to.
 struct Shared {
     model: Option<String>,
+    response_format: Option<EngineFormat>,
     n: usize,
     beam: Option<BeamSearch>,
     adjust: LogitsAdjustments,
@@ -371,8 +368,6 @@ generation_request! {
         /// without it).
         #[schema(minimum = 0, maximum = 20)]
         pub top_logprobs: Option<i64>,
-        #[schema(schema_with = only_text_format)]
-        pub response_format: Option<Value>,
         /// Not supported by this server: empty only.
         #[schema(value_type = Option<Vec<Object>>, max_items = 0)]
         pub tools: Option<Vec<Value>>,
@@ -425,6 +420,8 @@ pub struct ValidRequest {
     pub stream: bool,
     pub include_usage: bool,
     pub cache_salt: Option<String>,
+    /// Structured outputs: the format the output follows (compiled in `api`, with the engine).
+    pub response_format: Option<EngineFormat>,
 }
 
 impl ValidRequest {
@@ -439,6 +436,12 @@ impl ValidRequest {
             return Err(ApiError::field(
                 "use_beam_search",
                 "`use_beam_search` cannot be combined with `logprobs`",
+            ));
+        }
+        if shared.beam.is_some() && shared.response_format.is_some() {
+            return Err(ApiError::field(
+                "use_beam_search",
+                "`use_beam_search` cannot be combined with a JSON `response_format`",
             ));
         }
         Ok(ValidRequest {
@@ -458,6 +461,7 @@ impl ValidRequest {
             stream: shared.stream,
             include_usage: shared.include_usage,
             cache_salt: shared.cache_salt,
+            response_format: shared.response_format,
         })
     }
 }
@@ -627,17 +631,6 @@ impl ChatCompletionRequest {
             .map(|k| alternatives("top_logprobs", k))
             .transpose()?;
         let logprobs = (self.logprobs == Some(true)).then(|| top.unwrap_or(0));
-        if let Some(f) = &self.response_format {
-            let text = f.as_object().is_some_and(|o| {
-                o.len() == 1 && o.get("type").and_then(Value::as_str) == Some("text")
-            });
-            neutral(
-                "response_format",
-                text,
-                r#"{"type": "text"} only"#,
-                json_kind(f),
-            )?;
-        }
         if let Some(t) = &self.tools {
             neutral(
                 "tools",
@@ -740,6 +733,7 @@ impl ValidRequest {
             logprobs: self.logprobs,
             adjust: self.adjust.clone(),
             prompt_logprobs: self.logprobs.filter(|_| self.echo),
+            grammar: None,
         })
     }
 }

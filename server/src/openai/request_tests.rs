@@ -149,7 +149,6 @@ fn mistakes_name_their_field() {
     for (field, value) in [
         ("logprobs", "2"),
         ("top_logprobs", "21"),
-        ("response_format", r#"{"type": "json_object"}"#),
         ("tools", r#"[{"type": "function"}]"#),
         ("tool_choice", r#""auto""#),
     ] {
@@ -172,6 +171,62 @@ fn mistakes_name_their_field() {
             .logprobs,
         Some(5)
     );
+}
+
+#[test]
+fn response_formats_are_read_and_their_names_checked() {
+    use vkv_engine::structured_output::ResponseFormat as Engine;
+    let user = r#"[{"role": "user", "content": "x"}]"#;
+    let format = |f: &str| {
+        chat(&format!(
+            r#"{{"messages": {user}, "response_format": {f}}}"#
+        ))
+    };
+    assert_eq!(format(r#"{"type": "text"}"#).unwrap().response_format, None);
+    assert_eq!(format("null").unwrap().response_format, None);
+    assert_eq!(
+        format(r#"{"type": "json_object"}"#)
+            .unwrap()
+            .response_format,
+        Some(Engine::JsonObject)
+    );
+    let schema = r#"{"type": "json_schema", "json_schema": {"name": "cat_1", "strict": true,
+        "schema": {"type": "object", "properties": {"name": {"type": "string"}}}}}"#;
+    assert_eq!(
+        format(schema).unwrap().response_format,
+        Some(Engine::JsonSchema(serde_json::json!(
+            {"type": "object", "properties": {"name": {"type": "string"}}}
+        )))
+    );
+    let any = r#"{"type": "json_schema", "json_schema": {"name": "any"}}"#;
+    assert_eq!(
+        format(any).unwrap().response_format,
+        Some(Engine::JsonSchema(Value::Bool(true)))
+    );
+    let on_completions = r#"{"prompt": "a", "response_format": {"type": "json_object"}}"#;
+    assert_eq!(
+        completion(on_completions).unwrap().response_format,
+        Some(Engine::JsonObject)
+    );
+    for (f, field) in [
+        (r#"{"type": "xml"}"#, "response_format.type"),
+        (r#"{"type": "text", "x": 1}"#, "response_format.x"),
+        (r#"{"type": "json_schema"}"#, "response_format.json_schema"),
+        (
+            r#"{"type": "json_schema", "json_schema": {"name": "a b"}}"#,
+            "response_format.json_schema.name",
+        ),
+        (
+            // Inside a tagged variant serde loses the path below the field.
+            r#"{"type": "json_schema", "json_schema": {"name": "a", "schema": 3}}"#,
+            "response_format",
+        ),
+    ] {
+        assert_eq!(param(format(f)), field, "{f}");
+    }
+    let beam = r#"{"prompt": "a", "n": 2, "use_beam_search": true,
+        "response_format": {"type": "json_object"}}"#;
+    assert_eq!(param(completion(beam)), "use_beam_search");
 }
 
 #[test]
