@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """The official `openai` Python client against `vkv serve`, unchanged: models, completions and chat
 completions, whole and streamed (same seed, same text), usage, vLLM's extras through `extra_body`,
-and errors raised as the client's own exception classes. Then the served `/openapi.json` is checked
-with `openapi-spec-validator` (a valid OpenAPI 3.1 document describing every route).
+structured outputs (a JSON Schema, and the client's pydantic `parse`), and errors raised as the
+client's own exception classes. Then the served `/openapi.json` is checked with
+`openapi-spec-validator` (a valid OpenAPI 3.1 document describing every route).
 
 Either against a running server:
 
@@ -127,6 +128,45 @@ def run_checks(base_url, api_key):
                                           temperature=0, logit_bias={"1000": 100},
                                           extra_body={"ignore_eos": True})
     check(penalised.usage.completion_tokens == 8, "logit_bias is accepted by the client")
+
+    # Structured outputs: a JSON Schema by hand, then the SDK's own pydantic helper (which writes
+    # a strict schema: every field required, additionalProperties false, titles) parsing the answer.
+    schema = {"type": "object", "additionalProperties": False, "required": ["city", "population"],
+              "properties": {"city": {"type": "string", "maxLength": 20},
+                             "population": {"type": "integer", "minimum": 0, "maximum": 10**9}}}
+    answer = client.chat.completions.create(
+        model=model, max_tokens=100, temperature=0,
+        messages=[{"role": "user", "content": "The largest city of France, as JSON."}],
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "city", "strict": True, "schema": schema}})
+    city = json.loads(answer.choices[0].message.content)
+    check(sorted(city) == ["city", "population"] and isinstance(city["population"], int)
+          and answer.choices[0].finish_reason == "stop",
+          f"response_format json_schema gives JSON that follows it: {city}")
+    try:
+        from pydantic import BaseModel
+
+        class Pet(BaseModel):
+            name: str
+            legs: int
+            vaccinated: bool
+
+        parse = getattr(client.chat.completions, "parse", None) or client.beta.chat.completions.parse
+        parsed = parse(model=model, max_tokens=100, temperature=0, response_format=Pet,
+                       messages=[{"role": "user", "content": "Describe a cat."}])
+        pet = parsed.choices[0].message.parsed
+        check(isinstance(pet, Pet), f"the client's parse(response_format=pydantic model): {pet!r}")
+    except ImportError:
+        print("skip: pydantic is not installed")
+    try:
+        client.chat.completions.create(
+            model=model, max_tokens=5, messages=[{"role": "user", "content": "x"}],
+            response_format={"type": "json_schema", "json_schema": {
+                "name": "bad", "schema": {"type": "integer", "minimum": 3, "maximum": 1}}})
+        check(False, "an unsatisfiable schema is refused")
+    except openai.BadRequestError as e:
+        check(e.body.get("param") == "response_format",
+              f"an unsatisfiable schema -> BadRequestError: {e.body.get('message')}")
 
     # Mistakes are the client's exceptions, with the field named.
     try:
