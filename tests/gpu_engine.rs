@@ -616,3 +616,47 @@ fn beam_search_shares_the_prompt_kv_and_width_one_is_greedy() {
         assert_empty(&e, &name);
     }
 }
+
+/// Structured outputs on the GPU, in every mode: a JSON Schema request, greedy and sampled (its
+/// rows come back as logits, masked on the host), gives JSON that follows the schema and ends
+/// with `stop`, and leaves nothing.
+#[test]
+fn structured_outputs_follow_their_schema() {
+    let Some(_gpu) = gpu() else { return };
+    let schema = serde_json::json!({"type": "object", "additionalProperties": false,
+        "required": ["name", "legs"],
+        "properties": {"name": {"type": "string", "maxLength": 10},
+                       "legs": {"type": "integer", "minimum": 0, "maximum": 8}}});
+    for mode in [PAGED, TOKEN_MAJOR, PER_LAYER] {
+        let e = engine(Device::Cuda, mode, 1 << 30, 2048);
+        let name = format!("{} on {}", e.metrics().kv_name, e.metrics().device);
+        let format = vkv_engine::structured_output::ResponseFormat::JsonSchema(schema.clone());
+        let (tx, mut rx) = event_channel();
+        let mut ids = Vec::new();
+        for (i, p) in prompts(&e, 4).into_iter().enumerate() {
+            let mut r = greedy(p, 80);
+            r.stop.ignore_eos = false;
+            r.sampling.temperature = if i % 2 == 0 { 0.0 } else { 1.0 };
+            r.sampling.seed = Some(i as u64);
+            r.grammar = Some(e.compile_grammar(&format).unwrap());
+            ids.push(e.submit(r, tx.clone()).unwrap());
+        }
+        let out = collect(&mut rx, ids.len());
+        for id in ids {
+            let o = &out[&id];
+            assert_eq!(o.failed, None, "{name}");
+            assert_eq!(
+                o.finished.as_ref().unwrap().reason,
+                FinishReason::Stop,
+                "{name}: {:?}",
+                o.text
+            );
+            let v: serde_json::Value = serde_json::from_str(&o.text)
+                .unwrap_or_else(|err| panic!("{name}: {:?}: {err}", o.text));
+            assert!(v["name"].as_str().is_some_and(|s| s.chars().count() <= 10), "{name}: {v}");
+            assert!((0..=8).contains(&v["legs"].as_i64().unwrap()), "{name}: {v}");
+            assert_eq!(v.as_object().unwrap().len(), 2, "{name}: {v}");
+        }
+        assert_empty(&e, &name);
+    }
+}
