@@ -653,8 +653,14 @@ fn structured_outputs_follow_their_schema() {
             );
             let v: serde_json::Value = serde_json::from_str(&o.text)
                 .unwrap_or_else(|err| panic!("{name}: {:?}: {err}", o.text));
-            assert!(v["name"].as_str().is_some_and(|s| s.chars().count() <= 10), "{name}: {v}");
-            assert!((0..=8).contains(&v["legs"].as_i64().unwrap()), "{name}: {v}");
+            assert!(
+                v["name"].as_str().is_some_and(|s| s.chars().count() <= 10),
+                "{name}: {v}"
+            );
+            assert!(
+                (0..=8).contains(&v["legs"].as_i64().unwrap()),
+                "{name}: {v}"
+            );
             assert_eq!(v.as_object().unwrap().len(), 2, "{name}: {v}");
         }
         assert_empty(&e, &name);
