@@ -36,6 +36,7 @@ pub mod cmd;
 pub mod frag;
 pub mod generate;
 pub mod offline;
+pub mod plan;
 pub mod prefix;
 pub mod report;
 pub mod serve;
