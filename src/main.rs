@@ -18,7 +18,8 @@ mod serve;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use vkv_bench::cmd::{
-    frag, generate as bench_generate, kernels, model, offline, serve as bench_serve, vmm,
+    frag, generate as bench_generate, kernels, model, offline, plan, profile, serve as bench_serve,
+    vmm,
 };
 
 use crate::engine_args::{EngineArgs, KvArgs};
@@ -49,6 +50,13 @@ enum Command {
     Frag(frag::Args),
     /// Generate text for one prompt on the CPU, streaming it as it is produced.
     Generate(generate::Args),
+    /// Measure a model's prefill and decode step latencies on a device and fit DistServe's
+    /// latency models to them: the profile (JSON) `vkv plan` reads.
+    Profile(profile::Args<EngineArgs>),
+    /// DistServe's placement search: from profiles, the colocated and disaggregated
+    /// (prefill / decode instance) placements that serve a workload within TTFT and TPOT
+    /// targets on a GPU budget, by simulated per-GPU goodput.
+    Plan(plan::Args),
     /// Say which devices vkv can use here.
     Devices,
 }
@@ -111,6 +119,8 @@ fn run(cli: Cli) -> Result<()> {
         },
         Command::Frag(args) => frag::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Profile(args) => profile::run(args),
+        Command::Plan(args) => plan::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Devices => {
             match vkv_vmm::probe_cuda() {

@@ -9,7 +9,9 @@
 //! - [`generate`]: `vkv bench generate` (around [`crate::generate`]);
 //! - [`offline`]: `vkv bench offline` (repeats and both KV modes around [`crate::offline`]);
 //! - [`serve`]: `vkv bench serve` (around [`crate::serve`]);
-//! - [`frag`]: `vkv frag` (around [`crate::frag`]: table, JSON and SVG plots).
+//! - [`frag`]: `vkv frag` (around [`crate::frag`]: table, JSON and SVG plots);
+//! - [`profile`]: `vkv profile` (step latencies through the engine, fitted: a [`crate::plan::Profile`]);
+//! - [`plan`]: `vkv plan` (around [`crate::plan`]'s placement search).
 //!
 //! `bench offline` and `bench generate` run a model with the engine options `vkv serve` takes
 //! too (`--kv-mode`, `--device`, ...). Those flags are the CLI's (`src/engine_args.rs`), so the two
@@ -22,6 +24,8 @@ pub mod generate;
 pub mod kernels;
 pub mod model;
 pub mod offline;
+pub mod plan;
+pub mod profile;
 pub mod serve;
 pub mod vmm;
 

@@ -104,7 +104,7 @@ fn least_squares3(rows: &[([f64; 3], f64)]) -> Option<[f64; 3]> {
             scale[j] = scale[j].max(x[j].abs());
         }
     }
-    if scale.iter().any(|&s| s == 0.0) {
+    if scale.contains(&0.0) {
         return None;
     }
     let mut m = [[0f64; 4]; 3];
@@ -123,11 +123,12 @@ fn least_squares3(rows: &[([f64; 3], f64)]) -> Option<[f64; 3]> {
             return None;
         }
         m.swap(col, pivot);
-        for row in 0..3 {
+        let pivot_row = m[col];
+        for (row, r) in m.iter_mut().enumerate() {
             if row != col {
-                let f = m[row][col] / m[col][col];
-                for k in col..4 {
-                    m[row][k] -= f * m[col][k];
+                let f = r[col] / pivot_row[col];
+                for (x, p) in r.iter_mut().zip(pivot_row).skip(col) {
+                    *x -= f * p;
                 }
             }
         }

@@ -1,0 +1,144 @@
+//! `vkv plan`: DistServe's placement search over profiles (`vkv profile`'s JSON, one per
+//! instance type — e.g. the same model at tensor-parallel 1 and 2) for a workload, latency
+//! targets and a GPU budget: every placement found, best per-GPU goodput first, with the rate
+//! it sustains and its P90 TTFT and TPOT there (see [`crate::plan`]). `--json` prints them as
+//! JSON with the inputs.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args as ClapArgs;
+use serde::Serialize;
+
+use crate::plan::search::Arrivals;
+use crate::plan::{placements, Placement, PlacementResult, Profile, Slo};
+use crate::report::emit;
+use crate::workload::Workload;
+
+#[derive(Debug, ClapArgs)]
+pub struct Args {
+    /// A profile from `vkv profile` (repeat for several instance types).
+    #[arg(long, required = true)]
+    profile: Vec<PathBuf>,
+    /// Request lengths (as `vkv bench offline --workload`).
+    #[arg(long, default_value = "sharegpt")]
+    workload: String,
+    /// TTFT target, seconds.
+    #[arg(long, default_value_t = 0.25)]
+    ttft: f64,
+    /// TPOT target, seconds.
+    #[arg(long, default_value_t = 0.1)]
+    tpot: f64,
+    /// Share of requests that must meet both.
+    #[arg(long, default_value_t = 0.9)]
+    attainment: f64,
+    /// GPUs to place instances on.
+    #[arg(long, default_value_t = 1)]
+    gpus: usize,
+    /// Requests simulated per evaluation.
+    #[arg(long, default_value_t = 1000)]
+    num_requests: usize,
+    /// Bytes/s of the KV handoff between a prefill and a decode instance (default: NVLink-class
+    /// 100 GB/s).
+    #[arg(long, default_value_t = 100e9)]
+    handoff_bandwidth: f64,
+    /// Seconds per handoff besides the bytes.
+    #[arg(long, default_value_t = 0.0005)]
+    handoff_latency: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct PlanReport {
+    workload: String,
+    slo: Slo,
+    gpus: usize,
+    profiles: Vec<String>,
+    placements: Vec<PlacementResult>,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.gpus == 0 || args.num_requests == 0 {
+        bail!("--gpus and --num-requests must be at least 1");
+    }
+    if !(args.ttft > 0.0 && args.tpot > 0.0 && (0.0..=1.0).contains(&args.attainment)) {
+        bail!(
+            "--ttft and --tpot must be positive and --attainment in [0, 1], found {}, {} and {}",
+            args.ttft,
+            args.tpot,
+            args.attainment
+        );
+    }
+    let mut profiles = Vec::new();
+    for path in &args.profile {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the profile {}", path.display()))?;
+        let p: Profile = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a vkv profile", path.display()))?;
+        // Named by the file: `llama8b-tp2.json` is `llama8b-tp2`.
+        let name = path.file_stem().map_or_else(
+            || path.display().to_string(),
+            |s| s.to_string_lossy().into_owned(),
+        );
+        profiles.push((name, p));
+    }
+    let workload = Workload::parse(&args.workload)?;
+    let shapes = workload.sample(args.num_requests, args.seed, None);
+    let arrivals = Arrivals::new(&shapes, args.seed);
+    let slo = Slo {
+        ttft: args.ttft,
+        tpot: args.tpot,
+        attainment: args.attainment,
+    };
+    let report = PlanReport {
+        workload: workload.name(),
+        slo,
+        gpus: args.gpus,
+        profiles: profiles.iter().map(|p| p.0.clone()).collect(),
+        placements: placements(
+            &profiles,
+            args.gpus,
+            &arrivals,
+            slo,
+            args.handoff_bandwidth,
+            args.handoff_latency,
+        ),
+    };
+    Ok(emit(&report, args.json, |r| {
+        println!(
+            "{} on {} GPU(s), P90 TTFT ≤ {} s and TPOT ≤ {} s for {:.0} % of requests:",
+            r.workload,
+            r.gpus,
+            r.slo.ttft,
+            r.slo.tpot,
+            r.slo.attainment * 100.0
+        );
+        println!(
+            "{:<34} {:>5} {:>10} {:>10} {:>10} {:>10} {:>8}",
+            "placement", "GPUs", "req/s", "req/s/GPU", "P90 TTFT", "P90 TPOT", "attained"
+        );
+        for p in &r.placements {
+            let what = match p.placement {
+                Placement::Colocated { replicas } => {
+                    format!("{replicas} colocated ({})", p.prefill_profile)
+                }
+                Placement::Disaggregated { prefill, decode } => format!(
+                    "{prefill}P ({}) + {decode}D ({})",
+                    p.prefill_profile, p.decode_profile
+                ),
+            };
+            println!(
+                "{what:<34} {:>5} {:>10.2} {:>10.2} {:>8.0}ms {:>8.1}ms {:>7.1}%",
+                p.gpus,
+                p.rate,
+                p.goodput_per_gpu,
+                p.p90_ttft * 1e3,
+                p.p90_tpot * 1e3,
+                p.attainment * 100.0
+            );
+        }
+    })?)
+}

@@ -1,0 +1,187 @@
+//! `vkv profile`: measure a model's step latencies through the engine on a device and write a
+//! [`Profile`] (JSON) for `vkv plan`. Prefill: `n` prompts of `len` random tokens, each asking
+//! for one token, submitted at once — the step's time is the last one's TTFT (the engine runs
+//! them in one step: its step budget is raised to hold them). Decode: `batch` prompts of
+//! `context` tokens generating 17 tokens each, all admitted together — a step's time is the
+//! median gap between consecutive tokens. Every point is measured `--repeats` times (median),
+//! after one warm-up run. The instance limits recorded are the serving options given
+//! (`--max-num-batched-tokens`, `--max-num-seqs`), not the raised measuring budget.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args as ClapArgs;
+use vkv_engine::engine::{event_channel, Engine, EventKind};
+use vkv_engine::model::load_model;
+
+use super::EngineOptions;
+use crate::offline::random_requests;
+use crate::plan::profile::{fit_decode, fit_prefill, DecodeSample, PrefillSample};
+use crate::plan::Profile;
+use crate::workload::RequestShape;
+
+#[derive(Debug, ClapArgs)]
+pub struct Args<E: EngineOptions> {
+    /// A GGUF file, an HF directory or preset:NAME (random weights). Default: SmolLM2.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Prompt lengths of the prefill points.
+    #[arg(long, value_delimiter = ',', default_values_t = [128, 512, 1024, 2048, 4096])]
+    prefill_lens: Vec<usize>,
+    /// Prompts per prefill step.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 4])]
+    prefill_batches: Vec<usize>,
+    /// Sequences per decode step.
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 8, 32, 64])]
+    decode_batches: Vec<usize>,
+    /// Context of each decoding sequence.
+    #[arg(long, value_delimiter = ',', default_values_t = [256, 1024, 4096])]
+    contexts: Vec<usize>,
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Where to write the profile (JSON); also printed.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    engine: E,
+}
+
+/// Submit `shapes` at once; every request's token times (seconds from its arrival).
+fn token_times(engine: &Engine, shapes: &[RequestShape], seed: u64) -> Result<Vec<Vec<f64>>> {
+    let vocab = engine.model().model.config.vocab_size;
+    let (tx, mut rx) = event_channel();
+    let n = shapes.len();
+    for request in random_requests(shapes, vocab, seed) {
+        engine.submit(request, tx.clone())?;
+    }
+    let mut times = Vec::with_capacity(n);
+    while times.len() < n {
+        match rx.blocking_recv().context("the engine stopped")?.kind {
+            EventKind::Finished(f) => times.push(f.timings.token_times),
+            EventKind::Failed(why) => bail!("a profiling request failed: {why}"),
+            _ => {}
+        }
+    }
+    Ok(times)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
+    let device = args.engine.device()?;
+    let path = args.engine.model_path(args.model.clone())?;
+    let kv_mode = *args
+        .engine
+        .kv_modes()
+        .first()
+        .context("one KV mode to profile")?;
+    let serving = args.engine.config(kv_mode, device);
+    let largest = args
+        .prefill_lens
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or(1)
+        .saturating_mul(args.prefill_batches.iter().max().copied().unwrap_or(1))
+        .max(
+            args.decode_batches.iter().max().copied().unwrap_or(1)
+                * (args.contexts.iter().max().copied().unwrap_or(1) + 1),
+        );
+    let mut config = serving.clone();
+    config.max_num_batched_tokens = config.max_num_batched_tokens.max(largest);
+    config.max_num_seqs = config
+        .max_num_seqs
+        .max(args.decode_batches.iter().max().copied().unwrap_or(1));
+    config.enable_prefix_caching = false;
+    let model = load_model(&path).with_context(|| format!("loading {}", path.display()))?;
+    let name = model.name.clone();
+    let engine = Engine::start(model, config).context("starting the engine")?;
+    let limit = engine.max_model_len();
+    let metrics = engine.metrics();
+    if args.repeats == 0 {
+        bail!("--repeats must be at least 1");
+    }
+    let mut prefill = Vec::new();
+    for &n in &args.prefill_batches {
+        for &len in args.prefill_lens.iter().filter(|&&l| l < limit) {
+            let shapes = vec![
+                RequestShape {
+                    prompt_len: len,
+                    output_len: 1
+                };
+                n
+            ];
+            if n * (len + 1) > metrics.kv_capacity_tokens {
+                continue;
+            }
+            token_times(&engine, &shapes, 0)?;
+            let seconds = median(
+                (0..args.repeats)
+                    .map(|r| {
+                        let times = token_times(&engine, &shapes, r as u64 + 1)?;
+                        Ok(times.iter().map(|t| t[0]).fold(0.0, f64::max))
+                    })
+                    .collect::<Result<Vec<f64>>>()?,
+            );
+            eprintln!("prefill {n} × {len}: {:.2} ms", seconds * 1e3);
+            prefill.push(PrefillSample {
+                lens: vec![len; n],
+                seconds,
+            });
+        }
+    }
+    const STEPS: usize = 17;
+    let mut decode = Vec::new();
+    for &batch in &args.decode_batches {
+        for &context in args.contexts.iter().filter(|&&c| c + STEPS < limit) {
+            if batch * (context + STEPS) > metrics.kv_capacity_tokens {
+                continue;
+            }
+            let shapes = vec![
+                RequestShape {
+                    prompt_len: context,
+                    output_len: STEPS
+                };
+                batch
+            ];
+            token_times(&engine, &shapes, 0)?;
+            let mut gaps = Vec::new();
+            for r in 0..args.repeats {
+                for times in token_times(&engine, &shapes, r as u64 + 1)? {
+                    gaps.extend(times.windows(2).map(|w| w[1] - w[0]));
+                }
+            }
+            let seconds = median(gaps);
+            eprintln!("decode {batch} × {context}: {:.2} ms", seconds * 1e3);
+            decode.push(DecodeSample {
+                batch,
+                context_sum: batch * (context + STEPS / 2),
+                seconds,
+            });
+        }
+    }
+    let profile = Profile {
+        device: metrics.device.clone(),
+        model: name,
+        date: crate::report::utc_date(),
+        tensor_parallel: 1,
+        kv_bytes_per_token: metrics.kv_bytes_per_token,
+        kv_capacity_tokens: metrics.kv_capacity_tokens,
+        max_num_batched_tokens: serving.max_num_batched_tokens,
+        max_num_seqs: serving.max_num_seqs,
+        prefill: fit_prefill(&prefill)?,
+        decode: fit_decode(&decode)?,
+        prefill_samples: prefill,
+        decode_samples: decode,
+    };
+    engine.shutdown(false);
+    let text = serde_json::to_string_pretty(&profile)?;
+    if let Some(out) = &args.out {
+        std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
+    }
+    println!("{text}");
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! `vkv profile` then `vkv plan` end to end on the CPU: the profile measures SmolLM2's steps
+//! through the engine (every fitted latency grows with work), and the plan reads it back and
+//! finds colocated and disaggregated placements that meet the targets at their rates; bad
+//! inputs are one-line errors.
+
+mod common;
+
+use common::{assert_one_line_error, scratch, vkv};
+use serde_json::Value;
+
+#[test]
+fn a_measured_profile_plans_both_placements() {
+    let dir = scratch("plan");
+    let profile = dir.path().join("smol.json");
+    let profile_arg = profile.to_str().unwrap();
+    let out = vkv(&[
+        "profile",
+        "--device",
+        "cpu",
+        "--kv-memory",
+        "64MiB",
+        "--repeats",
+        "1",
+        "--prefill-lens",
+        "32,128,256",
+        "--prefill-batches",
+        "1,2",
+        "--decode-batches",
+        "1,4",
+        "--contexts",
+        "64,256",
+        "--out",
+        profile_arg,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p: Value = serde_json::from_str(&std::fs::read_to_string(&profile).unwrap()).unwrap();
+    assert_eq!(p["device"], "cpu");
+    assert_eq!(p["prefill_samples"].as_array().unwrap().len(), 6);
+    assert_eq!(p["decode_samples"].as_array().unwrap().len(), 4);
+    // Longer prompts take longer; so do bigger decode batches.
+    let seconds = |key: &str, i: usize| p[key][i]["seconds"].as_f64().unwrap();
+    assert!(
+        seconds("prefill_samples", 2) > seconds("prefill_samples", 0),
+        "{p}"
+    );
+    assert!(
+        seconds("decode_samples", 2) > seconds("decode_samples", 0),
+        "{p}"
+    );
+
+    let out = vkv(&[
+        "plan",
+        "--profile",
+        profile_arg,
+        "--gpus",
+        "3",
+        "--workload",
+        "uniform:50-200,10-40",
+        "--ttft",
+        "2",
+        "--tpot",
+        "0.1",
+        "--num-requests",
+        "200",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["profiles"][0], "smol");
+    let placements = plan["placements"].as_array().unwrap();
+    assert_eq!(placements.len(), 2, "{plan}");
+    let kinds: Vec<&str> = placements
+        .iter()
+        .map(|p| {
+            p["placement"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .next()
+                .unwrap()
+                .as_str()
+        })
+        .collect();
+    assert!(
+        kinds.contains(&"colocated") && kinds.contains(&"disaggregated"),
+        "{kinds:?}"
+    );
+    for p in placements {
+        assert_eq!(p["gpus"], 3, "{p}");
+        assert!(p["rate"].as_f64().unwrap() > 0.0, "{p}");
+        assert!(p["attainment"].as_f64().unwrap() >= 0.9, "{p}");
+        assert!(p["p90_ttft"].as_f64().unwrap() <= 2.0, "{p}");
+    }
+    // Best per-GPU goodput first.
+    let per_gpu = |i: usize| placements[i]["goodput_per_gpu"].as_f64().unwrap();
+    assert!(per_gpu(0) >= per_gpu(1));
+
+    let missing = vkv(&["plan", "--profile", "/nonexistent/profile.json"]);
+    assert_one_line_error(&missing, "reading the profile", "a missing profile");
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{}").unwrap();
+    let out = vkv(&["plan", "--profile", bad.to_str().unwrap()]);
+    assert_one_line_error(&out, "is not a vkv profile", "a file that is not a profile");
+    let out = vkv(&["plan", "--profile", profile_arg, "--attainment", "2"]);
+    assert_one_line_error(&out, "--attainment", "an attainment above 1");
+}
