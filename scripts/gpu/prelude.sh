@@ -2,6 +2,14 @@
 # bundle if it came packed, load its environment, and define the steps the calls share.
 [ -d .gpu/bin ] || tar xJf .gpu/bt.tar.xz -C .gpu
 . .gpu/env
+# At most 8 files come back from a call: the steps write to a folder of this machine (kept
+# between calls on a warm machine), packed whole into $OUT/results.tgz after every step and at
+# exit — so a call cut at its limit still brings back what was done.
+RESULTS_TGZ=$OUT/results.tgz
+export OUT=/tmp/vkv-out
+mkdir -p $OUT
+pack() { tar czf "$RESULTS_TGZ" -C "$OUT" . 2>/dev/null; }
+trap pack EXIT
 export VKV_TEST_GGUF=$PWD/.gpu/smol8.gguf VKV_KERNEL_CACHE=/tmp/vkv-kc
 
 # Every GPU test (the HF checkpoints written by transformers first) into $OUT/tests.txt, after the
@@ -11,6 +19,7 @@ gpu_tests() {
   python3 scripts/make_hf_llama.py /tmp/hf >> $OUT/tests.txt 2>&1
   VKV_HF_DIR=/tmp/hf timeout ${VKV_TEST_TIMEOUT:-240} .gpu/run-tests --nocapture >> $OUT/tests.txt 2>&1
   echo "run-tests rc=$?" >> $OUT/tests.txt
+  pack
 }
 
 # `vkv serve ARGS` on port 8077, returning once /health answers (log: /tmp/serve.log).
@@ -48,6 +57,7 @@ prefix_repetition_runs() {
         --max-num-seqs 128 --kv-mode $mode --$pc-prefix-caching \
         --workload prefix-repetition:8,2048,128,128 --num-prompts "$1" --json \
         > $OUT/prefix-rep-$mode-$pc.json 2> $OUT/prefix-rep-$mode-$pc.err
+      pack
     done
   done
 }
@@ -66,6 +76,7 @@ parallel_sampling_runs() {
       --max-num-seqs 256 --kv-mode both --no-enable-prefix-caching --workload alpaca \
       --num-prompts "$1" --n $n $extra \
       --json > $OUT/$name.json 2> $OUT/$name.err
+    pack
   done
 }
 
@@ -80,5 +91,6 @@ beam_search_runs() {
       --max-num-seqs 256 --kv-mode both --no-enable-prefix-caching --workload alpaca \
       --num-prompts "$1" --n $w --beam-search \
       --json > $OUT/beam-w$w.json 2> $OUT/beam-w$w.err
+    pack
   done
 }
