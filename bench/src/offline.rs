@@ -34,11 +34,13 @@ use vkv_engine::engine::{
 };
 use vkv_engine::sampler::SamplingParams;
 
-/// Mean, median and 99th percentile of a set of samples (0 when empty).
+/// Mean, median, 90th (DistServe's SLO percentile) and 99th percentile of a set of samples (0
+/// when empty).
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct Summary {
     pub mean: f64,
     pub median: f64,
+    pub p90: f64,
     pub p99: f64,
 }
 
@@ -52,6 +54,7 @@ impl Summary {
         Summary {
             mean: v.iter().sum::<f64>() / v.len() as f64,
             median: percentile(&v, 50.0),
+            p90: percentile(&v, 90.0),
             p99: percentile(&v, 99.0),
         }
     }
@@ -61,6 +64,7 @@ impl Summary {
         Summary {
             mean: self.mean * k,
             median: self.median * k,
+            p90: self.p90 * k,
             p99: self.p99 * k,
         }
     }

@@ -24,5 +24,5 @@ pub mod search;
 pub mod simulate;
 
 pub use profile::{DecodeModel, PrefillModel, Profile};
-pub use search::{max_rate, placements, PlacementResult, Slo};
+pub use search::{at_rates, max_rate, placements, PlacementResult, RatePoint, Slo};
 pub use simulate::{simulate, Handoff, InstanceLimits, Outcome, Placement, SimRequest};

@@ -290,6 +290,7 @@ fn print_table(reports: &[OfflineReport]) {
     let summary = |name: &str, s: &dyn Fn(&OfflineReport) -> Summary| {
         row(&format!("{name} mean ms"), &|r| s(r).mean, 1);
         row(&format!("{name} median ms"), &|r| s(r).median, 1);
+        row(&format!("{name} p90 ms"), &|r| s(r).p90, 1);
         row(&format!("{name} p99 ms"), &|r| s(r).p99, 1);
     };
     summary("TTFT", &|r| r.ttft_ms);

@@ -1,8 +1,8 @@
 //! `vkv plan`: DistServe's placement search over profiles (`vkv profile`'s JSON, one per
 //! instance type — e.g. the same model at tensor-parallel 1 and 2) for a workload, latency
 //! targets and a GPU budget: every placement found, best per-GPU goodput first, with the rate
-//! it sustains and its P90 TTFT and TPOT there (see [`crate::plan`]). `--json` prints them as
-//! JSON with the inputs.
+//! it sustains and its P90 TTFT and TPOT there (see [`crate::plan`]); or, with `--rates`, one
+//! placement simulated at given request rates. `--json` prints them as JSON with the inputs.
 
 use std::path::PathBuf;
 
@@ -11,7 +11,9 @@ use clap::Args as ClapArgs;
 use serde::Serialize;
 
 use crate::plan::search::Arrivals;
-use crate::plan::{placements, Placement, PlacementResult, Profile, Slo};
+use crate::plan::{
+    at_rates, placements, Handoff, Placement, PlacementResult, Profile, RatePoint, Slo,
+};
 use crate::report::emit;
 use crate::workload::Workload;
 
@@ -47,8 +49,53 @@ pub struct Args {
     handoff_latency: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Instead of the search: simulate one placement at these request rates (its P90 TTFT and
+    /// TPOT and attainment at each; e.g. to set beside `vkv bench offline --request-rate`).
+    #[arg(long, value_delimiter = ',')]
+    rates: Vec<f64>,
+    /// With `--rates`: `colocated:R` (R replicas of the first profile) or `disaggregated:P,D`
+    /// (P prefill instances of the first profile, D decode instances of the last).
+    #[arg(long, default_value = "colocated:1")]
+    placement: String,
     #[arg(long)]
     json: bool,
+}
+
+/// `colocated:R` or `disaggregated:P,D`.
+fn parse_placement(spec: &str) -> Result<Placement> {
+    let bad = || {
+        anyhow::anyhow!(
+            "--placement must be colocated:R or disaggregated:P,D with counts of at least 1, found {spec:?}"
+        )
+    };
+    let count = |s: &str| {
+        s.trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|&n| n >= 1)
+            .ok_or_else(bad)
+    };
+    match spec.split_once(':') {
+        Some(("colocated", r)) => Ok(Placement::Colocated {
+            replicas: count(r)?,
+        }),
+        Some(("disaggregated", pd)) => {
+            let (p, d) = pd.split_once(',').ok_or_else(bad)?;
+            Ok(Placement::Disaggregated {
+                prefill: count(p)?,
+                decode: count(d)?,
+            })
+        }
+        _ => Err(bad()),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct RatesReport {
+    workload: String,
+    slo: Slo,
+    placement: Placement,
+    points: Vec<RatePoint>,
 }
 
 #[derive(Debug, Serialize)]
@@ -93,6 +140,51 @@ pub fn run(args: Args) -> Result<()> {
         tpot: args.tpot,
         attainment: args.attainment,
     };
+    if !args.rates.is_empty() {
+        if args.rates.iter().any(|&r| !(r > 0.0 && r.is_finite())) {
+            bail!(
+                "--rates must be positive request rates, found {:?}",
+                args.rates
+            );
+        }
+        let placement = parse_placement(&args.placement)?;
+        let (prefill, decode) = (&profiles[0].1, &profiles[profiles.len() - 1].1);
+        let handoff = Handoff {
+            kv_bytes_per_token: prefill.kv_bytes_per_token,
+            bandwidth: args.handoff_bandwidth,
+            latency: args.handoff_latency,
+        };
+        let report = RatesReport {
+            workload: workload.name(),
+            slo,
+            placement,
+            points: at_rates(
+                placement,
+                prefill,
+                decode,
+                handoff,
+                &arrivals,
+                slo,
+                &args.rates,
+            ),
+        };
+        return Ok(emit(&report, args.json, |r| {
+            println!("{} on {:?} (simulated):", r.workload, r.placement);
+            println!(
+                "{:>8} {:>12} {:>12} {:>9}",
+                "req/s", "P90 TTFT ms", "P90 TPOT ms", "attained"
+            );
+            for p in &r.points {
+                println!(
+                    "{:>8.2} {:>12.1} {:>12.2} {:>8.1}%",
+                    p.rate,
+                    p.p90_ttft * 1e3,
+                    p.p90_tpot * 1e3,
+                    p.attainment * 100.0
+                );
+            }
+        })?);
+    }
     let report = PlanReport {
         workload: workload.name(),
         slo,

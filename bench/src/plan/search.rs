@@ -133,12 +133,8 @@ pub struct PlacementResult {
     pub attainment: f64,
 }
 
-fn p90(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    v[((v.len() - 1) as f64 * 0.9).round() as usize]
+fn p90(v: Vec<f64>) -> f64 {
+    crate::offline::Summary::of(&v).p90
 }
 
 fn result(
@@ -175,6 +171,40 @@ fn result(
         p90_tpot: p90(outcomes.iter().filter_map(|o| o.tpot).collect()),
         attainment: slo.attained(&outcomes),
     }
+}
+
+/// One placement simulated at one rate.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RatePoint {
+    pub rate: f64,
+    pub p90_ttft: f64,
+    pub p90_tpot: f64,
+    pub attainment: f64,
+}
+
+/// `placement` simulated at each of `rates`: its P90s and attainment there (the curve of
+/// attainment against rate, and what a measured run at those rates is compared with).
+pub fn at_rates(
+    placement: Placement,
+    prefill: &Profile,
+    decode: &Profile,
+    handoff: Handoff,
+    arrivals: &Arrivals,
+    slo: Slo,
+    rates: &[f64],
+) -> Vec<RatePoint> {
+    rates
+        .iter()
+        .map(|&rate| {
+            let outcomes = simulate(placement, prefill, decode, handoff, &arrivals.at_rate(rate));
+            RatePoint {
+                rate,
+                p90_ttft: p90(outcomes.iter().map(|o| o.ttft).collect()),
+                p90_tpot: p90(outcomes.iter().filter_map(|o| o.tpot).collect()),
+                attainment: slo.attained(&outcomes),
+            }
+        })
+        .collect()
 }
 
 /// Every placement of the named `profiles` within `gpus` GPUs worth reporting, best per-GPU
