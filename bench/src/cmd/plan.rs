@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
 use serde::Serialize;
 
+use crate::plan::profile::{fit_decode, fit_prefill};
 use crate::plan::search::Arrivals;
 use crate::plan::{
     at_rates, placements, Handoff, Placement, PlacementResult, Profile, RatePoint, Slo,
@@ -123,8 +124,18 @@ pub fn run(args: Args) -> Result<()> {
     for path in &args.profile {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading the profile {}", path.display()))?;
-        let p: Profile = serde_json::from_str(&text)
+        let mut p: Profile = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a vkv profile", path.display()))?;
+        // The models are fitted again from the samples the file holds (so every profile is
+        // fitted by this version's rule); a profile without samples keeps its models.
+        if !p.prefill_samples.is_empty() {
+            p.prefill = fit_prefill(&p.prefill_samples)
+                .with_context(|| format!("fitting {}", path.display()))?;
+        }
+        if !p.decode_samples.is_empty() {
+            p.decode = fit_decode(&p.decode_samples)
+                .with_context(|| format!("fitting {}", path.display()))?;
+        }
         // Named by the file: `llama8b-tp2.json` is `llama8b-tp2`.
         let name = path.file_stem().map_or_else(
             || path.display().to_string(),
@@ -133,7 +144,9 @@ pub fn run(args: Args) -> Result<()> {
         profiles.push((name, p));
     }
     let workload = Workload::parse(&args.workload)?;
-    let shapes = workload.sample(args.num_requests, args.seed, None);
+    // Clamped to the first profile's context, as `vkv bench offline` clamps to its engine's.
+    let max_len = Some(profiles[0].1.max_model_len).filter(|&l| l > 0);
+    let shapes = workload.sample(args.num_requests, args.seed, max_len);
     let arrivals = Arrivals::new(&shapes, args.seed);
     let slo = Slo {
         ttft: args.ttft,

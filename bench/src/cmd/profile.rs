@@ -170,6 +170,7 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
         tensor_parallel: 1,
         kv_bytes_per_token: metrics.kv_bytes_per_token,
         kv_capacity_tokens: metrics.kv_capacity_tokens,
+        max_model_len: limit,
         max_num_batched_tokens: serving.max_num_batched_tokens,
         max_num_seqs: serving.max_num_seqs,
         prefill: fit_prefill(&prefill)?,

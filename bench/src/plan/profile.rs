@@ -78,6 +78,10 @@ pub struct Profile {
     pub kv_bytes_per_token: usize,
     /// Tokens the instance's KV memory holds.
     pub kv_capacity_tokens: usize,
+    /// The context length of the engine measured (requests are clamped to it as `vkv bench
+    /// offline` clamps them); 0: unknown.
+    #[serde(default)]
+    pub max_model_len: usize,
     /// The engine's step token budget and sequence limit when measured.
     pub max_num_batched_tokens: usize,
     pub max_num_seqs: usize,
@@ -94,12 +98,19 @@ pub enum FitError {
     TooFew { what: &'static str, found: usize },
 }
 
-/// Least squares of `y ≈ x·β` for three regressors (normal equations, Gaussian elimination
-/// with partial pivoting); `None` if they are collinear.
+/// Least squares of `y ≈ x·β` for three regressors, in relative error (each row weighted by
+/// `1 / y`: profiles span milliseconds to seconds, and plain least squares would fit the long
+/// steps and miss the short ones by multiples); normal equations, Gaussian elimination with
+/// partial pivoting; `None` if the regressors are collinear.
 fn least_squares3(rows: &[([f64; 3], f64)]) -> Option<[f64; 3]> {
+    let rows: Vec<([f64; 3], f64)> = rows
+        .iter()
+        .filter(|(_, y)| *y > 0.0)
+        .map(|(x, y)| ([x[0] / y, x[1] / y, x[2] / y], 1.0))
+        .collect();
     // Scale each column to unit size first: Σl² and Σl differ by orders of magnitude.
     let mut scale = [0f64; 3];
-    for (x, _) in rows {
+    for (x, _) in &rows {
         for j in 0..3 {
             scale[j] = scale[j].max(x[j].abs());
         }
@@ -108,7 +119,7 @@ fn least_squares3(rows: &[([f64; 3], f64)]) -> Option<[f64; 3]> {
         return None;
     }
     let mut m = [[0f64; 4]; 3];
-    for (x, y) in rows {
+    for (x, y) in &rows {
         let x = [x[0] / scale[0], x[1] / scale[1], x[2] / scale[2]];
         for i in 0..3 {
             for j in 0..3 {

@@ -7,7 +7,8 @@
 //! the rate one decode instance sustains within the TPOT target, combined in the ratio that
 //! balances them, then checked (and its rate found again) by simulating the whole placement.
 
-use rand::{RngExt, SeedableRng};
+use rand::SeedableRng;
+use rand_distr::Distribution;
 use serde::Serialize;
 
 use super::profile::Profile;
@@ -39,6 +40,9 @@ impl Slo {
 }
 
 /// Requests of `shapes` arriving as a Poisson process of rate 1 (seeded); `at_rate` rescales.
+/// The gaps are drawn as `vkv bench offline --request-rate R --seed S` draws them (the same
+/// generator and seed, `Exp(R)` being `Exp(1) / R`), so a simulation and a measured run with
+/// the same seed and workload see the same requests at the same times.
 #[derive(Debug, Clone)]
 pub struct Arrivals {
     unit: Vec<SimRequest>,
@@ -46,13 +50,13 @@ pub struct Arrivals {
 
 impl Arrivals {
     pub fn new(shapes: &[RequestShape], seed: u64) -> Arrivals {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
         let mut t = 0.0;
         let unit = shapes
             .iter()
             .map(|s| {
-                let u: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
-                t += -u.ln();
+                let gap: f64 = rand_distr::Exp1.sample(&mut rng);
+                t += gap;
                 SimRequest {
                     arrival: t,
                     prompt: s.prompt_len.max(1),
@@ -313,6 +317,7 @@ mod tests {
             tensor_parallel: tp,
             kv_bytes_per_token: 131_072,
             kv_capacity_tokens: 200_000,
+            max_model_len: 0,
             max_num_batched_tokens: 2048,
             max_num_seqs: 64,
             prefill_samples: Vec::new(),

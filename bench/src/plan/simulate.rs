@@ -310,6 +310,7 @@ mod tests {
             tensor_parallel: 1,
             kv_bytes_per_token: 131_072,
             kv_capacity_tokens: limits.kv_capacity_tokens,
+            max_model_len: 0,
             max_num_batched_tokens: limits.max_num_batched_tokens,
             max_num_seqs: limits.max_num_seqs,
             prefill_samples: Vec::new(),
