@@ -1,7 +1,7 @@
 //! `vkv profile` then `vkv plan` end to end on the CPU: the profile measures SmolLM2's steps
-//! through the engine (every fitted latency grows with work), and the plan reads it back and
-//! finds colocated and disaggregated placements that meet the targets at their rates; bad
-//! inputs are one-line errors.
+//! through the engine (every fitted latency grows with work), and the plan reads it back, finds
+//! colocated and disaggregated placements that meet the targets at their rates and draws their
+//! attainment curves; bad inputs are one-line errors.
 
 mod common;
 
@@ -52,6 +52,7 @@ fn a_measured_profile_plans_both_placements() {
         "{p}"
     );
 
+    let svg = dir.path().join("attainment.svg");
     let out = vkv(&[
         "plan",
         "--profile",
@@ -66,6 +67,10 @@ fn a_measured_profile_plans_both_placements() {
         "0.1",
         "--num-requests",
         "200",
+        "--min-duration",
+        "20",
+        "--svg",
+        svg.to_str().unwrap(),
         "--json",
     ]);
     assert!(
@@ -100,6 +105,12 @@ fn a_measured_profile_plans_both_placements() {
         // At exactly 90 % attained, the interpolated P90 may pass the target by a hair.
         assert!(p["p90_ttft"].as_f64().unwrap() <= 2.1, "{p}");
     }
+    // The curves: one line per placement, the target dashed.
+    let drawn = std::fs::read_to_string(&svg).unwrap();
+    assert!(
+        drawn.contains("SLO attainment vs rate") && drawn.contains("colocated"),
+        "{drawn}"
+    );
     // Best per-GPU goodput first.
     let per_gpu = |i: usize| placements[i]["goodput_per_gpu"].as_f64().unwrap();
     assert!(per_gpu(0) >= per_gpu(1));

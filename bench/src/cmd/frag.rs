@@ -385,7 +385,7 @@ fn plot_batch(r: &FragReport, title: &str, path: &Path) -> Result<()> {
 }
 
 /// Draw the chart's legend (at `position`, else plotters' default place) and write the SVG.
-fn legend_and_save<'a, 'b: 'a, CT: CoordTranslate>(
+pub(super) fn legend_and_save<'a, 'b: 'a, CT: CoordTranslate>(
     chart: &mut ChartContext<'a, SVGBackend<'b>, CT>,
     position: Option<SeriesLabelPosition>,
     root: &DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,

@@ -38,9 +38,14 @@ pub struct Args {
     /// GPUs to place instances on.
     #[arg(long, default_value_t = 1)]
     gpus: usize,
-    /// Requests simulated per evaluation.
+    /// Requests simulated per evaluation (at least: see `--min-duration`).
     #[arg(long, default_value_t = 1000)]
     num_requests: usize,
+    /// Seconds of arrivals simulated at the least: at a rate R, at least R × this many requests
+    /// (the workload's repeated), so that a rate is judged in its steady state rather than as
+    /// one burst. 0: exactly `--num-requests` (as a `vkv bench offline` run to compare with).
+    #[arg(long, default_value_t = 60.0)]
+    min_duration: f64,
     /// Bytes/s of the KV handoff between a prefill and a decode instance (default: NVLink-class
     /// 100 GB/s).
     #[arg(long, default_value_t = 100e9)]
@@ -58,6 +63,10 @@ pub struct Args {
     /// (P prefill instances of the first profile, D decode instances of the last).
     #[arg(long, default_value = "colocated:1")]
     placement: String,
+    /// With the search: draw each placement's SLO attainment against the request rate (from
+    /// a quarter of its rate to one and a half times it) into this SVG file.
+    #[arg(long)]
+    svg: Option<PathBuf>,
     #[arg(long)]
     json: bool,
 }
@@ -147,7 +156,13 @@ pub fn run(args: Args) -> Result<()> {
     // Clamped to the first profile's context, as `vkv bench offline` clamps to its engine's.
     let max_len = Some(profiles[0].1.max_model_len).filter(|&l| l > 0);
     let shapes = workload.sample(args.num_requests, args.seed, max_len);
-    let arrivals = Arrivals::new(&shapes, args.seed);
+    if !(args.min_duration >= 0.0 && args.min_duration.is_finite()) {
+        bail!(
+            "--min-duration must be a number of seconds, found {}",
+            args.min_duration
+        );
+    }
+    let arrivals = Arrivals::new(&shapes, args.seed, args.min_duration);
     let slo = Slo {
         ttft: args.ttft,
         tpot: args.tpot,
@@ -198,6 +213,11 @@ pub fn run(args: Args) -> Result<()> {
             }
         })?);
     }
+    let handoff_of = |p: &Profile| Handoff {
+        kv_bytes_per_token: p.kv_bytes_per_token,
+        bandwidth: args.handoff_bandwidth,
+        latency: args.handoff_latency,
+    };
     let report = PlanReport {
         workload: workload.name(),
         slo,
@@ -212,6 +232,34 @@ pub fn run(args: Args) -> Result<()> {
             args.handoff_latency,
         ),
     };
+    if let Some(path) = &args.svg {
+        let profile = |name: &str| {
+            profiles
+                .iter()
+                .find(|p| p.0 == name)
+                .map(|p| &p.1)
+                .expect("a profile of the search")
+        };
+        let curves: Vec<(String, Vec<RatePoint>)> = report
+            .placements
+            .iter()
+            .map(|r| {
+                let (prefill, decode) = (profile(&r.prefill_profile), profile(&r.decode_profile));
+                let rates: Vec<f64> = (1..=12).map(|k| r.rate * k as f64 / 8.0).collect();
+                let points = at_rates(
+                    r.placement,
+                    prefill,
+                    decode,
+                    handoff_of(prefill),
+                    &arrivals,
+                    slo,
+                    &rates,
+                );
+                (placement_name(r), points)
+            })
+            .collect();
+        plot_attainment(&curves, &report, path)?;
+    }
     Ok(emit(&report, args.json, |r| {
         println!(
             "{} on {} GPU(s), P90 TTFT ≤ {} s and TPOT ≤ {} s for {:.0} % of requests:",
@@ -226,15 +274,7 @@ pub fn run(args: Args) -> Result<()> {
             "placement", "GPUs", "req/s", "req/s/GPU", "P90 TTFT", "P90 TPOT", "attained"
         );
         for p in &r.placements {
-            let what = match p.placement {
-                Placement::Colocated { replicas } => {
-                    format!("{replicas} colocated ({})", p.prefill_profile)
-                }
-                Placement::Disaggregated { prefill, decode } => format!(
-                    "{prefill}P ({}) + {decode}D ({})",
-                    p.prefill_profile, p.decode_profile
-                ),
-            };
+            let what = placement_name(p);
             println!(
                 "{what:<34} {:>5} {:>10.2} {:>10.2} {:>8.0}ms {:>8.1}ms {:>7.1}%",
                 p.gpus,
@@ -246,4 +286,77 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
     })?)
+}
+
+/// `2 colocated (h100)`, `1P (h100) + 3D (h100)`.
+fn placement_name(p: &PlacementResult) -> String {
+    match p.placement {
+        Placement::Colocated { replicas } => {
+            format!("{replicas} colocated ({})", p.prefill_profile)
+        }
+        Placement::Disaggregated { prefill, decode } => format!(
+            "{prefill}P ({}) + {decode}D ({})",
+            p.prefill_profile, p.decode_profile
+        ),
+    }
+}
+
+/// SLO attainment against request rate, a line per placement, the target as a dashed line.
+fn plot_attainment(
+    curves: &[(String, Vec<RatePoint>)],
+    report: &PlanReport,
+    path: &std::path::Path,
+) -> Result<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let max_rate = curves
+        .iter()
+        .flat_map(|c| c.1.iter().map(|p| p.rate))
+        .fold(0.0, f64::max)
+        .max(1e-3);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "SLO attainment vs rate — {} on {} GPU(s), TTFT ≤ {} s, TPOT ≤ {} s (simulated)",
+                report.workload, report.gpus, report.slo.ttft, report.slo.tpot
+            ),
+            ("sans-serif", 18),
+        )
+        .margin(15)
+        .x_label_area_size(50)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..max_rate * 1.02, 0f64..101.0)?;
+    chart
+        .configure_mesh()
+        .x_desc("requests per second")
+        .y_desc("requests meeting both targets (%)")
+        .draw()?;
+    let target = report.slo.attainment * 100.0;
+    chart.draw_series(DashedLineSeries::new(
+        vec![(0.0, target), (max_rate, target)],
+        6,
+        4,
+        BLACK.stroke_width(1),
+    ))?;
+    for (i, (name, points)) in curves.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let series: Vec<(f64, f64)> = points
+            .iter()
+            .map(|p| (p.rate, p.attainment * 100.0))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(series.clone(), color.stroke_width(2)))?
+            .label(name.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 15, y)], color.stroke_width(2))
+            });
+        chart.draw_series(series.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+    }
+    super::frag::legend_and_save(
+        &mut chart,
+        Some(SeriesLabelPosition::LowerLeft),
+        &root,
+        path,
+    )
 }

@@ -39,40 +39,49 @@ impl Slo {
     }
 }
 
-/// Requests of `shapes` arriving as a Poisson process of rate 1 (seeded); `at_rate` rescales.
-/// The gaps are drawn as `vkv bench offline --request-rate R --seed S` draws them (the same
-/// generator and seed, `Exp(R)` being `Exp(1) / R`), so a simulation and a measured run with
-/// the same seed and workload see the same requests at the same times.
+/// Requests of `shapes` arriving as a Poisson process (seeded), at any rate. The gaps are drawn
+/// as `vkv bench offline --request-rate R --seed S` draws them (the same generator and seed,
+/// `Exp(R)` being `Exp(1) / R`), so a simulation and a measured run with the same seed and
+/// workload see the same requests at the same times. At a rate `R`, at least
+/// `R × min_duration` requests arrive (the shapes repeated): with a fixed count, a high enough
+/// rate turns into one burst that a fast instance may clear within the targets, which is not a
+/// rate it sustains.
 #[derive(Debug, Clone)]
 pub struct Arrivals {
-    unit: Vec<SimRequest>,
+    shapes: Vec<RequestShape>,
+    seed: u64,
+    min_duration: f64,
 }
 
 impl Arrivals {
-    pub fn new(shapes: &[RequestShape], seed: u64) -> Arrivals {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+    pub fn new(shapes: &[RequestShape], seed: u64, min_duration: f64) -> Arrivals {
+        Arrivals {
+            shapes: shapes.to_vec(),
+            seed,
+            min_duration,
+        }
+    }
+
+    pub fn at_rate(&self, rate: f64) -> Vec<SimRequest> {
+        if self.shapes.is_empty() {
+            return Vec::new();
+        }
+        let n = self
+            .shapes
+            .len()
+            .max((rate * self.min_duration).ceil() as usize);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed ^ 0x5eed);
         let mut t = 0.0;
-        let unit = shapes
-            .iter()
-            .map(|s| {
+        (0..n)
+            .map(|i| {
                 let gap: f64 = rand_distr::Exp1.sample(&mut rng);
-                t += gap;
+                t += gap / rate;
+                let s = self.shapes[i % self.shapes.len()];
                 SimRequest {
                     arrival: t,
                     prompt: s.prompt_len.max(1),
                     output: s.output_len.max(1),
                 }
-            })
-            .collect();
-        Arrivals { unit }
-    }
-
-    pub fn at_rate(&self, rate: f64) -> Vec<SimRequest> {
-        self.unit
-            .iter()
-            .map(|r| SimRequest {
-                arrival: r.arrival / rate,
-                ..*r
             })
             .collect()
     }
@@ -344,7 +353,7 @@ mod tests {
     #[test]
     fn attainment_falls_as_the_rate_rises_and_the_highest_rate_is_at_the_target() {
         let p = profile(1);
-        let arrivals = Arrivals::new(&shapes(400), 5);
+        let arrivals = Arrivals::new(&shapes(400), 5, 0.0);
         let slo = Slo {
             ttft: 0.5,
             tpot: 0.05,
@@ -382,7 +391,7 @@ mod tests {
         #[test]
         fn more_gpus_never_lower_the_best_goodput(gpus in 1usize..6, seed in 0u64..1000) {
             let profiles = vec![("tp1".to_string(), profile(1)), ("tp2".to_string(), profile(2))];
-            let arrivals = Arrivals::new(&shapes(150), seed);
+            let arrivals = Arrivals::new(&shapes(150), seed, 0.0);
             let slo = Slo { ttft: 0.4, tpot: 0.04, attainment: 0.9 };
             let best = |g: usize| {
                 placements(&profiles, g, &arrivals, slo, 50e9, 1e-4)
