@@ -1,9 +1,10 @@
 //! `vkv profile`: measure a model's step latencies through the engine on a device and write a
 //! [`Profile`] (JSON) for `vkv plan`. Prefill: `n` prompts of `len` random tokens, each asking
 //! for one token, submitted at once — the step's time is the last one's TTFT (the engine runs
-//! them in one step: its step budget is raised to hold them). Decode: `batch` prompts of
-//! `context` tokens generating 17 tokens each, all admitted together — a step's time is the
-//! median gap between consecutive tokens. Every point is measured `--repeats` times (median),
+//! them in one step: its step budget is raised to hold the largest point). Decode: `batch`
+//! prompts of `context` tokens, all admitted together and generating until each has decoded 17
+//! tokens after the last prompt was computed — a step's time is the median gap between
+//! consecutive tokens from then on (every step a decode step of the whole batch). Every point is measured `--repeats` times (median),
 //! after one warm-up run. The instance limits recorded are the serving options given
 //! (`--max-num-batched-tokens`, `--max-num-seqs`), not the raised measuring budget.
 
@@ -79,19 +80,13 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
         .first()
         .context("one KV mode to profile")?;
     let serving = args.engine.config(kv_mode, device);
-    let largest = args
-        .prefill_lens
-        .iter()
-        .max()
-        .copied()
-        .unwrap_or(1)
-        .saturating_mul(args.prefill_batches.iter().max().copied().unwrap_or(1))
-        .max(
-            args.decode_batches.iter().max().copied().unwrap_or(1)
-                * (args.contexts.iter().max().copied().unwrap_or(1) + 1),
-        );
+    // The largest prefill point runs as one step; decode points may take several steps to
+    // prefill, and are timed only once every sequence decodes.
+    let largest = args.prefill_lens.iter().max().copied().unwrap_or(1)
+        * args.prefill_batches.iter().max().copied().unwrap_or(1);
     let mut config = serving.clone();
     config.max_num_batched_tokens = config.max_num_batched_tokens.max(largest);
+    let budget = config.max_num_batched_tokens;
     config.max_num_seqs = config
         .max_num_seqs
         .max(args.decode_batches.iter().max().copied().unwrap_or(1));
@@ -137,22 +132,36 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
     let mut decode = Vec::new();
     for &batch in &args.decode_batches {
         for &context in args.contexts.iter().filter(|&&c| c + STEPS < limit) {
-            if batch * (context + STEPS) > metrics.kv_capacity_tokens {
+            if batch * (context + STEPS + (batch * context).div_ceil(budget) + 1)
+                > metrics.kv_capacity_tokens
+            {
                 continue;
             }
+            // Long enough that every sequence still decodes STEPS tokens after the last one's
+            // prompt is computed (the prompts may take several steps).
+            let output_len = STEPS + (batch * context).div_ceil(budget) + 1;
             let shapes = vec![
                 RequestShape {
                     prompt_len: context,
-                    output_len: STEPS
+                    output_len
                 };
                 batch
             ];
             token_times(&engine, &shapes, 0)?;
             let mut gaps = Vec::new();
             for r in 0..args.repeats {
-                for times in token_times(&engine, &shapes, r as u64 + 1)? {
-                    gaps.extend(times.windows(2).map(|w| w[1] - w[0]));
+                let times = token_times(&engine, &shapes, r as u64 + 1)?;
+                // All were submitted together: from the last first token on, every step is a
+                // decode step of the whole batch.
+                let all_decoding = times.iter().map(|t| t[0]).fold(0.0, f64::max);
+                for t in &times {
+                    let decoding: Vec<f64> =
+                        t.iter().copied().filter(|&x| x >= all_decoding).collect();
+                    gaps.extend(decoding.windows(2).map(|w| w[1] - w[0]));
                 }
+            }
+            if gaps.is_empty() {
+                continue;
             }
             let seconds = median(gaps);
             eprintln!("decode {batch} × {context}: {:.2} ms", seconds * 1e3);
