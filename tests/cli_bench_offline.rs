@@ -63,4 +63,50 @@ fn bad_options_are_one_line_errors() {
     assert_one_line_error(&out, "nonsense", "an unknown workload");
     let out = vkv(&["generate", "--prompt", "hi", "--kv-mode", "both"]);
     assert_one_line_error(&out, "only `vkv bench offline`", "both modes for generate");
+    let out = vkv(&["bench", "offline", "--response-format", "/nonexistent.json"]);
+    assert_one_line_error(
+        &out,
+        "json_object or a JSON Schema file",
+        "a missing schema file",
+    );
+}
+
+/// `--response-format`: every request's output follows the grammar, which ends it once its
+/// value is complete (four digits in an array: 9 characters, fewer tokens than the 40 allowed).
+#[test]
+fn structured_outputs_end_each_request_at_its_value() {
+    let dir = common::scratch("offline-schema");
+    let schema = dir.path().join("digits.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9},
+            "minItems": 4, "maxItems": 4}"#,
+    )
+    .unwrap();
+    let out = vkv(&[
+        "bench",
+        "offline",
+        "--workload",
+        "fixed:16,40",
+        "--num-prompts",
+        "4",
+        "--kv-memory",
+        "64MiB",
+        "--response-format",
+        schema.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = &v["runs"][0];
+    assert_eq!(r["failed"], 0, "{r}");
+    let tokens = r["output_tokens"].as_u64().unwrap();
+    assert!(
+        (4 * 5..=4 * 10).contains(&tokens),
+        "{tokens} tokens for 4 requests"
+    );
 }

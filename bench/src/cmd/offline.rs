@@ -12,6 +12,7 @@ use clap::Args as ClapArgs;
 use indicatif::{ProgressBar, ProgressStyle};
 use vkv_engine::engine::Engine;
 use vkv_engine::model::load_model;
+use vkv_engine::structured_output::ResponseFormat;
 use vkv_kernels::cpu::HugePageUse;
 
 use super::EngineOptions;
@@ -60,6 +61,12 @@ pub struct Args<E: EngineOptions> {
     /// saves against every beam holding its own copy.
     #[arg(long, conflicts_with = "unshared_samples")]
     beam_search: bool,
+    /// Structured outputs: every request's output constrained to `json_object` (any JSON
+    /// object) or to the JSON Schema in this file; the grammar ends a request once its value is
+    /// complete, so outputs are at most the workload's lengths (and `ignore_eos` no longer holds
+    /// them there). Compiled once and cloned for each request.
+    #[arg(long, conflicts_with = "beam_search")]
+    response_format: Option<String>,
     #[command(flatten)]
     engine: E,
     /// Print JSON (every run, the median run of each mode, and the ratios).
@@ -86,6 +93,12 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
     let workload = Workload::parse(&args.workload)?;
     if args.n > 1 && matches!(workload, Workload::MultiTurn(_)) {
         bail!("--n (parallel sampling) takes a list of requests, not a multi-turn workload");
+    }
+    if args.response_format.is_some() && matches!(workload, Workload::MultiTurn(_)) {
+        bail!("--response-format takes a list of requests, not a multi-turn workload");
+    }
+    if let Some(format) = &args.response_format {
+        response_format(format)?;
     }
     let path = args.engine.model_path(args.model.clone())?;
     let modes = args.engine.kv_modes();
@@ -149,13 +162,21 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
                     &mut progress,
                 )?,
                 _ => {
-                    let requests = workload_requests(
+                    let mut requests = workload_requests(
                         &workload,
                         args.num_prompts,
                         vocab_size,
                         args.seed,
                         engine.max_model_len(),
                     );
+                    if let Some(format) = &args.response_format {
+                        let grammar = engine
+                            .compile_grammar(&response_format(format)?)
+                            .context("--response-format")?;
+                        for r in &mut requests {
+                            r.grammar = Some(grammar.clone());
+                        }
+                    }
                     let samples = Samples {
                         n: args.n,
                         shared: !args.unshared_samples,
@@ -360,4 +381,17 @@ fn print_table(reports: &[OfflineReport]) {
             r.kv, r.prefix_cache.block_size, r.prefix_cache.block_size_from
         );
     }
+}
+
+/// `json_object`, or a file holding a JSON Schema.
+fn response_format(spec: &str) -> Result<ResponseFormat> {
+    if spec == "json_object" {
+        return Ok(ResponseFormat::JsonObject);
+    }
+    let text = std::fs::read_to_string(spec).with_context(|| {
+        format!("--response-format: json_object or a JSON Schema file, found {spec:?}")
+    })?;
+    let schema = serde_json::from_str(&text)
+        .with_context(|| format!("--response-format: {spec} is not JSON"))?;
+    Ok(ResponseFormat::JsonSchema(schema))
 }
