@@ -177,11 +177,7 @@ pub fn run(args: Args) -> Result<()> {
         }
         let placement = parse_placement(&args.placement)?;
         let (prefill, decode) = (&profiles[0].1, &profiles[profiles.len() - 1].1);
-        let handoff = Handoff {
-            kv_bytes_per_token: prefill.kv_bytes_per_token,
-            bandwidth: args.handoff_bandwidth,
-            latency: args.handoff_latency,
-        };
+        let handoff = Handoff::of(prefill, args.handoff_bandwidth, args.handoff_latency);
         let report = RatesReport {
             workload: workload.name(),
             slo,
@@ -213,11 +209,6 @@ pub fn run(args: Args) -> Result<()> {
             }
         })?);
     }
-    let handoff_of = |p: &Profile| Handoff {
-        kv_bytes_per_token: p.kv_bytes_per_token,
-        bandwidth: args.handoff_bandwidth,
-        latency: args.handoff_latency,
-    };
     let report = PlanReport {
         workload: workload.name(),
         slo,
@@ -250,7 +241,7 @@ pub fn run(args: Args) -> Result<()> {
                     r.placement,
                     prefill,
                     decode,
-                    handoff_of(prefill),
+                    Handoff::of(prefill, args.handoff_bandwidth, args.handoff_latency),
                     &arrivals,
                     slo,
                     &rates,

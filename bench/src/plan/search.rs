@@ -166,13 +166,16 @@ fn result(
             decode: d,
         } => p * prefill.1.tensor_parallel + d * decode.1.tensor_parallel,
     };
-    let outcomes = simulate(
+    let at = at_rates(
         placement,
         prefill.1,
         decode.1,
         handoff,
-        &arrivals.at_rate(rate.max(1e-9)),
-    );
+        arrivals,
+        slo,
+        &[rate.max(1e-9)],
+    )[0]
+    .clone();
     PlacementResult {
         placement,
         prefill_profile: prefill.0.to_string(),
@@ -180,9 +183,9 @@ fn result(
         gpus,
         rate,
         goodput_per_gpu: rate / gpus as f64,
-        p90_ttft: p90(outcomes.iter().map(|o| o.ttft).collect()),
-        p90_tpot: p90(outcomes.iter().filter_map(|o| o.tpot).collect()),
-        attainment: slo.attained(&outcomes),
+        p90_ttft: at.p90_ttft,
+        p90_tpot: at.p90_tpot,
+        attainment: at.attainment,
     }
 }
 
@@ -239,11 +242,7 @@ pub fn placements(
         if replicas == 0 {
             continue;
         }
-        let handoff = Handoff {
-            kv_bytes_per_token: p.kv_bytes_per_token,
-            bandwidth: handoff_bandwidth,
-            latency: handoff_latency,
-        };
+        let handoff = Handoff::of(p, handoff_bandwidth, handoff_latency);
         out.push(result(
             Placement::Colocated { replicas },
             (name, p),
@@ -253,32 +252,36 @@ pub fn placements(
             slo,
         ));
     }
-    for (pn, pp) in profiles {
+    // One instance of each phase alone, against its own target (the other met freely). A
+    // prefill instance's TTFT does not depend on the decode side: once per profile.
+    let only_ttft = Slo {
+        tpot: f64::INFINITY,
+        ..slo
+    };
+    let only_tpot = Slo {
+        ttft: f64::INFINITY,
+        ..slo
+    };
+    let one_prefill = Placement::Disaggregated {
+        prefill: 1,
+        decode: 1,
+    };
+    let prefill_rates: Vec<f64> = profiles
+        .iter()
+        .map(|(_, p)| {
+            let handoff = Handoff::of(p, handoff_bandwidth, handoff_latency);
+            max_rate(one_prefill, p, p, handoff, arrivals, only_ttft)
+        })
+        .collect();
+    for ((pn, pp), &prefill_rate) in profiles.iter().zip(&prefill_rates) {
         for (dn, dp) in profiles {
-            let handoff = Handoff {
-                kv_bytes_per_token: pp.kv_bytes_per_token,
-                bandwidth: handoff_bandwidth,
-                latency: handoff_latency,
-            };
-            // One instance of each phase alone, against its own target (the other met freely).
-            let only_ttft = Slo {
-                tpot: f64::INFINITY,
-                ..slo
-            };
-            let only_tpot = Slo {
-                ttft: f64::INFINITY,
-                ..slo
-            };
-            let one = Placement::Disaggregated {
-                prefill: 1,
-                decode: 64,
-            };
-            let prefill_rate = max_rate(one, pp, dp, handoff, arrivals, only_ttft);
-            let one = Placement::Disaggregated {
+            let handoff = Handoff::of(pp, handoff_bandwidth, handoff_latency);
+            // Prefill instances enough that they never hold the decode instance back.
+            let one_decode = Placement::Disaggregated {
                 prefill: 64,
                 decode: 1,
             };
-            let decode_rate = max_rate(one, pp, dp, handoff, arrivals, only_tpot);
+            let decode_rate = max_rate(one_decode, pp, dp, handoff, arrivals, only_tpot);
             let (tp_p, tp_d) = (pp.tensor_parallel.max(1), dp.tensor_parallel.max(1));
             // The most balanced counts within the budget: for each prefill count, the decode
             // instances the rest of the GPUs hold; keep the pair whose weaker phase is strongest.

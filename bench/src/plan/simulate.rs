@@ -76,6 +76,15 @@ pub struct Handoff {
 }
 
 impl Handoff {
+    /// Handing off KV of `profile`'s model over `bandwidth` bytes/s, `latency` s per request.
+    pub fn of(profile: &Profile, bandwidth: f64, latency: f64) -> Handoff {
+        Handoff {
+            kv_bytes_per_token: profile.kv_bytes_per_token,
+            bandwidth,
+            latency,
+        }
+    }
+
     pub fn seconds(&self, tokens: usize) -> f64 {
         self.latency + (tokens * self.kv_bytes_per_token) as f64 / self.bandwidth
     }
@@ -107,10 +116,10 @@ enum Role {
 fn run_instance(
     role: Role,
     profile: &Profile,
-    limits: InstanceLimits,
     requests: &[SimRequest],
     arrivals: &[(f64, usize)],
 ) -> Vec<(usize, Vec<f64>)> {
+    let limits = InstanceLimits::of(profile);
     let mut out: Vec<(usize, Vec<f64>)> = Vec::with_capacity(arrivals.len());
     let mut slot_of = vec![usize::MAX; requests.len()];
     let mut next = 0;
@@ -225,6 +234,14 @@ fn run_instance(
     out
 }
 
+/// `ready` (in time order) dealt to `instances` instances (at least one) in turn.
+fn round_robin(ready: &[(f64, usize)], instances: usize) -> Vec<Vec<(f64, usize)>> {
+    let n = instances.max(1);
+    (0..n)
+        .map(|r| ready.iter().skip(r).step_by(n).copied().collect())
+        .collect()
+}
+
 /// Serve `requests` (in arrival order) on `placement`, every instance of `prefill` (colocated:
 /// every instance) and `decode` profiles; each request's outcome, in order.
 pub fn simulate(
@@ -235,15 +252,15 @@ pub fn simulate(
     requests: &[SimRequest],
 ) -> Vec<Outcome> {
     let mut token_times: Vec<Vec<f64>> = vec![Vec::new(); requests.len()];
+    let arrived: Vec<(f64, usize)> = requests
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.arrival, i))
+        .collect();
     match placement {
         Placement::Colocated { replicas } => {
-            for r in 0..replicas.max(1) {
-                let arrivals: Vec<(f64, usize)> = (r..requests.len())
-                    .step_by(replicas.max(1))
-                    .map(|i| (requests[i].arrival, i))
-                    .collect();
-                let limits = InstanceLimits::of(prefill);
-                for (i, times) in run_instance(Role::Both, prefill, limits, requests, &arrivals) {
+            for arrivals in round_robin(&arrived, replicas) {
+                for (i, times) in run_instance(Role::Both, prefill, requests, &arrivals) {
                     token_times[i] = times;
                 }
             }
@@ -253,14 +270,8 @@ pub fn simulate(
             decode: d,
         } => {
             let mut first = Vec::with_capacity(requests.len());
-            for r in 0..p.max(1) {
-                let arrivals: Vec<(f64, usize)> = (r..requests.len())
-                    .step_by(p.max(1))
-                    .map(|i| (requests[i].arrival, i))
-                    .collect();
-                let limits = InstanceLimits::of(prefill);
-                for (i, times) in run_instance(Role::Prefill, prefill, limits, requests, &arrivals)
-                {
+            for arrivals in round_robin(&arrived, p) {
+                for (i, times) in run_instance(Role::Prefill, prefill, requests, &arrivals) {
                     let at = times[0];
                     token_times[i] = times;
                     if requests[i].output > 1 {
@@ -269,11 +280,8 @@ pub fn simulate(
                 }
             }
             first.sort_by(|a, b| a.0.total_cmp(&b.0));
-            for r in 0..d.max(1) {
-                let arrivals: Vec<(f64, usize)> =
-                    first.iter().skip(r).step_by(d.max(1)).copied().collect();
-                let limits = InstanceLimits::of(decode);
-                for (i, times) in run_instance(Role::Decode, decode, limits, requests, &arrivals) {
+            for arrivals in round_robin(&first, d) {
+                for (i, times) in run_instance(Role::Decode, decode, requests, &arrivals) {
                     token_times[i].extend(times);
                 }
             }
@@ -420,7 +428,7 @@ mod tests {
             batch
         ];
         let arrivals: Vec<(f64, usize)> = (0..batch).map(|i| (0.0, i)).collect();
-        let out = run_instance(Role::Decode, &p, limits, &requests, &arrivals);
+        let out = run_instance(Role::Decode, &p, &requests, &arrivals);
         let mut t = 0.0;
         let mut expected = Vec::new();
         for k in 1..output {
