@@ -94,3 +94,25 @@ beam_search_runs() {
     pack
   done
 }
+
+# The soak of issue 24 in a session of its own (setsid), so that it outlives the call: scripts/soak.py
+# against two `vkv serve --device cuda` (paged and vmm, 8 GiB of KV each, SmolLM2 cut to 8 layers,
+# prefix caching off: every page must go back), files in /tmp/soak: soak_start MINUTES
+soak_start() {
+  rm -rf /tmp/soak && mkdir -p /tmp/soak && cp .gpu/bin/vkv .gpu/smol8.gguf scripts/soak.py \
+    scripts/vkv_serve.py /tmp/soak/
+  date -u > /tmp/soak/started
+  for mode in paged vmm; do
+    RUST_LOG=warn setsid python3 /tmp/soak/soak.py --vkv /tmp/soak/vkv --minutes "$1" --every 30 \
+      --clients 32 --json /tmp/soak/soak-$mode.json -- --device cuda --model /tmp/soak/smol8.gguf \
+      --kv-mode $mode --kv-memory 8GiB --no-enable-prefix-caching > /tmp/soak/soak-$mode.txt 2>&1 < /dev/null &
+  done
+}
+
+# Wait for the soak to end and copy its files to $OUT.
+soak_collect() {
+  while pgrep -f /tmp/soak/soak.py > /dev/null; do sleep 2; done
+  date -u > /tmp/soak/ended
+  cp /tmp/soak/soak-* /tmp/soak/started /tmp/soak/ended $OUT/
+  pack
+}

@@ -17,22 +17,13 @@ cd "$(dirname "$0")/.."
 case $1 in
 start)
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > $OUT/card.txt
-  rm -rf /tmp/soak && mkdir -p /tmp/soak && cp .gpu/bin/vkv .gpu/smol8.gguf scripts/soak.py \
-    scripts/vkv_serve.py /tmp/soak/
-  date -u > /tmp/soak/started
-  for mode in paged vmm; do
-    RUST_LOG=warn setsid python3 /tmp/soak/soak.py --vkv /tmp/soak/vkv --minutes "$2" --every 30 \
-      --clients 32 --json /tmp/soak/soak-$mode.json -- --device cuda --model /tmp/soak/smol8.gguf \
-      --kv-mode $mode --kv-memory 8GiB --no-enable-prefix-caching > /tmp/soak/soak-$mode.txt 2>&1 < /dev/null &
-  done
+  soak_start "$2"
   VKV_TEST_TIMEOUT=480 gpu_tests
   # Hold the call until near its 600 s limit: the machine stays warm between calls for only 30 s.
   sleep $(( 575 - SECONDS ))
   tail -3 /tmp/soak/soak-*.txt > $OUT/progress.txt ;;
 collect)
-  while pgrep -f /tmp/soak/soak.py > /dev/null; do sleep 2; done
-  date -u > /tmp/soak/ended
-  cp /tmp/soak/soak-* /tmp/soak/started /tmp/soak/ended $OUT/
+  soak_collect
   parallel_sampling_runs 256 70
   DEADLINE=565 prefix_repetition_runs 192 ;;
 *) echo "usage: run-m.sh start MINUTES | collect" >&2; exit 2 ;;
