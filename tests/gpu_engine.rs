@@ -98,6 +98,15 @@ fn engine_of(
     .expect("start the engine")
 }
 
+/// The tests of KV shared between sequences on the GPU: the llama-3-8b preset (random weights)
+/// with 8 GiB of KV and room for 4096-token sequences, and its name for messages.
+fn sharing_llama(mode: KvMode) -> (Engine, String) {
+    let loaded = vkv_engine::model::load_model(std::path::Path::new("preset:llama-3-8b")).unwrap();
+    let e = engine_of(loaded, Device::Cuda, mode, 8 << 30, 2048, 4096);
+    let name = format!("{} on {}", e.metrics().kv_name, e.metrics().device);
+    (e, name)
+}
+
 /// Submit every prompt at once; the outputs in prompt order.
 fn together(e: &Engine, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<common::serving::Output> {
     let (tx, mut rx) = event_channel();
@@ -487,10 +496,7 @@ fn prefix_caching_changes_no_greedy_output() {
 fn parallel_samples_share_the_prompt_kv_and_give_the_greedy_answer() {
     let Some(_gpu) = gpu() else { return };
     for (mode, unit) in [(PAGED, 16), (TOKEN_MAJOR, 16), (PER_LAYER, 1024)] {
-        let loaded =
-            vkv_engine::model::load_model(std::path::Path::new("preset:llama-3-8b")).unwrap();
-        let e = engine_of(loaded, Device::Cuda, mode, 8 << 30, 2048, 4096);
-        let name = format!("{} on {}", e.metrics().kv_name, e.metrics().device);
+        let (e, name) = sharing_llama(mode);
         let prompts = shared_random_prompts(3, 2000, 100, 128_000);
         let mut alone = Vec::new();
         let mut samples = Vec::new();
@@ -568,10 +574,7 @@ fn logprobs_come_with_every_token_and_agree_with_the_cpu() {
 fn beam_search_shares_the_prompt_kv_and_width_one_is_greedy() {
     let Some(_gpu) = gpu() else { return };
     for (mode, unit) in [(PAGED, 16), (TOKEN_MAJOR, 16), (PER_LAYER, 1024)] {
-        let loaded =
-            vkv_engine::model::load_model(std::path::Path::new("preset:llama-3-8b")).unwrap();
-        let e = engine_of(loaded, Device::Cuda, mode, 8 << 30, 2048, 4096);
-        let name = format!("{} on {}", e.metrics().kv_name, e.metrics().device);
+        let (e, name) = sharing_llama(mode);
         let p = shared_random_prompts(1, 2000, 100, 128_000).remove(0);
         let (tx, mut rx) = event_channel();
         let beam = BeamSearch {

@@ -174,8 +174,8 @@ fn result(
         arrivals,
         slo,
         &[rate.max(1e-9)],
-    )[0]
-    .clone();
+    )
+    .remove(0);
     PlacementResult {
         placement,
         prefill_profile: prefill.0.to_string(),
