@@ -44,17 +44,21 @@ serve_down() {
 }
 
 # `vkv bench offline` on the llama-3-8b preset with prefix-repetition:8,2048,128,128 (N requests),
-# prefix caching on and off, paged and vmm, each run cut at its share of the time left before
-# $DEADLINE seconds of the call (default 560), into $OUT/prefix-rep-MODE-{enable,no-enable}.*:
+# prefix caching on and off (PCS, default "enable no-enable") in each KV mode of MODES (default
+# "paged vmm"; per-layer is vmm with per-layer pages), each run cut at its share of the time left
+# before $DEADLINE seconds of the call (default 560), into $OUT/prefix-rep-MODE-{enable,no-enable}.*:
 # prefix_repetition_runs N
 prefix_repetition_runs() {
-  local runs=4 left pc mode
-  for pc in enable no-enable; do
-    for mode in paged vmm; do
+  local modes=(${MODES:-paged vmm}) pcs=(${PCS:-enable no-enable}) left pc mode kv
+  local runs=$(( ${#modes[@]} * ${#pcs[@]} ))
+  for pc in "${pcs[@]}"; do
+    for mode in "${modes[@]}"; do
       left=$(( (${DEADLINE:-560} - SECONDS) / runs )); runs=$((runs - 1))
       [ $left -gt 30 ] || return 0
+      kv="--kv-mode $mode"
+      [ $mode = per-layer ] && kv="--kv-mode vmm --vmm-layout per-layer"
       timeout $left .gpu/bin/vkv bench offline --device cuda --model preset:llama-3-8b \
-        --max-num-seqs 128 --kv-mode $mode --$pc-prefix-caching \
+        --max-num-seqs 128 $kv --$pc-prefix-caching \
         --workload prefix-repetition:8,2048,128,128 --num-prompts "$1" --json \
         > $OUT/prefix-rep-$mode-$pc.json 2> $OUT/prefix-rep-$mode-$pc.err
       pack
@@ -62,18 +66,33 @@ prefix_repetition_runs() {
   done
 }
 
+# `vkv bench offline` on the llama-3-8b preset, sharegpt (N requests, all hitting nothing),
+# prefix caching on then off, paged then vmm token-major, each cut at SECONDS, into
+# $OUT/sharegpt-{enable,no-enable}.{json,err}: caching_overhead_runs N SECONDS
+caching_overhead_runs() {
+  local pc
+  for pc in enable no-enable; do
+    timeout "$2" .gpu/bin/vkv bench offline --device cuda --model preset:llama-3-8b \
+      --max-num-seqs 128 --kv-mode both --$pc-prefix-caching --workload sharegpt \
+      --num-prompts "$1" --json > $OUT/sharegpt-$pc.json 2> $OUT/sharegpt-$pc.err
+    pack
+  done
+}
+
 # `vkv bench offline` on the llama-3-8b preset, alpaca (N requests), parallel sampling: n = 2, 4,
 # 6 samples sharing the prompt and n = 4 unshared (the baseline), prefix caching off (forks are
 # the only sharing), paged then vmm token-major
-# (`--kv-mode both`), each cut at SECONDS, into $OUT/parallel-n{N}[-unshared].{json,err}:
-# parallel_sampling_runs N SECONDS
+# (`--kv-mode both`; KV="ARGS" NAME=SUFFIX for other KV modes), each cut at SECONDS, into
+# $OUT/parallel-n{N}[-unshared]$NAME.{json,err}: parallel_sampling_runs N SECONDS [SPECS]
+# (SPECS: default "4 4u 2 6", a u marking the unshared baseline)
 parallel_sampling_runs() {
   local spec n extra name
-  for spec in 4 4u 2 6; do
+  for spec in ${3:-4 4u 2 6}; do
     n=${spec%u}; extra=; name=parallel-n$n
     [ "$spec" != "$n" ] && extra=--unshared-samples && name=$name-unshared
+    name=$name$NAME
     timeout "$2" .gpu/bin/vkv bench offline --device cuda --model preset:llama-3-8b \
-      --max-num-seqs 256 --kv-mode both --no-enable-prefix-caching --workload alpaca \
+      --max-num-seqs 256 ${KV:---kv-mode both} --no-enable-prefix-caching --workload alpaca \
       --num-prompts "$1" --n $n $extra \
       --json > $OUT/$name.json 2> $OUT/$name.err
     pack
@@ -82,15 +101,16 @@ parallel_sampling_runs() {
 
 # `vkv bench offline` on the llama-3-8b preset, alpaca (N requests), beam search of width 4, 2
 # and 6 (prefix caching off: forks are the only sharing; the report's kv_sharing_saving_mean is
-# against every beam holding its own copy), paged then vmm token-major (`--kv-mode both`), each
-# cut at SECONDS, into $OUT/beam-w{W}.{json,err}: beam_search_runs N SECONDS
+# against every beam holding its own copy), paged then vmm token-major (`--kv-mode both`; KV and
+# NAME as for parallel_sampling_runs), each cut at SECONDS, into $OUT/beam-w{W}$NAME.{json,err}:
+# beam_search_runs N SECONDS [WIDTHS] (default "4 2 6")
 beam_search_runs() {
   local w
-  for w in 4 2 6; do
+  for w in ${3:-4 2 6}; do
     timeout "$2" .gpu/bin/vkv bench offline --device cuda --model preset:llama-3-8b \
-      --max-num-seqs 256 --kv-mode both --no-enable-prefix-caching --workload alpaca \
+      --max-num-seqs 256 ${KV:---kv-mode both} --no-enable-prefix-caching --workload alpaca \
       --num-prompts "$1" --n $w --beam-search \
-      --json > $OUT/beam-w$w.json 2> $OUT/beam-w$w.err
+      --json > $OUT/beam-w$w$NAME.json 2> $OUT/beam-w$w$NAME.err
     pack
   done
 }
@@ -115,4 +135,19 @@ soak_collect() {
   date -u > /tmp/soak/ended
   cp /tmp/soak/soak-* /tmp/soak/started /tmp/soak/ended $OUT/
   pack
+}
+
+# Multi-turn chat on the llama-3-8b preset: `vkv bench offline --workload multi-turn:32,4,512,128`
+# (closed loop, token ids: each turn's prompt is the last one, the tokens generated and a new user
+# message; a preset has no chat template, so HTTP chat is measured on the CPU model), paged then
+# vmm token-major, caching on then off, each cut at SECONDS, into
+# $OUT/multi-turn-{enable,no-enable}.{json,err}: multi_turn_runs SECONDS
+multi_turn_runs() {
+  local pc
+  for pc in enable no-enable; do
+    timeout "$1" .gpu/bin/vkv bench offline --device cuda --model preset:llama-3-8b \
+      --max-num-seqs 128 --kv-mode both --$pc-prefix-caching --workload multi-turn:32,4,512,128 \
+      --json > $OUT/multi-turn-$pc.json 2> $OUT/multi-turn-$pc.err
+    pack
+  done
 }
