@@ -23,6 +23,8 @@
 //!   V1's chained block keys, LRU among unreferenced units), over any unit of memory — a block
 //!   here, the pages of a page row of the vmm cache. [`PagedKv::with_prefix_caching`] and
 //!   [`VmmManager::with_prefix_caching`] (`VmmKv`'s, `GpuKv`'s) use it.
+//! - [`export_kv`] / [`import_kv`] (`handoff.rs`): a sequence's KV out of one host cache as a
+//!   [`KvBlob`] and into another — the KV handoff of disaggregated prefill and decode.
 //! - `conformance.rs`: the checks every cache must pass (random reserve / fork / free / preempt
 //!   sequences, audited after every operation, empty at the end), run on the CPU caches in unit
 //!   tests and on the GPU caches by `tests/gpu_kv.rs`.
@@ -32,6 +34,7 @@ mod block;
 pub mod conformance;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod handoff;
 mod manager;
 mod paged;
 mod prefix;
@@ -41,6 +44,7 @@ pub use arena::ContiguousArena;
 pub use block::{BlockAllocator, BlockId, BlockTable};
 #[cfg(feature = "cuda")]
 pub use cuda::{DevicePools, GpuKv, GpuKvAddressing};
+pub use handoff::{export_kv, import_kv, HandoffError, KvBlob, TransferStats, WireOrder};
 pub use manager::{
     KvBudget, KvCache, KvCacheDtype, KvDims, KvManager, KvMode, KvUsage, MapAhead, PrefixCache,
     SeqId, VmmShape,
