@@ -12,7 +12,7 @@ use clap::Args as ClapArgs;
 use vkv_bench::units::parse_bytes;
 use vkv_engine::engine::Engine;
 use vkv_engine::model::load_model;
-use vkv_server::ServerConfig;
+use vkv_server::{Role, ServerConfig};
 
 use crate::engine_args::{model_path, EngineArgs};
 
@@ -48,14 +48,31 @@ pub struct Args {
     /// (raised to its hard limit at start) less 256 for the process's own files.
     #[arg(long = "max-connections")]
     max_connections: Option<usize>,
+    /// Disaggregated serving (DistServe, behind `vkv route`): `prefill` also serves the prefill
+    /// halves of requests and holds their prompt KV for decode instances to pull; `decode` also
+    /// serves the decode halves, pulling that KV; `both` serves requests whole only.
+    #[arg(long, value_enum, default_value_t = RoleArg::Both)]
+    role: RoleArg,
+    /// Prefill role: seconds a prefill half's prompt KV waits for its decode instance before it
+    /// is dropped; decode role: the longest a pull may take.
+    #[arg(long = "kv-handoff-timeout", default_value_t = 30.0)]
+    kv_handoff_timeout: f64,
     #[command(flatten)]
     engine: EngineArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RoleArg {
+    Both,
+    Prefill,
+    Decode,
 }
 
 pub fn run(args: Args) -> Result<()> {
     for (flag, seconds) in [
         ("--shutdown-timeout", args.shutdown_timeout),
         ("--request-timeout", args.request_timeout),
+        ("--kv-handoff-timeout", args.kv_handoff_timeout),
     ] {
         if !(seconds >= 0.0 && seconds.is_finite()) {
             bail!("{flag} must be a number of seconds ≥ 0, found {seconds}");
@@ -66,6 +83,11 @@ pub fn run(args: Args) -> Result<()> {
         Some(0) => bail!("--max-connections must be at least 1, found 0"),
         Some(n) => n,
         None => (open_files.saturating_sub(256) as usize).max(16),
+    };
+    let role = match args.role {
+        RoleArg::Both => Role::Both,
+        RoleArg::Prefill => Role::Prefill,
+        RoleArg::Decode => Role::Decode,
     };
     let mode = args.engine.kv.mode()?;
     let device = args.engine.device()?;
@@ -93,7 +115,8 @@ pub fn run(args: Args) -> Result<()> {
             .with_context(|| format!("binding {}:{}", args.host, args.port))?;
         let addr = listener.local_addr().context("reading the bound address")?;
         println!(
-            "vkv serve: {served_model_name} on http://{addr} (device {}, KV {}, capacity {} tokens, max model len {}, max num seqs {}; {})",
+            "vkv serve: {served_model_name} on http://{addr} (role {}, device {}, KV {}, capacity {} tokens, max model len {}, max num seqs {}; {})",
+            role.as_str(),
             metrics.device,
             metrics.kv_name,
             engine.kv_capacity_tokens(),
@@ -119,6 +142,8 @@ pub fn run(args: Args) -> Result<()> {
             shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout),
             request_timeout: Duration::from_secs_f64(args.request_timeout),
             max_connections,
+            role,
+            kv_handoff_timeout: Duration::from_secs_f64(args.kv_handoff_timeout),
         };
         let serving = vkv_server::serve(
             engine.clone(),

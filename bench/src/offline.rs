@@ -171,6 +171,7 @@ fn bench_request(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         adjust: Default::default(),
         prompt_logprobs: None,
         grammar: None,
+        handoff: None,
     }
 }
 
@@ -416,7 +417,9 @@ pub fn run_offline(
                     break; // the submitter failed and dropped the sender
                 };
                 match ev.kind {
-                    EventKind::Delta { .. } | EventKind::PromptLogprobs(_) => continue,
+                    EventKind::Delta { .. }
+                    | EventKind::PromptLogprobs(_)
+                    | EventKind::KvExported(_) => continue,
                     EventKind::Finished(f) => tally.finished(&f),
                     EventKind::Failed(why) => tally.failed(why),
                 }
@@ -511,7 +514,7 @@ fn converse(
             Ok(_) => loop {
                 match rx.blocking_recv().map(|ev| ev.kind) {
                     Some(EventKind::Delta { token_ids, .. }) => reply.extend(token_ids),
-                    Some(EventKind::PromptLogprobs(_)) => {}
+                    Some(EventKind::PromptLogprobs(_) | EventKind::KvExported(_)) => {}
                     Some(EventKind::Finished(f)) => break Ok(f),
                     Some(EventKind::Failed(why)) => {
                         break Err(format!("turn {turn} failed: {why}"))

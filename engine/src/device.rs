@@ -28,7 +28,7 @@ use std::sync::Arc;
 use crate::engine::EngineConfig;
 #[cfg(doc)]
 use crate::kv::KvMode;
-use crate::kv::{KvBudget, KvCache, KvError, KvManager};
+use crate::kv::{KvBlob, KvBudget, KvCache, KvError, KvManager, SeqId, TransferStats};
 use crate::model::LoadedModel;
 use crate::model::{ModelError, SeqChunk};
 
@@ -67,6 +67,9 @@ pub enum BackendError {
     },
     #[error("finish without a launched batch")]
     NothingLaunched,
+    /// A KV handoff could not be read or written (see [`Backend::export_kv`]).
+    #[error("KV handoff: {0}")]
+    Handoff(String),
     /// A fault injected by a test ([`vkv_vmm::faults`]).
     #[error("injected fault: {0}")]
     Injected(&'static str),
@@ -133,6 +136,28 @@ pub trait Backend: Send {
     fn graph_counts(&self) -> (u64, u64) {
         (0, 0)
     }
+    /// Disaggregation: the KV of `seq`'s first `tokens` tokens (computed, between steps) as a
+    /// blob for another instance ([`vkv_kv::export_kv`]).
+    fn export_kv(
+        &self,
+        seq: SeqId,
+        tokens: usize,
+    ) -> Result<(KvBlob, TransferStats), BackendError> {
+        let _ = (seq, tokens);
+        Err(BackendError::Handoff(format!(
+            "handing KV over is not built for {} yet",
+            self.device_name()
+        )))
+    }
+    /// Disaggregation: write a blob from another instance into `seq`'s first tokens (reserved,
+    /// shared with no one: a fresh admission), between steps ([`vkv_kv::import_kv`]).
+    fn import_kv(&self, seq: SeqId, blob: &KvBlob) -> Result<TransferStats, BackendError> {
+        let _ = (seq, blob);
+        Err(BackendError::Handoff(format!(
+            "taking KV over is not built for {} yet",
+            self.device_name()
+        )))
+    }
 }
 
 /// The CPU device: the model's host weights and a CPU cache; every row comes back as logits.
@@ -166,6 +191,20 @@ impl Backend for CpuBackend {
         self.done
             .take()
             .unwrap_or(Err(BackendError::NothingLaunched))
+    }
+
+    fn export_kv(
+        &self,
+        seq: SeqId,
+        tokens: usize,
+    ) -> Result<(KvBlob, TransferStats), BackendError> {
+        crate::kv::export_kv(self.kv.as_ref(), seq, tokens)
+            .map_err(|e| BackendError::Handoff(e.to_string()))
+    }
+
+    fn import_kv(&self, seq: SeqId, blob: &KvBlob) -> Result<TransferStats, BackendError> {
+        crate::kv::import_kv(self.kv.as_ref(), seq, blob)
+            .map_err(|e| BackendError::Handoff(e.to_string()))
     }
 }
 

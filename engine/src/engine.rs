@@ -38,7 +38,7 @@ use crossbeam_channel::Sender;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
 use crate::device::Device;
-use crate::kv::{KvCacheDtype, KvMode, KvUsage, PrefixStats, SeqId};
+use crate::kv::{KvBlob, KvCacheDtype, KvMode, KvUsage, PrefixStats, SeqId, TransferStats};
 use crate::model::LoadedModel;
 use crate::sampler::{LogitsAdjustments, SamplingParams, TokenLogprob, MAX_TOP_LOGPROBS};
 use crate::structured_output::{Grammar, GrammarCompiler, GrammarError, ResponseFormat};
@@ -149,6 +149,37 @@ pub struct GenerationRequest {
     /// Structured outputs: the grammar the output follows, from [`Engine::compile_grammar`]
     /// (each sample of [`Engine::submit_samples`] gets its own copy).
     pub grammar: Option<Grammar>,
+    /// Disaggregated prefill and decode: this request is the prefill half (compute the prompt
+    /// and the first token, then hand the prompt's KV out) or the decode half (start from KV
+    /// and a first token computed elsewhere). See [`KvHandoff`].
+    pub handoff: Option<KvHandoff>,
+}
+
+/// A request's part in disaggregated serving (DistServe): prefill on one instance, decode on
+/// another, the prompt's KV handed between them (`vkv_kv::export_kv` / `import_kv`).
+#[derive(Debug, Clone)]
+pub enum KvHandoff {
+    /// The prefill half: generate one token (`max_tokens` must be 1), then send
+    /// [`EventKind::KvExported`] with the prompt's KV before `Finished`; the KV memory is freed
+    /// as for any request that ends.
+    Export,
+    /// The decode half: the prompt's KV and the first token (sampled by the prefill instance)
+    /// arrive with the request. The first token is this request's first output (sent at once,
+    /// stop conditions checked); the KV is written into the cache when the request is admitted,
+    /// and decoding goes on from there. A preempted request recomputes its prompt here.
+    Import { first_token: u32, kv: Arc<KvBlob> },
+}
+
+/// The prompt's KV a prefill half handed out ([`KvHandoff::Export`]), with what it cost.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExportedKv {
+    pub kv: KvBlob,
+    /// The one token the prefill half generated (the decode half's first).
+    pub first_token: Option<u32>,
+    /// Bytes read and the runs (memory copies) they took.
+    pub stats: TransferStats,
+    /// Seconds the engine thread spent reading them.
+    pub seconds: f64,
 }
 
 /// Token counts of a finished request (OpenAI's `usage`).
@@ -238,6 +269,9 @@ pub enum EventKind {
     /// The prompt tokens' log-probabilities (see [`GenerationRequest::prompt_logprobs`]), one
     /// per prompt token, `None` for the first; before the first `Delta`.
     PromptLogprobs(Vec<Option<TokenLogprob>>),
+    /// The prefill half of a disaggregated request ([`KvHandoff::Export`]): its prompt's KV,
+    /// after its one token and before `Finished`.
+    KvExported(Arc<ExportedKv>),
     /// The end; nothing follows.
     Finished(Finished),
     /// The engine could not run the request; nothing follows.
@@ -303,6 +337,34 @@ pub struct MapMetrics {
     pub mapper_restarts: u64,
 }
 
+/// Counters of one direction of KV handoff (see [`KvHandoff`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct HandoffCounters {
+    /// Requests whose KV went this way.
+    pub requests: u64,
+    pub bytes: u64,
+    /// Memory copies (runs) they took.
+    pub copies: u64,
+    /// Seconds the engine thread spent copying.
+    pub seconds: f64,
+}
+
+impl HandoffCounters {
+    pub(crate) fn count(&mut self, stats: TransferStats, seconds: f64) {
+        self.requests += 1;
+        self.bytes += stats.bytes as u64;
+        self.copies += stats.copies as u64;
+        self.seconds += seconds;
+    }
+}
+
+/// KV handed out by prefill halves and taken in by decode halves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct HandoffMetrics {
+    pub exported: HandoffCounters,
+    pub imported: HandoffCounters,
+}
+
 /// Tokens to back in each free slot before the first request (largest first; admissions take
 /// the slot with the most pages): every one of the `max_num_seqs` slots an eighth of its share
 /// of the cache, enough for a typical prompt, then — while the total stays within a quarter of
@@ -344,6 +406,8 @@ pub struct EngineMetrics {
     /// Automatic prefix caching's counters (tokens looked up and found, units cached and
     /// evicted: blocks in paged mode, pages in vmm mode); `None` when it is off.
     pub prefix: Option<PrefixStats>,
+    /// Disaggregated serving: KV handed out and taken in.
+    pub kv_handoff: HandoffMetrics,
     /// Pages backed before the first request (vmm's eager allocation, see `warm_kv`).
     pub kv_warm_pages: usize,
     /// CUDA: decode steps replayed from a CUDA graph, and graphs captured.
@@ -614,6 +678,9 @@ impl Engine {
         if request.grammar.is_some() {
             return invalid("structured outputs are not supported with beam search".into());
         }
+        if request.handoff.is_some() {
+            return invalid("beam search is not supported with disaggregated serving".into());
+        }
         self.check(&request)?;
         let first = self.queue(request, events, Some(beam))?;
         Ok((first..first + beam.width as u64).collect())
@@ -635,6 +702,11 @@ impl Engine {
             return Err(EngineError::InvalidRequest(format!(
                 "n must be at least 1 and at most max-num-seqs ({}) so that all samples run together, found {n}",
                 self.max_num_seqs
+            )));
+        }
+        if n > 1 && request.handoff.is_some() {
+            return Err(EngineError::InvalidRequest(format!(
+                "n must be 1 with disaggregated serving, found {n}"
             )));
         }
         self.check(&request)?;
@@ -690,6 +762,29 @@ impl Engine {
         }
         if r.stop.stop.iter().any(String::is_empty) {
             return invalid("stop strings must not be empty".into());
+        }
+        match &r.handoff {
+            Some(KvHandoff::Export) if r.max_tokens != 1 => {
+                return invalid(format!(
+                    "the prefill half of a disaggregated request generates one token: max_tokens must be 1, found {}",
+                    r.max_tokens
+                ));
+            }
+            Some(KvHandoff::Import { first_token, kv }) => {
+                if *first_token as usize >= vocab {
+                    return invalid(format!(
+                        "the handed-over first token {first_token} is outside the vocabulary of {vocab} tokens"
+                    ));
+                }
+                if kv.tokens != r.prompt.len() {
+                    return invalid(format!(
+                        "the handed-over KV holds {} tokens; the prompt has {}",
+                        kv.tokens,
+                        r.prompt.len()
+                    ));
+                }
+            }
+            _ => {}
         }
         let (prompt, max_tokens) = (r.prompt.len(), r.max_tokens);
         if prompt.saturating_add(max_tokens) > self.max_model_len {

@@ -217,11 +217,18 @@ impl Sampler {
             g.mask(&mut adjusted);
         }
         let token = self.pick(&adjusted);
+        self.observe(token);
+        token
+    }
+
+    /// Take `token` as if this sampler had picked it (a token sampled elsewhere: the first
+    /// token of a disaggregated request, sampled by its prefill instance): penalties count it
+    /// and the grammar advances by it.
+    pub fn observe(&mut self, token: u32) {
         *self.counts.entry(token).or_default() += 1;
         if let Some(g) = &mut self.grammar {
             g.accept(token);
         }
-        token
     }
 
     fn pick(&mut self, logits: &[f32]) -> u32 {

@@ -78,6 +78,12 @@ pub struct SeqRequest {
     pub beam_width: Option<usize>,
     /// Compute the whole prompt (its every row's logits are wanted): no prefix-cache hit.
     pub whole_prompt: bool,
+    /// Disaggregated decode: the first token, sampled by the prefill instance that computed the
+    /// prompt's KV. The sequence starts as prompt + this token with the prompt's KV arriving
+    /// from outside: its admission reserves the prompt and the token and lists it in
+    /// [`Step::imported`], whose caller writes the KV before the step runs; the step decodes
+    /// the token.
+    pub handed_over: Option<u32>,
 }
 
 /// One chunk of the next forward pass.
@@ -105,6 +111,10 @@ pub struct Step {
     pub cached: Vec<(SeqId, usize)>,
     /// Sequences admitted this step by forking their source's prompt KV: the tokens shared.
     pub forked: Vec<(SeqId, usize)>,
+    /// Sequences admitted this step whose prompt KV comes from outside
+    /// ([`SeqRequest::handed_over`]): the caller writes it into their reserved KV before the
+    /// step runs.
+    pub imported: Vec<SeqId>,
 }
 
 /// Errors a caller can provoke.
@@ -142,6 +152,9 @@ struct Seq {
     /// Beam search: the group (its first sequence's id) and its width; forks inherit it.
     beam: Option<(SeqId, usize)>,
     whole_prompt: bool,
+    /// The prompt's KV arrives from outside at admission (see [`SeqRequest::handed_over`]);
+    /// false once admitted (a preempted sequence recomputes).
+    imported: bool,
 }
 
 impl Seq {
@@ -205,16 +218,20 @@ impl Scheduler {
                 capacity,
             });
         }
+        let prompt_len = req.prompt.len();
+        let mut tokens = req.prompt;
+        tokens.extend(req.handed_over);
         self.waiting.push_back(Seq {
             id: req.id,
-            prompt_len: req.prompt.len(),
-            tokens: req.prompt,
+            prompt_len,
+            tokens,
             max_tokens: req.max_tokens,
             computed: 0,
             cache_salt: req.cache_salt,
             fork_of: req.fork_of,
             beam: req.beam_width.map(|w| (req.id, w.max(1))),
             whole_prompt: req.whole_prompt,
+            imported: req.handed_over.is_some(),
         });
         Ok(())
     }
@@ -349,6 +366,11 @@ impl Scheduler {
             let seq = &mut self.waiting[i];
             let cached = match forked {
                 Some(_) => 0,
+                // The prompt's KV arrives with it: only the handed-over token is computed.
+                None if seq.imported => {
+                    seq.computed = seq.prompt_len;
+                    0
+                }
                 None => match match_prefix(seq, kv) {
                     Ok(cached) => cached,
                     // A hit needs a place to map it (vmm: a free slot); as for `reserve` below.
@@ -372,7 +394,9 @@ impl Scheduler {
                         seq.computed = 0;
                         kv.free(seq.id)?;
                     }
-                    if forked.is_none() {
+                    if seq.imported {
+                        seq.computed = 0;
+                    } else if forked.is_none() {
                         if let Some(cache) = kv.prefix_cache_mut() {
                             cache.retract_lookup(seq.tokens.len(), cached);
                         }
@@ -385,9 +409,13 @@ impl Scheduler {
                     continue;
                 }
             }
-            let seq = self.waiting.remove(i).expect("index in range");
+            let mut seq = self.waiting.remove(i).expect("index in range");
             if cached > 0 {
                 step.cached.push((seq.id, cached));
+            }
+            if seq.imported {
+                seq.imported = false;
+                step.imported.push(seq.id);
             }
             if let Some(shared) = forked {
                 step.forked.push((seq.id, shared));

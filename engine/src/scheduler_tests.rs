@@ -30,6 +30,7 @@ fn req(id: SeqId, prompt: usize, max_tokens: usize) -> SeqRequest {
         fork_of: None,
         beam_width: None,
         whole_prompt: false,
+        handed_over: None,
     }
 }
 
@@ -304,6 +305,7 @@ fn a_cached_prefix_is_not_computed_again_and_counts_as_cached() {
             fork_of: None,
             beam_width: None,
             whole_prompt: false,
+            handed_over: None,
         };
         s.add(request, kv).unwrap();
     };
@@ -494,7 +496,7 @@ proptest! {
                     let mut tokens = prompt.clone();
                     tokens.extend(expected_output(id, a_prompt.prompt, a.max_tokens));
                     let fork_of = source.map(|j| j as SeqId);
-                    let request = SeqRequest { id, prompt, max_tokens: a.max_tokens, cache_salt: None, fork_of, beam_width: None, whole_prompt: false };
+                    let request = SeqRequest { id, prompt, max_tokens: a.max_tokens, cache_salt: None, fork_of, beam_width: None, whole_prompt: false, handed_over: None };
                     if s.add(request, kv.manager()).is_ok() {
                         accepted.insert(id);
                         all_tokens.insert(id, tokens);
@@ -777,7 +779,7 @@ proptest! {
                     let id = g as SeqId;
                     let prompt = shared_prompt(id, 0, b.prompt / 2, b.prompt);
                     let width = Some(b.width.min(max_num_seqs));
-                    let request = SeqRequest { id, prompt: prompt.clone(), max_tokens: b.max_tokens, cache_salt: None, fork_of: None, beam_width: width, whole_prompt: false };
+                    let request = SeqRequest { id, prompt: prompt.clone(), max_tokens: b.max_tokens, cache_salt: None, fork_of: None, beam_width: width, whole_prompt: false, handed_over: None };
                     s.add(request, kv.manager()).unwrap();
                     tokens.insert(id, prompt);
                     live[g].push(id);

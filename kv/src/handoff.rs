@@ -223,7 +223,9 @@ impl KvBlob {
 /// Where row `(kv, t, h)` of layer view `r` is.
 fn row_ptr(r: &KvRef<'_>, kv: usize, t: usize, h: usize) -> *mut u8 {
     let (base, head_stride) = match *r {
-        KvRef::Strided { k, v, head_stride, .. } => ([k, v][kv], head_stride),
+        KvRef::Strided {
+            k, v, head_stride, ..
+        } => ([k, v][kv], head_stride),
         KvRef::Paged {
             k_pool,
             v_pool,
@@ -473,7 +475,10 @@ mod tests {
         assert_eq!(per_layer, 2 * TEST_DIMS.num_layers);
         // Paged (a block is head-major): per layer and K/V a run per full block (2 of the 40
         // tokens' blocks) and one per head of the partial last block.
-        assert_eq!(paged, 2 * TEST_DIMS.num_layers * (2 + TEST_DIMS.num_kv_heads));
+        assert_eq!(
+            paged,
+            2 * TEST_DIMS.num_layers * (2 + TEST_DIMS.num_kv_heads)
+        );
     }
 
     #[test]

@@ -32,12 +32,17 @@ use serde::Serialize;
 use tracing::Instrument;
 use vkv_engine::engine::FinishReason;
 use vkv_engine::engine::{
-    event_channel, Engine, EventKind, EventReceiver, Finished, RequestId, Usage,
+    event_channel, Engine, EventKind, EventReceiver, ExportedKv, Finished, GenerationRequest,
+    KvHandoff, RequestId, Usage,
 };
 
 use crate::error::{ApiError, ErrorBody};
+use crate::handoff::{HeldKv, Role, KV_PULL_PATH};
 use crate::metrics::ServerMetrics;
-use crate::openai::request::{ChatCompletionRequest, CompletionRequest, Input, Prompt};
+use crate::openai::request::{
+    ChatCompletionRequest, CompletionRequest, Handoff, Input, KvTransferParams, Prompt,
+    ValidRequest,
+};
 use crate::openai::response::{
     json_text, ChatCompletion, ChatCompletionChunk, ChoiceText, Completion, CompletionChunk, Echo,
     Health, HealthStatus, ListObject, ModelCard, ModelList, ModelObject, TokenLogprobText,
@@ -56,6 +61,8 @@ pub struct AppState {
     next_id: AtomicU64,
     /// `/openapi.json`, written once.
     openapi: Bytes,
+    /// Prefill role: prompt KV held for decode instances.
+    pub held_kv: HeldKv,
 }
 
 fn unix_now() -> u64 {
@@ -77,6 +84,7 @@ impl AppState {
         );
         AppState {
             openapi,
+            held_kv: HeldKv::new(config.kv_handoff_timeout),
             engine,
             config,
             metrics: ServerMetrics::default(),
@@ -92,6 +100,15 @@ impl AppState {
         let start = std::time::Instant::now();
         let span = tracing::info_span!("http", method = %req.method(), path = req.uri().path());
         let head = req.method() == Method::HEAD;
+        if self.config.role == Role::Prefill
+            && req.method() == Method::POST
+            && req.uri().path() == KV_PULL_PATH
+        {
+            let response = self.kv_pull(req).instrument(span.clone()).await;
+            let response = response.unwrap_or_else(|e| error_response(&e));
+            tracing::debug!(parent: &span, status = response.status().as_u16(), "KV pull");
+            return response;
+        }
         let (route, result) = match Route::parse(req.method(), req.uri().path()) {
             Ok(route) => (
                 Some(route),
@@ -179,6 +196,75 @@ impl AppState {
         }
     }
 
+    /// `POST /v1/kv/pull` (prefill role): the prompt KV held under the body's `ticket`, once.
+    async fn kv_pull(&self, req: Request<Incoming>) -> Result<Response<ApiBody>, ApiError> {
+        self.check_key(&req)?;
+        let body = self.read_body(req).await?;
+        let ticket = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["ticket"].as_str().map(str::to_string))
+            .ok_or_else(|| ApiError::field("ticket", "expected {\"ticket\": \"...\"}"))?;
+        let Some(blob) = self.held_kv.take(&ticket) else {
+            return Err(ApiError {
+                status: StatusCode::NOT_FOUND,
+                ..ApiError::field(
+                    "ticket",
+                    format!("no KV is held under ticket {ticket}: pulled already, expired (--kv-handoff-timeout) or never held"),
+                )
+            });
+        };
+        let mut r = Response::new(ApiBody::Full(Some(blob)));
+        r.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        Ok(r)
+    }
+
+    /// A disaggregated request's half against this instance's role: refused unless the role
+    /// serves it; the decode half pulls its prompt KV here, before it is submitted.
+    async fn handoff(
+        &self,
+        request: &ValidRequest,
+        generation: &mut GenerationRequest,
+    ) -> Result<(), ApiError> {
+        let Some(handoff) = &request.handoff else {
+            return Ok(());
+        };
+        let role = self.config.role;
+        let (needs, what) = match handoff {
+            Handoff::Prefill => (Role::Prefill, "do_remote_decode"),
+            Handoff::Decode { .. } => (Role::Decode, "do_remote_prefill"),
+        };
+        if role != needs {
+            return Err(ApiError::field(
+                "kv_transfer_params",
+                format!(
+                    "`kv_transfer_params.{what}` needs a server started with --role {}; this one runs --role {}",
+                    needs.as_str(),
+                    role.as_str()
+                ),
+            ));
+        }
+        if let Handoff::Decode {
+            remote_url,
+            ticket,
+            first_token,
+        } = handoff
+        {
+            let timeout = self.config.kv_handoff_timeout;
+            let key = self.config.api_key.as_deref();
+            let (kv, _) = crate::handoff::pull(remote_url, ticket, key, timeout)
+                .await
+                .map_err(|e| ApiError::bad_gateway(format!("pulling the prompt's KV: {e}")))?;
+            generation.handoff = Some(KvHandoff::Import {
+                first_token: *first_token,
+                kv: Arc::new(kv),
+            });
+        }
+        Ok(())
+    }
+
     async fn read_body(&self, req: Request<Incoming>) -> Result<Bytes, ApiError> {
         let limit = self.config.max_body_bytes;
         let declared = req
@@ -253,6 +339,7 @@ impl AppState {
         .await
         .map_err(|e| ApiError::internal(format!("tokenizing: {e}")))?;
         let mut generation = generation?;
+        self.handoff(&request, &mut generation).await?;
         let max_n = engine.max_num_seqs();
         for (field, count) in [("n", request.n), ("best_of", request.best_of)] {
             if count > max_n {
@@ -332,6 +419,7 @@ impl AppState {
             with_logprobs: request.logprobs.is_some(),
             echo,
             best: request.n,
+            prefill_half: request.handoff == Some(Handoff::Prefill),
         };
         self.collect(rx, guard, head, choices, answer).await
     }
@@ -350,8 +438,10 @@ impl AppState {
             with_logprobs,
             echo,
             best,
+            prefill_half,
         } = answer;
         let mut prompt_logprobs = None;
+        let mut exported = None;
         let mut texts = vec![String::new(); choices.len()];
         let mut reasons = vec![FinishReason::Abort; choices.len()];
         let mut logprobs: Vec<Vec<TokenLogprobText>> = vec![Vec::new(); choices.len()];
@@ -382,6 +472,7 @@ impl AppState {
                         .map(|l| TokenLogprobText::new(tokenizer, l));
                     prompt_logprobs = Some(texts.collect::<Vec<_>>());
                 }
+                EventKind::KvExported(kv) => exported = Some(kv),
                 EventKind::Finished(f) => {
                     self.metrics.finished(&f, index == 0);
                     if f.reason == FinishReason::Abort {
@@ -422,6 +513,9 @@ impl AppState {
                         }
                         let whole: Vec<ChoiceText> = whole.into_iter().map(|w| w.1).collect();
                         let body = head.response(&whole, choices.usage);
+                        if prefill_half {
+                            return self.prefill_answer(&body, exported.as_deref());
+                        }
                         return Ok(json_response(StatusCode::OK, &body));
                     }
                 }
@@ -435,12 +529,42 @@ impl AppState {
 }
 
 /// What a whole answer is made of besides the choices' events: whether the client asked for
-/// log-probabilities, completions' `echo` (the prompt's text and first token), and how many of
-/// the choices to answer with (`n`, below their number with `best_of`).
+/// log-probabilities, completions' `echo` (the prompt's text and first token), how many of
+/// the choices to answer with (`n`, below their number with `best_of`), and whether it is the
+/// prefill half of a disaggregated request (answered with where its KV is held).
 struct Answer {
     with_logprobs: bool,
     echo: Option<(String, u32)>,
     best: usize,
+    prefill_half: bool,
+}
+
+impl AppState {
+    /// The prefill half's answer: the usual body plus `kv_transfer_params` naming the ticket
+    /// its prompt KV is held under and its one token (which the decode half sends first).
+    fn prefill_answer(
+        &self,
+        body: &impl Serialize,
+        exported: Option<&ExportedKv>,
+    ) -> Result<Response<ApiBody>, ApiError> {
+        let Some(exported) = exported else {
+            return Err(ApiError::internal(
+                "the prefill half ended without handing out its KV",
+            ));
+        };
+        let mut body = serde_json::to_value(body).map_err(|e| ApiError::internal(e.to_string()))?;
+        let ticket = self.held_kv.hold(Bytes::from(exported.kv.encode()));
+        let params = KvTransferParams {
+            do_remote_prefill: true,
+            ticket: Some(ticket),
+            first_token: exported.first_token,
+            tokens: Some(exported.kv.tokens),
+            ..KvTransferParams::default()
+        };
+        body["kv_transfer_params"] =
+            serde_json::to_value(params).map_err(|e| ApiError::internal(e.to_string()))?;
+        Ok(json_response(StatusCode::OK, &body))
+    }
 }
 
 /// The choices of one response (`n` of them): which engine request is which choice, how many
@@ -615,9 +739,9 @@ pub(crate) fn health(state: &AppState) -> Response<ApiBody> {
     )
 )]
 pub(crate) fn metrics(state: &AppState) -> Response<ApiBody> {
-    let text = state
-        .metrics
-        .render(&state.engine.metrics(), state.engine.is_alive());
+    let engine = state.engine.metrics();
+    let mut text = state.metrics.render(&engine, state.engine.is_alive());
+    state.held_kv.render(&mut text, &engine.kv_handoff);
     let mut r = Response::new(ApiBody::full(text));
     r.headers_mut().insert(
         CONTENT_TYPE,
@@ -747,7 +871,7 @@ impl EventStream {
                     continue
                 }
                 // Streams do not take `echo` with `logprobs` (a 400 before).
-                EventKind::PromptLogprobs(_) => continue,
+                EventKind::PromptLogprobs(_) | EventKind::KvExported(_) => continue,
                 EventKind::Delta { text, logprobs, .. } => {
                     let tokenizer = &self.state.engine.model().tokenizer;
                     let texts: Vec<TokenLogprobText> = logprobs

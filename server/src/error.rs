@@ -142,6 +142,19 @@ impl ApiError {
         }
     }
 
+    /// Another server this one needed (disaggregated serving: the prefill instance holding a
+    /// request's KV) failed or could not be reached.
+    pub fn bad_gateway(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_GATEWAY,
+            kind: "server_error",
+            message: message.into(),
+            param: None,
+            code: Some("bad_gateway"),
+            allow: None,
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> ApiError {
         ApiError {
             status: StatusCode::INTERNAL_SERVER_ERROR,

@@ -15,10 +15,12 @@
 
 pub mod api;
 pub mod error;
+pub mod handoff;
 pub mod metrics;
 pub mod openai;
 pub mod openapi;
 pub mod route;
+pub mod router;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -34,6 +36,7 @@ pub use vkv_engine as engine;
 use vkv_engine::engine::Engine;
 
 use crate::api::AppState;
+pub use crate::handoff::Role;
 
 /// How the server answers (the engine's options are the engine's).
 #[derive(Debug, Clone)]
@@ -53,6 +56,10 @@ pub struct ServerConfig {
     /// Connections open at once; one more is answered 503 and closed at once (a process has a
     /// limited number of file descriptors, and running out of them would silence the server).
     pub max_connections: usize,
+    /// Disaggregated serving: which halves of requests this instance serves.
+    pub role: Role,
+    /// Prefill role: how long the prompt KV of a prefill half waits for its decode instance.
+    pub kv_handoff_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -64,6 +71,8 @@ impl Default for ServerConfig {
             shutdown_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(30),
             max_connections: 4096,
+            role: Role::Both,
+            kv_handoff_timeout: Duration::from_secs(30),
         }
     }
 }

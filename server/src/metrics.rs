@@ -76,7 +76,13 @@ fn header(out: &mut String, name: &str, help: &str, kind: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-fn single(out: &mut String, name: &str, help: &str, kind: &str, value: impl std::fmt::Display) {
+pub(crate) fn single(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    kind: &str,
+    value: impl std::fmt::Display,
+) {
     header(out, name, help, kind);
     let _ = writeln!(out, "{name} {value}");
 }

@@ -143,6 +143,7 @@ pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> GenerationRequest {
         adjust: Default::default(),
         prompt_logprobs: None,
         grammar: None,
+        handoff: None,
     }
 }
 
@@ -155,6 +156,8 @@ pub struct Output {
     /// With `prompt_logprobs`: one per prompt token (`None` for the first).
     pub prompt_logprobs: Option<Vec<Option<vkv_engine::sampler::TokenLogprob>>>,
     pub text: String,
+    /// The prefill half of a disaggregated request: the prompt's KV it handed out.
+    pub exported: Option<std::sync::Arc<vkv_engine::engine::ExportedKv>>,
     pub finished: Option<Finished>,
     pub failed: Option<String>,
 }
@@ -200,6 +203,7 @@ pub fn collect_calling(
                 );
                 o.prompt_logprobs = Some(l);
             }
+            EventKind::KvExported(kv) => o.exported = Some(kv),
             EventKind::Finished(f) => {
                 o.finished = Some(f);
                 done += 1;

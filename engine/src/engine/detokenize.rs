@@ -47,11 +47,9 @@ pub(super) enum Output {
         text: bool,
         last: bool,
     },
-    /// The prompt tokens' log-probabilities, before any token (passed on as they are).
-    PromptLogprobs {
-        id: RequestId,
-        logprobs: Vec<Option<TokenLogprob>>,
-    },
+    /// An event that needs no text (the prompt's log-probabilities, an exported KV), passed on
+    /// as it is, in order with the request's tokens.
+    Pass { id: RequestId, kind: EventKind },
     /// The request's end as the engine saw it.
     Finished { id: RequestId, finished: Finished },
     /// The request failed in the engine (the forward pass or the scheduler broke).
@@ -246,9 +244,8 @@ pub(super) fn run(
                     }
                 }
             }
-            Output::PromptLogprobs { id, logprobs } => {
+            Output::Pass { id, kind } => {
                 if let Some(s) = streams.get(&id) {
-                    let kind = EventKind::PromptLogprobs(logprobs);
                     let _ = s.events.send(EngineEvent { id, kind });
                 }
             }

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
@@ -16,12 +17,12 @@ use vkv_vmm::faults::{self, Fault};
 use super::beam_search::BeamGroup;
 use super::{
     lock, warm_plan, BeamSearch, Command, EngineConfig, EngineError, EngineEvent, EngineMetrics,
-    EventKind, EventSender, Finished, GenerationRequest, MapMetrics, Output, RequestId, Shared,
-    StopConditions, Timings, Usage,
+    EventKind, EventSender, ExportedKv, Finished, GenerationRequest, KvHandoff, MapMetrics, Output,
+    RequestId, Shared, StopConditions, Timings, Usage,
 };
 use crate::device::{Backend, BackendError, Next};
 use crate::engine::FinishReason;
-use crate::kv::SeqId;
+use crate::kv::{KvBlob, SeqId};
 use crate::model::LoadedModel;
 use crate::model::SeqChunk;
 use crate::sampler::{Sampler, TokenLogprob};
@@ -54,6 +55,10 @@ struct Active {
     span: tracing::Span,
     /// With `prompt_logprobs`: what is gathered of them until they are sent.
     prompt_logprobs: Option<PromptLogprobs>,
+    /// The prefill half of a disaggregated request: hand the prompt's KV out at the end.
+    export_kv: bool,
+    /// The decode half: the prompt's KV, written into the cache at admission.
+    import_kv: Option<Arc<KvBlob>>,
 }
 
 /// A request's prompt log-probabilities while its prompt is computed: one entry per prompt
@@ -321,8 +326,14 @@ impl<'m> EngineLoop<'m> {
                 rows: vec![None],
                 sent: false,
             });
+        let (export_kv, import_kv, handed_over) = match request.handoff.take() {
+            None => (false, None, None),
+            Some(KvHandoff::Export) => (true, None, None),
+            Some(KvHandoff::Import { first_token, kv }) => (false, Some(kv), Some(first_token)),
+        };
         let seq = SeqRequest {
             id,
+            handed_over,
             whole_prompt: prompt_logprobs.is_some(),
             prompt: request.prompt,
             max_tokens: request.max_tokens,
@@ -378,8 +389,16 @@ impl<'m> EngineLoop<'m> {
                 cached_tokens: 0,
                 span,
                 prompt_logprobs,
+                export_kv,
+                import_kv,
             },
         );
+        // The decode half: the prefill half's token is the first of the output.
+        if let (Some(token), Some(a)) = (handed_over, self.active.get_mut(&id)) {
+            a.sampler.observe(token);
+            let at_length = request.max_tokens == 1;
+            self.emit(id, token, None, at_length, Instant::now());
+        }
     }
 
     /// Remove a request, free its KV, and send its final event (through the detokenizer, which
@@ -408,6 +427,56 @@ impl<'m> EngineLoop<'m> {
             "finished"
         );
         let _ = self.output.send(Output::Finished { id, finished });
+    }
+
+    /// The prefill half of request `id` sampled its one token (`first_token`): send its
+    /// prompt's KV, before the scheduler frees it (and before the token and `Finished`).
+    fn export_kv(&mut self, id: RequestId, first_token: u32) -> Result<(), String> {
+        let Some(a) = self.active.get(&id) else {
+            return Ok(());
+        };
+        let start = Instant::now();
+        let (kv, stats) = self
+            .backend
+            .export_kv(id, a.prompt_len)
+            .map_err(|e| e.to_string())?;
+        let seconds = start.elapsed().as_secs_f64();
+        self.metrics.kv_handoff.exported.count(stats, seconds);
+        tracing::debug!(parent: &a.span, bytes = stats.bytes, copies = stats.copies, "KV handed out");
+        let first_token = self
+            .scheduler
+            .generated(id)
+            .and_then(|g| g.first().copied());
+        let exported = ExportedKv {
+            kv,
+            first_token,
+            stats,
+            seconds,
+        };
+        let kind = EventKind::KvExported(Arc::new(exported));
+        let _ = self.output.send(Output::Pass { id, kind });
+        Ok(())
+    }
+
+    /// Write the handed-over prompt KV of the decode halves `step` admitted; a request whose KV
+    /// cannot be written fails and leaves the step.
+    fn import_kv(&mut self, step: &mut Step) {
+        for id in std::mem::take(&mut step.imported) {
+            let Some(kv) = self.active.get_mut(&id).and_then(|a| a.import_kv.take()) else {
+                continue;
+            };
+            let start = Instant::now();
+            match self.backend.import_kv(id, &kv) {
+                Ok(stats) => {
+                    let seconds = start.elapsed().as_secs_f64();
+                    self.metrics.kv_handoff.imported.count(stats, seconds);
+                }
+                Err(e) => {
+                    step.chunks.retain(|c| c.seq != id);
+                    self.fail(&[id], &e.to_string());
+                }
+            }
+        }
     }
 
     /// A step panicked (a bug): end every request in flight with the error, so that no client
@@ -464,7 +533,7 @@ impl<'m> EngineLoop<'m> {
             panic!("injected fault: an engine step panics");
         }
         let start = Instant::now();
-        let step = match self.scheduler.schedule(self.backend.kv_mut()) {
+        let mut step = match self.scheduler.schedule(self.backend.kv_mut()) {
             Ok(step) => step,
             Err(e) => {
                 let ids: Vec<RequestId> = self.active.keys().copied().collect();
@@ -481,6 +550,7 @@ impl<'m> EngineLoop<'m> {
                 tracing::info!(parent: &a.span, "preempted (recompute): KV memory is full");
             }
         }
+        self.import_kv(&mut step);
         if step.chunks.is_empty() {
             // Nothing fits yet (cannot happen while the scheduler admits the queue's head into
             // an empty cache); do not spin.
@@ -578,9 +648,9 @@ impl<'m> EngineLoop<'m> {
             if let (Some(p), Next::Logits(logits)) = (a.prompt_logprobs.as_mut(), next) {
                 if p.wants(c) {
                     if let Some(logprobs) = p.gather(c, logits, self.vocab) {
-                        let _ = self.output.send(Output::PromptLogprobs {
+                        let _ = self.output.send(Output::Pass {
                             id: c.seq,
-                            logprobs,
+                            kind: EventKind::PromptLogprobs(logprobs),
                         });
                     }
                 }
@@ -615,6 +685,16 @@ impl<'m> EngineLoop<'m> {
                 tracing::trace!(parent: &a.span, position = c.start, "decode");
             }
         }
+        // Prefill halves hand their prompt's KV out before `update` frees it (their one token
+        // ends them).
+        let mut export_failed = Vec::new();
+        for &(id, token) in &sampled {
+            if self.active.get(&id).is_some_and(|a| a.export_kv) {
+                if let Err(why) = self.export_kv(id, token) {
+                    export_failed.push((id, why));
+                }
+            }
+        }
         let at_length = match self
             .scheduler
             .update(&step, &sampled, self.backend.kv_mut())
@@ -628,12 +708,16 @@ impl<'m> EngineLoop<'m> {
         };
         self.metrics.generated_tokens += sampled.len() as u64;
         for ((id, token), logprob) in sampled.into_iter().zip(logprobs) {
-            if !grammar_failed.iter().any(|f| f.0 == id) {
+            let failed = |f: &(RequestId, String)| f.0 == id;
+            if !grammar_failed.iter().any(failed) && !export_failed.iter().any(failed) {
                 self.emit(id, token, logprob, at_length.contains(&id), now);
             }
         }
         for (id, why) in grammar_failed {
             self.fail(&[id], &format!("structured output: {why}"));
+        }
+        for (id, why) in export_failed {
+            self.fail(&[id], &why);
         }
         proposed.dedup();
         for key in proposed {

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use utoipa::openapi::schema::{ObjectBuilder, SchemaType, Type};
 use utoipa::ToSchema;
-use vkv_engine::engine::{BeamSearch, GenerationRequest, StopConditions};
+use vkv_engine::engine::{BeamSearch, GenerationRequest, KvHandoff, StopConditions};
 use vkv_engine::sampler::{LogitsAdjustments, SamplingParams, MAX_TOP_LOGPROBS};
 use vkv_engine::structured_output::ResponseFormat as EngineFormat;
 use vkv_engine::tokenizer::{ChatMessage, Tokenizer};
@@ -23,9 +23,11 @@ use vkv_engine::tokenizer::{ChatMessage, Tokenizer};
 use super::{optional_object, Endpoint, Object};
 use crate::error::ApiError;
 
+mod kv_transfer;
 mod messages;
 mod prompt;
 mod response_format;
+pub use kv_transfer::{Handoff, KvTransferParams};
 pub use messages::{
     ContentPart, Message, MessageContent, MissingContent, RawMessage, Role, StreamOptions,
 };
@@ -181,6 +183,11 @@ macro_rules! generation_request {
             /// validates against a JSON Schema (every sample; not with `use_beam_search`).
             #[serde(default, deserialize_with = "optional_object")]
             pub response_format: Option<ResponseFormat>,
+            /// Disaggregated serving, between `vkv route` and the instances (see
+            /// `kv_transfer`): not in the OpenAPI document.
+            #[serde(default)]
+            #[schema(ignore)]
+            pub kv_transfer_params: Option<KvTransferParams>,
         }
 
         impl $name {
@@ -276,7 +283,21 @@ macro_rules! generation_request {
                     Some(f) => f.to_engine()?,
                     None => None,
                 };
+                let handoff = self.kv_transfer_params.as_ref().map(KvTransferParams::handoff).transpose()?;
+                if handoff.is_some() && n > 1 {
+                    return Err(ApiError::field(
+                        "n",
+                        format!("`n` must be 1 in disaggregated serving, found {n}"),
+                    ));
+                }
+                if handoff == Some(Handoff::Prefill) && stream {
+                    return Err(ApiError::field(
+                        "stream",
+                        "the prefill half of a disaggregated request is answered whole: `stream` must be false",
+                    ));
+                }
                 Ok(Shared {
+                    handoff,
                     model: self.model.clone(),
                     response_format,
                     n,
@@ -306,6 +327,7 @@ macro_rules! generation_request {
 
 /// What the shared fields come to.
 struct Shared {
+    handoff: Option<Handoff>,
     model: Option<String>,
     response_format: Option<EngineFormat>,
     n: usize,
@@ -422,6 +444,8 @@ pub struct ValidRequest {
     pub cache_salt: Option<String>,
     /// Structured outputs: the format the output follows (compiled in `api`, with the engine).
     pub response_format: Option<EngineFormat>,
+    /// Disaggregated serving: this request is the prefill or the decode half.
+    pub handoff: Option<Handoff>,
 }
 
 impl ValidRequest {
@@ -444,6 +468,12 @@ impl ValidRequest {
                 "`use_beam_search` cannot be combined with a JSON `response_format`",
             ));
         }
+        if shared.beam.is_some() && shared.handoff.is_some() {
+            return Err(ApiError::field(
+                "use_beam_search",
+                "`use_beam_search` is not served disaggregated",
+            ));
+        }
         Ok(ValidRequest {
             endpoint,
             model: shared.model,
@@ -462,6 +492,7 @@ impl ValidRequest {
             include_usage: shared.include_usage,
             cache_salt: shared.cache_salt,
             response_format: shared.response_format,
+            handoff: shared.handoff,
         })
     }
 }
@@ -722,7 +753,16 @@ impl ValidRequest {
             )
             .with_code("context_length_exceeded"));
         };
-        let max_tokens = self.max_tokens.map_or(room, |m| m.min(room));
+        let mut max_tokens = self.max_tokens.map_or(room, |m| m.min(room));
+        // The prefill half generates the first token only (the decode half pulls the KV
+        // itself, in `api`, before it is submitted).
+        let handoff = match self.handoff {
+            Some(Handoff::Prefill) => {
+                max_tokens = 1;
+                Some(KvHandoff::Export)
+            }
+            _ => None,
+        };
         Ok(GenerationRequest {
             prompt,
             max_tokens,
@@ -734,6 +774,7 @@ impl ValidRequest {
             adjust: self.adjust.clone(),
             prompt_logprobs: self.logprobs.filter(|_| self.echo),
             grammar: None,
+            handoff,
         })
     }
 }
