@@ -13,6 +13,7 @@
 
 mod engine_args;
 mod generate;
+mod route;
 mod serve;
 
 use anyhow::Result;
@@ -39,6 +40,10 @@ struct Cli {
 enum Command {
     /// Serve the OpenAI-compatible HTTP API (completions, chat completions, streaming, metrics).
     Serve(serve::Args),
+    /// Disaggregated serving's front (DistServe): an OpenAI-compatible server that sends each
+    /// request's prefill to a `vkv serve --role prefill` instance and its decode, with the
+    /// prompt's KV, to a `--role decode` instance.
+    Route(route::Args),
     /// Benchmarks: `vkv bench vmm`, `vkv bench generate`, `vkv bench offline`, `vkv bench serve`,
     /// `vkv bench kernels`.
     Bench {
@@ -84,7 +89,7 @@ enum Bench {
 
 fn main() {
     let cli = Cli::parse();
-    init_logs(matches!(cli.command, Command::Serve(_)));
+    init_logs(matches!(cli.command, Command::Serve(_) | Command::Route(_)));
     if let Err(e) = run(cli) {
         // The cause chain, one line; no backtrace for a user's mistake.
         eprintln!("vkv: error: {e:#}");
@@ -122,6 +127,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Profile(args) => profile::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Route(args) => route::run(args),
         Command::Devices => {
             match vkv_vmm::probe_cuda() {
                 Ok(p) => println!(

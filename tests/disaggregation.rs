@@ -26,6 +26,7 @@ fn prefill_half(e: &Engine, prompt: &[u32]) -> (u32, Arc<KvBlob>) {
     let exported = out.exported.expect("the prefill half hands its KV out");
     assert_eq!(exported.kv.tokens, prompt.len());
     assert_eq!(exported.stats.bytes, exported.kv.rows.len());
+    assert_eq!(exported.first_token, Some(out.tokens[0]));
     (out.tokens[0], Arc::new(exported.kv.clone()))
 }
 

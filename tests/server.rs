@@ -1517,3 +1517,232 @@ fn best_of_answers_the_likeliest_samples() {
         wait_until_empty(&c, &s, "after best_of").await;
     });
 }
+
+/// A running `vkv route` in front of `prefill` and `decode` instances, killed when dropped.
+struct Router {
+    child: Child,
+    addr: String,
+}
+
+impl Router {
+    fn start(prefill: &[&Server], decode: &[&Server]) -> Router {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vkv"));
+        cmd.args(["route", "--port", "0", "--health-interval", "0.2"]);
+        for s in prefill {
+            cmd.args(["--prefill", &s.url("")]);
+        }
+        for s in decode {
+            cmd.args(["--decode", &s.url("")]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start vkv route");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("read the startup line");
+        let at = line
+            .find("http://")
+            .expect("an address in the startup line");
+        let addr = line[at + 7..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string();
+        Router { child, addr }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Poll `/metrics` of `s` until no prompt KV is held for a decode instance.
+async fn wait_until_nothing_held(c: &HttpClient, s: &Server, what: &str) -> HashMap<String, f64> {
+    let start = Instant::now();
+    loop {
+        let m = metrics(c, s).await;
+        if m["vkv_kv_handoff_held"] == 0.0 && m["vkv_kv_handoff_held_bytes"] == 0.0 {
+            return m;
+        }
+        assert!(start.elapsed() < LIMIT, "{what}: KV still held: {m:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[test]
+fn disaggregated_serving_answers_as_colocated_serving_does() {
+    let rt = runtime();
+    let c = client();
+    let colocated = Server::start(&[]);
+    // Both directions between the modes: the KV crosses layouts.
+    for (p_mode, d_mode) in [("paged", "vmm"), ("vmm", "paged")] {
+        let prefill = Server::start(&["--role", "prefill", "--kv-mode", p_mode]);
+        let decode = Server::start(&["--role", "decode", "--kv-mode", d_mode]);
+        let router = Router::start(&[&prefill], &[&decode]);
+        let what = format!("prefill {p_mode}, decode {d_mode}");
+        rt.block_on(async {
+            for prompt in ["The capital of France is", "Once upon a time, there was"] {
+                let body = json!({"prompt": prompt, "max_tokens": 16, "temperature": 0});
+                let (status, split) = post(&c, &router.url("/v1/completions"), &body, None).await;
+                assert_eq!(status, StatusCode::OK, "{what}: {split}");
+                let (_, whole) = post(&c, &colocated.url("/v1/completions"), &body, None).await;
+                assert_eq!(split["choices"], whole["choices"], "{what}");
+                assert_eq!(split["usage"], whole["usage"], "{what}");
+                let body = json!({
+                    "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": 12, "temperature": 0, "stream": true,
+                });
+                let (chunks, done) = stream(&c, &router.url("/v1/chat/completions"), &body).await;
+                let (expected, _) = stream(&c, &colocated.url("/v1/chat/completions"), &body).await;
+                assert!(done, "{what}: the stream ends with [DONE]");
+                assert_eq!(streamed_text(&chunks), streamed_text(&expected), "{what}");
+            }
+            // Several choices are not split: they go whole to the decode instance.
+            let body = json!({"prompt": "Once upon a time", "max_tokens": 4, "n": 2});
+            let (status, v) = post(&c, &router.url("/v1/completions"), &body, None).await;
+            assert_eq!(
+                (status, v["choices"].as_array().map(Vec::len)),
+                (StatusCode::OK, Some(2))
+            );
+            // The client's mistakes come back as the instance's 400s.
+            let body = json!({"prompt": "x", "max_tokens": 0});
+            let (status, v) = post(&c, &router.url("/v1/completions"), &body, None).await;
+            assert_eq!(
+                (status, v["error"]["param"].as_str()),
+                (StatusCode::BAD_REQUEST, Some("max_tokens"))
+            );
+            let (_, text) = get(&c, &router.url("/metrics")).await;
+            let m = parse_prometheus(&text);
+            assert_eq!(
+                m["vkv_router_requests_total{outcome=\"disaggregated\"}"], 4.0,
+                "{what}"
+            );
+            assert_eq!(
+                m["vkv_router_requests_total{outcome=\"whole\"}"], 1.0,
+                "{what}"
+            );
+            // Every prompt's KV was pulled, and neither instance holds any KV now.
+            let held = wait_until_nothing_held(&c, &prefill, &what).await;
+            assert_eq!(held["vkv_kv_handoff_pulled_total"], 4.0);
+            wait_until_empty(&c, &prefill, &what).await;
+            let m = wait_until_empty(&c, &decode, &what).await;
+            assert_eq!(m["vkv_kv_handoff_imported_requests_total"], 4.0);
+            // A role serves only its half.
+            let body = json!({"prompt": "x", "max_tokens": 1,
+                              "kv_transfer_params": {"do_remote_decode": true}});
+            let (status, v) = post(&c, &decode.url("/v1/completions"), &body, None).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("--role prefill"),
+                "{v}"
+            );
+        });
+    }
+}
+
+#[test]
+fn disaggregated_serving_survives_dead_instances_and_frees_held_kv() {
+    let rt = runtime();
+    let c = client();
+    let timeout = ["--role", "prefill", "--kv-handoff-timeout", "1"];
+    let mut prefill_a = Server::start(&timeout);
+    let prefill_b = Server::start(&timeout);
+    let mut decode = Server::start(&["--role", "decode"]);
+    let router = Router::start(&[&prefill_a, &prefill_b], &[&decode]);
+    rt.block_on(async {
+        // A prefill half whose decode half never comes: its KV is dropped after the timeout.
+        let body = json!({"prompt": "Hello there", "max_tokens": 1,
+                          "kv_transfer_params": {"do_remote_decode": true}});
+        let (status, v) = post(&c, &prefill_a.url("/v1/completions"), &body, None).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        let ticket = v["kv_transfer_params"]["ticket"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(metrics(&c, &prefill_a).await["vkv_kv_handoff_held_bytes"] > 0.0);
+        let m = wait_until_nothing_held(&c, &prefill_a, "an unpulled handoff").await;
+        assert_eq!(m["vkv_kv_handoff_expired_total"], 1.0);
+        wait_until_empty(&c, &prefill_a, "after the expiry").await;
+        let pull = json!({"ticket": ticket});
+        let r = send(
+            &c,
+            Method::POST,
+            &prefill_a.url("/v1/kv/pull"),
+            pull.to_string(),
+            None,
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+
+        // A prefill instance dies: the router goes on with the other.
+        let _ = prefill_a.child.kill();
+        let _ = prefill_a.child.wait();
+        for i in 0..4 {
+            let body = json!({"prompt": format!("Count to {i}:"), "max_tokens": 4});
+            let (status, v) = post(&c, &router.url("/v1/completions"), &body, None).await;
+            assert_eq!(status, StatusCode::OK, "request {i}: {v}");
+        }
+
+        // The decode instance dies mid-stream: the stream ends with an error event.
+        let body = json!({"prompt": "Tell me a long story.", "max_tokens": 400,
+                          "ignore_eos": true, "stream": true});
+        let r = send(
+            &c,
+            Method::POST,
+            &router.url("/v1/completions"),
+            body.to_string(),
+            None,
+        )
+        .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let mut body = r.into_body();
+        let mut text = String::new();
+        let mut killed = false;
+        while let Some(frame) = tokio::time::timeout(LIMIT, body.frame())
+            .await
+            .expect("in time")
+        {
+            let Ok(frame) = frame else { break };
+            if let Some(data) = frame.data_ref() {
+                text.push_str(&String::from_utf8_lossy(data));
+            }
+            if !killed && text.contains("\"text\"") {
+                let _ = decode.child.kill();
+                let _ = decode.child.wait();
+                killed = true;
+            }
+        }
+        assert!(killed, "the stream began: {text}");
+        assert!(
+            text.contains("bad_gateway") && !text.contains("[DONE]"),
+            "{text}"
+        );
+
+        // No decode instance: a clear 503, and the prefill half's KV does not outlive the timeout.
+        let body = json!({"prompt": "Anyone there?", "max_tokens": 4});
+        let (status, v) = post(&c, &router.url("/v1/completions"), &body, None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("decode instance"),
+            "{v}"
+        );
+        wait_until_nothing_held(&c, &prefill_b, "after the decode instance died").await;
+        wait_until_empty(&c, &prefill_b, "after the decode instance died").await;
+    });
+}

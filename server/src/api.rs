@@ -393,7 +393,8 @@ impl AppState {
             created: unix_now(),
             model: name.clone(),
         };
-        if request.stream {
+        // The prefill half of a disaggregated request is answered whole (to the router).
+        if request.stream && request.handoff != Some(Handoff::Prefill) {
             let stream = EventStream {
                 rx,
                 guard,

@@ -157,8 +157,9 @@ impl HeldKv {
         }
     }
 
-    /// Blobs held now, and their bytes.
+    /// Blobs held now (those expired dropped first), and their bytes.
     pub fn held(&self) -> (usize, usize) {
+        self.expire();
         let entries = self.entries();
         (entries.len(), entries.values().map(|(b, _)| b.len()).sum())
     }

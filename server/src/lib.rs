@@ -120,6 +120,17 @@ pub async fn serve(
     let config_max_connections = config.max_connections;
     let connections = Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1)));
     let state = Arc::new(AppState::new(engine.clone(), config));
+    // Prefill role: prompt KV no decode instance pulled is dropped once its time is up, even if
+    // nothing else touches the store.
+    let sweeper = (state.config.role == Role::Prefill).then(|| {
+        let state = state.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                state.held_kv.expire();
+            }
+        })
+    });
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -162,6 +173,9 @@ pub async fn serve(
         });
     }
     drop(listener);
+    if let Some(sweeper) = sweeper {
+        sweeper.abort();
+    }
 
     // Finish what is in flight (new requests get 503 from now on), within the timeout.
     let draining = tokio::task::spawn_blocking({

@@ -417,14 +417,10 @@ impl Router {
             self.count(Outcome::Whole);
             return Ok(self.pass_whole(Method::POST, path, body).await);
         }
-        // The prefill half, on the least loaded prefill instance up (the next on failure).
+        // The prefill half, on the least loaded prefill instance up (the next on failure): the
+        // client's request as it is, so the instance checks every field (it generates one
+        // token and answers whole whatever `max_tokens` and `stream` say).
         let mut half = parsed.clone();
-        half["max_tokens"] = json!(1);
-        if half.get("max_completion_tokens").is_some() {
-            half["max_completion_tokens"] = json!(1);
-        }
-        half["stream"] = json!(false);
-        half.as_object_mut().map(|o| o.remove("stream_options"));
         half["kv_transfer_params"] = json!({ "do_remote_decode": true });
         let half = Bytes::from(half.to_string());
         let mut tried = Vec::new();
@@ -494,7 +490,11 @@ impl Router {
                     if r.status().is_server_error() {
                         x.failures.fetch_add(1, Ordering::Relaxed);
                     }
-                    self.count(Outcome::Disaggregated);
+                    self.count(match r.status() {
+                        s if s.is_client_error() => Outcome::ClientError,
+                        s if s.is_server_error() => Outcome::Failed,
+                        _ => Outcome::Disaggregated,
+                    });
                     return Ok(pass_on(r, in_flight));
                 }
                 // Not connected: the KV was not pulled, another decode instance may take it.

@@ -443,13 +443,9 @@ impl<'m> EngineLoop<'m> {
         let seconds = start.elapsed().as_secs_f64();
         self.metrics.kv_handoff.exported.count(stats, seconds);
         tracing::debug!(parent: &a.span, bytes = stats.bytes, copies = stats.copies, "KV handed out");
-        let first_token = self
-            .scheduler
-            .generated(id)
-            .and_then(|g| g.first().copied());
         let exported = ExportedKv {
             kv,
-            first_token,
+            first_token: Some(first_token),
             stats,
             seconds,
         };

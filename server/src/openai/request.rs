@@ -290,12 +290,6 @@ macro_rules! generation_request {
                         format!("`n` must be 1 in disaggregated serving, found {n}"),
                     ));
                 }
-                if handoff == Some(Handoff::Prefill) && stream {
-                    return Err(ApiError::field(
-                        "stream",
-                        "the prefill half of a disaggregated request is answered whole: `stream` must be false",
-                    ));
-                }
                 Ok(Shared {
                     handoff,
                     model: self.model.clone(),
