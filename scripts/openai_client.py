@@ -3,7 +3,10 @@
 completions, whole and streamed (same seed, same text), usage, vLLM's extras through `extra_body`,
 structured outputs (a JSON Schema, and the client's pydantic `parse`), and errors raised as the
 client's own exception classes. Then the served `/openapi.json` is checked with
-`openapi-spec-validator` (a valid OpenAPI 3.1 document describing every route).
+`openapi-spec-validator` (a valid OpenAPI 3.1 document describing every route). When it starts
+the server itself, it then starts disaggregated serving too — a prefill instance (paged KV), a
+decode instance (vmm KV) and `vkv route` in front — and checks that greedy answers through the
+router, whole and streamed, are the colocated server's.
 
 Either against a running server:
 
@@ -220,6 +223,25 @@ def check_openapi(base_url, model):
           "the requests' required fields are prompt and messages")
 
 
+def check_disaggregated(routed_url, colocated_url, model):
+    """Greedy answers through `vkv route` (prefill and decode instances) equal the colocated
+    server's, whole and streamed, read by the openai client."""
+    routed = openai.OpenAI(base_url=f"{routed_url}/v1", api_key="sk-vkv-ci", max_retries=0)
+    colocated = openai.OpenAI(base_url=f"{colocated_url}/v1", api_key="sk-vkv-ci", max_retries=0)
+    kwargs = dict(model=model, prompt="The capital of France is", max_tokens=16, temperature=0)
+    a = routed.completions.create(**kwargs)
+    b = colocated.completions.create(**kwargs)
+    check(a.choices[0].text == b.choices[0].text and a.usage == b.usage,
+          f"disaggregated completion == colocated ({a.choices[0].text!r})")
+    messages = [{"role": "user", "content": "Name a primary colour."}]
+    kwargs = dict(model=model, messages=messages, max_completion_tokens=16, temperature=0)
+    pieces = [c.choices[0].delta.content or ""
+              for c in routed.chat.completions.create(**kwargs, stream=True) if c.choices]
+    whole = colocated.chat.completions.create(**kwargs).choices[0].message.content
+    check("".join(pieces) == whole,
+          f"disaggregated streamed chat == colocated whole chat ({whole!r})")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--api-key")
@@ -230,6 +252,13 @@ def main():
     key = args.api_key or "sk-vkv-ci"
     with served(args.vkv, ["--api-key", key, *args.serve_args]) as (base_url, _):
         run_checks(base_url, key)
+        model = openai.OpenAI(base_url=f"{base_url}/v1", api_key=key).models.list().data[0].id
+        instance = ["--api-key", key, *args.serve_args]
+        with served(args.vkv, ["--role", "prefill", "--kv-mode", "paged", *instance]) as (p, _), \
+                served(args.vkv, ["--role", "decode", "--kv-mode", "vmm", *instance]) as (d, _), \
+                served(args.vkv, ["--prefill", p, "--decode", d, "--api-key", key],
+                       command="route") as (r, _):
+            check_disaggregated(r, base_url, model)
 
 
 

@@ -21,21 +21,22 @@ def parse_with_server(p):
 
 
 @contextlib.contextmanager
-def served(vkv, serve_args):
-    """Start `vkv serve --port 0 SERVE_ARGS`, yield its base URL and process, then stop it with
-    SIGTERM; exits non-zero if it does not start or does not exit 0."""
-    server = subprocess.Popen([vkv, "serve", "--port", "0", *serve_args],
+def served(vkv, serve_args, command="serve"):
+    """Start `vkv serve --port 0 SERVE_ARGS` (or another serving command: `route`), yield its
+    base URL and process, then stop it with SIGTERM; exits non-zero if it does not start or does
+    not exit 0."""
+    server = subprocess.Popen([vkv, command, "--port", "0", *serve_args],
                               stdout=subprocess.PIPE, text=True)
     try:
         line = server.stdout.readline()
         print(line.strip(), flush=True)
         if "http://" not in line:
-            sys.exit(f"vkv serve did not start: {line!r}")
+            sys.exit(f"vkv {command} did not start: {line!r}")
         url = line.split("http://", 1)[1].split()[0]
         yield f"http://{url}", server
     finally:
         server.send_signal(signal.SIGTERM)
         code = server.wait(timeout=60)
     if code != 0:
-        sys.exit(f"vkv serve exited {code} on SIGTERM")
-    print("ok: vkv serve exits 0 on SIGTERM")
+        sys.exit(f"vkv {command} exited {code} on SIGTERM")
+    print(f"ok: vkv {command} exits 0 on SIGTERM")

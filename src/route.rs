@@ -24,7 +24,8 @@ pub struct Args {
     /// Port to listen on; 0 picks a free one (the startup line says which).
     #[arg(long, default_value_t = 8000)]
     port: u16,
-    /// The instances' API key, sent to them as `Authorization: Bearer KEY`.
+    /// Require `Authorization: Bearer KEY` on /v1/*, and send it to the instances (started with
+    /// the same `--api-key`).
     #[arg(long = "api-key")]
     api_key: Option<String>,
     /// Seconds between health probes of every instance.

@@ -163,37 +163,9 @@ impl AppState {
         }
     }
 
-    /// `Authorization: Bearer KEY` when the server has a key (compared in constant time).
+    /// `Authorization: Bearer KEY` when the server has a key.
     fn check_key(&self, req: &Request<Incoming>) -> Result<(), ApiError> {
-        let Some(key) = &self.config.api_key else {
-            return Ok(());
-        };
-        let Some(given) = req.headers().get(AUTHORIZATION) else {
-            return Err(ApiError::unauthorized(
-                "no API key: send the header `Authorization: Bearer YOUR_KEY`",
-            ));
-        };
-        // `Bearer KEY`, the scheme in any case (RFC 9110 section 11.1); a key without it is no key.
-        let given = given.as_bytes();
-        let token = match given.split_at_checked(7) {
-            Some((scheme, token)) if scheme.eq_ignore_ascii_case(b"bearer ") => token.trim_ascii(),
-            _ => {
-                return Err(ApiError::unauthorized(
-                    "the Authorization header must be `Bearer YOUR_KEY`",
-                ))
-            }
-        };
-        let same = token.len() == key.len()
-            && token
-                .iter()
-                .zip(key.as_bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if same {
-            Ok(())
-        } else {
-            Err(ApiError::unauthorized("incorrect API key"))
-        }
+        check_bearer(req, self.config.api_key.as_deref())
     }
 
     /// `POST /v1/kv/pull` (prefill role): the prompt KV held under the body's `ticket`, once.
@@ -526,6 +498,40 @@ impl AppState {
                 }
             }
         }
+    }
+}
+
+/// `Authorization: Bearer KEY` when there is a key (compared in constant time): the check of
+/// `vkv serve` and of `vkv route`.
+pub(crate) fn check_bearer<B>(req: &Request<B>, key: Option<&str>) -> Result<(), ApiError> {
+    let Some(key) = key else {
+        return Ok(());
+    };
+    let Some(given) = req.headers().get(AUTHORIZATION) else {
+        return Err(ApiError::unauthorized(
+            "no API key: send the header `Authorization: Bearer YOUR_KEY`",
+        ));
+    };
+    // `Bearer KEY`, the scheme in any case (RFC 9110 section 11.1); a key without it is no key.
+    let given = given.as_bytes();
+    let token = match given.split_at_checked(7) {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case(b"bearer ") => token.trim_ascii(),
+        _ => {
+            return Err(ApiError::unauthorized(
+                "the Authorization header must be `Bearer YOUR_KEY`",
+            ))
+        }
+    };
+    let same = token.len() == key.len()
+        && token
+            .iter()
+            .zip(key.as_bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized("incorrect API key"))
     }
 }
 

@@ -39,6 +39,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
+use crate::api::check_bearer;
 use crate::error::ApiError;
 use crate::metrics::single;
 
@@ -49,7 +50,8 @@ pub struct RouterConfig {
     pub prefill: Vec<String>,
     /// Base URLs of the decode instances.
     pub decode: Vec<String>,
-    /// Sent to the instances as `Authorization: Bearer KEY` (they share one key).
+    /// Required of clients on `/v1/*` as `Authorization: Bearer KEY`, and sent to the instances
+    /// (router and instances share one key).
     pub api_key: Option<String>,
     /// Seconds between `/health` probes of every instance.
     pub health_interval: Duration,
@@ -279,6 +281,11 @@ impl Router {
     /// Answer one HTTP request.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<RouterBody> {
         let path = req.uri().path().to_string();
+        if path.starts_with("/v1/") {
+            if let Err(e) = check_bearer(&req, self.config.api_key.as_deref()) {
+                return error_response(&e);
+            }
+        }
         match (req.method().clone(), path.as_str()) {
             (Method::GET | Method::HEAD, "/health") => self.health(),
             (Method::GET | Method::HEAD, "/metrics") => respond(
