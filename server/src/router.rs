@@ -10,9 +10,11 @@
 //!    (whole or streamed) goes back to the client as it comes.
 //!
 //! Requests a split cannot serve (`n` or `best_of` above 1, beam search, `echo`) go whole to a
-//! decode instance (every instance serves whole requests too). Instances are picked by load —
-//! the fewest requests this router has in flight there — among those up; `/health` of every
-//! instance is polled (`health_interval`), an instance that fails a request or a probe is marked
+//! decode instance (every instance serves whole requests too). Instances are picked by load
+//! among those up ([`Instance::load`]): a prefill instance by the prompt tokens queued there
+//! (this router's in flight, estimated from the bodies, and what the instance reports waiting),
+//! a decode instance by its requests, then its KV memory in use. Every instance's `/health` and
+//! `/metrics` are polled (`health_interval`), an instance that fails a request or a probe is marked
 //! down until a probe answers again, and a prefill half that finds its instance down is tried on
 //! the next one. Everything between router and instances is HTTP, so instances may live on
 //! other hosts. A decode instance that fails mid-stream ends the stream with an OpenAI-shaped
@@ -65,8 +67,14 @@ pub struct Instance {
     url: String,
     role: &'static str,
     up: AtomicBool,
-    /// Requests this router has in flight there (its load).
+    /// Requests this router has in flight there.
     in_flight: AtomicU64,
+    /// Prefill: the prompt tokens of those requests (estimated, see [`prompt_tokens`]).
+    prompt_tokens: AtomicU64,
+    /// Reported by the instance's `/metrics` at the last probe: requests waiting, and the share
+    /// of its KV memory allocated (per mille).
+    waiting: AtomicU64,
+    kv_use: AtomicU64,
     requests: AtomicU64,
     failures: AtomicU64,
 }
@@ -78,8 +86,25 @@ impl Instance {
             role,
             up: AtomicBool::new(true),
             in_flight: AtomicU64::new(0),
+            prompt_tokens: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
+            kv_use: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+        }
+    }
+
+    /// How loaded it is, smaller first: a prefill instance by the prompt tokens queued there
+    /// (this router's, plus a typical prompt per request the instance reports waiting); a decode
+    /// instance by the requests there, then by its KV memory in use.
+    fn load(&self) -> (u64, u64) {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        match self.role {
+            "prefill" => (
+                get(&self.prompt_tokens) + TYPICAL_PROMPT * get(&self.waiting),
+                get(&self.in_flight),
+            ),
+            _ => (get(&self.in_flight) + get(&self.waiting), get(&self.kv_use)),
         }
     }
 
@@ -91,28 +116,53 @@ impl Instance {
     }
 }
 
-/// The instance of `pool` with the least in flight among those up, not in `tried`.
+/// Prompt tokens counted for each request an instance reports waiting (its own queue, which
+/// other routers may fill): about a sharegpt prompt.
+const TYPICAL_PROMPT: u64 = 256;
+
+/// The least loaded instance of `pool` ([`Instance::load`]) among those up, not in `tried`.
 fn pick<'a>(pool: &'a [Arc<Instance>], tried: &[usize]) -> Option<(usize, &'a Arc<Instance>)> {
     pool.iter()
         .enumerate()
         .filter(|(i, x)| x.up.load(Ordering::Relaxed) && !tried.contains(i))
-        .min_by_key(|(_, x)| x.in_flight.load(Ordering::Relaxed))
+        .min_by_key(|(_, x)| x.load())
 }
 
-/// Counts one request in flight at an instance while alive.
-pub struct InFlight(Arc<Instance>);
+/// The prompt tokens of a request body, estimated without its tokenizer: token ids counted,
+/// text at 4 bytes a token (a chat's message contents summed).
+fn prompt_tokens(body: &Value) -> u64 {
+    fn text_tokens(v: &Value) -> u64 {
+        match v {
+            Value::String(s) => (s.len() as u64).div_ceil(4),
+            Value::Number(_) => 1,
+            Value::Array(items) => items.iter().map(text_tokens).sum(),
+            Value::Object(o) => o.get("content").or(o.get("text")).map_or(0, text_tokens),
+            _ => 0,
+        }
+    }
+    text_tokens(
+        body.get("prompt")
+            .or(body.get("messages"))
+            .unwrap_or(&Value::Null),
+    )
+}
+
+/// Counts one request (and its prompt tokens) in flight at an instance while alive.
+pub struct InFlight(Arc<Instance>, u64);
 
 impl InFlight {
-    fn new(x: &Arc<Instance>) -> InFlight {
+    fn new(x: &Arc<Instance>, prompt_tokens: u64) -> InFlight {
         x.in_flight.fetch_add(1, Ordering::Relaxed);
+        x.prompt_tokens.fetch_add(prompt_tokens, Ordering::Relaxed);
         x.requests.fetch_add(1, Ordering::Relaxed);
-        InFlight(x.clone())
+        InFlight(x.clone(), prompt_tokens)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.prompt_tokens.fetch_sub(self.1, Ordering::Relaxed);
     }
 }
 
@@ -260,15 +310,37 @@ impl Router {
             .map_err(|e| format!("{}: {e}", x.url))
     }
 
-    /// Poll every instance's `/health` once; up is a 200.
+    /// Poll every instance's `/health` once (up is a 200), and read the load it reports from
+    /// its `/metrics`.
     async fn probe(&self) {
         for x in self.prefill.iter().chain(&self.decode) {
-            let ok = tokio::time::timeout(
-                Duration::from_secs(2),
-                self.send(x, Method::GET, "/health", Bytes::new()),
-            )
-            .await
-            .is_ok_and(|r| r.is_ok_and(|r| r.status() == StatusCode::OK));
+            let get = |path| {
+                tokio::time::timeout(
+                    Duration::from_secs(2),
+                    self.send(x, Method::GET, path, Bytes::new()),
+                )
+            };
+            let ok = get("/health")
+                .await
+                .is_ok_and(|r| r.is_ok_and(|r| r.status() == StatusCode::OK));
+            if ok {
+                if let Ok(Ok(r)) = get("/metrics").await {
+                    if let Ok(body) = r.into_body().collect().await {
+                        let text = String::from_utf8_lossy(&body.to_bytes()).into_owned();
+                        let value = |name: &str| {
+                            text.lines()
+                                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                                .and_then(|v| v.trim().parse::<f64>().ok())
+                                .unwrap_or(0.0)
+                        };
+                        let capacity = value("vkv_kv_capacity_bytes").max(1.0);
+                        let use_permille = 1000.0 * value("vkv_kv_allocated_bytes") / capacity;
+                        x.waiting
+                            .store(value("vkv_num_requests_waiting") as u64, Ordering::Relaxed);
+                        x.kv_use.store(use_permille as u64, Ordering::Relaxed);
+                    }
+                }
+            }
             let was = x.up.swap(ok, Ordering::Relaxed);
             if ok && !was {
                 tracing::info!(instance = %x.url, role = x.role, "instance up");
@@ -357,6 +429,24 @@ impl Router {
                 |x: &Instance| x.in_flight.load(Ordering::Relaxed),
             ),
             (
+                "vkv_router_instance_prompt_tokens_in_flight",
+                "Prefill: estimated prompt tokens of this router's requests in flight at the instance.",
+                "gauge",
+                |x: &Instance| x.prompt_tokens.load(Ordering::Relaxed),
+            ),
+            (
+                "vkv_router_instance_waiting",
+                "Requests the instance reported waiting at the last probe.",
+                "gauge",
+                |x: &Instance| x.waiting.load(Ordering::Relaxed),
+            ),
+            (
+                "vkv_router_instance_kv_use_permille",
+                "The instance's KV memory allocated at the last probe, per mille of its capacity.",
+                "gauge",
+                |x: &Instance| x.kv_use.load(Ordering::Relaxed),
+            ),
+            (
                 "vkv_router_instance_requests_total",
                 "Requests sent to the instance.",
                 "counter",
@@ -387,7 +477,7 @@ impl Router {
         let mut tried = Vec::new();
         while let Some((i, x)) = pick(&self.decode, &tried) {
             tried.push(i);
-            let in_flight = InFlight::new(x);
+            let in_flight = InFlight::new(x, 0);
             match self.send(x, method.clone(), path, body.clone()).await {
                 Ok(r) => return pass_on(r, in_flight),
                 Err(e) => x.down(&e),
@@ -430,6 +520,7 @@ impl Router {
         let mut half = parsed.clone();
         half["kv_transfer_params"] = json!({ "do_remote_decode": true });
         let half = Bytes::from(half.to_string());
+        let prompt = prompt_tokens(&parsed);
         let mut tried = Vec::new();
         let (prefill, params) = loop {
             let Some((i, x)) = pick(&self.prefill, &tried) else {
@@ -440,7 +531,7 @@ impl Router {
             };
             tried.push(i);
             let start = Instant::now();
-            let _in_flight = InFlight::new(x);
+            let _in_flight = InFlight::new(x, prompt);
             let r = match self.send(x, Method::POST, path, half.clone()).await {
                 Ok(r) => r,
                 Err(e) => {
@@ -491,7 +582,7 @@ impl Router {
         let mut tried = Vec::new();
         while let Some((i, x)) = pick(&self.decode, &tried) {
             tried.push(i);
-            let in_flight = InFlight::new(x);
+            let in_flight = InFlight::new(x, 0);
             match self.send(x, Method::POST, path, full.clone()).await {
                 Ok(r) => {
                     if r.status().is_server_error() {
@@ -575,4 +666,50 @@ pub async fn route(
     }
     prober.abort();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_are_estimated_from_ids_or_text() {
+        assert_eq!(prompt_tokens(&json!({"prompt": [1, 2, 3]})), 3);
+        assert_eq!(prompt_tokens(&json!({"prompt": "abcdefgh"})), 2);
+        assert_eq!(prompt_tokens(&json!({"prompt": ["abcd", "abcde"]})), 3);
+        let chat = json!({"messages": [{"role": "user", "content": "abcdefgh"},
+                                       {"role": "user", "content": [{"type": "text", "text": "abcd"}]}]});
+        assert_eq!(prompt_tokens(&chat), 3);
+        assert_eq!(prompt_tokens(&json!({})), 0);
+    }
+
+    #[test]
+    fn the_least_loaded_instance_up_is_picked() {
+        let pool: Vec<Arc<Instance>> = (0..3)
+            .map(|i| Arc::new(Instance::new(&format!("http://h:{i}"), "prefill")))
+            .collect();
+        // A long prompt in flight at 0 and two short ones at 1: 1 carries fewer prompt tokens.
+        let _a = InFlight::new(&pool[0], 4000);
+        let _b = InFlight::new(&pool[1], 100);
+        let _c = InFlight::new(&pool[1], 100);
+        let _d = InFlight::new(&pool[2], 150);
+        pool[2].waiting.store(1, Ordering::Relaxed); // + a typical prompt queued there
+        assert_eq!(pick(&pool, &[]).unwrap().0, 1);
+        assert_eq!(pick(&pool, &[1]).unwrap().0, 2);
+        pool[2].up.store(false, Ordering::Relaxed);
+        assert_eq!(pick(&pool, &[1]).unwrap().0, 0);
+        assert!(pick(&pool, &[0, 1]).is_none());
+        drop(_b);
+        drop(_c);
+        assert_eq!(pool[1].load(), (0, 0), "in-flight counts go back to 0");
+        // Decode instances: by requests, then KV use.
+        let decode: Vec<Arc<Instance>> = (0..2)
+            .map(|i| Arc::new(Instance::new(&format!("http://d:{i}"), "decode")))
+            .collect();
+        decode[0].kv_use.store(900, Ordering::Relaxed);
+        decode[1].kv_use.store(100, Ordering::Relaxed);
+        assert_eq!(pick(&decode, &[]).unwrap().0, 1);
+        let _e = InFlight::new(&decode[1], 0);
+        assert_eq!(pick(&decode, &[]).unwrap().0, 0);
+    }
 }
