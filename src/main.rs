@@ -19,8 +19,8 @@ mod serve;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use vkv_bench::cmd::{
-    frag, generate as bench_generate, kernels, model, offline, plan, profile, serve as bench_serve,
-    vmm,
+    frag, generate as bench_generate, handoff, kernels, model, offline, plan, profile,
+    serve as bench_serve, vmm,
 };
 
 use crate::engine_args::{EngineArgs, KvArgs};
@@ -76,6 +76,9 @@ enum Bench {
     /// Serving throughput and latency of a workload submitted to the engine in process (all at
     /// once or at a request rate), in one KV mode or both, interleaved, with their ratio.
     Offline(offline::Args<EngineArgs>),
+    /// Disaggregated serving's KV handoff per prompt length and KV mode: bytes, memory copies,
+    /// time each way, and its share of the prefill's TTFT.
+    Handoff(handoff::Args<EngineArgs>),
     /// Load a running OpenAI-compatible server (vLLM's `bench serve`): Gamma arrivals, streamed
     /// responses, TTFT / TPOT / ITL / E2E latency, throughput and goodput.
     Serve(bench_serve::Args),
@@ -118,6 +121,7 @@ fn run(cli: Cli) -> Result<()> {
             Bench::Vmm(args) => vmm::run(args),
             Bench::Generate(args) => bench_generate::run(args),
             Bench::Offline(args) => offline::run(args),
+            Bench::Handoff(args) => handoff::run(args),
             Bench::Serve(args) => bench_serve::run(args),
             Bench::Kernels(args) => kernels::run(args),
             Bench::Model(args) => model::run(args),

@@ -21,6 +21,7 @@
 
 pub mod frag;
 pub mod generate;
+pub mod handoff;
 pub mod kernels;
 pub mod model;
 pub mod offline;
