@@ -92,8 +92,17 @@ fn run_one(
     }
 }
 
-/// One handoff of a `len`-token prompt: (export, import seconds and copies, wire seconds, TTFT).
-fn handoff(engine: &Engine, len: usize, seed: u64) -> Result<(ExportedKv, f64, usize, f64, f64)> {
+/// One handoff as measured.
+struct Measured {
+    exported: ExportedKv,
+    import_seconds: f64,
+    import_copies: usize,
+    wire_seconds: f64,
+    ttft: f64,
+}
+
+/// One handoff of a `len`-token prompt.
+fn handoff(engine: &Engine, len: usize, seed: u64) -> Result<Measured> {
     let vocab = engine.model().model.config.vocab_size;
     let shape = RequestShape {
         prompt_len: len,
@@ -117,9 +126,13 @@ fn handoff(engine: &Engine, len: usize, seed: u64) -> Result<(ExportedKv, f64, u
     });
     run_one(engine, decode)?;
     let after = engine.metrics().kv_handoff.imported;
-    let import = after.seconds - before.seconds;
-    let copies = (after.copies - before.copies) as usize;
-    Ok(((*exported).clone(), import, copies, wire, ttft))
+    Ok(Measured {
+        exported: (*exported).clone(),
+        import_seconds: after.seconds - before.seconds,
+        import_copies: (after.copies - before.copies) as usize,
+        wire_seconds: wire,
+        ttft,
+    })
 }
 
 pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
@@ -151,26 +164,24 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
                 for r in 0..args.repeats {
                     runs.push(handoff(&engine, len, 1 + r as u64)?);
                 }
-                let pick = |f: &dyn Fn(&(ExportedKv, f64, usize, f64, f64)) -> f64| {
-                    median(runs.iter().map(f).collect())
-                };
+                let pick = |f: fn(&Measured) -> f64| median(runs.iter().map(f).collect());
                 let first = &runs[0];
-                let bytes = first.0.stats.bytes;
-                let export = pick(&|r| r.0.seconds);
-                let import = pick(&|r| r.1);
-                let ttft = pick(&|r| r.4);
+                let bytes = first.exported.stats.bytes;
+                let export = pick(|r| r.exported.seconds);
+                let import = pick(|r| r.import_seconds);
+                let ttft = pick(|r| r.ttft);
                 eprintln!("{} {len} tokens: done", metrics.kv_name);
                 points.push(HandoffPoint {
                     kv: metrics.kv_name.clone(),
                     tokens: len,
                     bytes,
-                    export_copies: first.0.stats.copies,
-                    import_copies: first.2,
+                    export_copies: first.exported.stats.copies,
+                    import_copies: first.import_copies,
                     export_us: export * 1e6,
                     import_us: import * 1e6,
                     export_gbps: bytes as f64 / export.max(1e-12) / 1e9,
                     import_gbps: bytes as f64 / import.max(1e-12) / 1e9,
-                    wire_us: pick(&|r| r.3) * 1e6,
+                    wire_us: pick(|r| r.wire_seconds) * 1e6,
                     ttft_ms: ttft * 1e3,
                     handoff_share: (export + import) / ttft.max(1e-12),
                 });
