@@ -120,3 +120,52 @@ fn handed_over_kv_that_does_not_fit_the_request_is_refused_and_leaks_nothing() {
     assert_eq!(out.tokens, run_one(&e, greedy(prompt, 8)).tokens);
     assert_empty(&e, "at the end");
 }
+
+#[test]
+fn bench_handoff_reports_the_copies_each_layout_takes() {
+    let out = common::vkv(&[
+        "bench",
+        "handoff",
+        "--kv-mode",
+        "both",
+        "--prompt-lens",
+        "40,100",
+        "--repeats",
+        "1",
+        "--kv-cache-dtype",
+        "f32",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let points = report["points"].as_array().unwrap();
+    assert_eq!(points.len(), 4, "{report}");
+    for p in points {
+        let tokens = p["tokens"].as_u64().unwrap();
+        // SmolLM2: 30 layers × K and V × 3 KV heads × 64 dims, f32.
+        assert_eq!(
+            p["bytes"].as_u64().unwrap(),
+            tokens * 30 * 2 * 3 * 64 * 4,
+            "{p}"
+        );
+        assert!(p["export_us"].as_f64().unwrap() > 0.0 && p["ttft_ms"].as_f64().unwrap() > 0.0);
+        if p["kv"].as_str().unwrap().starts_with("vmm-token-major") {
+            assert_eq!(
+                (p["export_copies"].as_u64(), p["import_copies"].as_u64()),
+                (Some(1), Some(1)),
+                "{p}"
+            );
+        } else {
+            assert!(
+                p["export_copies"].as_u64().unwrap() >= 60,
+                "paged: a run per layer and K/V at least: {p}"
+            );
+        }
+    }
+    let bad = common::vkv(&["bench", "handoff", "--repeats", "0"]);
+    common::assert_one_line_error(&bad, "--repeats", "--repeats 0");
+}
