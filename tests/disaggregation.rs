@@ -25,7 +25,7 @@ fn prefill_half(e: &Engine, prompt: &[u32]) -> (u32, Arc<KvBlob>) {
     assert_eq!(out.failed, None);
     let exported = out.exported.expect("the prefill half hands its KV out");
     assert_eq!(exported.kv.tokens, prompt.len());
-    assert_eq!(exported.stats.bytes, exported.kv.rows.len());
+    assert_eq!(exported.stats.bytes, exported.kv.rows().len());
     assert_eq!(exported.first_token, Some(out.tokens[0]));
     (out.tokens[0], Arc::new(exported.kv.clone()))
 }
@@ -93,9 +93,11 @@ fn handed_over_kv_that_does_not_fit_the_request_is_refused_and_leaks_nothing() {
     let err = e.submit(req, tx).unwrap_err().to_string();
     assert!(err.contains("handed-over KV holds"), "{err}");
     // KV of another model's shape: the request fails at admission, with the shapes named.
-    let mut other = (*kv).clone();
-    other.dims.head_dim *= 2;
-    other.rows = vec![0; other.rows.len() * 2];
+    let dims = vkv_engine::kv::KvDims {
+        head_dim: 2 * kv.dims.head_dim,
+        ..kv.dims
+    };
+    let other = KvBlob::zeroed(kv.order, kv.tokens, dims, kv.dtype);
     let mut req = greedy(prompt.clone(), 8);
     req.handoff = Some(KvHandoff::Import {
         first_token: first,

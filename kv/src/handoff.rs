@@ -105,15 +105,16 @@ impl WireOrder {
     }
 }
 
-/// The KV of a sequence's first `tokens` tokens, out of one cache, into another.
+/// The KV of a sequence's first `tokens` tokens, out of one cache, into another. It is kept as
+/// it goes over a wire — header, then rows — so that neither sending nor receiving copies it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvBlob {
     pub order: WireOrder,
     pub tokens: usize,
     pub dims: KvDims,
     pub dtype: KvDtype,
-    /// `tokens` × the dims' bytes per token, rows in `order`.
-    pub rows: Vec<u8>,
+    /// The header, then `tokens` × the dims' bytes per token of rows in `order`.
+    encoded: Vec<u8>,
 }
 
 /// What one side of a handoff did: bytes moved and the runs (memory copies) they took.
@@ -144,39 +145,57 @@ const MAGIC: &[u8; 8] = b"VKVKV\0\0\x01";
 const HEADER: usize = 8 + 8 * 4;
 
 impl KvBlob {
-    /// Bytes of the rows the header promises.
-    fn rows_len(&self) -> usize {
-        self.tokens * self.dims.bytes_per_token_of(self.dtype.bytes())
-    }
-
-    /// The blob as it goes over a wire: header, then rows.
-    pub fn encode(&self) -> Vec<u8> {
-        let (order, block_size) = self.order.code();
-        let dtype = match self.dtype {
+    /// A blob of zero rows of this shape, its header written.
+    pub fn zeroed(order: WireOrder, tokens: usize, dims: KvDims, dtype: KvDtype) -> KvBlob {
+        let rows = tokens * dims.bytes_per_token_of(dtype.bytes());
+        let mut encoded = vec![0u8; HEADER + rows];
+        let (code, block_size) = order.code();
+        let dtype_code = match dtype {
             KvDtype::F32 => 0u32,
             KvDtype::F16 => 1,
             KvDtype::Fp8 => 2,
         };
-        let mut out = Vec::with_capacity(HEADER + self.rows.len());
-        out.extend_from_slice(MAGIC);
-        for v in [
-            order,
+        encoded[..8].copy_from_slice(MAGIC);
+        let fields = [
+            code,
             block_size,
-            self.tokens as u32,
-            self.dims.num_layers as u32,
-            self.dims.num_kv_heads as u32,
-            self.dims.head_dim as u32,
-            dtype,
+            tokens as u32,
+            dims.num_layers as u32,
+            dims.num_kv_heads as u32,
+            dims.head_dim as u32,
+            dtype_code,
             0,
-        ] {
-            out.extend_from_slice(&v.to_le_bytes());
+        ];
+        for (i, v) in fields.into_iter().enumerate() {
+            encoded[8 + 4 * i..12 + 4 * i].copy_from_slice(&v.to_le_bytes());
         }
-        out.extend_from_slice(&self.rows);
-        out
+        KvBlob {
+            order,
+            tokens,
+            dims,
+            dtype,
+            encoded,
+        }
     }
 
-    /// Read a blob [`KvBlob::encode`] wrote; anything that does not add up is an error.
-    pub fn decode(bytes: &[u8]) -> Result<KvBlob, HandoffError> {
+    /// The K and V rows, in `order`.
+    pub fn rows(&self) -> &[u8] {
+        &self.encoded[HEADER..]
+    }
+
+    /// The blob as it goes over a wire: header, then rows.
+    pub fn encoded(&self) -> &[u8] {
+        &self.encoded
+    }
+
+    /// [`KvBlob::encoded`], without a copy.
+    pub fn into_encoded(self) -> Vec<u8> {
+        self.encoded
+    }
+
+    /// Read a blob [`KvBlob::encoded`] gave (taking its bytes, without a copy); anything that
+    /// does not add up is an error.
+    pub fn decode(bytes: Vec<u8>) -> Result<KvBlob, HandoffError> {
         if bytes.len() < HEADER {
             return Err(HandoffError::Truncated {
                 expected: HEADER,
@@ -203,20 +222,21 @@ impl KvBlob {
             num_kv_heads: field(4) as usize,
             head_dim: field(5) as usize,
         };
-        let blob = KvBlob {
-            order,
-            tokens: field(2) as usize,
-            dims,
-            dtype,
-            rows: bytes[HEADER..].to_vec(),
-        };
-        if blob.rows.len() != blob.rows_len() {
+        let tokens = field(2) as usize;
+        let expected = tokens * dims.bytes_per_token_of(dtype.bytes());
+        if bytes.len() - HEADER != expected {
             return Err(HandoffError::Length {
-                expected: blob.rows_len(),
-                found: blob.rows.len(),
+                expected,
+                found: bytes.len() - HEADER,
             });
         }
-        Ok(blob)
+        Ok(KvBlob {
+            order,
+            tokens,
+            dims,
+            dtype,
+            encoded: bytes,
+        })
     }
 }
 
@@ -299,23 +319,15 @@ pub fn export_kv(
     let dims = cache.dims();
     let first = cache.layer(seq, 0)?;
     let (order, dtype) = (WireOrder::for_layout(&first, dims), first.dtype());
-    let mut rows = vec![0u8; tokens * dims.bytes_per_token_of(dtype.bytes())];
+    let mut blob = KvBlob::zeroed(order, tokens, dims, dtype);
+    let rows = &mut blob.encoded[HEADER..];
     let stats = runs(cache, seq, tokens, order, |at, off, len| {
         // SAFETY: `at..at + len` are rows of tokens the sequence holds (checked above), in memory
         // the cache keeps mapped while it holds them; `off + len` is within `rows` (the rows
         // visited are exactly `tokens` × bytes per token).
         unsafe { std::ptr::copy_nonoverlapping(at, rows.as_mut_ptr().add(off), len) }
     })?;
-    Ok((
-        KvBlob {
-            order,
-            tokens,
-            dims,
-            dtype,
-            rows,
-        },
-        stats,
-    ))
+    Ok((blob, stats))
 }
 
 /// Write `blob` into `seq`'s first `blob.tokens` tokens of KV, which `seq` must hold (reserved)
@@ -346,18 +358,13 @@ pub fn import_kv(
     if dims != blob.dims || first.dtype() != blob.dtype {
         return Err(mismatch(shape(dims, first.dtype())));
     }
-    if blob.rows.len() != blob.rows_len() {
-        return Err(HandoffError::Length {
-            expected: blob.rows_len(),
-            found: blob.rows.len(),
-        });
-    }
     check_reserved(cache, seq, blob.tokens).map_err(|e| HandoffError::Header(e.to_string()))?;
     runs(cache, seq, blob.tokens, blob.order, |at, off, len| {
         // SAFETY: `at..at + len` are rows of tokens `seq` holds exclusively (the caller's
         // promise: a fresh reservation shares nothing), mapped while it holds them; `off + len`
-        // is within the blob's rows (their length was checked against the header).
-        unsafe { std::ptr::copy_nonoverlapping(blob.rows.as_ptr().add(off), at, len) }
+        // is within the blob's rows (a blob's rows always match its header, whose shape was
+        // checked against the cache's).
+        unsafe { std::ptr::copy_nonoverlapping(blob.rows().as_ptr().add(off), at, len) }
     })
     .map_err(|e| HandoffError::Header(e.to_string()))
 }
@@ -440,7 +447,7 @@ mod tests {
             src.reserve(1, tokens).unwrap();
             fill(src.as_ref(), 1, tokens);
             let (blob, out) = export_kv(src.as_ref(), 1, tokens).unwrap();
-            let blob = KvBlob::decode(&blob.encode()).unwrap();
+            let blob = KvBlob::decode(blob.encoded().to_vec()).unwrap();
             assert_eq!(out.bytes, tokens * TEST_DIMS.bytes_per_token());
             for (to, to_name) in modes() {
                 let mut dst = cache(to);
@@ -486,23 +493,25 @@ mod tests {
         let mut c = cache(modes()[1].0);
         c.reserve(1, 8).unwrap();
         let (blob, _) = export_kv(c.as_ref(), 1, 8).unwrap();
-        let bytes = blob.encode();
+        let bytes = blob.encoded().to_vec();
         assert!(matches!(
-            KvBlob::decode(&bytes[..10]),
+            KvBlob::decode(bytes[..10].to_vec()),
             Err(HandoffError::Truncated { .. })
         ));
         assert!(matches!(
-            KvBlob::decode(&bytes[..bytes.len() - 1]),
+            KvBlob::decode(bytes[..bytes.len() - 1].to_vec()),
             Err(HandoffError::Length { .. })
         ));
         let mut bad = bytes.clone();
         bad[0] = b'X';
-        assert_eq!(KvBlob::decode(&bad), Err(HandoffError::Magic));
+        assert_eq!(KvBlob::decode(bad), Err(HandoffError::Magic));
         // Unreserved tokens are neither read nor written.
         assert!(export_kv(c.as_ref(), 1, 9).is_err());
-        let mut other = blob.clone();
-        other.dims.head_dim *= 2;
-        other.rows = vec![0; other.rows_len()];
+        let dims = KvDims {
+            head_dim: 2 * blob.dims.head_dim,
+            ..blob.dims
+        };
+        let other = KvBlob::zeroed(blob.order, blob.tokens, dims, blob.dtype);
         c.reserve(2, 8).unwrap();
         assert!(matches!(
             import_kv(c.as_ref(), 2, &other),

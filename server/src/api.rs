@@ -487,7 +487,7 @@ impl AppState {
                         let whole: Vec<ChoiceText> = whole.into_iter().map(|w| w.1).collect();
                         let body = head.response(&whole, choices.usage);
                         if prefill_half {
-                            return self.prefill_answer(&body, exported.as_deref());
+                            return self.prefill_answer(&body, exported.take());
                         }
                         return Ok(json_response(StatusCode::OK, &body));
                     }
@@ -552,7 +552,7 @@ impl AppState {
     fn prefill_answer(
         &self,
         body: &impl Serialize,
-        exported: Option<&ExportedKv>,
+        exported: Option<Arc<ExportedKv>>,
     ) -> Result<Response<ApiBody>, ApiError> {
         let Some(exported) = exported else {
             return Err(ApiError::internal(
@@ -560,12 +560,18 @@ impl AppState {
             ));
         };
         let mut body = serde_json::to_value(body).map_err(|e| ApiError::internal(e.to_string()))?;
-        let ticket = self.held_kv.hold(Bytes::from(exported.kv.encode()));
+        let (first_token, tokens) = (exported.first_token, exported.kv.tokens);
+        // The event's KV is this answer's alone: held as it is, not copied.
+        let encoded = match Arc::try_unwrap(exported) {
+            Ok(exported) => exported.kv.into_encoded(),
+            Err(shared) => shared.kv.encoded().to_vec(),
+        };
+        let ticket = self.held_kv.hold(Bytes::from(encoded));
         let params = KvTransferParams {
             do_remote_prefill: true,
             ticket: Some(ticket),
-            first_token: exported.first_token,
-            tokens: Some(exported.kv.tokens),
+            first_token,
+            tokens: Some(tokens),
             ..KvTransferParams::default()
         };
         body["kv_transfer_params"] =

@@ -220,7 +220,7 @@ pub async fn pull(
             return Err(format!("{url} answered {status}: {text}"));
         }
         let n = bytes.len();
-        KvBlob::decode(&bytes)
+        KvBlob::decode(Vec::from(bytes))
             .map(|blob| (blob, n))
             .map_err(|e| format!("{url}: {e}"))
     };

@@ -1,8 +1,8 @@
 //! `vkv bench handoff`: what handing a prompt's KV from a prefill instance to a decode instance
 //! costs in each KV mode (disaggregated serving, DistServe). For each prompt length, a prefill
 //! half of a seeded random prompt runs on an engine (its TTFT is the prefill it pays for), its
-//! KV is read out (`vkv_kv::export_kv`: bytes, the contiguous runs copied, seconds), encoded as
-//! it goes over the wire, decoded, and written into a decode half on the same engine
+//! KV is read out (`vkv_kv::export_kv`: bytes, the contiguous runs copied, seconds), received
+//! as it goes over the wire (one copy into a buffer) and checked, and written into a decode half on the same engine
 //! (`import_kv`), which then generates a token. Reported per mode and length, medians over
 //! `--repeats`: bytes, copies each way, microseconds each way and the copy bandwidth, the wire
 //! encode + decode time, and the handoff (export + import) as a share of the TTFT.
@@ -54,7 +54,7 @@ pub struct HandoffPoint {
     /// Bytes over the export's time (GB/s).
     pub export_gbps: f64,
     pub import_gbps: f64,
-    /// Encoding the blob for the wire and decoding it.
+    /// Receiving the blob into a buffer and checking it (transport excluded).
     pub wire_us: f64,
     /// The prefill half's time to first token.
     pub ttft_ms: f64,
@@ -114,7 +114,9 @@ fn handoff(engine: &Engine, len: usize, seed: u64) -> Result<Measured> {
     let (exported, ttft) = run_one(engine, prefill)?;
     let exported = exported.context("the prefill half handed out no KV")?;
     let start = Instant::now();
-    let kv = KvBlob::decode(&exported.kv.encode())?;
+    // What crosses the wire: the blob as the prefill instance holds it, read back by the decode
+    // instance (here one copy, as receiving it into a buffer of its own would be).
+    let kv = KvBlob::decode(exported.kv.encoded().to_vec())?;
     let wire = start.elapsed().as_secs_f64();
     let before = engine.metrics().kv_handoff.imported;
     let mut decode = random_requests(&[shape], vocab, seed).remove(0);
