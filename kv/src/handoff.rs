@@ -140,9 +140,19 @@ pub enum HandoffError {
 }
 
 const MAGIC: &[u8; 8] = b"VKVKV\0\0\x01";
-/// Magic, then 8 little-endian u32: order, block size, tokens, layers, KV heads, head dim,
-/// element type, reserved.
-const HEADER: usize = 8 + 8 * 4;
+/// Magic, then 8 little-endian u32 (order, block size, tokens, layers, KV heads, head dim,
+/// element type, reserved), then the prompt's hash (u64).
+const HEADER: usize = 8 + 8 * 4 + 8;
+
+/// The hash a blob carries of the prompt whose KV it holds ([`KvBlob::set_prompt_hash`]): 64-bit
+/// FNV-1a over the token ids' little-endian bytes, the same in every build.
+pub fn prompt_hash(tokens: &[u32]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in tokens.iter().flat_map(|t| t.to_le_bytes()) {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
 
 impl KvBlob {
     /// A blob of zero rows of this shape, its header written.
@@ -176,6 +186,16 @@ impl KvBlob {
             dtype,
             encoded,
         }
+    }
+
+    /// The [`prompt_hash`] of the prompt whose KV this is, as its exporter set it (0: unset).
+    pub fn prompt_hash(&self) -> u64 {
+        u64::from_le_bytes(self.encoded[40..48].try_into().expect("8 bytes"))
+    }
+
+    /// Record which prompt this KV is of, so that its importer can check its own.
+    pub fn set_prompt_hash(&mut self, hash: u64) {
+        self.encoded[40..48].copy_from_slice(&hash.to_le_bytes());
     }
 
     /// The K and V rows, in `order`.
@@ -448,6 +468,7 @@ mod tests {
             fill(src.as_ref(), 1, tokens);
             let (blob, out) = export_kv(src.as_ref(), 1, tokens).unwrap();
             let blob = KvBlob::decode(blob.encoded().to_vec()).unwrap();
+            assert_eq!(blob.prompt_hash(), 0);
             assert_eq!(out.bytes, tokens * TEST_DIMS.bytes_per_token());
             for (to, to_name) in modes() {
                 let mut dst = cache(to);
@@ -493,6 +514,12 @@ mod tests {
         let mut c = cache(modes()[1].0);
         c.reserve(1, 8).unwrap();
         let (blob, _) = export_kv(c.as_ref(), 1, 8).unwrap();
+        let mut marked = blob.clone();
+        marked.set_prompt_hash(prompt_hash(&[1, 2, 3]));
+        let back = KvBlob::decode(marked.encoded().to_vec()).unwrap();
+        assert_eq!(back.prompt_hash(), prompt_hash(&[1, 2, 3]));
+        assert_ne!(prompt_hash(&[1, 2, 3]), prompt_hash(&[1, 2, 4]));
+        assert_eq!(back.rows(), blob.rows());
         let bytes = blob.encoded().to_vec();
         assert!(matches!(
             KvBlob::decode(bytes[..10].to_vec()),

@@ -44,7 +44,9 @@ pub use arena::ContiguousArena;
 pub use block::{BlockAllocator, BlockId, BlockTable};
 #[cfg(feature = "cuda")]
 pub use cuda::{DevicePools, GpuKv, GpuKvAddressing};
-pub use handoff::{export_kv, import_kv, HandoffError, KvBlob, TransferStats, WireOrder};
+pub use handoff::{
+    export_kv, import_kv, prompt_hash, HandoffError, KvBlob, TransferStats, WireOrder,
+};
 pub use manager::{
     KvBudget, KvCache, KvCacheDtype, KvDims, KvManager, KvMode, KvUsage, MapAhead, PrefixCache,
     SeqId, VmmShape,

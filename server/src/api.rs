@@ -50,6 +50,7 @@ use crate::openai::response::{
 use crate::openai::{parse_request, Endpoint, ResponseHead};
 use crate::route::Route;
 use crate::ServerConfig;
+use vkv_engine::kv::prompt_hash;
 
 /// What every connection shares.
 pub struct AppState {
@@ -229,6 +230,17 @@ impl AppState {
             let (kv, _) = crate::handoff::pull(remote_url, ticket, key, timeout)
                 .await
                 .map_err(|e| ApiError::bad_gateway(format!("pulling the prompt's KV: {e}")))?;
+            // KV of another prompt (a prefill instance with another tokenizer or model, or a
+            // ticket of another request) would give wrong answers silently: refused.
+            if kv.prompt_hash() != prompt_hash(&generation.prompt) {
+                return Err(ApiError::field(
+                    "kv_transfer_params",
+                    format!(
+                        "the KV held under ticket {ticket} is of another prompt than this request's {} tokens (another request's ticket, or a prefill instance with another model or tokenizer)",
+                        generation.prompt.len()
+                    ),
+                ));
+            }
             generation.handoff = Some(KvHandoff::Import {
                 first_token: *first_token,
                 kv: Arc::new(kv),
@@ -341,6 +353,9 @@ impl AppState {
             };
             (text, generation.prompt[0])
         });
+        // The prefill half's KV carries which prompt it is of.
+        let prefill_half =
+            (request.handoff == Some(Handoff::Prefill)).then(|| prompt_hash(&generation.prompt));
         let (tx, rx) = event_channel();
         let submitted = match request.beam {
             Some(beam) => engine.submit_beam_search(generation, beam, tx),
@@ -392,7 +407,7 @@ impl AppState {
             with_logprobs: request.logprobs.is_some(),
             echo,
             best: request.n,
-            prefill_half: request.handoff == Some(Handoff::Prefill),
+            prefill_half,
         };
         self.collect(rx, guard, head, choices, answer).await
     }
@@ -486,8 +501,8 @@ impl AppState {
                         }
                         let whole: Vec<ChoiceText> = whole.into_iter().map(|w| w.1).collect();
                         let body = head.response(&whole, choices.usage);
-                        if prefill_half {
-                            return self.prefill_answer(&body, exported.take());
+                        if let Some(prompt) = prefill_half {
+                            return self.prefill_answer(&body, exported.take(), prompt);
                         }
                         return Ok(json_response(StatusCode::OK, &body));
                     }
@@ -538,12 +553,13 @@ pub(crate) fn check_bearer<B>(req: &Request<B>, key: Option<&str>) -> Result<(),
 /// What a whole answer is made of besides the choices' events: whether the client asked for
 /// log-probabilities, completions' `echo` (the prompt's text and first token), how many of
 /// the choices to answer with (`n`, below their number with `best_of`), and whether it is the
-/// prefill half of a disaggregated request (answered with where its KV is held).
+/// prefill half of a disaggregated request (answered with where its KV is held; the hash of
+/// its prompt goes with the KV).
 struct Answer {
     with_logprobs: bool,
     echo: Option<(String, u32)>,
     best: usize,
-    prefill_half: bool,
+    prefill_half: Option<u64>,
 }
 
 impl AppState {
@@ -553,6 +569,7 @@ impl AppState {
         &self,
         body: &impl Serialize,
         exported: Option<Arc<ExportedKv>>,
+        prompt: u64,
     ) -> Result<Response<ApiBody>, ApiError> {
         let Some(exported) = exported else {
             return Err(ApiError::internal(
@@ -562,10 +579,12 @@ impl AppState {
         let mut body = serde_json::to_value(body).map_err(|e| ApiError::internal(e.to_string()))?;
         let (first_token, tokens) = (exported.first_token, exported.kv.tokens);
         // The event's KV is this answer's alone: held as it is, not copied.
-        let encoded = match Arc::try_unwrap(exported) {
-            Ok(exported) => exported.kv.into_encoded(),
-            Err(shared) => shared.kv.encoded().to_vec(),
+        let mut kv = match Arc::try_unwrap(exported) {
+            Ok(exported) => exported.kv,
+            Err(shared) => shared.kv.clone(),
         };
+        kv.set_prompt_hash(prompt);
+        let encoded = kv.into_encoded();
         let ticket = self.held_kv.hold(Bytes::from(encoded));
         let params = KvTransferParams {
             do_remote_prefill: true,
