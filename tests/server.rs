@@ -1588,7 +1588,7 @@ fn disaggregated_serving_answers_as_colocated_serving_does() {
     for (p_mode, d_mode) in [("paged", "vmm"), ("vmm", "paged")] {
         let prefill = Server::start(&["--role", "prefill", "--kv-mode", p_mode]);
         let decode = Server::start(&["--role", "decode", "--kv-mode", d_mode]);
-        let router = Router::start(&[&prefill], &[&decode]);
+        let mut router = Router::start(&[&prefill], &[&decode]);
         let what = format!("prefill {p_mode}, decode {d_mode}");
         rt.block_on(async {
             for prompt in ["The capital of France is", "Once upon a time, there was"] {
@@ -1637,6 +1637,39 @@ fn disaggregated_serving_answers_as_colocated_serving_does() {
             wait_until_empty(&c, &prefill, &what).await;
             let m = wait_until_empty(&c, &decode, &what).await;
             assert_eq!(m["vkv_kv_handoff_imported_requests_total"], 4.0);
+            // SIGTERM to the router lets the stream in flight finish, then it exits.
+            if p_mode == "vmm" {
+                let body = json!({"prompt": "Count slowly:", "max_tokens": 32,
+                                  "ignore_eos": true, "stream": true});
+                let r = send(
+                    &c,
+                    Method::POST,
+                    &router.url("/v1/completions"),
+                    body.to_string(),
+                    None,
+                )
+                .await;
+                assert_eq!(r.status(), StatusCode::OK);
+                let killed = Command::new("kill")
+                    .args(["-TERM", &router.child.id().to_string()])
+                    .status()
+                    .unwrap();
+                assert!(killed.success());
+                let text = text_of(r).await;
+                assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+                let start = Instant::now();
+                let status = loop {
+                    if let Some(status) = router.child.try_wait().unwrap() {
+                        break status;
+                    }
+                    assert!(
+                        start.elapsed() < LIMIT,
+                        "the router still runs after SIGTERM"
+                    );
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                };
+                assert!(status.success(), "{status:?}");
+            }
             // A role serves only its half.
             let body = json!({"prompt": "x", "max_tokens": 1,
                               "kv_transfer_params": {"do_remote_decode": true}});

@@ -38,6 +38,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
@@ -623,7 +624,8 @@ fn pass_on(r: Response<Incoming>, in_flight: InFlight) -> Response<RouterBody> {
     out
 }
 
-/// Route on `listener` until `shutdown` resolves.
+/// Route on `listener` until `shutdown` resolves; then stop accepting and let the answers in
+/// flight finish (up to 30 s) before returning.
 pub async fn route(
     config: RouterConfig,
     listener: TcpListener,
@@ -640,6 +642,7 @@ pub async fn route(
         }
     });
     let mut shutdown = std::pin::pin!(shutdown);
+    let graceful = GracefulShutdown::new();
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -657,13 +660,16 @@ pub async fn route(
             let router = router.clone();
             async move { Ok::<_, Infallible>(router.handle(req).await) }
         });
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
         tokio::spawn(async move {
-            let _ = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let _ = conn.await;
         });
     }
+    drop(listener);
+    let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
     prober.abort();
     Ok(())
 }
