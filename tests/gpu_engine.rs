@@ -522,11 +522,22 @@ fn parallel_samples_share_the_prompt_kv_and_give_the_greedy_answer() {
                 samples.push(out.remove(&id).unwrap().tokens);
             }
         }
+        // A sample decodes in a batch of 4 where the request alone decoded in a batch of 1, and
+        // bf16 products are not batch invariant (cuBLAS picks kernels by batch size): a near
+        // tie may flip a later token, for all 4 samples at once (H100, 2026-12-07: one prompt's
+        // samples at token 10). A wrongly shared prompt KV changes the first tokens: those must
+        // agree; the whole outputs are counted.
+        let first = |v: &[Vec<u32>]| v.iter().map(|t| t[..8].to_vec()).collect::<Vec<_>>();
+        mostly_same(
+            &format!("{name}: greedy samples vs alone, first 8 tokens"),
+            &first(&samples),
+            &first(&alone),
+        );
         share_same(
-            &format!("{name}: greedy samples vs alone"),
+            &format!("{name}: greedy samples vs alone, 24 tokens"),
             &samples,
             &alone,
-            0.75,
+            0.0,
         );
         assert_empty(&e, &name);
     }

@@ -72,18 +72,23 @@ fn gpu_caches_keep_their_books_through_forks_aborts_and_preemption() {
             if caching {
                 kv.enable_prefix_caching().unwrap();
             }
+            let mut preemptions = 0;
             for seed in 0..3 {
                 let report = check_random_operations(&mut kv, seed, 400, 2048)
                     .unwrap_or_else(|e| panic!("{mode:?} caching {caching} seed {seed}: {e}"));
                 eprintln!("{} caching {caching} seed {seed}: {report:?}", kv.name());
                 assert!(
-                    report.forks > 10 && report.frees > 10 && report.preemptions > 0,
+                    report.forks > 10 && report.frees > 10,
                     "{mode:?}: {report:?}"
                 );
+                preemptions += report.preemptions;
                 if caching && matches!(mode, KvMode::Paged { .. }) {
                     assert!(report.hit_tokens > 0, "{mode:?}: {report:?}");
                 }
             }
+            // Memory ran out and sequences were preempted, in some seed at least (with caching
+            // the hits may leave one seed's sequences room enough: H100, 2026-12-07, paged seed 2).
+            assert!(preemptions > 0, "{mode:?} caching {caching}: no preemption");
         }
     }
 }
