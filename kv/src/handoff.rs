@@ -243,7 +243,21 @@ impl KvBlob {
             head_dim: field(5) as usize,
         };
         let tokens = field(2) as usize;
-        let expected = tokens * dims.bytes_per_token_of(dtype.bytes());
+        // A header's numbers come from another process: their product may not fit a usize.
+        let expected = [
+            dims.num_layers,
+            dims.num_kv_heads,
+            dims.head_dim,
+            2,
+            dtype.bytes(),
+        ]
+        .into_iter()
+        .try_fold(tokens, usize::checked_mul)
+        .ok_or_else(|| {
+            HandoffError::Header(format!(
+                "{tokens} tokens of {dims:?} is more bytes than this machine can address"
+            ))
+        })?;
         if bytes.len() - HEADER != expected {
             return Err(HandoffError::Length {
                 expected,
@@ -532,6 +546,12 @@ mod tests {
         let mut bad = bytes.clone();
         bad[0] = b'X';
         assert_eq!(KvBlob::decode(bad), Err(HandoffError::Magic));
+        // A header whose shape overflows is refused, not multiplied into a panic.
+        let mut huge = bytes.clone();
+        for i in [2, 3, 4, 5] {
+            huge[8 + 4 * i..12 + 4 * i].copy_from_slice(&u32::MAX.to_le_bytes());
+        }
+        assert!(matches!(KvBlob::decode(huge), Err(HandoffError::Header(_))));
         // Unreserved tokens are neither read nor written.
         assert!(export_kv(c.as_ref(), 1, 9).is_err());
         let dims = KvDims {
