@@ -119,6 +119,68 @@ fn running_out_of_kv_preempts_the_newest_and_outputs_stay_the_same() {
 }
 
 #[test]
+fn handed_over_sequences_decode_at_admission_and_recompute_when_preempted() {
+    // As above: 24 tokens of KV for two sequences of 8 + 8, so one is preempted. Sequence 2 is a
+    // disaggregated decode half: its prompt's KV and first token come from elsewhere.
+    let mut kv = PagedKv::new(DIMS, 6, 4).unwrap();
+    let mut s = Scheduler::new(SchedulerConfig {
+        max_num_seqs: 4,
+        max_num_batched_tokens: 64,
+    });
+    s.add(req(1, 8, 8), &kv).unwrap();
+    let handed = SeqRequest {
+        handed_over: Some(token_after(2, 7)),
+        ..req(2, 8, 8)
+    };
+    s.add(handed, &kv).unwrap();
+    let (first, _) = step(&mut s, &mut kv);
+    let shape: Vec<_> = first
+        .chunks
+        .iter()
+        .map(|c| (c.seq, c.start, c.tokens.clone(), c.samples))
+        .collect();
+    assert_eq!(shape[1], (2, 8, vec![token_after(2, 7)], true), "{shape:?}");
+    assert_eq!(first.imported, vec![2]);
+    assert_eq!(
+        kv.reserved(2),
+        Some(9),
+        "the prompt and the handed-over token"
+    );
+    let mut outputs: HashMap<SeqId, Vec<u32>> = HashMap::new();
+    let mut imported = 1;
+    for _ in 0..100 {
+        if s.is_idle() {
+            break;
+        }
+        for id in [1, 2] {
+            if let Some(g) = s.generated(id) {
+                outputs.insert(id, g.to_vec());
+            }
+        }
+        let (st, _) = step(&mut s, &mut kv);
+        imported += st.imported.len();
+        // Recomputed after a preemption: from position 0, the handed-over token included.
+        if let Some(c) = st.chunks.iter().find(|c| c.seq == 2 && c.start == 0) {
+            assert_eq!(c.tokens[8], token_after(2, 7));
+        }
+    }
+    assert!(s.is_idle());
+    assert!(s.preemptions() > 0);
+    assert_eq!(
+        imported, 1,
+        "the KV comes in once; a preempted sequence recomputes"
+    );
+    for id in [1, 2] {
+        assert_eq!(
+            outputs[&id],
+            expected_output(id, 8, 8)[..7],
+            "sequence {id}"
+        );
+    }
+    assert_eq!(kv.usage().bytes_allocated, 0, "no block left behind");
+}
+
+#[test]
 fn bad_requests_are_refused() {
     let kv = PagedKv::new(DIMS, 4, 4).unwrap();
     let mut s = Scheduler::new(SchedulerConfig {

@@ -500,6 +500,45 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// Any mode to any mode, any length, the caches fragmented by other sequences grown in
+        /// between: the importer holds exactly the exporter's rows, its books audit clean, and
+        /// the bytes moved are the tokens' whole KV.
+        #[test]
+        fn any_handoff_moves_every_row_and_nothing_else(
+            from in 0usize..3,
+            to in 0usize..3,
+            tokens in 1usize..200,
+            steps in proptest::collection::vec(1usize..40, 1..6),
+        ) {
+            let grow = |c: &mut Box<dyn KvCache>, seq: SeqId, other: SeqId| {
+                // Grow `seq` to `tokens` in the given steps, `other` beside it each time.
+                let mut at = 0;
+                for (i, &n) in steps.iter().cycle().enumerate() {
+                    if at >= tokens {
+                        break;
+                    }
+                    at = (at + n).min(tokens);
+                    c.reserve(seq, at).unwrap();
+                    c.reserve(other, ((i + 1) * 8).min(200)).unwrap();
+                }
+            };
+            let mut src = cache(modes()[from].0);
+            grow(&mut src, 1, 2);
+            fill(src.as_ref(), 1, tokens);
+            let (blob, out) = export_kv(src.as_ref(), 1, tokens).unwrap();
+            proptest::prop_assert_eq!(out.bytes, tokens * TEST_DIMS.bytes_per_token());
+            let mut dst = cache(modes()[to].0);
+            grow(&mut dst, 3, 4);
+            let into = import_kv(dst.as_ref(), 3, &blob).unwrap();
+            proptest::prop_assert_eq!(into.bytes, out.bytes);
+            proptest::prop_assert_eq!(read(dst.as_ref(), 3, tokens), read(src.as_ref(), 1, tokens));
+            dst.audit().unwrap();
+            src.audit().unwrap();
+        }
+    }
+
     #[test]
     fn the_contiguous_layouts_hand_over_in_one_or_two_per_layer_copies() {
         let tokens = 40;
