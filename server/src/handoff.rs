@@ -209,18 +209,27 @@ pub async fn pull(
             .await
             .map_err(|e| format!("{url}: {e}"))?;
         let status = response.status();
-        let bytes = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("{url}: reading the KV: {e}"))?
-            .to_bytes();
+        // Straight into one buffer of the announced size (up to 1 GiB reserved at once; a larger
+        // blob grows it): the blob's only copy on this side.
+        let length = response
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+            .unwrap_or(0);
+        let mut bytes = Vec::with_capacity(length.min(1 << 30));
+        let mut body = response.into_body();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("{url}: reading the KV: {e}"))?;
+            if let Some(data) = frame.data_ref() {
+                bytes.extend_from_slice(data);
+            }
+        }
         if status != StatusCode::OK {
             let text = String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned();
             return Err(format!("{url} answered {status}: {text}"));
         }
         let n = bytes.len();
-        KvBlob::decode(Vec::from(bytes))
+        KvBlob::decode(bytes)
             .map(|blob| (blob, n))
             .map_err(|e| format!("{url}: {e}"))
     };
