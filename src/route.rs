@@ -9,6 +9,8 @@ use clap::Args as ClapArgs;
 use vkv_bench::units::parse_bytes;
 use vkv_server::router::{route, RouterConfig};
 
+use crate::serve::{bind, connection_cap, runtime};
+
 #[derive(Debug, ClapArgs)]
 pub struct Args {
     /// Base URL of a prefill instance (`vkv serve --role prefill`), e.g. http://10.0.0.1:8001;
@@ -34,6 +36,9 @@ pub struct Args {
     /// Larger request bodies are refused with 413.
     #[arg(long = "max-body-size", default_value = "4MiB", value_parser = parse_bytes)]
     max_body_size: usize,
+    /// Connections open at once; more are answered 503 and closed. Default: as `vkv serve`'s.
+    #[arg(long = "max-connections")]
+    max_connections: Option<usize>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -54,17 +59,10 @@ pub fn run(args: Args) -> Result<()> {
         api_key: args.api_key.clone(),
         health_interval: Duration::from_secs_f64(args.health_interval),
         max_body_bytes: args.max_body_size,
+        max_connections: connection_cap(args.max_connections)?,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
-            .await
-            .with_context(|| format!("binding {}:{}", args.host, args.port))?;
-        let addr = listener.local_addr().context("reading the bound address")?;
+    runtime()?.block_on(async {
+        let (listener, addr) = bind(&args.host, args.port).await?;
         println!(
             "vkv route: on http://{addr} (prefill {}; decode {})",
             args.prefill.join(", "),

@@ -61,6 +61,38 @@ pub struct Args {
     engine: EngineArgs,
 }
 
+/// `--max-connections`, or the default: the open-file limit (raised to its hard limit here) less
+/// 256 for the process's own files. `vkv serve`'s rule, and `vkv route`'s.
+pub(crate) fn connection_cap(flag: Option<usize>) -> Result<usize> {
+    let open_files = vkv_server::raise_open_files_limit().context("reading the open-file limit")?;
+    Ok(match flag {
+        Some(0) => bail!("--max-connections must be at least 1, found 0"),
+        Some(n) => n,
+        None => (open_files.saturating_sub(256) as usize).max(16),
+    })
+}
+
+/// The async runtime the HTTP commands run on (the engine has its own threads).
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Listen on `host:port` (0: a free port); the listener and the address it got.
+pub(crate) async fn bind(
+    host: &str,
+    port: u16,
+) -> Result<(tokio::net::TcpListener, std::net::SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind((host, port))
+        .await
+        .with_context(|| format!("binding {host}:{port}"))?;
+    let addr = listener.local_addr().context("reading the bound address")?;
+    Ok((listener, addr))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum RoleArg {
     Both,
@@ -78,12 +110,7 @@ pub fn run(args: Args) -> Result<()> {
             bail!("{flag} must be a number of seconds ≥ 0, found {seconds}");
         }
     }
-    let open_files = vkv_server::raise_open_files_limit().context("reading the open-file limit")?;
-    let max_connections = match args.max_connections {
-        Some(0) => bail!("--max-connections must be at least 1, found 0"),
-        Some(n) => n,
-        None => (open_files.saturating_sub(256) as usize).max(16),
-    };
+    let max_connections = connection_cap(args.max_connections)?;
     let role = match args.role {
         RoleArg::Both => Role::Both,
         RoleArg::Prefill => Role::Prefill,
@@ -104,16 +131,8 @@ pub fn run(args: Args) -> Result<()> {
         Engine::start(model, args.engine.config(mode, device)).context("starting the engine")?,
     );
     let metrics = engine.metrics();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
-            .await
-            .with_context(|| format!("binding {}:{}", args.host, args.port))?;
-        let addr = listener.local_addr().context("reading the bound address")?;
+    runtime()?.block_on(async {
+        let (listener, addr) = bind(&args.host, args.port).await?;
         println!(
             "vkv serve: {served_model_name} on http://{addr} (role {}, device {}, KV {}, capacity {} tokens, max model len {}, max num seqs {}; {})",
             role.as_str(),

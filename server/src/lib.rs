@@ -117,8 +117,7 @@ pub async fn serve(
     hurry: impl Future<Output = ()>,
 ) -> Result<ShutdownReport, ServerError> {
     let timeout = config.shutdown_timeout;
-    let config_max_connections = config.max_connections;
-    let connections = Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1)));
+    let max_connections = config.max_connections;
     let state = Arc::new(AppState::new(engine.clone(), config));
     // Prefill role: prompt KV no decode instance pulled is dropped once its time is up, even if
     // nothing else touches the store.
@@ -132,46 +131,17 @@ pub async fn serve(
         })
     });
     let graceful = GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                // Out of file descriptors and the like: wait a little rather than spin or die.
-                Err(e) if is_transient(&e) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-                Err(e) => return Err(ServerError::Accept(e)),
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
-        // A connection over the cap is told so in one write and closed: no task, no parsing.
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            tracing::warn!(
-                max_connections = config_max_connections,
-                "connection refused: too many open connections"
-            );
-            tokio::spawn(refuse_connection(stream));
-            continue;
-        };
-        let state = state.clone();
-        let service = service_fn(move |req| {
+    accept_connections(
+        &listener,
+        shutdown,
+        max_connections,
+        &graceful,
+        move |req| {
             let state = state.clone();
-            async move { Ok::<_, std::convert::Infallible>(state.handle(req).await) }
-        });
-        // The timer enables hyper's 30 s limit on reading request headers (slow clients).
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            // A client that resets or times out is its own business.
-            let _ = conn.await;
-            drop(permit);
-        });
-    }
+            async move { state.handle(req).await }
+        },
+    )
+    .await?;
     drop(listener);
     if let Some(sweeper) = sweeper {
         sweeper.abort();
@@ -199,6 +169,64 @@ pub async fn serve(
         drained,
         connections_left,
     })
+}
+
+/// Accept connections on `listener` until `shutdown` resolves, each served by `handle` on a task
+/// of its own and watched by `graceful`; at most `max_connections` open at once (one more is
+/// answered 503 and closed without parsing). The accept loop of `vkv serve` and `vkv route`.
+pub(crate) async fn accept_connections<H, F, B>(
+    listener: &TcpListener,
+    shutdown: impl Future<Output = ()>,
+    max_connections: usize,
+    graceful: &GracefulShutdown,
+    handle: H,
+) -> Result<(), ServerError>
+where
+    H: Fn(hyper::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = hyper::Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = bytes::Bytes, Error = std::convert::Infallible> + Send + 'static,
+{
+    let connections = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                // Out of file descriptors and the like: wait a little rather than spin or die.
+                Err(e) if is_transient(&e) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+                Err(e) => return Err(ServerError::Accept(e)),
+            },
+            () = &mut shutdown => return Ok(()),
+        };
+        let _ = stream.set_nodelay(true);
+        // A connection over the cap is told so in one write and closed: no task, no parsing.
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(
+                max_connections,
+                "connection refused: too many open connections"
+            );
+            tokio::spawn(refuse_connection(stream));
+            continue;
+        };
+        let handle = handle.clone();
+        let service = service_fn(move |req| {
+            let answer = handle(req);
+            async move { Ok::<_, std::convert::Infallible>(answer.await) }
+        });
+        // The timer enables hyper's 30 s limit on reading request headers (slow clients).
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            // A client that resets or times out is its own business.
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
 }
 
 /// The answer to a connection over `max_connections`: a 503 without reading the request, then

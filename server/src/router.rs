@@ -32,12 +32,10 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Frame, Incoming};
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
@@ -45,6 +43,7 @@ use tokio::net::TcpListener;
 use crate::api::check_bearer;
 use crate::error::ApiError;
 use crate::metrics::single;
+use crate::{accept_connections, ServerError};
 
 /// How the router is set up (`vkv route`'s options).
 #[derive(Debug, Clone)]
@@ -60,6 +59,8 @@ pub struct RouterConfig {
     pub health_interval: Duration,
     /// Larger request bodies are refused with 413.
     pub max_body_bytes: usize,
+    /// Connections open at once; one more is answered 503 and closed (as `vkv serve`'s).
+    pub max_connections: usize,
 }
 
 /// One instance as the router sees it.
@@ -624,13 +625,13 @@ fn pass_on(r: Response<Incoming>, in_flight: InFlight) -> Response<RouterBody> {
     out
 }
 
-/// Route on `listener` until `shutdown` resolves; then stop accepting and let the answers in
-/// flight finish (up to 30 s) before returning.
+/// Route on `listener` until `shutdown` resolves (through `vkv serve`'s accept loop, with its
+/// connection cap); then stop accepting and let the answers in flight finish (up to 30 s).
 pub async fn route(
     config: RouterConfig,
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
-) -> std::io::Result<()> {
+) -> Result<(), ServerError> {
     let router = Arc::new(Router::new(config));
     let prober = tokio::spawn({
         let router = router.clone();
@@ -641,37 +642,17 @@ pub async fn route(
             }
         }
     });
-    let mut shutdown = std::pin::pin!(shutdown);
     let graceful = GracefulShutdown::new();
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
+    let max_connections = router.config.max_connections;
+    let accepted = accept_connections(&listener, shutdown, max_connections, &graceful, {
         let router = router.clone();
-        let service = service_fn(move |req| {
-            let router = router.clone();
-            async move { Ok::<_, Infallible>(router.handle(req).await) }
-        });
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-    }
+        move |req| router.clone().handle(req)
+    })
+    .await;
     drop(listener);
     let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
     prober.abort();
-    Ok(())
+    accepted
 }
 
 #[cfg(test)]
