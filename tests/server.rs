@@ -335,12 +335,30 @@ async fn metrics(c: &HttpClient, s: &Server) -> HashMap<String, f64> {
     parse_prometheus(&text)
 }
 
-/// Poll `/metrics` until the engine holds nothing (no request, no KV memory).
-async fn wait_until_empty(c: &HttpClient, s: &Server, what: &str) -> HashMap<String, f64> {
+/// Poll `/metrics` of `s` until `done` holds for its samples (at most `limit`); the samples.
+async fn wait_for_metrics(
+    c: &HttpClient,
+    s: &Server,
+    what: &str,
+    limit: Duration,
+    done: impl Fn(&HashMap<String, f64>) -> bool,
+) -> HashMap<String, f64> {
     let start = Instant::now();
     loop {
         let m = metrics(c, s).await;
-        let idle = [
+        if done(&m) {
+            return m;
+        }
+        assert!(start.elapsed() < limit, "{what}: {m:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Poll `/metrics` until the engine holds nothing (no request, no KV memory).
+async fn wait_until_empty(c: &HttpClient, s: &Server, what: &str) -> HashMap<String, f64> {
+    let what = format!("{what}: the engine still holds requests or KV memory");
+    wait_for_metrics(c, s, &what, Duration::from_secs(30), |m| {
+        [
             "vkv_num_requests_running",
             "vkv_num_requests_waiting",
             "vkv_kv_allocated_bytes",
@@ -348,16 +366,9 @@ async fn wait_until_empty(c: &HttpClient, s: &Server, what: &str) -> HashMap<Str
             "vkv_kv_sequences",
         ]
         .iter()
-        .all(|k| m[*k] == 0.0);
-        if idle {
-            return m;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "{what}: the engine still holds requests or KV memory: {m:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        .all(|k| m[*k] == 0.0)
+    })
+    .await
 }
 
 #[test]
@@ -1568,15 +1579,11 @@ impl Drop for Router {
 
 /// Poll `/metrics` of `s` until no prompt KV is held for a decode instance.
 async fn wait_until_nothing_held(c: &HttpClient, s: &Server, what: &str) -> HashMap<String, f64> {
-    let start = Instant::now();
-    loop {
-        let m = metrics(c, s).await;
-        if m["vkv_kv_handoff_held"] == 0.0 && m["vkv_kv_handoff_held_bytes"] == 0.0 {
-            return m;
-        }
-        assert!(start.elapsed() < LIMIT, "{what}: KV still held: {m:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let what = format!("{what}: KV still held");
+    wait_for_metrics(c, s, &what, LIMIT, |m| {
+        m["vkv_kv_handoff_held"] == 0.0 && m["vkv_kv_handoff_held_bytes"] == 0.0
+    })
+    .await
 }
 
 #[test]
