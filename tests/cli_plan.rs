@@ -123,4 +123,88 @@ fn a_measured_profile_plans_both_placements() {
     assert_one_line_error(&out, "is not a vkv profile", "a file that is not a profile");
     let out = vkv(&["plan", "--profile", profile_arg, "--attainment", "2"]);
     assert_one_line_error(&out, "--attainment", "an attainment above 1");
+
+    // A modelled profile: the same model at tensor parallel 2, written as modelled and named so
+    // by every plan made with it; the search places it on 2-GPU nodes.
+    let tp2 = dir.path().join("smol-tp2.json");
+    let out = vkv(&[
+        "profile",
+        "--modelled-from",
+        profile_arg,
+        "--model",
+        "preset:smollm2-135m",
+        "--tensor-parallel",
+        "2",
+        "--out",
+        tp2.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m: Value = serde_json::from_str(&std::fs::read_to_string(&tp2).unwrap()).unwrap();
+    assert_eq!(m["tensor_parallel"], 2, "{m}");
+    assert!(
+        m["modelled"]
+            .as_str()
+            .unwrap()
+            .contains("tensor parallel 2"),
+        "{m}"
+    );
+    assert!(
+        m["kv_capacity_tokens"].as_u64().unwrap() > 2 * p["kv_capacity_tokens"].as_u64().unwrap(),
+        "{m}"
+    );
+    let out = vkv(&[
+        "plan",
+        "--profile",
+        profile_arg,
+        "--profile",
+        tp2.to_str().unwrap(),
+        "--gpus",
+        "4",
+        "--gpus-per-node",
+        "2",
+        "--workload",
+        "uniform:50-200,10-40",
+        "--ttft",
+        "2",
+        "--tpot",
+        "0.1",
+        "--num-requests",
+        "100",
+        "--min-duration",
+        "10",
+        "--kv-layout",
+        "paged",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("2 colocated (smol-tp2)")
+            && text.contains("modelled, not measured: smol-tp2"),
+        "{text}"
+    );
+    // llama-3-70b does not fit the memory this CPU profile had, at any small degree.
+    let out = vkv(&[
+        "profile",
+        "--modelled-from",
+        profile_arg,
+        "--model",
+        "preset:llama-3-70b",
+        "--tensor-parallel",
+        "4",
+    ]);
+    assert_one_line_error(
+        &out,
+        "llama-3-70b at tensor parallel 4 needs",
+        "a model that does not fit",
+    );
+    let out = vkv(&["plan", "--profile", profile_arg, "--kv-layout", "blocks"]);
+    assert_one_line_error(&out, "--kv-layout", "an unknown KV layout");
 }

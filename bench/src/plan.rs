@@ -6,23 +6,31 @@
 //!   by least squares, DistServe's forms: a prefill step of prompts (or chunks) of lengths `l_i`
 //!   costs `a + b·Σl_i + c·Σl_i²`, a decode step of `B` sequences with contexts `c_i` costs
 //!   `a + b·Σc_i + c·B`. `vkv profile` measures one through the engine (`profile` module).
-//! - [`simulate`]: a discrete-event simulation of instances serving Poisson arrivals — colocated
-//!   (continuous batching with chunked prefill, as vkv's scheduler does) or disaggregated
-//!   (prefill instances hand each request's KV, at a cost per token, to decode instances) —
-//!   giving each request's TTFT and TPOT.
+//! - [`simulate`]: a discrete-event simulation of instances serving Poisson arrivals —
+//!   colocated or disaggregated (prefill instances hand each request's KV to decode instances,
+//!   at a cost per request, per copy of the exporting layout and per byte) — in which every
+//!   instance is vkv's own scheduler (chunked prefill, continuous batching, KV reserved as
+//!   tokens arrive, preemption by recompute) over the books of a cache of the profile's
+//!   capacity, giving each request's TTFT and TPOT.
 //! - [`search`]: the highest rate whose SLO attainment (TTFT and TPOT both met) reaches the
 //!   target, found by bisection, and DistServe's placement search over instance counts for a
-//!   GPU budget: per-GPU goodput of every placement, best first.
+//!   GPU budget (low and high node-affinity): per-GPU goodput of every placement, best first.
+//! - [`Profile::modelled`]: a profile of another model or tensor-parallel degree scaled from a
+//!   measured one (FLOPs, weight and KV bytes, two all-reduces per layer), marked as modelled.
 //!
 //! What is modelled rather than measured: a mixed step (decodes and prefill chunks together)
-//! costs its prefill part plus its decode part; requests reserve their whole KV (prompt plus
-//! output) when admitted, so there is no preemption; requests go to instances round-robin; the
-//! handoff is `kv_bytes_per_token × prompt / bandwidth` plus a fixed latency.
+//! costs its prefill part plus its decodes' attention and per-sequence terms (the decode
+//! constant, the pass over the weights, once); the vmm caches' page-granular reservation is
+//! approximated by blocks; requests go to instances round-robin (`vkv route` balances by
+//! load); the handoff is `latency + copies × copy cost + bytes / bandwidth`; prefix caching is
+//! off (every prompt computed whole); tensor parallelism only through modelled profiles.
 
 pub mod profile;
 pub mod search;
 pub mod simulate;
 
-pub use profile::{DecodeModel, PrefillModel, Profile};
+pub use profile::{DecodeModel, ModelShape, PrefillModel, Profile, Scaling};
 pub use search::{at_rates, max_rate, placements, PlacementResult, RatePoint, Slo};
-pub use simulate::{simulate, Handoff, InstanceLimits, Outcome, Placement, SimRequest};
+pub use simulate::{
+    simulate, Handoff, InstanceLimits, KvLayout, Outcome, Placement, SimRequest, Simulation,
+};

@@ -51,7 +51,7 @@ pub use manager::{
     KvBudget, KvCache, KvCacheDtype, KvDims, KvManager, KvMode, KvUsage, MapAhead, PrefixCache,
     SeqId, VmmShape,
 };
-pub use paged::{BlockStorage, HostPools, PagedKv};
+pub use paged::{BlockStorage, HostPools, NoPools, PagedKv};
 pub use prefix::{
     block_keys, BlockKey, CachedBlock, Inserted, PrefixError, PrefixIndex, PrefixMatch, PrefixStats,
 };

@@ -112,6 +112,32 @@ impl BlockStorage for HostPools {
     }
 }
 
+/// No pools at all: the books of a paged cache — allocator, tables, reference counts, prefix
+/// index — with no bytes behind them, for what needs only its decisions (`vkv plan`'s
+/// simulation runs vkv's scheduler against one sized as a GPU's cache, which the host could not
+/// hold). Copying a block copies nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoPools;
+
+impl BlockStorage for NoPools {
+    fn copy_block(&mut self, _src: BlockId, _dst: BlockId) -> Result<(), KvError> {
+        Ok(())
+    }
+}
+
+impl PagedKv<NoPools> {
+    /// The books of a cache of `num_blocks` blocks of `block_size` tokens of `dims` in
+    /// `elem_bytes` elements, holding no memory (see [`NoPools`]).
+    pub fn books_only(
+        dims: KvDims,
+        elem_bytes: usize,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self, KvError> {
+        Self::from_parts(dims, elem_bytes, num_blocks, block_size, NoPools)
+    }
+}
+
 /// The paged KV cache: the block books over `S`'s pools (see the module docs).
 pub struct PagedKv<S = HostPools> {
     dims: KvDims,

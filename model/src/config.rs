@@ -44,6 +44,13 @@ const PRESETS: &[Preset] = &[
         rope_theta: 500000.0,
         tied: false,
     },
+    // meta-llama/Meta-Llama-3-70B (141 GB in bf16: more than one GPU holds; for planning)
+    Preset {
+        name: "llama-3-70b",
+        dims: [128256, 8192, 28672, 80, 64, 8, 8192],
+        rope_theta: 500000.0,
+        tied: false,
+    },
     // meta-llama/Llama-2-7b-hf
     Preset {
         name: "llama-2-7b",

@@ -537,6 +537,9 @@ fn presets_have_the_published_shapes_and_unknown_names_are_refused() {
     assert_eq!((l3.num_layers, l3.num_kv_heads, l3.head_dim), (32, 8, 128));
     // Meta-Llama-3-8B has 8.03 B parameters.
     assert_eq!(l3.num_parameters(), 8_030_261_248);
+    // Meta-Llama-3-70B has 70.55 B parameters.
+    let l70 = LlamaConfig::preset("llama-3-70b").unwrap();
+    assert_eq!(l70.num_parameters(), 70_553_706_496);
     let smol = LlamaConfig::preset("smollm2-135m").unwrap();
     assert!(smol.tie_word_embeddings);
     // SmolLM2-135M: 134.5 M parameters (tied embeddings).

@@ -30,6 +30,7 @@ impl KvShape {
 /// Every preset: name, layers, KV heads, head dim, context length (all bf16/fp16).
 const PRESETS: &[(&str, usize, usize, usize, usize)] = &[
     ("llama-3-8b", 32, 8, 128, 8192),
+    ("llama-3-70b", 80, 8, 128, 8192),
     ("llama-2-7b", 32, 32, 128, 4096),
     ("mistral-7b", 32, 8, 128, 32768),
     ("yi-6b", 32, 4, 128, 4096),

@@ -11,9 +11,9 @@ use clap::Args as ClapArgs;
 use serde::Serialize;
 
 use crate::plan::profile::{fit_decode, fit_prefill};
-use crate::plan::search::Arrivals;
+use crate::plan::search::{Arrivals, HandoffCosts, HandoffPath};
 use crate::plan::{
-    at_rates, placements, Handoff, Placement, PlacementResult, Profile, RatePoint, Slo,
+    at_rates, placements, KvLayout, Placement, PlacementResult, Profile, RatePoint, Slo,
 };
 use crate::report::emit;
 use crate::workload::Workload;
@@ -38,6 +38,12 @@ pub struct Args {
     /// GPUs to place instances on.
     #[arg(long, default_value_t = 1)]
     gpus: usize,
+    /// GPUs per node: no instance spans nodes, and a disaggregated placement whose prefill and
+    /// decode instances cannot share nodes in its ratio hands KV over the network
+    /// (`--network-bandwidth`); the best unit that fits one node, repeated, is tried too
+    /// (DistServe's high node-affinity placement). Default: all GPUs in one node.
+    #[arg(long)]
+    gpus_per_node: Option<usize>,
     /// Requests simulated per evaluation (at least: see `--min-duration`).
     #[arg(long, default_value_t = 1000)]
     num_requests: usize,
@@ -46,13 +52,24 @@ pub struct Args {
     /// one burst. 0: exactly `--num-requests` (as a `vkv bench offline` run to compare with).
     #[arg(long, default_value_t = 60.0)]
     min_duration: f64,
-    /// Bytes/s of the KV handoff between a prefill and a decode instance (default: NVLink-class
-    /// 100 GB/s).
+    /// Bytes/s of the KV handoff between a prefill and a decode instance in one node (default:
+    /// NVLink-class 100 GB/s).
     #[arg(long, default_value_t = 100e9)]
     handoff_bandwidth: f64,
+    /// Bytes/s of the KV handoff across nodes (default: one 200 Gb/s NIC, 25 GB/s).
+    #[arg(long, default_value_t = 25e9)]
+    network_bandwidth: f64,
     /// Seconds per handoff besides the bytes.
     #[arg(long, default_value_t = 0.0005)]
     handoff_latency: f64,
+    /// The prefill instances' KV layout, which sets the copies of a handoff: token-major (vmm,
+    /// one copy), per-layer (vmm, 2 per layer) or paged (one per 16-token block, layer, K/V
+    /// and KV head).
+    #[arg(long, default_value = "token-major")]
+    kv_layout: String,
+    /// Seconds each copy of a handoff costs besides its bytes (a copy call's issue cost).
+    #[arg(long, default_value_t = 2e-6)]
+    handoff_copy_seconds: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Instead of the search: simulate one placement at these request rates (its P90 TTFT and
@@ -113,8 +130,11 @@ struct PlanReport {
     workload: String,
     slo: Slo,
     gpus: usize,
+    gpus_per_node: Option<usize>,
     profiles: Vec<String>,
     placements: Vec<PlacementResult>,
+    /// The profiles that are modelled, and how.
+    modelled: Vec<String>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -129,6 +149,22 @@ pub fn run(args: Args) -> Result<()> {
             args.attainment
         );
     }
+    if args.gpus_per_node == Some(0) {
+        bail!("--gpus-per-node must be at least 1");
+    }
+    let layout = KvLayout::parse(&args.kv_layout).with_context(|| {
+        format!(
+            "--kv-layout must be token-major, per-layer or paged, found {:?}",
+            args.kv_layout
+        )
+    })?;
+    let costs = HandoffCosts {
+        in_node_bandwidth: args.handoff_bandwidth,
+        network_bandwidth: args.network_bandwidth,
+        latency: args.handoff_latency,
+        layout,
+        copy_seconds: args.handoff_copy_seconds,
+    };
     let mut profiles = Vec::new();
     for path in &args.profile {
         let text = std::fs::read_to_string(path)
@@ -177,7 +213,7 @@ pub fn run(args: Args) -> Result<()> {
         }
         let placement = parse_placement(&args.placement)?;
         let (prefill, decode) = (&profiles[0].1, &profiles[profiles.len() - 1].1);
-        let handoff = Handoff::of(prefill, args.handoff_bandwidth, args.handoff_latency);
+        let handoff = costs.of(prefill, HandoffPath::InNode);
         let report = RatesReport {
             workload: workload.name(),
             slo,
@@ -195,16 +231,20 @@ pub fn run(args: Args) -> Result<()> {
         return Ok(emit(&report, args.json, |r| {
             println!("{} on {:?} (simulated):", r.workload, r.placement);
             println!(
-                "{:>8} {:>12} {:>12} {:>9}",
-                "req/s", "P90 TTFT ms", "P90 TPOT ms", "attained"
+                "{:>8} {:>20} {:>20} {:>9} {:>11}",
+                "req/s", "TTFT ms p50/p90/p99", "TPOT ms p50/p90/p99", "attained", "preemptions"
             );
             for p in &r.points {
+                let ms = |a: f64, b: f64, c: f64| {
+                    format!("{:.1}/{:.1}/{:.1}", a * 1e3, b * 1e3, c * 1e3)
+                };
                 println!(
-                    "{:>8.2} {:>12.1} {:>12.2} {:>8.1}%",
+                    "{:>8.2} {:>20} {:>20} {:>8.1}% {:>11}",
                     p.rate,
-                    p.p90_ttft * 1e3,
-                    p.p90_tpot * 1e3,
-                    p.attainment * 100.0
+                    ms(p.median_ttft, p.p90_ttft, p.p99_ttft),
+                    ms(p.median_tpot, p.p90_tpot, p.p99_tpot),
+                    p.attainment * 100.0,
+                    p.preemptions
                 );
             }
         })?);
@@ -214,14 +254,19 @@ pub fn run(args: Args) -> Result<()> {
         slo,
         gpus: args.gpus,
         profiles: profiles.iter().map(|p| p.0.clone()).collect(),
+        gpus_per_node: args.gpus_per_node,
         placements: placements(
             &profiles,
             args.gpus,
+            args.gpus_per_node,
             &arrivals,
             slo,
-            args.handoff_bandwidth,
-            args.handoff_latency,
+            &costs,
         ),
+        modelled: profiles
+            .iter()
+            .filter_map(|(name, p)| p.modelled.as_ref().map(|m| format!("{name}: {m}")))
+            .collect(),
     };
     if let Some(path) = &args.svg {
         let profile = |name: &str| {
@@ -241,7 +286,7 @@ pub fn run(args: Args) -> Result<()> {
                     r.placement,
                     prefill,
                     decode,
-                    Handoff::of(prefill, args.handoff_bandwidth, args.handoff_latency),
+                    costs.of(prefill, r.handoff.unwrap_or(HandoffPath::InNode)),
                     &arrivals,
                     slo,
                     &rates,
@@ -261,13 +306,13 @@ pub fn run(args: Args) -> Result<()> {
             r.slo.attainment * 100.0
         );
         println!(
-            "{:<34} {:>5} {:>10} {:>10} {:>10} {:>10} {:>8}",
+            "{:<44} {:>5} {:>10} {:>10} {:>10} {:>10} {:>8}",
             "placement", "GPUs", "req/s", "req/s/GPU", "P90 TTFT", "P90 TPOT", "attained"
         );
         for p in &r.placements {
             let what = placement_name(p);
             println!(
-                "{what:<34} {:>5} {:>10.2} {:>10.2} {:>8.0}ms {:>8.1}ms {:>7.1}%",
+                "{what:<44} {:>5} {:>10.2} {:>10.2} {:>8.0}ms {:>8.1}ms {:>7.1}%",
                 p.gpus,
                 p.rate,
                 p.goodput_per_gpu,
@@ -275,6 +320,9 @@ pub fn run(args: Args) -> Result<()> {
                 p.p90_tpot * 1e3,
                 p.attainment * 100.0
             );
+        }
+        for m in &r.modelled {
+            println!("modelled, not measured: {m}");
         }
     })?)
 }
@@ -286,8 +334,13 @@ fn placement_name(p: &PlacementResult) -> String {
             format!("{replicas} colocated ({})", p.prefill_profile)
         }
         Placement::Disaggregated { prefill, decode } => format!(
-            "{prefill}P ({}) + {decode}D ({})",
-            p.prefill_profile, p.decode_profile
+            "{prefill}P ({}) + {decode}D ({}){}",
+            p.prefill_profile,
+            p.decode_profile,
+            match p.handoff {
+                Some(HandoffPath::Network) => ", KV over network",
+                _ => "",
+            }
         ),
     }
 }

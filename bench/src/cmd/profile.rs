@@ -13,12 +13,12 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
 use vkv_engine::engine::{event_channel, Engine, EventKind};
-use vkv_engine::model::load_model;
+use vkv_engine::model::{load_model, LlamaConfig};
 
 use super::EngineOptions;
 use crate::offline::random_requests;
 use crate::plan::profile::{fit_decode, fit_prefill, DecodeSample, PrefillSample};
-use crate::plan::Profile;
+use crate::plan::{ModelShape, Profile, Scaling};
 use crate::workload::RequestShape;
 
 #[derive(Debug, ClapArgs)]
@@ -43,6 +43,26 @@ pub struct Args<E: EngineOptions> {
     /// Where to write the profile (JSON); also printed.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Measure nothing: model a profile of `--model` (a preset or an HF directory) at
+    /// `--tensor-parallel` GPUs per instance from this measured profile of another model on
+    /// the same card (see `Profile::modelled` for the rules). Marked as modelled in the file
+    /// and in every plan made with it.
+    #[arg(long)]
+    modelled_from: Option<PathBuf>,
+    /// With `--modelled-from`: GPUs per instance.
+    #[arg(long, default_value_t = 1)]
+    tensor_parallel: usize,
+    /// With `--modelled-from`: all-reduce bus bandwidth, bytes/s (default 300 GB/s, an
+    /// assumption for NVLink 4; measure it with nccl-tests' all_reduce_perf).
+    #[arg(long, default_value_t = 300e9)]
+    allreduce_bandwidth: f64,
+    /// With `--modelled-from`: seconds of one all-reduce besides its bytes.
+    #[arg(long, default_value_t = 10e-6)]
+    allreduce_latency: f64,
+    /// With `--modelled-from`: device memory bandwidth, bytes/s (default: the H100's copy
+    /// bandwidth measured by `vkv bench kernels`, 2.95 TB/s).
+    #[arg(long, default_value_t = 2.95e12)]
+    memory_bandwidth: f64,
     #[command(flatten)]
     engine: E,
 }
@@ -71,7 +91,67 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The shape of the model at `path` without loading its weights: a preset or an HF directory.
+fn model_shape(path: &std::path::Path) -> Result<(String, ModelShape)> {
+    let text = path.to_string_lossy();
+    let config = if let Some(name) = text.strip_prefix("preset:") {
+        LlamaConfig::preset(name)?
+    } else if path.join("config.json").is_file() {
+        let json = std::fs::read_to_string(path.join("config.json"))
+            .with_context(|| format!("reading {}/config.json", path.display()))?;
+        LlamaConfig::from_hf_json(&json)?
+    } else {
+        bail!(
+            "--modelled-from needs --model preset:NAME or an HF directory (with config.json), found {}",
+            path.display()
+        );
+    };
+    let name = text.strip_prefix("preset:").unwrap_or(&text).to_string();
+    Ok((name, ModelShape::of(&config)))
+}
+
+/// Write `profile` to `out` (if given) and print it.
+fn write(profile: &Profile, out: Option<&std::path::Path>) -> Result<()> {
+    let text = serde_json::to_string_pretty(profile)?;
+    if let Some(out) = out {
+        std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
+    }
+    println!("{text}");
+    Ok(())
+}
+
+fn modelled<E: EngineOptions>(args: &Args<E>, from: &std::path::Path) -> Result<()> {
+    let text = std::fs::read_to_string(from)
+        .with_context(|| format!("reading the profile {}", from.display()))?;
+    let measured: Profile = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a vkv profile", from.display()))?;
+    let path = args
+        .model
+        .as_deref()
+        .context("--modelled-from needs --model: the model to model")?;
+    let (name, shape) = model_shape(path)?;
+    let profile = measured
+        .modelled(
+            &name,
+            &shape,
+            Scaling {
+                tensor_parallel: args.tensor_parallel,
+                allreduce_bandwidth: args.allreduce_bandwidth,
+                allreduce_latency: args.allreduce_latency,
+                memory_bandwidth: args.memory_bandwidth,
+            },
+        )
+        .with_context(|| format!("modelling {name} from {}", from.display()))?;
+    write(&profile, args.out.as_deref())
+}
+
 pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
+    if let Some(from) = &args.modelled_from {
+        return modelled(&args, from);
+    }
+    if args.tensor_parallel != 1 {
+        bail!("vkv profile measures at tensor parallel 1 (one GPU); model other degrees with --modelled-from");
+    }
     let device = args.engine.device()?;
     let path = args.engine.model_path(args.model.clone())?;
     let kv_mode = *args
@@ -93,6 +173,7 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
     config.enable_prefix_caching = false;
     let model = load_model(&path).with_context(|| format!("loading {}", path.display()))?;
     let name = model.name.clone();
+    let shape = ModelShape::of(&model.model.config);
     let engine = Engine::start(model, config).context("starting the engine")?;
     let limit = engine.max_model_len();
     let metrics = engine.metrics();
@@ -182,16 +263,20 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
         max_model_len: limit,
         max_num_batched_tokens: serving.max_num_batched_tokens,
         max_num_seqs: serving.max_num_seqs,
+        // `paged-16`: 16-token blocks; the vmm caches reserve whole pages, which the books of
+        // the simulation approximate with blocks of the default size.
+        kv_block_tokens: metrics
+            .kv_name
+            .strip_prefix("paged-")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0),
+        shape: Some(shape),
+        modelled: None,
         prefill: fit_prefill(&prefill)?,
         decode: fit_decode(&decode)?,
         prefill_samples: prefill,
         decode_samples: decode,
     };
     engine.shutdown(false);
-    let text = serde_json::to_string_pretty(&profile)?;
-    if let Some(out) = &args.out {
-        std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
-    }
-    println!("{text}");
-    Ok(())
+    write(&profile, args.out.as_deref())
 }

@@ -85,10 +85,226 @@ pub struct Profile {
     /// The engine's step token budget and sequence limit when measured.
     pub max_num_batched_tokens: usize,
     pub max_num_seqs: usize,
+    /// Tokens per KV block (paged) or per page (vmm) of the measured cache: the unit KV is
+    /// reserved in; 0 (older profiles): 16.
+    #[serde(default)]
+    pub kv_block_tokens: usize,
+    /// The model's shape: what [`Profile::modelled`] scales by (`None` in older profiles).
+    #[serde(default)]
+    pub shape: Option<ModelShape>,
+    /// `None`: measured. Otherwise how this profile was modelled from a measured one (see
+    /// [`Profile::modelled`]), which a plan made with it must say.
+    #[serde(default)]
+    pub modelled: Option<String>,
     pub prefill_samples: Vec<PrefillSample>,
     pub decode_samples: Vec<DecodeSample>,
     pub prefill: PrefillModel,
     pub decode: DecodeModel,
+}
+
+impl Profile {
+    /// The unit KV is reserved in, in tokens.
+    pub fn kv_block_tokens(&self) -> usize {
+        match self.kv_block_tokens {
+            0 => 16,
+            n => n,
+        }
+    }
+}
+
+/// A Llama-family model's shape, as far as step latencies and memory scale with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelShape {
+    pub layers: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+    pub parameters: usize,
+}
+
+impl ModelShape {
+    pub fn of(config: &vkv_engine::model::LlamaConfig) -> ModelShape {
+        ModelShape {
+            layers: config.num_layers,
+            hidden: config.hidden_size,
+            intermediate: config.intermediate_size,
+            heads: config.num_heads,
+            kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+            vocab: config.vocab_size,
+            parameters: config.num_parameters(),
+        }
+    }
+
+    /// Parameters of the layers' projections (attention and MLP): a token's linear work, which
+    /// prefill's per-token and decode's per-sequence terms scale with.
+    fn projection_parameters(&self) -> f64 {
+        let (h, q, kv) = (
+            self.hidden,
+            self.heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+        );
+        (self.layers * (h * q + 2 * h * kv + q * h + 3 * h * self.intermediate)) as f64
+    }
+
+    /// bf16 weights, the whole model.
+    fn weight_bytes(&self) -> f64 {
+        2.0 * self.parameters as f64
+    }
+
+    /// KV heads one of `tp` ranks holds (heads are replicated when there are fewer than ranks).
+    fn kv_heads_per_rank(&self, tp: usize) -> usize {
+        self.kv_heads.div_ceil(tp.max(1))
+    }
+}
+
+/// What a modelled profile assumes besides the measured one (see [`Profile::modelled`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scaling {
+    /// Tensor-parallel degree of the modelled instance.
+    pub tensor_parallel: usize,
+    /// All-reduce bus bandwidth (bytes/s) and the fixed time of one all-reduce (seconds).
+    pub allreduce_bandwidth: f64,
+    pub allreduce_latency: f64,
+    /// Device memory bandwidth (bytes/s): the part of the measured decode constant that is the
+    /// pass over the weights is `weights / bandwidth`.
+    pub memory_bandwidth: f64,
+}
+
+/// Why a profile cannot be modelled.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ModelledError {
+    #[error("the measured profile has no model shape (it predates them): measure it again with this version of vkv profile")]
+    NoShape,
+    #[error("{model} at tensor parallel {tp} needs {needed_gib:.1} GiB of weights per GPU, more than the {usable_gib:.1} GiB a GPU of the measured profile offers")]
+    DoesNotFit {
+        model: String,
+        tp: usize,
+        needed_gib: f64,
+        usable_gib: f64,
+    },
+    #[error("tensor parallel must be at least 1 and the bandwidths positive")]
+    BadScaling,
+}
+
+impl Profile {
+    /// A profile of `model` (`shape`) at `scaling.tensor_parallel` GPUs per instance, modelled
+    /// from this measured one on the same card:
+    ///
+    /// - prefill: the constant scales with the layers; the per-token term with the projection
+    ///   parameters per GPU; the quadratic (attention) term with layers × query heads × head
+    ///   dim per GPU;
+    /// - decode: the constant is the pass over the weights (`weights / memory bandwidth`, at
+    ///   most the measured constant) plus the rest, which scales with the layers; the context
+    ///   term scales with the KV bytes per token per GPU; the per-sequence term with the
+    ///   projection parameters per GPU;
+    /// - tensor parallelism adds two all-reduces per layer (Megatron) of `hidden` bf16 values
+    ///   per token: `2(tp − 1)/tp` of those bytes over the bus bandwidth, and their fixed time
+    ///   to the constants;
+    /// - KV capacity: the memory a GPU of the measured profile gave weights and KV together,
+    ///   times `tp`, less the weights, over the KV bytes per token (KV heads split over the
+    ///   ranks, replicated when fewer than the ranks).
+    ///
+    /// The result carries no samples (so it is not fitted again) and says what it assumed in
+    /// [`Profile::modelled`].
+    pub fn modelled(
+        &self,
+        model: &str,
+        shape: &ModelShape,
+        scaling: Scaling,
+    ) -> Result<Profile, ModelledError> {
+        let src = self.shape.as_ref().ok_or(ModelledError::NoShape)?;
+        let tp = scaling.tensor_parallel;
+        if tp == 0 || !(scaling.allreduce_bandwidth > 0.0 && scaling.memory_bandwidth > 0.0) {
+            return Err(ModelledError::BadScaling);
+        }
+        let tp_src = self.tensor_parallel.max(1);
+        let layers = shape.layers as f64 / src.layers as f64;
+        let projections = (shape.projection_parameters() / tp as f64)
+            / (src.projection_parameters() / tp_src as f64);
+        let attention = (shape.layers * shape.heads * shape.head_dim) as f64
+            / tp as f64
+            / ((src.layers * src.heads * src.head_dim) as f64 / tp_src as f64);
+        let kv_read = (shape.layers * shape.kv_heads_per_rank(tp) * shape.head_dim) as f64
+            / (src.layers * src.kv_heads_per_rank(tp_src) * src.head_dim) as f64;
+        // Two all-reduces per layer of `hidden` bf16 values per token (ring: 2(tp − 1)/tp of
+        // the bytes cross each GPU's link).
+        let (allreduce_per_token, allreduce_fixed) = if tp > 1 {
+            let bytes = 2.0 * shape.layers as f64 * shape.hidden as f64 * 2.0;
+            (
+                bytes * 2.0 * (tp - 1) as f64 / tp as f64 / scaling.allreduce_bandwidth,
+                2.0 * shape.layers as f64 * scaling.allreduce_latency,
+            )
+        } else {
+            (0.0, 0.0)
+        };
+        let prefill = PrefillModel {
+            a: self.prefill.a * layers + allreduce_fixed,
+            b: self.prefill.b * projections + allreduce_per_token,
+            c: self.prefill.c * attention,
+        };
+        let weights_pass =
+            |s: &ModelShape, tp: usize| s.weight_bytes() / tp as f64 / scaling.memory_bandwidth;
+        let src_weights = weights_pass(src, tp_src).min(self.decode.a.max(0.0));
+        let decode = DecodeModel {
+            a: weights_pass(shape, tp)
+                + (self.decode.a - src_weights).max(0.0) * layers
+                + allreduce_fixed,
+            b: self.decode.b * kv_read,
+            c: self.decode.c * projections + allreduce_per_token,
+        };
+        // Per GPU: the KV bytes of a token on one rank, and the memory the measured GPU gave
+        // weights and KV together.
+        let elem =
+            self.kv_bytes_per_token as f64 / (2 * src.layers * src.kv_heads * src.head_dim) as f64;
+        let rank_kv = |s: &ModelShape, tp: usize| {
+            (2 * s.layers * s.kv_heads_per_rank(tp) * s.head_dim) as f64 * elem
+        };
+        let usable = self.kv_capacity_tokens as f64 * rank_kv(src, tp_src)
+            + src.weight_bytes() / tp_src as f64;
+        let free = usable - shape.weight_bytes() / tp as f64;
+        let capacity = (free / rank_kv(shape, tp)).floor();
+        if capacity < 1.0 {
+            return Err(ModelledError::DoesNotFit {
+                model: model.to_string(),
+                tp,
+                needed_gib: shape.weight_bytes() / tp as f64 / (1u64 << 30) as f64,
+                usable_gib: usable / (1u64 << 30) as f64,
+            });
+        }
+        Ok(Profile {
+            device: self.device.clone(),
+            model: model.to_string(),
+            date: self.date.clone(),
+            tensor_parallel: tp,
+            kv_bytes_per_token: ((2 * shape.layers * shape.kv_heads * shape.head_dim) as f64 * elem)
+                .round() as usize,
+            kv_capacity_tokens: capacity as usize,
+            max_model_len: self.max_model_len,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            max_num_seqs: self.max_num_seqs,
+            kv_block_tokens: self.kv_block_tokens,
+            shape: Some(shape.clone()),
+            modelled: Some(format!(
+                "modelled from the measured profile of {} on {} ({}): {} at tensor parallel {tp}, \
+                 all-reduce {:.0} GB/s + {:.0} µs, memory {:.2} TB/s",
+                self.model,
+                self.device,
+                self.date,
+                model,
+                scaling.allreduce_bandwidth / 1e9,
+                scaling.allreduce_latency * 1e6,
+                scaling.memory_bandwidth / 1e12
+            )),
+            prefill_samples: Vec::new(),
+            decode_samples: Vec::new(),
+            prefill,
+            decode,
+        })
+    }
 }
 
 /// Why a profile cannot be fitted.
@@ -243,6 +459,124 @@ mod tests {
             .sum();
         assert_eq!(whole, 1e6);
         assert_eq!(chunked, whole);
+    }
+
+    /// An H100-like measured profile of llama-3-8b: 400k tokens of KV beside the weights.
+    fn llama8b() -> Profile {
+        let shape = ModelShape::of(&vkv_engine::model::LlamaConfig::preset("llama-3-8b").unwrap());
+        Profile {
+            device: "cuda (H100)".into(),
+            model: "llama-3-8b".into(),
+            date: "2026-12-07".into(),
+            tensor_parallel: 1,
+            kv_bytes_per_token: 131_072,
+            kv_capacity_tokens: 400_000,
+            max_model_len: 8192,
+            max_num_batched_tokens: 2048,
+            max_num_seqs: 256,
+            kv_block_tokens: 16,
+            shape: Some(shape),
+            modelled: None,
+            prefill_samples: Vec::new(),
+            decode_samples: Vec::new(),
+            prefill: PrefillModel {
+                a: 3e-3,
+                b: 2e-5,
+                c: 5e-10,
+            },
+            decode: DecodeModel {
+                a: 7.5e-3,
+                b: 4.5e-8,
+                c: 3e-5,
+            },
+        }
+    }
+
+    fn scaling(tp: usize) -> Scaling {
+        Scaling {
+            tensor_parallel: tp,
+            allreduce_bandwidth: 300e9,
+            allreduce_latency: 10e-6,
+            memory_bandwidth: 2.95e12,
+        }
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() <= 1e-9 * a.abs().max(b.abs())
+    }
+
+    #[test]
+    fn the_same_model_at_one_gpu_models_the_measured_profile() {
+        let p = llama8b();
+        let same = p
+            .modelled("llama-3-8b", p.shape.as_ref().unwrap(), scaling(1))
+            .unwrap();
+        for (got, want) in [
+            (same.prefill.a, p.prefill.a),
+            (same.prefill.b, p.prefill.b),
+            (same.prefill.c, p.prefill.c),
+            (same.decode.a, p.decode.a),
+            (same.decode.b, p.decode.b),
+            (same.decode.c, p.decode.c),
+        ] {
+            assert!(close(got, want), "{same:?}");
+        }
+        assert!(same.kv_capacity_tokens.abs_diff(p.kv_capacity_tokens) <= 1);
+        assert_eq!(same.kv_bytes_per_token, p.kv_bytes_per_token);
+        assert!(same.modelled.is_some() && same.prefill_samples.is_empty());
+    }
+
+    #[test]
+    fn tensor_parallelism_splits_the_work_adds_all_reduces_and_frees_memory_for_kv() {
+        let p = llama8b();
+        let shape = p.shape.clone().unwrap();
+        let tp2 = p.modelled("llama-3-8b", &shape, scaling(2)).unwrap();
+        // Per token: half the projections, plus 2 all-reduces per layer of 4096 bf16 values,
+        // half of which cross the link.
+        let allreduce = 2.0 * 32.0 * 4096.0 * 2.0 * 1.0 / 300e9;
+        assert!(
+            close(tp2.prefill.b, p.prefill.b / 2.0 + allreduce),
+            "{tp2:?}"
+        );
+        assert!(close(tp2.prefill.c, p.prefill.c / 2.0));
+        assert!(close(tp2.prefill.a, p.prefill.a + 64.0 * 10e-6));
+        // Decode: half the weights to read, half the KV heads per GPU.
+        let weights = 2.0 * shape.parameters as f64 / 2.95e12;
+        assert!(close(
+            tp2.decode.a,
+            weights / 2.0 + (p.decode.a - weights) + 64.0 * 10e-6
+        ));
+        assert!(close(tp2.decode.b, p.decode.b / 2.0));
+        // Each GPU gives up half the weights' memory to KV: more than twice the tokens.
+        assert!(tp2.kv_capacity_tokens > 2 * p.kv_capacity_tokens, "{tp2:?}");
+        assert_eq!(tp2.tensor_parallel, 2);
+    }
+
+    #[test]
+    fn llama_70b_needs_several_gpus_and_is_slower_per_token() {
+        let p = llama8b();
+        let shape = ModelShape::of(&vkv_engine::model::LlamaConfig::preset("llama-3-70b").unwrap());
+        let one = p.modelled("llama-3-70b", &shape, scaling(1)).unwrap_err();
+        assert!(
+            matches!(one, ModelledError::DoesNotFit { tp: 1, .. }),
+            "{one}"
+        );
+        assert!(one.to_string().contains("llama-3-70b"), "{one}");
+        let tp4 = p.modelled("llama-3-70b", &shape, scaling(4)).unwrap();
+        assert!(
+            tp4.kv_capacity_tokens > 0 && tp4.decode.a > p.decode.a,
+            "{tp4:?}"
+        );
+        assert!(tp4.prefill.b > p.prefill.b, "{tp4:?}");
+        assert_eq!(tp4.kv_bytes_per_token, 2 * 80 * 8 * 128 * 2);
+        let no_shape = Profile {
+            shape: None,
+            ..p.clone()
+        };
+        assert_eq!(
+            no_shape.modelled("llama-3-70b", &shape, scaling(4)),
+            Err(ModelledError::NoShape)
+        );
     }
 
     #[test]

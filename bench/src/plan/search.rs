@@ -12,7 +12,8 @@ use rand_distr::Distribution;
 use serde::Serialize;
 
 use super::profile::Profile;
-use super::simulate::{simulate, Handoff, Outcome, Placement, SimRequest};
+use super::simulate::{simulate, Handoff, KvLayout, Outcome, Placement, SimRequest};
+use crate::offline::Summary;
 use crate::workload::RequestShape;
 
 /// Latency targets: P-th percentile TTFT and TPOT (seconds), met together by `attainment` of
@@ -119,13 +120,9 @@ pub fn max_rate(
     slo: Slo,
 ) -> f64 {
     highest_rate(1.0, slo.attainment, |rate| {
-        slo.attained(&simulate(
-            placement,
-            prefill,
-            decode,
-            handoff,
-            &arrivals.at_rate(rate),
-        ))
+        slo.attained(
+            &simulate(placement, prefill, decode, handoff, &arrivals.at_rate(rate)).outcomes,
+        )
     })
 }
 
@@ -137,39 +134,85 @@ pub struct PlacementResult {
     pub prefill_profile: String,
     pub decode_profile: String,
     pub gpus: usize,
+    /// Disaggregated: whether every prefill instance hands its KV to decode instances in its
+    /// own node (the handoff at the in-node bandwidth) or across nodes (at the network's).
+    pub handoff: Option<HandoffPath>,
     /// The highest rate meeting the SLO, requests/s, and per GPU.
     pub rate: f64,
     pub goodput_per_gpu: f64,
-    /// P90 TTFT and TPOT (seconds) and the attainment at that rate.
+    /// P90 TTFT and TPOT (seconds), the attainment and the preemptions at that rate.
     pub p90_ttft: f64,
     pub p90_tpot: f64,
     pub attainment: f64,
+    pub preemptions: u64,
+    /// Some of the profiles are modelled, not measured (see `Profile::modelled`).
+    pub modelled: bool,
 }
 
-fn p90(v: Vec<f64>) -> f64 {
-    crate::offline::Summary::of(&v).p90
+/// Where a disaggregated placement's KV handoff goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HandoffPath {
+    /// Prefill and decode instances share nodes in the placement's ratio (DistServe's high
+    /// node-affinity placement): NVLink-class bandwidth.
+    InNode,
+    /// Across nodes (low node-affinity): the network's bandwidth.
+    Network,
+}
+
+/// The KV handoff's costs: bandwidth in a node and across nodes, latency per request, the
+/// exporting layout and the cost of each copy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HandoffCosts {
+    pub in_node_bandwidth: f64,
+    pub network_bandwidth: f64,
+    pub latency: f64,
+    pub layout: KvLayout,
+    pub copy_seconds: f64,
+}
+
+impl HandoffCosts {
+    /// The handoff of `profile`'s KV along `path`.
+    pub fn of(&self, profile: &Profile, path: HandoffPath) -> Handoff {
+        let bandwidth = match path {
+            HandoffPath::InNode => self.in_node_bandwidth,
+            HandoffPath::Network => self.network_bandwidth,
+        };
+        Handoff::of(profile, bandwidth, self.latency).with_layout(self.layout, self.copy_seconds)
+    }
+}
+
+/// A placement to evaluate: its instances' profiles (by index) and handoff path.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    placement: Placement,
+    prefill: usize,
+    decode: usize,
+    path: Option<HandoffPath>,
 }
 
 fn result(
-    placement: Placement,
-    prefill: (&str, &Profile),
-    decode: (&str, &Profile),
-    handoff: Handoff,
+    candidate: Candidate,
+    profiles: &[(String, Profile)],
+    costs: &HandoffCosts,
     arrivals: &Arrivals,
     slo: Slo,
 ) -> PlacementResult {
-    let rate = max_rate(placement, prefill.1, decode.1, handoff, arrivals, slo);
+    let (prefill, decode) = (&profiles[candidate.prefill], &profiles[candidate.decode]);
+    let handoff = costs.of(&prefill.1, candidate.path.unwrap_or(HandoffPath::InNode));
+    let placement = candidate.placement;
+    let rate = max_rate(placement, &prefill.1, &decode.1, handoff, arrivals, slo);
     let gpus = match placement {
-        Placement::Colocated { replicas } => replicas * prefill.1.tensor_parallel,
+        Placement::Colocated { replicas } => replicas * prefill.1.tensor_parallel.max(1),
         Placement::Disaggregated {
             prefill: p,
             decode: d,
-        } => p * prefill.1.tensor_parallel + d * decode.1.tensor_parallel,
+        } => p * prefill.1.tensor_parallel.max(1) + d * decode.1.tensor_parallel.max(1),
     };
     let at = at_rates(
         placement,
-        prefill.1,
-        decode.1,
+        &prefill.1,
+        &decode.1,
         handoff,
         arrivals,
         slo,
@@ -178,24 +221,34 @@ fn result(
     .remove(0);
     PlacementResult {
         placement,
-        prefill_profile: prefill.0.to_string(),
-        decode_profile: decode.0.to_string(),
+        prefill_profile: prefill.0.clone(),
+        decode_profile: decode.0.clone(),
         gpus,
+        handoff: candidate.path,
         rate,
         goodput_per_gpu: rate / gpus as f64,
         p90_ttft: at.p90_ttft,
         p90_tpot: at.p90_tpot,
         attainment: at.attainment,
+        preemptions: at.preemptions,
+        modelled: prefill.1.modelled.is_some() || decode.1.modelled.is_some(),
     }
 }
 
-/// One placement simulated at one rate.
+/// One placement simulated at one rate (latencies in seconds, over the requests served).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RatePoint {
     pub rate: f64,
     pub p90_ttft: f64,
     pub p90_tpot: f64,
+    pub median_ttft: f64,
+    pub median_tpot: f64,
+    pub p99_ttft: f64,
+    pub p99_tpot: f64,
     pub attainment: f64,
+    pub preemptions: u64,
+    /// Requests an instance refused (they could never fit its KV).
+    pub refused: usize,
 }
 
 /// `placement` simulated at each of `rates`: its P90s and attainment there (the curve of
@@ -212,45 +265,62 @@ pub fn at_rates(
     rates
         .iter()
         .map(|&rate| {
-            let outcomes = simulate(placement, prefill, decode, handoff, &arrivals.at_rate(rate));
+            let sim = simulate(placement, prefill, decode, handoff, &arrivals.at_rate(rate));
+            let served = || sim.outcomes.iter().filter(|o| o.ttft.is_finite());
+            let ttft = Summary::of(&served().map(|o| o.ttft).collect::<Vec<f64>>());
+            let tpot = Summary::of(&served().filter_map(|o| o.tpot).collect::<Vec<f64>>());
             RatePoint {
                 rate,
-                p90_ttft: p90(outcomes.iter().map(|o| o.ttft).collect()),
-                p90_tpot: p90(outcomes.iter().filter_map(|o| o.tpot).collect()),
-                attainment: slo.attained(&outcomes),
+                p90_ttft: ttft.p90,
+                p90_tpot: tpot.p90,
+                median_ttft: ttft.median,
+                median_tpot: tpot.median,
+                p99_ttft: ttft.p99,
+                p99_tpot: tpot.p99,
+                attainment: slo.attained(&sim.outcomes),
+                preemptions: sim.preemptions,
+                refused: sim.outcomes.len() - served().count(),
             }
         })
         .collect()
 }
 
 /// Every placement of the named `profiles` within `gpus` GPUs worth reporting, best per-GPU
-/// goodput first: for each profile, the colocated replicas that fill the budget; for each
-/// (prefill, decode) pair of profiles, the prefill:decode ratio that balances one prefill
-/// instance's TTFT-bound rate against one decode instance's TPOT-bound rate, scaled to the
-/// budget. `handoff_bandwidth` and `handoff_latency` price the KV handoff.
+/// goodput first (DistServe §4: its Algorithm 1, low node-affinity, and 2, high):
+///
+/// - for each profile, the colocated replicas that fill the budget;
+/// - for each (prefill, decode) pair of profiles, the prefill:decode counts that balance one
+///   prefill instance's TTFT-bound rate against one decode instance's TPOT-bound rate within
+///   the budget, handing KV over the network when the nodes are not shared (`gpus_per_node`
+///   given and the counts' smallest repeating unit larger than a node), in the node otherwise;
+/// - with `gpus_per_node`, also the best balanced unit that fits one node, repeated over the
+///   budget's nodes (every handoff in its node).
+///
+/// An instance wider than a node is not placed. Every placement is simulated whole for its
+/// rate, in parallel.
 pub fn placements(
     profiles: &[(String, Profile)],
     gpus: usize,
+    gpus_per_node: Option<usize>,
     arrivals: &Arrivals,
     slo: Slo,
-    handoff_bandwidth: f64,
-    handoff_latency: f64,
+    costs: &HandoffCosts,
 ) -> Vec<PlacementResult> {
-    let mut out = Vec::new();
-    for (name, p) in profiles {
-        let replicas = gpus / p.tensor_parallel.max(1);
-        if replicas == 0 {
-            continue;
+    use rayon::prelude::*;
+    let node = gpus_per_node.unwrap_or(gpus).max(1);
+    let tp = |i: usize| profiles[i].1.tensor_parallel.max(1);
+    let placeable: Vec<usize> = (0..profiles.len()).filter(|&i| tp(i) <= node).collect();
+    let mut candidates = Vec::new();
+    for &i in &placeable {
+        let replicas = gpus / tp(i);
+        if replicas > 0 {
+            candidates.push(Candidate {
+                placement: Placement::Colocated { replicas },
+                prefill: i,
+                decode: i,
+                path: None,
+            });
         }
-        let handoff = Handoff::of(p, handoff_bandwidth, handoff_latency);
-        out.push(result(
-            Placement::Colocated { replicas },
-            (name, p),
-            (name, p),
-            handoff,
-            arrivals,
-            slo,
-        ));
     }
     // One instance of each phase alone, against its own target (the other met freely). A
     // prefill instance's TTFT does not depend on the decode side: once per profile.
@@ -262,57 +332,114 @@ pub fn placements(
         ttft: f64::INFINITY,
         ..slo
     };
-    let one_prefill = Placement::Disaggregated {
-        prefill: 1,
-        decode: 1,
-    };
-    let prefill_rates: Vec<f64> = profiles
-        .iter()
-        .map(|(_, p)| {
-            let handoff = Handoff::of(p, handoff_bandwidth, handoff_latency);
+    let prefill_rates: Vec<f64> = placeable
+        .par_iter()
+        .map(|&i| {
+            let p = &profiles[i].1;
+            let one_prefill = Placement::Disaggregated {
+                prefill: 1,
+                decode: 1,
+            };
+            let handoff = costs.of(p, HandoffPath::InNode);
             max_rate(one_prefill, p, p, handoff, arrivals, only_ttft)
         })
         .collect();
-    for ((pn, pp), &prefill_rate) in profiles.iter().zip(&prefill_rates) {
-        for (dn, dp) in profiles {
-            let handoff = Handoff::of(pp, handoff_bandwidth, handoff_latency);
+    let pairs: Vec<(usize, usize)> = placeable
+        .iter()
+        .flat_map(|&p| placeable.iter().map(move |&d| (p, d)))
+        .collect();
+    let decode_rates: Vec<f64> = pairs
+        .par_iter()
+        .map(|&(p, d)| {
             // Prefill instances enough that they never hold the decode instance back.
             let one_decode = Placement::Disaggregated {
                 prefill: 64,
                 decode: 1,
             };
-            let decode_rate = max_rate(one_decode, pp, dp, handoff, arrivals, only_tpot);
-            let (tp_p, tp_d) = (pp.tensor_parallel.max(1), dp.tensor_parallel.max(1));
-            // The most balanced counts within the budget: for each prefill count, the decode
-            // instances the rest of the GPUs hold; keep the pair whose weaker phase is strongest.
-            let best = (1..=gpus / tp_p)
-                .filter_map(|p| {
-                    let d = (gpus - p * tp_p) / tp_d;
-                    (d >= 1).then_some((p, d))
+            let handoff = costs.of(&profiles[p].1, HandoffPath::InNode);
+            max_rate(
+                one_decode,
+                &profiles[p].1,
+                &profiles[d].1,
+                handoff,
+                arrivals,
+                only_tpot,
+            )
+        })
+        .collect();
+    for (&(p, d), &decode_rate) in pairs.iter().zip(&decode_rates) {
+        let prefill_rate =
+            prefill_rates[placeable.iter().position(|&i| i == p).expect("placeable")];
+        let (tp_p, tp_d) = (tp(p), tp(d));
+        // The weaker phase's capacity of `pc` prefill and `dc` decode instances.
+        let capacity =
+            |pc: usize, dc: usize| (pc as f64 * prefill_rate).min(dc as f64 * decode_rate);
+        // The most balanced counts in `budget` GPUs: for each prefill count, the decode
+        // instances the rest holds; keep the pair whose weaker phase is strongest.
+        let balanced = |budget: usize| {
+            (1..=budget / tp_p)
+                .filter_map(|pc| {
+                    let dc = (budget - pc * tp_p) / tp_d;
+                    (dc >= 1).then_some((pc, dc))
                 })
                 .max_by(|a, b| {
-                    let cap = |&(p, d): &(usize, usize)| {
-                        (p as f64 * prefill_rate).min(d as f64 * decode_rate)
-                    };
-                    cap(a).total_cmp(&cap(b)).then(b.0.cmp(&a.0))
+                    capacity(a.0, a.1)
+                        .total_cmp(&capacity(b.0, b.1))
+                        .then(b.0.cmp(&a.0))
+                })
+        };
+        if let Some((pc, dc)) = balanced(gpus) {
+            let g = gcd(pc, dc);
+            let unit = pc / g * tp_p + dc / g * tp_d;
+            let path = if gpus_per_node.is_some() && unit > node {
+                HandoffPath::Network
+            } else {
+                HandoffPath::InNode
+            };
+            candidates.push(Candidate {
+                placement: Placement::Disaggregated {
+                    prefill: pc,
+                    decode: dc,
+                },
+                prefill: p,
+                decode: d,
+                path: Some(path),
+            });
+        }
+        // High node-affinity: the best unit in one node, repeated on every node.
+        if let (Some(_), Some((pc, dc))) = (gpus_per_node, balanced(node)) {
+            let nodes = gpus / node;
+            let placement = Placement::Disaggregated {
+                prefill: pc * nodes,
+                decode: dc * nodes,
+            };
+            let duplicate = candidates
+                .iter()
+                .any(|c| c.placement == placement && (c.prefill, c.decode) == (p, d));
+            if nodes > 0 && !duplicate {
+                candidates.push(Candidate {
+                    placement,
+                    prefill: p,
+                    decode: d,
+                    path: Some(HandoffPath::InNode),
                 });
-            if let Some((p, d)) = best {
-                out.push(result(
-                    Placement::Disaggregated {
-                        prefill: p,
-                        decode: d,
-                    },
-                    (pn, pp),
-                    (dn, dp),
-                    handoff,
-                    arrivals,
-                    slo,
-                ));
             }
         }
     }
+    let mut out: Vec<PlacementResult> = candidates
+        .par_iter()
+        .map(|&c| result(c, profiles, costs, arrivals, slo))
+        .collect();
     out.sort_by(|a, b| b.goodput_per_gpu.total_cmp(&a.goodput_per_gpu));
     out
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a.max(1)
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 #[cfg(test)]
@@ -332,6 +459,9 @@ mod tests {
             max_model_len: 0,
             max_num_batched_tokens: 2048,
             max_num_seqs: 64,
+            kv_block_tokens: 16,
+            shape: None,
+            modelled: None,
             prefill_samples: Vec::new(),
             decode_samples: Vec::new(),
             prefill: PrefillModel {
@@ -346,6 +476,14 @@ mod tests {
             },
         }
     }
+
+    const COSTS: HandoffCosts = HandoffCosts {
+        in_node_bandwidth: 50e9,
+        network_bandwidth: 5e9,
+        latency: 1e-4,
+        layout: KvLayout::TokenMajor,
+        copy_seconds: 0.0,
+    };
 
     fn shapes(n: usize) -> Vec<RequestShape> {
         crate::workload::Workload::parse("sharegpt")
@@ -362,20 +500,10 @@ mod tests {
             tpot: 0.05,
             attainment: 0.9,
         };
-        let handoff = Handoff {
-            kv_bytes_per_token: 0,
-            bandwidth: 1.0,
-            latency: 0.0,
-        };
+        let handoff = Handoff::of(&p, f64::INFINITY, 0.0);
         let placement = Placement::Colocated { replicas: 1 };
         let at = |rate: f64| {
-            slo.attained(&simulate(
-                placement,
-                &p,
-                &p,
-                handoff,
-                &arrivals.at_rate(rate),
-            ))
+            slo.attained(&simulate(placement, &p, &p, handoff, &arrivals.at_rate(rate)).outcomes)
         };
         let rates = [0.5, 2.0, 8.0, 32.0];
         let attained: Vec<f64> = rates.iter().map(|&r| at(r)).collect();
@@ -397,7 +525,7 @@ mod tests {
             let arrivals = Arrivals::new(&shapes(150), seed, 0.0);
             let slo = Slo { ttft: 0.4, tpot: 0.04, attainment: 0.9 };
             let best = |g: usize| {
-                placements(&profiles, g, &arrivals, slo, 50e9, 1e-4)
+                placements(&profiles, g, None, &arrivals, slo, &COSTS)
                     .iter()
                     .map(|r| r.rate)
                     .fold(0.0, f64::max)

@@ -1,12 +1,16 @@
 //! The discrete-event simulation of a placement serving a list of requests (see the `plan`
-//! module for what is modelled). Each instance runs vkv's scheduling as steps: a colocated or
-//! decode instance decodes every running sequence each step; a colocated or prefill instance
-//! fills the rest of its step token budget with prefill chunks of waiting requests, first come
-//! first served, admitting a request only while `max_num_seqs` and its KV capacity (the
-//! request's whole prompt plus output) allow. A request's first token comes at the end of the
-//! step that computes its prompt's last chunk (on a prefill instance too: it is streamed from
-//! there, as DistServe counts it); its later tokens one per decode step. Requests go to
-//! instances round-robin in arrival order (to decode instances, in the order their prefill ends).
+//! module for what is modelled). Every instance is vkv's own [`Scheduler`] — the one the engine
+//! runs — deciding each step (decodes first, then prefill chunks within the token budget,
+//! admissions while places and KV allow, preemption by recompute when KV runs out) against the
+//! books of a paged cache of the profile's capacity; the step then takes the time the profile's
+//! models give its chunks and decodes ([`step_seconds`]). A request's first token comes at the
+//! end of the step that computes its prompt's last chunk (on a prefill instance too: it is
+//! streamed from there, as DistServe counts it); its later tokens one per decode step. Requests
+//! go to instances round-robin in arrival order (to decode instances, in the order their
+//! prefill and handoff end).
+
+use vkv_engine::kv::{KvDims, PagedKv, SeqId};
+use vkv_engine::scheduler::{Scheduler, SchedulerConfig, SeqRequest};
 
 use super::profile::Profile;
 
@@ -65,7 +69,44 @@ impl InstanceLimits {
     }
 }
 
-/// The KV handoff from a prefill to a decode instance: `latency + bytes / bandwidth` seconds.
+/// How the exporting instance's KV is laid out, which sets the copies a handoff takes (what
+/// `vkv bench handoff` counts; see `kv::handoff`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KvLayout {
+    /// vmm token-major: a prompt's KV is one contiguous run.
+    TokenMajor,
+    /// vmm per-layer: one run per layer and K/V.
+    PerLayer,
+    /// paged: one run per block, layer, K/V and KV head (blocks scatter in serving).
+    Paged { block_tokens: usize },
+}
+
+impl KvLayout {
+    /// `token-major`, `per-layer` or `paged` (16-token blocks), as `--kv-layout` takes them.
+    pub fn parse(spec: &str) -> Option<KvLayout> {
+        match spec {
+            "token-major" | "vmm" => Some(KvLayout::TokenMajor),
+            "per-layer" => Some(KvLayout::PerLayer),
+            "paged" => Some(KvLayout::Paged { block_tokens: 16 }),
+            _ => None,
+        }
+    }
+
+    /// Copies to hand over `tokens` tokens of a model of `layers` layers and `kv_heads` KV heads.
+    pub fn copies(&self, tokens: usize, layers: usize, kv_heads: usize) -> usize {
+        match *self {
+            KvLayout::TokenMajor => 1,
+            KvLayout::PerLayer => 2 * layers,
+            KvLayout::Paged { block_tokens } => {
+                tokens.div_ceil(block_tokens.max(1)) * 2 * layers * kv_heads
+            }
+        }
+    }
+}
+
+/// The KV handoff from a prefill to a decode instance: `latency + copies × copy_seconds +
+/// bytes / bandwidth` seconds per request.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Handoff {
     pub kv_bytes_per_token: usize,
@@ -73,33 +114,48 @@ pub struct Handoff {
     pub bandwidth: f64,
     /// Seconds per request besides the bytes.
     pub latency: f64,
+    pub layout: KvLayout,
+    /// Seconds each copy costs besides its bytes (a copy call's issue cost).
+    pub copy_seconds: f64,
+    /// The model's layers and KV heads (what a paged or per-layer handoff's copies scale with).
+    pub layers: usize,
+    pub kv_heads: usize,
 }
 
 impl Handoff {
-    /// Handing off KV of `profile`'s model over `bandwidth` bytes/s, `latency` s per request.
+    /// Handing off KV of `profile`'s model over `bandwidth` bytes/s, `latency` s per request,
+    /// from a token-major layout (one copy).
     pub fn of(profile: &Profile, bandwidth: f64, latency: f64) -> Handoff {
+        let (layers, kv_heads) = profile
+            .shape
+            .as_ref()
+            .map_or((1, 1), |s| (s.layers, s.kv_heads));
         Handoff {
             kv_bytes_per_token: profile.kv_bytes_per_token,
             bandwidth,
             latency,
+            layout: KvLayout::TokenMajor,
+            copy_seconds: 0.0,
+            layers,
+            kv_heads,
+        }
+    }
+
+    /// The same handoff from `layout`, each copy costing `copy_seconds`.
+    pub fn with_layout(self, layout: KvLayout, copy_seconds: f64) -> Handoff {
+        Handoff {
+            layout,
+            copy_seconds,
+            ..self
         }
     }
 
     pub fn seconds(&self, tokens: usize) -> f64 {
-        self.latency + (tokens * self.kv_bytes_per_token) as f64 / self.bandwidth
+        let copies = self.layout.copies(tokens, self.layers, self.kv_heads);
+        self.latency
+            + copies as f64 * self.copy_seconds
+            + (tokens * self.kv_bytes_per_token) as f64 / self.bandwidth
     }
-}
-
-/// A request on an instance: what is computed of it and what it has produced.
-#[derive(Debug, Clone, Copy)]
-struct Seq {
-    index: usize,
-    /// Prompt tokens computed (== prompt once prefilled).
-    computed: usize,
-    prompt: usize,
-    output: usize,
-    /// Output tokens produced so far.
-    produced: usize,
 }
 
 /// What one instance does with each request.
@@ -110,91 +166,94 @@ enum Role {
     Decode,
 }
 
-/// Run one instance over `(ready time, request index)` in time order; for every request, when
-/// each of its tokens was produced on this instance (a prefill instance produces the first
-/// only; a decode instance the rest, its requests arriving with the first already produced).
+/// The seconds of one step computing prefill `chunks` (`(start, tokens)`) and decoding `batch`
+/// sequences of `context_sum` tokens of context together. Alone, each is its model. Together,
+/// the decode model's constant — a pass over the weights and the per-step launches, which the
+/// prefill part pays already — is counted once: the step costs the prefill part plus the
+/// decodes' attention and per-sequence terms (at least either part alone).
+pub fn step_seconds(
+    profile: &Profile,
+    chunks: &[(usize, usize)],
+    batch: usize,
+    context_sum: usize,
+) -> f64 {
+    let prefill = profile.prefill.seconds(chunks.iter().copied());
+    let decode = profile.decode.seconds(batch, context_sum);
+    if chunks.is_empty() || batch == 0 {
+        return prefill + decode;
+    }
+    (prefill + decode - profile.decode.a.max(0.0)).max(prefill.max(decode))
+}
+
+/// What one instance did: for every request it was given, the times of the tokens it produced
+/// (empty if refused: it could never fit the instance's KV), and its preemptions.
+struct InstanceRun {
+    token_times: Vec<(usize, Vec<f64>)>,
+    preemptions: u64,
+}
+
+/// Run one instance over `(ready time, request index)` in time order with vkv's own
+/// [`Scheduler`] deciding each step against the books of a paged cache of the profile's
+/// capacity ([`PagedKv::books_only`]): KV reserved as tokens arrive, preemption by recompute
+/// when it runs out. A prefill instance produces each request's first token only; a decode
+/// instance the rest, its requests arriving with the prompt's KV and the first token (as
+/// `handed_over` sequences, exactly as the engine admits them).
 fn run_instance(
     role: Role,
     profile: &Profile,
     requests: &[SimRequest],
     arrivals: &[(f64, usize)],
-) -> Vec<(usize, Vec<f64>)> {
+) -> InstanceRun {
     let limits = InstanceLimits::of(profile);
+    let mut scheduler = Scheduler::new(SchedulerConfig {
+        max_num_seqs: limits.max_num_seqs.max(1),
+        max_num_batched_tokens: limits.max_num_batched_tokens.max(1),
+    });
+    let block = profile.kv_block_tokens();
+    let dims = KvDims {
+        num_layers: 1,
+        num_kv_heads: 1,
+        head_dim: 1,
+    };
+    let mut kv = PagedKv::books_only(dims, 1, (limits.kv_capacity_tokens / block).max(1), block)
+        .expect("a block size of at least 1 token");
     let mut out: Vec<(usize, Vec<f64>)> = Vec::with_capacity(arrivals.len());
     let mut slot_of = vec![usize::MAX; requests.len()];
     let mut next = 0;
-    let mut waiting: std::collections::VecDeque<Seq> = Default::default();
-    let mut running: Vec<Seq> = Vec::new();
-    let mut reserved = 0usize;
     let mut t = 0f64;
+    let mut chunks = Vec::new();
+    let mut sampled = Vec::new();
     loop {
         while next < arrivals.len() && arrivals[next].0 <= t {
             let i = arrivals[next].1;
             let r = requests[i];
             slot_of[i] = out.len();
             out.push((i, Vec::new()));
-            let computed = if role == Role::Decode { r.prompt } else { 0 };
-            let produced = usize::from(role == Role::Decode);
-            waiting.push_back(Seq {
-                index: i,
-                computed,
-                prompt: r.prompt,
-                output: r.output,
-                produced,
-            });
             next += 1;
-        }
-        if waiting.is_empty() && running.is_empty() {
-            match arrivals.get(next) {
-                Some(&(at, _)) => {
-                    t = t.max(at);
-                    continue;
-                }
-                None => break,
-            }
-        }
-        // Admit from the head while places and KV allow (a request larger than the whole KV
-        // is admitted alone, so the simulation cannot stall).
-        while let Some(s) = waiting.front() {
-            let need = if role == Role::Prefill {
-                s.prompt
-            } else {
-                s.prompt + s.output
+            let request = SeqRequest {
+                id: i as SeqId,
+                prompt: vec![0; r.prompt.max(1)],
+                max_tokens: if role == Role::Prefill { 1 } else { r.output },
+                cache_salt: None,
+                fork_of: None,
+                beam_width: None,
+                whole_prompt: false,
+                handed_over: (role == Role::Decode).then_some(0),
             };
-            let fits = reserved + need <= limits.kv_capacity_tokens || running.is_empty();
-            if running.len() >= limits.max_num_seqs || !fits {
-                break;
-            }
-            reserved += need;
-            running.push(waiting.pop_front().expect("the head"));
+            // Refused (it could never fit this instance's KV): no tokens, a TTFT of infinity.
+            let _ = scheduler.add(request, &kv);
         }
-        // The step: every prefilled sequence decodes a token; prompts fill the budget left.
-        let mut budget = limits.max_num_batched_tokens;
-        let (mut batch, mut context_sum) = (0, 0);
-        let mut chunks = Vec::new();
-        let mut planned = Vec::with_capacity(running.len());
-        for s in running.iter() {
-            if s.computed == s.prompt {
-                batch += 1;
-                context_sum += s.prompt + s.produced;
-                budget = budget.saturating_sub(1);
-                planned.push(0);
-            } else {
-                planned.push(usize::MAX);
-            }
-        }
-        for (s, take) in running.iter().zip(planned.iter_mut()) {
-            if *take == usize::MAX {
-                let k = (s.prompt - s.computed).min(budget);
-                budget -= k;
-                *take = k;
-                if k > 0 {
-                    chunks.push((s.computed, k));
-                }
-            }
-        }
-        if batch == 0 && chunks.is_empty() {
-            // Nothing can run yet (budget of 0): wait for the next arrival.
+        let step = if scheduler.is_idle() {
+            None
+        } else {
+            Some(
+                scheduler
+                    .schedule(&mut kv)
+                    .expect("books without memory fail only on a bug"),
+            )
+        };
+        let Some(step) = step.filter(|s| !s.chunks.is_empty()) else {
+            // Nothing to compute: wait for the next arrival.
             match arrivals.get(next) {
                 Some(&(at, _)) => {
                     t = t.max(at);
@@ -202,36 +261,34 @@ fn run_instance(
                 }
                 None => break,
             }
-        }
-        t += profile.prefill.seconds(chunks.iter().copied())
-            + profile.decode.seconds(batch, context_sum);
-        let mut kept = Vec::with_capacity(running.len());
-        for (mut s, take) in running.drain(..).zip(planned) {
-            let times = &mut out[slot_of[s.index]].1;
-            if s.computed == s.prompt {
-                s.produced += 1;
-                times.push(t);
+        };
+        chunks.clear();
+        sampled.clear();
+        let (mut batch, mut context_sum) = (0, 0);
+        for c in &step.chunks {
+            let prompt = requests[c.seq as usize].prompt.max(1);
+            if c.tokens.len() == 1 && c.start >= prompt {
+                batch += 1;
+                context_sum += c.start + 1;
             } else {
-                s.computed += take;
-                if s.computed == s.prompt {
-                    s.produced += 1;
-                    times.push(t);
-                }
+                chunks.push((c.start, c.tokens.len()));
             }
-            let done = s.produced >= s.output || (role == Role::Prefill && s.produced == 1);
-            if done {
-                reserved -= if role == Role::Prefill {
-                    s.prompt
-                } else {
-                    s.prompt + s.output
-                };
-            } else {
-                kept.push(s);
+            if c.samples {
+                sampled.push((c.seq, 0u32));
             }
         }
-        running = kept;
+        t += step_seconds(profile, &chunks, batch, context_sum);
+        for &(seq, _) in &sampled {
+            out[slot_of[seq as usize]].1.push(t);
+        }
+        scheduler
+            .update(&step, &sampled, &mut kv)
+            .expect("books without memory fail only on a bug");
     }
-    out
+    InstanceRun {
+        token_times: out,
+        preemptions: scheduler.preemptions(),
+    }
 }
 
 /// `ready` (in time order) dealt to `instances` instances (at least one) in turn.
@@ -242,16 +299,27 @@ fn round_robin(ready: &[(f64, usize)], instances: usize) -> Vec<Vec<(f64, usize)
         .collect()
 }
 
+/// What a placement did with a list of requests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Simulation {
+    /// Each request's outcome, in the order given.
+    pub outcomes: Vec<Outcome>,
+    /// Preemptions (by recompute) over all instances.
+    pub preemptions: u64,
+}
+
 /// Serve `requests` (in arrival order) on `placement`, every instance of `prefill` (colocated:
-/// every instance) and `decode` profiles; each request's outcome, in order.
+/// every instance) and `decode` profiles. A request an instance refuses (its prompt and output
+/// could never fit the instance's KV) has a TTFT of infinity and no TPOT.
 pub fn simulate(
     placement: Placement,
     prefill: &Profile,
     decode: &Profile,
     handoff: Handoff,
     requests: &[SimRequest],
-) -> Vec<Outcome> {
+) -> Simulation {
     let mut token_times: Vec<Vec<f64>> = vec![Vec::new(); requests.len()];
+    let mut preemptions = 0;
     let arrived: Vec<(f64, usize)> = requests
         .iter()
         .enumerate()
@@ -260,7 +328,9 @@ pub fn simulate(
     match placement {
         Placement::Colocated { replicas } => {
             for arrivals in round_robin(&arrived, replicas) {
-                for (i, times) in run_instance(Role::Both, prefill, requests, &arrivals) {
+                let run = run_instance(Role::Both, prefill, requests, &arrivals);
+                preemptions += run.preemptions;
+                for (i, times) in run.token_times {
                     token_times[i] = times;
                 }
             }
@@ -271,34 +341,44 @@ pub fn simulate(
         } => {
             let mut first = Vec::with_capacity(requests.len());
             for arrivals in round_robin(&arrived, p) {
-                for (i, times) in run_instance(Role::Prefill, prefill, requests, &arrivals) {
-                    let at = times[0];
-                    token_times[i] = times;
-                    if requests[i].output > 1 {
+                let run = run_instance(Role::Prefill, prefill, requests, &arrivals);
+                preemptions += run.preemptions;
+                for (i, times) in run.token_times {
+                    if let (Some(&at), true) = (times.first(), requests[i].output > 1) {
                         first.push((at + handoff.seconds(requests[i].prompt), i));
                     }
+                    token_times[i] = times;
                 }
             }
             first.sort_by(|a, b| a.0.total_cmp(&b.0));
             for arrivals in round_robin(&first, d) {
-                for (i, times) in run_instance(Role::Decode, decode, requests, &arrivals) {
+                let run = run_instance(Role::Decode, decode, requests, &arrivals);
+                preemptions += run.preemptions;
+                for (i, times) in run.token_times {
                     token_times[i].extend(times);
                 }
             }
         }
     }
-    requests
+    let outcomes = requests
         .iter()
         .zip(token_times)
-        .map(|(r, times)| {
-            let first = times[0];
-            let last = *times.last().expect("a first token");
-            Outcome {
+        .map(|(r, times)| match (times.first(), times.last()) {
+            (Some(&first), Some(&last)) if times.len() >= r.output.min(2) => Outcome {
                 ttft: first - r.arrival,
                 tpot: (times.len() > 1).then(|| (last - first) / (times.len() - 1) as f64),
-            }
+            },
+            // Refused, by the prefill instance or by the decode instance.
+            _ => Outcome {
+                ttft: f64::INFINITY,
+                tpot: None,
+            },
         })
-        .collect()
+        .collect();
+    Simulation {
+        outcomes,
+        preemptions,
+    }
 }
 
 #[cfg(test)]
@@ -321,6 +401,9 @@ mod tests {
             max_model_len: 0,
             max_num_batched_tokens: limits.max_num_batched_tokens,
             max_num_seqs: limits.max_num_seqs,
+            kv_block_tokens: 16,
+            shape: None,
+            modelled: None,
             prefill_samples: Vec::new(),
             decode_samples: Vec::new(),
             prefill,
@@ -350,6 +433,10 @@ mod tests {
         kv_bytes_per_token: 0,
         bandwidth: 1.0,
         latency: 0.0,
+        layout: KvLayout::TokenMajor,
+        copy_seconds: 0.0,
+        layers: 1,
+        kv_heads: 1,
     };
 
     /// One prompt per step (the budget is one prompt), a fixed service time: an M/D/1 queue,
@@ -385,7 +472,8 @@ mod tests {
                 &p,
                 NO_HANDOFF,
                 &requests,
-            );
+            )
+            .outcomes;
             let mean = out.iter().map(|o| o.ttft).sum::<f64>() / out.len() as f64;
             let expected = service + rho * service / (2.0 * (1.0 - rho));
             assert!(
@@ -428,7 +516,7 @@ mod tests {
             batch
         ];
         let arrivals: Vec<(f64, usize)> = (0..batch).map(|i| (0.0, i)).collect();
-        let out = run_instance(Role::Decode, &p, &requests, &arrivals);
+        let out = run_instance(Role::Decode, &p, &requests, &arrivals).token_times;
         let mut t = 0.0;
         let mut expected = Vec::new();
         for k in 1..output {
@@ -443,8 +531,8 @@ mod tests {
         }
     }
 
-    /// Every request gets all its tokens, in time order, after it arrives; KV never overcommits
-    /// (shown by the tiny capacity still finishing everything).
+    /// Every request that fits gets all its tokens after it arrives, through preemptions when
+    /// the KV is short; one that could never fit is refused, as the engine refuses it.
     #[test]
     fn every_request_finishes_in_both_placements() {
         let p = profile(
@@ -461,31 +549,94 @@ mod tests {
             InstanceLimits {
                 max_num_batched_tokens: 256,
                 max_num_seqs: 4,
-                kv_capacity_tokens: 3000,
+                // Two requests of 1100 tokens do not fit: the scheduler preempts (on a decode
+                // instance too, where two are admitted at 701 tokens and grow).
+                kv_capacity_tokens: 2000,
             },
         );
-        let mut requests = poisson(300, 20.0, 700, 30, 3);
-        requests[5].prompt = 5000; // larger than the KV: admitted alone
+        let mut requests = poisson(300, 10.0, 700, 400, 3);
+        requests[5].prompt = 5000; // larger than the KV: refused
         for placement in [
             Placement::Colocated { replicas: 2 },
             Placement::Disaggregated {
                 prefill: 1,
-                decode: 2,
+                decode: 1,
             },
         ] {
             let handoff = Handoff {
                 kv_bytes_per_token: 1000,
                 bandwidth: 1e9,
                 latency: 1e-4,
+                ..NO_HANDOFF
             };
-            let out = simulate(placement, &p, &p, handoff, &requests);
-            assert_eq!(out.len(), requests.len());
-            for o in &out {
-                assert!(
-                    o.ttft > 0.0 && o.tpot.is_some_and(|t| t > 0.0),
-                    "{placement:?}: {o:?}"
-                );
+            let sim = simulate(placement, &p, &p, handoff, &requests);
+            assert_eq!(sim.outcomes.len(), requests.len());
+            assert!(sim.preemptions > 0, "{placement:?}");
+            for (i, o) in sim.outcomes.iter().enumerate() {
+                if i == 5 {
+                    assert!(o.ttft.is_infinite() && o.tpot.is_none(), "{o:?}");
+                } else {
+                    assert!(
+                        o.ttft > 0.0 && o.ttft.is_finite() && o.tpot.is_some_and(|t| t > 0.0),
+                        "{placement:?}: {o:?}"
+                    );
+                }
             }
         }
+    }
+
+    /// A step of prefill chunks and decodes together pays the decode constant once; alone,
+    /// each part is its model.
+    #[test]
+    fn a_mixed_step_counts_the_pass_over_the_weights_once() {
+        let p = profile(
+            PrefillModel {
+                a: 0.01,
+                b: 1e-4,
+                c: 0.0,
+            },
+            DecodeModel {
+                a: 0.008,
+                b: 1e-7,
+                c: 1e-5,
+            },
+            InstanceLimits {
+                max_num_batched_tokens: 2048,
+                max_num_seqs: 64,
+                kv_capacity_tokens: 1 << 20,
+            },
+        );
+        let prefill = 0.01 + 1e-4 * 100.0;
+        let decode = 0.008 + 1e-7 * 4000.0 + 1e-5 * 4.0;
+        assert!((step_seconds(&p, &[(0, 100)], 0, 0) - prefill).abs() < 1e-12);
+        assert!((step_seconds(&p, &[], 4, 4000) - decode).abs() < 1e-12);
+        let mixed = step_seconds(&p, &[(0, 100)], 4, 4000);
+        assert!(
+            (mixed - (prefill + decode - 0.008)).abs() < 1e-12,
+            "{mixed}"
+        );
+    }
+
+    /// The copies of a handoff: one for token-major, one per layer and K/V for per-layer, one
+    /// per block, layer, K/V and head for paged; each copy adds its cost.
+    #[test]
+    fn a_handoff_costs_its_layouts_copies() {
+        let (tokens, layers, heads) = (1000, 32, 8);
+        assert_eq!(KvLayout::TokenMajor.copies(tokens, layers, heads), 1);
+        assert_eq!(KvLayout::PerLayer.copies(tokens, layers, heads), 64);
+        let paged = KvLayout::Paged { block_tokens: 16 };
+        assert_eq!(paged.copies(tokens, layers, heads), 63 * 64 * 8);
+        let base = Handoff {
+            kv_bytes_per_token: 131_072,
+            bandwidth: 100e9,
+            latency: 1e-4,
+            layers,
+            kv_heads: heads,
+            ..NO_HANDOFF
+        };
+        let bytes = 1e-4 + 131_072.0 * 1000.0 / 100e9;
+        assert!((base.seconds(tokens) - bytes).abs() < 1e-12);
+        let paged = base.with_layout(paged, 1e-6);
+        assert!((paged.seconds(tokens) - (bytes + 32_256e-6)).abs() < 1e-9);
     }
 }
