@@ -88,6 +88,24 @@ pub struct Args {
     json: bool,
 }
 
+/// The profile at `path`, its models fitted again from the samples it holds (so every profile
+/// is fitted by this version's rule); a profile without samples keeps its models.
+pub fn read_profile(path: &std::path::Path) -> Result<Profile> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the profile {}", path.display()))?;
+    let mut p: Profile = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a vkv profile", path.display()))?;
+    if !p.prefill_samples.is_empty() {
+        p.prefill = fit_prefill(&p.prefill_samples)
+            .with_context(|| format!("fitting {}", path.display()))?;
+    }
+    if !p.decode_samples.is_empty() {
+        p.decode =
+            fit_decode(&p.decode_samples).with_context(|| format!("fitting {}", path.display()))?;
+    }
+    Ok(p)
+}
+
 /// `colocated:R` or `disaggregated:P,D`.
 fn parse_placement(spec: &str) -> Result<Placement> {
     let bad = || {
@@ -167,20 +185,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     let mut profiles = Vec::new();
     for path in &args.profile {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading the profile {}", path.display()))?;
-        let mut p: Profile = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a vkv profile", path.display()))?;
-        // The models are fitted again from the samples the file holds (so every profile is
-        // fitted by this version's rule); a profile without samples keeps its models.
-        if !p.prefill_samples.is_empty() {
-            p.prefill = fit_prefill(&p.prefill_samples)
-                .with_context(|| format!("fitting {}", path.display()))?;
-        }
-        if !p.decode_samples.is_empty() {
-            p.decode = fit_decode(&p.decode_samples)
-                .with_context(|| format!("fitting {}", path.display()))?;
-        }
+        let p = read_profile(path)?;
         // Named by the file: `llama8b-tp2.json` is `llama8b-tp2`.
         let name = path.file_stem().map_or_else(
             || path.display().to_string(),

@@ -8,7 +8,9 @@
 //! after one warm-up run. The instance limits recorded are the serving options given
 //! (`--max-num-batched-tokens`, `--max-num-seqs`), not the raised measuring budget.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
@@ -17,7 +19,8 @@ use vkv_engine::model::{load_model, LlamaConfig};
 
 use super::EngineOptions;
 use crate::offline::random_requests;
-use crate::plan::profile::{fit_decode, fit_prefill, DecodeSample, PrefillSample};
+use crate::plan::profile::{fit_decode, fit_prefill, DecodeSample, MixedSample, PrefillSample};
+use crate::plan::simulate::step_seconds;
 use crate::plan::{ModelShape, Profile, Scaling};
 use crate::workload::RequestShape;
 
@@ -38,6 +41,15 @@ pub struct Args<E: EngineOptions> {
     /// Context of each decoding sequence.
     #[arg(long, value_delimiter = ',', default_values_t = [256, 1024, 4096])]
     contexts: Vec<usize>,
+    /// Mixed steps: a prefill chunk of each of these lengths computed in the same step as a
+    /// decode batch of `--mixed-batch` sequences at `--mixed-context` tokens (what `vkv plan`
+    /// checks its rule for mixed steps against; empty: none).
+    #[arg(long, value_delimiter = ',', default_values_t = [256, 1024])]
+    mixed_chunks: Vec<usize>,
+    #[arg(long, default_value_t = 8)]
+    mixed_batch: usize,
+    #[arg(long, default_value_t = 512)]
+    mixed_context: usize,
     #[arg(long, default_value_t = 3)]
     repeats: usize,
     /// Where to write the profile (JSON); also printed.
@@ -86,6 +98,82 @@ fn token_times(engine: &Engine, shapes: &[RequestShape], seed: u64) -> Result<Ve
     Ok(times)
 }
 
+/// One mixed step: `batch` sequences of `context` prompt tokens decoding, then — once every one
+/// has two tokens — a prompt of `chunk` tokens asking for one token, computed (the budget
+/// holding it whole) in one step with the decodes. That step's time is the gap each decoding
+/// sequence sees between its token before and its token of that step; the median of the gaps.
+fn mixed_step(
+    engine: &Engine,
+    batch: usize,
+    context: usize,
+    chunk: usize,
+    seed: u64,
+) -> Result<f64> {
+    let vocab = engine.model().model.config.vocab_size;
+    let (tx, mut rx) = event_channel();
+    let decoding = vec![
+        RequestShape {
+            prompt_len: context,
+            output_len: 64,
+        };
+        batch
+    ];
+    let start = Instant::now();
+    let mut decoders = HashMap::new();
+    for request in random_requests(&decoding, vocab, seed) {
+        decoders.insert(engine.submit(request, tx.clone())?, 0usize);
+    }
+    let mut prefill = None;
+    let mut finished = Vec::new();
+    while finished.len() < batch + 1 {
+        let event = rx.blocking_recv().context("the engine stopped")?;
+        match event.kind {
+            EventKind::Delta { token_ids, .. } => {
+                if let Some(n) = decoders.get_mut(&event.id) {
+                    *n += token_ids.len();
+                }
+                if prefill.is_none() && decoders.values().all(|&n| n >= 2) {
+                    let shape = [RequestShape {
+                        prompt_len: chunk,
+                        output_len: 1,
+                    }];
+                    let request = random_requests(&shape, vocab, seed ^ 0xc4a2).remove(0);
+                    let at = start.elapsed().as_secs_f64();
+                    prefill = Some((engine.submit(request, tx.clone())?, at));
+                }
+            }
+            EventKind::Finished(f) => finished.push((event.id, f.timings.token_times)),
+            EventKind::Failed(why) => bail!("a profiling request failed: {why}"),
+            _ => {}
+        }
+    }
+    let (id, at) = prefill.context("the decoding sequences finished before the prefill")?;
+    let step_end = finished
+        .iter()
+        .find(|f| f.0 == id)
+        .and_then(|f| f.1.first())
+        .map(|t| at + t)
+        .context("the prefill request produced no token")?;
+    // Each decoder's token nearest the prefill's (the same step, up to when each was timed) and
+    // the gap before it.
+    let gaps: Vec<f64> = finished
+        .iter()
+        .filter(|f| f.0 != id)
+        .filter_map(|(_, times)| {
+            let k = (1..times.len()).min_by(|&a, &b| {
+                (times[a] - step_end)
+                    .abs()
+                    .total_cmp(&(times[b] - step_end).abs())
+            })?;
+            Some(times[k] - times[k - 1])
+        })
+        .collect();
+    if gaps.is_empty() {
+        bail!("no decoding sequence shared a step with the prefill");
+    }
+    Ok(median(gaps))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -121,10 +209,7 @@ fn write(profile: &Profile, out: Option<&std::path::Path>) -> Result<()> {
 }
 
 fn modelled<E: EngineOptions>(args: &Args<E>, from: &std::path::Path) -> Result<()> {
-    let text = std::fs::read_to_string(from)
-        .with_context(|| format!("reading the profile {}", from.display()))?;
-    let measured: Profile = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a vkv profile", from.display()))?;
+    let measured = super::plan::read_profile(from)?;
     let path = args
         .model
         .as_deref()
@@ -253,6 +338,33 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
             });
         }
     }
+    let mut mixed = Vec::new();
+    for &chunk in &args.mixed_chunks {
+        let (batch, context) = (args.mixed_batch, args.mixed_context);
+        if chunk + batch > budget
+            || context + 64 >= limit
+            || batch * (context + 65) + chunk > metrics.kv_capacity_tokens
+        {
+            continue;
+        }
+        mixed_step(&engine, batch, context, chunk, 0)?;
+        let seconds = median(
+            (0..args.repeats)
+                .map(|r| mixed_step(&engine, batch, context, chunk, r as u64 + 1))
+                .collect::<Result<Vec<f64>>>()?,
+        );
+        eprintln!(
+            "mixed {chunk} + {batch} × {context}: {:.2} ms",
+            seconds * 1e3
+        );
+        mixed.push(MixedSample {
+            lens: vec![chunk],
+            batch,
+            // The decoders are a few tokens past their prompts when the prefill comes.
+            context_sum: batch * (context + 3),
+            seconds,
+        });
+    }
     let profile = Profile {
         device: metrics.device.clone(),
         model: name,
@@ -276,7 +388,20 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
         decode: fit_decode(&decode)?,
         prefill_samples: prefill,
         decode_samples: decode,
+        mixed_samples: mixed,
     };
     engine.shutdown(false);
+    for m in &profile.mixed_samples {
+        let chunks: Vec<(usize, usize)> = m.lens.iter().map(|&l| (0, l)).collect();
+        let rule = step_seconds(&profile, &chunks, m.batch, m.context_sum);
+        eprintln!(
+            "mixed {:?} + {} decodes: measured {:.2} ms, the simulation's rule {:.2} ms ({:+.0} %)",
+            m.lens,
+            m.batch,
+            m.seconds * 1e3,
+            rule * 1e3,
+            (rule / m.seconds - 1.0) * 100.0
+        );
+    }
     write(&profile, args.out.as_deref())
 }

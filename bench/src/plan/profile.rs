@@ -21,6 +21,16 @@ pub struct DecodeSample {
     pub seconds: f64,
 }
 
+/// One measured mixed step: prefill chunks of `lens` (from position 0) and `batch` decodes of
+/// `context_sum` tokens of context in one forward pass, and its seconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MixedSample {
+    pub lens: Vec<usize>,
+    pub batch: usize,
+    pub context_sum: usize,
+    pub seconds: f64,
+}
+
 /// `a + b·Σl + c·Σl²` seconds for a prefill step of lengths `l`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct PrefillModel {
@@ -98,6 +108,10 @@ pub struct Profile {
     pub modelled: Option<String>,
     pub prefill_samples: Vec<PrefillSample>,
     pub decode_samples: Vec<DecodeSample>,
+    /// Mixed steps measured (not fitted: what the simulation's rule for them is checked
+    /// against; see `simulate::step_seconds`).
+    #[serde(default)]
+    pub mixed_samples: Vec<MixedSample>,
     pub prefill: PrefillModel,
     pub decode: DecodeModel,
 }
@@ -301,6 +315,7 @@ impl Profile {
             )),
             prefill_samples: Vec::new(),
             decode_samples: Vec::new(),
+            mixed_samples: Vec::new(),
             prefill,
             decode,
         })
@@ -479,6 +494,7 @@ mod tests {
             modelled: None,
             prefill_samples: Vec::new(),
             decode_samples: Vec::new(),
+            mixed_samples: Vec::new(),
             prefill: PrefillModel {
                 a: 3e-3,
                 b: 2e-5,
@@ -577,6 +593,25 @@ mod tests {
             no_shape.modelled("llama-3-70b", &shape, scaling(4)),
             Err(ModelledError::NoShape)
         );
+    }
+
+    /// The profiles docs/plan.md plans with are profiles this version reads and can model from.
+    #[test]
+    fn the_profiles_of_docs_plan_still_load() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/plan");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if !name.ends_with("-h100.json") && !name.contains("-h100-tp") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let p: Profile = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(p.shape.is_some() && p.kv_capacity_tokens > 0, "{name}");
+            seen += 1;
+        }
+        assert!(seen >= 1, "no profiles in {}", dir.display());
     }
 
     #[test]

@@ -299,6 +299,20 @@ fn round_robin(ready: &[(f64, usize)], instances: usize) -> Vec<Vec<(f64, usize)
         .collect()
 }
 
+/// Instances of one role, each over its own arrivals, in parallel (they do not interact).
+fn run_instances(
+    role: Role,
+    profile: &Profile,
+    requests: &[SimRequest],
+    arrivals: Vec<Vec<(f64, usize)>>,
+) -> Vec<InstanceRun> {
+    use rayon::prelude::*;
+    arrivals
+        .par_iter()
+        .map(|a| run_instance(role, profile, requests, a))
+        .collect()
+}
+
 /// What a placement did with a list of requests.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Simulation {
@@ -327,8 +341,12 @@ pub fn simulate(
         .collect();
     match placement {
         Placement::Colocated { replicas } => {
-            for arrivals in round_robin(&arrived, replicas) {
-                let run = run_instance(Role::Both, prefill, requests, &arrivals);
+            for run in run_instances(
+                Role::Both,
+                prefill,
+                requests,
+                round_robin(&arrived, replicas),
+            ) {
                 preemptions += run.preemptions;
                 for (i, times) in run.token_times {
                     token_times[i] = times;
@@ -340,8 +358,7 @@ pub fn simulate(
             decode: d,
         } => {
             let mut first = Vec::with_capacity(requests.len());
-            for arrivals in round_robin(&arrived, p) {
-                let run = run_instance(Role::Prefill, prefill, requests, &arrivals);
+            for run in run_instances(Role::Prefill, prefill, requests, round_robin(&arrived, p)) {
                 preemptions += run.preemptions;
                 for (i, times) in run.token_times {
                     if let (Some(&at), true) = (times.first(), requests[i].output > 1) {
@@ -351,8 +368,7 @@ pub fn simulate(
                 }
             }
             first.sort_by(|a, b| a.0.total_cmp(&b.0));
-            for arrivals in round_robin(&first, d) {
-                let run = run_instance(Role::Decode, decode, requests, &arrivals);
+            for run in run_instances(Role::Decode, decode, requests, round_robin(&first, d)) {
                 preemptions += run.preemptions;
                 for (i, times) in run.token_times {
                     token_times[i].extend(times);
@@ -406,6 +422,7 @@ mod tests {
             modelled: None,
             prefill_samples: Vec::new(),
             decode_samples: Vec::new(),
+            mixed_samples: Vec::new(),
             prefill,
             decode,
         }

@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""docs/plan.md's tables from the searches scripts/plan_placements.sh wrote: for each model,
+GPU count and workload, the best placement, the best colocated and the best disaggregated one,
+with per-GPU goodput and their P90s at that rate.
+
+Usage: scripts/plan_tables.py [DIR]   (default docs/plan)
+"""
+
+import json
+import sys
+from pathlib import Path
+
+WORKLOADS = [("sharegpt", "chatbot"), ("humaneval", "code"), ("arxiv-summarization", "summarization")]
+
+
+def name(p):
+    pl = p["placement"]
+    short = lambda prof: prof.split("-h100-")[-1] if "-h100-" in prof else "tp1"
+    if "colocated" in pl:
+        return f"{pl['colocated']['replicas']} × colocated {short(p['prefill_profile'])}"
+    d = pl["disaggregated"]
+    where = ", KV over network" if p.get("handoff") == "network" else ""
+    return (f"{d['prefill']}P {short(p['prefill_profile'])} + "
+            f"{d['decode']}D {short(p['decode_profile'])}{where}")
+
+
+def row(label, p):
+    if p is None:
+        return f"| {label} | — | | | | |"
+    return (f"| {label} | {name(p)} ({p['gpus']} GPUs) | {p['rate']:.1f} | "
+            f"{p['goodput_per_gpu']:.2f} | {p['p90_ttft'] * 1e3:.0f} | {p['p90_tpot'] * 1e3:.1f} |")
+
+
+def main():
+    d = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/plan")
+    for model in ["llama-3-8b", "llama-3-70b"]:
+        for gpus in [8, 32]:
+            for workload, app in WORKLOADS:
+                f = d / f"{model}-{gpus}gpu-{workload}.json"
+                if not f.exists() or f.stat().st_size == 0:
+                    continue
+                r = json.loads(f.read_text())
+                ps = r["placements"]
+                slo = r["slo"]
+                print(f"**{model}, {gpus} H100s, {app}** ({workload}; P90 TTFT ≤ {slo['ttft'] * 1e3:.0f} ms, "
+                      f"P90 TPOT ≤ {slo['tpot'] * 1e3:.0f} ms, {slo['attainment'] * 100:.0f} % of requests; "
+                      f"`{(d / f'{model}-{gpus}gpu-{workload}.cmd').read_text().strip()}`)")
+                print()
+                print("| | placement | req/s | req/s per GPU | P90 TTFT ms | P90 TPOT ms |")
+                print("|---|---|---:|---:|---:|---:|")
+                colo = [p for p in ps if "colocated" in p["placement"]]
+                dis = [p for p in ps if "disaggregated" in p["placement"]]
+                print(row("best", ps[0] if ps else None))
+                print(row("best colocated", colo[0] if colo else None))
+                print(row("best disaggregated", dis[0] if dis else None))
+                if colo and dis and colo[0]["goodput_per_gpu"] > 0:
+                    print(f"\nDisaggregated / colocated per-GPU goodput: "
+                          f"{dis[0]['goodput_per_gpu'] / colo[0]['goodput_per_gpu']:.2f}.")
+                print()
+
+
+if __name__ == "__main__":
+    main()
