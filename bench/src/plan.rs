@@ -21,9 +21,10 @@
 //! What is modelled rather than measured: a mixed step (decodes and prefill chunks together)
 //! costs its prefill part plus its decodes' attention and per-sequence terms (the decode
 //! constant, the pass over the weights, once); the vmm caches' page-granular reservation is
-//! approximated by blocks; requests go to instances round-robin (`vkv route` balances by
-//! load); the handoff is `latency + copies × copy cost + bytes / bandwidth`; prefix caching is
-//! off (every prompt computed whole); tensor parallelism only through modelled profiles.
+//! approximated by blocks; the router's load is read exactly and at once (`vkv route` reads the
+//! instances' `/metrics` when it probes them); the handoff is `latency + copies × copy cost +
+//! bytes / bandwidth`; prefix caching is off (every prompt computed whole); tensor parallelism
+//! only through modelled profiles.
 
 pub mod profile;
 pub mod search;

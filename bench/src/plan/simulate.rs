@@ -5,11 +5,14 @@
 //! books of a paged cache of the profile's capacity; the step then takes the time the profile's
 //! models give its chunks and decodes ([`step_seconds`]). A request's first token comes at the
 //! end of the step that computes its prompt's last chunk (on a prefill instance too: it is
-//! streamed from there, as DistServe counts it); its later tokens one per decode step. Requests
-//! go to instances round-robin in arrival order (to decode instances, in the order their
-//! prefill and handoff end).
+//! streamed from there, as DistServe counts it); its later tokens one per decode step. Each
+//! request goes, when it arrives (to a decode instance: when its prefill and handoff end), to
+//! the least loaded instance as `vkv route` judges load — prompt tokens in flight for prefill,
+//! requests in flight then KV in use otherwise.
 
-use vkv_engine::kv::{KvDims, PagedKv, SeqId};
+use std::collections::HashMap;
+
+use vkv_engine::kv::{KvDims, KvManager, NoPools, PagedKv, SeqId};
 use vkv_engine::scheduler::{Scheduler, SchedulerConfig, SeqRequest};
 
 use super::profile::Profile;
@@ -185,85 +188,108 @@ pub fn step_seconds(
     (prefill + decode - profile.decode.a.max(0.0)).max(prefill.max(decode))
 }
 
-/// What one instance did: for every request it was given, the times of the tokens it produced
-/// (empty if refused: it could never fit the instance's KV), and its preemptions.
-struct InstanceRun {
+/// One instance: vkv's own [`Scheduler`] deciding each step against the books of a paged cache
+/// of the profile's capacity ([`PagedKv::books_only`]) — KV reserved as tokens arrive,
+/// preemption by recompute when it runs out — and the clock of its steps. A prefill instance
+/// produces each request's first token only; a decode instance the rest, its requests arriving
+/// with the prompt's KV and the first token (as `handed_over` sequences, exactly as the engine
+/// admits them).
+struct Instance<'a> {
+    role: Role,
+    profile: &'a Profile,
+    scheduler: Scheduler,
+    kv: PagedKv<NoPools>,
+    /// When its last step ended (or since when it has been idle).
+    t: f64,
+    /// For every request given to it, the times of the tokens it produced (empty if refused:
+    /// it could never fit the instance's KV).
     token_times: Vec<(usize, Vec<f64>)>,
-    preemptions: u64,
+    slot_of: HashMap<usize, usize>,
+    /// What `vkv route` counts of its requests there until they leave: how many, and (prefill)
+    /// their prompt tokens.
+    in_flight: usize,
+    prompt_tokens_in_flight: usize,
+    chunks: Vec<(usize, usize)>,
+    sampled: Vec<(SeqId, u32)>,
 }
 
-/// Run one instance over `(ready time, request index)` in time order with vkv's own
-/// [`Scheduler`] deciding each step against the books of a paged cache of the profile's
-/// capacity ([`PagedKv::books_only`]): KV reserved as tokens arrive, preemption by recompute
-/// when it runs out. A prefill instance produces each request's first token only; a decode
-/// instance the rest, its requests arriving with the prompt's KV and the first token (as
-/// `handed_over` sequences, exactly as the engine admits them).
-fn run_instance(
-    role: Role,
-    profile: &Profile,
-    requests: &[SimRequest],
-    arrivals: &[(f64, usize)],
-) -> InstanceRun {
-    let limits = InstanceLimits::of(profile);
-    let mut scheduler = Scheduler::new(SchedulerConfig {
-        max_num_seqs: limits.max_num_seqs.max(1),
-        max_num_batched_tokens: limits.max_num_batched_tokens.max(1),
-    });
-    let block = profile.kv_block_tokens();
-    let dims = KvDims {
-        num_layers: 1,
-        num_kv_heads: 1,
-        head_dim: 1,
-    };
-    let mut kv = PagedKv::books_only(dims, 1, (limits.kv_capacity_tokens / block).max(1), block)
-        .expect("a block size of at least 1 token");
-    let mut out: Vec<(usize, Vec<f64>)> = Vec::with_capacity(arrivals.len());
-    let mut slot_of = vec![usize::MAX; requests.len()];
-    let mut next = 0;
-    let mut t = 0f64;
-    let mut chunks = Vec::new();
-    let mut sampled = Vec::new();
-    loop {
-        while next < arrivals.len() && arrivals[next].0 <= t {
-            let i = arrivals[next].1;
-            let r = requests[i];
-            slot_of[i] = out.len();
-            out.push((i, Vec::new()));
-            next += 1;
-            let request = SeqRequest {
-                id: i as SeqId,
-                prompt: vec![0; r.prompt.max(1)],
-                max_tokens: if role == Role::Prefill { 1 } else { r.output },
-                cache_salt: None,
-                fork_of: None,
-                beam_width: None,
-                whole_prompt: false,
-                handed_over: (role == Role::Decode).then_some(0),
-            };
-            // Refused (it could never fit this instance's KV): no tokens, a TTFT of infinity.
-            let _ = scheduler.add(request, &kv);
+impl<'a> Instance<'a> {
+    fn new(role: Role, profile: &'a Profile) -> Instance<'a> {
+        let limits = InstanceLimits::of(profile);
+        let block = profile.kv_block_tokens();
+        let dims = KvDims {
+            num_layers: 1,
+            num_kv_heads: 1,
+            head_dim: 1,
+        };
+        Instance {
+            role,
+            profile,
+            scheduler: Scheduler::new(SchedulerConfig {
+                max_num_seqs: limits.max_num_seqs.max(1),
+                max_num_batched_tokens: limits.max_num_batched_tokens.max(1),
+            }),
+            kv: PagedKv::books_only(dims, 1, (limits.kv_capacity_tokens / block).max(1), block)
+                .expect("a block size of at least 1 token"),
+            t: 0.0,
+            token_times: Vec::new(),
+            slot_of: HashMap::new(),
+            in_flight: 0,
+            prompt_tokens_in_flight: 0,
+            chunks: Vec::new(),
+            sampled: Vec::new(),
         }
-        let step = if scheduler.is_idle() {
-            None
-        } else {
-            Some(
-                scheduler
-                    .schedule(&mut kv)
-                    .expect("books without memory fail only on a bug"),
-            )
+    }
+
+    /// How loaded `vkv route` finds it, smaller first: a prefill instance by the prompt tokens
+    /// of the requests there, a decode (or colocated) instance by the requests there, then by
+    /// its KV in use.
+    fn load(&self) -> (usize, usize) {
+        match self.role {
+            Role::Prefill => (self.prompt_tokens_in_flight, self.in_flight),
+            _ => (self.in_flight, self.kv.usage().bytes_allocated),
+        }
+    }
+
+    /// Take request `i` (at the instance's present time).
+    fn add(&mut self, i: usize, r: SimRequest) {
+        self.slot_of.insert(i, self.token_times.len());
+        self.token_times.push((i, Vec::new()));
+        let request = SeqRequest {
+            id: i as SeqId,
+            prompt: vec![0; r.prompt.max(1)],
+            max_tokens: if self.role == Role::Prefill {
+                1
+            } else {
+                r.output
+            },
+            cache_salt: None,
+            fork_of: None,
+            beam_width: None,
+            whole_prompt: false,
+            handed_over: (self.role == Role::Decode).then_some(0),
         };
-        let Some(step) = step.filter(|s| !s.chunks.is_empty()) else {
-            // Nothing to compute: wait for the next arrival.
-            match arrivals.get(next) {
-                Some(&(at, _)) => {
-                    t = t.max(at);
-                    continue;
-                }
-                None => break,
-            }
-        };
-        chunks.clear();
-        sampled.clear();
+        // Refused (it could never fit this instance's KV): no tokens, a TTFT of infinity.
+        if self.scheduler.add(request, &self.kv).is_ok() {
+            self.in_flight += 1;
+            self.prompt_tokens_in_flight += r.prompt;
+        }
+    }
+
+    /// Run one step if there is anything to compute; whether there was.
+    fn step(&mut self, requests: &[SimRequest]) -> bool {
+        if self.scheduler.is_idle() {
+            return false;
+        }
+        let step = self
+            .scheduler
+            .schedule(&mut self.kv)
+            .expect("books without memory fail only on a bug");
+        if step.chunks.is_empty() {
+            return false;
+        }
+        self.chunks.clear();
+        self.sampled.clear();
         let (mut batch, mut context_sum) = (0, 0);
         for c in &step.chunks {
             let prompt = requests[c.seq as usize].prompt.max(1);
@@ -271,46 +297,75 @@ fn run_instance(
                 batch += 1;
                 context_sum += c.start + 1;
             } else {
-                chunks.push((c.start, c.tokens.len()));
+                self.chunks.push((c.start, c.tokens.len()));
             }
             if c.samples {
-                sampled.push((c.seq, 0u32));
+                self.sampled.push((c.seq, 0u32));
             }
         }
-        t += step_seconds(profile, &chunks, batch, context_sum);
-        for &(seq, _) in &sampled {
-            out[slot_of[seq as usize]].1.push(t);
+        self.t += step_seconds(self.profile, &self.chunks, batch, context_sum);
+        for &(seq, _) in &self.sampled {
+            let slot = self.slot_of[&(seq as usize)];
+            self.token_times[slot].1.push(self.t);
         }
-        scheduler
-            .update(&step, &sampled, &mut kv)
+        let done = self
+            .scheduler
+            .update(&step, &self.sampled, &mut self.kv)
             .expect("books without memory fail only on a bug");
+        for seq in done {
+            self.in_flight -= 1;
+            self.prompt_tokens_in_flight -= requests[seq as usize].prompt;
+        }
+        true
     }
-    InstanceRun {
-        token_times: out,
-        preemptions: scheduler.preemptions(),
+
+    /// Run steps until one ends at or after `at` (a step under way then goes on), or until
+    /// there is nothing to compute (then it idles until `at`).
+    fn advance_to(&mut self, at: f64, requests: &[SimRequest]) {
+        while self.t < at {
+            if !self.step(requests) {
+                self.t = at;
+            }
+        }
+    }
+
+    /// Run until everything given to it is done.
+    fn drain(&mut self, requests: &[SimRequest]) {
+        while self.step(requests) {}
     }
 }
 
-/// `ready` (in time order) dealt to `instances` instances (at least one) in turn.
-fn round_robin(ready: &[(f64, usize)], instances: usize) -> Vec<Vec<(f64, usize)>> {
-    let n = instances.max(1);
-    (0..n)
-        .map(|r| ready.iter().skip(r).step_by(n).copied().collect())
-        .collect()
-}
-
-/// Instances of one role, each over its own arrivals, in parallel (they do not interact).
-fn run_instances(
+/// Instances of one role serving `ready` (`(time, request index)` in time order), each request
+/// sent on arrival to the least loaded instance as `vkv route` sends it ([`Instance::load`],
+/// the first on a tie); every request's token times, and the preemptions.
+fn serve(
     role: Role,
     profile: &Profile,
+    instances: usize,
     requests: &[SimRequest],
-    arrivals: Vec<Vec<(f64, usize)>>,
-) -> Vec<InstanceRun> {
-    use rayon::prelude::*;
-    arrivals
-        .par_iter()
-        .map(|a| run_instance(role, profile, requests, a))
-        .collect()
+    ready: &[(f64, usize)],
+) -> (Vec<(usize, Vec<f64>)>, u64) {
+    let mut pool: Vec<Instance> = (0..instances.max(1))
+        .map(|_| Instance::new(role, profile))
+        .collect();
+    for &(at, i) in ready {
+        for instance in pool.iter_mut() {
+            instance.advance_to(at, requests);
+        }
+        let target = pool
+            .iter_mut()
+            .min_by_key(|x| x.load())
+            .expect("at least one instance");
+        target.add(i, requests[i]);
+    }
+    let mut preemptions = 0;
+    let mut times = Vec::with_capacity(ready.len());
+    for mut instance in pool {
+        instance.drain(requests);
+        preemptions += instance.scheduler.preemptions();
+        times.append(&mut instance.token_times);
+    }
+    (times, preemptions)
 }
 
 /// What a placement did with a list of requests.
@@ -341,16 +396,10 @@ pub fn simulate(
         .collect();
     match placement {
         Placement::Colocated { replicas } => {
-            for run in run_instances(
-                Role::Both,
-                prefill,
-                requests,
-                round_robin(&arrived, replicas),
-            ) {
-                preemptions += run.preemptions;
-                for (i, times) in run.token_times {
-                    token_times[i] = times;
-                }
+            let (times, p) = serve(Role::Both, prefill, replicas, requests, &arrived);
+            preemptions += p;
+            for (i, t) in times {
+                token_times[i] = t;
             }
         }
         Placement::Disaggregated {
@@ -358,21 +407,19 @@ pub fn simulate(
             decode: d,
         } => {
             let mut first = Vec::with_capacity(requests.len());
-            for run in run_instances(Role::Prefill, prefill, requests, round_robin(&arrived, p)) {
-                preemptions += run.preemptions;
-                for (i, times) in run.token_times {
-                    if let (Some(&at), true) = (times.first(), requests[i].output > 1) {
-                        first.push((at + handoff.seconds(requests[i].prompt), i));
-                    }
-                    token_times[i] = times;
+            let (times, pre) = serve(Role::Prefill, prefill, p, requests, &arrived);
+            preemptions += pre;
+            for (i, t) in times {
+                if let (Some(&at), true) = (t.first(), requests[i].output > 1) {
+                    first.push((at + handoff.seconds(requests[i].prompt), i));
                 }
+                token_times[i] = t;
             }
             first.sort_by(|a, b| a.0.total_cmp(&b.0));
-            for run in run_instances(Role::Decode, decode, requests, round_robin(&first, d)) {
-                preemptions += run.preemptions;
-                for (i, times) in run.token_times {
-                    token_times[i].extend(times);
-                }
+            let (times, pre) = serve(Role::Decode, decode, d, requests, &first);
+            preemptions += pre;
+            for (i, t) in times {
+                token_times[i].extend(t);
             }
         }
     }
@@ -533,7 +580,7 @@ mod tests {
             batch
         ];
         let arrivals: Vec<(f64, usize)> = (0..batch).map(|i| (0.0, i)).collect();
-        let out = run_instance(Role::Decode, &p, &requests, &arrivals).token_times;
+        let (out, _) = serve(Role::Decode, &p, 1, &requests, &arrivals);
         let mut t = 0.0;
         let mut expected = Vec::new();
         for k in 1..output {
@@ -599,6 +646,55 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// Requests go to the least loaded instance, as `vkv route` sends them: beside one long
+    /// request, every short one finds the other instance free and decodes alone.
+    #[test]
+    fn requests_go_to_the_least_loaded_instance() {
+        let decode = DecodeModel {
+            a: 0.01,
+            b: 0.0,
+            c: 0.005,
+        };
+        let p = profile(
+            PrefillModel {
+                a: 0.0,
+                b: 0.0,
+                c: 0.0,
+            },
+            decode,
+            InstanceLimits {
+                max_num_batched_tokens: 2048,
+                max_num_seqs: 8,
+                kv_capacity_tokens: 1 << 20,
+            },
+        );
+        let mut requests = vec![SimRequest {
+            arrival: 0.0,
+            prompt: 100,
+            output: 2000,
+        }];
+        // Each short request ends (10 tokens of 15 ms) before the next arrives.
+        requests.extend((1..20).map(|k| SimRequest {
+            arrival: k as f64 * 0.5,
+            prompt: 100,
+            output: 10,
+        }));
+        let ready: Vec<(f64, usize)> = requests
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.arrival, i))
+            .collect();
+        let (times, _) = serve(Role::Decode, &p, 2, &requests, &ready);
+        let alone = decode.seconds(1, 0);
+        for (i, t) in times.iter().filter(|(i, _)| *i > 0) {
+            let gaps: Vec<f64> = t.windows(2).map(|w| w[1] - w[0]).collect();
+            assert!(
+                gaps.iter().all(|g| (g - alone).abs() < 1e-9),
+                "request {i} shared its steps: {gaps:?}"
+            );
         }
     }
 
