@@ -4,7 +4,7 @@
 # the profiles in docs/plan/ (see docs/plan.md for how each was made). Writes
 # docs/plan/<model>-<gpus>gpu-<workload>.{cmd,json} and, for 8 GPUs, the attainment curves (.svg).
 #
-# Usage: scripts/plan_placements.sh [VKV]   (default target/release/vkv; ~1 h on 2 cores)
+# Usage: scripts/plan_placements.sh [VKV]   (default target/release/vkv; ~30 min on 2 cores)
 set -euo pipefail
 vkv=${1:-target/release/vkv}
 dir=docs/plan

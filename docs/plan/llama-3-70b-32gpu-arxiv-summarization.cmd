@@ -1,0 +1,1 @@
+vkv plan --profile llama-3-70b-h100-tp2.json --profile llama-3-70b-h100-tp4.json --profile llama-3-70b-h100-tp8.json --workload arxiv-summarization --ttft 4.0 --tpot 0.04 --gpus 32 --gpus-per-node 8 --num-requests 500 --min-duration 30

@@ -1,0 +1,1 @@
+vkv plan --profile llama-3-70b-h100-tp2.json --profile llama-3-70b-h100-tp4.json --profile llama-3-70b-h100-tp8.json --workload humaneval --ttft 0.25 --tpot 0.08 --gpus 8 --gpus-per-node 8 --num-requests 500 --min-duration 60
