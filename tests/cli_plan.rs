@@ -178,6 +178,10 @@ fn a_measured_profile_plans_both_placements() {
         "10",
         "--kv-layout",
         "paged",
+        "--max-num-batched-tokens",
+        "512",
+        "--max-num-seqs",
+        "16",
     ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -207,4 +211,6 @@ fn a_measured_profile_plans_both_placements() {
     );
     let out = vkv(&["plan", "--profile", profile_arg, "--kv-layout", "blocks"]);
     assert_one_line_error(&out, "--kv-layout", "an unknown KV layout");
+    let out = vkv(&["plan", "--profile", profile_arg, "--max-num-seqs", "0"]);
+    assert_one_line_error(&out, "--max-num-seqs", "no sequences at all");
 }

@@ -70,6 +70,14 @@ pub struct Args {
     /// Seconds each copy of a handoff costs besides its bytes (a copy call's issue cost).
     #[arg(long, default_value_t = 2e-6)]
     handoff_copy_seconds: f64,
+    /// Every instance's step token budget (the prefill chunk size), instead of the one each
+    /// profile was measured with: plan with `--max-num-batched-tokens 512` what a smaller
+    /// chunk does to decodes beside prefills (Sarathi-Serve).
+    #[arg(long)]
+    max_num_batched_tokens: Option<usize>,
+    /// Every instance's limit on running sequences, instead of the profile's.
+    #[arg(long)]
+    max_num_seqs: Option<usize>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Instead of the search: simulate one placement at these request rates (its P90 TTFT and
@@ -184,8 +192,15 @@ pub fn run(args: Args) -> Result<()> {
         copy_seconds: args.handoff_copy_seconds,
     };
     let mut profiles = Vec::new();
+    if args.max_num_batched_tokens == Some(0) || args.max_num_seqs == Some(0) {
+        bail!("--max-num-batched-tokens and --max-num-seqs must be at least 1");
+    }
     for path in &args.profile {
-        let p = read_profile(path)?;
+        let mut p = read_profile(path)?;
+        p.max_num_batched_tokens = args
+            .max_num_batched_tokens
+            .unwrap_or(p.max_num_batched_tokens);
+        p.max_num_seqs = args.max_num_seqs.unwrap_or(p.max_num_seqs);
         // Named by the file: `llama8b-tp2.json` is `llama8b-tp2`.
         let name = path.file_stem().map_or_else(
             || path.display().to_string(),
