@@ -10,9 +10,7 @@
 //! the least loaded instance as `vkv route` judges load — prompt tokens in flight for prefill,
 //! requests in flight then KV in use otherwise.
 
-use std::collections::HashMap;
-
-use vkv_engine::kv::{KvDims, KvManager, NoPools, PagedKv, SeqId};
+use vkv_engine::kv::{KvDims, NoPools, PagedKv, SeqId};
 use vkv_engine::scheduler::{Scheduler, SchedulerConfig, SeqRequest};
 
 use super::profile::Profile;
@@ -201,10 +199,6 @@ struct Instance<'a> {
     kv: PagedKv<NoPools>,
     /// When its last step ended (or since when it has been idle).
     t: f64,
-    /// For every request given to it, the times of the tokens it produced (empty if refused:
-    /// it could never fit the instance's KV).
-    token_times: Vec<(usize, Vec<f64>)>,
-    slot_of: HashMap<usize, usize>,
     /// What `vkv route` counts of its requests there until they leave: how many, and (prefill)
     /// their prompt tokens.
     in_flight: usize,
@@ -232,8 +226,6 @@ impl<'a> Instance<'a> {
             kv: PagedKv::books_only(dims, 1, (limits.kv_capacity_tokens / block).max(1), block)
                 .expect("a block size of at least 1 token"),
             t: 0.0,
-            token_times: Vec::new(),
-            slot_of: HashMap::new(),
             in_flight: 0,
             prompt_tokens_in_flight: 0,
             chunks: Vec::new(),
@@ -243,18 +235,16 @@ impl<'a> Instance<'a> {
 
     /// How loaded `vkv route` finds it, smaller first: a prefill instance by the prompt tokens
     /// of the requests there, a decode (or colocated) instance by the requests there, then by
-    /// its KV in use.
+    /// its KV in use (blocks held; no prefix caching, so none is kept evictable).
     fn load(&self) -> (usize, usize) {
         match self.role {
             Role::Prefill => (self.prompt_tokens_in_flight, self.in_flight),
-            _ => (self.in_flight, self.kv.usage().bytes_allocated),
+            _ => (self.in_flight, self.kv.num_blocks() - self.kv.free_blocks()),
         }
     }
 
     /// Take request `i` (at the instance's present time).
     fn add(&mut self, i: usize, r: SimRequest) {
-        self.slot_of.insert(i, self.token_times.len());
-        self.token_times.push((i, Vec::new()));
         let request = SeqRequest {
             id: i as SeqId,
             prompt: vec![0; r.prompt.max(1)],
@@ -276,8 +266,9 @@ impl<'a> Instance<'a> {
         }
     }
 
-    /// Run one step if there is anything to compute; whether there was.
-    fn step(&mut self, requests: &[SimRequest]) -> bool {
+    /// Run one step if there is anything to compute, each token it produces timed in `times`
+    /// (by request); whether there was.
+    fn step(&mut self, requests: &[SimRequest], times: &mut [Vec<f64>]) -> bool {
         if self.scheduler.is_idle() {
             return false;
         }
@@ -305,8 +296,7 @@ impl<'a> Instance<'a> {
         }
         self.t += step_seconds(self.profile, &self.chunks, batch, context_sum);
         for &(seq, _) in &self.sampled {
-            let slot = self.slot_of[&(seq as usize)];
-            self.token_times[slot].1.push(self.t);
+            times[seq as usize].push(self.t);
         }
         let done = self
             .scheduler
@@ -321,36 +311,38 @@ impl<'a> Instance<'a> {
 
     /// Run steps until one ends at or after `at` (a step under way then goes on), or until
     /// there is nothing to compute (then it idles until `at`).
-    fn advance_to(&mut self, at: f64, requests: &[SimRequest]) {
+    fn advance_to(&mut self, at: f64, requests: &[SimRequest], times: &mut [Vec<f64>]) {
         while self.t < at {
-            if !self.step(requests) {
+            if !self.step(requests, times) {
                 self.t = at;
             }
         }
     }
 
     /// Run until everything given to it is done.
-    fn drain(&mut self, requests: &[SimRequest]) {
-        while self.step(requests) {}
+    fn drain(&mut self, requests: &[SimRequest], times: &mut [Vec<f64>]) {
+        while self.step(requests, times) {}
     }
 }
 
 /// Instances of one role serving `ready` (`(time, request index)` in time order), each request
 /// sent on arrival to the least loaded instance as `vkv route` sends it ([`Instance::load`],
-/// the first on a tie); every request's token times, and the preemptions.
+/// the first on a tie); the times of the tokens they produce are added to `times` (by request:
+/// none for one refused, as it could never fit an instance's KV). Returns the preemptions.
 fn serve(
     role: Role,
     profile: &Profile,
     instances: usize,
     requests: &[SimRequest],
     ready: &[(f64, usize)],
-) -> (Vec<(usize, Vec<f64>)>, u64) {
+    times: &mut [Vec<f64>],
+) -> u64 {
     let mut pool: Vec<Instance> = (0..instances.max(1))
         .map(|_| Instance::new(role, profile))
         .collect();
     for &(at, i) in ready {
         for instance in pool.iter_mut() {
-            instance.advance_to(at, requests);
+            instance.advance_to(at, requests, times);
         }
         let target = pool
             .iter_mut()
@@ -358,14 +350,12 @@ fn serve(
             .expect("at least one instance");
         target.add(i, requests[i]);
     }
-    let mut preemptions = 0;
-    let mut times = Vec::with_capacity(ready.len());
-    for mut instance in pool {
-        instance.drain(requests);
-        preemptions += instance.scheduler.preemptions();
-        times.append(&mut instance.token_times);
-    }
-    (times, preemptions)
+    pool.iter_mut()
+        .map(|instance| {
+            instance.drain(requests, times);
+            instance.scheduler.preemptions()
+        })
+        .sum()
 }
 
 /// What a placement did with a list of requests.
@@ -388,41 +378,44 @@ pub fn simulate(
     requests: &[SimRequest],
 ) -> Simulation {
     let mut token_times: Vec<Vec<f64>> = vec![Vec::new(); requests.len()];
-    let mut preemptions = 0;
     let arrived: Vec<(f64, usize)> = requests
         .iter()
         .enumerate()
         .map(|(i, r)| (r.arrival, i))
         .collect();
-    match placement {
-        Placement::Colocated { replicas } => {
-            let (times, p) = serve(Role::Both, prefill, replicas, requests, &arrived);
-            preemptions += p;
-            for (i, t) in times {
-                token_times[i] = t;
-            }
-        }
+    let preemptions = match placement {
+        Placement::Colocated { replicas } => serve(
+            Role::Both,
+            prefill,
+            replicas,
+            requests,
+            &arrived,
+            &mut token_times,
+        ),
         Placement::Disaggregated {
             prefill: p,
             decode: d,
         } => {
-            let mut first = Vec::with_capacity(requests.len());
-            let (times, pre) = serve(Role::Prefill, prefill, p, requests, &arrived);
-            preemptions += pre;
-            for (i, t) in times {
-                if let (Some(&at), true) = (t.first(), requests[i].output > 1) {
-                    first.push((at + handoff.seconds(requests[i].prompt), i));
-                }
-                token_times[i] = t;
-            }
+            let on_prefill = serve(
+                Role::Prefill,
+                prefill,
+                p,
+                requests,
+                &arrived,
+                &mut token_times,
+            );
+            // Each request with more to generate goes on once its first token and KV handoff are
+            // done; the decode instances add its later tokens.
+            let mut first: Vec<(f64, usize)> = token_times
+                .iter()
+                .enumerate()
+                .filter(|&(i, t)| requests[i].output > 1 && !t.is_empty())
+                .map(|(i, t)| (t[0] + handoff.seconds(requests[i].prompt), i))
+                .collect();
             first.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let (times, pre) = serve(Role::Decode, decode, d, requests, &first);
-            preemptions += pre;
-            for (i, t) in times {
-                token_times[i].extend(t);
-            }
+            on_prefill + serve(Role::Decode, decode, d, requests, &first, &mut token_times)
         }
-    }
+    };
     let outcomes = requests
         .iter()
         .zip(token_times)
@@ -580,14 +573,15 @@ mod tests {
             batch
         ];
         let arrivals: Vec<(f64, usize)> = (0..batch).map(|i| (0.0, i)).collect();
-        let (out, _) = serve(Role::Decode, &p, 1, &requests, &arrivals);
+        let mut out = vec![Vec::new(); requests.len()];
+        serve(Role::Decode, &p, 1, &requests, &arrivals, &mut out);
         let mut t = 0.0;
         let mut expected = Vec::new();
         for k in 1..output {
             t += decode.a + decode.b * (batch * (prompt + k)) as f64 + decode.c * batch as f64;
             expected.push(t);
         }
-        for (_, times) in out {
+        for times in out {
             assert_eq!(times.len(), output - 1);
             for (got, want) in times.iter().zip(&expected) {
                 assert!((got - want).abs() < 1e-12, "{times:?} vs {expected:?}");
@@ -687,9 +681,10 @@ mod tests {
             .enumerate()
             .map(|(i, r)| (r.arrival, i))
             .collect();
-        let (times, _) = serve(Role::Decode, &p, 2, &requests, &ready);
+        let mut times = vec![Vec::new(); requests.len()];
+        serve(Role::Decode, &p, 2, &requests, &ready, &mut times);
         let alone = decode.seconds(1, 0);
-        for (i, t) in times.iter().filter(|(i, _)| *i > 0) {
+        for (i, t) in times.iter().enumerate().skip(1) {
             let gaps: Vec<f64> = t.windows(2).map(|w| w[1] - w[0]).collect();
             assert!(
                 gaps.iter().all(|g| (g - alone).abs() < 1e-9),
