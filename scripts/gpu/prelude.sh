@@ -154,29 +154,29 @@ multi_turn_runs() {
 
 # Issue 20's check of `vkv plan` against measured serving on the llama-3-8b preset: `vkv profile`
 # through the engine (paged, --max-num-seqs 128) into $OUT/plan-profile.json; one `vkv serve`
-# with the same options and `vkv bench serve` (sharegpt, 45 s of arrivals) at each rate of RATES
-# into $OUT/plan-measured-R.json, the server's /metrics after each; then `vkv plan --rates R` on
-# the profile with the same request count into $OUT/plan-simulated.txt:
-# plan_check_runs "10 20 30 40"
+# with the same options and `vkv bench serve` (sharegpt, SECONDS of arrivals, default 45) at each
+# rate of RATES into $OUT/plan-measured-R.json, the server's /metrics after each; then
+# `vkv plan --rates R` on the profile with the same request count into $OUT/plan-simulated.txt:
+# plan_check_runs "10 20 30 40" [SECONDS]
 plan_check_runs() {
   local m="--device cuda --model preset:llama-3-8b --kv-mode paged --max-num-seqs 128"
-  timeout 240 .gpu/bin/vkv profile $m --prefill-lens 128,512,1024,2048,4096 \
-    --prefill-batches 1,4 --decode-batches 1,8,32,64,128 --contexts 256,1024,4096 --repeats 3 \
+  local secs=${2:-45}
+  timeout 200 .gpu/bin/vkv profile $m --prefill-lens 128,512,1024,2048,4096 \
+    --prefill-batches 1,4 --decode-batches 1,8,32,64,128 --contexts 256,1024,4096 --repeats 2 \
     --mixed-chunks 256,1024,1920 --mixed-batch 32 --mixed-context 1024 \
     --out $OUT/plan-profile.json > $OUT/plan-profile.log 2>&1
   pack
   serve_up $m
   for r in $1; do
-    n=$(( r * 45 ))
-    timeout 150 .gpu/bin/vkv bench serve --url http://127.0.0.1:8077 --workload sharegpt \
-      --num-prompts $n --request-rate $r --goodput ttft:250 tpot:20 --json > $OUT/plan-measured-$r.json 2>&1
+    timeout $(( secs * 3 )) .gpu/bin/vkv bench serve --url http://127.0.0.1:8077 --workload sharegpt \
+      --num-prompts $(( r * secs )) --request-rate $r --goodput ttft:250 tpot:20 --json > $OUT/plan-measured-$r.json 2>&1
     curl -s http://127.0.0.1:8077/metrics | grep -E "^vkv_(preemptions|requests|steps|busy)" > $OUT/plan-metrics-$r.txt
     pack
   done
   kill -INT $serve_pid; wait $serve_pid
   for r in $1; do
     .gpu/bin/vkv plan --profile $OUT/plan-profile.json --rates $r --workload sharegpt \
-      --ttft 0.25 --tpot 0.02 --num-requests $(( r * 45 )) --min-duration 0 >> $OUT/plan-simulated.txt 2>&1
+      --ttft 0.25 --tpot 0.02 --num-requests $(( r * secs )) --min-duration 0 >> $OUT/plan-simulated.txt 2>&1
   done
   pack
 }
