@@ -46,7 +46,7 @@ serve_down() {
 # `vkv bench offline` on the llama-3-8b preset with prefix-repetition:8,2048,128,128 (N requests),
 # prefix caching on and off (PCS, default "enable no-enable") in each KV mode of MODES (default
 # "paged vmm"; per-layer is vmm with per-layer pages), each run cut at its share of the time left
-# before $DEADLINE seconds of the call (default 560), into $OUT/prefix-rep-MODE-{enable,no-enable}.*:
+# before $DEADLINE seconds of the call (default 560), EXTRA options added, into $OUT/prefix-rep-MODE-{enable,no-enable}.*:
 # prefix_repetition_runs N
 prefix_repetition_runs() {
   local modes=(${MODES:-paged vmm}) pcs=(${PCS:-enable no-enable}) left pc mode kv
@@ -58,7 +58,7 @@ prefix_repetition_runs() {
       kv="--kv-mode $mode"
       [ $mode = per-layer ] && kv="--kv-mode vmm --vmm-layout per-layer"
       timeout $left .gpu/bin/vkv bench offline --device cuda --model preset:llama-3-8b \
-        --max-num-seqs 128 $kv --$pc-prefix-caching \
+        --max-num-seqs 128 $kv $EXTRA --$pc-prefix-caching \
         --workload prefix-repetition:8,2048,128,128 --num-prompts "$1" --json \
         > $OUT/prefix-rep-$mode-$pc.json 2> $OUT/prefix-rep-$mode-$pc.err
       pack
