@@ -4,7 +4,8 @@
 //!
 //! Three parts, each on the backend given:
 //! - **primitives**: `n` pages of one size — reserve, then per page create / map / set access /
-//!   unmap / release, each call timed on its own (median and p99);
+//!   unmap / release, each call timed on its own (median and p99), and one set access over all
+//!   `n` pages (a run mapped together);
 //! - **space**: a model-shaped [`KvSpace`] with its pages created up front — `slots` requests
 //!   grown one token at a time to `tokens` (decode), one request backed in one call (prefill), a
 //!   released slot reused (deferred reclamation), a prefix shared, everything reclaimed;
@@ -86,6 +87,11 @@ pub struct PrimitiveReport {
     pub release: Latency,
     /// Pages per second through map + set access (medians).
     pub map_pages_per_s: f64,
+    /// One set access over all the pages at once (what a run of pages mapped together costs,
+    /// [`KvSpace`]'s batched mapping), in microseconds.
+    pub set_access_run_us: f64,
+    /// Pages per second through map (median) + a share of the set access over the run.
+    pub map_run_pages_per_s: f64,
 }
 
 /// A timed operation over many pages.
@@ -252,6 +258,7 @@ fn primitives(backend: &dyn PhysicalMemory, page_size: usize, n: usize) -> Resul
     for i in 0..n {
         access.push(micros(|| backend.set_access(addr(i), page_size))?);
     }
+    let set_access_run_us = micros(|| backend.set_access(base, bytes))?;
     for i in 0..n {
         unmap.push(micros(|| backend.unmap(addr(i), page_size))?);
     }
@@ -265,6 +272,8 @@ fn primitives(backend: &dyn PhysicalMemory, page_size: usize, n: usize) -> Resul
         reserve_us,
         create: Latency::of(create),
         map_pages_per_s: 1e6 / (map.median_us + set_access.median_us).max(1e-9),
+        set_access_run_us,
+        map_run_pages_per_s: 1e6 / (map.median_us + set_access_run_us / n as f64).max(1e-9),
         map,
         set_access,
         unmap: Latency::of(unmap),

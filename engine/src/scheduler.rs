@@ -49,7 +49,7 @@
 
 use std::collections::VecDeque;
 
-use crate::kv::{KvError, KvManager, SeqId};
+use crate::kv::{KvError, KvManager, LikelyAdmission, SeqId};
 
 /// Limits of one step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,9 +284,11 @@ impl Scheduler {
     }
 
     /// The waiting sequences the next step would likely admit — if every running sequence took
-    /// one token of the budget — with the KV length each would reserve: what a cache can
-    /// prepare while the current step computes ([`KvManager::prepare_admissions`]).
-    pub fn likely_admissions(&self) -> Vec<(SeqId, usize)> {
+    /// one token of the budget — with the prefix-cache hit each would get now (read from `kv`,
+    /// referencing nothing) and the KV length each would reserve: what a cache can prepare
+    /// while the current step computes ([`crate::kv::MapAhead::prepare_admissions`]). As at
+    /// admission, a hit's tokens take none of the budget.
+    pub fn likely_admissions(&self, kv: &dyn KvManager) -> Vec<LikelyAdmission> {
         let mut budget = (self.config.max_num_batched_tokens).saturating_sub(self.running.len());
         let places = self.config.max_num_seqs.saturating_sub(self.places_used());
         let mut next = Vec::new();
@@ -295,12 +297,25 @@ impl Scheduler {
             .waiting
             .iter()
             .filter(|s| matches!(self.fork_state(s), ForkState::None));
+        let cache = kv.prefix_cache();
         for seq in fresh.take(places) {
             if budget == 0 {
                 break;
             }
-            let n = (seq.tokens.len() - seq.computed).min(budget);
-            next.push((seq.id, seq.computed + n));
+            let hit = match cache {
+                Some(c) if seq.computed == 0 && !seq.whole_prompt => {
+                    let salt = seq.cache_salt.as_deref().map(str::as_bytes);
+                    c.cached_tokens(&seq.tokens, salt)
+                }
+                _ => 0,
+            };
+            let start = seq.computed.max(hit);
+            let n = (seq.tokens.len() - start).min(budget);
+            next.push(LikelyAdmission {
+                seq: seq.id,
+                hit,
+                len: start + n,
+            });
             budget -= n;
         }
         next

@@ -398,6 +398,66 @@ fn a_cached_prefix_is_not_computed_again_and_counts_as_cached() {
     assert_eq!((stats.queried_tokens, stats.hit_tokens), (66, 16));
 }
 
+#[test]
+fn likely_admissions_guess_the_hits_and_count_only_the_tokens_left_to_compute() {
+    let mut kv = PagedKv::new(DIMS, 64, 4).unwrap().with_prefix_caching();
+    let mut s = Scheduler::new(SchedulerConfig {
+        max_num_seqs: 4,
+        max_num_batched_tokens: 12,
+    });
+    let add = |s: &mut Scheduler, kv: &PagedKv, id: SeqId| {
+        let mut request = req(id, 0, 2);
+        request.prompt = shared_prompt(id, 0, 18, 22);
+        s.add(request, kv).unwrap();
+    };
+    add(&mut s, &kv, 1);
+    // Nothing cached yet: the budget of 12 covers the first chunk of one prompt.
+    assert_eq!(
+        s.likely_admissions(&kv),
+        vec![LikelyAdmission {
+            seq: 1,
+            hit: 0,
+            len: 12
+        }]
+    );
+    while !s.is_idle() {
+        step(&mut s, &mut kv);
+    }
+    for id in 2..=4 {
+        add(&mut s, &kv, id);
+    }
+    // 16 of each prompt's 22 tokens are cached: 6 left each, so two fit in the budget.
+    let queried = kv.prefix_stats().queried_tokens;
+    let likely = s.likely_admissions(&kv);
+    assert_eq!(
+        likely,
+        vec![
+            LikelyAdmission {
+                seq: 2,
+                hit: 16,
+                len: 22
+            },
+            LikelyAdmission {
+                seq: 3,
+                hit: 16,
+                len: 22
+            }
+        ]
+    );
+    assert_eq!(
+        kv.prefix_stats().queried_tokens,
+        queried,
+        "guessing counts nothing"
+    );
+    // The step admits what was guessed.
+    let (next, _) = step(&mut s, &mut kv);
+    assert_eq!(next.cached, vec![(2, 16), (3, 16)]);
+    while !s.is_idle() {
+        step(&mut s, &mut kv);
+    }
+    kv.audit().unwrap();
+}
+
 #[derive(Debug, Clone)]
 struct SharedArrival {
     at: usize,

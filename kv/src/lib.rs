@@ -48,8 +48,8 @@ pub use handoff::{
     export_kv, import_kv, prompt_hash, HandoffError, KvBlob, TransferStats, WireOrder,
 };
 pub use manager::{
-    KvBudget, KvCache, KvCacheDtype, KvDims, KvManager, KvMode, KvUsage, MapAhead, PrefixCache,
-    SeqId, VmmShape,
+    KvBudget, KvCache, KvCacheDtype, KvDims, KvManager, KvMode, KvUsage, LikelyAdmission, MapAhead,
+    PrefixCache, SeqId, VmmShape,
 };
 pub use paged::{BlockStorage, HostPools, NoPools, PagedKv};
 pub use prefix::{

@@ -220,12 +220,26 @@ pub trait PrefixCache {
         tokens: &[u32],
         salt: Option<&[u8]>,
     ) -> Result<(), KvError>;
+    /// The tokens [`PrefixCache::match_prefix`] would cover now, looking only: nothing is
+    /// referenced or counted (the scheduler's guess of what a waiting sequence will compute).
+    fn cached_tokens(&self, tokens: &[u32], salt: Option<&[u8]>) -> usize;
     /// The cache's counters (lookups, hits, evictions, cached and evictable units).
     fn prefix_stats(&self) -> PrefixStats;
     /// Take back the counts of a `match_prefix` (its `tokens.len()` and the tokens it covered)
     /// whose sequence was not admitted after all and was freed: it will be looked up again, and
     /// counting both would inflate the hit rate.
     fn retract_lookup(&mut self, queried_tokens: usize, hit_tokens: usize);
+}
+
+/// A waiting sequence the scheduler expects the next step to admit ([`MapAhead::prepare_admissions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LikelyAdmission {
+    pub seq: SeqId,
+    /// Tokens at its start the prefix cache holds now ([`PrefixCache::cached_tokens`]; 0
+    /// without caching): the admission maps them from the cache rather than backing them.
+    pub hit: usize,
+    /// Tokens its first `reserve` will likely ask for (the hit and its first chunk).
+    pub len: usize,
 }
 
 /// What a cache that backs memory on demand (vmm: pages mapped into a virtual range) can do
@@ -235,10 +249,11 @@ pub trait MapAhead {
     /// Hint that `seq` will soon need `len` tokens backed, so the pages can be mapped while the
     /// current step computes.
     fn map_ahead(&self, seq: SeqId, len: usize);
-    /// Hint that these waiting sequences are likely admitted by the next step, each reserving
-    /// `len` tokens (a slot acquired and its first pages mapped ahead). Preparations of
-    /// sequences no longer listed are dropped; prepared memory never blocks a `reserve`.
-    fn prepare_admissions(&mut self, next: &[(SeqId, usize)]);
+    /// Hint that these waiting sequences are likely admitted by the next step (a slot acquired
+    /// and its first pages mapped ahead, those a likely prefix-cache hit covers left to the
+    /// hit). Preparations of sequences no longer listed are dropped; prepared memory never
+    /// blocks a `reserve`.
+    fn prepare_admissions(&mut self, next: &[LikelyAdmission]);
     /// Eager allocation (vAttention §6): back the first `tokens[i]` tokens of free slot `i` now,
     /// before any request (largest first: an admission takes the free slot with the most
     /// pages). The pages belong to no sequence — surplus, reclaimed under pressure. Returns the

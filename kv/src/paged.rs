@@ -491,7 +491,24 @@ impl<S: BlockStorage> KvManager for PagedKv<S> {
     }
 }
 
+impl<S: BlockStorage> PagedKv<S> {
+    /// The tokens at the start of `tokens` a prefix hit may cover: whole blocks, never the last
+    /// token (it is always computed: its logits are the next token's).
+    fn matchable(&self, tokens: &[u32]) -> usize {
+        let block_size = self.alloc.block_size();
+        tokens.len().saturating_sub(1) / block_size * block_size
+    }
+}
+
 impl<S: BlockStorage> PrefixCache for PagedKv<S> {
+    fn cached_tokens(&self, tokens: &[u32], salt: Option<&[u8]>) -> usize {
+        let Some(prefix) = self.prefix.as_ref() else {
+            return 0;
+        };
+        let hit = prefix.index.lookup(&tokens[..self.matchable(tokens)], salt);
+        hit.blocks() * self.alloc.block_size()
+    }
+
     fn match_prefix(
         &mut self,
         seq: SeqId,
@@ -501,10 +518,9 @@ impl<S: BlockStorage> PrefixCache for PagedKv<S> {
         if self.tables.contains_key(&seq) {
             return Err(KvError::AlreadyAllocated { seq });
         }
-        let prefix = self.prefix.as_mut().ok_or_else(|| caching_off("paged"))?;
+        let most = self.matchable(tokens);
         let block_size = self.alloc.block_size();
-        // The last token is always computed (its logits are the next token's).
-        let most = tokens.len().saturating_sub(1) / block_size * block_size;
+        let prefix = self.prefix.as_mut().ok_or_else(|| caching_off("paged"))?;
         let hit = prefix.index.lookup(&tokens[..most], salt);
         let covered = hit.blocks() * block_size;
         prefix.index.record_lookup(tokens.len(), covered);

@@ -31,6 +31,11 @@
 //!   the hit's pages at the slot's first addresses ([`KvSpace::map_cached`], one more reference
 //!   each): unmodified strided kernels read the prefix, and the sequence writes from there on,
 //!   into pages of its own. Lookup and mapping happen under one hold of the space's lock.
+//!   A hit is mapped on the admission's critical path, so it is made cheap ahead of time: the
+//!   scheduler guesses each likely admission's hit (`cached_tokens`, a lookup that references
+//!   nothing), and `prepare_admissions` has the mapper thread unmap the prepared slot's surplus
+//!   pages where the hit will go and back only the pages past it; the hit then only maps its
+//!   pages, one set-access per run of pages.
 //! - `free` releases the slot: the space unmaps the pinned pages from it (they never stay in a
 //!   released slot, whose next sequence would write them); a pinned page mapped nowhere any more
 //!   is *kept* — out of the pool, counted as neither in use nor free — and a unit whose pages are
@@ -68,7 +73,7 @@ use vkv_vmm::{
 
 use super::manager::{
     caching_off, enable_before_use, unknown, unreserved, KvCache, KvDims, KvManager, KvUsage,
-    MapAhead, PrefixCache, SeqId, VmmShape,
+    LikelyAdmission, MapAhead, PrefixCache, SeqId, VmmShape,
 };
 use super::paged::Chain;
 use super::prefix::{Inserted, PrefixIndex, PrefixStats};
@@ -607,7 +612,28 @@ impl KvManager for VmmManager {
     }
 }
 
+impl VmmManager {
+    /// The tokens at the start of `tokens` a prefix hit may cover: whole units, never the last
+    /// token (it is always computed: its logits are the next token's), at most a slot's
+    /// `max_tokens`.
+    fn matchable(&self, tokens: &[u32]) -> usize {
+        let unit_tokens = self.prefix_unit_tokens();
+        tokens.len().saturating_sub(1).min(self.config.max_tokens) / unit_tokens * unit_tokens
+    }
+}
+
 impl PrefixCache for VmmManager {
+    fn cached_tokens(&self, tokens: &[u32], salt: Option<&[u8]>) -> usize {
+        if !self.prefix_caching {
+            return 0;
+        }
+        let most = self.matchable(tokens);
+        let space = self.mapper.space();
+        prefix_of(&space).map_or(0, |prefix| {
+            prefix.index.lookup(&tokens[..most], salt).blocks() * self.prefix_unit_tokens()
+        })
+    }
+
     /// A hit maps the cached units' physical pages at the new slot's first addresses (one more
     /// reference each): `seq` then holds their tokens, read by the same strided kernels. Needs
     /// a slot: with none free (even after taking back prepared ones) it is
@@ -625,10 +651,7 @@ impl PrefixCache for VmmManager {
             return Err(caching_off("vmm"));
         }
         let unit_tokens = self.prefix_unit_tokens();
-        // The last token is always computed (its logits are the next token's), and a slot
-        // holds at most max_tokens.
-        let most =
-            tokens.len().saturating_sub(1).min(self.config.max_tokens) / unit_tokens * unit_tokens;
+        let most = self.matchable(tokens);
         // One lock for the lookup and the mapping: the mapper's thread evicts under it too.
         let mut space = self.mapper.space();
         let prefix = prefix_in(&mut space).ok_or_else(|| caching_off("vmm"))?;
@@ -795,21 +818,21 @@ impl MapAhead for VmmManager {
         }
     }
 
-    fn prepare_admissions(&mut self, next: &[(SeqId, usize)]) {
+    fn prepare_admissions(&mut self, next: &[LikelyAdmission]) {
         // Called every step: a Mapper thread that died (a panic in a driver call) starts again.
         // Only failing to spawn a thread fails here; `reserve` then maps what each step needs.
         let _ = self.mapper.revive();
         let stale: Vec<SeqId> = self
             .prepared
             .keys()
-            .filter(|seq| !next.iter().any(|(n, _)| n == *seq))
+            .filter(|seq| !next.iter().any(|n| n.seq == **seq))
             .copied()
             .collect();
         for seq in stale {
             // Only a slot the space no longer knows fails here; nothing to undo then.
             let _ = self.drop_prepared(seq);
         }
-        for &(seq, len) in next {
+        for &LikelyAdmission { seq, hit, len } in next {
             if self.slots.contains_key(&seq) {
                 continue;
             }
@@ -827,8 +850,10 @@ impl MapAhead for VmmManager {
                 }
             };
             self.prepared.insert(seq, (slot, len));
-            // Only a stopped mapper fails here, and then `reserve` maps the pages itself.
-            let _ = self.mapper.map_ahead(slot, len);
+            // The pages a likely hit covers are left to it (their surplus unmapped now, not at
+            // admission). Only a stopped mapper fails here, and then `reserve` maps the pages
+            // itself.
+            let _ = self.mapper.map_ahead_after_hit(slot, hit.min(len), len);
         }
     }
 
@@ -931,6 +956,9 @@ impl PrefixCache for VmmKv {
     fn retract_lookup(&mut self, queried_tokens: usize, hit_tokens: usize) {
         self.0.retract_lookup(queried_tokens, hit_tokens)
     }
+    fn cached_tokens(&self, tokens: &[u32], salt: Option<&[u8]>) -> usize {
+        self.0.cached_tokens(tokens, salt)
+    }
     fn prefix_stats(&self) -> PrefixStats {
         self.0.prefix_stats()
     }
@@ -972,6 +1000,11 @@ mod tests {
 
     use crate::TEST_DIMS as DIMS;
 
+    /// A likely admission of `len` tokens with no prefix-cache hit.
+    fn likely(seq: SeqId, len: usize) -> LikelyAdmission {
+        LikelyAdmission { seq, hit: 0, len }
+    }
+
     /// A token-major f32 cache of `slots` slots of 512 tokens, 64 pages of 4 KiB.
     fn token_major(slots: usize) -> VmmKv {
         let shape = VmmShape::new(KvLayout::TokenMajor, slots, 512, 4096, 64);
@@ -982,7 +1015,7 @@ mod tests {
     fn prepared_admissions_are_taken_over_or_given_back_and_never_block_a_reserve() {
         let mut kv = token_major(2);
         // Both slots prepared for queued sequences 1 and 2, their first pages mapped ahead.
-        kv.0.prepare_admissions(&[(1, 40), (2, 40)]);
+        kv.0.prepare_admissions(&[likely(1, 40), likely(2, 40)]);
         kv.0.mapper.sync().unwrap();
         assert_eq!(kv.usage().sequences, 0);
         assert_eq!(
@@ -1000,13 +1033,13 @@ mod tests {
         kv.audit().unwrap();
         assert_eq!(kv.usage().sequences, 2);
         // No free slot: nothing to prepare, nothing changes.
-        kv.0.prepare_admissions(&[(4, 10)]);
+        kv.0.prepare_admissions(&[likely(4, 10)]);
         kv.audit().unwrap();
         for seq in [1, 3] {
             kv.free(seq).unwrap();
         }
         // A preparation dropped from the list is given back.
-        kv.0.prepare_admissions(&[(5, 10)]);
+        kv.0.prepare_admissions(&[likely(5, 10)]);
         kv.0.prepare_admissions(&[]);
         kv.audit().unwrap();
         assert_eq!(kv.0.mapper.space().stats().active_slots, 0);

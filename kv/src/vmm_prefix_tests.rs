@@ -291,6 +291,45 @@ fn eviction_takes_the_tail_units_first_and_never_a_held_one() {
 }
 
 #[test]
+fn a_prepared_admission_leaves_the_pages_of_its_likely_hit_to_the_hit() {
+    for layout in KvLayout::ALL {
+        let probe = caching(layout, 4, 8);
+        let (u, len) = (unit(&probe), unit_len(&probe));
+        drop(probe);
+        let mut kv = caching(layout, 4, 16 * len);
+        let tokens: Vec<u32> = (0..4 * u as u32 + 1).collect();
+        compute(&mut kv, 1, &tokens[..4 * u]);
+        kv.free(1).unwrap();
+        // A free slot warmed with surplus pages where the hit will go (it is the one an
+        // admission acquires: the slot with the most pages).
+        assert!(kv.0.warm_free_slots(&[4 * u]) > 0);
+        // The scheduler's guess looks and counts nothing.
+        let queried = kv.prefix_stats().queried_tokens;
+        let hit = kv.cached_tokens(&tokens, None);
+        assert_eq!(hit, 4 * u, "{layout}");
+        assert_eq!(kv.prefix_stats().queried_tokens, queried, "{layout}");
+        kv.0.prepare_admissions(&[LikelyAdmission {
+            seq: 2,
+            hit,
+            len: tokens.len(),
+        }]);
+        kv.0.mapper.sync().unwrap();
+        // The mapper unmapped the warm pages the hit will replace, off the critical path.
+        let stats = kv.0.mapper_stats();
+        assert_eq!(stats.pages_cleared_for_hits, 4 * len as u64, "{layout}");
+        kv.audit().unwrap();
+        // The hit maps its pages there, the page past it was mapped ahead: no wait.
+        assert_eq!(kv.match_prefix(2, &tokens, None).unwrap(), 4 * u);
+        kv.reserve(2, tokens.len()).unwrap();
+        assert_eq!(kv.0.mapper_stats().waits, stats.waits, "{layout}");
+        holds(&kv, 2, &tokens, 0..4 * u).unwrap();
+        kv.audit().unwrap();
+        kv.free(2).unwrap();
+        kv.audit().unwrap();
+    }
+}
+
+#[test]
 fn map_ahead_and_warm_slots_evict_cached_pages_too() {
     for layout in KvLayout::ALL {
         let probe = caching(layout, 4, 8);
@@ -303,7 +342,11 @@ fn map_ahead_and_warm_slots_evict_cached_pages_too() {
         // Released slot 0 keeps no page: every page is cached, kept.
         assert_eq!(kv.space().stats().pages_kept, 4 * len);
         // The mapper's thread maps a prepared admission ahead, evicting the tail unit.
-        kv.0.prepare_admissions(&[(2, u)]);
+        kv.0.prepare_admissions(&[LikelyAdmission {
+            seq: 2,
+            hit: 0,
+            len: u,
+        }]);
         kv.0.mapper.sync().unwrap();
         assert_eq!(kv.prefix_stats().evictions, 1, "{layout}");
         kv.audit().unwrap();
@@ -546,7 +589,17 @@ fn random_operations(
                 m.next += 1;
                 let seq = m.next;
                 if rng.random_bool(0.3) {
-                    kv.0.prepare_admissions(&[(seq, tokens.len())]);
+                    // Prepared as the scheduler does: the pages of the hit it finds now left to
+                    // the hit (the admission may find more or less cached by then).
+                    let hit = kv.cached_tokens(&tokens, salt);
+                    kv.0.prepare_admissions(&[LikelyAdmission {
+                        seq,
+                        hit,
+                        len: tokens.len(),
+                    }]);
+                    if rng.random_bool(0.5) {
+                        kv.0.mapper.sync().map_err(|e| fail(e.to_string()))?;
+                    }
                 }
                 let covered = match kv.match_prefix(seq, &tokens, salt) {
                     Ok(covered) => covered,

@@ -65,6 +65,9 @@ pub struct MapperStats {
     pub ahead_errors: u64,
     /// Times the thread was found dead (a panic in a driver call) and started again.
     pub restarts: u64,
+    /// Surplus pages the thread unmapped from prepared slots where a prefix-cache hit is
+    /// expected ([`Mapper::map_ahead_after_hit`]).
+    pub pages_cleared_for_hits: u64,
 }
 
 impl MapperStats {
@@ -89,10 +92,15 @@ struct Counters {
     wait_nanos: AtomicU64,
     ahead_errors: AtomicU64,
     restarts: AtomicU64,
+    pages_cleared_for_hits: AtomicU64,
 }
 
 enum Request {
-    Ahead { slot: SlotId, tokens: usize },
+    Ahead {
+        slot: SlotId,
+        hit: usize,
+        tokens: usize,
+    },
     Sync(Sender<()>),
     Stop,
 }
@@ -158,8 +166,17 @@ impl Mapper {
 
     /// Ask the thread to back `slot` for `tokens` tokens soon; returns at once.
     pub fn map_ahead(&self, slot: SlotId, tokens: usize) -> Result<()> {
+        self.map_ahead_after_hit(slot, 0, tokens)
+    }
+
+    /// Ask the thread to prepare `slot` for an admission of `tokens` tokens whose first `hit` a
+    /// prefix-cache hit will likely cover: unmap the surplus pages the slot holds there
+    /// ([`KvSpace::clear_for_hit`]), so that the hit maps its pages without unmapping anything
+    /// on the critical path, and back the rest ([`KvSpace::prefetch`] from `hit`); returns at
+    /// once.
+    pub fn map_ahead_after_hit(&self, slot: SlotId, hit: usize, tokens: usize) -> Result<()> {
         self.tx
-            .send(Request::Ahead { slot, tokens })
+            .send(Request::Ahead { slot, hit, tokens })
             .map_err(|_| VmmError::MapperStopped)
     }
 
@@ -203,6 +220,7 @@ impl Mapper {
             wait_seconds: get(&c.wait_nanos) as f64 * 1e-9,
             ahead_errors: get(&c.ahead_errors),
             restarts: get(&c.restarts),
+            pages_cleared_for_hits: get(&c.pages_cleared_for_hits),
         }
     }
 }
@@ -267,14 +285,29 @@ fn run(space: &Mutex<KvSpace>, c: &Counters, rx: &Receiver<Request>, options: Ma
             Request::Sync(done) => {
                 let _ = done.send(());
             }
-            Request::Ahead { slot, tokens } => {
+            Request::Ahead { slot, hit, tokens } => {
                 if faults::plan().take(Fault::MapperPanic) {
                     panic!("injected fault: the vkv-mapper thread dies");
                 }
                 c.requests.fetch_add(1, Ordering::Relaxed);
+                // First the surplus where a likely hit goes (a few pages per lock hold).
+                let mut clear = hit > 0;
+                while clear {
+                    let result = lock(space).clear_for_hit(slot, hit, per_lock);
+                    clear = matches!(result, Ok(n) if n > 0);
+                    match result {
+                        Ok(n) => {
+                            c.pages_cleared_for_hits
+                                .fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(_) => {
+                            c.ahead_errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
                 loop {
                     let start = Instant::now();
-                    let result = lock(space).prefetch(slot, tokens, per_lock);
+                    let result = lock(space).prefetch(slot, hit, tokens, per_lock);
                     c.map_nanos.fetch_add(nanos(start), Ordering::Relaxed);
                     match result {
                         Ok(0) => break,

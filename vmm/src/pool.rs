@@ -98,6 +98,21 @@ impl PagePool {
         Err(self.exhausted(1))
     }
 
+    /// Take `count` pages, or none: on a failure the pages already taken go back.
+    pub fn take_many(&mut self, count: usize) -> Result<Vec<PhysicalPage>> {
+        let mut pages = Vec::with_capacity(count);
+        for _ in 0..count {
+            match self.take() {
+                Ok(page) => pages.push(page),
+                Err(e) => {
+                    pages.into_iter().for_each(|p| self.put(p));
+                    return Err(e);
+                }
+            }
+        }
+        Ok(pages)
+    }
+
     /// Take back a page handed out by [`take`](Self::take); it must be unmapped everywhere.
     pub fn put(&mut self, page: PhysicalPage) {
         debug_assert_eq!(page.size, self.page_size);

@@ -282,19 +282,60 @@ impl KvSpace {
     /// pages of released slots are reclaimed; if that is not enough the call fails with
     /// [`VmmError::PoolExhausted`] having changed nothing.
     pub fn ensure(&mut self, slot: SlotId, tokens: usize) -> Result<usize> {
-        let mapped = self.back(slot, tokens, usize::MAX)?;
+        let mapped = self.back(slot, 0, tokens, usize::MAX)?;
         let s = &mut self.slots[slot.0];
         s.len = s.len.max(tokens);
         Ok(mapped)
     }
 
     /// Map at most `max_new_pages` of the pages `slot` needs for `tokens` tokens, without changing
-    /// its length (the [`crate::Mapper`]'s map-ahead). Returns the pages mapped.
-    pub fn prefetch(&mut self, slot: SlotId, tokens: usize, max_new_pages: usize) -> Result<usize> {
-        self.back(slot, tokens, max_new_pages)
+    /// its length (the [`crate::Mapper`]'s map-ahead), from the page that holds token `from` on:
+    /// 0 for all of them; a prepared admission whose first `from` tokens a prefix-cache hit will
+    /// map ([`KvSpace::map_cached`]) leaves those pages to it. Returns the pages mapped.
+    pub fn prefetch(
+        &mut self,
+        slot: SlotId,
+        from: usize,
+        tokens: usize,
+        max_new_pages: usize,
+    ) -> Result<usize> {
+        let first = from * self.config.region_bytes_per_token() / self.config.page_size;
+        self.back(slot, first, tokens, max_new_pages)
     }
 
-    fn back(&mut self, slot: SlotId, tokens: usize, max_new_pages: usize) -> Result<usize> {
+    /// Unmap at most `max_pages` of the pages `slot` maps below the page that holds token `hit`
+    /// and past its length (pages that hold no token: a prepared slot's surplus), so that a
+    /// prefix-cache hit of `hit` tokens maps its pages there without unmapping anything on the
+    /// admission's critical path. Returns the pages unmapped.
+    pub fn clear_for_hit(&mut self, slot: SlotId, hit: usize, max_pages: usize) -> Result<usize> {
+        self.active_slot(slot)?;
+        let below = hit.min(self.config.max_tokens) * self.config.region_bytes_per_token()
+            / self.config.page_size;
+        let first = self.config.pages_for(self.slots[slot.0].len);
+        let mut unmapped = 0;
+        'pages: for region in 0..self.bases.len() {
+            for i in first..below.min(self.slots[slot.0].pages[region].len()) {
+                if unmapped == max_pages {
+                    break 'pages;
+                }
+                if self.page(slot, region, i).is_some() {
+                    self.unmap_page(slot, region, i)?;
+                    unmapped += 1;
+                }
+            }
+        }
+        self.notify_unreferenced()?;
+        Ok(unmapped)
+    }
+
+    /// Back pages `first..` of those `slot` needs for `tokens` tokens (at most `max_new_pages`).
+    fn back(
+        &mut self,
+        slot: SlotId,
+        first: usize,
+        tokens: usize,
+        max_new_pages: usize,
+    ) -> Result<usize> {
         self.active_slot(slot)?;
         if tokens > self.config.max_tokens {
             return Err(VmmError::TooManyTokens {
@@ -309,7 +350,7 @@ impl KvSpace {
         }
         let missing: usize = (0..self.bases.len())
             .map(|r| {
-                (0..need)
+                (first..need)
                     .filter(|&i| self.page(slot, r, i).is_none())
                     .count()
             })
@@ -318,22 +359,29 @@ impl KvSpace {
         // (also a map-ahead done a few pages at a time) takes no pages.
         self.make_available(missing, slot)?;
         let todo = missing.min(max_new_pages);
-        let mut mapped = 0;
         // Page by page across regions, so that a partial (map-ahead) call backs the soonest
-        // tokens in every layer first.
-        'pages: for i in 0..need {
-            for region in 0..self.bases.len() {
+        // tokens in every layer first; then each region's pages are mapped as runs of
+        // consecutive indices (one set-access per run).
+        let mut wanted = vec![Vec::new(); self.bases.len()];
+        let mut mapped = 0;
+        'pages: for i in first..need {
+            for (region, indices) in wanted.iter_mut().enumerate() {
                 if mapped == todo {
                     break 'pages;
                 }
                 if self.page(slot, region, i).is_none() {
-                    let page = self.pool.take()?;
-                    self.map_page(slot, region, i, page)?;
+                    indices.push(i);
                     mapped += 1;
                 }
             }
         }
-        if mapped == missing {
+        for (region, indices) in wanted.iter().enumerate() {
+            for run in indices.chunk_by(|a, b| a + 1 == *b) {
+                let pages = self.pool.take_many(run.len())?;
+                self.map_run(slot, region, run[0], &pages)?;
+            }
+        }
+        if mapped == missing && first == 0 {
             let s = &mut self.slots[slot.0];
             s.backed = s.backed.max(need);
         }

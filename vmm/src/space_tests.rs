@@ -272,6 +272,13 @@ enum Op {
     Reclaim {
         pages: usize,
     },
+    /// A prepared admission: surplus pages below a likely hit unmapped, the pages past it mapped
+    /// ahead (`clear_for_hit` then `prefetch` from `hit`).
+    Prepare {
+        slot: usize,
+        hit: usize,
+        tokens: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -281,6 +288,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..8usize, 0..8usize, 0..300usize).prop_map(|(src, dst, tokens)| Op::Share { src, dst, tokens }),
         2 => (0..8usize).prop_map(|slot| Op::Release { slot }),
         1 => (0..20usize).prop_map(|pages| Op::Reclaim { pages }),
+        2 => (0..8usize, 0..300usize, 0..300usize).prop_map(|(slot, hit, tokens)| Op::Prepare { slot, hit, tokens }),
     ]
 }
 
@@ -369,6 +377,35 @@ fn run_ops(
                     .release(s)
                     .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 model.remove(&s);
+            }
+            Op::Prepare { slot, hit, tokens } => {
+                let Some(s) = pick(&model, slot) else {
+                    continue;
+                };
+                let (len, page_size) = (model[&s].len(), space.config().page_size);
+                let max = space.config().max_tokens;
+                space
+                    .clear_for_hit(s, hit, usize::MAX)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                // Only pages past the slot's length went, below the hit's last page.
+                let first = space.config().pages_for(len);
+                let below = hit.min(max) * space.config().region_bytes_per_token() / page_size;
+                for region in 0..space.config().num_regions() {
+                    for i in first..below {
+                        prop_assert!(
+                            space.page(s, region, i).is_none(),
+                            "page {} of region {} still mapped",
+                            i,
+                            region
+                        );
+                    }
+                }
+                match space.prefetch(s, hit, tokens, usize::MAX) {
+                    Ok(_) => {}
+                    Err(VmmError::TooManyTokens { .. }) => prop_assert!(tokens > max),
+                    Err(VmmError::PoolExhausted { .. }) => {}
+                    Err(e) => return Err(TestCaseError::fail(e.to_string())),
+                }
             }
             Op::Reclaim { pages } => {
                 let before = space.stats();

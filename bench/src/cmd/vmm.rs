@@ -159,20 +159,30 @@ fn print_tables(r: &VmmBenchReport) {
     println!();
     println!("Per-page backend calls, µs (median / p99):");
     println!(
-        "{:>8} {:>15} {:>15} {:>15} {:>15} {:>15} {:>12}",
-        "page", "create", "map", "set-access", "unmap", "release", "map+acc/s"
+        "{:>8} {:>15} {:>15} {:>15} {:>15} {:>15} {:>12} {:>13} {:>12}",
+        "page",
+        "create",
+        "map",
+        "set-access",
+        "unmap",
+        "release",
+        "map+acc/s",
+        "run-acc/page",
+        "map+run/s"
     );
     for p in &r.primitives {
         let l = |x: &vmm::Latency| format!("{:.1} / {:.1}", x.median_us, x.p99_us);
         println!(
-            "{:>8} {:>15} {:>15} {:>15} {:>15} {:>15} {:>12.0}",
+            "{:>8} {:>15} {:>15} {:>15} {:>15} {:>15} {:>12.0} {:>13.2} {:>12.0}",
             format_bytes(p.page_size),
             l(&p.create),
             l(&p.map),
             l(&p.set_access),
             l(&p.unmap),
             l(&p.release),
-            p.map_pages_per_s
+            p.map_pages_per_s,
+            p.set_access_run_us / p.create.calls.max(1) as f64,
+            p.map_run_pages_per_s
         );
     }
     println!();

@@ -752,8 +752,13 @@ impl<'m> EngineLoop<'m> {
     /// pages are mapped while this step computes (and preparations for requests gone are
     /// dropped).
     fn prepare_admissions(&mut self) {
-        if let Some(m) = self.backend.kv_mut().map_ahead_mut() {
-            m.prepare_admissions(&self.scheduler.likely_admissions());
+        let kv = self.backend.kv_mut();
+        if kv.map_ahead().is_none() {
+            return;
+        }
+        let next = self.scheduler.likely_admissions(&*kv);
+        if let Some(m) = kv.map_ahead_mut() {
+            m.prepare_admissions(&next);
         }
     }
 

@@ -223,21 +223,34 @@ impl KvSpace {
             });
         }
         let full = units.len() * k;
-        let mut done = Vec::new();
-        let mut result = Ok(());
-        'units: for (j, unit) in units.iter().enumerate() {
+        // Region by region, in index order: the pages not already where they belong.
+        let mut wanted = vec![Vec::new(); self.bases.len()];
+        for (j, unit) in units.iter().enumerate() {
             for (n, &page) in unit.iter().enumerate() {
                 let (region, i) = (n / k, j * k + n % k);
-                if self.page(slot, region, i) == Some(page) {
-                    continue;
+                if self.page(slot, region, i) != Some(page) {
+                    wanted[region].push((i, page));
                 }
-                result = self
-                    .unmap_page(slot, region, i)
-                    .and_then(|_| self.map_page(slot, region, i, page));
+            }
+        }
+        // Unmap what a region holds there, then map the hit as runs of consecutive pages (one
+        // set-access per run: a hit is mapped on the admission's critical path).
+        let mut done = Vec::new();
+        let mut result = Ok(());
+        'regions: for (region, list) in wanted.iter().enumerate() {
+            for &(i, _) in list {
+                result = self.unmap_page(slot, region, i).map(|_| ());
                 if result.is_err() {
-                    break 'units;
+                    break 'regions;
                 }
-                done.push((region, i));
+            }
+            for run in list.chunk_by(|a, b| a.0 + 1 == b.0) {
+                let pages: Vec<PhysicalPage> = run.iter().map(|&(_, p)| p).collect();
+                result = self.map_run(slot, region, run[0].0, &pages);
+                if result.is_err() {
+                    break 'regions;
+                }
+                done.extend(run.iter().map(|&(i, _)| (region, i)));
             }
         }
         if result.is_ok() {

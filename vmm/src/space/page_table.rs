@@ -9,9 +9,10 @@
 //! `mapped` is its number of entries; `backed` is a lower bound — pages `0..backed` are mapped in
 //! every region — which an unmap below it lowers; a page whose count falls to 0 goes back to the
 //! pool — unless the page cache pins it: then it is *kept* (mapped nowhere, out of the pool) —
-//! and one that failed to map goes back only if no other address holds it and it is not pinned. Mapping is the
-//! backend's map then set-access at the page's address (the CUDA driver's `cuMemMap` and
-//! `cuMemSetAccess`, as vAttention uses them; `mmap(MAP_FIXED)` on the host).
+//! and one that failed to map goes back only if no other address holds it and it is not pinned.
+//! Mapping is the backend's map at each page's address, then one set-access over the run of
+//! consecutive pages mapped together (the CUDA driver's `cuMemMap` and `cuMemSetAccess`, as
+//! vAttention uses them; `mmap(MAP_FIXED)` and `mprotect` on the host).
 
 use super::{KvSpace, SlotId};
 use crate::{PhysicalPage, Result};
@@ -59,30 +60,64 @@ impl KvSpace {
         index: usize,
         page: PhysicalPage,
     ) -> Result<()> {
-        let addr = self.page_addr(slot, region, index);
-        let result = self.backend.map(page, addr).and_then(|()| {
-            self.backend.set_access(addr, page.size).inspect_err(|_| {
-                let _ = self.backend.unmap(addr, page.size);
-            })
-        });
+        self.map_run(slot, region, index, &[page])
+    }
+
+    /// Map `pages` at the consecutive page indices `start..` of `slot` in `region` (all unmapped),
+    /// then enable access over the whole run in one call: `cuMemSetAccess` costs about as much for
+    /// a run of pages as for one, so a prefix hit of 128 pages makes one call, not 128 (PyTorch's
+    /// expandable segments set access the same way). All or nothing: on failure nothing of the run
+    /// stays mapped, and each page goes back to the pool if nothing else maps it and it is not
+    /// pinned.
+    pub(super) fn map_run(
+        &mut self,
+        slot: SlotId,
+        region: usize,
+        start: usize,
+        pages: &[PhysicalPage],
+    ) -> Result<()> {
+        let base = self.page_addr(slot, region, start);
+        let mut mapped = 0;
+        let mut offset = 0u64;
+        let mut result = Ok(());
+        for &page in pages {
+            result = self.backend.map(page, base + offset);
+            if result.is_err() {
+                break;
+            }
+            mapped += 1;
+            offset += page.size as u64;
+        }
+        if result.is_ok() && !pages.is_empty() {
+            result = self.backend.set_access(base, offset as usize);
+        }
         if let Err(e) = result {
+            let mut at = base;
+            for page in &pages[..mapped] {
+                let _ = self.backend.unmap(at, page.size);
+                at += page.size as u64;
+            }
             // A pinned page stays where it was (kept, or mapped elsewhere).
-            if !self.refs.contains_key(&page.handle) && !self.pinned.contains(&page.handle) {
-                self.pool.put(page);
+            for page in pages {
+                if !self.refs.contains_key(&page.handle) && !self.pinned.contains(&page.handle) {
+                    self.pool.put(*page);
+                }
             }
             return Err(e);
         }
-        if self.kept.remove(&page.handle).is_some() {
-            self.rereferenced.push(page);
+        for (n, &page) in pages.iter().enumerate() {
+            if self.kept.remove(&page.handle).is_some() {
+                self.rereferenced.push(page);
+            }
+            *self.refs.entry(page.handle).or_default() += 1;
+            let s = &mut self.slots[slot.0];
+            let table = &mut s.pages[region];
+            if table.len() <= start + n {
+                table.resize(start + n + 1, None);
+            }
+            table[start + n] = Some(page);
+            s.mapped += 1;
         }
-        *self.refs.entry(page.handle).or_default() += 1;
-        let s = &mut self.slots[slot.0];
-        let table = &mut s.pages[region];
-        if table.len() <= index {
-            table.resize(index + 1, None);
-        }
-        table[index] = Some(page);
-        s.mapped += 1;
         Ok(())
     }
 
