@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Device calls V of 2026-12-07 (issues 20, 24, 25), three calls on the same warm machine, after
 # copying this file into .gpu/:
-#   bash .gpu/run-v.sh first LIMIT    every GPU test (at most 200 s, alone on the GPU); issue 20's
+#   bash .gpu/run-v.sh first LIMIT    every GPU test (at most 200 s, alone on the GPU); `vkv bench
+#                                     vmm` (driver calls, one set-access over a run); issue 20's
 #                                     planner check (prelude.sh's plan_check_runs, 30 s of
 #                                     arrivals at 10/20/30/40 req/s, alone); then the 10-minute
 #                                     soak of issue 24 starts in its own session (soak_start) and
 #                                     the call fills its time with count-only runs (COUNTS below)
 #   bash .gpu/run-v.sh second LIMIT   count-only runs while the soak goes on, then soak_collect
-#   bash .gpu/run-v.sh third LIMIT    soak_collect if the soak is still going
+#   bash .gpu/run-v.sh third LIMIT    soak_collect if the soak is still going; then, alone, issue
+#                                     18's prefix-repetition runs with caching on, paged and vmm
+#                                     token-major (256 requests), and the same with caching off
 # COUNTS: runs whose numbers are counts, not times (prefix-repetition hit rate in vmm per-layer;
 # parallel sampling n = 2, 4, 6 and beam search width 2, 4, 6 memory saved, paged, vmm token-major
 # and vmm per-layer). They share the GPU with the soak, so their timings are not quoted, and each
@@ -45,6 +48,7 @@ case $1 in
 first)
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > $OUT/card.txt
   VKV_TEST_TIMEOUT=200 gpu_tests
+  timeout 60 .gpu/bin/vkv bench vmm --device cuda --json > $OUT/bench-vmm.json 2> $OUT/bench-vmm.err
   plan_check_runs "10 20 30 40" 30
   soak_start 10
   echo "soak started at call-1 second $SECONDS" > $OUT/progress.txt
@@ -59,6 +63,9 @@ second)
   pgrep -f /tmp/soak/soak.py > /dev/null || soak_collect
   tail -3 /tmp/soak/soak-*.txt >> $OUT/progress.txt; pack ;;
 third)
-  soak_collect ;;
+  pgrep -f /tmp/soak/soak.py > /dev/null && soak_collect
+  end=$(( limit - 10 ))
+  PCS=enable DEADLINE=$(( SECONDS + (end - SECONDS) * 6 / 10 )) prefix_repetition_runs 256
+  PCS=no-enable DEADLINE=$end prefix_repetition_runs 256 ;;
 *) echo "usage: run-v.sh first|second|third LIMIT" >&2; exit 2 ;;
 esac
