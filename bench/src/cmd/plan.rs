@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args as ClapArgs;
 use serde::Serialize;
 
-use crate::plan::profile::{fit_decode, fit_prefill};
+use crate::plan::profile::{fit_decode, fit_mixed_saving, fit_prefill};
 use crate::plan::search::{Arrivals, HandoffCosts, HandoffPath};
 use crate::plan::{
     at_rates, placements, KvLayout, Placement, PlacementResult, Profile, RatePoint, Slo,
@@ -110,6 +110,9 @@ pub fn read_profile(path: &std::path::Path) -> Result<Profile> {
     if !p.decode_samples.is_empty() {
         p.decode =
             fit_decode(&p.decode_samples).with_context(|| format!("fitting {}", path.display()))?;
+    }
+    if !p.mixed_samples.is_empty() {
+        p.mixed_saving = fit_mixed_saving(&p.prefill, &p.decode, &p.mixed_samples);
     }
     Ok(p)
 }

@@ -19,7 +19,9 @@ use vkv_engine::model::{load_model, LlamaConfig};
 
 use super::EngineOptions;
 use crate::offline::random_requests;
-use crate::plan::profile::{fit_decode, fit_prefill, DecodeSample, MixedSample, PrefillSample};
+use crate::plan::profile::{
+    fit_decode, fit_mixed_saving, fit_prefill, DecodeSample, MixedSample, PrefillSample,
+};
 use crate::plan::simulate::step_seconds;
 use crate::plan::{ModelShape, Profile, Scaling};
 use crate::workload::RequestShape;
@@ -365,7 +367,7 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
             seconds,
         });
     }
-    let profile = Profile {
+    let mut profile = Profile {
         device: metrics.device.clone(),
         model: name,
         date: crate::report::utc_date(),
@@ -389,8 +391,18 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
         prefill_samples: prefill,
         decode_samples: decode,
         mixed_samples: mixed,
+        mixed_saving: None,
     };
     engine.shutdown(false);
+    profile.mixed_saving =
+        fit_mixed_saving(&profile.prefill, &profile.decode, &profile.mixed_samples);
+    if let Some(saving) = profile.mixed_saving {
+        eprintln!(
+            "mixing saves {:.2} ms a step (the decode constant is {:.2} ms)",
+            saving * 1e3,
+            profile.decode.a * 1e3
+        );
+    }
     for m in &profile.mixed_samples {
         let chunks: Vec<(usize, usize)> = m.lens.iter().map(|&l| (0, l)).collect();
         let rule = step_seconds(&profile, &chunks, m.batch, m.context_sum);

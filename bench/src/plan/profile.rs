@@ -108,12 +108,17 @@ pub struct Profile {
     pub modelled: Option<String>,
     pub prefill_samples: Vec<PrefillSample>,
     pub decode_samples: Vec<DecodeSample>,
-    /// Mixed steps measured (not fitted: what the simulation's rule for them is checked
-    /// against; see `simulate::step_seconds`).
+    /// Mixed steps measured: what [`Profile::mixed_saving`] is fitted to (see
+    /// `simulate::step_seconds`).
     #[serde(default)]
     pub mixed_samples: Vec<MixedSample>,
     pub prefill: PrefillModel,
     pub decode: DecodeModel,
+    /// Seconds a step that mixes prefill chunks with decodes saves against its two parts
+    /// alone, fitted to the mixed samples ([`fit_mixed_saving`]; negative: mixing costs extra).
+    /// `None` (no mixed samples): the decode model's constant, paid once.
+    #[serde(default)]
+    pub mixed_saving: Option<f64>,
 }
 
 impl Profile {
@@ -316,10 +321,36 @@ impl Profile {
             prefill_samples: Vec::new(),
             decode_samples: Vec::new(),
             mixed_samples: Vec::new(),
+            // What mixing saved or cost scales as the constant it comes from.
+            mixed_saving: self
+                .mixed_saving
+                .map(|m| m * decode.a / self.decode.a.max(f64::MIN_POSITIVE)),
             prefill,
             decode,
         })
     }
+}
+
+/// The seconds a mixed step saves against its prefill and decode parts alone, as the models
+/// predict them: the mean over `samples` of the parts' sum less the measured step (`None`
+/// without samples). One constant, because the part a mixed step shares is a constant too (a
+/// pass over the weights, the step's launches) — or, where it is negative, what mixing adds.
+pub fn fit_mixed_saving(
+    prefill: &PrefillModel,
+    decode: &DecodeModel,
+    samples: &[MixedSample],
+) -> Option<f64> {
+    if samples.is_empty() {
+        return None;
+    }
+    let total: f64 = samples
+        .iter()
+        .map(|m| {
+            prefill.seconds(m.lens.iter().map(|&l| (0, l))) + decode.seconds(m.batch, m.context_sum)
+                - m.seconds
+        })
+        .sum();
+    Some(total / samples.len() as f64)
 }
 
 /// Why a profile cannot be fitted.
@@ -476,6 +507,42 @@ mod tests {
         assert_eq!(chunked, whole);
     }
 
+    #[test]
+    fn the_mixed_saving_is_what_the_parts_cost_beyond_the_measured_steps() {
+        let p = llama8b();
+        assert_eq!(fit_mixed_saving(&p.prefill, &p.decode, &[]), None);
+        // Steps that cost their parts less 2 ms, and more 1 ms: a saving of 2 and of -1 ms.
+        for extra in [-2e-3, 1e-3] {
+            let samples: Vec<MixedSample> = [256, 1024, 1920]
+                .iter()
+                .map(|&chunk| MixedSample {
+                    lens: vec![chunk],
+                    batch: 32,
+                    context_sum: 32 * 1024,
+                    seconds: p.prefill.seconds([(0, chunk)])
+                        + p.decode.seconds(32, 32 * 1024)
+                        + extra,
+                })
+                .collect();
+            let saving = fit_mixed_saving(&p.prefill, &p.decode, &samples).unwrap();
+            assert!((saving + extra).abs() < 1e-12, "{saving}");
+            // The simulation's step then costs what was measured.
+            let fitted = Profile {
+                mixed_saving: Some(saving),
+                ..p.clone()
+            };
+            for m in &samples {
+                let step = crate::plan::simulate::step_seconds(
+                    &fitted,
+                    &[(0, m.lens[0])],
+                    m.batch,
+                    m.context_sum,
+                );
+                assert!((step - m.seconds).abs() < 1e-12);
+            }
+        }
+    }
+
     /// An H100-like measured profile of llama-3-8b: 400k tokens of KV beside the weights.
     fn llama8b() -> Profile {
         let shape = ModelShape::of(&vkv_engine::model::LlamaConfig::preset("llama-3-8b").unwrap());
@@ -495,6 +562,7 @@ mod tests {
             prefill_samples: Vec::new(),
             decode_samples: Vec::new(),
             mixed_samples: Vec::new(),
+            mixed_saving: None,
             prefill: PrefillModel {
                 a: 3e-3,
                 b: 2e-5,

@@ -469,6 +469,7 @@ mod tests {
             prefill_samples: Vec::new(),
             decode_samples: Vec::new(),
             mixed_samples: Vec::new(),
+            mixed_saving: None,
             prefill: PrefillModel {
                 a: 0.01,
                 b: 6e-5 / tp as f64,

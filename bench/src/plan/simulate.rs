@@ -169,9 +169,9 @@ enum Role {
 
 /// The seconds of one step computing prefill `chunks` (`(start, tokens)`) and decoding `batch`
 /// sequences of `context_sum` tokens of context together. Alone, each is its model. Together,
-/// the decode model's constant — a pass over the weights and the per-step launches, which the
-/// prefill part pays already — is counted once: the step costs the prefill part plus the
-/// decodes' attention and per-sequence terms (at least either part alone).
+/// the two parts less what mixing saves (at least either part alone): the profile's fitted
+/// [`Profile::mixed_saving`] where it measured mixed steps, else the decode model's constant —
+/// a pass over the weights and the per-step launches, which the prefill part pays already.
 pub fn step_seconds(
     profile: &Profile,
     chunks: &[(usize, usize)],
@@ -183,7 +183,10 @@ pub fn step_seconds(
     if chunks.is_empty() || batch == 0 {
         return prefill + decode;
     }
-    (prefill + decode - profile.decode.a.max(0.0)).max(prefill.max(decode))
+    let saving = profile
+        .mixed_saving
+        .unwrap_or_else(|| profile.decode.a.max(0.0));
+    (prefill + decode - saving).max(prefill.max(decode))
 }
 
 /// One instance: vkv's own [`Scheduler`] deciding each step against the books of a paged cache
@@ -463,6 +466,7 @@ mod tests {
             prefill_samples: Vec::new(),
             decode_samples: Vec::new(),
             mixed_samples: Vec::new(),
+            mixed_saving: None,
             prefill,
             decode,
         }
