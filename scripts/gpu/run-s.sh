@@ -20,7 +20,7 @@ start)
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > $OUT/card.txt
   soak_start "$2"
   VKV_TEST_TIMEOUT=330 gpu_tests
-  tail -3 /tmp/soak/soak-*.txt > $OUT/progress.txt
+  tail -n 3 /tmp/soak/soak-*.txt > $OUT/progress.txt
   KV="--kv-mode vmm --vmm-layout per-layer" NAME=-per-layer
   left=$(( (560 - SECONDS) / 3 ))
   [ $left -gt 30 ] && MODES=per-layer PCS=enable DEADLINE=$(( SECONDS + left )) prefix_repetition_runs 128
@@ -30,7 +30,7 @@ start)
   [ $left -gt 30 ] && beam_search_runs 64 $left 4
   # Hold the call until near its 600 s limit: the machine stays warm between calls for only 30 s.
   [ $SECONDS -lt 575 ] && sleep $(( 575 - SECONDS ))
-  tail -3 /tmp/soak/soak-*.txt >> $OUT/progress.txt ;;
+  tail -n 3 /tmp/soak/soak-*.txt >> $OUT/progress.txt ;;
 collect)
   soak_collect
   end=$(( ${2:-560} - 10 ))

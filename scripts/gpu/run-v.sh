@@ -43,7 +43,7 @@ counts() {
   done
 }
 ALL="pl n4-per-layer b4-per-layer n2 n6 b2 b6 n2-per-layer n6-per-layer b2-per-layer b6-per-layer"
-hold() { [ $SECONDS -lt $(( limit - 20 )) ] && sleep $(( limit - 20 - SECONDS )); tail -3 /tmp/soak/soak-*.txt >> $OUT/progress.txt; pack; }
+hold() { [ $SECONDS -lt $(( limit - 20 )) ] && sleep $(( limit - 20 - SECONDS )); tail -n 3 /tmp/soak/soak-*.txt >> $OUT/progress.txt; pack; }
 case $1 in
 first)
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > $OUT/card.txt
@@ -61,7 +61,7 @@ second)
     timeout $left bash -c 'while pgrep -f /tmp/soak/soak.py > /dev/null; do sleep 2; done'
   fi
   pgrep -f /tmp/soak/soak.py > /dev/null || soak_collect
-  tail -3 /tmp/soak/soak-*.txt >> $OUT/progress.txt; pack ;;
+  tail -n 3 /tmp/soak/soak-*.txt >> $OUT/progress.txt; pack ;;
 third)
   pgrep -f /tmp/soak/soak.py > /dev/null && soak_collect
   end=$(( limit - 10 ))
