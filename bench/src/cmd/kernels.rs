@@ -10,6 +10,12 @@
 //! the timed launches queued behind a spinning kernel (so host launch overhead is not timed);
 //! when one batch's KV is smaller than 256 MiB, several copies of it (other slots / block tables)
 //! are used in turn so that timings are not L2 hits. KV holds random values (never zeros).
+//!
+//! `--shared-prefix P` makes every sequence of a batch read its first `P` tokens from the same
+//! KV as the batch's first sequence, as prefix caching and parallel samples do: paged tables
+//! name the same blocks (one address per byte), vmm slots map the same physical pages at their
+//! own addresses (an alias per sequence). Against `P = 0` it shows what sharing costs or saves
+//! each addressing mode (the question behind vmm's slower decode with prefix hits, issue 18).
 
 // Without the cuda feature only `run` (which says so) is reachable.
 #![cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -53,6 +59,12 @@ pub struct Args {
     /// Context splits: "auto" (the launcher's plan) or numbers, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "auto")]
     splits: Vec<String>,
+    /// Tokens at the start of every sequence that are the same KV as the batch's first
+    /// sequence's (prefix caching, parallel samples), comma-separated: vmm slots map its
+    /// physical pages (`KvSpace::share_prefix`: one page aliased at many addresses), paged
+    /// block tables name its blocks; plain KV cannot share and is skipped. 0: nothing shared.
+    #[arg(long = "shared-prefix", value_delimiter = ',', default_value = "0")]
+    shared_prefix: Vec<usize>,
     /// Layers of the token-major space (its token stride spans them all).
     #[arg(long = "token-major-layers", default_value_t = 8)]
     token_major_layers: usize,
@@ -98,6 +110,8 @@ struct Row {
     mode: ModeChoice,
     batch: usize,
     context: usize,
+    /// Tokens of each sequence shared with the batch's first (`--shared-prefix`).
+    shared_prefix: usize,
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
@@ -139,10 +153,11 @@ fn print_table(r: &Report) {
         r.copy_median_us
     );
     println!(
-        "{:<16} {:>5} {:>7} {:>6} {:>4} {:>6} {:>6} {:>10} {:>10} {:>8} {:>8}",
+        "{:<16} {:>5} {:>7} {:>7} {:>6} {:>4} {:>6} {:>6} {:>10} {:>10} {:>8} {:>8}",
         "mode",
         "batch",
         "context",
+        "shared",
         "heads",
         "dim",
         "splits",
@@ -154,10 +169,11 @@ fn print_table(r: &Report) {
     );
     for x in &r.rows {
         println!(
-            "{:<16} {:>5} {:>7} {:>6} {:>4} {:>6} {:>6} {:>10.1} {:>10.1} {:>8.3} {:>7.1}%",
+            "{:<16} {:>5} {:>7} {:>7} {:>6} {:>4} {:>6} {:>6} {:>10.1} {:>10.1} {:>8.3} {:>7.1}%",
             format!("{:?}", x.mode),
             x.batch,
             x.context,
+            x.shared_prefix,
             format!("{}/{}", x.n_heads, x.n_kv_heads),
             x.head_dim,
             x.splits,
@@ -269,6 +285,7 @@ mod gpu {
         copies: usize,
         batch: usize,
         context: usize,
+        shared: usize,
         n_kv: usize,
         d: usize,
         tm_layers: usize,
@@ -347,6 +364,18 @@ mod gpu {
                     space.ensure(s, context)?;
                     slots.push(s.0 as u32);
                 }
+                // Each sequence past a batch's first maps the first's prefix pages, then backs
+                // its own tail again.
+                if shared > 0 {
+                    for c in 0..copies {
+                        let first = vkv_vmm::SlotId(slots[c * batch] as usize);
+                        for &s in &slots[c * batch + 1..(c + 1) * batch] {
+                            let s = vkv_vmm::SlotId(s as usize);
+                            space.share_prefix(first, s, shared)?;
+                            space.ensure(s, context)?;
+                        }
+                    }
+                }
                 let view = space.layer_view(layers - 1);
                 // Fill every backed byte of every slot (all layers of token-major).
                 let slot_elems = config.slot_stride() / 2;
@@ -394,6 +423,16 @@ mod gpu {
                 for i in (1..ids.len()).rev() {
                     let j = (next() % (i as u64 + 1)) as usize;
                     ids.swap(i, j);
+                }
+                // Each sequence past a batch's first names the first's prefix blocks.
+                let shared_blocks = shared / bs;
+                for c in 0..copies {
+                    let first = c * batch * per_seq;
+                    for b in 1..batch {
+                        for j in 0..shared_blocks {
+                            ids[first + b * per_seq + j] = ids[first + j];
+                        }
+                    }
                 }
                 let mut bufs = Vec::new();
                 let mut addrs = Vec::new();
@@ -495,7 +534,14 @@ mod gpu {
                             out: out.ptr(),
                             lens: lens.ptr(),
                         };
-                        for &mode in &modes {
+                        for (&shared, &mode) in args
+                            .shared_prefix
+                            .iter()
+                            .flat_map(|p| modes.iter().map(move |m| (p, m)))
+                        {
+                            if shared > context || (shared > 0 && mode == ModeChoice::Plain) {
+                                continue;
+                            }
                             let kv = build(
                                 &vmm,
                                 &att,
@@ -504,12 +550,15 @@ mod gpu {
                                 copies,
                                 batch,
                                 context,
+                                shared,
                                 hk,
                                 d,
                                 args.token_major_layers,
                                 &mut seed,
                             )
-                            .with_context(|| format!("{mode:?} b{batch} ctx{context}"))?;
+                            .with_context(|| {
+                                format!("{mode:?} b{batch} ctx{context} shared {shared}")
+                            })?;
                             stream.synchronize()?;
                             for &sp in &splits {
                                 let plan = att.plan(&shape, sp)?;
@@ -535,6 +584,7 @@ mod gpu {
                                     mode,
                                     batch,
                                     context,
+                                    shared_prefix: shared,
                                     n_heads: hq,
                                     n_kv_heads: hk,
                                     head_dim: d,
@@ -548,7 +598,7 @@ mod gpu {
                                     ratio_to_copy: tbps / copy_tbps,
                                 };
                                 eprintln!(
-                                    "{:?} b{batch} ctx{context} {hq}/{hk} d{d} splits {}: {med:.1} us, {tbps:.3} TB/s",
+                                    "{:?} b{batch} ctx{context} shared {shared} {hq}/{hk} d{d} splits {}: {med:.1} us, {tbps:.3} TB/s",
                                     mode, plan.splits
                                 );
                                 rows.push(row);
@@ -614,6 +664,7 @@ mod gpu {
                                     1,
                                     batch,
                                     context,
+                                    0,
                                     hk,
                                     d,
                                     args.token_major_layers,
