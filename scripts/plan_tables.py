@@ -3,7 +3,8 @@
 GPU count and workload, the best placement, the best colocated and the best disaggregated one,
 with per-GPU goodput and their P90s at that rate.
 
-Usage: scripts/plan_tables.py [DIR]   (default docs/plan)
+Usage: scripts/plan_tables.py [--summary] [DIR]   (default docs/plan; --summary: the one
+table of every search's recommended, best colocated and best disaggregated placement)
 """
 
 import json
@@ -31,8 +32,38 @@ def row(label, p):
             f"{p['goodput_per_gpu']:.2f} | {p['p90_ttft'] * 1e3:.0f} | {p['p90_tpot'] * 1e3:.1f} |")
 
 
+def searches(d):
+    """(model, gpus, app, workload, placements, slo) of every search in `d`, in page order."""
+    for model in ["llama-3-8b", "llama-3-70b"]:
+        for gpus in [8, 32]:
+            for workload, app in WORKLOADS:
+                f = d / f"{model}-{gpus}gpu-{workload}.json"
+                if not f.exists() or f.stat().st_size == 0:
+                    continue
+                r = json.loads(f.read_text())
+                yield model, gpus, app, workload, r["placements"], r["slo"]
+
+
+def summary(d):
+    print("| model | GPUs | workload | recommended placement | req/s per GPU | best colocated, "
+          "req/s per GPU | best disaggregated, req/s per GPU | disaggregated / colocated |")
+    print("|---|---:|---|---|---:|---:|---:|---:|")
+    for model, gpus, app, _, ps, _ in searches(d):
+        colo = [p for p in ps if "colocated" in p["placement"]]
+        dis = [p for p in ps if "disaggregated" in p["placement"]]
+        cell = lambda p: f"{p['goodput_per_gpu']:.2f} ({name(p)})" if p else "—"
+        ratio = (f"{dis[0]['goodput_per_gpu'] / colo[0]['goodput_per_gpu']:.2f}"
+                 if colo and dis and colo[0]["goodput_per_gpu"] > 0 else "—")
+        print(f"| {model} | {gpus} | {app} | {name(ps[0])} | {ps[0]['goodput_per_gpu']:.2f} | "
+              f"{cell(colo[0] if colo else None)} | {cell(dis[0] if dis else None)} | {ratio} |")
+
+
 def main():
-    d = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/plan")
+    args = sys.argv[1:]
+    if args and args[0] == "--summary":
+        summary(Path(args[1] if len(args) > 1 else "docs/plan"))
+        return
+    d = Path(args[0] if args else "docs/plan")
     for model in ["llama-3-8b", "llama-3-70b"]:
         for gpus in [8, 32]:
             for workload, app in WORKLOADS:
