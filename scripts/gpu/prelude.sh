@@ -155,7 +155,9 @@ multi_turn_runs() {
 # Issue 20's check of `vkv plan` against measured serving on the llama-3-8b preset: `vkv profile`
 # through the engine (paged, --max-num-seqs 128) into $OUT/plan-profile.json; one `vkv serve`
 # with the same options and `vkv bench serve` (sharegpt, SECONDS of arrivals, default 45) at each
-# rate of RATES into $OUT/plan-measured-R.json, the server's /metrics after each; then
+# rate of RATES into $OUT/plan-measured-R.json, the server's /metrics after each (cumulative:
+# steps, busy seconds, server-side TPOT / inter-token / TTFT sums, to set against the client's
+# and the profile's); then
 # `vkv plan --rates R` on the profile with the same request count into $OUT/plan-simulated.txt:
 # plan_check_runs "10 20 30 40" [SECONDS]
 plan_check_runs() {
@@ -170,7 +172,7 @@ plan_check_runs() {
   for r in $1; do
     timeout $(( secs * 3 )) .gpu/bin/vkv bench serve --url http://127.0.0.1:8077 --workload sharegpt \
       --num-prompts $(( r * secs )) --request-rate $r --goodput ttft:250 tpot:20 --json > $OUT/plan-measured-$r.json 2>&1
-    curl -s http://127.0.0.1:8077/metrics | grep -E "^vkv_(preemptions|requests|steps|busy)" > $OUT/plan-metrics-$r.txt
+    curl -s http://127.0.0.1:8077/metrics | grep -E "^vkv_(num_preemptions|engine_steps|engine_busy|request_success|(time_per_output_token|inter_token_latency|time_to_first_token)_seconds_(sum|count))" > $OUT/plan-metrics-$r.txt
     pack
   done
   kill -INT $serve_pid; wait $serve_pid
