@@ -44,50 +44,51 @@ def searches(d):
                 yield model, gpus, app, workload, r["placements"], r["slo"]
 
 
+def best_of_each(ps):
+    """The best colocated and the best disaggregated placement (None where there is none), and
+    the second's per-GPU goodput over the first's (None where it cannot be had)."""
+    colo = next((p for p in ps if "colocated" in p["placement"]), None)
+    dis = next((p for p in ps if "disaggregated" in p["placement"]), None)
+    ratio = (dis["goodput_per_gpu"] / colo["goodput_per_gpu"]
+             if colo and dis and colo["goodput_per_gpu"] > 0 else None)
+    return colo, dis, ratio
+
+
 def summary(d):
     print("| model | GPUs | workload | recommended placement | req/s per GPU | best colocated, "
           "req/s per GPU | best disaggregated, req/s per GPU | disaggregated / colocated |")
     print("|---|---:|---|---|---:|---:|---:|---:|")
     for model, gpus, app, _, ps, _ in searches(d):
-        colo = [p for p in ps if "colocated" in p["placement"]]
-        dis = [p for p in ps if "disaggregated" in p["placement"]]
+        colo, dis, ratio = best_of_each(ps)
         cell = lambda p: f"{p['goodput_per_gpu']:.2f} ({name(p)})" if p else "—"
-        ratio = (f"{dis[0]['goodput_per_gpu'] / colo[0]['goodput_per_gpu']:.2f}"
-                 if colo and dis and colo[0]["goodput_per_gpu"] > 0 else "—")
+        ratio = f"{ratio:.2f}" if ratio is not None else "—"
         print(f"| {model} | {gpus} | {app} | {name(ps[0])} | {ps[0]['goodput_per_gpu']:.2f} | "
-              f"{cell(colo[0] if colo else None)} | {cell(dis[0] if dis else None)} | {ratio} |")
+              f"{cell(colo)} | {cell(dis)} | {ratio} |")
+
+
+def details(d):
+    for model, gpus, app, workload, ps, slo in searches(d):
+        print(f"**{model}, {gpus} H100s, {app}** ({workload}; P90 TTFT ≤ {slo['ttft'] * 1e3:.0f} ms, "
+              f"P90 TPOT ≤ {slo['tpot'] * 1e3:.0f} ms, {slo['attainment'] * 100:.0f} % of requests; "
+              f"`{(d / f'{model}-{gpus}gpu-{workload}.cmd').read_text().strip()}`)")
+        print()
+        print("| | placement | req/s | req/s per GPU | P90 TTFT ms | P90 TPOT ms |")
+        print("|---|---|---:|---:|---:|---:|")
+        colo, dis, ratio = best_of_each(ps)
+        print(row("best", ps[0] if ps else None))
+        print(row("best colocated", colo))
+        print(row("best disaggregated", dis))
+        if ratio is not None:
+            print(f"\nDisaggregated / colocated per-GPU goodput: {ratio:.2f}.")
+        print()
 
 
 def main():
     args = sys.argv[1:]
     if args and args[0] == "--summary":
         summary(Path(args[1] if len(args) > 1 else "docs/plan"))
-        return
-    d = Path(args[0] if args else "docs/plan")
-    for model in ["llama-3-8b", "llama-3-70b"]:
-        for gpus in [8, 32]:
-            for workload, app in WORKLOADS:
-                f = d / f"{model}-{gpus}gpu-{workload}.json"
-                if not f.exists() or f.stat().st_size == 0:
-                    continue
-                r = json.loads(f.read_text())
-                ps = r["placements"]
-                slo = r["slo"]
-                print(f"**{model}, {gpus} H100s, {app}** ({workload}; P90 TTFT ≤ {slo['ttft'] * 1e3:.0f} ms, "
-                      f"P90 TPOT ≤ {slo['tpot'] * 1e3:.0f} ms, {slo['attainment'] * 100:.0f} % of requests; "
-                      f"`{(d / f'{model}-{gpus}gpu-{workload}.cmd').read_text().strip()}`)")
-                print()
-                print("| | placement | req/s | req/s per GPU | P90 TTFT ms | P90 TPOT ms |")
-                print("|---|---|---:|---:|---:|---:|")
-                colo = [p for p in ps if "colocated" in p["placement"]]
-                dis = [p for p in ps if "disaggregated" in p["placement"]]
-                print(row("best", ps[0] if ps else None))
-                print(row("best colocated", colo[0] if colo else None))
-                print(row("best disaggregated", dis[0] if dis else None))
-                if colo and dis and colo[0]["goodput_per_gpu"] > 0:
-                    print(f"\nDisaggregated / colocated per-GPU goodput: "
-                          f"{dis[0]['goodput_per_gpu'] / colo[0]['goodput_per_gpu']:.2f}.")
-                print()
+    else:
+        details(Path(args[0] if args else "docs/plan"))
 
 
 if __name__ == "__main__":

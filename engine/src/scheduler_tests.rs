@@ -351,6 +351,14 @@ fn kv_key(tokens: &[u32], p: usize) -> u64 {
     h.finish()
 }
 
+/// A request of 2 tokens after a 22-token prompt whose first 18 are prefix 0's.
+fn shared_18_of_22(id: SeqId) -> SeqRequest {
+    SeqRequest {
+        prompt: shared_prompt(id, 0, 18, 22),
+        ..req(id, 0, 2)
+    }
+}
+
 #[test]
 fn a_cached_prefix_is_not_computed_again_and_counts_as_cached() {
     let mut kv = PagedKv::new(DIMS, 64, 4).unwrap().with_prefix_caching();
@@ -359,16 +367,8 @@ fn a_cached_prefix_is_not_computed_again_and_counts_as_cached() {
         max_num_batched_tokens: 64,
     });
     let add = |s: &mut Scheduler, kv: &PagedKv, id: SeqId, salt: Option<&str>| {
-        let request = SeqRequest {
-            id,
-            prompt: shared_prompt(id, 0, 18, 22),
-            max_tokens: 2,
-            cache_salt: salt.map(str::to_string),
-            fork_of: None,
-            beam_width: None,
-            whole_prompt: false,
-            handed_over: None,
-        };
+        let mut request = shared_18_of_22(id);
+        request.cache_salt = salt.map(str::to_string);
         s.add(request, kv).unwrap();
     };
     add(&mut s, &kv, 1, None);
@@ -406,9 +406,7 @@ fn likely_admissions_guess_the_hits_and_count_only_the_tokens_left_to_compute() 
         max_num_batched_tokens: 12,
     });
     let add = |s: &mut Scheduler, kv: &PagedKv, id: SeqId| {
-        let mut request = req(id, 0, 2);
-        request.prompt = shared_prompt(id, 0, 18, 22);
-        s.add(request, kv).unwrap();
+        s.add(shared_18_of_22(id), kv).unwrap();
     };
     add(&mut s, &kv, 1);
     // Nothing cached yet: the budget of 12 covers the first chunk of one prompt.

@@ -36,6 +36,15 @@ fn caching(layout: KvLayout, slots: usize, pages: usize) -> VmmKv {
     caching_of(DIMS, layout, slots, pages)
 }
 
+/// A caching cache of 4 slots with room for `units` prefix units, and its unit: (cache, tokens
+/// per unit, pages per unit).
+fn caching_units(layout: KvLayout, units: usize) -> (VmmKv, usize, usize) {
+    let probe = caching(layout, 4, 8);
+    let (u, len) = (unit(&probe), unit_len(&probe));
+    drop(probe);
+    (caching(layout, 4, units * len), u, len)
+}
+
 fn unit(kv: &VmmKv) -> usize {
     kv.0.prefix_unit_tokens()
 }
@@ -241,11 +250,8 @@ fn a_prompt_of_whole_units_leaves_its_last_unit_to_compute() {
 #[test]
 fn eviction_takes_the_tail_units_first_and_never_a_held_one() {
     for layout in KvLayout::ALL {
-        let probe = caching(layout, 4, 8);
-        let (u, len) = (unit(&probe), unit_len(&probe));
-        drop(probe);
         // Room for 6 units; a sequence of 4 units cached, then freed.
-        let mut kv = caching(layout, 4, 6 * len);
+        let (mut kv, u, _) = caching_units(layout, 6);
         let tokens: Vec<u32> = (0..4 * u as u32).collect();
         compute(&mut kv, 1, &tokens);
         let units = units_of(&kv, 1, 4);
@@ -293,10 +299,7 @@ fn eviction_takes_the_tail_units_first_and_never_a_held_one() {
 #[test]
 fn a_prepared_admission_leaves_the_pages_of_its_likely_hit_to_the_hit() {
     for layout in KvLayout::ALL {
-        let probe = caching(layout, 4, 8);
-        let (u, len) = (unit(&probe), unit_len(&probe));
-        drop(probe);
-        let mut kv = caching(layout, 4, 16 * len);
+        let (mut kv, u, len) = caching_units(layout, 16);
         let tokens: Vec<u32> = (0..4 * u as u32 + 1).collect();
         compute(&mut kv, 1, &tokens[..4 * u]);
         kv.free(1).unwrap();
@@ -332,10 +335,7 @@ fn a_prepared_admission_leaves_the_pages_of_its_likely_hit_to_the_hit() {
 #[test]
 fn map_ahead_and_warm_slots_evict_cached_pages_too() {
     for layout in KvLayout::ALL {
-        let probe = caching(layout, 4, 8);
-        let (u, len) = (unit(&probe), unit_len(&probe));
-        drop(probe);
-        let mut kv = caching(layout, 4, 4 * len);
+        let (mut kv, u, len) = caching_units(layout, 4);
         let tokens: Vec<u32> = (0..4 * u as u32 + 1).collect();
         compute(&mut kv, 1, &tokens[..4 * u]);
         kv.free(1).unwrap();
@@ -391,10 +391,7 @@ fn attend(kv: &VmmKv, seq: SeqId, len: usize) -> Vec<f32> {
 #[test]
 fn a_hit_reads_the_bytes_the_first_sequence_wrote() {
     for layout in KvLayout::ALL {
-        let probe = caching(layout, 4, 8);
-        let (u, len) = (unit(&probe), unit_len(&probe));
-        drop(probe);
-        let mut kv = caching(layout, 4, 6 * len);
+        let (mut kv, u, _) = caching_units(layout, 6);
         let tokens: Vec<u32> = (500..500 + 2 * u as u32 + u as u32 / 2).collect();
         kv.reserve(1, tokens.len()).unwrap();
         write(&kv, 1, &tokens, 0..tokens.len());

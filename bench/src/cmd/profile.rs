@@ -367,7 +367,9 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
             seconds,
         });
     }
-    let mut profile = Profile {
+    let (prefill_model, decode_model) = (fit_prefill(&prefill)?, fit_decode(&decode)?);
+    let mixed_saving = fit_mixed_saving(&prefill_model, &decode_model, &mixed);
+    let profile = Profile {
         device: metrics.device.clone(),
         model: name,
         date: crate::report::utc_date(),
@@ -386,16 +388,14 @@ pub fn run<E: EngineOptions>(args: Args<E>) -> Result<()> {
             .unwrap_or(0),
         shape: Some(shape),
         modelled: None,
-        prefill: fit_prefill(&prefill)?,
-        decode: fit_decode(&decode)?,
+        prefill: prefill_model,
+        decode: decode_model,
         prefill_samples: prefill,
         decode_samples: decode,
         mixed_samples: mixed,
-        mixed_saving: None,
+        mixed_saving,
     };
     engine.shutdown(false);
-    profile.mixed_saving =
-        fit_mixed_saving(&profile.prefill, &profile.decode, &profile.mixed_samples);
     if let Some(saving) = profile.mixed_saving {
         eprintln!(
             "mixing saves {:.2} ms a step (the decode constant is {:.2} ms)",
